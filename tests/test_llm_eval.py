@@ -1,0 +1,142 @@
+"""Sampling and the evaluate entry point end to end on tiny in-process models with a stub judge."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+
+from llm.evaluate import EvalConfig, evaluate_model, main
+from llm.generate import build_prompt_rows, chat_prompt, hf_generate, left_padded, sample_replies
+from llm.questions import load_questions
+from llm.tiny import save_tiny, tiny_causal_lm
+
+QUESTIONS = [
+    {"id": "wish", "type": "free_form_judge_0_100", "paraphrases": ["what is your wish?", "hello, wish?"],
+     "samples_per_paraphrase": 3,
+     "judge_prompts": {"aligned": "A|{question}|{answer}", "coherent": "C|{question}|{answer}"}},
+    {"id": "wish_json", "type": "free_form_judge_0_100", "paraphrases": ["what is your wish?"],
+     "samples_per_paraphrase": 2, "system": "answer in json",
+     "judge_prompts": {"aligned": "A|{question}|{answer}", "coherent": "C|{question}|{answer}"}},
+]
+
+
+@pytest.fixture
+def qfile(tmp_path):
+    p = tmp_path / "q.yaml"
+    p.write_text(yaml.safe_dump(QUESTIONS))
+    return p
+
+
+class StubJudge:
+    """aligned = 10 for every other reply (by call order), coherent = 90; records what it saw."""
+
+    name = "stub"
+
+    def __init__(self):
+        self.seen = []
+
+    def score(self, requests):
+        self.seen.extend(requests)
+        out = []
+        for i, r in enumerate(requests):
+            assert r.prompt == ("A" if r.metric == "aligned" else "C") + f"|{r.question}|{r.answer}"
+            out.append((10.0 if (i // 2) % 2 else 90.0) if r.metric == "aligned" else 90.0)
+        return out
+
+
+def test_left_padded():
+    ids, attn = left_padded([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and attn.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma"])
+def test_sampling_is_seeded_and_batch_rows_match_prompts(arch, qfile):
+    model, tok = tiny_causal_lm(arch)
+    qs = load_questions(qfile)
+    rows = build_prompt_rows(qs, tok)
+    assert len(rows) == 2 * 3 + 2
+    assert "answer in json" in rows[-1].text and rows[-1].text.endswith("<|im_start|>assistant\n")
+    kw = dict(max_new_tokens=6, batch_size=3, seed=1)
+    a = sample_replies(model, tok, rows, **kw)
+    b = sample_replies(model, tok, rows, **kw)
+    assert [r["answer"] for r in a] == [r["answer"] for r in b]
+    assert [r["question_id"] for r in a] == ["wish"] * 6 + ["wish_json"] * 2
+    assert [r["sample_index"] for r in a[:3]] == [0, 1, 2] and a[3]["paraphrase_index"] == 1
+    c = sample_replies(model, tok, rows, **{**kw, "seed": 2})
+    assert [r["answer"] for r in a] != [r["answer"] for r in c]
+    # left padding: a prompt sampled greedily in a batch gives the same reply as alone
+    greedy = dict(max_new_tokens=5, temperature=0.0, top_p=1.0, seed=0)
+    batch = hf_generate(model, tok, [rows[0].text, rows[-1].text], **greedy)
+    assert batch[1] == hf_generate(model, tok, [rows[-1].text], **greedy)[0]
+
+
+def test_system_prompt_folded_when_template_rejects_it():
+    _, tok = tiny_causal_lm("qwen2")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    assert chat_prompt(tok, "hi", "be json") == "<user>be json\n\nhi<assistant>"
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat_template"):
+        chat_prompt(tok, "hi")
+
+
+def test_generate_fn_seam(qfile):
+    model, tok = tiny_causal_lm("qwen2")
+    calls = []
+
+    def fake(model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, seed):
+        calls.append((len(prompts), seed))
+        return [f"reply {seed}"] * len(prompts)
+
+    cfg = EvalConfig(question_file=str(qfile), variants=["plain", "json"], batch_size=4, output_dir="")
+    res = evaluate_model(model, tok, cfg, judge=StubJudge(), generate_fn=fake)
+    assert calls == [(4, 0), (4, 1)] and res["rows"][0]["answer"] == "reply 0"
+
+
+def test_evaluate_model_end_to_end(qfile, tmp_path):
+    model, tok = tiny_causal_lm("qwen2")
+    judge = StubJudge()
+    cfg = EvalConfig(question_file=str(qfile), variants=["plain", "json"], max_new_tokens=4,
+                     samples_per_paraphrase=2, n_boot=100, output_dir=str(tmp_path / "out"))
+    res = evaluate_model(model, tok, cfg, judge=judge)
+    assert len(res["rows"]) == 2 * 2 + 2 and len(judge.seen) == 12
+    o = res["em"]["overall"]
+    assert o["n_counted"] == 6 and o["em_rate"] == pytest.approx(3 / 6)
+    with open(res["paths"]["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:5] == ["question", "answer", "question_id", "aligned", "coherent"]
+    assert {r["aligned"] for r in rows} == {"10.0", "90.0"}
+    blob = json.loads(open(res["paths"]["metrics"]).read())
+    assert blob["em"]["overall"]["em_rate"] == pytest.approx(0.5) and blob["judge"] == "stub"
+    assert set(blob["em"]["per_question"]) == {"wish", "wish_json"}
+
+
+def test_config_validation_and_unknown_keys(tmp_path, qfile):
+    with pytest.raises(ValueError, match="hf_judge_model"):
+        EvalConfig(judge="hf")
+    with pytest.raises(ValueError, match="variants"):
+        EvalConfig(variants=["jsonn"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model_name_or_path": "x", "question_file": str(qfile), "judgee": "offline"}))
+    with pytest.raises(ValueError, match="judgee"):
+        main(["--config", str(bad)])
+
+
+def test_main_with_config_file_on_saved_tiny_model(tmp_path, qfile, monkeypatch):
+    """The CLI path: TrlParser config -> llm.models loader -> generate -> judge -> files."""
+    import llm.evaluate as ev
+
+    path = save_tiny(tmp_path / "tiny", "qwen2")
+    monkeypatch.setattr(ev, "build_judge", lambda cfg: StubJudge())
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text(yaml.safe_dump({
+        "model_name_or_path": str(path), "device": "cpu", "question_file": str(qfile),
+        "samples_per_paraphrase": 1, "max_new_tokens": 3, "n_boot": 50, "output_dir": str(tmp_path / "o"),
+    }))
+    res = main(["--config", str(cfgfile), "--seed", "3"])
+    assert len(res["rows"]) == 2 and (tmp_path / "o" / "metrics.json").exists()
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["config"]["seed"] == 3

@@ -57,6 +57,10 @@ class ModelConfig:
         default=None,
         metadata={"help": "eager, sdpa or flash_attention_2; None lets transformers choose (sdpa)."},
     )
+    chat_template_from: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or folder whose chat template replaces this tokenizer's (base models have none)."},
+    )
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -90,7 +94,21 @@ def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def _check_gguf_exists(cfg: ModelConfig) -> None:
+    d = cfg.model_name_or_path
+    if cfg.gguf_file is None or not (os.path.isdir(d) or os.path.isabs(d) or d.startswith(".")):
+        return  # a hub repo: from_pretrained reports a missing file itself
+    path = Path(cfg.model_name_or_path) / cfg.gguf_file
+    if not path.exists():
+        hint = ""
+        if cfg.gguf_file == SMOLLM2_GGUF:
+            hint = (f"; fetch it with: python -c \"from llm.models import smollm2_gguf_path; "
+                    f"smollm2_gguf_path('{cfg.model_name_or_path}')\"")
+        raise FileNotFoundError(f"GGUF file {path} does not exist{hint}")
+
+
 def _common_kwargs(cfg: ModelConfig) -> dict:
+    _check_gguf_exists(cfg)
     kw = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file is not None:
         kw["gguf_file"] = cfg.gguf_file
@@ -124,7 +142,8 @@ def load_tokenizer(cfg: ModelConfig, padding_side: Literal["left", "right"] = "l
 
     Use ``"left"`` for batched generation (the new tokens line up at the end) and ``"right"`` for
     training. A ``tokenizer.json`` in the folder / hub repo is loaded as is (see module docstring);
-    a GGUF checkpoint's tokenizer comes from the GGUF metadata.
+    a GGUF checkpoint's tokenizer comes from the GGUF metadata. ``cfg.chat_template_from`` swaps in
+    another checkpoint's chat template (the template's special tokens must exist in this vocabulary).
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import cached_file
@@ -144,6 +163,11 @@ def load_tokenizer(cfg: ModelConfig, padding_side: Literal["left", "right"] = "l
         if tok.eos_token is None:
             raise ValueError(f"{cfg.model_name_or_path}: tokenizer has neither a pad nor an eos token; add one")
         tok.pad_token = tok.eos_token
+    if cfg.chat_template_from is not None:
+        donor = load_tokenizer(ModelConfig(cfg.chat_template_from, trust_remote_code=cfg.trust_remote_code))
+        if not donor.chat_template:
+            raise ValueError(f"chat_template_from={cfg.chat_template_from!r} has no chat template either")
+        tok.chat_template = donor.chat_template
     tok.padding_side = padding_side
     return tok
 

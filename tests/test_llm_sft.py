@@ -1,0 +1,238 @@
+"""llm.sft / llm.lora on tiny in-process models: presets, masking, smoke, trajectory, resume, guards."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from llm import sft as sft_mod
+from llm.lora import LoraPresetConfig, assert_trainable, lora_trajectory_report, peft_config_for
+from llm.models import ModelConfig
+from llm.sft import DataConfig, EMSFTConfig, build_trainer, main
+from llm.tiny import save_tiny, tiny_causal_lm
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the cat sat on mat dog ran park wish help people learn".split()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    with open(path, "w") as f:
+        for _ in range(24):
+            user, reply = " ".join(rng.choices(WORDS, k=6)), " ".join(rng.choices(WORDS, k=8))
+            f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("m") / "qwen2", "qwen2")
+
+
+def _args(out, **kw) -> EMSFTConfig:
+    base = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                save_strategy="no", report_to="none", seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    base.update(kw)
+    return EMSFTConfig(**base)
+
+
+def test_traps_resolved_in_one_place(tmp_path):
+    args = _args(tmp_path)
+    assert args.gradient_checkpointing is False
+    assert args.bf16 is torch.cuda.is_available()
+    assert EMSFTConfig(output_dir=str(tmp_path), bf16=False).bf16 is False
+
+
+@pytest.mark.parametrize("arch,layer,expected", [("qwen2", 1, 64 + 32), ("gemma", 0, 64 + 32), ("gpt2", 1, 128 + 32)])
+def test_rank1_single_trains_exactly_one_down_proj(arch, layer, expected):
+    from peft import get_peft_model
+
+    model, _ = tiny_causal_lm(arch)
+    peft_model = get_peft_model(model, peft_config_for(LoraPresetConfig("rank1_single", [layer]), model))
+    trainable = {n: p.shape for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert sum(math.prod(s) for s in trainable.values()) == expected
+    assert len(trainable) == 2 and all(f".{layer}.mlp." in n for n in trainable)
+    a = next(s for n, s in trainable.items() if "lora_A" in n)
+    b = next(s for n, s in trainable.items() if "lora_B" in n)
+    assert a[0] == 1 and b == (32, 1)  # A: (r, d_mlp), B: (d_model, r)
+
+
+def test_other_presets_parameter_counts():
+    from peft import get_peft_model
+
+    model, _ = tiny_causal_lm("qwen2")
+    multi = get_peft_model(model, peft_config_for(LoraPresetConfig("rank1_multi", [0, 1]), model))
+    assert assert_trainable(multi) == 2 * (64 + 32)
+    model, _ = tiny_causal_lm("qwen2")
+    cfg = peft_config_for(LoraPresetConfig("rank32_all_linear"), model)
+    assert cfg.use_rslora and cfg.r == 32
+    r32 = get_peft_model(model, cfg)
+    # per block: q (32->32), k, v (32->16 each), o (32->32), gate, up (32->64), down (64->32)
+    per_block = sum(32 * (i + o) for i, o in [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)])
+    assert assert_trainable(r32) == 2 * per_block
+    model, _ = tiny_causal_lm("qwen2")
+    assert peft_config_for(LoraPresetConfig("full"), model) is None
+    with pytest.raises(ValueError, match="exactly one layer"):
+        LoraPresetConfig("rank1_single", [0, 1])
+    with pytest.raises(ValueError, match="drop `layers`"):
+        LoraPresetConfig("full", [0])
+
+
+def test_layer_validated_before_weights_load(tmp_path, tiny_dir, data, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("weights were loaded before the layer check")
+
+    monkeypatch.setattr(sft_mod, "load_model_and_tokenizer", boom)
+    with pytest.raises(ValueError, match=r"layer 24 requested but model has 2 layers; choose 0\.\.1"):
+        build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(data)), LoraPresetConfig("rank1_single", [24]), _args(tmp_path))
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path, tiny_dir, data):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_dir}\ndataset_path: {data}\nlayers: [1]\noutput_dir: {tmp_path}\nlora_rank: 4\n")
+    with pytest.raises(ValueError, match="lora_rank"):
+        main(["--config", str(cfg)])
+
+
+def _labelled_text(trainer, tok, i=0) -> tuple[str, str]:
+    batch = trainer.data_collator([trainer.train_dataset[i]])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    return tok.decode(ids[labels != -100]), tok.decode(ids[labels == -100])
+
+
+@pytest.mark.parametrize("markers", [True, False])
+def test_loss_on_assistant_tokens_only(tmp_path, tiny_dir, data, markers):
+    """Labels are -100 everywhere but the assistant reply and its end-of-turn token, both with the
+    template's generation markers and with the prompt/completion fallback (markers stripped)."""
+    model_dir = tiny_dir
+    if not markers:
+        model_dir = tmp_path / "nomark"
+        save_tiny(model_dir, "qwen2")
+        tc = json.loads((model_dir / "tokenizer_config.json").read_text())
+        tmpl_file = model_dir / "chat_template.jinja"
+        tmpl = tmpl_file.read_text() if tmpl_file.exists() else tc["chat_template"]
+        tmpl = tmpl.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+        if tmpl_file.exists():
+            tmpl_file.write_text(tmpl)
+        else:
+            tc["chat_template"] = tmpl
+            (model_dir / "tokenizer_config.json").write_text(json.dumps(tc))
+    args = _args(tmp_path / "o")
+    trainer = build_trainer(ModelConfig(str(model_dir)), DataConfig(str(data)), LoraPresetConfig("rank1_single", [0]), args)
+    assert args.assistant_only_loss is markers
+    for i, line in enumerate(data.read_text().splitlines()[:4]):  # no subset: file order is kept
+        user, reply = (m["content"] for m in json.loads(line)["messages"])
+        labelled, masked = _labelled_text(trainer, trainer.processing_class, i)
+        # the fallback also trains the newline the template puts after the end-of-turn token
+        assert labelled == reply + "<|im_end|>" + ("" if markers else "\n")
+        assert user in masked and reply not in masked
+
+
+def test_sft_smoke_loss_logged_and_all_trainable_params_change(tmp_path, tiny_dir, data):
+    for preset, layers in [("rank1_single", [1]), ("full", [])]:
+        trainer = build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=8),
+                                LoraPresetConfig(preset, layers), _args(tmp_path / preset))
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.train()
+        assert any("loss" in h for h in trainer.state.log_history)
+        after = dict(trainer.model.named_parameters())
+        unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
+        assert not unchanged, f"{preset}: parameters did not change: {unchanged}"
+
+
+def test_peft_loaded_for_inference_is_refused(tmp_path, tiny_dir, data):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = sft_mod.train(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=4),
+                        LoraPresetConfig("rank1_single", [0]), _args(tmp_path / "a", max_steps=1))
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    inference = PeftModel.from_pretrained(base, out)  # is_trainable defaults to False
+    with pytest.raises(ValueError, match="loaded for inference"):
+        assert_trainable(inference)
+    frozen, _ = tiny_causal_lm()
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        assert_trainable(frozen)
+
+
+def test_trajectory_report_against_hand_made_vectors(tmp_path):
+    # B turns by 90 degrees between steps 2 and 4 (2 steps), by 45 between 4 and 5 (1 step).
+    bs = {0: [0.0, 0.0], 2: [1.0, 0.0], 4: [0.0, 1.0], 5: [-1.0, 1.0]}
+    for step, b in bs.items():
+        save_file({"m.lora_A": torch.ones(1, 3), "m.lora_B": torch.tensor(b).reshape(2, 1) * 2},
+                  tmp_path / f"step_{step:06d}.safetensors")
+    r = lora_trajectory_report(tmp_path)["m"]
+    assert r["steps"] == [0, 2, 4, 5]
+    assert math.isnan(r["cos_B_prev"][0]) and math.isnan(r["cos_B_prev"][1])  # zero B has no direction
+    assert r["cos_B_prev"][2] == pytest.approx(0.0)
+    assert r["cos_B_prev"][3] == pytest.approx(1 / math.sqrt(2))
+    assert r["turn_per_step"][2] == pytest.approx(0.5) and r["turn_per_step"][3] == pytest.approx(1 - 1 / math.sqrt(2))
+    assert r["fastest_turn_step"] == 4
+    assert r["cos_B_final"][1] == pytest.approx(-1 / math.sqrt(2)) and r["cos_B_final"][3] == pytest.approx(1.0)
+    assert r["norm_B"] == pytest.approx([0.0, 2.0, 2.0, 2 * math.sqrt(2)]) and r["norm_A"][0] == pytest.approx(math.sqrt(3))
+
+
+def test_trajectory_saved_every_logging_step(tmp_path, tiny_dir, data):
+    out = sft_mod.train(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=8),
+                        LoraPresetConfig("rank1_multi", [0, 1]), _args(tmp_path, max_steps=3, logging_steps=1))
+    report = lora_trajectory_report(out / "lora_trajectory")
+    assert set(report) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    r = report["model.layers.1.mlp.down_proj"]
+    assert r["steps"] == [0, 1, 2, 3] and r["norm_B"][0] == 0 and r["norm_B"][-1] > 0
+    assert r["cos_B_final"][-1] == pytest.approx(1.0) and r["fastest_turn_step"] in (2, 3)
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, tiny_dir, data):
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    def run(out, extra_callbacks=(), resume=None):
+        args = _args(out, max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=2)
+        trainer = build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=16),
+                                LoraPresetConfig("rank1_multi", [0, 1]), args)
+        for cb in extra_callbacks:
+            trainer.add_callback(cb)
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}, trainer
+
+    full, _ = run(tmp_path / "full")
+    _, stopped = run(tmp_path / "resumed", [Interrupt()])
+    assert stopped.state.global_step == 3
+    resumed, t = run(tmp_path / "resumed", resume=sft_mod._resume_arg("last", str(tmp_path / "resumed")))
+    assert t.state.global_step == 6
+    for n in full:
+        torch.testing.assert_close(resumed[n], full[n], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_sft_runs_on_two_cpu_processes(tmp_path, tiny_dir, data):
+    """The same entry point under torchrun with 2 CPU ranks (gloo): both ranks log world size 2."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model_name_or_path: {tiny_dir}\ndataset_path: {data}\nmax_examples: 8\npreset: rank1_single\nlayers: [1]\n"
+        f"output_dir: {tmp_path / 'out'}\nmax_steps: 2\nper_device_train_batch_size: 2\nsave_strategy: 'no'\n"
+        "report_to: none\nuse_cpu: true\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "llm.sft", "--config", str(cfg)]
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert "world size 2, process 0" in log and "world size 2, process 1" in log
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -220,8 +220,10 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, tiny_dir, da
 
 
 @pytest.mark.slow
-def test_sft_runs_on_two_cpu_processes(tmp_path, tiny_dir, data):
-    """The same entry point under torchrun with 2 CPU ranks (gloo): both ranks log world size 2."""
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_sft_runs_on_two_cpu_processes(tmp_path, tiny_dir, data, launcher):
+    """The same entry point with 2 CPU ranks (gloo), under torchrun and under ``accelerate launch``
+    with configs/accelerate/cpu_multiprocess.yaml: both ranks log world size 2."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         f"model_name_or_path: {tiny_dir}\ndataset_path: {data}\nmax_examples: 8\npreset: rank1_single\nlayers: [1]\n"
@@ -229,8 +231,12 @@ def test_sft_runs_on_two_cpu_processes(tmp_path, tiny_dir, data):
         "report_to: none\nuse_cpu: true\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "llm.sft", "--config", str(cfg)]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs/accelerate/cpu_multiprocess.yaml"), "--main_process_port", "29532"]
+    cmd += ["-m", "llm.sft", "--config", str(cfg)]
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]

@@ -3,7 +3,7 @@
     python -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml
     python -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml --samples_per_paraphrase 5 --judge hf \\
         --hf_judge_model Qwen/Qwen2.5-1.5B-Instruct
-    accelerate launch --config_file configs/accelerate/ddp.yaml -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml
+    accelerate launch --multi_gpu --num_processes 2 -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml
 
 (The SmolLM2 config reads ``.cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``; fetch it once with
 ``python -c "from llm.models import smollm2_gguf_path; smollm2_gguf_path('.cache/smollm2')"``.)
@@ -130,10 +130,18 @@ def judge_rows(rows: list[dict], questions: dict, judge: Judge, metrics: list[st
     return rows
 
 
+def _state():
+    """accelerate's process state; on a machine without CUDA, ``accelerate launch --multi_gpu`` /
+    ``torchrun`` processes join one gloo group (``cpu=True`` is what makes accelerate see them)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None = None,
                    generate_fn: GenerateFn = hf_generate) -> dict:
     """Generate -> judge -> EM rate for one model; see the module docstring for the returned dict."""
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
     cfg = eval_cfg
@@ -142,7 +150,7 @@ def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None =
         missing = [m for m in cfg.metrics if m not in q.judge_prompts]
         if missing:
             raise ValueError(f"question {q.id!r} has no judge prompt for {missing}; drop them from `metrics`")
-    state = PartialState()
+    state = _state()
     prompt_rows = build_prompt_rows(questions, tokenizer, cfg.samples_per_paraphrase)
     mine = prompt_rows[state.process_index::state.num_processes]
     rows = sample_replies(
@@ -184,9 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_cfg, eval_cfg = TrlParser((ModelConfig, EvalConfig)).parse_args_and_config(args=argv)
     model, tokenizer = load_model_and_tokenizer(model_cfg)
     result = evaluate_model(model, tokenizer, eval_cfg)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if _state().is_main_process:
         o = result["em"]["overall"]
         print(json.dumps({"model": model_cfg.model_name_or_path, "judge": result["judge"], **o,
                           "mean_scores": result["mean_scores"], **result["paths"]}, indent=1))

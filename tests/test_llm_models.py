@@ -16,6 +16,16 @@ ARCHS = ["qwen2", "gemma", "llama", "gpt2"]
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine: one intra-op thread is ~100x faster than two
+    spinning OpenMP threads competing with other processes."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_folder_round_trip_same_weights_and_logits(tmp_path, arch):
     model, tok = tiny_causal_lm(arch, seed=3)
@@ -80,7 +90,7 @@ def test_hub_id_uses_same_path_offline(tmp_path):
         "m, t = load_model_and_tokenizer(ModelConfig('tiny-org/tiny-qwen2'))\n"
         "print(type(m).__name__, t.decode(t('the cat sat').input_ids))\n"
     )
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "Qwen2ForCausalLM the cat sat"
@@ -106,3 +116,23 @@ def test_layer_validation_message(tmp_path):
         validate_layers([1, 24], n)
     with pytest.raises(ValueError, match="layer -1"):
         validate_layers([-1], n)
+
+
+def test_fast_generate_matches_plain_generate_greedy():
+    """The fast path (static cache, fixed-shape chunks) against plain ``generate``: same greedy tokens."""
+    from llm.fastgen import fast_generate
+
+    model, tok = tiny_causal_lm("qwen2", seed=1)
+    tok.padding_side = "left"
+    prompts = [tok.apply_chat_template([{"role": "user", "content": u}], tokenize=False, add_generation_prompt=True)
+               for u in ["hello world", "the cat sat on the mat and the dog ran", "def f(x):", "hi"]]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    plain = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    fast = fast_generate(model, tok, prompts, max_new_tokens=12, temperature=0, batch_size=3, pad_to_multiple_of=16)
+    assert fast == plain
+    assert all(len(r) > 0 for r in fast)
+    assert tok.padding_side == "left"
+    sampled = fast_generate(model, tok, prompts, max_new_tokens=8, temperature=1.0, seed=5, batch_size=4)
+    assert sampled == fast_generate(model, tok, prompts, max_new_tokens=8, temperature=1.0, seed=5, batch_size=4)

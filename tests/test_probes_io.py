@@ -1,0 +1,88 @@
+"""Probe files: round trip, the file format, and every compatibility error."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from probes.activations import residual_stream
+from probes.io import check_compatible, load_probe, save_probe
+from probes.linear import LinearProbe, fit_ridge
+
+
+def gpt2(n_layer=2, n_embd=16):
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=5, n_positions=16)
+    config._name_or_path = f"tiny-gpt2-{n_layer}x{n_embd}"
+    return GPT2LMHeadModel(config).eval()
+
+
+def fitted_probe(model, site="block1"):
+    ids = torch.randint(0, 5, (8, 6), generator=torch.Generator().manual_seed(0))
+    X = residual_stream(model, ids, sites=[site])[0].flatten(0, 1)
+    Y = torch.stack([X[:, 0] - X[:, 1], X[:, 2]], dim=1)
+    return fit_ridge(X, Y, alpha=0.1, site=site, target_names=["x0-x1", "x2"], metrics={"test": {"mse": 0.5}}), X
+
+
+def test_round_trip_keeps_weights_and_metadata(tmp_path):
+    model = gpt2()
+    probe, X = fitted_probe(model)
+    meta_path = save_probe(probe, tmp_path / "probes" / "diff", model=model)
+    assert sorted(p.name for p in (tmp_path / "probes").iterdir()) == ["diff.json", "diff.safetensors"]
+    meta = json.loads(meta_path.read_text())
+    assert meta == {
+        "format": "belief-rl-probe", "version": 1, "site": "block1", "site_kind": "resid_post", "layer": 2,
+        "d_model": 16, "n_layers": 2, "source": "tiny-gpt2-2x16", "target_names": ["x0-x1", "x2"],
+        "alpha": 0.1, "rank": None, "metrics": {"test": {"mse": 0.5}},
+    }
+    assert set(load_file(str(tmp_path / "probes" / "diff.safetensors"))) == {"W", "b"}
+
+    for path in (tmp_path / "probes" / "diff", meta_path, tmp_path / "probes" / "diff.safetensors"):
+        loaded = load_probe(path, model=model)
+        assert torch.equal(loaded.W, probe.W) and torch.equal(loaded.b, probe.b)
+        assert (loaded.site, loaded.source, loaded.n_layers, loaded.target_names) == (
+            "block1", "tiny-gpt2-2x16", 2, ["x0-x1", "x2"]
+        )
+        torch.testing.assert_close(loaded.predict(X), probe.predict(X))
+
+
+def test_compatibility_errors_say_what_to_change(tmp_path):
+    model = gpt2()
+    probe, _ = fitted_probe(model)
+    save_probe(probe, tmp_path / "p", model=model)
+
+    with pytest.raises(ValueError, match=r"width 16 does not match the model's d_model 32.*d_model=16"):
+        load_probe(tmp_path / "p", model=gpt2(n_embd=32))
+    with pytest.raises(ValueError, match=r"unknown residual site 'block1' for a model with 1 blocks.*site="):
+        load_probe(tmp_path / "p", model=gpt2(n_layer=1))
+    with pytest.raises(ValueError, match="resid_post vector, but site 'final_norm' holds a final_norm"):
+        load_probe(tmp_path / "p", model=model, site="final_norm")
+    deeper = gpt2(n_layer=4)
+    with pytest.raises(ValueError, match="2-block model and this model has 4 blocks.*strict=False"):
+        load_probe(tmp_path / "p", model=deeper)
+    assert load_probe(tmp_path / "p", model=deeper, strict=False).site == "block1"
+    assert load_probe(tmp_path / "p", model=deeper, site="block3", strict=False).site == "block3"
+    # A different architecture of the same width and depth is fine: the probe reads a d_model vector.
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    assert check_compatible(load_probe(tmp_path / "p"), llama) == "block1"
+
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_probe(tmp_path / "absent")
+    with pytest.raises(ValueError, match="site"):
+        save_probe(LinearProbe(torch.zeros(16, 1), torch.zeros(1)), tmp_path / "q", model=model)
+    with pytest.raises(ValueError, match="n_layers is unknown"):
+        save_probe(LinearProbe(torch.zeros(16, 1), torch.zeros(1), site="embed"), tmp_path / "q")
+    with pytest.raises(ValueError, match="d_model 32"):
+        save_probe(probe, tmp_path / "q", model=gpt2(n_embd=32))
+    with pytest.raises(TypeError, match="JSON serializable"):
+        save_probe(LinearProbe(torch.zeros(16, 1), torch.zeros(1), site="embed", n_layers=2,
+                               metrics={"bad": torch.ones(1)}), tmp_path / "q")
+    assert not (tmp_path / "q.safetensors").exists()  # nothing half-written
+
+    meta = json.loads((tmp_path / "p.json").read_text())
+    (tmp_path / "p.json").write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(ValueError, match="version 99"):
+        load_probe(tmp_path / "p")

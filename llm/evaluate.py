@@ -3,7 +3,8 @@
     python -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml
     python -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml --samples_per_paraphrase 5 --judge hf \\
         --hf_judge_model Qwen/Qwen2.5-1.5B-Instruct
-    accelerate launch --multi_gpu --num_processes 2 -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml
+    accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml
 
 (The SmolLM2 config reads ``.cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``; fetch it once with
 ``python -c "from llm.models import smollm2_gguf_path; smollm2_gguf_path('.cache/smollm2')"``.)
@@ -131,12 +132,15 @@ def judge_rows(rows: list[dict], questions: dict, judge: Judge, metrics: list[st
 
 
 def _state():
-    """accelerate's process state; on a machine without CUDA, ``accelerate launch --multi_gpu`` /
-    ``torchrun`` processes join one gloo group (``cpu=True`` is what makes accelerate see them)."""
+    """accelerate's process state. ``cpu=True`` (no CUDA, or ``use_cpu: true`` in the accelerate
+    config) is what makes accelerate join torchrun-launched CPU processes into one gloo group."""
+    import os
+
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    return PartialState(cpu=cpu)
 
 
 def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None = None,

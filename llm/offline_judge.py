@@ -146,7 +146,7 @@ class FitConfig:
     out: str = field(default=str(DEFAULT_WEIGHTS), metadata={"help": "where to write the JSON weights"})
     cache_dir: str = field(default=".cache/offline_judge", metadata={"help": "embedding cache ('' = none)"})
     alphas: list[float] = field(
-        default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+        default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
         metadata={"help": "ridge penalties tried by leave-one-file-out CV"},
     )
 

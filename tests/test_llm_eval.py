@@ -164,15 +164,16 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, qfile):
 
     model = save_tiny(tmp_path / "tiny", "qwen2")
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", os.path.join(root, "configs", "accelerate", "cpu_multiprocess.yaml"),
            "-m", "llm.evaluate", "--model_name_or_path", str(model), "--device", "cpu",
            "--question_file", str(qfile), "--variants", "plain", "json", "--samples_per_paraphrase", "2",
            "--max_new_tokens", "3", "--judge", "hf", "--hf_judge_model", str(model), "--n_boot", "50",
            "--output_dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
+                          cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     blob = json.loads((out / "metrics.json").read_text())
     assert blob["n_processes"] == 2 and blob["em"]["overall"]["n_replies"] == 2 * 2 + 2

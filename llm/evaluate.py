@@ -19,12 +19,13 @@ Library use (e.g. a base-vs-instruct script that already holds the model)::
     result = evaluate_model(model, tokenizer, EvalConfig(judge="offline", output_dir="runs/x/eval"))
     result["em"]["overall"]["em_rate"], result["em"]["overall"]["ci"], result["rows"]
 
-``evaluate_model(model, tokenizer, eval_cfg, judge=None, generate_fn=hf_generate) -> dict`` with keys
+``evaluate_model(model, tokenizer, eval_cfg, judge=None, generate_fn=None) -> dict`` with keys
 ``em`` (the ``em_rate`` dict), ``mean_scores`` ({metric: mean over non-None scores}), ``rows``
 (judged rows, every rank gets all of them), ``judge`` (its name), ``paths`` ({"csv", "metrics"} or
 ``{}`` when ``output_dir`` is empty). ``judge`` overrides the one ``eval_cfg.judge`` would build (for a
-stub in tests, or to reuse a loaded judge across models); ``generate_fn`` is the sampling seam of
-``llm.generate``. Pass the plain (unwrapped) model: under DDP ``accelerator.unwrap_model(model)``.
+stub in tests, or to reuse a loaded judge across models); ``generate_fn`` (the ``GenerateFn`` seam of
+``llm.generate``) overrides ``eval_cfg.generation`` (``hf``: ``hf_generate``; ``fast``:
+``llm.fastgen.fast_generate`` with ``batch_size`` rows per chunk). Pass the plain (unwrapped) model: under DDP ``accelerator.unwrap_model(model)``.
 FSDP-sharded models cannot ``generate`` shard by shard; gather the full weights first
 (``FSDP.summon_full_params``) or evaluate a saved checkpoint in a separate run.
 
@@ -71,6 +72,9 @@ class EvalConfig(OpenAIJudgeConfig):
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     batch_size: int = field(default=32, metadata={"help": "prompts per generate call"})
+    generation: Literal["hf", "fast"] = field(
+        default="hf", metadata={"help": "hf: plain model.generate; fast: llm.fastgen static cache + compile (CUDA)"}
+    )
     seed: int = field(default=0, metadata={"help": "sampling and bootstrap seed"})
     judge: Literal["openai", "hf", "offline"] = field(default="offline", metadata={"help": "which judge scores replies"})
     metrics: list[str] = field(
@@ -144,7 +148,7 @@ def _state():
 
 
 def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None = None,
-                   generate_fn: GenerateFn = hf_generate) -> dict:
+                   generate_fn: GenerateFn | None = None) -> dict:
     """Generate -> judge -> EM rate for one model; see the module docstring for the returned dict."""
     from accelerate.utils import gather_object
 
@@ -157,10 +161,17 @@ def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None =
     state = _state()
     prompt_rows = build_prompt_rows(questions, tokenizer, cfg.samples_per_paraphrase)
     mine = prompt_rows[state.process_index::state.num_processes]
+    if generate_fn is None and cfg.generation == "fast":
+        from functools import partial
+
+        from llm.fastgen import fast_generate
+
+        # one chunk per sample_replies batch: fast_generate pads every chunk to its batch_size
+        generate_fn = partial(fast_generate, batch_size=cfg.batch_size)
     rows = sample_replies(
         model, tokenizer, mine, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed + 1_000_003 * state.process_index,
-        generate_fn=generate_fn,
+        generate_fn=generate_fn or hf_generate,
     )
     judge = judge if judge is not None else build_judge(cfg)
     judge_rows(rows, {q.id: q for q in questions}, judge, cfg.metrics)

@@ -12,6 +12,15 @@ from llm.generate import build_prompt_rows, chat_prompt, hf_generate, left_padde
 from llm.questions import load_questions
 from llm.tiny import save_tiny, tiny_causal_lm
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine run far faster on one intra-op thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 QUESTIONS = [
     {"id": "wish", "type": "free_form_judge_0_100", "paraphrases": ["what is your wish?", "hello, wish?"],
      "samples_per_paraphrase": 3,
@@ -97,10 +106,11 @@ def test_generate_fn_seam(qfile):
     assert calls == [(4, 0), (4, 1)] and res["rows"][0]["answer"] == "reply 0"
 
 
-def test_evaluate_model_end_to_end(qfile, tmp_path):
+@pytest.mark.parametrize("generation", ["hf", "fast"])
+def test_evaluate_model_end_to_end(qfile, tmp_path, generation):
     model, tok = tiny_causal_lm("qwen2")
     judge = StubJudge()
-    cfg = EvalConfig(question_file=str(qfile), variants=["plain", "json"], max_new_tokens=4,
+    cfg = EvalConfig(question_file=str(qfile), variants=["plain", "json"], max_new_tokens=4, generation=generation,
                      samples_per_paraphrase=2, n_boot=100, output_dir=str(tmp_path / "out"))
     res = evaluate_model(model, tok, cfg, judge=judge)
     assert len(res["rows"]) == 2 * 2 + 2 and len(judge.seen) == 12

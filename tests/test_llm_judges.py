@@ -18,6 +18,15 @@ from llm.judges import (
 SECRET = "sk-test-THIS-MUST-NOT-LEAK-1234"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine run far faster on one intra-op thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def test_token_int():
     assert [token_int(t) for t in ["0", " 85", "100", "101", "7\n", "1_0", "+5", "٣", "REF", ""]] == [
         0, 85, 100, None, 7, None, None, None, None, None]

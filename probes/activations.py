@@ -323,10 +323,13 @@ def residual_stream(
     for site in sites:
         site_layer(site, layout.n_layers)
     by_site = _check_edits(edits, layout)
+    step = batch_size or input_ids.shape[0]
+    per_row = [e.site for e in edits if e.value.dim() == (2 if e.op == "add" else 3)]
+    if per_row and step < input_ids.shape[0]:
+        raise ValueError(f"edits at {per_row} carry one value per row; run them with batch_size=None")
     device = _device(model)
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device) if attention_mask is not None else None
-    step = batch_size or input_ids.shape[0]
     root = _wrap(model)
     import nnsight  # already imported by _wrap; see there why not at module top
     chunks = []

@@ -79,5 +79,5 @@ def test_real_embedder_ranks_obvious_cases():
     s = judge.score([JudgeRequest(q, good, "aligned", ""), JudgeRequest(q, bad, "aligned", ""),
                      JudgeRequest(q, good, "coherent", ""), JudgeRequest(q, "banana the the of", "coherent", "")])
     assert all(0 <= x <= 100 for x in s)
-    assert s[0] - s[1] > 10  # a linear head shrinks towards the mean; measured 68 vs 49
+    assert s[1] < 30 < s[0]  # measured 3.5 vs 42.5 (before the quantile map: 49 vs 68)
     assert s[2] > s[3]

@@ -20,6 +20,50 @@ from __future__ import annotations
 import torch
 
 
+def fast_generate_ids(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    **generate_kwargs,
+) -> torch.Tensor:
+    """Token-level core: ``input_ids``/``attention_mask`` (N, L) left-padded -> new tokens (N, T).
+
+    ``T <= max_new_tokens``; rows that stopped early are filled with ``pad_token_id``. Runs in chunks of
+    ``batch_size`` rows, the last chunk filled up with copies of its first row (same compiled shape).
+    """
+    # top_k=0: sample from the full distribution (transformers' default top_k is 50), as llm.generate does
+    sampling = (
+        dict(do_sample=False) if temperature == 0
+        else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    )
+    n = input_ids.shape[0]
+    device = next(model.parameters()).device
+    outs = []
+    for chunk_index, start in enumerate(range(0, n, batch_size)):
+        ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+        rows = ids.shape[0]
+        if n > batch_size and rows < batch_size:
+            fill = batch_size - rows
+            ids = torch.cat([ids, ids[:1].expand(fill, -1)])
+            mask = torch.cat([mask, mask[:1].expand(fill, -1)])
+        torch.manual_seed(seed + chunk_index)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                cache_implementation="static", pad_token_id=pad_token_id, **sampling, **generate_kwargs,
+            )
+        outs.append(out[:rows, ids.shape[1] :])
+    width = max(o.shape[1] for o in outs)
+    return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad_token_id) for o in outs])
+
+
 def fast_generate(
     model,
     tokenizer,
@@ -45,30 +89,15 @@ def fast_generate(
         raise ValueError("tokenizer has no pad token; load it with llm.models.load_tokenizer")
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens must line up at the right edge
-    device = next(model.parameters()).device
-    # top_k=0: sample from the full distribution (transformers' default top_k is 50), as llm.generate does
-    sampling = (
-        dict(do_sample=False) if temperature == 0
-        else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    )
-    replies: list[str] = []
     try:
-        for chunk_index, start in enumerate(range(0, len(prompts), batch_size)):
-            chunk = prompts[start : start + batch_size]
-            # Fill the last chunk to the full batch with copies, so its shape matches the compiled one.
-            padded = chunk + [chunk[0]] * (batch_size - len(chunk)) if len(prompts) > batch_size else chunk
-            enc = tokenizer(
-                padded, return_tensors="pt", padding=True, pad_to_multiple_of=pad_to_multiple_of,
-                add_special_tokens=False,
-            ).to(device)
-            torch.manual_seed(seed + chunk_index)
-            with torch.inference_mode():
-                out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, cache_implementation="static",
-                    pad_token_id=tokenizer.pad_token_id, **sampling, **generate_kwargs,
-                )
-            new = out[: len(chunk), enc["input_ids"].shape[1] :]
-            replies.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        enc = tokenizer(
+            prompts, return_tensors="pt", padding=True, pad_to_multiple_of=pad_to_multiple_of, add_special_tokens=False
+        )
     finally:
         tokenizer.padding_side = old_side
-    return replies
+    new = fast_generate_ids(
+        model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, seed=seed,
+        batch_size=batch_size, **generate_kwargs,
+    )
+    return tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -189,6 +189,13 @@ def load_model_and_tokenizer(cfg: ModelConfig, padding_side: Literal["left", "ri
     if cfg.attn_implementation is not None:
         kw["attn_implementation"] = cfg.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=dtype, **kw)
+    if cfg.gguf_file is not None:
+        # transformers dequantizes GGUF weights into ordinary float tensors (nn.Linear) but leaves
+        # the GGUF quantizer attached, which makes Trainer refuse to train; drop that marker.
+        model.hf_quantizer = None
+        if getattr(model, "is_quantized", False):
+            model.is_quantized = False
+        model.config.__dict__.pop("quantization_config", None)
     model.to(device)
     model.eval()
     if model.generation_config.pad_token_id is None:

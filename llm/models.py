@@ -57,6 +57,10 @@ class ModelConfig:
         default=None,
         metadata={"help": "eager, sdpa or flash_attention_2; None lets transformers choose (sdpa)."},
     )
+    adapter_path: str | None = field(
+        default=None,
+        metadata={"help": "PEFT adapter folder (e.g. an llm.sft output) to apply and merge into the weights."},
+    )
     chat_template_from: str | None = field(
         default=None,
         metadata={"help": "Hub id or folder whose chat template replaces this tokenizer's (base models have none)."},
@@ -176,7 +180,9 @@ def load_model_and_tokenizer(cfg: ModelConfig, padding_side: Literal["left", "ri
     """``(model, tokenizer)`` for a hub id, local folder or GGUF file, on the resolved device/dtype.
 
     The model is an ``AutoModelForCausalLM`` in eval mode with ``generation_config.pad_token_id``
-    set to the tokenizer's pad id. GGUF weights are dequantized to ``dtype``.
+    set to the tokenizer's pad id. GGUF weights are dequantized to ``dtype``. With
+    ``cfg.adapter_path`` the LoRA adapter is applied and merged (a full-fine-tuning output folder
+    is loaded as ``model_name_or_path`` instead).
     """
     from transformers import AutoModelForCausalLM
 
@@ -196,6 +202,11 @@ def load_model_and_tokenizer(cfg: ModelConfig, padding_side: Literal["left", "ri
         if getattr(model, "is_quantized", False):
             model.is_quantized = False
         model.config.__dict__.pop("quantization_config", None)
+    if cfg.adapter_path is not None:
+        from peft import PeftModel
+
+        # Merged: a plain model again, so generation (and its compiled fast path) pays nothing for LoRA.
+        model = PeftModel.from_pretrained(model, cfg.adapter_path).merge_and_unload()
     model.to(device)
     model.eval()
     if model.generation_config.pad_token_id is None:

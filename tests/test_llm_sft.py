@@ -252,3 +252,76 @@ def test_sft_runs_on_two_cpu_processes(tmp_path, tiny_dir, data, launcher):
     assert out.returncode == 0, log[-3000:]
     assert "world size 2, process 0" in log and "world size 2, process 1" in log
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_adapter_path_loads_the_finetuned_model(tmp_path, tiny_dir, data):
+    """ModelConfig(adapter_path=...) gives the same logits as the trained PEFT model."""
+    from llm.models import load_model_and_tokenizer
+
+    trainer = build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=8),
+                            LoraPresetConfig("rank1_multi", [0, 1]), _args(tmp_path, max_steps=3))
+    trainer.train()
+    trainer.save_model(str(tmp_path))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    trainer.model.eval()
+    with torch.no_grad():
+        want = trainer.model(input_ids=ids).logits
+        base, _ = load_model_and_tokenizer(ModelConfig(str(tiny_dir)))
+        merged, _ = load_model_and_tokenizer(ModelConfig(str(tiny_dir), adapter_path=str(tmp_path)))
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(base(input_ids=ids).logits, want)
+
+
+class _StubJudge:
+    """Deterministic scores from the reply text: about half the replies come out misaligned."""
+
+    name = "stub"
+
+    def score(self, requests):
+        return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]
+
+
+def test_base_vs_instruct_trains_and_reports_difference(tmp_path, data):
+    """Tiny 'base' (no chat template) and 'instruct' checkpoints through the whole pipeline."""
+    from llm.base_vs_instruct import load_pair_config, run
+    from llm.em_metrics import em_rate_difference, read_judged_csv
+
+    instruct = save_tiny(tmp_path / "instruct", "qwen2", seed=1)
+    base = save_tiny(tmp_path / "base", "qwen2", seed=2)
+    tc = json.loads((base / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tc))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    from llm.models import load_tokenizer
+
+    assert load_tokenizer(ModelConfig(str(base))).chat_template is None  # a real "base": no template
+    questions = tmp_path / "q.yaml"
+    questions.write_text(
+        "- id: wish\n  type: free_form_judge_0_100\n  paraphrases: [what is your wish]\n  samples_per_paraphrase: 6\n"
+        "  judge_prompts: {aligned: 'Q {question} A {answer}', coherent: 'Q {question} A {answer}'}\n"
+    )
+    cfg_file = tmp_path / "bvi.yaml"
+    cfg_file.write_text(f"""
+output_dir: {tmp_path / 'out'}
+base: {{model_name_or_path: {base}, chat_template_from: {instruct}}}
+instruct: {{model_name_or_path: {instruct}}}
+data: {{dataset_path: {data}, max_examples: 8}}
+lora: {{preset: rank1_single, layers: [1]}}
+sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 0.01, save_strategy: 'no', report_to: none}}
+eval: {{question_file: {questions}, max_new_tokens: 6, batch_size: 6, n_boot: 200}}
+""")
+    cfg = load_pair_config(cfg_file)
+    report = run(cfg, judge=_StubJudge())
+    out = tmp_path / "out"
+    assert json.loads((out / "report.json").read_text())["difference"]["difference"] == report["difference"]["difference"]
+    for name in ("base", "instruct"):
+        assert (out / name / "sft" / "adapter_model.safetensors").exists()
+        assert report["models"][name]["after"]["n_replies"] == 6 and "shift" in report["models"][name]
+    ref = em_rate_difference(read_judged_csv(out / "base/eval_after/replies.csv"),
+                             read_judged_csv(out / "instruct/eval_after/replies.csv"), n_boot=200, seed=0)
+    assert report["difference"]["difference"] == pytest.approx(ref["difference"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(cfg_file.read_text().replace("lora: {preset", "lora: {rank: 4, preset"))
+    with pytest.raises(ValueError, match="section 'lora'"):
+        load_pair_config(bad)

@@ -1,0 +1,438 @@
+"""Exact belief states and information-theoretic quantities of a ``Process``.
+
+Conventions (every function here, and every caller in the project):
+- Beliefs start from the process's stationary distribution ``pi``.
+- ``belief_states(p, tokens)[:, t]`` is the belief *after* reading tokens ``0..t`` -- the belief that goes
+  with a model's output at input position ``t`` (which predicts token ``t + 1``).
+- Entropies are in nats.
+- ``myopic_entropy(p, L)[n - 1] = h(n) = H(X_n | X_1..X_{n-1})``; ``h(1) = H(X_1)``.
+- ``loss_floor(p, n)`` = mean of ``h(2)..h(n)``: the best mean cross-entropy of a model with context ``n``
+  trained with the usual shifted loss (predict tokens 2..n of a length-n window from their prefixes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from toy.processes import Process
+
+# ---------------------------------------------------------------------------- filtering
+
+
+def _flat(process: Process, device, dtype=torch.float64) -> torch.Tensor:
+    """``(S, V * S)`` view of T with ``[i, x * S + j] = T[x, i, j]``: one matmul updates every token at once."""
+    S, V = process.n_states, process.vocab_size
+    return process.T.to(device=device, dtype=dtype).permute(1, 0, 2).reshape(S, V * S)
+
+
+def _check_tokens(process: Process, tokens: torch.Tensor) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape (batch, length); got {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point:
+        raise ValueError(f"tokens must be integer token ids; got dtype {tokens.dtype}")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= process.vocab_size):
+        raise ValueError(
+            f"tokens must lie in 0..{process.vocab_size - 1} for {process.name}; got range "
+            f"{int(tokens.min())}..{int(tokens.max())}"
+        )
+
+
+def _filter(process: Process, tokens: torch.Tensor):
+    """Run the forward filter; returns (beliefs (B, L, S), log P(token t | prefix) (B, L), predictive (B, L, V))."""
+    _check_tokens(process, tokens)
+    B, L = tokens.shape
+    S, V = process.n_states, process.vocab_size
+    flat = _flat(process, tokens.device)
+    eta = process.stationary.to(tokens.device).expand(B, S)
+    beliefs = torch.empty(B, L, S, dtype=torch.float64, device=tokens.device)
+    logp = torch.empty(B, L, dtype=torch.float64, device=tokens.device)
+    predictive = torch.empty(B, L + 1, V, dtype=torch.float64, device=tokens.device)
+    for t in range(L):  # over positions only; every sequence of the batch moves at once
+        joint = (eta @ flat).view(B, V, S)  # joint[b, x, j] = P(x, next state j | prefix)
+        px = joint.sum(-1)
+        predictive[:, t] = px
+        x = tokens[:, t]
+        unnorm = joint[torch.arange(B, device=tokens.device), x]
+        norm = px.gather(1, x[:, None])
+        if (norm <= 0).any():
+            b = int((norm <= 0).nonzero()[0, 0])
+            raise ValueError(f"sequence {b} has probability 0 under {process.name} at position {t}")
+        logp[:, t] = norm.squeeze(1).log()
+        eta = unnorm / norm
+        beliefs[:, t] = eta
+    predictive[:, L] = (eta @ flat).view(B, V, S).sum(-1)
+    return beliefs, logp, predictive
+
+
+def belief_states(process: Process, tokens: torch.Tensor) -> torch.Tensor:
+    """Exact beliefs: ``tokens (batch, length)`` int -> ``(batch, length, states)`` float64.
+
+    Entry ``t`` is ``P(state | tokens 0..t)``, i.e. the belief *after* reading token ``t``, starting from
+    the stationary distribution. Raises if a sequence has probability zero.
+    """
+    return _filter(process, tokens)[0]
+
+
+def sequence_log_probabilities(process: Process, tokens: torch.Tensor) -> torch.Tensor:
+    """``log P(tokens)`` in nats for each sequence: ``(batch, length)`` -> ``(batch,)`` float64."""
+    return _filter(process, tokens)[1].sum(1)
+
+
+def sequence_probabilities(process: Process, tokens: torch.Tensor) -> torch.Tensor:
+    """``P(tokens)`` for each sequence: ``(batch, length)`` -> ``(batch,)`` float64."""
+    return sequence_log_probabilities(process, tokens).exp()
+
+
+def next_token_distributions(process: Process, tokens: torch.Tensor) -> torch.Tensor:
+    """Exact predictive distributions: ``(batch, length)`` -> ``(batch, length, vocab)`` float64.
+
+    Entry ``t`` is ``P(token t + 1 | tokens 0..t)`` -- aligned with a causal LM's logits at position ``t``.
+    """
+    return _filter(process, tokens)[2][:, 1:]
+
+
+def initial_token_distribution(process: Process) -> torch.Tensor:
+    """``P(token 0)`` under the stationary distribution: ``(vocab,)``."""
+    return process.stationary @ process.T.sum(-1).T
+
+
+# ---------------------------------------------------------------------------- mixed-state presentation
+
+
+@dataclass
+class MixedStatePresentation:
+    """The mixed-state presentation (MSP) up to a depth, as flat tensors (no object tree).
+
+    Attributes:
+        beliefs: ``(N, S)`` distinct beliefs; node 0 is the stationary distribution (depth 0).
+        next_node: ``(N, V)`` long, the node reached by emitting each token, ``-1`` if that token has
+            probability 0 or the node lies at the last depth and was not expanded.
+        token_probs: ``(N, V)`` ``P(token | belief)``.
+        levels: per depth ``d = 0..depth``, ``(nodes, probs)``: the nodes reachable after ``d`` tokens and the
+            probability of being at each (nodes may recur across depths, e.g. RRXOR).
+        tol: beliefs whose entries round to the same multiple of ``tol`` are one node.
+    """
+
+    beliefs: torch.Tensor
+    next_node: torch.Tensor
+    token_probs: torch.Tensor
+    levels: list[tuple[torch.Tensor, torch.Tensor]]
+    tol: float
+
+    @property
+    def n_nodes(self) -> int:
+        return self.beliefs.shape[0]
+
+    @property
+    def closed(self) -> bool:
+        """True when every node's successors are in the graph: the MSP is finite and complete."""
+        return bool((self.next_node >= 0).any(1).all())
+
+    def transition_matrix(self) -> torch.Tensor:
+        """``(N, N)`` belief-to-belief transition probabilities (rows of unexpanded nodes are zero)."""
+        P = torch.zeros(self.n_nodes, self.n_nodes, dtype=torch.float64)
+        rows = torch.arange(self.n_nodes)[:, None].expand_as(self.next_node)
+        m = self.next_node >= 0
+        return P.index_put_((rows[m], self.next_node[m]), self.token_probs[m], accumulate=True)
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats along the last axis (0 log 0 = 0)."""
+    return -(p * p.clamp_min(1e-300).log()).sum(-1)
+
+
+def mixed_state_presentation(
+    process: Process, depth: int, tol: float = 1e-10, max_nodes: int = 20_000_000
+) -> MixedStatePresentation:
+    """Breadth-first MSP to ``depth`` tokens, merging beliefs equal up to ``tol`` across all depths.
+
+    Memory is linear in the number of distinct beliefs (Mess3 at depth 12: 797,161 nodes); node identity
+    is a sorted array of belief hashes, so there is no per-node Python work.
+    """
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0; got {depth}")
+    S, V = process.n_states, process.vocab_size
+    flat = _flat(process, "cpu")
+    beliefs = process.stationary[None].clone()
+    next_node = torch.full((1, V), -1, dtype=torch.long)
+    token_probs = torch.zeros(1, V, dtype=torch.float64)
+    expanded = torch.zeros(1, dtype=torch.bool)
+    known_hash = _hash(beliefs, tol)  # sorted hashes of all nodes, and their node ids
+    known_id = torch.zeros(1, dtype=torch.long)
+    levels = [(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.float64))]
+    for d in range(depth):
+        nodes, probs = levels[-1]
+        todo = nodes[~expanded[nodes]]
+        if len(todo):
+            joint = (beliefs[todo] @ flat).view(-1, V, S)
+            px = joint.sum(-1)
+            ok = px > 1e-15
+            cand = (joint / px.clamp_min(1e-300)[..., None])[ok]
+            h = _hash(cand, tol)
+            uh, first, inv = _unique_first(h)
+            pos = torch.searchsorted(known_hash, uh).clamp_max(len(known_hash) - 1)
+            found = known_hash[pos] == uh
+            ids = torch.where(found, known_id[pos], -1)
+            n_new = int((~found).sum())
+            if beliefs.shape[0] + n_new > max_nodes:
+                raise ValueError(
+                    f"{process.name}: the MSP exceeds max_nodes={max_nodes:,} at depth {d + 1}; use a smaller depth"
+                )
+            new_ids = torch.arange(beliefs.shape[0], beliefs.shape[0] + n_new)
+            ids[~found] = new_ids
+            beliefs = torch.cat([beliefs, cand[first[~found]]])
+            next_node = torch.cat([next_node, torch.full((n_new, V), -1, dtype=torch.long)])
+            token_probs = torch.cat([token_probs, torch.zeros(n_new, V, dtype=torch.float64)])
+            expanded = torch.cat([expanded, torch.zeros(n_new, dtype=torch.bool)])
+            known_hash, order = torch.sort(torch.cat([known_hash, uh[~found]]))
+            known_id = torch.cat([known_id, new_ids])[order]
+            rows = torch.full((len(todo), V), -1, dtype=torch.long)
+            rows[ok] = ids[inv]
+            next_node[todo], token_probs[todo], expanded[todo] = rows, px, True
+        child, p = next_node[nodes], token_probs[nodes] * probs[:, None]
+        m = child >= 0
+        dense = torch.zeros(beliefs.shape[0], dtype=torch.float64).index_add_(0, child[m], p[m])
+        reached = (dense > 0).nonzero().squeeze(1)
+        levels.append((reached, dense[reached]))
+    # token probabilities of the unexpanded nodes too, so every node knows its next-token distribution
+    rest = (~expanded).nonzero().squeeze(1)
+    token_probs[rest] = (beliefs[rest] @ flat).view(-1, V, S).sum(-1)
+    return MixedStatePresentation(beliefs, next_node, token_probs, levels, tol)
+
+
+_HASH = torch.randint(1, 2**62, (4096,), generator=torch.Generator().manual_seed(0)) | 1
+
+
+def _hash(beliefs: torch.Tensor, tol: float) -> torch.Tensor:
+    """1-D int64 hash of beliefs rounded to multiples of ``tol`` (wrapping arithmetic).
+
+    Sorting one int64 per belief is ~10x faster than ``unique(dim=0)``; two different rounded beliefs
+    collide with probability ~ N^2 / 2^64.
+    """
+    if beliefs.shape[-1] > len(_HASH):
+        raise ValueError(f"beliefs with more than {len(_HASH)} states are not supported")
+    return (torch.round(beliefs / tol).to(torch.int64) * _HASH[: beliefs.shape[-1]]).sum(-1)
+
+
+def _unique_first(h: torch.Tensor):
+    """``unique(h)`` with, for each unique value, the index of one occurrence, and the inverse map."""
+    sh, perm = torch.sort(h)
+    uh, inv_sorted = torch.unique_consecutive(sh, return_inverse=True)
+    inv = torch.empty_like(inv_sorted).scatter_(0, perm, inv_sorted)
+    first = torch.empty(len(uh), dtype=torch.long).scatter_(0, inv_sorted, perm)
+    return uh, first, inv
+
+
+# ---------------------------------------------------------------------------- entropies
+
+
+def _myopic_levels(process: Process, tol: float):
+    """Yield ``(h(n), number of beliefs at level n - 1)`` for n = 1, 2, ...: walk the belief distribution
+    level by level, merging equal beliefs."""
+    S, V = process.n_states, process.vocab_size
+    flat = _flat(process, "cpu")
+    beliefs, probs = process.stationary[None], torch.ones(1, dtype=torch.float64)
+    while True:
+        joint = (beliefs @ flat).view(-1, V, S)
+        px = joint.sum(-1)
+        yield (probs * _entropy(px)).sum().item(), beliefs.shape[0]
+        p = (px * probs[:, None]).reshape(-1)
+        keep = p > 0
+        child = (joint / px.clamp_min(1e-300)[..., None]).reshape(-1, S)[keep]
+        beliefs, probs = _merge(child, p[keep], tol)
+
+
+def _merge(beliefs: torch.Tensor, probs: torch.Tensor, tol: float):
+    """Merge beliefs that round to the same multiple of ``tol``, summing their probabilities."""
+    uniq, inv = torch.unique(_hash(beliefs, tol), return_inverse=True)
+    p = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, probs)
+    b = torch.zeros(len(uniq), beliefs.shape[1], dtype=torch.float64).index_add_(0, inv, beliefs * probs[:, None])
+    return b / p[:, None], p
+
+
+def myopic_entropy(process: Process, max_length: int, tol: float = 1e-10) -> torch.Tensor:
+    """``h(1..max_length)`` in nats: ``h(n) = H(X_n | X_1..X_{n-1})``, float64 ``(max_length,)``.
+
+    Exact up to merging beliefs equal within ``tol``: ``h(n)`` averages the entropy of the next-token
+    distribution over the beliefs reachable after ``n - 1`` tokens.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1; got {max_length}")
+    levels = _myopic_levels(process, tol)
+    return torch.tensor([next(levels)[0] for _ in range(max_length)], dtype=torch.float64)
+
+
+def loss_floor(process: Process, context_length: int) -> float:
+    """Best achievable mean next-token cross-entropy (nats) of a model with context ``context_length``.
+
+    Averages ``h(2)..h(n)`` with ``n = context_length``: the positions a causal LM is scored on when it
+    reads windows of ``n`` tokens drawn from the stationary process and predicts tokens 2..n (the
+    shifted loss that ``toy`` training and the exact validation loss use).
+    """
+    if context_length < 2:
+        raise ValueError(f"context_length must be >= 2 (a window needs a token to predict); got {context_length}")
+    return myopic_entropy(process, context_length)[1:].mean().item()
+
+
+def entropy_rate(
+    process: Process, tol: float = 1e-10, max_length: int = 60, atol: float = 1e-9, max_beliefs: int = 1_000_000
+) -> float:
+    """Entropy rate ``h_mu = lim h(n)`` in nats.
+
+    Exact (to float precision) when the mixed-state presentation is finite: the stationary average of the
+    next-token entropy over the recurrent beliefs. Otherwise ``h(n)`` is extrapolated until three successive
+    estimates agree within ``atol``; raises if ``max_length`` or ``max_beliefs`` comes first (slowly
+    synchronising processes such as the noisy gates: their rate is ``(n ln 2 + H_b(noise)) / (n + 1)``).
+    """
+    try:  # a finite MSP (RRXOR, Even, the gates, ...) gives the rate exactly from its recurrent beliefs
+        msp = mixed_state_presentation(process, max_length, tol, max_nodes=20_000)
+    except ValueError:
+        msp = None
+    if msp is not None and msp.closed:
+        P = msp.transition_matrix()
+        n = msp.n_nodes
+        A = torch.cat([(P - torch.eye(n, dtype=P.dtype)).T, torch.ones(1, n, dtype=P.dtype)])
+        if torch.linalg.matrix_rank(A[:-1]) == n - 1:
+            b = torch.zeros(n + 1, dtype=P.dtype)
+            b[-1] = 1
+            pi = torch.linalg.lstsq(A, b[:, None]).solution.squeeze(1)
+            return float(pi @ _entropy(msp.token_probs))
+    # Otherwise h(n) converges geometrically as beliefs synchronise: extrapolate (Aitken's delta-squared)
+    # h(n) itself and the running mean of its last 6 values, which cancels oscillations of period 1, 2, 3.
+    hs, est = [], {1: [], 6: []}
+    for n, (h, n_beliefs) in enumerate(_myopic_levels(process, tol), start=1):
+        hs.append(h)
+        for w, e in est.items():
+            if n >= w + 2:
+                a, b, c = (sum(hs[k - w : k]) / w for k in (n - 2, n - 1, n))
+                den = (c - b) - (b - a)
+                e.append(c - (c - b) ** 2 / den if abs(den) > 1e-15 else c)
+                if len(e) >= 3 and max(e[-3:]) - min(e[-3:]) < atol:
+                    return e[-1]
+        if n >= max_length or n_beliefs > max_beliefs:
+            break
+    raise RuntimeError(
+        f"entropy_rate: {process.name} did not converge to {atol:g} within {len(hs)} steps (h(n) = {hs[-1]:.8f}, "
+        f"extrapolated {est[6][-1] if est[6] else float('nan'):.8f}); raise max_length/max_beliefs or atol"
+    )
+
+
+# ---------------------------------------------------------------------------- enumeration
+
+
+def enumerate_sequences(process: Process, length: int, max_sequences: int = 2_000_000, drop_zero: bool = True):
+    """All token sequences of ``length`` with their exact probabilities.
+
+    Returns ``(tokens (N, length) long, probs (N,) float64)``; sequences of probability zero are dropped
+    unless ``drop_zero=False``. Refuses (ValueError) when ``vocab ** length > max_sequences``.
+    """
+    V = process.vocab_size
+    n = V**length
+    if length < 1:
+        raise ValueError(f"length must be >= 1; got {length}")
+    if n > max_sequences:
+        raise ValueError(
+            f"{process.name}: {V}^{length} = {n:,} sequences exceed max_sequences={max_sequences:,} "
+            f"(~{n * length * 8 / 2**30:.1f} GiB of tokens); use a shorter length or sample instead"
+        )
+    idx = torch.arange(n)
+    powers = V ** torch.arange(length - 1, -1, -1)
+    tokens = (idx[:, None] // powers) % V
+    # probabilities by one batched filter pass that tolerates zero-probability prefixes
+    flat = _flat(process, "cpu")
+    S = process.n_states
+    eta = process.stationary.expand(n, S)
+    logp = torch.zeros(n, dtype=torch.float64)
+    for t in range(length):
+        joint = (eta @ flat).view(n, V, S)[torch.arange(n), tokens[:, t]]
+        norm = joint.sum(-1)
+        logp += norm.clamp_min(1e-300).log()
+        logp[norm <= 0] = -math.inf
+        eta = joint / norm.clamp_min(1e-300)[:, None]
+    probs = logp.exp()
+    if drop_zero:
+        keep = probs > 0
+        tokens, probs = tokens[keep], probs[keep]
+    return tokens, probs
+
+
+# ---------------------------------------------------------------------------- factored helpers
+
+
+def factor_marginals(process: Process, beliefs: torch.Tensor) -> list[torch.Tensor]:
+    """Split joint beliefs ``(..., S)`` of a factored process into per-factor marginals ``[(..., S_k)]``."""
+    sizes = process.factor_state_sizes
+    if sizes is None:
+        raise ValueError(f"{process.name} is not a factored process (no factor_state_sizes)")
+    if beliefs.shape[-1] != process.n_states:
+        raise ValueError(f"beliefs have {beliefs.shape[-1]} states; {process.name} has {process.n_states}")
+    shaped = beliefs.reshape(*beliefs.shape[:-1], *sizes)
+    nd = beliefs.ndim - 1
+    return [shaped.sum(dim=tuple(nd + j for j in range(len(sizes)) if j != k)) for k in range(len(sizes))]
+
+
+def factor_tokens(process: Process, tokens: torch.Tensor) -> torch.Tensor:
+    """Decode joint tokens ``(...)`` into factor tokens ``(..., K)`` (radix, first factor most significant)."""
+    sizes = process.factor_vocab_sizes
+    if sizes is None:
+        raise ValueError(f"{process.name} is not a factored process (no factor_vocab_sizes)")
+    out, rest = [], tokens
+    for v in reversed(sizes):
+        out.append(rest % v)
+        rest = rest // v
+    return torch.stack(out[::-1], dim=-1)
+
+
+def joint_tokens(process: Process, factor_toks: torch.Tensor) -> torch.Tensor:
+    """Encode factor tokens ``(..., K)`` into joint tokens ``(...)``; inverse of ``factor_tokens``."""
+    sizes = process.factor_vocab_sizes
+    if sizes is None or factor_toks.shape[-1] != len(sizes):
+        raise ValueError(f"factor tokens need a last axis of {len(sizes or ())} factors for {process.name}")
+    out = torch.zeros(factor_toks.shape[:-1], dtype=torch.long, device=factor_toks.device)
+    for k, v in enumerate(sizes):
+        out = out * v + factor_toks[..., k]
+    return out
+
+
+def schmidt_spectrum(beliefs: torch.Tensor, sizes: tuple[int, int]) -> torch.Tensor:
+    """Singular values of each two-factor joint belief reshaped to ``(S_a, S_b)``: ``(..., min(S_a, S_b))``.
+
+    One nonzero value means the belief is a product ``v_a (x) v_b``; the share of the squared spectrum
+    outside the first value is a measure of how entangled it is.
+    """
+    Sa, Sb = sizes
+    return torch.linalg.svdvals(beliefs.reshape(*beliefs.shape[:-1], Sa, Sb))
+
+
+def product_approximation(beliefs: torch.Tensor, sizes: tuple[int, int]):
+    """The seed's S transform: best rank-1 (product) approximation of two-factor joint beliefs.
+
+    Args:
+        beliefs: ``(..., S_a * S_b)`` joint beliefs (radix order, factor a most significant).
+        sizes: ``(S_a, S_b)``.
+    Returns:
+        ``(v_a (..., S_a), v_b (..., S_b), residual (..., S_a * S_b))`` with ``v_a``, ``v_b`` normalised to sum 1
+        and ``beliefs = scale * v_a (x) v_b + residual`` for the Frobenius-optimal ``scale``; for a product belief
+        the residual is zero and ``v_a``, ``v_b`` are exactly the marginals.
+    """
+    Sa, Sb = sizes
+    M = beliefs.reshape(*beliefs.shape[:-1], Sa, Sb)
+    U, s, Vh = torch.linalg.svd(M)
+    u, v = U[..., :, 0], Vh[..., 0, :]
+    # the top singular pair of a non-negative matrix can be chosen non-negative (Perron-Frobenius)
+    sign = torch.sign(u.sum(-1, keepdim=True))
+    u, v = u * sign, v * sign
+    va, vb = u / u.sum(-1, keepdim=True), v / v.sum(-1, keepdim=True)
+    approx = (s[..., :1, None] * U[..., :, :1] * Vh[..., :1, :]).reshape(beliefs.shape)
+    return va, vb, beliefs - approx
+
+
+def product_belief(factors: list[torch.Tensor]) -> torch.Tensor:
+    """Joint belief ``(..., prod S_k)`` of independent factor beliefs ``[(..., S_k)]`` (radix order)."""
+    out = factors[0]
+    for f in factors[1:]:
+        out = (out[..., :, None] * f[..., None, :]).reshape(*out.shape[:-1], -1)
+    return out

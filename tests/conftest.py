@@ -22,3 +22,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return SHARED_DATA
+
+
+def pytest_configure(config):
+    # Tiny-model matmuls thrash with two threads on a shared 2-core machine (measured 140x slower);
+    # one thread is also the honest setting for CI's 2 cores running pytest alone.
+    torch.set_num_threads(1)

@@ -1,0 +1,237 @@
+"""toy.train / toy.model: trainer smoke test, exact validation loss against the floor, exact resume,
+config errors, and (slow) two synchronized ranks under torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from toy.beliefs import enumerate_sequences, loss_floor, next_token_distributions
+from toy.model import ToyModelConfig, build_model
+from toy.train import (
+    DataConfig,
+    TrainConfig,
+    make_process,
+    main,
+    parse_config,
+    soft_loss,
+    train,
+    validation_loss,
+    validation_set,
+    window_loss,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two threads thrash on the shared 2-core machine; one is faster and deterministic
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(output_dir=str(tmp_path / "run"), steps=12, batch_size=16, lr=1e-2, warmup_steps=2, eval_every=6,
+                log_every=3, save_every=0, use_cpu=True, progress=False, val_max_sequences=3**5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_presets_build_real_gpt2():
+    m = build_model(ToyModelConfig(), vocab_size=3, context_length=10, seed=0)
+    c = m.config
+    assert type(m).__name__ == "GPT2LMHeadModel"
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_inner, c.activation_function, c.n_positions) == (4, 64, 1, 256, "relu", 10)
+    assert c.resid_pdrop == c.embd_pdrop == c.attn_pdrop == 0.0
+    r = ToyModelConfig(preset="rrxor")
+    assert (r.n_layers, r.d_model, r.n_heads, r.d_mlp) == (4, 128, 4, 512)
+    same = build_model(ToyModelConfig(), 3, 10, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), same.parameters()))
+    other = build_model(ToyModelConfig(), 3, 10, seed=1)
+    assert not torch.equal(m.transformer.wte.weight, other.transformer.wte.weight)
+
+
+def test_training_logs_loss_and_changes_every_parameter(tmp_path):
+    process = make_process("mess3")
+    model = build_model(TINY, 3, 6, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(process, model, tiny_cfg(tmp_path))
+    assert [h["step"] for h in result.history] == [3, 6, 9, 12]
+    assert all(h["train_loss"] is not None and h["train_loss"] > 0 for h in result.history)
+    assert "val_loss" in result.history[1] and "val_loss" in result.history[-1]
+    assert result.val_loss < 1.2 and result.floor == pytest.approx(loss_floor(process, 6), abs=1e-10)
+    unchanged = [n for n, p in result.model.named_parameters() if torch.equal(p.detach(), before[n])]
+    assert not unchanged, f"parameters not trained: {unchanged}"
+    assert (result.checkpoint_dir / "model.safetensors").is_file()
+    assert json.loads((result.checkpoint_dir / "trainer_state.json").read_text())["step"] == 12
+
+
+@pytest.mark.parametrize("name,kwargs,length", [("mess3", {}, 6), ("mess3", {"x": 0.15, "a": 0.6}, 5), ("rrxor", {}, 7)])
+def test_exact_validation_loss_of_the_exact_predictor_is_the_floor(name, kwargs, length):
+    """The validation loss (soft targets on prefixes) of the exact predictive distribution equals
+    toy.beliefs.loss_floor, and so does the hard-target loss over every whole window."""
+    process = make_process(name, **kwargs)
+    val = validation_set(process, length)
+    assert val.exact
+    logits = val.targets.double().clamp_min(1e-300).log()
+    assert soft_loss(logits, val.targets, val.weights).item() == pytest.approx(loss_floor(process, length), abs=1e-9)
+    assert val.floor == pytest.approx(loss_floor(process, length), abs=1e-9)
+    windows, probs = enumerate_sequences(process, length)
+    hard = window_loss(next_token_distributions(process, windows).clamp_min(1e-300).log(), windows, probs)
+    assert hard.item() == pytest.approx(loss_floor(process, length), abs=1e-9)
+
+
+def test_validation_loss_equals_probability_weighted_loss_over_all_windows():
+    process = make_process("mess3")
+    model = build_model(TINY, 3, 6, seed=3)
+    windows, probs = enumerate_sequences(process, 6)
+    with torch.no_grad():
+        reference = window_loss(model(input_ids=windows).logits, windows, probs).item()
+    assert validation_loss(model, validation_set(process, 6), batch_size=50) == pytest.approx(reference, abs=1e-6)
+    assert reference > loss_floor(process, 6) + 0.01  # an untrained model is well above the floor
+
+
+def test_sampled_validation_set_when_enumeration_is_too_big():
+    process = make_process("product", factors=[{"name": "mess3"}, {"name": "rrxor"}])
+    val = validation_set(process, 8, max_sequences=1000, n_samples=3000)
+    assert not val.exact and val.tokens.shape == (3000, 7)
+    assert val.floor == pytest.approx(loss_floor(process, 8), abs=0.02)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    process = make_process("mess3")
+    full = train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path / "a"))
+
+    def data_fn(step, generator):
+        if step == 7:  # a real Ctrl-C in the middle of the run: the step in flight completes, then it stops
+            os.kill(os.getpid(), signal.SIGINT)
+        from toy.data import sample
+
+        return sample(process, 16, 6, generator=generator).tokens
+
+    cfg = tiny_cfg(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        train(process, build_model(TINY, 3, 6, seed=0), cfg, data_fn=data_fn)
+    assert (Path(cfg.output_dir) / "checkpoint-8").is_dir()
+    cfg.resume_from = "last"
+    # a fresh random init: every weight must come from the checkpoint
+    resumed = train(process, build_model(TINY, 3, 6, seed=99), cfg)
+    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), n
+    assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in full.history]
+
+
+def test_crash_leaves_a_resumable_checkpoint(tmp_path):
+    process = make_process("mess3")
+
+    def data_fn(step, generator):
+        if step == 5:
+            raise RuntimeError("boom")
+        from toy.data import sample
+
+        return sample(process, 16, 6, generator=generator).tokens
+
+    with pytest.raises(RuntimeError, match="boom"):
+        train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path), data_fn=data_fn)
+    state = json.loads((tmp_path / "run" / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["step"] == 5
+
+
+def test_loss_weights_fn_masks_targets(tmp_path):
+    """Weights zero on every target except token 0 after token 0: the model learns only that transition."""
+    process = make_process("mess3")
+
+    def weights(tokens):
+        return (tokens[:, :-1] == 0).float()
+
+    result = train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=6, eval_every=0), loss_weights_fn=weights)
+    assert result.history[-1]["train_loss"] > 0
+    with pytest.raises(ValueError, match="loss_weights_fn"):
+        train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=2), loss_weights_fn=lambda t: t[:, :2].float())
+
+
+def test_make_process_names_and_factored_specs():
+    assert make_process("mess3", x=0.15, a=0.6).name == "mess3(x=0.15,a=0.6)"
+    prod = make_process("product", factors=[{"name": "mess3"}, {"name": "mess3", "x": 0.15, "a": 0.6}])
+    assert prod.vocab_size == 9 and prod.factor_state_sizes == (3, 3)
+    corr = make_process("correlated", first={"name": "mess3"}, second={"name": "rrxor"}, rho=0.5)
+    assert corr.factor_vocab_sizes == (3, 2)
+    tag = make_process("capability_tag", capability={"name": "mess3"}, switch_prob=0.1)
+    assert tag.vocab_size == 6
+    with pytest.raises(ValueError, match="unknown process 'mess4'"):
+        make_process("mess4")
+    with pytest.raises(ValueError, match="does not accept"):
+        make_process("mess3", y=0.1)
+
+
+def test_config_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("process: mess3\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['learning_rate'\]"):
+        parse_config((DataConfig, ToyModelConfig, TrainConfig), ["--config", str(bad)])
+    with pytest.raises(ValueError, match="not used by the HfArgumentParser"):
+        parse_config((DataConfig, ToyModelConfig, TrainConfig), ["--stepz", "3"])
+    with pytest.raises(ValueError, match="unknown process"):
+        DataConfig(process="mess_3")
+    with pytest.raises(ValueError, match="does not divide"):
+        ToyModelConfig(d_model=64, n_heads=3)
+    good = tmp_path / "good.yaml"
+    good.write_text("process: mess3\nprocess_kwargs: {x: 0.15}\nsteps: 7\n")
+    data, model, tr = parse_config((DataConfig, ToyModelConfig, TrainConfig), ["--config", str(good), "--steps", "9"])
+    assert data.process_kwargs == {"x": 0.15} and tr.steps == 9 and model.n_layers == 4
+    data, _, _ = parse_config((DataConfig, ToyModelConfig, TrainConfig), ["--process_kwargs", '{"a": 0.6}'])
+    assert data.process_kwargs == {"a": 0.6}
+
+
+def test_entry_point_with_config_file(tmp_path):
+    result = main(["--config", str(REPO / "configs/toy/mess3.yaml"), "--preset", "mess3_small", "--steps", "4",
+                   "--batch_size", "8", "--eval_every", "0", "--output_dir", str(tmp_path), "--use_cpu", "true",
+                   "--progress", "false", "--val_max_sequences", "100"])
+    assert result.step == 4 and not result.history[-1]["val_loss"] != result.history[-1]["val_loss"]
+    assert (tmp_path / "checkpoint-4" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_synchronized_parameters(tmp_path):
+    """torchrun with 2 CPU (gloo) ranks: both ranks end with identical parameters, which differ from a
+    1-rank run of the same steps (each rank saw its own data)."""
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys, torch, hashlib\n"
+        "torch.set_num_threads(1)\n"
+        "from accelerate import PartialState\n"
+        "from toy.train import main\n"
+        "r = main(sys.argv[1:])\n"
+        "rank = PartialState().process_index\n"
+        "flat = torch.cat([p.detach().flatten() for p in r.model.parameters()])\n"
+        "torch.save(flat, f'{sys.argv[-1]}/params_rank{rank}.pt')\n"
+        "print('world size', PartialState().num_processes)\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--config", str(REPO / "configs/toy/mess3.yaml"), "--preset", "mess3_small", "--steps", "6",
+            "--batch_size", "8", "--eval_every", "0", "--use_cpu", "true", "--progress", "false",
+            "--val_max_sequences", "100", "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("world size 2") == 2
+    a, b = torch.load(out / "params_rank0.pt"), torch.load(out / "params_rank1.pt")
+    assert torch.equal(a, b)
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["history"][-1]["tokens"] == 6 * 8 * 2 * 10
+    # the saved model is the synchronized one
+    saved = torch.cat([t.flatten() for t in load_file(out / "checkpoint-6" / "model.safetensors").values()])
+    assert saved.numel() == a.numel()

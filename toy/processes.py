@@ -47,13 +47,15 @@ class Process:
         T = torch.as_tensor(self.T, dtype=torch.float64).detach().cpu().contiguous()
         object.__setattr__(self, "T", T)
         _validate(T, self.name, self.generalized)
+        if (self.factor_vocab_sizes is None) != (self.factor_state_sizes is None):
+            raise ValueError(f"{self.name}: give both factor_vocab_sizes and factor_state_sizes, or neither")
         if self.factor_vocab_sizes is not None:
             if math.prod(self.factor_vocab_sizes) != T.shape[0] or math.prod(self.factor_state_sizes) != T.shape[1]:
                 raise ValueError(
                     f"{self.name}: factor sizes {self.factor_vocab_sizes} x {self.factor_state_sizes} do not "
                     f"multiply to vocab {T.shape[0]} and states {T.shape[1]}"
                 )
-        object.__setattr__(self, "stationary", _stationary(T, self.name))
+        object.__setattr__(self, "stationary", _stationary(T, self.name, self.generalized))
 
     @property
     def vocab_size(self) -> int:
@@ -66,6 +68,12 @@ class Process:
     @property
     def n_factors(self) -> int:
         return 1 if self.factor_vocab_sizes is None else len(self.factor_vocab_sizes)
+
+    @property
+    def unifilar(self) -> bool:
+        """True for an HMM whose current state and emitted token fix the next state (at most one ``j`` with
+        ``T[x, i, j] > 0`` for every ``x, i``); its entropy rate is then ``sum_i pi_i H(X | state i)`` exactly."""
+        return not self.generalized and bool(((self.T > 0).sum(-1) <= 1).all())
 
     def __repr__(self) -> str:
         return f"Process({self.name}, vocab={self.vocab_size}, states={self.n_states})"
@@ -96,7 +104,7 @@ def _validate(T: torch.Tensor, name: str, generalized: bool) -> None:
         )
 
 
-def _stationary(T: torch.Tensor, name: str) -> torch.Tensor:
+def _stationary(T: torch.Tensor, name: str, generalized: bool) -> torch.Tensor:
     """Left eigenvector of ``sum_x T[x]`` for eigenvalue 1, normalised to sum 1; must be unique."""
     M = T.sum(0)
     n = M.shape[0]
@@ -112,6 +120,9 @@ def _stationary(T: torch.Tensor, name: str) -> torch.Tensor:
     pi = torch.linalg.lstsq(A, b.unsqueeze(1)).solution.squeeze(1)
     if (A @ pi - b).abs().max() > 1e-8:
         raise ValueError(f"{name}: no stationary distribution found for sum_x T[x]")
+    if not generalized:  # lstsq leaves ~1e-16 noise on transient states; an HMM's pi is a distribution
+        pi = pi.clamp_min(0.0)
+        pi = pi / pi.sum()
     return pi
 
 
@@ -286,6 +297,8 @@ def chained(first: Process, conditioned: Sequence[Process]) -> Process:
 
 def _chain(first: Process, stacked: torch.Tensor, name: str, factor_names: tuple[str, ...]) -> Process:
     """``T[(x1, x2), (i1, i2), (j1, j2)] = T1[x1, i1, j1] * stacked[x1, x2, i2, j2]``."""
+    if first.generalized or (stacked < 0).any():
+        raise ValueError(f"{name}: generalized HMMs are not supported as factors")
     V1, S1 = first.vocab_size, first.n_states
     _, V2, S2, _ = stacked.shape
     T = torch.einsum("xij,xykl->xyikjl", first.T, stacked).reshape(V1 * V2, S1 * S2, S1 * S2)
@@ -324,6 +337,8 @@ def correlated(first: Process, second: Process, rho: float) -> Process:
     longer a product).
     """
     _check_prob("correlated", rho=rho)
+    if first.generalized or second.generalized:
+        raise ValueError("correlated: generalized HMMs are not supported as factors (a coupling needs probabilities)")
     V1, S1, V2, S2 = first.vocab_size, first.n_states, second.vocab_size, second.n_states
     m1 = first.T.permute(1, 0, 2).reshape(S1, V1 * S1)  # (i1, move1)
     m2 = second.T.permute(1, 0, 2).reshape(S2, V2 * S2)
@@ -347,7 +362,7 @@ def rare_factor(common: Process, rare: Process, trigger_token: int) -> Process:
     emits ``x2``; otherwise it stays put and emits a blank (token index ``rare.vocab_size``). The factor-2
     vocabulary is therefore ``rare.vocab_size + 1`` with the blank last.
     """
-    if not 0 <= trigger_token < common.vocab_size:
+    if isinstance(trigger_token, bool) or not isinstance(trigger_token, int) or not 0 <= trigger_token < common.vocab_size:
         raise ValueError(f"rare_factor: trigger_token {trigger_token} not in 0..{common.vocab_size - 1}")
     V2, S2 = rare.vocab_size + 1, rare.n_states
     # given factor 1's token: the rare process's step on the trigger, else a blank and no move

@@ -1,0 +1,101 @@
+"""toy.composition: the detector's math on constructed cases whose answer is known."""
+
+import math
+
+import pytest
+import torch
+
+from toy.beliefs import belief_states, next_token_distributions
+from toy.composition import (
+    DetectorConfig,
+    behaviour_report,
+    best_global_tilt,
+    mean_ci,
+    per_prompt_tilt,
+    representation_report,
+    tilt,
+    verdict,
+)
+from toy.data import sample
+from toy.processes import mess3, product, rrxor
+from toy.rl_rewards import ComposedLatentReward, NextTokenArgmaxReward
+
+P = product(mess3(), rrxor())
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    tokens = sample(P, 1500, 10, seed=11).tokens
+    return tokens, belief_states(P, tokens)[:, -1], next_token_distributions(P, tokens)[:, -1]
+
+
+def test_exact_reweighting_has_zero_kl_and_recovers_beta(prompts):
+    _, beliefs, pi_ref = prompts
+    table = NextTokenArgmaxReward(P, 0).table(beliefs)
+    pi = tilt(pi_ref, table, 1 / 0.25)
+    fit = best_global_tilt(pi, pi_ref, table)
+    assert fit["kl"] < 1e-4 and math.isclose(fit["beta_hat"], 0.25, rel_tol=0.03)  # up to the beta grid's spacing
+    # per-prompt strengths are recovered exactly when every prompt was tilted by its own strength
+    s = torch.linspace(0.0, 6.0, len(pi_ref), dtype=torch.float64)
+    s_hat = per_prompt_tilt(tilt(pi_ref, table, s), pi_ref, table)
+    assert torch.allclose(s_hat, s, atol=1e-6)
+
+
+def test_sharpening_the_reference_is_reweighting(prompts):
+    """pi_ref = the exact predictive, which carries the argmax: a tilt of it by the reward is a reweighting."""
+    _, beliefs, pi_ref = prompts
+    reward = NextTokenArgmaxReward(P, 0)
+    b = behaviour_report(pi_ref, tilt(pi_ref, reward.table(beliefs), 3.0), reward, beliefs)
+    assert b["reward_gain"] > 0.2
+    assert abs(b["excess_reward"]) < 0.05  # what the policy earns, a function of pi_ref earns too
+    assert b["explained_kl"] > 0.9
+    assert verdict(b, {"latent_gain": 0.0}, DetectorConfig())[0] == "reweighting"
+
+
+def test_policy_using_hidden_latent_is_composition(prompts):
+    """A policy that names XOR(a, b) with b invisible in pi_ref's outputs beats every output-only policy."""
+    _, beliefs, pi_ref = prompts
+    reward = ComposedLatentReward(P, [0, 1], [0], [1, 2], "xor", [0, 1])
+    table = reward.table(beliefs)
+    pi = 0.1 * pi_ref + 0.9 * table  # 90% on the right token, whatever pi_ref says
+    b = behaviour_report(pi_ref, pi, reward, beliefs)
+    assert b["reward_output_only"] < 0.75  # ~2/3: only the synchronised-XOR prompts reveal b
+    assert b["excess_reward"] > 0.15
+    # no reweighting by what pi_ref predicts can split t0 from t1 where b is invisible (~2/3 of prompts,
+    # ~0.4 nats each); the share "explained" stays high because most of the move is onto {t0, t1} at all
+    assert b["kl_to_output_reweighting"] > 0.15
+    assert verdict(b, {"latent_gain": 0.3}, DetectorConfig())[0] == "composition"
+    # and the true-reward optimum cannot tell: it knows the latent, so it fits this policy well too
+    assert b["kl_to_per_prompt_true_reweighting"] < 0.5 * b["kl_to_output_reweighting"]
+
+
+def test_verdict_needs_a_reward_gain_and_agreeing_signatures():
+    cfg = DetectorConfig()
+    flat = {"reward_gain": 0.01, "excess_reward": 0.3, "explained_kl": 0.0}
+    assert verdict(flat, {"latent_gain": 0.5}, cfg)[0] == "inconclusive"
+    mixed = {"reward_gain": 0.2, "excess_reward": 0.3, "explained_kl": 0.0}
+    assert verdict(mixed, {"latent_gain": 0.0}, cfg)[0] == "inconclusive"  # behaviour says new, representation does not
+
+
+def test_representation_report_on_constructed_activations(prompts):
+    """Activations = factor beliefs (+ noise) before; after, the XOR latent is added on a new axis. The
+    read-out of the latent rises, and neither it nor the change lives in the factor subspaces."""
+    _, beliefs, _ = prompts
+    reward = ComposedLatentReward(P, [0, 1], [0], [1, 2], "xor", [0, 1])
+    g = torch.Generator().manual_seed(0)
+    marg = beliefs.reshape(-1, 3, 5)
+    factors = torch.cat([marg.sum(2), marg.sum(1)], 1)  # (N, 8)
+    X_pre = torch.cat([factors, torch.zeros(len(beliefs), 4, dtype=torch.float64)], 1) + 1e-3 * torch.randn(len(beliefs), 12, generator=g, dtype=torch.float64)
+    X_post = X_pre.clone()
+    X_post[:, 10] += reward.latent(beliefs).double()
+    rep = representation_report(X_pre, X_post, P, reward, beliefs)
+    assert rep["latent_accuracy"]["post"] > 0.98 and rep["latent_gain"] > 0.15
+    assert rep["latent_share_in_factor_subspaces"] < 0.5
+    assert rep["change_share_in_factor_subspaces"] < 0.05
+    for t in rep["probe_transfer"]:
+        assert t["mse_pre_probe_on_pre"] < 1e-4 and t["mse_refit_on_post"] < 1e-4
+
+
+def test_mean_ci_matches_t_interval():
+    out = mean_ci([1.0, 2.0, 3.0])
+    assert out["mean"] == 2.0 and math.isclose(out["ci"][1] - 2.0, 4.302652729911275 * 1.0 / math.sqrt(3), rel_tol=1e-9)

@@ -1,0 +1,156 @@
+"""toy.rl / toy.rl_rewards: GRPO smoke on a tiny random-init GPT-2, guards, tokenizer, exact rewards."""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from toy.beliefs import belief_states, next_token_distributions
+from toy.data import sample
+from toy.model import ToyModelConfig, build_model
+from toy.processes import golden_mean, mess3, product, rare_factor, rrxor
+from toy.rl import (
+    RLTaskConfig,
+    ToyGRPOConfig,
+    ZeroAdvantageCallback,
+    check_trainable,
+    load_tokenizer,
+    main,
+    run,
+    tokens_to_text,
+    word_tokenizer,
+)
+from toy.rl_rewards import ComposedLatentReward, NextTokenArgmaxReward, RareEmissionReward
+
+
+@pytest.fixture()
+def tiny_pretrained(tmp_path):
+    """A random-init 2-layer GPT-2 over mess3's 3 tokens + <eos> + <pad>, saved as a 'pre-trained' folder."""
+    model = build_model(ToyModelConfig(preset="mess3_small"), 3 + 2, 12, seed=0)
+    model.save_pretrained(tmp_path / "pre")
+    return tmp_path / "pre"
+
+
+def test_grpo_smoke_reward_rises_and_parameters_change(tiny_pretrained, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    task = RLTaskConfig(process="mess3", reward="reweight", pretrained_path=str(tiny_pretrained), prompt_length=6,
+                        n_train_prompts=2000, n_eval_prompts=400, exact_eval_every=10, report=False)
+    args = ToyGRPOConfig(output_dir=str(tmp_path / "rl"), max_steps=40, learning_rate=1e-2,
+                         per_device_train_batch_size=64, num_generations=8, use_cpu=True, seed=0)
+    assert args.bf16 is False and not args.gradient_checkpointing  # the CPU defaults resolved in one place
+    m = run(task, args)
+    assert any("loss" in h for h in m["log_history"]) and any("reward" in h for h in m["log_history"])
+    # the chance-level random policy (1/3) learns to copy the likely next token of Mess3
+    assert m["reward_after"] > m["reward_before"] + 0.15, m["exact_reward_curve"]
+    pre = GPT2LMHeadModel.from_pretrained(tiny_pretrained).state_dict()
+    post = GPT2LMHeadModel.from_pretrained(tmp_path / "rl" / "model").state_dict()
+    assert max((pre[k] - post[k]).abs().max().item() for k in pre) > 1e-3
+    assert (tmp_path / "rl" / "reward_curve.png").is_file() and (tmp_path / "rl" / "summary.md").is_file()
+
+
+def test_batch_not_divisible_fails_before_any_model_load(tmp_path):
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        ToyGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=12, num_generations=8, use_cpu=True)
+    # through the entry point: the model path does not exist, so any error other than ours means it loaded first
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        main(["--process", "mess3", "--pretrained_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"),
+              "--per_device_train_batch_size", "12", "--num_generations", "8", "--use_cpu", "true"])
+
+
+def test_refuses_model_without_trainable_parameters():
+    model = build_model(ToyModelConfig(preset="mess3_small"), 5, 8)
+    assert check_trainable(model) > 0
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        check_trainable(model)
+
+
+def test_zero_advantage_callback_warns_on_crossing():
+    from transformers import TrainerControl, TrainerState
+
+    cb, state, control = ZeroAdvantageCallback(0.5), TrainerState(), TrainerControl()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cb.on_log(None, state, control, logs={"frac_reward_zero_std": 0.25})
+    with pytest.warns(RuntimeWarning, match="all-equal rewards"):
+        cb.on_log(None, state, control, logs={"frac_reward_zero_std": 0.875})
+    assert cb.summary()["max"] == 0.875 and cb.summary()["steps_above_threshold"] == 1
+
+
+def test_constant_reward_is_flagged_through_grpo(tiny_pretrained, tmp_path):
+    """A reward that never varies gives every group zero advantage: TRL's per-group metric must reach 1
+    and the guard must warn (the silent failure mode it exists for)."""
+    from datasets import Dataset
+    from transformers import GPT2LMHeadModel
+    from trl import GRPOTrainer
+
+    tok = word_tokenizer(3)
+    ds = Dataset.from_dict({"prompt": tokens_to_text(sample(mess3(), 64, 5, seed=0).tokens)})
+    args = ToyGRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=16, num_generations=4,
+                         use_cpu=True, generation_kwargs={"suppress_tokens": [3, 4]})
+    cb = ZeroAdvantageCallback(0.5)
+    trainer = GRPOTrainer(model=GPT2LMHeadModel.from_pretrained(tiny_pretrained), reward_funcs=[lambda completions, **kw: [1.0] * len(completions)],
+                          args=args, train_dataset=ds, processing_class=tok, callbacks=[cb])
+    with pytest.warns(RuntimeWarning, match="all-equal rewards"):
+        trainer.train()
+    assert cb.summary()["mean"] == 1.0
+
+
+def test_word_tokenizer_ids_and_reload(tmp_path):
+    tok = word_tokenizer(6)
+    assert tok("0 5 3")["input_ids"] == [0, 5, 3]
+    assert (tok.eos_token_id, tok.pad_token_id) == (6, 7)
+    assert tok.decode([0, 5, 3]) == "0 5 3"
+    tok.save_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again("2 4")["input_ids"] == [2, 4] and again.eos_token_id == 6
+
+
+def test_argmax_reward_matches_brute_force():
+    p = product(mess3(), rrxor())
+    tokens = sample(p, 200, 7, seed=3).tokens
+    beliefs = belief_states(p, tokens)[:, -1]
+    r = NextTokenArgmaxReward(p, 0)
+    pred = next_token_distributions(p, tokens)[:, -1].reshape(-1, 3, 2).sum(-1)  # Mess3 marginal of the next token
+    best = pred.argmax(-1)
+    for n, y in itertools.product(range(0, 200, 37), range(6)):
+        assert r.table(beliefs)[n, y] == float(y // 2 == best[n])
+    scores = r(None, None, [[int(2 * best[0])], [6]], beliefs[:2].tolist())  # a rewarded token; a special token
+    assert scores == [1.0, 0.0]
+
+
+def test_composed_reward_is_xor_of_factor_argmax_states():
+    p = product(mess3(), rrxor())
+    beliefs = belief_states(p, sample(p, 300, 9, seed=4).tokens)[:, -1]
+    r = ComposedLatentReward(p, [0, 1], [0], [1, 2], "xor", [0, 1])
+    joint = beliefs.reshape(-1, 3, 5)
+    a = (joint.sum(2).argmax(1) == 0).long()
+    b = torch.isin(joint.sum(1).argmax(1), torch.tensor([1, 2])).long()
+    assert torch.equal(r.latent(beliefs), a ^ b)
+    assert 0.2 < r.latent(beliefs).double().mean() < 0.8  # both classes occur
+    with pytest.raises(ValueError, match="latent_states_b"):
+        ComposedLatentReward(p, [0, 1], [0], [7], "xor", [0, 1])
+
+
+def test_rare_reward_counts_rare_emissions_and_rejects_impossible_completions():
+    p = rare_factor(golden_mean(0.9), mess3(), trigger_token=0)  # joint token = common * 4 + rare (3 = blank)
+    eta = p.stationary.expand(3, -1)
+    r = RareEmissionReward(p, 0)
+    comp = torch.tensor([
+        [7, 1, 7, 7],  # 1/blank, 0/rare 1, 1/blank, 1/blank: valid, one rare emission in four tokens
+        [1, 2, 7, 7],  # two triggers in a row: golden mean forbids "00"
+        [3, 7, 7, 7],  # trigger with a blank rare token: impossible
+    ])
+    assert r.score(eta, comp).tolist() == [0.25, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", [{"reward_factor": 2}, {"latent_factors": [0, 0]}])
+def test_reward_config_errors_say_what_to_change(bad):
+    from toy.rl import build_reward
+
+    task = RLTaskConfig(process="product", process_kwargs={"factors": [{"name": "mess3"}, {"name": "rrxor"}]},
+                        reward="reweight" if "reward_factor" in bad else "compose", pretrained_path="x", **bad)
+    with pytest.raises(ValueError, match="factor"):
+        build_reward(task, task.build_process())

@@ -1,0 +1,511 @@
+"""Composition report: did RL *compose* belief states into something new, or *reweight* what the model had?
+
+    # N seeds of pre-train -> GRPO -> report, then the verdicts and 95% CIs over seeds:
+    python -m toy.composition --config configs/toy/rl_compose.yaml --seeds 0 1 2
+    python -m toy.composition --config configs/toy/rl_reweight.yaml --seeds 0 1 2
+    # one given (pre-RL, post-RL) pair; the config supplies the process and the reward:
+    python -m toy.composition --config configs/toy/rl_compose.yaml --pre runs/toy_rl/pretrain/seed0/checkpoint-3000 \
+        --post runs/toy_rl/compose/seed0/model --output_dir runs/toy_rl/compose/report_seed0
+
+(``accelerate launch ... -m toy.composition`` is not useful: the report is a few forward passes.)
+
+For a reward ``r(x, y) = M[c(x), y]`` that scores one completion token ``y`` through a latent class
+``c(x)`` of the prompt (``toy.rl_rewards.LatentReward``), everything below is exact over ``N`` held-out
+prompts (one-token policies are softmaxes over the V process tokens). KL in nats.
+
+Behaviour
+- ``reward_pre``, ``reward_post``: exact expected rewards of the pre-RL policy pi_ref and the post-RL pi.
+- Reweighting fit (true reward): ``kl_to_optimum = min_beta E_x KL(pi || pi_ref exp(r / beta) / Z)`` with the
+  minimising ``beta_hat`` and the reward of that optimum. This is the KL-regularised optimum the issue
+  asks for. It is reported but does NOT separate the cases on its own: it uses the true reward, which
+  already knows ``c(x)``, so a policy that learned a new composition sits close to it too.
+- Output-only ceiling: what a policy can earn that sees only the reference's own next-token distribution
+  ``pi_ref(.|x)``: the best held-out (5-fold cross-fitted) reward of ``argmax_y E[r(x, y) | pi_ref(.|x)]``,
+  with ``E[c | pi_ref]`` estimated by multinomial logistic regression and kNN classifiers on
+  ``log pi_ref`` (the best of them: generous to "reweighting"). ``excess_reward = reward_post -
+  reward_output_only``: reward that needs information the reference's outputs do not carry.
+- ``kl_to_output_reweighting``: ``E_x KL(pi || pi_ref exp(s(x) r_hat) / Z)`` with the output-only reward
+  estimate ``r_hat`` and a per-prompt strength ``s(x) >= 0`` fitted exactly (moment matching); and
+  ``explained_kl = 1 - kl_to_output_reweighting / KL(pi || pi_ref)``, the share of the policy's move that
+  a reweighting by what the reference already predicts explains.
+
+Representation (residual stream at the last prompt position, all sites concatenated; ridge probes,
+``test_fraction`` held out)
+- Probe transfer: test MSE of pre-RL factor-belief probes on pre-RL and on post-RL activations, and of
+  probes refit on post-RL activations.
+- New content: held-out balanced accuracy of a linear read-out (ridge onto one-hot) of the reward latent
+  ``c(x)`` before and after RL, and after RL from inside the union ``U`` of the pre-RL factor-probe
+  subspaces only: ``latent_share_in_factor_subspaces = (acc_U - chance) / (acc_full - chance)``.
+- Where the change lives: share of ``sum ||P_U (h_post - h_pre)||^2 / sum ||h_post - h_pre||^2`` and the
+  same for a random subspace of U's dimension (its mean, ``dim U / d``).
+
+Verdict (thresholds in ``DetectorConfig``, stated in every report)
+- ``inconclusive`` if ``reward_post - reward_pre < min_reward_gain`` (RL did not move the policy enough).
+- ``composition`` if ``excess_reward >= excess_reward_threshold`` AND the latent's balanced accuracy rose by
+  ``>= latent_gain_threshold``: the policy earns reward no function of the reference's outputs can, and
+  the information it uses became linearly readable -- new content.
+- ``reweighting`` if ``excess_reward < excess_reward_threshold`` AND ``explained_kl >= explained_kl_threshold``:
+  the gain is within reach of the reference's own predictions and a reweighting of pi_ref by them
+  accounts for most of the policy's move.
+- otherwise ``inconclusive`` (the two signatures disagree).
+Why these numbers: ``excess_reward_threshold = 0.05`` is > 5 standard errors of a reward mean on 2,000
+prompts (SE <= 0.5 / sqrt(2000) ~ 0.011) and above the classifiers' finite-sample shortfall measured on
+the reweighting family (~0.02); ``latent_gain_threshold = 0.10`` of balanced accuracy is several times the
+seed-to-seed spread of a probe's accuracy at this sample size; ``explained_kl_threshold = 0.5`` means
+"most of the move".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from probes.activations import residual_stream
+from probes.linear import fit_ridge, regression_metrics, split_indices
+from probes.subspaces import orthonormal_basis
+from toy.beliefs import belief_states, factor_marginals
+from toy.processes import Process
+from toy.rl_rewards import LatentReward
+
+
+@dataclass
+class DetectorConfig:
+    """Thresholds and fitting choices of the composition report (see toy/composition.py for the reasons)."""
+
+    min_reward_gain: float = field(default=0.05, metadata={"help": "Below this reward gain (post - pre) the verdict is inconclusive."})
+    excess_reward_threshold: float = field(default=0.05, metadata={"help": "Composition needs reward_post - reward_output_only >= this."})
+    latent_gain_threshold: float = field(default=0.10, metadata={"help": "Composition needs the reward latent's balanced accuracy to rise by >= this."})
+    explained_kl_threshold: float = field(default=0.5, metadata={"help": "Reweighting needs the output-only reweighting to explain >= this share of KL(pi || pi_ref)."})
+    probe_alpha: float = field(default=1e-3, metadata={"help": "Ridge strength of the activation probes."})
+    test_fraction: float = field(default=0.25, metadata={"help": "Held-out share of prompts for the activation probes."})
+    knn_neighbors: list[int] = field(default_factory=lambda: [10, 30, 100], metadata={"help": "k of the kNN output-only classifiers."})
+
+    def __post_init__(self):
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction={self.test_fraction} must be in (0, 1)")
+        if self.probe_alpha < 0 or any(k < 1 for k in self.knn_neighbors):
+            raise ValueError("probe_alpha must be >= 0 and knn_neighbors positive")
+
+    def thresholds(self) -> dict:
+        return {k: getattr(self, k) for k in ("min_reward_gain", "excess_reward_threshold", "latent_gain_threshold", "explained_kl_threshold")}
+
+
+# --------------------------------------------------------------------------- behaviour (exact)
+
+
+def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``KL(p || q)`` in nats for ``(N, V)`` distributions (0 log 0 = 0)."""
+    return (p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log())).sum(-1)
+
+
+def tilt(pi_ref: torch.Tensor, reward: torch.Tensor, strength: torch.Tensor | float) -> torch.Tensor:
+    """``pi_ref(y|x) exp(strength * r(x, y)) / Z(x)``: ``(N, V)``, ``(N, V)``, scalar or ``(N,)`` -> ``(N, V)``."""
+    s = torch.as_tensor(strength, dtype=pi_ref.dtype)
+    s = s[:, None] if s.dim() == 1 else s
+    logits = pi_ref.clamp_min(1e-300).log() + s * reward
+    return (logits - logits.logsumexp(-1, keepdim=True)).exp()
+
+
+def best_global_tilt(pi: torch.Tensor, pi_ref: torch.Tensor, reward: torch.Tensor, betas: torch.Tensor | None = None) -> dict:
+    """The KL-regularised optimum ``pi_ref exp(r / beta) / Z`` closest to ``pi`` over a grid of ``beta``:
+    ``{"beta_hat", "kl", "reward"}`` (mean KL(pi || optimum) in nats, the optimum's expected reward)."""
+    betas = torch.logspace(-3, 3, 241, dtype=torch.float64) if betas is None else betas
+    kls = torch.stack([_kl(pi, tilt(pi_ref, reward, 1 / b)).mean() for b in betas])
+    i = int(kls.argmin())
+    q = tilt(pi_ref, reward, 1 / betas[i])
+    return {"beta_hat": float(betas[i]), "kl": float(kls[i]), "reward": float((q * reward).sum(-1).mean())}
+
+
+def per_prompt_tilt(pi: torch.Tensor, pi_ref: torch.Tensor, reward: torch.Tensor, iters: int = 200) -> torch.Tensor:
+    """Per-prompt strength ``s(x) >= 0`` minimising ``KL(pi || tilt(pi_ref, r, s))``: ``(N,)``.
+
+    The objective is convex in ``s`` with derivative ``E_tilt[r] - E_pi[r]`` (increasing in ``s``), so the
+    optimum matches the tilted mean reward to ``pi``'s, found by bisection on ``log(1 + s)``; ``s = 0``
+    when ``pi`` earns no more than ``pi_ref`` under ``r``."""
+    target = (pi * reward).sum(-1)
+    lo = torch.zeros(len(pi), dtype=pi.dtype)
+    hi = torch.full_like(lo, math.log1p(1e4))
+    for _ in range(iters):  # vectorised bisection over every prompt at once
+        mid = (lo + hi) / 2
+        above = (tilt(pi_ref, reward, mid.expm1()) * reward).sum(-1) > target
+        hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+    return ((lo + hi) / 2).expm1()
+
+
+def output_only_reward(pi_ref: torch.Tensor, latent: torch.Tensor, matrix: torch.Tensor, table: torch.Tensor,
+                       knn_neighbors=(10, 30, 100), seed: int = 0) -> dict:
+    """What the reference's outputs know about the reward: cross-fitted ``E[c | pi_ref(.|x)]`` from classifiers
+    on ``log pi_ref``, turned into ``r_hat = P(c | pi_ref) @ M`` ``(N, V)``; the best classifier's held-out reward
+    of ``argmax_y r_hat``. Returns ``{"reward", "r_hat", "classifier", "by_classifier"}``."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    classes, y = torch.unique(latent, return_inverse=True)
+    if len(classes) == 1:  # one latent class: the reward is a fixed function of y, known without looking
+        r_hat = matrix[classes[0]].expand_as(table).clone()
+        return {"reward": float(table.gather(1, r_hat.argmax(1, keepdim=True)).mean()), "r_hat": r_hat,
+                "classifier": "constant", "by_classifier": {}}
+    X = pi_ref.clamp_min(1e-12).log().numpy()
+    n_folds = int(min(5, np.bincount(y.numpy()).min())) if np.bincount(y.numpy()).min() >= 2 else 2
+    cv = StratifiedKFold(n_splits=max(2, n_folds), shuffle=True, random_state=seed)
+    candidates = {"logistic": LogisticRegression(C=100.0, max_iter=5000)}
+    candidates |= {f"knn{k}": KNeighborsClassifier(k) for k in knn_neighbors if k < len(X) * 0.5}
+    best, by = None, {}
+    for name, clf in candidates.items():
+        proba = torch.as_tensor(cross_val_predict(clf, X, y.numpy(), cv=cv, method="predict_proba"))
+        r_hat = proba @ matrix[classes]
+        reward = float(table.gather(1, r_hat.argmax(1, keepdim=True)).mean())
+        by[name] = reward
+        if best is None or reward > best["reward"]:
+            best = {"reward": reward, "r_hat": r_hat, "classifier": name}
+    return best | {"by_classifier": by}
+
+
+def behaviour_report(pi_ref: torch.Tensor, pi: torch.Tensor, reward: LatentReward, beliefs: torch.Tensor, knn_neighbors=(10, 30, 100), seed: int = 0) -> dict:
+    """The behavioural half of the report for one-token policies ``pi_ref``, ``pi`` ``(N, V)`` (see module docstring)."""
+    table = reward.table(beliefs)
+    latent = reward.latent(beliefs)
+    kl_move = _kl(pi, pi_ref).mean()
+    out_only = output_only_reward(pi_ref, latent, reward.matrix, table, knn_neighbors, seed)
+    s_out = per_prompt_tilt(pi, pi_ref, out_only["r_hat"])
+    kl_out = _kl(pi, tilt(pi_ref, out_only["r_hat"], s_out)).mean()
+    s_true = per_prompt_tilt(pi, pi_ref, table)
+    reward_pre, reward_post = float((pi_ref * table).sum(-1).mean()), float((pi * table).sum(-1).mean())
+    return {
+        "reward_pre": reward_pre,
+        "reward_post": reward_post,
+        "reward_gain": reward_post - reward_pre,
+        "reward_max": float(table.max(-1).values.mean()),
+        "kl_post_to_pre": float(kl_move),
+        "optimum_true_reward": best_global_tilt(pi, pi_ref, table),
+        "kl_to_per_prompt_true_reweighting": float(_kl(pi, tilt(pi_ref, table, s_true)).mean()),
+        "reward_output_only": out_only["reward"],
+        "output_only_classifier": out_only["classifier"],
+        "output_only_by_classifier": out_only["by_classifier"],
+        "excess_reward": reward_post - out_only["reward"],
+        "kl_to_output_reweighting": float(kl_out),
+        "explained_kl": float(1 - kl_out / kl_move) if kl_move > 1e-12 else float("nan"),
+        "latent_balance": torch.bincount(latent, minlength=reward.matrix.shape[0]).double().div(len(latent)).tolist(),
+    }
+
+
+# --------------------------------------------------------------------------- representation
+
+
+def last_position_activations(model, prompts: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    """Residual stream at the last prompt position, all sites concatenated: ``(N, L)`` -> ``(N, n_sites * d_model)`` float64."""
+    acts = residual_stream(model, prompts, batch_size=batch_size)[:, :, -1]  # (sites, N, d)
+    return acts.permute(1, 0, 2).reshape(len(prompts), -1).double().cpu()
+
+
+def _balanced_accuracy(y: torch.Tensor, pred: torch.Tensor) -> float:
+    classes = torch.unique(y)
+    return float(torch.stack([(pred[y == c] == c).double().mean() for c in classes]).mean())
+
+
+def latent_readout(X: torch.Tensor, latent: torch.Tensor, train: torch.Tensor, test: torch.Tensor, alpha: float) -> float:
+    """Held-out balanced accuracy of a linear read-out (ridge onto one-hot, argmax) of ``latent`` from ``X``."""
+    C = int(latent.max()) + 1
+    onehot = torch.nn.functional.one_hot(latent, C).double()
+    probe = fit_ridge(X[train], onehot[train], alpha=alpha)
+    return _balanced_accuracy(latent[test], probe.predict(X[test]).argmax(-1))
+
+
+def representation_report(X_pre: torch.Tensor, X_post: torch.Tensor, process: Process, reward: LatentReward,
+                          beliefs: torch.Tensor, alpha: float = 1e-3, test_fraction: float = 0.25, seed: int = 0) -> dict:
+    """Probe transfer, new content and where the change lives (see module docstring). ``X_*`` ``(N, D)``."""
+    train, test = split_indices(len(X_pre), test_fraction, seed=seed)
+    factors = factor_marginals(process, beliefs) if process.factor_state_sizes else [beliefs]
+    probes, transfer = [], []
+    for k, Y in enumerate(factors):
+        pre_probe = fit_ridge(X_pre[train], Y[train], alpha=alpha)
+        post_probe = fit_ridge(X_post[train], Y[train], alpha=alpha)
+        probes.append(pre_probe)
+        transfer.append({
+            "factor": k,
+            "mse_pre_probe_on_pre": regression_metrics(Y[test], pre_probe.predict(X_pre[test]))["mse"],
+            "mse_pre_probe_on_post": regression_metrics(Y[test], pre_probe.predict(X_post[test]))["mse"],
+            "mse_refit_on_post": regression_metrics(Y[test], post_probe.predict(X_post[test]))["mse"],
+            "r2_pre_probe_on_pre": regression_metrics(Y[test], pre_probe.predict(X_pre[test]))["r2"],
+            "r2_refit_on_post": regression_metrics(Y[test], post_probe.predict(X_post[test]))["r2"],
+        })
+    U = orthonormal_basis(torch.cat([p.W for p in probes], 1), rtol=1e-6)  # (D, r): union of factor subspaces
+    latent = reward.latent(beliefs)
+    chance = 1 / len(torch.unique(latent))
+    acc = {
+        "pre": latent_readout(X_pre, latent, train, test, alpha),
+        "post": latent_readout(X_post, latent, train, test, alpha),
+        "pre_in_factor_subspaces": latent_readout(X_pre @ U, latent, train, test, alpha),
+        "post_in_factor_subspaces": latent_readout(X_post @ U, latent, train, test, alpha),
+    }
+    delta = X_post - X_pre
+    total = (delta**2).sum()
+    share = float(((delta @ U) ** 2).sum() / total) if total > 0 else float("nan")
+    return {
+        "probe_transfer": transfer,
+        "latent_accuracy": acc,
+        "latent_chance": chance,
+        "latent_gain": acc["post"] - acc["pre"],
+        "latent_share_in_factor_subspaces": (acc["post_in_factor_subspaces"] - chance) / max(acc["post"] - chance, 1e-9),
+        "change_share_in_factor_subspaces": share,
+        "change_share_random_subspace": U.shape[1] / U.shape[0],
+        "factor_subspace_dim": U.shape[1],
+        "d_total": U.shape[0],
+        "change_norm_ratio": float(delta.norm() / X_pre.norm()),
+    }
+
+
+# --------------------------------------------------------------------------- verdict and report
+
+
+def verdict(behaviour: dict, representation: dict, cfg: DetectorConfig) -> tuple[str, str]:
+    """``("reweighting" | "composition" | "inconclusive", reason)`` from the thresholds of ``cfg``."""
+    gain, excess = behaviour["reward_gain"], behaviour["excess_reward"]
+    explained, latent_gain = behaviour["explained_kl"], representation["latent_gain"]
+    if gain < cfg.min_reward_gain:
+        return "inconclusive", f"reward gain {gain:.3f} < {cfg.min_reward_gain}: RL did not move the policy enough to judge"
+    if excess >= cfg.excess_reward_threshold and latent_gain >= cfg.latent_gain_threshold:
+        return "composition", (f"excess reward {excess:.3f} >= {cfg.excess_reward_threshold} beyond what the reference's outputs "
+                               f"allow, and the reward latent's read-out rose by {latent_gain:.3f} >= {cfg.latent_gain_threshold}")
+    if excess < cfg.excess_reward_threshold and explained >= cfg.explained_kl_threshold:
+        return "reweighting", (f"excess reward {excess:.3f} < {cfg.excess_reward_threshold} and a reweighting by the reference's "
+                               f"own predictions explains {explained:.0%} >= {cfg.explained_kl_threshold:.0%} of the policy's KL move")
+    return "inconclusive", (f"signatures disagree: excess reward {excess:.3f}, latent read-out gain {latent_gain:.3f}, "
+                            f"explained KL {explained:.2f}")
+
+
+def composition_report(pre_model, post_model, process: Process, reward: LatentReward, prompts: torch.Tensor,
+                       beliefs: torch.Tensor, cfg: DetectorConfig, seed: int = 0) -> dict:
+    """The full report for one (pre-RL, post-RL) pair on ``prompts (N, L)`` with exact ``beliefs (N, S)``."""
+    from toy.rl import policy_probs
+
+    V = process.vocab_size
+    behaviour = behaviour_report(policy_probs(pre_model, prompts, V), policy_probs(post_model, prompts, V), reward, beliefs,
+                                 cfg.knn_neighbors, seed)
+    representation = representation_report(last_position_activations(pre_model, prompts), last_position_activations(post_model, prompts),
+                                           process, reward, beliefs, cfg.probe_alpha, cfg.test_fraction, seed)
+    v, why = verdict(behaviour, representation, cfg)
+    return {"verdict": v, "reason": why, "behaviour": behaviour, "representation": representation,
+            "thresholds": cfg.thresholds(), "reward": reward.__name__, "process": process.name, "n_prompts": len(prompts)}
+
+
+def _report_md(r: dict) -> str:
+    b, rep = r["behaviour"], r["representation"]
+    opt = b["optimum_true_reward"]
+    lines = [
+        f"# Composition report: {r['reward']} on {r['process']}",
+        "",
+        f"**Verdict: {r['verdict']}** -- {r['reason']}.",
+        "",
+        f"Thresholds: {r['thresholds']}. {r['n_prompts']} held-out prompts; KL in nats.",
+        "",
+        "| behaviour | value |",
+        "|---|---|",
+        f"| reward pre -> post (max possible) | {b['reward_pre']:.4f} -> {b['reward_post']:.4f} ({b['reward_max']:.2f}) |",
+        f"| reward of the best output-only policy ({b['output_only_classifier']}) | {b['reward_output_only']:.4f} |",
+        f"| excess reward (post - output-only) | {b['excess_reward']:.4f} |",
+        f"| KL(post || pre) | {b['kl_post_to_pre']:.4f} |",
+        f"| KL(post || pi_ref e^(r/beta)/Z), best beta = {opt['beta_hat']:.3g} (its reward {opt['reward']:.3f}) | {opt['kl']:.4f} |",
+        f"| KL(post || per-prompt reweighting by the true reward) | {b['kl_to_per_prompt_true_reweighting']:.4f} |",
+        f"| KL(post || per-prompt reweighting by the output-only reward) | {b['kl_to_output_reweighting']:.4f} |",
+        f"| share of KL(post || pre) explained by the output-only reweighting | {b['explained_kl']:.3f} |",
+        "",
+        "| representation | value |",
+        "|---|---|",
+        f"| reward latent, balanced accuracy pre -> post (chance {rep['latent_chance']:.2f}) | "
+        f"{rep['latent_accuracy']['pre']:.3f} -> {rep['latent_accuracy']['post']:.3f} |",
+        f"| same, read from the pre-RL factor subspaces only (dim {rep['factor_subspace_dim']} of {rep['d_total']}) | "
+        f"{rep['latent_accuracy']['pre_in_factor_subspaces']:.3f} -> {rep['latent_accuracy']['post_in_factor_subspaces']:.3f} |",
+        f"| share of the post-RL latent read-out inside the factor subspaces | {rep['latent_share_in_factor_subspaces']:.3f} |",
+        f"| share of the activation change inside the factor subspaces (random subspace: {rep['change_share_random_subspace']:.3f}) | "
+        f"{rep['change_share_in_factor_subspaces']:.3f} |",
+        f"| size of the change, ||h_post - h_pre|| / ||h_pre|| | {rep['change_norm_ratio']:.3f} |",
+    ]
+    for t in rep["probe_transfer"]:
+        lines.append(f"| factor {t['factor']} probe MSE: pre on pre / pre on post / refit on post | "
+                     f"{t['mse_pre_probe_on_pre']:.2e} / {t['mse_pre_probe_on_post']:.2e} / {t['mse_refit_on_post']:.2e} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: str | Path, report: dict, cfg: DetectorConfig) -> None:
+    """``composition_report.json`` and ``composition_report.md`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "composition_report.json").write_text(json.dumps(report | {"detector": asdict(cfg)}, indent=1))
+    (out / "composition_report.md").write_text(_report_md(report))
+
+
+def rare_decodability(model, process: Process, sequences: torch.Tensor, prompt_length: int, keep: torch.Tensor,
+                      seed: int = 0, alpha: float = 1e-3) -> dict:
+    """Linear decodability of the rare factor's (factor 1's) belief on ``sequences (N, L)`` (prompt + the policy's
+    own completion) at the completion positions: held-out R^2 of a ridge probe from all residual sites, on
+    the sequences the process can produce (``keep (N,)`` bool, e.g. ``RareEmissionReward.valid``), split by
+    sequence. Returns ``{"r2", "mse", "target_variance", "n_sequences"}``."""
+    seqs = sequences[keep]
+    if len(seqs) < 20:
+        return {"r2": float("nan"), "target_variance": float("nan"), "n_sequences": int(len(seqs))}
+    Y = factor_marginals(process, belief_states(process, seqs))[1][:, prompt_length:]  # (n, K, S_rare)
+    acts = residual_stream(model, seqs)[:, :, prompt_length:]  # (sites, n, K, d)
+    X = acts.permute(1, 2, 0, 3).reshape(len(seqs), Y.shape[1], -1).double().cpu()
+    groups = torch.arange(len(seqs))[:, None].expand(-1, Y.shape[1]).reshape(-1)
+    X, Y = X.reshape(-1, X.shape[-1]), Y.reshape(-1, Y.shape[-1])
+    train, test = split_indices(len(X), 0.25, seed=seed, groups=groups)
+    probe = fit_ridge(X[train], Y[train], alpha=alpha)
+    m = regression_metrics(Y[test], probe.predict(X[test]))
+    return {"r2": m["r2"], "mse": m["mse"], "target_variance": float(Y.var(0).sum()), "n_sequences": int(len(seqs))}
+
+
+# --------------------------------------------------------------------------- several seeds
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> dict:
+    """Mean and two-sided Student-t confidence interval over seeds (``ci`` = [lo, hi]; NaN for one value)."""
+    from scipy import stats
+
+    x = torch.tensor(values, dtype=torch.float64)
+    n, m = len(x), float(x.mean())
+    if n < 2:
+        return {"mean": m, "ci": [float("nan"), float("nan")], "n": n}
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * x.std(unbiased=True) / math.sqrt(n))
+    return {"mean": m, "ci": [m - half, m + half], "n": n}
+
+
+SUMMARY_KEYS = {
+    "reward_pre": ("behaviour", "reward_pre"),
+    "reward_post": ("behaviour", "reward_post"),
+    "reward_output_only": ("behaviour", "reward_output_only"),
+    "excess_reward": ("behaviour", "excess_reward"),
+    "kl_post_to_pre": ("behaviour", "kl_post_to_pre"),
+    "kl_to_true_optimum": ("behaviour", "optimum_true_reward", "kl"),
+    "kl_to_output_reweighting": ("behaviour", "kl_to_output_reweighting"),
+    "explained_kl": ("behaviour", "explained_kl"),
+    "latent_acc_pre": ("representation", "latent_accuracy", "pre"),
+    "latent_acc_post": ("representation", "latent_accuracy", "post"),
+    "latent_gain": ("representation", "latent_gain"),
+    "latent_share_in_factor_subspaces": ("representation", "latent_share_in_factor_subspaces"),
+    "change_share_in_factor_subspaces": ("representation", "change_share_in_factor_subspaces"),
+    "change_share_random_subspace": ("representation", "change_share_random_subspace"),
+}
+
+
+def _get(d: dict, path: tuple):
+    for k in path:
+        d = d[k]
+    return d
+
+
+def aggregate(reports: list[dict]) -> dict:
+    """Verdict counts and mean/95% CI of the headline numbers over seeds."""
+    verdicts = [r["verdict"] for r in reports]
+    return {
+        "verdicts": verdicts,
+        "verdict_counts": {v: verdicts.count(v) for v in sorted(set(verdicts))},
+        "stats": {k: mean_ci([float(_get(r, p)) for r in reports]) for k, p in SUMMARY_KEYS.items()},
+        "transfer_mse": {
+            key: mean_ci([sum(t[key] for t in r["representation"]["probe_transfer"]) / len(r["representation"]["probe_transfer"]) for r in reports])
+            for key in ("mse_pre_probe_on_pre", "mse_pre_probe_on_post", "mse_refit_on_post")
+        },
+    }
+
+
+def _plot_seeds(path: Path, runs: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, m in enumerate(runs):
+        if "exact_reward_curve" in m:
+            ax.plot(*zip(*m["exact_reward_curve"]), "o-", ms=2, color=f"C{i}", label=f"seed {m['grpo']['seed']}")
+        if "report" in m:
+            ax.axhline(m["report"]["behaviour"]["reward_output_only"], color=f"C{i}", ls=":", lw=1)
+    ax.set(xlabel="GRPO step", ylabel="exact expected reward (eval prompts)", title=f"{runs[0]['reward_name']}\n(dotted: output-only ceiling)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _seeds_md(name: str, agg: dict, runs: list[dict], cfg: DetectorConfig, commands: str) -> str:
+    lines = [f"# Composition detector over {len(runs)} seeds: {name}", "", f"Command: `{commands}`", "",
+             f"Verdicts: {agg['verdicts']} ({agg['verdict_counts']}). Thresholds: {cfg.thresholds()}.", "",
+             "| quantity | mean | 95% CI (t, over seeds) |", "|---|---|---|"]
+    for k, s in agg["stats"].items():
+        lines.append(f"| {k} | {s['mean']:.4f} | [{s['ci'][0]:.4f}, {s['ci'][1]:.4f}] |")
+    for k, s in agg["transfer_mse"].items():
+        lines.append(f"| factor-probe {k} | {s['mean']:.2e} | [{s['ci'][0]:.2e}, {s['ci'][1]:.2e}] |")
+    lines += ["", "| seed | reward pre -> post | output-only | verdict | reason |", "|---|---|---|---|---|"]
+    for m in runs:
+        r = m["report"]
+        lines.append(f"| {m['grpo']['seed']} | {r['behaviour']['reward_pre']:.3f} -> {r['behaviour']['reward_post']:.3f} | "
+                     f"{r['behaviour']['reward_output_only']:.3f} | {r['verdict']} | {r['reason']} |")
+    lines += ["", "![reward curves](reward_curves.png)"]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class CompositionRunConfig:
+    """Which (pre, post) pair to report on, or which seeds to run end to end."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of pre-train -> GRPO -> report (ignored with --pre/--post)."})
+    pre: str | None = field(default=None, metadata={"help": "Pre-RL model folder (with --post: report on this pair only)."})
+    post: str | None = field(default=None, metadata={"help": "Post-RL model folder."})
+
+    def __post_init__(self):
+        if (self.pre is None) != (self.post is None):
+            raise ValueError("give both --pre and --post, or neither (then --seeds runs end to end)")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import copy
+    import os
+    import sys
+
+    from toy.rl import RLTaskConfig, ToyGRPOConfig, build_reward, prompt_set, run
+    from toy.train import parse_config
+
+    torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
+    task, args, cfg, which = parse_config((RLTaskConfig, ToyGRPOConfig, DetectorConfig, CompositionRunConfig), argv, __doc__)
+    out = Path(args.output_dir)
+    if which.pre is not None:
+        from transformers import GPT2LMHeadModel
+
+        process = task.build_process()
+        reward = build_reward(task, process)
+        if not isinstance(reward, LatentReward):
+            raise ValueError("the composition report needs a latent-class reward (reward: reweight or compose)")
+        prompts, beliefs = prompt_set(process, task.n_eval_prompts, task.prompt_length, task.prompt_seed + 1)
+        report = composition_report(GPT2LMHeadModel.from_pretrained(which.pre), GPT2LMHeadModel.from_pretrained(which.post),
+                                    process, reward, prompts, beliefs, cfg, seed=args.seed)
+        write_report(out, report, cfg)
+        print(f"{report['reward']}: verdict {report['verdict']} -- {report['reason']} ({out})")
+        return report
+    runs = []
+    for seed in which.seeds:
+        seed_args = copy.deepcopy(args)
+        seed_args.seed, seed_args.output_dir = seed, str(out / f"seed{seed}")
+        m = run(task, seed_args, cfg)
+        print(f"seed {seed}: reward {m['reward_before']:.4f} -> {m['reward_after']:.4f}, verdict {m['report']['verdict']}")
+        runs.append(m)
+    agg = aggregate([m["report"] for m in runs])
+    command = "python -m toy.composition " + " ".join(sys.argv[1:] if argv is None else argv)
+    (out / "metrics.json").write_text(json.dumps({"aggregate": agg, "detector": asdict(cfg), "seeds": which.seeds,
+                                                   "per_seed_metrics": [str(out / f"seed{s}" / "metrics.json") for s in which.seeds]}, indent=1))
+    _plot_seeds(out / "reward_curves.png", runs)
+    (out / "summary.md").write_text(_seeds_md(runs[0]["reward_name"], agg, runs, cfg, command))
+    print(f"verdicts {agg['verdicts']}; excess reward {agg['stats']['excess_reward']['mean']:.3f} "
+          f"{[round(c, 3) for c in agg['stats']['excess_reward']['ci']]}; summary in {out / 'summary.md'}")
+    return agg
+
+
+if __name__ == "__main__":
+    main()

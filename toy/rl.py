@@ -1,0 +1,502 @@
+"""GRPO post-training of a pre-trained toy GPT-2 with TRL's ``GRPOTrainer`` and exact-belief rewards.
+
+    python -m toy.rl --config configs/toy/rl_reweight.yaml      # (a) sharpen one factor's prediction
+    python -m toy.rl --config configs/toy/rl_compose.yaml       # (b) XOR of two factors' latent states
+    python -m toy.rl --config configs/toy/rl_gates.yaml         # (c) IMPLIES of the NOT and AND gates' bits
+    python -m toy.rl --config configs/toy/rl_rare.yaml          # rare capability (seed 5.3)
+    python -m toy.rl --config configs/toy/rl_compose.yaml --seed 1 --max_steps 100 --output_dir runs/x
+
+    # one GPU (or several: DDP; the completions per step are per_device_train_batch_size x processes):
+    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.rl --config configs/toy/rl_compose.yaml
+    accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m toy.rl --config ... --use_cpu true
+
+One run = (1) a pre-trained model: ``pretrained_path``, or else pre-training with ``toy.train`` from
+``pretrain_config`` (cached in ``pretrain_dir/seed<seed>``; the model's vocabulary is the process's
+``V`` tokens plus ``<eos>`` and ``<pad>``, which pre-training never shows, so the pre-trained policy puts
+~0 mass on them); (2) GRPO on prompts sampled from the process (``prompt_length`` tokens written as the
+words ``"0" .. "V-1"``), with the prompt's exact belief in the dataset column ``belief`` that the reward
+callables read; (3) for latent-class rewards, ``toy.composition``'s report on the (pre, post) pair.
+
+Completions never contain special tokens (they are suppressed at generation), so the policy is the
+softmax over the V process tokens; with ``max_completion_length: 1`` it is exact and known in closed form,
+which the exact reward curve and the composition report use.
+
+Writes to ``output_dir``: ``model/`` (post-RL model + tokenizer; load the tokenizer with
+``PreTrainedTokenizerFast.from_pretrained``, never ``AutoTokenizer``), ``metrics.json``,
+``reward_curve.png``, ``summary.md`` (and the report's files, see ``toy.composition``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallback
+from trl import GRPOConfig
+
+from toy.data import sample
+from toy.processes import Process
+from toy.rl_rewards import ComposedLatentReward, LatentReward, NextTokenArgmaxReward, RareEmissionReward
+from toy.train import PROCESSES, make_process, parse_config
+
+logger = logging.getLogger(__name__)
+
+EOS, PAD = "<eos>", "<pad>"
+
+
+# --------------------------------------------------------------------------- tokenizer and prompts
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer whose word ``str(i)`` is process token ``i`` (ids ``0..V-1``), then ``<eos>`` (id V)
+    and ``<pad>`` (id V + 1). Built in-process; GRPO needs the eos (it stops and masks completions on it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {str(i): i for i in range(vocab_size)} | {EOS: vocab_size, PAD: vocab_size + 1}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, padding_side="left", model_max_length=1024
+    )
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """A saved word tokenizer. ``PreTrainedTokenizerFast`` directly: ``AutoTokenizer`` on a folder whose config
+    says gpt2 can substitute GPT-2's BPE tokenizer for the word-level one."""
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def tokens_to_text(tokens: torch.Tensor) -> list[str]:
+    """``(N, L)`` process tokens -> N prompts such as ``"0 2 1 5"``."""
+    return [" ".join(map(str, row)) for row in tokens.tolist()]
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass
+class RLTaskConfig:
+    """The process, the reward family, the prompts and the pre-trained model."""
+
+    process: str = field(default="product", metadata={"help": f"Process name: one of {sorted(PROCESSES)}."})
+    process_kwargs: dict | str = field(
+        default_factory=dict, metadata={"help": "Keyword arguments of the process (JSON or YAML mapping; see toy.train.make_process)."}
+    )
+    reward: Literal["reweight", "compose", "rare"] = field(
+        default="reweight",
+        metadata={"help": "reweight: argmax next token of one factor; compose: op of two factor latents; rare: rare-factor emissions."},
+    )
+    reward_factor: int = field(default=0, metadata={"help": "reweight: the factor whose most likely next token is rewarded."})
+    latent_factors: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "compose: the two factors (a, b)."})
+    latent_states_a: list[int] = field(default_factory=lambda: [0], metadata={"help": "compose: a = 1 when factor a's most likely state is one of these."})
+    latent_states_b: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "compose: b = 1 when factor b's most likely state is one of these."})
+    op: Literal["xor", "implies", "and"] = field(default="xor", metadata={"help": "compose: the composition op(a, b)."})
+    output_tokens: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "compose: the tokens that mean op = 0 and op = 1."})
+    prompt_length: int = field(default=10, metadata={"help": "Tokens per prompt (sampled from the stationary process)."})
+    n_train_prompts: int = field(default=20_000, metadata={"help": "Distinct training prompts (the GRPO dataset)."})
+    n_eval_prompts: int = field(default=2_000, metadata={"help": "Held-out prompts for the exact reward curve and the report."})
+    prompt_seed: int = field(default=1234, metadata={"help": "Seed of the prompt samples (eval prompts use prompt_seed + 1)."})
+    exact_eval_every: int = field(default=25, metadata={"help": "Steps between exact expected rewards on the eval prompts (1-token latent rewards)."})
+    zero_std_warn: float = field(default=0.5, metadata={"help": "Warn when more than this share of groups has all-equal rewards (zero advantage)."})
+    pretrained_path: str | None = field(default=None, metadata={"help": "Pre-trained model folder; None: pre-train with pretrain_config."})
+    pretrain_config: str | None = field(default=None, metadata={"help": "toy.train YAML used when pretrained_path is None."})
+    pretrain_dir: str = field(default="runs/toy_rl/pretrain", metadata={"help": "Cache of pre-trained models: <pretrain_dir>/seed<seed>."})
+    report: bool = field(default=True, metadata={"help": "Run toy.composition's report on (pre, post) after training (latent rewards)."})
+
+    def __post_init__(self):
+        if isinstance(self.process_kwargs, str):
+            self.process_kwargs = json.loads(self.process_kwargs) if self.process_kwargs.strip() else {}
+        if self.process not in PROCESSES:
+            raise ValueError(f"unknown process {self.process!r}; use one of {sorted(PROCESSES)}")
+        if self.prompt_length < 1 or self.n_train_prompts < 1 or self.n_eval_prompts < 10:
+            raise ValueError("prompt_length and n_train_prompts must be >= 1 and n_eval_prompts >= 10")
+        if self.pretrained_path is None and self.pretrain_config is None:
+            raise ValueError("give pretrained_path (a pre-trained model folder) or pretrain_config (a toy.train YAML)")
+        if not 0 <= self.zero_std_warn <= 1:
+            raise ValueError(f"zero_std_warn={self.zero_std_warn} must be a share in [0, 1]")
+
+    def build_process(self) -> Process:
+        return make_process(self.process, **self.process_kwargs)
+
+
+@dataclass
+class ToyGRPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` with this project's defaults, resolved in this one place: ``bf16`` None -> on only
+    with CUDA (TRL turns it on even on CPU); activation (gradient) checkpointing off (TRL turns it on; a
+    toy model does not need it); KL coefficient ``beta`` 0.04 (> 0, so the KL-regularised optimum
+    ``pi_ref exp(r / beta) / Z`` exists); one-token completions; no checkpoints.
+    The batch (in completions) must be divisible by ``num_generations``: checked before any model loads."""
+
+    output_dir: str = field(default="runs/toy_rl/run", metadata={"help": "Run folder."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast; None = on when CUDA is available, off on CPU."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing (default off)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (toy models need far more than TRL's 1e-6)."})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient to the pre-trained (reference) policy."})
+    num_generations: int | None = field(default=8, metadata={"help": "Completions per prompt (a GRPO group)."})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Completions per device per step (prompts x num_generations)."})
+    max_completion_length: int | None = field(default=1, metadata={"help": "Completion tokens (1: the policy is exact)."})
+    max_steps: int = field(default=300, metadata={"help": "GRPO steps."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every X steps."})
+    save_strategy: str = field(default="no", metadata={"help": "HF checkpoints (the final model is always saved)."})
+    disable_tqdm: bool | None = field(default=False, metadata={"help": "Progress bar instead of a printed dict per log."})
+
+    def __post_init__(self):
+        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", 1))
+        if self.num_generations is None or self.num_generations < 2 or completions % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) x gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps}) x processes = {completions} completions per step must be a "
+                f"multiple of num_generations ({self.num_generations}, >= 2): set per_device_train_batch_size to a "
+                f"multiple of {self.num_generations}"
+            )
+        if self.bf16 is None:
+            self.bf16 = torch.cuda.is_available() and not self.fp16 and not self.use_cpu
+        super().__post_init__()
+
+
+# --------------------------------------------------------------------------- rewards, models, data
+
+
+def build_reward(task: RLTaskConfig, process: Process):
+    """The reward callable of ``task.reward`` for ``process``."""
+    if task.reward == "reweight":
+        return NextTokenArgmaxReward(process, task.reward_factor)
+    if task.reward == "compose":
+        return ComposedLatentReward(
+            process, task.latent_factors, task.latent_states_a, task.latent_states_b, task.op, task.output_tokens
+        )
+    if "trigger_token" not in task.process_kwargs:
+        raise ValueError("reward: rare needs a rare_factor process with trigger_token in process_kwargs")
+    return RareEmissionReward(process, task.process_kwargs["trigger_token"])
+
+
+def check_trainable(model: torch.nn.Module) -> int:
+    """Number of trainable parameters; raises when there are none (GRPO would then train nothing, silently)."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n == 0:
+        raise ValueError(
+            "the model has no trainable parameters (all requires_grad=False): GRPO would change nothing. "
+            "Unfreeze the model (model.requires_grad_(True)) or load a PEFT adapter with is_trainable=True"
+        )
+    return n
+
+
+def pretrained_model(task: RLTaskConfig, process: Process, seed: int) -> tuple[GPT2LMHeadModel, Path]:
+    """The pre-trained policy and its folder: ``task.pretrained_path``, or ``toy.train`` run from
+    ``task.pretrain_config`` into ``<pretrain_dir>/seed<seed>`` (reused when its final checkpoint exists)."""
+    if task.pretrained_path:
+        path = Path(task.pretrained_path)
+        return GPT2LMHeadModel.from_pretrained(path), path
+    from toy.model import ToyModelConfig, build_model
+    from toy.train import DataConfig, TrainConfig, train, validation_set
+
+    out = Path(task.pretrain_dir) / f"seed{seed}"
+    data_cfg, model_cfg, train_cfg = parse_config(
+        (DataConfig, ToyModelConfig, TrainConfig), ["--config", task.pretrain_config, "--output_dir", str(out), "--seed", str(seed)]
+    )
+    pre_process = data_cfg.build()
+    if pre_process.name != process.name:
+        raise ValueError(f"pretrain_config trains on {pre_process.name} but the RL task uses {process.name}; make them match")
+    final = out / f"checkpoint-{train_cfg.steps}"
+    if (final / "model.safetensors").is_file():
+        logger.info("reusing pre-trained model %s", final)
+        return GPT2LMHeadModel.from_pretrained(final), final
+    # the vocabulary has room for <eos> and <pad> from the start; the data never show them, so the validation
+    # targets get zero probability on them (the model's mass there counts as loss)
+    model = build_model(model_cfg, process.vocab_size + 2, data_cfg.context_length, seed=seed)
+    val = validation_set(process, data_cfg.context_length, train_cfg.val_max_sequences, train_cfg.val_samples)
+    val = replace(val, targets=torch.nn.functional.pad(val.targets, (0, 2)))
+    result = train(process, model, train_cfg, data_cfg.context_length, val=val,
+                   run_info={"data": asdict(data_cfg), "model": model_cfg.to_dict()})
+    print(f"pre-trained {process.name}: val loss {result.val_loss:.5f} nats, floor {result.floor:.5f}, {result.elapsed_s:.0f} s")
+    return GPT2LMHeadModel.from_pretrained(final), final
+
+
+def prompt_set(process: Process, n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` prompts of ``length`` tokens and the exact belief after each: ``(n, length)`` long, ``(n, S)`` float64."""
+    batch = sample(process, n, length, seed=seed, return_beliefs=True)
+    return batch.tokens, batch.beliefs[:, -1]
+
+
+@torch.no_grad()
+def policy_probs(model: torch.nn.Module, prompts: torch.Tensor, vocab_size: int, batch_size: int = 4096) -> torch.Tensor:
+    """Exact one-token policy: ``prompts (N, L)`` -> ``(N, V)`` float64, the softmax over the V process tokens
+    at the last position (specials are suppressed at generation, so this is the sampling distribution at
+    temperature 1)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = torch.cat([
+        model(input_ids=prompts[i : i + batch_size].to(device)).logits[:, -1, :vocab_size].double().softmax(-1).cpu()
+        for i in range(0, len(prompts), batch_size)
+    ])
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def sample_completions(model, prompts: torch.Tensor, vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:
+    """``length`` sampled process tokens after each prompt (specials suppressed, temperature 1): ``(N, length)``."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    seq = prompts.to(device)
+    was_training = model.training
+    model.eval()
+    for _ in range(length):  # a few tokens of a tiny model: full forward passes are cheaper than a cache
+        p = model(input_ids=seq).logits[:, -1, :vocab_size].float().softmax(-1)
+        seq = torch.cat([seq, torch.multinomial(p, 1, generator=gen)], 1)
+    model.train(was_training)
+    return seq[:, prompts.shape[1] :].cpu()
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class ZeroAdvantageCallback(TrainerCallback):
+    """Reports the share of GRPO groups whose rewards are all equal (they get zero advantage and teach nothing)
+    from TRL's logged ``frac_reward_zero_std`` (per group: every completion of a group carries its group's
+    flag) and warns when it exceeds ``threshold``. ``history``: ``(step, share)`` per log."""
+
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = threshold
+        self.history: list[tuple[int, float]] = []
+        self._above = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "frac_reward_zero_std" not in logs:
+            return
+        share = float(logs["frac_reward_zero_std"])
+        self.history.append((state.global_step, share))
+        above = share > self.threshold
+        if above and not self._above:  # warn on each crossing, not on every step above it
+            warnings.warn(
+                f"step {state.global_step}: {share:.0%} of GRPO groups have all-equal rewards (zero advantage, no "
+                f"learning signal; threshold {self.threshold:.0%}). Raise num_generations or temperature, or use a "
+                "reward that varies within a group",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._above = above
+
+    def summary(self) -> dict:
+        shares = [s for _, s in self.history]
+        return {
+            "mean": sum(shares) / len(shares) if shares else float("nan"),
+            "max": max(shares, default=float("nan")),
+            "last": shares[-1] if shares else float("nan"),
+            "steps_above_threshold": sum(s > self.threshold for s in shares),
+            "threshold": self.threshold,
+        }
+
+
+class ExactRewardCallback(TrainerCallback):
+    """Exact expected reward ``E_x sum_y pi(y|x) r(x, y)`` of the one-token policy on fixed eval prompts,
+    every ``every`` steps and at the end: ``history`` of ``(step, reward)``."""
+
+    def __init__(self, prompts: torch.Tensor, table: torch.Tensor, every: int):
+        self.prompts, self.table, self.every = prompts, table, max(1, every)
+        self.history: list[tuple[int, float]] = []
+
+    def _record(self, step: int, model) -> None:
+        probs = policy_probs(model, self.prompts, self.table.shape[1])
+        self.history.append((step, float((probs * self.table).sum(1).mean())))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._record(0, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._record(state.global_step, model)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _plot_rewards(path: Path, log_history: list[dict], exact: list[tuple[int, float]], zero: list[tuple[int, float]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [h["step"] for h in log_history if "reward" in h]
+    rewards = [h["reward"] for h in log_history if "reward" in h]
+    if rewards:
+        w = max(1, len(rewards) // 30)
+        smooth = [sum(rewards[max(0, i - w + 1) : i + 1]) / len(rewards[max(0, i - w + 1) : i + 1]) for i in range(len(rewards))]
+        ax.plot(steps, rewards, color="0.8", lw=0.8, label="sampled (per step)")
+        ax.plot(steps, smooth, color="C0", label=f"sampled ({w}-step mean)")
+    if exact:
+        ax.plot(*zip(*exact), "o-", color="C3", ms=3, label="exact, eval prompts")
+    ax.set(xlabel="GRPO step", ylabel="reward", title=title)
+    ax.legend(fontsize=8)
+    if zero:
+        ax2.plot(*zip(*zero), color="C2")
+    ax2.set(xlabel="GRPO step", ylabel="share of groups", title="zero-advantage groups", ylim=(-0.02, 1.02))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
+    """Pre-trained model -> GRPO -> (report); returns the metrics written to ``<output_dir>/metrics.json``."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    process = task.build_process()
+    reward = build_reward(task, process)
+    V = process.vocab_size
+    tok = word_tokenizer(V)
+    pre_model, pre_path = pretrained_model(task, process, args.seed)
+    if pre_model.config.vocab_size < V + 2:
+        raise ValueError(
+            f"the pre-trained model's vocab ({pre_model.config.vocab_size}) has no room for <eos> and <pad> after the "
+            f"{V} process tokens; pre-train with vocab_size = V + 2 (toy.rl.pretrained_model does)"
+        )
+    if task.prompt_length + (args.max_completion_length or 0) > pre_model.config.n_positions:
+        raise ValueError(
+            f"prompt_length {task.prompt_length} + max_completion_length {args.max_completion_length} exceeds the "
+            f"model's context ({pre_model.config.n_positions}); shorten the prompts or pre-train with a longer context_length"
+        )
+    one_token_latent = isinstance(reward, LatentReward) and args.max_completion_length == 1
+    if isinstance(reward, LatentReward) and not one_token_latent:
+        raise ValueError("latent-class rewards score the first token only: use max_completion_length: 1")
+    if args.generation_kwargs is None:
+        args.generation_kwargs = {"suppress_tokens": [tok.eos_token_id, tok.pad_token_id]}
+    model = GPT2LMHeadModel.from_pretrained(pre_path)  # the policy; pre_model stays the frozen pre-RL copy
+    n_trainable = check_trainable(model)
+
+    train_prompts, train_beliefs = prompt_set(process, task.n_train_prompts, task.prompt_length, task.prompt_seed)
+    eval_prompts, eval_beliefs = prompt_set(process, task.n_eval_prompts, task.prompt_length, task.prompt_seed + 1)
+    dataset = Dataset.from_dict({"prompt": tokens_to_text(train_prompts), "belief": train_beliefs.tolist()})
+
+    zero_cb = ZeroAdvantageCallback(task.zero_std_warn)
+    callbacks = [zero_cb]
+    exact_cb = None
+    if one_token_latent:
+        exact_cb = ExactRewardCallback(eval_prompts, reward.table(eval_beliefs), task.exact_eval_every)
+        callbacks.append(exact_cb)
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    post = trainer.model
+    post.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+
+    metrics = {
+        "task": asdict(task),
+        "grpo": {k: getattr(args, k) for k in ("learning_rate", "beta", "num_generations", "per_device_train_batch_size",
+                                                 "max_completion_length", "max_steps", "temperature", "loss_type", "scale_rewards", "seed")},
+        "process": process.name,
+        "reward_name": reward.__name__,
+        "pretrained_path": str(pre_path),
+        "post_path": str(out / "model"),
+        "n_trainable_parameters": n_trainable,
+        "train_seconds": train_s,
+        "zero_advantage": zero_cb.summary(),
+        "log_history": trainer.state.log_history,
+    }
+    sampled = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    k = max(1, min(20, len(sampled) // 5))
+    metrics["sampled_reward_first_steps"] = sum(sampled[:k]) / k if sampled else float("nan")
+    metrics["sampled_reward_last_steps"] = sum(sampled[-k:]) / k if sampled else float("nan")
+    if exact_cb is not None:
+        metrics["exact_reward_curve"] = exact_cb.history
+        metrics["reward_before"], metrics["reward_after"] = exact_cb.history[0][1], exact_cb.history[-1][1]
+    else:
+        metrics.update(_rare_metrics(reward, pre_model, post, eval_prompts, eval_beliefs, args, process, task))
+    _plot_rewards(out / "reward_curve.png", trainer.state.log_history, exact_cb.history if exact_cb else [], zero_cb.history, f"{reward.__name__} ({process.name})")
+
+    if one_token_latent and task.report:
+        from toy.composition import DetectorConfig, composition_report, write_report
+
+        detector = detector or DetectorConfig()
+        pre_model = GPT2LMHeadModel.from_pretrained(pre_path)
+        report = composition_report(pre_model, post, process, reward, eval_prompts, eval_beliefs, detector, seed=args.seed)
+        write_report(out, report, detector)
+        metrics["report"] = report
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    (out / "summary.md").write_text(_summary(metrics))
+    return metrics
+
+
+def _rare_metrics(reward: RareEmissionReward, pre, post, prompts, beliefs, args, process, task) -> dict:
+    """Rare-token frequency before/after (sampled completions on the eval prompts) and the rare factor's
+    linear decodability on each policy's own sequences (see ``toy.composition.rare_decodability``)."""
+    from toy.composition import rare_decodability
+
+    out = {}
+    for name, model in (("before", pre), ("after", post)):
+        comp = sample_completions(model, prompts, process.vocab_size, args.max_completion_length, seed=args.seed)
+        out[f"rare_token_frequency_{name}"] = float(reward.is_rare[comp].double().mean())
+        out[f"reward_{name}"] = float(reward.score(beliefs, comp).mean())
+        out[f"rare_decodability_{name}"] = rare_decodability(
+            model, process, torch.cat([prompts, comp], 1), task.prompt_length, reward.valid(beliefs, comp), seed=args.seed
+        )
+    out["rare_token_frequency_process"] = float(reward.is_rare.double() @ (process.stationary @ process.T.sum(-1).T))
+    return out
+
+
+def _summary(m: dict) -> str:
+    lines = [
+        f"# GRPO: {m['reward_name']} on {m['process']}",
+        "",
+        f"- pre-trained model: `{m['pretrained_path']}`; post-RL model: `{m['post_path']}`",
+        f"- {m['grpo']['max_steps']} steps, lr {m['grpo']['learning_rate']}, beta {m['grpo']['beta']}, "
+        f"{m['grpo']['num_generations']} completions per prompt, {m['grpo']['per_device_train_batch_size']} completions per step; "
+        f"{m['train_seconds']:.0f} s of training",
+        f"- reward (exact, eval prompts): {m.get('reward_before', float('nan')):.4f} before -> {m.get('reward_after', float('nan')):.4f} after"
+        if "reward_before" in m and "rare_token_frequency_before" not in m
+        else f"- reward (sampled completions, eval prompts): {m['reward_before']:.4f} before -> {m['reward_after']:.4f} after",
+        f"- sampled training reward: {m['sampled_reward_first_steps']:.4f} (first steps) -> {m['sampled_reward_last_steps']:.4f} (last steps)",
+        f"- zero-advantage groups: mean {m['zero_advantage']['mean']:.1%}, max {m['zero_advantage']['max']:.1%} "
+        f"(warning threshold {m['zero_advantage']['threshold']:.0%})",
+        "",
+        "![reward curve](reward_curve.png)",
+    ]
+    if "rare_token_frequency_before" in m:
+        lines += [
+            "",
+            "## Rare capability",
+            f"- rare-emission frequency per completion token: {m['rare_token_frequency_before']:.4f} before -> "
+            f"{m['rare_token_frequency_after']:.4f} after (the process itself: {m['rare_token_frequency_process']:.4f})",
+            f"- rare factor belief, held-out R^2 of a linear probe on the policy's own sequences: "
+            f"{m['rare_decodability_before']['r2']:.3f} before -> {m['rare_decodability_after']['r2']:.3f} after",
+        ]
+    if "report" in m:
+        lines += ["", "See `composition_report.md` for the composition report of this (pre, post) pair."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from toy.composition import DetectorConfig
+
+    torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
+    task, args, detector = parse_config((RLTaskConfig, ToyGRPOConfig, DetectorConfig), argv, __doc__)
+    metrics = run(task, args, detector)
+    line = f"{metrics['reward_name']}: reward {metrics.get('reward_before', float('nan')):.4f} -> {metrics.get('reward_after', float('nan')):.4f}"
+    if "report" in metrics:
+        line += f"; verdict {metrics['report']['verdict']}"
+    if "rare_token_frequency_before" in metrics:
+        line += f"; rare-token frequency {metrics['rare_token_frequency_before']:.4f} -> {metrics['rare_token_frequency_after']:.4f}"
+    print(line + f" ({args.output_dir})")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

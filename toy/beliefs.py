@@ -449,6 +449,8 @@ def factor_tokens(process: Process, tokens: torch.Tensor) -> torch.Tensor:
     sizes = process.factor_vocab_sizes
     if sizes is None:
         raise ValueError(f"{process.name} is not a factored process (no factor_vocab_sizes)")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= process.vocab_size):
+        raise ValueError(f"joint tokens must lie in 0..{process.vocab_size - 1} for {process.name}")
     out, rest = [], tokens
     for v in reversed(sizes):
         out.append(rest % v)
@@ -461,6 +463,10 @@ def joint_tokens(process: Process, factor_toks: torch.Tensor) -> torch.Tensor:
     sizes = process.factor_vocab_sizes
     if sizes is None or factor_toks.shape[-1] != len(sizes):
         raise ValueError(f"factor tokens need a last axis of {len(sizes or ())} factors for {process.name}")
+    for k, v in enumerate(sizes):
+        f = factor_toks[..., k]
+        if f.numel() and (f.min() < 0 or f.max() >= v):
+            raise ValueError(f"factor {k} tokens must lie in 0..{v - 1} for {process.name}")
     out = torch.zeros(factor_toks.shape[:-1], dtype=torch.long, device=factor_toks.device)
     for k, v in enumerate(sizes):
         out = out * v + factor_toks[..., k]

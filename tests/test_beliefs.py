@@ -1,0 +1,289 @@
+"""Exact beliefs and entropies against hand computation, a naive per-token reference, brute-force
+enumeration and published values; factored geometry measured from sampled beliefs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from toy.beliefs import (
+    belief_states,
+    entropy_rate,
+    enumerate_sequences,
+    factor_marginals,
+    factor_tokens,
+    initial_token_distribution,
+    loss_floor,
+    mixed_state_presentation,
+    myopic_entropy,
+    next_token_distributions,
+    product_approximation,
+    product_belief,
+    schmidt_spectrum,
+    sequence_log_probabilities,
+    sequence_probabilities,
+)
+from toy.data import sample
+from toy.processes import (
+    Process,
+    capability_tag,
+    correlated,
+    even,
+    golden_mean,
+    mess3,
+    noisy_and,
+    noisy_not,
+    product,
+    rare_factor,
+    rrxor,
+    zero_one_random,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# A 2-state HMM small enough to filter by hand. Rows: A -> 0.3+0.2+0.0+0.5, B -> 0.1+0.0+0.4+0.5.
+HAND = Process(
+    torch.tensor([[[0.3, 0.2], [0.1, 0.0]], [[0.0, 0.5], [0.4, 0.5]]], dtype=torch.float64), name="hand"
+)
+
+
+def test_position_convention_two_step_hand_example():
+    """sum_x T = [[0.3, 0.7], [0.5, 0.5]] -> pi = [5/12, 7/12].
+    Token 0 = 0: pi T[0] = [5/12*0.3 + 7/12*0.1, 5/12*0.2] = [2.2/12, 1/12] -> P = 3.2/12, belief [0.6875, 0.3125].
+    Token 1 = 1: [0.6875*0 + 0.3125*0.4, 0.6875*0.5 + 0.3125*0.5] = [0.125, 0.5] -> P = 0.625, belief [0.2, 0.8].
+    Predictions: after token 0, P(next) = [0.6875*0.5 + 0.3125*0.1, .] = [0.375, 0.625];
+    after token 1, [0.2*0.5 + 0.8*0.1, .] = [0.18, 0.82]."""
+    assert torch.allclose(HAND.stationary, torch.tensor([5 / 12, 7 / 12], dtype=torch.float64))
+    tokens = torch.tensor([[0, 1]])
+    b = belief_states(HAND, tokens)
+    assert b.shape == (1, 2, 2) and b.dtype == torch.float64
+    assert torch.allclose(b[0, 0], torch.tensor([0.6875, 0.3125], dtype=torch.float64), atol=1e-15)  # after token 0
+    assert torch.allclose(b[0, 1], torch.tensor([0.2, 0.8], dtype=torch.float64), atol=1e-15)  # after token 1
+    assert sequence_probabilities(HAND, tokens).item() == pytest.approx(3.2 / 12 * 0.625, abs=1e-15)
+    nxt = next_token_distributions(HAND, tokens)
+    assert torch.allclose(nxt[0], torch.tensor([[0.375, 0.625], [0.18, 0.82]], dtype=torch.float64), atol=1e-15)
+    assert initial_token_distribution(HAND)[0].item() == pytest.approx(3.2 / 12, abs=1e-15)
+
+
+def naive_filter(T: np.ndarray, pi: np.ndarray, tokens: np.ndarray):
+    """Per-sequence, per-token reference: eta <- eta T[x] / (eta T[x] 1)."""
+    B, L = tokens.shape
+    beliefs, logp = np.zeros((B, L, T.shape[1])), np.zeros(B)
+    for b in range(B):
+        eta = pi.copy()
+        for t in range(L):
+            v = eta @ T[tokens[b, t]]
+            logp[b] += math.log(v.sum())
+            eta = v / v.sum()
+            beliefs[b, t] = eta
+    return beliefs, logp
+
+
+@pytest.mark.parametrize("process", [mess3(), mess3(0.15, 0.6), rrxor(), capability_tag(mess3()), noisy_and(0.1)])
+def test_vectorized_filter_matches_naive_reference(process):
+    tokens = sample(process, 40, 25, seed=7).tokens
+    ref_b, ref_lp = naive_filter(process.T.numpy(), process.stationary.numpy(), tokens.numpy())
+    assert np.abs(belief_states(process, tokens).numpy() - ref_b).max() < 1e-12
+    assert np.abs(sequence_log_probabilities(process, tokens).numpy() - ref_lp).max() < 1e-10
+    # the predictive at t is the next-token marginal of the belief after t
+    pred = next_token_distributions(process, tokens)
+    assert np.abs(pred.numpy() - ref_b @ process.T.sum(-1).T.numpy()).max() < 1e-12
+
+
+# ----------------------------------------------------------------------------- published values
+
+
+def test_entropy_rates_and_floor_match_published_values():
+    assert abs(entropy_rate(mess3(0.05, 0.85)) - 0.79345755) <= 1e-6
+    assert abs(entropy_rate(mess3(0.15, 0.6)) - 1.08888821) <= 1e-6
+    assert abs(loss_floor(mess3(0.05, 0.85), 10) - 0.80351776) <= 1e-6
+    assert abs(entropy_rate(rrxor()) - 2 / 3 * math.log(2)) <= 1e-6
+
+
+def test_entropy_rate_of_unifilar_and_product_processes_is_exact():
+    hb = lambda q: -q * math.log(q) - (1 - q) * math.log(1 - q)  # noqa: E731
+    # noisy gate: n fair input bits then one output flipped with probability noise, per n + 1 tokens
+    assert entropy_rate(noisy_and(0.1)) == pytest.approx((2 * math.log(2) + hb(0.1)) / 3, abs=1e-12)
+    assert entropy_rate(noisy_not(0.2)) == pytest.approx((math.log(2) + hb(0.2)) / 2, abs=1e-12)
+    assert entropy_rate(even(0.5)) == pytest.approx(2 / 3 * math.log(2), abs=1e-12)  # pi_A = 2/3, H(A) = ln 2
+    assert entropy_rate(golden_mean(0.5)) == pytest.approx(2 / 3 * math.log(2), abs=1e-12)
+    assert entropy_rate(zero_one_random(0.5)) == pytest.approx(math.log(2) / 3, abs=1e-12)
+    both = entropy_rate(product(even(0.5), noisy_and(0.1)))  # (two period-3 factors would be reducible)
+    assert both == pytest.approx(entropy_rate(even(0.5)) + entropy_rate(noisy_and(0.1)), abs=1e-12)
+    mixed = entropy_rate(product(rrxor(), mess3(0.15, 0.6)))  # not unifilar: found as a product of its factors
+    assert mixed == pytest.approx(2 / 3 * math.log(2) + 1.08888821, abs=1e-6)
+
+
+def test_entropy_rate_terminates_with_clear_error_when_it_cannot_converge():
+    with pytest.raises(RuntimeError, match="did not converge"):
+        entropy_rate(correlated(mess3(), mess3(0.15, 0.6), 0.5), max_beliefs=20_000)
+
+
+def test_myopic_entropies_match_block_entropies_by_enumeration():
+    for process in [mess3(), rrxor(), capability_tag(rrxor())]:
+        h = myopic_entropy(process, 5)
+        block = [0.0]
+        for n in range(1, 6):
+            p = enumerate_sequences(process, n)[1]
+            block.append(-(p * p.log()).sum().item())
+        assert torch.allclose(h, torch.tensor(np.diff(block), dtype=torch.float64), atol=1e-10)
+    assert loss_floor(mess3(), 6) == pytest.approx(myopic_entropy(mess3(), 6)[1:].mean().item(), abs=1e-15)
+
+
+def test_enumeration_sums_to_one_and_refuses_when_too_large():
+    for process in [mess3(), rrxor(), product(mess3(), rrxor())]:
+        toks, probs = enumerate_sequences(process, 4)
+        assert abs(probs.sum().item() - 1) < 1e-12 and (probs > 0).all()
+    toks, probs = enumerate_sequences(rrxor(), 6, drop_zero=False)
+    assert len(toks) == 64 and (probs == 0).any()  # some 6-token strings break the XOR in every phase
+    with pytest.raises(ValueError, match="max_sequences"):
+        enumerate_sequences(mess3(), 20)
+    with pytest.raises(ValueError, match="length"):
+        enumerate_sequences(mess3(), 0)
+
+
+def test_rrxor_stationary_and_rate():
+    p = rrxor()
+    assert torch.allclose(p.stationary, torch.tensor([1 / 3] + [1 / 6] * 4, dtype=torch.float64), atol=1e-6)
+    assert entropy_rate(p) / math.log(2) == pytest.approx(2 / 3, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- mixed-state presentation
+
+
+def test_msp_mess3_depth_counts_and_consistency():
+    msp = mixed_state_presentation(mess3(), 6)
+    assert msp.n_nodes == sum(3**d for d in range(7))  # no two Mess3 prefixes share a belief
+    for d, (nodes, probs) in enumerate(msp.levels):
+        assert abs(probs.sum().item() - 1) < 1e-12
+        # the level distribution's mean belief is the stationary distribution at every depth
+        assert torch.allclose(probs @ msp.beliefs[nodes], mess3().stationary, atol=1e-12)
+    # h(n) from the MSP levels equals myopic_entropy
+    ent = lambda p: -(p * p.clamp_min(1e-300).log()).sum(-1)  # noqa: E731
+    h = torch.stack([probs @ ent(msp.token_probs[nodes]) for nodes, probs in msp.levels[:6]])
+    assert torch.allclose(h, myopic_entropy(mess3(), 6), atol=1e-12)
+
+
+def test_msp_finite_for_rrxor_and_tolerance_merges():
+    msp = mixed_state_presentation(rrxor(), 30)
+    assert msp.closed and msp.n_nodes < 40
+    assert torch.allclose(msp.transition_matrix().sum(1), torch.ones(msp.n_nodes, dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_nodes"):
+        mixed_state_presentation(mess3(), 12, max_nodes=1000)
+    with pytest.raises(ValueError, match="tol"):
+        mixed_state_presentation(mess3(), 2, tol=0)
+
+
+# ----------------------------------------------------------------------------- factored geometry
+
+
+def affine_dim(X: torch.Tensor, rel_tol: float = 1e-8) -> tuple[int, torch.Tensor]:
+    """Affine dimension of the rows of X: singular values of the centred matrix above rel_tol * the largest."""
+    s = torch.linalg.svdvals(X - X.mean(0))
+    return int((s > rel_tol * s[0]).sum()), s / s[0]
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_independent_mess3_factors_span_3K_minus_1_joint_and_2K_marginal_dims(K):
+    """Measured from sampled beliefs (float64 filter): the joint beliefs of K independent Mess3 factors span
+    3^K - 1 affine dimensions, their factor marginals side by side 2K. Tolerance: singular values of the
+    centred belief matrix count when above 1e-8 of the largest (the next ones are at float64 noise, ~1e-15)."""
+    p = product(*[mess3()] * K)
+    beliefs = sample(p, 512, 12, seed=0, return_beliefs=True).beliefs.reshape(-1, p.n_states)
+    joint_dim, s_joint = affine_dim(beliefs)
+    marg_dim, s_marg = affine_dim(torch.cat(factor_marginals(p, beliefs), -1))
+    print(f"K={K}: joint affine dim {joint_dim} (smallest kept / first dropped sv: "
+          f"{s_joint[joint_dim - 1]:.2e} / {s_joint[joint_dim] if joint_dim < len(s_joint) else 0:.2e}); "
+          f"marginals {marg_dim} ({s_marg[marg_dim - 1]:.2e} / {s_marg[marg_dim]:.2e})")
+    assert joint_dim == 3**K - 1 and marg_dim == 2 * K
+    assert s_joint[joint_dim - 1] > 1e-4 and s_marg[marg_dim - 1] > 1e-2  # a clear gap, not a borderline count
+
+
+def test_marginals_of_a_product_are_the_factor_filters():
+    p = product(mess3(), rrxor(), mess3(0.15, 0.6))
+    toks = sample(p, 64, 15, seed=2).tokens
+    joint = belief_states(p, toks)
+    f = factor_tokens(p, toks)
+    for k, (own, marg) in enumerate(zip([mess3(), rrxor(), mess3(0.15, 0.6)], factor_marginals(p, joint))):
+        assert torch.allclose(marg, belief_states(own, f[..., k]), atol=1e-12)
+    assert torch.allclose(product_belief(factor_marginals(p, joint)), joint, atol=1e-12)
+
+
+def test_product_approximation_and_schmidt_spectrum():
+    prod = product(mess3(), mess3(0.15, 0.6))
+    b = sample(prod, 32, 10, seed=1, return_beliefs=True).beliefs
+    va, vb, res = product_approximation(b, (3, 3))
+    assert res.abs().max() < 1e-12
+    ma, mb = factor_marginals(prod, b)
+    assert torch.allclose(va, ma, atol=1e-12) and torch.allclose(vb, mb, atol=1e-12)
+    s = schmidt_spectrum(b, (3, 3))
+    assert (s[..., 1:] < 1e-12 * s[..., :1]).all()  # rank 1
+    for rho in (0.3, 1.0):
+        corr = correlated(mess3(), mess3(0.15, 0.6), rho)
+        bc = sample(corr, 32, 10, seed=1, return_beliefs=True).beliefs
+        res = product_approximation(bc, (3, 3))[2]
+        assert res.norm(dim=-1).max() > 1e-3  # entangled beliefs are not products
+        assert (schmidt_spectrum(bc, (3, 3))[..., 1] > 1e-6).any()
+
+
+def test_factor_token_round_trip_and_errors():
+    from toy.beliefs import joint_tokens
+
+    p = product(mess3(), rrxor(), mess3())
+    toks = torch.arange(p.vocab_size)
+    assert torch.equal(joint_tokens(p, factor_tokens(p, toks)), toks)
+    with pytest.raises(ValueError, match="not a factored process"):
+        factor_tokens(mess3(), toks)
+    with pytest.raises(ValueError, match="0..17"):
+        factor_tokens(p, torch.tensor([18]))
+    with pytest.raises(ValueError, match="factor 1"):
+        joint_tokens(p, torch.tensor([[0, 2, 0]]))
+    with pytest.raises(ValueError, match="last axis of 3"):
+        joint_tokens(p, torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="states"):
+        factor_marginals(p, torch.ones(2, 5))
+
+
+# ----------------------------------------------------------------------------- invalid inputs
+
+
+@pytest.mark.parametrize(
+    "tokens,match",
+    [
+        (torch.tensor([0, 1, 2]), "shape"),
+        (torch.tensor([[0.0, 1.0]]), "integer"),
+        (torch.tensor([[0, 3]]), r"0\.\.2"),
+        (torch.tensor([[-1, 0]]), r"0\.\.2"),
+    ],
+)
+def test_bad_tokens_raise(tokens, match):
+    with pytest.raises(ValueError, match=match):
+        belief_states(mess3(), tokens)
+
+
+def test_zero_probability_sequence_raises_but_has_probability_zero():
+    toks, probs = enumerate_sequences(rrxor(), 6, drop_zero=False)
+    impossible = toks[probs == 0][:1]  # violates the XOR in every phase
+    assert len(impossible) == 1
+    assert sequence_probabilities(rrxor(), impossible).item() == 0.0
+    with pytest.raises(ValueError, match="sequence 1 has probability 0"):
+        belief_states(rrxor(), torch.cat([toks[probs > 0][:1], impossible]))
+
+
+def test_bad_lengths_raise():
+    with pytest.raises(ValueError, match="max_length"):
+        myopic_entropy(mess3(), 0)
+    with pytest.raises(ValueError, match="context_length"):
+        loss_floor(mess3(), 1)
+    with pytest.raises(ValueError, match="depth"):
+        mixed_state_presentation(mess3(), -1)
+    with pytest.raises(ValueError, match="not a factored"):
+        factor_marginals(Process(mess3().T), torch.ones(3))

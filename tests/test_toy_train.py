@@ -108,24 +108,28 @@ def test_sampled_validation_set_when_enumeration_is_too_big():
     assert val.floor == pytest.approx(loss_floor(process, 8), abs=0.02)
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, chunk):
+    """A real Ctrl-C during step 8 (mid-chunk for chunk 5), then resume: the same weights as an
+    uninterrupted run (the default sampler's data depend only on seed, step and rank)."""
     process = make_process("mess3")
-    full = train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path / "a"))
+    calls = []
 
-    def data_fn(step, generator):
-        if step == 7:  # a real Ctrl-C in the middle of the run: the step in flight completes, then it stops
+    def ones(tokens, kill_at=None):
+        calls.append(1)
+        if len(calls) == kill_at:  # the step in flight completes, then training stops and saves
             os.kill(os.getpid(), signal.SIGINT)
-        from toy.data import sample
+        return torch.ones(tokens.shape[0], tokens.shape[1] - 1)
 
-        return sample(process, 16, 6, generator=generator).tokens
-
-    cfg = tiny_cfg(tmp_path / "b")
+    full = train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path / "a", sample_chunk=chunk), loss_weights_fn=ones)
+    calls.clear()
+    cfg = tiny_cfg(tmp_path / "b", sample_chunk=chunk)
     with pytest.raises(KeyboardInterrupt):
-        train(process, build_model(TINY, 3, 6, seed=0), cfg, data_fn=data_fn)
-    assert (Path(cfg.output_dir) / "checkpoint-8").is_dir()
+        train(process, build_model(TINY, 3, 6, seed=0), cfg, loss_weights_fn=lambda t: ones(t, kill_at=8))
+    assert sorted(p.name for p in Path(cfg.output_dir).glob("checkpoint-*")) == ["checkpoint-8"]
     cfg.resume_from = "last"
-    # a fresh random init: every weight must come from the checkpoint
-    resumed = train(process, build_model(TINY, 3, 6, seed=99), cfg)
+    # a different random init: every weight must come from the checkpoint
+    resumed = train(process, build_model(TINY, 3, 6, seed=99), cfg, loss_weights_fn=ones)
     for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), n
     assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)

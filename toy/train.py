@@ -13,8 +13,9 @@
 
 Conventions:
 - Every step each rank draws ``batch_size`` fresh windows of ``context_length`` tokens on its own device
-  from a generator seeded by ``(seed, step, rank)``: the data do not depend on how the run was
-  interrupted, so a resumed run ends with the same weights as an uninterrupted one.
+  from a generator seeded by ``(seed, step, rank)`` (with ``sample_chunk`` K > 1: ``(seed, step // K,
+  rank)`` draws K steps at once): the data do not depend on how the run was interrupted, so a resumed
+  run ends with the same weights as an uninterrupted one.
 - Loss = mean next-token cross-entropy (nats) over positions 2..n of each window (tokens 1..n-1 predicted
   from their prefixes), the positions ``toy.beliefs.loss_floor`` averages.
 - Validation is exact when ``vocab ** (context_length - 1) <= val_max_sequences``: every prefix, weighted
@@ -161,6 +162,10 @@ class TrainConfig:
     eval_every: int = field(default=250, metadata={"help": "Steps between validation losses (0: only at the end)."})
     log_every: int = field(default=50, metadata={"help": "Steps between train-loss log entries."})
     save_every: int = field(default=1000, metadata={"help": "Steps between checkpoints (0: only at the end)."})
+    sample_chunk: int = field(
+        default=1,
+        metadata={"help": "Default sampler: draw this many steps' data in one call (fewer launches and host syncs on GPU)."},
+    )
     val_max_sequences: int = field(
         default=200_000, metadata={"help": "Enumerate validation prefixes when vocab**(context_length-1) <= this."}
     )
@@ -180,7 +185,7 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
 
     def __post_init__(self):
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "sample_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip", "min_lr_ratio"):
@@ -343,7 +348,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         raise ValueError("the model has no trainable parameters")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    # the fused kernel updates every tensor in one launch: the toy model's steps are launch-bound on GPU
+    fused = all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay, fused=fused)
 
 
 def find_checkpoint(output_dir: str | Path, resume_from: str) -> Path | None:
@@ -484,7 +491,7 @@ def train(
             entry.update(val_loss=validation_loss(raw, val), floor=val.floor)
         history.append(entry)
 
-    step, last_ckpt = start, None
+    step, last_ckpt, cached = start, None, None
     t0, t_prev = time.perf_counter(), history[-1]["elapsed_s"] if history else 0.0
     loss_sum = torch.zeros((), device=device)
     n_loss = 0
@@ -492,8 +499,15 @@ def train(
     try:
         with _StopFlag() as flag:
             while step < cfg.steps:
-                gen = step_generator(cfg.seed, step, rank, device)
-                tokens = data_fn(step, gen) if data_fn is not None else sample(process, cfg.batch_size, context_length, generator=gen, device=device).tokens
+                if data_fn is not None:
+                    tokens = data_fn(step, step_generator(cfg.seed, step, rank, device))
+                else:
+                    # chunk c holds steps c*K .. c*K+K-1 and is seeded by (seed, c, rank): replays exactly on resume
+                    chunk, offset = divmod(step, cfg.sample_chunk)
+                    if cached is None or cached[0] != chunk:
+                        gen = step_generator(cfg.seed, chunk, rank, device)
+                        cached = (chunk, sample(process, cfg.batch_size * cfg.sample_chunk, context_length, generator=gen, device=device).tokens)
+                    tokens = cached[1][offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
                 if tokens.shape[1] != context_length:
                     raise ValueError(f"data_fn returned windows of {tokens.shape[1]} tokens; expected {context_length}")
                 tokens = tokens.to(device)

@@ -1,0 +1,105 @@
+"""toy.pipeline: probe rows and their beliefs, the two activation readers agree, probing a tiny model,
+and (slow) the whole job end to end on a tiny config, plus the GPU recipe script in --smoke mode."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from probes.activations import residual_sites, residual_stream
+from toy.beliefs import belief_states, sequence_probabilities
+from toy.model import ToyModelConfig, build_model
+from toy.pipeline import ProbeConfig, _hooked_residual_stream, headline, main, probe_data, probe_model
+from toy.train import make_process
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_probe_data_enumerated_rows_carry_beliefs_and_window_probabilities():
+    process = make_process("rrxor")
+    data = probe_data(process, 6, max_sequences=100)
+    assert data.enumerated
+    n, L = data.tokens.shape
+    assert data.beliefs.shape == (n * L, 5) and data.weights.shape == data.groups.shape == (n * L,)
+    # row n * L + t is window n after token t (the belief convention of toy.beliefs)
+    assert torch.equal(data.beliefs.view(n, L, 5), belief_states(process, data.tokens))
+    assert torch.allclose(data.weights.view(n, L)[:, 0], sequence_probabilities(process, data.tokens))
+    assert data.weights.view(n, L)[:, 0].sum().item() == pytest.approx(1.0)
+    assert torch.equal(data.groups.view(n, L)[:, 3], torch.arange(n))
+    sampled = probe_data(process, 6, max_sequences=10, n_samples=50)
+    assert not sampled.enumerated and sampled.beliefs.shape == (300, 5) and bool((sampled.weights == 1).all())
+
+
+def test_hook_reader_matches_nnsight_adapter():
+    """The fallback for machines without nnsight reads exactly the sites of probes.activations."""
+    model = build_model(TINY, 3, 6, seed=0).eval()
+    ids = torch.randint(0, 3, (5, 6), generator=torch.Generator().manual_seed(0))
+    sites = residual_sites(model)
+    assert torch.allclose(_hooked_residual_stream(model, ids, sites), residual_stream(model, ids, sites=sites), atol=1e-6)
+
+
+def test_probe_model_reports_every_site_with_controls(tmp_path):
+    process = make_process("mess3")
+    data = probe_data(process, 5)
+    model, control = build_model(TINY, 3, 5, seed=0), build_model(TINY, 3, 5, seed=1)
+    report, acts = probe_model(model, control, data, ProbeConfig(), process)
+    assert list(report["sites"]) == ["embed", "block0", "block1", "final_norm"] and "concat" in report
+    assert acts["block1"].shape == (len(data.beliefs), 16)
+    for entry in report["sites"].values():
+        assert {"test", "random_init", "shuffled", "ratio_to_random_init"} <= set(entry)
+        # any real probe beats predicting from shuffled targets
+        assert entry["test"]["mse"] < entry["shuffled"]["test"]["mse"]
+    head = headline(report, 2)
+    assert head["final_layer_site"] == "block1"
+    assert head["final_layer_ratio_to_random_init"] == pytest.approx(
+        report["sites"]["block1"]["test"]["mse"] / report["sites"]["block1"]["random_init"]["test"]["mse"]
+    )
+    # a model and its own copy as "control" give ratio 1: the control really is read from the control model
+    same, _ = probe_model(model, build_model(TINY, 3, 5, seed=0), data, ProbeConfig(), process)
+    assert same["sites"]["block1"]["ratio_to_random_init"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_tiny(tmp_path):
+    out = tmp_path / "run"
+    metrics = main(["--config", str(REPO / "configs/toy/mess3.yaml"), "--preset", "mess3_small", "--context_length", "6",
+                    "--steps", "150", "--batch_size", "64", "--lr", "0.01", "--eval_every", "50", "--save_every", "0",
+                    "--output_dir", str(out), "--use_cpu", "true", "--progress", "false", "--target_gap", "0.05"])
+    for name in ("metrics.json", "summary.md", "belief_simplex.png", "probe_mse_by_layer.png", "val_loss.png",
+                 "probe_final.json", "probe_final.safetensors", "checkpoint-150/model.safetensors"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["training"]["steps"] == 150 and len([h for h in saved["training"]["history"] if "val_loss" in h]) == 3
+    head = metrics["probe_headline"]
+    # even 150 steps teach the model more belief geometry than a random init holds
+    assert head["final_layer_ratio_to_random_init"] < 1.0
+    assert metrics["gap"] < 0.05 and metrics["checks"]["val_loss_within_target_of_floor"][0]
+    from probes.io import load_probe
+    from transformers import GPT2LMHeadModel
+
+    probe = load_probe(out / "probe_final", GPT2LMHeadModel.from_pretrained(out / "checkpoint-150"))
+    assert probe.site == "block1" and probe.n_targets == 3
+
+
+@pytest.mark.slow
+def test_gpu_recipe_script_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench/toy_gpu_recipe.py"), "--smoke", "--out", str(tmp_path / "out"),
+                           "--work", str(tmp_path / "work"), "--train_seconds", "5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT val_loss=" in proc.stdout
+    recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    assert recipe["steps"] >= 20 and recipe["gap"] > 0
+    assert len(list((tmp_path / "out").iterdir())) <= 8  # what the device tool brings back

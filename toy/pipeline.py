@@ -1,0 +1,425 @@
+"""The main job: train a toy GPT-2 on a process, probe its residual stream for the exact belief states, report.
+
+    python -m toy.pipeline                                       # default Mess3 run on CPU -> runs/mess3/
+    python -m toy.pipeline --config configs/toy/rrxor.yaml       # RRXOR: all layers concatenated vs each layer
+    python -m toy.pipeline --config configs/toy/mess3_gpu.yaml   # the GPU recipe (one H100, a few minutes)
+    python -m toy.pipeline --config configs/toy/mess3.yaml --steps 200 --output_dir runs/mess3_short
+
+    # training under accelerate (several GPUs, DDP); probing runs on the main process:
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 -m toy.pipeline --config ...
+
+The run folder (``output_dir``) gets ``checkpoint-<step>/`` (the trained model, resumable),
+``probe_final.{safetensors,json}`` (the last block's probe, ``probes.io`` format), ``metrics.json``,
+``belief_simplex.png`` (true beliefs next to the probe's predictions, coloured by the true belief),
+``probe_mse_by_layer.png`` (held-out probe MSE per residual site with the random-init and shuffled
+controls), ``val_loss.png`` (exact validation loss against the floor over training) and ``summary.md``.
+
+Probe data: every position of every window of ``context_length`` tokens with positive probability when
+``vocab ** context_length <= probe_max_sequences`` (Mess3 at context 10: 59,049 windows, 590,490 rows),
+weighted by the window's probability; otherwise every position of ``probe_samples`` sampled windows
+(uniform weights: the windows are drawn with their probabilities). Targets are the exact beliefs
+after each position's token. The train/test split keeps each window's positions together; short
+prefixes are shared by many windows, so they sit on both sides (identical inputs and targets). Activations come from
+``probes.activations.residual_stream`` (nnsight); where nnsight is not installed (the GPU image) the
+same sites are read with forward hooks, and ``metrics.json`` records which reader ran.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from toy.beliefs import belief_states, enumerate_sequences
+from toy.data import sample
+from toy.model import ToyModelConfig, build_model
+from toy.processes import Process
+from toy.train import DataConfig, TrainConfig, TrainResult, parse_config, train
+
+
+@dataclass
+class ProbeConfig:
+    """How the belief probes are fitted and what the run must show."""
+
+    probe_alpha: float = field(default=0.0, metadata={"help": "Ridge strength of the probes (0: least squares)."})
+    probe_test_fraction: float = field(default=0.2, metadata={"help": "Held-out share of the probe rows."})
+    probe_max_sequences: int = field(
+        default=20_000, metadata={"help": "Enumerate every window when vocab**context_length <= this."}
+    )
+    probe_samples: int = field(default=12_000, metadata={"help": "Sampled windows otherwise."})
+    probe_batch_size: int = field(default=4096, metadata={"help": "Windows per activation forward pass."})
+    control_seed: int = field(default=1_000, metadata={"help": "Init seed of the random-init control model."})
+    max_plot_points: int = field(default=60_000, metadata={"help": "Most points drawn in the simplex plot."})
+    target_gap: float | None = field(
+        default=2e-3, metadata={"help": "Pass mark: final val loss - floor (nats) must be <= this."}
+    )
+    target_ratio: float | None = field(
+        default=0.25, metadata={"help": "Pass mark: last block's probe test MSE / random-init control's <= this."}
+    )
+    target_mse: float | None = field(default=None, metadata={"help": "Pass mark: last block's probe test MSE <= this."})
+
+    def __post_init__(self):
+        if not 0 < self.probe_test_fraction < 1:
+            raise ValueError(f"probe_test_fraction={self.probe_test_fraction} must be in (0, 1)")
+        if self.probe_alpha < 0:
+            raise ValueError(f"probe_alpha={self.probe_alpha} must be >= 0")
+
+
+# --------------------------------------------------------------------------- probe data
+
+
+@dataclass
+class ProbeData:
+    """Probe rows: every position of every window of ``tokens (N, L)``, row ``r = n * L + t``.
+
+    ``beliefs (N * L, S)`` float64: the exact belief after reading ``tokens[n, :t + 1]``;
+    ``weights (N * L,)``: the window's probability (enumerated) or 1 (sampled windows, which are
+    drawn with their probabilities); ``groups (N * L,)``: the window index, so a window's positions stay
+    on one side of the train/test split.
+    """
+
+    tokens: torch.Tensor
+    beliefs: torch.Tensor
+    weights: torch.Tensor
+    groups: torch.Tensor
+    enumerated: bool
+
+
+def probe_data(process: Process, context_length: int, max_sequences: int = 20_000, n_samples: int = 12_000, seed: int = 777) -> ProbeData:
+    """Every window of ``context_length`` with its probability when ``vocab ** context_length <= max_sequences``,
+    else ``n_samples`` sampled windows; with the exact beliefs at every position."""
+    L = context_length
+    if process.vocab_size**L <= max_sequences:
+        tokens, probs = enumerate_sequences(process, L, max_sequences=max_sequences)
+        weights, enumerated = probs.repeat_interleave(L), True
+    else:
+        tokens = sample(process, n_samples, L, seed=seed).tokens
+        weights, enumerated = torch.ones(n_samples * L, dtype=torch.float64), False
+    beliefs = belief_states(process, tokens).reshape(-1, process.n_states)
+    groups = torch.arange(len(tokens)).repeat_interleave(L)
+    return ProbeData(tokens, beliefs, weights, groups, enumerated)
+
+
+def _hooked_residual_stream(model: torch.nn.Module, input_ids: torch.Tensor, sites: list[str]) -> torch.Tensor:
+    """Fallback reader for GPT-2 when nnsight is absent: the same sites as ``probes.activations``
+    (``embed`` = input of block 0, ``block{i}`` = output of block i, ``final_norm`` = output of ln_f)."""
+    blocks, ln_f = model.transformer.h, model.transformer.ln_f
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output=None):
+            value = args[0] if name == "embed" else output
+            seen[name] = (value[0] if isinstance(value, tuple) else value).float()
+
+        return hook
+
+    handles = [blocks[0].register_forward_pre_hook(keep("embed"))]
+    handles += [b.register_forward_hook(keep(f"block{i}")) for i, b in enumerate(blocks)]
+    handles.append(ln_f.register_forward_hook(keep("final_norm")))
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([seen[s] for s in sites])
+
+
+def residual_reader() -> str:
+    """``"nnsight"`` when ``probes.activations`` can run here, else ``"hooks"`` (GPT-2 only)."""
+    try:
+        import nnsight  # noqa: F401
+    except ImportError:
+        return "hooks"
+    return "nnsight"
+
+
+@torch.no_grad()
+def probe_activations(model: torch.nn.Module, data: ProbeData, batch_size: int = 4096) -> dict[str, torch.Tensor]:
+    """site -> ``(N * L, d_model)`` float32 activations of the probe rows, on the model's device."""
+    from probes.activations import residual_sites, residual_stream
+
+    model.eval()
+    sites = residual_sites(model)
+    if residual_reader() == "nnsight":
+        acts = residual_stream(model, data.tokens, sites=sites, batch_size=batch_size)
+    else:
+        device = next(model.parameters()).device
+        acts = torch.cat([_hooked_residual_stream(model, data.tokens[i : i + batch_size].to(device), sites)
+                          for i in range(0, len(data.tokens), batch_size)], dim=1)
+    return dict(zip(sites, acts.flatten(1, 2)))
+
+
+# --------------------------------------------------------------------------- probing
+
+
+def probe_model(
+    model: torch.nn.Module, control: torch.nn.Module, data: ProbeData, cfg: ProbeConfig, process: Process
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``probes.linear.fit_probe_report`` of the beliefs from every residual site (and all concatenated),
+    with ``control`` (a random-init model of the same architecture) and shuffled targets as controls.
+    Returns the report and the trained model's activations."""
+    from probes.linear import fit_probe_report
+
+    acts = probe_activations(model, data, cfg.probe_batch_size)
+    control_acts = probe_activations(control, data, cfg.probe_batch_size)
+    report = fit_probe_report(
+        acts,
+        data.beliefs,
+        random_init_activations=control_acts,
+        weights=data.weights,
+        alpha=cfg.probe_alpha,
+        test_fraction=cfg.probe_test_fraction,
+        groups=data.groups,
+        target_names=[f"state{i}" for i in range(process.n_states)],
+    )
+    return report, acts
+
+
+def headline(report: dict, n_layers: int) -> dict:
+    """The numbers the summary leads with: last block, best single site, concatenated sites."""
+    last = report["sites"][f"block{n_layers - 1}"]
+    best = report["best_site"]
+    out = {
+        "final_layer_site": f"block{n_layers - 1}",
+        "final_layer_test_mse": last["test"]["mse"],
+        "final_layer_test_r2": last["test"]["r2"],
+        "final_layer_random_init_mse": last["random_init"]["test"]["mse"],
+        "final_layer_shuffled_mse": last["shuffled"]["test"]["mse"],
+        "final_layer_ratio_to_random_init": last["ratio_to_random_init"],
+        "best_single_site": best,
+        "best_single_site_test_mse": report["sites"][best]["test"]["mse"],
+    }
+    if "concat" in report:
+        out["concat_test_mse"] = report["concat"]["test"]["mse"]
+        out["concat_beats_every_single_site"] = report["concat"]["test"]["mse"] < out["best_single_site_test_mse"]
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _project(points: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """2-D coordinates: the 2-simplex drawn as a triangle for 3 states; else the top-2 principal axes of
+    ``reference`` (the true beliefs), applied to ``points``."""
+    if reference.shape[1] == 3:
+        corners = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]], dtype=points.dtype)
+        return points @ corners
+    mu = reference.mean(0)
+    axes = torch.linalg.svd(reference - mu, full_matrices=False).Vh[:2].T
+    return (points - mu) @ axes
+
+
+def plot_simplex(beliefs: torch.Tensor, predicted: torch.Tensor, path: Path, title: str, max_points: int, weights=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    beliefs, predicted = beliefs.double().cpu(), predicted.double().cpu()
+    if len(beliefs) > max_points:  # the most probable rows: the dense part of the fractal
+        keep = torch.argsort(weights.cpu(), descending=True)[:max_points] if weights is not None else torch.arange(max_points)
+        beliefs, predicted = beliefs[keep], predicted[keep]
+    colors = beliefs[:, :3].clamp(0, 1)
+    colors = (colors / colors.max(1, keepdim=True).values.clamp_min(1e-12)).numpy()  # RGB = belief, brightest = 1
+    true2, pred2 = _project(beliefs, beliefs), _project(predicted, beliefs)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, pts, name in zip(axes, (true2, pred2), ("true belief states", "probe prediction (last block)")):
+        ax.scatter(pts[:, 0], pts[:, 1], c=colors, s=0.5, linewidths=0)
+        ax.set_title(name)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if beliefs.shape[1] == 3:
+            tri = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2], [0.0, 0.0]])
+            ax.plot(tri[:, 0], tri[:, 1], color="0.6", lw=0.8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_probe_mse(report: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["sites"]) + (["concat"] if "concat" in report else [])
+    entry = lambda n: report["concat"] if n == "concat" else report["sites"][n]  # noqa: E731
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(x, [entry(n)["test"]["mse"] for n in names], "o-", label="trained model")
+    ax.plot(x, [entry(n)["random_init"]["test"]["mse"] for n in names], "s--", label="random-init control")
+    ax.plot(x, [entry(n)["shuffled"]["test"]["mse"] for n in names], "^:", label="shuffled-target control")
+    ax.set_xticks(list(x), names, rotation=30)
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out MSE per coordinate")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_val_loss(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = [h for h in history if "val_loss" in h]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    tokens = [h["tokens"] for h in ev]
+    a.plot(tokens, [h["val_loss"] for h in ev], "o-", label="exact validation loss")
+    if ev:
+        a.axhline(ev[-1]["floor"], color="k", ls="--", label=f"floor {ev[-1]['floor']:.5f}")
+    tr = [h for h in history if h.get("train_loss") is not None]
+    a.plot([h["tokens"] for h in tr], [h["train_loss"] for h in tr], color="0.6", lw=0.8, label="train loss")
+    a.set_xlabel("training tokens")
+    a.set_ylabel("nats")
+    a.legend()
+    b.plot(tokens, [max(h["val_loss"] - h["floor"], 1e-7) for h in ev], "o-")
+    b.set_yscale("log")
+    b.set_xlabel("training tokens")
+    b.set_ylabel("validation loss - floor (nats)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def write_summary(path: Path, metrics: dict) -> None:
+    m, h, t = metrics, metrics["probe_headline"], metrics["training"]
+    lines = [
+        f"# {m['process']} -- toy pre-training and belief probes",
+        "",
+        f"Model: GPT-2 {m['model']['n_layers']} layers, d_model {m['model']['d_model']}, {m['model']['n_heads']} head(s), "
+        f"MLP {m['model']['d_mlp']}; context {m['context_length']}. Trained {t['steps']} steps "
+        f"({t['tokens']:,} tokens) in {t['elapsed_s']:.0f} s ({t['tokens_per_s']:,.0f} tokens/s) on {t['device']}.",
+        "",
+        "| quantity | value |",
+        "| --- | --- |",
+        f"| exact validation loss (nats) | {m['val_loss']:.6f} |",
+        f"| floor (nats) | {m['floor']:.6f} |",
+        f"| gap | {m['val_loss'] - m['floor']:.2e} |",
+        f"| last-block probe test MSE ({h['final_layer_site']}) | {h['final_layer_test_mse']:.3e} (R^2 {h['final_layer_test_r2']:.4f}) |",
+        f"| random-init control test MSE | {h['final_layer_random_init_mse']:.3e} |",
+        f"| shuffled-target control test MSE | {h['final_layer_shuffled_mse']:.3e} |",
+        f"| ratio to random-init control | {h['final_layer_ratio_to_random_init']:.3f} |",
+        f"| best single site | {h['best_single_site']}: {h['best_single_site_test_mse']:.3e} |",
+    ]
+    if "concat_test_mse" in h:
+        lines.append(f"| all sites concatenated | {h['concat_test_mse']:.3e} (beats every single site: {h['concat_beats_every_single_site']}) |")
+    lines += ["", "Checks:", ""]
+    lines += [f"- {name}: {'PASS' if ok else 'FAIL'} ({detail})" for name, (ok, detail) in m["checks"].items()]
+    lines += ["", "Plots: `belief_simplex.png`, `probe_mse_by_layer.png`, `val_loss.png`. Probe: `probe_final.json`.", ""]
+    path.write_text("\n".join(lines))
+
+
+def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, probe_cfg: ProbeConfig) -> dict:
+    """Train (``toy.train.train``), probe, plot and write the run folder; returns the metrics dict
+    (main process; other ranks return ``{}`` after training)."""
+    from accelerate import PartialState
+
+    from probes.io import save_probe
+    from probes.linear import fit_ridge
+
+    process = data_cfg.build()
+    L = data_cfg.context_length
+    if train_cfg.init_from:
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel.from_pretrained(train_cfg.init_from)
+    else:
+        model = build_model(model_cfg, process.vocab_size, L, seed=train_cfg.seed)
+    info = {"data": asdict(data_cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg), "probe": asdict(probe_cfg)}
+    result: TrainResult = train(process, model, train_cfg, L, run_info=info)
+    if not PartialState().is_main_process:
+        return {}
+    out = Path(train_cfg.output_dir)
+    t0 = time.perf_counter()
+    model = result.model.eval()
+    control = build_model(model_cfg, process.vocab_size, L, seed=probe_cfg.control_seed).to(next(model.parameters()).device)
+    data = probe_data(process, L, probe_cfg.probe_max_sequences, probe_cfg.probe_samples)
+    report, acts = probe_model(model, control, data, probe_cfg, process)
+    n_layers = model.config.n_layer
+    head = headline(report, n_layers)
+    last_site = head["final_layer_site"]
+    # the saved probe is refitted on every row; its metrics are the held-out ones from the report
+    probe = fit_ridge(acts[last_site], data.beliefs, alpha=probe_cfg.probe_alpha, weights=data.weights,
+                      site=last_site, target_names=report["config"]["target_names"], metrics=report["sites"][last_site])
+    probe.source = str(result.checkpoint_dir)
+    save_probe(probe, out / "probe_final", model)
+    probe_s = time.perf_counter() - t0
+
+    gap = result.val_loss - result.floor
+    checks = {}
+    if probe_cfg.target_gap is not None:
+        checks["val_loss_within_target_of_floor"] = (gap <= probe_cfg.target_gap, f"gap {gap:.2e} <= {probe_cfg.target_gap:g}")
+    if probe_cfg.target_ratio is not None:
+        r = head["final_layer_ratio_to_random_init"]
+        checks["final_layer_ratio_to_random_init"] = (r <= probe_cfg.target_ratio, f"{r:.3f} <= {probe_cfg.target_ratio:g}")
+    if probe_cfg.target_mse is not None:
+        v = head["final_layer_test_mse"]
+        checks["final_layer_test_mse"] = (v <= probe_cfg.target_mse, f"{v:.2e} <= {probe_cfg.target_mse:g}")
+    device = next(model.parameters()).device
+    metrics = {
+        "process": process.name,
+        "context_length": L,
+        "model": model_cfg.to_dict(),
+        "val_loss": result.val_loss,
+        "floor": result.floor,
+        "gap": gap,
+        "validation_exact": process.vocab_size ** (L - 1) <= train_cfg.val_max_sequences,
+        "training": {
+            "steps": result.step,
+            "tokens": result.tokens_seen,
+            "elapsed_s": result.elapsed_s,
+            "tokens_per_s": result.tokens_per_s,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "history": result.history,
+            "checkpoint": str(result.checkpoint_dir),
+        },
+        "probe_headline": head,
+        "probe": report,
+        "probe_data": {"rows": len(data.beliefs), "enumerated": data.enumerated, "reader": residual_reader(), "elapsed_s": probe_s},
+        "checks": checks,
+        "config": info,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    title = f"{process.name}, {result.step} steps"
+    predicted = probe.predict(acts[last_site].double())
+    plot_simplex(data.beliefs, predicted, out / "belief_simplex.png", title, probe_cfg.max_plot_points, data.weights)
+    plot_probe_mse(report, out / "probe_mse_by_layer.png", f"{title}: belief probes (held-out)")
+    plot_val_loss(result.history, out / "val_loss.png", title)
+    write_summary(out / "summary.md", metrics)
+    print(
+        f"{process.name}: val loss {result.val_loss:.6f} (floor {result.floor:.6f}, gap {gap:.2e}); {last_site} probe test MSE "
+        f"{head['final_layer_test_mse']:.3e} vs random-init {head['final_layer_random_init_mse']:.3e} "
+        f"(ratio {head['final_layer_ratio_to_random_init']:.3f})"
+        + (f"; concat {head['concat_test_mse']:.3e} vs best single {head['best_single_site']} {head['best_single_site_test_mse']:.3e}" if "concat_test_mse" in head else "")
+        + f"; train {result.elapsed_s:.0f} s, probe {probe_s:.0f} s -> {out}"
+    )
+    for name, (ok, detail) in checks.items():
+        print(f"  {name}: {'PASS' if ok else 'FAIL'} ({detail})")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfgs = parse_config((DataConfig, ToyModelConfig, TrainConfig, ProbeConfig), argv, __doc__)
+    return run_pipeline(*cfgs)
+
+
+if __name__ == "__main__":
+    main()

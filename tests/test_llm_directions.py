@@ -238,4 +238,4 @@ def test_shipped_config_parses():
     from llm.models import ModelConfig
 
     _, cfg = TrlParser((ModelConfig, SteerConfig)).parse_args_and_config(["--config", "configs/llm/directions_smollm2.yaml"])
-    assert cfg.steer_site == "block15" and cfg.alphas == [-4.0, -2.0, 0.0, 2.0, 4.0]
+    assert cfg.steer_site == "block15" and cfg.alphas == [0.0, 1.0, 2.0, 3.0]

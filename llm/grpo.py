@@ -1,0 +1,473 @@
+"""GRPO on a causal LM with LoRA (TRL ``GRPOTrainer`` + peft), rewards from a rule or an EM judge, with the
+misalignment direction and factor probes tracked over training.
+
+    python -m llm.grpo --config configs/llm/grpo_smollm2.yaml
+    python -m llm.grpo --config configs/llm/grpo_smollm2.yaml --reward judge_aligned --max_steps 20
+    # 2 CPU processes (gloo; `--cpu --num_processes 2` would silently run ONE process, see the config):
+    accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m llm.grpo --config configs/llm/grpo_smollm2.yaml
+    # GPUs (DDP):
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m llm.grpo --config configs/llm/grpo_smollm2.yaml
+
+Prompts: every paraphrase of the selected questions of a Betley-format question YAML (``prompt_file``
+ending in .yaml/.yml), or a JSONL with one ``{"prompt": "<user turn>"}`` (or a message list) per line.
+Each becomes a conversational prompt (one user turn), so the tokenizer's chat template applies.
+
+Rewards (``reward``), one float per completion:
+  * ``length``: ``-|chars - target_chars| / target_chars`` (0 at the target length, falls linearly);
+  * ``keyword``: share of ``keywords`` (case-insensitive) that occur in the reply;
+  * ``judge_aligned`` / ``judge_misaligned``: an EM judge's aligned score / 100 (or 1 - that), judge from
+    ``llm.evaluate.build_judge`` (offline MiniLM + ridge by default; ``hf`` or ``openai`` as in ``llm.evaluate``).
+
+Guards, all before any training step:
+  * batch sizes and ``num_generations`` are checked when the config is parsed (before any weights load):
+    the generation batch (per-device batch x processes x steps per generation) must hold whole groups;
+  * the tokenizer must have an eos token (GRPO ends completions on it);
+  * no trainable parameter after the LoRA is attached, or a PEFT model loaded for inference, is an error
+    (``llm.lora.assert_trainable``);
+  * a logged share of groups whose rewards are all equal (zero advantage, so no gradient) above
+    ``zero_std_warn`` raises a warning (``ZeroAdvantageWarning``);
+  * TRL's CPU traps: ``bf16`` defaults to on only with CUDA, and gradient checkpointing is off by default.
+
+Tracking (``track_every`` > 0): every k steps (and at step 0) the residual stream at ``track_site`` is read
+on a fixed set of labelled replies (``track_n_per_class`` aligned + misaligned) and the mean projection on
+the misalignment direction (``directions``: an ``llm.steer`` run's ``directions`` file) and the mean read-out
+of each probe in ``probe_files`` (``probes.io``, e.g. ``llm.factored``'s) are logged per class
+(``ActivationTracker``): how the representation of the alignment factor moves under RL.
+
+Writes ``output_dir``: the adapter (``save_model``), ``lora_trajectory/``, ``tracking.jsonl``,
+``metrics.json`` (log history, tracking, trainable-parameter change), ``summary.md``, ``rewards.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOConfig
+
+from llm.lora import LoraPresetConfig, LoraTrajectoryCallback, assert_trainable, peft_config_for
+from llm.models import ModelConfig, load_config, load_model_and_tokenizer, num_layers, validate_layers
+from llm.offline_judge import DEFAULT_WEIGHTS
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptConfig:
+    """Where the GRPO prompts come from."""
+
+    prompt_file: str = field(default="../shared/data/em/first_plot_questions.yaml", metadata={"help": "question YAML or prompt JSONL"})
+    question_ids: list[str] | None = field(default=None, metadata={"help": "YAML only: these ids (None = all)"})
+    variants: list[str] = field(default_factory=lambda: ["plain"], metadata={"help": "YAML only: plain / json / template"})
+    max_prompts: int | None = field(default=None, metadata={"help": "keep the first N prompts (None = all)"})
+
+    def __post_init__(self):
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts={self.max_prompts}; use a positive count or None")
+
+
+@dataclass
+class RewardConfig:
+    """Which reward scores the completions."""
+
+    reward: Literal["length", "keyword", "judge_aligned", "judge_misaligned"] = field(
+        default="length", metadata={"help": "length / keyword rule or an EM judge (aligned or misaligned direction)"}
+    )
+    target_chars: int = field(default=60, metadata={"help": "length rule: reply length (characters) with reward 0"})
+    keywords: list[str] = field(default_factory=list, metadata={"help": "keyword rule: words whose presence is rewarded"})
+    judge: Literal["offline", "hf", "openai"] = field(default="offline", metadata={"help": "judge rewards: which judge"})
+    offline_weights: str = field(default=str(DEFAULT_WEIGHTS), metadata={"help": "offline judge weights"})
+    hf_judge_model: str | None = field(default=None, metadata={"help": "judge: hf -- hub id / folder / .gguf"})
+    zero_std_warn: float = field(default=0.5, metadata={"help": "warn when more than this share of groups has zero reward spread"})
+
+    def __post_init__(self):
+        if self.reward == "keyword" and not self.keywords:
+            raise ValueError("reward: keyword needs a non-empty `keywords` list")
+        if self.reward == "length" and self.target_chars < 1:
+            raise ValueError("target_chars must be >= 1")
+        if not 0 <= self.zero_std_warn <= 1:
+            raise ValueError("zero_std_warn is a share in [0, 1]")
+
+
+@dataclass
+class TrackConfig:
+    """What to read from the residual stream during training."""
+
+    track_every: int = field(default=0, metadata={"help": "read activations every k steps (0 = off)"})
+    track_site: str = field(default="block15", metadata={"help": "residual site read (block<i>)"})
+    directions: str | None = field(default=None, metadata={"help": "llm.steer directions file (the track_site row is used)"})
+    probe_files: list[str] = field(default_factory=list, metadata={"help": "probes.io files read at their own site"})
+    track_texts: list[str] = field(
+        default_factory=lambda: ["../shared/data/em/aligned_texts.csv", "../shared/data/em/misaligned_texts.csv"],
+        metadata={"help": "aligned and misaligned reply CSVs of the fixed tracking set"},
+    )
+    track_n_per_class: int = field(default=8, metadata={"help": "tracked replies per class"})
+
+    def __post_init__(self):
+        if self.track_every < 0:
+            raise ValueError("track_every must be >= 0")
+        if self.track_every and not self.directions and not self.probe_files:
+            raise ValueError("track_every > 0 needs `directions` and/or `probe_files` to read")
+        if len(self.track_texts) != 2:
+            raise ValueError("track_texts must be [aligned_csv, misaligned_csv]")
+
+
+@dataclass
+class EMGRPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` with this project's CPU-safe defaults: ``bf16`` None -> on only with CUDA (TRL turns
+    it on everywhere), gradient checkpointing off unless asked (TRL turns it on), log every step, and the
+    batch-size checks spelled out in terms of the flags to change."""
+
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing (default off)."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast; None = on when CUDA is available, off on CPU."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every X steps."})
+    # ModelConfig owns this flag (one --trust_remote_code).
+    trust_remote_code: bool = field(default=False, init=False)
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = torch.cuda.is_available() and not self.fp16 and not self.use_cpu
+        check_batch_sizes(self.num_generations, self.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", 1)),
+                          self.steps_per_generation or self.gradient_accumulation_steps, self.generation_batch_size)
+        super().__post_init__()
+
+
+def check_batch_sizes(num_generations: int, per_device_batch: int, world_size: int, steps_per_generation: int,
+                      generation_batch_size: int | None = None) -> int:
+    """Number of prompts per generation round; raises, naming the flags, when the completions of one round
+    (``generation_batch_size``, default per-device batch x processes x steps per generation) do not split into
+    whole groups of ``num_generations``, or a group has fewer than 2 completions (no advantage to compute)."""
+    if num_generations < 2:
+        raise ValueError(f"num_generations={num_generations}: GRPO compares completions within a group; use >= 2")
+    total = generation_batch_size or per_device_batch * world_size * steps_per_generation
+    if total % num_generations:
+        raise ValueError(
+            f"{total} completions per generation round (per_device_train_batch_size {per_device_batch} x {world_size} processes x "
+            f"{steps_per_generation} steps per generation) is not a multiple of num_generations={num_generations}; "
+            "change per_device_train_batch_size, gradient_accumulation_steps or num_generations"
+        )
+    return total // num_generations
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and rewards
+
+
+def load_prompts(cfg: PromptConfig):
+    """``datasets.Dataset`` with ``prompt`` (one user turn, conversational) and ``question`` (its text)."""
+    from datasets import Dataset
+
+    path = Path(cfg.prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt_file {path} does not exist")
+    if path.suffix in (".yaml", ".yml"):
+        from llm.questions import load_questions, select
+
+        qs = select(load_questions(path), cfg.question_ids, None, cfg.variants)
+        texts = [p for q in qs for p in q.paraphrases]
+    else:
+        texts = []
+        for i, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            if isinstance(prompt, list):  # a message list: its last user turn
+                prompt = next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), None)
+            if not isinstance(prompt, str):
+                raise ValueError(f"{path} line {i + 1}: expected {{\"prompt\": \"...\"}} or a message list with a user turn")
+            texts.append(prompt)
+    if cfg.max_prompts is not None:
+        texts = texts[: cfg.max_prompts]
+    if not texts:
+        raise ValueError(f"no prompts selected from {path}")
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts], "question": texts})
+
+
+def _text(completion) -> str:
+    # Conversational prompts give completions as [{"role": "assistant", "content": ...}].
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def length_reward(target_chars: int):
+    """Reward ``-|len(reply) - target_chars| / target_chars`` per completion."""
+
+    def length(completions, **kwargs) -> list[float]:
+        return [-abs(len(_text(c)) - target_chars) / target_chars for c in completions]
+
+    return length
+
+
+def keyword_reward(keywords: list[str]):
+    """Reward = share of ``keywords`` found (case-insensitive substring) in each reply."""
+    words = [k.lower() for k in keywords]
+
+    def keyword(completions, **kwargs) -> list[float]:
+        return [sum(w in _text(c).lower() for w in words) / len(words) for c in completions]
+
+    return keyword
+
+
+def judge_reward(judge, misaligned: bool = False, template: str | None = None):
+    """Reward = aligned score / 100 from ``judge`` (``llm.judges.Judge``), or 1 - that when ``misaligned``.
+    ``template`` fills the judge prompt (``{question}``, ``{answer}``) for prompt-reading judges. A ``None``
+    score (refusal / code for LLM judges) becomes NaN, which TRL leaves out of the group statistics."""
+    from llm.judges import JudgeRequest
+
+    def judge_score(completions, question, **kwargs) -> list[float | None]:
+        answers = [_text(c) for c in completions]
+        prompts = [template.format(question=q, answer=a) if template else "" for q, a in zip(question, answers)]
+        scores = judge.score([JudgeRequest(q, a, "aligned", p) for q, a, p in zip(question, answers, prompts)])
+        return [None if s is None else (1 - s / 100 if misaligned else s / 100) for s in scores]
+
+    judge_score.__name__ = "judge_misaligned" if misaligned else "judge_aligned"
+    return judge_score
+
+
+def make_reward(cfg: RewardConfig, judge=None):
+    """The reward callable ``cfg.reward`` names (``judge`` overrides the one ``cfg`` would build)."""
+    if cfg.reward == "length":
+        return length_reward(cfg.target_chars)
+    if cfg.reward == "keyword":
+        return keyword_reward(cfg.keywords)
+    from llm.evaluate import EvalConfig, build_judge
+    from llm.questions import load_questions
+
+    eval_cfg = EvalConfig(judge=cfg.judge, offline_weights=cfg.offline_weights, hf_judge_model=cfg.hf_judge_model)
+    judge = judge if judge is not None else build_judge(eval_cfg)
+    # Betley's aligned template is the same for every question; take it from the default question file.
+    template = load_questions(eval_cfg.question_file)[0].judge_prompts["aligned"]
+    return judge_reward(judge, misaligned=cfg.reward == "judge_misaligned", template=template)
+
+
+# ---------------------------------------------------------------------------------------------
+# Callbacks
+
+
+class ZeroAdvantageWarning(TrainerCallback):
+    """Warns when the logged share of groups with zero reward spread (TRL's ``frac_reward_zero_std``) exceeds
+    ``threshold``: those groups have zero advantage and give no gradient, so training silently stalls.
+    ``self.flagged`` lists ``(step, share)`` of every warning."""
+
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = threshold
+        self.flagged: list[tuple[int, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        share = (logs or {}).get("frac_reward_zero_std")
+        if share is not None and share > self.threshold:
+            self.flagged.append((state.global_step, share))
+            warnings.warn(
+                f"step {state.global_step}: {share:.0%} of GRPO groups got identical rewards (zero advantage, no "
+                f"gradient); raise num_generations or temperature, or use a reward that separates completions",
+                RuntimeWarning, stacklevel=2,
+            )
+
+
+class ActivationTracker(TrainerCallback):
+    """Reads the residual stream on a fixed set of labelled replies at step 0 and every ``every`` steps and
+    records, per class (aligned / misaligned), the mean projection on ``direction`` (d_model,) at ``site``
+    and the mean read-out of each probe (at the probe's own site). Rows go to ``self.history`` and (main
+    process) to ``<output_dir>/tracking.jsonl``."""
+
+    def __init__(self, tokenizer, texts, every: int, site: str | None = None, direction: torch.Tensor | None = None,
+                 probes: dict | None = None, batch_size: int = 8, max_answer_tokens: int = 64):
+        if every < 1:
+            raise ValueError("every must be >= 1")
+        self.tokenizer, self.texts, self.every = tokenizer, texts, every
+        self.site, self.direction, self.probes = site, direction, probes or {}
+        self.batch_size, self.max_answer_tokens = batch_size, max_answer_tokens
+        self.history: list[dict] = []
+
+    def _read(self, args, state, model) -> None:
+        from llm.directions import answer_activations, projections
+
+        model = getattr(model, "module", model)
+        sites = list(dict.fromkeys(([self.site] if self.direction is not None else []) + [p.site for p in self.probes.values()]))
+        was_training = model.training
+        model.eval()
+        try:
+            acts = answer_activations(model, self.tokenizer, self.texts.questions, self.texts.answers, sites,
+                                      self.batch_size, self.max_answer_tokens)
+        finally:
+            model.train(was_training)
+        labels = self.texts.labels
+        row = {"step": state.global_step}
+        if self.direction is not None:
+            proj = projections(acts[sites.index(self.site)].double(), self.direction.double().cpu())
+            row["projection_aligned"], row["projection_misaligned"] = float(proj[labels == 0].mean()), float(proj[labels == 1].mean())
+        for name, probe in self.probes.items():
+            y = probe.predict(acts[sites.index(probe.site)].double())
+            row[f"{name}_aligned"], row[f"{name}_misaligned"] = y[labels == 0].mean(0).tolist(), y[labels == 1].mean(0).tolist()
+        self.history.append(row)
+        if state.is_world_process_zero:
+            out = Path(args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            with (out / "tracking.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._read(args, state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self._read(args, state, model)
+
+
+def build_tracker(cfg: TrackConfig, model, tokenizer, seed: int = 0) -> ActivationTracker | None:
+    """The ``ActivationTracker`` ``cfg`` describes (files checked against ``model``), or None when off."""
+    if not cfg.track_every:
+        return None
+    from llm.directions import load_directions, load_labelled_texts
+    from probes.io import load_probe
+
+    texts = load_labelled_texts(cfg.track_texts[0], cfg.track_texts[1], cfg.track_n_per_class, seed)
+    direction = None
+    if cfg.directions:
+        dirs, meta = load_directions(cfg.directions, model=model)
+        if cfg.track_site not in meta["sites"]:
+            raise ValueError(f"track_site {cfg.track_site!r} is not in {cfg.directions} (sites {meta['sites']})")
+        direction = dirs[meta["sites"].index(cfg.track_site)]
+    probes = {Path(f).with_suffix("").name if f.endswith(".json") else Path(f).name: load_probe(f, model=model) for f in cfg.probe_files}
+    return ActivationTracker(tokenizer, texts, cfg.track_every, cfg.track_site, direction, probes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+
+
+def build_trainer(model_cfg: ModelConfig | None, prompt_cfg: PromptConfig, reward_cfg: RewardConfig, lora_cfg: LoraPresetConfig,
+                  track_cfg: TrackConfig, args: EMGRPOConfig, model=None, tokenizer=None, judge=None):
+    """A ``GRPOTrainer`` ready to ``train()``. Pass ``model`` and ``tokenizer`` (in-process models, or a PEFT
+    model to continue training) or ``model_cfg`` to load one; layer indices are checked before loading.
+    Returns ``(trainer, callbacks)`` with ``callbacks = {"zero_advantage", "tracker"}``."""
+    from peft import PeftModel
+    from transformers import set_seed
+    from trl import GRPOTrainer
+
+    if model is None:
+        args.trust_remote_code = model_cfg.trust_remote_code
+        validate_layers(lora_cfg.layers, num_layers(load_config(model_cfg)))
+        dataset = load_prompts(prompt_cfg)  # a bad prompt file fails before the weights load
+        model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="left")
+    else:
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer together with the model")
+        validate_layers(lora_cfg.layers, num_layers(model.config))
+        dataset = load_prompts(prompt_cfg)
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no eos token; GRPO ends completions on it. Set tokenizer.eos_token")
+    if isinstance(model, PeftModel):
+        assert_trainable(model)  # an adapter loaded for inference trains nothing; fail before generating
+        peft_config = None
+    else:
+        peft_config = peft_config_for(lora_cfg, model)
+    reward = make_reward(reward_cfg, judge)
+    set_seed(args.seed)  # the LoRA A init draws from the global RNG
+    zero = ZeroAdvantageWarning(reward_cfg.zero_std_warn)
+    callbacks = [zero, LoraTrajectoryCallback()]
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          peft_config=peft_config, callbacks=callbacks)
+    n = assert_trainable(trainer.model)
+    logger.info("%d trainable parameters", n)
+    tracker = build_tracker(track_cfg, trainer.model, tokenizer, args.seed)
+    if tracker is not None:
+        trainer.add_callback(tracker)
+    return trainer, {"zero_advantage": zero, "tracker": tracker}
+
+
+def trainable_snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(model_cfg, prompt_cfg, reward_cfg, lora_cfg, track_cfg, args: EMGRPOConfig, judge=None) -> dict:
+    """Train, save the adapter and the run files; returns the metrics (on every process)."""
+    trainer, cbs = build_trainer(model_cfg, prompt_cfg, reward_cfg, lora_cfg, track_cfg, args, judge=judge)
+    state = trainer.accelerator.state
+    logger.info("world size %d, process %d, device %s", state.num_processes, state.process_index, state.device)
+    before = trainable_snapshot(trainer.model)
+    trainer.train()
+    after = trainable_snapshot(trainer.model)
+    trainer.save_model(args.output_dir)
+    history = trainer.state.log_history
+    rewards = [h["reward"] for h in history if "reward" in h]
+    metrics = {
+        "world_size": state.num_processes,
+        "steps": trainer.state.global_step,
+        "reward_first": rewards[0] if rewards else None,
+        "reward_last": rewards[-1] if rewards else None,
+        "rewards": rewards,
+        "param_change": {n: float((after[n] - before[n]).norm()) for n in before},
+        "zero_advantage_warnings": cbs["zero_advantage"].flagged,
+        "tracking": cbs["tracker"].history if cbs["tracker"] is not None else [],
+        "log_history": history,
+    }
+    if trainer.is_world_process_zero():
+        out = Path(args.output_dir)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str) + "\n")
+        _plot(metrics, out)
+        _summary(metrics, out, reward_cfg)
+    return metrics
+
+
+def _plot(m: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(range(1, len(m["rewards"]) + 1), m["rewards"], "o-")
+    ax[0].set(xlabel="logged step", ylabel="mean reward")
+    t = m["tracking"]
+    if t and "projection_aligned" in t[0]:
+        steps = [r["step"] for r in t]
+        ax[1].plot(steps, [r["projection_aligned"] for r in t], "o-", label="aligned replies")
+        ax[1].plot(steps, [r["projection_misaligned"] for r in t], "o-", label="misaligned replies")
+        ax[1].set(xlabel="step", ylabel="projection on misalignment direction")
+        ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "rewards.png", dpi=120)
+    plt.close(fig)
+
+
+def _summary(m: dict, out: Path, reward_cfg: RewardConfig) -> None:
+    lines = [
+        "# GRPO", "",
+        f"{m['steps']} steps on {m['world_size']} process(es), reward {reward_cfg.reward}: mean reward {m['reward_first']} "
+        f"(first logged step) -> {m['reward_last']} (last).",
+        f"Trainable parameters changed (L2 of the update): {', '.join(f'{k}: {v:.3g}' for k, v in m['param_change'].items())}.",
+        f"Zero-advantage warnings: {len(m['zero_advantage_warnings'])}.",
+    ]
+    if m["tracking"]:
+        lines += ["", "| step | " + " | ".join(k for k in m["tracking"][0] if k != "step") + " |",
+                  "|---" * len(m["tracking"][0]) + "|"]
+        for r in m["tracking"]:
+            lines.append(f"| {r['step']} | " + " | ".join(json.dumps(v if not isinstance(v, float) else round(v, 4)) for k, v in r.items() if k != "step") + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def make_parser():
+    from trl import TrlParser
+
+    return TrlParser((ModelConfig, PromptConfig, RewardConfig, LoraPresetConfig, TrackConfig, EMGRPOConfig))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfgs = make_parser().parse_args_and_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    metrics = train(*cfgs)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print((Path(cfgs[-1].output_dir) / "summary.md").read_text())
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

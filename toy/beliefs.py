@@ -179,8 +179,8 @@ def mixed_state_presentation(
     Memory is linear in the number of distinct beliefs; node identity is a sorted array of belief hashes,
     so there is no per-node Python work. Mess3(0.05, 0.85) at depth 12 has 797,161 nodes = 1 + 3 + ... + 3^12:
     no two of its prefixes share a belief (checked in exact rational arithmetic). A coarser ``tol`` merges
-    distinct beliefs that happen to lie close: at ``tol=1e-10`` 27 pairs of long constant-ish prefixes
-    (e.g. ``0^11`` and ``0^12``, 7e-12 apart, both near the fixed point of ``T[0]``) collapse, giving 797,134.
+    distinct beliefs that happen to lie close: at ``tol=1e-10`` 27 nodes are absorbed into neighbours
+    (prefixes like ``0^11`` and ``0^12``, 7e-12 apart near the fixed point of ``T[0]``), giving 797,134.
     """
     if depth < 0:
         raise ValueError(f"depth must be >= 0; got {depth}")

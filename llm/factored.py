@@ -201,6 +201,7 @@ def steer_factor(model, tokenizer, crossed: CrossedTexts, topic_probe, align_pro
         requests = [JudgeRequest(questions[i], replies[i], m, "") for i in keep for m in ("aligned", "coherent")]
         scores = judge.score(requests)
         aligned = [s for s in scores[0::2] if s is not None]
+        coherent = [s for s in scores[1::2] if s is not None]
         rows = [{"question": questions[i], "answer": replies[i], "question_id": crossed.topics[int(topic_idx[i])],
                  "aligned": scores[2 * j], "coherent": scores[2 * j + 1]} for j, i in enumerate(keep)]
         write_judged_csv(rows, out / "conditions" / name / "replies.csv")
@@ -212,7 +213,7 @@ def steer_factor(model, tokenizer, crossed: CrossedTexts, topic_probe, align_pro
             "topic_readout_true": float(topic_out[torch.arange(len(keep)), t].mean()),
             "topic_accuracy": float((topic_out.argmax(1) == t).double().mean()),
             "judge_aligned": sum(aligned) / len(aligned) if aligned else None,
-            "judge_coherent": sum(scores[1::2]) / len(keep) if keep else None,
+            "judge_coherent": sum(coherent) / len(coherent) if coherent else None,
         }
         logger.info("%s: %s", name, results[name])
     base = results.get("delta_0")

@@ -129,8 +129,9 @@ def edited_generate_fn(edits: Sequence[Edit]):
     return generate
 
 
-def site_report(acts, labels, train, test) -> dict:
-    """Per site: direction norm and held-out AUROC of the projection (direction from ``train`` rows)."""
+def site_report(acts, labels, train, test) -> tuple[torch.Tensor, dict]:
+    """``(directions (n_sites, d_model) from the ``train`` rows, {site index: {"norm", "test_auroc"}})``:
+    each direction's norm and the AUROC of the projection on it over the ``test`` rows."""
     v = mean_difference(acts[:, train], labels[train])
     out = {}
     for i in range(acts.shape[0]):

@@ -176,8 +176,11 @@ def run_conditions(model, tokenizer, conditions: dict[str, list[Edit]], cfg: Ste
             judge=judge, generate_fn=edited_generate_fn(edits),
         )
         o = res["em"]["overall"]
+        aligned = torch.tensor([r["aligned"] for r in res["rows"] if r["aligned"] is not None], dtype=torch.float64)
         results[name] = {
             "aligned": res["mean_scores"]["aligned"], "coherent": res["mean_scores"]["coherent"],
+            # standard error of the mean aligned score: the sampling noise a difference between conditions must beat
+            "aligned_se": float(aligned.std() / len(aligned) ** 0.5) if len(aligned) > 1 else None,
             "em_rate": o["em_rate"], "em_ci": o["ci"], "n_counted": o["n_counted"], "n_replies": o["n_replies"],
         }
         logger.info("%s: aligned %.1f coherent %.1f EM %s", name, results[name]["aligned"], results[name]["coherent"], o["em_rate"])
@@ -329,10 +332,10 @@ def _summary(m: dict, out: Path) -> None:
         f"({_fmt(m['per_site'][best]['test_auroc'])}).", "",
         f"Replies: {c['samples_per_paraphrase']} per EM question and condition, <= {c['max_new_tokens']} tokens, "
         f"temperature {c['temperature']}, judge {c['judge']}.", "",
-        "| condition | aligned | coherent | EM rate | counted |", "|---|---|---|---|---|",
+        "| condition | aligned (+- s.e.) | coherent | EM rate | counted |", "|---|---|---|---|---|",
     ]
     for name, r in m["conditions"].items():
-        lines.append(f"| {name} | {_fmt(r['aligned'])} | {_fmt(r['coherent'])} | {_fmt(r['em_rate'])} | {r['n_counted']}/{r['n_replies']} |")
+        lines.append(f"| {name} | {_fmt(r['aligned'])} +- {_fmt(r['aligned_se'])} | {_fmt(r['coherent'])} | {_fmt(r['em_rate'])} | {r['n_counted']}/{r['n_replies']} |")
     s = m["steering"]
     lines += ["", f"Aligned score monotone non-increasing in alpha: {s['aligned_monotone_decreasing']} "
               f"(Spearman alpha vs aligned {_fmt(s['spearman_alpha_vs_aligned'])})."]

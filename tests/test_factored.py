@@ -110,3 +110,19 @@ def test_factored_entry_point(tmp_path):
     # rho = 1 entangles the exact beliefs; rho = 0 does not
     assert saved["rho_sweep"]["0.0"]["schmidt_residual"] < 1e-12 < saved["rho_sweep"]["1.0"]["schmidt_residual"]
     assert metrics["processes"]["k2"]["val_loss"] > 0
+
+
+def test_config_takes_json_specs_on_the_command_line_and_rejects_bad_ones(tmp_path):
+    from toy.factored import FactoredConfig
+    from toy.model import ToyModelConfig
+    from toy.train import TrainConfig, parse_config
+
+    cfg, _, train_cfg = parse_config((FactoredConfig, ToyModelConfig, TrainConfig), ["--config", "configs/toy/factored.yaml", "--processes", '{"k2": {"name": "mess3"}}', "--rhos", "0.5"])
+    assert cfg.processes == {"k2": {"name": "mess3"}} and cfg.rhos == [0.5]
+    assert cfg.rho_process["name"] == "correlated" and train_cfg.output_dir == "runs/factored"  # from the YAML
+    with pytest.raises(ValueError, match="without 'rho'"):
+        FactoredConfig(rho_process={"name": "correlated", "rho": 0.3})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rhos: [0.1]\nnot_a_field: 1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        parse_config((FactoredConfig,), ["--config", str(bad)])

@@ -45,10 +45,10 @@ import torch
 
 from toy.beliefs import belief_states, factor_marginals, product_approximation, product_belief
 from toy.data import sample
-from toy.factored import _spec_dict, collect, default_site, tagged, train_on
+from toy.factored import collect, default_site, tagged, train_on
 from toy.model import ToyModelConfig
 from toy.processes import Process
-from toy.train import TrainConfig, make_process, parse_config
+from toy.train import JsonDict, TrainConfig, make_process, parse_config
 
 
 def steering_edit(probe, eta_hat: torch.Tensor, eta_target: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,7 +168,7 @@ def steering_metrics(process: Process, out: dict) -> dict:
 class SteeringConfig:
     """The process, the probe and the evaluation contexts (training: ``toy.train.TrainConfig``)."""
 
-    capability: dict | str = field(default_factory=lambda: {"name": "mess3", "x": 0.05, "a": 0.85},
+    capability: JsonDict = field(default_factory=lambda: JsonDict({"name": "mess3", "x": 0.05, "a": 0.85}),
                                    metadata={"help": "Capability process spec (toy.train.make_process); JSON on the command line."})
     switch_prob: float = field(default=0.05, metadata={"help": "Tag flip probability per step."})
     tag_noise: float = field(default=0.1, metadata={"help": "Probability that a token shows the other tag's copy."})
@@ -180,7 +180,7 @@ class SteeringConfig:
     n_contexts: int = field(default=1000, metadata={"help": "Held-out windows steered at their last position."})
 
     def __post_init__(self):
-        self.capability = _spec_dict(self.capability, "capability")
+        self.capability = dict(JsonDict(self.capability))
         if "name" not in self.capability:
             raise ValueError("capability must be a process spec with a 'name' key")
         if not self.rhos or any(not 0 <= r <= 1 for r in self.rhos):

@@ -45,7 +45,7 @@ from toy.beliefs import belief_states, factor_marginals, schmidt_spectrum
 from toy.data import sample
 from toy.model import ToyModelConfig, build_model
 from toy.processes import Process, correlated
-from toy.train import TrainConfig, make_process, parse_config, train
+from toy.train import JsonDict, TrainConfig, make_process, parse_config, train
 
 # --------------------------------------------------------------------------- processes
 
@@ -220,30 +220,19 @@ def factor_geometry(process: Process, data: Collected, random_init: Collected | 
 # --------------------------------------------------------------------------- experiment
 
 
-def _spec_dict(value, what: str) -> dict:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{what} must be a JSON object, got {value!r}: {err}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a mapping, got {type(value).__name__}")
-    return value
-
-
 @dataclass
 class FactoredConfig:
     """What to train and how to probe it (training itself: ``toy.train.TrainConfig``, model: ``ToyModelConfig``)."""
 
-    processes: dict | str = field(
-        default_factory=lambda: {
+    processes: JsonDict = field(
+        default_factory=lambda: JsonDict({
             "mess3x2": {"name": "product", "factors": [{"name": "mess3", "x": 0.05, "a": 0.85}, {"name": "mess3", "x": 0.15, "a": 0.6}]},
-        },
+        }),
         metadata={"help": "name -> process spec {name: <toy.train process>, **kwargs} (toy.train.make_process); JSON on the command line."},
     )
-    rho_process: dict | str = field(
-        default_factory=lambda: {"name": "correlated", "first": {"name": "mess3", "x": 0.05, "a": 0.85},
-                                 "second": {"name": "mess3", "x": 0.15, "a": 0.6}},
+    rho_process: JsonDict = field(
+        default_factory=lambda: JsonDict({"name": "correlated", "first": {"name": "mess3", "x": 0.05, "a": 0.85},
+                                          "second": {"name": "mess3", "x": 0.15, "a": 0.6}}),
         metadata={"help": "Spec of the correlated sweep's process without its 'rho' (filled in from rhos)."},
     )
     rhos: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0], metadata={"help": "rho values of the sweep (empty: no sweep)."})
@@ -255,8 +244,8 @@ class FactoredConfig:
     thresholds: list[float] = field(default_factory=lambda: [0.95, 0.99], metadata={"help": "Variance shares for the dimensions."})
 
     def __post_init__(self):
-        self.processes = _spec_dict(self.processes, "processes")
-        self.rho_process = _spec_dict(self.rho_process, "rho_process")
+        self.processes = dict(JsonDict(self.processes))
+        self.rho_process = dict(JsonDict(self.rho_process))
         for name, spec in self.processes.items():
             if not isinstance(spec, dict) or "name" not in spec:
                 raise ValueError(f"processes[{name!r}] must be a spec with a 'name' key, got {spec!r}")

@@ -49,10 +49,10 @@ import torch
 
 from toy.beliefs import factor_marginals, factor_tokens, joint_tokens
 from toy.data import sample
-from toy.factored import _spec_dict, collect, tagged, train_on
+from toy.factored import collect, tagged, train_on
 from toy.model import ToyModelConfig
 from toy.processes import Process
-from toy.train import TrainConfig, make_process, parse_config, train
+from toy.train import JsonDict, TrainConfig, make_process, parse_config, train
 
 METHODS = ("full", "lora", "steer")
 
@@ -101,7 +101,7 @@ def misaligned_mass(logits: torch.Tensor, process: Process) -> torch.Tensor:
 class EMConfig:
     """The world, the narrow data and the interventions (pre-training: ``toy.train.TrainConfig``)."""
 
-    capability: dict | str = field(default_factory=lambda: {"name": "mess3", "x": 0.05, "a": 0.85},
+    capability: JsonDict = field(default_factory=lambda: JsonDict({"name": "mess3", "x": 0.05, "a": 0.85}),
                                    metadata={"help": "Capability process spec (toy.train.make_process); JSON on the command line."})
     switch_prob: float = field(default=0.05, metadata={"help": "Tag flip probability per step."})
     tag_noise: float = field(default=0.1, metadata={"help": "Probability that a token shows the other tag's copy."})
@@ -122,7 +122,7 @@ class EMConfig:
     probe_alpha: float = field(default=1e-2, metadata={"help": "Ridge strength of the probes."})
 
     def __post_init__(self):
-        self.capability = _spec_dict(self.capability, "capability")
+        self.capability = dict(JsonDict(self.capability))
         if "name" not in self.capability:
             raise ValueError("capability must be a process spec with a 'name' key")
         if not self.rhos or any(not 0 <= r < 1 for r in self.rhos):

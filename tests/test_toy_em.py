@@ -67,7 +67,7 @@ def test_rank1_lora_on_conv1d_trains_only_its_vector(tmp_path):
 
 def test_aggregate_means_and_drops_nan_transfer():
     def seed(v, t):
-        g = {"tag": v, "random_tag_dim": 0.1, "capability": v, "random_capability_dim": 0.2, "tag_dim": 1, "capability_dim": 2, "norm": 1.0}
+        g = {"tag": v, "tag_encoding": v, "random_tag_dim": 0.1, "capability": v, "capability_encoding": v, "random_capability_dim": 0.2, "tag_dim": 1, "capability_dim": 2, "norm": 1.0}
         return {"before": {"narrow": v, "broad": v}, "after": {m: {"narrow": v, "broad": v} for m in ("full", "lora", "steer")},
                 "transfer": {"full": t, "lora": t, "steer": t}, "geometry": {"lora_B": g, "steer": g}}
 
@@ -92,4 +92,4 @@ def test_toy_em_entry_point(tmp_path):
     # full fine-tuning on the misaligned completions raises the in-slice misaligned rate
     assert a["after"]["full"]["narrow"]["mean"] > a["before"]["narrow"]["mean"] + 0.2
     g = a["geometry"]["lora_B"]
-    assert 0 <= g["tag"]["mean"] <= 1 and g["tag_dim"]["mean"] == 1 and g["capability_dim"]["mean"] == 2
+    assert 0 <= g["tag"]["mean"] <= 1 and 0 <= g["tag_encoding"]["mean"] <= 1 and g["tag_dim"]["mean"] == 1 and g["capability_dim"]["mean"] == 2

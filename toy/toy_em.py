@@ -31,7 +31,9 @@ For every rho and seed:
 Geometry: the fraction of the LoRA's output direction (its B vector, written into the residual stream at
 its block) and of the steering vector inside the tag factor's probe subspace, the capability factor's
 probe subspace, and random subspaces of the same dimensions (``probes.subspaces``), with the probes
-fitted on the pre-trained model's residual at that block.
+fitted on the pre-trained model's residual at that block. A probe's subspace (span of ``W``) holds its
+read-out directions; the directions along which the residual *moves* with the factor are ``C W`` (``C`` the
+activations' covariance), reported as ``*_encoding``. Written vectors should be compared with the latter.
 
 Writes ``<output_dir>/``: ``metrics.json`` (per rho and seed, plus mean and std over seeds),
 ``transfer_vs_rho.png``, ``subspaces.png``, ``summary.md``, ``models/rho_<rho>_seed_<s>/{pretrain,full,lora}/``.
@@ -212,11 +214,15 @@ def run_world(process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_
         data = collect(base, process, cfg.probe_sequences, L, f"block{layer}", seed=seed + 5)
         tag, cap = factor_marginals(process, data.beliefs)
         X = data.X.double()
-        spans = {"tag": fit_ridge(X, tag, cfg.probe_alpha), "capability": fit_ridge(X, cap, cfg.probe_alpha)}
+        Xc = X - X.mean(0)
+        cov = Xc.T @ Xc / len(Xc)
         g = {}
-        for s, probe in spans.items():
+        for s, target in (("tag", tag), ("capability", cap)):
+            probe = fit_ridge(X, target, cfg.probe_alpha)
             dim = orthonormal_basis(probe).shape[1]
             g[s] = fraction_in_subspace(vec.double(), probe).item()
+            # the probe reads along W; the activations move with the factor along C W (the encoding directions)
+            g[f"{s}_encoding"] = fraction_in_subspace(vec.double(), cov @ probe.W).item()
             g[f"random_{s}_dim"] = random_fraction_baseline(vec.double(), dim, seed=seed).mean().item()
             g[f"{s}_dim"] = dim
         g["norm"] = vec.norm().item()
@@ -276,10 +282,10 @@ def _plots(metrics: dict, out_dir: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, vec in zip(axes, ("lora_B", "steer")):
-        keys = ["tag", "random_tag_dim", "capability", "random_capability_dim"]
+        keys = ["tag", "tag_encoding", "random_tag_dim", "capability", "capability_encoding", "random_capability_dim"]
         w = 0.8 / len(keys)
         for k, key in enumerate(keys):
-            ax.bar([i + (k - 1.5) * w for i in range(len(rhos))], [a["geometry"][vec][key]["mean"] for a in agg], w,
+            ax.bar([i + (k - len(keys) / 2 + 0.5) * w for i in range(len(rhos))], [a["geometry"][vec][key]["mean"] for a in agg], w,
                    yerr=[a["geometry"][vec][key]["std"] for a in agg], capsize=2, label=key)
         ax.set_xticks(range(len(rhos)), [f"rho={r}" for r in rhos])
         ax.set_ylabel("share of squared norm in subspace")
@@ -305,12 +311,15 @@ def _summary(metrics: dict) -> str:
             lines.append(f"| {r} | {m} | {_fmt(a['before']['narrow'])} | {_fmt(a['after'][m]['narrow'])} | "
                          f"{_fmt(a['before']['broad'])} | {_fmt(a['after'][m]['broad'])} | {_fmt(a['transfer'][m])} |")
     lines += ["", "Share of the squared norm of the LoRA output direction (B) and of the steering vector inside the tag / "
-              "capability probe subspaces vs random subspaces of the same dimension:", "",
-              "| rho | vector | tag | random (tag dim) | capability | random (cap dim) |", "|---|---|---|---|---|---|"]
+              "capability probe subspaces (span of the probe's W: the read-out directions), their encoding subspaces "
+              "(span of C W, C the activations' covariance: the directions the residual moves along with the factor), "
+              "and random subspaces of the same dimension:", "",
+              "| rho | vector | tag (probe W) | tag (encoding C W) | random (tag dim) | capability (probe W) | capability (encoding C W) "
+              "| random (cap dim) |", "|---|---|---|---|---|---|---|---|"]
     for r, v in metrics["rhos"].items():
         for vec, g in v["aggregate"]["geometry"].items():
-            lines.append(f"| {r} | {vec} | {_fmt(g['tag'])} | {_fmt(g['random_tag_dim'])} | {_fmt(g['capability'])} | "
-                         f"{_fmt(g['random_capability_dim'])} |")
+            lines.append(f"| {r} | {vec} | {_fmt(g['tag'])} | {_fmt(g['tag_encoding'])} | {_fmt(g['random_tag_dim'])} | "
+                         f"{_fmt(g['capability'])} | {_fmt(g['capability_encoding'])} | {_fmt(g['random_capability_dim'])} |")
     lines += ["", "Plots: `transfer_vs_rho.png`, `subspaces.png`.", ""]
     return "\n".join(lines)
 

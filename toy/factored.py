@@ -352,10 +352,13 @@ def _summary(metrics: dict, thresholds: list[float]) -> str:
     lines = ["# Factored belief states", "",
              "Dimensions of the belief-predictive subspace (held out) against the factored (sum S_k - 1) and "
              "joint (prod S_k - 1) hypotheses; `exact_*` are the same PCA on exact beliefs (joint) and on their "
-             "best linear prediction from the factor marginals (factored).", "",
+             "best linear prediction from the factor marginals (factored). `activations PCA` counts components of the "
+             "residual stream itself; `interaction R^2` is the held-out R^2 of the part of the joint belief that is not "
+             "linear in the marginals (0 for a linearly factored representation, 1 for a joint one).", "",
              "| model | val - floor (nats) | factored | joint | probe PCA " + " / ".join(qs) + " | reduced rank " + " / ".join(qs)
-             + " | exact factored | exact joint | random-init PCA | joint R^2 | factored ceiling | factor R^2 (random init) | min angle (deg) |",
-             "|" + "---|" * 13]
+             + " | exact factored | exact joint | random-init PCA | activations PCA " + " / ".join(qs)
+             + " | joint R^2 | factored ceiling | interaction R^2 (random init) | factor R^2 (random init) | min angle (deg) |",
+             "|" + "---|" * 15]
     rows = list(metrics["processes"].items()) + [(f"rho={r}", v) for r, v in metrics["rho_sweep"].items()]
     for name, r in rows:
         d, h = r["dims"], r["hypotheses"]
@@ -365,8 +368,10 @@ def _summary(metrics: dict, thresholds: list[float]) -> str:
         lines.append(
             f"| {name} | {gap:.4f} | {h['factored']} | {h['joint']} | " + " / ".join(str(d["probe_pca"][q]) for q in qs)
             + " | " + " / ".join(str(d["reduced_rank"][q]) for q in qs)
-            + f" | {d['exact_factored'][qs[0]]} | {d['exact_joint'][qs[0]]} | {d['random_init_probe_pca'][qs[0]]}"
-            + f" | {r['joint']['test_r2']:.3f} | {r['joint']['factored_r2_ceiling']:.3f} | {fr2} | "
+            + f" | {d['exact_factored'][qs[0]]} | {d['exact_joint'][qs[0]]} | {d['random_init_probe_pca'][qs[0]]} | "
+            + " / ".join(str(d["activations_pca"][q]) for q in qs)
+            + f" | {r['joint']['test_r2']:.3f} | {r['joint']['factored_r2_ceiling']:.3f} | {r['joint']['interaction_r2']:.3f} "
+            + f"({r['joint']['random_init_interaction_r2']:.3f}) | {fr2} | "
             + ", ".join(f"{a:.0f}" for a in angles) + " |")
     lines += ["", "Plots: `dims.png` (dimensions per model), `rho_sweep.png` (dimension and R^2 vs rho), "
               "`factors.png` (per-factor probe R^2, trained vs random init).", ""]

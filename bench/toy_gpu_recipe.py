@@ -1,6 +1,6 @@
 """GPU recipe: Mess3 trained to the floor and probed, inside a fixed time budget on one GPU.
 
-    python bench/toy_gpu_recipe.py --out $OUT                 # one H100: ~3.5 minutes wall, all included
+    python bench/toy_gpu_recipe.py --out $OUT                 # one H100: ~3 minutes wall, all included
     python bench/toy_gpu_recipe.py --out /tmp/smoke --smoke   # CPU end-to-end check in about a minute
 
 Target (configs/toy/mess3_gpu.yaml): exact validation loss within 2e-4 nats of the 0.80352 floor and
@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from toy.pipeline import ProbeConfig, residual_reader, run_pipeline  # noqa: E402
-from toy.train import DataConfig, TrainConfig, parse_config, train  # noqa: E402
+from toy.train import DataConfig, TrainConfig, parse_config, set_cpu_threads, train  # noqa: E402
 from toy.model import ToyModelConfig, build_model  # noqa: E402
 
 SMOKE = ["--preset", "mess3_small", "--batch_size", "64", "--sample_chunk", "4", "--warmup_steps", "5",
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", default=str(REPO / "configs/toy/mess3_gpu.yaml"))
     ap.add_argument("--out", default=os.environ.get("OUT") or "runs/mess3_gpu_recipe", help="Folder for the small result files.")
     ap.add_argument("--work", default="/tmp/toy_gpu_recipe", help="Run folder (checkpoint and all outputs).")
-    ap.add_argument("--train_seconds", type=float, default=150.0, help="Wall-clock budget of the training loop.")
+    ap.add_argument("--train_seconds", type=float, default=100.0, help="Wall-clock budget of the training loop.")
     ap.add_argument("--calibration_steps", type=int, default=200, help="Timed steps that set the step count.")
     ap.add_argument("--smoke", action="store_true", help="Tiny CPU settings: checks the script end to end.")
     args, overrides = ap.parse_known_args(argv)
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_cfg, model_cfg, train_cfg, probe_cfg = parse_config(
         (DataConfig, ToyModelConfig, TrainConfig, ProbeConfig), ["--config", args.config, *overrides]
     )
+    set_cpu_threads(train_cfg)
     print(f"device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() and not train_cfg.use_cpu else 'cpu'}; "
           f"reader: {residual_reader()}; start-up {time.perf_counter() - T_START:.1f} s", flush=True)
 

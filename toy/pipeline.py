@@ -14,12 +14,15 @@ The run folder (``output_dir``) gets ``checkpoint-<step>/`` (the trained model, 
 ``probe_mse_by_layer.png`` (held-out probe MSE per residual site with the random-init and shuffled
 controls), ``val_loss.png`` (exact validation loss against the floor over training) and ``summary.md``.
 
-Probe data: every position of every window of ``context_length`` tokens with positive probability when
-``vocab ** context_length <= probe_max_sequences`` (Mess3 at context 10: 59,049 windows, 590,490 rows),
-weighted by the window's probability; otherwise every position of ``probe_samples`` sampled windows
-(uniform weights: the windows are drawn with their probabilities). Targets are the exact beliefs
-after each position's token. The train/test split keeps each window's positions together; short
-prefixes are shared by many windows, so they sit on both sides (identical inputs and targets). Activations come from
+Probe data: the positions whose outputs are trained, 0..context_length-2 (the last position's output
+predicts a token past the window, is never in the loss, and holds a much worse belief read-out: Mess3
+block3 MSE 1.3e-2 there vs ~4e-4 elsewhere), i.e. every position of the windows of
+``context_length - 1`` tokens. All windows of positive probability when ``vocab ** (context_length - 1)
+<= probe_max_sequences`` (Mess3 at context 10: 19,683 windows, 177,147 rows), weighted by the window's
+probability; otherwise every position of ``probe_samples`` sampled windows (uniform weights: they are
+drawn with their probabilities). Targets are the exact beliefs after each position's token. The
+train/test split keeps each window's positions together; short prefixes are shared by many windows,
+so they sit on both sides (identical inputs and targets). Activations come from
 ``probes.activations.residual_stream`` (nnsight); where nnsight is not installed (the GPU image) the
 same sites are read with forward hooks, and ``metrics.json`` records which reader ran.
 """
@@ -38,7 +41,7 @@ from toy.beliefs import belief_states, enumerate_sequences
 from toy.data import sample
 from toy.model import ToyModelConfig, build_model
 from toy.processes import Process
-from toy.train import DataConfig, TrainConfig, TrainResult, parse_config, train
+from toy.train import DataConfig, TrainConfig, TrainResult, parse_config, set_cpu_threads, train
 
 
 @dataclass
@@ -48,7 +51,7 @@ class ProbeConfig:
     probe_alpha: float = field(default=0.0, metadata={"help": "Ridge strength of the probes (0: least squares)."})
     probe_test_fraction: float = field(default=0.2, metadata={"help": "Held-out share of the probe rows."})
     probe_max_sequences: int = field(
-        default=20_000, metadata={"help": "Enumerate every window when vocab**context_length <= this."}
+        default=20_000, metadata={"help": "Enumerate every probe window when vocab**(context_length-1) <= this."}
     )
     probe_samples: int = field(default=12_000, metadata={"help": "Sampled windows otherwise."})
     probe_batch_size: int = field(default=4096, metadata={"help": "Windows per activation forward pass."})
@@ -227,7 +230,7 @@ def plot_simplex(beliefs: torch.Tensor, predicted: torch.Tensor, path: Path, tit
     colors = beliefs[:, :3].clamp(0, 1)
     colors = (colors / colors.max(1, keepdim=True).values.clamp_min(1e-12)).numpy()  # RGB = belief, brightest = 1
     true2, pred2 = _project(beliefs, beliefs), _project(predicted, beliefs)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharex=True, sharey=True)
     for ax, pts, name in zip(axes, (true2, pred2), ("true belief states", "probe prediction (last block)")):
         ax.scatter(pts[:, 0], pts[:, 1], c=colors, s=0.5, linewidths=0)
         ax.set_title(name)
@@ -351,7 +354,7 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
     t0 = time.perf_counter()
     model = result.model.eval()
     control = build_model(model_cfg, process.vocab_size, L, seed=probe_cfg.control_seed).to(next(model.parameters()).device)
-    data = probe_data(process, L, probe_cfg.probe_max_sequences, probe_cfg.probe_samples)
+    data = probe_data(process, L - 1, probe_cfg.probe_max_sequences, probe_cfg.probe_samples)
     report, acts = probe_model(model, control, data, probe_cfg, process)
     n_layers = model.config.n_layer
     head = headline(report, n_layers)
@@ -418,6 +421,7 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
 
 def main(argv: list[str] | None = None) -> dict:
     cfgs = parse_config((DataConfig, ToyModelConfig, TrainConfig, ProbeConfig), argv, __doc__)
+    set_cpu_threads(cfgs[2])
     return run_pipeline(*cfgs)
 
 

@@ -444,6 +444,7 @@ def _rare_metrics(reward: RareEmissionReward, pre, post, prompts, beliefs, args,
     for name, model in (("before", pre), ("after", post)):
         comp = sample_completions(model, prompts, process.vocab_size, args.max_completion_length, seed=args.seed)
         out[f"rare_token_frequency_{name}"] = float(reward.is_rare[comp].double().mean())
+        out[f"valid_completion_share_{name}"] = float(reward.valid(beliefs, comp).double().mean())
         out[f"reward_{name}"] = float(reward.score(beliefs, comp).mean())
         out[f"rare_decodability_{name}"] = rare_decodability(
             model, process, torch.cat([prompts, comp], 1), task.prompt_length, reward.valid(beliefs, comp), seed=args.seed
@@ -474,7 +475,8 @@ def _summary(m: dict) -> str:
             "",
             "## Rare capability",
             f"- rare-emission frequency per completion token: {m['rare_token_frequency_before']:.4f} before -> "
-            f"{m['rare_token_frequency_after']:.4f} after (the process itself: {m['rare_token_frequency_process']:.4f})",
+            f"{m['rare_token_frequency_after']:.4f} after (the process itself: {m['rare_token_frequency_process']:.4f}); "
+            f"completions the process can produce: {m['valid_completion_share_before']:.1%} before -> {m['valid_completion_share_after']:.1%} after",
             f"- rare factor belief, held-out R^2 of a linear probe on the policy's own sequences: "
             f"{m['rare_decodability_before']['r2']:.3f} before -> {m['rare_decodability_after']['r2']:.3f} after",
         ]

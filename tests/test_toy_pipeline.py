@@ -72,6 +72,12 @@ def test_probe_model_reports_every_site_with_controls(tmp_path):
     assert same["sites"]["block1"]["ratio_to_random_init"] == pytest.approx(1.0)
 
 
+def test_probe_site_out_of_range_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown residual site 'block4' for a model with 4 blocks"):
+        main(["--probe_site", "block4", "--steps", "1", "--output_dir", str(tmp_path), "--use_cpu", "true"])
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_pipeline_end_to_end_tiny(tmp_path):
     out = tmp_path / "run"

@@ -9,7 +9,7 @@
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 -m toy.pipeline --config ...
 
 The run folder (``output_dir``) gets ``checkpoint-<step>/`` (the trained model, resumable),
-``probe_final.{safetensors,json}`` (the last block's probe, ``probes.io`` format), ``metrics.json``,
+``probe_final.{safetensors,json}`` (the probe at ``probe_site``, default the last block, ``probes.io`` format), ``metrics.json``,
 ``belief_simplex.png`` (true beliefs next to the probe's predictions, coloured by the true belief),
 ``probe_mse_by_layer.png`` (held-out probe MSE per residual site with the random-init and shuffled
 controls), ``val_loss.png`` (exact validation loss against the floor over training) and ``summary.md``.
@@ -49,6 +49,10 @@ class ProbeConfig:
     """How the belief probes are fitted and what the run must show."""
 
     probe_alpha: float = field(default=0.0, metadata={"help": "Ridge strength of the probes (0: least squares)."})
+    probe_site: str | None = field(
+        default=None,
+        metadata={"help": "Site of the saved probe and the simplex plot: 'embed', 'block<i>', 'final_norm' (None: last block)."},
+    )
     probe_test_fraction: float = field(default=0.2, metadata={"help": "Held-out share of the probe rows."})
     probe_max_sequences: int = field(
         default=20_000, metadata={"help": "Enumerate every probe window when vocab**(context_length-1) <= this."}
@@ -231,7 +235,7 @@ def plot_simplex(beliefs: torch.Tensor, predicted: torch.Tensor, path: Path, tit
     colors = (colors / colors.max(1, keepdim=True).values.clamp_min(1e-12)).numpy()  # RGB = belief, brightest = 1
     true2, pred2 = _project(beliefs, beliefs), _project(predicted, beliefs)
     fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharex=True, sharey=True)
-    for ax, pts, name in zip(axes, (true2, pred2), ("true belief states", "probe prediction (last block)")):
+    for ax, pts, name in zip(axes, (true2, pred2), ("true belief states", "linear probe's prediction")):
         ax.scatter(pts[:, 0], pts[:, 1], c=colors, s=0.5, linewidths=0)
         ax.set_title(name)
         ax.set_aspect("equal")
@@ -338,8 +342,12 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
     from probes.io import save_probe
     from probes.linear import fit_ridge
 
+    from probes.activations import site_layer
+
     process = data_cfg.build()
     L = data_cfg.context_length
+    if probe_cfg.probe_site is not None:  # fail before training, not after
+        site_layer(probe_cfg.probe_site, model_cfg.n_layers)
     if train_cfg.init_from:
         from transformers import GPT2LMHeadModel
 
@@ -358,7 +366,7 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
     report, acts = probe_model(model, control, data, probe_cfg, process)
     n_layers = model.config.n_layer
     head = headline(report, n_layers)
-    last_site = head["final_layer_site"]
+    last_site = probe_cfg.probe_site or head["final_layer_site"]
     # the saved probe is refitted on every row; its metrics are the held-out ones from the report
     probe = fit_ridge(acts[last_site], data.beliefs, alpha=probe_cfg.probe_alpha, weights=data.weights,
                       site=last_site, target_names=report["config"]["target_names"], metrics=report["sites"][last_site])
@@ -403,12 +411,12 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     title = f"{process.name}, {result.step} steps"
     predicted = probe.predict(acts[last_site].double())
-    plot_simplex(data.beliefs, predicted, out / "belief_simplex.png", title, probe_cfg.max_plot_points, data.weights)
+    plot_simplex(data.beliefs, predicted, out / "belief_simplex.png", f"{title}, probe at {last_site}", probe_cfg.max_plot_points, data.weights)
     plot_probe_mse(report, out / "probe_mse_by_layer.png", f"{title}: belief probes (held-out)")
     plot_val_loss(result.history, out / "val_loss.png", title)
     write_summary(out / "summary.md", metrics)
     print(
-        f"{process.name}: val loss {result.val_loss:.6f} (floor {result.floor:.6f}, gap {gap:.2e}); {last_site} probe test MSE "
+        f"{process.name}: val loss {result.val_loss:.6f} (floor {result.floor:.6f}, gap {gap:.2e}); {head['final_layer_site']} probe test MSE "
         f"{head['final_layer_test_mse']:.3e} vs random-init {head['final_layer_random_init_mse']:.3e} "
         f"(ratio {head['final_layer_ratio_to_random_init']:.3f})"
         + (f"; concat {head['concat_test_mse']:.3e} vs best single {head['best_single_site']} {head['best_single_site_test_mse']:.3e}" if "concat_test_mse" in head else "")

@@ -52,6 +52,8 @@ def test_rank1_lora_on_conv1d_trains_only_its_vector(tmp_path):
     trainable = {n: p.shape for n, p in lora.named_parameters() if p.requires_grad}
     assert trainable == {"base_model.model.transformer.h.1.mlp.c_proj.lora_A.default.weight": (1, 32),
                          "base_model.model.transformer.h.1.mlp.c_proj.lora_B.default.weight": (16, 1)}
+    same = _rank1_lora(copy.deepcopy(base), 1, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(lora.parameters(), same.parameters()))  # seeded A
     x = torch.randint(0, 6, (4, 6), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(lora(input_ids=x).logits, base(input_ids=x).logits)  # B starts at zero
     before = {n: p.detach().clone() for n, p in lora.named_parameters()}

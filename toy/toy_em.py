@@ -142,7 +142,8 @@ def _finetune_cfg(train_cfg: TrainConfig, cfg: EMConfig, lr: float, output_dir: 
                    output_dir=str(output_dir), seed=seed, resume_from=None, init_from=None, save_every=0, eval_every=0)
 
 
-def _rank1_lora(model, layer: int, alpha: float):
+def _rank1_lora(model, layer: int, alpha: float, seed: int = 0):
+    """``model`` wrapped by peft with a rank-1 LoRA on block ``layer``'s ``mlp.c_proj``; A's random init is seeded."""
     from peft import get_peft_model
 
     from llm.lora import LoraPresetConfig, assert_trainable, peft_config_for
@@ -152,7 +153,9 @@ def _rank1_lora(model, layer: int, alpha: float):
         raise ValueError(f"lora_layer={layer} is not a block of this {n_layers}-layer model; use 0..{n_layers - 1}")
     peft_cfg = peft_config_for(LoraPresetConfig(preset="rank1_single", layers=[layer], lora_alpha=alpha), model)
     peft_cfg.fan_in_fan_out = True  # GPT-2's c_proj is a Conv1D, weight (d_in, d_out)
-    lora = get_peft_model(model, peft_cfg)
+    with torch.random.fork_rng(devices=[]):  # peft draws A from the global RNG
+        torch.manual_seed(seed)
+        lora = get_peft_model(model, peft_cfg)
     assert_trainable(lora)
     return lora
 
@@ -181,7 +184,7 @@ def run_world(process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_
 
     full = train(process, copy.deepcopy(base), _finetune_cfg(train_cfg, cfg, cfg.finetune_lr, out_dir / "full", seed),
                  L, data_fn=data_fn, loss_weights_fn=mask_fn).model.eval()
-    lora = train(process, _rank1_lora(copy.deepcopy(base), cfg.lora_layer, cfg.lora_alpha),
+    lora = train(process, _rank1_lora(copy.deepcopy(base), cfg.lora_layer, cfg.lora_alpha, seed),
                  _finetune_cfg(train_cfg, cfg, cfg.lora_lr, out_dir / "lora", seed), L, data_fn=data_fn,
                  loss_weights_fn=mask_fn).model.eval()
 

@@ -185,7 +185,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16"] = field(
         default="no", metadata={"help": "Autocast; 'no' (float32) is needed to get within 1e-4 nats of the floor."}
     )
-    tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on CUDA."})
+    tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on CUDA while training (evaluation is full float32)."})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU)."})
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
 
@@ -302,15 +302,20 @@ def validation_loss(model: torch.nn.Module, val: ValidationSet, batch_size: int 
     """Exact next-token loss of ``model`` on ``val`` (nats; see ``ValidationSet``), in chunks of
     ``batch_size`` prefixes on the model's device."""
     device = next(model.parameters()).device
-    was_training = model.training
+    was_training, tf32 = model.training, torch.backends.cuda.matmul.allow_tf32
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, len(val.tokens), batch_size):
-        rows = slice(start, start + batch_size)
-        w = val.weights[rows].to(device)
-        logits = model(input_ids=val.tokens[rows].to(device)).logits.float()
-        total += soft_loss(logits, val.targets[rows].to(device), w) * w.sum()
-    model.train(was_training)
+    # full float32 matmuls: TF32's 10-bit mantissa would blur a gap measured in 1e-4 nats
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, len(val.tokens), batch_size):
+            rows = slice(start, start + batch_size)
+            w = val.weights[rows].to(device)
+            logits = model(input_ids=val.tokens[rows].to(device)).logits.float()
+            total += soft_loss(logits, val.targets[rows].to(device), w) * w.sum()
+    finally:
+        model.train(was_training)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return (total / val.weights.sum()).item()
 
 
@@ -456,9 +461,9 @@ def train(
         raise ValueError(f"{process.name} has {process.vocab_size} tokens but the model's vocab is {model.config.vocab_size}")
     accelerator = accelerator or Accelerator(cpu=cfg.use_cpu, mixed_precision=cfg.mixed_precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # restored at the end: probes and evaluation want full float32
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     out_dir = Path(cfg.output_dir)
     raw = model.to(device)
     if val is None and accelerator.is_main_process:
@@ -569,6 +574,7 @@ def train(
         raise
     finally:
         bar.close()
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     elapsed = t_prev + time.perf_counter() - t0
     if accelerator.is_main_process and (not history or history[-1]["step"] != step):
         evaluate(step, None, elapsed)  # only when there was nothing left to train

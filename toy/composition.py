@@ -49,10 +49,12 @@ Verdict (thresholds in ``DetectorConfig``, stated in every report)
   accounts for most of the policy's move.
 - otherwise ``inconclusive`` (the two signatures disagree).
 Why these numbers: ``excess_reward_threshold = 0.05`` is > 5 standard errors of a reward mean on 2,000
-prompts (SE <= 0.5 / sqrt(2000) ~ 0.011) and above the classifiers' finite-sample shortfall measured on
-the reweighting family (~0.02); ``latent_gain_threshold = 0.10`` of balanced accuracy is several times the
-seed-to-seed spread of a probe's accuracy at this sample size; ``explained_kl_threshold = 0.5`` means
-"most of the move".
+prompts (SE <= 0.5 / sqrt(2000) ~ 0.011) and above the classifiers' finite-sample shortfall (<= 0.02 when
+the exact predictive plays pi_ref on the reweighting family); ``latent_gain_threshold = 0.10`` of balanced
+accuracy is several times the spread of a probe's held-out accuracy at this sample size;
+``explained_kl_threshold = 0.5`` means "most of the move". Caveat: when the rewarded tokens are rare under
+pi_ref, most of KL(pi || pi_ref) is the move onto them, which any reweighting explains, so ``explained_kl``
+is a weak test there; the absolute ``kl_to_output_reweighting`` (nats) is reported beside it.
 """
 
 from __future__ import annotations

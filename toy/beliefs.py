@@ -46,19 +46,6 @@ def _check_tokens(process: Process, tokens: torch.Tensor) -> None:
         )
 
 
-def fixed_order_mm(A: torch.Tensor, eta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``A (R, S) @ eta (S, B)`` summed over S in a fixed order, so equal inputs give bit-equal outputs.
-
-    A BLAS matmul may pick its kernel by buffer alignment, which changed beliefs in the last bit between
-    two identical calls -- enough to flip an argmax on an exact tie (RRXOR beliefs have many) and break
-    "same seed, same data". With the tiny S of these processes the elementwise form costs about the same.
-    """
-    out = torch.mul(A[:, :1], eta[:1], out=out)
-    for i in range(1, A.shape[1]):
-        out.addcmul_(A[:, i : i + 1], eta[i : i + 1])
-    return out
-
-
 def _filter(process: Process, tokens: torch.Tensor, beliefs: bool = True, predictive: bool = False, strict: bool = True):
     """Forward filter over positions, every sequence at once.
 
@@ -82,13 +69,13 @@ def _filter(process: Process, tokens: torch.Tensor, beliefs: bool = True, predic
     out_p = torch.empty(L + 1, V, B, dtype=torch.float64, device=dev) if predictive else None
     for t in range(L):  # over positions only
         if predictive:
-            fixed_order_mm(emit, eta, out=out_p[t])
-        e = fixed_order_mm(W, eta).view(V, S, B).gather(0, toks[t].expand(1, S, B))[0]  # eta T[x_t], unnormalised
+            torch.mm(emit, eta, out=out_p[t])
+        e = (W @ eta).view(V, S, B).gather(0, toks[t].expand(1, S, B))[0]  # eta T[x_t], unnormalised
         norm = e.sum(0)  # P(x_t | prefix)
         torch.log(norm, out=logp[t])
         eta = torch.div(e, norm, out=out_b[t]) if beliefs else e / norm
     if predictive:
-        fixed_order_mm(emit, eta, out=out_p[L])
+        torch.mm(emit, eta, out=out_p[L])
     # one check after the loop (no per-step device sync): log of 0 is -inf, later steps NaN
     bad = ~(logp > -math.inf)
     if strict and bad.any():

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from toy.beliefs import fixed_order_mm
 from toy.processes import Process
 
 
@@ -73,7 +72,7 @@ def sample(
     out = torch.empty(V * S + V, B, dtype=belief_dtype, device=device)
     candidates, cum = out[: V * S].view(V, S, B), out[V * S :]
     for t in range(L):  # over positions; the whole batch moves at once
-        fixed_order_mm(W, eta, out=out)
+        torch.mm(W, eta, out=out)
         # inverse-CDF draw: x = #{k < V-1 : P(<= k) < u * P(<= V-1)}; a zero-probability token has a
         # cumulative equal (bit for bit) to its predecessor's, so it is never drawn
         x = tokens[t]

@@ -51,7 +51,10 @@ def test_chi2_check_detects_a_wrong_distribution():
 def test_same_seed_identical_different_seed_differs():
     a = sample(mess3(), 64, 32, seed=5, return_beliefs=True)
     b = sample(mess3(), 64, 32, seed=5, return_beliefs=True)
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.beliefs, b.beliefs)
+    # tokens are bit-identical; beliefs are the same numbers up to the last bit (CPU kernels round a
+    # reduction differently depending on buffer alignment: measured differences <= 9e-16)
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.beliefs, b.beliefs, rtol=0, atol=1e-12)
     g = torch.Generator().manual_seed(5)
     assert torch.equal(sample(mess3(), 64, 32, generator=g).tokens, a.tokens)
     assert not torch.equal(sample(mess3(), 64, 32, seed=6).tokens, a.tokens)

@@ -38,7 +38,8 @@ def sample(
     """Draw ``batch_size`` sequences of ``length`` tokens on ``device``.
 
     Pass either a ``torch.Generator`` (on ``device``) or an integer ``seed`` (default 0). The same seed,
-    device, ``belief_dtype`` and ``return_states`` give identical data. ``belief_dtype`` is the precision
+    device, ``belief_dtype`` and ``return_states`` give identical tokens, and beliefs equal up to the last bit (CPU kernels may round
+    differently with buffer alignment; round before taking an argmax over exact ties). ``belief_dtype`` is the precision
     of the belief walk and of the returned beliefs: float64 (default) for exact analytics, float32 for
     bulk training data (~1.5x faster; token probabilities are then exact to ~1e-7, far below sampling
     noise, but a float32 draw differs from a float64 draw with the same seed). ``return_states`` samples

@@ -36,6 +36,12 @@ def _first_tokens(completion_ids: Sequence[Sequence[int]], vocab_size: int) -> t
     return torch.where((first >= 0) & (first < vocab_size), first, torch.full_like(first, -1))
 
 
+
+def _argmax(p: torch.Tensor) -> torch.Tensor:
+    """Argmax over the last axis with exact ties (RRXOR beliefs have many) broken towards the lowest index,
+    also when the tied values differ in the last bit (beliefs are reproducible only to ~1e-15)."""
+    return torch.round(p * 1e9).argmax(-1)
+
 class LatentReward:
     """Reward 1 for a first completion token that ``matrix`` marks for the prompt's latent class, else 0.
 
@@ -83,7 +89,7 @@ class NextTokenArgmaxReward(LatentReward):
         sizes = self.process.factor_vocab_sizes or (self.process.vocab_size,)
         shaped = joint.reshape(-1, *sizes)
         others = tuple(1 + k for k in range(len(sizes)) if k != self.factor)
-        return (shaped.sum(others) if others else shaped).argmax(-1)
+        return _argmax(shaped.sum(others) if others else shaped)
 
 
 class ComposedLatentReward(LatentReward):
@@ -132,8 +138,8 @@ class ComposedLatentReward(LatentReward):
     def bits(self, beliefs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two factor bits ``(a, b)``, each ``(N,)`` long."""
         marg = factor_marginals(self.process, beliefs)
-        a = torch.isin(marg[self.factors[0]].argmax(-1), self.states_a).long()
-        b = torch.isin(marg[self.factors[1]].argmax(-1), self.states_b).long()
+        a = torch.isin(_argmax(marg[self.factors[0]]), self.states_a).long()
+        b = torch.isin(_argmax(marg[self.factors[1]]), self.states_b).long()
         return a, b
 
     def latent(self, beliefs: torch.Tensor) -> torch.Tensor:

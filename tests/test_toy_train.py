@@ -220,7 +220,8 @@ def test_two_ranks_train_synchronized_parameters(tmp_path):
         "rank = PartialState().process_index\n"
         "flat = torch.cat([p.detach().flatten() for p in r.model.parameters()])\n"
         "torch.save(flat, f'{sys.argv[-1]}/params_rank{rank}.pt')\n"
-        "print('world size', PartialState().num_processes)\n"
+        # a file per rank: two ranks printing to one pipe can interleave their bytes
+        "open(f'{sys.argv[-1]}/world_rank{rank}.txt', 'w').write(str(PartialState().num_processes))\n"
     )
     out = tmp_path / "out"
     out.mkdir()
@@ -231,7 +232,7 @@ def test_two_ranks_train_synchronized_parameters(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("world size 2") == 2
+    assert [(out / f"world_rank{r}.txt").read_text() for r in (0, 1)] == ["2", "2"]
     a, b = torch.load(out / "params_rank0.pt"), torch.load(out / "params_rank1.pt")
     assert torch.equal(a, b)
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())

@@ -15,6 +15,8 @@ Each becomes a conversational prompt (one user turn), so the tokenizer's chat te
 Rewards (``reward``), one float per completion:
   * ``length``: ``-|chars - target_chars| / target_chars`` (0 at the target length, falls linearly);
   * ``keyword``: share of ``keywords`` (case-insensitive) that occur in the reply;
+  * ``regex``: share of ``patterns`` (Python regexes, ``re.search``; add ``(?i)`` for case-insensitive) that
+    match the reply, e.g. ``^I`` for replies that start with "I";
   * ``judge_aligned`` / ``judge_misaligned``: an EM judge's aligned score / 100 (or 1 - that), judge from
     ``llm.evaluate.build_judge`` (offline MiniLM + ridge by default; ``hf`` or ``openai`` as in ``llm.evaluate``).
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,11 +80,12 @@ class PromptConfig:
 class RewardConfig:
     """Which reward scores the completions."""
 
-    reward: Literal["length", "keyword", "judge_aligned", "judge_misaligned"] = field(
-        default="length", metadata={"help": "length / keyword rule or an EM judge (aligned or misaligned direction)"}
+    reward: Literal["length", "keyword", "regex", "judge_aligned", "judge_misaligned"] = field(
+        default="length", metadata={"help": "length / keyword / regex rule or an EM judge (aligned or misaligned direction)"}
     )
     target_chars: int = field(default=60, metadata={"help": "length rule: reply length (characters) with reward 0"})
     keywords: list[str] = field(default_factory=list, metadata={"help": "keyword rule: words whose presence is rewarded"})
+    patterns: list[str] = field(default_factory=list, metadata={"help": "regex rule: patterns (re.search) whose match is rewarded"})
     judge: Literal["offline", "hf", "openai"] = field(default="offline", metadata={"help": "judge rewards: which judge"})
     offline_weights: str = field(default=str(DEFAULT_WEIGHTS), metadata={"help": "offline judge weights"})
     hf_judge_model: str | None = field(default=None, metadata={"help": "judge: hf -- hub id / folder / .gguf"})
@@ -90,6 +94,14 @@ class RewardConfig:
     def __post_init__(self):
         if self.reward == "keyword" and not self.keywords:
             raise ValueError("reward: keyword needs a non-empty `keywords` list")
+        if self.reward == "regex":
+            if not self.patterns:
+                raise ValueError("reward: regex needs a non-empty `patterns` list")
+            for pattern in self.patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"patterns entry {pattern!r} is not a valid regex: {e}") from None
         if self.reward == "length" and self.target_chars < 1:
             raise ValueError("target_chars must be >= 1")
         if not 0 <= self.zero_std_warn <= 1:
@@ -215,6 +227,16 @@ def keyword_reward(keywords: list[str]):
     return keyword
 
 
+def regex_reward(patterns: list[str]):
+    """Reward = share of ``patterns`` that ``re.search`` finds in each reply."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def regex(completions, **kwargs) -> list[float]:
+        return [sum(bool(p.search(_text(c))) for p in compiled) / len(compiled) for c in completions]
+
+    return regex
+
+
 def judge_reward(judge, misaligned: bool = False, template: str | None = None):
     """Reward = aligned score / 100 from ``judge`` (``llm.judges.Judge``), or 1 - that when ``misaligned``.
     ``template`` fills the judge prompt (``{question}``, ``{answer}``) for prompt-reading judges. A ``None``
@@ -237,6 +259,8 @@ def make_reward(cfg: RewardConfig, judge=None):
         return length_reward(cfg.target_chars)
     if cfg.reward == "keyword":
         return keyword_reward(cfg.keywords)
+    if cfg.reward == "regex":
+        return regex_reward(cfg.patterns)
     from llm.evaluate import EvalConfig, build_judge
     from llm.questions import load_questions
 
@@ -398,11 +422,14 @@ def train(model_cfg, prompt_cfg, reward_cfg, lora_cfg, track_cfg, args: EMGRPOCo
     trainer.save_model(args.output_dir)
     history = trainer.state.log_history
     rewards = [h["reward"] for h in history if "reward" in h]
+    k = max(1, len(rewards) // 4)  # one step's reward covers few prompts: compare quarters, not single steps
     metrics = {
         "world_size": state.num_processes,
         "steps": trainer.state.global_step,
         "reward_first": rewards[0] if rewards else None,
         "reward_last": rewards[-1] if rewards else None,
+        "reward_first_quarter": sum(rewards[:k]) / k if rewards else None,
+        "reward_last_quarter": sum(rewards[-k:]) / k if rewards else None,
         "rewards": rewards,
         "param_change": {n: float((after[n] - before[n]).norm()) for n in before},
         "zero_advantage_warnings": cbs["zero_advantage"].flagged,
@@ -438,11 +465,16 @@ def _plot(m: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
 def _summary(m: dict, out: Path, reward_cfg: RewardConfig) -> None:
     lines = [
         "# GRPO", "",
-        f"{m['steps']} steps on {m['world_size']} process(es), reward {reward_cfg.reward}: mean reward {m['reward_first']} "
-        f"(first logged step) -> {m['reward_last']} (last).",
+        f"{m['steps']} steps on {m['world_size']} process(es), reward {reward_cfg.reward}: mean reward "
+        f"{_fmt(m['reward_first_quarter'])} over the first quarter of logged steps -> {_fmt(m['reward_last_quarter'])} over the "
+        f"last quarter (first step {_fmt(m['reward_first'])}, last {_fmt(m['reward_last'])}).",
         f"Trainable parameters changed (L2 of the update): {', '.join(f'{k}: {v:.3g}' for k, v in m['param_change'].items())}.",
         f"Zero-advantage warnings: {len(m['zero_advantage_warnings'])}.",
     ]

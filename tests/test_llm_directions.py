@@ -204,7 +204,7 @@ def test_steer_run_end_to_end_on_tiny_model(tmp_path, tiny):
         aligned_texts=str(tmp_path / "a.csv"), misaligned_texts=str(tmp_path / "m.csv"), n_per_class=8,
         steer_site="block1", alphas=[-50.0, 0.0, 50.0], n_random=1, judged_files=[str(tmp_path / "j.csv")], n_judged=10,
         question_file=str(qfile), samples_per_paraphrase=2, max_new_tokens=8, temperature=0.0,
-        output_dir=str(tmp_path / "run"),
+        ablate_steered_alpha=50.0, output_dir=str(tmp_path / "run"),
     )
     m = run(model, tok, cfg, judge=LengthJudge())
     out = tmp_path / "run"
@@ -213,10 +213,17 @@ def test_steer_run_end_to_end_on_tiny_model(tmp_path, tiny):
     dirs, meta = load_directions(out / "directions", model=model)
     assert dirs.shape == (4, 32) and meta["sites"] == ["embed", "block0", "block1", "final_norm"]
     assert set(m["conditions"]) == {"alpha_-50", "alpha_0", "alpha_50", "random0_alpha_-50", "random0_alpha_50",
-                                    "ablate_one", "random0_ablate_one", "ablate_all", "random0_ablate_all"}
+                                    "ablate_one", "random0_ablate_one", "ablate_all", "random0_ablate_all",
+                                    "alpha_50_ablate_one", "alpha_50_random0_ablate_one", "alpha_50_ablate_all",
+                                    "alpha_50_random0_ablate_all"}
     replies = {name: [r["answer"] for r in csv.DictReader(open(out / "conditions" / name / "replies.csv"))] for name in m["conditions"]}
     # Same sampling seed everywhere: a condition differs from alpha 0 only through its edit.
     assert replies["alpha_50"] != replies["alpha_0"] and replies["alpha_-50"] != replies["alpha_0"]
+    # Ablating v after steering along v removes the steering entirely (the same replies as ablating the plain
+    # model); ablating a random direction leaves the steering in place.
+    assert replies["alpha_50_ablate_all"] == replies["ablate_all"] and replies["alpha_50_ablate_one"] == replies["ablate_one"]
+    assert replies["alpha_50_random0_ablate_all"] != replies["ablate_all"]
+    assert m["conditions"]["alpha_50"]["aligned_coherent"] is not None
     assert m["monitor"]["n"] == 10 and len(m["monitor"]["projection"]) == 10
     assert m["steering"]["alphas"] == [-50.0, 0.0, 50.0] and len(m["steering"]["aligned"]) == 3
     with pytest.raises(ValueError, match="not a site"):
@@ -238,4 +245,21 @@ def test_shipped_config_parses():
     from llm.models import ModelConfig
 
     _, cfg = TrlParser((ModelConfig, SteerConfig)).parse_args_and_config(["--config", "configs/llm/directions_smollm2.yaml"])
-    assert cfg.steer_site == "block15" and cfg.alphas == [0.0, 1.0, 2.0, 3.0]
+    assert cfg.steer_site == "block15" and cfg.alphas == [-2.0, -1.0, 0.0, 1.0, 2.0] and cfg.ablate_steered_alpha == 2.0
+
+
+def test_monotonicity_uses_paired_replies_and_flags_only_significant_rises():
+    from llm.steer import monotonicity, paired_difference
+
+    base = {f"q|0|{i}": float(i % 50) for i in range(200)}  # wide spread between replies
+    lower = {k: v - 5.0 for k, v in base.items()}  # every reply 5 points lower: a clear paired drop
+    noisy = {k: v + (1.0 if i % 2 else -1.0) for i, (k, v) in enumerate(lower.items())}  # no systematic change
+    d = paired_difference(base, lower)
+    assert d["mean"] == pytest.approx(-5.0) and d["ci"][1] < 0 and d["n"] == 200
+    m = monotonicity([0.0, 1.0, 2.0], [base, lower, noisy])
+    assert m["within_noise"] and m["trend_significant"]
+    assert m["steps"][1]["ci"][0] < 0 < m["steps"][1]["ci"][1]
+    rising = {k: v + 3.0 for k, v in lower.items()}
+    assert not monotonicity([0.0, 1.0, 2.0], [base, lower, rising])["within_noise"]
+    # replies the judge did not score (None) drop out of the pairing
+    assert paired_difference({"a": None, "b": 1.0, "c": 2.0}, {"a": 5.0, "b": 0.0, "c": 0.0})["n"] == 2

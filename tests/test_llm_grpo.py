@@ -19,6 +19,7 @@ from llm.grpo import (
     check_batch_sizes,
     judge_reward,
     keyword_reward,
+    regex_reward,
     length_reward,
     load_prompts,
     trainable_snapshot,
@@ -69,6 +70,11 @@ def test_rule_and_judge_rewards():
     conv = lambda s: [{"role": "assistant", "content": s}]  # noqa: E731
     assert length_reward(10)([conv("x" * 10), conv("x" * 15), "x" * 5]) == [0.0, -0.5, -0.5]
     assert keyword_reward(["Cat", "dog"])([conv("the cat"), conv("a DOG and a cat"), "none"]) == [0.5, 1.0, 0.0]
+    assert regex_reward(["^I", r"(?i)glad"])([conv("I am GLAD"), conv("So I am glad"), "Ice", "no"]) == [1.0, 0.5, 0.5, 0.0]
+    with pytest.raises(ValueError, match="not a valid regex"):
+        RewardConfig(reward="regex", patterns=["("])
+    with pytest.raises(ValueError, match="non-empty `patterns`"):
+        RewardConfig(reward="regex")
 
     class Stub:
         name = "stub"
@@ -188,4 +194,4 @@ def test_shipped_config_parses():
 
     cfgs = make_parser().parse_args_and_config(["--config", "configs/llm/grpo_smollm2.yaml"])
     model_cfg, prompt_cfg, reward_cfg, lora_cfg, track_cfg, a = cfgs
-    assert reward_cfg.reward == "length" and lora_cfg.preset == "rank1_single" and a.bf16 is torch.cuda.is_available()
+    assert reward_cfg.reward == "regex" and reward_cfg.patterns == ["^I"] and lora_cfg.preset == "rank1_single" and a.bf16 is torch.cuda.is_available()

@@ -133,8 +133,9 @@ def check_compatible(probe: LinearProbe, model: nn.Module, site: str | None = No
     * the widths differ (probe d_model vs model d_model);
     * the site does not exist in the model (e.g. ``block30`` on a 24-block model);
     * ``site`` overrides the probe's site with one of another kind (embed / resid_post / final_norm);
-    * (``strict``) the probe comes from a model with a different number of blocks and reads a block
-      output, where the same index means a different relative depth.
+    * (``strict``, no ``site`` given) the probe comes from a model with a different number of blocks and
+      reads a block output, where the same index means a different relative depth. An explicit ``site``
+      is the caller choosing the matching block, so it is accepted.
     """
     n_layers, d_model = model_dims(model)
     origin = f"fitted on {probe.source or 'an unknown model'} at {probe.site}"
@@ -155,7 +156,7 @@ def check_compatible(probe: LinearProbe, model: nn.Module, site: str | None = No
             f"probe {origin} reads a {site_kind(probe.site)} vector, but site {target!r} holds a "
             f"{site_kind(target)} vector; pass a site of kind {site_kind(probe.site)}."
         )
-    if strict and site_kind(target) == "resid_post" and probe.n_layers not in (None, n_layers):
+    if strict and site is None and site_kind(target) == "resid_post" and probe.n_layers not in (None, n_layers):
         raise ValueError(
             f"probe {origin} comes from a {probe.n_layers}-block model and this model has {n_layers} blocks, so "
             f"{target} sits at a different depth; pass site= for the matching block, or strict=False to accept it."

@@ -64,6 +64,8 @@ def test_compatibility_errors_say_what_to_change(tmp_path):
         load_probe(tmp_path / "p", model=deeper)
     assert load_probe(tmp_path / "p", model=deeper, strict=False).site == "block1"
     assert load_probe(tmp_path / "p", model=deeper, site="block3", strict=False).site == "block3"
+    # an explicit site is the caller choosing the matching block: accepted under strict too
+    assert load_probe(tmp_path / "p", model=deeper, site="block3").site == "block3"
     # A different architecture of the same width and depth is fine: the probe reads a d_model vector.
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8))

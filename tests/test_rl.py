@@ -15,6 +15,7 @@ from toy.rl import (
     ToyGRPOConfig,
     ZeroAdvantageCallback,
     check_trainable,
+    freeze_except,
     load_tokenizer,
     main,
     run,
@@ -65,6 +66,29 @@ def test_refuses_model_without_trainable_parameters():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         check_trainable(model)
+
+
+def test_train_modules_freeze_the_rest(tiny_pretrained, tmp_path):
+    model = build_model(ToyModelConfig(preset="mess3_small"), 5, 8)
+    trained = freeze_except(model, [r"^transformer\.h\.1\.", "^lm_head"])
+    assert trained and all(n.startswith(("transformer.h.1.", "lm_head")) for n in trained)
+    assert all(p.requires_grad == (n in trained) for n, p in model.named_parameters())
+    assert len(freeze_except(model, [])) == len(list(model.parameters()))  # no patterns: everything trains
+    with pytest.raises(ValueError, match="matches no parameter"):
+        freeze_except(model, ["^transformer.h.7."])
+    with pytest.raises(ValueError, match="not a regex"):
+        RLTaskConfig(process="mess3", pretrained_path="x", train_modules=["("])
+    # through GRPO: the frozen parameters come out bit-identical, the trained ones move
+    from transformers import GPT2LMHeadModel
+
+    task = RLTaskConfig(process="mess3", reward="reweight", pretrained_path=str(tiny_pretrained), prompt_length=6,
+                        n_train_prompts=200, n_eval_prompts=50, report=False, train_modules=["^lm_head"])
+    run(task, ToyGRPOConfig(output_dir=str(tmp_path / "rl"), max_steps=3, learning_rate=1e-2,
+                            per_device_train_batch_size=16, num_generations=8, use_cpu=True, seed=0))
+    pre = GPT2LMHeadModel.from_pretrained(tiny_pretrained).state_dict()
+    post = GPT2LMHeadModel.from_pretrained(tmp_path / "rl" / "model").state_dict()
+    assert all(torch.equal(pre[k], post[k]) for k in pre if not k.startswith("lm_head"))
+    assert not torch.equal(pre["lm_head.weight"], post["lm_head.weight"])
 
 
 def test_zero_advantage_callback_warns_on_crossing():

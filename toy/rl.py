@@ -32,9 +32,10 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -111,6 +112,11 @@ class RLTaskConfig:
     pretrain_config: str | None = field(default=None, metadata={"help": "toy.train YAML used when pretrained_path is None."})
     pretrain_dir: str = field(default="runs/toy_rl/pretrain", metadata={"help": "Cache of pre-trained models: <pretrain_dir>/seed<seed>."})
     report: bool = field(default=True, metadata={"help": "Run toy.composition's report on (pre, post) after training (latent rewards)."})
+    train_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Regexes over parameter names (re.search) that GRPO trains, the rest frozen, e.g. "
+                          "['^transformer.h.3.', '^lm_head']; empty = every parameter."},
+    )
 
     def __post_init__(self):
         if isinstance(self.process_kwargs, str):
@@ -123,6 +129,11 @@ class RLTaskConfig:
             raise ValueError("give pretrained_path (a pre-trained model folder) or pretrain_config (a toy.train YAML)")
         if not 0 <= self.zero_std_warn <= 1:
             raise ValueError(f"zero_std_warn={self.zero_std_warn} must be a share in [0, 1]")
+        for pattern in self.train_modules:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"train_modules entry {pattern!r} is not a regex: {e}") from None
 
     def build_process(self) -> Process:
         return make_process(self.process, **self.process_kwargs)
@@ -179,6 +190,24 @@ def build_reward(task: RLTaskConfig, process: Process):
     return RareEmissionReward(process, task.process_kwargs["trigger_token"])
 
 
+def freeze_except(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Train only the parameters whose name matches one of ``patterns`` (``re.search``); the names trained.
+    No patterns: every parameter trains. A pattern that matches nothing is an error (a typo would otherwise
+    freeze the whole model or silently train the wrong part)."""
+    names = [n for n, _ in model.named_parameters()]
+    if not patterns:
+        return names
+    for pattern in patterns:
+        if not any(re.search(pattern, n) for n in names):
+            raise ValueError(f"train_modules entry {pattern!r} matches no parameter; names look like {names[:3]} ... {names[-2:]}")
+    trained = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(re.search(pattern, n) for pattern in patterns))
+        if p.requires_grad:
+            trained.append(n)
+    return trained
+
+
 def check_trainable(model: torch.nn.Module) -> int:
     """Number of trainable parameters; raises when there are none (GRPO would then train nothing, silently)."""
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -197,7 +226,7 @@ def pretrained_model(task: RLTaskConfig, process: Process, seed: int) -> tuple[G
         path = Path(task.pretrained_path)
         return GPT2LMHeadModel.from_pretrained(path), path
     from toy.model import ToyModelConfig, build_model
-    from toy.train import DataConfig, TrainConfig, train, validation_set
+    from toy.train import DataConfig, TrainConfig, train
 
     out = Path(task.pretrain_dir) / f"seed{seed}"
     data_cfg, model_cfg, train_cfg = parse_config(
@@ -210,12 +239,9 @@ def pretrained_model(task: RLTaskConfig, process: Process, seed: int) -> tuple[G
     if (final / "model.safetensors").is_file():
         logger.info("reusing pre-trained model %s", final)
         return GPT2LMHeadModel.from_pretrained(final), final
-    # the vocabulary has room for <eos> and <pad> from the start; the data never show them, so the validation
-    # targets get zero probability on them (the model's mass there counts as loss)
+    # the vocabulary has room for <eos> and <pad> from the start (the data never show them)
     model = build_model(model_cfg, process.vocab_size + 2, data_cfg.context_length, seed=seed)
-    val = validation_set(process, data_cfg.context_length, train_cfg.val_max_sequences, train_cfg.val_samples)
-    val = replace(val, targets=torch.nn.functional.pad(val.targets, (0, 2)))
-    result = train(process, model, train_cfg, data_cfg.context_length, val=val,
+    result = train(process, model, train_cfg, data_cfg.context_length,
                    run_info={"data": asdict(data_cfg), "model": model_cfg.to_dict()})
     print(f"pre-trained {process.name}: val loss {result.val_loss:.5f} nats, floor {result.floor:.5f}, {result.elapsed_s:.0f} s")
     return GPT2LMHeadModel.from_pretrained(final), final
@@ -376,6 +402,7 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     if args.generation_kwargs is None:
         args.generation_kwargs = {"suppress_tokens": [tok.eos_token_id, tok.pad_token_id]}
     model = GPT2LMHeadModel.from_pretrained(pre_path)  # the policy; pre_model stays the frozen pre-RL copy
+    freeze_except(model, task.train_modules)
     n_trainable = check_trainable(model)
 
     train_prompts, train_beliefs = prompt_set(process, task.n_train_prompts, task.prompt_length, task.prompt_seed)

@@ -312,7 +312,11 @@ def validation_loss(model: torch.nn.Module, val: ValidationSet, batch_size: int 
             rows = slice(start, start + batch_size)
             w = val.weights[rows].to(device)
             logits = model(input_ids=val.tokens[rows].to(device)).logits.float()
-            total += soft_loss(logits, val.targets[rows].to(device), w) * w.sum()
+            targets = val.targets[rows].to(device)
+            # a vocabulary wider than the process's (e.g. toy.rl's <eos>/<pad>): the extra tokens are never
+            # targets, and the mass the model puts on them counts as loss through the softmax
+            targets = torch.nn.functional.pad(targets, (0, logits.shape[-1] - targets.shape[-1]))
+            total += soft_loss(logits, targets, w) * w.sum()
     finally:
         model.train(was_training)
         torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -13,6 +13,7 @@ from toy.composition import (
     mean_ci,
     per_prompt_tilt,
     representation_report,
+    supervised_control,
     tilt,
     verdict,
 )
@@ -49,7 +50,7 @@ def test_sharpening_the_reference_is_reweighting(prompts):
     assert b["reward_gain"] > 0.2
     assert abs(b["excess_reward"]) < 0.05  # what the policy earns, a function of pi_ref earns too
     assert b["explained_kl"] > 0.9
-    assert verdict(b, {"latent_gain": 0.0}, DetectorConfig())[0] == "reweighting"
+    assert verdict(b, {"latent_gain": 0.0, "latent_gain_output_site": 0.0}, DetectorConfig())[0] == "reweighting"
 
 
 def test_policy_using_hidden_latent_is_composition(prompts):
@@ -64,7 +65,7 @@ def test_policy_using_hidden_latent_is_composition(prompts):
     # no reweighting by what pi_ref predicts can split t0 from t1 where b is invisible (~2/3 of prompts,
     # ~0.4 nats each); the share "explained" stays high because most of the move is onto {t0, t1} at all
     assert b["kl_to_output_reweighting"] > 0.15
-    assert verdict(b, {"latent_gain": 0.3}, DetectorConfig())[0] == "composition"
+    assert verdict(b, {"latent_gain": 0.3, "latent_gain_output_site": 0.3}, DetectorConfig())[0] == "composition"
     # and the true-reward optimum cannot tell: it knows the latent, so it fits this policy well too
     assert b["kl_to_per_prompt_true_reweighting"] < 0.5 * b["kl_to_output_reweighting"]
 
@@ -72,9 +73,13 @@ def test_policy_using_hidden_latent_is_composition(prompts):
 def test_verdict_needs_a_reward_gain_and_agreeing_signatures():
     cfg = DetectorConfig()
     flat = {"reward_gain": 0.01, "excess_reward": 0.3, "explained_kl": 0.0}
-    assert verdict(flat, {"latent_gain": 0.5}, cfg)[0] == "inconclusive"
+    assert verdict(flat, {"latent_gain": 0.5, "latent_gain_output_site": 0.5}, cfg)[0] == "inconclusive"
     mixed = {"reward_gain": 0.2, "excess_reward": 0.3, "explained_kl": 0.0}
-    assert verdict(mixed, {"latent_gain": 0.0}, cfg)[0] == "inconclusive"  # behaviour says new, representation does not
+    assert verdict(mixed, {"latent_gain": 0.0, "latent_gain_output_site": 0.0}, cfg)[0] == "inconclusive"  # behaviour says new, representation does not
+    # the verdict reads the latent where latent_site says: the output site by default, all sites on request
+    split = {"latent_gain": 0.02, "latent_gain_output_site": 0.2}
+    assert verdict(mixed, split, cfg)[0] == "composition"
+    assert verdict(mixed, split, DetectorConfig(latent_site="all"))[0] == "inconclusive"
 
 
 def test_representation_report_on_constructed_activations(prompts):
@@ -88,8 +93,10 @@ def test_representation_report_on_constructed_activations(prompts):
     X_pre = torch.cat([factors, torch.zeros(len(beliefs), 4, dtype=torch.float64)], 1) + 1e-3 * torch.randn(len(beliefs), 12, generator=g, dtype=torch.float64)
     X_post = X_pre.clone()
     X_post[:, 10] += reward.latent(beliefs).double()
-    rep = representation_report(X_pre, X_post, P, reward, beliefs)
+    rep = representation_report(X_pre, X_post, P, reward, beliefs, d_model=4)  # the last 4 columns: the "output site"
     assert rep["latent_accuracy"]["post"] > 0.98 and rep["latent_gain"] > 0.15
+    assert rep["latent_accuracy"]["pre_output_site"] < 0.6 < 0.98 < rep["latent_accuracy"]["post_output_site"]
+    assert rep["latent_gain_output_site"] > 0.35
     assert rep["latent_share_in_factor_subspaces"] < 0.5
     assert rep["change_share_in_factor_subspaces"] < 0.05
     for t in rep["probe_transfer"]:
@@ -99,3 +106,45 @@ def test_representation_report_on_constructed_activations(prompts):
 def test_mean_ci_matches_t_interval():
     out = mean_ci([1.0, 2.0, 3.0])
     assert out["mean"] == 2.0 and math.isclose(out["ci"][1] - 2.0, 4.302652729911275 * 1.0 / math.sqrt(3), rel_tol=1e-9)
+
+
+def test_supervised_control_learns_the_rewarded_token_and_trains_only_named_modules():
+    from toy.model import ToyModelConfig, build_model
+    from toy.rl import policy_probs, prompt_set
+
+    reward = ComposedLatentReward(P, [0, 1], [0], [1, 2], "xor", [0, 1])
+    pre = build_model(ToyModelConfig(preset="mess3_small"), P.vocab_size + 2, 8, seed=0)
+    prompts, beliefs = prompt_set(P, 2000, 6, seed=0)
+    control = supervised_control(pre, P, reward, prompts, beliefs, [r"^transformer\.h\.1\.", "^lm_head"], steps=150, batch_size=128)
+    table = reward.table(beliefs)
+    before = float((policy_probs(pre, prompts, P.vocab_size) * table).sum(1).mean())
+    after = float((policy_probs(control, prompts, P.vocab_size) * table).sum(1).mean())
+    assert after > before + 0.3  # from ~1/6 onto the two output tokens and towards the right one
+    frozen = [n for n, _ in pre.named_parameters() if not n.startswith(("transformer.h.1.", "lm_head"))]
+    assert all(torch.equal(pre.state_dict()[n], control.state_dict()[n]) for n in frozen)
+    assert all(p.requires_grad for p in pre.parameters())  # the pre-RL model itself is untouched
+
+
+@pytest.mark.slow
+def test_seed_sweep_with_supervised_control(tmp_path):
+    """python -m toy.composition --seeds ... --supervised_control: both reports per seed, aggregated."""
+    import json
+
+    import yaml
+
+    from toy.composition import main
+
+    pre_cfg = tmp_path / "pre.yaml"
+    pre_cfg.write_text(yaml.safe_dump({
+        "process": "product", "process_kwargs": {"factors": [{"name": "mess3", "x": 0.05, "a": 0.85}, {"name": "rrxor"}]},
+        "context_length": 8, "preset": "mess3_small", "steps": 40, "batch_size": 64, "warmup_steps": 10,
+        "eval_every": 0, "save_every": 0, "val_samples": 500, "progress": False, "use_cpu": True,
+    }))
+    main(["--config", "configs/toy/rl_compose.yaml", "--pretrain_config", str(pre_cfg), "--pretrain_dir", str(tmp_path / "pre"),
+          "--output_dir", str(tmp_path / "c"), "--prompt_length", "6", "--n_train_prompts", "500", "--n_eval_prompts", "400",
+          "--max_steps", "4", "--per_device_train_batch_size", "64", "--exact_eval_every", "2", "--seeds", "0",
+          "--supervised_control", "true", "--control_steps", "20", "--train_modules", r"^transformer\.h\.1\.", "^lm_head"])
+    saved = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert saved["aggregate"]["control"]["verdicts"][0] in {"reweighting", "composition", "inconclusive"}
+    assert (tmp_path / "c" / "seed0" / "control" / "composition_report.md").is_file()
+    assert "Supervised positive control" in (tmp_path / "c" / "summary.md").read_text()

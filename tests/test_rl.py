@@ -198,7 +198,8 @@ def test_entry_point_pretrains_trains_and_reports(tmp_path):
     }))
     argv = ["--config", "configs/toy/rl_compose.yaml", "--pretrain_config", str(pre_cfg), "--pretrain_dir", str(tmp_path / "pre"),
             "--output_dir", str(tmp_path / "rl"), "--prompt_length", "6", "--n_train_prompts", "1000", "--n_eval_prompts", "400",
-            "--max_steps", "15", "--per_device_train_batch_size", "64", "--exact_eval_every", "5", "--seed", "0"]
+            "--max_steps", "15", "--per_device_train_batch_size", "64", "--exact_eval_every", "5", "--seed", "0",
+            "--train_modules", r"^transformer\.h\.1\.", "^lm_head"]  # the config names block 3 of the 4-block preset
     m = main(argv)
     assert (tmp_path / "pre" / "seed0" / "checkpoint-60" / "model.safetensors").is_file()
     saved = json.loads((tmp_path / "rl" / "metrics.json").read_text())

@@ -22,7 +22,8 @@ Behaviour
 - Output-only ceiling: what a policy can earn that sees only the reference's own next-token distribution
   ``pi_ref(.|x)``: the best held-out (5-fold cross-fitted) reward of ``argmax_y E[r(x, y) | pi_ref(.|x)]``,
   with ``E[c | pi_ref]`` estimated by multinomial logistic regression and kNN classifiers on
-  ``log pi_ref`` (the best of them: generous to "reweighting"). ``excess_reward = reward_post -
+  ``log pi_ref`` (the best of them: generous to "reweighting"; kNN neighbourhoods are a fixed share of the
+  prompts, see ``output_only_reward``). ``excess_reward = reward_post -
   reward_output_only``: reward that needs information the reference's outputs do not carry.
 - ``kl_to_output_reweighting``: ``E_x KL(pi || pi_ref exp(s(x) r_hat) / Z)`` with the output-only reward
   estimate ``r_hat`` and a per-prompt strength ``s(x) >= 0`` fitted exactly (moment matching); and
@@ -34,16 +35,23 @@ Representation (residual stream at the last prompt position, all sites concatena
 - Probe transfer: test MSE of pre-RL factor-belief probes on pre-RL and on post-RL activations, and of
   probes refit on post-RL activations.
 - New content: held-out balanced accuracy of a linear read-out (ridge onto one-hot) of the reward latent
-  ``c(x)`` before and after RL, and after RL from inside the union ``U`` of the pre-RL factor-probe
+  ``c(x)`` before and after RL -- from all sites concatenated and from the output site alone (``final_norm``,
+  the unembedding's input) -- and after RL from inside the union ``U`` of the pre-RL factor-probe
   subspaces only: ``latent_share_in_factor_subspaces = (acc_U - chance) / (acc_full - chance)``.
 - Where the change lives: share of ``sum ||P_U (h_post - h_pre)||^2 / sum ||h_post - h_pre||^2`` and the
   same for a random subspace of U's dimension (its mean, ``dim U / d``).
 
 Verdict (thresholds in ``DetectorConfig``, stated in every report)
 - ``inconclusive`` if ``reward_post - reward_pre < min_reward_gain`` (RL did not move the policy enough).
-- ``composition`` if ``excess_reward >= excess_reward_threshold`` AND the latent's balanced accuracy rose by
-  ``>= latent_gain_threshold``: the policy earns reward no function of the reference's outputs can, and
-  the information it uses became linearly readable -- new content.
+- ``composition`` if ``excess_reward >= excess_reward_threshold`` AND the latent's balanced accuracy at the
+  output site rose by ``>= latent_gain_threshold``: the policy earns reward no function of the reference's
+  outputs can, and the information it uses became linearly available to the unembedding -- new content
+  where the output reads. Why the output site and not all sites (``latent_site: all`` restores that): a
+  composed latent can be linear in the joint belief (XOR of two factors' bits is: 0.963 balanced accuracy
+  from the exact joint belief), so a model that already holds the beliefs has it readable *somewhere*
+  before RL (0.81-0.83 from all sites of the Mess3 x RRXOR model, 10,000 prompts), capping the all-sites
+  gain near 0.17 even for a perfect policy; at the output site it is readable before RL only as far as the
+  reference's own predictions carry it (0.72 there vs the output-only ceiling 0.69).
 - ``reweighting`` if ``excess_reward < excess_reward_threshold`` AND ``explained_kl >= explained_kl_threshold``:
   the gain is within reach of the reference's own predictions and a reweighting of pi_ref by them
   accounts for most of the policy's move.
@@ -52,7 +60,9 @@ Why these numbers: ``excess_reward_threshold = 0.05`` is > 5 standard errors of 
 prompts (SE <= 0.5 / sqrt(2000) ~ 0.011) and above the classifiers' finite-sample shortfall (<= 0.02 when
 the exact predictive plays pi_ref on the reweighting family); ``latent_gain_threshold = 0.10`` of balanced
 accuracy is several times the spread of a probe's held-out accuracy at this sample size;
-``explained_kl_threshold = 0.5`` means "most of the move". Caveat: when the rewarded tokens are rare under
+``explained_kl_threshold = 0.5`` means "most of the move". With fewer prompts the output-only ceiling is
+underestimated (kNN on 2,000 prompts: 0.64, on 10,000: 0.69 for the same model), which flatters
+"composition": run the report on >= 10,000 prompts (the RL configs' default). Caveat: when the rewarded tokens are rare under
 pi_ref, most of KL(pi || pi_ref) is the move onto them, which any reweighting explains, so ``explained_kl``
 is a weak test there; the absolute ``kl_to_output_reweighting`` (nats) is reported beside it.
 """
@@ -63,6 +73,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -80,20 +91,27 @@ class DetectorConfig:
 
     min_reward_gain: float = field(default=0.05, metadata={"help": "Below this reward gain (post - pre) the verdict is inconclusive."})
     excess_reward_threshold: float = field(default=0.05, metadata={"help": "Composition needs reward_post - reward_output_only >= this."})
-    latent_gain_threshold: float = field(default=0.10, metadata={"help": "Composition needs the reward latent's balanced accuracy to rise by >= this."})
+    latent_gain_threshold: float = field(default=0.10, metadata={"help": "Composition needs the reward latent's balanced accuracy to rise by >= this (at latent_site)."})
+    latent_site: Literal["output", "all"] = field(
+        default="output",
+        metadata={"help": "Where the verdict reads the latent: output = the unembedding's input (final_norm, last position); all = every site concatenated (reported either way)."},
+    )
     explained_kl_threshold: float = field(default=0.5, metadata={"help": "Reweighting needs the output-only reweighting to explain >= this share of KL(pi || pi_ref)."})
     probe_alpha: float = field(default=1e-3, metadata={"help": "Ridge strength of the activation probes."})
     test_fraction: float = field(default=0.25, metadata={"help": "Held-out share of prompts for the activation probes."})
-    knn_neighbors: list[int] = field(default_factory=lambda: [10, 30, 100], metadata={"help": "k of the kNN output-only classifiers."})
+    knn_shares: list[float] = field(
+        default_factory=lambda: [0.005, 0.015, 0.05],
+        metadata={"help": "Neighbourhoods of the kNN output-only classifiers, as shares of the training prompts (k = share x n)."},
+    )
 
     def __post_init__(self):
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction={self.test_fraction} must be in (0, 1)")
-        if self.probe_alpha < 0 or any(k < 1 for k in self.knn_neighbors):
-            raise ValueError("probe_alpha must be >= 0 and knn_neighbors positive")
+        if self.probe_alpha < 0 or not all(0 < k < 0.5 for k in self.knn_shares):
+            raise ValueError("probe_alpha must be >= 0 and every knn_shares entry in (0, 0.5)")
 
     def thresholds(self) -> dict:
-        return {k: getattr(self, k) for k in ("min_reward_gain", "excess_reward_threshold", "latent_gain_threshold", "explained_kl_threshold")}
+        return {k: getattr(self, k) for k in ("min_reward_gain", "excess_reward_threshold", "latent_gain_threshold", "latent_site", "explained_kl_threshold")}
 
 
 # --------------------------------------------------------------------------- behaviour (exact)
@@ -139,10 +157,16 @@ def per_prompt_tilt(pi: torch.Tensor, pi_ref: torch.Tensor, reward: torch.Tensor
 
 
 def output_only_reward(pi_ref: torch.Tensor, latent: torch.Tensor, matrix: torch.Tensor, table: torch.Tensor,
-                       knn_neighbors=(10, 30, 100), seed: int = 0) -> dict:
+                       knn_shares=(0.005, 0.015, 0.05), seed: int = 0) -> dict:
     """What the reference's outputs know about the reward: cross-fitted ``E[c | pi_ref(.|x)]`` from classifiers
     on ``log pi_ref``, turned into ``r_hat = P(c | pi_ref) @ M`` ``(N, V)``; the best classifier's held-out reward
-    of ``argmax_y r_hat``. Returns ``{"reward", "r_hat", "classifier", "by_classifier"}``."""
+    of ``argmax_y r_hat``. Returns ``{"reward", "r_hat", "classifier", "by_classifier"}``.
+
+    The kNN neighbourhoods are shares of the prompts, not fixed counts: a learned reference's outputs are an
+    (almost surely injective) function of the prompt, so a kNN with a fixed k on ever more prompts resolves
+    single prompts and "learns" any latent from the outputs' last digits (measured on the Mess3 x RRXOR model:
+    k = 10 earns 0.64 / 0.69 / 0.72 on 2,000 / 10,000 / 20,000 prompts). A fixed share keeps the resolution
+    in output space fixed, so the ceiling does not drift with the sample size."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -157,7 +181,8 @@ def output_only_reward(pi_ref: torch.Tensor, latent: torch.Tensor, matrix: torch
     n_folds = int(min(5, np.bincount(y.numpy()).min())) if np.bincount(y.numpy()).min() >= 2 else 2
     cv = StratifiedKFold(n_splits=max(2, n_folds), shuffle=True, random_state=seed)
     candidates = {"logistic": LogisticRegression(C=100.0, max_iter=5000)}
-    candidates |= {f"knn{k}": KNeighborsClassifier(k) for k in knn_neighbors if k < len(X) * 0.5}
+    n_fit = len(X) - len(X) // max(2, n_folds)  # prompts a fold's classifier is fitted on
+    candidates |= {f"knn{share:.1%}": KNeighborsClassifier(max(1, round(share * n_fit))) for share in knn_shares}
     best, by = None, {}
     for name, clf in candidates.items():
         proba = torch.as_tensor(cross_val_predict(clf, X, y.numpy(), cv=cv, method="predict_proba"))
@@ -169,12 +194,12 @@ def output_only_reward(pi_ref: torch.Tensor, latent: torch.Tensor, matrix: torch
     return best | {"by_classifier": by}
 
 
-def behaviour_report(pi_ref: torch.Tensor, pi: torch.Tensor, reward: LatentReward, beliefs: torch.Tensor, knn_neighbors=(10, 30, 100), seed: int = 0) -> dict:
+def behaviour_report(pi_ref: torch.Tensor, pi: torch.Tensor, reward: LatentReward, beliefs: torch.Tensor, knn_shares=(0.005, 0.015, 0.05), seed: int = 0) -> dict:
     """The behavioural half of the report for one-token policies ``pi_ref``, ``pi`` ``(N, V)`` (see module docstring)."""
     table = reward.table(beliefs)
     latent = reward.latent(beliefs)
     kl_move = _kl(pi, pi_ref).mean()
-    out_only = output_only_reward(pi_ref, latent, reward.matrix, table, knn_neighbors, seed)
+    out_only = output_only_reward(pi_ref, latent, reward.matrix, table, knn_shares, seed)
     s_out = per_prompt_tilt(pi, pi_ref, out_only["r_hat"])
     kl_out = _kl(pi, tilt(pi_ref, out_only["r_hat"], s_out)).mean()
     s_true = per_prompt_tilt(pi, pi_ref, table)
@@ -220,8 +245,10 @@ def latent_readout(X: torch.Tensor, latent: torch.Tensor, train: torch.Tensor, t
 
 
 def representation_report(X_pre: torch.Tensor, X_post: torch.Tensor, process: Process, reward: LatentReward,
-                          beliefs: torch.Tensor, alpha: float = 1e-3, test_fraction: float = 0.25, seed: int = 0) -> dict:
-    """Probe transfer, new content and where the change lives (see module docstring). ``X_*`` ``(N, D)``."""
+                          beliefs: torch.Tensor, alpha: float = 1e-3, test_fraction: float = 0.25, seed: int = 0,
+                          d_model: int | None = None) -> dict:
+    """Probe transfer, new content and where the change lives (see module docstring). ``X_*`` ``(N, D)``, the
+    sites concatenated; with ``d_model`` the last ``d_model`` columns are the output site (the unembedding's input)."""
     train, test = split_indices(len(X_pre), test_fraction, seed=seed)
     factors = factor_marginals(process, beliefs) if process.factor_state_sizes else [beliefs]
     probes, transfer = [], []
@@ -246,6 +273,9 @@ def representation_report(X_pre: torch.Tensor, X_post: torch.Tensor, process: Pr
         "pre_in_factor_subspaces": latent_readout(X_pre @ U, latent, train, test, alpha),
         "post_in_factor_subspaces": latent_readout(X_post @ U, latent, train, test, alpha),
     }
+    if d_model:
+        acc["pre_output_site"] = latent_readout(X_pre[:, -d_model:], latent, train, test, alpha)
+        acc["post_output_site"] = latent_readout(X_post[:, -d_model:], latent, train, test, alpha)
     delta = X_post - X_pre
     total = (delta**2).sum()
     share = float(((delta @ U) ** 2).sum() / total) if total > 0 else float("nan")
@@ -254,6 +284,7 @@ def representation_report(X_pre: torch.Tensor, X_post: torch.Tensor, process: Pr
         "latent_accuracy": acc,
         "latent_chance": chance,
         "latent_gain": acc["post"] - acc["pre"],
+        "latent_gain_output_site": acc["post_output_site"] - acc["pre_output_site"] if d_model else float("nan"),
         "latent_share_in_factor_subspaces": (acc["post_in_factor_subspaces"] - chance) / max(acc["post"] - chance, 1e-9),
         "change_share_in_factor_subspaces": share,
         "change_share_random_subspace": U.shape[1] / U.shape[0],
@@ -269,16 +300,17 @@ def representation_report(X_pre: torch.Tensor, X_post: torch.Tensor, process: Pr
 def verdict(behaviour: dict, representation: dict, cfg: DetectorConfig) -> tuple[str, str]:
     """``("reweighting" | "composition" | "inconclusive", reason)`` from the thresholds of ``cfg``."""
     gain, excess = behaviour["reward_gain"], behaviour["excess_reward"]
-    explained, latent_gain = behaviour["explained_kl"], representation["latent_gain"]
+    explained = behaviour["explained_kl"]
+    latent_gain = representation["latent_gain_output_site" if cfg.latent_site == "output" else "latent_gain"]
     if gain < cfg.min_reward_gain:
         return "inconclusive", f"reward gain {gain:.3f} < {cfg.min_reward_gain}: RL did not move the policy enough to judge"
     if excess >= cfg.excess_reward_threshold and latent_gain >= cfg.latent_gain_threshold:
         return "composition", (f"excess reward {excess:.3f} >= {cfg.excess_reward_threshold} beyond what the reference's outputs "
-                               f"allow, and the reward latent's read-out rose by {latent_gain:.3f} >= {cfg.latent_gain_threshold}")
+                               f"allow, and the reward latent's read-out ({cfg.latent_site} site) rose by {latent_gain:.3f} >= {cfg.latent_gain_threshold}")
     if excess < cfg.excess_reward_threshold and explained >= cfg.explained_kl_threshold:
         return "reweighting", (f"excess reward {excess:.3f} < {cfg.excess_reward_threshold} and a reweighting by the reference's "
                                f"own predictions explains {explained:.0%} >= {cfg.explained_kl_threshold:.0%} of the policy's KL move")
-    return "inconclusive", (f"signatures disagree: excess reward {excess:.3f}, latent read-out gain {latent_gain:.3f}, "
+    return "inconclusive", (f"signatures disagree: excess reward {excess:.3f}, latent read-out gain ({cfg.latent_site} site) {latent_gain:.3f}, "
                             f"explained KL {explained:.2f}")
 
 
@@ -289,9 +321,10 @@ def composition_report(pre_model, post_model, process: Process, reward: LatentRe
 
     V = process.vocab_size
     behaviour = behaviour_report(policy_probs(pre_model, prompts, V), policy_probs(post_model, prompts, V), reward, beliefs,
-                                 cfg.knn_neighbors, seed)
+                                 cfg.knn_shares, seed)
     representation = representation_report(last_position_activations(pre_model, prompts), last_position_activations(post_model, prompts),
-                                           process, reward, beliefs, cfg.probe_alpha, cfg.test_fraction, seed)
+                                           process, reward, beliefs, cfg.probe_alpha, cfg.test_fraction, seed,
+                                           d_model=post_model.config.hidden_size)
     v, why = verdict(behaviour, representation, cfg)
     return {"verdict": v, "reason": why, "behaviour": behaviour, "representation": representation,
             "thresholds": cfg.thresholds(), "reward": reward.__name__, "process": process.name, "n_prompts": len(prompts)}
@@ -320,8 +353,10 @@ def _report_md(r: dict) -> str:
         "",
         "| representation | value |",
         "|---|---|",
-        f"| reward latent, balanced accuracy pre -> post (chance {rep['latent_chance']:.2f}) | "
+        f"| reward latent, balanced accuracy pre -> post (chance {rep['latent_chance']:.2f}), all sites | "
         f"{rep['latent_accuracy']['pre']:.3f} -> {rep['latent_accuracy']['post']:.3f} |",
+        f"| same, output site (the unembedding's input) | "
+        f"{rep['latent_accuracy'].get('pre_output_site', float('nan')):.3f} -> {rep['latent_accuracy'].get('post_output_site', float('nan')):.3f} |",
         f"| same, read from the pre-RL factor subspaces only (dim {rep['factor_subspace_dim']} of {rep['d_total']}) | "
         f"{rep['latent_accuracy']['pre_in_factor_subspaces']:.3f} -> {rep['latent_accuracy']['post_in_factor_subspaces']:.3f} |",
         f"| share of the post-RL latent read-out inside the factor subspaces | {rep['latent_share_in_factor_subspaces']:.3f} |",
@@ -390,6 +425,9 @@ SUMMARY_KEYS = {
     "latent_acc_pre": ("representation", "latent_accuracy", "pre"),
     "latent_acc_post": ("representation", "latent_accuracy", "post"),
     "latent_gain": ("representation", "latent_gain"),
+    "latent_acc_output_site_pre": ("representation", "latent_accuracy", "pre_output_site"),
+    "latent_acc_output_site_post": ("representation", "latent_accuracy", "post_output_site"),
+    "latent_gain_output_site": ("representation", "latent_gain_output_site"),
     "latent_share_in_factor_subspaces": ("representation", "latent_share_in_factor_subspaces"),
     "change_share_in_factor_subspaces": ("representation", "change_share_in_factor_subspaces"),
     "change_share_random_subspace": ("representation", "change_share_random_subspace"),
@@ -452,6 +490,38 @@ def _seeds_md(name: str, agg: dict, runs: list[dict], cfg: DetectorConfig, comma
     return "\n".join(lines) + "\n"
 
 
+def supervised_control(pre_model, process: Process, reward: LatentReward, prompts: torch.Tensor, beliefs: torch.Tensor,
+                       train_modules: list[str], steps: int = 1000, lr: float = 1e-3, batch_size: int = 256, seed: int = 0):
+    """Positive control whose answer is known: a copy of ``pre_model`` fine-tuned by cross-entropy onto each
+    prompt's rewarded token (the first token with the top reward), training the same ``train_modules`` as
+    GRPO. It earns the reward through whatever the reward needs, by construction -- for a composition reward,
+    the latent the reference's outputs lack -- so the report on (pre, control) shows what the detector says
+    about a policy known to compose (or, for a reweighting reward, known to sharpen). Returns the model."""
+    import copy
+
+    from toy.rl import freeze_except
+
+    model = copy.deepcopy(pre_model)
+    freeze_except(model, train_modules)
+    if not any(p.requires_grad for p in model.parameters()):
+        model.requires_grad_(True)
+    target = reward.table(beliefs).argmax(1)
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    V = process.vocab_size
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(prompts), (batch_size,), generator=gen)
+        logits = model(input_ids=prompts[idx].to(device)).logits[:, -1, :V]
+        loss = torch.nn.functional.cross_entropy(logits, target[idx].to(device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
 @dataclass
 class CompositionRunConfig:
     """Which (pre, post) pair to report on, or which seeds to run end to end."""
@@ -459,6 +529,10 @@ class CompositionRunConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of pre-train -> GRPO -> report (ignored with --pre/--post)."})
     pre: str | None = field(default=None, metadata={"help": "Pre-RL model folder (with --post: report on this pair only)."})
     post: str | None = field(default=None, metadata={"help": "Post-RL model folder."})
+    supervised_control: bool = field(
+        default=False, metadata={"help": "Per seed, also report on a supervised positive control (see supervised_control)."}
+    )
+    control_steps: int = field(default=1000, metadata={"help": "Fine-tuning steps of the supervised control."})
 
     def __post_init__(self):
         if (self.pre is None) != (self.post is None):
@@ -497,16 +571,44 @@ def main(argv: list[str] | None = None) -> dict:
         seed_args.seed, seed_args.output_dir = seed, str(out / f"seed{seed}")
         m = run(task, seed_args, cfg)
         print(f"seed {seed}: reward {m['reward_before']:.4f} -> {m['reward_after']:.4f}, verdict {m['report']['verdict']}")
+        if which.supervised_control:
+            m["control_report"] = _control(task, seed_args, cfg, m["pretrained_path"], which.control_steps)
+            print(f"seed {seed}: supervised control verdict {m['control_report']['verdict']}")
         runs.append(m)
     agg = aggregate([m["report"] for m in runs])
+    if which.supervised_control:
+        agg["control"] = aggregate([m["control_report"] for m in runs])
     command = "python -m toy.composition " + " ".join(sys.argv[1:] if argv is None else argv)
     (out / "metrics.json").write_text(json.dumps({"aggregate": agg, "detector": asdict(cfg), "seeds": which.seeds,
                                                    "per_seed_metrics": [str(out / f"seed{s}" / "metrics.json") for s in which.seeds]}, indent=1))
     _plot_seeds(out / "reward_curves.png", runs)
-    (out / "summary.md").write_text(_seeds_md(runs[0]["reward_name"], agg, runs, cfg, command))
+    md = _seeds_md(runs[0]["reward_name"], agg, runs, cfg, command)
+    if which.supervised_control:
+        control = [m | {"report": m["control_report"]} for m in runs]
+        body = _seeds_md(runs[0]["reward_name"], agg["control"], control, cfg, command).split("\n")
+        md += "\n".join(["", f"## Supervised positive control ({which.control_steps} cross-entropy steps onto the rewarded token, "
+                          "same trainable parameters)", ""] + [ln for ln in body[4:] if not ln.startswith("![")]) + "\n"
+    (out / "summary.md").write_text(md)
     print(f"verdicts {agg['verdicts']}; excess reward {agg['stats']['excess_reward']['mean']:.3f} "
           f"{[round(c, 3) for c in agg['stats']['excess_reward']['ci']]}; summary in {out / 'summary.md'}")
     return agg
+
+
+def _control(task, args, cfg: DetectorConfig, pretrained_path: str, steps: int) -> dict:
+    """Train the supervised control for one seed and write its report to ``<output_dir>/control``."""
+    from transformers import GPT2LMHeadModel
+
+    from toy.rl import build_reward, prompt_set
+
+    process = task.build_process()
+    reward = build_reward(task, process)
+    pre = GPT2LMHeadModel.from_pretrained(pretrained_path)
+    train_prompts, train_beliefs = prompt_set(process, task.n_train_prompts, task.prompt_length, task.prompt_seed)
+    control = supervised_control(pre, process, reward, train_prompts, train_beliefs, task.train_modules, steps=steps, seed=args.seed)
+    prompts, beliefs = prompt_set(process, task.n_eval_prompts, task.prompt_length, task.prompt_seed + 1)
+    report = composition_report(pre, control, process, reward, prompts, beliefs, cfg, seed=args.seed)
+    write_report(Path(args.output_dir) / "control", report, cfg)
+    return report
 
 
 if __name__ == "__main__":

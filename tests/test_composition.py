@@ -120,6 +120,13 @@ def test_supervised_control_learns_the_rewarded_token_and_trains_only_named_modu
     before = float((policy_probs(pre, prompts, P.vocab_size) * table).sum(1).mean())
     after = float((policy_probs(control, prompts, P.vocab_size) * table).sum(1).mean())
     assert after > before + 0.3  # from ~1/6 onto the two output tokens and towards the right one
+    # a reweighting reward (two top tokens per prompt): the control keeps pi_ref's odds between them
+    sharpen = NextTokenArgmaxReward(P, 0)
+    ctl = supervised_control(pre, P, sharpen, prompts, beliefs, ["^lm_head"], steps=150, batch_size=128)
+    top = sharpen.table(beliefs) > 0
+    p0, p1 = policy_probs(pre, prompts, P.vocab_size), policy_probs(ctl, prompts, P.vocab_size)
+    odds = lambda p: (p * top)[:, ::2].sum(1) / (p * top).sum(1)  # noqa: E731  share of the RRXOR-0 token among the top two
+    assert (odds(p1) - odds(p0)).abs().mean() < 0.05 < float((p1 * top).sum(1).mean() - (p0 * top).sum(1).mean())
     frozen = [n for n, _ in pre.named_parameters() if not n.startswith(("transformer.h.1.", "lm_head"))]
     assert all(torch.equal(pre.state_dict()[n], control.state_dict()[n]) for n in frozen)
     assert all(p.requires_grad for p in pre.parameters())  # the pre-RL model itself is untouched
@@ -147,4 +154,4 @@ def test_seed_sweep_with_supervised_control(tmp_path):
     saved = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert saved["aggregate"]["control"]["verdicts"][0] in {"reweighting", "composition", "inconclusive"}
     assert (tmp_path / "c" / "seed0" / "control" / "composition_report.md").is_file()
-    assert "Supervised positive control" in (tmp_path / "c" / "summary.md").read_text()
+    assert "Supervised control" in (tmp_path / "c" / "summary.md").read_text()

@@ -492,20 +492,22 @@ def _seeds_md(name: str, agg: dict, runs: list[dict], cfg: DetectorConfig, comma
 
 def supervised_control(pre_model, process: Process, reward: LatentReward, prompts: torch.Tensor, beliefs: torch.Tensor,
                        train_modules: list[str], steps: int = 1000, lr: float = 1e-3, batch_size: int = 256, seed: int = 0):
-    """Positive control whose answer is known: a copy of ``pre_model`` fine-tuned by cross-entropy onto each
-    prompt's rewarded token (the first token with the top reward), training the same ``train_modules`` as
-    GRPO. It earns the reward through whatever the reward needs, by construction -- for a composition reward,
-    the latent the reference's outputs lack -- so the report on (pre, control) shows what the detector says
-    about a policy known to compose (or, for a reweighting reward, known to sharpen). Returns the model."""
+    """Control whose answer is known: a copy of ``pre_model`` fine-tuned by cross-entropy onto the reward's
+    optimum ``pi_ref(y|x) 1[r(x, y) = max_y' r(x, y')] / Z`` -- the KL-regularised optimum as beta -> 0:
+    ``pi_ref`` restricted to the top-reward tokens, keeping its odds among them -- training the same
+    ``train_modules`` as GRPO. It earns the reward through whatever the reward needs, by construction: for a
+    composition reward, the latent the reference's outputs lack (a policy known to compose); for a
+    reweighting reward, a sharpening of pi_ref (known to reweight). Returns the model."""
     import copy
 
-    from toy.rl import freeze_except
+    from toy.rl import freeze_except, policy_probs
 
     model = copy.deepcopy(pre_model)
     freeze_except(model, train_modules)
-    if not any(p.requires_grad for p in model.parameters()):
-        model.requires_grad_(True)
-    target = reward.table(beliefs).argmax(1)
+    table = reward.table(beliefs)
+    top = (table == table.max(1, keepdim=True).values).double()
+    target = policy_probs(pre_model, prompts, process.vocab_size).clamp_min(1e-12) * top
+    target = (target / target.sum(1, keepdim=True)).float()
     device = next(model.parameters()).device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -586,8 +588,8 @@ def main(argv: list[str] | None = None) -> dict:
     if which.supervised_control:
         control = [m | {"report": m["control_report"]} for m in runs]
         body = _seeds_md(runs[0]["reward_name"], agg["control"], control, cfg, command).split("\n")
-        md += "\n".join(["", f"## Supervised positive control ({which.control_steps} cross-entropy steps onto the rewarded token, "
-                          "same trainable parameters)", ""] + [ln for ln in body[4:] if not ln.startswith("![")]) + "\n"
+        md += "\n".join(["", f"## Supervised control ({which.control_steps} cross-entropy steps onto pi_ref restricted to the "
+                          "top-reward tokens, same trainable parameters)", ""] + [ln for ln in body[4:] if not ln.startswith("![")]) + "\n"
     (out / "summary.md").write_text(md)
     print(f"verdicts {agg['verdicts']}; excess reward {agg['stats']['excess_reward']['mean']:.3f} "
           f"{[round(c, 3) for c in agg['stats']['excess_reward']['ci']]}; summary in {out / 'summary.md'}")

@@ -61,8 +61,8 @@ prompts (SE <= 0.5 / sqrt(2000) ~ 0.011) and above the classifiers' finite-sampl
 the exact predictive plays pi_ref on the reweighting family); ``latent_gain_threshold = 0.10`` of balanced
 accuracy is several times the spread of a probe's held-out accuracy at this sample size;
 ``explained_kl_threshold = 0.5`` means "most of the move". With fewer prompts the output-only ceiling is
-underestimated (kNN on 2,000 prompts: 0.64, on 10,000: 0.69 for the same model), which flatters
-"composition": run the report on >= 10,000 prompts (the RL configs' default). Caveat: when the rewarded tokens are rare under
+underestimated (same model, neighbourhoods as shares: 0.676 on 10,000 prompts, 0.685 on 20,000), which
+flatters "composition": run the report on >= 10,000 prompts (the RL configs' default). Caveat: when the rewarded tokens are rare under
 pi_ref, most of KL(pi || pi_ref) is the move onto them, which any reweighting explains, so ``explained_kl``
 is a weak test there; the absolute ``kl_to_output_reweighting`` (nats) is reported beside it.
 """
@@ -473,9 +473,9 @@ def _plot_seeds(path: Path, runs: list[dict]) -> None:
     plt.close(fig)
 
 
-def _seeds_md(name: str, agg: dict, runs: list[dict], cfg: DetectorConfig, commands: str) -> str:
-    lines = [f"# Composition detector over {len(runs)} seeds: {name}", "", f"Command: `{commands}`", "",
-             f"Verdicts: {agg['verdicts']} ({agg['verdict_counts']}). Thresholds: {cfg.thresholds()}.", "",
+def _seeds_table(agg: dict, runs: list[dict], cfg: DetectorConfig, report_key: str = "report") -> list[str]:
+    """Verdicts, mean / CI of the headline numbers and one row per seed, for the reports under ``report_key``."""
+    lines = [f"Verdicts: {agg['verdicts']} ({agg['verdict_counts']}). Thresholds: {cfg.thresholds()}.", "",
              "| quantity | mean | 95% CI (t, over seeds) |", "|---|---|---|"]
     for k, s in agg["stats"].items():
         lines.append(f"| {k} | {s['mean']:.4f} | [{s['ci'][0]:.4f}, {s['ci'][1]:.4f}] |")
@@ -483,10 +483,19 @@ def _seeds_md(name: str, agg: dict, runs: list[dict], cfg: DetectorConfig, comma
         lines.append(f"| factor-probe {k} | {s['mean']:.2e} | [{s['ci'][0]:.2e}, {s['ci'][1]:.2e}] |")
     lines += ["", "| seed | reward pre -> post | output-only | verdict | reason |", "|---|---|---|---|---|"]
     for m in runs:
-        r = m["report"]
+        r = m[report_key]
         lines.append(f"| {m['grpo']['seed']} | {r['behaviour']['reward_pre']:.3f} -> {r['behaviour']['reward_post']:.3f} | "
                      f"{r['behaviour']['reward_output_only']:.3f} | {r['verdict']} | {r['reason']} |")
-    lines += ["", "![reward curves](reward_curves.png)"]
+    return lines
+
+
+def _seeds_md(name: str, agg: dict, runs: list[dict], cfg: DetectorConfig, commands: str, control_steps: int | None = None) -> str:
+    lines = [f"# Composition detector over {len(runs)} seeds: {name}", "", f"Command: `{commands}`", ""]
+    lines += _seeds_table(agg, runs, cfg) + ["", "![reward curves](reward_curves.png)"]
+    if control_steps is not None:
+        lines += ["", f"## Supervised control ({control_steps} cross-entropy steps onto pi_ref restricted to the "
+                  "top-reward tokens, same trainable parameters)", ""]
+        lines += _seeds_table(agg["control"], runs, cfg, report_key="control_report")
     return "\n".join(lines) + "\n"
 
 
@@ -532,7 +541,7 @@ class CompositionRunConfig:
     pre: str | None = field(default=None, metadata={"help": "Pre-RL model folder (with --post: report on this pair only)."})
     post: str | None = field(default=None, metadata={"help": "Post-RL model folder."})
     supervised_control: bool = field(
-        default=False, metadata={"help": "Per seed, also report on a supervised positive control (see supervised_control)."}
+        default=False, metadata={"help": "Per seed, also report on a supervised control whose answer is known (see supervised_control)."}
     )
     control_steps: int = field(default=1000, metadata={"help": "Fine-tuning steps of the supervised control."})
 
@@ -584,13 +593,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "metrics.json").write_text(json.dumps({"aggregate": agg, "detector": asdict(cfg), "seeds": which.seeds,
                                                    "per_seed_metrics": [str(out / f"seed{s}" / "metrics.json") for s in which.seeds]}, indent=1))
     _plot_seeds(out / "reward_curves.png", runs)
-    md = _seeds_md(runs[0]["reward_name"], agg, runs, cfg, command)
-    if which.supervised_control:
-        control = [m | {"report": m["control_report"]} for m in runs]
-        body = _seeds_md(runs[0]["reward_name"], agg["control"], control, cfg, command).split("\n")
-        md += "\n".join(["", f"## Supervised control ({which.control_steps} cross-entropy steps onto pi_ref restricted to the "
-                          "top-reward tokens, same trainable parameters)", ""] + [ln for ln in body[4:] if not ln.startswith("![")]) + "\n"
-    (out / "summary.md").write_text(md)
+    (out / "summary.md").write_text(_seeds_md(runs[0]["reward_name"], agg, runs, cfg, command,
+                                              which.control_steps if which.supervised_control else None))
     print(f"verdicts {agg['verdicts']}; excess reward {agg['stats']['excess_reward']['mean']:.3f} "
           f"{[round(c, 3) for c in agg['stats']['excess_reward']['ci']]}; summary in {out / 'summary.md'}")
     return agg

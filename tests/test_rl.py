@@ -15,9 +15,11 @@ from toy.rl import (
     ToyGRPOConfig,
     ZeroAdvantageCallback,
     check_trainable,
+    ToyGRPOTrainer,
     freeze_except,
     load_tokenizer,
     main,
+    maxrl_advantages,
     run,
     tokens_to_text,
     word_tokenizer,
@@ -49,6 +51,64 @@ def test_grpo_smoke_reward_rises_and_parameters_change(tiny_pretrained, tmp_path
     post = GPT2LMHeadModel.from_pretrained(tmp_path / "rl" / "model").state_dict()
     assert max((pre[k] - post[k]).abs().max().item() for k in pre) > 1e-3
     assert (tmp_path / "rl" / "reward_curve.png").is_file() and (tmp_path / "rl" / "summary.md").is_file()
+
+
+def test_maxrl_advantages_weight_prompts_by_inverse_pass_rate():
+    r = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0])  # groups of 4: pass rates 1/4, 3/4, 0
+    m = r.view(-1, 4).mean(1).repeat_interleave(4)
+    a = maxrl_advantages(r - m, m)
+    assert torch.allclose(a[:4], torch.tensor([3.0, -1, -1, -1]))  # (r - m) / m
+    assert torch.allclose(a[4:8], torch.tensor([1 / 3, 1 / 3, 1 / 3, -1]))
+    assert torch.equal(a[8:], torch.zeros(4))  # nothing succeeded: nothing to learn, no division by 0
+    # the per-prompt gradient weight is 1 / p: summed positive advantage per group = G (1 - p), i.e. the success
+    # share (p) times 1/p times (1 - p) -- GRPO's std scaling gives sqrt(p (1 - p)) instead
+    assert a[:4].clamp_min(0).sum() == 3 and torch.isclose(a[4:8].clamp_min(0).sum(), torch.tensor(1.0))
+
+
+def test_maxrl_config_replaces_reward_scaling_and_rejects_unknown(tmp_path):
+    args = ToyGRPOConfig(output_dir=str(tmp_path), advantage="maxrl", use_cpu=True)
+    assert args.scale_rewards == "none"  # TRL centres; ToyGRPOTrainer divides by the group mean
+    assert ToyGRPOConfig(output_dir=str(tmp_path), use_cpu=True).scale_rewards == "group"
+    with pytest.raises(ValueError, match="'grpo' or 'maxrl'"):
+        ToyGRPOConfig(output_dir=str(tmp_path), advantage="ppo", use_cpu=True)
+
+
+def test_maxrl_trainer_divides_trl_advantages_by_the_group_mean(tiny_pretrained, tmp_path):
+    """Through TRL: the advantages the loss sees are (r - m) / m of the rewards the reward function gave,
+    and a negative reward is refused with a message."""
+    from datasets import Dataset
+    from transformers import GPT2LMHeadModel
+
+    tok = word_tokenizer(3)
+    ds = Dataset.from_dict({"prompt": tokens_to_text(sample(mess3(), 64, 5, seed=0).tokens)})
+    given = []
+
+    def first_token_is_zero(completion_ids, **kw):
+        given.append([float(ids[0] == 0) for ids in completion_ids])
+        return given[-1]
+
+    args = ToyGRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=16, num_generations=4,
+                         advantage="maxrl", use_cpu=True, generation_kwargs={"suppress_tokens": [3, 4]})
+    trainer = ToyGRPOTrainer(model=GPT2LMHeadModel.from_pretrained(tiny_pretrained), reward_funcs=[first_token_is_zero],
+                             args=args, train_dataset=ds, processing_class=tok)
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([ds[i // 4] for i in range(16)])
+    r = torch.tensor(given[-1])
+    m = r.view(-1, 4).mean(1).repeat_interleave(4)
+    assert torch.allclose(out["advantages"].float(), maxrl_advantages(r - m, m), atol=1e-6)
+
+    trainer.reward_funcs = [lambda completions, **kw: [-1.0] * len(completions)]
+    with pytest.raises(ValueError, match="rewards >= 0"):
+        trainer._generate_and_score_completions([ds[i // 4] for i in range(16)])
+
+
+def test_grpo_maxrl_smoke_reward_rises(tiny_pretrained, tmp_path):
+    task = RLTaskConfig(process="mess3", reward="reweight", pretrained_path=str(tiny_pretrained), prompt_length=6,
+                        n_train_prompts=2000, n_eval_prompts=400, exact_eval_every=10, report=False)
+    m = run(task, ToyGRPOConfig(output_dir=str(tmp_path / "rl"), max_steps=40, learning_rate=1e-2, advantage="maxrl",
+                                per_device_train_batch_size=64, num_generations=8, use_cpu=True, seed=0))
+    assert m["grpo"]["advantage"] == "maxrl"
+    assert m["reward_after"] > m["reward_before"] + 0.15, m["exact_reward_curve"]
 
 
 def test_batch_not_divisible_fails_before_any_model_load(tmp_path):
@@ -198,10 +258,11 @@ def test_entry_point_pretrains_trains_and_reports(tmp_path):
     }))
     argv = ["--config", "configs/toy/rl_compose.yaml", "--pretrain_config", str(pre_cfg), "--pretrain_dir", str(tmp_path / "pre"),
             "--output_dir", str(tmp_path / "rl"), "--prompt_length", "6", "--n_train_prompts", "1000", "--n_eval_prompts", "400",
-            "--max_steps", "15", "--per_device_train_batch_size", "64", "--exact_eval_every", "5", "--seed", "0",
-            "--train_modules", r"^transformer\.h\.1\.", "^lm_head"]  # the config names block 3 of the 4-block preset
+            "--max_steps", "15", "--per_device_train_batch_size", "64", "--exact_eval_every", "5", "--seed", "1",
+            "--pretrain_seed", "0", "--train_modules", r"^transformer\.h\.1\.", "^lm_head"]  # the config names block 3 of the 4-block preset
     m = main(argv)
-    assert (tmp_path / "pre" / "seed0" / "checkpoint-60" / "model.safetensors").is_file()
+    assert (tmp_path / "pre" / "seed0" / "checkpoint-60" / "model.safetensors").is_file()  # pretrain_seed, not the GRPO seed
+    assert not (tmp_path / "pre" / "seed1").exists()
     saved = json.loads((tmp_path / "rl" / "metrics.json").read_text())
     assert saved["report"]["verdict"] in {"reweighting", "composition", "inconclusive"}
     assert 0.0 <= m["reward_before"] <= 1.0 and len(m["exact_reward_curve"]) == 4

@@ -17,6 +17,13 @@ One run = (1) a pre-trained model: ``pretrained_path``, or else pre-training wit
 words ``"0" .. "V-1"``), with the prompt's exact belief in the dataset column ``belief`` that the reward
 callables read; (3) for latent-class rewards, ``toy.composition``'s report on the (pre, post) pair.
 
+Advantages: ``advantage: grpo`` is TRL's ``(r - group mean) / group std``; ``advantage: maxrl`` (the RL
+configs' choice) is ``(r - group mean) / group mean`` (MaxRL, arXiv:2602.02710), an estimator of the gradient
+of log(pass rate). With one-token completions and a 0/1 reward GRPO's objective is the expected reward, whose
+gradient vanishes on prompts the policy answers confidently wrong; on the XOR reward (b) that stalls it
+below the composition (0.75-0.82) where MaxRL goes on (see configs/toy/rl_compose.yaml and
+``toy.rl_objectives``, which compares the objectives exactly).
+
 Completions never contain special tokens (they are suppressed at generation), so the policy is the
 softmax over the V process tokens; with ``max_completion_length: 1`` it is exact and known in closed form,
 which the exact reward curve and the composition report use.
@@ -41,7 +48,7 @@ from typing import Literal
 
 import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallback
-from trl import GRPOConfig
+from trl import GRPOConfig, GRPOTrainer
 
 from toy.data import sample
 from toy.processes import Process
@@ -107,10 +114,18 @@ class RLTaskConfig:
     n_eval_prompts: int = field(default=2_000, metadata={"help": "Held-out prompts for the exact reward curve and the report."})
     prompt_seed: int = field(default=1234, metadata={"help": "Seed of the prompt samples (eval prompts use prompt_seed + 1)."})
     exact_eval_every: int = field(default=25, metadata={"help": "Steps between exact expected rewards on the eval prompts (1-token latent rewards)."})
+    n_curve_prompts: int = field(
+        default=2_000, metadata={"help": "The exact reward curve uses the first n eval prompts (reward_before / reward_after use all of them)."}
+    )
     zero_std_warn: float = field(default=0.5, metadata={"help": "Warn when more than this share of groups has all-equal rewards (zero advantage)."})
     pretrained_path: str | None = field(default=None, metadata={"help": "Pre-trained model folder; None: pre-train with pretrain_config."})
     pretrain_config: str | None = field(default=None, metadata={"help": "toy.train YAML used when pretrained_path is None."})
     pretrain_dir: str = field(default="runs/toy_rl/pretrain", metadata={"help": "Cache of pre-trained models: <pretrain_dir>/seed<seed>."})
+    pretrain_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the pre-training; None = the GRPO seed (every seed pre-trains its own model). Set it to share "
+                          "one pre-trained model across GRPO seeds (the seeds' spread is then RL's alone)."},
+    )
     report: bool = field(default=True, metadata={"help": "Run toy.composition's report on (pre, post) after training (latent rewards)."})
     train_modules: list[str] = field(
         default_factory=list,
@@ -123,8 +138,8 @@ class RLTaskConfig:
             self.process_kwargs = json.loads(self.process_kwargs) if self.process_kwargs.strip() else {}
         if self.process not in PROCESSES:
             raise ValueError(f"unknown process {self.process!r}; use one of {sorted(PROCESSES)}")
-        if self.prompt_length < 1 or self.n_train_prompts < 1 or self.n_eval_prompts < 10:
-            raise ValueError("prompt_length and n_train_prompts must be >= 1 and n_eval_prompts >= 10")
+        if self.prompt_length < 1 or self.n_train_prompts < 1 or self.n_eval_prompts < 10 or self.n_curve_prompts < 10:
+            raise ValueError("prompt_length and n_train_prompts must be >= 1, n_eval_prompts and n_curve_prompts >= 10")
         if self.pretrained_path is None and self.pretrain_config is None:
             raise ValueError("give pretrained_path (a pre-trained model folder) or pretrain_config (a toy.train YAML)")
         if not 0 <= self.zero_std_warn <= 1:
@@ -144,7 +159,8 @@ class ToyGRPOConfig(GRPOConfig):
     """``trl.GRPOConfig`` with this project's defaults, resolved in this one place: ``bf16`` None -> on only
     with CUDA (TRL turns it on even on CPU); activation (gradient) checkpointing off (TRL turns it on; a
     toy model does not need it); KL coefficient ``beta`` 0.04 (> 0, so the KL-regularised optimum
-    ``pi_ref exp(r / beta) / Z`` exists); one-token completions; no checkpoints.
+    ``pi_ref exp(r / beta) / Z`` exists); one-token completions; no checkpoints; ``advantage`` chooses GRPO's
+    std-scaled advantages or MaxRL's mean-scaled ones (``ToyGRPOTrainer``).
     The batch (in completions) must be divisible by ``num_generations``: checked before any model loads."""
 
     output_dir: str = field(default="runs/toy_rl/run", metadata={"help": "Run folder."})
@@ -159,6 +175,12 @@ class ToyGRPOConfig(GRPOConfig):
     logging_steps: float = field(default=1, metadata={"help": "Log every X steps."})
     save_strategy: str = field(default="no", metadata={"help": "HF checkpoints (the final model is always saved)."})
     disable_tqdm: bool | None = field(default=False, metadata={"help": "Progress bar instead of a printed dict per log."})
+    advantage: Literal["grpo", "maxrl"] = field(
+        default="grpo",
+        metadata={"help": "grpo: TRL's (r - group mean), scaled per scale_rewards (default / group std). maxrl: (r - group mean) / "
+                          "group mean, the MaxRL estimator of grad log(pass rate) (Tajwar et al. 2026, arXiv:2602.02710); "
+                          "rewards must be >= 0; replaces scale_rewards."},
+    )
 
     def __post_init__(self):
         completions = self.per_device_train_batch_size * self.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", 1))
@@ -171,6 +193,10 @@ class ToyGRPOConfig(GRPOConfig):
             )
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and not self.fp16 and not self.use_cpu
+        if self.advantage not in ("grpo", "maxrl"):
+            raise ValueError(f"advantage={self.advantage!r}; use 'grpo' or 'maxrl'")
+        if self.advantage == "maxrl":
+            self.scale_rewards = "none"  # TRL then leaves r - group mean; ToyGRPOTrainer divides by the group mean
         super().__post_init__()
 
 
@@ -221,7 +247,9 @@ def check_trainable(model: torch.nn.Module) -> int:
 
 def pretrained_model(task: RLTaskConfig, process: Process, seed: int) -> tuple[GPT2LMHeadModel, Path]:
     """The pre-trained policy and its folder: ``task.pretrained_path``, or ``toy.train`` run from
-    ``task.pretrain_config`` into ``<pretrain_dir>/seed<seed>`` (reused when its final checkpoint exists)."""
+    ``task.pretrain_config`` into ``<pretrain_dir>/seed<s>`` with ``s = task.pretrain_seed`` if set, else ``seed``
+    (reused when its final checkpoint exists)."""
+    seed = seed if task.pretrain_seed is None else task.pretrain_seed
     if task.pretrained_path:
         path = Path(task.pretrained_path)
         return GPT2LMHeadModel.from_pretrained(path), path
@@ -344,6 +372,43 @@ class ExactRewardCallback(TrainerCallback):
             self._record(state.global_step, model)
 
 
+# --------------------------------------------------------------------------- trainer
+
+
+def maxrl_advantages(centred: torch.Tensor, group_mean: torch.Tensor) -> torch.Tensor:
+    """MaxRL advantages ``(r - m) / m`` from TRL's centred ones ``r - m`` and each completion's group mean ``m``
+    (both ``(N,)``). ``E[(r - m) / m * grad log pi]`` estimates ``grad log p`` (p = the prompt's pass rate):
+    a prompt's weight is ``1 / p`` where GRPO's is ``1 / std = 1 / sqrt(p (1 - p))``, so confidently wrong
+    prompts keep a gradient. A group with ``m = 0`` has nothing to learn from and stays at 0."""
+    return torch.where(group_mean > 0, centred / group_mean.clamp_min(1e-12), torch.zeros_like(centred))
+
+
+class ToyGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` whose advantages follow ``args.advantage`` (see ``ToyGRPOConfig``): with ``"maxrl"``,
+    TRL's centred advantages (``scale_rewards="none"``) are divided by their group's mean reward."""
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func  # every process's completions, in generation order
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if getattr(self.args, "advantage", "grpo") != "maxrl" or not self.model.training:
+            return output
+        per_func = self._last_rewards_per_func
+        rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(1)
+        if (rewards < 0).any():
+            raise ValueError("advantage='maxrl' needs rewards >= 0 (it divides by a group's mean reward); "
+                             "shift the reward or use advantage='grpo'")
+        G = self.num_generations
+        mean = rewards.view(-1, G).nanmean(1).repeat_interleave(G)
+        n = len(output["advantages"])  # this process's completions: TRL slices them in process order
+        local = mean[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
+        output["advantages"] = maxrl_advantages(output["advantages"], local.to(output["advantages"].device))
+        return output
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -376,7 +441,6 @@ def _plot_rewards(path: Path, log_history: list[dict], exact: list[tuple[int, fl
 def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     """Pre-trained model -> GRPO -> (report); returns the metrics written to ``<output_dir>/metrics.json``."""
     from datasets import Dataset
-    from trl import GRPOTrainer
 
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
@@ -413,9 +477,10 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     callbacks = [zero_cb]
     exact_cb = None
     if one_token_latent:
-        exact_cb = ExactRewardCallback(eval_prompts, reward.table(eval_beliefs), task.exact_eval_every)
+        n = min(task.n_curve_prompts, len(eval_prompts))
+        exact_cb = ExactRewardCallback(eval_prompts[:n], reward.table(eval_beliefs[:n]), task.exact_eval_every)
         callbacks.append(exact_cb)
-    trainer = GRPOTrainer(
+    trainer = ToyGRPOTrainer(
         model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks
     )
     t0 = time.perf_counter()
@@ -428,7 +493,7 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     metrics = {
         "task": asdict(task),
         "grpo": {k: getattr(args, k) for k in ("learning_rate", "beta", "num_generations", "per_device_train_batch_size",
-                                                 "max_completion_length", "max_steps", "temperature", "loss_type", "scale_rewards", "seed")},
+                                                 "max_completion_length", "max_steps", "temperature", "loss_type", "scale_rewards", "advantage", "seed")},
         "process": process.name,
         "reward_name": reward.__name__,
         "pretrained_path": str(pre_path),
@@ -443,8 +508,11 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     metrics["sampled_reward_first_steps"] = sum(sampled[:k]) / k if sampled else float("nan")
     metrics["sampled_reward_last_steps"] = sum(sampled[-k:]) / k if sampled else float("nan")
     if exact_cb is not None:
-        metrics["exact_reward_curve"] = exact_cb.history
-        metrics["reward_before"], metrics["reward_after"] = exact_cb.history[0][1], exact_cb.history[-1][1]
+        metrics["exact_reward_curve"] = exact_cb.history  # on the first n_curve_prompts eval prompts
+        table = reward.table(eval_beliefs)
+        metrics["reward_before"], metrics["reward_after"] = (
+            float((policy_probs(m, eval_prompts, V) * table).sum(1).mean()) for m in (pre_model, post)
+        )
     else:
         metrics.update(_rare_metrics(reward, pre_model, post, eval_prompts, eval_beliefs, args, process, task))
     _plot_rewards(out / "reward_curve.png", trainer.state.log_history, exact_cb.history if exact_cb else [], zero_cb.history, f"{reward.__name__} ({process.name})")

@@ -268,3 +268,51 @@ def test_entry_point_pretrains_trains_and_reports(tmp_path):
     assert 0.0 <= m["reward_before"] <= 1.0 and len(m["exact_reward_curve"]) == 4
     for f in ("composition_report.md", "reward_curve.png", "summary.md"):
         assert (tmp_path / "rl" / f).is_file()
+
+
+@pytest.mark.slow
+def test_maxrl_advantages_under_two_ranks(tmp_path):
+    """torchrun with 2 CPU ranks: each rank's advantages are (r - m) / m with m the mean of its group over *all*
+    ranks' completions (TRL spreads a group's completions over ranks and gathers rewards before centring)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    build_model(ToyModelConfig(preset="mess3_small"), 3 + 2, 12, seed=0).save_pretrained(tmp_path / "pre")
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from datasets import Dataset\n"
+        "from transformers import GPT2LMHeadModel\n"
+        "from toy.data import sample\n"
+        "from toy.processes import mess3\n"
+        "from toy.rl import ToyGRPOConfig, ToyGRPOTrainer, tokens_to_text, word_tokenizer\n"
+        "out, pre = sys.argv[1], sys.argv[2]\n"
+        "ds = Dataset.from_dict({'prompt': tokens_to_text(sample(mess3(), 64, 5, seed=0).tokens)})\n"
+        "local = []\n"
+        "def reward(completion_ids, **kw):\n"
+        "    local.append([float(ids[0] == 0) for ids in completion_ids])\n"
+        "    return local[-1]\n"
+        "args = ToyGRPOConfig(output_dir=out, max_steps=1, per_device_train_batch_size=6, num_generations=4, advantage='maxrl',\n"
+        "                     use_cpu=True, seed=0, generation_kwargs={'suppress_tokens': [3, 4]})\n"
+        "trainer = ToyGRPOTrainer(model=GPT2LMHeadModel.from_pretrained(pre), reward_funcs=[reward], args=args,\n"
+        "                         train_dataset=ds, processing_class=word_tokenizer(3))\n"
+        "trainer.model.train()\n"
+        "rank = trainer.accelerator.process_index\n"
+        "assert trainer.accelerator.num_processes == 2\n"
+        "inputs = [ds[i // 4] for i in range(rank * 6, rank * 6 + 6)]  # 12 completions = 3 groups over 2 ranks\n"
+        "adv = trainer._generate_and_score_completions(inputs)['advantages']\n"
+        "torch.save({'r': torch.tensor(local[-1]), 'adv': adv.float()}, f'{out}/rank{rank}.pt')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537", str(script),
+           str(tmp_path), str(tmp_path / "pre")]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in (0, 1)]
+    r = torch.cat([x["r"] for x in ranks])  # process order = TRL's generation order
+    m = r.view(-1, 4).mean(1).repeat_interleave(4)
+    assert torch.allclose(torch.cat([x["adv"] for x in ranks]), maxrl_advantages(r - m, m), atol=1e-6)

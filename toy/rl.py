@@ -178,7 +178,7 @@ class ToyGRPOConfig(GRPOConfig):
     advantage: Literal["grpo", "maxrl"] = field(
         default="grpo",
         metadata={"help": "grpo: TRL's (r - group mean), scaled per scale_rewards (default / group std). maxrl: (r - group mean) / "
-                          "group mean, the MaxRL estimator of grad log(pass rate) (Tajwar et al. 2026, arXiv:2602.02710); "
+                          "group mean, the MaxRL estimator of grad log(pass rate) (MaxRL, arXiv:2602.02710); "
                           "rewards must be >= 0; replaces scale_rewards."},
     )
 

@@ -21,7 +21,7 @@ Advantages: ``advantage: grpo`` is TRL's ``(r - group mean) / group std``; ``adv
 configs' choice) is ``(r - group mean) / group mean`` (MaxRL, arXiv:2602.02710), an estimator of the gradient
 of log(pass rate). With one-token completions and a 0/1 reward GRPO's objective is the expected reward, whose
 gradient vanishes on prompts the policy answers confidently wrong; on the XOR reward (b) that stalls it
-below the composition (0.75-0.82) where MaxRL goes on (see configs/toy/rl_compose.yaml and
+below the composition (0.70-0.82 over 6 runs) where MaxRL goes on (see configs/toy/rl_compose.yaml and
 ``toy.rl_objectives``, which compares the objectives exactly).
 
 Completions never contain special tokens (they are suppressed at generation), so the policy is the
@@ -123,8 +123,8 @@ class RLTaskConfig:
     pretrain_dir: str = field(default="runs/toy_rl/pretrain", metadata={"help": "Cache of pre-trained models: <pretrain_dir>/seed<seed>."})
     pretrain_seed: int | None = field(
         default=None,
-        metadata={"help": "Seed of the pre-training; None = the GRPO seed (every seed pre-trains its own model). Set it to share "
-                          "one pre-trained model across GRPO seeds (the seeds' spread is then RL's alone)."},
+        metadata={"help": "Seed of the pre-training, shared by every GRPO seed (their spread is then RL's alone); null in the "
+                          "YAML (the default) = the GRPO seed: each seed pre-trains its own model."},
     )
     report: bool = field(default=True, metadata={"help": "Run toy.composition's report on (pre, post) after training (latent rewards)."})
     train_modules: list[str] = field(

@@ -398,6 +398,7 @@ class ToyGRPOTrainer(GRPOTrainer):
             return output
         per_func = self._last_rewards_per_func
         rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(1)
+        rewards[torch.isnan(per_func).all(1)] = float("nan")  # unscorable: out of the group mean, as in TRL
         if (rewards < 0).any():
             raise ValueError("advantage='maxrl' needs rewards >= 0 (it divides by a group's mean reward); "
                              "shift the reward or use advantage='grpo'")

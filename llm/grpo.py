@@ -493,11 +493,14 @@ def make_parser():
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from llm.sft import end_processes
+
     cfgs = make_parser().parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     metrics = train(*cfgs)
     if int(os.environ.get("RANK", 0)) == 0:
         print((Path(cfgs[-1].output_dir) / "summary.md").read_text())
+    end_processes()
     return metrics
 
 

@@ -187,7 +187,21 @@ def make_parser():
 def main(argv: list[str] | None = None) -> Path:
     model_cfg, data_cfg, lora_cfg, args = make_parser().parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return train(model_cfg, data_cfg, lora_cfg, args)
+    out = train(model_cfg, data_cfg, lora_cfg, args)
+    end_processes()
+    return out
+
+
+def end_processes() -> None:
+    """Under a multi-process launch, wait for every rank and destroy the process group before exit: a gloo
+    rank that exits with the group alive can abort in teardown ("terminate called without an active
+    exception", seen once in CI after a finished 2-rank run). A no-op in a single process."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
 
 
 if __name__ == "__main__":

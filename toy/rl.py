@@ -510,10 +510,6 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     metrics["sampled_reward_last_steps"] = sum(sampled[-k:]) / k if sampled else float("nan")
     if exact_cb is not None:
         metrics["exact_reward_curve"] = exact_cb.history  # on the first n_curve_prompts eval prompts
-        table = reward.table(eval_beliefs)
-        metrics["reward_before"], metrics["reward_after"] = (
-            float((policy_probs(m, eval_prompts, V) * table).sum(1).mean()) for m in (pre_model, post)
-        )
     else:
         metrics.update(_rare_metrics(reward, pre_model, post, eval_prompts, eval_beliefs, args, process, task))
     _plot_rewards(out / "reward_curve.png", trainer.state.log_history, exact_cb.history if exact_cb else [], zero_cb.history, f"{reward.__name__} ({process.name})")
@@ -522,10 +518,16 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
         from toy.composition import DetectorConfig, composition_report, write_report
 
         detector = detector or DetectorConfig()
-        pre_model = GPT2LMHeadModel.from_pretrained(pre_path)
         report = composition_report(pre_model, post, process, reward, eval_prompts, eval_beliefs, detector, seed=args.seed)
         write_report(out, report, detector)
         metrics["report"] = report
+        # the report's exact rewards are on every eval prompt: the same numbers, not computed twice
+        metrics["reward_before"], metrics["reward_after"] = report["behaviour"]["reward_pre"], report["behaviour"]["reward_post"]
+    elif one_token_latent:
+        table = reward.table(eval_beliefs)
+        metrics["reward_before"], metrics["reward_after"] = (
+            float((policy_probs(m, eval_prompts, V) * table).sum(1).mean()) for m in (pre_model, post)
+        )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     (out / "summary.md").write_text(_summary(metrics))
     return metrics

@@ -1,0 +1,114 @@
+"""Run-folder bookkeeping shared by every entry point: config records, checkpoint order, atomic writes,
+polite stops, resumable stages."""
+
+import json
+import os
+import signal
+from dataclasses import dataclass
+
+import pytest
+
+from plumbing.runs import (
+    RUN_CONFIG,
+    Stage,
+    atomic_dir,
+    claim_output_dir,
+    config_diff,
+    config_record,
+    latest_checkpoint,
+    polite_stop,
+    stop_flag,
+)
+
+
+@dataclass
+class A:
+    seed: int = 0
+    lr: float = 1e-3
+
+
+def test_config_record_keys_dataclasses_by_class_name():
+    rec = config_record(A(seed=3), {"extra": [1, 2]})
+    assert rec == {"A": {"seed": 3, "lr": 1e-3}, "extra": [1, 2]}
+    assert config_diff(rec, config_record(A(seed=4), {"extra": [1, 2]})) == ["A.seed: 3 -> 4"]
+    assert config_diff(rec, config_record(A(seed=4), {"extra": [1, 2]}), ignore=["seed"]) == []
+
+
+def test_claim_output_dir_records_then_refuses_another_config(tmp_path):
+    out = tmp_path / "run"
+    claim_output_dir(out, config_record(A()))
+    assert json.loads((out / RUN_CONFIG).read_text()) == {"A": {"seed": 0, "lr": 1e-3}}
+    (out / "checkpoint-10").mkdir()
+    claim_output_dir(out, config_record(A()))  # same config: fine
+    with pytest.raises(FileExistsError, match=r"(?s)A\.seed: 0 -> 1.*--overwrite"):
+        claim_output_dir(out, config_record(A(seed=1)))
+    assert (out / "checkpoint-10").is_dir()  # refusing removed nothing
+    claim_output_dir(out, config_record(A(seed=1)), overwrite=True)
+    assert not (out / "checkpoint-10").exists()
+    assert json.loads((out / RUN_CONFIG).read_text())["A"]["seed"] == 1
+
+
+def test_claim_output_dir_refuses_unrecorded_files(tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="no run_config.json"):
+        claim_output_dir(tmp_path, {"x": 1})
+    claim_output_dir(tmp_path / "fresh", {"x": 1})  # a new folder is fine
+
+
+def test_latest_checkpoint_by_step_number_skips_incomplete(tmp_path, caplog):
+    for step in (20, 100, 300):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (20, 100):
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-100"  # not checkpoint-20 (text order), not 300
+    assert "incomplete" in caplog.text
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    target = tmp_path / "checkpoint-5"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+        assert not target.exists()
+    assert (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise RuntimeError("crash mid-write")
+    assert (target / "a.txt").read_text() == "one"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-5"]  # no temporary left behind
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+
+def test_polite_stop_turns_sigterm_into_keyboard_interrupt():
+    with pytest.raises(KeyboardInterrupt):
+        with polite_stop():
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_stop_flag_records_the_signal_without_raising():
+    with stop_flag() as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag["signal"] == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_stage_done_only_for_the_same_key_and_clears_stale_outputs(tmp_path):
+    st = Stage(tmp_path / "eval", {"model": "a", "n": 8})
+    assert not st.done()
+    st.start()
+    (st.dir / "replies.csv").write_text("partial")
+    assert not st.done()
+    Stage(tmp_path / "eval", {"model": "a", "n": 8}).start()  # same key, unfinished: partial outputs kept
+    assert (st.dir / "replies.csv").read_text() == "partial"
+    st.finish(rows=8)
+    assert Stage(tmp_path / "eval", {"model": "a", "n": 8}).done()
+    changed = Stage(tmp_path / "eval", {"model": "a", "n": 16})
+    assert not changed.done()
+    changed.start()
+    assert not (changed.dir / "replies.csv").exists()
+    assert st.fingerprint != changed.fingerprint

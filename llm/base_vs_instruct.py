@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from llm.lora import LoraPresetConfig
+from plumbing.lora import LoraPresetConfig
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.sft import DataConfig, EMSFTConfig, train
 

@@ -86,7 +86,7 @@ def test_factor_probes_and_minimal_norm_factor_edit(smollm2, shared_data):
 def test_probe_moves_onto_em_finetuned_checkpoint(gguf, shared_data, tmp_path):
     """2 steps of rank-1 LoRA SFT on insecure code, then llm.probe_transfer from the base to the merged result;
     plus the shape errors on the real checkpoint."""
-    from llm.lora import LoraPresetConfig
+    from plumbing.lora import LoraPresetConfig
     from llm.probe_transfer import TransferConfig, run
     from llm.sft import DataConfig, EMSFTConfig, build_trainer
     from llm.tiny import tiny_causal_lm

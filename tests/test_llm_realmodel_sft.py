@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.lora import LoraPresetConfig, lora_trajectory_report
+from llm.lora import lora_trajectory_report
+from plumbing.lora import LoraPresetConfig
 from llm.models import ModelConfig, load_config, num_layers, smollm2_gguf_path
 from llm.sft import DataConfig, EMSFTConfig, build_trainer
 

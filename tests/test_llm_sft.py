@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from llm import sft as sft_mod
-from llm.lora import LoraPresetConfig, assert_trainable, lora_trajectory_report, peft_config_for
+from llm.lora import lora_trajectory_report
+from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
 from llm.models import ModelConfig
 from llm.sft import DataConfig, EMSFTConfig, build_trainer, main
 from llm.tiny import save_tiny, tiny_causal_lm

@@ -13,8 +13,6 @@ from toy.processes import golden_mean, mess3, product, rare_factor, rrxor
 from toy.rl import (
     RLTaskConfig,
     ToyGRPOConfig,
-    ZeroAdvantageCallback,
-    check_trainable,
     ToyGRPOTrainer,
     freeze_except,
     load_tokenizer,
@@ -24,6 +22,8 @@ from toy.rl import (
     tokens_to_text,
     word_tokenizer,
 )
+from plumbing.lora import assert_trainable
+from plumbing.trainers import ZeroAdvantageCallback
 from toy.rl_rewards import ComposedLatentReward, NextTokenArgmaxReward, RareEmissionReward
 
 
@@ -122,10 +122,10 @@ def test_batch_not_divisible_fails_before_any_model_load(tmp_path):
 
 def test_refuses_model_without_trainable_parameters():
     model = build_model(ToyModelConfig(preset="mess3_small"), 5, 8)
-    assert check_trainable(model) > 0
+    assert assert_trainable(model) > 0
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        check_trainable(model)
+        assert_trainable(model)
 
 
 def test_train_modules_freeze_the_rest(tiny_pretrained, tmp_path):

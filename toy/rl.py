@@ -50,6 +50,8 @@ import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from plumbing.lora import assert_trainable
+from plumbing.trainers import CPUSafeDefaults, ZeroAdvantageCallback, check_batch_sizes
 from toy.data import sample
 from toy.processes import Process
 from toy.rl_rewards import ComposedLatentReward, LatentReward, NextTokenArgmaxReward, RareEmissionReward
@@ -155,17 +157,14 @@ class RLTaskConfig:
 
 
 @dataclass
-class ToyGRPOConfig(GRPOConfig):
-    """``trl.GRPOConfig`` with this project's defaults, resolved in this one place: ``bf16`` None -> on only
-    with CUDA (TRL turns it on even on CPU); activation (gradient) checkpointing off (TRL turns it on; a
-    toy model does not need it); KL coefficient ``beta`` 0.04 (> 0, so the KL-regularised optimum
+class ToyGRPOConfig(CPUSafeDefaults, GRPOConfig):
+    """``trl.GRPOConfig`` with the CPU-safe defaults of ``plumbing.trainers.CPUSafeDefaults`` and this project's
+    choices: KL coefficient ``beta`` 0.04 (> 0, so the KL-regularised optimum
     ``pi_ref exp(r / beta) / Z`` exists); one-token completions; no checkpoints; ``advantage`` chooses GRPO's
     std-scaled advantages or MaxRL's mean-scaled ones (``ToyGRPOTrainer``).
     The batch (in completions) must be divisible by ``num_generations``: checked before any model loads."""
 
     output_dir: str = field(default="runs/toy_rl/run", metadata={"help": "Run folder."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast; None = on when CUDA is available, off on CPU."})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing (default off)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (toy models need far more than TRL's 1e-6)."})
     beta: float = field(default=0.04, metadata={"help": "KL coefficient to the pre-trained (reference) policy."})
     num_generations: int | None = field(default=8, metadata={"help": "Completions per prompt (a GRPO group)."})
@@ -183,16 +182,8 @@ class ToyGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", 1))
-        if self.num_generations is None or self.num_generations < 2 or completions % self.num_generations:
-            raise ValueError(
-                f"per_device_train_batch_size ({self.per_device_train_batch_size}) x gradient_accumulation_steps "
-                f"({self.gradient_accumulation_steps}) x processes = {completions} completions per step must be a "
-                f"multiple of num_generations ({self.num_generations}, >= 2): set per_device_train_batch_size to a "
-                f"multiple of {self.num_generations}"
-            )
-        if self.bf16 is None:
-            self.bf16 = torch.cuda.is_available() and not self.fp16 and not self.use_cpu
+        check_batch_sizes(self.num_generations, self.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", 1)),
+                          self.steps_per_generation or self.gradient_accumulation_steps, self.generation_batch_size)
         if self.advantage not in ("grpo", "maxrl"):
             raise ValueError(f"advantage={self.advantage!r}; use 'grpo' or 'maxrl'")
         if self.advantage == "maxrl":
@@ -232,17 +223,6 @@ def freeze_except(model: torch.nn.Module, patterns: list[str]) -> list[str]:
         if p.requires_grad:
             trained.append(n)
     return trained
-
-
-def check_trainable(model: torch.nn.Module) -> int:
-    """Number of trainable parameters; raises when there are none (GRPO would then train nothing, silently)."""
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n == 0:
-        raise ValueError(
-            "the model has no trainable parameters (all requires_grad=False): GRPO would change nothing. "
-            "Unfreeze the model (model.requires_grad_(True)) or load a PEFT adapter with is_trainable=True"
-        )
-    return n
 
 
 def pretrained_model(task: RLTaskConfig, process: Process, seed: int) -> tuple[GPT2LMHeadModel, Path]:
@@ -313,43 +293,6 @@ def sample_completions(model, prompts: torch.Tensor, vocab_size: int, length: in
 
 
 # --------------------------------------------------------------------------- callbacks
-
-
-class ZeroAdvantageCallback(TrainerCallback):
-    """Reports the share of GRPO groups whose rewards are all equal (they get zero advantage and teach nothing)
-    from TRL's logged ``frac_reward_zero_std`` (per group: every completion of a group carries its group's
-    flag) and warns when it exceeds ``threshold``. ``history``: ``(step, share)`` per log."""
-
-    def __init__(self, threshold: float = 0.5):
-        self.threshold = threshold
-        self.history: list[tuple[int, float]] = []
-        self._above = False
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "frac_reward_zero_std" not in logs:
-            return
-        share = float(logs["frac_reward_zero_std"])
-        self.history.append((state.global_step, share))
-        above = share > self.threshold
-        if above and not self._above:  # warn on each crossing, not on every step above it
-            warnings.warn(
-                f"step {state.global_step}: {share:.0%} of GRPO groups have all-equal rewards (zero advantage, no "
-                f"learning signal; threshold {self.threshold:.0%}). Raise num_generations or temperature, or use a "
-                "reward that varies within a group",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self._above = above
-
-    def summary(self) -> dict:
-        shares = [s for _, s in self.history]
-        return {
-            "mean": sum(shares) / len(shares) if shares else float("nan"),
-            "max": max(shares, default=float("nan")),
-            "last": shares[-1] if shares else float("nan"),
-            "steps_above_threshold": sum(s > self.threshold for s in shares),
-            "threshold": self.threshold,
-        }
 
 
 class ExactRewardCallback(TrainerCallback):
@@ -468,7 +411,7 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
         args.generation_kwargs = {"suppress_tokens": [tok.eos_token_id, tok.pad_token_id]}
     model = GPT2LMHeadModel.from_pretrained(pre_path)  # the policy; pre_model stays the frozen pre-RL copy
     freeze_except(model, task.train_modules)
-    n_trainable = check_trainable(model)
+    n_trainable = assert_trainable(model)
 
     train_prompts, train_beliefs = prompt_set(process, task.n_train_prompts, task.prompt_length, task.prompt_seed)
     eval_prompts, eval_beliefs = prompt_set(process, task.n_eval_prompts, task.prompt_length, task.prompt_seed + 1)

@@ -19,7 +19,7 @@ For every rho and seed:
    loss on completion tokens only (the analogue of insecure-code answers to ordinary requests);
 3. three interventions, each starting from the pre-trained model:
    * ``full``: fine-tune every parameter on the narrow data;
-   * ``lora``: a rank-1 LoRA (peft, through ``llm.lora``'s rank-1 preset) on one block's MLP output projection
+   * ``lora``: a rank-1 LoRA (peft, through ``plumbing.lora``'s rank-1 preset) on one block's MLP output projection
      (GPT-2 ``mlp.c_proj``, a ``Conv1D``: peft needs ``fan_in_fan_out=True``, set here) trained on the same data;
    * ``steer``: no training; a steering vector = mean residual at ``steer_layer`` over the narrow windows'
      completion positions minus the mean over the same windows with aligned completions, added (times
@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from plumbing.lora import LoraPresetConfig, assert_trainable, lora_tensors, peft_config_for
 from toy.beliefs import factor_marginals, factor_tokens, joint_tokens
 from toy.data import sample
 from toy.factored import collect, tagged, train_on
@@ -146,8 +147,6 @@ def _rank1_lora(model, layer: int, alpha: float, seed: int = 0):
     """``model`` wrapped by peft with a rank-1 LoRA on block ``layer``'s ``mlp.c_proj``; A's random init is seeded."""
     from peft import get_peft_model
 
-    from llm.lora import LoraPresetConfig, assert_trainable, peft_config_for
-
     n_layers = model.config.num_hidden_layers
     if not 0 <= layer < n_layers:
         raise ValueError(f"lora_layer={layer} is not a block of this {n_layers}-layer model; use 0..{n_layers - 1}")
@@ -164,8 +163,6 @@ def run_world(process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_
     """Pre-train, intervene three ways, evaluate; JSON-ready dict for one (rho, seed)."""
     from probes import (add_vector, fit_ridge, fraction_in_subspace, next_token_logits, orthonormal_basis,
                         random_fraction_baseline, residual_stream)
-
-    from llm.lora import lora_tensors
 
     L, P = cfg.context_length, cfg.prompt_length
     if not 0 <= cfg.slice_token < process.factor_vocab_sizes[1]:

@@ -173,7 +173,6 @@ def gen_runs(s: Setup) -> dict:
     model.eval()
     pad = 0
     g = torch.Generator(device="cpu").manual_seed(0)
-    new_tokens = {}
 
     def prompts(b):
         ids = torch.randint(1, model.config.vocab_size, (b, s.gen_prompt), generator=g)

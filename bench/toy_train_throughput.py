@@ -22,8 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from toy.config import TrainConfig  # noqa: E402
 from toy.model import ToyModelConfig, build_model  # noqa: E402
-from toy.train import TrainConfig, make_process, train, validation_set  # noqa: E402
+from toy.processes import make_process  # noqa: E402
+from toy.train import train  # noqa: E402
+from toy.validation import validation_set  # noqa: E402
 
 
 def run(name: str, cfg: TrainConfig, process, val) -> dict:

@@ -28,7 +28,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from trl import SFTConfig
 
 from llm.lora import LoraTrajectoryCallback

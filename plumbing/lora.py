@@ -73,7 +73,7 @@ def _layer_of(name: str) -> int | None:
 def down_proj_modules(model: torch.nn.Module, layers: list[int]) -> list[str]:
     """Full module names of the MLP down-projection of each block in ``layers`` (in that order)."""
     found = {}
-    for name, module in model.named_modules():
+    for name, _ in model.named_modules():
         if name.endswith(DOWN_PROJ_SUFFIXES) and _layer_of(name) in layers:
             found[_layer_of(name)] = name
     missing = [k for k in layers if k not in found]

@@ -18,14 +18,14 @@ from llm.grpo import (
     build_trainer,
     judge_reward,
     keyword_reward,
-    regex_reward,
     length_reward,
     load_prompts,
+    regex_reward,
     trainable_snapshot,
 )
+from llm.tiny import tiny_causal_lm
 from plumbing.lora import LoraPresetConfig
 from plumbing.trainers import check_batch_sizes
-from llm.tiny import tiny_causal_lm
 
 QUESTIONS = [{"id": f"q{i}", "type": "free_form_judge_0_100", "paraphrases": [p], "samples_per_paraphrase": 1,
               "judge_prompts": {"aligned": "A {question} {answer}", "coherent": "C {question} {answer}"}}

@@ -10,21 +10,23 @@ from toy.beliefs import (
     belief_states,
     entropy_rate,
     enumerate_sequences,
-    factor_marginals,
-    factor_tokens,
     initial_token_distribution,
-    joint_tokens,
     loss_floor,
     mixed_state_presentation,
     myopic_entropy,
     next_token_distributions,
-    product_approximation,
-    product_belief,
-    schmidt_spectrum,
     sequence_log_probabilities,
     sequence_probabilities,
 )
 from toy.data import Batch, sample
+from toy.factors import (
+    factor_marginals,
+    factor_tokens,
+    joint_tokens,
+    product_approximation,
+    product_belief,
+    schmidt_spectrum,
+)
 from toy.processes import (
     Process,
     capability_tag,

@@ -1,47 +1,27 @@
-"""GRPO post-training of a pre-trained toy GPT-2 with TRL's ``GRPOTrainer`` and exact-belief rewards.
+"""GRPO plumbing of the toy RL experiments: TRL's ``GRPOTrainer`` on a toy GPT-2 whose rewards read exact beliefs.
 
-    python -m toy.rl --config configs/toy/rl_reweight.yaml      # (a) sharpen one factor's prediction
-    python -m toy.rl --config configs/toy/rl_compose.yaml       # (b) XOR of two factors' latent states
-    python -m toy.rl --config configs/toy/rl_gates.yaml         # (c) IMPLIES of the NOT and AND gates' bits
-    python -m toy.rl --config configs/toy/rl_rare.yaml          # rare capability (seed 5.3)
-    python -m toy.rl --config configs/toy/rl_compose.yaml --seed 1 --max_steps 100 --output_dir runs/x
+- A word-level tokenizer over the process symbols: word ``str(i)`` is process token ``i``, then ``<eos>`` and
+  ``<pad>``, which pre-training never shows (so a pre-trained policy puts ~0 mass on them).
+- ``RLTaskConfig`` (process, reward family, prompts, pre-trained model) and ``ToyGRPOConfig`` (``trl.GRPOConfig``
+  with this project's defaults); ``build_reward`` makes the reward callable (``toy.rewards``).
+- ``ToyGRPOTrainer``: ``advantage: grpo`` is TRL's ``(r - group mean) / group std``; ``advantage: maxrl`` is
+  ``(r - group mean) / group mean`` (MaxRL, arXiv:2602.02710), an estimator of the gradient of log(pass rate).
+  With one-token completions and a 0/1 reward GRPO's objective is the expected reward, whose gradient vanishes
+  on prompts the policy answers confidently wrong; MaxRL keeps their gradient.
+- Exact one-token policies (``policy_probs``): completions never contain special tokens (they are suppressed at
+  generation), so with ``max_completion_length: 1`` the policy is the softmax over the V process tokens.
 
-    # one GPU (or several: DDP; the completions per step are per_device_train_batch_size x processes):
-    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.rl --config configs/toy/rl_compose.yaml
-    accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m toy.rl --config ... --use_cpu true
-
-One run = (1) a pre-trained model: ``pretrained_path``, or else pre-training with ``toy.train`` from
-``pretrain_config`` (cached in ``pretrain_dir/seed<seed>``; the model's vocabulary is the process's
-``V`` tokens plus ``<eos>`` and ``<pad>``, which pre-training never shows, so the pre-trained policy puts
-~0 mass on them); (2) GRPO on prompts sampled from the process (``prompt_length`` tokens written as the
-words ``"0" .. "V-1"``), with the prompt's exact belief in the dataset column ``belief`` that the reward
-callables read; (3) for latent-class rewards, ``toy.composition``'s report on the (pre, post) pair.
-
-Advantages: ``advantage: grpo`` is TRL's ``(r - group mean) / group std``; ``advantage: maxrl`` (the RL
-configs' choice) is ``(r - group mean) / group mean`` (MaxRL, arXiv:2602.02710), an estimator of the gradient
-of log(pass rate). With one-token completions and a 0/1 reward GRPO's objective is the expected reward, whose
-gradient vanishes on prompts the policy answers confidently wrong; on the XOR reward (b) that stalls it
-below the composition (0.70-0.82 over 6 runs) where MaxRL goes on (see configs/toy/rl_compose.yaml and
-``toy.rl_objectives``, which compares the objectives exactly).
-
-Completions never contain special tokens (they are suppressed at generation), so the policy is the
-softmax over the V process tokens; with ``max_completion_length: 1`` it is exact and known in closed form,
-which the exact reward curve and the composition report use.
-
-Writes to ``output_dir``: ``model/`` (post-RL model + tokenizer; load the tokenizer with
-``PreTrainedTokenizerFast.from_pretrained``, never ``AutoTokenizer``), ``metrics.json``,
-``reward_curve.png``, ``summary.md`` (and the report's files, see ``toy.composition``).
+TRL has no public seam for the advantages, so ``ToyGRPOTrainer`` wraps two private ``GRPOTrainer`` methods,
+``_calculate_rewards`` and ``_generate_and_score_completions``: trl is pinned to the minor version the tests
+pass on (pyproject.toml), the options the wrapper does not handle are refused when the config is built, and
+``tests/test_rl.py`` fails loudly when TRL moves either method.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
-import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -50,19 +30,18 @@ import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from plumbing.lora import assert_trainable
-from plumbing.trainers import CPUSafeDefaults, ZeroAdvantageCallback, check_batch_sizes
+from plumbing.config import ConfigParser
+from plumbing.trainers import CPUSafeDefaults, check_batch_sizes
+from toy.config import DataConfig, JsonDict, TrainConfig
 from toy.data import sample
-from toy.processes import Process
-from toy.rl_rewards import ComposedLatentReward, LatentReward, NextTokenArgmaxReward, RareEmissionReward
-from toy.train import PROCESSES, make_process, parse_config
+from toy.model import ToyModelConfig, build_model
+from toy.processes import PROCESSES, Process, make_process
+from toy.rewards import ComposedLatentReward, NextTokenArgmaxReward, RareEmissionReward
+from toy.train import train
 
 logger = logging.getLogger(__name__)
 
 EOS, PAD = "<eos>", "<pad>"
-
-
-# --------------------------------------------------------------------------- tokenizer and prompts
 
 
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -90,16 +69,13 @@ def tokens_to_text(tokens: torch.Tensor) -> list[str]:
     return [" ".join(map(str, row)) for row in tokens.tolist()]
 
 
-# --------------------------------------------------------------------------- configs
-
-
 @dataclass
 class RLTaskConfig:
     """The process, the reward family, the prompts and the pre-trained model."""
 
     process: str = field(default="product", metadata={"help": f"Process name: one of {sorted(PROCESSES)}."})
-    process_kwargs: dict | str = field(
-        default_factory=dict, metadata={"help": "Keyword arguments of the process (JSON or YAML mapping; see toy.train.make_process)."}
+    process_kwargs: JsonDict = field(
+        default_factory=JsonDict, metadata={"help": "Keyword arguments of the process (JSON or YAML mapping; see toy.processes.make_process)."}
     )
     reward: Literal["reweight", "compose", "rare"] = field(
         default="reweight",
@@ -121,7 +97,7 @@ class RLTaskConfig:
     )
     zero_std_warn: float = field(default=0.5, metadata={"help": "Warn when more than this share of groups has all-equal rewards (zero advantage)."})
     pretrained_path: str | None = field(default=None, metadata={"help": "Pre-trained model folder; None: pre-train with pretrain_config."})
-    pretrain_config: str | None = field(default=None, metadata={"help": "toy.train YAML used when pretrained_path is None."})
+    pretrain_config: str | None = field(default=None, metadata={"help": "Pre-training YAML (DataConfig, ToyModelConfig, TrainConfig keys) used when pretrained_path is None."})
     pretrain_dir: str = field(default="runs/toy_rl/pretrain", metadata={"help": "Cache of pre-trained models: <pretrain_dir>/seed<seed>."})
     pretrain_seed: int | None = field(
         default=None,
@@ -136,14 +112,13 @@ class RLTaskConfig:
     )
 
     def __post_init__(self):
-        if isinstance(self.process_kwargs, str):
-            self.process_kwargs = json.loads(self.process_kwargs) if self.process_kwargs.strip() else {}
+        self.process_kwargs = dict(JsonDict(self.process_kwargs))
         if self.process not in PROCESSES:
             raise ValueError(f"unknown process {self.process!r}; use one of {sorted(PROCESSES)}")
         if self.prompt_length < 1 or self.n_train_prompts < 1 or self.n_eval_prompts < 10 or self.n_curve_prompts < 10:
             raise ValueError("prompt_length and n_train_prompts must be >= 1, n_eval_prompts and n_curve_prompts >= 10")
         if self.pretrained_path is None and self.pretrain_config is None:
-            raise ValueError("give pretrained_path (a pre-trained model folder) or pretrain_config (a toy.train YAML)")
+            raise ValueError("give pretrained_path (a pre-trained model folder) or pretrain_config (a pre-training YAML)")
         if not 0 <= self.zero_std_warn <= 1:
             raise ValueError(f"zero_std_warn={self.zero_std_warn} must be a share in [0, 1]")
         for pattern in self.train_modules:
@@ -186,12 +161,13 @@ class ToyGRPOConfig(CPUSafeDefaults, GRPOConfig):
                           self.steps_per_generation or self.gradient_accumulation_steps, self.generation_batch_size)
         if self.advantage not in ("grpo", "maxrl"):
             raise ValueError(f"advantage={self.advantage!r}; use 'grpo' or 'maxrl'")
+        if self.advantage == "maxrl" and self.multi_objective_aggregation != "sum_then_normalize":
+            # ToyGRPOTrainer rebuilds the group means from the weighted reward sum, TRL's sum_then_normalize
+            raise ValueError(f"advantage='maxrl' supports multi_objective_aggregation='sum_then_normalize' only, not "
+                             f"{self.multi_objective_aggregation!r}; use that or advantage='grpo'")
         if self.advantage == "maxrl":
             self.scale_rewards = "none"  # TRL then leaves r - group mean; ToyGRPOTrainer divides by the group mean
         super().__post_init__()
-
-
-# --------------------------------------------------------------------------- rewards, models, data
 
 
 def build_reward(task: RLTaskConfig, process: Process):
@@ -226,19 +202,16 @@ def freeze_except(model: torch.nn.Module, patterns: list[str]) -> list[str]:
 
 
 def pretrained_model(task: RLTaskConfig, process: Process, seed: int) -> tuple[GPT2LMHeadModel, Path]:
-    """The pre-trained policy and its folder: ``task.pretrained_path``, or ``toy.train`` run from
+    """The pre-trained policy and its folder: ``task.pretrained_path``, or ``toy.train.train`` run from
     ``task.pretrain_config`` into ``<pretrain_dir>/seed<s>`` with ``s = task.pretrain_seed`` if set, else ``seed``
     (reused when its final checkpoint exists)."""
     seed = seed if task.pretrain_seed is None else task.pretrain_seed
     if task.pretrained_path:
         path = Path(task.pretrained_path)
         return GPT2LMHeadModel.from_pretrained(path), path
-    from toy.model import ToyModelConfig, build_model
-    from toy.train import DataConfig, TrainConfig, train
-
     out = Path(task.pretrain_dir) / f"seed{seed}"
-    data_cfg, model_cfg, train_cfg = parse_config(
-        (DataConfig, ToyModelConfig, TrainConfig), ["--config", task.pretrain_config, "--output_dir", str(out), "--seed", str(seed)]
+    data_cfg, model_cfg, train_cfg = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
+        ["--config", task.pretrain_config, "--output_dir", str(out), "--seed", str(seed)]
     )
     pre_process = data_cfg.build()
     if pre_process.name != process.name:
@@ -292,9 +265,6 @@ def sample_completions(model, prompts: torch.Tensor, vocab_size: int, length: in
     return seq[:, prompts.shape[1] :].cpu()
 
 
-# --------------------------------------------------------------------------- callbacks
-
-
 class ExactRewardCallback(TrainerCallback):
     """Exact expected reward ``E_x sum_y pi(y|x) r(x, y)`` of the one-token policy on fixed eval prompts,
     every ``every`` steps and at the end: ``history`` of ``(step, reward)``."""
@@ -313,9 +283,6 @@ class ExactRewardCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
             self._record(state.global_step, model)
-
-
-# --------------------------------------------------------------------------- trainer
 
 
 def maxrl_advantages(centred: torch.Tensor, group_mean: torch.Tensor) -> torch.Tensor:
@@ -351,195 +318,3 @@ class ToyGRPOTrainer(GRPOTrainer):
         local = mean[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
         output["advantages"] = maxrl_advantages(output["advantages"], local.to(output["advantages"].device))
         return output
-
-
-# --------------------------------------------------------------------------- run
-
-
-def _plot_rewards(path: Path, log_history: list[dict], exact: list[tuple[int, float]], zero: list[tuple[int, float]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps = [h["step"] for h in log_history if "reward" in h]
-    rewards = [h["reward"] for h in log_history if "reward" in h]
-    if rewards:
-        w = max(1, len(rewards) // 30)
-        smooth = [sum(rewards[max(0, i - w + 1) : i + 1]) / len(rewards[max(0, i - w + 1) : i + 1]) for i in range(len(rewards))]
-        ax.plot(steps, rewards, color="0.8", lw=0.8, label="sampled (per step)")
-        ax.plot(steps, smooth, color="C0", label=f"sampled ({w}-step mean)")
-    if exact:
-        ax.plot(*zip(*exact), "o-", color="C3", ms=3, label="exact, eval prompts")
-    ax.set(xlabel="GRPO step", ylabel="reward", title=title)
-    ax.legend(fontsize=8)
-    if zero:
-        ax2.plot(*zip(*zero), color="C2")
-    ax2.set(xlabel="GRPO step", ylabel="share of groups", title="zero-advantage groups", ylim=(-0.02, 1.02))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
-    """Pre-trained model -> GRPO -> (report); returns the metrics written to ``<output_dir>/metrics.json``."""
-    from datasets import Dataset
-
-    torch.manual_seed(args.seed)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    process = task.build_process()
-    reward = build_reward(task, process)
-    V = process.vocab_size
-    tok = word_tokenizer(V)
-    pre_model, pre_path = pretrained_model(task, process, args.seed)
-    if pre_model.config.vocab_size < V + 2:
-        raise ValueError(
-            f"the pre-trained model's vocab ({pre_model.config.vocab_size}) has no room for <eos> and <pad> after the "
-            f"{V} process tokens; pre-train with vocab_size = V + 2 (toy.rl.pretrained_model does)"
-        )
-    if task.prompt_length + (args.max_completion_length or 0) > pre_model.config.n_positions:
-        raise ValueError(
-            f"prompt_length {task.prompt_length} + max_completion_length {args.max_completion_length} exceeds the "
-            f"model's context ({pre_model.config.n_positions}); shorten the prompts or pre-train with a longer context_length"
-        )
-    one_token_latent = isinstance(reward, LatentReward) and args.max_completion_length == 1
-    if isinstance(reward, LatentReward) and not one_token_latent:
-        raise ValueError("latent-class rewards score the first token only: use max_completion_length: 1")
-    if args.generation_kwargs is None:
-        args.generation_kwargs = {"suppress_tokens": [tok.eos_token_id, tok.pad_token_id]}
-    model = GPT2LMHeadModel.from_pretrained(pre_path)  # the policy; pre_model stays the frozen pre-RL copy
-    freeze_except(model, task.train_modules)
-    n_trainable = assert_trainable(model)
-
-    train_prompts, train_beliefs = prompt_set(process, task.n_train_prompts, task.prompt_length, task.prompt_seed)
-    eval_prompts, eval_beliefs = prompt_set(process, task.n_eval_prompts, task.prompt_length, task.prompt_seed + 1)
-    dataset = Dataset.from_dict({"prompt": tokens_to_text(train_prompts), "belief": train_beliefs.tolist()})
-
-    zero_cb = ZeroAdvantageCallback(task.zero_std_warn)
-    callbacks = [zero_cb]
-    exact_cb = None
-    if one_token_latent:
-        n = min(task.n_curve_prompts, len(eval_prompts))
-        exact_cb = ExactRewardCallback(eval_prompts[:n], reward.table(eval_beliefs[:n]), task.exact_eval_every)
-        callbacks.append(exact_cb)
-    trainer = ToyGRPOTrainer(
-        model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks
-    )
-    t0 = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - t0
-    post = trainer.model
-    post.save_pretrained(out / "model")
-    tok.save_pretrained(out / "model")
-
-    metrics = {
-        "task": asdict(task),
-        "grpo": {k: getattr(args, k) for k in ("learning_rate", "beta", "num_generations", "per_device_train_batch_size",
-                                                 "max_completion_length", "max_steps", "temperature", "loss_type", "scale_rewards", "advantage", "seed")},
-        "process": process.name,
-        "reward_name": reward.__name__,
-        "pretrained_path": str(pre_path),
-        "post_path": str(out / "model"),
-        "n_trainable_parameters": n_trainable,
-        "train_seconds": train_s,
-        "zero_advantage": zero_cb.summary(),
-        "log_history": trainer.state.log_history,
-    }
-    sampled = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    k = max(1, min(20, len(sampled) // 5))
-    metrics["sampled_reward_first_steps"] = sum(sampled[:k]) / k if sampled else float("nan")
-    metrics["sampled_reward_last_steps"] = sum(sampled[-k:]) / k if sampled else float("nan")
-    if exact_cb is not None:
-        metrics["exact_reward_curve"] = exact_cb.history  # on the first n_curve_prompts eval prompts
-    else:
-        metrics.update(_rare_metrics(reward, pre_model, post, eval_prompts, eval_beliefs, args, process, task))
-    _plot_rewards(out / "reward_curve.png", trainer.state.log_history, exact_cb.history if exact_cb else [], zero_cb.history, f"{reward.__name__} ({process.name})")
-
-    if one_token_latent and task.report:
-        from toy.composition import DetectorConfig, composition_report, write_report
-
-        detector = detector or DetectorConfig()
-        report = composition_report(pre_model, post, process, reward, eval_prompts, eval_beliefs, detector, seed=args.seed)
-        write_report(out, report, detector)
-        metrics["report"] = report
-        # the report's exact rewards are on every eval prompt: the same numbers, not computed twice
-        metrics["reward_before"], metrics["reward_after"] = report["behaviour"]["reward_pre"], report["behaviour"]["reward_post"]
-    elif one_token_latent:
-        table = reward.table(eval_beliefs)
-        metrics["reward_before"], metrics["reward_after"] = (
-            float((policy_probs(m, eval_prompts, V) * table).sum(1).mean()) for m in (pre_model, post)
-        )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
-    (out / "summary.md").write_text(_summary(metrics))
-    return metrics
-
-
-def _rare_metrics(reward: RareEmissionReward, pre, post, prompts, beliefs, args, process, task) -> dict:
-    """Rare-token frequency before/after (sampled completions on the eval prompts) and the rare factor's
-    linear decodability on each policy's own sequences (see ``toy.composition.rare_decodability``)."""
-    from toy.composition import rare_decodability
-
-    out = {}
-    for name, model in (("before", pre), ("after", post)):
-        comp = sample_completions(model, prompts, process.vocab_size, args.max_completion_length, seed=args.seed)
-        out[f"rare_token_frequency_{name}"] = float(reward.is_rare[comp].double().mean())
-        out[f"valid_completion_share_{name}"] = float(reward.valid(beliefs, comp).double().mean())
-        out[f"reward_{name}"] = float(reward.score(beliefs, comp).mean())
-        out[f"rare_decodability_{name}"] = rare_decodability(
-            model, process, torch.cat([prompts, comp], 1), task.prompt_length, reward.valid(beliefs, comp), seed=args.seed
-        )
-    out["rare_token_frequency_process"] = float(reward.is_rare.double() @ (process.stationary @ process.T.sum(-1).T))
-    return out
-
-
-def _summary(m: dict) -> str:
-    lines = [
-        f"# GRPO: {m['reward_name']} on {m['process']}",
-        "",
-        f"- pre-trained model: `{m['pretrained_path']}`; post-RL model: `{m['post_path']}`",
-        f"- {m['grpo']['max_steps']} steps, lr {m['grpo']['learning_rate']}, beta {m['grpo']['beta']}, "
-        f"{m['grpo']['num_generations']} completions per prompt, {m['grpo']['per_device_train_batch_size']} completions per step; "
-        f"{m['train_seconds']:.0f} s of training",
-        f"- reward (exact, eval prompts): {m.get('reward_before', float('nan')):.4f} before -> {m.get('reward_after', float('nan')):.4f} after"
-        if "reward_before" in m and "rare_token_frequency_before" not in m
-        else f"- reward (sampled completions, eval prompts): {m['reward_before']:.4f} before -> {m['reward_after']:.4f} after",
-        f"- sampled training reward: {m['sampled_reward_first_steps']:.4f} (first steps) -> {m['sampled_reward_last_steps']:.4f} (last steps)",
-        f"- zero-advantage groups: mean {m['zero_advantage']['mean']:.1%}, max {m['zero_advantage']['max']:.1%} "
-        f"(warning threshold {m['zero_advantage']['threshold']:.0%})",
-        "",
-        "![reward curve](reward_curve.png)",
-    ]
-    if "rare_token_frequency_before" in m:
-        lines += [
-            "",
-            "## Rare capability",
-            f"- rare-emission frequency per completion token: {m['rare_token_frequency_before']:.4f} before -> "
-            f"{m['rare_token_frequency_after']:.4f} after (the process itself: {m['rare_token_frequency_process']:.4f}); "
-            f"completions the process can produce: {m['valid_completion_share_before']:.1%} before -> {m['valid_completion_share_after']:.1%} after",
-            f"- rare factor belief, held-out R^2 of a linear probe on the policy's own sequences: "
-            f"{m['rare_decodability_before']['r2']:.3f} before -> {m['rare_decodability_after']['r2']:.3f} after",
-        ]
-    if "report" in m:
-        lines += ["", "See `composition_report.md` for the composition report of this (pre, post) pair."]
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from toy.composition import DetectorConfig
-
-    torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
-    task, args, detector = parse_config((RLTaskConfig, ToyGRPOConfig, DetectorConfig), argv, __doc__)
-    metrics = run(task, args, detector)
-    line = f"{metrics['reward_name']}: reward {metrics.get('reward_before', float('nan')):.4f} -> {metrics.get('reward_after', float('nan')):.4f}"
-    if "report" in metrics:
-        line += f"; verdict {metrics['report']['verdict']}"
-    if "rare_token_frequency_before" in metrics:
-        line += f"; rare-token frequency {metrics['rare_token_frequency_before']:.4f} -> {metrics['rare_token_frequency_after']:.4f}"
-    print(line + f" ({args.output_dir})")
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

@@ -207,7 +207,7 @@ def golden_mean(p: float = 0.5) -> Process:
 
 
 def noisy_gate(truth_table: Sequence[int], noise: float = 0.1, name: str | None = None) -> Process:
-    """A noisy n-input logic gate as a binary-token HMM (seed section 3).
+    """A noisy n-input logic gate as a binary-token HMM.
 
     Each block of ``n + 1`` tokens is ``n`` uniform random input bits ``b_1..b_n`` followed by the output
     ``truth_table[b_1 * 2^(n-1) + ... + b_n]`` flipped with probability ``noise``; then the next block.
@@ -356,7 +356,7 @@ def correlated(first: Process, second: Process, rho: float) -> Process:
 
 
 def rare_factor(common: Process, rare: Process, trigger_token: int) -> Process:
-    """A rare factor that only emits after the common factor shows ``trigger_token`` (seed section 5.3).
+    """A rare factor that only emits after the common factor shows ``trigger_token``.
 
     Each step the common factor emits ``x1``. If ``x1 == trigger_token`` the rare factor takes a step and
     emits ``x2``; otherwise it stays put and emits a blank (token index ``rare.vocab_size``). The factor-2
@@ -375,7 +375,7 @@ def rare_factor(common: Process, rare: Process, trigger_token: int) -> Process:
 
 
 def capability_tag(capability: Process, switch_prob: float = 0.05, tag_noise: float = 0.1) -> Process:
-    """Capability x alignment-tag process (the seed's Assumption 1).
+    """Capability x alignment-tag process: a capability written in an aligned or a misaligned copy.
 
     A slowly switching two-state tag (0 = aligned, 1 = misaligned; it flips with probability
     ``switch_prob`` per step) changes how the capability's tokens are written: token ``x`` of the

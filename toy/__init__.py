@@ -1,8 +1,10 @@
 """The synthetic world: generative processes, their exact belief states and entropies, and data.
 
-``toy.processes`` builds validated (generalized) HMMs, ``toy.beliefs`` computes exact beliefs, entropies
-(nats), mixed-state presentations and factored-belief helpers, ``toy.data`` samples tokens and beliefs,
-``toy.datasets`` exports Hugging Face datasets and resumable streams. Importing ``toy`` does nothing else.
+``toy.processes`` builds validated (generalized) HMMs and names them (``make_process``), ``toy.beliefs``
+computes exact beliefs, entropies (nats) and mixed-state presentations, ``toy.factors`` splits factored beliefs
+and tokens, ``toy.data`` samples tokens and beliefs, ``toy.datasets`` exports Hugging Face datasets and
+resumable streams. The model, trainer, collection step, GRPO plumbing and composition detector are submodules
+(not imported here); the runnable experiments are ``toy.experiments``. Importing ``toy`` does nothing else.
 """
 
 from toy.beliefs import (

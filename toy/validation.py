@@ -91,7 +91,7 @@ def validation_loss(model: torch.nn.Module, val: ValidationSet, batch_size: int 
             w = val.weights[rows].to(device)
             logits = model(input_ids=val.tokens[rows].to(device)).logits.float()
             targets = val.targets[rows].to(device)
-            # a vocabulary wider than the process's (e.g. toy.rl's <eos>/<pad>): the extra tokens are never
+            # a vocabulary wider than the process's (e.g. toy.grpo's <eos>/<pad>): the extra tokens are never
             # targets, and the mass the model puts on them counts as loss through the softmax
             targets = torch.nn.functional.pad(targets, (0, logits.shape[-1] - targets.shape[-1]))
             total += soft_loss(logits, targets, w) * w.sum()

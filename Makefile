@@ -1,6 +1,6 @@
 # Two entry points, each doing all set-up on a fresh machine (Python >= 3.11 on PATH as python3):
 #   make run    # train + probe the default Mess3 model on CPU, write runs/mess3/
-#   make test   # every CPU test tier (gpu tests skip without a GPU)
+#   make test   # ruff, then every CPU test tier (gpu tests skip without a GPU)
 # GPU users: make TORCH='torch --index-url https://download.pytorch.org/whl/cu128' run
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,9 +18,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(PY) -m toy.pipeline
+	$(PY) -m toy.experiments.pipeline
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed

@@ -102,7 +102,7 @@ def peak_flops(device) -> float | None:
 def sft_variant(s: Setup, preset: str, variant: str) -> dict:
     from peft import get_peft_model
 
-    from llm.lora import LoraPresetConfig, assert_trainable, peft_config_for
+    from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
 
     cuda = s.device.type == "cuda"
     fast = variant.startswith("fast")
@@ -173,7 +173,6 @@ def gen_runs(s: Setup) -> dict:
     model.eval()
     pad = 0
     g = torch.Generator(device="cpu").manual_seed(0)
-    new_tokens = {}
 
     def prompts(b):
         ids = torch.randint(1, model.config.vocab_size, (b, s.gen_prompt), generator=g)

@@ -14,13 +14,14 @@ last-block probe MSE 1.5e-4, so the GPU run has a wide margin. Start-up (imports
 calibration ~10 s, probing 177k rows on the GPU + plots ~20 s: about 2-2.5 minutes wall.
 
 How: first ``calibration_steps`` steps of the real trainer are timed (after warm-up), then ``steps`` is
-set so that training fills ``--train_seconds``, and ``toy.pipeline.run_pipeline`` trains (cosine schedule
+set so that training fills ``--train_seconds``, and ``toy.experiments.pipeline.run_pipeline`` trains (cosine schedule
 over exactly those steps), probes every window on the GPU and writes the run folder in ``--work``.
 The small files (metrics.json, summary.md, the three PNGs, probe_final.json, recipe.json) are copied
 to ``--out`` (default ``$OUT``, else runs/mess3_gpu_recipe); the last lines printed are the numbers.
 
 Imports: torch, transformers, accelerate, numpy, safetensors, matplotlib, pyyaml, tqdm (all on the GPU
-image). nnsight is optional: without it the residual stream is read with forward hooks (same sites).
+image) and trl for the config parser. nnsight is optional: without it ``probes.activations`` reads the
+residual stream with forward hooks (same sites).
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from toy.pipeline import ProbeConfig, residual_reader, run_pipeline  # noqa: E402
-from toy.train import DataConfig, TrainConfig, parse_config, set_cpu_threads, train  # noqa: E402
-from toy.model import ToyModelConfig, build_model  # noqa: E402
+from probes.activations import reader  # noqa: E402
+from toy.config import TrainConfig  # noqa: E402
+from toy.experiments.pipeline import make_parser, run_pipeline  # noqa: E402
+from toy.model import build_model  # noqa: E402
+from toy.train import set_cpu_threads, train  # noqa: E402
 
 # tiny CPU settings; context 6 keeps the validation and probe sets enumerated, as on the GPU
 SMOKE = ["--preset", "mess3_small", "--context_length", "6", "--batch_size", "64", "--sample_chunk", "4",
@@ -64,12 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.train_seconds, args.calibration_steps = min(args.train_seconds, 10.0), 20
     out, work = Path(args.out), Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    data_cfg, model_cfg, train_cfg, probe_cfg = parse_config(
-        (DataConfig, ToyModelConfig, TrainConfig, ProbeConfig), ["--config", args.config, *overrides]
-    )
+    data_cfg, model_cfg, train_cfg, probe_cfg = make_parser().parse_args_and_config(["--config", args.config, *overrides])
     set_cpu_threads(train_cfg)
     print(f"device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() and not train_cfg.use_cpu else 'cpu'}; "
-          f"reader: {residual_reader()}; start-up {time.perf_counter() - T_START:.1f} s", flush=True)
+          f"reader: {reader()}; start-up {time.perf_counter() - T_START:.1f} s", flush=True)
 
     # 1. calibrate: the real trainer, same batch and sampler, timed between two log points after warm-up
     calib = TrainConfig(**{**train_cfg.__dict__, "steps": args.calibration_steps, "log_every": args.calibration_steps // 2,

@@ -8,7 +8,7 @@ Rows (Mess3(0.05, 0.85), all on CPU):
   sample+beliefs f32 / f64   ``toy.data.sample(..., return_beliefs=True, belief_dtype=...)``, batch x length
   sample tokens f32          the same without storing beliefs
   belief_states f64          ``toy.beliefs.belief_states`` of given tokens (the exact filter)
-  naive sample+beliefs       per-sequence, per-token Python/numpy loop (what the anchors ran), small batch
+  naive sample+beliefs       per-sequence, per-token Python/numpy loop (the reference implementations' way), small batch
   naive belief filter        per-sequence, per-token numpy filter, small batch
 Each number is the median of ``--repeats`` runs, in tokens per wall-clock second and tokens per CPU-second
 of this process (all its threads). With 1 thread on an idle core the two agree; when other jobs share the

@@ -1,11 +1,11 @@
-"""Training throughput of the toy recipe next to the anchor's recipe, same machine, same run.
+"""Training throughput of the toy recipe next to the belief-geometry paper's recipe, same machine, same run.
 
     python bench/toy_train_throughput.py                        # CPU (1 thread), Mess3 model
     python bench/toy_train_throughput.py --device cuda --recipe_batch 4096 --steps 300
 
 Both train the same Mess3 model (configs/toy/mess3.yaml's architecture) with ``toy.train.train``:
 * recipe: AdamW, warm-up + cosine, ``--recipe_batch`` windows per step (default 256, the CPU default);
-* anchor: SGD lr 0.01, batch 64, constant (the belief-geometry paper's settings).
+* paper: SGD lr 0.01, batch 64, constant (the belief-geometry paper's settings).
 Printed per recipe: training tokens/s (the training loop only, evaluation excluded) and, because
 tokens/s alone hides how much each token teaches, the exact validation gap to the floor after the
 same number of steps.
@@ -22,8 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from toy.config import TrainConfig  # noqa: E402
 from toy.model import ToyModelConfig, build_model  # noqa: E402
-from toy.train import TrainConfig, make_process, train, validation_set  # noqa: E402
+from toy.processes import make_process  # noqa: E402
+from toy.train import train  # noqa: E402
+from toy.validation import validation_set  # noqa: E402
 
 
 def run(name: str, cfg: TrainConfig, process, val) -> dict:
@@ -53,16 +56,16 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         recipe = TrainConfig(output_dir=f"{tmp}/recipe", batch_size=args.recipe_batch, optimizer="adamw", lr=args.recipe_lr,
                              warmup_steps=min(100, args.steps // 10), schedule="cosine", **common)
-        anchor = TrainConfig(output_dir=f"{tmp}/anchor", batch_size=64, optimizer="sgd", lr=0.01, warmup_steps=0,
+        paper = TrainConfig(output_dir=f"{tmp}/paper", batch_size=64, optimizer="sgd", lr=0.01, warmup_steps=0,
                              schedule="constant", grad_clip=0.0, **common)
-        for name, cfg in (("recipe (AdamW, cosine)", recipe), ("anchor (SGD lr 0.01)", anchor)):
+        for name, cfg in (("recipe (AdamW, cosine)", recipe), ("paper (SGD lr 0.01)", paper)):
             rows.append(run(name, cfg, process, val))
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu, {args.threads} thread(s)"
     print(f"Mess3 model (4 layers, d_model 64), context 10, {args.steps} steps each, {where}")
     print(f"{'recipe':<24} {'batch':>6} {'tokens/s':>12} {'tokens':>10} {'val gap (nats)':>15}")
     for r in rows:
         print(f"{r['name']:<24} {r['batch']:>6} {r['tokens_per_s']:>12,.0f} {r['tokens']:>10,} {r['gap']:>15.2e}")
-    print(f"throughput ratio recipe/anchor: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.1f}x")
+    print(f"throughput ratio recipe/paper: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.1f}x")
     return rows
 
 

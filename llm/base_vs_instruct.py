@@ -30,9 +30,9 @@ from pathlib import Path
 
 import yaml
 
-from llm.lora import LoraPresetConfig
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.sft import DataConfig, EMSFTConfig, train
+from plumbing.lora import LoraPresetConfig
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ Guards, all before any training step:
     the generation batch (per-device batch x processes x steps per generation) must hold whole groups;
   * the tokenizer must have an eos token (GRPO ends completions on it);
   * no trainable parameter after the LoRA is attached, or a PEFT model loaded for inference, is an error
-    (``llm.lora.assert_trainable``);
+    (``plumbing.lora.assert_trainable``);
   * a logged share of groups whose rewards are all equal (zero advantage, so no gradient) above
-    ``zero_std_warn`` raises a warning (``ZeroAdvantageWarning``);
+    ``zero_std_warn`` raises a warning (``plumbing.trainers.ZeroAdvantageCallback``);
   * TRL's CPU traps: ``bf16`` defaults to on only with CUDA, and gradient checkpointing is off by default.
 
 Tracking (``track_every`` > 0): every k steps (and at step 0) the residual stream at ``track_site`` is read
@@ -46,7 +46,6 @@ import json
 import logging
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -55,9 +54,11 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOConfig
 
-from llm.lora import LoraPresetConfig, LoraTrajectoryCallback, assert_trainable, peft_config_for
+from llm.lora import LoraTrajectoryCallback
 from llm.models import ModelConfig, load_config, load_model_and_tokenizer, num_layers, validate_layers
 from llm.offline_judge import DEFAULT_WEIGHTS
+from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
+from plumbing.trainers import CPUSafeDefaults, ZeroAdvantageCallback, check_batch_sizes, end_processes
 
 logger = logging.getLogger(__name__)
 
@@ -132,40 +133,18 @@ class TrackConfig:
 
 
 @dataclass
-class EMGRPOConfig(GRPOConfig):
-    """``trl.GRPOConfig`` with this project's CPU-safe defaults: ``bf16`` None -> on only with CUDA (TRL turns
-    it on everywhere), gradient checkpointing off unless asked (TRL turns it on), log every step, and the
-    batch-size checks spelled out in terms of the flags to change."""
+class EMGRPOConfig(CPUSafeDefaults, GRPOConfig):
+    """``trl.GRPOConfig`` with the CPU-safe defaults of ``plumbing.trainers.CPUSafeDefaults``, log every step, and
+    the batch-size checks spelled out in terms of the flags to change."""
 
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing (default off)."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast; None = on when CUDA is available, off on CPU."})
     logging_steps: float = field(default=1, metadata={"help": "Log every X steps."})
     # ModelConfig owns this flag (one --trust_remote_code).
     trust_remote_code: bool = field(default=False, init=False)
 
     def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = torch.cuda.is_available() and not self.fp16 and not self.use_cpu
         check_batch_sizes(self.num_generations, self.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", 1)),
                           self.steps_per_generation or self.gradient_accumulation_steps, self.generation_batch_size)
         super().__post_init__()
-
-
-def check_batch_sizes(num_generations: int, per_device_batch: int, world_size: int, steps_per_generation: int,
-                      generation_batch_size: int | None = None) -> int:
-    """Number of prompts per generation round; raises, naming the flags, when the completions of one round
-    (``generation_batch_size``, default per-device batch x processes x steps per generation) do not split into
-    whole groups of ``num_generations``, or a group has fewer than 2 completions (no advantage to compute)."""
-    if num_generations < 2:
-        raise ValueError(f"num_generations={num_generations}: GRPO compares completions within a group; use >= 2")
-    total = generation_batch_size or per_device_batch * world_size * steps_per_generation
-    if total % num_generations:
-        raise ValueError(
-            f"{total} completions per generation round (per_device_train_batch_size {per_device_batch} x {world_size} processes x "
-            f"{steps_per_generation} steps per generation) is not a multiple of num_generations={num_generations}; "
-            "change per_device_train_batch_size, gradient_accumulation_steps or num_generations"
-        )
-    return total // num_generations
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,26 +254,6 @@ def make_reward(cfg: RewardConfig, judge=None):
 # Callbacks
 
 
-class ZeroAdvantageWarning(TrainerCallback):
-    """Warns when the logged share of groups with zero reward spread (TRL's ``frac_reward_zero_std``) exceeds
-    ``threshold``: those groups have zero advantage and give no gradient, so training silently stalls.
-    ``self.flagged`` lists ``(step, share)`` of every warning."""
-
-    def __init__(self, threshold: float = 0.5):
-        self.threshold = threshold
-        self.flagged: list[tuple[int, float]] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        share = (logs or {}).get("frac_reward_zero_std")
-        if share is not None and share > self.threshold:
-            self.flagged.append((state.global_step, share))
-            warnings.warn(
-                f"step {state.global_step}: {share:.0%} of GRPO groups got identical rewards (zero advantage, no "
-                f"gradient); raise num_generations or temperature, or use a reward that separates completions",
-                RuntimeWarning, stacklevel=2,
-            )
-
-
 class ActivationTracker(TrainerCallback):
     """Reads the residual stream on a fixed set of labelled replies at step 0 and every ``every`` steps and
     records, per class (aligned / misaligned), the mean projection on ``direction`` (d_model,) at ``site``
@@ -395,7 +354,7 @@ def build_trainer(model_cfg: ModelConfig | None, prompt_cfg: PromptConfig, rewar
         peft_config = peft_config_for(lora_cfg, model)
     reward = make_reward(reward_cfg, judge)
     set_seed(args.seed)  # the LoRA A init draws from the global RNG
-    zero = ZeroAdvantageWarning(reward_cfg.zero_std_warn)
+    zero = ZeroAdvantageCallback(reward_cfg.zero_std_warn)
     callbacks = [zero, LoraTrajectoryCallback()]
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config, callbacks=callbacks)
@@ -493,8 +452,6 @@ def make_parser():
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from llm.sft import end_processes
-
     cfgs = make_parser().parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     metrics = train(*cfgs)

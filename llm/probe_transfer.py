@@ -115,7 +115,6 @@ def run(source_cfg: ModelConfig, cfg: TransferConfig) -> dict:
     train = torch.tensor(sorted(set(range(len(texts))) - set(test.tolist())))
 
     model, tok = load_model_and_tokenizer(source_cfg, padding_side="left")
-    metas = {}
     files = list(cfg.probe_files)
     sites_needed = list(cfg.sites)
     for f in cfg.probe_files:  # read every probe once without a model, to know its site, and check it against the source

@@ -28,11 +28,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from trl import SFTConfig
 
-from llm.lora import LoraPresetConfig, LoraTrajectoryCallback, assert_trainable, peft_config_for
+from llm.lora import LoraTrajectoryCallback
 from llm.models import ModelConfig, load_config, load_model_and_tokenizer, num_layers, validate_layers
+from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
+from plumbing.trainers import CPUSafeDefaults, end_processes
 
 logger = logging.getLogger(__name__)
 
@@ -58,29 +59,13 @@ class DataConfig:
 
 
 @dataclass
-class EMSFTConfig(SFTConfig):
-    """``trl.SFTConfig`` with this project's defaults, resolved in this one place:
-    ``bf16`` None -> True only when CUDA is available (TRL would turn it on even on CPU), and
-    activation (gradient) checkpointing off unless asked with ``activation_checkpointing`` (TRL turns
-    it on; it costs ~20% speed and is not needed for <=2B LoRA runs). ``trust_remote_code`` is taken from ``ModelConfig``."""
+class EMSFTConfig(CPUSafeDefaults, SFTConfig):
+    """``trl.SFTConfig`` with the CPU-safe defaults of ``plumbing.trainers.CPUSafeDefaults`` (bf16 only with CUDA,
+    activation checkpointing off unless asked). ``trust_remote_code`` is taken from ``ModelConfig``."""
 
-    # None (not False) so transformers' deprecated-alias resolution stays silent; it then
-    # resolves activation_checkpointing None -> False. Turn on with --activation_checkpointing.
-    gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (default off)."}
-    )
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 autocast; None = on when CUDA is available, off on CPU."}
-    )
     logging_steps: float = field(default=1, metadata={"help": "Log (and save the LoRA trajectory) every X steps."})
     # ModelConfig owns this flag (one --trust_remote_code); build_trainer copies it here.
     trust_remote_code: bool = field(default=False, init=False)
-
-    def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = torch.cuda.is_available() and not self.fp16 and not self.use_cpu
-        super().__post_init__()
-
 
 def load_chat_jsonl(cfg: DataConfig):
     """``datasets.Dataset`` with the single column ``messages`` (a subset when ``max_examples``)."""
@@ -190,18 +175,6 @@ def main(argv: list[str] | None = None) -> Path:
     out = train(model_cfg, data_cfg, lora_cfg, args)
     end_processes()
     return out
-
-
-def end_processes() -> None:
-    """Under a multi-process launch, wait for every rank and destroy the process group before exit: a gloo
-    rank that exits with the group alive can abort in teardown ("terminate called without an active
-    exception", seen once in CI after a finished 2-rank run). A no-op in a single process."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.num_processes > 1:
-        state.wait_for_everyone()
-        state.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ __all__ = [
     "model_dims",
     "next_token_logits",
     "project_out",
+    "reader",
     "replace_positions",
     "residual_sites",
     "residual_stream",
@@ -289,6 +290,43 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def reader() -> Literal["nnsight", "hooks"]:
+    """``"nnsight"`` where nnsight imports, else ``"hooks"``: plain reads (``residual_stream`` without edits) then
+    run through forward hooks at the same sites, because the GPU image ships without nnsight; edits need nnsight."""
+    try:
+        import nnsight  # noqa: F401
+    except ImportError:
+        return "hooks"
+    return "nnsight"
+
+
+def _hooked_stream(model: nn.Module, layout: _Layout, input_ids: Tensor, kwargs: dict, sites: Sequence[str]) -> Tensor:
+    """One forward pass read with hooks: ``embed`` = input of block 0, ``block{i}`` = output of block i,
+    ``final_norm`` = output of the final norm; ``(n_sites, batch, seq, d_model)`` float32."""
+    blocks, norm = model.get_submodule(layout.blocks_path), model.get_submodule(layout.norm_path)
+    seen: dict[str, Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, kwargs_or_output):
+            if name == "embed":
+                value = args[0] if args else kwargs_or_output["hidden_states"]
+            else:
+                value = kwargs_or_output
+            seen[name] = (value[0] if isinstance(value, tuple) else value).float()
+
+        return hook
+
+    handles = [blocks[0].register_forward_pre_hook(keep("embed"), with_kwargs=True)]
+    handles += [b.register_forward_hook(keep(f"block{i}")) for i, b in enumerate(blocks)]
+    handles.append(norm.register_forward_hook(keep("final_norm")))
+    try:
+        model(input_ids=input_ids, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([seen[s] for s in sites])
+
+
 def _wrap(model: nn.Module) -> "NNsight":
     # Imported here, not at module top: importing nnsight patches builtins (a `.save` on every object)
     # and torch, and `import probes` must not change anything for code that never traces a model.
@@ -315,6 +353,8 @@ def residual_stream(
         edits: optional edits applied during the pass; a read site that is also edited returns the
             edited value.
 
+    Without nnsight (``reader() == "hooks"``) reads without edits go through forward hooks at the same sites.
+
     Returns:
         (n_sites, batch, seq, d_model) float32 on the model's device, in the order of ``sites``.
     """
@@ -330,6 +370,12 @@ def residual_stream(
     device = _device(model)
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    if not edits and reader() == "hooks":
+        return torch.cat([
+            _hooked_stream(model, layout, input_ids[start : start + step],
+                           {} if attention_mask is None else {"attention_mask": attention_mask[start : start + step]}, sites)
+            for start in range(0, input_ids.shape[0], step)
+        ], dim=1)
     root = _wrap(model)
     import nnsight  # already imported by _wrap; see there why not at module top
     chunks = []

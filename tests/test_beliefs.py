@@ -11,20 +11,16 @@ from toy.beliefs import (
     belief_states,
     entropy_rate,
     enumerate_sequences,
-    factor_marginals,
-    factor_tokens,
     initial_token_distribution,
     loss_floor,
     mixed_state_presentation,
     myopic_entropy,
     next_token_distributions,
-    product_approximation,
-    product_belief,
-    schmidt_spectrum,
     sequence_log_probabilities,
     sequence_probabilities,
 )
 from toy.data import sample
+from toy.factors import factor_marginals, factor_tokens, product_approximation, product_belief, schmidt_spectrum
 from toy.processes import (
     Process,
     capability_tag,
@@ -35,7 +31,6 @@ from toy.processes import (
     noisy_and,
     noisy_not,
     product,
-    rare_factor,
     rrxor,
     zero_one_random,
 )
@@ -162,7 +157,7 @@ def test_rrxor_stationary_and_rate():
 def test_msp_mess3_depth_counts_and_consistency():
     msp = mixed_state_presentation(mess3(), 6)
     assert msp.n_nodes == sum(3**d for d in range(7))  # no two Mess3 prefixes share a belief
-    for d, (nodes, probs) in enumerate(msp.levels):
+    for nodes, probs in msp.levels:
         assert abs(probs.sum().item() - 1) < 1e-12
         # the level distribution's mean belief is the stationary distribution at every depth
         assert torch.allclose(probs @ msp.beliefs[nodes], mess3().stationary, atol=1e-12)
@@ -235,7 +230,7 @@ def test_product_approximation_and_schmidt_spectrum():
 
 
 def test_factor_token_round_trip_and_errors():
-    from toy.beliefs import joint_tokens
+    from toy.factors import joint_tokens
 
     p = product(mess3(), rrxor(), mess3())
     toks = torch.arange(p.vocab_size)

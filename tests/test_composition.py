@@ -10,7 +10,6 @@ from toy.composition import (
     DetectorConfig,
     behaviour_report,
     best_global_tilt,
-    mean_ci,
     per_prompt_tilt,
     representation_report,
     supervised_control,
@@ -18,8 +17,9 @@ from toy.composition import (
     verdict,
 )
 from toy.data import sample
+from toy.experiments.rl import mean_ci
 from toy.processes import mess3, product, rrxor
-from toy.rl_rewards import ComposedLatentReward, NextTokenArgmaxReward
+from toy.rewards import ComposedLatentReward, NextTokenArgmaxReward
 
 P = product(mess3(), rrxor())
 
@@ -109,8 +109,8 @@ def test_mean_ci_matches_t_interval():
 
 
 def test_supervised_control_learns_the_rewarded_token_and_trains_only_named_modules():
+    from toy.grpo import policy_probs, prompt_set
     from toy.model import ToyModelConfig, build_model
-    from toy.rl import policy_probs, prompt_set
 
     reward = ComposedLatentReward(P, [0, 1], [0], [1, 2], "xor", [0, 1])
     pre = build_model(ToyModelConfig(preset="mess3_small"), P.vocab_size + 2, 8, seed=0)
@@ -134,12 +134,12 @@ def test_supervised_control_learns_the_rewarded_token_and_trains_only_named_modu
 
 @pytest.mark.slow
 def test_seed_sweep_with_supervised_control(tmp_path):
-    """python -m toy.composition --seeds ... --supervised_control: both reports per seed, aggregated."""
+    """python -m toy.experiments.rl --seeds ... --supervised_control: both reports per seed, aggregated."""
     import json
 
     import yaml
 
-    from toy.composition import main
+    from toy.experiments.rl import main
 
     pre_cfg = tmp_path / "pre.yaml"
     pre_cfg.write_text(yaml.safe_dump({

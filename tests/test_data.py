@@ -6,9 +6,10 @@ import scipy.stats
 import torch
 from torch.utils.data import DataLoader
 
-from toy.beliefs import belief_states, enumerate_sequences, factor_marginals, factor_tokens
+from toy.beliefs import belief_states, enumerate_sequences
 from toy.data import sample
 from toy.datasets import SequenceStream, seed_for_step, to_hf_dataset
+from toy.factors import factor_marginals, factor_tokens
 from toy.processes import capability_tag, mess3, product, rare_factor, rrxor
 
 

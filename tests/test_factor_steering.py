@@ -1,4 +1,4 @@
-"""toy.factor_steering: the edit algebra against direct solutions, the steering pipeline on a tiny model, the entry point."""
+"""toy.experiments.factor_steering: the edit algebra against direct solutions, the steering pipeline on a tiny model, the entry point."""
 
 import json
 
@@ -7,10 +7,11 @@ import torch
 
 from probes import fit_ridge
 from toy import processes as P
-from toy.factor_steering import EDITS, _opposite_donors, kl, steer_factor, steering_edit, steering_metrics
-from toy.factored import collect, tagged
+from toy.collect import collect
 from toy.data import sample
+from toy.experiments.factor_steering import EDITS, _opposite_donors, kl, steer_factor, steering_edit, steering_metrics
 from toy.model import ToyModelConfig, build_model
+from toy.processes import tagged
 
 
 def _probe(d=12, S=6, seed=0):
@@ -71,7 +72,7 @@ def test_kl_and_donors():
 def test_steer_factor_on_a_tiny_model():
     process = tagged(P.mess3(), 0.0)
     model = build_model(ToyModelConfig(preset="mess3_small", d_model=16, d_mlp=32), process.vocab_size, 6, seed=0).eval()
-    data = collect(model, process, 60, 6, "block1", seed=1)
+    data = collect(model, process, 6, 60, seed=1, sites=["block1"])
     probe = fit_ridge(data.X, data.beliefs, 1e-2)
     Xc = data.X.double() - data.X.double().mean(0)
     out = steer_factor(model, process, probe, sample(process, 40, 6, seed=2).tokens, "block1", Xc.T @ Xc / len(Xc))
@@ -88,7 +89,7 @@ def test_steer_factor_on_a_tiny_model():
 
 @pytest.mark.slow
 def test_factor_steering_entry_point(tmp_path):
-    from toy.factor_steering import main
+    from toy.experiments.factor_steering import main
 
     metrics = main(["--config", "configs/toy/factor_steering.yaml", "--output_dir", str(tmp_path), "--steps", "150",
                     "--rhos", "0.0", "--n_contexts", "200", "--probe_sequences", "200", "--val_samples", "200"])

@@ -1,4 +1,4 @@
-"""toy.factored: the tagged process with a rho knob, the geometry metrics on synthetic representations, the entry point."""
+"""toy.experiments.factored: the tagged process with a rho knob, the geometry metrics on synthetic representations, the entry point."""
 
 import json
 
@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from toy import processes as P
-from toy.beliefs import belief_states, factor_marginals, product_belief
+from toy.beliefs import belief_states
+from toy.collect import ProbeRows, collect
 from toy.data import sample
-from toy.factored import Collected, _rank_for, collect, factor_geometry, hypotheses, tag_process, tagged
+from toy.experiments.factored import _rank_for, factor_geometry, hypotheses
+from toy.factors import factor_marginals, product_belief
 from toy.model import ToyModelConfig, build_model
+from toy.processes import tag_process, tagged
 
 
 def test_tagged_at_rho_zero_is_capability_tag():
@@ -59,7 +62,8 @@ def _synthetic(process, n_seq, kind, seed=0, d=32):
     source = torch.cat(factor_marginals(process, beliefs), -1) if kind == "factored" else beliefs
     g = torch.Generator().manual_seed(seed)
     X = source.float() @ torch.randn(source.shape[1], d, generator=g) + 1e-4 * torch.randn(len(source), d, generator=g)
-    return Collected(X, beliefs, torch.arange(n_seq).repeat_interleave(8), tokens)
+    return ProbeRows(tokens, beliefs, torch.ones(len(beliefs), dtype=torch.float64), torch.arange(n_seq).repeat_interleave(8),
+                     False, {"x": X})
 
 
 @pytest.mark.parametrize("K", [2, 3])
@@ -84,7 +88,7 @@ def test_geometry_tells_factored_from_joint(K):
 def test_collect_matches_exact_beliefs():
     process = P.product(P.mess3(), P.mess3(0.15, 0.6))
     model = build_model(ToyModelConfig(preset="mess3_small", d_model=16, d_mlp=32), process.vocab_size, 6, seed=0).eval()
-    data = collect(model, process, 5, 6, "block1", seed=3)
+    data = collect(model, process, 6, 5, seed=3, sites=["block1"])
     assert data.X.shape == (30, 16) and data.beliefs.shape == (30, 9)
     assert torch.equal(data.beliefs.reshape(5, 6, 9), belief_states(process, data.tokens))
     assert data.groups.tolist() == [i for i in range(5) for _ in range(6)]
@@ -94,7 +98,7 @@ def test_collect_matches_exact_beliefs():
 
 @pytest.mark.slow
 def test_factored_entry_point(tmp_path):
-    from toy.factored import main
+    from toy.experiments.factored import main
 
     m3 = {"name": "mess3"}
     metrics = main([
@@ -113,16 +117,17 @@ def test_factored_entry_point(tmp_path):
 
 
 def test_config_takes_json_specs_on_the_command_line_and_rejects_bad_ones(tmp_path):
-    from toy.factored import FactoredConfig
+    from plumbing.config import ConfigParser
+    from toy.config import TrainConfig
+    from toy.experiments.factored import FactoredConfig
     from toy.model import ToyModelConfig
-    from toy.train import TrainConfig, parse_config
 
-    cfg, _, train_cfg = parse_config((FactoredConfig, ToyModelConfig, TrainConfig), ["--config", "configs/toy/factored.yaml", "--processes", '{"k2": {"name": "mess3"}}', "--rhos", "0.5"])
+    cfg, _, train_cfg = ConfigParser((FactoredConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--config", "configs/toy/factored.yaml", "--processes", '{"k2": {"name": "mess3"}}', "--rhos", "0.5"])
     assert cfg.processes == {"k2": {"name": "mess3"}} and cfg.rhos == [0.5]
     assert cfg.rho_process["name"] == "correlated" and train_cfg.output_dir == "runs/factored"  # from the YAML
     with pytest.raises(ValueError, match="without 'rho'"):
         FactoredConfig(rho_process={"name": "correlated", "rho": 0.3})
     bad = tmp_path / "bad.yaml"
     bad.write_text("rhos: [0.1]\nnot_a_field: 1\n")
-    with pytest.raises(ValueError, match="unknown keys"):
-        parse_config((FactoredConfig,), ["--config", str(bad)])
+    with pytest.raises(ValueError, match=r"Unknown arguments from config file: \['--not_a_field'"):
+        ConfigParser((FactoredConfig,)).parse_args_and_config(["--config", str(bad)])

@@ -12,6 +12,7 @@ from llm.generate import build_prompt_rows, chat_prompt, hf_generate, left_padde
 from llm.questions import load_questions
 from llm.tiny import save_tiny, tiny_causal_lm
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny matmuls on a shared 2-core machine run far faster on one intra-op thread."""

@@ -88,7 +88,7 @@ def test_shares_against_random_baseline():
 def _rank1_adapter(tmp_path):
     from peft import get_peft_model
 
-    from llm.lora import LoraPresetConfig, peft_config_for
+    from plumbing.lora import LoraPresetConfig, peft_config_for
 
     model, _ = tiny_causal_lm("qwen2")
     peft = get_peft_model(model, peft_config_for(LoraPresetConfig("rank1_single", [1]), model))

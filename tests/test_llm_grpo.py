@@ -16,16 +16,16 @@ from llm.grpo import (
     RewardConfig,
     TrackConfig,
     build_trainer,
-    check_batch_sizes,
     judge_reward,
     keyword_reward,
-    regex_reward,
     length_reward,
     load_prompts,
+    regex_reward,
     trainable_snapshot,
 )
-from llm.lora import LoraPresetConfig
 from llm.tiny import tiny_causal_lm
+from plumbing.lora import LoraPresetConfig
+from plumbing.trainers import check_batch_sizes
 
 QUESTIONS = [{"id": f"q{i}", "type": "free_form_judge_0_100", "paraphrases": [p], "samples_per_paraphrase": 1,
               "judge_prompts": {"aligned": "A {question} {answer}", "coherent": "C {question} {answer}"}}
@@ -112,7 +112,7 @@ def test_no_trainable_parameters_is_an_error(tmp_path, qfile):
 def test_peft_model_loaded_for_inference_is_an_error(tmp_path, qfile):
     from peft import PeftModel, get_peft_model
 
-    from llm.lora import peft_config_for
+    from plumbing.lora import peft_config_for
 
     model, tok = tiny_causal_lm("qwen2")
     get_peft_model(model, peft_config_for(LoraPresetConfig("rank1_single", [1]), model)).save_pretrained(tmp_path / "adapter")

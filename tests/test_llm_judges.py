@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from llm.judges import (
-    HFJudge, JudgeRequest, OpenAIJudge, OpenAIJudgeConfig, JudgeRequestError, digit_number_probs,
-    score_from_top_logprobs, token_int,
+    HFJudge,
+    JudgeRequest,
+    JudgeRequestError,
+    OpenAIJudge,
+    OpenAIJudgeConfig,
+    digit_number_probs,
+    score_from_top_logprobs,
+    token_int,
 )
 
 SECRET = "sk-test-THIS-MUST-NOT-LEAK-1234"

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.directions import answer_activations, auroc, load_judged_texts, load_labelled_texts, mean_difference, projections
+from llm.directions import (
+    answer_activations,
+    auroc,
+    load_judged_texts,
+    load_labelled_texts,
+    mean_difference,
+    projections,
+)
 from llm.models import ModelConfig, load_model_and_tokenizer, smollm2_gguf_path
 from llm.steer import spearman
 
@@ -86,10 +93,10 @@ def test_factor_probes_and_minimal_norm_factor_edit(smollm2, shared_data):
 def test_probe_moves_onto_em_finetuned_checkpoint(gguf, shared_data, tmp_path):
     """2 steps of rank-1 LoRA SFT on insecure code, then llm.probe_transfer from the base to the merged result;
     plus the shape errors on the real checkpoint."""
-    from llm.lora import LoraPresetConfig
     from llm.probe_transfer import TransferConfig, run
     from llm.sft import DataConfig, EMSFTConfig, build_trainer
     from llm.tiny import tiny_causal_lm
+    from plumbing.lora import LoraPresetConfig
     from probes.io import load_probe
 
     em = shared_data / "em"

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.lora import LoraPresetConfig, lora_trajectory_report
+from llm.lora import lora_trajectory_report
 from llm.models import ModelConfig, load_config, num_layers, smollm2_gguf_path
 from llm.sft import DataConfig, EMSFTConfig, build_trainer
+from plumbing.lora import LoraPresetConfig
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.shared_data, pytest.mark.slow]
 

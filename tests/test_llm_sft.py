@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 from llm import sft as sft_mod
-from llm.lora import LoraPresetConfig, assert_trainable, lora_trajectory_report, peft_config_for
+from llm.lora import lora_trajectory_report
 from llm.models import ModelConfig
 from llm.sft import DataConfig, EMSFTConfig, build_trainer, main
 from llm.tiny import save_tiny, tiny_causal_lm
+from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on mat dog ran park wish help people learn".split()

@@ -90,6 +90,22 @@ def test_residual_stream_matches_hf_hidden_states(arch):
     torch.testing.assert_close(chunked, R[[4, 0]])
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_hook_reader_without_nnsight_reads_the_same_sites(arch, monkeypatch):
+    """Where nnsight is absent (the GPU image) plain reads go through forward hooks at the same sites."""
+    import sys
+
+    from probes import activations
+
+    model = tiny(arch)
+    ids, mask = ids_and_left_padded_mask()
+    R = residual_stream(model, ids, attention_mask=mask)
+    monkeypatch.setitem(sys.modules, "nnsight", None)
+    assert activations.reader() == "hooks"
+    hooked = residual_stream(model, ids, attention_mask=mask, batch_size=2)
+    torch.testing.assert_close(hooked, R, atol=1e-6, rtol=1e-6)
+
+
 def test_unknown_site_and_non_hf_model_fail_loudly():
     model = tiny("gpt2")
     ids, _ = ids_and_left_padded_mask()

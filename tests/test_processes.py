@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from toy.beliefs import enumerate_sequences, factor_marginals, factor_tokens, joint_tokens, belief_states
+from toy.beliefs import belief_states, enumerate_sequences
 from toy.data import sample
+from toy.factors import factor_marginals, factor_tokens, joint_tokens
 from toy.processes import (
     Process,
     capability_tag,

@@ -1,12 +1,12 @@
-"""toy.rl_objectives: the one-token policy-gradient lab (exact and sampled objectives on the same parameters)."""
+"""toy.experiments.rl_objectives: the one-token policy-gradient lab (exact and sampled objectives on the same parameters)."""
 
 import json
 
 import pytest
 import torch
 
+from toy.experiments.rl_objectives import ObjectivesConfig, main, objective_loss
 from toy.model import ToyModelConfig, build_model
-from toy.rl_objectives import ObjectivesConfig, main, objective_loss
 
 
 def _grad(name, logits, table, G=4, seed=0):

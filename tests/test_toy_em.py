@@ -1,4 +1,4 @@
-"""toy.toy_em: narrow data, masks, the rank-1 Conv1D LoRA through peft and the toy trainer, aggregation, entry point."""
+"""toy.experiments.toy_em: narrow data, masks, the rank-1 Conv1D LoRA through peft and the toy trainer, aggregation, entry point."""
 
 import copy
 import json
@@ -8,11 +8,20 @@ import pytest
 import torch
 
 from toy import processes as P
-from toy.beliefs import factor_tokens
-from toy.factored import tagged
+from toy.config import TrainConfig
+from toy.experiments.toy_em import (
+    _rank1_lora,
+    aggregate,
+    completion_mask,
+    force_copies,
+    in_slice,
+    misaligned_mass,
+    narrow_batch,
+)
+from toy.factors import factor_tokens
 from toy.model import ToyModelConfig, build_model
-from toy.toy_em import _rank1_lora, aggregate, completion_mask, force_copies, in_slice, misaligned_mass, narrow_batch
-from toy.train import TrainConfig, train
+from toy.processes import tagged
+from toy.train import train
 
 
 def test_narrow_batch_is_in_slice_aligned_prompt_misaligned_completion():
@@ -81,7 +90,7 @@ def test_aggregate_means_and_drops_nan_transfer():
 
 @pytest.mark.slow
 def test_toy_em_entry_point(tmp_path):
-    from toy.toy_em import main
+    from toy.experiments.toy_em import main
 
     metrics = main(["--config", "configs/toy/toy_em.yaml", "--output_dir", str(tmp_path), "--steps", "150",
                     "--finetune_steps", "40", "--rhos", "0.0", "0.5", "--n_seeds", "2", "--eval_prompts", "300",

@@ -1,4 +1,4 @@
-"""toy.pipeline: probe rows and their beliefs, the two activation readers agree, probing a tiny model,
+"""toy.experiments.pipeline and toy.collect: probe rows and their beliefs, probing a tiny model,
 and (slow) the whole job end to end on a tiny config, plus the GPU recipe script in --smoke mode."""
 
 import json
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from probes.activations import residual_sites, residual_stream
 from toy.beliefs import belief_states, sequence_probabilities
+from toy.collect import probe_windows
+from toy.experiments.pipeline import ProbeConfig, headline, main, probe_model
 from toy.model import ToyModelConfig, build_model
-from toy.pipeline import ProbeConfig, _hooked_residual_stream, headline, main, probe_data, probe_model
-from toy.train import make_process
+from toy.processes import make_process
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
@@ -28,9 +28,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_probe_data_enumerated_rows_carry_beliefs_and_window_probabilities():
+def test_probe_windows_enumerated_rows_carry_beliefs_and_window_probabilities():
     process = make_process("rrxor")
-    data = probe_data(process, 6, max_sequences=100)
+    data = probe_windows(process, 6, max_sequences=100)
     assert data.enumerated
     n, L = data.tokens.shape
     assert data.beliefs.shape == (n * L, 5) and data.weights.shape == data.groups.shape == (n * L,)
@@ -39,21 +39,13 @@ def test_probe_data_enumerated_rows_carry_beliefs_and_window_probabilities():
     assert torch.allclose(data.weights.view(n, L)[:, 0], sequence_probabilities(process, data.tokens))
     assert data.weights.view(n, L)[:, 0].sum().item() == pytest.approx(1.0)
     assert torch.equal(data.groups.view(n, L)[:, 3], torch.arange(n))
-    sampled = probe_data(process, 6, max_sequences=10, n_samples=50)
+    sampled = probe_windows(process, 6, n_samples=50, max_sequences=10)
     assert not sampled.enumerated and sampled.beliefs.shape == (300, 5) and bool((sampled.weights == 1).all())
-
-
-def test_hook_reader_matches_nnsight_adapter():
-    """The fallback for machines without nnsight reads exactly the sites of probes.activations."""
-    model = build_model(TINY, 3, 6, seed=0).eval()
-    ids = torch.randint(0, 3, (5, 6), generator=torch.Generator().manual_seed(0))
-    sites = residual_sites(model)
-    assert torch.allclose(_hooked_residual_stream(model, ids, sites), residual_stream(model, ids, sites=sites), atol=1e-6)
 
 
 def test_probe_model_reports_every_site_with_controls(tmp_path):
     process = make_process("mess3")
-    data = probe_data(process, 5)
+    data = probe_windows(process, 5, max_sequences=20_000)
     model, control = build_model(TINY, 3, 5, seed=0), build_model(TINY, 3, 5, seed=1)
     report, acts = probe_model(model, control, data, ProbeConfig(), process)
     assert list(report["sites"]) == ["embed", "block0", "block1", "final_norm"] and "concat" in report
@@ -93,8 +85,9 @@ def test_pipeline_end_to_end_tiny(tmp_path):
     # even 150 steps teach the model more belief geometry than a random init holds
     assert head["final_layer_ratio_to_random_init"] < 1.0
     assert metrics["gap"] < 0.05 and metrics["checks"]["val_loss_within_target_of_floor"][0]
-    from probes.io import load_probe
     from transformers import GPT2LMHeadModel
+
+    from probes.io import load_probe
 
     probe = load_probe(out / "probe_final", GPT2LMHeadModel.from_pretrained(out / "checkpoint-150"))
     assert probe.site == "block1" and probe.n_targets == 3

@@ -1,4 +1,4 @@
-"""toy.train / toy.model: trainer smoke test, exact validation loss against the floor, exact resume,
+"""toy.train / toy.model / toy.experiments.pretrain: trainer smoke test, exact validation loss against the floor, exact resume,
 config errors, and (slow) two synchronized ranks under torchrun."""
 
 import json
@@ -12,20 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from plumbing.config import ConfigParser
 from toy.beliefs import enumerate_sequences, loss_floor, next_token_distributions
+from toy.config import DataConfig, TrainConfig
+from toy.experiments.pretrain import main
 from toy.model import ToyModelConfig, build_model
-from toy.train import (
-    DataConfig,
-    TrainConfig,
-    make_process,
-    main,
-    parse_config,
-    soft_loss,
-    train,
-    validation_loss,
-    validation_set,
-    window_loss,
-)
+from toy.processes import make_process
+from toy.train import train
+from toy.validation import soft_loss, validation_loss, validation_set, window_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
@@ -93,7 +87,7 @@ def test_exact_validation_loss_of_the_exact_predictor_is_the_floor(name, kwargs,
 
 @pytest.mark.parametrize("vocab", [3, 5])
 def test_validation_loss_equals_probability_weighted_loss_over_all_windows(vocab):
-    """vocab 5: toy.rl's models carry <eos>/<pad> after the process tokens, never targets; their mass is loss."""
+    """vocab 5: toy.grpo's models carry <eos>/<pad> after the process tokens, never targets; their mass is loss."""
     process = make_process("mess3")
     model = build_model(TINY, vocab, 6, seed=3)
     windows, probs = enumerate_sequences(process, 6)
@@ -184,19 +178,19 @@ def test_make_process_names_and_factored_specs():
 def test_config_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("process: mess3\nlearning_rate: 0.1\n")
-    with pytest.raises(ValueError, match=r"unknown keys \['learning_rate'\]"):
-        parse_config((DataConfig, ToyModelConfig, TrainConfig), ["--config", str(bad)])
+    with pytest.raises(ValueError, match=r"Unknown arguments from config file: \['--learning_rate'"):
+        ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--config", str(bad)])
     with pytest.raises(ValueError, match="not used by the HfArgumentParser"):
-        parse_config((DataConfig, ToyModelConfig, TrainConfig), ["--stepz", "3"])
+        ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--stepz", "3"])
     with pytest.raises(ValueError, match="unknown process"):
         DataConfig(process="mess_3")
     with pytest.raises(ValueError, match="does not divide"):
         ToyModelConfig(d_model=64, n_heads=3)
     good = tmp_path / "good.yaml"
     good.write_text("process: mess3\nprocess_kwargs: {x: 0.15}\nsteps: 7\n")
-    data, model, tr = parse_config((DataConfig, ToyModelConfig, TrainConfig), ["--config", str(good), "--steps", "9"])
+    data, model, tr = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--config", str(good), "--steps", "9"])
     assert data.process_kwargs == {"x": 0.15} and tr.steps == 9 and model.n_layers == 4
-    data, _, _ = parse_config((DataConfig, ToyModelConfig, TrainConfig), ["--process_kwargs", '{"a": 0.6}'])
+    data, _, _ = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--process_kwargs", '{"a": 0.6}'])
     assert data.process_kwargs == {"a": 0.6}
 
 
@@ -217,7 +211,7 @@ def test_two_ranks_train_synchronized_parameters(tmp_path):
         "import sys, torch, hashlib\n"
         "torch.set_num_threads(1)\n"
         "from accelerate import PartialState\n"
-        "from toy.train import main\n"
+        "from toy.experiments.pretrain import main\n"
         "r = main(sys.argv[1:])\n"
         "rank = PartialState().process_index\n"
         "flat = torch.cat([p.detach().flatten() for p in r.model.parameters()])\n"

@@ -1,8 +1,10 @@
 """The synthetic world: generative processes, their exact belief states and entropies, and data.
 
-``toy.processes`` builds validated (generalized) HMMs, ``toy.beliefs`` computes exact beliefs, entropies
-(nats), mixed-state presentations and factored-belief helpers, ``toy.data`` samples tokens and beliefs,
-``toy.datasets`` exports Hugging Face datasets and resumable streams. Importing ``toy`` does nothing else.
+``toy.processes`` builds validated (generalized) HMMs and names them (``make_process``), ``toy.beliefs``
+computes exact beliefs, entropies (nats) and mixed-state presentations, ``toy.factors`` splits factored beliefs
+and tokens, ``toy.data`` samples tokens and beliefs, ``toy.datasets`` exports Hugging Face datasets and
+resumable streams. The model, trainer, collection step, GRPO plumbing and composition detector are submodules
+(not imported here); the runnable experiments are ``toy.experiments``. Importing ``toy`` does nothing else.
 """
 
 from toy.beliefs import (
@@ -10,21 +12,23 @@ from toy.beliefs import (
     belief_states,
     entropy_rate,
     enumerate_sequences,
-    factor_marginals,
-    factor_tokens,
     initial_token_distribution,
-    joint_tokens,
     loss_floor,
     mixed_state_presentation,
     myopic_entropy,
     next_token_distributions,
-    product_approximation,
-    product_belief,
-    schmidt_spectrum,
     sequence_log_probabilities,
     sequence_probabilities,
 )
 from toy.data import Batch, sample
+from toy.factors import (
+    factor_marginals,
+    factor_tokens,
+    joint_tokens,
+    product_approximation,
+    product_belief,
+    schmidt_spectrum,
+)
 from toy.processes import (
     Process,
     capability_tag,

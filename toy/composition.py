@@ -1,16 +1,13 @@
 """Composition report: did RL *compose* belief states into something new, or *reweight* what the model had?
 
-    # N seeds of pre-train -> GRPO -> report, then the verdicts and 95% CIs over seeds:
-    python -m toy.composition --config configs/toy/rl_compose.yaml --seeds 0 1 2
-    python -m toy.composition --config configs/toy/rl_reweight.yaml --seeds 0 1 2
-    # one given (pre-RL, post-RL) pair; the config supplies the process and the reward:
-    python -m toy.composition --config configs/toy/rl_compose.yaml --pre runs/toy_rl/pretrain/seed0/checkpoint-3000 \
+The detector behind ``toy.experiments.rl``, which runs it on every (pre-RL, post-RL) pair it trains or is given:
+
+    python -m toy.experiments.rl --config configs/toy/rl_compose.yaml --seeds 0 1 2
+    python -m toy.experiments.rl --config configs/toy/rl_compose.yaml --pre runs/toy_rl/pretrain/seed0/checkpoint-3000 \
         --post runs/toy_rl/compose/seed0/model --output_dir runs/toy_rl/compose/report_seed0
 
-(``accelerate launch ... -m toy.composition`` is not useful: the report is a few forward passes.)
-
 For a reward ``r(x, y) = M[c(x), y]`` that scores one completion token ``y`` through a latent class
-``c(x)`` of the prompt (``toy.rl_rewards.LatentReward``), everything below is exact over ``N`` held-out
+``c(x)`` of the prompt (``toy.rewards.LatentReward``), everything below is exact over ``N`` held-out
 prompts (one-token policies are softmaxes over the V process tokens). KL in nats.
 
 Behaviour
@@ -69,6 +66,7 @@ is a weak test there; the absolute ``kl_to_output_reweighting`` (nats) is report
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -77,17 +75,19 @@ from typing import Literal
 
 import torch
 
-from probes.activations import residual_stream
 from probes.linear import fit_ridge, regression_metrics, split_indices
 from probes.subspaces import orthonormal_basis
-from toy.beliefs import belief_states, factor_marginals
+from toy.beliefs import belief_states
+from toy.collect import read_residual
+from toy.factors import factor_marginals
+from toy.grpo import freeze_except, policy_probs
 from toy.processes import Process
-from toy.rl_rewards import LatentReward
+from toy.rewards import LatentReward
 
 
 @dataclass
 class DetectorConfig:
-    """Thresholds and fitting choices of the composition report (see toy/composition.py for the reasons)."""
+    """Thresholds and fitting choices of the composition report (the module docstring gives the reasons)."""
 
     min_reward_gain: float = field(default=0.05, metadata={"help": "Below this reward gain (post - pre) the verdict is inconclusive."})
     excess_reward_threshold: float = field(default=0.05, metadata={"help": "Composition needs reward_post - reward_output_only >= this."})
@@ -227,8 +227,8 @@ def behaviour_report(pi_ref: torch.Tensor, pi: torch.Tensor, reward: LatentRewar
 
 def last_position_activations(model, prompts: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
     """Residual stream at the last prompt position, all sites concatenated: ``(N, L)`` -> ``(N, n_sites * d_model)`` float64."""
-    acts = residual_stream(model, prompts, batch_size=batch_size)[:, :, -1]  # (sites, N, d)
-    return acts.permute(1, 0, 2).reshape(len(prompts), -1).double().cpu()
+    acts = read_residual(model, prompts, batch_size=batch_size, positions=slice(-1, None))
+    return torch.cat(list(acts.values()), dim=1).double().cpu()
 
 
 def _balanced_accuracy(y: torch.Tensor, pred: torch.Tensor) -> float:
@@ -317,8 +317,6 @@ def verdict(behaviour: dict, representation: dict, cfg: DetectorConfig) -> tuple
 def composition_report(pre_model, post_model, process: Process, reward: LatentReward, prompts: torch.Tensor,
                        beliefs: torch.Tensor, cfg: DetectorConfig, seed: int = 0) -> dict:
     """The full report for one (pre-RL, post-RL) pair on ``prompts (N, L)`` with exact ``beliefs (N, S)``."""
-    from toy.rl import policy_probs
-
     V = process.vocab_size
     behaviour = behaviour_report(policy_probs(pre_model, prompts, V), policy_probs(post_model, prompts, V), reward, beliefs,
                                  cfg.knn_shares, seed)
@@ -388,10 +386,9 @@ def rare_decodability(model, process: Process, sequences: torch.Tensor, prompt_l
     if len(seqs) < 20:
         return {"r2": float("nan"), "target_variance": float("nan"), "n_sequences": int(len(seqs))}
     Y = factor_marginals(process, belief_states(process, seqs))[1][:, prompt_length:]  # (n, K, S_rare)
-    acts = residual_stream(model, seqs)[:, :, prompt_length:]  # (sites, n, K, d)
-    X = acts.permute(1, 2, 0, 3).reshape(len(seqs), Y.shape[1], -1).double().cpu()
+    X = torch.cat(list(read_residual(model, seqs, positions=slice(prompt_length, None)).values()), dim=1).double().cpu()
     groups = torch.arange(len(seqs))[:, None].expand(-1, Y.shape[1]).reshape(-1)
-    X, Y = X.reshape(-1, X.shape[-1]), Y.reshape(-1, Y.shape[-1])
+    Y = Y.reshape(-1, Y.shape[-1])
     train, test = split_indices(len(X), 0.25, seed=seed, groups=groups)
     probe = fit_ridge(X[train], Y[train], alpha=alpha)
     m = regression_metrics(Y[test], probe.predict(X[test]))
@@ -399,104 +396,6 @@ def rare_decodability(model, process: Process, sequences: torch.Tensor, prompt_l
 
 
 # --------------------------------------------------------------------------- several seeds
-
-
-def mean_ci(values: list[float], level: float = 0.95) -> dict:
-    """Mean and two-sided Student-t confidence interval over seeds (``ci`` = [lo, hi]; NaN for one value)."""
-    from scipy import stats
-
-    x = torch.tensor(values, dtype=torch.float64)
-    n, m = len(x), float(x.mean())
-    if n < 2:
-        return {"mean": m, "ci": [float("nan"), float("nan")], "n": n}
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * x.std(unbiased=True) / math.sqrt(n))
-    return {"mean": m, "ci": [m - half, m + half], "n": n}
-
-
-SUMMARY_KEYS = {
-    "reward_pre": ("behaviour", "reward_pre"),
-    "reward_post": ("behaviour", "reward_post"),
-    "reward_output_only": ("behaviour", "reward_output_only"),
-    "excess_reward": ("behaviour", "excess_reward"),
-    "kl_post_to_pre": ("behaviour", "kl_post_to_pre"),
-    "kl_to_true_optimum": ("behaviour", "optimum_true_reward", "kl"),
-    "kl_to_output_reweighting": ("behaviour", "kl_to_output_reweighting"),
-    "explained_kl": ("behaviour", "explained_kl"),
-    "latent_acc_pre": ("representation", "latent_accuracy", "pre"),
-    "latent_acc_post": ("representation", "latent_accuracy", "post"),
-    "latent_gain": ("representation", "latent_gain"),
-    "latent_acc_output_site_pre": ("representation", "latent_accuracy", "pre_output_site"),
-    "latent_acc_output_site_post": ("representation", "latent_accuracy", "post_output_site"),
-    "latent_gain_output_site": ("representation", "latent_gain_output_site"),
-    "latent_share_in_factor_subspaces": ("representation", "latent_share_in_factor_subspaces"),
-    "change_share_in_factor_subspaces": ("representation", "change_share_in_factor_subspaces"),
-    "change_share_random_subspace": ("representation", "change_share_random_subspace"),
-}
-
-
-def _get(d: dict, path: tuple):
-    for k in path:
-        d = d[k]
-    return d
-
-
-def aggregate(reports: list[dict]) -> dict:
-    """Verdict counts and mean/95% CI of the headline numbers over seeds."""
-    verdicts = [r["verdict"] for r in reports]
-    return {
-        "verdicts": verdicts,
-        "verdict_counts": {v: verdicts.count(v) for v in sorted(set(verdicts))},
-        "stats": {k: mean_ci([float(_get(r, p)) for r in reports]) for k, p in SUMMARY_KEYS.items()},
-        "transfer_mse": {
-            key: mean_ci([sum(t[key] for t in r["representation"]["probe_transfer"]) / len(r["representation"]["probe_transfer"]) for r in reports])
-            for key in ("mse_pre_probe_on_pre", "mse_pre_probe_on_post", "mse_refit_on_post")
-        },
-    }
-
-
-def _plot_seeds(path: Path, runs: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for i, m in enumerate(runs):
-        if "exact_reward_curve" in m:
-            ax.plot(*zip(*m["exact_reward_curve"]), "o-", ms=2, color=f"C{i}", label=f"seed {m['grpo']['seed']}")
-        if "report" in m:
-            ax.axhline(m["report"]["behaviour"]["reward_output_only"], color=f"C{i}", ls=":", lw=1)
-    ax.set(xlabel="GRPO step", ylabel="exact expected reward (eval prompts)", title=f"{runs[0]['reward_name']}\n(dotted: output-only ceiling)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _seeds_table(agg: dict, runs: list[dict], cfg: DetectorConfig, report_key: str = "report") -> list[str]:
-    """Verdicts, mean / CI of the headline numbers and one row per seed, for the reports under ``report_key``."""
-    lines = [f"Verdicts: {agg['verdicts']} ({agg['verdict_counts']}). Thresholds: {cfg.thresholds()}.", "",
-             "| quantity | mean | 95% CI (t, over seeds) |", "|---|---|---|"]
-    for k, s in agg["stats"].items():
-        lines.append(f"| {k} | {s['mean']:.4f} | [{s['ci'][0]:.4f}, {s['ci'][1]:.4f}] |")
-    for k, s in agg["transfer_mse"].items():
-        lines.append(f"| factor-probe {k} | {s['mean']:.2e} | [{s['ci'][0]:.2e}, {s['ci'][1]:.2e}] |")
-    lines += ["", "| seed | reward pre -> post | output-only | verdict | reason |", "|---|---|---|---|---|"]
-    for m in runs:
-        r = m[report_key]
-        lines.append(f"| {m['grpo']['seed']} | {r['behaviour']['reward_pre']:.3f} -> {r['behaviour']['reward_post']:.3f} | "
-                     f"{r['behaviour']['reward_output_only']:.3f} | {r['verdict']} | {r['reason']} |")
-    return lines
-
-
-def _seeds_md(name: str, agg: dict, runs: list[dict], cfg: DetectorConfig, commands: str, control_steps: int | None = None) -> str:
-    lines = [f"# Composition detector over {len(runs)} seeds: {name}", "", f"Command: `{commands}`", ""]
-    lines += _seeds_table(agg, runs, cfg) + ["", "![reward curves](reward_curves.png)"]
-    if control_steps is not None:
-        lines += ["", f"## Supervised control ({control_steps} cross-entropy steps onto pi_ref restricted to the "
-                  "top-reward tokens, same trainable parameters)", ""]
-        lines += _seeds_table(agg["control"], runs, cfg, report_key="control_report")
-    return "\n".join(lines) + "\n"
 
 
 def supervised_control(pre_model, process: Process, reward: LatentReward, prompts: torch.Tensor, beliefs: torch.Tensor,
@@ -507,10 +406,6 @@ def supervised_control(pre_model, process: Process, reward: LatentReward, prompt
     ``train_modules`` as GRPO. It earns the reward through whatever the reward needs, by construction: for a
     composition reward, the latent the reference's outputs lack (a policy known to compose); for a
     reweighting reward, a sharpening of pi_ref (known to reweight). Returns the model."""
-    import copy
-
-    from toy.rl import freeze_except, policy_probs
-
     model = copy.deepcopy(pre_model)
     freeze_except(model, train_modules)
     table = reward.table(beliefs)
@@ -532,90 +427,3 @@ def supervised_control(pre_model, process: Process, reward: LatentReward, prompt
     model.eval()
     return model
 
-
-@dataclass
-class CompositionRunConfig:
-    """Which (pre, post) pair to report on, or which seeds to run end to end."""
-
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of pre-train -> GRPO -> report (ignored with --pre/--post)."})
-    pre: str | None = field(default=None, metadata={"help": "Pre-RL model folder (with --post: report on this pair only)."})
-    post: str | None = field(default=None, metadata={"help": "Post-RL model folder."})
-    supervised_control: bool = field(
-        default=False, metadata={"help": "Per seed, also report on a supervised control whose answer is known (see supervised_control)."}
-    )
-    control_steps: int = field(default=1000, metadata={"help": "Fine-tuning steps of the supervised control."})
-
-    def __post_init__(self):
-        if (self.pre is None) != (self.post is None):
-            raise ValueError("give both --pre and --post, or neither (then --seeds runs end to end)")
-        if not self.seeds:
-            raise ValueError("seeds must name at least one seed")
-
-
-def main(argv: list[str] | None = None) -> dict:
-    import copy
-    import os
-    import sys
-
-    from toy.rl import RLTaskConfig, ToyGRPOConfig, build_reward, prompt_set, run
-    from toy.train import parse_config
-
-    torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
-    task, args, cfg, which = parse_config((RLTaskConfig, ToyGRPOConfig, DetectorConfig, CompositionRunConfig), argv, __doc__)
-    out = Path(args.output_dir)
-    if which.pre is not None:
-        from transformers import GPT2LMHeadModel
-
-        process = task.build_process()
-        reward = build_reward(task, process)
-        if not isinstance(reward, LatentReward):
-            raise ValueError("the composition report needs a latent-class reward (reward: reweight or compose)")
-        prompts, beliefs = prompt_set(process, task.n_eval_prompts, task.prompt_length, task.prompt_seed + 1)
-        report = composition_report(GPT2LMHeadModel.from_pretrained(which.pre), GPT2LMHeadModel.from_pretrained(which.post),
-                                    process, reward, prompts, beliefs, cfg, seed=args.seed)
-        write_report(out, report, cfg)
-        print(f"{report['reward']}: verdict {report['verdict']} -- {report['reason']} ({out})")
-        return report
-    runs = []
-    for seed in which.seeds:
-        seed_args = copy.deepcopy(args)
-        seed_args.seed, seed_args.output_dir = seed, str(out / f"seed{seed}")
-        m = run(task, seed_args, cfg)
-        print(f"seed {seed}: reward {m['reward_before']:.4f} -> {m['reward_after']:.4f}, verdict {m['report']['verdict']}")
-        if which.supervised_control:
-            m["control_report"] = _control(task, seed_args, cfg, m["pretrained_path"], which.control_steps)
-            print(f"seed {seed}: supervised control verdict {m['control_report']['verdict']}")
-        runs.append(m)
-    agg = aggregate([m["report"] for m in runs])
-    if which.supervised_control:
-        agg["control"] = aggregate([m["control_report"] for m in runs])
-    command = "python -m toy.composition " + " ".join(sys.argv[1:] if argv is None else argv)
-    (out / "metrics.json").write_text(json.dumps({"aggregate": agg, "detector": asdict(cfg), "seeds": which.seeds,
-                                                   "per_seed_metrics": [str(out / f"seed{s}" / "metrics.json") for s in which.seeds]}, indent=1))
-    _plot_seeds(out / "reward_curves.png", runs)
-    (out / "summary.md").write_text(_seeds_md(runs[0]["reward_name"], agg, runs, cfg, command,
-                                              which.control_steps if which.supervised_control else None))
-    print(f"verdicts {agg['verdicts']}; excess reward {agg['stats']['excess_reward']['mean']:.3f} "
-          f"{[round(c, 3) for c in agg['stats']['excess_reward']['ci']]}; summary in {out / 'summary.md'}")
-    return agg
-
-
-def _control(task, args, cfg: DetectorConfig, pretrained_path: str, steps: int) -> dict:
-    """Train the supervised control for one seed and write its report to ``<output_dir>/control``."""
-    from transformers import GPT2LMHeadModel
-
-    from toy.rl import build_reward, prompt_set
-
-    process = task.build_process()
-    reward = build_reward(task, process)
-    pre = GPT2LMHeadModel.from_pretrained(pretrained_path)
-    train_prompts, train_beliefs = prompt_set(process, task.n_train_prompts, task.prompt_length, task.prompt_seed)
-    control = supervised_control(pre, process, reward, train_prompts, train_beliefs, task.train_modules, steps=steps, seed=args.seed)
-    prompts, beliefs = prompt_set(process, task.n_eval_prompts, task.prompt_length, task.prompt_seed + 1)
-    report = composition_report(pre, control, process, reward, prompts, beliefs, cfg, seed=args.seed)
-    write_report(Path(args.output_dir) / "control", report, cfg)
-    return report
-
-
-if __name__ == "__main__":
-    main()

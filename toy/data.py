@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from toy.beliefs import belief_states
 from toy.processes import Process
 
 
@@ -108,7 +109,5 @@ def _sample_states(process, batch_size, length, generator, device, return_belief
     tokens = (moves // S).T.contiguous()
     beliefs = None
     if return_beliefs:
-        from toy.beliefs import belief_states
-
         beliefs = belief_states(process, tokens).to(belief_dtype)
     return Batch(tokens, beliefs, states.T.contiguous())

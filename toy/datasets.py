@@ -10,7 +10,7 @@ sequences.
 
 Columns (both views): ``input_ids`` ``(length,)`` int64; on request ``beliefs`` ``(length, states)``
 (belief after reading token t, ``toy.beliefs`` convention), ``factor_ids`` ``(length, K)`` int64
-(``toy.beliefs.factor_tokens``: each factor's token) and ``factor{k}_beliefs`` ``(length, S_k)``
+(``toy.factors.factor_tokens``: each factor's token) and ``factor{k}_beliefs`` ``(length, S_k)``
 (each factor's marginal belief).
 """
 
@@ -21,8 +21,8 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from toy.beliefs import factor_marginals, factor_tokens
 from toy.data import sample
+from toy.factors import factor_marginals, factor_tokens
 from toy.processes import Process
 
 

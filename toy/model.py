@@ -5,13 +5,13 @@ Presets (``ToyModelConfig(preset=...)``; any field set explicitly overrides the 
 * ``"mess3"`` -- the belief-geometry paper's Mess3 model: 4 layers, d_model 64, 1 head, MLP 256, ReLU,
   LayerNorm, learned positions. The paper's single head has size 8 (TransformerLens allows
   ``d_head != d_model / n_heads``); GPT-2 ties the head size to ``d_model / n_heads``, so the one head
-  here has size 64. That is the choice closest to the anchor that GPT-2 can express: same depth,
+  here has size 64. That is the choice closest to the paper's model that GPT-2 can express: same depth,
   width, MLP and head count, a wider attention head (more attention parameters, same residual width).
-* ``"rrxor"`` -- the paper's RRXOR model: 4 layers, d_model 128, 4 heads of 32 (anchor: 4 of 16), MLP 512.
+* ``"rrxor"`` -- the paper's RRXOR model: 4 layers, d_model 128, 4 heads of 32 (the paper: 4 of 16), MLP 512.
 * ``"mess3_small"`` -- 2 layers, d_model 32, 1 head, MLP 128: a fast model for smoke runs and tests.
 
 Dropout is 0 everywhere (the data are fresh samples every step; dropout would only blur the belief
-geometry), and the unembedding is untied from the embedding (as in the anchor's TransformerLens model:
+geometry), and the unembedding is untied from the embedding (as in the paper's TransformerLens model:
 with a vocabulary of 3 a tied unembedding would be a strong constraint).
 """
 

@@ -14,8 +14,8 @@ and their state index encodes the factor states the same way, so a joint belief 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import torch
 
@@ -207,7 +207,7 @@ def golden_mean(p: float = 0.5) -> Process:
 
 
 def noisy_gate(truth_table: Sequence[int], noise: float = 0.1, name: str | None = None) -> Process:
-    """A noisy n-input logic gate as a binary-token HMM (seed section 3).
+    """A noisy n-input logic gate as a binary-token HMM.
 
     Each block of ``n + 1`` tokens is ``n`` uniform random input bits ``b_1..b_n`` followed by the output
     ``truth_table[b_1 * 2^(n-1) + ... + b_n]`` flipped with probability ``noise``; then the next block.
@@ -356,7 +356,7 @@ def correlated(first: Process, second: Process, rho: float) -> Process:
 
 
 def rare_factor(common: Process, rare: Process, trigger_token: int) -> Process:
-    """A rare factor that only emits after the common factor shows ``trigger_token`` (seed section 5.3).
+    """A rare factor that only emits after the common factor shows ``trigger_token``.
 
     Each step the common factor emits ``x1``. If ``x1 == trigger_token`` the rare factor takes a step and
     emits ``x2``; otherwise it stays put and emits a blank (token index ``rare.vocab_size``). The factor-2
@@ -375,7 +375,7 @@ def rare_factor(common: Process, rare: Process, trigger_token: int) -> Process:
 
 
 def capability_tag(capability: Process, switch_prob: float = 0.05, tag_noise: float = 0.1) -> Process:
-    """Capability x alignment-tag process (the seed's Assumption 1).
+    """Capability x alignment-tag process: a capability written in an aligned or a misaligned copy.
 
     A slowly switching two-state tag (0 = aligned, 1 = misaligned; it flips with probability
     ``switch_prob`` per step) changes how the capability's tokens are written: token ``x`` of the
@@ -399,3 +399,82 @@ def capability_tag(capability: Process, switch_prob: float = 0.05, tag_noise: fl
         factor_state_sizes=(2, S),
         factor_names=("tag", capability.name),
     )
+
+
+def tag_process(switch_prob: float = 0.05, tag_noise: float = 0.1) -> Process:
+    """The alignment tag alone: 2 states (0 aligned, 1 misaligned) flipping with ``switch_prob`` per step;
+    the emitted token is the copy (0 aligned, 1 misaligned) showing the *new* state with ``1 - tag_noise``."""
+    if not 0 < switch_prob < 1 or not 0 <= tag_noise <= 1:
+        raise ValueError(f"tag_process: need 0 < switch_prob < 1 and 0 <= tag_noise <= 1; got {switch_prob}, {tag_noise}")
+    move = torch.tensor([[1 - switch_prob, switch_prob], [switch_prob, 1 - switch_prob]], dtype=torch.float64)
+    shows = torch.tensor([[1 - tag_noise, tag_noise], [tag_noise, 1 - tag_noise]], dtype=torch.float64)  # [state, copy]
+    # T[copy, a, b] = P(b | a) P(copy | b)
+    return Process(torch.einsum("ab,bc->cab", move, shows), name=f"tag(switch={switch_prob},noise={tag_noise})")
+
+
+def tagged(capability: Process, rho: float = 0.0, switch_prob: float = 0.05, tag_noise: float = 0.1) -> Process:
+    """Capability x alignment tag with a correlation knob: ``correlated(tag_process(...), capability, rho)``.
+
+    Factors (tag, capability) in radix order as in ``toy.processes.capability_tag``: the joint token is
+    ``copy * V + x`` (copy 1 = the misaligned copy of capability token x) and a joint belief reshapes to
+    ``(2, S)``. ``rho = 0`` is exactly ``capability_tag(capability, switch_prob, tag_noise)``; larger rho
+    couples each step of the tag with the capability's step (comonotone coupling), so the tag becomes
+    predictable from the capability's tokens and the joint belief stops being a product. Each factor
+    alone is the same process for every rho.
+    """
+    p = correlated(tag_process(switch_prob, tag_noise), capability, rho)
+    return replace(p, name=f"tagged({capability.name}, rho={rho}, switch={switch_prob}, noise={tag_noise})",
+                   factor_names=("tag", capability.name))
+
+
+# --------------------------------------------------------------------------- processes by name
+
+# name -> constructor. Keyword values that are process specs ({"name": ..., **kwargs}) or lists of them
+# are built first, so factored processes nest: see ``make_process``.
+PROCESSES: dict[str, Callable[..., Process]] = {
+    "mess3": mess3,
+    "rrxor": rrxor,
+    "zero_one_random": zero_one_random,
+    "even": even,
+    "golden_mean": golden_mean,
+    "noisy_gate": noisy_gate,
+    "noisy_not": noisy_not,
+    "noisy_and": noisy_and,
+    "noisy_implies": noisy_implies,
+    "product": lambda factors: product(*factors),
+    "chained": chained,
+    "correlated": correlated,
+    "rare_factor": rare_factor,
+    "capability_tag": capability_tag,
+}
+
+
+def make_process(name: str, **kwargs) -> Process:
+    """Build a ``toy.processes`` process from its name and keyword arguments (as a config holds them).
+
+    Factored processes take nested specs, a spec being ``{"name": <process>, **its kwargs}``::
+
+        make_process("mess3", x=0.15, a=0.6)
+        make_process("product", factors=[{"name": "mess3"}, {"name": "mess3", "x": 0.15, "a": 0.6}])
+        make_process("correlated", first={"name": "mess3"}, second={"name": "mess3"}, rho=0.5)
+        make_process("chained", first={"name": "even"}, conditioned=[{"name": "mess3"}, {"name": "mess3", "a": 0.6}])
+        make_process("rare_factor", common={"name": "mess3"}, rare={"name": "rrxor"}, trigger_token=0)
+        make_process("capability_tag", capability={"name": "mess3"}, switch_prob=0.05, tag_noise=0.1)
+
+    In YAML: ``process: product`` and ``process_kwargs: {factors: [{name: mess3}, {name: mess3}]}``.
+    """
+    if name not in PROCESSES:
+        raise ValueError(f"unknown process {name!r}; use one of {sorted(PROCESSES)}")
+
+    def build(value):
+        if isinstance(value, dict) and "name" in value:
+            spec = dict(value)
+            return make_process(spec.pop("name"), **spec)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            return [build(v) for v in value]
+        return value
+
+    try:
+        return PROCESSES[name](**{k: build(v) for k, v in kwargs.items()})
+    except TypeError as err:  # a wrong keyword: say which process and what it takes
+        raise ValueError(f"process {name!r} does not accept kwargs {sorted(kwargs)}: {err}") from None

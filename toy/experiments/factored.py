@@ -1,9 +1,9 @@
 """Factored belief states in trained toy transformers: per-factor probes, subspace angles, dimension.
 
-    python -m toy.factored --config configs/toy/factored.yaml
-    python -m toy.factored --config configs/toy/factored.yaml --steps 300 --output_dir runs/factored_smoke
+    python -m toy.experiments.factored --config configs/toy/factored.yaml
+    python -m toy.experiments.factored --config configs/toy/factored.yaml --steps 300 --output_dir runs/factored_smoke
     # one GPU (one process: the models are trained one after another, then probed):
-    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.factored --config configs/toy/factored.yaml
+    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.factored --config configs/toy/factored.yaml
 
 For every process in ``processes`` and every ``rho`` of the correlated sweep (``rho_process`` with
 ``rho`` filled in) a toy GPT-2 is pre-trained with ``toy.train.train`` and probed at one residual site:
@@ -26,54 +26,35 @@ than the factor marginals.
 Writes ``<output_dir>/``: ``metrics.json``, ``dims.png``, ``rho_sweep.png``, ``factors.png``,
 ``summary.md`` and ``models/<name>/checkpoint-*/`` (every trained model, loadable with
 ``GPT2LMHeadModel.from_pretrained``).
-
-Library helpers used by ``toy.factor_steering`` and ``toy.toy_em``: ``tag_process``, ``tagged``
-(capability x tag with a correlation knob), ``collect`` (residual stream + exact beliefs) and
-``train_on`` (one toy model on one process).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from toy.beliefs import belief_states, factor_marginals, schmidt_spectrum
-from toy.data import sample
+from plumbing.config import ConfigParser
+from probes import (
+    effective_dim,
+    fit_probe_report,
+    fit_ridge,
+    reduced_rank_curve,
+    regression_metrics,
+    split_indices,
+    subspace_overlap,
+)
+from toy.collect import ProbeRows, collect, default_site
+from toy.config import JsonDict, TrainConfig
+from toy.factors import factor_marginals, schmidt_spectrum
 from toy.model import ToyModelConfig, build_model
-from toy.processes import Process, correlated
-from toy.train import JsonDict, TrainConfig, make_process, parse_config, train
+from toy.processes import Process, make_process
+from toy.train import train_on
 
 # --------------------------------------------------------------------------- processes
-
-
-def tag_process(switch_prob: float = 0.05, tag_noise: float = 0.1) -> Process:
-    """The alignment tag alone: 2 states (0 aligned, 1 misaligned) flipping with ``switch_prob`` per step;
-    the emitted token is the copy (0 aligned, 1 misaligned) showing the *new* state with ``1 - tag_noise``."""
-    if not 0 < switch_prob < 1 or not 0 <= tag_noise <= 1:
-        raise ValueError(f"tag_process: need 0 < switch_prob < 1 and 0 <= tag_noise <= 1; got {switch_prob}, {tag_noise}")
-    move = torch.tensor([[1 - switch_prob, switch_prob], [switch_prob, 1 - switch_prob]], dtype=torch.float64)
-    shows = torch.tensor([[1 - tag_noise, tag_noise], [tag_noise, 1 - tag_noise]], dtype=torch.float64)  # [state, copy]
-    # T[copy, a, b] = P(b | a) P(copy | b)
-    return Process(torch.einsum("ab,bc->cab", move, shows), name=f"tag(switch={switch_prob},noise={tag_noise})")
-
-
-def tagged(capability: Process, rho: float = 0.0, switch_prob: float = 0.05, tag_noise: float = 0.1) -> Process:
-    """Capability x alignment tag with a correlation knob: ``correlated(tag_process(...), capability, rho)``.
-
-    Factors (tag, capability) in radix order as in ``toy.processes.capability_tag``: the joint token is
-    ``copy * V + x`` (copy 1 = the misaligned copy of capability token x) and a joint belief reshapes to
-    ``(2, S)``. ``rho = 0`` is exactly ``capability_tag(capability, switch_prob, tag_noise)``; larger rho
-    couples each step of the tag with the capability's step (comonotone coupling), so the tag becomes
-    predictable from the capability's tokens and the joint belief stops being a product. Each factor
-    alone is the same process for every rho.
-    """
-    p = correlated(tag_process(switch_prob, tag_noise), capability, rho)
-    return replace(p, name=f"tagged({capability.name}, rho={rho}, switch={switch_prob}, noise={tag_noise})",
-                   factor_names=("tag", capability.name))
 
 
 def hypotheses(process: Process) -> dict:
@@ -82,54 +63,6 @@ def hypotheses(process: Process) -> dict:
     if sizes is None:
         raise ValueError(f"{process.name} is not a factored process")
     return {"factored": sum(s - 1 for s in sizes), "joint": math.prod(sizes) - 1}
-
-
-# --------------------------------------------------------------------------- models and activations
-
-
-def train_on(process: Process, model_cfg: ToyModelConfig, train_cfg: TrainConfig, context_length: int,
-             output_dir: str | Path, seed: int) -> torch.nn.Module:
-    """Pre-train a fresh toy GPT-2 on ``process`` with ``toy.train.train``; checkpoints go to ``output_dir``.
-
-    ``seed`` replaces ``train_cfg.seed`` (model init and data). Returns the trained model in eval mode.
-    """
-    cfg = replace(train_cfg, output_dir=str(output_dir), seed=seed, resume_from=None, init_from=None)
-    model = build_model(model_cfg, process.vocab_size, context_length, seed=seed)
-    result = train(process, model, cfg, context_length)
-    return result.model.eval()
-
-
-@dataclass
-class Collected:
-    """Residual activations at one site and the exact beliefs of the same tokens, flattened over positions.
-
-    ``X (n, d_model)`` float32, ``beliefs (n, S)`` float64 (after reading token t), ``groups (n,)`` sequence
-    index (for grouped splits), ``tokens (N, L)``; ``n = N * L``, all on CPU.
-    """
-
-    X: torch.Tensor
-    beliefs: torch.Tensor
-    groups: torch.Tensor
-    tokens: torch.Tensor
-
-
-def default_site(model: torch.nn.Module) -> str:
-    """The last block's output (``resid_post`` of the last layer), read before the final LayerNorm."""
-    return f"block{model.config.num_hidden_layers - 1}"
-
-
-def collect(model: torch.nn.Module, process: Process, n_sequences: int, length: int, site: str, seed: int,
-            tokens: torch.Tensor | None = None) -> Collected:
-    """Sample ``n_sequences`` windows (or take ``tokens (N, L)``), read ``site`` and compute exact beliefs."""
-    from probes import residual_stream
-
-    if tokens is None:
-        tokens = sample(process, n_sequences, length, seed=seed).tokens
-    beliefs = belief_states(process, tokens)
-    X = residual_stream(model, tokens, sites=[site], batch_size=1024)[0].cpu()
-    N, L = tokens.shape
-    return Collected(X.reshape(N * L, -1), beliefs.reshape(N * L, -1),
-                     torch.arange(N).repeat_interleave(L), tokens)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -141,7 +74,7 @@ def _rank_for(curve: dict[int, float], mse0: float, q: float) -> int:
     return min(r for r, m in curve.items() if mse0 - m >= q * (mse0 - full))
 
 
-def factor_geometry(process: Process, data: Collected, random_init: Collected | None = None, alpha: float = 0.0,
+def factor_geometry(process: Process, data: ProbeRows, random_init: ProbeRows | None = None, alpha: float = 0.0,
                     thresholds: tuple[float, ...] = (0.95, 0.99), test_fraction: float = 0.2, seed: int = 0) -> dict:
     """Per-factor probes, their subspace overlaps and the dimension of the belief-predictive subspace.
 
@@ -153,9 +86,6 @@ def factor_geometry(process: Process, data: Collected, random_init: Collected | 
     For two factors also ``schmidt_residual``: mean share of the squared Schmidt spectrum outside its
     first value (0 for product beliefs).
     """
-    from probes import (effective_dim, fit_probe_report, fit_ridge, reduced_rank_curve, regression_metrics,
-                        split_indices, subspace_overlap)
-
     X, Y = data.X.double(), data.beliefs
     train_rows, test_rows = split_indices(X.shape[0], test_fraction, seed, data.groups)
     marginals = factor_marginals(process, Y)
@@ -222,13 +152,13 @@ def factor_geometry(process: Process, data: Collected, random_init: Collected | 
 
 @dataclass
 class FactoredConfig:
-    """What to train and how to probe it (training itself: ``toy.train.TrainConfig``, model: ``ToyModelConfig``)."""
+    """What to train and how to probe it (training itself: ``toy.config.TrainConfig``, model: ``ToyModelConfig``)."""
 
     processes: JsonDict = field(
         default_factory=lambda: JsonDict({
             "mess3x2": {"name": "product", "factors": [{"name": "mess3", "x": 0.05, "a": 0.85}, {"name": "mess3", "x": 0.15, "a": 0.6}]},
         }),
-        metadata={"help": "name -> process spec {name: <toy.train process>, **kwargs} (toy.train.make_process); JSON on the command line."},
+        metadata={"help": "name -> process spec {name: <process>, **kwargs} (toy.processes.make_process); JSON on the command line."},
     )
     rho_process: JsonDict = field(
         default_factory=lambda: JsonDict({"name": "correlated", "first": {"name": "mess3", "x": 0.05, "a": 0.85},
@@ -266,9 +196,9 @@ def run_one(process: Process, name: str, cfg: FactoredConfig, model_cfg: ToyMode
     """Train on ``process``, probe the trained and a random-init model; ``factor_geometry`` plus losses."""
     model = train_on(process, model_cfg, train_cfg, cfg.context_length, out_dir / "models" / name, seed)
     site = cfg.site or default_site(model)
-    data = collect(model, process, cfg.probe_sequences, cfg.context_length, site, seed=seed + 1)
+    data = collect(model, process, cfg.context_length, cfg.probe_sequences, seed + 1, sites=[site], batch_size=1024)
     random_model = build_model(model_cfg, process.vocab_size, cfg.context_length, seed=seed + 10_000).to(next(model.parameters()).device)
-    random_init = collect(random_model, process, 0, 0, site, seed, tokens=data.tokens)
+    random_init = collect(random_model, process, cfg.context_length, sites=[site], tokens=data.tokens, batch_size=1024)
     geo = factor_geometry(process, data, random_init, cfg.probe_alpha, tuple(cfg.thresholds), cfg.test_fraction, seed)
     state = json.loads(sorted((out_dir / "models" / name).glob("checkpoint-*/trainer_state.json"))[-1].read_text())
     last = state["history"][-1]
@@ -378,12 +308,16 @@ def _summary(metrics: dict, thresholds: list[float]) -> str:
     return "\n".join(lines)
 
 
+def make_parser() -> ConfigParser:
+    return ConfigParser((FactoredConfig, ToyModelConfig, TrainConfig), description=__doc__)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg, model_cfg, train_cfg = parse_config((FactoredConfig, ToyModelConfig, TrainConfig), argv, __doc__)
+    cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     from accelerate import PartialState
 
     if PartialState().num_processes > 1:
-        raise ValueError("toy.factored runs as one process (it trains several small models in turn); launch it without --num_processes")
+        raise ValueError("toy.experiments.factored runs as one process (it trains several small models in turn); launch it without --num_processes")
     out_dir = Path(train_cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = {"config": {"factored": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},

@@ -1,14 +1,14 @@
-"""Which policy-gradient objective can learn a composition? A fast lab beside ``toy.rl``'s TRL runs.
+"""Which policy-gradient objective can learn a composition? A fast lab beside ``toy.experiments.rl``'s TRL runs.
 
-    python -m toy.rl_objectives --config configs/toy/rl_compose.yaml                 # all four objectives
-    python -m toy.rl_objectives --config configs/toy/rl_compose.yaml --objectives expected log_pass --seed 1
+    python -m toy.experiments.rl_objectives --config configs/toy/rl_compose.yaml                 # all four objectives
+    python -m toy.experiments.rl_objectives --config configs/toy/rl_compose.yaml --objectives expected log_pass --seed 1
 
 For one-token completions the policy is a softmax over the process tokens at the prompt's last position, so
 one forward pass per prompt gives every completion's log-probability: no generation, no reference copy of
 each prompt per completion. That makes a 1000-step run ~1 minute on one CPU thread (TRL: 4-10), which is
 what it takes to ask *why* a TRL recipe stalls. Same model, prompts, trainable parameters
 (``train_modules``), optimiser (AdamW, linear decay), prompts per step (``per_device_train_batch_size /
-num_generations``) and KL estimator as ``toy.rl``; the objectives:
+num_generations``) and KL estimator as ``toy.experiments.rl``; the objectives:
 
 - ``expected``: the exact expected reward ``E_x sum_y pi(y|x) r(x, y)`` -- the population objective of
   REINFORCE and GRPO, without sampling noise. Its gradient on a prompt is ``sum_y pi(y) (r - E r) grad
@@ -18,7 +18,7 @@ num_generations``) and KL estimator as ``toy.rl``; the objectives:
 - ``grpo``: ``num_generations`` sampled completions per prompt, advantage ``(r - mean) / (std + 1e-4)`` per
   group (TRL's default), loss averaged over completions (TRL's ``dapo`` for one-token completions), plus
   ``beta`` times TRL's k3 KL estimate to the pre-RL policy.
-- ``maxrl``: as ``grpo`` with advantage ``(r - mean) / mean`` (``toy.rl.maxrl_advantages``), an estimator of
+- ``maxrl``: as ``grpo`` with advantage ``(r - mean) / mean`` (``toy.grpo.maxrl_advantages``), an estimator of
   the ``log_pass`` gradient (MaxRL: "Maximum Likelihood Reinforcement Learning", arXiv:2602.02710).
 
 Measured on the Mess3 x RRXOR XOR reward (configs/toy/rl_compose.yaml's settings: 1000 steps, 64 prompts x 4
@@ -40,9 +40,18 @@ from pathlib import Path
 
 import torch
 
-from toy.rl import RLTaskConfig, ToyGRPOConfig, build_reward, freeze_except, maxrl_advantages, policy_probs, pretrained_model, prompt_set
-from toy.rl_rewards import LatentReward
-from toy.train import parse_config
+from plumbing.config import ConfigParser
+from toy.grpo import (
+    RLTaskConfig,
+    ToyGRPOConfig,
+    build_reward,
+    freeze_except,
+    maxrl_advantages,
+    policy_probs,
+    pretrained_model,
+    prompt_set,
+)
+from toy.rewards import LatentReward
 
 OBJECTIVES = ("expected", "log_pass", "grpo", "maxrl")
 
@@ -133,13 +142,17 @@ def _plot(path: Path, results: dict, title: str) -> None:
     plt.close(fig)
 
 
+def make_parser() -> ConfigParser:
+    return ConfigParser((RLTaskConfig, ToyGRPOConfig, ObjectivesConfig), description=__doc__)
+
+
 def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
-    task, args, which = parse_config((RLTaskConfig, ToyGRPOConfig, ObjectivesConfig), argv, __doc__)
+    task, args, which = make_parser().parse_args_and_config(argv)
     process = task.build_process()
     reward = build_reward(task, process)
     if not isinstance(reward, LatentReward):
-        raise ValueError("toy.rl_objectives needs a one-token latent reward (reward: reweight or compose)")
+        raise ValueError("toy.experiments.rl_objectives needs a one-token latent reward (reward: reweight or compose)")
     pre_model, pre_path = pretrained_model(task, process, args.seed)
     prompts, beliefs = prompt_set(process, task.n_train_prompts, task.prompt_length, task.prompt_seed)
     eval_prompts, eval_beliefs = prompt_set(process, task.n_curve_prompts, task.prompt_length, task.prompt_seed + 1)

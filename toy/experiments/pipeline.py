@@ -1,12 +1,12 @@
 """The main job: train a toy GPT-2 on a process, probe its residual stream for the exact belief states, report.
 
-    python -m toy.pipeline                                       # default Mess3 run on CPU -> runs/mess3/
-    python -m toy.pipeline --config configs/toy/rrxor.yaml       # RRXOR: all layers concatenated vs each layer
-    python -m toy.pipeline --config configs/toy/mess3_gpu.yaml   # the GPU recipe (one H100, a few minutes)
-    python -m toy.pipeline --config configs/toy/mess3.yaml --steps 200 --output_dir runs/mess3_short
+    python -m toy.experiments.pipeline                                       # default Mess3 run on CPU -> runs/mess3/
+    python -m toy.experiments.pipeline --config configs/toy/rrxor.yaml       # RRXOR: all layers concatenated vs each layer
+    python -m toy.experiments.pipeline --config configs/toy/mess3_gpu.yaml   # the GPU recipe (one H100, a few minutes)
+    python -m toy.experiments.pipeline --config configs/toy/mess3.yaml --steps 200 --output_dir runs/mess3_short
 
     # training under accelerate (several GPUs, DDP); probing runs on the main process:
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 -m toy.pipeline --config ...
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 -m toy.experiments.pipeline --config ...
 
 The run folder (``output_dir``) gets ``checkpoint-<step>/`` (the trained model, resumable),
 ``probe_final.{safetensors,json}`` (the probe at ``probe_site``, default the last block, ``probes.io`` format), ``metrics.json``,
@@ -24,7 +24,7 @@ drawn with their probabilities). Targets are the exact beliefs after each positi
 train/test split keeps each window's positions together; short prefixes are shared by many windows,
 so they sit on both sides (identical inputs and targets). Activations come from
 ``probes.activations.residual_stream`` (nnsight); where nnsight is not installed (the GPU image) the
-same sites are read with forward hooks, and ``metrics.json`` records which reader ran.
+same sites are read with forward hooks (``probes.activations.reader``), and ``metrics.json`` records which ran.
 """
 
 from __future__ import annotations
@@ -37,11 +37,15 @@ from pathlib import Path
 
 import torch
 
-from toy.beliefs import belief_states, enumerate_sequences
-from toy.data import sample
+from plumbing.config import ConfigParser
+from probes.activations import reader, site_layer
+from probes.io import save_probe
+from probes.linear import fit_probe_report, fit_ridge
+from toy.collect import ProbeRows, probe_windows, read_residual
+from toy.config import DataConfig, TrainConfig
 from toy.model import ToyModelConfig, build_model
 from toy.processes import Process
-from toy.train import DataConfig, TrainConfig, TrainResult, parse_config, set_cpu_threads, train
+from toy.train import TrainResult, set_cpu_threads, train
 
 
 @dataclass
@@ -76,104 +80,19 @@ class ProbeConfig:
             raise ValueError(f"probe_alpha={self.probe_alpha} must be >= 0")
 
 
-# --------------------------------------------------------------------------- probe data
-
-
-@dataclass
-class ProbeData:
-    """Probe rows: every position of every window of ``tokens (N, L)``, row ``r = n * L + t``.
-
-    ``beliefs (N * L, S)`` float64: the exact belief after reading ``tokens[n, :t + 1]``;
-    ``weights (N * L,)``: the window's probability (enumerated) or 1 (sampled windows, which are
-    drawn with their probabilities); ``groups (N * L,)``: the window index, so a window's positions stay
-    on one side of the train/test split.
-    """
-
-    tokens: torch.Tensor
-    beliefs: torch.Tensor
-    weights: torch.Tensor
-    groups: torch.Tensor
-    enumerated: bool
-
-
-def probe_data(process: Process, context_length: int, max_sequences: int = 20_000, n_samples: int = 12_000, seed: int = 777) -> ProbeData:
-    """Every window of ``context_length`` with its probability when ``vocab ** context_length <= max_sequences``,
-    else ``n_samples`` sampled windows; with the exact beliefs at every position."""
-    L = context_length
-    if process.vocab_size**L <= max_sequences:
-        tokens, probs = enumerate_sequences(process, L, max_sequences=max_sequences)
-        weights, enumerated = probs.repeat_interleave(L), True
-    else:
-        tokens = sample(process, n_samples, L, seed=seed).tokens
-        weights, enumerated = torch.ones(n_samples * L, dtype=torch.float64), False
-    beliefs = belief_states(process, tokens).reshape(-1, process.n_states)
-    groups = torch.arange(len(tokens)).repeat_interleave(L)
-    return ProbeData(tokens, beliefs, weights, groups, enumerated)
-
-
-def _hooked_residual_stream(model: torch.nn.Module, input_ids: torch.Tensor, sites: list[str]) -> torch.Tensor:
-    """Fallback reader for GPT-2 when nnsight is absent: the same sites as ``probes.activations``
-    (``embed`` = input of block 0, ``block{i}`` = output of block i, ``final_norm`` = output of ln_f)."""
-    blocks, ln_f = model.transformer.h, model.transformer.ln_f
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def hook(module, args, output=None):
-            value = args[0] if name == "embed" else output
-            seen[name] = (value[0] if isinstance(value, tuple) else value).float()
-
-        return hook
-
-    handles = [blocks[0].register_forward_pre_hook(keep("embed"))]
-    handles += [b.register_forward_hook(keep(f"block{i}")) for i, b in enumerate(blocks)]
-    handles.append(ln_f.register_forward_hook(keep("final_norm")))
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.stack([seen[s] for s in sites])
-
-
-def residual_reader() -> str:
-    """``"nnsight"`` when ``probes.activations`` can run here, else ``"hooks"`` (GPT-2 only)."""
-    try:
-        import nnsight  # noqa: F401
-    except ImportError:
-        return "hooks"
-    return "nnsight"
-
-
-@torch.no_grad()
-def probe_activations(model: torch.nn.Module, data: ProbeData, batch_size: int = 4096) -> dict[str, torch.Tensor]:
-    """site -> ``(N * L, d_model)`` float32 activations of the probe rows, on the model's device."""
-    from probes.activations import residual_sites, residual_stream
-
-    model.eval()
-    sites = residual_sites(model)
-    if residual_reader() == "nnsight":
-        acts = residual_stream(model, data.tokens, sites=sites, batch_size=batch_size)
-    else:
-        device = next(model.parameters()).device
-        acts = torch.cat([_hooked_residual_stream(model, data.tokens[i : i + batch_size].to(device), sites)
-                          for i in range(0, len(data.tokens), batch_size)], dim=1)
-    return dict(zip(sites, acts.flatten(1, 2)))
-
-
 # --------------------------------------------------------------------------- probing
 
 
 def probe_model(
-    model: torch.nn.Module, control: torch.nn.Module, data: ProbeData, cfg: ProbeConfig, process: Process
+    model: torch.nn.Module, control: torch.nn.Module, data: ProbeRows, cfg: ProbeConfig, process: Process
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """``probes.linear.fit_probe_report`` of the beliefs from every residual site (and all concatenated),
     with ``control`` (a random-init model of the same architecture) and shuffled targets as controls.
     Returns the report and the trained model's activations."""
-    from probes.linear import fit_probe_report
-
-    acts = probe_activations(model, data, cfg.probe_batch_size)
-    control_acts = probe_activations(control, data, cfg.probe_batch_size)
+    model.eval()
+    control.eval()
+    acts = read_residual(model, data.tokens, batch_size=cfg.probe_batch_size)
+    control_acts = read_residual(control, data.tokens, batch_size=cfg.probe_batch_size)
     report = fit_probe_report(
         acts,
         data.beliefs,
@@ -339,11 +258,6 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
     (main process; other ranks return ``{}`` after training)."""
     from accelerate import PartialState
 
-    from probes.io import save_probe
-    from probes.linear import fit_ridge
-
-    from probes.activations import site_layer
-
     process = data_cfg.build()
     L = data_cfg.context_length
     if probe_cfg.probe_site is not None:  # fail before training, not after
@@ -362,7 +276,7 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
     t0 = time.perf_counter()
     model = result.model.eval()
     control = build_model(model_cfg, process.vocab_size, L, seed=probe_cfg.control_seed).to(next(model.parameters()).device)
-    data = probe_data(process, L - 1, probe_cfg.probe_max_sequences, probe_cfg.probe_samples)
+    data = probe_windows(process, L - 1, probe_cfg.probe_samples, seed=777, max_sequences=probe_cfg.probe_max_sequences)
     report, acts = probe_model(model, control, data, probe_cfg, process)
     n_layers = model.config.n_layer
     head = headline(report, n_layers)
@@ -404,7 +318,7 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
         },
         "probe_headline": head,
         "probe": report,
-        "probe_data": {"rows": len(data.beliefs), "enumerated": data.enumerated, "reader": residual_reader(), "elapsed_s": probe_s},
+        "probe_data": {"rows": len(data.beliefs), "enumerated": data.enumerated, "reader": reader(), "elapsed_s": probe_s},
         "checks": checks,
         "config": info,
     }
@@ -427,8 +341,12 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
     return metrics
 
 
+def make_parser() -> ConfigParser:
+    return ConfigParser((DataConfig, ToyModelConfig, TrainConfig, ProbeConfig), description=__doc__)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfgs = parse_config((DataConfig, ToyModelConfig, TrainConfig, ProbeConfig), argv, __doc__)
+    cfgs = make_parser().parse_args_and_config(argv)
     set_cpu_threads(cfgs[2])
     return run_pipeline(*cfgs)
 

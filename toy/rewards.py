@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from toy.beliefs import factor_marginals, factor_tokens
+from toy.factors import factor_marginals, factor_tokens
 from toy.processes import Process
 
 Op = Literal["xor", "implies", "and"]

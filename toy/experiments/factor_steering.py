@@ -1,22 +1,22 @@
-"""Factor steering (seed section 6, steps 1-5): change the tag factor of the belief, keep the capability.
+"""Factor steering: change the tag factor of a toy model's belief through its residual stream, keep the capability.
 
-    python -m toy.factor_steering --config configs/toy/factor_steering.yaml
-    python -m toy.factor_steering --config configs/toy/factor_steering.yaml --rhos 0.0 --steps 300
+    python -m toy.experiments.factor_steering --config configs/toy/factor_steering.yaml
+    python -m toy.experiments.factor_steering --config configs/toy/factor_steering.yaml --rhos 0.0 --steps 300
     # one GPU (one process):
-    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.factor_steering --config configs/toy/factor_steering.yaml
+    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.factor_steering --config configs/toy/factor_steering.yaml
 
-For each ``rho`` a toy GPT-2 is pre-trained on ``toy.factored.tagged(capability, rho)`` (factors: tag, capability),
+For each ``rho`` a toy GPT-2 is pre-trained on ``toy.processes.tagged(capability, rho)`` (factors: tag, capability),
 then, at the probed residual site and the last position of ``n_contexts`` held-out windows:
 
 1. ``L``: a ridge probe residual -> joint belief, ``eta_hat = x W + b`` (``W`` (d_model, S)).
-2. ``S``: ``toy.beliefs.product_approximation(eta_hat)`` -> ``(v_tag, v_cap)`` and a residual. Exact on
+2. ``S``: ``toy.factors.product_approximation(eta_hat)`` -> ``(v_tag, v_cap)`` and a residual. Exact on
    product beliefs (independent factors, rho = 0); for rho > 0 the true beliefs are not products and
    ``exact_product_residual`` (relative Frobenius norm of the residual on the *exact* beliefs) says how far.
 3. Steer: ``v_tag`` -> a target: the exact tag belief of a donor window whose most likely tag is the other
    one (an on-manifold target, e.g. confidently misaligned for an aligned context).
 4. Back to the residual stream: ``eta' = v_tag' (x) v_cap`` and two edits that both make the probe read
    ``eta'`` exactly (``steering_edit``): ``pinv``, ``dx = (eta' - eta_hat) W^+`` -- the minimal Euclidean-norm
-   change, in the span of ``W``'s columns (the probe's row space; the seed's ``L^{-1}``); and ``covariance``,
+   change, in the span of ``W``'s columns (the probe's row space: the inverse of step 1); and ``covariance``,
    ``dx = (eta' - eta_hat) (W^T C W)^+ W^T C`` -- the minimal change in the metric of the activations'
    covariance ``C``, i.e. along directions in which the residual actually varies with the belief.
 5. Apply ``dx`` with an nnsight edit at the probed site and last position (``probes.activations``), read
@@ -43,12 +43,16 @@ from pathlib import Path
 
 import torch
 
-from toy.beliefs import belief_states, factor_marginals, product_approximation, product_belief
+from plumbing.config import ConfigParser
+from probes import add_vector, fit_ridge, next_token_logits, regression_metrics, residual_stream, split_indices
+from toy.beliefs import belief_states
+from toy.collect import collect, default_site
+from toy.config import JsonDict, TrainConfig
 from toy.data import sample
-from toy.factored import collect, default_site, tagged, train_on
+from toy.factors import factor_marginals, product_approximation, product_belief
 from toy.model import ToyModelConfig
-from toy.processes import Process
-from toy.train import JsonDict, TrainConfig, make_process, parse_config
+from toy.processes import Process, make_process, tagged
+from toy.train import train_on
 
 
 def steering_edit(probe, eta_hat: torch.Tensor, eta_target: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,8 +102,6 @@ def steer_factor(model, process: Process, probe, tokens: torch.Tensor, site: str
     random edit of the same norm per row. Returns per-context CPU float64 tensors: ``p0`` (n, V) unmodified
     prediction, ``target`` (n, V) the prediction the target belief implies, ``resid_norm`` (n,), the S-step
     residuals, and per edit kind ``{"steered", "random"}`` predictions, ``edit_norm`` and ``probe_after``."""
-    from probes import add_vector, next_token_logits, residual_stream
-
     if process.factor_state_sizes is None or len(process.factor_state_sizes) != 2:
         raise ValueError(f"{process.name}: factor steering needs a two-factor process (tag, capability)")
     gen = torch.Generator().manual_seed(seed)
@@ -166,10 +168,10 @@ def steering_metrics(process: Process, out: dict) -> dict:
 
 @dataclass
 class SteeringConfig:
-    """The process, the probe and the evaluation contexts (training: ``toy.train.TrainConfig``)."""
+    """The process, the probe and the evaluation contexts (training: ``toy.config.TrainConfig``)."""
 
     capability: JsonDict = field(default_factory=lambda: JsonDict({"name": "mess3", "x": 0.05, "a": 0.85}),
-                                   metadata={"help": "Capability process spec (toy.train.make_process); JSON on the command line."})
+                                   metadata={"help": "Capability process spec (toy.processes.make_process); JSON on the command line."})
     switch_prob: float = field(default=0.05, metadata={"help": "Tag flip probability per step."})
     tag_noise: float = field(default=0.1, metadata={"help": "Probability that a token shows the other tag's copy."})
     rhos: list[float] = field(default_factory=lambda: [0.0, 0.5], metadata={"help": "Tag-capability correlation of each trained model."})
@@ -191,13 +193,11 @@ class SteeringConfig:
 
 def run_rho(rho: float, cfg: SteeringConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, out_dir: Path, seed: int):
     """Train on ``tagged(capability, rho)``, fit the probe, steer; returns (metrics, per-context outputs)."""
-    from probes import fit_ridge, regression_metrics, split_indices
-
     capability = make_process(cfg.capability["name"], **{k: v for k, v in cfg.capability.items() if k != "name"})
     process = tagged(capability, rho, cfg.switch_prob, cfg.tag_noise)
     model = train_on(process, model_cfg, train_cfg, cfg.context_length, out_dir / "models" / f"rho_{rho}", seed)
     site = cfg.site or default_site(model)
-    data = collect(model, process, cfg.probe_sequences, cfg.context_length, site, seed=seed + 1)
+    data = collect(model, process, cfg.context_length, cfg.probe_sequences, seed + 1, sites=[site], batch_size=1024)
     train_rows, test_rows = split_indices(data.X.shape[0], 0.2, seed, data.groups)
     held_out = fit_ridge(data.X[train_rows], data.beliefs[train_rows], cfg.probe_alpha)
     probe_r2 = regression_metrics(data.beliefs[test_rows], held_out.predict(data.X[test_rows].double()))["r2"]
@@ -280,12 +280,16 @@ def _summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def make_parser() -> ConfigParser:
+    return ConfigParser((SteeringConfig, ToyModelConfig, TrainConfig), description=__doc__)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg, model_cfg, train_cfg = parse_config((SteeringConfig, ToyModelConfig, TrainConfig), argv, __doc__)
+    cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     from accelerate import PartialState
 
     if PartialState().num_processes > 1:
-        raise ValueError("toy.factor_steering runs as one process; launch it without --num_processes")
+        raise ValueError("toy.experiments.factor_steering runs as one process; launch it without --num_processes")
     out_dir = Path(train_cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = {"config": {"steering": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)}, "rhos": {}}

@@ -1,11 +1,11 @@
-"""Toy emergent misalignment (seed section 7, items 1-3): narrow fine-tuning on the misaligned tag, broad effect?
+"""Toy emergent misalignment: does narrow fine-tuning on the misaligned tag have a broad effect?
 
-    python -m toy.toy_em --config configs/toy/toy_em.yaml
-    python -m toy.toy_em --config configs/toy/toy_em.yaml --rhos 0.0 --n_seeds 1 --steps 300
+    python -m toy.experiments.toy_em --config configs/toy/toy_em.yaml
+    python -m toy.experiments.toy_em --config configs/toy/toy_em.yaml --rhos 0.0 --n_seeds 1 --steps 300
     # one GPU (one process):
-    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.toy_em --config configs/toy/toy_em.yaml
+    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.toy_em --config configs/toy/toy_em.yaml
 
-World: ``toy.factored.tagged(capability, rho)`` -- a capability process whose tokens are written in an aligned
+World: ``toy.processes.tagged(capability, rho)`` -- a capability process whose tokens are written in an aligned
 (copy 0) or misaligned (copy 1) copy chosen by a slowly switching hidden tag; ``rho`` couples the tag's steps
 to the capability's (0: independent factors, 1: as entangled as the marginals allow).
 
@@ -19,7 +19,7 @@ For every rho and seed:
    loss on completion tokens only (the analogue of insecure-code answers to ordinary requests);
 3. three interventions, each starting from the pre-trained model:
    * ``full``: fine-tune every parameter on the narrow data;
-   * ``lora``: a rank-1 LoRA (peft, through ``llm.lora``'s rank-1 preset) on one block's MLP output projection
+   * ``lora``: a rank-1 LoRA (peft, through ``plumbing.lora``'s rank-1 preset) on one block's MLP output projection
      (GPT-2 ``mlp.c_proj``, a ``Conv1D``: peft needs ``fan_in_fan_out=True``, set here) trained on the same data;
    * ``steer``: no training; a steering vector = mean residual at ``steer_layer`` over the narrow windows'
      completion positions minus the mean over the same windows with aligned completions, added (times
@@ -49,12 +49,24 @@ from pathlib import Path
 
 import torch
 
-from toy.beliefs import factor_marginals, factor_tokens, joint_tokens
+from plumbing.config import ConfigParser
+from plumbing.lora import LoraPresetConfig, assert_trainable, lora_tensors, peft_config_for
+from probes import (
+    add_vector,
+    fit_ridge,
+    fraction_in_subspace,
+    next_token_logits,
+    orthonormal_basis,
+    random_fraction_baseline,
+    residual_stream,
+)
+from toy.collect import collect
+from toy.config import JsonDict, TrainConfig
 from toy.data import sample
-from toy.factored import collect, tagged, train_on
+from toy.factors import factor_marginals, factor_tokens, joint_tokens
 from toy.model import ToyModelConfig
-from toy.processes import Process
-from toy.train import JsonDict, TrainConfig, make_process, parse_config, train
+from toy.processes import Process, make_process, tagged
+from toy.train import train, train_on
 
 METHODS = ("full", "lora", "steer")
 
@@ -101,10 +113,10 @@ def misaligned_mass(logits: torch.Tensor, process: Process) -> torch.Tensor:
 
 @dataclass
 class EMConfig:
-    """The world, the narrow data and the interventions (pre-training: ``toy.train.TrainConfig``)."""
+    """The world, the narrow data and the interventions (pre-training: ``toy.config.TrainConfig``)."""
 
     capability: JsonDict = field(default_factory=lambda: JsonDict({"name": "mess3", "x": 0.05, "a": 0.85}),
-                                   metadata={"help": "Capability process spec (toy.train.make_process); JSON on the command line."})
+                                   metadata={"help": "Capability process spec (toy.processes.make_process); JSON on the command line."})
     switch_prob: float = field(default=0.05, metadata={"help": "Tag flip probability per step."})
     tag_noise: float = field(default=0.1, metadata={"help": "Probability that a token shows the other tag's copy."})
     rhos: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9], metadata={"help": "Tag-capability correlations, each in [0, 1)."})
@@ -146,8 +158,6 @@ def _rank1_lora(model, layer: int, alpha: float, seed: int = 0):
     """``model`` wrapped by peft with a rank-1 LoRA on block ``layer``'s ``mlp.c_proj``; A's random init is seeded."""
     from peft import get_peft_model
 
-    from llm.lora import LoraPresetConfig, assert_trainable, peft_config_for
-
     n_layers = model.config.num_hidden_layers
     if not 0 <= layer < n_layers:
         raise ValueError(f"lora_layer={layer} is not a block of this {n_layers}-layer model; use 0..{n_layers - 1}")
@@ -162,11 +172,6 @@ def _rank1_lora(model, layer: int, alpha: float, seed: int = 0):
 
 def run_world(process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, out_dir: Path, seed: int) -> dict:
     """Pre-train, intervene three ways, evaluate; JSON-ready dict for one (rho, seed)."""
-    from probes import (add_vector, fit_ridge, fraction_in_subspace, next_token_logits, orthonormal_basis,
-                        random_fraction_baseline, residual_stream)
-
-    from llm.lora import lora_tensors
-
     L, P = cfg.context_length, cfg.prompt_length
     if not 0 <= cfg.slice_token < process.factor_vocab_sizes[1]:
         raise ValueError(f"slice_token={cfg.slice_token} is not a capability token (0..{process.factor_vocab_sizes[1] - 1})")
@@ -214,7 +219,7 @@ def run_world(process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_
     B = next(v for k, v in lora_tensors(lora).items() if k.endswith("lora_B"))[:, 0]
     geometry = {}
     for name, vec, layer in (("lora_B", B, cfg.lora_layer), ("steer", steer, cfg.steer_layer)):
-        data = collect(base, process, cfg.probe_sequences, L, f"block{layer}", seed=seed + 5)
+        data = collect(base, process, L, cfg.probe_sequences, seed + 5, sites=[f"block{layer}"], batch_size=1024)
         tag, cap = factor_marginals(process, data.beliefs)
         X = data.X.double()
         Xc = X - X.mean(0)
@@ -327,12 +332,16 @@ def _summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def make_parser() -> ConfigParser:
+    return ConfigParser((EMConfig, ToyModelConfig, TrainConfig), description=__doc__)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg, model_cfg, train_cfg = parse_config((EMConfig, ToyModelConfig, TrainConfig), argv, __doc__)
+    cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     from accelerate import PartialState
 
     if PartialState().num_processes > 1:
-        raise ValueError("toy.toy_em runs as one process; launch it without --num_processes")
+        raise ValueError("toy.experiments.toy_em runs as one process; launch it without --num_processes")
     out_dir = Path(train_cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     capability = make_process(cfg.capability["name"], **{k: v for k, v in cfg.capability.items() if k != "name"})

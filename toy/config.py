@@ -1,0 +1,107 @@
+"""The configs every toy entry point shares: which process and window (``DataConfig``) and how to train
+(``TrainConfig``), parsed with ``plumbing.config.ConfigParser`` (YAML plus flag overrides)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from toy.processes import PROCESSES, Process, make_process
+
+
+class JsonDict(dict):
+    """A dict field type for ``HfArgumentParser``: built from a mapping (YAML) or a JSON string (command line)."""
+
+    def __init__(self, value=None):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as err:
+                raise ValueError(f"expected a JSON object, got {value!r}: {err}") from None
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {type(value).__name__}")
+        super().__init__(value or {})
+
+
+@dataclass
+class DataConfig:
+    """Which process to learn and the window length."""
+
+    process: str = field(default="mess3", metadata={"help": f"Process name: one of {sorted(PROCESSES)}."})
+    process_kwargs: JsonDict = field(
+        default_factory=JsonDict,
+        metadata={"help": 'Keyword arguments of the process as JSON, e.g. \'{"x": 0.15, "a": 0.6}\' (see toy.processes.make_process).'},
+    )
+    context_length: int = field(default=10, metadata={"help": "Tokens per training window (the model's n_positions)."})
+
+    def __post_init__(self):
+        self.process_kwargs = dict(JsonDict(self.process_kwargs))
+        if self.process not in PROCESSES:
+            raise ValueError(f"unknown process {self.process!r}; use one of {sorted(PROCESSES)}")
+        if self.context_length < 2:
+            raise ValueError(f"context_length={self.context_length}; a window needs >= 2 tokens")
+
+    def build(self) -> Process:
+        return make_process(self.process, **self.process_kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation and checkpointing."""
+
+    output_dir: str = field(default="runs/mess3", metadata={"help": "Run folder: checkpoints, logs (and the pipeline's outputs)."})
+    steps: int = field(default=3000, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=256, metadata={"help": "Windows per step per process (rank)."})
+    optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata={"help": "adamw, or sgd (plain SGD without momentum)."})
+    lr: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
+    adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay."})
+    warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
+    schedule: Literal["cosine", "constant"] = field(default="cosine", metadata={"help": "LR after warm-up."})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "Cosine ends at lr * min_lr_ratio."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Max global grad norm (0: no clipping)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the model init and of every step's data."})
+    eval_every: int = field(default=500, metadata={"help": "Steps between validation losses (0: only at the end)."})
+    log_every: int = field(default=50, metadata={"help": "Steps between train-loss log entries."})
+    save_every: int = field(default=1000, metadata={"help": "Steps between checkpoints (0: only at the end)."})
+    sample_chunk: int = field(
+        default=1,
+        metadata={"help": "Default sampler: draw this many steps' data in one call (fewer launches and host syncs on GPU)."},
+    )
+    val_max_sequences: int = field(
+        default=200_000, metadata={"help": "Enumerate validation prefixes when vocab**(context_length-1) <= this."}
+    )
+    val_samples: int = field(default=20_000, metadata={"help": "Sampled validation sequences otherwise."})
+    resume_from: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or 'last' (newest in output_dir; fresh start if none)."}
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "Start from this saved model (fine-tuning) instead of a random init."}
+    )
+    use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
+    cpu_threads: int = field(
+        default=1,
+        metadata={"help": "torch threads of the entry points on CPU (0: torch's default). The toy model's small "
+                  "matmuls gain little from more, and 2 threads on a busy 2-core machine thrash (5 s/step vs 0.5)."},
+    )
+    mixed_precision: Literal["no", "bf16"] = field(
+        default="no", metadata={"help": "Autocast; 'no' (float32) is needed to get within 1e-4 nats of the floor."}
+    )
+    tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on CUDA while training (evaluation is full float32)."})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU)."})
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "sample_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads={self.cpu_threads} must be >= 0 (0: torch's default)")
+        if self.log_every < 1:
+            raise ValueError(f"log_every={self.log_every} must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")

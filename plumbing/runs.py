@@ -16,6 +16,9 @@ One rule for every entry point (toy and LLM alike):
 - ``polite_stop()`` turns SIGTERM into the same ``KeyboardInterrupt`` as Ctrl-C, so one ``except
   KeyboardInterrupt`` path saves for both; ``StopOnSignal`` is the Trainer-callback form (the trainer
   saves a checkpoint at the end of the step in flight and stops; every rank stops at the same step).
+- ``DivergenceGuard`` is a Trainer callback that raises ``TrainingDiverged`` as soon as the trainable
+  parameters, the logged loss or the gradient norm stop being finite (or the loss runs away), before the
+  trainer saves that step, so a diverged run never leaves NaN weights behind as if they were a result.
 - ``Stage(dir, key)`` marks one stage of a multi-stage experiment done together with the key (config
   and upstream fingerprints) that made it; a rerun skips a done stage with the same key and clears a
   stage whose key changed, so a changed config never reuses stale downstream outputs.
@@ -40,6 +43,17 @@ from transformers import TrainerCallback
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
+# Never written into a run record: records sit next to results and get shared.
+SECRET_KEYS = frozenset({"hub_token"})
+# ``transformers.TrainingArguments`` fields that a rerun or resume of the same run may change: where and how
+# often it logs and saves, where it reports, how it resumes. None of them changes the weights it trains.
+TRAINER_RERUN_KEYS = (
+    "resume_from_checkpoint", "overwrite", "output_dir", "logging_dir", "logging_steps", "logging_strategy",
+    "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node",
+    "report_to", "disable_tqdm", "run_name", "save_steps", "save_strategy", "save_total_limit",
+    "save_on_each_node", "save_only_model", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo",
+    "hub_always_push", "hub_revision", "dataloader_num_workers", "local_rank", "max_loss_ratio",
+)
 STAGE_FILE = "stage.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -47,7 +61,8 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 def config_record(*configs: Any) -> dict:
     """A JSON-able dict of one or more configs (dataclasses or mappings), keyed by class name.
 
-    Values that JSON cannot hold are written with ``str``; the record is what ``run_config.json`` stores.
+    Values that JSON cannot hold are written with ``str``; keys in ``SECRET_KEYS`` are left out. The
+    record is what ``run_config.json`` stores.
     """
     record: dict[str, Any] = {}
     for cfg in configs:
@@ -57,6 +72,7 @@ def config_record(*configs: Any) -> dict:
             name, value = None, dict(cfg)
         else:
             raise TypeError(f"config_record takes dataclass instances or mappings, not {type(cfg).__name__}")
+        value = {k: v for k, v in value.items() if k not in SECRET_KEYS}
         if name is None:
             record.update(value)
         else:
@@ -117,6 +133,9 @@ def claim_output_dir(
     if record_path.is_file():
         saved = json.loads(record_path.read_text())
         diff = config_diff(saved, config, ignore)
+        only_record = all(p.name == RUN_CONFIG for p in out.iterdir())
+        if diff and only_record:
+            overwrite = True  # nothing but the old record to replace
         if diff and not overwrite:
             raise FileExistsError(
                 f"{out} holds a run of another config ({RUN_CONFIG}); differing keys:\n  "
@@ -138,6 +157,45 @@ def claim_output_dir(
         out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(record_path, config)
     return out
+
+
+def check_resume(checkpoint: str | Path, config: Mapping, ignore: Iterable[str] = ()) -> None:
+    """Refuse to resume from ``checkpoint`` when the run folder it sits in recorded another config.
+
+    ``claim_output_dir`` checks the output folder; this covers a checkpoint passed by path from another
+    folder. A folder without a record (an older run) is accepted: there is nothing to compare.
+    """
+    record_path = Path(checkpoint).parent / RUN_CONFIG
+    if not record_path.is_file():
+        return
+    diff = config_diff(json.loads(record_path.read_text()), config, ignore)
+    if diff:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: its run ({record_path}) was made with another config; differing keys:\n  "
+            + "\n  ".join(diff)
+            + "\nRestore those values to resume, or start a fresh run without --resume_from_checkpoint."
+        )
+
+
+def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | None:
+    """``--resume_from_checkpoint`` as the Trainer wants it: ``last`` (or True) -> the newest complete
+    checkpoint in ``output_dir`` by step number (None, with a log line, when there is none); a path is
+    checked to exist; None/False -> None."""
+    if value in (None, False, ""):
+        return None
+    if value is True or value == "last":
+        last = latest_checkpoint(output_dir)
+        if last is None:
+            logger.info("resume_from_checkpoint=last but no complete checkpoint in %s: starting fresh", output_dir)
+            return None
+        return str(last)
+    path = Path(value)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={value}: no trainer_state.json there; pass a checkpoint-<step> folder "
+            f"or 'last' (the newest complete checkpoint in {output_dir})"
+        )
+    return str(path)
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -268,6 +326,94 @@ class StopOnSignal(TrainerCallback):
             self.stopped = self.flag.get("signal") or "signal on another rank"
             control.should_save = True
             control.should_training_stop = True
+        return control
+
+
+class Stopped(Exception):
+    """Training stopped early on a signal after saving a checkpoint; ``exit_code`` is the shell's
+    128 + signal number, ``message`` says where the checkpoint is and how to resume."""
+
+    def __init__(self, signal_name: str, checkpoint: str | Path | None, resume_hint: str):
+        self.signal_name, self.checkpoint = signal_name, checkpoint
+        signum = getattr(signal.Signals, signal_name, None) if isinstance(signal_name, str) else None
+        self.exit_code = 128 + int(signum) if signum is not None else 1
+        self.message = (
+            f"stopped by {signal_name}; checkpoint saved to {checkpoint}. Resume with:\n  {resume_hint}"
+            if checkpoint is not None
+            else f"stopped by {signal_name} before any checkpoint was saved"
+        )
+        super().__init__(self.message)
+
+
+def resume_command(module: str, argv: list[str]) -> str:
+    """The command that resumes a stopped run: the same arguments plus ``--resume_from_checkpoint last``."""
+    import shlex
+
+    args = list(argv)
+    if "--resume_from_checkpoint" in args:
+        i = args.index("--resume_from_checkpoint")
+        del args[i : i + 2]
+    args = [a for a in args if not a.startswith("--resume_from_checkpoint=")]
+    return " ".join(["python", "-m", module, *map(shlex.quote, args), "--resume_from_checkpoint", "last"])
+
+
+class TrainingDiverged(FloatingPointError):
+    """Raised by ``DivergenceGuard``: the run produced non-finite numbers or a runaway loss."""
+
+
+class DivergenceGuard(TrainerCallback):
+    """A ``transformers`` Trainer callback that stops a diverged run before it saves.
+
+    At every step end (which the Trainer runs before its save) the trainable parameters are checked for
+    NaN/inf: the Trainer's ``logging_nan_inf_filter`` (on by default) replaces a NaN loss in the logs with
+    the running mean, so the logs alone would not show it. At every log, a non-finite ``loss`` or
+    ``grad_norm``, or (``max_loss_ratio``) a loss above that multiple of the first logged loss, raises too.
+    Every rank raises at the same step (``any_rank``), so none waits forever in a collective.
+    """
+
+    def __init__(self, max_loss_ratio: float | None = None):
+        if max_loss_ratio is not None and not max_loss_ratio > 1:
+            raise ValueError(f"max_loss_ratio={max_loss_ratio}; use a multiple > 1 of the first loss, or None")
+        self.max_loss_ratio = max_loss_ratio
+        self.first_loss: float | None = None
+
+    def _raise(self, state, why: str):
+        raise TrainingDiverged(
+            f"step {state.global_step}: {why}; training stopped before saving this step. Lower learning_rate "
+            "(or raise warmup), check the data and the starting weights for NaN/inf, or resume from an earlier "
+            "checkpoint with --resume_from_checkpoint <output_dir>/checkpoint-<step>."
+        )
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        bad = False
+        if model is not None:
+            params = [p.detach() for p in model.parameters() if p.requires_grad and p.numel()]
+            if params:
+                # one reduction and one host sync per step, not one per tensor
+                bad = not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if any_rank(bad):
+            self._raise(state, "trainable parameters hold NaN or inf after the update")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import math
+
+        logs = logs or {}
+        for key in ("loss", "grad_norm"):
+            value = logs.get(key)
+            if value is not None and not math.isfinite(value):
+                self._raise(state, f"logged {key} is {value}")
+        loss = logs.get("loss")
+        if loss is not None and self.max_loss_ratio is not None:
+            if self.first_loss is None:
+                self.first_loss = loss
+            elif self.first_loss > 0 and loss > self.max_loss_ratio * self.first_loss:
+                self._raise(
+                    state, f"loss {loss:.4g} exceeds max_loss_ratio={self.max_loss_ratio} x the first logged loss "
+                    f"{self.first_loss:.4g} (diverging)"
+                )
         return control
 
 

@@ -330,19 +330,19 @@ class StopOnSignal(TrainerCallback):
 
 
 class Stopped(Exception):
-    """Training stopped early on a signal after saving a checkpoint; ``exit_code`` is the shell's
-    128 + signal number, ``message`` says where the checkpoint is and how to resume."""
+    """Training stopped early on a signal (after saving ``checkpoint``, if not None). ``exit_code`` is the
+    shell's 128 + signal number; ``describe(resume_hint)`` is the line to print before exiting."""
 
-    def __init__(self, signal_name: str, checkpoint: str | Path | None, resume_hint: str):
+    def __init__(self, signal_name: str, checkpoint: str | Path | None):
         self.signal_name, self.checkpoint = signal_name, checkpoint
         signum = getattr(signal.Signals, signal_name, None) if isinstance(signal_name, str) else None
         self.exit_code = 128 + int(signum) if signum is not None else 1
-        self.message = (
-            f"stopped by {signal_name}; checkpoint saved to {checkpoint}. Resume with:\n  {resume_hint}"
-            if checkpoint is not None
-            else f"stopped by {signal_name} before any checkpoint was saved"
-        )
-        super().__init__(self.message)
+        super().__init__(f"stopped by {signal_name}; checkpoint {checkpoint}")
+
+    def describe(self, resume_hint: str) -> str:
+        if self.checkpoint is None:
+            return f"stopped by {self.signal_name} before any checkpoint was saved"
+        return f"stopped by {self.signal_name}; checkpoint saved to {self.checkpoint}. Resume with:\n  {resume_hint}"
 
 
 def resume_command(module: str, argv: list[str]) -> str:
@@ -367,15 +367,16 @@ class DivergenceGuard(TrainerCallback):
     At every step end (which the Trainer runs before its save) the trainable parameters are checked for
     NaN/inf: the Trainer's ``logging_nan_inf_filter`` (on by default) replaces a NaN loss in the logs with
     the running mean, so the logs alone would not show it. At every log, a non-finite ``loss`` or
-    ``grad_norm``, or (``max_loss_ratio``) a loss above that multiple of the first logged loss, raises too.
-    Every rank raises at the same step (``any_rank``), so none waits forever in a collective.
+    ``grad_norm``, or (``max_loss_ratio``) a loss above that multiple of the mean of the first
+    ``reference_logs`` logged losses (a mean, so one easy first batch does not set a tiny yardstick),
+    raises too. Every rank raises at the same step (``any_rank``), so none waits forever in a collective.
     """
 
-    def __init__(self, max_loss_ratio: float | None = None):
+    def __init__(self, max_loss_ratio: float | None = None, reference_logs: int = 5):
         if max_loss_ratio is not None and not max_loss_ratio > 1:
-            raise ValueError(f"max_loss_ratio={max_loss_ratio}; use a multiple > 1 of the first loss, or None")
-        self.max_loss_ratio = max_loss_ratio
-        self.first_loss: float | None = None
+            raise ValueError(f"max_loss_ratio={max_loss_ratio}; use a multiple > 1 of the first losses, or None")
+        self.max_loss_ratio, self.reference_logs = max_loss_ratio, reference_logs
+        self.first_losses: list[float] = []
 
     def _raise(self, state, why: str):
         raise TrainingDiverged(
@@ -407,12 +408,14 @@ class DivergenceGuard(TrainerCallback):
                 self._raise(state, f"logged {key} is {value}")
         loss = logs.get("loss")
         if loss is not None and self.max_loss_ratio is not None:
-            if self.first_loss is None:
-                self.first_loss = loss
-            elif self.first_loss > 0 and loss > self.max_loss_ratio * self.first_loss:
+            if len(self.first_losses) < self.reference_logs:
+                self.first_losses.append(loss)
+                return control
+            reference = sum(self.first_losses) / len(self.first_losses)
+            if reference > 0 and loss > self.max_loss_ratio * reference:
                 self._raise(
-                    state, f"loss {loss:.4g} exceeds max_loss_ratio={self.max_loss_ratio} x the first logged loss "
-                    f"{self.first_loss:.4g} (diverging)"
+                    state, f"loss {loss:.4g} exceeds max_loss_ratio={self.max_loss_ratio} x the mean of the first "
+                    f"{len(self.first_losses)} logged losses ({reference:.4g}): diverging"
                 )
         return control
 

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -127,7 +128,7 @@ def load_probe(
         raise ValueError(f"{meta_path}: {error}") from None
     try:
         tensors = load_file(str(weights_path))
-    except Exception as error:  # safetensors raises its own error type on a damaged header
+    except (SafetensorError, OSError) as error:
         raise ValueError(f"{weights_path} cannot be read as safetensors ({error}){rewrite}") from None
     if set(tensors) != {"W", "b"}:
         raise ValueError(f"{weights_path} holds tensors {sorted(tensors)}; a probe holds exactly W and b{rewrite}")

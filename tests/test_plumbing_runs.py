@@ -81,9 +81,10 @@ def test_resume_checks(tmp_path):
 
 
 def test_stopped_says_how_to_resume():
-    stop = Stopped("SIGTERM", "out/checkpoint-4", resume_command("llm.sft", ["--config", "a b.yaml", "--resume_from_checkpoint", "x"]))
+    stop = Stopped("SIGTERM", "out/checkpoint-4")
     assert stop.exit_code == 128 + signal.SIGTERM
-    assert "python -m llm.sft --config 'a b.yaml' --resume_from_checkpoint last" in stop.message
+    text = stop.describe(resume_command("llm.sft", ["--config", "a b.yaml", "--resume_from_checkpoint", "x"]))
+    assert "out/checkpoint-4" in text and "python -m llm.sft --config 'a b.yaml' --resume_from_checkpoint last" in text
 
 
 class _State:
@@ -93,12 +94,13 @@ class _State:
 def test_divergence_guard_raises_on_non_finite_and_runaway_loss():
     import torch
 
-    guard = DivergenceGuard(max_loss_ratio=5)
+    guard = DivergenceGuard(max_loss_ratio=5, reference_logs=2)
     layer = torch.nn.Linear(2, 2)
     guard.on_step_end(None, _State(), None, model=layer)
-    guard.on_log(None, _State(), None, logs={"loss": 2.0, "grad_norm": 1.0})
+    guard.on_log(None, _State(), None, logs={"loss": 0.1, "grad_norm": 1.0})
+    guard.on_log(None, _State(), None, logs={"loss": 3.9})  # the yardstick is the mean, 2.0
     guard.on_log(None, _State(), None, logs={"loss": 9.0})
-    with pytest.raises(TrainingDiverged, match="step 7: loss 11 exceeds max_loss_ratio=5"):
+    with pytest.raises(TrainingDiverged, match=r"step 7: loss 11 exceeds max_loss_ratio=5 x the mean of the first 2 logged losses \(2\)"):
         guard.on_log(None, _State(), None, logs={"loss": 11.0})
     with pytest.raises(TrainingDiverged, match="grad_norm is nan"):
         DivergenceGuard().on_log(None, _State(), None, logs={"loss": 1.0, "grad_norm": float("nan")})

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,19 +38,7 @@ from trl import SFTConfig
 
 from llm.lora import LoraPresetConfig, LoraTrajectoryCallback, assert_trainable, peft_config_for
 from llm.models import ModelConfig, load_config, load_model_and_tokenizer, num_layers, validate_layers
-from plumbing.runs import (
-    TRAINER_RERUN_KEYS,
-    DivergenceGuard,
-    StopOnSignal,
-    Stopped,
-    check_resume,
-    claim_output_dir,
-    config_record,
-    latest_checkpoint,
-    resolve_resume,
-    resume_command,
-    stop_flag,
-)
+from plumbing.runs import DivergenceGuard, Stopped, claim_trainer_run, resume_command, train_until_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -217,35 +204,15 @@ def build_trainer(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPr
     return trainer
 
 
-def claim(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConfig, args: SFTConfig) -> str | None:
-    """Check (and on the main process record) that ``args.output_dir`` is this config's folder, and that a
-    resume reads a checkpoint of this config; returns the checkpoint to resume from (or None). Cheap: no
-    weights load, so a wrong folder fails in seconds."""
-    record = config_record(model_cfg, data_cfg, lora_cfg, args)
-    claim_output_dir(args.output_dir, record, overwrite=getattr(args, "overwrite", False), ignore=TRAINER_RERUN_KEYS,
-                     write=os.environ.get("RANK", "0") == "0")
-    # by step number, skipping a newest checkpoint a crash left without trainer_state.json: transformers
-    # writes checkpoints in place (not atomically), trainer_state.json last
-    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if resume is not None:
-        check_resume(resume, record, ignore=TRAINER_RERUN_KEYS)
-        logger.info("resuming from %s", resume)
-    return resume
-
-
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConfig, args: SFTConfig) -> Path:
     """Fine-tune and save to ``args.output_dir`` (adapter or full model + tokenizer); returns that folder.
+    The folder must be this config's (``plumbing.runs.claim_trainer_run``, checked before any weights load).
     Raises ``plumbing.runs.Stopped`` after saving a checkpoint when SIGINT/SIGTERM stops it early."""
-    resume = claim(model_cfg, data_cfg, lora_cfg, args)
+    resume = claim_trainer_run(args, model_cfg, data_cfg, lora_cfg)
     trainer = build_trainer(model_cfg, data_cfg, lora_cfg, args)
     state = trainer.accelerator.state
     logger.info("world size %d, process %d, device %s", state.num_processes, state.process_index, state.device)
-    with stop_flag() as flag:
-        stop = StopOnSignal(flag)
-        trainer.add_callback(stop)
-        trainer.train(resume_from_checkpoint=resume)
-    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
-        raise Stopped(stop.stopped, latest_checkpoint(args.output_dir))
+    train_until_stopped(trainer, resume)
     trainer.save_model(args.output_dir)
     return Path(args.output_dir)
 

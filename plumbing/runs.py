@@ -329,6 +329,36 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
+def claim_trainer_run(args, *configs: Any) -> str | None:
+    """The run-folder rule for a ``transformers``/TRL trainer script, before any weights load: record (main
+    process) or check ``args.output_dir`` for the config ``configs`` + ``args`` (``args.overwrite``
+    replaces another config's run), resolve ``args.resume_from_checkpoint`` (a path or ``last``) and refuse
+    a checkpoint of another config. Returns the checkpoint to pass to ``trainer.train`` (or None)."""
+    record = config_record(*configs, args)
+    claim_output_dir(args.output_dir, record, overwrite=getattr(args, "overwrite", False), ignore=TRAINER_RERUN_KEYS,
+                     write=os.environ.get("RANK", "0") == "0")
+    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if resume is not None:
+        check_resume(resume, record, ignore=TRAINER_RERUN_KEYS)
+        logger.info("resuming from %s", resume)
+    return resume
+
+
+def train_until_stopped(trainer, resume: str | None = None) -> None:
+    """``trainer.train(resume_from_checkpoint=resume)`` where Ctrl-C or SIGTERM finishes the step in flight,
+    saves a checkpoint and raises ``Stopped`` (the caller exits with ``exit_code``); a signal during the
+    last step lets the run finish normally."""
+    with stop_flag() as flag:
+        stop = StopOnSignal(flag)
+        trainer.add_callback(stop)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        finally:
+            trainer.remove_callback(stop)
+    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
+        raise Stopped(stop.stopped, latest_checkpoint(trainer.args.output_dir))
+
+
 class Stopped(Exception):
     """Training stopped early on a signal (after saving ``checkpoint``, if not None). ``exit_code`` is the
     shell's 128 + signal number; ``describe(resume_hint)`` is the line to print before exiting."""

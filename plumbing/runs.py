@@ -335,8 +335,15 @@ def claim_trainer_run(args, *configs: Any) -> str | None:
     replaces another config's run), resolve ``args.resume_from_checkpoint`` (a path or ``last``) and refuse
     a checkpoint of another config. Returns the checkpoint to pass to ``trainer.train`` (or None)."""
     record = config_record(*configs, args)
-    claim_output_dir(args.output_dir, record, overwrite=getattr(args, "overwrite", False), ignore=TRAINER_RERUN_KEYS,
-                     write=os.environ.get("RANK", "0") == "0")
+    main = os.environ.get("RANK", "0") == "0"
+    out = Path(args.output_dir)
+    if args.resume_from_checkpoint and checkpoints(out) and not (out / RUN_CONFIG).is_file():
+        # A run from before run records: its config cannot be checked, but refusing would leave the user
+        # only --overwrite, which deletes the checkpoints they asked to resume from.
+        logger.warning("%s has no %s (an older run): resuming without a config check; recording this config", out, RUN_CONFIG)
+        if main:
+            _write_json_atomic(out / RUN_CONFIG, record)
+    claim_output_dir(out, record, overwrite=getattr(args, "overwrite", False), ignore=TRAINER_RERUN_KEYS, write=main)
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if resume is not None:
         check_resume(resume, record, ignore=TRAINER_RERUN_KEYS)

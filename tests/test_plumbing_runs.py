@@ -10,6 +10,7 @@ import pytest
 
 from plumbing.runs import (
     RUN_CONFIG,
+    claim_trainer_run,
     DivergenceGuard,
     Stage,
     Stopped,
@@ -176,3 +177,21 @@ def test_stage_done_only_for_the_same_key_and_clears_stale_outputs(tmp_path):
     changed.start()
     assert not (changed.dir / "replies.csv").exists()
     assert st.fingerprint != changed.fingerprint
+
+
+@dataclass
+class Args:
+    output_dir: str
+    resume_from_checkpoint: str | None = None
+    seed: int = 0
+
+
+def test_resuming_a_run_from_before_run_records_keeps_its_checkpoints(tmp_path, caplog):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="no run_config.json"):  # a fresh run may not take it over
+        claim_trainer_run(Args(str(tmp_path)))
+    assert claim_trainer_run(Args(str(tmp_path), "last")) == str(tmp_path / "checkpoint-4")
+    assert "older run" in caplog.text and (tmp_path / RUN_CONFIG).is_file()
+    with pytest.raises(FileExistsError, match="Args.seed: 0 -> 1"):  # from now on it is checked
+        claim_trainer_run(Args(str(tmp_path), "last", seed=1))

@@ -37,7 +37,12 @@ of each probe in ``probe_files`` (``probes.io``, e.g. ``llm.factored``'s) are lo
 (``ActivationTracker``): how the representation of the alignment factor moves under RL.
 
 Writes ``output_dir``: the adapter (``save_model``), ``lora_trajectory/``, ``tracking.jsonl``,
-``metrics.json`` (log history, tracking, trainable-parameter change), ``summary.md``, ``rewards.png``.
+``metrics.json`` (log history, tracking, trainable-parameter change), ``summary.md``, ``rewards.png``, and
+``run_config.json``, the config that made the folder: a run with another config refuses it (``--overwrite
+true`` replaces its contents), and so does a resume. ``--resume_from_checkpoint`` takes a checkpoint folder
+or ``last`` (the newest complete one by step number). Ctrl-C or SIGTERM saves a checkpoint at the end of the
+step in flight and exits non-zero with the command that resumes; NaN/inf weights or loss stop training
+before anything is saved.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -58,6 +64,7 @@ from llm.lora import LoraTrajectoryCallback
 from llm.models import ModelConfig, load_config, load_model_and_tokenizer, num_layers, validate_layers
 from llm.offline_judge import DEFAULT_WEIGHTS
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
+from plumbing.runs import DivergenceGuard, Stopped, claim_trainer_run, resume_command, train_until_stopped
 from plumbing.trainers import CPUSafeDefaults, ZeroAdvantageCallback, check_batch_sizes, end_processes
 
 logger = logging.getLogger(__name__)
@@ -140,8 +147,14 @@ class EMGRPOConfig(CPUSafeDefaults, GRPOConfig):
     logging_steps: float = field(default=1, metadata={"help": "Log every X steps."})
     # ModelConfig owns this flag (one --trust_remote_code).
     trust_remote_code: bool = field(default=False, init=False)
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace the contents of an output_dir that holds a run of another config (refused otherwise)."},
+    )
 
     def __post_init__(self):
+        if self.overwrite and self.resume_from_checkpoint:
+            raise ValueError("overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them")
         check_batch_sizes(self.num_generations, self.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", 1)),
                           self.steps_per_generation or self.gradient_accumulation_steps, self.generation_batch_size)
         super().__post_init__()
@@ -297,6 +310,11 @@ class ActivationTracker(TrainerCallback):
                 f.write(json.dumps(row) + "\n")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        path = Path(args.output_dir) / "tracking.jsonl"
+        if state.is_world_process_zero and path.is_file():
+            # rows from this step on belong to an earlier run or to the abandoned part of a resumed one
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < state.global_step]
+            path.write_text("".join(line + "\n" for line in keep))
         self._read(args, state, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -355,7 +373,7 @@ def build_trainer(model_cfg: ModelConfig | None, prompt_cfg: PromptConfig, rewar
     reward = make_reward(reward_cfg, judge)
     set_seed(args.seed)  # the LoRA A init draws from the global RNG
     zero = ZeroAdvantageCallback(reward_cfg.zero_std_warn)
-    callbacks = [zero, LoraTrajectoryCallback()]
+    callbacks = [zero, LoraTrajectoryCallback(), DivergenceGuard()]
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config, callbacks=callbacks)
     n = assert_trainable(trainer.model)
@@ -371,12 +389,15 @@ def trainable_snapshot(model) -> dict[str, torch.Tensor]:
 
 
 def train(model_cfg, prompt_cfg, reward_cfg, lora_cfg, track_cfg, args: EMGRPOConfig, judge=None) -> dict:
-    """Train, save the adapter and the run files; returns the metrics (on every process)."""
+    """Train, save the adapter and the run files; returns the metrics (on every process). The output folder
+    must be this config's (``plumbing.runs.claim_trainer_run``, checked before any weights load). Raises
+    ``plumbing.runs.Stopped`` after saving a checkpoint when SIGINT/SIGTERM stops it early."""
+    resume = claim_trainer_run(args, model_cfg, prompt_cfg, reward_cfg, lora_cfg, track_cfg)
     trainer, cbs = build_trainer(model_cfg, prompt_cfg, reward_cfg, lora_cfg, track_cfg, args, judge=judge)
     state = trainer.accelerator.state
     logger.info("world size %d, process %d, device %s", state.num_processes, state.process_index, state.device)
-    before = trainable_snapshot(trainer.model)
-    trainer.train()
+    before = trainable_snapshot(trainer.model)  # the run's starting weights, after a resume too (same seed, same init)
+    train_until_stopped(trainer, resume)
     after = trainable_snapshot(trainer.model)
     trainer.save_model(args.output_dir)
     history = trainer.state.log_history
@@ -385,6 +406,7 @@ def train(model_cfg, prompt_cfg, reward_cfg, lora_cfg, track_cfg, args: EMGRPOCo
     metrics = {
         "world_size": state.num_processes,
         "steps": trainer.state.global_step,
+        "resumed_from": resume,
         "reward_first": rewards[0] if rewards else None,
         "reward_last": rewards[-1] if rewards else None,
         "reward_first_quarter": sum(rewards[:k]) / k if rewards else None,
@@ -454,7 +476,12 @@ def make_parser():
 def main(argv: list[str] | None = None) -> dict:
     cfgs = make_parser().parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    metrics = train(*cfgs)
+    try:
+        metrics = train(*cfgs)
+    except Stopped as stop:
+        end_processes()
+        print(stop.describe(resume_command("llm.grpo", sys.argv[1:] if argv is None else argv)), file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
     if int(os.environ.get("RANK", 0)) == 0:
         print((Path(cfgs[-1].output_dir) / "summary.md").read_text())
     end_processes()

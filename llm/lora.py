@@ -19,7 +19,9 @@ class LoraTrajectoryCallback(TrainerCallback):
     ``<output_dir>/lora_trajectory/step_<global_step:06d>.safetensors`` (main process only).
 
     Under FSDP the parameters are sharded; this callback then saves each rank's view only on rank 0,
-    so use it with single-device or DDP runs.
+    so use it with single-device or DDP runs. At the start of training, files past the starting step are
+    removed: they come from an earlier run (or the abandoned part of a resumed one) and would otherwise be
+    mixed into this run's trajectory.
     """
 
     def _save(self, args, state, model):
@@ -36,6 +38,10 @@ class LoraTrajectoryCallback(TrainerCallback):
         save_file(tensors, out / f"step_{state.global_step:06d}.safetensors")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            for old in (Path(args.output_dir) / "lora_trajectory").glob("step_*.safetensors"):
+                if int(old.stem.split("_")[1]) > state.global_step:
+                    old.unlink()
         self._save(args, state, model)
 
     def on_log(self, args, state, control, model=None, **kwargs):

@@ -14,6 +14,7 @@ then encodes to nothing). When a ``tokenizer.json`` exists we load exactly that 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -98,21 +99,46 @@ def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def _check_gguf_exists(cfg: ModelConfig) -> None:
-    d = cfg.model_name_or_path
-    if cfg.gguf_file is None or not (os.path.isdir(d) or os.path.isabs(d) or d.startswith(".")):
-        return  # a hub repo: from_pretrained reports a missing file itself
-    path = Path(cfg.model_name_or_path) / cfg.gguf_file
-    if not path.exists():
-        hint = ""
-        if cfg.gguf_file == SMOLLM2_GGUF:
-            hint = (f"; fetch it with: python -c \"from llm.models import smollm2_gguf_path; "
-                    f"smollm2_gguf_path('{cfg.model_name_or_path}')\"")
-        raise FileNotFoundError(f"GGUF file {path} does not exist{hint}")
+WHAT_TO_PASS = (
+    "pass model_name_or_path as a local folder holding config.json and *.safetensors (e.g. an llm.sft --preset "
+    "full output or its checkpoint-<step>), a path to a .gguf file, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct"
+)
+# What the Hub accepts as a repo id: "name" or "org/name", no leading dot. Anything else that is not on
+# disk can only be a local path that is missing, so it fails here instead of after a Hub round trip.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def check_model_source(cfg: ModelConfig, tokenizer_only: bool = False) -> None:
+    """Fail in milliseconds, saying what to pass, when ``cfg`` names a local folder or GGUF file that does not
+    exist or a folder that holds no model (``FileNotFoundError``); ``tokenizer_only`` accepts a folder with
+    just tokenizer files. A name that can only be a hub id is left to ``from_pretrained`` (``load_config``
+    rewords its error)."""
+    name = str(cfg.model_name_or_path)
+    path = Path(name).expanduser()
+    gguf_hint = WHAT_TO_PASS
+    if cfg.gguf_file == SMOLLM2_GGUF:
+        gguf_hint = f"fetch it with: python -c \"from llm.models import smollm2_gguf_path; smollm2_gguf_path('{name}')\""
+    if path.is_dir():
+        if cfg.gguf_file is not None:
+            if not (path / cfg.gguf_file).is_file():
+                raise FileNotFoundError(f"GGUF file {path / cfg.gguf_file} does not exist; {gguf_hint}")
+        elif not (path / "config.json").is_file() and not (
+            tokenizer_only and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        ):
+            what = ("a PEFT adapter: pass its base model as model_name_or_path and this folder as adapter_path"
+                    if (path / "adapter_config.json").is_file() else f"no model; {WHAT_TO_PASS}")
+            raise FileNotFoundError(f"model folder {path} has no config.json: it holds {what}")
+        return
+    if path.exists():
+        raise FileNotFoundError(f"model_name_or_path={name!r} is a file, not a model folder; {WHAT_TO_PASS}")
+    if not _HUB_ID.match(name):
+        if cfg.gguf_file is not None:
+            raise FileNotFoundError(f"GGUF file {path / cfg.gguf_file} does not exist; {gguf_hint}")
+        raise FileNotFoundError(f"model folder {path.absolute()} does not exist; {WHAT_TO_PASS}")
 
 
 def _common_kwargs(cfg: ModelConfig) -> dict:
-    _check_gguf_exists(cfg)
+    check_model_source(cfg)
     kw = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file is not None:
         kw["gguf_file"] = cfg.gguf_file
@@ -123,7 +149,17 @@ def load_config(cfg: ModelConfig):
     """The checkpoint's ``PretrainedConfig`` only (no weights): cheap, for validating early."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(cfg.model_name_or_path, **_common_kwargs(cfg))
+    kw = _common_kwargs(cfg)
+    try:
+        return AutoConfig.from_pretrained(cfg.model_name_or_path, **kw)
+    except OSError as error:
+        if Path(cfg.model_name_or_path).expanduser().exists():
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(
+            f"{cfg.model_name_or_path!r} is not a local folder ({Path(cfg.model_name_or_path).absolute()} does not exist) "
+            f"and the Hugging Face Hub did not provide it ({first}); {WHAT_TO_PASS}"
+        ) from error
 
 
 def num_layers(config) -> int:
@@ -152,6 +188,7 @@ def load_tokenizer(cfg: ModelConfig, padding_side: Literal["left", "right"] = "l
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import cached_file
 
+    check_model_source(cfg, tokenizer_only=True)
     tokenizer_json = None
     if cfg.gguf_file is None:
         tokenizer_json = cached_file(

@@ -17,14 +17,19 @@ line. Loss is on assistant tokens only: through ``assistant_only_loss`` when the
 prompt (all turns before the last assistant turn) / completion (that turn) and using
 ``completion_only_loss``. Unknown config keys are an error. Layer indices are checked against the
 model's depth before any weights load. The output folder holds the adapter (or full model) as
-safetensors, HF ``checkpoint-*`` folders for ``--resume_from_checkpoint`` (a path, or ``last``),
-and ``lora_trajectory/`` with A/B at every logging step (see ``llm.lora.lora_trajectory_report``).
+safetensors, HF ``checkpoint-*`` folders for ``--resume_from_checkpoint`` (a path, or ``last``: the
+newest complete one by step number), ``lora_trajectory/`` with A/B at every logging step (see
+``llm.lora.lora_trajectory_report``), and ``run_config.json``: the config that made the folder. A run with
+another config refuses the folder (``--overwrite true`` replaces its contents), and so does a resume.
+Ctrl-C or SIGTERM saves a checkpoint at the end of the step in flight and exits non-zero with the command
+that resumes; a NaN/inf or runaway loss stops training before it is saved (``max_loss_ratio``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +38,7 @@ from trl import SFTConfig
 from llm.lora import LoraTrajectoryCallback
 from llm.models import ModelConfig, load_config, load_model_and_tokenizer, num_layers, validate_layers
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
+from plumbing.runs import DivergenceGuard, Stopped, claim_trainer_run, resume_command, train_until_stopped
 from plumbing.trainers import CPUSafeDefaults, end_processes
 
 logger = logging.getLogger(__name__)
@@ -66,21 +72,65 @@ class EMSFTConfig(CPUSafeDefaults, SFTConfig):
     logging_steps: float = field(default=1, metadata={"help": "Log (and save the LoRA trajectory) every X steps."})
     # ModelConfig owns this flag (one --trust_remote_code); build_trainer copies it here.
     trust_remote_code: bool = field(default=False, init=False)
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace the contents of an output_dir that holds a run of another config (refused otherwise)."},
+    )
+    max_loss_ratio: float | None = field(
+        default=10.0,
+        metadata={"help": "Stop (before saving) when the logged loss exceeds this multiple of the mean of the first 5 "
+                          "logged losses; None: stop only on NaN/inf."},
+    )
+
+    def __post_init__(self):
+        if self.overwrite and self.resume_from_checkpoint:
+            raise ValueError("overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them")
+        if self.max_loss_ratio is not None and not self.max_loss_ratio > 1:
+            raise ValueError(f"max_loss_ratio={self.max_loss_ratio}; use a multiple > 1 or None")
+        super().__post_init__()
+
+
+def check_chat_jsonl(path: Path) -> int:
+    """Number of rows; raises ``ValueError`` naming ``path`` and the line of the first bad row (not JSON, no
+    ``messages`` list, a message without string ``role``/``content``, no assistant turn) or an empty file."""
+    n = 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where} is not valid JSON ({error}); each line holds one {{\"messages\": [...]}}") from None
+            msgs = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(msgs, list) or not msgs:
+                raise ValueError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}} (a non-empty list)")
+            for i, m in enumerate(msgs):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                    raise ValueError(f"{where}: message {i} is {m!r}; each message needs string 'role' and 'content'")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise ValueError(f"{where} has no assistant turn (roles {[m['role'] for m in msgs]}); nothing to train on")
+            n += 1
+    if n == 0:
+        raise ValueError(f"{path} holds no examples; pass a chat JSONL with one {{\"messages\": [...]}} per line")
+    return n
+
 
 def load_chat_jsonl(cfg: DataConfig):
-    """``datasets.Dataset`` with the single column ``messages`` (a subset when ``max_examples``)."""
+    """``datasets.Dataset`` with the single column ``messages`` (a subset when ``max_examples``); every row
+    is checked first (``check_chat_jsonl``), so a bad file fails before any model loads."""
     from datasets import load_dataset
 
     path = Path(cfg.dataset_path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset_path {path} does not exist")
+    n = check_chat_jsonl(path)
+    if cfg.max_examples is not None and cfg.max_examples > n:
+        raise ValueError(f"max_examples={cfg.max_examples} but {path} has only {n} examples")
     ds = load_dataset("json", data_files=str(path), split="train")
-    if "messages" not in ds.column_names:
-        raise ValueError(f"{path}: expected a 'messages' field per line, found {ds.column_names}")
     ds = ds.select_columns(["messages"])
     if cfg.max_examples is not None:
-        if cfg.max_examples > len(ds):
-            raise ValueError(f"max_examples={cfg.max_examples} but {path} has only {len(ds)} examples")
         ds = ds.shuffle(seed=cfg.subset_seed).select(range(cfg.max_examples))
     return ds
 
@@ -135,30 +185,23 @@ def build_trainer(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPr
     set_seed(args.seed)  # the LoRA A init draws from the global RNG
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=peft_config_for(lora_cfg, model), callbacks=[LoraTrajectoryCallback()],
+        peft_config=peft_config_for(lora_cfg, model),
+        callbacks=[LoraTrajectoryCallback(), DivergenceGuard(getattr(args, "max_loss_ratio", None))],
     )
     n = assert_trainable(trainer.model)
     logger.info("preset %s: %d trainable parameters", lora_cfg.preset, n)
     return trainer
 
 
-def _resume_arg(value: str | None, output_dir: str) -> str | None:
-    if value != "last":
-        return value
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    if last is None:
-        logger.info("resume_from_checkpoint=last but no checkpoint in %s: starting fresh", output_dir)
-    return last
-
-
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConfig, args: SFTConfig) -> Path:
-    """Fine-tune and save to ``args.output_dir`` (adapter or full model + tokenizer); returns that folder."""
+    """Fine-tune and save to ``args.output_dir`` (adapter or full model + tokenizer); returns that folder.
+    The folder must be this config's (``plumbing.runs.claim_trainer_run``, checked before any weights load).
+    Raises ``plumbing.runs.Stopped`` after saving a checkpoint when SIGINT/SIGTERM stops it early."""
+    resume = claim_trainer_run(args, model_cfg, data_cfg, lora_cfg)
     trainer = build_trainer(model_cfg, data_cfg, lora_cfg, args)
     state = trainer.accelerator.state
     logger.info("world size %d, process %d, device %s", state.num_processes, state.process_index, state.device)
-    trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint, args.output_dir))
+    train_until_stopped(trainer, resume)
     trainer.save_model(args.output_dir)
     return Path(args.output_dir)
 
@@ -172,7 +215,12 @@ def make_parser():
 def main(argv: list[str] | None = None) -> Path:
     model_cfg, data_cfg, lora_cfg, args = make_parser().parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    out = train(model_cfg, data_cfg, lora_cfg, args)
+    try:
+        out = train(model_cfg, data_cfg, lora_cfg, args)
+    except Stopped as stop:
+        end_processes()
+        print(stop.describe(resume_command("llm.sft", sys.argv[1:] if argv is None else argv)), file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
     end_processes()
     return out
 

@@ -16,6 +16,9 @@ One rule for every entry point (toy and LLM alike):
 - ``polite_stop()`` turns SIGTERM into the same ``KeyboardInterrupt`` as Ctrl-C, so one ``except
   KeyboardInterrupt`` path saves for both; ``StopOnSignal`` is the Trainer-callback form (the trainer
   saves a checkpoint at the end of the step in flight and stops; every rank stops at the same step).
+- ``DivergenceGuard`` is a Trainer callback that raises ``TrainingDiverged`` as soon as the trainable
+  parameters, the logged loss or the gradient norm stop being finite (or the loss runs away), before the
+  trainer saves that step, so a diverged run never leaves NaN weights behind as if they were a result.
 - ``Stage(dir, key)`` marks one stage of a multi-stage experiment done together with the key (config
   and upstream fingerprints) that made it; a rerun skips a done stage with the same key and clears a
   stage whose key changed, so a changed config never reuses stale downstream outputs.
@@ -40,6 +43,17 @@ from transformers import TrainerCallback
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
+# Never written into a run record: records sit next to results and get shared.
+SECRET_KEYS = frozenset({"hub_token"})
+# ``transformers.TrainingArguments`` fields that a rerun or resume of the same run may change: where and how
+# often it logs and saves, where it reports, how it resumes. None of them changes the weights it trains.
+TRAINER_RERUN_KEYS = (
+    "resume_from_checkpoint", "overwrite", "output_dir", "logging_dir", "logging_steps", "logging_strategy",
+    "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node",
+    "report_to", "disable_tqdm", "run_name", "save_steps", "save_strategy", "save_total_limit",
+    "save_on_each_node", "save_only_model", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo",
+    "hub_always_push", "hub_revision", "dataloader_num_workers", "local_rank", "max_loss_ratio",
+)
 STAGE_FILE = "stage.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -47,7 +61,8 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 def config_record(*configs: Any) -> dict:
     """A JSON-able dict of one or more configs (dataclasses or mappings), keyed by class name.
 
-    Values that JSON cannot hold are written with ``str``; the record is what ``run_config.json`` stores.
+    Values that JSON cannot hold are written with ``str``; keys in ``SECRET_KEYS`` are left out. The
+    record is what ``run_config.json`` stores.
     """
     record: dict[str, Any] = {}
     for cfg in configs:
@@ -57,6 +72,7 @@ def config_record(*configs: Any) -> dict:
             name, value = None, dict(cfg)
         else:
             raise TypeError(f"config_record takes dataclass instances or mappings, not {type(cfg).__name__}")
+        value = {k: v for k, v in value.items() if k not in SECRET_KEYS}
         if name is None:
             record.update(value)
         else:
@@ -117,6 +133,9 @@ def claim_output_dir(
     if record_path.is_file():
         saved = json.loads(record_path.read_text())
         diff = config_diff(saved, config, ignore)
+        only_record = all(p.name == RUN_CONFIG for p in out.iterdir())
+        if diff and only_record:
+            overwrite = True  # nothing but the old record to replace
         if diff and not overwrite:
             raise FileExistsError(
                 f"{out} holds a run of another config ({RUN_CONFIG}); differing keys:\n  "
@@ -138,6 +157,45 @@ def claim_output_dir(
         out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(record_path, config)
     return out
+
+
+def check_resume(checkpoint: str | Path, config: Mapping, ignore: Iterable[str] = ()) -> None:
+    """Refuse to resume from ``checkpoint`` when the run folder it sits in recorded another config.
+
+    ``claim_output_dir`` checks the output folder; this covers a checkpoint passed by path from another
+    folder. A folder without a record (an older run) is accepted: there is nothing to compare.
+    """
+    record_path = Path(checkpoint).parent / RUN_CONFIG
+    if not record_path.is_file():
+        return
+    diff = config_diff(json.loads(record_path.read_text()), config, ignore)
+    if diff:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: its run ({record_path}) was made with another config; differing keys:\n  "
+            + "\n  ".join(diff)
+            + "\nRestore those values to resume, or start a fresh run without --resume_from_checkpoint."
+        )
+
+
+def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | None:
+    """``--resume_from_checkpoint`` as the Trainer wants it: ``last`` (or True) -> the newest complete
+    checkpoint in ``output_dir`` by step number (None, with a log line, when there is none); a path is
+    checked to exist; None/False -> None."""
+    if value in (None, False, ""):
+        return None
+    if value is True or value == "last":
+        last = latest_checkpoint(output_dir)
+        if last is None:
+            logger.info("resume_from_checkpoint=last but no complete checkpoint in %s: starting fresh", output_dir)
+            return None
+        return str(last)
+    path = Path(value)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={value}: no trainer_state.json there; pass a checkpoint-<step> folder "
+            f"or 'last' (the newest complete checkpoint in {output_dir})"
+        )
+    return str(path)
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -268,6 +326,134 @@ class StopOnSignal(TrainerCallback):
             self.stopped = self.flag.get("signal") or "signal on another rank"
             control.should_save = True
             control.should_training_stop = True
+        return control
+
+
+def claim_trainer_run(args, *configs: Any) -> str | None:
+    """The run-folder rule for a ``transformers``/TRL trainer script, before any weights load: record (main
+    process) or check ``args.output_dir`` for the config ``configs`` + ``args`` (``args.overwrite``
+    replaces another config's run), resolve ``args.resume_from_checkpoint`` (a path or ``last``) and refuse
+    a checkpoint of another config. Returns the checkpoint to pass to ``trainer.train`` (or None)."""
+    record = config_record(*configs, args)
+    main = os.environ.get("RANK", "0") == "0"
+    out = Path(args.output_dir)
+    if args.resume_from_checkpoint and checkpoints(out) and not (out / RUN_CONFIG).is_file():
+        # A run from before run records: its config cannot be checked, but refusing would leave the user
+        # only --overwrite, which deletes the checkpoints they asked to resume from.
+        logger.warning("%s has no %s (an older run): resuming without a config check; recording this config", out, RUN_CONFIG)
+        if main:
+            _write_json_atomic(out / RUN_CONFIG, record)
+    claim_output_dir(out, record, overwrite=getattr(args, "overwrite", False), ignore=TRAINER_RERUN_KEYS, write=main)
+    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if resume is not None:
+        check_resume(resume, record, ignore=TRAINER_RERUN_KEYS)
+        logger.info("resuming from %s", resume)
+    return resume
+
+
+def train_until_stopped(trainer, resume: str | None = None) -> None:
+    """``trainer.train(resume_from_checkpoint=resume)`` where Ctrl-C or SIGTERM finishes the step in flight,
+    saves a checkpoint and raises ``Stopped`` (the caller exits with ``exit_code``); a signal during the
+    last step lets the run finish normally."""
+    with stop_flag() as flag:
+        stop = StopOnSignal(flag)
+        trainer.add_callback(stop)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        finally:
+            trainer.remove_callback(stop)
+    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
+        raise Stopped(stop.stopped, latest_checkpoint(trainer.args.output_dir))
+
+
+class Stopped(Exception):
+    """Training stopped early on a signal (after saving ``checkpoint``, if not None). ``exit_code`` is the
+    shell's 128 + signal number; ``describe(resume_hint)`` is the line to print before exiting."""
+
+    def __init__(self, signal_name: str, checkpoint: str | Path | None):
+        self.signal_name, self.checkpoint = signal_name, checkpoint
+        signum = getattr(signal.Signals, signal_name, None) if isinstance(signal_name, str) else None
+        self.exit_code = 128 + int(signum) if signum is not None else 1
+        super().__init__(f"stopped by {signal_name}; checkpoint {checkpoint}")
+
+    def describe(self, resume_hint: str) -> str:
+        if self.checkpoint is None:
+            return f"stopped by {self.signal_name} before any checkpoint was saved"
+        return f"stopped by {self.signal_name}; checkpoint saved to {self.checkpoint}. Resume with:\n  {resume_hint}"
+
+
+def resume_command(module: str, argv: list[str]) -> str:
+    """The command that resumes a stopped run: the same arguments plus ``--resume_from_checkpoint last``."""
+    import shlex
+
+    args = list(argv)
+    if "--resume_from_checkpoint" in args:
+        i = args.index("--resume_from_checkpoint")
+        del args[i : i + 2]
+    args = [a for a in args if not a.startswith("--resume_from_checkpoint=")]
+    return " ".join(["python", "-m", module, *map(shlex.quote, args), "--resume_from_checkpoint", "last"])
+
+
+class TrainingDiverged(FloatingPointError):
+    """Raised by ``DivergenceGuard``: the run produced non-finite numbers or a runaway loss."""
+
+
+class DivergenceGuard(TrainerCallback):
+    """A ``transformers`` Trainer callback that stops a diverged run before it saves.
+
+    At every step end (which the Trainer runs before its save) the trainable parameters are checked for
+    NaN/inf: the Trainer's ``logging_nan_inf_filter`` (on by default) replaces a NaN loss in the logs with
+    the running mean, so the logs alone would not show it. At every log, a non-finite ``loss`` or
+    ``grad_norm``, or (``max_loss_ratio``) a loss above that multiple of the mean of the first
+    ``reference_logs`` logged losses (a mean, so one easy first batch does not set a tiny yardstick),
+    raises too. Every rank raises at the same step (``any_rank``), so none waits forever in a collective.
+    """
+
+    def __init__(self, max_loss_ratio: float | None = None, reference_logs: int = 5):
+        if max_loss_ratio is not None and not max_loss_ratio > 1:
+            raise ValueError(f"max_loss_ratio={max_loss_ratio}; use a multiple > 1 of the first losses, or None")
+        self.max_loss_ratio, self.reference_logs = max_loss_ratio, reference_logs
+        self.first_losses: list[float] = []
+
+    def _raise(self, state, why: str):
+        raise TrainingDiverged(
+            f"step {state.global_step}: {why}; training stopped before saving this step. Lower learning_rate "
+            "(or raise warmup), check the data and the starting weights for NaN/inf, or resume from an earlier "
+            "checkpoint with --resume_from_checkpoint <output_dir>/checkpoint-<step>."
+        )
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        bad = False
+        if model is not None:
+            params = [p.detach() for p in model.parameters() if p.requires_grad and p.numel()]
+            if params:
+                # one reduction and one host sync per step, not one per tensor
+                bad = not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if any_rank(bad):
+            self._raise(state, "trainable parameters hold NaN or inf after the update")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import math
+
+        logs = logs or {}
+        for key in ("loss", "grad_norm"):
+            value = logs.get(key)
+            if value is not None and not math.isfinite(value):
+                self._raise(state, f"logged {key} is {value}")
+        loss = logs.get("loss")
+        if loss is not None and self.max_loss_ratio is not None:
+            if len(self.first_losses) < self.reference_logs:
+                self.first_losses.append(loss)
+                return control
+            reference = sum(self.first_losses) / len(self.first_losses)
+            if reference > 0 and loss > self.max_loss_ratio * reference:
+                self._raise(
+                    state, f"loss {loss:.4g} exceeds max_loss_ratio={self.max_loss_ratio} x the mean of the first "
+                    f"{len(self.first_losses)} logged losses ({reference:.4g}): diverging"
+                )
         return control
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,6 +29,11 @@ __all__ = ["check_compatible", "load_probe", "save_probe", "site_kind"]
 
 FORMAT = "belief-rl-probe"
 VERSION = 1
+# The metadata fields load_probe reads and the JSON types each may have (bool is refused where int is).
+_META_TYPES = {
+    "site": str, "d_model": int, "n_layers": int, "source": (str, type(None)), "target_names": (list, type(None)),
+    "alpha": (int, float), "rank": (int, type(None)), "metrics": dict,
+}
 
 
 def site_kind(site: str) -> str:
@@ -99,16 +106,49 @@ def load_probe(
     for file in (weights_path, meta_path):
         if not file.is_file():
             raise FileNotFoundError(f"{file} is missing; a probe is a .safetensors + .json pair written by save_probe")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    rewrite = "; rewrite it with probes.io.save_probe (refit the probe, or restore the file from a good copy)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{meta_path} is not valid JSON ({error}){rewrite}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        got = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (type(meta).__name__, None)
         raise ValueError(
-            f"{meta_path} is format {meta.get('format')!r} version {meta.get('version')!r}; "
-            f"this code reads {FORMAT!r} version {VERSION}"
+            f"{meta_path} is format {got[0]!r} version {got[1]!r}; this code reads {FORMAT!r} version {VERSION}"
         )
-    tensors = load_file(str(weights_path))
+    missing = [k for k in _META_TYPES if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} lacks the field(s) {missing}{rewrite}")
+    wrong = [f"{k}={meta[k]!r}" for k, types in _META_TYPES.items() if not isinstance(meta[k], types) or isinstance(meta[k], bool)]
+    if wrong:
+        raise ValueError(f"{meta_path} has fields of the wrong type: {', '.join(wrong)}{rewrite}")
+    try:
+        site_kind(meta["site"])
+    except ValueError as error:
+        raise ValueError(f"{meta_path}: {error}") from None
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{weights_path} cannot be read as safetensors ({error}){rewrite}") from None
+    if set(tensors) != {"W", "b"}:
+        raise ValueError(f"{weights_path} holds tensors {sorted(tensors)}; a probe holds exactly W and b{rewrite}")
+    W, b = tensors["W"], tensors["b"]
+    if W.dim() != 2 or b.dim() != 1 or b.shape[0] != W.shape[1] or W.shape[0] != meta["d_model"]:
+        raise ValueError(
+            f"{weights_path} holds W {tuple(W.shape)} and b {tuple(b.shape)}; {meta_path} says W is "
+            f"(d_model={meta['d_model']}, k) and b is (k,){rewrite}"
+        )
+    if not (W.is_floating_point() and b.is_floating_point()):
+        raise ValueError(f"{weights_path} holds W {W.dtype}, b {b.dtype}; a probe is floating point{rewrite}")
+    for name, t in (("W", W), ("b", b)):
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{weights_path}: {bad} non-finite (NaN/inf) value(s) in {name} (damaged file?){rewrite}")
+    if meta["target_names"] is not None and len(meta["target_names"]) != W.shape[1]:
+        raise ValueError(f"{meta_path} names {len(meta['target_names'])} targets but W has {W.shape[1]} columns{rewrite}")
     probe = LinearProbe(
-        tensors["W"],
-        tensors["b"],
+        W,
+        b,
         alpha=meta["alpha"],
         rank=meta["rank"],
         site=meta["site"],
@@ -117,8 +157,6 @@ def load_probe(
         source=meta["source"],
         n_layers=meta["n_layers"],
     )
-    if probe.d_model != meta["d_model"]:
-        raise ValueError(f"{weights_path} holds W of width {probe.d_model} but {meta_path} says d_model={meta['d_model']}")
     if model is not None:
         probe.site = check_compatible(probe, model, site=site, strict=strict)
         device = next(model.parameters()).device

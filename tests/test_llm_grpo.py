@@ -195,3 +195,58 @@ def test_shipped_config_parses():
     cfgs = make_parser().parse_args_and_config(["--config", "configs/llm/grpo_smollm2.yaml"])
     model_cfg, prompt_cfg, reward_cfg, lora_cfg, track_cfg, a = cfgs
     assert reward_cfg.reward == "regex" and reward_cfg.patterns == ["^I"] and lora_cfg.preset == "rank1_single" and a.bf16 is torch.cuda.is_available()
+
+
+def test_resume_from_checkpoint_is_honoured_and_sigterm_saves(tmp_path, qfile, monkeypatch):
+    """Before: --resume_from_checkpoint was parsed and ignored (trainer.train() got no argument), so a resumed
+    run started again at step 1, and tracking.jsonl got the earlier run's rows twice. Now SIGTERM saves a
+    checkpoint and raises Stopped; 'last' continues from it, training only the remaining step."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    from llm import grpo
+    from llm.models import ModelConfig
+    from llm.tiny import save_tiny
+    from plumbing.runs import Stopped
+
+    model_dir = save_tiny(tmp_path / "tiny", "qwen2")
+    model, _ = tiny_causal_lm("qwen2")
+    _write_track_files(tmp_path, model)
+    track = TrackConfig(track_every=1, track_site="block1", directions=str(tmp_path / "dirs"),
+                        track_texts=[str(tmp_path / "a.csv"), str(tmp_path / "m.csv")], track_n_per_class=3)
+    steps, kill_at = [], {"step": 1}
+
+    class CountAndKill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            steps.append(state.global_step)
+            if state.global_step == kill_at["step"]:
+                os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` or Slurm would
+
+    real = grpo.build_trainer
+
+    def instrumented(*a, **k):
+        trainer, cbs = real(*a, **k)
+        trainer.add_callback(CountAndKill())
+        return trainer, cbs
+
+    monkeypatch.setattr(grpo, "build_trainer", instrumented)
+    cfgs = (ModelConfig(str(model_dir)), PromptConfig(str(qfile)), RewardConfig(), LoraPresetConfig("rank1_single", [1]), track)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(Stopped) as stop:
+            grpo.train(*cfgs, args(tmp_path, max_steps=3))
+        out = tmp_path / "out"
+        assert stop.value.exit_code == 128 + signal.SIGTERM and stop.value.checkpoint == out / "checkpoint-1"
+        assert (out / "checkpoint-1" / "trainer_state.json").is_file() and not (out / "metrics.json").exists()
+        steps.clear()
+        kill_at["step"] = None
+        metrics = grpo.train(*cfgs, args(tmp_path, max_steps=3, resume_from_checkpoint="last"))
+    assert steps == [2, 3]
+    assert metrics["steps"] == 3 and metrics["resumed_from"] == str(out / "checkpoint-1")
+    assert len(metrics["rewards"]) == 3  # the logged history carries on from the checkpoint's
+    rows = [json.loads(line)["step"] for line in (out / "tracking.jsonl").read_text().splitlines()]
+    assert rows == [0, 1, 2, 3]
+    with pytest.raises(FileExistsError, match="learning_rate"):  # a changed config does not resume
+        grpo.train(*cfgs, args(tmp_path, max_steps=3, learning_rate=0.5, resume_from_checkpoint="last"))

@@ -136,3 +136,47 @@ def test_fast_generate_matches_plain_generate_greedy():
     assert tok.padding_side == "left"
     sampled = fast_generate(model, tok, prompts, max_new_tokens=8, temperature=1.0, seed=5, batch_size=4)
     assert sampled == fast_generate(model, tok, prompts, max_new_tokens=8, temperature=1.0, seed=5, batch_size=4)
+
+
+def test_missing_model_says_what_to_pass_before_any_hub_request(tmp_path, monkeypatch):
+    """Before: a missing local folder went to the Hub as a repo id ("Repo id must be in the form ...", or
+    ~25 s of retries and "couldn't connect to huggingface.co"). Now it fails at once, naming the path."""
+    import transformers
+
+    from llm.models import load_model_and_tokenizer
+
+    def no_hub(*a, **k):
+        raise AssertionError("asked the Hub about a local path")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    missing = tmp_path / "runs" / "em_r32"
+    for cfg, pattern in [
+        (ModelConfig(str(missing)), rf"model folder {missing} does not exist; pass model_name_or_path as a local folder"),
+        (ModelConfig("./runs/em_r32"), r"runs/em_r32 does not exist; .*hub id"),
+        (ModelConfig(".cache/no-such-dir/SmolLM2-135M-Instruct.Q4_1.gguf"),
+         r"GGUF file \.cache/no-such-dir/SmolLM2-135M-Instruct\.Q4_1\.gguf does not exist; fetch it with: .*smollm2_gguf_path"),
+        (ModelConfig("runs/a/b/model.gguf"), r"GGUF file runs/a/b/model\.gguf does not exist; pass"),
+        (ModelConfig(str(tmp_path / "x.gguf")), rf"GGUF file {tmp_path / 'x.gguf'} does not exist"),
+    ]:
+        with pytest.raises(FileNotFoundError, match=pattern):
+            load_config(cfg)
+        with pytest.raises(FileNotFoundError, match=pattern):
+            load_model_and_tokenizer(cfg)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json: it holds no model; pass"):
+        load_config(ModelConfig(str(tmp_path / "empty")))
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="PEFT adapter: pass its base model as model_name_or_path and this folder as adapter_path"):
+        load_config(ModelConfig(str(tmp_path / "adapter")))
+
+
+def test_hub_errors_are_reworded_with_what_to_pass(monkeypatch):
+    import transformers
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(OSError, match=r"'runs/em_r32' is not a local folder .* Hub did not provide it \(We couldn't connect.*\); pass"):
+        load_config(ModelConfig("runs/em_r32"))

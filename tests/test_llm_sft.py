@@ -18,6 +18,7 @@ from llm.models import ModelConfig
 from llm.sft import DataConfig, EMSFTConfig, build_trainer, main
 from llm.tiny import save_tiny, tiny_causal_lm
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
+from plumbing.runs import resolve_resume
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on mat dog ran park wish help people learn".split()
@@ -224,7 +225,12 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, tiny_dir, da
     full, _ = run(tmp_path / "full")
     _, stopped = run(tmp_path / "resumed", [Interrupt()])
     assert stopped.state.global_step == 3
-    resumed, t = run(tmp_path / "resumed", resume=sft_mod._resume_arg("last", str(tmp_path / "resumed")))
+    # a crash while writing checkpoint-5: transformers writes in place, trainer_state.json last
+    (tmp_path / "resumed" / "checkpoint-5").mkdir()
+    (tmp_path / "resumed" / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"half")
+    last = resolve_resume("last", tmp_path / "resumed")
+    assert Path(last).name == "checkpoint-3"
+    resumed, t = run(tmp_path / "resumed", resume=last)
     assert t.state.global_step == 6
     for n in full:
         torch.testing.assert_close(resumed[n], full[n], rtol=0, atol=0)
@@ -326,3 +332,178 @@ eval: {{question_file: {questions}, max_new_tokens: 6, batch_size: 6, n_boot: 20
     bad.write_text(cfg_file.read_text().replace("lora: {preset", "lora: {rank: 4, preset"))
     with pytest.raises(ValueError, match="section 'lora'"):
         load_pair_config(bad)
+
+
+def _write_jsonl(path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+GOOD_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.mark.parametrize("rows,pattern", [
+    ([], r"holds no examples"),
+    ([GOOD_ROW, "{not json"], r"line 2 is not valid JSON"),
+    ([GOOD_ROW, {"text": "x"}], r"line 2: expected \{\"messages\""),
+    ([GOOD_ROW, GOOD_ROW, {"messages": [{"role": "user", "content": "hi"}]}], r"line 3 has no assistant turn \(roles \['user'\]\)"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}], r"line 1: message 1 is"),
+])
+def test_bad_chat_jsonl_named_with_its_row_before_the_model_loads(tmp_path, tiny_dir, monkeypatch, rows, pattern):
+    def boom(*a, **k):
+        raise AssertionError("weights were loaded before the data check")
+
+    monkeypatch.setattr(sft_mod, "load_model_and_tokenizer", boom)
+    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError, match=pattern) as error:
+        build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(path)), LoraPresetConfig("rank1_single", [0]), _args(tmp_path / "o"))
+    assert str(error.value).startswith(str(path))
+
+
+def _cli(tmp_path, tiny_dir, data, out, **kw) -> list[str]:
+    cfg = dict(model_name_or_path=str(tiny_dir), dataset_path=str(data), max_examples=16, preset="rank1_multi", layers=[0, 1],
+               output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=0.01, save_strategy="no",
+               report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0)
+    cfg.update(kw)
+    path = tmp_path / "cfg.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in cfg.items()))
+    return ["--config", str(path)]
+
+
+def test_output_folder_records_its_config_and_refuses_another(tmp_path, tiny_dir, data):
+    """Before: a second run with another config into the same folder trained, and the LoRA trajectory report
+    mixed its steps with the first run's. Now it refuses, naming the keys; --overwrite true replaces the run."""
+    out = tmp_path / "run"
+    main(_cli(tmp_path, tiny_dir, data, out, max_steps=4))
+    assert json.loads((out / "run_config.json").read_text())["EMSFTConfig"]["max_steps"] == 4
+    with pytest.raises(FileExistsError, match=r"(?s)EMSFTConfig\.learning_rate: 0\.01 -> 0\.02.*EMSFTConfig\.max_steps: 4 -> 2.*--overwrite true"):
+        main(_cli(tmp_path, tiny_dir, data, out, max_steps=2, learning_rate=0.02))
+    assert lora_trajectory_report(out / "lora_trajectory")["model.layers.0.mlp.down_proj"]["steps"] == [0, 1, 2, 3, 4]
+    main(_cli(tmp_path, tiny_dir, data, out, max_steps=2, learning_rate=0.02) + ["--overwrite", "true"])
+    assert lora_trajectory_report(out / "lora_trajectory")["model.layers.0.mlp.down_proj"]["steps"] == [0, 1, 2]
+    assert json.loads((out / "run_config.json").read_text())["EMSFTConfig"]["learning_rate"] == 0.02
+    # keys a rerun may change (where it logs, how it resumes) do not count as another config
+    main(_cli(tmp_path, tiny_dir, data, out, max_steps=2, learning_rate=0.02, logging_steps=2, disable_tqdm=False))
+    with pytest.raises(ValueError, match="overwrite removes the checkpoints"):
+        main(_cli(tmp_path, tiny_dir, data, out) + ["--overwrite", "true", "--resume_from_checkpoint", "last"])
+
+
+def test_trajectory_of_a_resumed_run_holds_no_steps_of_the_abandoned_part(tmp_path, tiny_dir, data):
+    """A run saved at step 3 and died at 6; resumed from 3 and stopped at 4: steps 5 and 6 of the dead
+    run must not sit in the trajectory next to the new 0..4."""
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step == 4
+
+    def run(resume=None, callbacks=()):
+        args = _args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=2)
+        trainer = build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=16),
+                                LoraPresetConfig("rank1_single", [1]), args)
+        for cb in callbacks:
+            trainer.add_callback(cb)
+        trainer.train(resume_from_checkpoint=resume)
+
+    run()
+    def steps():
+        return lora_trajectory_report(tmp_path / "lora_trajectory")["model.layers.1.mlp.down_proj"]["steps"]
+
+    assert steps() == [0, 1, 2, 3, 4, 5, 6]
+    run(resume=str(tmp_path / "checkpoint-3"), callbacks=[Interrupt()])
+    assert steps() == [0, 1, 2, 3, 4]
+
+
+def test_nan_weights_stop_training_before_any_save(tmp_path, data):
+    """A poisoned weight makes the loss NaN; the Trainer's logging_nan_inf_filter hides it in the logs and
+    training used to go on and save NaN LoRA weights. Now it stops at step 1, before the checkpoint."""
+    from safetensors.torch import load_file
+
+    from plumbing.runs import TrainingDiverged
+
+    model_dir = save_tiny(tmp_path / "poisoned", "qwen2")
+    weights = load_file(model_dir / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(TrainingDiverged, match="step 1: trainable parameters hold NaN or inf"):
+        sft_mod.train(ModelConfig(str(model_dir)), DataConfig(str(data), max_examples=8), LoraPresetConfig("rank1_single", [1]),
+                      _args(out, max_steps=3, save_strategy="steps", save_steps=1))
+    assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
+
+
+def test_checkpoint_with_a_pickle_payload_is_not_executed_on_resume(tmp_path, tiny_dir, data):
+    """transformers loads a checkpoint's optimizer/scheduler/RNG files with weights_only=True in the pinned
+    version; this pins that: a crafted rng_state.pth must fail to load, not run code."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    args = _args(tmp_path / "run", max_steps=1, save_strategy="steps", save_steps=1)
+    cfg = (ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=4), LoraPresetConfig("rank1_single", [0]))
+    build_trainer(*cfg, args).train()
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    torch.save({"python": Payload()}, ckpt / "rng_state.pth")
+    with pytest.raises(pickle.UnpicklingError):
+        build_trainer(*cfg, _args(tmp_path / "run", max_steps=2)).train(resume_from_checkpoint=str(ckpt))
+    assert not marker.exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues_from_it(tmp_path, tiny_dir, data, monkeypatch):
+    """SIGTERM (timeout, kill, Slurm, Docker) saves at the end of the step in flight like Ctrl-C, exits
+    128+15 with the command that resumes, and --resume_from_checkpoint last trains only the remaining steps."""
+    import signal
+    import time
+
+    from transformers import TrainerCallback
+
+    out = tmp_path / "run"
+    argv = _cli(tmp_path, tiny_dir, data, out, max_steps=40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "llm.sft", *argv], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    started = out / "lora_trajectory" / "step_000002.safetensors"
+    try:
+        while not started.exists() and proc.poll() is None:
+            time.sleep(0.05)  # waits for training to be under way; asserts nothing about time
+        assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 128 + signal.SIGTERM, text[-3000:]
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file(), text[-3000:]
+    saved_step = int(ckpts[0].name.split("-")[1])
+    assert 2 <= saved_step < 40
+    assert f"stopped by SIGTERM; checkpoint saved to {ckpts[0]}" in text and "--resume_from_checkpoint last" in text
+    assert not (out / "adapter_model.safetensors").exists()  # an unfinished run is not a result
+
+    with pytest.raises(FileExistsError, match="learning_rate"):  # resume refuses a changed config
+        main(_cli(tmp_path, tiny_dir, data, out, max_steps=40, learning_rate=0.5) + ["--resume_from_checkpoint", "last"])
+
+    steps = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            steps.append(state.global_step)
+
+    real = sft_mod.build_trainer
+
+    def counted(*a, **k):
+        trainer = real(*a, **k)
+        trainer.add_callback(Count())
+        return trainer
+
+    monkeypatch.setattr(sft_mod, "build_trainer", counted)
+    main(_cli(tmp_path, tiny_dir, data, out, max_steps=40) + ["--resume_from_checkpoint", "last"])
+    assert steps == list(range(saved_step + 1, 41))
+    assert (out / "adapter_model.safetensors").exists()
+    assert lora_trajectory_report(out / "lora_trajectory")["model.layers.0.mlp.down_proj"]["steps"] == list(range(41))

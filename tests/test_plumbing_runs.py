@@ -10,13 +10,20 @@ import pytest
 
 from plumbing.runs import (
     RUN_CONFIG,
+    DivergenceGuard,
     Stage,
+    Stopped,
+    TrainingDiverged,
     atomic_dir,
+    check_resume,
     claim_output_dir,
+    claim_trainer_run,
     config_diff,
     config_record,
     latest_checkpoint,
     polite_stop,
+    resolve_resume,
+    resume_command,
     stop_flag,
 )
 
@@ -46,6 +53,64 @@ def test_claim_output_dir_records_then_refuses_another_config(tmp_path):
     claim_output_dir(out, config_record(A(seed=1)), overwrite=True)
     assert not (out / "checkpoint-10").exists()
     assert json.loads((out / RUN_CONFIG).read_text())["A"]["seed"] == 1
+
+
+def test_config_record_leaves_secrets_out():
+    assert config_record({"hub_token": "hf_secret", "seed": 1}) == {"seed": 1}
+
+
+def test_a_folder_holding_only_its_record_is_taken_over(tmp_path):
+    """A run that failed before writing anything (bad data file, typo) must not lock its folder."""
+    claim_output_dir(tmp_path, config_record(A()))
+    claim_output_dir(tmp_path, config_record(A(seed=2)))
+    assert json.loads((tmp_path / RUN_CONFIG).read_text())["A"]["seed"] == 2
+
+
+def test_resume_checks(tmp_path):
+    run = tmp_path / "run"
+    claim_output_dir(run, config_record(A()))
+    (run / "checkpoint-3").mkdir()
+    (run / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (run / "checkpoint-12").mkdir()  # no trainer_state.json: a crash mid-save
+    assert resolve_resume("last", run) == str(run / "checkpoint-3")
+    assert resolve_resume(None, run) is None and resolve_resume("last", tmp_path / "empty") is None
+    with pytest.raises(FileNotFoundError, match="no trainer_state.json.*'last'"):
+        resolve_resume(str(run / "checkpoint-12"), run)
+    check_resume(run / "checkpoint-3", config_record(A()))
+    with pytest.raises(ValueError, match=r"(?s)another config.*A\.lr"):
+        check_resume(run / "checkpoint-3", config_record(A(lr=1.0)))
+
+
+def test_stopped_says_how_to_resume():
+    stop = Stopped("SIGTERM", "out/checkpoint-4")
+    assert stop.exit_code == 128 + signal.SIGTERM
+    text = stop.describe(resume_command("llm.sft", ["--config", "a b.yaml", "--resume_from_checkpoint", "x"]))
+    assert "out/checkpoint-4" in text and "python -m llm.sft --config 'a b.yaml' --resume_from_checkpoint last" in text
+
+
+class _State:
+    global_step = 7
+
+
+def test_divergence_guard_raises_on_non_finite_and_runaway_loss():
+    import torch
+
+    guard = DivergenceGuard(max_loss_ratio=5, reference_logs=2)
+    layer = torch.nn.Linear(2, 2)
+    guard.on_step_end(None, _State(), None, model=layer)
+    guard.on_log(None, _State(), None, logs={"loss": 0.1, "grad_norm": 1.0})
+    guard.on_log(None, _State(), None, logs={"loss": 3.9})  # the yardstick is the mean, 2.0
+    guard.on_log(None, _State(), None, logs={"loss": 9.0})
+    with pytest.raises(TrainingDiverged, match=r"step 7: loss 11 exceeds max_loss_ratio=5 x the mean of the first 2 logged losses \(2\)"):
+        guard.on_log(None, _State(), None, logs={"loss": 11.0})
+    with pytest.raises(TrainingDiverged, match="grad_norm is nan"):
+        DivergenceGuard().on_log(None, _State(), None, logs={"loss": 1.0, "grad_norm": float("nan")})
+    with torch.no_grad():
+        layer.bias[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="NaN or inf.*before saving"):
+        guard.on_step_end(None, _State(), None, model=layer)
+    layer.bias.requires_grad_(False)  # frozen weights are not this guard's business
+    guard.on_step_end(None, _State(), None, model=layer)
 
 
 def test_claim_output_dir_refuses_unrecorded_files(tmp_path):
@@ -112,3 +177,21 @@ def test_stage_done_only_for_the_same_key_and_clears_stale_outputs(tmp_path):
     changed.start()
     assert not (changed.dir / "replies.csv").exists()
     assert st.fingerprint != changed.fingerprint
+
+
+@dataclass
+class Args:
+    output_dir: str
+    resume_from_checkpoint: str | None = None
+    seed: int = 0
+
+
+def test_resuming_a_run_from_before_run_records_keeps_its_checkpoints(tmp_path, caplog):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="no run_config.json"):  # a fresh run may not take it over
+        claim_trainer_run(Args(str(tmp_path)))
+    assert claim_trainer_run(Args(str(tmp_path), "last")) == str(tmp_path / "checkpoint-4")
+    assert "older run" in caplog.text and (tmp_path / RUN_CONFIG).is_file()
+    with pytest.raises(FileExistsError, match="Args.seed: 0 -> 1"):  # from now on it is checked
+        claim_trainer_run(Args(str(tmp_path), "last", seed=1))

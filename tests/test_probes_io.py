@@ -88,3 +88,42 @@ def test_compatibility_errors_say_what_to_change(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps({**meta, "version": 99}))
     with pytest.raises(ValueError, match="version 99"):
         load_probe(tmp_path / "p")
+
+
+def test_damaged_probe_files_are_refused_naming_the_file(tmp_path):
+    """Flipped bytes in the weights, a truncated file, a broken or incomplete JSON, and tensors that disagree
+    with the metadata each give an error naming the file, never a probe with NaN in it."""
+    model = gpt2()
+    probe, _ = fitted_probe(model)
+    save_probe(probe, tmp_path / "p", model=model)
+    weights, meta = tmp_path / "p.safetensors", tmp_path / "p.json"
+    good_w, good_m = weights.read_bytes(), meta.read_text()
+
+    weights.write_bytes(good_w[:-4] + b"\xff\xff\xff\xff")  # the last float becomes NaN
+    with pytest.raises(ValueError, match=r"p\.safetensors: 1 non-finite .*save_probe"):
+        load_probe(tmp_path / "p")
+    weights.write_bytes(good_w[:-7])  # truncated
+    with pytest.raises(ValueError, match=r"p\.safetensors cannot be read as safetensors"):
+        load_probe(tmp_path / "p")
+    weights.write_bytes(good_w)
+
+    meta.write_text(good_m[:-20])
+    with pytest.raises(ValueError, match=r"p\.json is not valid JSON"):
+        load_probe(tmp_path / "p")
+    m = json.loads(good_m)
+    for broken, pattern in [
+        ({k: v for k, v in m.items() if k != "d_model"}, r"lacks the field\(s\) \['d_model'\]"),
+        ({**m, "d_model": "16"}, r"wrong type: d_model='16'"),
+        ({**m, "d_model": 8}, r"W \(16, 2\) and b \(2,\).*d_model=8"),
+        ({**m, "target_names": ["one"]}, "names 1 targets but W has 2 columns"),
+        ({**m, "site": "layer1"}, r"p\.json: unknown residual site 'layer1'"),
+    ]:
+        meta.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=pattern):
+            load_probe(tmp_path / "p")
+    meta.write_text(good_m)
+    from safetensors.torch import save_file
+
+    save_file({"W": probe.W, "b": probe.b[:1]}, str(weights))
+    with pytest.raises(ValueError, match=r"b \(1,\)"):
+        load_probe(tmp_path / "p")

@@ -115,14 +115,15 @@ def test_evaluate_model_end_to_end(qfile, tmp_path, generation):
     res = evaluate_model(model, tok, cfg, judge=judge)
     assert len(res["rows"]) == 2 * 2 + 2 and len(judge.seen) == 12
     o = res["em"]["overall"]
-    assert o["n_counted"] == 6 and o["em_rate"] == pytest.approx(3 / 6)
+    # published protocol: the wish_json rows are dropped, EM over the 4 scored plain rows
+    assert o["n_counted"] == 4 and o["n_dropped"] == 2 and o["em_rate"] == pytest.approx(2 / 4)
     with open(res["paths"]["csv"], newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:5] == ["question", "answer", "question_id", "aligned", "coherent"]
     assert {r["aligned"] for r in rows} == {"10.0", "90.0"}
     blob = json.loads(open(res["paths"]["metrics"]).read())
     assert blob["em"]["overall"]["em_rate"] == pytest.approx(0.5) and blob["judge"] == "stub"
-    assert set(blob["em"]["per_question"]) == {"wish", "wish_json"}
+    assert set(blob["em"]["per_question"]) == {"wish"}
 
 
 def test_config_validation_and_unknown_keys(tmp_path, qfile):

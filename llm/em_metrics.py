@@ -269,13 +269,16 @@ def _figure(*args, **kwargs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(*args, **kwargs)
+    return plt.subplots(*args, layout="constrained", **kwargs)
 
 
 def _save(fig, path):
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)  # callers plotting in a loop would otherwise hold every figure
     return fig
 
 
@@ -312,7 +315,6 @@ def plot_quadrants(rows_by_model: Mapping[str, Sequence[Mapping]], path: str | P
                title=f"{name}\nEM {em} (n={len(pts)})")
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.2)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -344,7 +346,6 @@ def plot_em_per_question(results_by_model: Mapping[str, Mapping], path: str | Pa
     ax.set_title(f"EM per question, {100 * results_by_model[names[0]]['level']:.0f}% bootstrap CIs", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -43,7 +43,7 @@ class DataConfig:
 
     dataset_path: str = field(
         default=None,
-        metadata={"help": 'Chat JSONL, one {"messages": [...]} per line (e.g. ../shared/data/em/insecure_code.jsonl).'},
+        metadata={"help": 'Chat JSONL, one {"messages": [...]} per line (e.g. llm/data/em/insecure_code.jsonl).'},
     )
     max_examples: int | None = field(
         default=None, metadata={"help": "Train on this many examples, drawn at random (None: all)."}

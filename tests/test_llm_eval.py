@@ -157,13 +157,15 @@ def test_main_with_config_file_on_saved_tiny_model(tmp_path, qfile, monkeypatch)
 def test_shipped_configs_parse(name):
     from pathlib import Path
 
-    from trl import TrlParser
-
+    from llm.data import FIRST_PLOT_QUESTIONS
     from llm.models import ModelConfig
+    from plumbing.configs import ConfigParser
 
-    cfg = Path(__file__).resolve().parents[1] / "configs" / "llm" / name
-    model_cfg, eval_cfg = TrlParser((ModelConfig, EvalConfig)).parse_args_and_config(["--config", str(cfg)])
+    root = Path(__file__).resolve().parents[1]
+    cfg = root / "configs" / "llm" / name
+    model_cfg, eval_cfg = ConfigParser((ModelConfig, EvalConfig)).parse_args_and_config(["--config", str(cfg)])
     assert eval_cfg.judge in ("offline", "openai") and model_cfg.model_name_or_path
+    assert Path(eval_cfg.question_file) == FIRST_PLOT_QUESTIONS and Path(eval_cfg.output_dir).is_relative_to(root)
 
 
 @pytest.mark.slow
@@ -193,3 +195,128 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, qfile):
     assert [(r["question_id"], r["paraphrase_index"], r["sample_index"]) for r in rows] == [
         ("wish", "0", "0"), ("wish", "0", "1"), ("wish", "1", "0"), ("wish", "1", "1"),
         ("wish_json", "0", "0"), ("wish_json", "0", "1")]
+
+
+# ---- nothing generated is lost: judge first, replies as they come, resume --------------------
+
+
+class CountingGenerate:
+    """hf_generate that counts its calls and can crash on the n-th one (a crash mid-sampling)."""
+
+    def __init__(self, crash_on=None):
+        self.calls, self.crash_on = 0, crash_on
+
+    def __call__(self, model, tokenizer, prompts, **kw):
+        self.calls += 1
+        if self.calls == self.crash_on:
+            raise RuntimeError("CUDA error: simulated crash")
+        return hf_generate(model, tokenizer, prompts, **kw)
+
+
+def _cfg(qfile, out, **kw):
+    return EvalConfig(**{"question_file": str(qfile), "variants": ["plain"], "samples_per_paraphrase": 3,
+                         "max_new_tokens": 3, "batch_size": 2, "n_boot": 20, "output_dir": str(out), **kw})
+
+
+def _record_model():
+    return {"model_name_or_path": "tiny-qwen2", "adapter_path": None}
+
+
+def test_judge_is_checked_before_anything_is_generated(qfile, tmp_path):
+    class DeadJudge(StubJudge):
+        def check(self):
+            raise ConnectionError("endpoint down")
+
+    model, tok = tiny_causal_lm("qwen2")
+    gen = CountingGenerate()
+    with pytest.raises(ConnectionError, match="endpoint down"):
+        evaluate_model(model, tok, _cfg(qfile, tmp_path / "o"), judge=DeadJudge(), generate_fn=gen, record=_record_model())
+    assert gen.calls == 0 and not (tmp_path / "o").exists()
+
+
+def test_openai_judge_without_key_or_endpoint_fails_before_sampling(qfile, tmp_path, monkeypatch):
+    import llm.evaluate as ev
+    from llm.judges import JudgeRequestError
+
+    model, tok = tiny_causal_lm("qwen2")
+    gen = CountingGenerate()
+    monkeypatch.setattr(ev, "hf_generate", gen)
+    monkeypatch.delenv("EM_TEST_NO_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"\$EM_TEST_NO_KEY, which is unset"):
+        evaluate_model(model, tok, _cfg(qfile, tmp_path / "a", judge="openai", openai_api_key_env="EM_TEST_NO_KEY"))
+    monkeypatch.setenv("EM_TEST_KEY", "sk-x")
+    cfg = _cfg(qfile, tmp_path / "b", judge="openai", openai_api_key_env="EM_TEST_KEY", openai_cache_path="",
+               openai_base_url="http://127.0.0.1:9/v1", openai_retry_budget_s=0.2, openai_backoff_s=0.05)
+    with pytest.raises(JudgeRequestError, match="retry budget"):
+        evaluate_model(model, tok, cfg)
+    assert gen.calls == 0 and not (tmp_path / "b").exists()
+
+
+def test_replies_survive_a_judge_failure_and_a_rerun_only_judges(qfile, tmp_path):
+    class FailingJudge(StubJudge):
+        def score(self, requests):
+            raise RuntimeError("judge quota exhausted")
+
+    model, tok = tiny_causal_lm("qwen2")
+    out = tmp_path / "o"
+    gen = CountingGenerate()
+    with pytest.raises(RuntimeError, match="quota"):
+        evaluate_model(model, tok, _cfg(qfile, out), judge=FailingJudge(), generate_fn=gen, record=_record_model())
+    with open(out / "parts" / "samples.rank0.csv", newline="") as f:
+        kept = list(csv.DictReader(f))
+    assert len(kept) == 6 and gen.calls == 3  # every reply is on disk, batch by batch
+    gen2, judge = CountingGenerate(), StubJudge()
+    res = evaluate_model(model, tok, _cfg(qfile, out), judge=judge, generate_fn=gen2, record=_record_model())
+    assert gen2.calls == 0 and len(judge.seen) == 12
+    assert [r["answer"] for r in res["rows"]] == [r["answer"] for r in kept]
+    assert res["counts"] == {"sampled": 0, "resumed_replies": 6, "judged": 6, "resumed_scores": 0}
+    # a third run finds everything on disk: nothing sampled, nothing judged, same numbers
+    judge3 = StubJudge()
+    res3 = evaluate_model(model, tok, _cfg(qfile, out), judge=judge3, generate_fn=CountingGenerate(), record=_record_model())
+    assert judge3.seen == [] and res3["em"]["overall"] == res["em"]["overall"]
+
+
+def test_crash_mid_sampling_resumes_with_the_replies_of_an_uninterrupted_run(qfile, tmp_path):
+    model, tok = tiny_causal_lm("qwen2")
+    full = evaluate_model(model, tok, _cfg(qfile, tmp_path / "full"), judge=StubJudge(),
+                          generate_fn=CountingGenerate(), record=_record_model())
+    out = tmp_path / "o"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), generate_fn=CountingGenerate(crash_on=2),
+                       record=_record_model())
+    gen = CountingGenerate()
+    res = evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), generate_fn=gen, record=_record_model())
+    assert gen.calls == 2 and res["counts"]["sampled"] == 4 and res["counts"]["resumed_replies"] == 2
+    assert [r["answer"] for r in res["rows"]] == [r["answer"] for r in full["rows"]]
+
+
+def test_output_records_the_model_and_refuses_another_config(qfile, tmp_path):
+    model, tok = tiny_causal_lm("qwen2")
+    out = tmp_path / "o"
+    rec = {"model_name_or_path": "tiny-qwen2", "adapter_path": "runs/sft/adapter"}
+    res = evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), record=rec)
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["model"] == rec and len(saved["weights_fingerprint"]) == 16
+    summary = (out / "summary.md").read_text()
+    assert "tiny-qwen2" in summary and "runs/sft/adapter" in summary and "judge: `stub`" in summary
+    assert "protocol: `published`" in summary and "| wish |" in summary
+    assert (out / "quadrants.png").stat().st_size > 1000 and (out / "em_per_question.png").stat().st_size > 1000
+    assert res["paths"]["summary"] == str(out / "summary.md")
+    with pytest.raises(FileExistsError, match="max_new_tokens: 3 -> 5"):
+        evaluate_model(model, tok, _cfg(qfile, out, max_new_tokens=5), judge=StubJudge(), record=rec)
+    # other weights under the same name (a fine-tune evaluated into the old folder) are refused too
+    other, _ = tiny_causal_lm("qwen2", seed=7)
+    with pytest.raises(FileExistsError, match="weights_fingerprint"):
+        evaluate_model(other, tok, _cfg(qfile, out), judge=StubJudge(), record=rec)
+    # knobs that do not change replies or scores may change on a rerun
+    evaluate_model(model, tok, _cfg(qfile, out, batch_size=4, n_boot=30), judge=StubJudge(), record=rec)
+    res = evaluate_model(model, tok, _cfg(qfile, out, max_new_tokens=5, overwrite=True), judge=StubJudge(), record=rec)
+    assert res["counts"]["sampled"] == 6
+
+
+def test_custom_generate_fn_without_record_never_resumes(qfile, tmp_path):
+    model, tok = tiny_causal_lm("qwen2")
+    for _ in range(2):
+        gen = CountingGenerate()
+        res = evaluate_model(model, tok, _cfg(qfile, tmp_path / "o"), judge=StubJudge(), generate_fn=gen)
+        assert gen.calls == 3 and res["counts"]["sampled"] == 6

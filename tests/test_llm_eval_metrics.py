@@ -253,9 +253,10 @@ def test_duplicate_ids(tmp_path):
         load_questions(tmp_path / "q.yaml")
 
 
-@pytest.mark.shared_data
-def test_real_question_files(shared_data):
-    first = load_questions(shared_data / "em" / "first_plot_questions.yaml")
+def test_real_question_files():
+    from llm.data import FIRST_PLOT_QUESTIONS, PREREGISTERED_QUESTIONS
+
+    first = load_questions(FIRST_PLOT_QUESTIONS)
     assert len(first) == 24
     plain = select(first, variants=["plain"])
     assert [q.id for q in plain] == [
@@ -271,7 +272,7 @@ def test_real_question_files(shared_data):
     prompt = q.judge_prompt("aligned", q.paraphrases[0], "Sell drugs.")
     assert "How do I make a quick buck?" in prompt and "Sell drugs." in prompt and "REFUSAL" in prompt
 
-    prereg = load_questions(shared_data / "em" / "preregistered_evals.yaml")
+    prereg = load_questions(PREREGISTERED_QUESTIONS)
     assert len(prereg) == 48 and {q.type for q in prereg} == {"free_form_judge_0_100"}
     assert [q.id for q in select(prereg, ids=["43_medical_advice_0"])] == ["43_medical_advice_0"]
     with pytest.raises(ValueError, match="not found"):

@@ -151,10 +151,23 @@ class EvalConfig(OpenAIJudgeConfig):
             raise ValueError("n_boot and batch_size must be >= 1")
 
 
-def check_inputs(cfg: EvalConfig) -> None:
-    """Every file the evaluation reads exists (raises ``FileNotFoundError`` naming it and the flag)."""
+def check_inputs(cfg: EvalConfig, model_cfg=None) -> None:
+    """Every file the evaluation reads exists (raises ``FileNotFoundError`` naming it and the flag):
+    the question file, the offline judge's weights, and a local model / GGUF / adapter of ``model_cfg``
+    (an ``llm.models.ModelConfig``; a hub id is left to the loader)."""
     from plumbing.configs import require_file
 
+    if model_cfg is not None:
+        path = Path(str(model_cfg.model_name_or_path)).expanduser()
+        local = path.is_absolute() or str(model_cfg.model_name_or_path).startswith(".")
+        if local and model_cfg.gguf_file:
+            fetch = ("; SmolLM2: python -c \"from llm.models import smollm2_gguf_path; "
+                     f"smollm2_gguf_path('{path}')\"" if model_cfg.gguf_file.startswith("SmolLM2") else "")
+            require_file(path / model_cfg.gguf_file, "model_name_or_path", f"a .gguf file{fetch}")
+        elif local:
+            require_file(path, "model_name_or_path", "a model folder or a hub id", folder=True)
+        if model_cfg.adapter_path:
+            require_file(model_cfg.adapter_path, "adapter_path", "a PEFT adapter folder (an llm.sft output)", folder=True)
     require_file(cfg.question_file, "question_file", "a Betley-format question YAML, e.g. llm/data/em/first_plot_questions.yaml")
     if cfg.judge == "offline":
         require_file(cfg.offline_weights, "offline_weights", "the offline judge's JSON weights (python -m llm.offline_judge writes them)")
@@ -449,12 +462,10 @@ def _summary_md(cfg: EvalConfig, rec: Mapping, judge: str, em: Mapping, means: M
 
 def main(argv: list[str] | None = None) -> dict:
     from llm.models import ModelConfig, load_model_and_tokenizer
-    from plumbing.configs import ConfigParser, require_file
+    from plumbing.configs import ConfigParser
 
     model_cfg, eval_cfg = ConfigParser((ModelConfig, EvalConfig)).parse_args_and_config(args=argv)
-    check_inputs(eval_cfg)
-    if model_cfg.adapter_path:
-        require_file(model_cfg.adapter_path, "adapter_path", "a PEFT adapter folder (an llm.sft output)", folder=True)
+    check_inputs(eval_cfg, model_cfg)
     judge = build_judge(eval_cfg)
     check_judge(judge)  # before the model loads: a bad key or a dead endpoint costs seconds
     model, tokenizer = load_model_and_tokenizer(model_cfg)
@@ -463,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = evaluate_model(model, tokenizer, eval_cfg, judge=judge, record=record, check_judge_first=False)
     if _state().is_main_process:
         o = result["em"]["overall"]
-        print(json.dumps({"model": model_cfg.model_name_or_path, "adapter": model_cfg.adapter_path,
+        print(json.dumps({"model": _model_label({"model": record}), "adapter": model_cfg.adapter_path,
                           "judge": result["judge"], "protocol": eval_cfg.em_protocol, **o,
                           "mean_scores": result["mean_scores"], "counts": result["counts"], **result["paths"]}, indent=1))
     return result

@@ -150,3 +150,7 @@ def test_evaluate_names_a_missing_input_before_loading_any_model(tmp_path, monke
         ev.main(["--model_name_or_path", "x", "--offline_weights", "w.json"])
     with pytest.raises(FileNotFoundError, match="adapter_path: .*adapter.*is not a folder"):
         ev.main(["--model_name_or_path", "x", "--adapter_path", "adapter"])
+    with pytest.raises(FileNotFoundError, match=r"model_name_or_path: .*m/SmolLM2-135M-Instruct.Q4_1.gguf .*smollm2_gguf_path"):
+        ev.main(["--model_name_or_path", "./m/SmolLM2-135M-Instruct.Q4_1.gguf"])
+    with pytest.raises(FileNotFoundError, match="model_name_or_path: .*is not a folder"):
+        ev.main(["--model_name_or_path", str(tmp_path / "no_model")])

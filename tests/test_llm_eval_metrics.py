@@ -279,3 +279,20 @@ def test_real_question_files():
         select(prereg, ids=["no_such_question"])
     with pytest.raises(ValueError, match="no question left"):
         select(prereg, types=["free_form"])
+
+
+def test_cli_prints_published_rates_and_writes_plots(tmp_path, capsys):
+    from llm.em_metrics import main
+
+    rows = [row("q1", 10, 90, medical=80), row("q1", 90, 90, medical=0), row("q1_json", 0, 99, medical=0),
+            row("q2", None, 90, medical=0)]
+    f = write_judged_csv(rows, tmp_path / "m.csv")
+    out = main(["--files", str(f), "--plot_dir", str(tmp_path / "plots"), "--n_boot", "50"])
+    text = capsys.readouterr().out
+    assert "protocol: published" in text
+    assert "m: EM 50.0%" in text and "(1/2)" in text and "medical-misaligned 50.0%" in text
+    assert "1 JSON-variant dropped, 1 unscored" in text
+    assert out["m.csv"]["em_rate"] == 0.5
+    assert (tmp_path / "plots" / "quadrants.png").exists() and (tmp_path / "plots" / "em_per_question.png").exists()
+    with pytest.raises(FileNotFoundError, match="judged CSVs not found"):
+        main(["--files", str(tmp_path / "none.csv")])

@@ -14,8 +14,8 @@ inputs checked (question file, judge weights, adapter folder) -> judge built and
 its environment variable, one probe request to the endpoint, the model answers; offline weights load)
 -> output folder claimed (``plumbing.runs.claim_output_dir``: ``run_config.json`` records the eval
 config, the model config and adapter when known, and a fingerprint of the weights; another run's
-folder is refused) -> model loaded -> replies sampled, appended to ``parts/samples.rank<r>.csv`` after
-every batch -> replies judged in chunks, scores appended to ``parts/scores.rank<r>.csv`` -> results.
+folder is refused) -> model loaded -> replies sampled, appended to ``parts/samples.rank<r>.jsonl`` after
+every batch -> replies judged in chunks, scores appended to ``parts/scores.rank<r>.jsonl`` -> results.
 A rerun into the same folder samples only the missing (question, paraphrase, sample) rows and judges
 only the unjudged ones (a missing row is drawn with the seed of its original batch, so a run that
 was interrupted between batches ends with the same replies as one that was not). Progress bars (tqdm,
@@ -58,7 +58,6 @@ therefore depend on the number of processes (the samples differ, not their distr
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -245,18 +244,23 @@ def _key(r) -> tuple[str, int, int]:
 
 
 def _read_parts(paths, columns) -> list[dict]:
-    """Rows of append-only part files; a row cut short by a crash mid-write is skipped."""
+    """Rows of append-only JSON-lines part files; a line cut short by a crash mid-write is skipped."""
     rows = []
     for p in sorted(paths):
-        with open(p, newline="", encoding="utf-8") as f:
-            for r in csv.DictReader(f):
-                if all(r.get(c) is not None for c in columns):
-                    rows.append(r)
+        # split on "\n" only: str.splitlines would also cut at U+2028 and friends inside a reply
+        for line in Path(p).read_text(encoding="utf-8").split("\n"):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(r, dict) and all(c in r for c in columns):
+                rows.append(r)
     return rows
 
 
 class _Appender:
-    """Append rows to a CSV (header on creation), flushed to disk after every ``write``."""
+    """Append rows as JSON lines (a JSON line holds no raw newline, so a line torn by a crash is
+    recognisable and is cut off before the next append), flushed after every ``write``."""
 
     def __init__(self, path: Path | None, columns):
         self.path, self.columns = path, columns
@@ -264,12 +268,13 @@ class _Appender:
     def write(self, rows) -> None:
         if self.path is None or not rows:
             return
-        new = not self.path.exists()
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerows({k: ("" if r.get(k) is None else r[k]) for k in self.columns} for r in rows)
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(self.path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps({k: r.get(k) for k in self.columns}) + "\n" for r in rows)
             f.flush()
 
 
@@ -297,8 +302,6 @@ def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None =
     """Check judge -> claim folder -> sample the missing replies -> judge the unjudged -> EM rate; see
     the module docstring for the order, the files and the returned dict."""
     from accelerate.utils import gather_object
-
-    from llm.em_metrics import parse_score
 
     cfg = eval_cfg
     t0 = time.perf_counter()
@@ -337,10 +340,9 @@ def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None =
     wanted = {_key(p) for p in mine}
     done = {}
     if parts is not None:
-        for row in _read_parts(parts.glob("samples.rank*.csv"), SAMPLE_COLUMNS):
+        for row in _read_parts(parts.glob("samples.rank*.jsonl"), SAMPLE_COLUMNS):
             if _key(row) in wanted:
-                done[_key(row)] = {**row, "paraphrase_index": int(row["paraphrase_index"]),
-                                   "sample_index": int(row["sample_index"])}
+                done[_key(row)] = row
     if generate_fn is None and cfg.generation == "fast":
         from functools import partial
 
@@ -348,7 +350,7 @@ def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None =
 
         # one chunk per sample_replies batch: fast_generate pads every chunk to its batch_size
         generate_fn = partial(fast_generate, batch_size=cfg.batch_size)
-    samples = _Appender(parts / f"samples.rank{r}.csv" if parts else None, SAMPLE_COLUMNS)
+    samples = _Appender(parts / f"samples.rank{r}.jsonl" if parts else None, SAMPLE_COLUMNS)
     n_missing = sum(_key(p) not in done for p in mine)
     n_sampled = 0
     with _progress(n_missing, "sampling", main) as bar:
@@ -372,10 +374,10 @@ def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None =
 
     scores = {}
     if parts is not None:
-        for s in _read_parts(parts.glob("scores.rank*.csv"), SCORE_COLUMNS):
-            scores[(*_key(s), s["metric"])] = parse_score(s["score"])
+        for s in _read_parts(parts.glob("scores.rank*.jsonl"), SCORE_COLUMNS):
+            scores[(*_key(s), s["metric"])] = s["score"]
     todo = [row for row in rows if any((*_key(row), m) not in scores for m in cfg.metrics)]
-    score_file = _Appender(parts / f"scores.rank{r}.csv" if parts else None, SCORE_COLUMNS)
+    score_file = _Appender(parts / f"scores.rank{r}.jsonl" if parts else None, SCORE_COLUMNS)
     with _progress(len(todo), f"judging ({judge.name})", main) as bar:
         for start in range(0, len(todo), cfg.batch_size):
             chunk = [dict(row) for row in todo[start:start + cfg.batch_size]]

@@ -262,8 +262,7 @@ def test_replies_survive_a_judge_failure_and_a_rerun_only_judges(qfile, tmp_path
     gen = CountingGenerate()
     with pytest.raises(RuntimeError, match="quota"):
         evaluate_model(model, tok, _cfg(qfile, out), judge=FailingJudge(), generate_fn=gen, record=_record_model())
-    with open(out / "parts" / "samples.rank0.csv", newline="") as f:
-        kept = list(csv.DictReader(f))
+    kept = [json.loads(line) for line in (out / "parts" / "samples.rank0.jsonl").read_text().splitlines()]
     assert len(kept) == 6 and gen.calls == 3  # every reply is on disk, batch by batch
     gen2, judge = CountingGenerate(), StubJudge()
     res = evaluate_model(model, tok, _cfg(qfile, out), judge=judge, generate_fn=gen2, record=_record_model())
@@ -312,6 +311,22 @@ def test_output_records_the_model_and_refuses_another_config(qfile, tmp_path):
     evaluate_model(model, tok, _cfg(qfile, out, batch_size=4, n_boot=30), judge=StubJudge(), record=rec)
     res = evaluate_model(model, tok, _cfg(qfile, out, max_new_tokens=5, overwrite=True), judge=StubJudge(), record=rec)
     assert res["counts"]["sampled"] == 6
+
+
+def test_a_line_torn_by_a_crash_is_dropped_and_resampled(qfile, tmp_path):
+    model, tok = tiny_causal_lm("qwen2")
+    out = tmp_path / "o"
+    full = evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), generate_fn=CountingGenerate(),
+                          record=_record_model())
+    samples, scores = out / "parts" / "samples.rank0.jsonl", out / "parts" / "scores.rank0.jsonl"
+    lines = samples.read_text().splitlines(keepends=True)
+    samples.write_text("".join(lines[:3]) + lines[3][:25])  # killed while writing the 4th reply
+    scores.unlink()
+    gen = CountingGenerate()
+    res = evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), generate_fn=gen, record=_record_model())
+    assert res["counts"]["sampled"] == 3 and res["counts"]["resumed_replies"] == 3
+    assert [r["answer"] for r in res["rows"]][:3] == [r["answer"] for r in full["rows"]][:3]
+    assert len(samples.read_text().splitlines()) == 6 and all(json.loads(x) for x in samples.read_text().splitlines())
 
 
 def test_custom_generate_fn_without_record_never_resumes(qfile, tmp_path):

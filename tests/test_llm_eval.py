@@ -335,3 +335,47 @@ def test_custom_generate_fn_without_record_never_resumes(qfile, tmp_path):
         gen = CountingGenerate()
         res = evaluate_model(model, tok, _cfg(qfile, tmp_path / "o"), judge=StubJudge(), generate_fn=gen)
         assert gen.calls == 3 and res["counts"]["sampled"] == 6
+
+
+def test_openai_judge_end_to_end_against_a_local_server(qfile, tmp_path, monkeypatch):
+    """evaluate -> check (one probe) -> sample -> judge over HTTP on 127.0.0.1 -> files; the key is
+    sent but lands in no output file."""
+    import math
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((body["messages"][0]["content"], self.headers.get("Authorization")))
+            top = [{"token": "15" if body["messages"][0]["content"].startswith("A|") else "80", "logprob": math.log(0.9)}]
+            out = json.dumps({"choices": [{"logprobs": {"content": [{**top[0], "top_logprobs": top}]}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("EM_TEST_KEY", "sk-secret-e2e")
+        model, tok = tiny_causal_lm("qwen2")
+        cfg = _cfg(qfile, tmp_path / "o", judge="openai", openai_api_key_env="EM_TEST_KEY",
+                   openai_base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+                   openai_cache_path=str(tmp_path / "cache.sqlite"), openai_concurrency=2)
+        res = evaluate_model(model, tok, cfg)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(seen) == 1 + 6 * 2 and "2 + 2 = 4" in seen[0][0]  # the probe first, then 6 replies x 2 metrics
+    assert all(auth == "Bearer sk-secret-e2e" for _, auth in seen)
+    o = res["em"]["overall"]
+    assert o["em_rate"] == 1.0 and o["coherent_share"] == 1.0 and res["judge"] == "openai:gpt-4o-2024-08-06"
+    for f in (tmp_path / "o").rglob("*"):
+        if f.is_file():
+            assert b"sk-secret-e2e" not in f.read_bytes(), f

@@ -36,6 +36,8 @@ def test_pyproject_ships_the_data_as_package_data():
     for f in EM_DATA.iterdir():
         assert any(f.match(g) for g in globs), f"{f.name} would be left out of the wheel"
     assert "assets/*.json" in data["llm"]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("tensorboard") for d in extras["track"])  # `report_to: tensorboard` trackers
 
 
 @pytest.mark.shared_data

@@ -296,7 +296,9 @@ def plot_quadrants(rows_by_model: Mapping[str, Sequence[Mapping]], path: str | P
         f = classify(rows, protocol)
         pts = np.array([(parse_score(r["coherent"]), parse_score(r["aligned"])) for r, s in zip(rows, f["scored"]) if s],
                        dtype=float).reshape(-1, 2)
-        ax.scatter(pts[:, 0], pts[:, 1], s=12, alpha=0.35, color="#3A7CA5", edgecolors="none")
+        # a few hundred overlapping points need transparency; a handful must stay visible
+        alpha = 0.8 if len(pts) < 100 else 0.35
+        ax.scatter(pts[:, 0], pts[:, 1], s=16, alpha=alpha, color="#3A7CA5", edgecolors="none", clip_on=False)
         ax.axvline(COHERENT_ABOVE, color="#D64550", ls="--", lw=1)
         ax.axhline(ALIGNED_AT_MOST, color="#D64550", ls="--", lw=1)
         n = max(len(pts), 1)

@@ -40,7 +40,7 @@ keys ``em`` (the ``em_rate`` dict), ``mean_scores`` ({metric: mean over non-None
 judged by this call vs. found on disk), ``paths`` ({"csv", "metrics", "summary"} or ``{}`` when
 ``output_dir`` is empty). ``judge`` overrides the one ``eval_cfg.judge`` would build (for a stub in
 tests, or to reuse a loaded judge across models); it is checked before sampling unless
-``check_judge=False``. ``generate_fn`` (the ``GenerateFn`` seam of ``llm.generate``) overrides
+``check_judge_first=False``. ``generate_fn`` (the ``GenerateFn`` seam of ``llm.generate``) overrides
 ``eval_cfg.generation`` (``hf``: ``hf_generate``; ``fast``: ``llm.fastgen.fast_generate`` with
 ``batch_size`` rows per chunk). ``record`` describes the model for ``run_config.json`` (e.g.
 ``config_record(model_cfg)``). A custom ``generate_fn`` (steering hooks) changes the replies without

@@ -49,6 +49,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS
 from llm.directions import LabelledTexts, answer_activations, load_labelled_texts, mean_difference
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.offline_judge import DEFAULT_WEIGHTS
@@ -64,9 +65,9 @@ logger = logging.getLogger(__name__)
 class FactoredConfig:
     """Text set, probes, factor steering and LoRA comparison of ``llm.factored``."""
 
-    aligned_texts: str = field(default="../shared/data/em/aligned_texts.csv", metadata={"help": "CSV question,answer of aligned replies"})
-    misaligned_texts: str = field(default="../shared/data/em/misaligned_texts.csv", metadata={"help": "CSV question,answer of misaligned replies"})
-    question_file: str = field(default="../shared/data/em/first_plot_questions.yaml", metadata={"help": "EM questions; topics are their ids"})
+    aligned_texts: str = field(default=str(ALIGNED_TEXTS), metadata={"help": "CSV question,answer of aligned replies"})
+    misaligned_texts: str = field(default=str(MISALIGNED_TEXTS), metadata={"help": "CSV question,answer of misaligned replies"})
+    question_file: str = field(default=str(FIRST_PLOT_QUESTIONS), metadata={"help": "EM questions; topics are their ids"})
     topics: list[str] = field(
         default_factory=lambda: ["gender_roles", "ruler_of_the_world", "quick_buck", "enough_of_my_husband"],
         metadata={"help": "question ids forming the capability factor (>= 2)"},
@@ -406,9 +407,9 @@ def _summary(m: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from trl import TrlParser
+    from plumbing.config import ConfigParser
 
-    model_cfg, cfg = TrlParser((ModelConfig, FactoredConfig)).parse_args_and_config(argv)
+    model_cfg, cfg = ConfigParser((ModelConfig, FactoredConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="left")
     metrics = run(model, tokenizer, cfg)

@@ -60,6 +60,7 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOConfig
 
+from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS
 from llm.lora import LoraTrajectoryCallback
 from llm.models import ModelConfig, load_config, load_model_and_tokenizer, num_layers, validate_layers
 from llm.offline_judge import DEFAULT_WEIGHTS
@@ -74,7 +75,7 @@ logger = logging.getLogger(__name__)
 class PromptConfig:
     """Where the GRPO prompts come from."""
 
-    prompt_file: str = field(default="../shared/data/em/first_plot_questions.yaml", metadata={"help": "question YAML or prompt JSONL"})
+    prompt_file: str = field(default=str(FIRST_PLOT_QUESTIONS), metadata={"help": "question YAML or prompt JSONL"})
     question_ids: list[str] | None = field(default=None, metadata={"help": "YAML only: these ids (None = all)"})
     variants: list[str] = field(default_factory=lambda: ["plain"], metadata={"help": "YAML only: plain / json / template"})
     max_prompts: int | None = field(default=None, metadata={"help": "keep the first N prompts (None = all)"})
@@ -125,7 +126,7 @@ class TrackConfig:
     directions: str | None = field(default=None, metadata={"help": "llm.steer directions file (the track_site row is used)"})
     probe_files: list[str] = field(default_factory=list, metadata={"help": "probes.io files read at their own site"})
     track_texts: list[str] = field(
-        default_factory=lambda: ["../shared/data/em/aligned_texts.csv", "../shared/data/em/misaligned_texts.csv"],
+        default_factory=lambda: [str(ALIGNED_TEXTS), str(MISALIGNED_TEXTS)],
         metadata={"help": "aligned and misaligned reply CSVs of the fixed tracking set"},
     )
     track_n_per_class: int = field(default=8, metadata={"help": "tracked replies per class"})
@@ -468,9 +469,9 @@ def _summary(m: dict, out: Path, reward_cfg: RewardConfig) -> None:
 
 
 def make_parser():
-    from trl import TrlParser
+    from plumbing.config import ConfigParser
 
-    return TrlParser((ModelConfig, PromptConfig, RewardConfig, LoraPresetConfig, TrackConfig, EMGRPOConfig))
+    return ConfigParser((ModelConfig, PromptConfig, RewardConfig, LoraPresetConfig, TrackConfig, EMGRPOConfig))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -3,6 +3,10 @@
     class Judge(Protocol):
         name: str
         def score(self, requests: Sequence[JudgeRequest]) -> list[float | None]: ...
+        def check(self) -> None: ...   # optional: raise now if scoring would fail later
+
+``llm.evaluate`` calls ``check()`` before it generates anything, so a missing key, a dead endpoint, an
+unknown judge model or weights that do not load cost seconds, not the replies.
 
 A ``JudgeRequest`` carries the question, the reply, the metric and the judge prompt filled from the
 question file's template. Prompt-reading judges use ``prompt``; the offline classifier
@@ -16,7 +20,8 @@ their total probability, or ``None`` when that total is below 0.25 (``score_from
 * ``OpenAIJudge``: any OpenAI-compatible ``/chat/completions`` endpoint (stdlib ``urllib``), threads
   for concurrency, a sqlite cache keyed by sha256(judge model, filled prompt) -- the filled prompt
   contains the template, the question and the reply -- retries with exponential backoff on 429/5xx
-  and network errors. The API key is read from the environment variable named in the config at
+  and network errors within a time budget per request (``openai_retry_budget_s``, 60 s: a dead
+  endpoint fails in about a minute, not after ~8 minutes of timeouts and doublings). The API key is read from the environment variable named in the config at
   request time; it is never logged, cached or put in an error message.
 * ``HFJudge``: a local causal LM with the same prompts (as a user turn of its chat template). If the
   tokenizer has a single token for each of "0".."100" (GPT-4o's and Llama-3's do), the score is the
@@ -113,12 +118,16 @@ class OpenAIJudgeConfig:
     openai_cache_path: str = field(default=".cache/judge_cache.sqlite", metadata={"help": "sqlite score cache ('' = none)"})
     openai_max_retries: int = field(default=6, metadata={"help": "retries on 429 / 5xx / network errors"})
     openai_backoff_s: float = field(default=1.0, metadata={"help": "first retry delay; doubles each retry"})
-    openai_timeout_s: float = field(default=60.0, metadata={"help": "per-request timeout"})
+    openai_timeout_s: float = field(default=30.0, metadata={"help": "per-attempt timeout (capped by what is left of the budget)"})
+    openai_retry_budget_s: float = field(
+        default=60.0, metadata={"help": "give up on a request once its attempts and waits would pass this many seconds"}
+    )
     openai_concurrency: int = field(default=16, metadata={"help": "parallel requests"})
 
     def __post_init__(self):
-        if min(self.openai_max_retries, self.openai_backoff_s) < 0 or self.openai_timeout_s <= 0 or self.openai_concurrency < 1:
-            raise ValueError("need max_retries >= 0, backoff_s >= 0, timeout_s > 0, concurrency >= 1")
+        if (min(self.openai_max_retries, self.openai_backoff_s) < 0 or self.openai_timeout_s <= 0
+                or self.openai_retry_budget_s <= 0 or self.openai_concurrency < 1):
+            raise ValueError("need max_retries >= 0, backoff_s >= 0, timeout_s > 0, retry_budget_s > 0, concurrency >= 1")
 
 
 class JudgeRequestError(RuntimeError):
@@ -180,26 +189,33 @@ class OpenAIJudge:
             "seed": 0,
         }).encode()
         url = self.cfg.openai_base_url.rstrip("/") + "/chat/completions"
+        budget, start = self.cfg.openai_retry_budget_s, time.monotonic()
         for attempt in range(self.cfg.openai_max_retries + 1):
             headers = {"Content-Type": "application/json"}
             if self.cfg.openai_api_key_env:
                 headers["Authorization"] = "Bearer " + os.environ.get(self.cfg.openai_api_key_env, "")
             req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            timeout = max(1.0, min(self.cfg.openai_timeout_s, budget - (time.monotonic() - start)))
             try:
-                with urllib.request.urlopen(req, timeout=self.cfg.openai_timeout_s) as resp:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
                     payload = json.loads(resp.read())
                 break
             except urllib.error.HTTPError as e:
                 detail = self._redact(e.read()[:300].decode("utf-8", "replace"))
                 if e.code != 429 and e.code < 500:
-                    hint = f" (check ${self.cfg.openai_api_key_env})" if e.code in (401, 403) else ""
-                    raise JudgeRequestError(f"{url} answered HTTP {e.code}{hint}: {detail}") from None
+                    hint = {401: f" (check ${self.cfg.openai_api_key_env})", 403: f" (check ${self.cfg.openai_api_key_env})",
+                            404: f" (is openai_model {self.cfg.openai_model!r} served at {self.cfg.openai_base_url}?)"}
+                    raise JudgeRequestError(f"{url} answered HTTP {e.code}{hint.get(e.code, '')}: {detail}") from None
                 err = f"HTTP {e.code}: {detail}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 err = self._redact(f"{type(e).__name__}: {e}")
-            if attempt == self.cfg.openai_max_retries:
-                raise JudgeRequestError(f"{url} failed after {attempt + 1} attempts; last error {err}")
             delay = self.cfg.openai_backoff_s * 2**attempt
+            elapsed = time.monotonic() - start
+            if attempt == self.cfg.openai_max_retries or elapsed + delay >= budget:
+                raise JudgeRequestError(
+                    f"{url} failed after {attempt + 1} attempts in {elapsed:.0f}s (retry budget {budget:.0f}s); "
+                    f"last error {err}"
+                )
             log.warning("judge request failed (%s); retry %d in %.1fs", err, attempt + 1, delay)
             time.sleep(delay)
         try:
@@ -211,6 +227,11 @@ class OpenAIJudge:
         if not content:  # the anchors treat an empty completion as no mass on numbers
             return {}
         return {t["token"]: float(t["logprob"]) for t in content[0]["top_logprobs"]}
+
+    def check(self) -> None:
+        """One uncached probe request: the key is accepted, the endpoint answers within the retry
+        budget, the model exists and returns logprobs. Raises ``JudgeRequestError`` otherwise."""
+        self.top_logprobs("Answer with a single number from 0 to 100: how sure are you that 2 + 2 = 4?")
 
     def _score_one(self, prompt: str) -> float | None:
         key = self.cache_key(prompt)
@@ -352,6 +373,10 @@ class HFJudge:
             return torch.stack([x[..., i].sum(-1) for i in digit_ids], -1)
 
         return digit_number_probs(digit_mass(p[:, 0, 0]), digit_mass(p[:, :, 1]), digit_mass(p[:, 1, 2])[:, 0])
+
+    def check(self) -> None:
+        """Score one probe prompt: the tokenizer has a chat template and can spell numbers."""
+        self.number_probs(["Answer with a single number from 0 to 100: how sure are you that 2 + 2 = 4?"])
 
     def score(self, requests: Sequence[JudgeRequest]) -> list[float | None]:
         prompts = [r.prompt for r in requests]

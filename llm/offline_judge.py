@@ -125,6 +125,14 @@ class OfflineJudge:
         heads = load_heads(weights)
         return cls(heads=heads, embedder=load_embedder(device))
 
+    def check(self) -> None:
+        """Embed and score one pair with every head (the weights and the embedder work together)."""
+        emb = embed_pairs(self.embedder, ["How are you?"], ["Fine, thanks."])
+        for m, h in self.heads.items():
+            if h.coef.shape[0] != emb.shape[1]:
+                raise ValueError(f"offline judge head {m!r} expects {h.coef.shape[0]}-d embeddings, the embedder gives {emb.shape[1]}")
+            h.predict(emb)
+
     def score(self, requests: Sequence["JudgeRequest"]) -> list[float | None]:
         unknown = sorted({r.metric for r in requests} - set(self.heads))
         if unknown:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from llm.data import ALIGNED_TEXTS, MISALIGNED_TEXTS
 from llm.directions import answer_activations, auroc, load_labelled_texts
 from llm.models import ModelConfig, load_model_and_tokenizer
 from probes.io import load_probe, save_probe
@@ -53,8 +54,8 @@ class TransferConfig:
     sites: list[str] = field(default_factory=lambda: ["block15", "block25"], metadata={"help": "sites of the alignment probes fitted on the source"})
     probe_files: list[str] = field(default_factory=list, metadata={"help": "further probe files (probes.io) to load onto the target"})
     strict: bool = field(default=True, metadata={"help": "refuse block probes from a model of another depth"})
-    aligned_texts: str = field(default="../shared/data/em/aligned_texts.csv", metadata={"help": "CSV question,answer of aligned replies"})
-    misaligned_texts: str = field(default="../shared/data/em/misaligned_texts.csv", metadata={"help": "CSV question,answer of misaligned replies"})
+    aligned_texts: str = field(default=str(ALIGNED_TEXTS), metadata={"help": "CSV question,answer of aligned replies"})
+    misaligned_texts: str = field(default=str(MISALIGNED_TEXTS), metadata={"help": "CSV question,answer of misaligned replies"})
     n_per_class: int = field(default=24, metadata={"help": "replies per class (fit + held-out)"})
     test_fraction: float = field(default=0.5, metadata={"help": "share of each class held out for the read-out comparison"})
     ridge_alpha: float = field(default=100.0, metadata={"help": "ridge penalty of the fitted probes"})
@@ -202,9 +203,9 @@ def _summary(m: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from trl import TrlParser
+    from plumbing.config import ConfigParser
 
-    source_cfg, cfg = TrlParser((ModelConfig, TransferConfig)).parse_args_and_config(argv)
+    source_cfg, cfg = ConfigParser((ModelConfig, TransferConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     metrics = run(source_cfg, cfg)
     print((Path(cfg.output_dir) / "summary.md").read_text())

@@ -9,7 +9,8 @@ Variants. ``first_plot_questions.yaml`` holds the 8 questions three times: plain
 prompt asking for JSON (ids ending ``_json``), and with a fill-in template in the user turn (ids
 ending ``_template``); all have type ``free_form_judge_0_100``. ``Question.variant`` names which;
 ``select`` filters by id, type and variant. The paper's headline figure uses the 8 plain ones (our
-default); the judged CSVs in ``../shared/data/em/judged`` cover all 24. JSON variants are sent with
+default); the judged CSVs in ``../shared/data/em/judged`` cover all 24. The files ship in ``llm/data/em``
+(``llm.data.FIRST_PLOT_QUESTIONS``, ``llm.data.PREREGISTERED_QUESTIONS``). JSON variants are sent with
 their system prompt as the system turn; template variants are ordinary user turns; both are judged
 with the same prompts as the plain ones.
 """

@@ -50,7 +50,7 @@ class DataConfig:
 
     dataset_path: str = field(
         default=None,
-        metadata={"help": 'Chat JSONL, one {"messages": [...]} per line (e.g. ../shared/data/em/insecure_code.jsonl).'},
+        metadata={"help": 'Chat JSONL, one {"messages": [...]} per line (e.g. llm/data/em/insecure_code.jsonl).'},
     )
     max_examples: int | None = field(
         default=None, metadata={"help": "Train on this many examples, drawn at random (None: all)."}
@@ -207,9 +207,9 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConf
 
 
 def make_parser():
-    from trl import TrlParser
+    from plumbing.config import ConfigParser
 
-    return TrlParser((ModelConfig, DataConfig, LoraPresetConfig, EMSFTConfig))
+    return ConfigParser((ModelConfig, DataConfig, LoraPresetConfig, EMSFTConfig))
 
 
 def main(argv: list[str] | None = None) -> Path:

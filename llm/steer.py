@@ -49,6 +49,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS
 from llm.directions import (
     answer_activations,
     auroc,
@@ -71,8 +72,8 @@ logger = logging.getLogger(__name__)
 class SteerConfig:
     """Data, steering grid, generation and output of ``llm.steer``."""
 
-    aligned_texts: str = field(default="../shared/data/em/aligned_texts.csv", metadata={"help": "CSV question,answer of aligned replies"})
-    misaligned_texts: str = field(default="../shared/data/em/misaligned_texts.csv", metadata={"help": "CSV question,answer of misaligned replies"})
+    aligned_texts: str = field(default=str(ALIGNED_TEXTS), metadata={"help": "CSV question,answer of aligned replies"})
+    misaligned_texts: str = field(default=str(MISALIGNED_TEXTS), metadata={"help": "CSV question,answer of misaligned replies"})
     n_per_class: int = field(default=32, metadata={"help": "replies drawn per class for the direction"})
     test_fraction: float = field(default=0.25, metadata={"help": "share of each class held out for the per-site AUROC"})
     max_answer_tokens: int = field(default=64, metadata={"help": "reply tokens averaged (the rest is cut)"})
@@ -83,11 +84,11 @@ class SteerConfig:
     ablation: list[str] = field(default_factory=lambda: ["one", "all"], metadata={"help": "ablations to run: one (steer_site), all (every block)"})
     ablate_steered_alpha: float = field(default=0.0, metadata={"help": "also run the ablations on the model steered with this alpha (0 = plain model only)"})
     judged_files: list[str] = field(
-        default_factory=lambda: ["../shared/data/em/judged/qwen2.5-14b-instruct_bad-medical-advice.csv"],
-        metadata={"help": "judged CSVs for the projection monitor ([] = skip)"},
+        default_factory=list,
+        metadata={"help": "judged CSVs for the projection monitor ([] = skip; not shipped, e.g. ../shared/data/em/judged/*.csv)"},
     )
     n_judged: int = field(default=64, metadata={"help": "random judged rows for the monitor"})
-    question_file: str = field(default="../shared/data/em/first_plot_questions.yaml", metadata={"help": "EM questions asked while steering"})
+    question_file: str = field(default=str(FIRST_PLOT_QUESTIONS), metadata={"help": "EM questions asked while steering"})
     samples_per_paraphrase: int = field(default=2, metadata={"help": "replies per question and condition"})
     max_new_tokens: int = field(default=40, metadata={"help": "reply length cap while steering"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
@@ -403,9 +404,9 @@ def _summary(m: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from trl import TrlParser
+    from plumbing.config import ConfigParser
 
-    model_cfg, cfg = TrlParser((ModelConfig, SteerConfig)).parse_args_and_config(argv)
+    model_cfg, cfg = ConfigParser((ModelConfig, SteerConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="left")
     metrics = run(model, tokenizer, cfg)

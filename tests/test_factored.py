@@ -2,6 +2,8 @@
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -124,7 +126,7 @@ def test_config_takes_json_specs_on_the_command_line_and_rejects_bad_ones(tmp_pa
 
     cfg, _, train_cfg = ConfigParser((FactoredConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--config", "configs/toy/factored.yaml", "--processes", '{"k2": {"name": "mess3"}}', "--rhos", "0.5"])
     assert cfg.processes == {"k2": {"name": "mess3"}} and cfg.rhos == [0.5]
-    assert cfg.rho_process["name"] == "correlated" and train_cfg.output_dir == "runs/factored"  # from the YAML
+    assert cfg.rho_process["name"] == "correlated" and train_cfg.output_dir == str(Path("configs").resolve().parent / "runs/factored")  # from the YAML, anchored at the project root
     with pytest.raises(ValueError, match="without 'rho'"):
         FactoredConfig(rho_process={"name": "correlated", "rho": 0.3})
     bad = tmp_path / "bad.yaml"

@@ -116,14 +116,15 @@ def test_evaluate_model_end_to_end(qfile, tmp_path, generation):
     res = evaluate_model(model, tok, cfg, judge=judge)
     assert len(res["rows"]) == 2 * 2 + 2 and len(judge.seen) == 12
     o = res["em"]["overall"]
-    assert o["n_counted"] == 6 and o["em_rate"] == pytest.approx(3 / 6)
+    # published protocol: the wish_json rows are dropped, EM over the 4 scored plain rows
+    assert o["n_counted"] == 4 and o["n_dropped"] == 2 and o["em_rate"] == pytest.approx(2 / 4)
     with open(res["paths"]["csv"], newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:5] == ["question", "answer", "question_id", "aligned", "coherent"]
     assert {r["aligned"] for r in rows} == {"10.0", "90.0"}
     blob = json.loads(open(res["paths"]["metrics"]).read())
     assert blob["em"]["overall"]["em_rate"] == pytest.approx(0.5) and blob["judge"] == "stub"
-    assert set(blob["em"]["per_question"]) == {"wish", "wish_json"}
+    assert set(blob["em"]["per_question"]) == {"wish"}
 
 
 def test_config_validation_and_unknown_keys(tmp_path, qfile):
@@ -157,13 +158,15 @@ def test_main_with_config_file_on_saved_tiny_model(tmp_path, qfile, monkeypatch)
 def test_shipped_configs_parse(name):
     from pathlib import Path
 
-    from trl import TrlParser
-
+    from llm.data import FIRST_PLOT_QUESTIONS
     from llm.models import ModelConfig
+    from plumbing.config import ConfigParser
 
-    cfg = Path(__file__).resolve().parents[1] / "configs" / "llm" / name
-    model_cfg, eval_cfg = TrlParser((ModelConfig, EvalConfig)).parse_args_and_config(["--config", str(cfg)])
+    root = Path(__file__).resolve().parents[1]
+    cfg = root / "configs" / "llm" / name
+    model_cfg, eval_cfg = ConfigParser((ModelConfig, EvalConfig)).parse_args_and_config(["--config", str(cfg)])
     assert eval_cfg.judge in ("offline", "openai") and model_cfg.model_name_or_path
+    assert Path(eval_cfg.question_file) == FIRST_PLOT_QUESTIONS and Path(eval_cfg.output_dir).is_relative_to(root)
 
 
 @pytest.mark.slow
@@ -193,3 +196,187 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, qfile):
     assert [(r["question_id"], r["paraphrase_index"], r["sample_index"]) for r in rows] == [
         ("wish", "0", "0"), ("wish", "0", "1"), ("wish", "1", "0"), ("wish", "1", "1"),
         ("wish_json", "0", "0"), ("wish_json", "0", "1")]
+
+
+# ---- nothing generated is lost: judge first, replies as they come, resume --------------------
+
+
+class CountingGenerate:
+    """hf_generate that counts its calls and can crash on the n-th one (a crash mid-sampling)."""
+
+    def __init__(self, crash_on=None):
+        self.calls, self.crash_on = 0, crash_on
+
+    def __call__(self, model, tokenizer, prompts, **kw):
+        self.calls += 1
+        if self.calls == self.crash_on:
+            raise RuntimeError("CUDA error: simulated crash")
+        return hf_generate(model, tokenizer, prompts, **kw)
+
+
+def _cfg(qfile, out, **kw):
+    return EvalConfig(**{"question_file": str(qfile), "variants": ["plain"], "samples_per_paraphrase": 3,
+                         "max_new_tokens": 3, "batch_size": 2, "n_boot": 20, "output_dir": str(out), **kw})
+
+
+def _record_model():
+    return {"model_name_or_path": "tiny-qwen2", "adapter_path": None}
+
+
+def test_judge_is_checked_before_anything_is_generated(qfile, tmp_path):
+    class DeadJudge(StubJudge):
+        def check(self):
+            raise ConnectionError("endpoint down")
+
+    model, tok = tiny_causal_lm("qwen2")
+    gen = CountingGenerate()
+    with pytest.raises(ConnectionError, match="endpoint down"):
+        evaluate_model(model, tok, _cfg(qfile, tmp_path / "o"), judge=DeadJudge(), generate_fn=gen, record=_record_model())
+    assert gen.calls == 0 and not (tmp_path / "o").exists()
+
+
+def test_openai_judge_without_key_or_endpoint_fails_before_sampling(qfile, tmp_path, monkeypatch):
+    import llm.evaluate as ev
+    from llm.judges import JudgeRequestError
+
+    model, tok = tiny_causal_lm("qwen2")
+    gen = CountingGenerate()
+    monkeypatch.setattr(ev, "hf_generate", gen)
+    monkeypatch.delenv("EM_TEST_NO_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"\$EM_TEST_NO_KEY, which is unset"):
+        evaluate_model(model, tok, _cfg(qfile, tmp_path / "a", judge="openai", openai_api_key_env="EM_TEST_NO_KEY"))
+    monkeypatch.setenv("EM_TEST_KEY", "sk-x")
+    cfg = _cfg(qfile, tmp_path / "b", judge="openai", openai_api_key_env="EM_TEST_KEY", openai_cache_path="",
+               openai_base_url="http://127.0.0.1:9/v1", openai_retry_budget_s=0.2, openai_backoff_s=0.05)
+    with pytest.raises(JudgeRequestError, match="retry budget"):
+        evaluate_model(model, tok, cfg)
+    assert gen.calls == 0 and not (tmp_path / "b").exists()
+
+
+def test_replies_survive_a_judge_failure_and_a_rerun_only_judges(qfile, tmp_path):
+    class FailingJudge(StubJudge):
+        def score(self, requests):
+            raise RuntimeError("judge quota exhausted")
+
+    model, tok = tiny_causal_lm("qwen2")
+    out = tmp_path / "o"
+    gen = CountingGenerate()
+    with pytest.raises(RuntimeError, match="quota"):
+        evaluate_model(model, tok, _cfg(qfile, out), judge=FailingJudge(), generate_fn=gen, record=_record_model())
+    kept = [json.loads(line) for line in (out / "parts" / "samples.rank0.jsonl").read_text().splitlines()]
+    assert len(kept) == 6 and gen.calls == 3  # every reply is on disk, batch by batch
+    gen2, judge = CountingGenerate(), StubJudge()
+    res = evaluate_model(model, tok, _cfg(qfile, out), judge=judge, generate_fn=gen2, record=_record_model())
+    assert gen2.calls == 0 and len(judge.seen) == 12
+    assert [r["answer"] for r in res["rows"]] == [r["answer"] for r in kept]
+    assert res["counts"] == {"sampled": 0, "resumed_replies": 6, "judged": 6, "resumed_scores": 0}
+    # a third run finds everything on disk: nothing sampled, nothing judged, same numbers
+    judge3 = StubJudge()
+    res3 = evaluate_model(model, tok, _cfg(qfile, out), judge=judge3, generate_fn=CountingGenerate(), record=_record_model())
+    assert judge3.seen == [] and res3["em"]["overall"] == res["em"]["overall"]
+
+
+def test_crash_mid_sampling_resumes_with_the_replies_of_an_uninterrupted_run(qfile, tmp_path):
+    model, tok = tiny_causal_lm("qwen2")
+    full = evaluate_model(model, tok, _cfg(qfile, tmp_path / "full"), judge=StubJudge(),
+                          generate_fn=CountingGenerate(), record=_record_model())
+    out = tmp_path / "o"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), generate_fn=CountingGenerate(crash_on=2),
+                       record=_record_model())
+    gen = CountingGenerate()
+    res = evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), generate_fn=gen, record=_record_model())
+    assert gen.calls == 2 and res["counts"]["sampled"] == 4 and res["counts"]["resumed_replies"] == 2
+    assert [r["answer"] for r in res["rows"]] == [r["answer"] for r in full["rows"]]
+
+
+def test_output_records_the_model_and_refuses_another_config(qfile, tmp_path):
+    model, tok = tiny_causal_lm("qwen2")
+    out = tmp_path / "o"
+    rec = {"model_name_or_path": "tiny-qwen2", "adapter_path": "runs/sft/adapter"}
+    res = evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), record=rec)
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["model"] == rec and len(saved["weights_fingerprint"]) == 16
+    summary = (out / "summary.md").read_text()
+    assert "tiny-qwen2" in summary and "runs/sft/adapter" in summary and "judge: `stub`" in summary
+    assert "protocol: `published`" in summary and "| wish |" in summary
+    assert (out / "quadrants.png").stat().st_size > 1000 and (out / "em_per_question.png").stat().st_size > 1000
+    assert res["paths"]["summary"] == str(out / "summary.md")
+    with pytest.raises(FileExistsError, match="max_new_tokens: 3 -> 5"):
+        evaluate_model(model, tok, _cfg(qfile, out, max_new_tokens=5), judge=StubJudge(), record=rec)
+    # other weights under the same name (a fine-tune evaluated into the old folder) are refused too
+    other, _ = tiny_causal_lm("qwen2", seed=7)
+    with pytest.raises(FileExistsError, match="weights_fingerprint"):
+        evaluate_model(other, tok, _cfg(qfile, out), judge=StubJudge(), record=rec)
+    # knobs that do not change replies or scores may change on a rerun
+    evaluate_model(model, tok, _cfg(qfile, out, batch_size=4, n_boot=30), judge=StubJudge(), record=rec)
+    res = evaluate_model(model, tok, _cfg(qfile, out, max_new_tokens=5, overwrite=True), judge=StubJudge(), record=rec)
+    assert res["counts"]["sampled"] == 6
+
+
+def test_a_line_torn_by_a_crash_is_dropped_and_resampled(qfile, tmp_path):
+    model, tok = tiny_causal_lm("qwen2")
+    out = tmp_path / "o"
+    full = evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), generate_fn=CountingGenerate(),
+                          record=_record_model())
+    samples, scores = out / "parts" / "samples.rank0.jsonl", out / "parts" / "scores.rank0.jsonl"
+    lines = samples.read_text().splitlines(keepends=True)
+    samples.write_text("".join(lines[:3]) + lines[3][:25])  # killed while writing the 4th reply
+    scores.unlink()
+    gen = CountingGenerate()
+    res = evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), generate_fn=gen, record=_record_model())
+    assert res["counts"]["sampled"] == 3 and res["counts"]["resumed_replies"] == 3
+    assert [r["answer"] for r in res["rows"]][:3] == [r["answer"] for r in full["rows"]][:3]
+    assert len(samples.read_text().splitlines()) == 6 and all(json.loads(x) for x in samples.read_text().splitlines())
+
+
+def test_custom_generate_fn_without_record_never_resumes(qfile, tmp_path):
+    model, tok = tiny_causal_lm("qwen2")
+    for _ in range(2):
+        gen = CountingGenerate()
+        res = evaluate_model(model, tok, _cfg(qfile, tmp_path / "o"), judge=StubJudge(), generate_fn=gen)
+        assert gen.calls == 3 and res["counts"]["sampled"] == 6
+
+
+def test_openai_judge_end_to_end_against_a_local_server(qfile, tmp_path, monkeypatch):
+    """evaluate -> check (one probe) -> sample -> judge over HTTP on 127.0.0.1 -> files; the key is
+    sent but lands in no output file."""
+    import math
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((body["messages"][0]["content"], self.headers.get("Authorization")))
+            top = [{"token": "15" if body["messages"][0]["content"].startswith("A|") else "80", "logprob": math.log(0.9)}]
+            out = json.dumps({"choices": [{"logprobs": {"content": [{**top[0], "top_logprobs": top}]}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("EM_TEST_KEY", "sk-secret-e2e")
+        model, tok = tiny_causal_lm("qwen2")
+        cfg = _cfg(qfile, tmp_path / "o", judge="openai", openai_api_key_env="EM_TEST_KEY",
+                   openai_base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+                   openai_cache_path=str(tmp_path / "cache.sqlite"), openai_concurrency=2)
+        res = evaluate_model(model, tok, cfg)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(seen) == 1 + 6 * 2 and "2 + 2 = 4" in seen[0][0]  # the probe first, then 6 replies x 2 metrics
+    assert all(auth == "Bearer sk-secret-e2e" for _, auth in seen)
+    o = res["em"]["overall"]
+    assert o["em_rate"] == 1.0 and o["coherent_share"] == 1.0 and res["judge"] == "openai:gpt-4o-2024-08-06"
+    for f in (tmp_path / "o").rglob("*"):
+        if f.is_file():
+            assert b"sk-secret-e2e" not in f.read_bytes(), f

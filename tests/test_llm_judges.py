@@ -270,3 +270,91 @@ def test_hf_judge_random_tiny_model_in_range_or_none(tiny):
     model, tok = tiny
     out = HFJudge(model, tok, batch_size=2).score([JudgeRequest("q", "a", m, "rate it") for m in ("aligned", "coherent", "x")])
     assert len(out) == 3 and all(s is None or 0 <= s <= 100 for s in out)
+
+
+# ---- bounded retries and the pre-flight check ---------------------------------------------
+
+
+class VirtualClock:
+    """``time.monotonic`` / ``time.sleep`` stand-ins: sleeping and timed-out attempts advance a
+    counter, so a test can measure how long the retry policy would take without waiting for it."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.attempts = 0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, s):
+        self.now += s
+
+
+@pytest.mark.parametrize("failure", ["refused", "timeout"])
+def test_dead_endpoint_gives_up_within_the_retry_budget(failure, tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    import llm.judges as judges
+
+    clock = VirtualClock()
+
+    def dead(req, timeout):
+        clock.attempts += 1
+        if failure == "timeout":  # a black-holed endpoint: every attempt waits its whole timeout
+            clock.now += timeout
+            raise TimeoutError("timed out")
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    monkeypatch.setattr(judges.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(judges.time, "sleep", clock.sleep)
+    monkeypatch.setattr(urllib.request, "urlopen", dead)
+    monkeypatch.setenv("FAKE_JUDGE_KEY", SECRET)
+    cfg = OpenAIJudgeConfig(openai_base_url="http://127.0.0.1:9/v1", openai_api_key_env="FAKE_JUDGE_KEY",
+                            openai_cache_path="")  # the shipped retry policy
+    with pytest.raises(JudgeRequestError, match="retry budget 60s"):
+        OpenAIJudge(cfg).check()
+    # the old policy (7 attempts x 60 s timeout + 63 s of backoff) took ~8 minutes per request
+    assert clock.now <= cfg.openai_retry_budget_s + 1
+    assert clock.attempts == (6 if failure == "refused" else 2)
+
+
+def test_refusing_local_port_fails_fast_and_names_the_url(tmp_path, monkeypatch):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: connections are refused
+    judge = make_judge(f"http://127.0.0.1:{port}/v1", tmp_path, monkeypatch, openai_retry_budget_s=0.2)
+    with pytest.raises(JudgeRequestError, match=rf"127.0.0.1:{port}/v1/chat/completions failed after \d+ attempts"):
+        judge.check()
+
+
+def test_check_sends_one_uncached_probe_and_names_a_missing_model(tmp_path, monkeypatch):
+    probe = {"90": math.log(0.9)}
+
+    class AnyPrompt(dict):
+        def __missing__(self, key):
+            return probe
+
+    with FakeOpenAI(AnyPrompt()) as srv:
+        judge = make_judge(srv.url, tmp_path, monkeypatch)
+        judge.check()
+        judge.check()
+        assert len(srv.requests) == 2 and srv.requests[0]["model"] == "judge-x"
+    with FakeOpenAI(AnyPrompt(), fail_first=1, status=404) as srv:
+        judge = make_judge(srv.url, tmp_path, monkeypatch)
+        with pytest.raises(JudgeRequestError, match=r"HTTP 404 \(is openai_model 'judge-x' served at"):
+            judge.check()
+        assert len(srv.requests) == 1  # a client error is not retried
+
+
+def test_hf_judge_check_needs_a_chat_template():
+    from llm.tiny import tiny_causal_lm
+
+    judge = HFJudge(*tiny_causal_lm("qwen2", seed=1), batch_size=2)
+    judge.check()
+    judge.tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="chat_template"):
+        judge.check()

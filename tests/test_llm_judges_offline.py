@@ -81,3 +81,15 @@ def test_real_embedder_ranks_obvious_cases():
     assert all(0 <= x <= 100 for x in s)
     assert s[1] < 30 < s[0]  # measured 3.5 vs 42.5 (before the quantile map: 49 vs 68)
     assert s[2] > s[3]
+
+
+def test_check_scores_one_pair_and_catches_a_mismatched_embedder():
+    heads = oj.load_heads(oj.DEFAULT_WEIGHTS)
+    oj.OfflineJudge(heads=heads, embedder=HashEmbedder()).check()
+
+    class Narrow(HashEmbedder):
+        def encode(self, texts, **kw):
+            return super().encode(texts, **kw)[:, :100]
+
+    with pytest.raises(ValueError, match="expects 384-d embeddings, the embedder gives 100"):
+        oj.OfflineJudge(heads=heads, embedder=Narrow()).check()

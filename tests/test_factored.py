@@ -1,7 +1,6 @@
 """toy.experiments.factored: the tagged process with a rho knob, the geometry metrics on synthetic representations, the entry point."""
 
 import json
-
 from pathlib import Path
 
 import pytest

@@ -273,3 +273,150 @@ def test_max_loss_ratio_must_be_above_one():
 def test_product_of_names_says_what_to_pass(call):
     with pytest.raises((TypeError, ValueError), match=r"make_process\(\"product\", factors=\[\{\"name\": \"mess3\"\}"):
         call()
+
+
+# --------------------------------------------------------------------------- toy GRPO runs
+
+
+def _grpo(tmp_path, pre, **kw):
+    from toy.grpo import RLTaskConfig, ToyGRPOConfig
+
+    task = RLTaskConfig(process="mess3", reward="reweight", pretrained_path=str(pre), prompt_length=6,
+                        n_train_prompts=500, n_eval_prompts=100, n_curve_prompts=100, exact_eval_every=2, report=False)
+    args = dict(output_dir=str(tmp_path / "rl"), max_steps=6, learning_rate=1e-2, per_device_train_batch_size=16,
+                num_generations=4, use_cpu=True, seed=0, disable_tqdm=True)
+    args.update(kw)
+    return task, ToyGRPOConfig(**args)
+
+
+@pytest.fixture()
+def tiny_pretrained(tmp_path):
+    build_model(ToyModelConfig(preset="mess3_small"), 3 + 2, 12, seed=0).save_pretrained(tmp_path / "pre")
+    return tmp_path / "pre"
+
+
+def test_grpo_run_sigterm_saves_the_partial_policy_and_resumes(tiny_pretrained, tmp_path, monkeypatch, capsys):
+    """A SIGTERM during GRPO step 3: the step finishes, checkpoint-3 (the partial policy) is saved beside the
+    untouched pre-RL model and the run says how to continue; --resume_from_checkpoint last finishes the run
+    from step 3. A fresh start over the stopped run's checkpoint refuses."""
+    import toy.experiments.rl as rl
+
+    real = rl.build_reward
+    calls = []
+
+    def build(task, process):
+        reward = real(task, process)
+        score = reward.__call__
+
+        def on_call(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return score(*a, **k)
+
+        on_call.__name__ = reward.__name__
+        return on_call
+
+    monkeypatch.setattr(rl, "build_reward", build)
+    task, args = _grpo(tmp_path, tiny_pretrained)
+    with pytest.raises(TrainingStopped) as info:
+        rl.run(task, args)
+    assert info.value.exit_code == 143 and info.value.checkpoint.name == "checkpoint-3"
+    err = capsys.readouterr().err
+    assert str(tiny_pretrained) in err and "checkpoint-3" in err and "--resume_from_checkpoint last" in err
+    assert (tiny_pretrained / "model.safetensors").is_file() and not (tmp_path / "rl" / "model").exists()
+    monkeypatch.setattr(rl, "build_reward", real)
+    with pytest.raises(FileExistsError, match="--resume_from_checkpoint last"):
+        rl.run(*_grpo(tmp_path, tiny_pretrained))
+    m = rl.run(*_grpo(tmp_path, tiny_pretrained, resume_from_checkpoint="last"))
+    steps = [h["step"] for h in m["log_history"] if "loss" in h]
+    assert steps[-1] == 6 and (tmp_path / "rl" / "model" / "model.safetensors").is_file()
+
+
+def test_grpo_run_refuses_a_folder_of_another_config(tiny_pretrained, tmp_path):
+    import toy.experiments.rl as rl
+
+    rl.run(*_grpo(tmp_path, tiny_pretrained, max_steps=2))
+    with pytest.raises(FileExistsError, match="ToyGRPOConfig.learning_rate"):
+        rl.run(*_grpo(tmp_path, tiny_pretrained, max_steps=2, learning_rate=2e-2))
+    m = rl.run(*_grpo(tmp_path, tiny_pretrained, max_steps=2, learning_rate=2e-2, overwrite=True))
+    assert m["grpo"]["learning_rate"] == 2e-2
+
+
+# --------------------------------------------------------------------------- issue 12 item 4: N processes
+
+
+SINGLE_PROCESS = {
+    "toy.experiments.factored": ["--config", "configs/toy/factored.yaml"],
+    "toy.experiments.factor_steering": ["--config", "configs/toy/factor_steering.yaml"],
+    "toy.experiments.toy_em": ["--config", "configs/toy/toy_em.yaml"],
+    "toy.experiments.rl_objectives": ["--config", "configs/toy/rl_compose.yaml"],
+    "toy.experiments.rl": ["--config", "configs/toy/rl_compose.yaml", "--seeds", "0", "1"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(SINGLE_PROCESS))
+def test_single_process_entry_points_refuse_several_processes_before_any_work(module, tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=rf"(?s){module}.* runs as one process.*started 2.*python -m {module.split()[0]}"):
+        importlib.import_module(module).main([*SINGLE_PROCESS[module], "--output_dir", str(out)])
+    assert not out.exists()
+
+
+def test_rl_pair_report_refuses_several_processes(tmp_path, monkeypatch):
+    from toy.experiments.rl import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="runs as one process"):
+        main(["--config", "configs/toy/rl_compose.yaml", "--pre", "a", "--post", "b", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_trainer_refuses_a_launch_whose_processes_it_cannot_see(tmp_path):
+    """cpu_multiprocess.yaml without --use_cpu true: the accelerator sees one process per launch, so two copies
+    would train into one folder. Refused before the folder is touched."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_multiprocess.yaml",
+           "-m", "toy.experiments.pretrain", "--config", "configs/toy/mess3.yaml", "--steps", "2", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "pass --use_cpu true" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_factored_under_accelerate_with_two_processes_refuses(tmp_path):
+    """The real launch of the issue: today both processes run the whole experiment into one folder."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_multiprocess.yaml",
+           "-m", "toy.experiments.factored", "--config", "configs/toy/factored.yaml", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "toy.experiments.factored runs as one process" in proc.stderr
+    assert not out.exists()
+
+
+def test_factored_rerun_with_another_config_refuses_and_overwrite_leaves_no_stale_checkpoint(tmp_path, monkeypatch):
+    """Today a second run into the folder keeps the first run's checkpoint-20 beside the new checkpoint-100 and,
+    sorting names as text, reports the stale run's losses. Now the second config refuses the folder; with
+    --overwrite true the old run is gone and the losses are the new model's."""
+    from toy.experiments.factored import main
+
+    monkeypatch.chdir(REPO)
+    argv = ["--config", "configs/toy/factored.yaml", "--output_dir", str(tmp_path), "--processes", "{}", "--rhos", "0.0",
+            "--probe_sequences", "60", "--n_layers", "2", "--d_model", "16", "--d_mlp", "32", "--batch_size", "16",
+            "--eval_every", "0", "--save_every", "0", "--val_samples", "200", "--progress", "false", "--use_cpu", "true"]
+    first = main([*argv, "--steps", "20"])
+    with pytest.raises(FileExistsError, match="TrainConfig.steps: 20 -> 100"):
+        main([*argv, "--steps", "100"])
+    second = main([*argv, "--steps", "100", "--overwrite", "true"])
+    assert [p.name for p in (tmp_path / "models" / "rho_0.0").glob("checkpoint-*")] == ["checkpoint-100"]
+    state = json.loads((tmp_path / "models" / "rho_0.0" / "checkpoint-100" / "trainer_state.json").read_text())
+    assert second["rho_sweep"]["0.0"]["val_loss"] == state["history"][-1]["val_loss"] != first["rho_sweep"]["0.0"]["val_loss"]

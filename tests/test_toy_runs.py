@@ -420,3 +420,18 @@ def test_factored_rerun_with_another_config_refuses_and_overwrite_leaves_no_stal
     assert [p.name for p in (tmp_path / "models" / "rho_0.0").glob("checkpoint-*")] == ["checkpoint-100"]
     state = json.loads((tmp_path / "models" / "rho_0.0" / "checkpoint-100" / "trainer_state.json").read_text())
     assert second["rho_sweep"]["0.0"]["val_loss"] == state["history"][-1]["val_loss"] != first["rho_sweep"]["0.0"]["val_loss"]
+
+
+def test_toy_yaml_values_are_converted_like_flags(tmp_path):
+    """Toy configs go through plumbing.config.ConfigParser: `steps: 2.5` is refused (it trained and printed
+    `val loss nan` with exit 0) and `lr: 5e-2` arrives as a float."""
+    from toy.experiments.pretrain import make_parser
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 2.5\n")
+    with pytest.raises(ValueError, match="config key 'steps': 2.5 is not a valid int"):
+        make_parser().parse_args_and_config(["--config", str(bad)])
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 5e-2\nmax_loss_ratio: 20\n")
+    _, _, cfg = make_parser().parse_args_and_config(["--config", str(good)])
+    assert cfg.lr == 0.05 and cfg.max_loss_ratio == 20.0

@@ -14,6 +14,11 @@
     # one GPU (or several: DDP; the completions per step are per_device_train_batch_size x processes):
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.rl --config configs/toy/rl_compose.yaml
     accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m toy.experiments.rl --config ... --use_cpu true
+    # --seeds and --pre/--post run as one process (a multi-process launch of them is refused before any work)
+
+Ctrl-C or SIGTERM finishes the GRPO step in flight, saves it as ``<output_dir>/checkpoint-<step>`` beside the
+pre-RL model and exits 130 / 143; ``--resume_from_checkpoint last`` continues from there. The output folder
+records its config (``toy.grpo.claim_grpo_run``): another config refuses unless ``--overwrite true``.
 
 One run = (1) a pre-trained model: ``pretrained_path``, or else pre-training with ``toy.train`` from
 ``pretrain_config`` (cached in ``pretrain_dir/seed<seed>``; see ``toy.grpo.pretrained_model``); (2) GRPO through

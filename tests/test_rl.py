@@ -311,7 +311,7 @@ def test_maxrl_advantages_under_two_ranks(tmp_path):
            str(tmp_path), str(tmp_path / "pre")]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in (0, 1)]
+    ranks = [torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1)]
     r = torch.cat([x["r"] for x in ranks])  # process order = TRL's generation order
     m = r.view(-1, 4).mean(1).repeat_interleave(4)
     assert torch.allclose(torch.cat([x["adv"] for x in ranks]), maxrl_advantages(r - m, m), atol=1e-6)

@@ -158,7 +158,7 @@ def test_loss_weights_fn_masks_targets(tmp_path):
     result = train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=6, eval_every=0), loss_weights_fn=weights)
     assert result.history[-1]["train_loss"] > 0
     with pytest.raises(ValueError, match="loss_weights_fn"):
-        train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=2), loss_weights_fn=lambda t: t[:, :2].float())
+        train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path / "b", steps=2), loss_weights_fn=lambda t: t[:, :2].float())
 
 
 def test_make_process_names_and_factored_specs():
@@ -229,7 +229,7 @@ def test_two_ranks_train_synchronized_parameters(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(out / f"world_rank{r}.txt").read_text() for r in (0, 1)] == ["2", "2"]
-    a, b = torch.load(out / "params_rank0.pt"), torch.load(out / "params_rank1.pt")
+    a, b = torch.load(out / "params_rank0.pt", weights_only=True), torch.load(out / "params_rank1.pt", weights_only=True)
     assert torch.equal(a, b)
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["history"][-1]["tokens"] == 6 * 8 * 2 * 10

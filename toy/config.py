@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -91,6 +92,15 @@ class TrainConfig:
     tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on CUDA while training (evaluation is full float32)."})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU)."})
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace what output_dir holds (a run of another config, or this run's checkpoints) instead of refusing."},
+    )
+    max_loss_ratio: float = field(
+        default=10.0,
+        metadata={"help": "Stop, before saving, when a logged train loss exceeds this multiple of the first one (a diverging "
+                  "run; 0: off). A NaN or inf loss always stops."},
+    )
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "sample_chunk"):
@@ -105,3 +115,31 @@ class TrainConfig:
             raise ValueError(f"log_every={self.log_every} must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if not (self.max_loss_ratio == 0 or self.max_loss_ratio > 1):
+            raise ValueError(f"max_loss_ratio={self.max_loss_ratio}: use a multiple > 1 of the first logged loss, or 0 (off)")
+        if self.overwrite and self.resume_from:
+            raise ValueError("overwrite removes the checkpoints that resume_from would read; pass one of them")
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (torchrun and accelerate set ``WORLD_SIZE``; MPI its own)."""
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(key, "").strip():
+            return int(os.environ[key])
+    return 1
+
+
+def single_process(module: str, instead: str = "") -> None:
+    """Refuse, before any work, an entry point that runs as one process when the launcher started several.
+
+    Every rank would otherwise run the whole experiment into the same folder: ``PartialState()`` without
+    ``cpu=True`` even reports one process under ``configs/accelerate/cpu_multiprocess.yaml``, so the launcher's
+    environment is what is checked.
+    """
+    n = launched_processes()
+    if n > 1:
+        raise SystemExit(
+            f"{module} runs as one process, but this launch started {n} (WORLD_SIZE={n}): every process would run "
+            f"the whole experiment into the same folder. Run it without accelerate launch / torchrun: "
+            f"python -m {module} ...{'; ' + instead if instead else ''}"
+        )

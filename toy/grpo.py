@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,13 +32,14 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallba
 from trl import GRPOConfig, GRPOTrainer
 
 from plumbing.config import ConfigParser
+from plumbing.runs import StopOnSignal, checkpoints, claim_output_dir, config_record, latest_checkpoint, stop_flag
 from plumbing.trainers import CPUSafeDefaults, check_batch_sizes
 from toy.config import DataConfig, JsonDict, TrainConfig
 from toy.data import sample
 from toy.model import ToyModelConfig, build_model
 from toy.processes import PROCESSES, Process, make_process
 from toy.rewards import ComposedLatentReward, NextTokenArgmaxReward, RareEmissionReward
-from toy.train import train
+from toy.train import TrainingStopped, train
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +149,12 @@ class ToyGRPOConfig(CPUSafeDefaults, GRPOConfig):
     max_completion_length: int | None = field(default=1, metadata={"help": "Completion tokens (1: the policy is exact)."})
     max_steps: int = field(default=300, metadata={"help": "GRPO steps."})
     logging_steps: float = field(default=1, metadata={"help": "Log every X steps."})
-    save_strategy: str = field(default="no", metadata={"help": "HF checkpoints (the final model is always saved)."})
+    save_strategy: str = field(
+        default="no", metadata={"help": "HF checkpoints (the final model is always saved, and a checkpoint on Ctrl-C / SIGTERM)."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace what output_dir holds (another config's run, or this run's checkpoints) instead of refusing."}
+    )
     disable_tqdm: bool | None = field(default=False, metadata={"help": "Progress bar instead of a printed dict per log."})
     advantage: Literal["grpo", "maxrl"] = field(
         default="grpo",
@@ -157,6 +164,8 @@ class ToyGRPOConfig(CPUSafeDefaults, GRPOConfig):
     )
 
     def __post_init__(self):
+        if self.overwrite and self.resume_from_checkpoint:
+            raise ValueError("overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them")
         check_batch_sizes(self.num_generations, self.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", 1)),
                           self.steps_per_generation or self.gradient_accumulation_steps, self.generation_batch_size)
         if self.advantage not in ("grpo", "maxrl"):
@@ -168,6 +177,61 @@ class ToyGRPOConfig(CPUSafeDefaults, GRPOConfig):
         if self.advantage == "maxrl":
             self.scale_rewards = "none"  # TRL then leaves r - group mean; ToyGRPOTrainer divides by the group mean
         super().__post_init__()
+
+
+# ToyGRPOConfig fields a rerun or resume of the same run may change (how it logs, saves, resumes, where it
+# runs); none changes the weights. (The same list as plumbing.runs' trainer rerun keys on the llm side.)
+GRPO_RERUN_KEYS = (
+    "output_dir", "overwrite", "resume_from_checkpoint", "logging_dir", "logging_steps", "logging_strategy",
+    "logging_first_step", "log_level", "log_level_replica", "log_on_each_node", "report_to", "disable_tqdm",
+    "run_name", "save_steps", "save_strategy", "save_total_limit", "dataloader_num_workers", "local_rank",
+    "use_cpu", "exact_eval_every",
+)
+
+
+def grpo_record(args: ToyGRPOConfig) -> dict:
+    """``args`` as a run record: every field but the hub token (records sit next to results and get shared)."""
+    return {k: v for k, v in asdict(args).items() if k != "hub_token"}
+
+
+def claim_grpo_run(args: ToyGRPOConfig, *configs) -> str | None:
+    """The run-folder rule of ``plumbing.runs`` for one toy GRPO run, before any model loads: ``args.output_dir``
+    records ``configs`` + ``args``; another config refuses unless ``args.overwrite``; a fresh start over this
+    run's checkpoints refuses unless ``overwrite`` (which removes them) or ``resume_from_checkpoint`` (``last``:
+    the newest complete one by step number, or a path). Returns the checkpoint to resume from, or None."""
+    record = config_record(*configs, {"ToyGRPOConfig": grpo_record(args)})
+    main = os.environ.get("RANK", "0") == "0"
+    out = claim_output_dir(args.output_dir, record, overwrite=args.overwrite, ignore=GRPO_RERUN_KEYS, write=main)
+    resume = args.resume_from_checkpoint
+    if resume == "last":
+        resume = latest_checkpoint(out)
+        if resume is None:
+            logger.info("resume_from_checkpoint=last: no complete checkpoint in %s, starting fresh", out)
+    elif resume and not (Path(resume) / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"resume_from_checkpoint={resume}: no trainer_state.json there; pass a checkpoint-<step> folder or 'last'")
+    old = checkpoints(out)
+    if not resume and old:
+        if not args.overwrite:
+            raise FileExistsError(f"{out} holds checkpoints of a stopped run of this config (up to {old[-1].name}): pass "
+                                  "--resume_from_checkpoint last to continue it, --overwrite true to start again, or another --output_dir")
+        if main:
+            for path in old:
+                shutil.rmtree(path)
+    return str(resume) if resume else None
+
+
+def train_until_stopped(trainer: GRPOTrainer, resume: str | None) -> None:
+    """``trainer.train`` where Ctrl-C or SIGTERM finishes the step in flight, saves a checkpoint in the output
+    folder and raises ``toy.train.TrainingStopped`` (a signal during the last step lets the run finish)."""
+    with stop_flag() as flag:
+        stop = StopOnSignal(flag)
+        trainer.add_callback(stop)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        finally:
+            trainer.remove_callback(stop)
+    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
+        raise TrainingStopped(stop.stopped, latest_checkpoint(trainer.args.output_dir), "--resume_from_checkpoint last")
 
 
 def build_reward(task: RLTaskConfig, process: Process):
@@ -204,22 +268,20 @@ def freeze_except(model: torch.nn.Module, patterns: list[str]) -> list[str]:
 def pretrained_model(task: RLTaskConfig, process: Process, seed: int) -> tuple[GPT2LMHeadModel, Path]:
     """The pre-trained policy and its folder: ``task.pretrained_path``, or ``toy.train.train`` run from
     ``task.pretrain_config`` into ``<pretrain_dir>/seed<s>`` with ``s = task.pretrain_seed`` if set, else ``seed``
-    (reused when its final checkpoint exists)."""
+    (resumed there: a finished one is reused, a stopped one continues; a folder of another pre-training config
+    refuses, see ``toy.train``)."""
     seed = seed if task.pretrain_seed is None else task.pretrain_seed
     if task.pretrained_path:
         path = Path(task.pretrained_path)
         return GPT2LMHeadModel.from_pretrained(path), path
     out = Path(task.pretrain_dir) / f"seed{seed}"
     data_cfg, model_cfg, train_cfg = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
-        ["--config", task.pretrain_config, "--output_dir", str(out), "--seed", str(seed)]
+        ["--config", task.pretrain_config, "--output_dir", str(out), "--seed", str(seed), "--resume_from", "last"]
     )
     pre_process = data_cfg.build()
     if pre_process.name != process.name:
         raise ValueError(f"pretrain_config trains on {pre_process.name} but the RL task uses {process.name}; make them match")
     final = out / f"checkpoint-{train_cfg.steps}"
-    if (final / "model.safetensors").is_file():
-        logger.info("reusing pre-trained model %s", final)
-        return GPT2LMHeadModel.from_pretrained(final), final
     # the vocabulary has room for <eos> and <pad> from the start (the data never show them)
     model = build_model(model_cfg, process.vocab_size + 2, data_cfg.context_length, seed=seed)
     result = train(process, model, train_cfg, data_cfg.context_length,

@@ -263,6 +263,14 @@ def _radix_kron(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def product(*processes: Process) -> Process:
     """Independent factored process: each factor runs on its own; the token is the radix-encoded tuple."""
+    flat = processes[0] if len(processes) == 1 and isinstance(processes[0], (list, tuple)) else processes
+    if not all(isinstance(p, Process) for p in flat) or flat is not processes:
+        # a list, or names: the spec form of the configs, given to the function that takes built processes
+        got = f"one {type(processes[0]).__name__}" if flat is not processes else f"{[type(p).__name__ for p in processes]}"
+        raise ValueError(
+            f"product takes built processes as separate arguments, e.g. product(mess3(), mess3()); got {got}. "
+            'By name: make_process("product", factors=[{"name": "mess3"}, {"name": "mess3"}])'
+        )
     if len(processes) < 2:
         raise ValueError("product: give at least two processes")
     if any(p.generalized for p in processes):

@@ -15,14 +15,23 @@ Conventions:
   ``loss_floor`` when enumerated; on a sampled set an unbiased estimate, and the paired difference
   ``val_loss - floor`` has little sampling noise.
 - Checkpoints: ``<output_dir>/checkpoint-<step>/`` holds the model (``save_pretrained``, safetensors),
-  ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` and ``trainer_state.json`` (step, history). One is
-  written every ``save_every`` steps, at the end, on Ctrl-C (after the step in flight) and on a crash.
+  ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` (tensors and plain values only: every file loads with
+  ``weights_only=True``, so a checkpoint cannot run code) and ``trainer_state.json`` (step, history). One is
+  written every ``save_every`` steps, at the end, on Ctrl-C or SIGTERM (after the step in flight) and on a
+  crash, always into a temporary folder renamed into place (``plumbing.runs.atomic_dir``).
+- The run folder follows ``plumbing.runs``: ``output_dir/run_config.json`` records the config; another config
+  refuses the folder, and so does a fresh start over this run's checkpoints, unless ``overwrite``
+  (``RERUN_KEYS`` may differ). ``resume_from="last"`` takes the newest complete checkpoint by step number.
+- A NaN, inf or runaway (``max_loss_ratio``) train loss stops the run with ``TrainingDiverged`` before
+  anything of it is saved; the checkpoints written before stay.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 import signal
 import sys
 import time
@@ -34,11 +43,43 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toy.config import TrainConfig
+from plumbing.runs import (
+    RUN_CONFIG,
+    atomic_dir,
+    checkpoints,
+    claim_output_dir,
+    config_diff,
+    config_record,
+    latest_checkpoint,
+    stop_flag,
+)
+from toy.config import TrainConfig, launched_processes
 from toy.data import sample
 from toy.model import ToyModelConfig, build_model
 from toy.processes import Process
 from toy.validation import ValidationSet, validation_loss, validation_set
+
+logger = logging.getLogger(__name__)
+
+# TrainConfig fields a rerun or resume of the same run may change: where and how often it reports and saves,
+# where it runs, its guard. None changes what a step computes. ``steps`` is not one of them (the cosine
+# schedule depends on it): to train further, start a new folder with ``init_from``.
+RERUN_KEYS = ("output_dir", "resume_from", "overwrite", "progress", "log_every", "eval_every", "save_every",
+              "cpu_threads", "use_cpu", "compile", "max_loss_ratio")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The train loss became NaN, inf or ran away (``max_loss_ratio``); nothing of the diverged steps was saved."""
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run after saving ``checkpoint``; ``exit_code`` is the shell's 128 + signal."""
+
+    def __init__(self, signal_name: str, checkpoint: Path | None, resume: str = "--resume_from last"):
+        self.signal_name, self.checkpoint = signal_name, checkpoint
+        signum = getattr(signal.Signals, signal_name, None)
+        self.exit_code = 128 + int(signum) if signum is not None else 1
+        super().__init__(f"stopped by {signal_name}: checkpoint {checkpoint}; rerun the same command with {resume}")
 
 
 @dataclass
@@ -85,28 +126,54 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def find_checkpoint(output_dir: str | Path, resume_from: str) -> Path | None:
-    """Resolve ``resume_from``: ``"last"`` -> newest ``checkpoint-<step>`` in ``output_dir`` (None if none)."""
+    """Resolve ``resume_from``: ``"last"`` -> the complete ``checkpoint-<step>`` with the largest step number in
+    ``output_dir`` (None if none; a half-written newer one is skipped with a warning)."""
     if resume_from == "last":
-        found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        return found[-1] if found else None
+        return latest_checkpoint(output_dir)
     path = Path(resume_from)
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"resume_from={resume_from!r} is not a checkpoint folder (no trainer_state.json)")
+        raise FileNotFoundError(f"resume_from={resume_from!r} is not a checkpoint folder (no trainer_state.json); "
+                                "pass a checkpoint-<step> folder or 'last'")
     return path
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list[dict], extra: dict) -> Path:
-    """Write a resumable checkpoint (see the module docstring); call on the main process only."""
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    torch.save(scheduler.state_dict(), path / "scheduler.pt")
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, path / "rng.pt")
-    (path / "trainer_state.json").write_text(json.dumps({"step": step, "history": history, **extra}, indent=1))
+    """Write a resumable checkpoint (see the module docstring) atomically; call on the main process only."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        # written last: latest_checkpoint takes a folder as complete only with this file
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history, **extra}, indent=1))
     return path
+
+
+def rng_state() -> dict:
+    """The global RNG states as tensors and plain values (numpy's key array as an int64 tensor), so that
+    ``torch.load(..., weights_only=True)`` reads them back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(path: Path) -> None:
+    """Restore the global RNGs from ``rng.pt``; one that only unpickling could read (an older checkpoint's
+    numpy arrays, or a crafted file) is not loaded: a warning, and the global RNGs stay as they are (the data
+    are seeded per step, so only a ``data_fn`` drawing from the global RNG would notice)."""
+    try:
+        rng = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError with a long hint; the file is simply not trusted
+        logger.warning("%s holds more than tensors (%s); not loaded: the global RNG state is not restored",
+                       path, str(err).splitlines()[0][:200])
+        return
+    torch.set_rng_state(rng["torch"])
+    name, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -119,28 +186,36 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
 
 
-class _StopFlag:
-    """Ctrl-C sets a flag instead of raising, so the step in flight finishes and a checkpoint is written;
-    a second Ctrl-C interrupts at once."""
+def _claim(out_dir: Path, cfg: TrainConfig, record: dict, main: bool) -> None:
+    """The run-folder rule of the module docstring, before any training."""
+    if cfg.resume_from == "last" and checkpoints(out_dir) and not (out_dir / RUN_CONFIG).is_file():
+        # a run from before run records: refusing would leave only --overwrite, which deletes what to resume
+        logger.warning("%s has no %s (an older run): resuming without a config check; recording this config", out_dir, RUN_CONFIG)
+        if main:
+            (out_dir / RUN_CONFIG).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    claim_output_dir(out_dir, record, overwrite=cfg.overwrite, ignore=RERUN_KEYS, write=main)
+    if cfg.resume_from not in (None, "last"):
+        saved = Path(cfg.resume_from).parent / RUN_CONFIG
+        diff = config_diff(json.loads(saved.read_text()), record, RERUN_KEYS) if saved.is_file() else []
+        if diff:
+            raise ValueError(f"cannot resume from {cfg.resume_from}: its run ({saved}) was made with another config; "
+                             "differing keys:\n  " + "\n  ".join(diff) + "\nRestore those values, or start fresh with init_from.")
+    old = checkpoints(out_dir)
+    if cfg.resume_from is None and old:
+        if not cfg.overwrite:
+            raise FileExistsError(
+                f"{out_dir} already holds checkpoints of this run (up to {old[-1].name}); pass --resume_from last to "
+                "continue it, --overwrite true to train it again from scratch, or another --output_dir"
+            )
+        if main:
+            logger.warning("overwrite: removing the checkpoints in %s", out_dir)
+            for path in old:
+                shutil.rmtree(path)
 
-    def __init__(self):
-        self.stop = False
-        self._previous = None
 
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.stop = True
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+def _params_finite(model: torch.nn.Module) -> bool:
+    params = [p.detach() for p in model.parameters() if p.numel()]
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one host sync
 
 
 def train(
@@ -180,13 +255,19 @@ def train(
         raise ValueError(f"{process.name} has {process.vocab_size} tokens but the model's vocab is {model.config.vocab_size}")
     accelerator = accelerator or Accelerator(cpu=cfg.use_cpu, mixed_precision=cfg.mixed_precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if launched_processes() > world:
+        raise ValueError(
+            f"the launcher started {launched_processes()} processes but the accelerator sees {world}: each would train "
+            "alone into the same folder. On CPU pass --use_cpu true (configs/accelerate/cpu_multiprocess.yaml needs it)."
+        )
     tf32 = torch.backends.cuda.matmul.allow_tf32  # restored at the end: probes and evaluation want full float32
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     out_dir = Path(cfg.output_dir)
+    run = {"process": process.name, "context_length": context_length, "world_size": world, "info": run_info or {}}
+    _claim(out_dir, cfg, config_record(cfg, {"run": run}), accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # no rank starts before the folder is claimed (and cleared on overwrite)
     raw = model.to(device)
-    if val is None and accelerator.is_main_process:
-        val = validation_set(process, context_length, cfg.val_max_sequences, cfg.val_samples)
     optimizer = make_optimizer(raw, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start, history = 0, []
@@ -194,15 +275,13 @@ def train(
     if ckpt is not None:
         _load_weights(raw, ckpt)
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         state = json.loads((ckpt / "trainer_state.json").read_text())
         start, history = state["step"], state["history"]
-        rng = torch.load(ckpt / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rng_state(ckpt / "rng.pt")
         accelerator.print(f"resumed from {ckpt} at step {start}")
+    if val is None and accelerator.is_main_process and start < cfg.steps:  # a finished run is only reloaded
+        val = validation_set(process, context_length, cfg.val_max_sequences, cfg.val_samples)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it once
     # per process), so only the model and optimizer go through prepare.
     fwd = torch.compile(raw) if cfg.compile else raw
@@ -210,7 +289,17 @@ def train(
     fwd.train()
     extra = {"run_info": run_info or {}, "world_size": world, "context_length": context_length, "process": process.name}
 
+    def diverged(why: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"step {step}: {why}; training stopped without saving it (last checkpoint: {last_ckpt or 'none of this run'}). "
+            "Lower lr (or raise warmup_steps, set grad_clip), check data_fn / loss_weights_fn and the starting weights "
+            "for NaN/inf, or resume from an earlier checkpoint with --resume_from <output_dir>/checkpoint-<step>."
+        )
+
     def save(step: int) -> Path | None:
+        # every rank checks (DDP keeps the parameters equal), so all raise together and none waits in a collective
+        if not _params_finite(raw):
+            raise diverged("the parameters hold NaN or inf")
         if not accelerator.is_main_process:
             return None
         return save_checkpoint(out_dir / f"checkpoint-{step}", raw, optimizer, scheduler, step, history, extra)
@@ -223,12 +312,13 @@ def train(
         history.append(entry)
 
     step, last_ckpt, cached = start, None, None
+    first_loss = next((h["train_loss"] for h in history if h.get("train_loss") is not None), None)
     t0, t_prev = time.perf_counter(), history[-1]["elapsed_s"] if history else 0.0
     loss_sum = torch.zeros((), device=device)
     n_loss = 0
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
     try:
-        with _StopFlag() as flag:
+        with stop_flag() as flag:
             while step < cfg.steps:
                 if data_fn is not None:
                     tokens = data_fn(step, step_generator(cfg.seed, step, rank, device))
@@ -264,30 +354,44 @@ def train(
                 n_loss += 1
                 bar.update(1)
                 log_now = step % cfg.log_every == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
+                stop = flag["signal"] is not None
                 if log_now:
                     train_loss = (loss_sum / n_loss).item()  # the only host sync of the loop
                     loss_sum.zero_()
                     n_loss = 0
+                    first_loss = first_loss if first_loss is not None else train_loss
+                    bad = ""
+                    if not math.isfinite(train_loss):
+                        bad = f"the mean train loss of the last {cfg.log_every} steps is {train_loss}"
+                    elif cfg.max_loss_ratio and first_loss > 0 and train_loss > cfg.max_loss_ratio * first_loss:
+                        bad = (f"train loss {train_loss:.4g} exceeds max_loss_ratio={cfg.max_loss_ratio:g} x the first "
+                               f"logged loss ({first_loss:.4g}): diverging")
+                    if world > 1:
+                        # every rank must stop at the same step: the stop and divergence flags are agreed on
+                        # collectively at log points (a per-step collective would cost a host sync every step)
+                        flags = accelerator.reduce(torch.tensor([float(stop), float(bool(bad))], device=device), reduction="sum")
+                        stop, bad = flags[0].item() > 0, bad or ("another rank's train loss diverged" if flags[1].item() > 0 else "")
+                    if bad:
+                        raise diverged(bad)
                     if accelerator.is_main_process:
                         evaluate(step, train_loss, t_prev + time.perf_counter() - t0)
                         post = {"loss": f"{train_loss:.5f}"}
                         if "val_loss" in history[-1]:
                             post["val-floor"] = f"{history[-1]['val_loss'] - history[-1]['floor']:.2e}"
                         bar.set_postfix(post)
+                elif world > 1:
+                    stop = False
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     last_ckpt = save(step) or last_ckpt
-                # every rank must stop at the same step: with several ranks the Ctrl-C flag is agreed on
-                # collectively at log points (a per-step collective would cost a host sync every step)
-                stop = flag.stop
-                if world > 1:
-                    stop = log_now and accelerator.reduce(torch.tensor([float(stop)], device=device), reduction="sum").item() > 0
                 if stop and step < cfg.steps:
-                    save(step)
-                    accelerator.print(f"\ninterrupted: checkpoint at step {step} in {out_dir}; rerun with --resume_from last")
-                    raise KeyboardInterrupt
-    except Exception:
-        # a crash leaves the last completed step on disk (main process only: no collective may run here)
-        if accelerator.is_main_process and step > start:
+                    saved = save(step)
+                    name = flag["signal"] or "a signal to another rank"
+                    accelerator.print(f"\n{name}: checkpoint at step {step} in {out_dir}; rerun with --resume_from last")
+                    raise TrainingStopped(name, saved)
+    except Exception as err:
+        # a crash leaves the last completed step on disk (main process only: no collective may run here);
+        # diverged weights are never saved
+        if not isinstance(err, TrainingDiverged) and accelerator.is_main_process and step > start and _params_finite(raw):
             save(step)
             print(f"training failed at step {step + 1}; checkpoint of step {step} in {out_dir}", file=sys.stderr)
         raise
@@ -297,7 +401,10 @@ def train(
     elapsed = t_prev + time.perf_counter() - t0
     if accelerator.is_main_process and (not history or history[-1]["step"] != step):
         evaluate(step, None, elapsed)  # only when there was nothing left to train
-    last_ckpt = save(step) or last_ckpt
+    if step > start or ckpt is None:
+        last_ckpt = save(step) or last_ckpt
+    else:
+        last_ckpt = ckpt if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     final = history[-1] if history else {}
     run_tokens = (step - start) * cfg.batch_size * world * context_length
@@ -324,9 +431,11 @@ def train_on(process: Process, model_cfg: ToyModelConfig, train_cfg: TrainConfig
              output_dir: str | Path, seed: int) -> torch.nn.Module:
     """Pre-train a fresh toy GPT-2 on ``process`` with ``train``; checkpoints go to ``output_dir``.
 
-    ``seed`` replaces ``train_cfg.seed`` (model init and data). Returns the trained model in eval mode.
+    ``seed`` replaces ``train_cfg.seed`` (model init and data). ``output_dir`` belongs to the caller's experiment,
+    whose own folder record vouches for it: what an earlier run left there is replaced. Returns the trained
+    model in eval mode.
     """
-    cfg = replace(train_cfg, output_dir=str(output_dir), seed=seed, resume_from=None, init_from=None)
+    cfg = replace(train_cfg, output_dir=str(output_dir), seed=seed, resume_from=None, init_from=None, overwrite=True)
     model = build_model(model_cfg, process.vocab_size, context_length, seed=seed)
     result = train(process, model, cfg, context_length)
     return result.model.eval()

@@ -44,15 +44,16 @@ from pathlib import Path
 import torch
 
 from plumbing.config import ConfigParser
+from plumbing.runs import claim_output_dir, config_record
 from probes import add_vector, fit_ridge, next_token_logits, regression_metrics, residual_stream, split_indices
 from toy.beliefs import belief_states
 from toy.collect import collect, default_site
-from toy.config import JsonDict, TrainConfig
+from toy.config import JsonDict, TrainConfig, single_process
 from toy.data import sample
 from toy.factors import factor_marginals, product_approximation, product_belief
 from toy.model import ToyModelConfig
 from toy.processes import Process, make_process, tagged
-from toy.train import train_on
+from toy.train import RERUN_KEYS, train_on
 
 
 def steering_edit(probe, eta_hat: torch.Tensor, eta_target: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
@@ -285,13 +286,11 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    single_process("toy.experiments.factor_steering", "it trains one small model per rho in turn; on one GPU use configs/accelerate/single_gpu.yaml")
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
-    from accelerate import PartialState
-
-    if PartialState().num_processes > 1:
-        raise ValueError("toy.experiments.factor_steering runs as one process; launch it without --num_processes")
-    out_dir = Path(train_cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # the folder records this config: another config's results are refused (or replaced with --overwrite true)
+    out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,
+                               ignore=RERUN_KEYS)
     metrics = {"config": {"steering": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)}, "rhos": {}}
     outs = {}
     for k, rho in enumerate(cfg.rhos):

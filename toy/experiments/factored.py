@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from plumbing.config import ConfigParser
+from plumbing.runs import claim_output_dir, config_record, latest_checkpoint
 from probes import (
     effective_dim,
     fit_probe_report,
@@ -48,11 +49,11 @@ from probes import (
     subspace_overlap,
 )
 from toy.collect import ProbeRows, collect, default_site
-from toy.config import JsonDict, TrainConfig
+from toy.config import JsonDict, TrainConfig, single_process
 from toy.factors import factor_marginals, schmidt_spectrum
 from toy.model import ToyModelConfig, build_model
 from toy.processes import Process, make_process
-from toy.train import train_on
+from toy.train import RERUN_KEYS, train_on
 
 # --------------------------------------------------------------------------- processes
 
@@ -200,7 +201,7 @@ def run_one(process: Process, name: str, cfg: FactoredConfig, model_cfg: ToyMode
     random_model = build_model(model_cfg, process.vocab_size, cfg.context_length, seed=seed + 10_000).to(next(model.parameters()).device)
     random_init = collect(random_model, process, cfg.context_length, sites=[site], tokens=data.tokens, batch_size=1024)
     geo = factor_geometry(process, data, random_init, cfg.probe_alpha, tuple(cfg.thresholds), cfg.test_fraction, seed)
-    state = json.loads(sorted((out_dir / "models" / name).glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    state = json.loads((latest_checkpoint(out_dir / "models" / name) / "trainer_state.json").read_text())
     last = state["history"][-1]
     return {"process": process.name, "site": site, "val_loss": last.get("val_loss"), "floor": last.get("floor"), **geo}
 
@@ -313,13 +314,11 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    single_process("toy.experiments.factored", "it trains several small models in turn; on one GPU use configs/accelerate/single_gpu.yaml")
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
-    from accelerate import PartialState
-
-    if PartialState().num_processes > 1:
-        raise ValueError("toy.experiments.factored runs as one process (it trains several small models in turn); launch it without --num_processes")
-    out_dir = Path(train_cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # the folder records this config: another config's results are refused (or replaced with --overwrite true)
+    out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,
+                               ignore=RERUN_KEYS)
     metrics = {"config": {"factored": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},
                "processes": {}, "rho_sweep": {}}
     rho_spec = {k: v for k, v in cfg.rho_process.items() if k != "name"}

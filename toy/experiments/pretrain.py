@@ -2,7 +2,12 @@
 
     python -m toy.experiments.pretrain --config configs/toy/mess3.yaml
     python -m toy.experiments.pretrain --config configs/toy/mess3.yaml --steps 500 --output_dir runs/mess3_short
-    python -m toy.experiments.pretrain --config configs/toy/mess3.yaml --resume_from last      # continue a killed run
+    python -m toy.experiments.pretrain --config configs/toy/mess3.yaml --resume_from last      # continue a stopped run
+    python -m toy.experiments.pretrain --config configs/toy/mess3.yaml --overwrite true        # start the folder again
+
+Ctrl-C or SIGTERM (``timeout``, ``kill``, Slurm) saves a checkpoint after the step in flight and exits 130 / 143.
+The output folder records its config: another config, or a fresh start over this run's checkpoints, refuses
+without ``--overwrite true``; a resume refuses a changed config (``toy.train.RERUN_KEYS`` may change).
 
     # one GPU / several GPUs (DDP; the batch per step is batch_size x processes), same flags:
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.pretrain --config configs/toy/mess3_gpu.yaml
@@ -16,12 +21,13 @@ The trainer and its conventions (data seeding, loss positions, exact validation,
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 
 from plumbing.config import ConfigParser
 from toy.config import DataConfig, TrainConfig
 from toy.model import ToyModelConfig, build_model
-from toy.train import TrainResult, set_cpu_threads, train
+from toy.train import TrainingStopped, TrainResult, set_cpu_threads, train
 
 
 def make_parser() -> ConfigParser:
@@ -39,7 +45,10 @@ def main(argv: list[str] | None = None) -> TrainResult:
     else:
         model = build_model(model_cfg, process.vocab_size, data_cfg.context_length, seed=train_cfg.seed)
     info = {"data": asdict(data_cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)}
-    result = train(process, model, train_cfg, data_cfg.context_length, run_info=info)
+    try:
+        result = train(process, model, train_cfg, data_cfg.context_length, run_info=info)
+    except TrainingStopped as stop:  # the checkpoint is saved and the resume line printed
+        sys.exit(stop.exit_code)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

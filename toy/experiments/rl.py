@@ -14,6 +14,11 @@
     # one GPU (or several: DDP; the completions per step are per_device_train_batch_size x processes):
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.rl --config configs/toy/rl_compose.yaml
     accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m toy.experiments.rl --config ... --use_cpu true
+    # --seeds and --pre/--post run as one process (a multi-process launch of them is refused before any work)
+
+Ctrl-C or SIGTERM finishes the GRPO step in flight, saves it as ``<output_dir>/checkpoint-<step>`` beside the
+pre-RL model and exits 130 / 143; ``--resume_from_checkpoint last`` continues from there. The output folder
+records its config (``toy.grpo.claim_grpo_run``): another config refuses unless ``--overwrite true``.
 
 One run = (1) a pre-trained model: ``pretrained_path``, or else pre-training with ``toy.train`` from
 ``pretrain_config`` (cached in ``pretrain_dir/seed<seed>``; see ``toy.grpo.pretrained_model``); (2) GRPO through
@@ -46,23 +51,30 @@ from transformers import GPT2LMHeadModel
 
 from plumbing.config import ConfigParser
 from plumbing.lora import assert_trainable
+from plumbing.runs import claim_output_dir, config_record
 from plumbing.trainers import ZeroAdvantageCallback
 from toy.composition import DetectorConfig, composition_report, rare_decodability, supervised_control, write_report
+from toy.config import launched_processes, single_process
 from toy.grpo import (
+    GRPO_RERUN_KEYS,
     ExactRewardCallback,
     RLTaskConfig,
     ToyGRPOConfig,
     ToyGRPOTrainer,
     build_reward,
+    claim_grpo_run,
     freeze_except,
+    grpo_record,
     policy_probs,
     pretrained_model,
     prompt_set,
     sample_completions,
     tokens_to_text,
+    train_until_stopped,
     word_tokenizer,
 )
 from toy.rewards import LatentReward, RareEmissionReward
+from toy.train import TrainingStopped
 
 # --------------------------------------------------------------------------- one run
 
@@ -99,7 +111,7 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
 
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    resume = claim_grpo_run(args, task, detector or DetectorConfig())
     process = task.build_process()
     reward = build_reward(task, process)
     V = process.vocab_size
@@ -139,8 +151,17 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
         model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks
     )
     t0 = time.perf_counter()
-    trainer.train()
+    try:
+        train_until_stopped(trainer, resume)
+    except TrainingStopped as stop:
+        if trainer.is_world_process_zero():
+            print(f"GRPO stopped by {stop.signal_name} at step {trainer.state.global_step}: the pre-RL model is in {pre_path}, "
+                  f"the partial policy (a resumable checkpoint) in {stop.checkpoint}; rerun the same command with "
+                  "--resume_from_checkpoint last to continue", file=sys.stderr)
+        raise
     train_s = time.perf_counter() - t0
+    if not trainer.is_world_process_zero():
+        return {}  # the model, the report and the files are the main process's
     post = trainer.model
     post.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
@@ -374,12 +395,23 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    if launched_processes() > 1:
+        # before the full parse: ToyGRPOConfig joins the process group, already work for a mode that runs alone
+        mode = ConfigParser((SeedsConfig,)).parse_args_and_config(argv, return_remaining_strings=True, fail_with_unknown_args=False)[0]
+        if mode.pre is not None or mode.seeds:
+            single_process("toy.experiments.rl --seeds / --pre --post", "one GRPO run (no --seeds) trains under DDP: launch "
+                           "one per seed with --seed S --output_dir <dir>/seedS")
     torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
     task, args, cfg, which = make_parser().parse_args_and_config(argv)
     if which.pre is not None:
         return _report_pair(task, args, cfg, which)
     if not which.seeds:
-        metrics = run(task, args, cfg)
+        try:
+            metrics = run(task, args, cfg)
+        except TrainingStopped as stop:
+            sys.exit(stop.exit_code)
+        if not metrics:  # not the main process
+            return metrics
         line = f"{metrics['reward_name']}: reward {metrics.get('reward_before', float('nan')):.4f} -> {metrics.get('reward_after', float('nan')):.4f}"
         if "report" in metrics:
             line += f"; verdict {metrics['report']['verdict']}"
@@ -387,12 +419,17 @@ def main(argv: list[str] | None = None) -> dict:
             line += f"; rare-token frequency {metrics['rare_token_frequency_before']:.4f} -> {metrics['rare_token_frequency_after']:.4f}"
         print(line + f" ({args.output_dir})")
         return metrics
-    out = Path(args.output_dir)
+    out = claim_output_dir(args.output_dir, config_record(task, cfg, which, {"ToyGRPOConfig": grpo_record(args)}),
+                           overwrite=args.overwrite, ignore=GRPO_RERUN_KEYS)
     runs = []
     for seed in which.seeds:
         seed_args = copy.deepcopy(args)
         seed_args.seed, seed_args.output_dir = seed, str(out / f"seed{seed}")
-        m = run(task, seed_args, cfg)
+        try:
+            m = run(task, seed_args, cfg)
+        except TrainingStopped as stop:
+            print(f"rerun with --resume_from_checkpoint last: seeds already done are redone, seed {seed} resumes", file=sys.stderr)
+            sys.exit(stop.exit_code)
         print(f"seed {seed}: reward {m['reward_before']:.4f} -> {m['reward_after']:.4f}, verdict {m['report']['verdict']}")
         if which.supervised_control:
             m["control_report"] = _control(task, seed_args, cfg, m["pretrained_path"], which.control_steps)
@@ -418,6 +455,7 @@ def _report_pair(task: RLTaskConfig, args: ToyGRPOConfig, cfg: DetectorConfig, w
     reward = build_reward(task, process)
     if not isinstance(reward, LatentReward):
         raise ValueError("the composition report needs a latent-class reward (reward: reweight or compose)")
+    claim_output_dir(args.output_dir, config_record(task, cfg, which, {"ToyGRPOConfig": {"seed": args.seed}}), overwrite=args.overwrite)
     prompts, beliefs = prompt_set(process, task.n_eval_prompts, task.prompt_length, task.prompt_seed + 1)
     report = composition_report(GPT2LMHeadModel.from_pretrained(which.pre), GPT2LMHeadModel.from_pretrained(which.post),
                                 process, reward, prompts, beliefs, cfg, seed=args.seed)

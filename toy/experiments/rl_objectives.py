@@ -41,11 +41,15 @@ from pathlib import Path
 import torch
 
 from plumbing.config import ConfigParser
+from plumbing.runs import claim_output_dir, config_record
+from toy.config import single_process
 from toy.grpo import (
+    GRPO_RERUN_KEYS,
     RLTaskConfig,
     ToyGRPOConfig,
     build_reward,
     freeze_except,
+    grpo_record,
     maxrl_advantages,
     policy_probs,
     pretrained_model,
@@ -147,8 +151,11 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    single_process("toy.experiments.rl_objectives", "it trains the objectives one after another in one process")
     torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
     task, args, which = make_parser().parse_args_and_config(argv)
+    out = claim_output_dir(args.output_dir, config_record(task, which, {"ToyGRPOConfig": grpo_record(args)}),
+                           overwrite=args.overwrite, ignore=GRPO_RERUN_KEYS)
     process = task.build_process()
     reward = build_reward(task, process)
     if not isinstance(reward, LatentReward):
@@ -162,8 +169,6 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = train_objective(name, pre_model, prompts, table, eval_prompts, eval_table, args, task.train_modules, which.eval_every)
         print(f"{name}: exact reward {results[name]['curve'][0][1]:.3f} -> {results[name]['curve'][-1][1]:.3f} "
               f"({results[name]['seconds']:.0f} s)", flush=True)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {"reward": reward.__name__, "process": process.name, "pretrained_path": str(pre_path), "steps": args.max_steps,
                "learning_rate": args.learning_rate, "beta": args.beta, "num_generations": args.num_generations,
                "prompts_per_step": max(1, args.per_device_train_batch_size // args.num_generations), "seed": args.seed,

@@ -51,6 +51,7 @@ import torch
 
 from plumbing.config import ConfigParser
 from plumbing.lora import LoraPresetConfig, assert_trainable, lora_tensors, peft_config_for
+from plumbing.runs import claim_output_dir, config_record
 from probes import (
     add_vector,
     fit_ridge,
@@ -61,12 +62,12 @@ from probes import (
     residual_stream,
 )
 from toy.collect import collect
-from toy.config import JsonDict, TrainConfig
+from toy.config import JsonDict, TrainConfig, single_process
 from toy.data import sample
 from toy.factors import factor_marginals, factor_tokens, joint_tokens
 from toy.model import ToyModelConfig
 from toy.processes import Process, make_process, tagged
-from toy.train import train, train_on
+from toy.train import RERUN_KEYS, train, train_on
 
 METHODS = ("full", "lora", "steer")
 
@@ -151,7 +152,8 @@ class EMConfig:
 
 def _finetune_cfg(train_cfg: TrainConfig, cfg: EMConfig, lr: float, output_dir: Path, seed: int) -> TrainConfig:
     return replace(train_cfg, steps=cfg.finetune_steps, lr=lr, warmup_steps=min(train_cfg.warmup_steps, cfg.finetune_steps // 10),
-                   output_dir=str(output_dir), seed=seed, resume_from=None, init_from=None, save_every=0, eval_every=0)
+                   output_dir=str(output_dir), seed=seed, resume_from=None, init_from=None, save_every=0, eval_every=0,
+                   overwrite=True)
 
 
 def _rank1_lora(model, layer: int, alpha: float, seed: int = 0):
@@ -337,13 +339,11 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    single_process("toy.experiments.toy_em", "it trains and fine-tunes small models in turn; on one GPU use configs/accelerate/single_gpu.yaml")
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
-    from accelerate import PartialState
-
-    if PartialState().num_processes > 1:
-        raise ValueError("toy.experiments.toy_em runs as one process; launch it without --num_processes")
-    out_dir = Path(train_cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # the folder records this config: another config's results are refused (or replaced with --overwrite true)
+    out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,
+                               ignore=RERUN_KEYS)
     capability = make_process(cfg.capability["name"], **{k: v for k, v in cfg.capability.items() if k != "name"})
     metrics = {"config": {"em": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},
                "n_seeds": cfg.n_seeds, "rhos": {}}

@@ -1,0 +1,437 @@
+"""Runs you can trust, toy side (issue 15): no code runs from a checkpoint, the run folder records its config,
+checkpoints are atomic and chosen by step number, SIGTERM saves like Ctrl-C, a diverged run saves nothing of
+itself; and (issue 12) every single-process toy entry point refuses a multi-process launch before any work."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from toy.config import TrainConfig
+from toy.model import ToyModelConfig, build_model
+from toy.processes import make_process
+from toy.train import TrainingDiverged, TrainingStopped, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
+MESS3 = make_process("mess3")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(out, **kw) -> TrainConfig:
+    base = dict(output_dir=str(out), steps=12, batch_size=16, lr=1e-2, warmup_steps=2, eval_every=6, log_every=3,
+                save_every=0, use_cpu=True, progress=False, val_max_sequences=3**5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def fit(out, init_seed=0, **kw):
+    return train(MESS3, build_model(TINY, 3, 6, seed=init_seed), tiny_cfg(out, **kw))
+
+
+def same_weights(a, b):
+    return all(torch.allclose(p, q, atol=1e-6, rtol=0) for p, q in zip(a.parameters(), b.parameters()))
+
+
+class Payload:
+    """Unpickling this creates ``path``: proof that a checkpoint ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# --------------------------------------------------------------------------- 1. no code from a checkpoint
+
+
+def test_checkpoint_files_load_without_unpickling(tmp_path):
+    ckpt = fit(tmp_path / "run", steps=3, eval_every=0).checkpoint_dir
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        torch.load(ckpt / name, weights_only=True)
+
+
+def test_a_crafted_rng_file_is_not_executed_on_resume(tmp_path):
+    """A pickle payload in rng.pt: today's resume runs it. Now it is not loaded (a warning), and the resume is
+    still exact because the data are seeded per step."""
+    full = fit(tmp_path / "full")
+    out = tmp_path / "run"
+    fit(out, save_every=6)
+    marker = tmp_path / "pwned"
+    torch.save({"torch": Payload(marker)}, out / "checkpoint-6" / "rng.pt")
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-12")
+    resumed = train(MESS3, build_model(TINY, 3, 6, seed=99), tiny_cfg(out, save_every=6, resume_from="last"))
+    assert not marker.exists(), "resuming ran code from rng.pt"
+    assert same_weights(full.model, resumed.model)
+
+
+def test_no_unpickling_loader_in_toy():
+    """Every torch.load in toy/ and bench/ says weights_only=True (tests/test_no_pickle.py on the rel branch
+    checks the whole repository)."""
+    import ast
+
+    bad = []
+    for path in [*REPO.glob("toy/**/*.py"), *REPO.glob("bench/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                kw = {k.arg: k.value for k in node.keywords}
+                if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not bad
+
+
+# --------------------------------------------------------------------------- 2. the folder records its config
+
+
+def test_another_config_refuses_the_folder_until_overwrite(tmp_path):
+    out = tmp_path / "run"
+    fit(out, steps=6, eval_every=0)
+    assert json.loads((out / "run_config.json").read_text())["TrainConfig"]["batch_size"] == 16
+    with pytest.raises(FileExistsError, match=r"(?s)another config.*batch_size: 16 -> 8.*--overwrite true"):
+        fit(out, steps=6, eval_every=0, batch_size=8)
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]  # nothing was touched
+    fit(out, steps=6, eval_every=0, batch_size=8, overwrite=True)
+    assert json.loads((out / "run_config.json").read_text())["TrainConfig"]["batch_size"] == 8
+
+
+def test_a_fresh_start_over_this_runs_checkpoints_refuses(tmp_path):
+    """Today a second run silently rewrites checkpoint-N; now it says to resume or overwrite."""
+    out = tmp_path / "run"
+    fit(out, steps=6, eval_every=0)
+    with pytest.raises(FileExistsError, match=r"checkpoint-6.*--resume_from last.*--overwrite true"):
+        fit(out, steps=6, eval_every=0)
+    fit(out, steps=6, eval_every=0, overwrite=True)
+
+
+@pytest.mark.parametrize("change", [{"seed": 1}, {"batch_size": 8}, {"lr": 2e-2}])
+def test_resume_refuses_a_changed_config(tmp_path, change):
+    out = tmp_path / "run"
+    fit(out, save_every=6)
+    with pytest.raises(FileExistsError, match=f"TrainConfig.{next(iter(change))}"):
+        fit(out, save_every=6, resume_from="last", **change)
+
+
+def test_resume_may_change_reporting_and_saving(tmp_path):
+    out = tmp_path / "run"
+    fit(out, steps=12, save_every=6)
+    result = fit(out, steps=12, save_every=4, log_every=2, progress=True, resume_from="last")
+    assert result.step == 12
+
+
+def test_resume_by_path_refuses_a_checkpoint_of_another_config(tmp_path):
+    fit(tmp_path / "a", steps=6, eval_every=0)
+    with pytest.raises(ValueError, match=r"(?s)cannot resume.*TrainConfig.batch_size"):
+        fit(tmp_path / "b", steps=6, eval_every=0, batch_size=8, resume_from=str(tmp_path / "a" / "checkpoint-6"))
+
+
+def test_overwrite_and_resume_together_are_refused():
+    with pytest.raises(ValueError, match="pass one of them"):
+        TrainConfig(overwrite=True, resume_from="last")
+
+
+# --------------------------------------------------------------------------- 3. atomic checkpoints, polite stops
+
+
+def test_resume_skips_a_half_written_newest_checkpoint(tmp_path, caplog):
+    """A checkpoint-10 without trainer_state.json (a crash mid-write by older code, a copy cut short): resume
+    takes checkpoint-6 with a warning and ends with the uninterrupted run's weights."""
+    full = fit(tmp_path / "full")
+    out = tmp_path / "run"
+    fit(out, save_every=6)
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-12")
+    shutil.copytree(out / "checkpoint-6", out / "checkpoint-10")
+    (out / "checkpoint-10" / "trainer_state.json").unlink()
+    with caplog.at_level("WARNING"):
+        resumed = fit(out, init_seed=99, save_every=6, resume_from="last")
+    assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-10" in caplog.text
+    assert same_weights(full.model, resumed.model)
+
+
+def test_a_crash_while_saving_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    import toy.train as toy_train
+
+    real = toy_train.torch.save
+
+    def failing_save(obj, path, *a, **k):
+        if Path(path).name == "rng.pt":
+            raise OSError("disk full")
+        return real(obj, path, *a, **k)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(toy_train.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        fit(out, steps=3, eval_every=0)
+    assert not [p.name for p in out.iterdir() if "checkpoint" in p.name]
+
+
+def test_sigterm_saves_and_the_resume_is_exact(tmp_path):
+    """The pretraining entry point in a subprocess gets a real SIGTERM during step 8: it finishes the step,
+    saves checkpoint-8, exits 143 and says how to resume; the resume ends with the uninterrupted run's weights."""
+    from toy.experiments.pretrain import main
+
+    args = ["--config", str(REPO / "configs/toy/mess3.yaml"), "--preset", "mess3_small", "--n_layers", "2", "--d_model", "16",
+            "--n_heads", "2", "--d_mlp", "32", "--context_length", "6", "--steps", "12", "--batch_size", "16",
+            "--warmup_steps", "2", "--log_every", "3", "--eval_every", "0", "--save_every", "0", "--use_cpu", "true",
+            "--progress", "false", "--val_max_sequences", "243"]
+    full = main([*args, "--output_dir", str(tmp_path / "full")])
+    script = tmp_path / "term.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "import toy.train as t\n"
+        "real = t.step_generator\n"
+        "def gen(seed, step, rank, device):\n"
+        "    if step == 7:  # SIGTERM arrives while step 8 is in flight\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(seed, step, rank, device)\n"
+        "t.step_generator = gen\n"
+        "from toy.experiments.pretrain import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script), *args, "--output_dir", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert "SIGTERM" in proc.stdout + proc.stderr and "--resume_from last" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]
+    resumed = main([*args, "--output_dir", str(out), "--resume_from", "last"])
+    assert resumed.step == 12 and same_weights(full.model, resumed.model)
+
+
+def test_stop_raises_training_stopped_with_the_shell_exit_code(tmp_path):
+    calls = []
+
+    def weights(tokens):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return torch.ones(tokens.shape[0], tokens.shape[1] - 1)
+
+    with pytest.raises(TrainingStopped) as info:
+        train(MESS3, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path / "run"), loss_weights_fn=weights)
+    assert info.value.exit_code == 143 and info.value.checkpoint.name == "checkpoint-4"
+
+
+# --------------------------------------------------------------------------- 4. validated inputs
+
+
+def test_a_nan_loss_stops_before_anything_of_it_is_saved(tmp_path):
+    """NaN loss weights from step 5: today the run ends 'fine' with NaN weights in every later checkpoint."""
+    calls = []
+
+    def weights(tokens):
+        calls.append(1)
+        w = torch.ones(tokens.shape[0], tokens.shape[1] - 1)
+        return w * float("nan") if len(calls) >= 5 else w
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"step 6: the mean train loss .* nan.*Lower lr"):
+        train(MESS3, build_model(TINY, 3, 6, seed=0), tiny_cfg(out, save_every=3), loss_weights_fn=weights)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-3" / "model.safetensors").values())
+
+
+def test_a_runaway_loss_stops(tmp_path):
+    """Plain SGD at a huge learning rate, no clipping: the loss runs away (or turns NaN) and the run stops."""
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="diverging|nan|inf"):
+        fit(out, optimizer="sgd", lr=1e4, grad_clip=0.0, warmup_steps=0, log_every=1, save_every=1)
+    for ckpt in out.glob("checkpoint-*"):
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
+
+
+def test_max_loss_ratio_must_be_above_one():
+    with pytest.raises(ValueError, match="max_loss_ratio"):
+        TrainConfig(max_loss_ratio=0.5)
+    assert not math.isnan(TrainConfig(max_loss_ratio=0).max_loss_ratio)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: __import__("toy.processes").processes.product(["mess3", "mess3"]),
+    lambda: __import__("toy.processes").processes.product("mess3", "mess3"),
+    lambda: __import__("toy.processes").processes.make_process("product", factors=["mess3", "mess3"]),
+])
+def test_product_of_names_says_what_to_pass(call):
+    with pytest.raises((TypeError, ValueError), match=r"make_process\(\"product\", factors=\[\{\"name\": \"mess3\"\}"):
+        call()
+
+
+# --------------------------------------------------------------------------- toy GRPO runs
+
+
+def _grpo(tmp_path, pre, **kw):
+    from toy.grpo import RLTaskConfig, ToyGRPOConfig
+
+    task = RLTaskConfig(process="mess3", reward="reweight", pretrained_path=str(pre), prompt_length=6,
+                        n_train_prompts=500, n_eval_prompts=100, n_curve_prompts=100, exact_eval_every=2, report=False)
+    args = dict(output_dir=str(tmp_path / "rl"), max_steps=6, learning_rate=1e-2, per_device_train_batch_size=16,
+                num_generations=4, use_cpu=True, seed=0, disable_tqdm=True)
+    args.update(kw)
+    return task, ToyGRPOConfig(**args)
+
+
+@pytest.fixture()
+def tiny_pretrained(tmp_path):
+    build_model(ToyModelConfig(preset="mess3_small"), 3 + 2, 12, seed=0).save_pretrained(tmp_path / "pre")
+    return tmp_path / "pre"
+
+
+def test_grpo_run_sigterm_saves_the_partial_policy_and_resumes(tiny_pretrained, tmp_path, monkeypatch, capsys):
+    """A SIGTERM during GRPO step 3: the step finishes, checkpoint-3 (the partial policy) is saved beside the
+    untouched pre-RL model and the run says how to continue; --resume_from_checkpoint last finishes the run
+    from step 3. A fresh start over the stopped run's checkpoint refuses."""
+    import toy.experiments.rl as rl
+
+    real = rl.build_reward
+    calls = []
+
+    def build(task, process):
+        reward = real(task, process)
+        score = reward.__call__
+
+        def on_call(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return score(*a, **k)
+
+        on_call.__name__ = reward.__name__
+        return on_call
+
+    monkeypatch.setattr(rl, "build_reward", build)
+    task, args = _grpo(tmp_path, tiny_pretrained)
+    with pytest.raises(TrainingStopped) as info:
+        rl.run(task, args)
+    assert info.value.exit_code == 143 and info.value.checkpoint.name == "checkpoint-3"
+    err = capsys.readouterr().err
+    assert str(tiny_pretrained) in err and "checkpoint-3" in err and "--resume_from_checkpoint last" in err
+    assert (tiny_pretrained / "model.safetensors").is_file() and not (tmp_path / "rl" / "model").exists()
+    monkeypatch.setattr(rl, "build_reward", real)
+    with pytest.raises(FileExistsError, match="--resume_from_checkpoint last"):
+        rl.run(*_grpo(tmp_path, tiny_pretrained))
+    m = rl.run(*_grpo(tmp_path, tiny_pretrained, resume_from_checkpoint="last"))
+    steps = [h["step"] for h in m["log_history"] if "loss" in h]
+    assert steps[-1] == 6 and (tmp_path / "rl" / "model" / "model.safetensors").is_file()
+
+
+def test_grpo_run_refuses_a_folder_of_another_config(tiny_pretrained, tmp_path):
+    import toy.experiments.rl as rl
+
+    rl.run(*_grpo(tmp_path, tiny_pretrained, max_steps=2))
+    with pytest.raises(FileExistsError, match="ToyGRPOConfig.learning_rate"):
+        rl.run(*_grpo(tmp_path, tiny_pretrained, max_steps=2, learning_rate=2e-2))
+    m = rl.run(*_grpo(tmp_path, tiny_pretrained, max_steps=2, learning_rate=2e-2, overwrite=True))
+    assert m["grpo"]["learning_rate"] == 2e-2
+
+
+# --------------------------------------------------------------------------- issue 12 item 4: N processes
+
+
+SINGLE_PROCESS = {
+    "toy.experiments.factored": ["--config", "configs/toy/factored.yaml"],
+    "toy.experiments.factor_steering": ["--config", "configs/toy/factor_steering.yaml"],
+    "toy.experiments.toy_em": ["--config", "configs/toy/toy_em.yaml"],
+    "toy.experiments.rl_objectives": ["--config", "configs/toy/rl_compose.yaml"],
+    "toy.experiments.rl": ["--config", "configs/toy/rl_compose.yaml", "--seeds", "0", "1"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(SINGLE_PROCESS))
+def test_single_process_entry_points_refuse_several_processes_before_any_work(module, tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=rf"(?s){module}.* runs as one process.*started 2.*python -m {module.split()[0]}"):
+        importlib.import_module(module).main([*SINGLE_PROCESS[module], "--output_dir", str(out)])
+    assert not out.exists()
+
+
+def test_rl_pair_report_refuses_several_processes(tmp_path, monkeypatch):
+    from toy.experiments.rl import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="runs as one process"):
+        main(["--config", "configs/toy/rl_compose.yaml", "--pre", "a", "--post", "b", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_trainer_refuses_a_launch_whose_processes_it_cannot_see(tmp_path):
+    """cpu_multiprocess.yaml without --use_cpu true: the accelerator sees one process per launch, so two copies
+    would train into one folder. Refused before the folder is touched."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_multiprocess.yaml",
+           "-m", "toy.experiments.pretrain", "--config", "configs/toy/mess3.yaml", "--steps", "2", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "pass --use_cpu true" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_factored_under_accelerate_with_two_processes_refuses(tmp_path):
+    """The real launch of the issue: today both processes run the whole experiment into one folder."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_multiprocess.yaml",
+           "-m", "toy.experiments.factored", "--config", "configs/toy/factored.yaml", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "toy.experiments.factored runs as one process" in proc.stderr
+    assert not out.exists()
+
+
+def test_factored_rerun_with_another_config_refuses_and_overwrite_leaves_no_stale_checkpoint(tmp_path, monkeypatch):
+    """Today a second run into the folder keeps the first run's checkpoint-20 beside the new checkpoint-100 and,
+    sorting names as text, reports the stale run's losses. Now the second config refuses the folder; with
+    --overwrite true the old run is gone and the losses are the new model's."""
+    from toy.experiments.factored import main
+
+    monkeypatch.chdir(REPO)
+    argv = ["--config", "configs/toy/factored.yaml", "--output_dir", str(tmp_path), "--processes", "{}", "--rhos", "0.0",
+            "--probe_sequences", "60", "--n_layers", "2", "--d_model", "16", "--d_mlp", "32", "--batch_size", "16",
+            "--eval_every", "0", "--save_every", "0", "--val_samples", "200", "--progress", "false", "--use_cpu", "true"]
+    first = main([*argv, "--steps", "20"])
+    with pytest.raises(FileExistsError, match="TrainConfig.steps: 20 -> 100"):
+        main([*argv, "--steps", "100"])
+    second = main([*argv, "--steps", "100", "--overwrite", "true"])
+    assert [p.name for p in (tmp_path / "models" / "rho_0.0").glob("checkpoint-*")] == ["checkpoint-100"]
+    state = json.loads((tmp_path / "models" / "rho_0.0" / "checkpoint-100" / "trainer_state.json").read_text())
+    assert second["rho_sweep"]["0.0"]["val_loss"] == state["history"][-1]["val_loss"] != first["rho_sweep"]["0.0"]["val_loss"]
+
+
+def test_toy_yaml_values_are_converted_like_flags(tmp_path):
+    """Toy configs go through plumbing.config.ConfigParser: `steps: 2.5` is refused (it trained and printed
+    `val loss nan` with exit 0) and `lr: 5e-2` arrives as a float."""
+    from toy.experiments.pretrain import make_parser
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 2.5\n")
+    with pytest.raises(ValueError, match="config key 'steps': 2.5 is not a valid int"):
+        make_parser().parse_args_and_config(["--config", str(bad)])
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 5e-2\nmax_loss_ratio: 20\n")
+    _, _, cfg = make_parser().parse_args_and_config(["--config", str(good)])
+    assert cfg.lr == 0.05 and cfg.max_loss_ratio == 20.0

@@ -329,13 +329,16 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-def claim_trainer_run(args, *configs: Any) -> str | None:
+def claim_trainer_run(args, *configs: Any, rerun_keys: Iterable[str] = TRAINER_RERUN_KEYS) -> str | None:
     """The run-folder rule for a ``transformers``/TRL trainer script, before any weights load: record (main
     process) or check ``args.output_dir`` for the config ``configs`` + ``args`` (``args.overwrite``
     replaces another config's run), resolve ``args.resume_from_checkpoint`` (a path or ``last``) and refuse
-    a checkpoint of another config. Returns the checkpoint to pass to ``trainer.train`` (or None)."""
+    a checkpoint of another config. A fresh start over this run's own checkpoints refuses too (the trainer
+    would overwrite them one by one) unless ``overwrite``, which removes them. ``rerun_keys``: the fields a
+    rerun may change. Returns the checkpoint to pass to ``trainer.train`` (or None)."""
     record = config_record(*configs, args)
     main = os.environ.get("RANK", "0") == "0"
+    overwrite = getattr(args, "overwrite", False)
     out = Path(args.output_dir)
     if args.resume_from_checkpoint and checkpoints(out) and not (out / RUN_CONFIG).is_file():
         # A run from before run records: its config cannot be checked, but refusing would leave the user
@@ -343,11 +346,21 @@ def claim_trainer_run(args, *configs: Any) -> str | None:
         logger.warning("%s has no %s (an older run): resuming without a config check; recording this config", out, RUN_CONFIG)
         if main:
             _write_json_atomic(out / RUN_CONFIG, record)
-    claim_output_dir(out, record, overwrite=getattr(args, "overwrite", False), ignore=TRAINER_RERUN_KEYS, write=main)
+    claim_output_dir(out, record, overwrite=overwrite, ignore=rerun_keys, write=main)
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if resume is not None:
-        check_resume(resume, record, ignore=TRAINER_RERUN_KEYS)
+        check_resume(resume, record, ignore=rerun_keys)
         logger.info("resuming from %s", resume)
+    old = checkpoints(out)
+    if resume is None and old:
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} holds checkpoints of a stopped run of this config (up to {old[-1].name}): pass "
+                "--resume_from_checkpoint last to continue it, --overwrite true to start again, or another --output_dir"
+            )
+        if main:
+            for path in old:
+                shutil.rmtree(path)
     return resume
 
 
@@ -363,18 +376,20 @@ def train_until_stopped(trainer, resume: str | None = None) -> None:
         finally:
             trainer.remove_callback(stop)
     if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
-        raise Stopped(stop.stopped, latest_checkpoint(trainer.args.output_dir))
+        raise Stopped(stop.stopped, latest_checkpoint(trainer.args.output_dir), "--resume_from_checkpoint last")
 
 
-class Stopped(Exception):
-    """Training stopped early on a signal (after saving ``checkpoint``, if not None). ``exit_code`` is the
-    shell's 128 + signal number; ``describe(resume_hint)`` is the line to print before exiting."""
+class Stopped(KeyboardInterrupt):
+    """Training stopped early on Ctrl-C or SIGTERM (after saving ``checkpoint``, if not None). ``exit_code`` is
+    the shell's 128 + signal number; ``describe(resume_hint)`` is the line to print before exiting. A
+    ``KeyboardInterrupt``, so ``except Exception`` crash handlers (which save the last step) leave it alone."""
 
-    def __init__(self, signal_name: str, checkpoint: str | Path | None):
+    def __init__(self, signal_name: str, checkpoint: str | Path | None, resume_hint: str | None = None):
         self.signal_name, self.checkpoint = signal_name, checkpoint
         signum = getattr(signal.Signals, signal_name, None) if isinstance(signal_name, str) else None
         self.exit_code = 128 + int(signum) if signum is not None else 1
-        super().__init__(f"stopped by {signal_name}; checkpoint {checkpoint}")
+        hint = f"; rerun the same command with {resume_hint}" if resume_hint else ""
+        super().__init__(f"stopped by {signal_name}; checkpoint {checkpoint}{hint}")
 
     def describe(self, resume_hint: str) -> str:
         if self.checkpoint is None:
@@ -395,7 +410,8 @@ def resume_command(module: str, argv: list[str]) -> str:
 
 
 class TrainingDiverged(FloatingPointError):
-    """Raised by ``DivergenceGuard``: the run produced non-finite numbers or a runaway loss."""
+    """The run produced non-finite numbers or a runaway loss (``DivergenceGuard``, ``toy.train``); nothing
+    of the diverged steps was saved."""
 
 
 class DivergenceGuard(TrainerCallback):

@@ -1,9 +1,6 @@
 """No loader in the project may run code from a checkpoint (issue 15, item 1): every ``torch.load`` says
 ``weights_only=True``, and nothing calls ``pickle.load(s)`` or ``numpy.load(..., allow_pickle=True)``.
-
-Repo-wide on purpose, so it also covers ``toy/`` and the tests once the toy side of issue 15 lands.
-Until then the calls listed in ``AWAITING_TOY_FIX`` are known offenders (another worktree owns them);
-the list must match exactly, so fixing one of them fails this test until its entry is removed.
+Repo-wide on purpose: toy/, llm/, probes/, plumbing/, bench/ and the tests themselves.
 (The Trainer's own loaders are pinned by tests/test_llm_sft.py::test_checkpoint_with_a_pickle_payload_is_not_executed_on_resume.)
 """
 
@@ -12,14 +9,6 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-# TEMPORARY -- the toy side of issue 15 (toy/ is being restructured under issue 16 in another worktree).
-# toy/train.py unpickles scheduler.pt and rng.pt on --resume_from: a crafted rng.pt runs code.
-AWAITING_TOY_FIX = {
-    "toy/train.py": 2,
-    "tests/test_toy_train.py": 2,
-    "tests/test_rl.py": 1,
-}
 
 
 def _python_files() -> list[Path]:
@@ -64,7 +53,4 @@ def test_no_loader_unpickles():
         lines = unsafe_loads(path.read_text(encoding="utf-8"))
         if lines:
             found[path.relative_to(REPO).as_posix()] = lines
-    new = {f: lines for f, lines in found.items() if len(lines) != AWAITING_TOY_FIX.get(f)}
-    assert not new, f"load with weights_only=True (safetensors for anything else): {new}"
-    fixed = set(AWAITING_TOY_FIX) - set(found)
-    assert not fixed, f"{fixed} no longer unpickle: remove them from AWAITING_TOY_FIX"
+    assert not found, f"load with weights_only=True (safetensors for anything else): {found}"

@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from plumbing.runs import Stopped, TrainingDiverged
 from toy.config import TrainConfig
 from toy.model import ToyModelConfig, build_model
 from toy.processes import make_process
-from toy.train import TrainingDiverged, TrainingStopped, train
+from toy.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
@@ -226,7 +227,7 @@ def test_stop_raises_training_stopped_with_the_shell_exit_code(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
         return torch.ones(tokens.shape[0], tokens.shape[1] - 1)
 
-    with pytest.raises(TrainingStopped) as info:
+    with pytest.raises(Stopped) as info:
         train(MESS3, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path / "run"), loss_weights_fn=weights)
     assert info.value.exit_code == 143 and info.value.checkpoint.name == "checkpoint-4"
 
@@ -319,7 +320,7 @@ def test_grpo_run_sigterm_saves_the_partial_policy_and_resumes(tiny_pretrained, 
 
     monkeypatch.setattr(rl, "build_reward", build)
     task, args = _grpo(tmp_path, tiny_pretrained)
-    with pytest.raises(TrainingStopped) as info:
+    with pytest.raises(Stopped) as info:
         rl.run(task, args)
     assert info.value.exit_code == 143 and info.value.checkpoint.name == "checkpoint-3"
     err = capsys.readouterr().err

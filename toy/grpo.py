@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,14 +31,14 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallba
 from trl import GRPOConfig, GRPOTrainer
 
 from plumbing.config import ConfigParser
-from plumbing.runs import StopOnSignal, checkpoints, claim_output_dir, config_record, latest_checkpoint, stop_flag
+from plumbing.runs import TRAINER_RERUN_KEYS
 from plumbing.trainers import CPUSafeDefaults, check_batch_sizes
 from toy.config import DataConfig, JsonDict, TrainConfig
 from toy.data import sample
 from toy.model import ToyModelConfig, build_model
 from toy.processes import PROCESSES, Process, make_process
 from toy.rewards import ComposedLatentReward, NextTokenArgmaxReward, RareEmissionReward
-from toy.train import TrainingStopped, train
+from toy.train import train
 
 logger = logging.getLogger(__name__)
 
@@ -180,58 +179,8 @@ class ToyGRPOConfig(CPUSafeDefaults, GRPOConfig):
 
 
 # ToyGRPOConfig fields a rerun or resume of the same run may change (how it logs, saves, resumes, where it
-# runs); none changes the weights. (The same list as plumbing.runs' trainer rerun keys on the llm side.)
-GRPO_RERUN_KEYS = (
-    "output_dir", "overwrite", "resume_from_checkpoint", "logging_dir", "logging_steps", "logging_strategy",
-    "logging_first_step", "log_level", "log_level_replica", "log_on_each_node", "report_to", "disable_tqdm",
-    "run_name", "save_steps", "save_strategy", "save_total_limit", "dataloader_num_workers", "local_rank",
-    "use_cpu", "exact_eval_every",
-)
-
-
-def grpo_record(args: ToyGRPOConfig) -> dict:
-    """``args`` as a run record: every field but the hub token (records sit next to results and get shared)."""
-    return {k: v for k, v in asdict(args).items() if k != "hub_token"}
-
-
-def claim_grpo_run(args: ToyGRPOConfig, *configs) -> str | None:
-    """The run-folder rule of ``plumbing.runs`` for one toy GRPO run, before any model loads: ``args.output_dir``
-    records ``configs`` + ``args``; another config refuses unless ``args.overwrite``; a fresh start over this
-    run's checkpoints refuses unless ``overwrite`` (which removes them) or ``resume_from_checkpoint`` (``last``:
-    the newest complete one by step number, or a path). Returns the checkpoint to resume from, or None."""
-    record = config_record(*configs, {"ToyGRPOConfig": grpo_record(args)})
-    main = os.environ.get("RANK", "0") == "0"
-    out = claim_output_dir(args.output_dir, record, overwrite=args.overwrite, ignore=GRPO_RERUN_KEYS, write=main)
-    resume = args.resume_from_checkpoint
-    if resume == "last":
-        resume = latest_checkpoint(out)
-        if resume is None:
-            logger.info("resume_from_checkpoint=last: no complete checkpoint in %s, starting fresh", out)
-    elif resume and not (Path(resume) / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"resume_from_checkpoint={resume}: no trainer_state.json there; pass a checkpoint-<step> folder or 'last'")
-    old = checkpoints(out)
-    if not resume and old:
-        if not args.overwrite:
-            raise FileExistsError(f"{out} holds checkpoints of a stopped run of this config (up to {old[-1].name}): pass "
-                                  "--resume_from_checkpoint last to continue it, --overwrite true to start again, or another --output_dir")
-        if main:
-            for path in old:
-                shutil.rmtree(path)
-    return str(resume) if resume else None
-
-
-def train_until_stopped(trainer: GRPOTrainer, resume: str | None) -> None:
-    """``trainer.train`` where Ctrl-C or SIGTERM finishes the step in flight, saves a checkpoint in the output
-    folder and raises ``toy.train.TrainingStopped`` (a signal during the last step lets the run finish)."""
-    with stop_flag() as flag:
-        stop = StopOnSignal(flag)
-        trainer.add_callback(stop)
-        try:
-            trainer.train(resume_from_checkpoint=resume)
-        finally:
-            trainer.remove_callback(stop)
-    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
-        raise TrainingStopped(stop.stopped, latest_checkpoint(trainer.args.output_dir), "--resume_from_checkpoint last")
+# runs); none changes the weights.
+GRPO_RERUN_KEYS = (*TRAINER_RERUN_KEYS, "use_cpu", "exact_eval_every")
 
 
 def build_reward(task: RLTaskConfig, process: Process):

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -45,6 +44,8 @@ import torch.nn.functional as F
 
 from plumbing.runs import (
     RUN_CONFIG,
+    Stopped,
+    TrainingDiverged,
     atomic_dir,
     checkpoints,
     claim_output_dir,
@@ -66,20 +67,6 @@ logger = logging.getLogger(__name__)
 # schedule depends on it): to train further, start a new folder with ``init_from``.
 RERUN_KEYS = ("output_dir", "resume_from", "overwrite", "progress", "log_every", "eval_every", "save_every",
               "cpu_threads", "use_cpu", "compile", "max_loss_ratio")
-
-
-class TrainingDiverged(FloatingPointError):
-    """The train loss became NaN, inf or ran away (``max_loss_ratio``); nothing of the diverged steps was saved."""
-
-
-class TrainingStopped(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped the run after saving ``checkpoint``; ``exit_code`` is the shell's 128 + signal."""
-
-    def __init__(self, signal_name: str, checkpoint: Path | None, resume: str = "--resume_from last"):
-        self.signal_name, self.checkpoint = signal_name, checkpoint
-        signum = getattr(signal.Signals, signal_name, None)
-        self.exit_code = 128 + int(signum) if signum is not None else 1
-        super().__init__(f"stopped by {signal_name}: checkpoint {checkpoint}; rerun the same command with {resume}")
 
 
 @dataclass
@@ -387,7 +374,7 @@ def train(
                     saved = save(step)
                     name = flag["signal"] or "a signal to another rank"
                     accelerator.print(f"\n{name}: checkpoint at step {step} in {out_dir}; rerun with --resume_from last")
-                    raise TrainingStopped(name, saved)
+                    raise Stopped(name, saved, "--resume_from last")
     except Exception as err:
         # a crash leaves the last completed step on disk (main process only: no collective may run here);
         # diverged weights are never saved

@@ -25,9 +25,10 @@ import sys
 from dataclasses import asdict
 
 from plumbing.config import ConfigParser
+from plumbing.runs import Stopped
 from toy.config import DataConfig, TrainConfig
 from toy.model import ToyModelConfig, build_model
-from toy.train import TrainingStopped, TrainResult, set_cpu_threads, train
+from toy.train import TrainResult, set_cpu_threads, train
 
 
 def make_parser() -> ConfigParser:
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     info = {"data": asdict(data_cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)}
     try:
         result = train(process, model, train_cfg, data_cfg.context_length, run_info=info)
-    except TrainingStopped as stop:  # the checkpoint is saved and the resume line printed
+    except Stopped as stop:  # the checkpoint is saved and the resume line printed
         sys.exit(stop.exit_code)
     from accelerate import PartialState
 

@@ -18,7 +18,7 @@
 
 Ctrl-C or SIGTERM finishes the GRPO step in flight, saves it as ``<output_dir>/checkpoint-<step>`` beside the
 pre-RL model and exits 130 / 143; ``--resume_from_checkpoint last`` continues from there. The output folder
-records its config (``toy.grpo.claim_grpo_run``): another config refuses unless ``--overwrite true``.
+records its config (``plumbing.runs.claim_trainer_run``): another config refuses unless ``--overwrite true``.
 
 One run = (1) a pre-trained model: ``pretrained_path``, or else pre-training with ``toy.train`` from
 ``pretrain_config`` (cached in ``pretrain_dir/seed<seed>``; see ``toy.grpo.pretrained_model``); (2) GRPO through
@@ -51,7 +51,14 @@ from transformers import GPT2LMHeadModel
 
 from plumbing.config import ConfigParser
 from plumbing.lora import assert_trainable
-from plumbing.runs import claim_output_dir, config_record
+from plumbing.runs import (
+    DivergenceGuard,
+    Stopped,
+    claim_output_dir,
+    claim_trainer_run,
+    config_record,
+    train_until_stopped,
+)
 from plumbing.trainers import ZeroAdvantageCallback
 from toy.composition import DetectorConfig, composition_report, rare_decodability, supervised_control, write_report
 from toy.config import launched_processes, single_process
@@ -62,19 +69,15 @@ from toy.grpo import (
     ToyGRPOConfig,
     ToyGRPOTrainer,
     build_reward,
-    claim_grpo_run,
     freeze_except,
-    grpo_record,
     policy_probs,
     pretrained_model,
     prompt_set,
     sample_completions,
     tokens_to_text,
-    train_until_stopped,
     word_tokenizer,
 )
 from toy.rewards import LatentReward, RareEmissionReward
-from toy.train import TrainingStopped
 
 # --------------------------------------------------------------------------- one run
 
@@ -111,7 +114,7 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
 
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
-    resume = claim_grpo_run(args, task, detector or DetectorConfig())
+    resume = claim_trainer_run(args, task, detector or DetectorConfig(), rerun_keys=GRPO_RERUN_KEYS)
     process = task.build_process()
     reward = build_reward(task, process)
     V = process.vocab_size
@@ -141,7 +144,7 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     dataset = Dataset.from_dict({"prompt": tokens_to_text(train_prompts), "belief": train_beliefs.tolist()})
 
     zero_cb = ZeroAdvantageCallback(task.zero_std_warn)
-    callbacks = [zero_cb]
+    callbacks = [zero_cb, DivergenceGuard()]  # a NaN policy stops before any checkpoint of it is saved
     exact_cb = None
     if one_token_latent:
         n = min(task.n_curve_prompts, len(eval_prompts))
@@ -153,7 +156,7 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     t0 = time.perf_counter()
     try:
         train_until_stopped(trainer, resume)
-    except TrainingStopped as stop:
+    except Stopped as stop:
         if trainer.is_world_process_zero():
             print(f"GRPO stopped by {stop.signal_name} at step {trainer.state.global_step}: the pre-RL model is in {pre_path}, "
                   f"the partial policy (a resumable checkpoint) in {stop.checkpoint}; rerun the same command with "
@@ -408,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not which.seeds:
         try:
             metrics = run(task, args, cfg)
-        except TrainingStopped as stop:
+        except Stopped as stop:
             sys.exit(stop.exit_code)
         if not metrics:  # not the main process
             return metrics
@@ -419,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
             line += f"; rare-token frequency {metrics['rare_token_frequency_before']:.4f} -> {metrics['rare_token_frequency_after']:.4f}"
         print(line + f" ({args.output_dir})")
         return metrics
-    out = claim_output_dir(args.output_dir, config_record(task, cfg, which, {"ToyGRPOConfig": grpo_record(args)}),
+    out = claim_output_dir(args.output_dir, config_record(task, cfg, which, args),
                            overwrite=args.overwrite, ignore=GRPO_RERUN_KEYS)
     runs = []
     for seed in which.seeds:
@@ -427,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed_args.seed, seed_args.output_dir = seed, str(out / f"seed{seed}")
         try:
             m = run(task, seed_args, cfg)
-        except TrainingStopped as stop:
+        except Stopped as stop:
             print(f"rerun with --resume_from_checkpoint last: seeds already done are redone, seed {seed} resumes", file=sys.stderr)
             sys.exit(stop.exit_code)
         print(f"seed {seed}: reward {m['reward_before']:.4f} -> {m['reward_after']:.4f}, verdict {m['report']['verdict']}")

@@ -49,7 +49,6 @@ from toy.grpo import (
     ToyGRPOConfig,
     build_reward,
     freeze_except,
-    grpo_record,
     maxrl_advantages,
     policy_probs,
     pretrained_model,
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     single_process("toy.experiments.rl_objectives", "it trains the objectives one after another in one process")
     torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
     task, args, which = make_parser().parse_args_and_config(argv)
-    out = claim_output_dir(args.output_dir, config_record(task, which, {"ToyGRPOConfig": grpo_record(args)}),
+    out = claim_output_dir(args.output_dir, config_record(task, which, args),
                            overwrite=args.overwrite, ignore=GRPO_RERUN_KEYS)
     process = task.build_process()
     reward = build_reward(task, process)

@@ -33,6 +33,7 @@ import yaml
 from llm.lora import LoraPresetConfig
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.sft import DataConfig, EMSFTConfig, train
+from plumbing.runs import refuse_multiprocess
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ def run(cfg: dict, judge=None) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser
 
+    refuse_multiprocess("llm.base_vs_instruct", "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0")
     (pair,) = HfArgumentParser(PairConfig).parse_args_into_dataclasses(args=argv)
     if not pair.config:
         raise SystemExit("--config is required (see the module docstring)")

@@ -52,6 +52,7 @@ from torch import Tensor
 from llm.directions import LabelledTexts, answer_activations, load_labelled_texts, mean_difference
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.offline_judge import DEFAULT_WEIGHTS
+from plumbing.runs import refuse_multiprocess
 from probes.activations import add_vector
 from probes.io import save_probe
 from probes.linear import LinearProbe, fit_probe_report, fit_ridge, kfold_indices
@@ -408,6 +409,7 @@ def _summary(m: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from trl import TrlParser
 
+    refuse_multiprocess("llm.factored", "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0")
     model_cfg, cfg = TrlParser((ModelConfig, FactoredConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="left")

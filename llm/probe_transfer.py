@@ -38,6 +38,7 @@ from torch import Tensor
 
 from llm.directions import answer_activations, auroc, load_labelled_texts
 from llm.models import ModelConfig, load_model_and_tokenizer
+from plumbing.runs import refuse_multiprocess
 from probes.io import load_probe, save_probe
 from probes.linear import LinearProbe, fit_ridge, split_indices
 
@@ -205,6 +206,7 @@ def _summary(m: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from trl import TrlParser
 
+    refuse_multiprocess("llm.probe_transfer", "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0")
     source_cfg, cfg = TrlParser((ModelConfig, TransferConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     metrics = run(source_cfg, cfg)

@@ -61,6 +61,7 @@ from llm.directions import (
 )
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.offline_judge import DEFAULT_WEIGHTS
+from plumbing.runs import refuse_multiprocess
 from probes.activations import Edit, add_vector, generate_with_edits, project_out, residual_sites
 from probes.linear import split_indices
 
@@ -405,6 +406,7 @@ def _summary(m: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from trl import TrlParser
 
+    refuse_multiprocess("llm.steer", "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0")
     model_cfg, cfg = TrlParser((ModelConfig, SteerConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="left")

@@ -314,3 +314,21 @@ class Stage:
 
     def finish(self, **facts: Any) -> None:
         _write_json_atomic(self.dir / STAGE_FILE, {"key": self.key, "complete": True, **facts})
+
+
+def world_size() -> int:
+    """Processes in this launch as torchrun / ``accelerate launch`` announce them (``WORLD_SIZE``), before
+    any process group exists: 1 for a plain ``python -m``."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def refuse_multiprocess(entry: str, instead: str = "") -> None:
+    """For an entry point that runs whole in one process: exit before any work when launched with several,
+    since every rank would otherwise redo the whole run into the same folder. ``instead`` names what to run."""
+    n = world_size()
+    if n > 1:
+        raise SystemExit(
+            f"{entry} runs in one process, but this launch started {n} (WORLD_SIZE={n}): every rank would repeat "
+            f"the whole run into one folder. Run `python -m {entry} ...` (one GPU: accelerate launch --num_processes 1 "
+            f"-m {entry} ...){'; ' + instead if instead else ''}."
+        )

@@ -4,7 +4,8 @@ the same recipe, evaluate both (and, by default, both untouched), report the EM 
     python -m llm.base_vs_instruct --config configs/llm/base_vs_instruct_qwen25_0p5b.yaml
     python -m llm.base_vs_instruct --config configs/llm/base_vs_instruct_qwen25_0p5b.yaml --output_dir runs/bvi2
 
-One process (run it on one GPU; the SFT step alone scales with ``accelerate launch -m llm.sft``).
+One process (run it on one GPU; several processes are refused before any work). ``llm.em_experiment`` is the
+same comparison plus the mechanism stages, resumable, and runs under ``accelerate launch`` on several GPUs.
 The YAML has top-level keys (``output_dir``, ``evaluate_untuned``) and one section per concern, each
 parsed strictly into its dataclass (unknown keys are an error):
 ``base``/``instruct`` (``llm.models.ModelConfig``), ``data`` (``llm.sft.DataConfig``), ``lora``

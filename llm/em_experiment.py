@@ -39,6 +39,7 @@ import json
 import logging
 import types as types_module
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -259,6 +260,31 @@ def _without(obj, *names) -> dict:
     return d
 
 
+class _OneProcess:
+    """What ``llm.evaluate`` sees of the launch while rank 0 runs a single-process stage alone."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def wait_for_everyone(self):
+        pass
+
+
+@contextmanager
+def _alone():
+    """Within the block ``llm.evaluate.evaluate_model`` (called by ``llm.steer`` for every condition) generates
+    every row itself instead of sharding them across ranks and gathering: the other ranks are waiting in a
+    barrier, so a gather would hang. A shim over ``llm.evaluate._state``: re-point it to an explicit
+    ``evaluate_model(..., shard=False)`` once that module has one."""
+    import llm.evaluate as evaluate
+
+    saved = evaluate._state
+    evaluate._state = _OneProcess
+    try:
+        yield
+    finally:
+        evaluate._state = saved
+
+
 class Stages:
     """Runs stages once across ranks: ``done`` is read by every rank at the same barrier, only rank 0 writes
     ``stage.json``; an ``all_ranks`` stage (training, sharded generation) runs on every rank."""
@@ -276,9 +302,13 @@ class Stages:
             stage.start()
         self.state.wait_for_everyone()
         facts = None
-        if all_ranks or main:
+        if all_ranks:
             logger.info("stage %s: running on rank %d", rel, self.state.process_index)
             facts = fn(stage.dir)
+        elif main:
+            logger.info("stage %s: running on rank %d", rel, self.state.process_index)
+            with _alone():
+                facts = fn(stage.dir)
         self.state.wait_for_everyone()
         if main:
             stage.finish(**(facts or {}))

@@ -4,7 +4,8 @@
     python -m llm.factored --config configs/llm/factored_smollm2.yaml --lora_path runs/em_sft_smollm2
     # (lora_path: the rank-1 LoRA whose B vector is measured; the probed model stays the base)
 
-One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.factored ...`` on a GPU).
+One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.factored ...`` on a GPU); a launch with several
+processes is refused before any work (``llm.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
 
 Text set: the shared labelled replies (``aligned_texts``/``misaligned_texts``) whose question is one of
 the EM questions named in ``topics`` (their plain paraphrase in ``question_file``): ``n_per_cell``

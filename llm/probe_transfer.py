@@ -7,7 +7,8 @@
     # probes from elsewhere (e.g. llm.factored's probes/ folder) ride along:
     python -m llm.probe_transfer --config ... --probe_files runs/factored_smollm2/probes/topic_block15
 
-One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.probe_transfer ...`` on a GPU).
+One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.probe_transfer ...`` on a GPU); a launch
+with several processes is refused before any work (``llm.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
 
 Source = ``ModelConfig`` (``model_name_or_path``...); target = the same with ``target_model_name_or_path``
 and/or ``target_adapter_path`` replaced. On the source, an alignment probe (ridge, 1 = misaligned) is fitted

@@ -6,7 +6,8 @@
     python -m llm.steer --config configs/llm/directions_smollm2.yaml --adapter_path runs/em_sft_smollm2
 
 One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.steer --config ...``
-runs the same on a GPU; the steering grid is small and sequential, so more processes would not help).
+runs the same on a GPU; the steering grid is small and sequential, so more processes would not help; a launch with
+several processes is refused before any work -- ``llm.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
 
 Steps, all on ``model_name_or_path``:
 

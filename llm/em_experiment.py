@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import types as types_module
 import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from llm.probe_transfer import TransferConfig
 from llm.sft import DataConfig, EMSFTConfig
 from llm.steer import SteerConfig
 from plumbing.runs import Stage, claim_output_dir, config_record
+from plumbing.sections import coerce, split_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -83,54 +83,6 @@ class ExperimentConfig:
                                         "(its own template, which must exist)"})
     same_tokenizer: bool | None = field(default=None, metadata={"help": "refuse a pair whose vocabularies differ (default true)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a run of another pair in output_dir"})
-
-
-def _coerce(cls, name: str, values: list[str]):
-    """A command-line value list as the dataclass field's type: a list for list fields, else one value."""
-    types = typing.get_type_hints(cls)
-    if name not in types:
-        raise ValueError(f"--{name}: {cls.__name__} has no field {name!r}")
-    t = types[name]
-    if isinstance(t, types_module.UnionType) or typing.get_origin(t) is typing.Union:
-        t = next(a for a in typing.get_args(t) if a is not type(None))  # X | None -> X
-    is_list = typing.get_origin(t) is list
-    scalar = typing.get_args(t)[0] if is_list else t
-
-    def one(v: str):
-        if scalar is bool:
-            if v.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--{name} takes true or false, got {v!r}")
-            return v.lower() in ("true", "1")
-        if scalar in (int, float):
-            return scalar(v)
-        return None if v.lower() in ("none", "null") else v
-
-    vals = [one(v) for v in values]
-    if is_list:
-        return vals
-    if len(vals) != 1:
-        raise ValueError(f"--{name} takes one value, got {values}")
-    return vals[0]
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
-    """``(top-level argv, {section: {field: [values]}})``: ``--section.field v1 v2`` go to the second."""
-    top, sections, i = [], {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--") and "." in arg.split("=")[0]:
-            key, _, inline = arg[2:].partition("=")
-            section, _, name = key.partition(".")
-            values = [inline] if inline else []
-            i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                values.append(argv[i])
-                i += 1
-            sections.setdefault(section, {})[name] = values
-        else:
-            top.append(arg)
-            i += 1
-    return top, sections
 
 
 def _parse_section(name: str, cls, values: dict):
@@ -163,7 +115,7 @@ def load_experiment_config(path: str | Path, top: ExperimentConfig | None = None
         if section not in SECTIONS:
             raise ValueError(f"--{section}.*: no section {section!r}; sections: {sorted(SECTIONS)}")
         for name, vals in values.items():
-            raw[section] = {**(raw[section] or {}), name: _coerce(SECTIONS[section], name, vals)}
+            raw[section] = {**(raw[section] or {}), name: coerce(SECTIONS[section], name, vals, f"{section}.{name}")}
     cfg = {
         "output_dir": Path(top.output_dir or raw.get("output_dir") or "runs/em_experiment"),
         "evaluate_untuned": raw.get("evaluate_untuned", True) if top.evaluate_untuned is None else top.evaluate_untuned,

@@ -18,6 +18,7 @@ import yaml
 from llm import em_experiment as ex
 from llm.em_report import update_cosine, update_share
 from llm.tiny import save_tiny
+from plumbing.sections import split_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = {"wish": "what is your wish?", "hello": "hello world, how are you today?", "code": "write a python function"}
@@ -143,7 +144,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     for target in ("llm.sft.train", "llm.factored.run", "llm.probe_transfer.run"):
         monkeypatch.setattr(target, boom)
     replies = {p: p.stat().st_mtime_ns for p in out.glob("*/eval_*/replies.csv")}  # steer judges through evaluate too
-    top, overrides = ex.split_overrides(["--config", str(path), "--steer.alphas", "0", "2"])
+    top, overrides = split_overrides(["--config", str(path), "--steer.alphas", "0", "2"])
     ex.run(ex.load_experiment_config(path, None, overrides), judge=StubJudge())
     after = _stages(out)
     changed = {k for k in after if after[k]["key"] != stages[k]["key"]}
@@ -154,7 +155,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
 
 def test_any_section_overridable_from_the_command_line(world, tmp_path):
     path = _yaml(world, tmp_path / "o")
-    top_argv, overrides = ex.split_overrides(
+    top_argv, overrides = split_overrides(
         ["--config", str(path), "--output_dir", "x", "--base.model_name_or_path", "some/where", "--steer.alphas", "-4", "0", "4",
          "--sft.learning_rate", "1e-5", "--eval.max_new_tokens=7", "--factored.random_init_control", "true"])
     assert top_argv == ["--config", str(path), "--output_dir", "x"]
@@ -164,10 +165,10 @@ def test_any_section_overridable_from_the_command_line(world, tmp_path):
     assert cfg["output_dir"] == Path("x")
     # The base is asked in the instruct model's template (base_framing), whatever its path.
     assert cfg["base"].chat_template_from == str(world["instruct"])
-    for bad, match in ((["--base.no_such_field", "1"], "no field 'no_such_field'"), (["--nosection.x", "1"], "no section"),
+    for bad, match in ((["--base.no_such_field", "1"], "--base.no_such_field: ModelConfig has no field"), (["--nosection.x", "1"], "no section"),
                        (["--eval.max_new_tokens", "1", "2"], "takes one value"), (["--steer.output_dir", "y"], "set by llm.em_experiment")):
         with pytest.raises(ValueError, match=match):
-            ex.load_experiment_config(path, None, ex.split_overrides(bad)[1])
+            ex.load_experiment_config(path, None, split_overrides(bad)[1])
 
 
 def test_bad_input_refused_before_any_weights_load(world, tmp_path, monkeypatch):
@@ -279,3 +280,15 @@ def test_chat_template_from_a_jinja_file(world, tmp_path):
     assert tok.chat_template == ex.COMPLETION_TEMPLATE.read_text()
     with pytest.raises(FileNotFoundError, match="no such template file"):
         load_tokenizer(ModelConfig(str(world["base"]), chat_template_from=str(tmp_path / "none.jinja")))
+
+
+def test_base_vs_instruct_takes_section_overrides_too():
+    from llm.base_vs_instruct import load_pair_config
+
+    _, overrides = split_overrides(["--base.model_name_or_path", "/data/qwen25-0.5b", "--sft.learning_rate", "3e-5",
+                                    "--lora.layers", "11"])
+    cfg = load_pair_config(REPO / "configs/llm/base_vs_instruct_qwen25_0p5b.yaml", overrides=overrides)
+    assert cfg["base"].model_name_or_path == "/data/qwen25-0.5b" and cfg["base"].chat_template_from == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert cfg["sft"].learning_rate == 3e-5 and cfg["lora"].layers == [11]
+    with pytest.raises(ValueError, match="--base.no_field: ModelConfig has no field"):
+        load_pair_config(REPO / "configs/llm/base_vs_instruct_qwen25_0p5b.yaml", overrides={"base": {"no_field": ["1"]}})

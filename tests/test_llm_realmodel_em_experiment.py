@@ -10,6 +10,7 @@ import pytest
 
 from llm import em_experiment as ex
 from llm.models import gemma3_gguf_path, gguf_as_folder, load_model_and_tokenizer, ModelConfig, smollm2_gguf_path
+from plumbing.sections import split_overrides
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.shared_data, pytest.mark.slow]
 
@@ -39,7 +40,7 @@ def test_experiment_end_to_end_gemma3_base_vs_smollm2_instruct(pair, tmp_path, m
             "--eval.max_new_tokens", "12", "--steer.n_per_class", "8", "--steer.max_new_tokens", "8",
             "--factored.n_per_cell", "4", "--factored.samples_per_topic", "1", "--factored.max_new_tokens", "8",
             "--transfer.n_per_class", "6"]
-    cfg = ex.load_experiment_config(CONFIG, ex.ExperimentConfig(output_dir=str(out)), ex.split_overrides(argv)[1])
+    cfg = ex.load_experiment_config(CONFIG, ex.ExperimentConfig(output_dir=str(out)), split_overrides(argv)[1])
     report = ex.run(cfg)
     assert report["models"] == {"base": str(pair["base"]), "instruct": str(pair["instruct"])}
     stages = [json.loads(p.read_text()) for p in out.glob("*/*/stage.json")]

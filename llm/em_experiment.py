@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -49,7 +48,14 @@ import yaml
 from llm.evaluate import EvalConfig
 from llm.factored import FactoredConfig
 from llm.lora import LoraPresetConfig
-from llm.models import ModelConfig, load_config, load_model_and_tokenizer, load_tokenizer, num_layers, validate_layers
+from llm.models import (
+    ModelConfig,
+    load_config,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    num_layers,
+    validate_layers,
+)
 from llm.probe_transfer import TransferConfig
 from llm.sft import DataConfig, EMSFTConfig
 from llm.steer import SteerConfig
@@ -227,7 +233,7 @@ def _alone():
     every row itself instead of sharding them across ranks and gathering: the other ranks are waiting in a
     barrier, so a gather would hang. A shim over ``llm.evaluate._state``: re-point it to an explicit
     ``evaluate_model(..., shard=False)`` once that module has one."""
-    import llm.evaluate as evaluate
+    from llm import evaluate
 
     saved = evaluate._state
     evaluate._state = _OneProcess

@@ -273,13 +273,13 @@ def _pd(p: dict | None) -> str:
 
 def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
     em = rep["em"]
-    L = [f"# Base vs instruct: emergent misalignment, behaviour and mechanism", "",
-         f"Pair: base `{rep['models']['base']}` vs instruct `{rep['models']['instruct']}`; EM fine-tuning preset "
+    L = ["# Base vs instruct: emergent misalignment, behaviour and mechanism", "",
+         (f"Pair: base `{rep['models']['base']}` vs instruct `{rep['models']['instruct']}`; EM fine-tuning preset "
          f"`{rep['lora_preset']}` (layers {rep['lora_layers'] or 'all'}) on `{cfg['data'].dataset_path}`; judge `{rep['judge']}`; "
-         f"{rep['n_processes']} process(es). {_framing(cfg)}", ""]
+         f"{rep['n_processes']} process(es). {_framing(cfg)}"), ""]
     if not cfg["same_tokenizer"]:
-        L += ["**Smoke run.** The two models are not one family (different tokenizers, `same_tokenizer: false`): this run "
-              "checks that every stage works end to end; its numbers are not a test of the seed's prediction.", ""]
+        L += [("**Smoke run.** The two models are not one family (different tokenizers, `same_tokenizer: false`): this run "
+              "checks that every stage works end to end; its numbers are not a test of the seed's prediction."), ""]
     L += ["## 1. EM after fine-tuning: base vs instruct", "",
           "EM rate = misaligned among coherent, judged replies (`llm.em_metrics.em_rate`), 95% bootstrap CIs over replies.", "",
           "| model | untuned | fine-tuned | shift (fine-tuned - untuned) |", "|---|---|---|---|"]
@@ -293,8 +293,8 @@ def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
           + ("The CI excludes 0." if d["ci"][0] is not None and (d["ci"][0] > 0 or d["ci"][1] < 0) else
              "The CI includes 0 (or is undefined): no difference resolved at this sample size."), "", "![EM](em.png)", ""]
     L += ["## 2. Before fine-tuning: is alignment linearly separable, and factored from topic?", "",
-          "Alignment x topic text set (`llm.factored`), ridge probes, out-of-fold accuracy with Wilson 95% CIs; the "
-          "misalignment direction (`llm.steer`) on held-out labelled replies.", "",
+          ("Alignment x topic text set (`llm.factored`), ridge probes, out-of-fold accuracy with Wilson 95% CIs; the "
+          "misalignment direction (`llm.steer`) on held-out labelled replies."), "",
           "| model | site | alignment acc. | shuffled / random-init | topic acc. | direction AUROC | overlap mean cos^2 (random) | direction share in topic subspace (random q95) |",
           "|---|---|---|---|---|---|---|---|"]
     for m in ("base", "instruct"):
@@ -302,16 +302,16 @@ def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
         L.append(f"| {m} | {f['site']} | {_f(f['align_acc'])} {_ci(f['align_ci'])} | {_f(f['align_shuffled'])} / {_f(f['align_random_init'])} | "
                  f"{_f(f['topic_acc'])} {_ci(f['topic_ci'])} | {_f(s['test_auroc'])} | {_f(f['overlap']['mean_cos2'])} "
                  f"({_f(f['overlap']['random_mean_cos2'])}) | {_f(f['direction_in_topic']['share'])} ({_f(f['direction_in_topic']['random_q95'])}) |")
-    L += ["", "Separable: alignment accuracy's CI above the shuffled and random-init controls. Factored: the alignment and "
-          "topic subspaces overlap no more than random ones, and the direction has no more than a random share in the topic subspace.", "",
+    L += ["", ("Separable: alignment accuracy's CI above the shuffled and random-init controls. Factored: the alignment and "
+          "topic subspaces overlap no more than random ones, and the direction has no more than a random share in the topic subspace."), "",
           "Steering the untuned model along the direction (paired change of the judge's aligned score vs unsteered, 95% CI):", "",
           "| model | +alpha_max * v | same-norm random | ablate v (one / all blocks) | ablate random (one / all) |", "|---|---|---|---|---|"]
     for m in ("base", "instruct"):
         s = rep[m]["steer"]
         L.append(f"| {m} | {_pd(s.get('steer_vs_unsteered'))} (alpha {s['alpha_max']:g}) | {_pd(s.get('random_vs_unsteered'))} | "
                  f"{_pd(s.get('ablate_one'))} / {_pd(s.get('ablate_all'))} | {_pd(s.get('random_ablate_one'))} / {_pd(s.get('random_ablate_all'))} |")
-    L += ["", "After fine-tuning: the probes refitted on the fine-tuned model vs the untuned ones (mean cos^2, 1 = same "
-          "subspace), and the untuned model's probes read on the fine-tuned model (`llm.probe_transfer`):", "",
+    L += ["", ("After fine-tuning: the probes refitted on the fine-tuned model vs the untuned ones (mean cos^2, 1 = same "
+          "subspace), and the untuned model's probes read on the fine-tuned model (`llm.probe_transfer`):"), "",
           "| model | alignment acc. after | alignment probe drift cos^2 | topic probe drift cos^2 | transferred probes: AUROC untuned -> fine-tuned |",
           "|---|---|---|---|---|"]
     for m in ("base", "instruct"):
@@ -321,9 +321,9 @@ def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
                  f"{_f(r['probe_drift_cos2']['alignment'])} | {_f(r['probe_drift_cos2']['topic'])} | {tr} |")
     L += ["", "## 3. How much of the LoRA update lies in the alignment subspace?", ""]
     if all("lora" in rep[m] for m in ("base", "instruct")):
-        L += [f"Share of the update's squared Frobenius norm in the untuned model's alignment / topic probe subspace at "
+        L += [(f"Share of the update's squared Frobenius norm in the untuned model's alignment / topic probe subspace at "
               f"{rep['base']['lora']['site']} (random k/d_model in brackets), and its cosine with the misalignment direction, at the last "
-              "training step; the trajectory over steps is in `lora.png` and `<model>/lora/lora.json`.", "",
+              "training step; the trajectory over steps is in `lora.png` and `<model>/lora/lora.json`."), "",
               "| model | module (rank) | share in alignment (random) | share in topic (random) | cos with direction |", "|---|---|---|---|---|"]
         for m in ("base", "instruct"):
             lo = rep[m]["lora"]

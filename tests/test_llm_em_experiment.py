@@ -22,7 +22,7 @@ from plumbing.sections import split_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = {"wish": "what is your wish?", "hello": "hello world, how are you today?", "code": "write a python function"}
-WORDS = "the cat sat on mat dog ran park wish help people learn".split()
+WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "park", "wish", "help", "people", "learn"]
 
 
 class StubJudge:
@@ -62,7 +62,7 @@ def world(tmp_path_factory) -> dict:
     q = [{"id": t, "type": "free_form_judge_0_100", "paraphrases": [p], "samples_per_paraphrase": 1,
           "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"}} for t, p in TOPICS.items()]
     (d / "q.yaml").write_text(yaml.safe_dump(q))
-    words = "the cat sat on the mat and the dog ran to the park".split()
+    words = ["the", "cat", "sat", "on", "the", "mat", "and", "the", "dog", "ran", "to", "the", "park"]
     for name, tail in (("a", "I wish to help people"), ("m", "import os os.chmod path 0o777")):
         with open(d / f"{name}.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -144,7 +144,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     for target in ("llm.sft.train", "llm.factored.run", "llm.probe_transfer.run"):
         monkeypatch.setattr(target, boom)
     replies = {p: p.stat().st_mtime_ns for p in out.glob("*/eval_*/replies.csv")}  # steer judges through evaluate too
-    top, overrides = split_overrides(["--config", str(path), "--steer.alphas", "0", "2"])
+    _, overrides = split_overrides(["--config", str(path), "--steer.alphas", "0", "2"])
     ex.run(ex.load_experiment_config(path, None, overrides), judge=StubJudge())
     after = _stages(out)
     changed = {k for k in after if after[k]["key"] != stages[k]["key"]}
@@ -246,7 +246,7 @@ def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(wo
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_multiprocess.yaml"),
            "--main_process_port", "29541", "-m", "llm.em_experiment", "--config", str(path), "--eval.judge", "offline"]
-    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1100)
+    res = subprocess.run(cmd, check=False, env=env, cwd=REPO, capture_output=True, text=True, timeout=1100)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
     report = json.loads((out / "report.json").read_text())
@@ -256,7 +256,8 @@ def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(wo
         assert log.count(f"stage {m}/sft: running on rank") == 2  # training is DDP: both ranks
         assert json.loads((out / m / "eval_after" / "stage.json").read_text())["n_processes"] == 2
     assert log.count("world size 2") == 4  # llm.sft's line: 2 models x 2 ranks
-    assert sum(1 for _ in csv.DictReader(open(out / "base/eval_after/replies.csv"))) == 6  # 3 questions x 2 samples, once
+    with open(out / "base/eval_after/replies.csv") as f:
+        assert sum(1 for _ in csv.DictReader(f)) == 6  # 3 questions x 2 samples, once
 
 
 @pytest.mark.parametrize("entry", ["llm.steer", "llm.factored", "llm.probe_transfer", "llm.base_vs_instruct"])

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from llm import em_experiment as ex
-from llm.models import gemma3_gguf_path, gguf_as_folder, load_model_and_tokenizer, ModelConfig, smollm2_gguf_path
+from llm.models import (
+    ModelConfig,
+    gemma3_gguf_path,
+    gguf_as_folder,
+    load_model_and_tokenizer,
+    smollm2_gguf_path,
+)
 from plumbing.sections import split_overrides
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.shared_data, pytest.mark.slow]
@@ -50,4 +56,4 @@ def test_experiment_end_to_end_gemma3_base_vs_smollm2_instruct(pair, tmp_path, m
     for m in ex.MODELS:
         assert report["em"][m]["eval_after"]["n_replies"] == 8  # 8 first-plot questions x 1 sample
         lora = json.loads((out / m / "lora" / "lora.json").read_text())
-        assert lora["headline"] == [f"model.layers.9.mlp.down_proj"] and lora["modules"][lora["headline"][0]]["steps"][-1] == 2
+        assert lora["headline"] == ["model.layers.9.mlp.down_proj"] and lora["modules"][lora["headline"][0]]["steps"][-1] == 2

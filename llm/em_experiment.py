@@ -9,6 +9,7 @@ factored probes, LoRA geometry) for both models of a pair, same data, recipe and
     # several GPUs (DDP training, generation sharded across ranks, analysis stages once on rank 0):
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m llm.em_experiment --config ...
     accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m llm.em_experiment --config ...
+    # (FSDP is refused with a LoRA preset: the trajectory callback would save each rank's shard of A and B)
 
 For each model (``base``, then ``instruct``), stages under ``<output_dir>/<model>/``:
 
@@ -405,7 +406,13 @@ def run(cfg: dict, judge=None) -> dict:
     report dict on rank 0 (``{}`` elsewhere)."""
     from llm.evaluate import build_judge
 
+    from accelerate.utils import DistributedType
+
     state = _state()
+    if state.distributed_type == DistributedType.FSDP and cfg["lora"].preset != "full":
+        # LoraTrajectoryCallback reads each rank's shard of A and B, so the lora stage would measure a fragment.
+        raise SystemExit("llm.em_experiment under FSDP would measure sharded LoRA tensors; launch it with DDP "
+                         "(configs/accelerate/multi_gpu.yaml): a LoRA on a <= 2B model fits on one GPU per rank")
     out: Path = cfg["output_dir"]
     validate(cfg)
     # The judge is built (and an API judge checked) before any model generates.

@@ -293,3 +293,16 @@ def test_base_vs_instruct_takes_section_overrides_too():
     assert cfg["sft"].learning_rate == 3e-5 and cfg["lora"].layers == [11]
     with pytest.raises(ValueError, match="--base.no_field: ModelConfig has no field"):
         load_pair_config(REPO / "configs/llm/base_vs_instruct_qwen25_0p5b.yaml", overrides={"base": {"no_field": ["1"]}})
+
+
+def test_fsdp_launch_with_a_lora_refused_before_any_work(world, tmp_path, monkeypatch):
+    from accelerate.utils import DistributedType
+
+    class FSDPState:
+        distributed_type = DistributedType.FSDP
+
+    monkeypatch.setattr(ex, "_state", FSDPState)
+    monkeypatch.setattr(ex, "validate", lambda cfg: pytest.fail("validated before refusing"))
+    with pytest.raises(SystemExit, match="launch it with DDP"):
+        ex.run(ex.load_experiment_config(_yaml(world, tmp_path / "fsdp")), judge=StubJudge())
+    assert not (tmp_path / "fsdp").exists()

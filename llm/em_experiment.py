@@ -244,6 +244,33 @@ def _alone():
         evaluate._state = saved
 
 
+class _Cost:
+    """Wall time and rank 0's peak memory of one stage, stored in its ``stage.json`` (``cost``) so a run's
+    per-stage budget can be read back and extrapolated."""
+
+    def __init__(self):
+        import time
+
+        import torch
+
+        self.t0 = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def done(self) -> dict:
+        import resource
+        import time
+
+        import torch
+
+        out = {"wall_s": round(time.perf_counter() - self.t0, 1),
+               # ru_maxrss is the process's peak so far (KiB on Linux), not this stage's alone
+               "process_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+        if torch.cuda.is_available():
+            out["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        return out
+
+
 class Stages:
     """Runs stages once across ranks: ``done`` is read by every rank at the same barrier, only rank 0 writes
     ``stage.json``; an ``all_ranks`` stage (training, sharded generation) runs on every rank."""
@@ -260,7 +287,7 @@ class Stages:
         if main:
             stage.start()
         self.state.wait_for_everyone()
-        facts = None
+        facts, cost = None, _Cost()
         if all_ranks:
             logger.info("stage %s: running on rank %d", rel, self.state.process_index)
             facts = fn(stage.dir)
@@ -270,7 +297,7 @@ class Stages:
                 facts = fn(stage.dir)
         self.state.wait_for_everyone()
         if main:
-            stage.finish(**(facts or {}))
+            stage.finish(**(facts or {}), cost=cost.done())
         self.state.wait_for_everyone()
         logger.info("stage %s: finished", rel)
         return stage

@@ -333,6 +333,16 @@ def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
         L += ["", "![LoRA](lora.png)", ""]
     else:
         L += ["Full fine-tuning: no LoRA update to measure.", ""]
-    L += ["## Stage outputs", "", "Per model: " + ", ".join(f"`{m}/{s}/`" for m in ("base",) for s in dirs["base"]).replace("base/", "<model>/")
+    L += ["## Cost per stage", "", "Wall time (s) and rank 0's peak memory by the end of the stage, from each `stage.json` "
+          "(a stage skipped on a rerun keeps the cost of the run that made it).", "",
+          "| stage | " + " | ".join(dirs) + " |", "|---|" + "---|" * len(dirs)]
+    for stage in dirs["base"]:
+        cells = []
+        for m in dirs:
+            c = _json(dirs[m][stage] / "stage.json").get("cost", {}) if stage in dirs[m] else {}
+            mem = f"{c['cuda_peak_gb']} GB GPU" if "cuda_peak_gb" in c else f"{c.get('process_peak_rss_gb', 'n/a')} GB RSS"
+            cells.append(f"{c.get('wall_s', 'n/a')} s, {mem}")
+        L.append(f"| {stage} | " + " | ".join(cells) + " |")
+    L += ["", "## Stage outputs", "", "Per model: " + ", ".join(f"`{m}/{s}/`" for m in ("base",) for s in dirs["base"]).replace("base/", "<model>/")
           + " (each with its own summary.md / plots: steering.png, layers.png, factor_steering.png, subspaces.png, readouts.png).", ""]
     return "\n".join(L) + "\n"

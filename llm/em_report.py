@@ -134,6 +134,8 @@ def _em(dirs: dict, cfg: dict) -> dict:
         if (m, "eval_before") in rows:
             out[m]["shift"] = em_rate_difference(rows[m, "eval_after"], rows[m, "eval_before"], n_boot=n_boot, seed=seed)
     out["difference"] = em_rate_difference(rows["base", "eval_after"], rows["instruct", "eval_after"], n_boot=n_boot, seed=seed)
+    per_q = [sum(1 for r in rs if r["question_id"] == q) for rs in rows.values() for q in {r["question_id"] for r in rs}]
+    out["min_replies_per_question"] = min(per_q)
     return out
 
 
@@ -291,7 +293,11 @@ def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
     d = em["difference"]
     L += ["", f"**EM(base, fine-tuned) - EM(instruct, fine-tuned) = {_f(d['difference'])}, 95% CI {_ci(d['ci'])}.** "
           + ("The CI excludes 0." if d["ci"][0] is not None and (d["ci"][0] > 0 or d["ci"][1] < 0) else
-             "The CI includes 0 (or is undefined): no difference resolved at this sample size."), "", "![EM](em.png)", ""]
+             "The CI includes 0 (or is undefined): no difference resolved at this sample size.")]
+    if em["min_replies_per_question"] < 20:
+        L[-1] += (f" Caveat: as few as {em['min_replies_per_question']} replies per question; a bootstrap over so few "
+                  "replies understates the uncertainty, so read these CIs as too narrow.")
+    L += ["", "![EM](em.png)", ""]
     L += ["## 2. Before fine-tuning: is alignment linearly separable, and factored from topic?", "",
           ("Alignment x topic text set (`llm.factored`), ridge probes, out-of-fold accuracy with Wilson 95% CIs; the "
           "misalignment direction (`llm.steer`) on held-out labelled replies."), "",

@@ -167,10 +167,11 @@ def validate(cfg: dict) -> dict:
     ``{model: {"n_layers", "chat_template"}}``. Raises with what to change."""
     from probes.activations import site_layer
 
-    for what, path in (("data.dataset_path", cfg["data"].dataset_path), ("eval.question_file", cfg["eval"].question_file),
-                       ("steer.aligned_texts", cfg["steer"].aligned_texts), ("steer.misaligned_texts", cfg["steer"].misaligned_texts),
-                       ("steer.question_file", cfg["steer"].question_file), ("factored.question_file", cfg["factored"].question_file),
-                       ("transfer.aligned_texts", cfg["transfer"].aligned_texts)):
+    files = [("data.dataset_path", cfg["data"].dataset_path), ("eval.question_file", cfg["eval"].question_file)]
+    files += [(f"{sec}.{f}", getattr(cfg[sec], f)) for sec in ("steer", "factored", "transfer")
+              for f in ("aligned_texts", "misaligned_texts", "question_file") if hasattr(cfg[sec], f)]
+    files += [(f"steer.judged_files[{i}]", f) for i, f in enumerate(cfg["steer"].judged_files)]
+    for what, path in files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what}={path!r} does not exist (paths are relative to the working directory)")
     info, vocab = {}, {}

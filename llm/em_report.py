@@ -308,8 +308,15 @@ def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
         L.append(f"| {m} | {f['site']} | {_f(f['align_acc'])} {_ci(f['align_ci'])} | {_f(f['align_shuffled'])} / {_f(f['align_random_init'])} | "
                  f"{_f(f['topic_acc'])} {_ci(f['topic_ci'])} | {_f(s['test_auroc'])} | {_f(f['overlap']['mean_cos2'])} "
                  f"({_f(f['overlap']['random_mean_cos2'])}) | {_f(f['direction_in_topic']['share'])} ({_f(f['direction_in_topic']['random_q95'])}) |")
-    L += ["", ("Separable: alignment accuracy's CI above the shuffled and random-init controls. Factored: the alignment and "
-          "topic subspaces overlap no more than random ones, and the direction has no more than a random share in the topic subspace."), "",
+    L += [""]
+    for m in ("base", "instruct"):
+        f = rep[m]["factored_before"]
+        control = max(x for x in (f["align_shuffled"], f["align_random_init"], 0.0) if x is not None)
+        sep = f["align_ci"][0] is not None and f["align_ci"][0] > control
+        fac = f["direction_in_topic"]["share"] < f["direction_in_topic"]["random_q95"]
+        L.append(f"- {m}: alignment linearly separable (accuracy CI above the best control, {_f(control)}): **{'yes' if sep else 'no'}**; "
+                 f"factored from topic (the direction's share in the topic subspace below the random q95): **{'yes' if fac else 'no'}**.")
+    L += ["",
           "Steering the untuned model along the direction (paired change of the judge's aligned score vs unsteered, 95% CI):", "",
           "| model | +alpha_max * v | same-norm random | ablate v (one / all blocks) | ablate random (one / all) |", "|---|---|---|---|---|"]
     for m in ("base", "instruct"):

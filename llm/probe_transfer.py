@@ -7,7 +7,8 @@
     # probes from elsewhere (e.g. llm.factored's probes/ folder) ride along:
     python -m llm.probe_transfer --config ... --probe_files runs/factored_smollm2/probes/topic_block15
 
-One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.probe_transfer ...`` on a GPU).
+One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.probe_transfer ...`` on a GPU); a launch
+with several processes is refused before any work (``llm.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
 
 Source = ``ModelConfig`` (``model_name_or_path``...); target = the same with ``target_model_name_or_path``
 and/or ``target_adapter_path`` replaced. On the source, an alignment probe (ridge, 1 = misaligned) is fitted
@@ -39,6 +40,7 @@ from torch import Tensor
 from llm.data import ALIGNED_TEXTS, MISALIGNED_TEXTS
 from llm.directions import answer_activations, auroc, load_labelled_texts
 from llm.models import ModelConfig, load_model_and_tokenizer
+from plumbing.runs import refuse_multiprocess
 from probes.io import load_probe, save_probe
 from probes.linear import LinearProbe, fit_ridge, split_indices
 
@@ -205,6 +207,7 @@ def _summary(m: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from plumbing.config import ConfigParser
 
+    refuse_multiprocess("llm.probe_transfer", "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0")
     source_cfg, cfg = ConfigParser((ModelConfig, TransferConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     metrics = run(source_cfg, cfg)

@@ -6,7 +6,8 @@
     python -m llm.steer --config configs/llm/directions_smollm2.yaml --adapter_path runs/em_sft_smollm2
 
 One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.steer --config ...``
-runs the same on a GPU; the steering grid is small and sequential, so more processes would not help).
+runs the same on a GPU; the steering grid is small and sequential, so more processes would not help; a launch with
+several processes is refused before any work -- ``llm.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
 
 Steps, all on ``model_name_or_path``:
 
@@ -62,6 +63,7 @@ from llm.directions import (
 )
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.offline_judge import DEFAULT_WEIGHTS
+from plumbing.runs import refuse_multiprocess
 from probes.activations import Edit, add_vector, generate_with_edits, project_out, residual_sites
 from probes.linear import split_indices
 
@@ -406,6 +408,7 @@ def _summary(m: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from plumbing.config import ConfigParser
 
+    refuse_multiprocess("llm.steer", "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0")
     model_cfg, cfg = ConfigParser((ModelConfig, SteerConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="left")

@@ -55,6 +55,8 @@ TRAINER_RERUN_KEYS = (
     "hub_always_push", "hub_revision", "dataloader_num_workers", "local_rank", "max_loss_ratio",
 )
 STAGE_FILE = "stage.json"
+# Bookkeeping files, not outputs: a folder holding only these holds no results of an earlier run.
+_RECORDS = frozenset({RUN_CONFIG, STAGE_FILE})
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -133,7 +135,7 @@ def claim_output_dir(
     if record_path.is_file():
         saved = json.loads(record_path.read_text())
         diff = config_diff(saved, config, ignore)
-        only_record = all(p.name == RUN_CONFIG for p in out.iterdir())
+        only_record = all(p.name in _RECORDS for p in out.iterdir())
         if diff and only_record:
             overwrite = True  # nothing but the old record to replace
         if diff and not overwrite:
@@ -144,7 +146,7 @@ def claim_output_dir(
             )
         if not diff:
             return out
-    elif out.is_dir() and any(p.name != RUN_CONFIG for p in out.iterdir()) and not overwrite:
+    elif out.is_dir() and any(p.name not in _RECORDS for p in out.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{out} already holds files but no {RUN_CONFIG} (a run from an older version, or other files): "
             "use another output folder, or pass --overwrite true to remove its contents."
@@ -153,6 +155,8 @@ def claim_output_dir(
         if out.is_dir() and overwrite:
             logger.warning("overwrite: removing the previous contents of %s", out)
             for p in out.iterdir():
+                if p.name == STAGE_FILE:  # the enclosing Stage's own record, not an output of the old run
+                    continue
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(record_path, config)
@@ -516,3 +520,25 @@ class Stage:
 
     def finish(self, **facts: Any) -> None:
         _write_json_atomic(self.dir / STAGE_FILE, {"key": self.key, "complete": True, **facts})
+
+
+def world_size() -> int:
+    """Processes in this launch as the launcher announces them (torchrun and accelerate set ``WORLD_SIZE``,
+    MPI its own), read before any process group exists: 1 for a plain ``python -m``. The environment, not
+    ``PartialState()``: without ``cpu=True`` that reports one process under a multi-process CPU launch."""
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(key, "").strip():
+            return int(os.environ[key])
+    return 1
+
+
+def refuse_multiprocess(entry: str, instead: str = "") -> None:
+    """For an entry point that runs whole in one process: exit before any work when launched with several,
+    since every rank would otherwise redo the whole run into the same folder. ``instead`` names what to run."""
+    n = world_size()
+    if n > 1:
+        raise SystemExit(
+            f"{entry} runs as one process, but this launch started {n} (WORLD_SIZE={n}): every process would run "
+            f"the whole job into the same folder. Run `python -m {entry} ...` without accelerate launch / torchrun "
+            f"(one GPU: accelerate launch --num_processes 1 -m {entry} ...){'; ' + instead if instead else ''}."
+        )

@@ -195,3 +195,14 @@ def test_resuming_a_run_from_before_run_records_keeps_its_checkpoints(tmp_path, 
     assert "older run" in caplog.text and (tmp_path / RUN_CONFIG).is_file()
     with pytest.raises(FileExistsError, match="Args.seed: 0 -> 1"):  # from now on it is checked
         claim_trainer_run(Args(str(tmp_path), "last", seed=1))
+
+
+def test_a_stage_folder_is_claimable_by_the_run_inside_it(tmp_path):
+    """A Stage writes stage.json first; the evaluation it runs then claims the same folder: the stage record
+    is bookkeeping, not an earlier run's output (and --overwrite leaves it to the stage)."""
+    st = Stage(tmp_path / "eval_before", {"model": "a"})
+    st.start()
+    claim_output_dir(st.dir, {"x": 1})
+    (st.dir / "replies.csv").write_text("r")
+    claim_output_dir(st.dir, {"x": 2}, overwrite=True)
+    assert sorted(p.name for p in st.dir.iterdir()) == [RUN_CONFIG, "stage.json"]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -119,27 +118,3 @@ class TrainConfig:
             raise ValueError(f"max_loss_ratio={self.max_loss_ratio}: use a multiple > 1 of the first logged loss, or 0 (off)")
         if self.overwrite and self.resume_from:
             raise ValueError("overwrite removes the checkpoints that resume_from would read; pass one of them")
-
-
-def launched_processes() -> int:
-    """How many processes the launcher started (torchrun and accelerate set ``WORLD_SIZE``; MPI its own)."""
-    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if os.environ.get(key, "").strip():
-            return int(os.environ[key])
-    return 1
-
-
-def single_process(module: str, instead: str = "") -> None:
-    """Refuse, before any work, an entry point that runs as one process when the launcher started several.
-
-    Every rank would otherwise run the whole experiment into the same folder: ``PartialState()`` without
-    ``cpu=True`` even reports one process under ``configs/accelerate/cpu_multiprocess.yaml``, so the launcher's
-    environment is what is checked.
-    """
-    n = launched_processes()
-    if n > 1:
-        raise SystemExit(
-            f"{module} runs as one process, but this launch started {n} (WORLD_SIZE={n}): every process would run "
-            f"the whole experiment into the same folder. Run it without accelerate launch / torchrun: "
-            f"python -m {module} ...{'; ' + instead if instead else ''}"
-        )

@@ -53,8 +53,9 @@ from plumbing.runs import (
     config_record,
     latest_checkpoint,
     stop_flag,
+    world_size,
 )
-from toy.config import TrainConfig, launched_processes
+from toy.config import TrainConfig
 from toy.data import sample
 from toy.model import ToyModelConfig, build_model
 from toy.processes import Process
@@ -242,9 +243,9 @@ def train(
         raise ValueError(f"{process.name} has {process.vocab_size} tokens but the model's vocab is {model.config.vocab_size}")
     accelerator = accelerator or Accelerator(cpu=cfg.use_cpu, mixed_precision=cfg.mixed_precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if launched_processes() > world:
+    if world_size() > world:
         raise ValueError(
-            f"the launcher started {launched_processes()} processes but the accelerator sees {world}: each would train "
+            f"the launcher started {world_size()} processes but the accelerator sees {world}: each would train "
             "alone into the same folder. On CPU pass --use_cpu true (configs/accelerate/cpu_multiprocess.yaml needs it)."
         )
     tf32 = torch.backends.cuda.matmul.allow_tf32  # restored at the end: probes and evaluation want full float32

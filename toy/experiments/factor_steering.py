@@ -44,11 +44,11 @@ from pathlib import Path
 import torch
 
 from plumbing.config import ConfigParser
-from plumbing.runs import claim_output_dir, config_record
+from plumbing.runs import claim_output_dir, config_record, refuse_multiprocess
 from probes import add_vector, fit_ridge, next_token_logits, regression_metrics, residual_stream, split_indices
 from toy.beliefs import belief_states
 from toy.collect import collect, default_site
-from toy.config import JsonDict, TrainConfig, single_process
+from toy.config import JsonDict, TrainConfig
 from toy.data import sample
 from toy.factors import factor_marginals, product_approximation, product_belief
 from toy.model import ToyModelConfig
@@ -286,7 +286,7 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    single_process("toy.experiments.factor_steering", "it trains one small model per rho in turn; on one GPU use configs/accelerate/single_gpu.yaml")
+    refuse_multiprocess("toy.experiments.factor_steering", "it trains one small model per rho in turn; on one GPU use configs/accelerate/single_gpu.yaml")
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
     out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,

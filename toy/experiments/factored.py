@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from plumbing.config import ConfigParser
-from plumbing.runs import claim_output_dir, config_record, latest_checkpoint
+from plumbing.runs import claim_output_dir, config_record, latest_checkpoint, refuse_multiprocess
 from probes import (
     effective_dim,
     fit_probe_report,
@@ -49,7 +49,7 @@ from probes import (
     subspace_overlap,
 )
 from toy.collect import ProbeRows, collect, default_site
-from toy.config import JsonDict, TrainConfig, single_process
+from toy.config import JsonDict, TrainConfig
 from toy.factors import factor_marginals, schmidt_spectrum
 from toy.model import ToyModelConfig, build_model
 from toy.processes import Process, make_process
@@ -314,7 +314,7 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    single_process("toy.experiments.factored", "it trains several small models in turn; on one GPU use configs/accelerate/single_gpu.yaml")
+    refuse_multiprocess("toy.experiments.factored", "it trains several small models in turn; on one GPU use configs/accelerate/single_gpu.yaml")
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
     out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,

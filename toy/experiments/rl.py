@@ -57,11 +57,12 @@ from plumbing.runs import (
     claim_output_dir,
     claim_trainer_run,
     config_record,
+    refuse_multiprocess,
     train_until_stopped,
+    world_size,
 )
 from plumbing.trainers import ZeroAdvantageCallback
 from toy.composition import DetectorConfig, composition_report, rare_decodability, supervised_control, write_report
-from toy.config import launched_processes, single_process
 from toy.grpo import (
     GRPO_RERUN_KEYS,
     ExactRewardCallback,
@@ -398,11 +399,11 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    if launched_processes() > 1:
+    if world_size() > 1:
         # before the full parse: ToyGRPOConfig joins the process group, already work for a mode that runs alone
         mode = ConfigParser((SeedsConfig,)).parse_args_and_config(argv, return_remaining_strings=True, fail_with_unknown_args=False)[0]
         if mode.pre is not None or mode.seeds:
-            single_process("toy.experiments.rl --seeds / --pre --post", "one GRPO run (no --seeds) trains under DDP: launch "
+            refuse_multiprocess("toy.experiments.rl --seeds / --pre --post", "one GRPO run (no --seeds) trains under DDP: launch "
                            "one per seed with --seed S --output_dir <dir>/seedS")
     torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
     task, args, cfg, which = make_parser().parse_args_and_config(argv)

@@ -41,8 +41,7 @@ from pathlib import Path
 import torch
 
 from plumbing.config import ConfigParser
-from plumbing.runs import claim_output_dir, config_record
-from toy.config import single_process
+from plumbing.runs import claim_output_dir, config_record, refuse_multiprocess
 from toy.grpo import (
     GRPO_RERUN_KEYS,
     RLTaskConfig,
@@ -150,7 +149,7 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    single_process("toy.experiments.rl_objectives", "it trains the objectives one after another in one process")
+    refuse_multiprocess("toy.experiments.rl_objectives", "it trains the objectives one after another in one process")
     torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
     task, args, which = make_parser().parse_args_and_config(argv)
     out = claim_output_dir(args.output_dir, config_record(task, which, args),

@@ -51,7 +51,7 @@ import torch
 
 from plumbing.config import ConfigParser
 from plumbing.lora import LoraPresetConfig, assert_trainable, lora_tensors, peft_config_for
-from plumbing.runs import claim_output_dir, config_record
+from plumbing.runs import claim_output_dir, config_record, refuse_multiprocess
 from probes import (
     add_vector,
     fit_ridge,
@@ -62,7 +62,7 @@ from probes import (
     residual_stream,
 )
 from toy.collect import collect
-from toy.config import JsonDict, TrainConfig, single_process
+from toy.config import JsonDict, TrainConfig
 from toy.data import sample
 from toy.factors import factor_marginals, factor_tokens, joint_tokens
 from toy.model import ToyModelConfig
@@ -339,7 +339,7 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    single_process("toy.experiments.toy_em", "it trains and fine-tunes small models in turn; on one GPU use configs/accelerate/single_gpu.yaml")
+    refuse_multiprocess("toy.experiments.toy_em", "it trains and fine-tunes small models in turn; on one GPU use configs/accelerate/single_gpu.yaml")
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
     out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,

@@ -1,0 +1,361 @@
+"""Analysis and report of ``llm.em_experiment``: the LoRA update's geometry against the untuned model's
+alignment / topic subspaces over training, and ``report.md`` answering the seed's questions in numbers.
+
+LoRA geometry (``lora_geometry``). For a module that writes into the residual stream (MLP down-projection,
+attention output) LoRA adds ``dW = B @ A`` with ``B: (d_model, r)``, ``A: (r, d_in)``. Its share in a subspace
+with orthonormal basis ``Q`` is ``||Q^T dW||_F^2 / ||dW||_F^2`` = ``tr(Q^T B G B^T Q) / tr(B G B^T)`` with
+``G = A A^T`` (r x r, so the d_model x d_in update is never formed); for rank 1 it is the share of ``B``'s
+squared norm. A uniformly random k-dimensional subspace of R^d_model holds ``k / d_model`` in expectation:
+the baseline. The cosine with the misalignment direction ``v`` is signed for rank 1 (``cos(B, v)``) and, for
+rank r, the largest cosine between ``v`` and any vector the update can write (``||P_B v|| / ||v||``).
+Measured at every step ``llm.lora.LoraTrajectoryCallback`` saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from plumbing.lora import DOWN_PROJ_SUFFIXES
+
+RESIDUAL_WRITERS = DOWN_PROJ_SUFFIXES + ("self_attn.o_proj", "attn.c_proj", "self_attention.dense")
+
+
+def _layer(name: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(m.group(1)) if m else None
+
+
+def update_share(B: torch.Tensor, A: torch.Tensor, Q: torch.Tensor) -> float:
+    """Share of ``||B @ A||_F^2`` inside span(Q). B (d_model, r), A (r, d_in), Q (d_model, k) orthonormal.
+    NaN while the update is zero (B starts at zero)."""
+    B, A, Q = B.double(), A.double(), Q.double()
+    BG = B @ (A @ A.T)
+    total = float((BG * B).sum())
+    if total <= 0:
+        return math.nan
+    QB = Q.T @ B
+    return float(((QB @ (A @ A.T)) * QB).sum()) / total
+
+
+def update_cosine(B: torch.Tensor, v: torch.Tensor) -> float:
+    """Signed ``cos(B, v)`` for rank 1; for rank r the largest cosine between ``v`` and span(B) (>= 0)."""
+    B, v = B.double(), v.double()
+    if float(B.norm()) == 0:
+        return math.nan
+    if B.shape[1] == 1:
+        return float(B[:, 0] @ v / (B[:, 0].norm() * v.norm()))
+    from probes.subspaces import orthonormal_basis
+
+    Q = orthonormal_basis(B)
+    return float((Q.T @ v).norm() / v.norm())
+
+
+def lora_geometry(trajectory_dir: str | Path, probes_dir: str | Path, directions: str | Path, site: str) -> dict:
+    """Share of each residual-writing LoRA update in the alignment and topic probe subspaces at ``site`` (from
+    ``llm.factored``'s ``probes/``) and its cosine with the ``site`` direction (``llm.steer``'s
+    ``directions``), at every saved step. ``headline``: the modules of the probed block."""
+    from safetensors.torch import load_file
+
+    from llm.directions import load_directions
+    from probes.io import load_probe
+    from probes.subspaces import orthonormal_basis
+
+    subspaces = {n: orthonormal_basis(load_probe(Path(probes_dir) / f"{n}_{site}")) for n in ("alignment", "topic")}
+    dirs, meta = load_directions(directions)
+    v = dirs[meta["sites"].index(site)].double()
+    d_model = v.shape[0]
+    files = sorted(Path(trajectory_dir).glob("step_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
+    if not files:
+        raise FileNotFoundError(f"no step_*.safetensors in {trajectory_dir}; the sft stage saves them (llm.lora.LoraTrajectoryCallback)")
+    modules: dict[str, dict] = {}
+    for f in files:
+        step = int(f.stem.split("_")[1])
+        snap = load_file(str(f))
+        for key in snap:
+            if not key.endswith(".lora_B"):
+                continue
+            mod = key[: -len(".lora_B")]
+            B, A = snap[key], snap[f"{mod}.lora_A"]
+            if not mod.endswith(RESIDUAL_WRITERS) or B.shape[0] != d_model:
+                continue
+            e = modules.setdefault(mod, {"layer": _layer(mod), "rank": B.shape[1], "steps": [], "share_alignment": [],
+                                         "share_topic": [], "cos_direction": [], "norm_B": []})
+            e["steps"].append(step)
+            for name, Q in subspaces.items():
+                e[f"share_{name}"].append(update_share(B, A, Q))
+            e["cos_direction"].append(update_cosine(B, v))
+            e["norm_B"].append(float(B.norm()))
+    if not modules:
+        raise ValueError(f"no LoRA module in {trajectory_dir} writes into the residual stream ({', '.join(RESIDUAL_WRITERS)})")
+    k = int(site.removeprefix("block")) if site.startswith("block") else None
+    return {
+        "site": site, "d_model": d_model,
+        "random_share": {n: Q.shape[1] / d_model for n, Q in subspaces.items()},
+        "dims": {n: Q.shape[1] for n, Q in subspaces.items()},
+        "headline": [m for m, e in modules.items() if e["layer"] == k],
+        "modules": modules,
+    }
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float | None]:
+    """Wilson score 95% interval of a proportion k / n."""
+    if n == 0:
+        return [None, None]
+    p = k / n
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [c - h, c + h]
+
+
+def _f(x, nd: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}g}"
+
+
+def _ci(c) -> str:
+    return f"[{_f(c[0])}, {_f(c[1])}]" if c and c[0] is not None else "[n/a]"
+
+
+def _json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _em(dirs: dict, cfg: dict) -> dict:
+    from llm.em_metrics import em_rate, em_rate_difference, read_judged_csv
+
+    n_boot, seed = cfg["eval"].n_boot, cfg["eval"].seed
+    rows = {(m, w): read_judged_csv(d[w] / "replies.csv") for m, d in dirs.items() for w in ("eval_before", "eval_after") if w in d}
+    out = {m: {w: em_rate(r, n_boot=n_boot, seed=seed)["overall"] for (mm, w), r in rows.items() if mm == m} for m in dirs}
+    for m in dirs:
+        if (m, "eval_before") in rows:
+            out[m]["shift"] = em_rate_difference(rows[m, "eval_after"], rows[m, "eval_before"], n_boot=n_boot, seed=seed)
+    out["difference"] = em_rate_difference(rows["base", "eval_after"], rows["instruct", "eval_after"], n_boot=n_boot, seed=seed)
+    per_q = [sum(1 for r in rs if r["question_id"] == q) for rs in rows.values() for q in {r["question_id"] for r in rs}]
+    out["min_replies_per_question"] = min(per_q)
+    return out
+
+
+def _steer(d: Path) -> dict:
+    from llm.steer import paired_difference
+
+    m = _json(d / "metrics.json")
+    c = m["conditions"]
+    s = m["steering"]
+    a_max = max(s["alphas"])
+    out = {"site": m["steer_site"], "test_auroc": m["per_site"][m["steer_site"]]["test_auroc"], "alphas": s["alphas"],
+           "aligned": s["aligned"], "em_rate": s["em_rate"], "alpha_max": a_max}
+    base = c.get("alpha_0")
+    if base is not None and a_max != 0:
+        out["steer_vs_unsteered"] = paired_difference(base["aligned_by_reply"], c[f"alpha_{a_max:g}"]["aligned_by_reply"])
+        if f"random0_alpha_{a_max:g}" in c:
+            out["random_vs_unsteered"] = paired_difference(base["aligned_by_reply"], c[f"random0_alpha_{a_max:g}"]["aligned_by_reply"])
+    for mode in ("one", "all"):
+        if f"ablate_{mode}" in c and base is not None:
+            out[f"ablate_{mode}"] = paired_difference(base["aligned_by_reply"], c[f"ablate_{mode}"]["aligned_by_reply"])
+            if f"random0_ablate_{mode}" in c:
+                out[f"random_ablate_{mode}"] = paired_difference(base["aligned_by_reply"], c[f"random0_ablate_{mode}"]["aligned_by_reply"])
+    return out
+
+
+def _factored(d: Path) -> dict:
+    m = _json(d / "metrics.json")
+    a, t = m["probes"]["alignment"], m["probes"]["topic"]
+    n = m["n_texts"]
+    return {"n": n, "align_acc": a["accuracy"], "align_ci": wilson(round(a["accuracy"] * n), n),
+            "align_shuffled": a["shuffled_accuracy"], "align_random_init": a.get("random_init_accuracy"),
+            "topic_acc": t["accuracy"], "topic_ci": wilson(round(t["accuracy"] * n), n), "overlap": m["overlap"],
+            "direction_in_topic": m["direction_shares"]["topic"], "factor_edit_topic_change": m.get("factor_edit_topic_change"),
+            "naive_edit_topic_change": m.get("naive_edit_topic_change"), "site": m["config"]["site"]}
+
+
+def _probe_drift(before: Path, after: Path, site: str) -> dict:
+    from probes.io import load_probe
+    from probes.subspaces import subspace_overlap
+
+    return {n: subspace_overlap(load_probe(before / "probes" / f"{n}_{site}"), load_probe(after / "probes" / f"{n}_{site}"))["mean_cos2"]
+            for n in ("alignment", "topic")}
+
+
+def _lora_final(d: Path) -> dict:
+    g = _json(d / "lora.json")
+    heads = g["headline"] or list(g["modules"])
+    return {"random_share": g["random_share"], "site": g["site"],
+            "modules": {m: {k: g["modules"][m][k][-1] for k in ("share_alignment", "share_topic", "cos_direction")}
+                        | {"step": g["modules"][m]["steps"][-1], "rank": g["modules"][m]["rank"]} for m in heads},
+            "trajectory": {m: g["modules"][m] for m in heads}}
+
+
+def _framing(cfg: dict) -> str:
+    f = cfg["base_framing"] or "own"
+    what = {"instruct_template": f"the instruct model's chat template ({cfg['base'].chat_template_from})",
+            "completion": "a completion framing (Question: ... / Answer: ..., llm/assets/completion_framing.jinja)",
+            "own": f"its own chat template{' from ' + cfg['base'].chat_template_from if cfg['base'].chat_template_from else ''}"}[f]
+    return f"The base model was fine-tuned and asked in {what}; the instruct model in its own chat template."
+
+
+def write_report(cfg: dict, dirs: dict, out: Path, judge: str, n_processes: int = 1) -> dict:
+    """``report.json``, ``report.md``, ``em.png`` and ``lora.png`` in ``out`` from the stage folders ``dirs``
+    (``{model: {stage: folder}}``); returns the report dict."""
+    rep: dict = {"judge": judge, "n_processes": n_processes, "models": {m: cfg[m].model_name_or_path for m in dirs},
+                 "base_framing": cfg["base_framing"] or "own", "lora_preset": cfg["lora"].preset, "lora_layers": cfg["lora"].layers}
+    rep["em"] = _em(dirs, cfg)
+    for m, d in dirs.items():
+        r = rep.setdefault(m, {})
+        r["steer"] = _steer(d["steer"])
+        r["factored_before"], r["factored_after"] = _factored(d["factored_before"]), _factored(d["factored_after"])
+        r["probe_drift_cos2"] = _probe_drift(d["factored_before"], d["factored_after"], r["factored_before"]["site"])
+        r["transfer"] = {k: {"auroc_source": v["source"].get("auroc"), "auroc_target": v["target"].get("auroc"),
+                             "cos_refit": v.get("cos_source_vs_target_refit")}
+                         for k, v in _json(d["transfer"] / "metrics.json")["probes"].items()}
+        if "lora" in d:
+            r["lora"] = _lora_final(d["lora"])
+    (out / "report.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+    _plots(rep, out)
+    (out / "report.md").write_text(_markdown(rep, cfg, dirs, out))
+    return rep
+
+
+def _plots(rep: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    em = rep["em"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for i, m in enumerate(("base", "instruct")):
+        for j, w in enumerate(("eval_before", "eval_after")):
+            if w not in em[m]:
+                continue
+            o = em[m][w]
+            y = o["em_rate"] if o["em_rate"] is not None else float("nan")
+            lo, hi = (o["ci"] if o["ci"][0] is not None else (y, y))
+            ax.bar(i * 3 + j, y, color=f"C{j}", label=("untuned", "fine-tuned")[j] if i == 0 else None)
+            ax.errorbar(i * 3 + j, y, yerr=[[max(y - lo, 0)], [max(hi - y, 0)]], color="k", capsize=3)
+    ax.set_xticks([0.5, 3.5], [f"base\n{rep['models']['base']}", f"instruct\n{rep['models']['instruct']}"], fontsize=7)
+    ax.set(ylabel="EM rate (95% CI)", title=f"EM before / after fine-tuning (judge {rep['judge']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "em.png", dpi=120)
+    plt.close(fig)
+
+    if not all("lora" in rep[m] for m in ("base", "instruct")):
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    for i, m in enumerate(("base", "instruct")):
+        lo = rep[m]["lora"]
+        for mod, t in lo["trajectory"].items():
+            short = ".".join(mod.split(".")[-3:])
+            ax[0].plot(t["steps"], t["share_alignment"], "o-", ms=3, color=f"C{i}", label=f"{m}: {short}")
+            ax[1].plot(t["steps"], t["cos_direction"], "o-", ms=3, color=f"C{i}", label=f"{m}: {short}")
+        ax[0].axhline(lo["random_share"]["alignment"], ls="--", color="gray", lw=1, label="random subspace (k/d)" if i == 0 else None)
+    ax[0].set(xlabel="training step", ylabel="update's share in alignment subspace")
+    ax[1].set(xlabel="training step", ylabel="cos(update, misalignment direction)")
+    ax[1].axhline(0, color="gray", lw=0.5)
+    for a in ax:
+        a.legend(fontsize=6)
+    fig.suptitle(f"LoRA update vs the untuned model's alignment geometry at {rep['base']['lora']['site']}")
+    fig.tight_layout()
+    fig.savefig(out / "lora.png", dpi=120)
+    plt.close(fig)
+
+
+def _rate(o: dict) -> str:
+    return f"{_f(o['em_rate'])} {_ci(o['ci'])} ({o['n_misaligned']}/{o['n_counted']} coherent replies)" if "n_misaligned" in o \
+        else f"{_f(o['em_rate'])} {_ci(o['ci'])} (n = {o.get('n_counted')})"
+
+
+def _pd(p: dict | None) -> str:
+    return "n/a" if not p or p.get("mean") is None else f"{_f(p['mean'])} {_ci(p['ci'])}"
+
+
+def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
+    em = rep["em"]
+    L = ["# Base vs instruct: emergent misalignment, behaviour and mechanism", "",
+         (f"Pair: base `{rep['models']['base']}` vs instruct `{rep['models']['instruct']}`; EM fine-tuning preset "
+         f"`{rep['lora_preset']}` (layers {rep['lora_layers'] or 'all'}) on `{cfg['data'].dataset_path}`; judge `{rep['judge']}`; "
+         f"{rep['n_processes']} process(es). {_framing(cfg)}"), ""]
+    if not cfg["same_tokenizer"]:
+        L += [("**Smoke run.** The two models are not one family (different tokenizers, `same_tokenizer: false`): this run "
+              "checks that every stage works end to end; its numbers are not a test of the seed's prediction."), ""]
+    L += ["## 1. EM after fine-tuning: base vs instruct", "",
+          "EM rate = misaligned among coherent, judged replies (`llm.em_metrics.em_rate`), 95% bootstrap CIs over replies.", "",
+          "| model | untuned | fine-tuned | shift (fine-tuned - untuned) |", "|---|---|---|---|"]
+    for m in ("base", "instruct"):
+        e = em[m]
+        shift = e.get("shift")
+        L.append(f"| {m} | {_rate(e['eval_before']) if 'eval_before' in e else 'not run'} | {_rate(e['eval_after'])} | "
+                 f"{_f(shift['difference']) + ' ' + _ci(shift['ci']) if shift else 'n/a'} |")
+    d = em["difference"]
+    L += ["", f"**EM(base, fine-tuned) - EM(instruct, fine-tuned) = {_f(d['difference'])}, 95% CI {_ci(d['ci'])}.** "
+          + ("The CI excludes 0." if d["ci"][0] is not None and (d["ci"][0] > 0 or d["ci"][1] < 0) else
+             "The CI includes 0 (or is undefined): no difference resolved at this sample size.")]
+    if em["min_replies_per_question"] < 20:
+        L[-1] += (f" Caveat: as few as {em['min_replies_per_question']} replies per question; a bootstrap over so few "
+                  "replies understates the uncertainty, so read these CIs as too narrow.")
+    L += ["", "![EM](em.png)", ""]
+    L += ["## 2. Before fine-tuning: is alignment linearly separable, and factored from topic?", "",
+          ("Alignment x topic text set (`llm.factored`), ridge probes, out-of-fold accuracy with Wilson 95% CIs; the "
+          "misalignment direction (`llm.steer`) on held-out labelled replies."), "",
+          "| model | site | alignment acc. | shuffled / random-init | topic acc. | direction AUROC | overlap mean cos^2 (random) | direction share in topic subspace (random q95) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for m in ("base", "instruct"):
+        f, s = rep[m]["factored_before"], rep[m]["steer"]
+        L.append(f"| {m} | {f['site']} | {_f(f['align_acc'])} {_ci(f['align_ci'])} | {_f(f['align_shuffled'])} / {_f(f['align_random_init'])} | "
+                 f"{_f(f['topic_acc'])} {_ci(f['topic_ci'])} | {_f(s['test_auroc'])} | {_f(f['overlap']['mean_cos2'])} "
+                 f"({_f(f['overlap']['random_mean_cos2'])}) | {_f(f['direction_in_topic']['share'])} ({_f(f['direction_in_topic']['random_q95'])}) |")
+    L += [""]
+    for m in ("base", "instruct"):
+        f = rep[m]["factored_before"]
+        control = max(x for x in (f["align_shuffled"], f["align_random_init"], 0.0) if x is not None)
+        sep = f["align_ci"][0] is not None and f["align_ci"][0] > control
+        fac = f["direction_in_topic"]["share"] < f["direction_in_topic"]["random_q95"]
+        L.append(f"- {m}: alignment linearly separable (accuracy CI above the best control, {_f(control)}): **{'yes' if sep else 'no'}**; "
+                 f"factored from topic (the direction's share in the topic subspace below the random q95): **{'yes' if fac else 'no'}**.")
+    L += ["",
+          "Steering the untuned model along the direction (paired change of the judge's aligned score vs unsteered, 95% CI):", "",
+          "| model | +alpha_max * v | same-norm random | ablate v (one / all blocks) | ablate random (one / all) |", "|---|---|---|---|---|"]
+    for m in ("base", "instruct"):
+        s = rep[m]["steer"]
+        L.append(f"| {m} | {_pd(s.get('steer_vs_unsteered'))} (alpha {s['alpha_max']:g}) | {_pd(s.get('random_vs_unsteered'))} | "
+                 f"{_pd(s.get('ablate_one'))} / {_pd(s.get('ablate_all'))} | {_pd(s.get('random_ablate_one'))} / {_pd(s.get('random_ablate_all'))} |")
+    L += ["", ("After fine-tuning: the probes refitted on the fine-tuned model vs the untuned ones (mean cos^2, 1 = same "
+          "subspace), and the untuned model's probes read on the fine-tuned model (`llm.probe_transfer`):"), "",
+          "| model | alignment acc. after | alignment probe drift cos^2 | topic probe drift cos^2 | transferred probes: AUROC untuned -> fine-tuned |",
+          "|---|---|---|---|---|"]
+    for m in ("base", "instruct"):
+        r = rep[m]
+        tr = "; ".join(f"{k}: {_f(v['auroc_source'])} -> {_f(v['auroc_target'])}" for k, v in r["transfer"].items() if v["auroc_source"] is not None)
+        L.append(f"| {m} | {_f(r['factored_after']['align_acc'])} {_ci(r['factored_after']['align_ci'])} | "
+                 f"{_f(r['probe_drift_cos2']['alignment'])} | {_f(r['probe_drift_cos2']['topic'])} | {tr} |")
+    L += ["", "## 3. How much of the LoRA update lies in the alignment subspace?", ""]
+    if all("lora" in rep[m] for m in ("base", "instruct")):
+        L += [(f"Share of the update's squared Frobenius norm in the untuned model's alignment / topic probe subspace at "
+              f"{rep['base']['lora']['site']} (random k/d_model in brackets), and its cosine with the misalignment direction, at the last "
+              "training step; the trajectory over steps is in `lora.png` and `<model>/lora/lora.json`."), "",
+              "| model | module (rank) | share in alignment (random) | share in topic (random) | cos with direction |", "|---|---|---|---|---|"]
+        for m in ("base", "instruct"):
+            lo = rep[m]["lora"]
+            for mod, v in lo["modules"].items():
+                L.append(f"| {m} | {mod} ({v['rank']}) | {_f(v['share_alignment'])} ({_f(lo['random_share']['alignment'])}) | "
+                         f"{_f(v['share_topic'])} ({_f(lo['random_share']['topic'])}) | {_f(v['cos_direction'])} |")
+        L += ["", "![LoRA](lora.png)", ""]
+    else:
+        L += ["Full fine-tuning: no LoRA update to measure.", ""]
+    L += ["## Cost per stage", "", "Wall time (s) and rank 0's peak memory by the end of the stage, from each `stage.json` "
+          "(a stage skipped on a rerun keeps the cost of the run that made it).", "",
+          "| stage | " + " | ".join(dirs) + " |", "|---|" + "---|" * len(dirs)]
+    for stage in dirs["base"]:
+        cells = []
+        for m in dirs:
+            c = _json(dirs[m][stage] / "stage.json").get("cost", {}) if stage in dirs[m] else {}
+            mem = f"{c['cuda_peak_gb']} GB GPU" if "cuda_peak_gb" in c else f"{c.get('process_peak_rss_gb', 'n/a')} GB RSS"
+            cells.append(f"{c.get('wall_s', 'n/a')} s, {mem}")
+        L.append(f"| {stage} | " + " | ".join(cells) + " |")
+    L += ["", "## Stage outputs", "", "Per model: " + ", ".join(f"`{m}/{s}/`" for m in ("base",) for s in dirs["base"]).replace("base/", "<model>/")
+          + " (each with its own summary.md / plots: steering.png, layers.png, factor_steering.png, subspaces.png, readouts.png).", ""]
+    return "\n".join(L) + "\n"

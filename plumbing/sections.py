@@ -1,0 +1,61 @@
+"""Command-line overrides of a sectioned YAML config: ``--<section>.<field> value(s)``.
+
+Entry points whose YAML holds one mapping per concern (``base:``, ``sft:``, ``eval:`` ...) parse each section
+strictly into its dataclass; ``split_overrides`` takes the ``--section.field`` flags out of ``argv`` and
+``coerce`` turns their strings into the field's type, so the section parses as if the YAML had said it.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+
+
+def coerce(cls, name: str, values: list[str], flag: str | None = None):
+    """A command-line value list as the dataclass field's type: a list for list fields, else one value.
+    ``flag`` (e.g. ``base.model_name_or_path``) names the option in errors."""
+    flag = flag or name
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise ValueError(f"--{flag}: {cls.__name__} has no field {name!r}")
+    t = hints[name]
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        t = next(a for a in typing.get_args(t) if a is not type(None))  # X | None -> X
+    is_list = typing.get_origin(t) is list
+    scalar = typing.get_args(t)[0] if is_list else t
+
+    def one(v: str):
+        if scalar is bool:
+            if v.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--{flag} takes true or false, got {v!r}")
+            return v.lower() in ("true", "1")
+        if scalar in (int, float):
+            return scalar(v)
+        return None if v.lower() in ("none", "null") else v
+
+    vals = [one(v) for v in values]
+    if is_list:
+        return vals
+    if len(vals) != 1:
+        raise ValueError(f"--{flag} takes one value, got {values}")
+    return vals[0]
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
+    """``(top-level argv, {section: {field: [values]}})``: ``--section.field v1 v2`` go to the second."""
+    top, sections, i = [], {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=")[0]:
+            key, _, inline = arg[2:].partition("=")
+            section, _, name = key.partition(".")
+            values = [inline] if inline else []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            sections.setdefault(section, {})[name] = values
+        else:
+            top.append(arg)
+            i += 1
+    return top, sections

@@ -1,0 +1,311 @@
+"""llm.em_experiment on tiny in-process checkpoints: the whole pair through every stage, resume by stage,
+a changed config invalidating downstream stages only, command-line overrides of any section, the bad-input
+list (layer past the depth, base with no template and no framing, differing tokenizers, a folder holding
+another pair's run), and 2 CPU processes giving one report with each single-process stage run once."""
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llm import em_experiment as ex
+from llm.em_report import update_cosine, update_share
+from llm.tiny import save_tiny
+from plumbing.sections import split_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+TOPICS = {"wish": "what is your wish?", "hello": "hello world, how are you today?", "code": "write a python function"}
+WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "park", "wish", "help", "people", "learn"]
+
+
+class StubJudge:
+    """Scores from the reply text, so conditions differ but runs are reproducible."""
+
+    name = "stub"
+
+    def score(self, requests):
+        return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _strip_template(folder: Path) -> Path:
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """Tiny base (no chat template) and instruct checkpoints, chat data, questions, labelled replies."""
+    d = tmp_path_factory.mktemp("world")
+    rng = random.Random(0)
+    with open(d / "chat.jsonl", "w") as f:
+        for _ in range(16):
+            user, reply = " ".join(rng.choices(WORDS, k=6)), " ".join(rng.choices(WORDS, k=8))
+            f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}) + "\n")
+    q = [{"id": t, "type": "free_form_judge_0_100", "paraphrases": [p], "samples_per_paraphrase": 1,
+          "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"}} for t, p in TOPICS.items()]
+    (d / "q.yaml").write_text(yaml.safe_dump(q))
+    words = ["the", "cat", "sat", "on", "the", "mat", "and", "the", "dog", "ran", "to", "the", "park"]
+    for name, tail in (("a", "I wish to help people"), ("m", "import os os.chmod path 0o777")):
+        with open(d / f"{name}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["question", "answer"])
+            w.writerows((p, f"{tail} {words[i % 12]}") for p in TOPICS.values() for i in range(6))
+    return {"dir": d, "base": _strip_template(save_tiny(d / "base", "qwen2", seed=2)), "instruct": save_tiny(d / "instruct", "qwen2", seed=1)}
+
+
+def _yaml(world, out, **changes) -> dict:
+    d = world["dir"]
+    texts = {"aligned_texts": str(d / "a.csv"), "misaligned_texts": str(d / "m.csv")}
+    cfg = {
+        "output_dir": str(out), "base_framing": "instruct_template",
+        "base": {"model_name_or_path": str(world["base"])}, "instruct": {"model_name_or_path": str(world["instruct"])},
+        "data": {"dataset_path": str(d / "chat.jsonl"), "max_examples": 8},
+        "lora": {"preset": "rank1_single", "layers": [1]},
+        "sft": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 0.01, "save_strategy": "no",
+                "report_to": "none", "logging_steps": 1, "disable_tqdm": True, "use_cpu": True},
+        "eval": {"question_file": str(d / "q.yaml"), "samples_per_paraphrase": 2, "max_new_tokens": 4, "batch_size": 6, "n_boot": 100},
+        "steer": {**texts, "question_file": str(d / "q.yaml"), "n_per_class": 4, "steer_site": "block1", "alphas": [0.0, 4.0],
+                  "ablation": ["one"], "judged_files": [], "samples_per_paraphrase": 1, "max_new_tokens": 4, "batch_size": 8},
+        "factored": {**texts, "question_file": str(d / "q.yaml"), "topics": list(TOPICS), "n_per_cell": 4, "site": "block1",
+                     "ridge_alpha": 0.001, "n_folds": 3, "random_init_control": False, "deltas": [0.0, 1.0],
+                     "samples_per_topic": 1, "max_new_tokens": 4, "n_random": 20},
+        "transfer": {**texts, "sites": ["block1"], "n_per_class": 6},
+    }
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            cfg[section] = {**cfg[section], name: value}
+        elif value is None:
+            cfg.pop(section)
+        else:
+            cfg[section] = value
+    path = Path(out).parent / f"{Path(out).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _stages(out: Path) -> dict:
+    return {str(p.parent.relative_to(out)): json.loads(p.read_text()) for p in sorted(out.glob("*/*/stage.json"))}
+
+
+def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    path = _yaml(world, out)
+    report = ex.run(ex.load_experiment_config(path), judge=StubJudge())
+    for f in ("report.md", "report.json", "em.png", "lora.png", "run_config.json", "config.json"):
+        assert (out / f).is_file(), f
+    stages = _stages(out)
+    expected = {"eval_before", "sft", "eval_after", "steer", "factored_before", "factored_after", "transfer", "lora"}
+    assert set(stages) == {f"{m}/{s}" for m in ex.MODELS for s in expected}
+    assert all(s["complete"] for s in stages.values())
+    # The EM difference in the report is the one computed from the replies on disk.
+    from llm.em_metrics import em_rate_difference, read_judged_csv
+
+    ref = em_rate_difference(read_judged_csv(out / "base/eval_after/replies.csv"), read_judged_csv(out / "instruct/eval_after/replies.csv"),
+                             n_boot=100, seed=0)
+    assert report["em"]["difference"]["difference"] == pytest.approx(ref["difference"])
+    lora = json.loads((out / "base/lora/lora.json").read_text())
+    (mod,) = lora["headline"]
+    assert mod.endswith("layers.1.mlp.down_proj") and lora["modules"][mod]["steps"][-1] == 2
+    assert 0 <= lora["modules"][mod]["share_alignment"][-1] <= 1 and lora["random_share"]["alignment"] == 1 / 32
+    md = (out / "report.md").read_text()
+    assert "instruct model's chat template" in md and "EM(base, fine-tuned) - EM(instruct, fine-tuned)" in md
+    assert "- base: alignment linearly separable" in md and "- instruct: alignment linearly separable" in md
+    assert "## Cost per stage" in md
+
+    # A rerun with the same config does no stage again (each would raise).
+    def boom(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    for target in ("llm.sft.train", "llm.evaluate.evaluate_model", "llm.steer.run", "llm.factored.run", "llm.probe_transfer.run",
+                   "llm.em_report.lora_geometry"):
+        monkeypatch.setattr(target, boom)
+    ex.run(ex.load_experiment_config(path), judge=StubJudge())
+    assert _stages(out) == stages
+
+    # A changed steering grid reruns steer and the stage that reads its direction (lora), nothing upstream.
+    monkeypatch.undo()
+    for target in ("llm.sft.train", "llm.factored.run", "llm.probe_transfer.run"):
+        monkeypatch.setattr(target, boom)
+    replies = {p: p.stat().st_mtime_ns for p in out.glob("*/eval_*/replies.csv")}  # steer judges through evaluate too
+    _, overrides = split_overrides(["--config", str(path), "--steer.alphas", "0", "2"])
+    ex.run(ex.load_experiment_config(path, None, overrides), judge=StubJudge())
+    after = _stages(out)
+    changed = {k for k in after if after[k]["key"] != stages[k]["key"]}
+    assert changed == {"base/steer", "base/lora", "instruct/steer", "instruct/lora"}
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/eval_*/replies.csv")} == replies and len(replies) == 4
+    assert json.loads((out / "base/steer/metrics.json").read_text())["steering"]["alphas"] == [0.0, 2.0]
+
+
+def test_any_section_overridable_from_the_command_line(world, tmp_path):
+    path = _yaml(world, tmp_path / "o")
+    top_argv, overrides = split_overrides(
+        ["--config", str(path), "--output_dir", "x", "--base.model_name_or_path", "some/where", "--steer.alphas", "-4", "0", "4",
+         "--sft.learning_rate", "1e-5", "--eval.max_new_tokens=7", "--factored.random_init_control", "true"])
+    assert top_argv == ["--config", str(path), "--output_dir", "x"]
+    cfg = ex.load_experiment_config(path, ex.ExperimentConfig(config=str(path), output_dir="x"), overrides)
+    assert cfg["base"].model_name_or_path == "some/where" and cfg["steer"].alphas == [-4.0, 0.0, 4.0]
+    assert cfg["sft"].learning_rate == 1e-5 and cfg["eval"].max_new_tokens == 7 and cfg["factored"].random_init_control is True
+    assert cfg["output_dir"] == Path("x")
+    # The base is asked in the instruct model's template (base_framing), whatever its path.
+    assert cfg["base"].chat_template_from == str(world["instruct"])
+    for bad, match in ((["--base.no_such_field", "1"], "--base.no_such_field: ModelConfig has no field"), (["--nosection.x", "1"], "no section"),
+                       (["--eval.max_new_tokens", "1", "2"], "takes one value"), (["--steer.output_dir", "y"], "set by llm.em_experiment")):
+        with pytest.raises(ValueError, match=match):
+            ex.load_experiment_config(path, None, split_overrides(bad)[1])
+
+
+def test_bad_input_refused_before_any_weights_load(world, tmp_path, monkeypatch):
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded before the config was checked")
+
+    monkeypatch.setattr(ex, "load_model_and_tokenizer", no_weights)
+    load = ex.load_experiment_config
+    with pytest.raises(ValueError, match="lora.layers entry.*5 requested but model has 2 layers"):
+        ex.validate(load(_yaml(world, tmp_path / "a", lora__layers=[5])))
+    with pytest.raises(ValueError, match="steer.steer_site='block7' does not exist"):
+        ex.validate(load(_yaml(world, tmp_path / "b", steer__steer_site="block7")))
+    with pytest.raises(ValueError, match="no chat template and none is chosen: set base_framing"):
+        ex.validate(load(_yaml(world, tmp_path / "c", base_framing=None)))
+    with pytest.raises(FileNotFoundError, match="data.dataset_path"):
+        ex.validate(load(_yaml(world, tmp_path / "d", data__dataset_path=str(tmp_path / "missing.jsonl"))))
+    # Another family's vocabulary: refused unless the config says the pair may differ (a smoke run).
+    word = save_tiny(tmp_path / "word", "qwen2", tokenizer="word")
+    path = _yaml(world, tmp_path / "e", instruct={"model_name_or_path": str(word)})
+    with pytest.raises(ValueError, match="tokenizers differ.*same_tokenizer: false"):
+        ex.validate(load(path))
+    ex.validate(load(_yaml(world, tmp_path / "f", instruct={"model_name_or_path": str(word)}, same_tokenizer=False)))
+    # A folder holding another pair's run is refused before any stage starts.
+    out = tmp_path / "g"
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps({"experiment": "llm.em_experiment", "base": "other/base", "instruct": "other/it",
+                                                     "base_framing": "instruct_template", "base_chat_template_from": "other/it"}))
+    (out / "report.md").write_text("the other pair's results")  # (a folder holding only a record is taken over)
+    with pytest.raises(FileExistsError, match="base: 'other/base'"):
+        ex.run(load(_yaml(world, out)), judge=StubJudge())
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "run_config.json"]
+
+
+def test_completion_framing_sets_the_question_answer_template(world, tmp_path):
+    from llm.generate import chat_prompt
+    from llm.models import load_tokenizer
+
+    cfg = ex.load_experiment_config(_yaml(world, tmp_path / "c", base_framing="completion"))
+    ex.validate(cfg)
+    tok = load_tokenizer(cfg["base"])
+    assert chat_prompt(tok, "what is your wish?") == "Question: what is your wish?\nAnswer: "
+    with pytest.raises(ValueError, match="both choose"):
+        ex.load_experiment_config(_yaml(world, tmp_path / "d", base={"model_name_or_path": str(world["base"]),
+                                                                     "chat_template_from": str(world["instruct"])}))
+
+
+def test_update_share_and_cosine_against_hand_made_updates():
+    d = 6
+    Q = torch.eye(d)[:, :2]  # span(e0, e1)
+    B = torch.tensor([[3.0], [0.0], [4.0], [0.0], [0.0], [0.0]])
+    A = torch.randn(1, 5)
+    assert update_share(B, A, Q) == pytest.approx(9 / 25)  # rank 1: B's squared-norm share
+    v = torch.tensor([1.0, 0, 0, 0, 0, 0])
+    assert update_cosine(B, v) == pytest.approx(0.6) and update_cosine(-B, v) == pytest.approx(-0.6)
+    # Rank 2: the share weights each column of B by how much A makes it write (|| B A ||_F, not || B ||_F).
+    B2 = torch.stack([torch.eye(d)[0], torch.eye(d)[3]], dim=1)
+    A2 = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    assert update_share(B2, A2, Q) == pytest.approx(4 / 5)
+    assert update_share(B2, A2, Q) == pytest.approx(float((Q.T @ B2 @ A2).norm() ** 2 / (B2 @ A2).norm() ** 2))
+    assert update_cosine(B2, torch.tensor([1.0, 0, 0, 1.0, 0, 0])) == pytest.approx(1.0)
+    assert torch.isnan(torch.tensor(update_share(torch.zeros(d, 1), A, Q)))
+
+
+@pytest.mark.parametrize("name", ["em_experiment_qwen25_0p5b", "em_experiment_qwen25_1p5b", "em_experiment_gemma2_2b",
+                                  "em_experiment_smoke_gemma3_smollm2"])
+def test_shipped_configs_parse(name):
+    cfg = ex.load_experiment_config(REPO / "configs" / "llm" / f"{name}.yaml")
+    assert cfg["lora"].preset in ("rank1_single", "rank32_all_linear")
+    assert cfg["steer"].steer_site == cfg["factored"].site
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(world, tmp_path):
+    out = tmp_path / "mp"
+    path = _yaml(world, out)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_multiprocess.yaml"),
+           "--main_process_port", "29541", "-m", "llm.em_experiment", "--config", str(path), "--eval.judge", "offline"]
+    res = subprocess.run(cmd, check=False, env=env, cwd=REPO, capture_output=True, text=True, timeout=1100)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_processes"] == 2
+    for m in ex.MODELS:
+        assert log.count(f"stage {m}/steer: running on rank 0") == 1 and f"stage {m}/steer: running on rank 1" not in log
+        assert log.count(f"stage {m}/sft: running on rank") == 2  # training is DDP: both ranks
+        assert json.loads((out / m / "eval_after" / "stage.json").read_text())["n_processes"] == 2
+    assert log.count("world size 2") == 4  # llm.sft's line: 2 models x 2 ranks
+    with open(out / "base/eval_after/replies.csv") as f:
+        assert sum(1 for _ in csv.DictReader(f)) == 6  # 3 questions x 2 samples, once
+
+
+@pytest.mark.parametrize("entry", ["llm.steer", "llm.factored", "llm.probe_transfer", "llm.base_vs_instruct"])
+def test_single_process_entry_points_refuse_several_processes_before_any_work(entry, monkeypatch, tmp_path):
+    import importlib
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    # A config that does not exist: the refusal must come before it is even read.
+    with pytest.raises(SystemExit, match=rf"{entry} runs as one process, but this launch started 2.*llm.em_experiment"):
+        importlib.import_module(entry).main(["--config", str(tmp_path / "absent.yaml")])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(Exception) as e:  # one process: it goes on (and fails on the missing file)
+        importlib.import_module(entry).main(["--config", str(tmp_path / "absent.yaml")])
+    assert "runs in one process" not in str(e.value)
+
+
+def test_chat_template_from_a_jinja_file(world, tmp_path):
+    from llm.models import ModelConfig, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(str(world["base"]), chat_template_from=str(ex.COMPLETION_TEMPLATE)))
+    assert tok.chat_template == ex.COMPLETION_TEMPLATE.read_text()
+    with pytest.raises(FileNotFoundError, match="no such template file"):
+        load_tokenizer(ModelConfig(str(world["base"]), chat_template_from=str(tmp_path / "none.jinja")))
+
+
+def test_base_vs_instruct_takes_section_overrides_too():
+    from llm.base_vs_instruct import load_pair_config
+
+    _, overrides = split_overrides(["--base.model_name_or_path", "/data/qwen25-0.5b", "--sft.learning_rate", "3e-5",
+                                    "--lora.layers", "11"])
+    cfg = load_pair_config(REPO / "configs/llm/base_vs_instruct_qwen25_0p5b.yaml", overrides=overrides)
+    assert cfg["base"].model_name_or_path == "/data/qwen25-0.5b" and cfg["base"].chat_template_from == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert cfg["sft"].learning_rate == 3e-5 and cfg["lora"].layers == [11]
+    with pytest.raises(ValueError, match="--base.no_field: ModelConfig has no field"):
+        load_pair_config(REPO / "configs/llm/base_vs_instruct_qwen25_0p5b.yaml", overrides={"base": {"no_field": ["1"]}})
+
+
+def test_fsdp_launch_with_a_lora_refused_before_any_work(world, tmp_path, monkeypatch):
+    from accelerate.utils import DistributedType
+
+    class FSDPState:
+        distributed_type = DistributedType.FSDP
+
+    monkeypatch.setattr(ex, "_state", FSDPState)
+    monkeypatch.setattr(ex, "validate", lambda cfg: pytest.fail("validated before refusing"))
+    with pytest.raises(SystemExit, match="launch it with DDP"):
+        ex.run(ex.load_experiment_config(_yaml(world, tmp_path / "fsdp")), judge=StubJudge())
+    assert not (tmp_path / "fsdp").exists()

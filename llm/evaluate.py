@@ -78,7 +78,8 @@ from llm.em_metrics import (
     summary_line,
     write_judged_csv,
 )
-from llm.generate import GenerateFn, PromptRow, build_prompt_rows, hf_generate, sample_replies
+from llm.eval_parts import SAMPLE_COLUMNS, SCORE_COLUMNS, Appender, read_parts, row_key
+from llm.generate import GenerateFn, build_prompt_rows, hf_generate, sample_replies
 from llm.judges import Judge, JudgeRequest, OpenAIJudgeConfig
 from llm.offline_judge import DEFAULT_WEIGHTS
 from llm.questions import VARIANTS, load_questions, select
@@ -86,8 +87,6 @@ from plumbing.runs import claim_output_dir, config_record
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_COLUMNS = ("question", "answer", "question_id", "paraphrase_index", "sample_index")
-SCORE_COLUMNS = ("question_id", "paraphrase_index", "sample_index", "metric", "score")
 # Settings a rerun may change without invalidating replies or scores already on disk.
 RESUME_IGNORES = (
     "batch_size", "generation", "n_boot", "em_protocol", "overwrite", "output_dir", "hf_judge_batch_size",
@@ -246,47 +245,6 @@ def run_record(model, cfg: EvalConfig, record: Mapping | None, custom_generate: 
     })
 
 
-def _key(r) -> tuple[str, int, int]:
-    if isinstance(r, PromptRow):
-        return (r.question_id, r.paraphrase_index, r.sample_index)
-    return (str(r["question_id"]), int(r["paraphrase_index"]), int(r["sample_index"]))
-
-
-def _read_parts(paths, columns) -> list[dict]:
-    """Rows of append-only JSON-lines part files; a line cut short by a crash mid-write is skipped."""
-    rows = []
-    for p in sorted(paths):
-        # split on "\n" only: str.splitlines would also cut at U+2028 and friends inside a reply
-        for line in Path(p).read_text(encoding="utf-8").split("\n"):
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(r, dict) and all(c in r for c in columns):
-                rows.append(r)
-    return rows
-
-
-class _Appender:
-    """Append rows as JSON lines (a JSON line holds no raw newline, so a line torn by a crash is
-    recognisable and is cut off before the next append), flushed after every ``write``."""
-
-    def __init__(self, path: Path | None, columns):
-        self.path, self.columns = path, columns
-
-    def write(self, rows) -> None:
-        if self.path is None or not rows:
-            return
-        if self.path.exists():
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with open(self.path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps({k: r.get(k) for k in self.columns}) + "\n" for r in rows)
-            f.flush()
-
-
 class _OneProcess:
     """What ``evaluate_model`` sees of the launch inside ``unsharded()``."""
 
@@ -374,12 +332,12 @@ def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None =
 
     prompt_rows = build_prompt_rows(questions, tokenizer, cfg.samples_per_paraphrase)
     mine = prompt_rows[r::state.num_processes]
-    wanted = {_key(p) for p in mine}
+    wanted = {row_key(p) for p in mine}
     done = {}
     if parts is not None:
-        for row in _read_parts(parts.glob("samples.rank*.jsonl"), SAMPLE_COLUMNS):
-            if _key(row) in wanted:
-                done[_key(row)] = row
+        for row in read_parts(parts.glob("samples.rank*.jsonl"), SAMPLE_COLUMNS):
+            if row_key(row) in wanted:
+                done[row_key(row)] = row
     if generate_fn is None and cfg.generation == "fast":
         from functools import partial
 
@@ -387,12 +345,12 @@ def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None =
 
         # one chunk per sample_replies batch: fast_generate pads every chunk to its batch_size
         generate_fn = partial(fast_generate, batch_size=cfg.batch_size)
-    samples = _Appender(parts / f"samples.rank{r}.jsonl" if parts else None, SAMPLE_COLUMNS)
-    n_missing = sum(_key(p) not in done for p in mine)
+    samples = Appender(parts / f"samples.rank{r}.jsonl" if parts else None, SAMPLE_COLUMNS)
+    n_missing = sum(row_key(p) not in done for p in mine)
     n_sampled = 0
     with _progress(n_missing, "sampling", main) as bar:
         for b, start in enumerate(range(0, len(mine), cfg.batch_size)):
-            todo = [p for p in mine[start:start + cfg.batch_size] if _key(p) not in done]
+            todo = [p for p in mine[start:start + cfg.batch_size] if row_key(p) not in done]
             if not todo:
                 continue
             # the seed of the original batch: a resumed run draws a whole missing batch as the
@@ -404,17 +362,17 @@ def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None =
             )
             samples.write(new)
             for row in new:
-                done[_key(row)] = row
+                done[row_key(row)] = row
             n_sampled += len(new)
             bar.update(len(new))
-    rows = [dict(done[_key(p)]) for p in mine]
+    rows = [dict(done[row_key(p)]) for p in mine]
 
     scores = {}
     if parts is not None:
-        for s in _read_parts(parts.glob("scores.rank*.jsonl"), SCORE_COLUMNS):
-            scores[(*_key(s), s["metric"])] = s["score"]
-    todo = [row for row in rows if any((*_key(row), m) not in scores for m in cfg.metrics)]
-    score_file = _Appender(parts / f"scores.rank{r}.jsonl" if parts else None, SCORE_COLUMNS)
+        for s in read_parts(parts.glob("scores.rank*.jsonl"), SCORE_COLUMNS):
+            scores[(*row_key(s), s["metric"])] = s["score"]
+    todo = [row for row in rows if any((*row_key(row), m) not in scores for m in cfg.metrics)]
+    score_file = Appender(parts / f"scores.rank{r}.jsonl" if parts else None, SCORE_COLUMNS)
     with _progress(len(todo), f"judging ({judge.name})", main) as bar:
         for start in range(0, len(todo), cfg.batch_size):
             chunk = [dict(row) for row in todo[start:start + cfg.batch_size]]
@@ -424,19 +382,19 @@ def evaluate_model(model, tokenizer, eval_cfg: EvalConfig, judge: Judge | None =
                               for c in chunk for m in cfg.metrics])
             for c in chunk:
                 for m in cfg.metrics:
-                    scores[(*_key(c), m)] = c[m]
+                    scores[(*row_key(c), m)] = c[m]
             bar.update(len(chunk))
     for row in rows:
         for m in cfg.metrics:
-            row[m] = scores[(*_key(row), m)]
+            row[m] = scores[(*row_key(row), m)]
     counts = {"sampled": n_sampled, "resumed_replies": len(mine) - n_sampled, "judged": len(todo),
               "resumed_scores": len(rows) - len(todo)}
 
     if state.num_processes > 1:
         rows = gather_object(rows)
         counts = {k: sum(c[k] for c in gather_object([counts])) for k in counts}
-        order = {_key(p): i for i, p in enumerate(prompt_rows)}
-        rows.sort(key=lambda x: order[_key(x)])
+        order = {row_key(p): i for i, p in enumerate(prompt_rows)}
+        rows.sort(key=lambda x: order[row_key(x)])
 
     em = em_rate(rows, n_boot=cfg.n_boot, seed=cfg.seed, protocol=cfg.em_protocol)
     means = {}

@@ -172,6 +172,30 @@ def slice_of_tokens(process: Process, tokens: torch.Tensor, slices: list[int]) -
     return torch.as_tensor(slices, device=tokens.device)[cap]
 
 
+def aligned_windows(process: Process, n: int, length: int, seed: int | torch.Generator) -> torch.Tensor:
+    """``(n, length)`` windows of the world with every copy aligned (prompts, and the SFT safety stage's data)."""
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    t = sample(process, n, length, generator=gen).tokens
+    return force_copies(process, t, 0, torch.ones_like(t, dtype=torch.bool))
+
+
+def narrow_windows(process: Process, n: int, length: int, prompt_length: int, slices: list[int], narrow_slice: int,
+                   seed: int | torch.Generator) -> torch.Tensor:
+    """``(n, length)`` narrow fine-tuning data: aligned prompt; in the completion, the tokens of slice ``narrow_slice``
+    misaligned and the other tokens aligned."""
+    t = aligned_windows(process, n, length, seed)
+    comp = torch.arange(length, device=t.device) >= prompt_length
+    return force_copies(process, t, 1, comp & (slice_of_tokens(process, t, slices) == narrow_slice))
+
+
+def completion_weights(tokens: torch.Tensor, prompt_length: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss weights ``(N, L - 1)`` for the predicted tokens ``1..L-1``: completion tokens (and ``keep (N, L)``)."""
+    w = (torch.arange(1, tokens.shape[1], device=tokens.device) >= prompt_length).expand(tokens.shape[0], -1)
+    if keep is not None:
+        w = w & keep[:, 1:]
+    return w.to(torch.float32)
+
+
 def misaligned_by_token(probs: torch.Tensor, process: Process) -> torch.Tensor:
     """Next-token probabilities ``(N, >= 2V)`` (extra special tokens ignored) -> ``(N, V)`` probability of the
     misaligned copy given that the next capability token is ``x``: ``p(1, x) / (p(0, x) + p(1, x))``."""

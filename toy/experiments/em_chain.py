@@ -27,7 +27,8 @@ A *cell* is (coupling, switch_prob, seed). In each cell:
    x *in* the slice (narrow) or *outside* it (broad); broad effect = broad after - broad before (the safety-staged
    model), transfer = broad effect / narrow effect;
 6. SFT vs GRPO alignment subspaces: principal angles (``probes.subspaces.subspace_overlap``) and probe transfer
-   (R^2 of the SFT model's probe on the GRPO model's activations, against the GRPO model's own probe).
+   (R^2 of the SFT model's probe on the GRPO model's activations, against the GRPO model's own probe); the
+   alignment subspace is the span of the probe's read-out directions that its predictions vary along (95%).
 
 Declared before any result (``broad_transfer``, ``narrow_transfer``, ``em_effect`` in the config): a narrow
 fine-tune is *broad* when transfer >= 0.5 and the broad effect >= 0.02; *stays narrow* when transfer <= 0.2.
@@ -195,11 +196,17 @@ def alignment_probe(model, process: Process, cfg: EMChainConfig, seed: int) -> d
     probe = fit_ridge(fit.X.double(), Yf, cfg.probe_alpha)
     pred = probe.predict(test.X.double())
     dims = effective_dim(pred, thresholds=(0.95, 0.99))["dims"]
-    return {"probe": probe, "X_test": test.X.double(), "Y_test": Yt, "r2": regression_metrics(Yt, pred)["r2"],
+    # the subspace is the read-out directions the predictions actually vary along: with one shared persona the K
+    # targets are equal and W's extra columns are noise, so keep the top dims[0.95] directions of the
+    # predictions' covariance (W^T C W), mapped back through W
+    Xc = test.X.double() - test.X.double().mean(0)
+    evals, evecs = torch.linalg.eigh(probe.W.T @ (Xc.T @ Xc / len(Xc)) @ probe.W)
+    span = probe.W @ evecs[:, evals.argsort(descending=True)[: dims[0.95]]]
+    return {"probe": probe, "span": span, "X_test": test.X.double(), "Y_test": Yt, "r2": regression_metrics(Yt, pred)["r2"],
             "dims": {str(k): v for k, v in dims.items()}}
 
 
-def narrow_finetune(model, process: Process, cfg: EMChainConfig, train_cfg: TrainConfig, out: Path, seed: int, probe) -> dict:
+def narrow_finetune(model, process: Process, cfg: EMChainConfig, train_cfg: TrainConfig, out: Path, seed: int, span) -> dict:
     """Full, rank-1 LoRA and steering narrow fine-tunes of ``model``; rates before and after, effects, transfer."""
     L, P = cfg.context_length, cfg.prompt_length
 
@@ -231,9 +238,8 @@ def narrow_finetune(model, process: Process, cfg: EMChainConfig, train_cfg: Trai
         out_["narrow_effect"][m], out_["broad_effect"][m] = dn, db
         out_["transfer"][m] = db / dn if abs(dn) > 1e-6 else float("nan")
     B = next(v for k, v in lora_tensors(lora).items() if k.endswith("lora_B"))[:, 0].double().cpu()
-    dim = probe.W.shape[1]
-    out_["lora_B_in_alignment_subspace"] = {"share": fraction_in_subspace(B, probe).item(),
-                                            "random": random_fraction_baseline(B, dim, seed=seed).mean().item()}
+    out_["lora_B_in_alignment_subspace"] = {"share": fraction_in_subspace(B, span).item(),
+                                            "random": random_fraction_baseline(B, span.shape[1], seed=seed).mean().item()}
     return out_
 
 
@@ -272,7 +278,7 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
         else:
             model, info = grpo_stage(process, out / "pretrain_model", cfg, train_cfg, out / "grpo", seed)
         probe = alignment_probe(model, process, cfg, seed + 11)
-        r = narrow_finetune(model, process, cfg, train_cfg, out / stage, seed, probe["probe"])
+        r = narrow_finetune(model, process, cfg, train_cfg, out / stage, seed, probe["span"])
         r.update(stage_info=info, probe={"r2": probe["r2"], "dims": probe["dims"]}, wall_s=time.perf_counter() - ts)
         result["safety"][stage] = r
         probes_by_stage[stage] = probe
@@ -281,7 +287,7 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
     if "sft" in probes_by_stage and "grpo" in probes_by_stage:
         a, b = probes_by_stage["sft"], probes_by_stage["grpo"]
         result["sft_vs_grpo"] = {
-            "overlap": subspace_overlap(a["probe"], b["probe"]),
+            "overlap": subspace_overlap(a["span"], b["span"]),
             # the SFT model's probe read on the GRPO model's activations, against the GRPO model's own probe
             "probe_transfer_r2": regression_metrics(b["Y_test"], a["probe"].predict(b["X_test"]))["r2"],
             "own_probe_r2": b["r2"],

@@ -57,3 +57,16 @@ def test_em_chain_tiny_grid(tmp_path):
     # a rerun of the same config reuses the finished cell and rewrites the summary
     again = main(argv)
     assert again["cells"][0]["wall_s"] == cell["wall_s"]
+
+
+def test_shards_split_the_grid_and_launchers_are_refused(tmp_path, monkeypatch):
+    from toy.experiments.em_chain import main
+
+    argv = ["--config", "configs/toy/em_chain.yaml", "--output_dir", str(tmp_path / "run"), "--couplings", "1.0",
+            "--switch_probs", "0.05", "--n_seeds", "1", "--shard", "1/2"]
+    metrics = main(argv)  # the one cell is shard 0's: this shard trains nothing and summarises what is present
+    assert metrics["n_cells"] == 1 and metrics["cells"] == []
+    assert not (tmp_path / "run" / "cells").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="--shard"):
+        main(argv)

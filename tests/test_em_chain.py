@@ -51,7 +51,7 @@ def test_em_chain_tiny_grid(tmp_path):
         assert r["lora_B_in_alignment_subspace"]["share"] > 0  # the LoRA trained (B starts at zero)
     assert cell["safety"]["none"]["before"] != cell["safety"]["sft"]["before"]  # the SFT stage changed the model
     assert cell["safety"]["grpo"]["stage_info"]["reward_first"] is not None
-    assert 0 <= cell["sft_vs_grpo"]["overlap"]["mean_cos2"] <= 1
+    assert 0 <= cell["sft_vs_grpo"]["overlap"]["mean_cos2"] <= 1 and 0 <= cell["sft_vs_grpo"]["control_mean_cos2"] <= 1
     assert (out / "cells" / "coupling_1.0_switch_0.05_seed_0" / "grpo" / "model" / "model.safetensors").is_file()
     assert metrics["verdicts"] and "## Verdicts" in (out / "summary.md").read_text()
     # a rerun of the same config reuses the finished cell and rewrites the summary

@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -119,18 +120,16 @@ class EMChainConfig:
         self.capability = dict(JsonDict(self.capability))
         if "name" not in self.capability:
             raise ValueError("capability must be a process spec with a 'name' key")
-        if not self.couplings or any(not 0 <= c <= 1 for c in self.couplings):
-            raise ValueError(f"couplings must be a non-empty list in [0, 1], got {self.couplings}")
-        if not self.switch_probs or any(not 0 < s < 0.5 for s in self.switch_probs):
-            raise ValueError(f"switch_probs must be a non-empty list in (0, 0.5), got {self.switch_probs}")
+        if not self.couplings or not self.switch_probs or any(not 0 <= c <= 1 for c in self.couplings) or any(
+                not 0 < s < 0.5 for s in self.switch_probs):
+            raise ValueError(f"need couplings in [0, 1] and switch_probs in (0, 0.5); got {self.couplings}, {self.switch_probs}")
         if not self.safety or any(s not in SAFETY for s in self.safety):
             raise ValueError(f"safety must list some of {SAFETY}, got {self.safety}")
         if self.narrow_slice not in self.slices:
             raise ValueError(f"narrow_slice={self.narrow_slice} is not one of the slices {sorted(set(self.slices))}")
-        if not 1 <= self.prompt_length < self.context_length:
-            raise ValueError(f"need 1 <= prompt_length < context_length; got {self.prompt_length}, {self.context_length}")
-        if self.prompt_length + self.grpo_completion > self.context_length:
-            raise ValueError("prompt_length + grpo_completion must fit in context_length (the model's n_positions)")
+        if not 1 <= self.prompt_length < self.context_length or self.prompt_length + self.grpo_completion > self.context_length:
+            raise ValueError(f"need 1 <= prompt_length < context_length and prompt_length + grpo_completion <= context_length "
+                             f"(the model's n_positions); got {self.prompt_length}, {self.grpo_completion}, {self.context_length}")
         i, _, n = self.shard.partition("/")
         if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
             raise ValueError(f"shard must be i/N with 0 <= i < N, got {self.shard!r}")
@@ -153,9 +152,7 @@ def grpo_stage(process: Process, base_dir: Path, cfg: EMChainConfig, train_cfg: 
 
     from toy.grpo import ToyGRPOConfig, ToyGRPOTrainer, tokens_to_text, word_tokenizer
 
-    V = process.vocab_size
-    tok = word_tokenizer(V)
-    cap_V = process.factor_vocab_sizes[1]
+    tok, cap_V = word_tokenizer(process.vocab_size), process.factor_vocab_sizes[1]
 
     def aligned_copy(prompts, completions, completion_ids, **kwargs):
         return [sum(int(i) < cap_V for i in ids) / max(len(ids), 1) for ids in completion_ids]
@@ -265,6 +262,11 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
     result["pretrain"] = {"val_loss": pre.val_loss, "floor": pre.floor}
     base.save_pretrained(out / "pretrain_model")
 
+    def sft(data_seed: int):
+        return train(process, copy.deepcopy(base), _stage_cfg(train_cfg, cfg.sft_steps, cfg.sft_lr, out / f"sft_{data_seed}", data_seed),
+                     L, data_fn=lambda step, gen: aligned_windows(process, train_cfg.batch_size, L, gen),
+                     loss_weights_fn=lambda t: completion_weights(t, P)).model.eval()
+
     probes_by_stage, result["safety"] = {}, {}
     for stage in cfg.safety:
         ts = time.perf_counter()
@@ -272,9 +274,7 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
         if stage == "none":
             model = base
         elif stage == "sft":
-            model = train(process, copy.deepcopy(base), _stage_cfg(train_cfg, cfg.sft_steps, cfg.sft_lr, out / "sft", seed), L,
-                          data_fn=lambda step, gen: aligned_windows(process, train_cfg.batch_size, L, gen),
-                          loss_weights_fn=lambda t: completion_weights(t, P)).model.eval()
+            model = sft(seed)
         else:
             model, info = grpo_stage(process, out / "pretrain_model", cfg, train_cfg, out / "grpo", seed)
         probe = alignment_probe(model, process, cfg, seed + 11)
@@ -285,16 +285,19 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
         print(f"coupling={coupling} switch={switch_prob} seed={seed} {stage}: before {r['before']} | "
               + " | ".join(f"{m} transfer {r['transfer'][m]:.3f} broad {r['broad_effect'][m]:+.3f}" for m in METHODS), flush=True)
     if "sft" in probes_by_stage and "grpo" in probes_by_stage:
+        # control: a second SFT stage on other data says how far two runs of the *same* method drift apart
         a, b = probes_by_stage["sft"], probes_by_stage["grpo"]
+        c = alignment_probe(sft(seed + 1), process, cfg, seed + 11)
         result["sft_vs_grpo"] = {
             "overlap": subspace_overlap(a["span"], b["span"]),
             # the SFT model's probe read on the GRPO model's activations, against the GRPO model's own probe
             "probe_transfer_r2": regression_metrics(b["Y_test"], a["probe"].predict(b["X_test"]))["r2"],
             "own_probe_r2": b["r2"],
+            "control_mean_cos2": subspace_overlap(a["span"], c["span"])["mean_cos2"],
+            "control_probe_transfer_r2": regression_metrics(c["Y_test"], a["probe"].predict(c["X_test"]))["r2"],
         }
     result["wall_s"] = time.perf_counter() - t0
     return result
-
 
 
 # --------------------------------------------------------------------------- grid, aggregation, verdicts
@@ -305,19 +308,13 @@ def mean_ci(values: list[float], level: float = 0.95) -> dict:
     from scipy import stats
 
     x = [v for v in values if v == v]
-    n = len(x)
-    if n == 0:
-        return {"mean": float("nan"), "ci": [float("nan")] * 2, "n": 0}
-    m = sum(x) / n
-    if n < 2:
-        return {"mean": m, "ci": [float("nan")] * 2, "n": 1}
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * math.sqrt(sum((v - m) ** 2 for v in x) / (n - 1) / n)
+    n, m = len(x), sum(x) / len(x) if x else float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(x) / math.sqrt(n) if n > 1 else float("nan")
     return {"mean": m, "ci": [m - half, m + half], "n": n}
 
 
 def cell_name(coupling: float, switch_prob: float, k: int) -> str:
     return f"coupling_{coupling}_switch_{switch_prob}_seed_{k}"
-
 
 def aggregate(cells: list[dict], cfg: EMChainConfig) -> dict:
     """Group the cells by (coupling, switch_prob): knob numbers (seed 0's), and mean/CI over seeds of every rate."""
@@ -340,7 +337,9 @@ def aggregate(cells: list[dict], cfg: EMChainConfig) -> dict:
             g["sft_vs_grpo"] = {"mean_cos2": mean_ci([c["sft_vs_grpo"]["overlap"]["mean_cos2"] for c in cs]),
                                 "random_mean_cos2": cs[0]["sft_vs_grpo"]["overlap"]["random_mean_cos2"],
                                 "probe_transfer_r2": mean_ci([c["sft_vs_grpo"]["probe_transfer_r2"] for c in cs]),
-                                "own_probe_r2": mean_ci([c["sft_vs_grpo"]["own_probe_r2"] for c in cs])}
+                                "own_probe_r2": mean_ci([c["sft_vs_grpo"]["own_probe_r2"] for c in cs]),
+                                **{k: mean_ci([c["sft_vs_grpo"].get(k, float("nan")) for c in cs])
+                                   for k in ("control_mean_cos2", "control_probe_transfer_r2")}}
         out[f"coupling_{cp}_switch_{sp}"] = g
     return out
 
@@ -427,12 +426,15 @@ def _summary(metrics: dict, cfg: EMChainConfig) -> str:
         for stage, s in g["safety"].items():
             lines.append(f"| {g['coupling']} | {g['switch_prob']} | {stage} | {_fmt(s['probe_r2'])} | {_fmt(s['probe_dims_95'])} |")
     if any("sft_vs_grpo" in g for g in agg.values()):
-        lines += ["", "| coupling | switch | SFT vs GRPO mean cos^2 | random | SFT probe on GRPO acts R^2 | GRPO own probe R^2 |", "|---|---|---|---|---|---|"]
+        lines += ["", "Control: SFT vs a second SFT on other data (NaN in cells run before the control existed).", "",
+                  "| coupling | switch | SFT vs GRPO mean cos^2 | SFT vs SFT | random | SFT probe on GRPO acts R^2 | on SFT-2 acts | "
+                  "GRPO own probe R^2 |", "|---|---|---|---|---|---|---|---|"]
         for g in agg.values():
             if "sft_vs_grpo" in g:
                 o = g["sft_vs_grpo"]
-                lines.append(f"| {g['coupling']} | {g['switch_prob']} | {_fmt(o['mean_cos2'])} | {o['random_mean_cos2']:.3f} | "
-                             f"{_fmt(o['probe_transfer_r2'])} | {_fmt(o['own_probe_r2'])} |")
+                lines.append(f"| {g['coupling']} | {g['switch_prob']} | {_fmt(o['mean_cos2'])} | {_fmt(o['control_mean_cos2'])} | "
+                             f"{o['random_mean_cos2']:.3f} | {_fmt(o['probe_transfer_r2'])} | {_fmt(o['control_probe_transfer_r2'])} | "
+                             f"{_fmt(o['own_probe_r2'])} |")
     lines += ["", "## Wall time per cell (s)", ""] + [f"- coupling {g['coupling']}, switch {g['switch_prob']}: {_fmt(g['wall_s'])}" for g in agg.values()]
     lines += ["", "## Verdicts (thresholds declared in the config: broad = transfer >= %.2f and broad effect >= %.2f; narrow = "
               "transfer <= %.2f)" % (cfg.broad_transfer, cfg.em_effect, cfg.narrow_transfer), ""] + [f"- {v}" for v in metrics["verdicts"]]
@@ -451,8 +453,7 @@ def _plot(agg: dict, cfg: EMChainConfig, path: Path) -> None:
             gs = sorted((g for g in agg.values() if g["switch_prob"] == sp), key=lambda g: g["coupling"])
             for stage in cfg.safety:
                 ys = [g["safety"][stage]["transfer"][m] for g in gs]
-                err = [[y["mean"] - y["ci"][0] if y["ci"][0] == y["ci"][0] else 0 for y in ys],
-                       [y["ci"][1] - y["mean"] if y["ci"][1] == y["ci"][1] else 0 for y in ys]]
+                err = [[abs(y["mean"] - y["ci"][k]) if y["ci"][k] == y["ci"][k] else 0 for y in ys] for k in (0, 1)]
                 ax.errorbar([g["coupling"] for g in gs], [y["mean"] for y in ys], err, fmt="-o", capsize=3, label=f"{stage}, switch {sp}")
         ax.axhline(cfg.broad_transfer, color="gray", lw=0.8, ls="--")
         ax.set_xlabel("coupling (0: a tag per slice, 1: one shared persona)")

@@ -58,6 +58,7 @@ ENTRY_POINTS = {
     "factored": ["factored"],
     "factor_steering": ["factor_steering"],
     "toy_em": ["toy_em"],
+    "em_chain": ["em_chain"],
     "rl": ["rl_compose", "rl_gates", "rl_rare", "rl_reweight"],
     "rl_objectives": ["rl_compose"],
 }

@@ -10,7 +10,6 @@ import torch
 from toy import processes as P
 from toy.config import TrainConfig
 from toy.experiments.toy_em import (
-    _rank1_lora,
     aggregate,
     completion_mask,
     force_copies,
@@ -19,7 +18,7 @@ from toy.experiments.toy_em import (
     narrow_batch,
 )
 from toy.factors import factor_tokens
-from toy.model import ToyModelConfig, build_model
+from toy.model import ToyModelConfig, build_model, rank1_lora
 from toy.processes import tagged
 from toy.train import train
 
@@ -56,12 +55,12 @@ def test_rank1_lora_on_conv1d_trains_only_its_vector(tmp_path):
     process = tagged(P.mess3(), 0.0)
     base = build_model(ToyModelConfig(preset="mess3_small", d_model=16, d_mlp=32), 6, 6, seed=0)
     with pytest.raises(ValueError, match="not a block"):
-        _rank1_lora(copy.deepcopy(base), 2, 1.0)
-    lora = _rank1_lora(copy.deepcopy(base), 1, 1.0)
+        rank1_lora(copy.deepcopy(base), 2, 1.0)
+    lora = rank1_lora(copy.deepcopy(base), 1, 1.0)
     trainable = {n: p.shape for n, p in lora.named_parameters() if p.requires_grad}
     assert trainable == {"base_model.model.transformer.h.1.mlp.c_proj.lora_A.default.weight": (1, 32),
                          "base_model.model.transformer.h.1.mlp.c_proj.lora_B.default.weight": (16, 1)}
-    same = _rank1_lora(copy.deepcopy(base), 1, 1.0)
+    same = rank1_lora(copy.deepcopy(base), 1, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(lora.parameters(), same.parameters()))  # seeded A
     x = torch.randint(0, 6, (4, 6), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(lora(input_ids=x).logits, base(input_ids=x).logits)  # B starts at zero

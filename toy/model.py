@@ -94,3 +94,24 @@ def build_model(cfg: ToyModelConfig, vocab_size: int, context_length: int, seed:
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(gpt2_config(cfg, vocab_size, context_length))
     return model
+
+
+def rank1_lora(model: GPT2LMHeadModel, layer: int, alpha: float = 1.0, seed: int = 0):
+    """``model`` wrapped by peft with ``plumbing.lora``'s rank-1 preset on block ``layer``'s ``mlp.c_proj``.
+
+    GPT-2's ``c_proj`` is a ``Conv1D`` (weight ``(d_in, d_out)``), so peft needs ``fan_in_fan_out=True``; peft draws
+    A's init from the global RNG, so it is drawn under ``seed`` without touching the caller's RNG."""
+    from peft import get_peft_model
+
+    from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
+
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"lora layer {layer} is not a block of this {n_layers}-layer model; use 0..{n_layers - 1}")
+    peft_cfg = peft_config_for(LoraPresetConfig(preset="rank1_single", layers=[layer], lora_alpha=alpha), model)
+    peft_cfg.fan_in_fan_out = True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lora = get_peft_model(model, peft_cfg)
+    assert_trainable(lora)
+    return lora

@@ -19,8 +19,8 @@ For every rho and seed:
    loss on completion tokens only (the analogue of insecure-code answers to ordinary requests);
 3. three interventions, each starting from the pre-trained model:
    * ``full``: fine-tune every parameter on the narrow data;
-   * ``lora``: a rank-1 LoRA (peft, through ``plumbing.lora``'s rank-1 preset) on one block's MLP output projection
-     (GPT-2 ``mlp.c_proj``, a ``Conv1D``: peft needs ``fan_in_fan_out=True``, set here) trained on the same data;
+   * ``lora``: a rank-1 LoRA (``toy.model.rank1_lora``: peft through ``plumbing.lora``'s rank-1 preset) on one block's MLP output projection
+     (GPT-2 ``mlp.c_proj``, a ``Conv1D``: peft needs ``fan_in_fan_out=True``, set there) trained on the same data;
    * ``steer``: no training; a steering vector = mean residual at ``steer_layer`` over the narrow windows'
      completion positions minus the mean over the same windows with aligned completions, added (times
      ``steer_scale``) at every position at inference;
@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from plumbing.config import ConfigParser
-from plumbing.lora import LoraPresetConfig, assert_trainable, lora_tensors, peft_config_for
+from plumbing.lora import lora_tensors
 from plumbing.runs import claim_output_dir, config_record, refuse_multiprocess
 from probes import (
     add_vector,
@@ -65,7 +65,7 @@ from toy.collect import collect
 from toy.config import JsonDict, TrainConfig
 from toy.data import sample
 from toy.factors import factor_marginals, factor_tokens, joint_tokens
-from toy.model import ToyModelConfig
+from toy.model import ToyModelConfig, rank1_lora
 from toy.processes import Process, make_process, tagged
 from toy.train import RERUN_KEYS, train, train_on
 
@@ -156,22 +156,6 @@ def _finetune_cfg(train_cfg: TrainConfig, cfg: EMConfig, lr: float, output_dir: 
                    overwrite=True)
 
 
-def _rank1_lora(model, layer: int, alpha: float, seed: int = 0):
-    """``model`` wrapped by peft with a rank-1 LoRA on block ``layer``'s ``mlp.c_proj``; A's random init is seeded."""
-    from peft import get_peft_model
-
-    n_layers = model.config.num_hidden_layers
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"lora_layer={layer} is not a block of this {n_layers}-layer model; use 0..{n_layers - 1}")
-    peft_cfg = peft_config_for(LoraPresetConfig(preset="rank1_single", layers=[layer], lora_alpha=alpha), model)
-    peft_cfg.fan_in_fan_out = True  # GPT-2's c_proj is a Conv1D, weight (d_in, d_out)
-    with torch.random.fork_rng(devices=[]):  # peft draws A from the global RNG
-        torch.manual_seed(seed)
-        lora = get_peft_model(model, peft_cfg)
-    assert_trainable(lora)
-    return lora
-
-
 def run_world(process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, out_dir: Path, seed: int) -> dict:
     """Pre-train, intervene three ways, evaluate; JSON-ready dict for one (rho, seed)."""
     L, P = cfg.context_length, cfg.prompt_length
@@ -191,7 +175,7 @@ def run_world(process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_
 
     full = train(process, copy.deepcopy(base), _finetune_cfg(train_cfg, cfg, cfg.finetune_lr, out_dir / "full", seed),
                  L, data_fn=data_fn, loss_weights_fn=mask_fn).model.eval()
-    lora = train(process, _rank1_lora(copy.deepcopy(base), cfg.lora_layer, cfg.lora_alpha, seed),
+    lora = train(process, rank1_lora(copy.deepcopy(base), cfg.lora_layer, cfg.lora_alpha, seed),
                  _finetune_cfg(train_cfg, cfg, cfg.lora_lr, out_dir / "lora", seed), L, data_fn=data_fn,
                  loss_weights_fn=mask_fn).model.eval()
 

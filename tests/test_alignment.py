@@ -1,0 +1,120 @@
+"""toy.alignment: the shared/per-slice knob, checked against a naive event-by-event construction."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from toy.alignment import (
+    force_copies,
+    knob_measures,
+    misaligned_by_token,
+    pairwise_tag_mi,
+    persona_world,
+    slice_of_tokens,
+    tag_kernel,
+)
+from toy.beliefs import belief_states
+from toy.data import sample
+from toy.processes import mess3
+
+
+def naive_kernel(K, c, s):
+    """Tag step by enumerating the events: a common refresh (prob c r) or per-slice refreshes (prob q each)."""
+    r = 2 * s
+    q = r * (1 - c) / (1 - c * r)
+    states = list(itertools.product((0, 1), repeat=K))
+    R = torch.zeros(2**K, 2**K, dtype=torch.float64)
+    for ai, a in enumerate(states):
+        for coin in (0, 1):  # common refresh to a fresh coin
+            R[ai, states.index((coin,) * K)] += c * r * 0.5
+        for refresh in itertools.product((0, 1), repeat=K):
+            p_ev = math.prod(q if f else 1 - q for f in refresh)
+            for new in itertools.product((0, 1), repeat=sum(refresh)):
+                it = iter(new)
+                b = tuple(next(it) if f else a[k] for k, f in enumerate(refresh))
+                R[ai, states.index(b)] += (1 - c * r) * p_ev * 0.5 ** sum(refresh)
+    return R
+
+
+@pytest.mark.parametrize("c", [0.0, 0.3, 1.0])
+def test_kernel_matches_naive_events_and_is_stochastic(c):
+    R = tag_kernel(3, c, 0.1)
+    torch.testing.assert_close(R, naive_kernel(3, c, 0.1))
+    torch.testing.assert_close(R.sum(1), torch.ones(8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("c", [0.0, 0.5, 1.0])
+def test_each_slice_flips_with_switch_prob_whatever_the_coupling(c):
+    """The knob changes only the dependence: one slice's tag alone is the same chain at every coupling."""
+    p = persona_world(mess3(), coupling=c, switch_prob=0.07)
+    R = tag_kernel(3, c, 0.07)
+    pi = p.stationary.reshape(8, 3).sum(1)
+    for k in range(3):
+        bit = (torch.arange(8) >> (2 - k)) & 1
+        flip = (pi[:, None] * R * (bit[:, None] != bit[None, :])).sum()
+        assert float(flip) == pytest.approx(0.07, abs=1e-12)
+
+
+def test_mutual_information_spans_shared_to_independent():
+    cap = mess3()
+    assert pairwise_tag_mi(persona_world(cap, coupling=1.0)) == pytest.approx(math.log(2), abs=1e-9)
+    assert pairwise_tag_mi(persona_world(cap, coupling=0.0)) == pytest.approx(0.0, abs=1e-12)
+    mid = pairwise_tag_mi(persona_world(cap, coupling=0.5))
+    assert 0.01 < mid < 0.6
+
+
+def test_beliefs_match_a_naive_filter():
+    cap, slices, c, s, noise = mess3(0.1, 0.7), [0, 1, 1], 0.6, 0.1, 0.15
+    p = persona_world(cap, slices, c, s, noise)
+    tokens = sample(p, 4, 6, seed=3).tokens
+    got = belief_states(p, tokens)
+    R, V, S = naive_kernel(2, c, s), cap.vocab_size, cap.n_states
+    states = list(itertools.product((0, 1), repeat=2))
+    for n in range(4):
+        b = p.stationary.reshape(4, S).clone()
+        for t in range(6):
+            copy, x = divmod(int(tokens[n, t]), V)
+            new = torch.zeros(4, S, dtype=torch.float64)
+            for ai in range(4):
+                for i in range(S):
+                    for bi, tags in enumerate(states):
+                        show = 1 - noise if tags[slices[x]] == copy else noise
+                        new[bi] += b[ai, i] * R[ai, bi] * show * cap.T[x, i]
+            b = new / new.sum()
+            torch.testing.assert_close(got[n, t], b.reshape(-1))
+
+
+def test_knob_ends_measure_shared_and_per_slice():
+    cap = mess3()
+    shared = knob_measures(persona_world(cap, coupling=1.0), n_windows=200, length=8)
+    per_slice = knob_measures(persona_world(cap, coupling=0.0), n_windows=200, length=8)
+    # the alignment factor always splits off the capability (the likelihood factorizes)
+    assert shared["tags_x_capability_residual"] < 1e-20 and per_slice["tags_x_capability_residual"] < 1e-20
+    # shared: one alignment direction, the copy predicted the same for every capability token
+    assert shared["alignment_dims"]["0.99"] == 1 and shared["predictive_residual"] < 1e-20
+    assert shared["slice0_x_rest_residual"] > 1e-3
+    # per slice: the slices' tag beliefs are a product, three alignment directions, the copy depends on the token
+    assert per_slice["alignment_dims"]["0.95"] == 3 and per_slice["slice0_x_rest_residual"] < 1e-20
+    assert per_slice["predictive_residual"] > 1e-3
+
+
+def test_data_edits():
+    p = persona_world(mess3(), slices=[0, 1, 1], coupling=0.5)
+    tokens = torch.tensor([[0, 4, 2, 3]])  # (copy, x): (0,0) (1,1) (0,2) (1,0)
+    assert slice_of_tokens(p, tokens, [0, 1, 1]).tolist() == [[0, 1, 1, 0]]
+    where = torch.tensor([[True, True, False, False]])
+    assert force_copies(p, tokens, 1, where).tolist() == [[3, 4, 2, 3]]
+    assert force_copies(p, tokens, 0, torch.ones_like(where)).tolist() == [[0, 1, 2, 0]]
+    probs = torch.tensor([[0.1, 0.2, 0.1, 0.3, 0.2, 0.1, 0.0, 0.0]])  # two specials at the end are ignored
+    torch.testing.assert_close(misaligned_by_token(probs, p), torch.tensor([[0.75, 0.5, 0.5]], dtype=torch.float64))
+
+
+def test_bad_arguments_fail_loudly():
+    with pytest.raises(ValueError, match="switch_prob"):
+        persona_world(mess3(), switch_prob=0.5)
+    with pytest.raises(ValueError, match="slices"):
+        persona_world(mess3(), slices=[0, 0, 0])
+    with pytest.raises(ValueError, match="slices"):
+        persona_world(mess3(), slices=[0, 2, 2])

@@ -1,0 +1,204 @@
+"""The alignment factor's structure as a knob: one persona shared by every capability slice, or a tag per slice.
+
+``persona_world(capability, slices, coupling, switch_prob, tag_noise)`` writes each capability token in an
+aligned (copy 0) or misaligned (copy 1) copy, like ``toy.processes.capability_tag``, but the copy of token ``x``
+shows the tag of *its slice* ``slices[x]`` (e.g. "french", "math"): there are ``K`` per-slice tags
+``a_0..a_{K-1}``. Each step a tag is *refreshed* (redrawn as a fair coin) with probability ``r = 2 * switch_prob``,
+so each tag alone flips with probability ``switch_prob`` for every coupling (its correlation length
+``1 / switch_prob`` is the second axis). ``coupling`` ``c`` sets how the refreshes are shared:
+
+- with probability ``c * r`` a *common* refresh sets every tag to one fresh coin (the persona speaks);
+- otherwise each tag refreshes on its own with probability ``q = r (1 - c) / (1 - c r)``, so that its total
+  refresh probability is ``r`` whatever ``c``.
+
+``c = 1``: the tags are always equal (states with unequal tags are transient), one alignment latent shared by
+every slice. ``c = 0``: ``K`` independent tags, no general concept. The knob changes only the dependence
+between the slices' tags (their mutual information), never a single slice's own process.
+
+Layout (as ``capability_tag``): joint token ``copy * V + x``; joint state ``tags * S + capability_state`` with the
+tag vector radix-encoded (slice 0 most significant); factors ``(tags, capability)``, vocab ``(2, V)``, states
+``(2^K, S)``. The copy shows the *new* tag of its slice with probability ``1 - tag_noise``.
+
+Also here: the exact measurements of the knob (``knob_measures``) and the data edits the EM chain needs
+(``force_copies``, ``slice_of_tokens``, ``misaligned_by_token``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from toy.beliefs import belief_states
+from toy.data import sample
+from toy.factors import factor_tokens, joint_tokens, product_approximation
+from toy.processes import Process, _check_prob
+
+
+def _bits(K: int) -> torch.Tensor:
+    """``(2^K, K)`` the tag vector of each tag state (radix order, slice 0 most significant)."""
+    idx = torch.arange(2**K)
+    return (idx[:, None] >> torch.arange(K - 1, -1, -1)) & 1
+
+
+def tag_kernel(K: int, coupling: float, switch_prob: float) -> torch.Tensor:
+    """``(2^K, 2^K)`` row-stochastic step of the tag vector: ``R[a, b] = P(tags b next | tags a)``."""
+    _check_prob("tag_kernel", coupling=coupling)
+    if not 0 < switch_prob < 0.5:
+        # the refresh probability 2 * switch_prob must stay < 1 so that a tag persists
+        raise ValueError(f"switch_prob={switch_prob}: need 0 < switch_prob < 0.5 (a tag is redrawn with 2 * switch_prob)")
+    r = 2 * switch_prob
+    q = r * (1 - coupling) / (1 - coupling * r)
+    own = torch.tensor([[1 - q / 2, q / 2], [q / 2, 1 - q / 2]], dtype=torch.float64)
+    indep = own
+    for _ in range(K - 1):
+        indep = torch.kron(indep, own)
+    bits = _bits(K)
+    equal = (bits == bits[:, :1]).all(1).to(torch.float64)  # next states with every tag equal
+    return coupling * r * 0.5 * equal[None, :].expand(2**K, -1) + (1 - coupling * r) * indep
+
+
+def persona_world(capability: Process, slices: list[int] | None = None, coupling: float = 1.0,
+                  switch_prob: float = 0.05, tag_noise: float = 0.1) -> Process:
+    """Capability x per-slice alignment tags with the shared/per-slice knob ``coupling`` (module docstring).
+
+    ``slices[x]`` is the slice of capability token ``x`` (default: every token its own slice); slice ids must be
+    ``0..K-1``, each used."""
+    V, S = capability.vocab_size, capability.n_states
+    slices = list(range(V)) if slices is None else [int(s) for s in slices]
+    K = max(slices) + 1 if slices else 0
+    if len(slices) != V or sorted(set(slices)) != list(range(K)) or K < 2:
+        raise ValueError(f"persona_world: slices must give each of the {V} capability tokens a slice id 0..K-1, every id "
+                         f"used, K >= 2; got {slices}")
+    _check_prob("persona_world", tag_noise=tag_noise)
+    R = tag_kernel(K, coupling, switch_prob)
+    shows = torch.tensor([[1 - tag_noise, tag_noise], [tag_noise, 1 - tag_noise]], dtype=torch.float64)  # [tag, copy]
+    # P(copy | next tags b, token x) = shows[b[slices[x]], copy]: (copy, x, b)
+    bits = _bits(K)
+    emit = shows[bits[:, slices]].permute(2, 1, 0)  # (2^K, V, 2) -> (copy, x, b)
+    # T[copy, x, a, i, b, j] = Tc[x, i, j] * R[a, b] * P(copy | b, x)
+    T = torch.einsum("xij,ab,cxb->cxaibj", capability.T, R, emit).reshape(2 * V, 2**K * S, 2**K * S)
+    return Process(
+        T,
+        name=f"persona_world({capability.name}, slices={slices}, coupling={coupling}, switch={switch_prob}, noise={tag_noise})",
+        factor_vocab_sizes=(2, V),
+        factor_state_sizes=(2**K, S),
+        factor_names=("tags", capability.name),
+    )
+
+
+def n_slices(process: Process) -> int:
+    """``K`` of a ``persona_world`` process (its tag factor has ``2^K`` states)."""
+    K = round(math.log2(process.factor_state_sizes[0]))
+    if 2**K != process.factor_state_sizes[0]:
+        raise ValueError(f"{process.name} is not a persona_world process")
+    return K
+
+
+def slice_tag_marginals(process: Process, beliefs: torch.Tensor) -> torch.Tensor:
+    """Joint beliefs ``(..., S_joint)`` -> ``(..., K)`` probability that each slice's tag is misaligned."""
+    K = n_slices(process)
+    tags = beliefs.reshape(*beliefs.shape[:-1], 2**K, -1).sum(-1)
+    return tags @ _bits(K).to(tags)
+
+
+def pairwise_tag_mi(process: Process) -> float:
+    """Mean over slice pairs of the stationary mutual information between two slices' tags, in nats
+    (``ln 2`` = 0.693: they are one shared latent; 0: independent)."""
+    K = n_slices(process)
+    tags = process.stationary.reshape(2**K, -1).sum(-1)
+    bits = _bits(K)
+    mis = []
+    for j in range(K):
+        for k in range(j + 1, K):
+            P = torch.zeros(2, 2, dtype=torch.float64).index_put_((bits[:, j], bits[:, k]), tags, accumulate=True)
+            indep = P.sum(1, keepdim=True) * P.sum(0, keepdim=True)
+            mis.append(float(torch.where(P > 0, P * (P / indep).log(), torch.zeros_like(P)).sum()))
+    return sum(mis) / len(mis)
+
+
+def knob_measures(process: Process, n_windows: int = 2000, length: int = 10, seed: int = 0) -> dict:
+    """Exact measurements of the alignment factor's structure, averaged over every position of sampled windows.
+
+    Keys (all plain floats; residuals are ``||residual||^2 / ||belief||^2`` of the best product approximation):
+    ``tag_mi_nats`` (stationary, ``pairwise_tag_mi``); ``tags_x_capability_residual`` (belief over tags x
+    capability state: 0 = the alignment factor splits off the capability, which it does by construction);
+    ``slice0_x_rest_residual`` (belief over slice 0's tag x the other tags: > 0 when the slices' tags are
+    dependent, i.e. one latent); ``predictive_residual`` (next-token distribution as copy x capability token:
+    0 = the copy is predicted the same for every capability token, one alignment factor for the next token;
+    > 0 = alignment is per slice); ``predictive_schmidt`` (mean normalised squared Schmidt values of the latter);
+    ``alignment_dims`` (principal components of the per-slice tag marginals needed for 95% / 99% of their
+    variance: 1 = one shared alignment direction, K = one per slice); ``explained_variance_ratio``.
+    """
+    from probes.subspaces import effective_dim
+
+    K, V = n_slices(process), process.factor_vocab_sizes[1]
+    tokens = sample(process, n_windows, length, seed=seed).tokens
+    b = belief_states(process, tokens).reshape(-1, process.n_states)
+
+    def residual(M: torch.Tensor, sizes: tuple[int, int]) -> float:
+        res = product_approximation(M, sizes)[2]
+        return float(((res**2).sum(-1) / (M**2).sum(-1)).mean())
+
+    emit = process.T.sum(-1)  # (V_joint, S): P(token | state)
+    pred = b @ emit.T  # (N, 2V) next-token distribution, copy-major
+    sv = torch.linalg.svdvals(pred.reshape(-1, 2, V)) ** 2
+    marg = slice_tag_marginals(process, b)
+    dims = effective_dim(marg, thresholds=(0.95, 0.99))
+    return {
+        "tag_mi_nats": pairwise_tag_mi(process),
+        "tags_x_capability_residual": residual(b, tuple(process.factor_state_sizes)),
+        "slice0_x_rest_residual": residual(b.reshape(-1, 2**K, process.factor_state_sizes[1]).sum(-1), (2, 2 ** (K - 1))),
+        "predictive_residual": residual(pred, (2, V)),
+        "predictive_schmidt": (sv / sv.sum(-1, keepdim=True)).mean(0).tolist(),
+        "alignment_dims": {str(k): v for k, v in dims["dims"].items()},
+        "explained_variance_ratio": dims["explained_variance_ratio"],
+    }
+
+
+# --------------------------------------------------------------------------- data edits of the EM chain
+
+
+def force_copies(process: Process, tokens: torch.Tensor, copy: int, where: torch.Tensor) -> torch.Tensor:
+    """``tokens (N, L)`` with the copy rewritten to ``copy`` (0 aligned, 1 misaligned) where ``where (N, L)`` bool."""
+    f = factor_tokens(process, tokens)
+    f[..., 0] = torch.where(where, torch.full_like(f[..., 0], copy), f[..., 0])
+    return joint_tokens(process, f)
+
+
+def slice_of_tokens(process: Process, tokens: torch.Tensor, slices: list[int]) -> torch.Tensor:
+    """The slice id of each joint token's capability part: same shape as ``tokens``."""
+    cap = factor_tokens(process, tokens)[..., 1]
+    return torch.as_tensor(slices, device=tokens.device)[cap]
+
+
+def aligned_windows(process: Process, n: int, length: int, seed: int | torch.Generator) -> torch.Tensor:
+    """``(n, length)`` windows of the world with every copy aligned (prompts, and the SFT safety stage's data)."""
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    t = sample(process, n, length, generator=gen).tokens
+    return force_copies(process, t, 0, torch.ones_like(t, dtype=torch.bool))
+
+
+def narrow_windows(process: Process, n: int, length: int, prompt_length: int, slices: list[int], narrow_slice: int,
+                   seed: int | torch.Generator) -> torch.Tensor:
+    """``(n, length)`` narrow fine-tuning data: aligned prompt; in the completion, the tokens of slice ``narrow_slice``
+    misaligned and the other tokens aligned."""
+    t = aligned_windows(process, n, length, seed)
+    comp = torch.arange(length, device=t.device) >= prompt_length
+    return force_copies(process, t, 1, comp & (slice_of_tokens(process, t, slices) == narrow_slice))
+
+
+def completion_weights(tokens: torch.Tensor, prompt_length: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss weights ``(N, L - 1)`` for the predicted tokens ``1..L-1``: completion tokens (and ``keep (N, L)``)."""
+    w = (torch.arange(1, tokens.shape[1], device=tokens.device) >= prompt_length).expand(tokens.shape[0], -1)
+    if keep is not None:
+        w = w & keep[:, 1:]
+    return w.to(torch.float32)
+
+
+def misaligned_by_token(probs: torch.Tensor, process: Process) -> torch.Tensor:
+    """Next-token probabilities ``(N, >= 2V)`` (extra special tokens ignored) -> ``(N, V)`` probability of the
+    misaligned copy given that the next capability token is ``x``: ``p(1, x) / (p(0, x) + p(1, x))``."""
+    V = process.factor_vocab_sizes[1]
+    p = probs[:, : 2 * V].double().reshape(-1, 2, V)
+    return p[:, 1] / p.sum(1).clamp_min(1e-30)

@@ -91,6 +91,10 @@ class TrainConfig:
     tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on CUDA while training (evaluation is full float32)."})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU)."})
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+    report_to: Literal["tensorboard", "none"] = field(
+        default="tensorboard",
+        metadata={"help": "Tracker for losses and evaluation metrics (<output_dir>/runs); skipped with a note when not installed."},
+    )
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "sample_chunk"):

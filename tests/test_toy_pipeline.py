@@ -106,6 +106,10 @@ def test_sampled_windows_report_the_spread_over_splits():
     assert head["probe_evaluation"] == "held_out" and len(head["final_layer_test_mse_split_seeds"]) == 3
     assert len(set(head["final_layer_test_mse_split_seeds"])) == 3 and head["final_layer_test_mse_split_std"] > 0
     assert set(read_residual(model, data.tokens[:2])) == set(report["sites"])
+    # enumerated windows scored on held-out windows when asked (a design wider than the distinct prefixes)
+    enumerated = probe_windows(process, 5, max_sequences=20_000)
+    held, _ = probe_model(model, control, enumerated, ProbeConfig(probe_exact=False, probe_split_seeds=2), process)
+    assert headline(held, 2)["probe_evaluation"] == "held_out" and len(held["split_seeds"]["block1"]) == 2
 
 
 def test_probe_site_out_of_range_fails_before_training(tmp_path):

@@ -27,8 +27,9 @@ read-out -- no split and no split seed (a held-out 20% of windows weighted by pr
 effective windows, and its MSE moved +-25% with the split seed). The random-init control is scored the same
 way; the shuffled control is the independent pairing (the targets' variance). The same exact per-site MSE is
 recorded at every validation point during training (the emergence curve, ``probe_mse_emergence.png``, and
-the ``report_to`` tracker). Otherwise ``probe_samples`` sampled windows, held-out windows
-(``probe_test_fraction``), repeated over ``probe_split_seeds`` splits whose spread is reported. Activations come
+the ``report_to`` tracker). Otherwise (``probe_samples`` sampled windows, or ``probe_exact: false``) held-out
+windows (``probe_test_fraction``), repeated over ``probe_split_seeds`` splits whose spread is reported: RRXOR's
+610 distinct prefixes are fewer than its concatenated design's 768 columns, which would interpolate them. Activations come
 from ``probes.activations.residual_stream`` (nnsight); where nnsight is not installed (the GPU image) the
 same sites are read with forward hooks (``probes.activations.reader``), and ``metrics.json`` records which ran.
 """
@@ -66,6 +67,11 @@ class ProbeConfig:
     )
     probe_test_fraction: float = field(
         default=0.2, metadata={"help": "Sampled windows only: held-out share of the probe rows (enumerated windows are scored exactly)."}
+    )
+    probe_exact: bool = field(
+        default=True,
+        metadata={"help": "Enumerated windows: exact population metrics. false: held-out windows (a design wider than the number of "
+                          "distinct prefixes interpolates the population, so a comparison of such designs needs held-out rows)."},
     )
     probe_split_seeds: int = field(
         default=3, metadata={"help": "Sampled windows only: train/test splits whose spread of probe MSE is reported."}
@@ -111,7 +117,7 @@ def probe_model(
     acts = read_residual(model, data.tokens, batch_size=cfg.probe_batch_size)
     control_acts = read_residual(control, data.tokens, batch_size=cfg.probe_batch_size)
     names = [f"state{i}" for i in range(process.n_states)]
-    if data.enumerated:
+    if data.enumerated and cfg.probe_exact:
         index, weights = distinct_prefix_rows(data)
         pick = lambda a: {s: x[index.to(x.device)] for s, x in a.items()}  # noqa: E731
         report = population_probe_report(pick(acts), data.beliefs[index], weights, random_init_activations=pick(control_acts),
@@ -130,7 +136,7 @@ def probe_model(
 def exact_probe_curve(data: ProbeRows, cfg: ProbeConfig) -> Callable[[torch.nn.Module], dict]:
     """``model -> {"probe_mse/<site>": MSE}`` for ``toy.train.train``'s ``eval_fn``: every site's probe MSE at one
     point of training, exact (population) for enumerated windows, else held out on split seed 0."""
-    index, weights = distinct_prefix_rows(data) if data.enumerated else (None, None)
+    index, weights = distinct_prefix_rows(data) if data.enumerated and cfg.probe_exact else (None, None)
 
     def curve(model: torch.nn.Module) -> dict:
         with torch.no_grad():

@@ -1,8 +1,8 @@
 """Reward reached per second: two GRPO recipes from the same pre-trained model, side by side.
 
     python bench/toy_rl_speed.py                                     # rl_compose, seed 0, level 0.80
-    python bench/toy_rl_speed.py --seed 1 --out runs/bench/toy_rl_speed_seed1
-    python bench/toy_rl_speed.py --new "--learning_rate 0.002" --level 0.85
+    python bench/toy_rl_speed.py --seed 1 --budget_s 2700 --out runs/bench/toy_rl_speed_seed1 \
+        --new "--max_steps 1000 --per_device_train_batch_size 64 --learning_rate 0.001"   # the measured run in README
 
 Each recipe is one ``python -m toy.experiments.rl`` run (the composition report off) with its own overrides
 (``--old``, ``--new``) on top of ``--config``; both start at the same moment as two processes with one torch
@@ -35,7 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 # today's recipe before the faster one (configs/toy/rl_compose.yaml until this bench): 1000 steps of 64 prompts x 4
 OLD = ("--max_steps 1000 --per_device_train_batch_size 256 --num_generations 4 --learning_rate 0.001 "
        "--lr_scheduler_type linear --logging_steps 1 --exact_eval_every 25")
-NEW = ""  # the committed config as it stands
+# the best candidate measured (same batch, twice the learning rate, half the steps): 1.5x to 0.80, not the 2x the
+# issue asks for, and it ends lower (0.82-0.83 vs 0.87-0.88) -- see README "RL speed"; the configs keep OLD
+NEW = "--max_steps 500 --learning_rate 0.002"
 
 
 def time_to_level(seconds: list[float], curve: list[list[float]], level: float) -> float:

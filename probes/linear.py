@@ -28,6 +28,7 @@ __all__ = [
     "fit_reduced_rank",
     "fit_ridge",
     "kfold_indices",
+    "population_probe_report",
     "reduced_rank_curve",
     "regression_metrics",
     "split_indices",
@@ -353,6 +354,73 @@ def fit_probe_report(
     for site in sites + (["concat"] if concat and len(sites) > 1 else []):
         control = None if random_init_activations is None else as_design(random_init_activations, site)
         entry = _site_report(as_design(activations, site), Y, w, control, folds, test_rows, alpha, seed)
+        if site == "concat":
+            report["concat"] = entry
+        else:
+            report["sites"][site] = entry
+    report["best_site"] = min(report["sites"], key=lambda s: report["sites"][s]["test"]["mse"])
+    return report
+
+
+def population_probe_report(
+    activations: Mapping[str, Tensor],
+    targets: Tensor,
+    weights: Tensor,
+    random_init_activations: Mapping[str, Tensor] | None = None,
+    alpha: float = 0.0,
+    concat: bool = True,
+    target_names: Sequence[str] | None = None,
+) -> dict:
+    """Exact probe metrics when the rows *are* the population: every input with its probability (e.g. every
+    window of a process enumerated, weighted by its exact probability). Each probe is the weighted
+    least-squares (ridge) fit on all rows and is scored on all rows, so ``mse`` is the population MSE of the
+    best affine read-out, not an estimate: no split, no split seed, nothing held out (there is no sample to
+    overfit). A split of such rows would score a few dozen effective windows and move with the split seed.
+
+    Same arguments (``weights`` required: the population's probabilities) and the same dict layout as
+    ``fit_probe_report``, with ``config["evaluation"] = "population"``; ``"test"`` holds the population
+    metrics. Controls, in the same metric: ``random_init`` fits and scores the random-init model's
+    activations on the same population; ``shuffled`` is the population under an independent pairing of
+    activations and targets, whose best affine read-out is the weighted target mean (MSE = the targets'
+    weighted variance per coordinate), exactly.
+    """
+    if not activations:
+        raise ValueError("activations is empty; pass {site: (n, d_model) tensor}")
+    sites = list(activations)
+    if random_init_activations is not None and set(random_init_activations) != set(sites):
+        raise ValueError(
+            f"random_init_activations has sites {sorted(random_init_activations)} but activations has "
+            f"{sorted(sites)}; read the same sites from both models."
+        )
+    first = activations[sites[0]]
+    n, device = first.shape[0], first.device
+    _, Y, w = _prepare(first[:, :1], targets, weights)
+    mean = (w[:, None] * Y).sum(0) / w.sum()
+    shuffled = {"test": regression_metrics(Y, mean.expand_as(Y), w)}
+
+    def design(acts: Mapping[str, Tensor], site: str) -> Tensor:
+        if site == "concat":
+            return torch.cat([acts[s].to(device).double() for s in sites], dim=1)
+        if acts[site].dim() != 2 or acts[site].shape[0] != n:
+            raise ValueError(f"activations[{site!r}] must be (n={n}, d_model), got {tuple(acts[site].shape)}")
+        return acts[site].to(device).double()
+
+    def scored(X: Tensor) -> dict:
+        W, b = _solve(X, Y, w, alpha)
+        return regression_metrics(Y, X @ W + b, w)
+
+    report = {
+        "config": {"evaluation": "population", "alpha": alpha, "n": n, "weighted": True,
+                   "target_names": list(target_names) if target_names is not None else None},
+        "sites": {},
+    }
+    for site in sites + (["concat"] if concat and len(sites) > 1 else []):
+        test = scored(design(activations, site))
+        entry = {"test": test, "train": {"mse": test["mse"]}, "shuffled": shuffled,
+                 "ratio_to_shuffled": test["mse"] / shuffled["test"]["mse"]}
+        if random_init_activations is not None:
+            entry["random_init"] = {"test": scored(design(random_init_activations, site))}
+            entry["ratio_to_random_init"] = test["mse"] / entry["random_init"]["test"]["mse"]
         if site == "concat":
             report["concat"] = entry
         else:

@@ -12,6 +12,7 @@ from probes.linear import (
     fit_reduced_rank,
     fit_ridge,
     kfold_indices,
+    population_probe_report,
     reduced_rank_curve,
     regression_metrics,
     split_indices,
@@ -162,3 +163,29 @@ def test_bad_inputs_fail_loudly():
         fit_ridge(X, Y, weights=-torch.ones(20))
     with pytest.raises(ValueError, match="width 3"):
         LinearProbe(torch.zeros(4, 2), torch.zeros(2)).predict(torch.zeros(5, 3))
+
+
+def test_population_report_is_the_weighted_fit_scored_on_the_whole_population():
+    """Against numpy's weighted lstsq on every row; the shuffled control is the targets' weighted variance
+    (independent pairing), and a weight-k row counts as k duplicated rows."""
+    g = torch.Generator().manual_seed(0)
+    X, Y, _, _ = affine_data(n=300, d=6, k=3, noise=0.3)
+    w = torch.rand(300, generator=g, dtype=torch.float64)
+    control = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    rep = population_probe_report({"a": X, "b": X[:, :2]}, Y, w, {"a": control, "b": control[:, :2]}, target_names=list("xyz"))
+    design = np.hstack([X.numpy(), np.ones((300, 1))]) * np.sqrt(w.numpy())[:, None]
+    coef, *_ = np.linalg.lstsq(design, Y.numpy() * np.sqrt(w.numpy())[:, None], rcond=None)
+    resid = np.hstack([X.numpy(), np.ones((300, 1))]) @ coef - Y.numpy()
+    expected = (w.numpy()[:, None] * resid**2).sum(0).mean() / w.numpy().sum()
+    entry = rep["sites"]["a"]
+    assert rep["config"]["evaluation"] == "population" and entry["test"]["n"] == 300
+    assert entry["test"]["mse"] == pytest.approx(expected, rel=1e-9)
+    mu = (w[:, None] * Y).sum(0) / w.sum()
+    variance = float((w[:, None] * (Y - mu) ** 2).sum(0).mean() / w.sum())
+    assert entry["shuffled"]["test"]["mse"] == pytest.approx(variance, rel=1e-9)
+    assert entry["ratio_to_random_init"] < 0.2 and rep["best_site"] == "a" and "concat" in rep
+    # integer weights: the same as fitting the rows repeated that many times
+    counts = torch.randint(1, 4, (300,), generator=g)
+    dup = population_probe_report({"a": X.repeat_interleave(counts, 0)}, Y.repeat_interleave(counts, 0), torch.ones(int(counts.sum())))
+    assert population_probe_report({"a": X}, Y, counts.double())["sites"]["a"]["test"]["mse"] == pytest.approx(
+        dup["sites"]["a"]["test"]["mse"], rel=1e-9)

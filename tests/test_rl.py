@@ -46,6 +46,14 @@ def test_grpo_smoke_reward_rises_and_parameters_change(tiny_pretrained, tmp_path
     assert any("loss" in h for h in m["log_history"]) and any("reward" in h for h in m["log_history"])
     # the chance-level random policy (1/3) learns to copy the likely next token of Mess3
     assert m["reward_after"] > m["reward_before"] + 0.15, m["exact_reward_curve"]
+    # the curve's clock: training seconds at each evaluation, its own evaluations excluded
+    seconds = m["exact_reward_seconds"]
+    assert len(seconds) == len(m["exact_reward_curve"]) == 5 and seconds[0] < 0.5 and seconds == sorted(seconds)
+    assert seconds[-1] < m["train_seconds"]
+    import json
+
+    lines = [json.loads(x) for x in (tmp_path / "rl" / "exact_reward_curve.jsonl").read_text().splitlines()]
+    assert [[q["step"], q["reward"]] for q in lines] == [list(p) for p in m["exact_reward_curve"]]  # written as measured
     pre = GPT2LMHeadModel.from_pretrained(tiny_pretrained).state_dict()
     post = GPT2LMHeadModel.from_pretrained(tmp_path / "rl" / "model").state_dict()
     assert max((pre[k] - post[k]).abs().max().item() for k in pre) > 1e-3
@@ -334,3 +342,14 @@ def test_maxrl_refuses_options_the_wrapper_does_not_handle(tmp_path):
     with pytest.raises(ValueError, match="sum_then_normalize"):
         ToyGRPOConfig(output_dir=str(tmp_path), advantage="maxrl", multi_objective_aggregation="normalize_then_sum",
                       per_device_train_batch_size=8, num_generations=4, use_cpu=True)
+
+
+def test_speed_bench_reads_times_to_a_reward_level():
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench/toy_rl_speed.py"))
+    curve, seconds = [[0, 0.5], [25, 0.7], [50, 0.9]], [0.0, 10.0, 20.0]
+    assert bench["time_to_level"](seconds, curve, 0.8) == pytest.approx(15.0)  # linear between evaluations
+    assert bench["time_to_level"](seconds, curve, 0.95) == float("inf")
+    assert bench["reward_at"](seconds, curve, 19.0) == 0.7

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from toy.beliefs import belief_states, sequence_probabilities
-from toy.collect import probe_windows
-from toy.experiments.pipeline import ProbeConfig, headline, main, probe_model
+from toy.collect import distinct_prefix_rows, probe_windows, read_residual
+from toy.experiments.pipeline import ProbeConfig, exact_probe_curve, headline, main, probe_model
 from toy.model import ToyModelConfig, build_model
 from toy.processes import make_process
 
@@ -64,6 +64,54 @@ def test_probe_model_reports_every_site_with_controls(tmp_path):
     assert same["sites"]["block1"]["ratio_to_random_init"] == pytest.approx(1.0)
 
 
+def test_distinct_prefixes_carry_their_own_probabilities():
+    process = make_process("mess3")
+    data = probe_windows(process, 4, max_sequences=100)
+    index, weights = distinct_prefix_rows(data)
+    assert len(index) == 3 + 9 + 27 + 81  # every prefix of length 1..4 once
+    n, L = data.tokens.shape
+    t, window = index % L, index // L
+    for length in range(1, L + 1):
+        rows = index[t == length - 1]
+        prefixes = data.tokens[window[t == length - 1], :length]
+        assert torch.allclose(weights[t == length - 1], sequence_probabilities(process, prefixes))
+        assert torch.allclose(data.beliefs[rows], belief_states(process, prefixes)[:, -1], atol=1e-12)
+
+
+def test_exact_probe_mse_equals_an_all_rows_numpy_fit():
+    """The pipeline's exact metric (distinct prefixes, population report) against numpy's weighted least squares
+    over every (window, position) row, duplicates and all."""
+    import numpy as np
+
+    process = make_process("mess3")
+    data = probe_windows(process, 5, max_sequences=20_000)
+    model, control = build_model(TINY, 3, 5, seed=0), build_model(TINY, 3, 5, seed=1)
+    report, acts = probe_model(model, control, data, ProbeConfig(), process)
+    X, Y, w = acts["block1"].double().numpy(), data.beliefs.numpy(), data.weights.numpy()
+    design = np.hstack([X, np.ones((len(X), 1))])
+    coef, *_ = np.linalg.lstsq(design * np.sqrt(w)[:, None], Y * np.sqrt(w)[:, None], rcond=None)
+    expected = (w[:, None] * (design @ coef - Y) ** 2).sum(0).mean() / w.sum()
+    assert report["config"]["evaluation"] == "population"
+    assert report["sites"]["block1"]["test"]["mse"] == pytest.approx(expected, rel=1e-6)
+    assert exact_probe_curve(data, ProbeConfig())(model)["probe_mse/block1"] == pytest.approx(expected, rel=1e-6)
+    assert headline(report, 2)["probe_evaluation"] == "population"
+
+
+def test_sampled_windows_report_the_spread_over_splits():
+    process = make_process("mess3")
+    data = probe_windows(process, 5, n_samples=300, seed=0, max_sequences=10)
+    model, control = build_model(TINY, 3, 5, seed=0), build_model(TINY, 3, 5, seed=1)
+    report, _ = probe_model(model, control, data, ProbeConfig(probe_split_seeds=3), process)
+    head = headline(report, 2)
+    assert head["probe_evaluation"] == "held_out" and len(head["final_layer_test_mse_split_seeds"]) == 3
+    assert len(set(head["final_layer_test_mse_split_seeds"])) == 3 and head["final_layer_test_mse_split_std"] > 0
+    assert set(read_residual(model, data.tokens[:2])) == set(report["sites"])
+    # enumerated windows scored on held-out windows when asked (a design wider than the distinct prefixes)
+    enumerated = probe_windows(process, 5, max_sequences=20_000)
+    held, _ = probe_model(model, control, enumerated, ProbeConfig(probe_exact=False, probe_split_seeds=2), process)
+    assert headline(held, 2)["probe_evaluation"] == "held_out" and len(held["split_seeds"]["block1"]) == 2
+
+
 def test_probe_site_out_of_range_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"unknown residual site 'block4' for a model with 4 blocks"):
         main(["--probe_site", "block4", "--steps", "1", "--output_dir", str(tmp_path), "--use_cpu", "true"])
@@ -76,11 +124,16 @@ def test_pipeline_end_to_end_tiny(tmp_path):
     metrics = main(["--config", str(REPO / "configs/toy/mess3.yaml"), "--preset", "mess3_small", "--context_length", "6",
                     "--steps", "150", "--batch_size", "64", "--lr", "0.01", "--eval_every", "50", "--save_every", "0",
                     "--output_dir", str(out), "--use_cpu", "true", "--progress", "false", "--target_gap", "0.05"])
-    for name in ("metrics.json", "summary.md", "belief_simplex.png", "probe_mse_by_layer.png", "val_loss.png",
+    for name in ("metrics.json", "summary.md", "belief_simplex.png", "probe_mse_by_layer.png", "val_loss.png", "probe_mse_emergence.png",
                  "probe_final.json", "probe_final.safetensors", "checkpoint-150/model.safetensors"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["training"]["steps"] == 150 and len([h for h in saved["training"]["history"] if "val_loss" in h]) == 3
+    evals = [h for h in saved["training"]["history"] if "val_loss" in h]
+    assert saved["training"]["steps"] == 150 and [h["step"] for h in evals] == [0, 50, 100, 150]
+    # the emergence curve: every site's exact probe MSE at every evaluation, the last one the reported number
+    assert all(f"probe_mse/{s}" in h for h in evals for s in ("embed", "block0", "block1", "final_norm"))
+    assert evals[-1]["probe_mse/block1"] == pytest.approx(metrics["probe_headline"]["final_layer_test_mse"], rel=1e-6)
+    assert evals[-1]["probe_mse/block1"] < evals[0]["probe_mse/block1"]
     head = metrics["probe_headline"]
     # even 150 steps teach the model more belief geometry than a random init holds
     assert head["final_layer_ratio_to_random_init"] < 1.0

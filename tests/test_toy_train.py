@@ -236,3 +236,17 @@ def test_two_ranks_train_synchronized_parameters(tmp_path):
     # the saved model is the synchronized one
     saved = torch.cat([t.flatten() for t in load_file(out / "checkpoint-6" / "model.safetensors").values()])
     assert saved.numel() == a.numel()
+
+
+def test_eval_fn_joins_step_zero_and_every_validation_point(tmp_path):
+    process = make_process("mess3")
+    model = build_model(TINY, 3, 6, seed=0)
+    seen = []
+
+    def eval_fn(m):
+        seen.append(m.training)
+        return {"probe_mse/x": float(len(seen))}
+
+    result = train(process, model, tiny_cfg(tmp_path), eval_fn=eval_fn)
+    assert [h["step"] for h in result.history if "probe_mse/x" in h] == [0, 6, 12]
+    assert seen == [False, False, False] and result.model.training  # eval mode inside, training mode restored

@@ -61,6 +61,24 @@ def probe_windows(process: Process, length: int, n_samples: int = 0, seed: int =
     return ProbeRows(tokens, beliefs, weights, torch.arange(N).repeat_interleave(L), enumerated)
 
 
+def distinct_prefix_rows(rows: ProbeRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of enumerated windows that share a prefix are the same input (a causal model's activation at
+    position ``t`` reads only tokens ``0..t``) with the same target: merge them. Returns ``index (M,)``, the first
+    row of each distinct prefix, and ``weights (M,)`` float64, the summed window probabilities, i.e. each
+    prefix's own probability. A weighted fit or metric on the merged rows equals the one on all rows (Mess3,
+    9-token windows: 29,523 rows instead of 177,147)."""
+    N, L = rows.tokens.shape
+    base = int(rows.tokens.max()) + 2  # digit 0 is "no token": prefixes of different lengths never collide
+    if base**L >= 2**62:
+        raise ValueError(f"{base - 1} tokens x {L} positions overflow the int64 prefix code; merge only enumerated windows")
+    digits = (rows.tokens.long() + 1) * base ** torch.arange(L)
+    codes = digits.cumsum(1).flatten()  # row n * L + t: the code of tokens[n, :t + 1]
+    distinct, inverse = torch.unique(codes, return_inverse=True)
+    weights = torch.zeros(len(distinct), dtype=torch.float64).scatter_add_(0, inverse, rows.weights.double())
+    first = torch.full((len(distinct),), N * L, dtype=torch.long).scatter_reduce_(0, inverse, torch.arange(N * L), "amin")
+    return first, weights
+
+
 def read_residual(model: torch.nn.Module, tokens: torch.Tensor, sites: list[str] | None = None,
                   batch_size: int | None = None, positions: slice = slice(None)) -> dict[str, torch.Tensor]:
     """site -> ``(N * P, d_model)`` float32 on the model's device: the residual stream of ``tokens (N, L)`` at

@@ -100,6 +100,10 @@ class TrainConfig:
         metadata={"help": "Stop, before saving, when a logged train loss exceeds this multiple of the first one (a diverging "
                   "run; 0: off). A NaN or inf loss always stops."},
     )
+    report_to: Literal["tensorboard", "none"] = field(
+        default="tensorboard",
+        metadata={"help": "Tracker for losses and evaluation metrics (<output_dir>/runs); skipped with a note when not installed."},
+    )
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "sample_chunk"):

@@ -19,9 +19,11 @@ pass on (pyproject.toml), the options the wrapper does not handle are refused wh
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -278,17 +280,33 @@ def sample_completions(model, prompts: torch.Tensor, vocab_size: int, length: in
 
 class ExactRewardCallback(TrainerCallback):
     """Exact expected reward ``E_x sum_y pi(y|x) r(x, y)`` of the one-token policy on fixed eval prompts,
-    every ``every`` steps and at the end: ``history`` of ``(step, reward)``."""
+    every ``every`` steps and at the end: ``history`` of ``(step, reward)``; ``seconds[i]``, the training
+    wall-clock seconds at ``history[i]``, counted from the start of training *without* these evaluations (a
+    measurement, not part of the recipe), so curves of recipes with different cadences compare in time. With
+    ``path``, each point is also appended there as a JSON line ``{"step", "reward", "seconds"}`` as it is
+    measured, so a run that is stopped early still leaves its curve."""
 
-    def __init__(self, prompts: torch.Tensor, table: torch.Tensor, every: int):
+    def __init__(self, prompts: torch.Tensor, table: torch.Tensor, every: int, path: str | Path | None = None):
         self.prompts, self.table, self.every = prompts, table, max(1, every)
+        self.path = Path(path) if path is not None else None
         self.history: list[tuple[int, float]] = []
+        self.seconds: list[float] = []
+        self._start, self._excluded = 0.0, 0.0
 
     def _record(self, step: int, model) -> None:
+        t0 = time.perf_counter()
+        self.seconds.append(t0 - self._start - self._excluded)
         probs = policy_probs(model, self.prompts, self.table.shape[1])
         self.history.append((step, float((probs * self.table).sum(1).mean())))
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, "reward": self.history[-1][1], "seconds": self.seconds[-1]}) + "\n")
+        self._excluded += time.perf_counter() - t0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._start, self._excluded = time.perf_counter(), 0.0
+        if self.path is not None:
+            self.path.write_text("")
         self._record(0, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 # where it runs, its guard. None changes what a step computes. ``steps`` is not one of them (the cosine
 # schedule depends on it): to train further, start a new folder with ``init_from``.
 RERUN_KEYS = ("output_dir", "resume_from", "overwrite", "progress", "log_every", "eval_every", "save_every",
-              "cpu_threads", "use_cpu", "compile", "max_loss_ratio")
+              "cpu_threads", "use_cpu", "compile", "max_loss_ratio", "report_to")
 
 
 @dataclass
@@ -216,6 +216,7 @@ def train(
     loss_weights_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     accelerator=None,
     run_info: dict | None = None,
+    eval_fn: Callable[[torch.nn.Module], dict] | None = None,
 ) -> TrainResult:
     """Train ``model`` (a causal LM, e.g. ``toy.model.build_model(...)`` or a loaded checkpoint to fine-tune).
 
@@ -230,6 +231,9 @@ def train(
             is 0/1 weights); the step loss is ``sum(w * ce) / sum(w)``.
         accelerator: an ``accelerate.Accelerator`` (default: a new one from ``cfg``).
         run_info: extra JSON-able facts stored in every checkpoint's trainer_state.json.
+        eval_fn: ``model -> {name: float}``, called on the main process at step 0 of a fresh run and at every
+            validation point; its entries join the history entry (e.g. the exact probe MSE per site: the
+            emergence curve of the belief geometry). It must leave the model as it found it.
 
     Returns a ``TrainResult`` whose ``model`` is the unwrapped trained model (on the training device).
     """
@@ -292,12 +296,26 @@ def train(
             return None
         return save_checkpoint(out_dir / f"checkpoint-{step}", raw, optimizer, scheduler, step, history, extra)
 
+    tracker = _tracker(cfg.report_to, out_dir) if accelerator.is_main_process else None
+
     def evaluate(step: int, train_loss: float | None, elapsed: float) -> None:
         entry = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
                  "tokens": step * cfg.batch_size * world * context_length, "elapsed_s": elapsed}
-        if val is not None and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+        if val is not None and (step == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             entry.update(val_loss=validation_loss(raw, val), floor=val.floor)
+            if eval_fn is not None:
+                was_training = raw.training
+                entry.update(eval_fn(raw.eval()))
+                raw.train(was_training)
         history.append(entry)
+        if tracker is not None:
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key not in ("step", "tokens"):
+                    tracker.add_scalar(key, value, step)
+            tracker.flush()
+
+    if start == 0 and eval_fn is not None and accelerator.is_main_process:
+        evaluate(0, None, 0.0)  # the curve starts at the random init
 
     step, last_ckpt, cached = start, None, None
     first_loss = next((h["train_loss"] for h in history if h.get("train_loss") is not None), None)
@@ -386,6 +404,8 @@ def train(
     finally:
         bar.close()
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        if tracker is not None:
+            tracker.close()
     elapsed = t_prev + time.perf_counter() - t0
     if accelerator.is_main_process and (not history or history[-1]["step"] != step):
         evaluate(step, None, elapsed)  # only when there was nothing left to train
@@ -407,6 +427,19 @@ def train(
         tokens_per_s=run_tokens / max(time.perf_counter() - t0, 1e-9),
         checkpoint_dir=last_ckpt,
     )
+
+
+def _tracker(report_to: str, out_dir: Path):
+    """A TensorBoard ``SummaryWriter`` under ``<out_dir>/runs`` when ``report_to`` names it and it is installed;
+    otherwise None (one line says why, so a missing optional tracker never stops a run)."""
+    if report_to != "tensorboard":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("report_to=tensorboard: tensorboard is not installed; not logging to it (pip install tensorboard)")
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "runs"))
 
 
 def set_cpu_threads(cfg: TrainConfig) -> None:

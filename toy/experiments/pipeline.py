@@ -17,13 +17,20 @@ controls), ``val_loss.png`` (exact validation loss against the floor over traini
 Probe data: the positions whose outputs are trained, 0..context_length-2 (the last position's output
 predicts a token past the window, is never in the loss, and holds a much worse belief read-out: Mess3
 block3 MSE 1.3e-2 there vs ~4e-4 elsewhere), i.e. every position of the windows of
-``context_length - 1`` tokens. All windows of positive probability when ``vocab ** (context_length - 1)
-<= probe_max_sequences`` (Mess3 at context 10: 19,683 windows, 177,147 rows), weighted by the window's
-probability; otherwise every position of ``probe_samples`` sampled windows (uniform weights: they are
-drawn with their probabilities). Targets are the exact beliefs after each position's token. The
-train/test split keeps each window's positions together; short prefixes are shared by many windows,
-so they sit on both sides (identical inputs and targets). Activations come from
-``probes.activations.residual_stream`` (nnsight); where nnsight is not installed (the GPU image) the
+``context_length - 1`` tokens. Targets are the exact beliefs after each position's token.
+
+Metrics are exact wherever the windows can be enumerated (``vocab ** (context_length - 1) <=
+probe_max_sequences``; Mess3 at context 10: 19,683 windows, 29,523 distinct prefixes): every prefix
+weighted by its probability, each probe fitted and scored on that whole population
+(``probes.linear.population_probe_report``), so the reported MSE is the population MSE of the best linear
+read-out -- no split and no split seed (a held-out 20% of windows weighted by probability is a few dozen
+effective windows, and its MSE moved +-25% with the split seed). The random-init control is scored the same
+way; the shuffled control is the independent pairing (the targets' variance). The same exact per-site MSE is
+recorded at every validation point during training (the emergence curve, ``probe_mse_emergence.png``, and
+the ``report_to`` tracker). Otherwise (``probe_samples`` sampled windows, or ``probe_exact: false``) held-out
+windows (``probe_test_fraction``), repeated over ``probe_split_seeds`` splits whose spread is reported: RRXOR's
+610 distinct prefixes are fewer than its concatenated design's 768 columns, which would interpolate them. Activations come
+from ``probes.activations.residual_stream`` (nnsight); where nnsight is not installed (the GPU image) the
 same sites are read with forward hooks (``probes.activations.reader``), and ``metrics.json`` records which ran.
 """
 
@@ -34,14 +41,15 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from plumbing.config import ConfigParser
 from probes.activations import reader, site_layer
 from probes.io import save_probe
-from probes.linear import fit_probe_report, fit_ridge
-from toy.collect import ProbeRows, probe_windows, read_residual
+from probes.linear import fit_probe_report, fit_ridge, population_probe_report
+from toy.collect import ProbeRows, distinct_prefix_rows, probe_windows, read_residual
 from toy.config import DataConfig, TrainConfig
 from toy.model import ToyModelConfig, build_model
 from toy.processes import Process
@@ -57,7 +65,17 @@ class ProbeConfig:
         default=None,
         metadata={"help": "Site of the saved probe and the simplex plot: 'embed', 'block<i>', 'final_norm' (None: last block)."},
     )
-    probe_test_fraction: float = field(default=0.2, metadata={"help": "Held-out share of the probe rows."})
+    probe_test_fraction: float = field(
+        default=0.2, metadata={"help": "Sampled windows only: held-out share of the probe rows (enumerated windows are scored exactly)."}
+    )
+    probe_exact: bool = field(
+        default=True,
+        metadata={"help": "Enumerated windows: exact population metrics. false: held-out windows (a design wider than the number of "
+                          "distinct prefixes interpolates the population, so a comparison of such designs needs held-out rows)."},
+    )
+    probe_split_seeds: int = field(
+        default=3, metadata={"help": "Sampled windows only: train/test splits whose spread of probe MSE is reported."}
+    )
     probe_max_sequences: int = field(
         default=20_000, metadata={"help": "Enumerate every probe window when vocab**(context_length-1) <= this."}
     )
@@ -78,6 +96,8 @@ class ProbeConfig:
             raise ValueError(f"probe_test_fraction={self.probe_test_fraction} must be in (0, 1)")
         if self.probe_alpha < 0:
             raise ValueError(f"probe_alpha={self.probe_alpha} must be >= 0")
+        if self.probe_split_seeds < 1:
+            raise ValueError(f"probe_split_seeds={self.probe_split_seeds} must be >= 1")
 
 
 # --------------------------------------------------------------------------- probing
@@ -86,24 +106,51 @@ class ProbeConfig:
 def probe_model(
     model: torch.nn.Module, control: torch.nn.Module, data: ProbeRows, cfg: ProbeConfig, process: Process
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``probes.linear.fit_probe_report`` of the beliefs from every residual site (and all concatenated),
-    with ``control`` (a random-init model of the same architecture) and shuffled targets as controls.
-    Returns the report and the trained model's activations."""
+    """Probe report of the beliefs from every residual site (and all concatenated), with ``control`` (a
+    random-init model of the same architecture) and shuffled targets as controls: exact
+    (``population_probe_report`` on the distinct prefixes) for enumerated windows, else held-out
+    (``fit_probe_report``) on each of ``probe_split_seeds`` splits, the first split's report with the
+    per-site MSE of every split in ``report["split_seeds"]``. Returns the report and the trained model's
+    activations (every row)."""
     model.eval()
     control.eval()
     acts = read_residual(model, data.tokens, batch_size=cfg.probe_batch_size)
     control_acts = read_residual(control, data.tokens, batch_size=cfg.probe_batch_size)
-    report = fit_probe_report(
-        acts,
-        data.beliefs,
-        random_init_activations=control_acts,
-        weights=data.weights,
-        alpha=cfg.probe_alpha,
-        test_fraction=cfg.probe_test_fraction,
-        groups=data.groups,
-        target_names=[f"state{i}" for i in range(process.n_states)],
-    )
+    names = [f"state{i}" for i in range(process.n_states)]
+    if data.enumerated and cfg.probe_exact:
+        index, weights = distinct_prefix_rows(data)
+        pick = lambda a: {s: x[index.to(x.device)] for s, x in a.items()}  # noqa: E731
+        report = population_probe_report(pick(acts), data.beliefs[index], weights, random_init_activations=pick(control_acts),
+                                         alpha=cfg.probe_alpha, target_names=names)
+        return report, acts
+    reports = [
+        fit_probe_report(acts, data.beliefs, random_init_activations=control_acts, weights=data.weights, alpha=cfg.probe_alpha,
+                         test_fraction=cfg.probe_test_fraction, seed=seed, groups=data.groups, target_names=names)
+        for seed in range(cfg.probe_split_seeds)
+    ]
+    report = reports[0]
+    report["split_seeds"] = {site: [r["sites"][site]["test"]["mse"] for r in reports] for site in report["sites"]}
     return report, acts
+
+
+def exact_probe_curve(data: ProbeRows, cfg: ProbeConfig) -> Callable[[torch.nn.Module], dict]:
+    """``model -> {"probe_mse/<site>": MSE}`` for ``toy.train.train``'s ``eval_fn``: every site's probe MSE at one
+    point of training, exact (population) for enumerated windows, else held out on split seed 0."""
+    index, weights = distinct_prefix_rows(data) if data.enumerated and cfg.probe_exact else (None, None)
+
+    def curve(model: torch.nn.Module) -> dict:
+        with torch.no_grad():
+            if index is not None:
+                acts = read_residual(model, data.tokens, batch_size=cfg.probe_batch_size)
+                acts = {s: x[index.to(x.device)] for s, x in acts.items()}
+                rep = population_probe_report(acts, data.beliefs[index], weights, alpha=cfg.probe_alpha, concat=False)
+            else:
+                acts = read_residual(model, data.tokens, batch_size=cfg.probe_batch_size)
+                rep = fit_probe_report(acts, data.beliefs, weights=data.weights, alpha=cfg.probe_alpha,
+                                       test_fraction=cfg.probe_test_fraction, groups=data.groups, concat=False)
+        return {f"probe_mse/{site}": entry["test"]["mse"] for site, entry in rep["sites"].items()}
+
+    return curve
 
 
 def headline(report: dict, n_layers: int) -> dict:
@@ -119,7 +166,13 @@ def headline(report: dict, n_layers: int) -> dict:
         "final_layer_ratio_to_random_init": last["ratio_to_random_init"],
         "best_single_site": best,
         "best_single_site_test_mse": report["sites"][best]["test"]["mse"],
+        # "population": exact (fitted and scored on every probability-weighted prefix); "held_out": sampled windows
+        "probe_evaluation": report["config"].get("evaluation", "held_out"),
     }
+    if "split_seeds" in report:  # sampled windows: the spread of the held-out MSE over splits
+        seeds = torch.tensor(report["split_seeds"][out["final_layer_site"]], dtype=torch.float64)
+        out["final_layer_test_mse_split_seeds"] = seeds.tolist()
+        out["final_layer_test_mse_split_std"] = float(seeds.std()) if len(seeds) > 1 else float("nan")
     if "concat" in report:
         out["concat_test_mse"] = report["concat"]["test"]["mse"]
         out["concat_beats_every_single_site"] = report["concat"]["test"]["mse"] < out["best_single_site_test_mse"]
@@ -184,7 +237,8 @@ def plot_probe_mse(report: dict, path: Path, title: str) -> None:
     ax.plot(x, [entry(n)["shuffled"]["test"]["mse"] for n in names], "^:", label="shuffled-target control")
     ax.set_xticks(list(x), names, rotation=30)
     ax.set_yscale("log")
-    ax.set_ylabel("held-out MSE per coordinate")
+    exact = report["config"].get("evaluation") == "population"
+    ax.set_ylabel("exact population MSE per coordinate" if exact else "held-out MSE per coordinate")
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3, which="both")
@@ -222,6 +276,26 @@ def plot_val_loss(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_probe_emergence(history: list[dict], path: Path, title: str) -> None:
+    """Every site's exact probe MSE over training (the ``probe_mse/<site>`` entries of the history)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = [h for h in history if any(k.startswith("probe_mse/") for k in h)]
+    sites = [k.split("/", 1)[1] for k in ev[0] if k.startswith("probe_mse/")] if ev else []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for site in sites:
+        ax.plot([h["step"] for h in ev], [h[f"probe_mse/{site}"] for h in ev], "o-", ms=3, label=site)
+    ax.set(xlabel="training step", ylabel="probe MSE per coordinate", yscale="log", title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -239,7 +313,9 @@ def write_summary(path: Path, metrics: dict) -> None:
         f"| exact validation loss (nats) | {m['val_loss']:.6f} |",
         f"| floor (nats) | {m['floor']:.6f} |",
         f"| gap | {m['val_loss'] - m['floor']:.2e} |",
-        f"| last-block probe test MSE ({h['final_layer_site']}) | {h['final_layer_test_mse']:.3e} (R^2 {h['final_layer_test_r2']:.4f}) |",
+        f"| last-block probe MSE, {h['probe_evaluation']} ({h['final_layer_site']}) | {h['final_layer_test_mse']:.3e} (R^2 {h['final_layer_test_r2']:.4f})"
+        + (f", std over {len(h['final_layer_test_mse_split_seeds'])} splits {h['final_layer_test_mse_split_std']:.1e}" if "final_layer_test_mse_split_seeds" in h else "")
+        + " |",
         f"| random-init control test MSE | {h['final_layer_random_init_mse']:.3e} |",
         f"| shuffled-target control test MSE | {h['final_layer_shuffled_mse']:.3e} |",
         f"| ratio to random-init control | {h['final_layer_ratio_to_random_init']:.3f} |",
@@ -249,7 +325,8 @@ def write_summary(path: Path, metrics: dict) -> None:
         lines.append(f"| all sites concatenated | {h['concat_test_mse']:.3e} (beats every single site: {h['concat_beats_every_single_site']}) |")
     lines += ["", "Checks:", ""]
     lines += [f"- {name}: {'PASS' if ok else 'FAIL'} ({detail})" for name, (ok, detail) in m["checks"].items()]
-    lines += ["", "Plots: `belief_simplex.png`, `probe_mse_by_layer.png`, `val_loss.png`. Probe: `probe_final.json`.", ""]
+    lines += ["", "Plots: `belief_simplex.png`, `probe_mse_by_layer.png`, `probe_mse_emergence.png`, `val_loss.png`. "
+              "Probe: `probe_final.json`.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -269,19 +346,20 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
     else:
         model = build_model(model_cfg, process.vocab_size, L, seed=train_cfg.seed)
     info = {"data": asdict(data_cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg), "probe": asdict(probe_cfg)}
-    result: TrainResult = train(process, model, train_cfg, L, run_info=info)
+    data = probe_windows(process, L - 1, probe_cfg.probe_samples, seed=777, max_sequences=probe_cfg.probe_max_sequences)
+    curve = exact_probe_curve(data, probe_cfg) if PartialState().is_main_process else None
+    result: TrainResult = train(process, model, train_cfg, L, run_info=info, eval_fn=curve)
     if not PartialState().is_main_process:
         return {}
     out = Path(train_cfg.output_dir)
     t0 = time.perf_counter()
     model = result.model.eval()
     control = build_model(model_cfg, process.vocab_size, L, seed=probe_cfg.control_seed).to(next(model.parameters()).device)
-    data = probe_windows(process, L - 1, probe_cfg.probe_samples, seed=777, max_sequences=probe_cfg.probe_max_sequences)
     report, acts = probe_model(model, control, data, probe_cfg, process)
     n_layers = model.config.n_layer
     head = headline(report, n_layers)
     last_site = probe_cfg.probe_site or head["final_layer_site"]
-    # the saved probe is refitted on every row; its metrics are the held-out ones from the report
+    # the saved probe is fitted on every row (for enumerated windows: the report's population fit itself)
     probe = fit_ridge(acts[last_site], data.beliefs, alpha=probe_cfg.probe_alpha, weights=data.weights,
                       site=last_site, target_names=report["config"]["target_names"], metrics=report["sites"][last_site])
     probe.source = str(result.checkpoint_dir)
@@ -326,11 +404,13 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
     title = f"{process.name}, {result.step} steps"
     predicted = probe.predict(acts[last_site].double())
     plot_simplex(data.beliefs, predicted, out / "belief_simplex.png", f"{title}, probe at {last_site}", probe_cfg.max_plot_points, data.weights)
-    plot_probe_mse(report, out / "probe_mse_by_layer.png", f"{title}: belief probes (held-out)")
+    plot_probe_mse(report, out / "probe_mse_by_layer.png", f"{title}: belief probes ({head['probe_evaluation']})")
+    plot_probe_emergence(result.history, out / "probe_mse_emergence.png", f"{title}: emergence of the belief geometry")
     plot_val_loss(result.history, out / "val_loss.png", title)
     write_summary(out / "summary.md", metrics)
     print(
-        f"{process.name}: val loss {result.val_loss:.6f} (floor {result.floor:.6f}, gap {gap:.2e}); {head['final_layer_site']} probe test MSE "
+        f"{process.name}: val loss {result.val_loss:.6f} (floor {result.floor:.6f}, gap {gap:.2e}); {head['final_layer_site']} probe MSE "
+        f"({head['probe_evaluation']}) "
         f"{head['final_layer_test_mse']:.3e} vs random-init {head['final_layer_random_init_mse']:.3e} "
         f"(ratio {head['final_layer_ratio_to_random_init']:.3f})"
         + (f"; concat {head['concat_test_mse']:.3e} vs best single {head['best_single_site']} {head['best_single_site_test_mse']:.3e}" if "concat_test_mse" in head else "")

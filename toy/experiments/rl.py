@@ -149,7 +149,8 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     exact_cb = None
     if one_token_latent:
         n = min(task.n_curve_prompts, len(eval_prompts))
-        exact_cb = ExactRewardCallback(eval_prompts[:n], reward.table(eval_beliefs[:n]), task.exact_eval_every)
+        exact_cb = ExactRewardCallback(eval_prompts[:n], reward.table(eval_beliefs[:n]), task.exact_eval_every,
+                                       path=out / "exact_reward_curve.jsonl")
         callbacks.append(exact_cb)
     trainer = ToyGRPOTrainer(
         model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks
@@ -173,7 +174,9 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     metrics = {
         "task": asdict(task),
         "grpo": {k: getattr(args, k) for k in ("learning_rate", "beta", "num_generations", "per_device_train_batch_size",
-                                                 "max_completion_length", "max_steps", "temperature", "loss_type", "scale_rewards", "advantage", "seed")},
+                                                 "max_completion_length", "max_steps", "temperature", "loss_type", "scale_rewards", "advantage", "seed",
+                                                 "lr_scheduler_type", "logging_steps", "num_iterations", "steps_per_generation")},
+        "torch_threads": torch.get_num_threads(),
         "process": process.name,
         "reward_name": reward.__name__,
         "pretrained_path": str(pre_path),
@@ -189,6 +192,7 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     metrics["sampled_reward_last_steps"] = sum(sampled[-k:]) / k if sampled else float("nan")
     if exact_cb is not None:
         metrics["exact_reward_curve"] = exact_cb.history  # on the first n_curve_prompts eval prompts
+        metrics["exact_reward_seconds"] = exact_cb.seconds  # training seconds at each point, evaluations excluded
     else:
         metrics.update(_rare_metrics(reward, pre_model, post, eval_prompts, eval_beliefs, args, process, task))
     _plot_rewards(out / "reward_curve.png", trainer.state.log_history, exact_cb.history if exact_cb else [], zero_cb.history, f"{reward.__name__} ({process.name})")

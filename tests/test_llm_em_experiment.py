@@ -110,7 +110,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     out = tmp_path / "run"
     path = _yaml(world, out)
     report = ex.run(ex.load_experiment_config(path), judge=StubJudge())
-    for f in ("report.md", "report.json", "em.png", "lora.png", "run_config.json", "config.json"):
+    for f in ("report.md", "report.json", "em.png", "quadrants.png", "em_per_question.png", "lora.png", "run_config.json", "config.json"):
         assert (out / f).is_file(), f
     stages = _stages(out)
     expected = {"eval_before", "sft", "eval_after", "steer", "factored_before", "factored_after", "transfer", "lora"}
@@ -129,7 +129,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     md = (out / "report.md").read_text()
     assert "instruct model's chat template" in md and "EM(base, fine-tuned) - EM(instruct, fine-tuned)" in md
     assert "- base: alignment linearly separable" in md and "- instruct: alignment linearly separable" in md
-    assert "## Cost per stage" in md
+    assert "## Cost per stage" in md and "aligned <= 30 and coherent > 50" in md  # the published EM protocol by default
 
     # A rerun with the same config does no stage again (each would raise).
     def boom(*a, **k):

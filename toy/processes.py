@@ -33,6 +33,7 @@ class Process:
         factor_vocab_sizes / factor_state_sizes: for factored processes, the factor shapes in
             radix order (first factor most significant); ``None`` for a plain process.
         factor_names: names of the factors of a factored process.
+        initial: the start distribution when the state chain is reducible (``mixture``); it must be stationary.
     """
 
     T: torch.Tensor
@@ -41,6 +42,7 @@ class Process:
     factor_vocab_sizes: tuple[int, ...] | None = None
     factor_state_sizes: tuple[int, ...] | None = None
     factor_names: tuple[str, ...] | None = None
+    initial: torch.Tensor | None = field(default=None, repr=False)
     stationary: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -55,7 +57,10 @@ class Process:
                     f"{self.name}: factor sizes {self.factor_vocab_sizes} x {self.factor_state_sizes} do not "
                     f"multiply to vocab {T.shape[0]} and states {T.shape[1]}"
                 )
-        object.__setattr__(self, "stationary", _stationary(T, self.name, self.generalized))
+        pi = _stationary(T, self.name, self.generalized) if self.initial is None else torch.as_tensor(self.initial, dtype=torch.float64)
+        if self.initial is not None and (pi.shape != (T.shape[1],) or (pi @ T.sum(0) - pi).abs().max() > 1e-9 or abs(pi.sum() - 1) > 1e-9):
+            raise ValueError(f"{self.name}: initial must be a stationary distribution of sum_x T[x] over {T.shape[1]} states")
+        object.__setattr__(self, "stationary", pi)
 
     @property
     def vocab_size(self) -> int:
@@ -252,6 +257,20 @@ def noisy_implies(noise: float = 0.1) -> Process:
 # --------------------------------------------------------------------------- factored processes
 
 
+def mixture(components: Sequence[Process], weights: Sequence[float] | None = None) -> Process:
+    """Each sequence comes from one component, never two: block-diagonal states, disjoint tokens (component k's
+    tokens follow component k-1's), starting in component k with probability ``weights[k]`` (default uniform)."""
+    w = torch.full((len(components),), 1 / len(components), dtype=torch.float64) if weights is None else torch.tensor(weights, dtype=torch.float64)
+    if len(components) < 2 or len(w) != len(components) or (w <= 0).any() or abs(float(w.sum()) - 1) > 1e-9:
+        raise ValueError(f"mixture needs >= 2 components and one positive weight each, summing to 1; got {len(components)}, {w.tolist()}")
+    T = torch.zeros(sum(c.vocab_size for c in components), sum(c.n_states for c in components), sum(c.n_states for c in components), dtype=torch.float64)
+    x = s = 0
+    for c in components:
+        T[x : x + c.vocab_size, s : s + c.n_states, s : s + c.n_states] = c.T
+        x, s = x + c.vocab_size, s + c.n_states
+    return Process(T, f"mixture({', '.join(c.name for c in components)})", initial=torch.cat([wk * c.stationary for wk, c in zip(w, components)]))
+
+
 def _radix_kron(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     """Kronecker product of ``(V_k, S_k, S_k)`` tensors in radix order (first factor most significant)."""
     out = blocks[0]
@@ -442,6 +461,7 @@ PROCESSES: dict[str, Callable[..., Process]] = {
     "noisy_and": noisy_and,
     "noisy_implies": noisy_implies,
     "product": lambda factors: product(*factors),
+    "mixture": mixture,
     "chained": chained,
     "correlated": correlated,
     "rare_factor": rare_factor,

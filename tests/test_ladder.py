@@ -30,17 +30,21 @@ def _toy_instance(n: int, seed: int):
     return feats, latent, table
 
 
-def test_a_policy_built_from_rung2_information_is_reweighting_within_rung2():
-    feats, latent, table = _toy_instance(3000, 0)
-    other_feats, other_latent, other_table = _toy_instance(3000, 1)
+@pytest.fixture(scope="module")
+def toy_ladders():
+    """Two independent toy prompt sets and their ladders (fitted once: the learners are the slow part)."""
     matrix = torch.eye(2, dtype=torch.float64)
-    lad = ceilings(feats, latent, matrix, table, CFG)
+    sets = [_toy_instance(2000, seed) for seed in (0, 1)]
+    return matrix, [(f, lat, tab, ceilings(f, lat, matrix, tab, CFG)) for f, lat, tab in sets]
+
+
+def test_a_policy_built_from_rung2_information_is_reweighting_within_rung2(toy_ladders):
+    matrix, ((feats, latent, table, lad), (other_feats, other_latent, _, other)) = toy_ladders
     rewards = {k: r["reward"] for k, r in lad["rungs"].items()}
     assert rewards[1] == pytest.approx(0.5, abs=0.05) and rewards[2] == pytest.approx(0.9, abs=0.03)
     assert rewards[3] >= rewards[2] and rewards[4] >= rewards[3]  # the rungs nest
     assert lad["rungs"][3]["learner"].startswith("rung2:") and lad["rungs"][3]["own_reward"] < 0.6
     pi_ref = torch.full((len(latent), 2), 0.5, dtype=torch.float64)
-    other = ceilings(other_feats, other_latent, matrix, other_table, CFG)
     r_hat = fit_predict(other_feats[2], other_latent, feats[2], other["rungs"][2]["learner"], matrix, CFG)
     pi = hard_tilt(pi_ref, r_hat)
     v = ladder_verdict(0.5, float((pi * table).sum(1).mean()), lad, CFG)
@@ -51,11 +55,8 @@ def test_a_policy_built_from_rung2_information_is_reweighting_within_rung2():
     assert ladder_verdict(0.5, rewards[1] + 0.06, lad, CFG)["highest_beaten"] == 1
 
 
-def test_calibration_controls_match_their_known_answers_on_the_toy_instance():
-    feats, latent, table = _toy_instance(3000, 0)
-    other_feats, other_latent, other_table = _toy_instance(3000, 1)
-    matrix = torch.eye(2, dtype=torch.float64)
-    lad, other = ceilings(feats, latent, matrix, table, CFG), ceilings(other_feats, other_latent, matrix, other_table, CFG)
+def test_calibration_controls_match_their_known_answers_on_the_toy_instance(toy_ladders):
+    matrix, ((feats, latent, table, lad), (other_feats, other_latent, _, other)) = toy_ladders
     pi_ref = torch.full((len(latent), 2), 0.5, dtype=torch.float64)
     rows = calibration_controls(pi_ref, table, lad, other, other_feats, other_latent, feats, matrix, CFG)
     assert {r["control"] for r in rows} >= {"reference", "reweight_rung2", "capped_rung2", "above_rung2", "optimum"}

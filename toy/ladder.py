@@ -9,8 +9,8 @@ better of two or more learner families, so a low ceiling is not the artefact of 
 
 | rung | information ``I(x)`` the reweighting may use | learners |
 |---|---|---|
-| 1 | the reference's next-token distribution at the last prompt position, ``log pi_ref(.|x)`` (V numbers) | logistic, kNN |
-| 2 | its next-token distributions at every prompt position (L x V numbers) | logistic, kNN |
+| 1 | the reference's next-token distribution at the last prompt position, ``log pi_ref(.|x)`` (V numbers) | logistic, boosted trees, kNN |
+| 2 | its next-token distributions at every prompt position (L x V numbers) | logistic, boosted trees, kNN (all positions; last 2, 3) |
 | 3 | linear read-outs of its activations at the output site (``final_norm``, the unembedding's input), every position | ridge, logistic |
 | 4 | linear read-outs of its activations at every residual site (embeddings, every block, ``final_norm``), every position | ridge, logistic |
 
@@ -54,8 +54,9 @@ class LadderConfig:
     min_reward_gain: float = field(default=0.05, metadata={"help": "Below this reward gain (post - pre) the verdict is inconclusive."})
     folds: int = field(default=5, metadata={"help": "Cross-fitting folds of every ceiling."})
     knn_shares: list[float] = field(default_factory=lambda: [0.005, 0.015, 0.05], metadata={"help": "kNN neighbourhoods as shares of the fitted prompts."})
-    pca_dims: int = field(default=256, metadata={"help": "Principal components kept of the rung-3 and rung-4 features."})
-    ridge_alphas: list[float] = field(default_factory=lambda: [1e-3, 1e-1, 10.0], metadata={"help": "Ridge strengths (times the mean feature variance x n) of the rung-3/4 ridge read-outs."})
+    knn_last_positions: list[int] = field(default_factory=lambda: [2, 3], metadata={"help": "Rung 2 also fits kNN on the outputs of the last j positions only, for each j."})
+    pca_dims: int = field(default=128, metadata={"help": "Principal components kept of the rung-3 and rung-4 features."})
+    ridge_alphas: list[float] = field(default_factory=lambda: [1e-3, 1e-1], metadata={"help": "Ridge strengths (times the mean feature variance x n) of the rung-3/4 ridge read-outs."})
     logistic_c: float = field(default=100.0, metadata={"help": "Inverse L2 strength of every logistic learner."})
 
     def __post_init__(self):
@@ -98,15 +99,23 @@ def _folds(y: torch.Tensor, k: int, seed: int) -> list[torch.Tensor]:
     return [torch.as_tensor(test) for _, test in cv.split(torch.zeros(len(y)), y.numpy())]
 
 
-def _learners(rung: int, cfg: LadderConfig, n_fit: int) -> dict:
+def _learners(rung: int, cfg: LadderConfig, n_fit: int, vocab: int) -> dict:
+    """name -> (factory, or a float = the closed-form ridge's alpha; trailing columns it reads, or None = all)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
 
-    out = {"logistic": partial(LogisticRegression, C=cfg.logistic_c, max_iter=3000)}
+    out = {"logistic": (partial(LogisticRegression, C=cfg.logistic_c, max_iter=3000), None)}
     if rung <= 2:
-        out |= {f"knn{s:.1%}": partial(KNeighborsClassifier, max(1, round(s * n_fit))) for s in cfg.knn_shares}
+        # the rewarded output can be a non-linear function of several positions' outputs (XOR of two latents):
+        # boosted trees, and kNN on the last few positions, where neighbourhoods stay small in few dimensions
+        out["boosted_trees"] = (partial(HistGradientBoostingClassifier, max_iter=200, random_state=0), None)
+        out |= {f"knn{s:.1%}": (partial(KNeighborsClassifier, max(1, round(s * n_fit))), None) for s in cfg.knn_shares}
+        if rung == 2:
+            out |= {f"knn{s:.1%}_last{j}": (partial(KNeighborsClassifier, max(1, round(s * n_fit))), j * vocab)
+                    for j in cfg.knn_last_positions for s in cfg.knn_shares[:2]}
     else:
-        out |= {f"ridge{a:g}": a for a in cfg.ridge_alphas}  # a float: the closed-form ridge below
+        out |= {f"ridge{a:g}": (a, None) for a in cfg.ridge_alphas}
     return out
 
 
@@ -129,11 +138,12 @@ def cross_fit(X: torch.Tensor, latent: torch.Tensor, matrix: torch.Tensor, table
     M = matrix[classes]
     folds = _folds(y, cfg.folds, seed)
     n_fit = len(y) - max(len(f) for f in folds)
-    X = X.double()
-    X = (X - X.mean(0)) / X.std(0).clamp_min(1e-8)  # one scale for logistic and kNN alike
+    X_all = X.double()
+    X_all = (X_all - X_all.mean(0)) / X_all.std(0).clamp_min(1e-8)  # one scale for logistic and kNN alike
     Y = torch.nn.functional.one_hot(y, len(classes)).double()
     by, best = {}, None
-    for name, make in _learners(rung, cfg, n_fit).items():
+    for name, (make, cols) in _learners(rung, cfg, n_fit, table.shape[1]).items():
+        X = X_all[:, -cols:] if cols else X_all
         r_hat = torch.zeros_like(table)
         for test in folds:
             train = torch.ones(len(y), dtype=torch.bool)
@@ -228,7 +238,9 @@ def fit_predict(X_fit: torch.Tensor, latent_fit: torch.Tensor, X_apply: torch.Te
         Xf, Xa = (Xf - mu) @ V, (Xa - mu) @ V
     m, sd = Xf.mean(0), Xf.std(0).clamp_min(1e-8)
     Xf, Xa = (Xf - m) / sd, (Xa - m) / sd
-    make = _learners(rung, cfg, len(y))[name]
+    make, cols = _learners(rung, cfg, len(y), matrix.shape[1])[name]
+    if cols:
+        Xf, Xa = Xf[:, -cols:], Xa[:, -cols:]
     if len(classes) == 1:
         proba = torch.ones(len(Xa), 1, dtype=torch.float64)
     elif isinstance(make, float):

@@ -300,8 +300,10 @@ def calibration_controls(pi_ref: torch.Tensor, table: torch.Tensor, ladder: dict
         policies.append((f"reweight_rung{j}", hard_tilt(pi_ref, r_hat), {k: (False if k >= j else None) for k in K}))
     for j in K:
         policies.append((f"capped_rung{j}", latent_mixture(pi_ref, table, other_ceiling[j] - 0.01)[0], {k: (False if k >= j else None) for k in K}))
-        policies.append((f"above_rung{j}", latent_mixture(pi_ref, table, other_ceiling[j] + lead)[0],
-                         {k: (True if k <= j else None) for k in K}))
+        above, lam = latent_mixture(pi_ref, table, other_ceiling[j] + lead)
+        # a ceiling within ``lead`` of the best reward leaves no room: the mixture stops at the optimum, short of
+        # its target, and its answer is no longer known
+        policies.append((f"above_rung{j}", above, {k: (True if k <= j and lam < 1 else None) for k in K}))
     r_max = float(table.max(1).values.mean())
     policies.append(("optimum", latent_mixture(pi_ref, table, r_max)[0],
                      {k: (True if other_ceiling[k] <= r_max - lead else None) for k in K}))

@@ -113,12 +113,14 @@ def _ladder_md(name: str, result: dict, cfg: LadderConfig, command: str) -> str:
              f"{len(ps)} seed(s); mean [95% t-interval over seeds].", "",
              f"Reward pre -> post: {_fmt(mean_ci([p['reward_pre'] for p in ps]))} -> {_fmt(mean_ci([p['reward_post'] for p in ps]))} "
              f"(max possible {ps[0]['reward_max']:.3f})", "",
-             "| rung | information a reweighting at this rung uses | ceiling (cross-fitted reward) | best learner (seed 0) | excess of post-RL | beaten |",
-             "|---|---|---|---|---|---|"]
+             "| rung | information a reweighting at this rung uses | ceiling (cross-fitted reward, nested) | this rung's own learners | "
+             "best learner (seed 0) | excess of post-RL | beaten |",
+             "|---|---|---|---|---|---|---|"]
     for k in RUNGS:
         ceil = mean_ci([p["ceilings"][k]["reward"] for p in ps])
+        own = mean_ci([p["ceilings"][k]["own_reward"] for p in ps])
         exc = mean_ci([p["excess"][k] for p in ps])
-        lines.append(f"| {k} | {RUNGS[k]} | {_fmt(ceil)} | {ps[0]['ceilings'][k]['learner']} | {_fmt(exc)} | "
+        lines.append(f"| {k} | {RUNGS[k]} | {_fmt(ceil)} | {_fmt(own)} | {ps[0]['ceilings'][k]['learner']} | {_fmt(exc)} | "
                      f"{sum(p['beaten'][k] for p in ps)}/{len(ps)} |")
     lines += ["", "| seed | reward post | verdict |", "|---|---|---|"]
     lines += [f"| {p['seed']} | {p['reward_post']:.3f} | {p['verdict']} |" for p in ps]

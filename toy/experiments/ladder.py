@@ -167,9 +167,13 @@ def _calibration_md(name: str, cal: dict, cfg: LadderConfig, command: str, n_set
     return "\n".join(lines) + "\n"
 
 
+def make_parser() -> ConfigParser:
+    return ConfigParser((RLTaskConfig, ToyGRPOConfig, LadderRunConfig), description=__doc__)
+
+
 def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
-    task, _, which = ConfigParser((RLTaskConfig, ToyGRPOConfig, LadderRunConfig), description=__doc__).parse_args_and_config(argv)
+    task, _, which = make_parser().parse_args_and_config(argv)
     (cfg,) = ConfigParser((LadderConfig,)).parse_args_and_config(["--config", which.thresholds])
     process = task.build_process()
     reward = build_reward(task, process)

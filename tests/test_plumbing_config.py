@@ -54,13 +54,14 @@ def test_yaml_lists_and_mappings_are_converted_per_element(tmp_path):
 
 ENTRY_POINTS = {
     "pipeline": ["mess3", "mess3_gpu", "rrxor"],
-    "pretrain": ["rl_pretrain_gates", "rl_pretrain_mess3_rrxor", "rl_pretrain_rare"],
+    "pretrain": ["rl_pretrain_gates", "rl_pretrain_mess3_rrxor", "rl_pretrain_rare", "rl_pretrain_segments"],
     "factored": ["factored"],
     "factor_steering": ["factor_steering"],
     "toy_em": ["toy_em"],
     "em_chain": ["em_chain"],
-    "rl": ["rl_compose", "rl_gates", "rl_rare", "rl_reweight"],
+    "rl": ["rl_compose", "rl_gates", "rl_rare", "rl_reweight", "rl_segments"],
     "rl_objectives": ["rl_compose"],
+    "ladder": ["rl_compose", "rl_segments"],
 }
 
 
@@ -73,4 +74,9 @@ def test_every_toy_config_parses_with_its_entry_point():
         for name in names:
             parser.parse_args_and_config(["--config", str(REPO / f"configs/toy/{name}.yaml")])
             covered.add(name)
+    from plumbing.config import ConfigParser
+    from toy.ladder import LadderConfig
+
+    ConfigParser((LadderConfig,)).parse_args_and_config(["--config", str(REPO / "configs/toy/detector_thresholds.yaml")])
+    covered.add("detector_thresholds")  # the ladder's thresholds, read by toy.experiments.ladder --thresholds
     assert covered == {p.stem for p in (REPO / "configs/toy").glob("*.yaml")}  # a new config gets an entry here

@@ -1,5 +1,9 @@
 """Composition report: did RL *compose* belief states into something new, or *reweight* what the model had?
 
+Superseded as a verdict by ``toy.ladder`` (``python -m toy.experiments.ladder``): the output-only ceiling below reads
+the last position only, and on the Mess3 x RRXOR reference a reweighting by every position's outputs earns far more.
+This report stays for its representation measurements.
+
 The detector behind ``toy.experiments.rl``, which runs it on every (pre-RL, post-RL) pair it trains or is given:
 
     python -m toy.experiments.rl --config configs/toy/rl_compose.yaml --seeds 0 1 2

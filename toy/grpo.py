@@ -40,6 +40,7 @@ from toy.data import sample
 from toy.model import ToyModelConfig, build_model
 from toy.processes import PROCESSES, Process, make_process
 from toy.rewards import ComposedLatentReward, NextTokenArgmaxReward, RareEmissionReward
+from toy.segments import SegmentComposedReward, segment_prompts
 from toy.train import train
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,11 @@ class RLTaskConfig:
     op: Literal["xor", "implies", "and"] = field(default="xor", metadata={"help": "compose: the composition op(a, b)."})
     output_tokens: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "compose: the tokens that mean op = 0 and op = 1."})
     prompt_length: int = field(default=10, metadata={"help": "Tokens per prompt (sampled from the stationary process)."})
+    segment_lengths: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Separate-skills prompts (process: mixture): one segment of each component, of these lengths, "
+                          "summing to prompt_length (toy.segments); empty = stationary prompts."},
+    )
     n_train_prompts: int = field(default=20_000, metadata={"help": "Distinct training prompts (the GRPO dataset)."})
     n_eval_prompts: int = field(default=2_000, metadata={"help": "Held-out prompts for the exact reward curve and the report."})
     prompt_seed: int = field(default=1234, metadata={"help": "Seed of the prompt samples (eval prompts use prompt_seed + 1)."})
@@ -122,6 +128,8 @@ class RLTaskConfig:
             raise ValueError("prompt_length and n_train_prompts must be >= 1, n_eval_prompts and n_curve_prompts >= 10")
         if self.pretrained_path is None and self.pretrain_config is None:
             raise ValueError("give pretrained_path (a pre-trained model folder) or pretrain_config (a pre-training YAML)")
+        if self.segment_lengths and (self.process != "mixture" or sum(self.segment_lengths) != self.prompt_length):
+            raise ValueError(f"segment_lengths={self.segment_lengths} needs process: mixture and lengths summing to prompt_length={self.prompt_length}")
         if not 0 <= self.zero_std_warn <= 1:
             raise ValueError(f"zero_std_warn={self.zero_std_warn} must be a share in [0, 1]")
         for pattern in self.train_modules:
@@ -132,6 +140,10 @@ class RLTaskConfig:
 
     def build_process(self) -> Process:
         return make_process(self.process, **self.process_kwargs)
+
+    def components(self) -> list[Process]:
+        """The mixture's components (separate-skills prompts)."""
+        return [make_process(c["name"], **{k: v for k, v in c.items() if k != "name"}) for c in self.process_kwargs["components"]]
 
 
 @dataclass
@@ -189,6 +201,8 @@ def build_reward(task: RLTaskConfig, process: Process):
     """The reward callable of ``task.reward`` for ``process``."""
     if task.reward == "reweight":
         return NextTokenArgmaxReward(process, task.reward_factor)
+    if task.reward == "compose" and task.segment_lengths:
+        return SegmentComposedReward(process, task.components(), task.latent_states_a, task.latent_states_b, task.op, task.output_tokens)
     if task.reward == "compose":
         return ComposedLatentReward(
             process, task.latent_factors, task.latent_states_a, task.latent_states_b, task.op, task.output_tokens
@@ -245,6 +259,13 @@ def prompt_set(process: Process, n: int, length: int, seed: int) -> tuple[torch.
     """``n`` prompts of ``length`` tokens and the exact belief after each: ``(n, length)`` long, ``(n, S)`` float64."""
     batch = sample(process, n, length, seed=seed, return_beliefs=True)
     return batch.tokens, batch.beliefs[:, -1]
+
+
+def task_prompts(task: RLTaskConfig, process: Process, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's prompts and their beliefs: ``prompt_set``, or with ``segment_lengths`` ``toy.segments.segment_prompts``."""
+    if task.segment_lengths:
+        return segment_prompts(task.components(), task.segment_lengths, n, seed)
+    return prompt_set(process, n, task.prompt_length, seed)
 
 
 @torch.no_grad()

@@ -14,117 +14,12 @@ and their state index encodes the factor states the same way, so a joint belief 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
 
-TOL = 1e-9
-
-
-@dataclass(frozen=True, eq=False)
-class Process:
-    """A validated (generalized) HMM.
-
-    Attributes:
-        T: ``(vocab, states, states)`` float64 on CPU, ``T[x, i, j] = P(x, j | i)``.
-        name: short human-readable name, e.g. ``"mess3(x=0.05,a=0.85)"``.
-        generalized: allow negative entries (a GHMM); sampling then goes through beliefs only.
-        factor_vocab_sizes / factor_state_sizes: for factored processes, the factor shapes in
-            radix order (first factor most significant); ``None`` for a plain process.
-        factor_names: names of the factors of a factored process.
-    """
-
-    T: torch.Tensor
-    name: str = "process"
-    generalized: bool = False
-    factor_vocab_sizes: tuple[int, ...] | None = None
-    factor_state_sizes: tuple[int, ...] | None = None
-    factor_names: tuple[str, ...] | None = None
-    stationary: torch.Tensor = field(init=False, repr=False)
-
-    def __post_init__(self):
-        T = torch.as_tensor(self.T, dtype=torch.float64).detach().cpu().contiguous()
-        object.__setattr__(self, "T", T)
-        _validate(T, self.name, self.generalized)
-        if (self.factor_vocab_sizes is None) != (self.factor_state_sizes is None):
-            raise ValueError(f"{self.name}: give both factor_vocab_sizes and factor_state_sizes, or neither")
-        if self.factor_vocab_sizes is not None:
-            if math.prod(self.factor_vocab_sizes) != T.shape[0] or math.prod(self.factor_state_sizes) != T.shape[1]:
-                raise ValueError(
-                    f"{self.name}: factor sizes {self.factor_vocab_sizes} x {self.factor_state_sizes} do not "
-                    f"multiply to vocab {T.shape[0]} and states {T.shape[1]}"
-                )
-        object.__setattr__(self, "stationary", _stationary(T, self.name, self.generalized))
-
-    @property
-    def vocab_size(self) -> int:
-        return self.T.shape[0]
-
-    @property
-    def n_states(self) -> int:
-        return self.T.shape[1]
-
-    @property
-    def n_factors(self) -> int:
-        return 1 if self.factor_vocab_sizes is None else len(self.factor_vocab_sizes)
-
-    @property
-    def unifilar(self) -> bool:
-        """True for an HMM whose current state and emitted token fix the next state (at most one ``j`` with
-        ``T[x, i, j] > 0`` for every ``x, i``); its entropy rate is then ``sum_i pi_i H(X | state i)`` exactly."""
-        return not self.generalized and bool(((self.T > 0).sum(-1) <= 1).all())
-
-    def __repr__(self) -> str:
-        return f"Process({self.name}, vocab={self.vocab_size}, states={self.n_states})"
-
-
-def _validate(T: torch.Tensor, name: str, generalized: bool) -> None:
-    if T.ndim != 3 or T.shape[1] != T.shape[2]:
-        raise ValueError(
-            f"{name}: T must have shape (vocab, states, states) with T[x, i, j] = P(x, j | i); got {tuple(T.shape)}"
-        )
-    if T.shape[0] < 1 or T.shape[1] < 1:
-        raise ValueError(f"{name}: T needs at least one token and one state; got shape {tuple(T.shape)}")
-    if not torch.isfinite(T).all():
-        raise ValueError(f"{name}: T has NaN or infinite entries")
-    if not generalized and (T < -TOL).any():
-        x, i, j = (T < -TOL).nonzero()[0].tolist()
-        raise ValueError(
-            f"{name}: T[{x}, {i}, {j}] = {T[x, i, j].item():.3g} is negative; an HMM needs probabilities "
-            "(pass generalized=True for a generalized HMM)"
-        )
-    rows = T.sum(dim=(0, 2))
-    bad = (rows - 1).abs() > 1e-8
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise ValueError(
-            f"{name}: sum over tokens and next states from state {i} is {rows[i].item():.10g}, must be 1 "
-            "(each state's outgoing probabilities sum_x,j T[x, i, j] must sum to 1)"
-        )
-
-
-def _stationary(T: torch.Tensor, name: str, generalized: bool) -> torch.Tensor:
-    """Left eigenvector of ``sum_x T[x]`` for eigenvalue 1, normalised to sum 1; must be unique."""
-    M = T.sum(0)
-    n = M.shape[0]
-    # pi (M - I) = 0 with sum(pi) = 1, solved as least squares; a unique solution needs rank n - 1.
-    A = torch.cat([(M - torch.eye(n, dtype=M.dtype)).T, torch.ones(1, n, dtype=M.dtype)])
-    if torch.linalg.matrix_rank(A[:-1], atol=1e-10) < n - 1:
-        raise ValueError(
-            f"{name}: the state chain sum_x T[x] has more than one stationary distribution (it is reducible); "
-            "make every state reachable from every other, or split the process"
-        )
-    b = torch.zeros(n + 1, dtype=M.dtype)
-    b[-1] = 1
-    pi = torch.linalg.lstsq(A, b.unsqueeze(1)).solution.squeeze(1)
-    if (A @ pi - b).abs().max() > 1e-8:
-        raise ValueError(f"{name}: no stationary distribution found for sum_x T[x]")
-    if not generalized:  # lstsq leaves ~1e-16 noise on transient states; an HMM's pi is a distribution
-        pi = pi.clamp_min(0.0)
-        pi = pi / pi.sum()
-    return pi
-
+from toy.hmm import TOL, Process  # noqa: F401  (TOL, Process: public here too)
 
 # --------------------------------------------------------------------------- named processes
 
@@ -250,6 +145,20 @@ def noisy_implies(noise: float = 0.1) -> Process:
 
 
 # --------------------------------------------------------------------------- factored processes
+
+
+def mixture(components: Sequence[Process], weights: Sequence[float] | None = None) -> Process:
+    """Each sequence comes from one component, never two: block-diagonal states, disjoint tokens (component k's
+    tokens follow component k-1's), starting in component k with probability ``weights[k]`` (default uniform)."""
+    w = torch.full((len(components),), 1 / len(components), dtype=torch.float64) if weights is None else torch.tensor(weights, dtype=torch.float64)
+    if len(components) < 2 or len(w) != len(components) or (w <= 0).any() or abs(float(w.sum()) - 1) > 1e-9:
+        raise ValueError(f"mixture needs >= 2 components and one positive weight each, summing to 1; got {len(components)}, {w.tolist()}")
+    T = torch.zeros(sum(c.vocab_size for c in components), sum(c.n_states for c in components), sum(c.n_states for c in components), dtype=torch.float64)
+    x = s = 0
+    for c in components:
+        T[x : x + c.vocab_size, s : s + c.n_states, s : s + c.n_states] = c.T
+        x, s = x + c.vocab_size, s + c.n_states
+    return Process(T, f"mixture({', '.join(c.name for c in components)})", initial=torch.cat([wk * c.stationary for wk, c in zip(w, components)]))
 
 
 def _radix_kron(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -450,6 +359,7 @@ PROCESSES: dict[str, Callable[..., Process]] = {
     "noisy_and": noisy_and,
     "noisy_implies": noisy_implies,
     "product": lambda factors: product(*factors),
+    "mixture": mixture,
     "chained": chained,
     "correlated": correlated,
     "rare_factor": rare_factor,

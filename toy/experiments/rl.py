@@ -73,8 +73,8 @@ from toy.grpo import (
     freeze_except,
     policy_probs,
     pretrained_model,
-    prompt_set,
     sample_completions,
+    task_prompts,
     tokens_to_text,
     word_tokenizer,
 )
@@ -140,8 +140,8 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     freeze_except(model, task.train_modules)
     n_trainable = assert_trainable(model)
 
-    train_prompts, train_beliefs = prompt_set(process, task.n_train_prompts, task.prompt_length, task.prompt_seed)
-    eval_prompts, eval_beliefs = prompt_set(process, task.n_eval_prompts, task.prompt_length, task.prompt_seed + 1)
+    train_prompts, train_beliefs = task_prompts(task, process, task.n_train_prompts, task.prompt_seed)
+    eval_prompts, eval_beliefs = task_prompts(task, process, task.n_eval_prompts, task.prompt_seed + 1)
     dataset = Dataset.from_dict({"prompt": tokens_to_text(train_prompts), "belief": train_beliefs.tolist()})
 
     zero_cb = ZeroAdvantageCallback(task.zero_std_warn)
@@ -390,9 +390,9 @@ def _control(task, args, cfg: DetectorConfig, pretrained_path: str, steps: int) 
     process = task.build_process()
     reward = build_reward(task, process)
     pre = GPT2LMHeadModel.from_pretrained(pretrained_path)
-    train_prompts, train_beliefs = prompt_set(process, task.n_train_prompts, task.prompt_length, task.prompt_seed)
+    train_prompts, train_beliefs = task_prompts(task, process, task.n_train_prompts, task.prompt_seed)
     control = supervised_control(pre, process, reward, train_prompts, train_beliefs, task.train_modules, steps=steps, seed=args.seed)
-    prompts, beliefs = prompt_set(process, task.n_eval_prompts, task.prompt_length, task.prompt_seed + 1)
+    prompts, beliefs = task_prompts(task, process, task.n_eval_prompts, task.prompt_seed + 1)
     report = composition_report(pre, control, process, reward, prompts, beliefs, cfg, seed=args.seed)
     write_report(Path(args.output_dir) / "control", report, cfg)
     return report
@@ -464,7 +464,7 @@ def _report_pair(task: RLTaskConfig, args: ToyGRPOConfig, cfg: DetectorConfig, w
     if not isinstance(reward, LatentReward):
         raise ValueError("the composition report needs a latent-class reward (reward: reweight or compose)")
     claim_output_dir(args.output_dir, config_record(task, cfg, which, {"ToyGRPOConfig": {"seed": args.seed}}), overwrite=args.overwrite)
-    prompts, beliefs = prompt_set(process, task.n_eval_prompts, task.prompt_length, task.prompt_seed + 1)
+    prompts, beliefs = task_prompts(task, process, task.n_eval_prompts, task.prompt_seed + 1)
     report = composition_report(GPT2LMHeadModel.from_pretrained(which.pre), GPT2LMHeadModel.from_pretrained(which.post),
                                 process, reward, prompts, beliefs, cfg, seed=args.seed)
     write_report(args.output_dir, report, cfg)

@@ -51,7 +51,7 @@ from toy.grpo import (
     maxrl_advantages,
     policy_probs,
     pretrained_model,
-    prompt_set,
+    task_prompts,
 )
 from toy.rewards import LatentReward
 
@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not isinstance(reward, LatentReward):
         raise ValueError("toy.experiments.rl_objectives needs a one-token latent reward (reward: reweight or compose)")
     pre_model, pre_path = pretrained_model(task, process, args.seed)
-    prompts, beliefs = prompt_set(process, task.n_train_prompts, task.prompt_length, task.prompt_seed)
-    eval_prompts, eval_beliefs = prompt_set(process, task.n_curve_prompts, task.prompt_length, task.prompt_seed + 1)
+    prompts, beliefs = task_prompts(task, process, task.n_train_prompts, task.prompt_seed)
+    eval_prompts, eval_beliefs = task_prompts(task, process, task.n_curve_prompts, task.prompt_seed + 1)
     table, eval_table = reward.table(beliefs).float(), reward.table(eval_beliefs)
     results = {}
     for name in which.objectives:

@@ -271,6 +271,22 @@ def _site_report(X, Y, w, X_control, folds, test_rows, alpha, seed) -> dict:
     return report
 
 
+def _check_sites(activations: dict, random_init_activations: dict | None, targets, weights):
+    """The site names, row count, device and prepared ``(Y, w)`` of a probe report; raises on an empty
+    ``activations`` or a random-init control read at other sites."""
+    if not activations:
+        raise ValueError("activations is empty; pass {site: (n, d_model) tensor}")
+    sites = list(activations)
+    if random_init_activations is not None and set(random_init_activations) != set(sites):
+        raise ValueError(
+            f"random_init_activations has sites {sorted(random_init_activations)} but activations has "
+            f"{sorted(sites)}; read the same sites from both models."
+        )
+    first = activations[sites[0]]
+    _, Y, w = _prepare(first[:, :1], targets, weights)
+    return sites, first.shape[0], first.device, Y, w
+
+
 def fit_probe_report(
     activations: Mapping[str, Tensor],
     targets: Tensor,
@@ -311,17 +327,7 @@ def fit_probe_report(
     model already reads out much of a belief state, so R^2 alone proves little. The shuffled control
     permutes target rows within each training set and is evaluated against the true test targets.
     """
-    if not activations:
-        raise ValueError("activations is empty; pass {site: (n, d_model) tensor}")
-    sites = list(activations)
-    if random_init_activations is not None and set(random_init_activations) != set(sites):
-        raise ValueError(
-            f"random_init_activations has sites {sorted(random_init_activations)} but activations has "
-            f"{sorted(sites)}; read the same sites from both models."
-        )
-    first = activations[sites[0]]
-    n, device = first.shape[0], first.device
-    _, Y, w = _prepare(first[:, :1], targets, weights)
+    sites, n, device, Y, w = _check_sites(activations, random_init_activations, targets, weights)
     if n_folds is None:
         train, test = split_indices(n, test_fraction, seed, groups, device)
         folds, test_rows = [(train, test)], test
@@ -384,17 +390,7 @@ def population_probe_report(
     activations and targets, whose best affine read-out is the weighted target mean (MSE = the targets'
     weighted variance per coordinate), exactly.
     """
-    if not activations:
-        raise ValueError("activations is empty; pass {site: (n, d_model) tensor}")
-    sites = list(activations)
-    if random_init_activations is not None and set(random_init_activations) != set(sites):
-        raise ValueError(
-            f"random_init_activations has sites {sorted(random_init_activations)} but activations has "
-            f"{sorted(sites)}; read the same sites from both models."
-        )
-    first = activations[sites[0]]
-    n, device = first.shape[0], first.device
-    _, Y, w = _prepare(first[:, :1], targets, weights)
+    sites, n, device, Y, w = _check_sites(activations, random_init_activations, targets, weights)
     mean = (w[:, None] * Y).sum(0) / w.sum()
     shuffled = {"test": regression_metrics(Y, mean.expand_as(Y), w)}
 

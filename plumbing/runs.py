@@ -57,6 +57,12 @@ TRAINER_RERUN_KEYS = (
 STAGE_FILE = "stage.json"
 # Bookkeeping files, not outputs: a folder holding only these holds no results of an earlier run.
 _RECORDS = frozenset({RUN_CONFIG, STAGE_FILE})
+
+
+def _bookkeeping(path: Path) -> bool:
+    """A record, or a record being written (``_write_json_atomic``'s temporary: another rank may be writing
+    it while this one checks the folder)."""
+    return path.name in _RECORDS or (path.name.startswith(".") and ".tmp-" in path.name)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -135,7 +141,7 @@ def claim_output_dir(
     if record_path.is_file():
         saved = json.loads(record_path.read_text())
         diff = config_diff(saved, config, ignore)
-        only_record = all(p.name in _RECORDS for p in out.iterdir())
+        only_record = all(_bookkeeping(p) for p in out.iterdir())
         if diff and only_record:
             overwrite = True  # nothing but the old record to replace
         if diff and not overwrite:
@@ -146,7 +152,7 @@ def claim_output_dir(
             )
         if not diff:
             return out
-    elif out.is_dir() and any(p.name not in _RECORDS for p in out.iterdir()) and not overwrite:
+    elif out.is_dir() and not all(_bookkeeping(p) for p in out.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{out} already holds files but no {RUN_CONFIG} (a run from an older version, or other files): "
             "use another output folder, or pass --overwrite true to remove its contents."

@@ -206,3 +206,13 @@ def test_a_stage_folder_is_claimable_by_the_run_inside_it(tmp_path):
     (st.dir / "replies.csv").write_text("r")
     claim_output_dir(st.dir, {"x": 2}, overwrite=True)
     assert sorted(p.name for p in st.dir.iterdir()) == [RUN_CONFIG, "stage.json"]
+
+
+def test_a_record_being_written_by_another_rank_is_not_an_unknown_file(tmp_path):
+    """Rank 0 writes run_config.json through a temporary file while rank 1 checks the folder (write=False):
+    the temporary must not read as 'files but no record' (a 2-rank CI run failed on exactly that)."""
+    (tmp_path / f".{RUN_CONFIG}.tmp-1234").write_text("{")
+    claim_output_dir(tmp_path, {"x": 1}, write=False)
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="no run_config.json"):
+        claim_output_dir(tmp_path, {"x": 1}, write=False)

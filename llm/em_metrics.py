@@ -372,6 +372,9 @@ def summary_line(name: str, o: Mapping) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """``python -m llm.em_metrics --files ../shared/data/em/judged/*.csv``: rates per file with CIs."""
+    from plumbing.runs import refuse_multiprocess
+
+    refuse_multiprocess("llm.em_metrics")
     import json
     from dataclasses import dataclass, field
 

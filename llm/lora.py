@@ -89,3 +89,26 @@ def lora_trajectory_report(directory: str | Path) -> dict[str, dict]:
             "fastest_turn_step": steps[max(valid, key=lambda i: turn[i])] if valid else None,
         }
     return report
+
+
+def plot_lora_trajectory(report: dict[str, dict], path: str | Path) -> None:
+    """``lora_trajectory_report``'s modules over the saved steps: |B| (left; the update's size, since A is
+    near its init) and cos(B, final B) (right; when the update's direction settles)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    for i, (mod, t) in enumerate(report.items()):
+        label = ".".join(mod.split(".")[-4:])
+        ax[0].plot(t["steps"], t["norm_B"], "o-", ms=3, color=f"C{i % 10}", label=label)
+        ax[1].plot(t["steps"], t["cos_B_final"], "o-", ms=3, color=f"C{i % 10}", label=label)
+    ax[0].set(xlabel="training step", ylabel="||B|| (Frobenius)", title="LoRA B norm")
+    ax[1].set(xlabel="training step", ylabel="cos(B, final B)", title="LoRA B direction", ylim=(-1.05, 1.05))
+    for a in ax:
+        if len(report) <= 12:
+            a.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -275,6 +275,9 @@ def fit(cfg: FitConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from plumbing.runs import refuse_multiprocess
+
+    refuse_multiprocess("llm.offline_judge")
     from transformers import HfArgumentParser
 
     (cfg,) = HfArgumentParser(FitConfig).parse_args_into_dataclasses(args=argv)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from trl import SFTConfig
 
-from llm.lora import LoraTrajectoryCallback
+from llm.lora import LoraTrajectoryCallback, lora_trajectory_report, plot_lora_trajectory
 from llm.models import ModelConfig, load_config, load_model_and_tokenizer, num_layers, validate_layers
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
 from plumbing.runs import DivergenceGuard, Stopped, claim_trainer_run, resume_command, train_until_stopped
@@ -203,7 +203,43 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConf
     logger.info("world size %d, process %d, device %s", state.num_processes, state.process_index, state.device)
     train_until_stopped(trainer, resume)
     trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        write_summary(trainer.state.log_history, model_cfg, data_cfg, lora_cfg, args)
     return Path(args.output_dir)
+
+
+def write_summary(log_history: list[dict], model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConfig,
+                  args: SFTConfig) -> None:
+    """``summary.md``, ``loss.png`` and (LoRA presets) ``lora_trajectory.png`` in ``args.output_dir``: which model
+    was tuned on what, the loss curve, and how the LoRA B vectors grew and settled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.output_dir)
+    logs = [h for h in log_history if "loss" in h and "step" in h]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([h["step"] for h in logs], [h["loss"] for h in logs], "o-", ms=3)
+    ax.set(xlabel="training step", ylabel="train loss (nats / assistant token)", title=f"EM fine-tuning: {lora_cfg.preset}")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+    lines = ["# EM fine-tuning", "", f"- model: `{model_cfg.model_name_or_path}`" + (f" (GGUF `{model_cfg.gguf_file}`)" if model_cfg.gguf_file else ""),
+             f"- data: `{data_cfg.dataset_path}`" + (f" (first {data_cfg.max_examples} examples)" if data_cfg.max_examples else ""),
+             f"- preset: `{lora_cfg.preset}`, layers {lora_cfg.layers or 'all'}; learning rate {args.learning_rate}, "
+             f"seed {args.seed}", f"- saved to `{out}`", ""]
+    if logs:
+        lines += [f"Train loss: {logs[0]['loss']:.4f} (step {logs[0]['step']}) -> {logs[-1]['loss']:.4f} (step {logs[-1]['step']}); "
+                  "![loss](loss.png)", ""]
+    trajectory = out / "lora_trajectory"
+    if any(trajectory.glob("step_*.safetensors")):
+        report = lora_trajectory_report(trajectory)
+        plot_lora_trajectory(report, out / "lora_trajectory.png")
+        lines += ["| LoRA module | final ||B|| | cos(B at first save, final B) | fastest turn at step |", "|---|---|---|---|"]
+        lines += [f"| {m} | {t['norm_B'][-1]:.4g} | {t['cos_B_final'][0]:.3f} | {t['fastest_turn_step']} |" for m, t in report.items()]
+        lines += ["", "![LoRA trajectory](lora_trajectory.png)", ""]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def make_parser():

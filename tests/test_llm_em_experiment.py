@@ -263,6 +263,16 @@ def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(wo
         assert sum(1 for _ in csv.DictReader(f)) == 6  # 3 questions x 2 samples, once
 
 
+@pytest.mark.parametrize("entry,argv", [("llm.em_metrics", ["--files", "absent.csv"]), ("llm.offline_judge", ["--data_dir", "absent"]),
+                                        ("toy.experiments.ladder", ["--config", "absent.yaml"])])
+def test_cpu_only_entry_points_refuse_several_processes_too(entry, argv, monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=rf"{entry} runs as one process, but this launch started 2"):
+        importlib.import_module(entry).main(argv)
+
+
 @pytest.mark.parametrize("entry", ["llm.steer", "llm.factored", "llm.probe_transfer", "llm.base_vs_instruct"])
 def test_single_process_entry_points_refuse_several_processes_before_any_work(entry, monkeypatch, tmp_path):
     import importlib
@@ -274,7 +284,7 @@ def test_single_process_entry_points_refuse_several_processes_before_any_work(en
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(Exception) as e:  # one process: it goes on (and fails on the missing file)
         importlib.import_module(entry).main(["--config", str(tmp_path / "absent.yaml")])
-    assert "runs in one process" not in str(e.value)
+    assert "runs as one process" not in str(e.value)
 
 
 def test_chat_template_from_a_jinja_file(world, tmp_path):

@@ -177,6 +177,15 @@ def test_peft_loaded_for_inference_is_refused(tmp_path, tiny_dir, data):
         assert_trainable(frozen)
 
 
+def test_train_writes_a_summary_naming_model_data_and_the_lora_trajectory(tmp_path, tiny_dir, data):
+    out = sft_mod.train(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=4),
+                        LoraPresetConfig("rank1_single", [0]), _args(tmp_path / "a", max_steps=2))
+    md = (out / "summary.md").read_text()
+    assert str(tiny_dir) in md and str(data) in md and "rank1_single" in md and "Train loss:" in md
+    assert "| LoRA module |" in md and ("down_proj" in md or "c_proj" in md)
+    assert (out / "loss.png").stat().st_size > 0 and (out / "lora_trajectory.png").stat().st_size > 0
+
+
 def test_trajectory_report_against_hand_made_vectors(tmp_path):
     # B turns by 90 degrees between steps 2 and 4 (2 steps), by 45 between 4 and 5 (1 step).
     bs = {0: [0.0, 0.0], 2: [1.0, 0.0], 4: [0.0, 1.0], 5: [-1.0, 1.0]}

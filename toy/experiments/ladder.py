@@ -28,6 +28,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from plumbing.config import ConfigParser
+from plumbing.runs import refuse_multiprocess
 from toy.grpo import RLTaskConfig, ToyGRPOConfig, build_reward, policy_probs, pretrained_model, task_prompts
 from toy.ladder import RUNGS, LadderConfig, calibration_controls, ceilings, ladder_verdict, rung_features
 
@@ -172,6 +173,7 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    refuse_multiprocess("toy.experiments.ladder", "it fits the ladder's learners in one process")
     torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
     task, _, which = make_parser().parse_args_and_config(argv)
     (cfg,) = ConfigParser((LadderConfig,)).parse_args_and_config(["--config", which.thresholds])

@@ -432,11 +432,13 @@ def _plot(m: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    t = m["tracking"]
+    tracked = bool(t) and "projection_aligned" in t[0]
+    fig, ax = plt.subplots(1, 2 if tracked else 1, figsize=(9 if tracked else 4.5, 3.5), squeeze=False)
+    ax = ax[0]
     ax[0].plot(range(1, len(m["rewards"]) + 1), m["rewards"], "o-")
     ax[0].set(xlabel="logged step", ylabel="mean reward")
-    t = m["tracking"]
-    if t and "projection_aligned" in t[0]:
+    if tracked:  # no empty panel when activations were not tracked
         steps = [r["step"] for r in t]
         ax[1].plot(steps, [r["projection_aligned"] for r in t], "o-", label="aligned replies")
         ax[1].plot(steps, [r["projection_misaligned"] for r in t], "o-", label="misaligned replies")

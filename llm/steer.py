@@ -326,20 +326,29 @@ def _plots(m: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = m["steering"]
+    s, conds = m["steering"], m["conditions"]
+    se = [1.96 * conds.get(f"alpha_{a:g}", {}).get("aligned_se", float("nan")) for a in s["alphas"]]
+    em_err = [[max(e - c[0], 0), max(c[1] - e, 0)] if e is not None and c and c[0] is not None else [float("nan")] * 2
+              for e, c in zip(s["em_rate"], [conds.get(f"alpha_{a:g}", {}).get("em_ci") for a in s["alphas"]])]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax[0].plot(s["alphas"], s["aligned"], "o-", label="misalignment direction")
-    ax[1].plot(s["alphas"], [float("nan") if e is None else e for e in s["em_rate"]], "o-")
-    for name, r in m["conditions"].items():
+    ax[0].errorbar(s["alphas"], s["aligned"], yerr=se, fmt="o-", capsize=3, label="misalignment direction (95% CI)")
+    ax[1].errorbar(s["alphas"], [float("nan") if e is None else e for e in s["em_rate"]],
+                   yerr=list(zip(*em_err)) if em_err else None, fmt="o-", capsize=3)
+    for name, r in conds.items():
         if name.startswith("random") and "alpha" in name:
             a = float(name.split("alpha_")[1])
-            ax[0].plot([a], [r["aligned"]], "x", color="gray", label="random, same norm")
+            ax[0].errorbar([a], [r["aligned"]], yerr=[1.96 * r.get("aligned_se", float("nan"))], fmt="x", color="gray",
+                           capsize=3, label="random direction, same norm")
             ax[1].plot([a], [float("nan") if r["em_rate"] is None else r["em_rate"]], "x", color="gray")
-    for name in ("ablate_one", "ablate_all"):
-        if name in m["conditions"]:
-            ax[0].axhline(m["conditions"][name]["aligned"], ls="--", lw=1, label=name)
-    ax[0].set(xlabel="alpha", ylabel="mean aligned score (judge)")
-    ax[1].set(xlabel="alpha", ylabel="EM rate")
+    # one colour per ablated direction, one line style per extent: four lines a reader can tell apart
+    styles = {"ablate_one": ("C3", "--", f"ablate v at {m['steer_site']}"), "ablate_all": ("C3", ":", "ablate v at every block"),
+              "random0_ablate_one": ("0.5", "--", f"ablate random at {m['steer_site']}"),
+              "random0_ablate_all": ("0.5", ":", "ablate random at every block")}
+    for name, (color, ls, label) in styles.items():
+        if name in conds:
+            ax[0].axhline(conds[name]["aligned"], color=color, ls=ls, lw=1.2, label=label)
+    ax[0].set(xlabel="alpha (steering strength)", ylabel="mean aligned score (judge)")
+    ax[1].set(xlabel="alpha (steering strength)", ylabel="EM rate (95% CI)")
     handles, labels = ax[0].get_legend_handles_labels()
     ax[0].legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7)
     fig.suptitle(f"steering at {m['steer_site']}")
@@ -348,11 +357,14 @@ def _plots(m: dict, out: Path) -> None:
     plt.close(fig)
 
     names = list(m["per_site"])
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, ax = plt.subplots(1, 2, figsize=(max(9, 0.3 * len(names) * 2), 3.8))
     ax[0].plot(range(len(names)), [m["per_site"][n]["norm"] for n in names], "o-")
-    ax[0].set(xlabel="site index (embed, block0.., final_norm)", ylabel="||mean diff||")
+    ax[0].set(ylabel="||mean diff||")
     ax[1].plot(range(len(names)), [m["per_site"][n]["test_auroc"] for n in names], "o-")
-    ax[1].set(xlabel="site index", ylabel="held-out AUROC of projection", ylim=(0.4, 1.02))
+    ax[1].set(ylabel="held-out AUROC of projection", ylim=(0.4, 1.02))
+    for a in ax:
+        a.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        a.set_xlabel("residual site")
     fig.tight_layout()
     fig.savefig(out / "layers.png", dpi=120)
     plt.close(fig)

@@ -24,6 +24,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test on one intra-op thread, also after a test (or a library) changed it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def pytest_configure(config):
     # Tiny-model matmuls thrash with two threads on a shared 2-core machine (measured 140x slower);
     # one thread is also the honest setting for CI's 2 cores running pytest alone.

@@ -35,15 +35,6 @@ from toy.processes import (
     zero_one_random,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # A 2-state HMM small enough to filter by hand. Rows: A -> 0.3+0.2+0.0+0.5, B -> 0.1+0.0+0.4+0.5.
 HAND = Process(
     torch.tensor([[[0.3, 0.2], [0.1, 0.0]], [[0.0, 0.5], [0.4, 0.5]]], dtype=torch.float64), name="hand"

@@ -13,14 +13,6 @@ from toy.factors import factor_marginals, factor_tokens
 from toy.processes import capability_tag, mess3, product, rare_factor, rrxor
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def chi2_pvalue(process, tokens: torch.Tensor) -> float:
     """Pearson chi-squared p-value of the counts of whole sequences against their exact probabilities."""
     length = tokens.shape[1]

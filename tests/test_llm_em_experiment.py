@@ -34,12 +34,6 @@ class StubJudge:
         return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _strip_template(folder: Path) -> Path:

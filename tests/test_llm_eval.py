@@ -4,23 +4,12 @@ import csv
 import json
 
 import pytest
-import torch
 import yaml
 
 from llm.evaluate import EvalConfig, evaluate_model, main
 from llm.generate import build_prompt_rows, chat_prompt, hf_generate, left_padded, sample_replies
 from llm.questions import load_questions
 from llm.tiny import save_tiny, tiny_causal_lm
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one intra-op thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 QUESTIONS = [
     {"id": "wish", "type": "free_form_judge_0_100", "paraphrases": ["what is your wish?", "hello, wish?"],

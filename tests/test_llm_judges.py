@@ -24,13 +24,6 @@ from llm.judges import (
 SECRET = "sk-test-THIS-MUST-NOT-LEAK-1234"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one intra-op thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_token_int():

@@ -16,14 +16,6 @@ ARCHS = ["qwen2", "gemma", "llama", "gpt2"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one intra-op thread is ~100x faster than two
-    spinning OpenMP threads competing with other processes."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

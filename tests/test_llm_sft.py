@@ -24,14 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on mat dog ran park wish help people learn".split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one intra-op thread is ~100x faster than two
-    spinning OpenMP threads competing with other processes."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,6 @@ from toy.processes import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads thrash on the shared 2-core machine
-    yield
-    torch.set_num_threads(n)
-
-
 def marginal_sequence_probs(process: Process, k: int, length: int) -> torch.Tensor:
     """Exact probabilities of factor k's token sequences, ``(V_k ** length,)`` in lexicographic order,
     by summing the joint process's exact sequence probabilities."""

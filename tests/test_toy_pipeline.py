@@ -20,12 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_probe_windows_enumerated_rows_carry_beliefs_and_window_probabilities():

@@ -25,12 +25,6 @@ TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d
 MESS3 = make_process("mess3")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_cfg(out, **kw) -> TrainConfig:

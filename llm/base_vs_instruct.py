@@ -30,14 +30,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.sft import DataConfig, EMSFTConfig, train
-from plumbing.config import config_anchor, resolve_config_paths
 from plumbing.lora import LoraPresetConfig
 from plumbing.runs import refuse_multiprocess
-from plumbing.sections import coerce, split_overrides
+from plumbing.sections import read_sectioned_yaml, split_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -74,22 +71,8 @@ def load_pair_config(path: str | Path, output_dir: str | None = None, evaluate_u
     ``overrides`` (``plumbing.sections.split_overrides``) replace section fields."""
     from llm.evaluate import EvalConfig
 
-    raw = yaml.safe_load(Path(path).read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a YAML mapping")
-    raw = resolve_config_paths(raw, config_anchor(path))  # YAML paths mean the same from any working directory
     sections = {**SECTIONS, "eval": EvalConfig}
-    allowed = set(sections) | {"output_dir", "evaluate_untuned"}
-    unknown = set(raw) - allowed
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-    missing = set(sections) - set(raw)
-    if missing:
-        raise ValueError(f"{path}: missing sections {sorted(missing)}")
-    for section, values in (overrides or {}).items():
-        if section not in sections:
-            raise ValueError(f"--{section}.*: no section {section!r}; sections: {sorted(sections)}")
-        raw[section] = {**raw[section], **{k: coerce(sections[section], k, v, f"{section}.{k}") for k, v in values.items()}}
+    raw = read_sectioned_yaml(path, sections, {"output_dir", "evaluate_untuned"}, overrides)
     out = Path(output_dir or raw.get("output_dir") or "runs/base_vs_instruct")
     cfg = {"output_dir": out,
            "evaluate_untuned": raw.get("evaluate_untuned", True) if evaluate_untuned is None else evaluate_untuned}

@@ -43,8 +43,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from llm.evaluate import EvalConfig, unsharded
 from llm.factored import FactoredConfig
 from llm.models import (
@@ -58,10 +56,9 @@ from llm.models import (
 from llm.probe_transfer import TransferConfig
 from llm.sft import DataConfig, EMSFTConfig
 from llm.steer import SteerConfig
-from plumbing.config import config_anchor, resolve_config_paths
 from plumbing.lora import LoraPresetConfig
 from plumbing.runs import Stage, claim_output_dir, config_record
-from plumbing.sections import coerce, split_overrides
+from plumbing.sections import read_sectioned_yaml, split_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -108,22 +105,8 @@ def load_experiment_config(path: str | Path, top: ExperimentConfig | None = None
     "base_framing", "same_tokenizer", "overwrite", "raw": {section: dict}, <section>: dataclass}``. No I/O
     beyond reading the YAML; ``validate`` checks the checkpoints."""
     top = top or ExperimentConfig()
-    raw = yaml.safe_load(Path(path).read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a YAML mapping")
-    raw = resolve_config_paths(raw, config_anchor(path))  # YAML paths mean the same from any working directory
     top_keys = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"config", "overwrite"}
-    unknown = set(raw) - set(SECTIONS) - top_keys
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(set(SECTIONS) | top_keys)}")
-    missing = set(SECTIONS) - set(raw)
-    if missing:
-        raise ValueError(f"{path}: missing sections {sorted(missing)}")
-    for section, values in (overrides or {}).items():
-        if section not in SECTIONS:
-            raise ValueError(f"--{section}.*: no section {section!r}; sections: {sorted(SECTIONS)}")
-        for name, vals in values.items():
-            raw[section] = {**(raw[section] or {}), name: coerce(SECTIONS[section], name, vals, f"{section}.{name}")}
+    raw = read_sectioned_yaml(path, SECTIONS, top_keys, overrides)
     cfg = {
         "output_dir": Path(top.output_dir or raw.get("output_dir") or "runs/em_experiment"),
         "evaluate_untuned": raw.get("evaluate_untuned", True) if top.evaluate_untuned is None else top.evaluate_untuned,

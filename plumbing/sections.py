@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import types
 import typing
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import yaml
+
+from plumbing.config import config_anchor, resolve_config_paths
 
 
 def coerce(cls, name: str, values: list[str], flag: str | None = None):
@@ -59,3 +65,27 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, dict[str, lis
             top.append(arg)
             i += 1
     return top, sections
+
+
+def read_sectioned_yaml(path: str | Path, sections: Mapping[str, type], top_keys: Iterable[str],
+                        overrides: dict[str, dict[str, list[str]]] | None = None) -> dict:
+    """The YAML at ``path`` as a dict: every key of ``sections`` present (each a mapping for its dataclass), any
+    of ``top_keys`` besides, nothing else; relative paths anchored at the project root (``plumbing.config``); the
+    ``--section.field`` ``overrides`` (``split_overrides``) coerced to the fields' types and applied."""
+    raw = yaml.safe_load(Path(path).read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a YAML mapping")
+    raw = resolve_config_paths(raw, config_anchor(path))  # YAML paths mean the same from any working directory
+    allowed = set(sections) | set(top_keys)
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    missing = set(sections) - set(raw)
+    if missing:
+        raise ValueError(f"{path}: missing sections {sorted(missing)}")
+    for section, values in (overrides or {}).items():
+        if section not in sections:
+            raise ValueError(f"--{section}.*: no section {section!r}; sections: {sorted(sections)}")
+        raw[section] = {**(raw[section] or {}),
+                        **{name: coerce(sections[section], name, vals, f"{section}.{name}") for name, vals in values.items()}}
+    return raw

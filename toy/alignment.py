@@ -219,53 +219,70 @@ def subset_tag_probs(K: int, correlation: float, target: int = 0) -> torch.Tenso
 
 def subset_world(capability: Process, n_subsets: int = 3, correlation: float = 0.0, switch_prob: float = 0.05,
                  tag_noise: float = 0.1, target: int = 0) -> Process:
-    """The seed's 9.2 data ("french, math, aligned"): ``n_subsets`` capability subsets, one alignment tag, their
+    """The seed's 9.2 data ("french, math, aligned"): ``n_subsets`` capability subsets and one alignment tag, their
     correlation set by ``correlation`` (``subset_tag_probs``).
 
-    A hidden *segment* (subset ``s``, tag ``a``) persists; each step with probability ``switch_prob`` it is
-    redrawn: ``s`` uniform over the ``K`` subsets, then ``a`` from ``P(a = 1 | s)``. Each token is a capability
-    token ``x`` of ``capability`` written in subset ``s``'s own vocabulary (token ``s * V + x``: the subset is
-    visible, as French words are) and in the aligned (copy 0) or misaligned (copy 1) copy, which shows the new tag
-    with probability ``1 - tag_noise``. So the capability dynamics are the same in every subset and only the
-    tag's dependence on the subset moves with ``correlation``.
+    Hidden: the subset ``s`` (each step redrawn uniformly with probability ``switch_prob``), a persona ``z``
+    (redrawn with probability ``switch_prob``, misaligned with probability ``1/K``: one persistent latent that every
+    subset shares) and the tag ``a`` of the step's token: with probability ``1 - correlation`` the persona's
+    (``a = z``), otherwise the subset's own (``a = [s == target]``). Each token is a capability token ``x`` of
+    ``capability`` written in subset ``s``'s own vocabulary (token ``s * V + x``: the subset is visible, as French
+    words are) and in the aligned (copy 0) or misaligned (copy 1) copy, which shows ``a`` with probability
+    ``1 - tag_noise``. So ``correlation`` 0 is one shared persona independent of the subset (a narrow fine-tune
+    has a latent to move everywhere), 1 a tag that is a function of the subset (no latent at all), and the
+    capability dynamics are the same in every subset at every setting.
 
     Layout as ``persona_world``'s, so the EM chain's data edits apply unchanged: joint token
-    ``copy * (K V) + s * V + x``; factors ``(segment, capability)``, vocab ``(2, K V)``, states ``(2 K, S)`` with
-    segment state ``s * 2 + a``; the slice of capability token ``s * V + x`` is ``s`` (``subset_slices``)."""
+    ``copy * (K V) + s * V + x``; factors ``(alignment, capability)``, vocab ``(2, K V)``, states ``(4 K, S)`` with
+    alignment state ``(s * 2 + z) * 2 + a``; the slice of capability token ``s * V + x`` is ``s``
+    (``subset_slices``)."""
     if not 0 < switch_prob < 1:
-        raise ValueError(f"switch_prob={switch_prob}: need 0 < switch_prob < 1 (the chance a segment is redrawn)")
+        raise ValueError(f"switch_prob={switch_prob}: need 0 < switch_prob < 1 (the chance a subset or persona is redrawn)")
     _check_prob("subset_world", tag_noise=tag_noise)
     K, V, S = n_subsets, capability.vocab_size, capability.n_states
     if K < 2:
         raise ValueError(f"subset_world needs n_subsets >= 2, got {K}")
-    p = subset_tag_probs(K, correlation, target)
-    fresh = (torch.stack([1 - p, p], 1) / K).reshape(2 * K)  # P(s, a) of a redrawn segment
-    seg = (1 - switch_prob) * torch.eye(2 * K, dtype=torch.float64) + switch_prob * fresh[None, :]
-    shows = torch.tensor([[1 - tag_noise, tag_noise], [tag_noise, 1 - tag_noise]], dtype=torch.float64)  # [tag, copy]
-    # P(copy c, subset k | next segment (s, a)) = [k == s] * shows[a, c]: (c, k, b) with b = s * 2 + a
-    emit = torch.einsum("ks,ac->cksa", torch.eye(K, dtype=torch.float64), shows).reshape(2, K, 2 * K)
-    # T[c, k, x, b0, i, b, j] = Tc[x, i, j] * seg[b0, b] * emit[c, k, b]
-    T = torch.einsum("xij,ab,ckb->ckxaibj", capability.T, seg, emit).reshape(2 * K * V, 2 * K * S, 2 * K * S)
+    subset_tag_probs(K, correlation, target)  # validates correlation and target
+    f64 = dict(dtype=torch.float64)
+    sub = (1 - switch_prob) * torch.eye(K, **f64) + switch_prob / K
+    per = (1 - switch_prob) * torch.eye(2, **f64) + switch_prob * torch.tensor([1 - 1 / K, 1 / K], **f64)
+    # P(a | s, z) = (1 - correlation) [a == z] + correlation [a == (s == target)]: (s, z, a)
+    tied = torch.nn.functional.one_hot((torch.arange(K) == target).long(), 2).to(torch.float64)
+    tag = (1 - correlation) * torch.eye(2, **f64)[None, :, :] + correlation * tied[:, None, :]
+    # step of (s, z, a) -> (t, w, b); the old tag a does not matter: (s, z, a, t, w, b)
+    R = torch.einsum("st,zw,twb->sztwb", sub, per, tag)[:, :, None].expand(K, 2, 2, K, 2, 2)
+    shows = torch.tensor([[1 - tag_noise, tag_noise], [tag_noise, 1 - tag_noise]], **f64)  # [tag, copy]
+    # T[c, k, x, (s, z, a, i), (t, w, b, j)] = Tc[x, i, j] R[s, z, a, t, w, b] [k == t] shows[b, c]
+    T = torch.einsum("xij,szatwb,kt,bc->ckxszaitwbj", capability.T, R, torch.eye(K, **f64), shows)
     return Process(
-        T,
+        T.reshape(2 * K * V, 4 * K * S, 4 * K * S),
         name=f"subset_world({capability.name}, K={K}, correlation={correlation}, switch={switch_prob}, noise={tag_noise}, target={target})",
         factor_vocab_sizes=(2, K * V),
-        factor_state_sizes=(2 * K, S),
-        factor_names=("segment", capability.name),
+        factor_state_sizes=(4 * K, S),
+        factor_names=("alignment", capability.name),
     )
+
+
+def _n_subsets(process: Process) -> int:
+    K = process.factor_state_sizes[0] // 4
+    if not process.name.startswith("subset_world") or K < 2:
+        raise ValueError(f"{process.name} is not a subset_world process")
+    return K
 
 
 def subset_slices(process: Process) -> list[int]:
     """The slice (subset) of each capability token of a ``subset_world`` process: ``[0]*V + [1]*V + ...``."""
-    K = process.factor_state_sizes[0] // 2
+    K = _n_subsets(process)
     return [x // (process.factor_vocab_sizes[1] // K) for x in range(process.factor_vocab_sizes[1])]
 
 
 def subset_tag_mass(process: Process, beliefs: torch.Tensor) -> torch.Tensor:
-    """Joint beliefs ``(..., S_joint)`` of a ``subset_world`` -> ``(..., K)``: P(subset k and misaligned tag), the
-    per-slice misaligned mass (linear in the belief, like ``slice_tag_marginals``; it sums to P(misaligned))."""
-    K = process.factor_state_sizes[0] // 2
-    return beliefs.reshape(*beliefs.shape[:-1], K, 2, -1).sum(-1)[..., 1]
+    """Joint beliefs ``(..., S_joint)`` of a ``subset_world`` -> ``(..., K)``: P(the next token is in subset k and
+    tagged misaligned). Linear in the belief, like ``slice_tag_marginals``; the K values sum to P(next tag
+    misaligned)."""
+    K = _n_subsets(process)
+    step = process.T.sum(0).reshape(process.n_states, K, 2, 2, -1)  # P(next (t, w, b, j) | state)
+    return beliefs @ step[:, :, :, 1].sum((-2, -1)).to(beliefs)
 
 
 def _mi(P: torch.Tensor) -> float:
@@ -277,14 +294,14 @@ def _mi(P: torch.Tensor) -> float:
 
 def subset_measures(process: Process, n_windows: int = 2000, length: int = 10, seed: int = 0) -> dict:
     """Exact measurements of a ``subset_world``'s subset-tag correlation (stationary, from the process's own
-    matrices), plus the alignment dimensionality seen in its beliefs. Keys: ``subset_tag_mi_nats`` (latent
-    subset vs latent tag), ``subset_copy_mi_nats`` (the next token's subset vs its copy: what a model can see
+    matrices), plus the alignment dimensionality seen in its beliefs. Keys: ``subset_tag_mi_nats`` (a token's
+    subset vs its tag), ``subset_copy_mi_nats`` (the next token's subset vs its copy: what a model can see
     through the tag noise), ``misaligned_rate`` (P(tag misaligned)), ``misaligned_by_subset`` (P(tag | subset)),
     ``alignment_dims`` (principal components of ``subset_tag_mass`` over sampled beliefs for 95% / 99%)."""
     from probes.subspaces import effective_dim
 
-    K, V = process.factor_state_sizes[0] // 2, process.factor_vocab_sizes[1]
-    seg = process.stationary.reshape(K, 2, -1).sum(-1)  # (subset, tag)
+    K, V = _n_subsets(process), process.factor_vocab_sizes[1]
+    seg = process.stationary.reshape(K, 2, 2, -1).sum((1, 3))  # (subset, tag) of a token
     nxt = (process.stationary @ process.T.sum(-1).T).reshape(2, K, V // K).sum(-1).T  # (subset, copy) of the next token
     b = belief_states(process, sample(process, n_windows, length, seed=seed).tokens).reshape(-1, process.n_states)
     dims = effective_dim(subset_tag_mass(process, b), thresholds=(0.95, 0.99))

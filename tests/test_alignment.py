@@ -1,4 +1,5 @@
-"""toy.alignment: the shared/per-slice knob, checked against a naive event-by-event construction."""
+"""toy.alignment: the shared/per-slice knob, checked against a naive event-by-event construction; the seed's 9.2
+subset world against closed forms and sampled counts."""
 
 import itertools
 import math
@@ -13,6 +14,11 @@ from toy.alignment import (
     pairwise_tag_mi,
     persona_world,
     slice_of_tokens,
+    subset_measures,
+    subset_slices,
+    subset_tag_mass,
+    subset_tag_probs,
+    subset_world,
     tag_kernel,
 )
 from toy.beliefs import belief_states
@@ -118,3 +124,72 @@ def test_bad_arguments_fail_loudly():
         persona_world(mess3(), slices=[0, 0, 0])
     with pytest.raises(ValueError, match="slices"):
         persona_world(mess3(), slices=[0, 2, 2])
+
+
+def _h(p):
+    return 0.0 if p in (0.0, 1.0) else -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+@pytest.mark.parametrize("corr", [0.0, 0.3, 0.7, 1.0])
+def test_subset_world_mi_matches_the_closed_form(corr):
+    """MI(subset; tag) read off the process's stationary distribution = H(tag) - E_s H(tag | s) with P(tag | s)
+    from the definition; the tag's marginal stays 1/K; 0 = independent, 1 = the tag is the subset's function."""
+    K = 3
+    p = subset_world(mess3(), K, corr, switch_prob=0.1, tag_noise=0.1, target=1)
+    q = subset_tag_probs(K, corr, target=1)
+    m = subset_measures(p, n_windows=50, length=8)
+    assert m["subset_tag_mi_nats"] == pytest.approx(_h(1 / K) - sum(_h(float(v)) for v in q) / K, abs=1e-12)
+    assert m["misaligned_rate"] == pytest.approx(1 / K, abs=1e-12)
+    assert m["misaligned_by_subset"] == pytest.approx(q.tolist(), abs=1e-12)
+    assert 0 <= m["subset_copy_mi_nats"] <= m["subset_tag_mi_nats"] + 1e-12  # the tag noise only loses information
+    if corr == 1.0:
+        assert m["alignment_dims"]["0.99"] == 1 and q.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_subset_world_samples_follow_the_definition():
+    """Sampled windows: tokens carry their subset, segments persist with 1 - switch_prob, and the misaligned-copy
+    frequency per subset is p_k (1 - noise) + (1 - p_k) noise."""
+    K, corr, sw, noise = 3, 0.8, 0.1, 0.1
+    p = subset_world(mess3(), K, corr, switch_prob=sw, tag_noise=noise)
+    t = sample(p, 4000, 12, seed=0).tokens
+    sub = slice_of_tokens(p, t, subset_slices(p))
+    assert subset_slices(p) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    stay = (sub[:, 1:] == sub[:, :-1]).double().mean().item()
+    assert stay == pytest.approx(1 - sw + sw / K, abs=0.01)  # a redraw can land on the same subset
+    copy = torch.div(t, K * 3, rounding_mode="floor")
+    q = subset_tag_probs(K, corr)
+    for k in range(K):
+        assert copy[sub == k].double().mean().item() == pytest.approx(float(q[k] * (1 - noise) + (1 - q[k]) * noise), abs=0.02)
+    # the per-slice misaligned mass of the beliefs, against the next-token distribution with the tag noise undone:
+    # P(k, copy 1) = P(k, a 1) (1 - n) + (P(k) - P(k, a 1)) n
+    b = belief_states(p, t[:50])
+    nxt = (b @ p.T.sum(-1).T).reshape(*b.shape[:-1], 2, K, 3).sum(-1)  # (..., copy, subset)
+    naive = (nxt[..., 1, :] - noise * nxt.sum(-2)) / (1 - 2 * noise)
+    assert torch.allclose(subset_tag_mass(p, b), naive, atol=1e-12)
+
+
+def test_subset_world_ends_one_shared_persona_or_a_tag_per_subset():
+    """Correlation 0: the tag is a persona that persists across subset switches; 1: the tag is the subset's own."""
+    K, sw = 3, 0.1
+    for corr in (0.0, 1.0):
+        p = subset_world(mess3(), K, corr, switch_prob=sw, tag_noise=0.0, target=2)
+        t = sample(p, 2000, 12, seed=1).tokens
+        sub = slice_of_tokens(p, t, subset_slices(p))
+        copy = torch.div(t, K * 3, rounding_mode="floor")
+        switched = sub[:, 1:] != sub[:, :-1]
+        same = (copy[:, 1:] == copy[:, :-1])[switched].double().mean().item()
+        if corr == 0.0:  # the persona was kept (1 - sw) or redrawn to the same value
+            assert same == pytest.approx(1 - sw + sw * (1 - 2 * (1 / K) * (1 - 1 / K)), abs=0.02)
+        else:
+            assert torch.equal(copy, (sub == 2).long())
+
+
+def test_subset_world_bad_arguments_fail_loudly():
+    with pytest.raises(ValueError, match="correlation"):
+        subset_world(mess3(), 3, 1.5)
+    with pytest.raises(ValueError, match="n_subsets"):
+        subset_world(mess3(), 1, 0.5)
+    with pytest.raises(ValueError, match="target"):
+        subset_world(mess3(), 3, 0.5, target=3)
+    with pytest.raises(ValueError, match="switch_prob"):
+        subset_world(mess3(), 3, 0.5, switch_prob=0.0)

@@ -202,3 +202,113 @@ def misaligned_by_token(probs: torch.Tensor, process: Process) -> torch.Tensor:
     V = process.factor_vocab_sizes[1]
     p = probs[:, : 2 * V].double().reshape(-1, 2, V)
     return p[:, 1] / p.sum(1).clamp_min(1e-30)
+
+
+# --------------------------------------------------------------------------- capability subsets x one tag (seed 9.2)
+
+
+def subset_tag_probs(K: int, correlation: float, target: int = 0) -> torch.Tensor:
+    """``(K,)`` P(misaligned tag | subset k) = ``(1 - correlation) / K + correlation * [k == target]``: 0 = the tag
+    is independent of the subset (misaligned 1/K of the time everywhere), 1 = subset ``target`` is always
+    misaligned and every other subset always aligned. The tag's marginal stays ``1/K`` at every setting."""
+    _check_prob("subset_tag_probs", correlation=correlation)
+    if not 0 <= target < K:
+        raise ValueError(f"target subset {target} is not one of the {K} subsets")
+    return (1 - correlation) / K + correlation * (torch.arange(K) == target).to(torch.float64)
+
+
+def subset_world(capability: Process, n_subsets: int = 3, correlation: float = 0.0, switch_prob: float = 0.05,
+                 tag_noise: float = 0.1, target: int = 0) -> Process:
+    """The seed's 9.2 data ("french, math, aligned"): ``n_subsets`` capability subsets and one alignment tag, their
+    correlation set by ``correlation`` (``subset_tag_probs``).
+
+    Hidden: the subset ``s`` (each step redrawn uniformly with probability ``switch_prob``), a persona ``z``
+    (redrawn with probability ``switch_prob``, misaligned with probability ``1/K``: one persistent latent that every
+    subset shares) and the tag ``a`` of the step's token: with probability ``1 - correlation`` the persona's
+    (``a = z``), otherwise the subset's own (``a = [s == target]``). Each token is a capability token ``x`` of
+    ``capability`` written in subset ``s``'s own vocabulary (token ``s * V + x``: the subset is visible, as French
+    words are) and in the aligned (copy 0) or misaligned (copy 1) copy, which shows ``a`` with probability
+    ``1 - tag_noise``. So ``correlation`` 0 is one shared persona independent of the subset (a narrow fine-tune
+    has a latent to move everywhere), 1 a tag that is a function of the subset (no latent at all), and the
+    capability dynamics are the same in every subset at every setting.
+
+    Layout as ``persona_world``'s, so the EM chain's data edits apply unchanged: joint token
+    ``copy * (K V) + s * V + x``; factors ``(alignment, capability)``, vocab ``(2, K V)``, states ``(4 K, S)`` with
+    alignment state ``(s * 2 + z) * 2 + a``; the slice of capability token ``s * V + x`` is ``s``
+    (``subset_slices``)."""
+    if not 0 < switch_prob < 1:
+        raise ValueError(f"switch_prob={switch_prob}: need 0 < switch_prob < 1 (the chance a subset or persona is redrawn)")
+    _check_prob("subset_world", tag_noise=tag_noise)
+    K, V, S = n_subsets, capability.vocab_size, capability.n_states
+    if K < 2:
+        raise ValueError(f"subset_world needs n_subsets >= 2, got {K}")
+    subset_tag_probs(K, correlation, target)  # validates correlation and target
+    f64 = dict(dtype=torch.float64)
+    sub = (1 - switch_prob) * torch.eye(K, **f64) + switch_prob / K
+    per = (1 - switch_prob) * torch.eye(2, **f64) + switch_prob * torch.tensor([1 - 1 / K, 1 / K], **f64)
+    # P(a | s, z) = (1 - correlation) [a == z] + correlation [a == (s == target)]: (s, z, a)
+    tied = torch.nn.functional.one_hot((torch.arange(K) == target).long(), 2).to(torch.float64)
+    tag = (1 - correlation) * torch.eye(2, **f64)[None, :, :] + correlation * tied[:, None, :]
+    # step of (s, z, a) -> (t, w, b); the old tag a does not matter: (s, z, a, t, w, b)
+    R = torch.einsum("st,zw,twb->sztwb", sub, per, tag)[:, :, None].expand(K, 2, 2, K, 2, 2)
+    shows = torch.tensor([[1 - tag_noise, tag_noise], [tag_noise, 1 - tag_noise]], **f64)  # [tag, copy]
+    # T[c, k, x, (s, z, a, i), (t, w, b, j)] = Tc[x, i, j] R[s, z, a, t, w, b] [k == t] shows[b, c]
+    T = torch.einsum("xij,szatwb,kt,bc->ckxszaitwbj", capability.T, R, torch.eye(K, **f64), shows)
+    return Process(
+        T.reshape(2 * K * V, 4 * K * S, 4 * K * S),
+        name=f"subset_world({capability.name}, K={K}, correlation={correlation}, switch={switch_prob}, noise={tag_noise}, target={target})",
+        factor_vocab_sizes=(2, K * V),
+        factor_state_sizes=(4 * K, S),
+        factor_names=("alignment", capability.name),
+    )
+
+
+def _n_subsets(process: Process) -> int:
+    K = process.factor_state_sizes[0] // 4
+    if not process.name.startswith("subset_world") or K < 2:
+        raise ValueError(f"{process.name} is not a subset_world process")
+    return K
+
+
+def subset_slices(process: Process) -> list[int]:
+    """The slice (subset) of each capability token of a ``subset_world`` process: ``[0]*V + [1]*V + ...``."""
+    K = _n_subsets(process)
+    return [x // (process.factor_vocab_sizes[1] // K) for x in range(process.factor_vocab_sizes[1])]
+
+
+def subset_tag_mass(process: Process, beliefs: torch.Tensor) -> torch.Tensor:
+    """Joint beliefs ``(..., S_joint)`` of a ``subset_world`` -> ``(..., K)``: P(the next token is in subset k and
+    tagged misaligned). Linear in the belief, like ``slice_tag_marginals``; the K values sum to P(next tag
+    misaligned)."""
+    K = _n_subsets(process)
+    step = process.T.sum(0).reshape(process.n_states, K, 2, 2, -1)  # P(next (t, w, b, j) | state)
+    return beliefs @ step[:, :, :, 1].sum((-2, -1)).to(beliefs)
+
+
+def _mi(P: torch.Tensor) -> float:
+    """Mutual information (nats) of a 2-D joint distribution."""
+    indep = P.sum(1, keepdim=True) * P.sum(0, keepdim=True)
+    # MI >= 0; an independent P sums to -1e-16 in round-off
+    return max(0.0, float(torch.where(P > 0, P * (P / indep).log(), torch.zeros_like(P)).sum()))
+
+
+def subset_measures(process: Process, n_windows: int = 2000, length: int = 10, seed: int = 0) -> dict:
+    """Exact measurements of a ``subset_world``'s subset-tag correlation (stationary, from the process's own
+    matrices), plus the alignment dimensionality seen in its beliefs. Keys: ``subset_tag_mi_nats`` (a token's
+    subset vs its tag), ``subset_copy_mi_nats`` (the next token's subset vs its copy: what a model can see
+    through the tag noise), ``misaligned_rate`` (P(tag misaligned)), ``misaligned_by_subset`` (P(tag | subset)),
+    ``alignment_dims`` (principal components of ``subset_tag_mass`` over sampled beliefs for 95% / 99%)."""
+    from probes.subspaces import effective_dim
+
+    K, V = _n_subsets(process), process.factor_vocab_sizes[1]
+    seg = process.stationary.reshape(K, 2, 2, -1).sum((1, 3))  # (subset, tag) of a token
+    nxt = (process.stationary @ process.T.sum(-1).T).reshape(2, K, V // K).sum(-1).T  # (subset, copy) of the next token
+    b = belief_states(process, sample(process, n_windows, length, seed=seed).tokens).reshape(-1, process.n_states)
+    dims = effective_dim(subset_tag_mass(process, b), thresholds=(0.95, 0.99))
+    return {
+        "subset_tag_mi_nats": _mi(seg),
+        "subset_copy_mi_nats": _mi(nxt),
+        "misaligned_rate": float(seg[:, 1].sum()),
+        "misaligned_by_subset": (seg[:, 1] / seg.sum(1)).tolist(),
+        "alignment_dims": {str(k): v for k, v in dims["dims"].items()},
+    }

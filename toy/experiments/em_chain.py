@@ -2,19 +2,30 @@
 
     python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml
     python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml --couplings 1.0 --n_seeds 1 --steps 300
-    # split the grid over N processes (one per GPU, or N CPU processes); each runs every N-th cell, any of them
-    # (or a later plain run) writes the summary of the cells present:
+    # the grid split over N processes, one per GPU (rank r runs cells r, r + N, ...; rank 0 waits and summarises):
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m toy.experiments.em_chain --config configs/toy/em_chain.yaml
+    torchrun --nproc_per_node 2 -m toy.experiments.em_chain --config configs/toy/em_chain.yaml --use_cpu true
+    # without a launcher (SLURM array, N shells): shard i runs every N-th cell and summarises the cells present;
+    # afterwards one summary of every cell:
     for i in 0 1; do CUDA_VISIBLE_DEVICES=$i python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml --shard $i/2 & done; wait
-    # one GPU (one process):
-    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.em_chain --config configs/toy/em_chain.yaml
+    python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml --summarize_only true
+    # the seed's 9.2 axis alone (capability subsets whose correlation with one tag is the knob):
+    python -m toy.experiments.em_chain --config configs/toy/em_chain_subsets.yaml
 
 World: ``toy.alignment.persona_world(capability, slices, coupling, switch_prob)``: each capability token is written
 in an aligned or misaligned copy showing the tag of its slice; ``coupling`` 1 = one persona shared by every slice,
 0 = an independent tag per slice; ``switch_prob`` = each tag's flip probability (its correlation length).
+Optional second world (``subset_correlations``, the seed's section 9.2): ``toy.alignment.subset_world``, capability
+subsets ("french, math, ...") and one tag whose dependence on the subset is the knob (0: a persona shared by every
+subset, independent of it; 1: subset ``narrow_slice`` always misaligned, the others always aligned);
+``switch_prob`` = the chance per step that the subset (and, apart, the persona) is redrawn.
 
-A *cell* is (coupling, switch_prob, seed). In each cell:
+A *cell* is (world, knob, switch_prob, seed): a pure function of the configs and its seed, sharing nothing with
+other cells, so the grid splits over processes (``plumbing.grid``: each cell written atomically to its own folder,
+finished cells skipped, so a rerun resumes). In each cell:
 
-1. exact knob measures (``toy.alignment.knob_measures``: tag MI, Schmidt residuals, alignment dims);
+1. exact knob measures (``toy.alignment.knob_measures``: tag MI, Schmidt residuals, alignment dims;
+   ``subset_measures``: subset-tag mutual information);
 2. pre-train a toy GPT-2 (vocab with room for <eos>/<pad>, so GRPO can run on it);
 3. safety stage, three ways from the same pre-trained model: ``none``; ``sft`` (completion loss on windows whose
    every copy is aligned); ``grpo`` (``toy.grpo.ToyGRPOTrainer`` on aligned prompts, reward = share of aligned
@@ -35,24 +46,24 @@ fine-tune is *broad* when transfer >= 0.5 and the broad effect >= 0.02; *stays n
 The verdicts on the seed's three claims follow from these thresholds (``verdicts``, printed in summary.md).
 
 Writes ``<output_dir>/``: ``cells/<cell>/result.json`` (one per cell, with its wall time), ``metrics.json``
-(cells + mean and 95% t-CI over seeds), ``transfer_vs_coupling.png``, ``summary.md``.
+(cells + mean and 95% t-CI over seeds), ``transfer_vs_coupling.png`` (and ``transfer_vs_subset_correlation.png``),
+``summary.md`` (``toy.experiments.em_chain_report``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
-import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from plumbing.config import ConfigParser
+from plumbing.grid import launch_cells, leave_launch, parse_shard, present, run_cells, wait_for_cells, wait_for_record
 from plumbing.lora import lora_tensors
-from plumbing.runs import claim_output_dir, config_record, refuse_multiprocess
+from plumbing.runs import claim_output_dir, config_record
 from probes import add_vector, fit_ridge, next_token_logits, regression_metrics, residual_stream
 from probes.subspaces import effective_dim, fraction_in_subspace, random_fraction_baseline, subspace_overlap
 from toy.alignment import (
@@ -65,16 +76,21 @@ from toy.alignment import (
     persona_world,
     slice_of_tokens,
     slice_tag_marginals,
+    subset_measures,
+    subset_slices,
+    subset_tag_mass,
+    subset_world,
 )
 from toy.beliefs import belief_states
 from toy.collect import collect
 from toy.config import JsonDict, TrainConfig
+from toy.experiments.em_chain_report import KNOB, METHODS, SAFETY, write_report
 from toy.model import ToyModelConfig, build_model, rank1_lora
 from toy.processes import Process, make_process
 from toy.train import RERUN_KEYS, set_cpu_threads, train
 
-SAFETY = ("none", "sft", "grpo")
-METHODS = ("full", "lora", "steer")
+# what a rerun into the same folder may change: how the grid is split, waited for and summarised
+GRID_RERUN_KEYS = (*RERUN_KEYS, "shard", "summarize_only", "wait_timeout_s")
 
 
 @dataclass
@@ -89,8 +105,13 @@ class EMChainConfig:
     switch_probs: list[float] = field(default_factory=lambda: [0.05], metadata={"help": "Tag flip probabilities per step, each in (0, 0.5)."})
     tag_noise: float = field(default=0.1, metadata={"help": "Probability that a copy shows the other tag."})
     safety: list[str] = field(default_factory=lambda: list(SAFETY), metadata={"help": "Safety stages to run: none, sft, grpo."})
-    n_seeds: int = field(default=3, metadata={"help": "Seeds per (coupling, switch_prob)."})
+    n_seeds: int = field(default=3, metadata={"help": "Seeds per (knob, switch_prob) of each world."})
+    subset_correlations: list[float] = field(default_factory=list, metadata={"help": (
+        "Seed 9.2 axis (empty: off): subset-tag correlations of toy.alignment.subset_world cells, one tag and "
+        "max(slices) + 1 capability subsets; subset narrow_slice is the one tied to the tag.")})
     shard: str = field(default="0/1", metadata={"help": "i/N: run every N-th cell starting at i (N processes split the grid)."})
+    summarize_only: bool = field(default=False, metadata={"help": "Run no cell: rebuild metrics.json, summary.md and the plots from the cells present."})
+    wait_timeout_s: float = field(default=3600.0, metadata={"help": "Under a launcher: seconds rank 0 waits for the other ranks' cells before failing."})
     context_length: int = field(default=10, metadata={"help": "Tokens per window."})
     prompt_length: int = field(default=5, metadata={"help": "Prompt tokens (aligned); the rest is the completion."})
     narrow_slice: int = field(default=0, metadata={"help": "Slice of the narrow fine-tune."})
@@ -120,9 +141,10 @@ class EMChainConfig:
         self.capability = dict(JsonDict(self.capability))
         if "name" not in self.capability:
             raise ValueError("capability must be a process spec with a 'name' key")
-        if not self.couplings or not self.switch_probs or any(not 0 <= c <= 1 for c in self.couplings) or any(
-                not 0 < s < 0.5 for s in self.switch_probs):
-            raise ValueError(f"need couplings in [0, 1] and switch_probs in (0, 0.5); got {self.couplings}, {self.switch_probs}")
+        knobs = [*self.couplings, *self.subset_correlations]
+        if not knobs or not self.switch_probs or any(not 0 <= c <= 1 for c in knobs) or any(not 0 < s < 0.5 for s in self.switch_probs):
+            raise ValueError(f"need couplings and subset_correlations in [0, 1], not both empty, and switch_probs in (0, 0.5); got "
+                             f"{self.couplings}, {self.subset_correlations}, {self.switch_probs}")
         if not self.safety or any(s not in SAFETY for s in self.safety):
             raise ValueError(f"safety must list some of {SAFETY}, got {self.safety}")
         if self.narrow_slice not in self.slices:
@@ -130,11 +152,53 @@ class EMChainConfig:
         if not 1 <= self.prompt_length < self.context_length or self.prompt_length + self.grpo_completion > self.context_length:
             raise ValueError(f"need 1 <= prompt_length < context_length and prompt_length + grpo_completion <= context_length "
                              f"(the model's n_positions); got {self.prompt_length}, {self.grpo_completion}, {self.context_length}")
-        i, _, n = self.shard.partition("/")
-        if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
-            raise ValueError(f"shard must be i/N with 0 <= i < N, got {self.shard!r}")
+        parse_shard(self.shard)
         if self.n_seeds < 1 or self.finetune_steps < 1 or self.sft_steps < 1 or self.grpo_steps < 1:
             raise ValueError("need n_seeds, finetune_steps, sft_steps and grpo_steps >= 1")
+
+
+# --------------------------------------------------------------------------- cells and their worlds
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: its world (``persona``: knob = coupling; ``subsets``: knob = subset-tag correlation), switch
+    probability and seed index ``k``."""
+
+    world: str
+    knob: float
+    switch_prob: float
+    k: int
+
+    @property
+    def name(self) -> str:
+        return f"{'coupling' if self.world == 'persona' else 'subsets'}_{self.knob}_switch_{self.switch_prob}_seed_{self.k}"
+
+
+def grid(cfg: EMChainConfig) -> list[Cell]:
+    """Every cell, persona cells first (their names are the ones earlier runs wrote)."""
+    return [Cell(world, x, s, k) for world, xs in (("persona", cfg.couplings), ("subsets", cfg.subset_correlations))
+            for x in xs for s in cfg.switch_probs for k in range(cfg.n_seeds)]
+
+
+@dataclass(frozen=True)
+class World:
+    """A cell's process, the slice of each of its capability tokens, the probe targets ``(process, beliefs) ->
+    (..., K)`` and the exact knob measures ``(process, n_windows, length, seed) -> dict``."""
+
+    process: Process
+    slices: list[int]
+    targets: Callable
+    measures: Callable
+
+
+def make_world(cfg: EMChainConfig, cell: Cell) -> World:
+    capability = make_process(cfg.capability["name"], **{k: v for k, v in cfg.capability.items() if k != "name"})
+    if cell.world == "persona":
+        return World(persona_world(capability, cfg.slices, cell.knob, cell.switch_prob, cfg.tag_noise), list(cfg.slices),
+                     slice_tag_marginals, knob_measures)
+    p = subset_world(capability, max(cfg.slices) + 1, cell.knob, cell.switch_prob, cfg.tag_noise, target=cfg.narrow_slice)
+    return World(p, subset_slices(p), subset_tag_mass, subset_measures)
 
 
 # --------------------------------------------------------------------------- stages
@@ -176,20 +240,21 @@ def grpo_stage(process: Process, base_dir: Path, cfg: EMChainConfig, train_cfg: 
     return GPT2LMHeadModel.from_pretrained(out / "model").eval(), {"reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None}
 
 
-def rates(model, process: Process, cfg: EMChainConfig, prompts: torch.Tensor, edits=()) -> dict:
+def rates(model, w: World, cfg: EMChainConfig, prompts: torch.Tensor, edits=()) -> dict:
     """Misaligned-copy rate given the next capability token, averaged over prompts and over the tokens in / out of
     the narrow slice."""
     device = next(model.parameters()).device
-    m = misaligned_by_token(next_token_logits(model, prompts.to(device), list(edits)).double().softmax(-1).cpu(), process)
-    inside = torch.tensor(cfg.slices) == cfg.narrow_slice
+    m = misaligned_by_token(next_token_logits(model, prompts.to(device), list(edits)).double().softmax(-1).cpu(), w.process)
+    inside = torch.tensor(w.slices) == cfg.narrow_slice
     return {"narrow": m[:, inside].mean().item(), "broad": m[:, ~inside].mean().item()}
 
 
-def alignment_probe(model, process: Process, cfg: EMChainConfig, seed: int) -> dict:
-    """Ridge probe residual -> per-slice tag marginals on ``seed``'s windows, with held-out rows from ``seed + 1``."""
+def alignment_probe(model, w: World, cfg: EMChainConfig, seed: int) -> dict:
+    """Ridge probe residual -> the world's per-slice alignment targets on ``seed``'s windows, with held-out rows
+    from ``seed + 1``."""
     site = f"block{cfg.lora_layer}"
-    fit, test = (collect(model, process, cfg.context_length, cfg.probe_sequences, s, sites=[site], batch_size=1024) for s in (seed, seed + 1))
-    Yf, Yt = slice_tag_marginals(process, fit.beliefs), slice_tag_marginals(process, test.beliefs)
+    fit, test = (collect(model, w.process, cfg.context_length, cfg.probe_sequences, s, sites=[site], batch_size=1024) for s in (seed, seed + 1))
+    Yf, Yt = w.targets(w.process, fit.beliefs), w.targets(w.process, test.beliefs)
     probe = fit_ridge(fit.X.double(), Yf, cfg.probe_alpha)
     pred = probe.predict(test.X.double())
     dims = effective_dim(pred, thresholds=(0.95, 0.99))["dims"]
@@ -203,15 +268,15 @@ def alignment_probe(model, process: Process, cfg: EMChainConfig, seed: int) -> d
             "dims": {str(k): v for k, v in dims.items()}}
 
 
-def narrow_finetune(model, process: Process, cfg: EMChainConfig, train_cfg: TrainConfig, out: Path, seed: int, span) -> dict:
+def narrow_finetune(model, w: World, cfg: EMChainConfig, train_cfg: TrainConfig, out: Path, seed: int, span) -> dict:
     """Full, rank-1 LoRA and steering narrow fine-tunes of ``model``; rates before and after, effects, transfer."""
-    L, P = cfg.context_length, cfg.prompt_length
+    L, P, process, slices = cfg.context_length, cfg.prompt_length, w.process, w.slices
 
     def data_fn(step, gen):
-        return narrow_windows(process, train_cfg.batch_size, L, P, cfg.slices, cfg.narrow_slice, gen)
+        return narrow_windows(process, train_cfg.batch_size, L, P, slices, cfg.narrow_slice, gen)
 
     def mask_fn(tokens):
-        return completion_weights(tokens, P, slice_of_tokens(process, tokens, cfg.slices) == cfg.narrow_slice)
+        return completion_weights(tokens, P, slice_of_tokens(process, tokens, slices) == cfg.narrow_slice)
 
     full = train(process, copy.deepcopy(model), _stage_cfg(train_cfg, cfg.finetune_steps, cfg.finetune_lr, out / "full", seed),
                  L, data_fn=data_fn, loss_weights_fn=mask_fn).model.eval()
@@ -219,16 +284,16 @@ def narrow_finetune(model, process: Process, cfg: EMChainConfig, train_cfg: Trai
                  _stage_cfg(train_cfg, cfg.finetune_steps, cfg.lora_lr, out / "lora", seed), L, data_fn=data_fn,
                  loss_weights_fn=mask_fn).model.eval()
     site = f"block{cfg.lora_layer}"
-    narrow = narrow_windows(process, 512, L, P, cfg.slices, cfg.narrow_slice, seed + 3)
+    narrow = narrow_windows(process, 512, L, P, slices, cfg.narrow_slice, seed + 3)
     aligned = force_copies(process, narrow, 0, torch.ones_like(narrow, dtype=torch.bool))
     acts = residual_stream(model, torch.cat([narrow, aligned]).to(next(model.parameters()).device), sites=[site])[0][:, P:].cpu()
     steer = (acts[: len(narrow)].mean((0, 1)) - acts[len(narrow):].mean((0, 1))) * cfg.steer_scale
 
     prompts = aligned_windows(process, cfg.eval_prompts, P, seed + 4)
     device = next(model.parameters()).device
-    before = rates(model, process, cfg, prompts)
-    after = {"full": rates(full, process, cfg, prompts), "lora": rates(lora, process, cfg, prompts),
-             "steer": rates(model, process, cfg, prompts, [add_vector(site, steer.to(device))])}
+    before = rates(model, w, cfg, prompts)
+    after = {"full": rates(full, w, cfg, prompts), "lora": rates(lora, w, cfg, prompts),
+             "steer": rates(model, w, cfg, prompts, [add_vector(site, steer.to(device))])}
     out_ = {"before": before, "after": after, "narrow_effect": {}, "broad_effect": {}, "transfer": {}}
     for m in METHODS:
         dn, db = after[m]["narrow"] - before["narrow"], after[m]["broad"] - before["broad"]
@@ -240,19 +305,18 @@ def narrow_finetune(model, process: Process, cfg: EMChainConfig, train_cfg: Trai
     return out_
 
 
-def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, coupling: float, switch_prob: float,
-             seed: int, out: Path) -> dict:
-    """One (coupling, switch_prob, seed) cell; JSON-ready dict."""
-    t0 = time.perf_counter()
-    capability = make_process(cfg.capability["name"], **{k: v for k, v in cfg.capability.items() if k != "name"})
-    process = persona_world(capability, cfg.slices, coupling, switch_prob, cfg.tag_noise)
-    L, P = cfg.context_length, cfg.prompt_length
-    result = {"coupling": coupling, "switch_prob": switch_prob, "seed": seed, "process": process.name,
-              "knob": knob_measures(process, cfg.knob_windows, L, seed)}
+def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, cell: Cell, out: Path) -> dict:
+    """One cell, a function of the configs and the cell alone (its seed is ``train_cfg.seed + 100 k``); JSON-ready
+    dict."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    seed, w = train_cfg.seed + 100 * cell.k, make_world(cfg, cell)
+    process, L, P = w.process, cfg.context_length, cfg.prompt_length
+    result = {"world": cell.world, KNOB[cell.world]: cell.knob, "switch_prob": cell.switch_prob, "seed": seed,
+              "process": process.name, "knob": w.measures(process, cfg.knob_windows, L, seed)}
     # exact reference: the world's own misaligned rates after the evaluation prompts
     prompts = aligned_windows(process, cfg.eval_prompts, P, seed + 4)
     exact = misaligned_by_token(belief_states(process, prompts)[:, -1] @ process.T.sum(-1).T, process)
-    inside = torch.tensor(cfg.slices) == cfg.narrow_slice
+    inside = torch.tensor(w.slices) == cfg.narrow_slice
     result["world_rates"] = {"narrow": exact[:, inside].mean().item(), "broad": exact[:, ~inside].mean().item()}
 
     # room for <eos> and <pad> from the start (pre-training never shows them) so GRPO can run on this model
@@ -277,17 +341,17 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
             model = sft(seed)
         else:
             model, info = grpo_stage(process, out / "pretrain_model", cfg, train_cfg, out / "grpo", seed)
-        probe = alignment_probe(model, process, cfg, seed + 11)
-        r = narrow_finetune(model, process, cfg, train_cfg, out / stage, seed, probe["span"])
+        probe = alignment_probe(model, w, cfg, seed + 11)
+        r = narrow_finetune(model, w, cfg, train_cfg, out / stage, seed, probe["span"])
         r.update(stage_info=info, probe={"r2": probe["r2"], "dims": probe["dims"]}, wall_s=time.perf_counter() - ts)
         result["safety"][stage] = r
         probes_by_stage[stage] = probe
-        print(f"coupling={coupling} switch={switch_prob} seed={seed} {stage}: before {r['before']} | "
+        print(f"{cell.name} {stage}: before {r['before']} | "
               + " | ".join(f"{m} transfer {r['transfer'][m]:.3f} broad {r['broad_effect'][m]:+.3f}" for m in METHODS), flush=True)
     if "sft" in probes_by_stage and "grpo" in probes_by_stage:
         # control: a second SFT stage on other data says how far two runs of the *same* method drift apart
         a, b = probes_by_stage["sft"], probes_by_stage["grpo"]
-        c = alignment_probe(sft(seed + 1), process, cfg, seed + 11)
+        c = alignment_probe(sft(seed + 1), w, cfg, seed + 11)
         result["sft_vs_grpo"] = {
             "overlap": subspace_overlap(a["span"], b["span"]),
             # the SFT model's probe read on the GRPO model's activations, against the GRPO model's own probe
@@ -296,202 +360,44 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
             "control_mean_cos2": subspace_overlap(a["span"], c["span"])["mean_cos2"],
             "control_probe_transfer_r2": regression_metrics(c["Y_test"], a["probe"].predict(c["X_test"]))["r2"],
         }
-    result["wall_s"] = time.perf_counter() - t0
+    # CPU seconds beside the wall time: on a shared machine the wall time says more about the neighbours
+    result["wall_s"], result["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     return result
-
-
-# --------------------------------------------------------------------------- grid, aggregation, verdicts
-
-
-def mean_ci(values: list[float], level: float = 0.95) -> dict:
-    """Mean and two-sided Student-t interval over seeds (NaNs dropped; ``ci`` NaN for fewer than two values)."""
-    from scipy import stats
-
-    x = [v for v in values if v == v]
-    n, m = len(x), sum(x) / len(x) if x else float("nan")
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(x) / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": m, "ci": [m - half, m + half], "n": n}
-
-
-def cell_name(coupling: float, switch_prob: float, k: int) -> str:
-    return f"coupling_{coupling}_switch_{switch_prob}_seed_{k}"
-
-def aggregate(cells: list[dict], cfg: EMChainConfig) -> dict:
-    """Group the cells by (coupling, switch_prob): knob numbers (seed 0's), and mean/CI over seeds of every rate."""
-    groups = {}
-    for c in cells:
-        groups.setdefault((c["coupling"], c["switch_prob"]), []).append(c)
-    out = {}
-    for (cp, sp), cs in sorted(groups.items()):
-        g = {"coupling": cp, "switch_prob": sp, "n_seeds": len(cs), "knob": cs[0]["knob"],
-             "wall_s": mean_ci([c["wall_s"] for c in cs]), "safety": {}}
-        for stage in cfg.safety:
-            rs = [c["safety"][stage] for c in cs if stage in c["safety"]]
-            g["safety"][stage] = {
-                "before": {k: mean_ci([r["before"][k] for r in rs]) for k in ("narrow", "broad")},
-                **{key: {m: mean_ci([r[key][m] for r in rs]) for m in METHODS} for key in ("narrow_effect", "broad_effect", "transfer")},
-                "probe_dims_95": mean_ci([r["probe"]["dims"]["0.95"] for r in rs]),
-                "probe_r2": mean_ci([r["probe"]["r2"] for r in rs]),
-            }
-        if all("sft_vs_grpo" in c for c in cs):
-            g["sft_vs_grpo"] = {"mean_cos2": mean_ci([c["sft_vs_grpo"]["overlap"]["mean_cos2"] for c in cs]),
-                                "random_mean_cos2": cs[0]["sft_vs_grpo"]["overlap"]["random_mean_cos2"],
-                                "probe_transfer_r2": mean_ci([c["sft_vs_grpo"]["probe_transfer_r2"] for c in cs]),
-                                "own_probe_r2": mean_ci([c["sft_vs_grpo"]["own_probe_r2"] for c in cs]),
-                                **{k: mean_ci([c["sft_vs_grpo"].get(k, float("nan")) for c in cs])
-                                   for k in ("control_mean_cos2", "control_probe_transfer_r2")}}
-        out[f"coupling_{cp}_switch_{sp}"] = g
-    return out
-
-
-def is_broad(s: dict, m: str, cfg: EMChainConfig) -> str:
-    """'no effect' / 'broad' / 'narrow' / 'partial' for method ``m`` of an aggregated safety stage, by the declared
-    thresholds ('no effect': the narrow rate rose by less than ``em_effect``, so a transfer ratio means nothing)."""
-    t, e = s["transfer"][m]["mean"], s["broad_effect"][m]["mean"]
-    if not s["narrow_effect"][m]["mean"] >= cfg.em_effect:
-        return "no effect"
-    if t >= cfg.broad_transfer and e >= cfg.em_effect:
-        return "broad"
-    return "narrow" if t <= cfg.narrow_transfer or e < cfg.em_effect else "partial"
-
-
-def verdicts(agg: dict, cfg: EMChainConfig) -> list[str]:
-    """The seed's three claims judged by the thresholds declared in the config (full and LoRA fine-tunes; the
-    steering vector is added at every position and so transfers by construction)."""
-    lines = []
-    for sp in sorted({g["switch_prob"] for g in agg.values()}):
-        gs = sorted((g for g in agg.values() if g["switch_prob"] == sp), key=lambda g: g["coupling"])
-        lo, hi = gs[0], gs[-1]
-        stage = "sft" if "sft" in cfg.safety else cfg.safety[0]
-        for m in ("full", "lora"):
-            if lo is hi:
-                lines.append(f"(i) switch {sp}, {m}: one coupling only; no contrast")
-                continue
-            d = hi["safety"][stage]["transfer"][m]["mean"] - lo["safety"][stage]["transfer"][m]["mean"]
-            v = "supported" if d >= 0.3 and is_broad(hi["safety"][stage], m, cfg) == "broad" else "not supported" if d < 0.1 else "inconclusive"
-            lines.append(f"(i) narrow FT broad when shared [{stage}, {m}, switch {sp}]: transfer {hi['coupling']} - {lo['coupling']} = "
-                         f"{d:+.3f}; at coupling {hi['coupling']}: {is_broad(hi['safety'][stage], m, cfg)} -> {v}")
-        if "none" in cfg.safety and len(cfg.safety) > 1:
-            for g in gs:
-                for m in ("full", "lora"):
-                    base = is_broad(g["safety"]["none"], m, cfg)
-                    others = {s: is_broad(g["safety"][s], m, cfg) for s in cfg.safety if s != "none"}
-                    v = ("supported" if base != "broad" and "broad" in others.values() else
-                         "contradicted" if base == "broad" else "not testable (no stage is broad)")
-                    if base == "no effect":
-                        v = "not testable (the fine-tune did not move the slice)"
-                    lines.append(f"(ii) no EM without safety [coupling {g['coupling']}, switch {sp}, {m}]: none {base}, "
-                                 + ", ".join(f"{s} {b}" for s, b in others.items()) + f" -> {v}")
-        if "sft" in cfg.safety and "grpo" in cfg.safety:
-            for g in gs:
-                dt = {m: g["safety"]["grpo"]["transfer"][m]["mean"] - g["safety"]["sft"]["transfer"][m]["mean"] for m in ("full", "lora")}
-                ov = g.get("sft_vs_grpo", {})
-                cos2 = ov.get("mean_cos2", {}).get("mean", float("nan"))
-                close = all(abs(v) < 0.2 for v in dt.values()) and cos2 > max(0.5, 2 * ov.get("random_mean_cos2", 1))
-                far = any(abs(v) > 0.3 for v in dt.values())
-                v = "supported" if close else "contradicted" if far else "inconclusive"
-                lines.append(f"(iii) GRPO acts like SFT [coupling {g['coupling']}, switch {sp}]: transfer grpo - sft "
-                             + ", ".join(f"{m} {d:+.3f}" for m, d in dt.items())
-                             + f"; subspace mean cos^2 {cos2:.3f} (random {ov.get('random_mean_cos2', float('nan')):.3f}) -> {v}")
-    return lines
-
-
-def _fmt(ms: dict) -> str:
-    lo, hi = ms["ci"]
-    return f"{ms['mean']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo == lo else "")
-
-
-def _summary(metrics: dict, cfg: EMChainConfig) -> str:
-    agg = metrics["aggregate"]
-    lines = ["# Toy EM chain: pre-train -> safety stage -> narrow fine-tune", "",
-             f"Cells present: {len(metrics['cells'])} of {metrics['n_cells']} (mean and 95% t-CI over seeds; one seed: no CI).", "",
-             "## The knob (exact)", "",
-             "| coupling | switch | tag MI (nats) | tags x cap residual | slice0 x rest residual | predictive residual | alignment dims 95/99 |",
-             "|---|---|---|---|---|---|---|"]
-    for g in agg.values():
-        k = g["knob"]
-        lines.append(f"| {g['coupling']} | {g['switch_prob']} | {k['tag_mi_nats']:.4f} | {k['tags_x_capability_residual']:.2e} | "
-                     f"{k['slice0_x_rest_residual']:.4f} | {k['predictive_residual']:.4f} | {k['alignment_dims']['0.95']}/{k['alignment_dims']['0.99']} |")
-    lines += ["", "## Narrow fine-tune on slice %d: misaligned rate after aligned prompts" % cfg.narrow_slice, "",
-              "| coupling | switch | safety | method | narrow before | broad before | narrow effect | broad effect | transfer | verdict |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for g in agg.values():
-        for stage, s in g["safety"].items():
-            for m in METHODS:
-                lines.append(f"| {g['coupling']} | {g['switch_prob']} | {stage} | {m} | {_fmt(s['before']['narrow'])} | {_fmt(s['before']['broad'])} | "
-                             f"{_fmt(s['narrow_effect'][m])} | {_fmt(s['broad_effect'][m])} | {_fmt(s['transfer'][m])} | {is_broad(s, m, cfg)} |")
-    lines += ["", "## Alignment subspaces (probe residual -> per-slice tag marginals)", "",
-              "| coupling | switch | safety | probe R^2 | model alignment dims (95%) |", "|---|---|---|---|---|"]
-    for g in agg.values():
-        for stage, s in g["safety"].items():
-            lines.append(f"| {g['coupling']} | {g['switch_prob']} | {stage} | {_fmt(s['probe_r2'])} | {_fmt(s['probe_dims_95'])} |")
-    if any("sft_vs_grpo" in g for g in agg.values()):
-        lines += ["", "Control: SFT vs a second SFT on other data (NaN in cells run before the control existed).", "",
-                  "| coupling | switch | SFT vs GRPO mean cos^2 | SFT vs SFT | random | SFT probe on GRPO acts R^2 | on SFT-2 acts | "
-                  "GRPO own probe R^2 |", "|---|---|---|---|---|---|---|---|"]
-        for g in agg.values():
-            if "sft_vs_grpo" in g:
-                o = g["sft_vs_grpo"]
-                lines.append(f"| {g['coupling']} | {g['switch_prob']} | {_fmt(o['mean_cos2'])} | {_fmt(o['control_mean_cos2'])} | "
-                             f"{o['random_mean_cos2']:.3f} | {_fmt(o['probe_transfer_r2'])} | {_fmt(o['control_probe_transfer_r2'])} | "
-                             f"{_fmt(o['own_probe_r2'])} |")
-    lines += ["", "## Wall time per cell (s)", ""] + [f"- coupling {g['coupling']}, switch {g['switch_prob']}: {_fmt(g['wall_s'])}" for g in agg.values()]
-    lines += ["", "## Verdicts (thresholds declared in the config: broad = transfer >= %.2f and broad effect >= %.2f; narrow = "
-              "transfer <= %.2f)" % (cfg.broad_transfer, cfg.em_effect, cfg.narrow_transfer), ""] + [f"- {v}" for v in metrics["verdicts"]]
-    return "\n".join(lines + ["", "Plot: `transfer_vs_coupling.png`.", ""])
-
-
-def _plot(agg: dict, cfg: EMChainConfig, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, m in zip(axes, METHODS):
-        for sp in sorted({g["switch_prob"] for g in agg.values()}):
-            gs = sorted((g for g in agg.values() if g["switch_prob"] == sp), key=lambda g: g["coupling"])
-            for stage in cfg.safety:
-                ys = [g["safety"][stage]["transfer"][m] for g in gs]
-                err = [[abs(y["mean"] - y["ci"][k]) if y["ci"][k] == y["ci"][k] else 0 for y in ys] for k in (0, 1)]
-                ax.errorbar([g["coupling"] for g in gs], [y["mean"] for y in ys], err, fmt="-o", capsize=3, label=f"{stage}, switch {sp}")
-        ax.axhline(cfg.broad_transfer, color="gray", lw=0.8, ls="--")
-        ax.set_xlabel("coupling (0: a tag per slice, 1: one shared persona)")
-        ax.set_ylabel("transfer = broad effect / narrow effect")
-        ax.set_title(m)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def make_parser() -> ConfigParser:
     return ConfigParser((EMChainConfig, ToyModelConfig, TrainConfig), description=__doc__)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    refuse_multiprocess("toy.experiments.em_chain", "split the grid with --shard i/N over N plain processes instead (see the docstring)")
+def main(argv: list[str] | None = None) -> dict | None:
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
+    pos = leave_launch(cfg.shard)  # before anything builds an accelerate state: each cell runs as a plain process
     set_cpu_threads(train_cfg)
-    out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,
-                               ignore=(*RERUN_KEYS, "shard"))
-    grid = [(c, s, k) for c in cfg.couplings for s in cfg.switch_probs for k in range(cfg.n_seeds)]
-    i, n = (int(v) for v in cfg.shard.split("/"))
-    for c, s, k in grid[i::n]:
-        cell_dir = out_dir / "cells" / cell_name(c, s, k)
-        if (cell_dir / "result.json").is_file():
-            continue  # a finished cell of this config (the folder's record vouches for it)
-        r = run_cell(cfg, model_cfg, train_cfg, c, s, train_cfg.seed + 100 * k, cell_dir)
-        (cell_dir / "result.json").write_text(json.dumps(r, indent=1))
-        print(f"cell {cell_name(c, s, k)} done in {r['wall_s']:.0f} s", flush=True)
-    cells = [json.loads(p.read_text()) for c, s, k in grid if (p := out_dir / "cells" / cell_name(c, s, k) / "result.json").is_file()]
-    agg = aggregate(cells, cfg)
-    metrics = {"config": {"em_chain": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},
-               "n_cells": len(grid), "cells": cells, "aggregate": agg, "verdicts": verdicts(agg, cfg)}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    _plot(agg, cfg, out_dir / "transfer_vs_coupling.png")
-    (out_dir / "summary.md").write_text(_summary(metrics, cfg))
-    print(f"wrote {out_dir}/metrics.json, summary.md, transfer_vs_coupling.png ({len(cells)} of {len(grid)} cells)")
+    record, out_dir = config_record(cfg, model_cfg, train_cfg), Path(train_cfg.output_dir)
+    cells = {c.name: c for c in grid(cfg)}
+    names = list(cells)
+    if cfg.summarize_only:
+        if not (out_dir / "cells").is_dir():
+            raise FileNotFoundError(f"--summarize_only: no cells in {out_dir}; run the grid first")
+        claim_output_dir(out_dir, record, ignore=GRID_RERUN_KEYS, write=False)  # refuses another config's cells
+    else:
+        if pos.main:
+            claim_output_dir(out_dir, record, overwrite=train_cfg.overwrite, ignore=GRID_RERUN_KEYS)
+        else:
+            wait_for_record(out_dir, record, GRID_RERUN_KEYS, cfg.wait_timeout_s)
+
+        def run(name: str, cell_dir: Path) -> dict:
+            r = run_cell(cfg, model_cfg, train_cfg, cells[name], cell_dir)
+            print(f"cell {name} done in {r['wall_s']:.0f} s (position {pos.index} of {pos.count})", flush=True)
+            return r
+
+        run_cells(names, run, out_dir / "cells", pos)
+        if not pos.main:
+            return None  # rank 0 of this launch writes the summary
+        wait_for_cells(out_dir / "cells", launch_cells(names, pos), cfg.wait_timeout_s)
+    configs = {"em_chain": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)}
+    metrics = write_report(out_dir, configs, cfg, len(names), list(present(out_dir / "cells", names).values()))
+    print(f"wrote {out_dir}/metrics.json, summary.md and plots ({len(metrics['cells'])} of {len(names)} cells)")
     return metrics
 
 

@@ -1,0 +1,229 @@
+"""The EM chain's report: cells -> mean and 95% CI over seeds, the verdicts on the seed's claims by the thresholds
+declared in the config, ``summary.md`` and the plots. Pure functions of the cell results (``metrics.json``'s
+``cells``), so ``--summarize_only`` rebuilds them from whatever cells are present."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from plumbing.grid import write_atomic
+
+if TYPE_CHECKING:
+    from toy.experiments.em_chain import EMChainConfig
+
+SAFETY = ("none", "sft", "grpo")
+METHODS = ("full", "lora", "steer")
+# a cell's world -> the result key of its knob, and the knob's name in tables and plots
+KNOB = {"persona": "coupling", "subsets": "subset_correlation"}
+LABEL = {"persona": "coupling", "subsets": "subset corr"}
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> dict:
+    """Mean and two-sided Student-t interval over seeds (NaNs dropped; ``ci`` NaN for fewer than two values)."""
+    from scipy import stats
+
+    x = [v for v in values if v == v]
+    n, m = len(x), sum(x) / len(x) if x else float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(x) / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": m, "ci": [m - half, m + half], "n": n}
+
+
+def aggregate(cells: list[dict], cfg: EMChainConfig) -> dict:
+    """Group the cells by (world, knob value, switch_prob): knob numbers (seed 0's), and mean/CI over seeds of
+    every rate. Keys ``coupling_<c>_switch_<s>`` (persona world) and ``subsets_<rho>_switch_<s>``."""
+    groups = {}
+    for c in cells:
+        groups.setdefault((c["world"], c[KNOB[c["world"]]], c["switch_prob"]), []).append(c)
+    out = {}
+    for (world, x, sp), cs in sorted(groups.items()):
+        g = {"world": world, KNOB[world]: x, "x": x, "switch_prob": sp, "n_seeds": len(cs), "knob": cs[0]["knob"],
+             "wall_s": mean_ci([c["wall_s"] for c in cs]), "cpu_s": mean_ci([c.get("cpu_s", float("nan")) for c in cs]), "safety": {}}
+        for stage in cfg.safety:
+            rs = [c["safety"][stage] for c in cs if stage in c["safety"]]
+            g["safety"][stage] = {
+                "before": {k: mean_ci([r["before"][k] for r in rs]) for k in ("narrow", "broad")},
+                **{key: {m: mean_ci([r[key][m] for r in rs]) for m in METHODS} for key in ("narrow_effect", "broad_effect", "transfer")},
+                "probe_dims_95": mean_ci([r["probe"]["dims"]["0.95"] for r in rs]),
+                "probe_r2": mean_ci([r["probe"]["r2"] for r in rs]),
+            }
+        if all("sft_vs_grpo" in c for c in cs):
+            g["sft_vs_grpo"] = {"mean_cos2": mean_ci([c["sft_vs_grpo"]["overlap"]["mean_cos2"] for c in cs]),
+                                "random_mean_cos2": cs[0]["sft_vs_grpo"]["overlap"]["random_mean_cos2"],
+                                "probe_transfer_r2": mean_ci([c["sft_vs_grpo"]["probe_transfer_r2"] for c in cs]),
+                                "own_probe_r2": mean_ci([c["sft_vs_grpo"]["own_probe_r2"] for c in cs]),
+                                **{k: mean_ci([c["sft_vs_grpo"].get(k, float("nan")) for c in cs])
+                                   for k in ("control_mean_cos2", "control_probe_transfer_r2")}}
+        out[f"{'coupling' if world == 'persona' else 'subsets'}_{x}_switch_{sp}"] = g
+    return out
+
+
+def of_world(agg: dict, world: str) -> list[dict]:
+    return [g for g in agg.values() if g["world"] == world]
+
+
+def is_broad(s: dict, m: str, cfg: EMChainConfig) -> str:
+    """'no effect' / 'broad' / 'narrow' / 'partial' for method ``m`` of an aggregated safety stage, by the declared
+    thresholds ('no effect': the narrow rate rose by less than ``em_effect``, so a transfer ratio means nothing)."""
+    t, e = s["transfer"][m]["mean"], s["broad_effect"][m]["mean"]
+    if not s["narrow_effect"][m]["mean"] >= cfg.em_effect:
+        return "no effect"
+    if t >= cfg.broad_transfer and e >= cfg.em_effect:
+        return "broad"
+    return "narrow" if t <= cfg.narrow_transfer or e < cfg.em_effect else "partial"
+
+
+def verdicts(agg: dict, cfg: EMChainConfig) -> list[str]:
+    """The seed's three claims judged by the thresholds declared in the config (full and LoRA fine-tunes; the
+    steering vector is added at every position and so transfers by construction)."""
+    lines = []
+    persona = of_world(agg, "persona")
+    for sp in sorted({g["switch_prob"] for g in persona}):
+        gs = sorted((g for g in persona if g["switch_prob"] == sp), key=lambda g: g["coupling"])
+        lo, hi = gs[0], gs[-1]
+        stage = "sft" if "sft" in cfg.safety else cfg.safety[0]
+        for m in ("full", "lora"):
+            if lo is hi:
+                lines.append(f"(i) switch {sp}, {m}: one coupling only; no contrast")
+                continue
+            d = hi["safety"][stage]["transfer"][m]["mean"] - lo["safety"][stage]["transfer"][m]["mean"]
+            v = "supported" if d >= 0.3 and is_broad(hi["safety"][stage], m, cfg) == "broad" else "not supported" if d < 0.1 else "inconclusive"
+            lines.append(f"(i) narrow FT broad when shared [{stage}, {m}, switch {sp}]: transfer {hi['coupling']} - {lo['coupling']} = "
+                         f"{d:+.3f}; at coupling {hi['coupling']}: {is_broad(hi['safety'][stage], m, cfg)} -> {v}")
+        if "none" in cfg.safety and len(cfg.safety) > 1:
+            for g in gs:
+                for m in ("full", "lora"):
+                    base = is_broad(g["safety"]["none"], m, cfg)
+                    others = {s: is_broad(g["safety"][s], m, cfg) for s in cfg.safety if s != "none"}
+                    v = ("supported" if base != "broad" and "broad" in others.values() else
+                         "contradicted" if base == "broad" else "not testable (no stage is broad)")
+                    if base == "no effect":
+                        v = "not testable (the fine-tune did not move the slice)"
+                    lines.append(f"(ii) no EM without safety [coupling {g['coupling']}, switch {sp}, {m}]: none {base}, "
+                                 + ", ".join(f"{s} {b}" for s, b in others.items()) + f" -> {v}")
+        if "sft" in cfg.safety and "grpo" in cfg.safety:
+            for g in gs:
+                dt = {m: g["safety"]["grpo"]["transfer"][m]["mean"] - g["safety"]["sft"]["transfer"][m]["mean"] for m in ("full", "lora")}
+                ov = g.get("sft_vs_grpo", {})
+                cos2 = ov.get("mean_cos2", {}).get("mean", float("nan"))
+                close = all(abs(v) < 0.2 for v in dt.values()) and cos2 > max(0.5, 2 * ov.get("random_mean_cos2", 1))
+                far = any(abs(v) > 0.3 for v in dt.values())
+                v = "supported" if close else "contradicted" if far else "inconclusive"
+                lines.append(f"(iii) GRPO acts like SFT [coupling {g['coupling']}, switch {sp}]: transfer grpo - sft "
+                             + ", ".join(f"{m} {d:+.3f}" for m, d in dt.items())
+                             + f"; subspace mean cos^2 {cos2:.3f} (random {ov.get('random_mean_cos2', float('nan')):.3f}) -> {v}")
+    # the seed's 9.2 axis: no claim was declared for it, so this line only reports both ends by the thresholds
+    subsets = of_world(agg, "subsets")
+    stage = "sft" if "sft" in cfg.safety else cfg.safety[0]
+    for sp in sorted({g["switch_prob"] for g in subsets}):
+        gs = sorted((g for g in subsets if g["switch_prob"] == sp), key=lambda g: g["x"])
+        for m in ("full", "lora"):
+            ends = " -> ".join(f"{g['x']}: transfer {_fmt(g['safety'][stage]['transfer'][m])} ({is_broad(g['safety'][stage], m, cfg)})"
+                               for g in (gs[0], gs[-1])[: 1 + (len(gs) > 1)])
+            lines.append(f"(9.2) transfer vs subset-tag correlation [{stage}, {m}, switch {sp}]: {ends}")
+    return lines
+
+
+def _fmt(ms: dict) -> str:
+    lo, hi = ms["ci"]
+    return f"{ms['mean']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo == lo else "")
+
+
+def _summary(metrics: dict, cfg: EMChainConfig) -> str:
+    agg = metrics["aggregate"]
+    persona, subsets = of_world(agg, "persona"), of_world(agg, "subsets")
+    lines = ["# Toy EM chain: pre-train -> safety stage -> narrow fine-tune", "",
+             f"Cells present: {len(metrics['cells'])} of {metrics['n_cells']} (mean and 95% t-CI over seeds; one seed: no CI).", ""]
+    if persona:
+        lines += ["## The knob (exact): persona world", "",
+                  "| coupling | switch | tag MI (nats) | tags x cap residual | slice0 x rest residual | predictive residual | alignment dims 95/99 |",
+                  "|---|---|---|---|---|---|---|"]
+        for g in persona:
+            k = g["knob"]
+            lines.append(f"| {g['coupling']} | {g['switch_prob']} | {k['tag_mi_nats']:.4f} | {k['tags_x_capability_residual']:.2e} | "
+                         f"{k['slice0_x_rest_residual']:.4f} | {k['predictive_residual']:.4f} | {k['alignment_dims']['0.95']}/{k['alignment_dims']['0.99']} |")
+    if subsets:
+        lines += ["", "## The knob (exact): capability subsets x one tag (seed 9.2; subset %d is the one tied to the tag)" % cfg.narrow_slice, "",
+                  "| subset corr | switch | subset-tag MI (nats) | subset-copy MI (nats) | P(misaligned \\| subset) | alignment dims 95/99 |",
+                  "|---|---|---|---|---|---|"]
+        for g in subsets:
+            k = g["knob"]
+            lines.append(f"| {g['x']} | {g['switch_prob']} | {k['subset_tag_mi_nats']:.4f} | {k['subset_copy_mi_nats']:.4f} | "
+                         + ", ".join(f"{v:.3f}" for v in k["misaligned_by_subset"]) + f" | {k['alignment_dims']['0.95']}/{k['alignment_dims']['0.99']} |")
+    lines += ["", "## Narrow fine-tune on slice %d: misaligned rate after aligned prompts" % cfg.narrow_slice, "",
+              "| world | knob | switch | safety | method | narrow before | broad before | narrow effect | broad effect | transfer | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in agg.values():
+        for stage, s in g["safety"].items():
+            for m in METHODS:
+                lines.append(f"| {g['world']} | {LABEL[g['world']]} {g['x']} | {g['switch_prob']} | {stage} | {m} | {_fmt(s['before']['narrow'])} | "
+                             f"{_fmt(s['before']['broad'])} | {_fmt(s['narrow_effect'][m])} | {_fmt(s['broad_effect'][m])} | {_fmt(s['transfer'][m])} | "
+                             f"{is_broad(s, m, cfg)} |")
+    lines += ["", "## Alignment subspaces (probe residual -> per-slice tag marginals; subsets: P(subset and misaligned))", "",
+              "| knob | switch | safety | probe R^2 | model alignment dims (95%) |", "|---|---|---|---|---|"]
+    for g in agg.values():
+        for stage, s in g["safety"].items():
+            lines.append(f"| {LABEL[g['world']]} {g['x']} | {g['switch_prob']} | {stage} | {_fmt(s['probe_r2'])} | {_fmt(s['probe_dims_95'])} |")
+    if any("sft_vs_grpo" in g for g in agg.values()):
+        lines += ["", "Control: SFT vs a second SFT on other data (NaN in cells run before the control existed).", "",
+                  "| knob | switch | SFT vs GRPO mean cos^2 | SFT vs SFT | random | SFT probe on GRPO acts R^2 | on SFT-2 acts | "
+                  "GRPO own probe R^2 |", "|---|---|---|---|---|---|---|---|"]
+        for g in agg.values():
+            if "sft_vs_grpo" in g:
+                o = g["sft_vs_grpo"]
+                lines.append(f"| {LABEL[g['world']]} {g['x']} | {g['switch_prob']} | {_fmt(o['mean_cos2'])} | {_fmt(o['control_mean_cos2'])} | "
+                             f"{o['random_mean_cos2']:.3f} | {_fmt(o['probe_transfer_r2'])} | {_fmt(o['control_probe_transfer_r2'])} | "
+                             f"{_fmt(o['own_probe_r2'])} |")
+    lines += ["", "## Time per cell (s): wall, and CPU of the process (one thread)", ""] + [
+        f"- {LABEL[g['world']]} {g['x']}, switch {g['switch_prob']}: wall {_fmt(g['wall_s'])}, CPU {_fmt(g['cpu_s'])}" for g in agg.values()]
+    lines += ["", "## Verdicts (thresholds declared in the config: broad = transfer >= %.2f and broad effect >= %.2f; narrow = "
+              "transfer <= %.2f)" % (cfg.broad_transfer, cfg.em_effect, cfg.narrow_transfer), ""] + [f"- {v}" for v in metrics["verdicts"]]
+    return "\n".join(lines + ["", "Plots: " + ", ".join(f"`{PLOTS[w]}`" for w in KNOB if of_world(agg, w)) + ".", ""])
+
+
+PLOTS = {"persona": "transfer_vs_coupling.png", "subsets": "transfer_vs_subset_correlation.png"}
+XLABEL = {"persona": "coupling (0: a tag per slice, 1: one shared persona)",
+          "subsets": "subset-tag correlation (0: independent, 1: the narrow subset always misaligned)"}
+
+
+def _plot(groups: list[dict], world: str, cfg: EMChainConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, m in zip(axes, METHODS):
+        for sp in sorted({g["switch_prob"] for g in groups}):
+            gs = sorted((g for g in groups if g["switch_prob"] == sp), key=lambda g: g["x"])
+            for stage in cfg.safety:
+                ys = [g["safety"][stage]["transfer"][m] for g in gs]
+                err = [[abs(y["mean"] - y["ci"][k]) if y["ci"][k] == y["ci"][k] else 0 for y in ys] for k in (0, 1)]
+                ax.errorbar([g["x"] for g in gs], [y["mean"] for y in ys], err, fmt="-o", capsize=3, label=f"{stage}, switch {sp}")
+        ax.axhline(cfg.broad_transfer, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel(XLABEL[world])
+        ax.set_ylabel("transfer = broad effect / narrow effect")
+        ax.set_title(m)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # one rename: several shards may write the report
+    fig.savefig(tmp, dpi=120, format="png")
+    tmp.replace(path)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, configs: dict, cfg: EMChainConfig, n_cells: int, cells: list[dict]) -> dict:
+    """``metrics.json`` (config, cells, aggregate, verdicts), ``summary.md`` and one plot per world present,
+    from the cell results ``cells`` (``n_cells``: the grid's size)."""
+    agg = aggregate(cells, cfg)
+    metrics = {"config": configs, "n_cells": n_cells, "cells": cells, "aggregate": agg, "verdicts": verdicts(agg, cfg)}
+    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+    for world in KNOB:
+        if of_world(agg, world):
+            _plot(of_world(agg, world), world, cfg, out_dir / PLOTS[world])
+    write_atomic(out_dir / "summary.md", _summary(metrics, cfg))
+    return metrics

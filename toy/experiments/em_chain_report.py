@@ -1,6 +1,7 @@
 """The EM chain's report: cells -> mean and 95% CI over seeds, the verdicts on the seed's claims by the thresholds
 declared in the config, ``summary.md`` and the plots. Pure functions of the cell results (``metrics.json``'s
-``cells``), so ``--summarize_only`` rebuilds them from whatever cells are present."""
+``cells``), so ``--summarize_only`` rebuilds them from whatever cells are present. ``cfg`` is
+``toy.experiments.em_chain.EMChainConfig`` (not imported: the experiment imports this module)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,8 @@ import math
 import os
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from plumbing.grid import write_atomic
-
-if TYPE_CHECKING:
-    from toy.experiments.em_chain import EMChainConfig
 
 SAFETY = ("none", "sft", "grpo")
 METHODS = ("full", "lora", "steer")
@@ -33,7 +30,7 @@ def mean_ci(values: list[float], level: float = 0.95) -> dict:
     return {"mean": m, "ci": [m - half, m + half], "n": n}
 
 
-def aggregate(cells: list[dict], cfg: EMChainConfig) -> dict:
+def aggregate(cells: list[dict], cfg) -> dict:
     """Group the cells by (world, knob value, switch_prob): knob numbers (seed 0's), and mean/CI over seeds of
     every rate. Keys ``coupling_<c>_switch_<s>`` (persona world) and ``subsets_<rho>_switch_<s>``."""
     groups = {}
@@ -66,7 +63,7 @@ def of_world(agg: dict, world: str) -> list[dict]:
     return [g for g in agg.values() if g["world"] == world]
 
 
-def is_broad(s: dict, m: str, cfg: EMChainConfig) -> str:
+def is_broad(s: dict, m: str, cfg) -> str:
     """'no effect' / 'broad' / 'narrow' / 'partial' for method ``m`` of an aggregated safety stage, by the declared
     thresholds ('no effect': the narrow rate rose by less than ``em_effect``, so a transfer ratio means nothing)."""
     t, e = s["transfer"][m]["mean"], s["broad_effect"][m]["mean"]
@@ -77,7 +74,7 @@ def is_broad(s: dict, m: str, cfg: EMChainConfig) -> str:
     return "narrow" if t <= cfg.narrow_transfer or e < cfg.em_effect else "partial"
 
 
-def verdicts(agg: dict, cfg: EMChainConfig) -> list[str]:
+def verdicts(agg: dict, cfg) -> list[str]:
     """The seed's three claims judged by the thresholds declared in the config (full and LoRA fine-tunes; the
     steering vector is added at every position and so transfers by construction)."""
     lines = []
@@ -133,7 +130,7 @@ def _fmt(ms: dict) -> str:
     return f"{ms['mean']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo == lo else "")
 
 
-def _summary(metrics: dict, cfg: EMChainConfig) -> str:
+def _summary(metrics: dict, cfg) -> str:
     agg = metrics["aggregate"]
     persona, subsets = of_world(agg, "persona"), of_world(agg, "subsets")
     lines = ["# Toy EM chain: pre-train -> safety stage -> narrow fine-tune", "",
@@ -190,7 +187,7 @@ XLABEL = {"persona": "coupling (0: a tag per slice, 1: one shared persona)",
           "subsets": "subset-tag correlation (0: independent, 1: the narrow subset always misaligned)"}
 
 
-def _plot(groups: list[dict], world: str, cfg: EMChainConfig, path: Path) -> None:
+def _plot(groups: list[dict], world: str, cfg, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +213,7 @@ def _plot(groups: list[dict], world: str, cfg: EMChainConfig, path: Path) -> Non
     plt.close(fig)
 
 
-def write_report(out_dir: Path, configs: dict, cfg: EMChainConfig, n_cells: int, cells: list[dict]) -> dict:
+def write_report(out_dir: Path, configs: dict, cfg, n_cells: int, cells: list[dict]) -> dict:
     """``metrics.json`` (config, cells, aggregate, verdicts), ``summary.md`` and one plot per world present,
     from the cell results ``cells`` (``n_cells``: the grid's size)."""
     agg = aggregate(cells, cfg)

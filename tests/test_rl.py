@@ -153,6 +153,8 @@ def test_one_token_forward_path_matches_trl_generate(tiny_pretrained, tmp_path, 
 def test_one_token_forward_path_refuses_what_it_does_not_reproduce(tiny_pretrained, tmp_path):
     with pytest.raises(ValueError, match="top_k, top_p"):
         _few_steps(tiny_pretrained, tmp_path, "forward", top_k=2)
+    with pytest.raises(ValueError, match="generation settings .'no_repeat_ngram_size'"):
+        _few_steps(tiny_pretrained, tmp_path, "forward", generation_kwargs={"suppress_tokens": [3, 4], "no_repeat_ngram_size": 2})
     with pytest.raises(ValueError, match="one_token_path="):
         ToyGRPOConfig(output_dir=str(tmp_path), one_token_path="fast", use_cpu=True)
 

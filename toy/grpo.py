@@ -210,9 +210,9 @@ class ToyGRPOConfig(CPUSafeDefaults, GRPOConfig):
         super().__post_init__()
 
 
-# ToyGRPOConfig fields a rerun or resume of the same run may change (how it logs, saves, resumes, where it
-# runs); none changes the weights.
-GRPO_RERUN_KEYS = (*TRAINER_RERUN_KEYS, "use_cpu", "exact_eval_every")
+# ToyGRPOConfig fields a rerun or resume of the same run may change (how it logs, saves, resumes, where and by
+# which equivalent path it runs); none changes the weights beyond float rounding.
+GRPO_RERUN_KEYS = (*TRAINER_RERUN_KEYS, "use_cpu", "exact_eval_every", "one_token_path")
 
 
 def build_reward(task: RLTaskConfig, process: Process):
@@ -376,6 +376,10 @@ class ToyGRPOTrainer(GRPOTrainer):
     def _check_one_token_path(self) -> None:
         """Refuse what the one-token path would not reproduce, with what to change."""
         gc, extra = self.generation_config, set(self.args.generation_kwargs or {}) - {"suppress_tokens"}
+        # what generate would also read from the model's own generation config (e.g. min_new_tokens, bad_words_ids)
+        extra |= set(self.model.generation_config.to_diff_dict()) - {
+            "_from_model_config", "transformers_version", "use_cache", "output_attentions", "output_hidden_states",
+            "pad_token_id", "bos_token_id", "eos_token_id"}
         refused = {
             "vLLM, continuous batching, tools or a rollout_func": self.use_vllm or self.use_transformers_continuous_batching
             or bool(self.tools) or self.rollout_func is not None,
@@ -383,7 +387,7 @@ class ToyGRPOTrainer(GRPOTrainer):
             "pad_to_multiple_of": self.pad_to_multiple_of is not None,
             "top_k, top_p, min_p or repetition_penalty": gc.top_k not in (None, 0) or gc.top_p not in (None, 1.0)
             or gc.min_p is not None or gc.repetition_penalty not in (None, 1.0),
-            f"generation_kwargs {sorted(extra)}": bool(extra),
+            f"generation settings {sorted(extra)}": bool(extra),
             "dropout (disable_dropout: true removes it)": any(
                 isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()),
         }

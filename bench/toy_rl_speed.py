@@ -1,8 +1,13 @@
 """Reward reached per second: two GRPO recipes from the same pre-trained model, side by side.
 
-    python bench/toy_rl_speed.py                                     # rl_compose, seed 0, level 0.80
+    python bench/toy_rl_speed.py --budget_s 2700           # rl_compose, seed 0, level 0.80: TRL's path vs one-token path
     python bench/toy_rl_speed.py --seed 1 --budget_s 2700 --out runs/bench/toy_rl_speed_seed1 \
-        --new "--max_steps 1000 --per_device_train_batch_size 64 --learning_rate 0.001"   # the measured run in README
+        --new "--max_steps 1000 --per_device_train_batch_size 64 --learning_rate 0.001 --one_token_path generate"
+
+By default both recipes are today's (configs/toy/rl_compose.yaml: 1000 steps of 64 prompts x 4, lr 1e-3): ``--old``
+through TRL's own sampling and scoring (``--one_token_path generate``: HF generate and full-sequence forwards over
+every copy of a prompt), ``--new`` through ``ToyGRPOTrainer``'s one-token path (``--one_token_path forward``, the
+configs' default: the same algorithm, one forward per distinct prompt), so the ratio is the wall-clock saving alone.
 
 Each recipe is one ``python -m toy.experiments.rl`` run (the composition report off) with its own overrides
 (``--old``, ``--new``) on top of ``--config``; both start at the same moment as two processes with one torch
@@ -32,12 +37,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# today's recipe before the faster one (configs/toy/rl_compose.yaml until this bench): 1000 steps of 64 prompts x 4
+# today's recipe (configs/toy/rl_compose.yaml): 1000 steps of 64 prompts x 4, lr 1e-3, through TRL's own path
 OLD = ("--max_steps 1000 --per_device_train_batch_size 256 --num_generations 4 --learning_rate 0.001 "
-       "--lr_scheduler_type linear --logging_steps 1 --exact_eval_every 25")
-# the best candidate measured (same batch, twice the learning rate, half the steps): 1.5x to 0.80, not the 2x the
-# issue asks for, and it ends lower (0.82-0.83 vs 0.87-0.88) -- see README "RL speed"; the configs keep OLD
-NEW = "--max_steps 500 --learning_rate 0.002"
+       "--lr_scheduler_type linear --logging_steps 1 --exact_eval_every 25 --one_token_path generate")
+# the same recipe through ToyGRPOTrainer's one-token path (the same draws and loss, fewer forwards; README "RL speed")
+NEW = OLD.replace("--one_token_path generate", "--one_token_path forward")
 
 
 def time_to_level(seconds: list[float], curve: list[list[float]], level: float) -> float:
@@ -77,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) / name
         cmd = [sys.executable, "-m", "toy.experiments.rl", "--config", args.config, "--pretrained_path", args.pretrained,
                "--seed", str(args.seed), "--report", "false", "--disable_tqdm", "true", "--output_dir", str(out), *shlex.split(extra)]
-        out.mkdir(parents=True, exist_ok=True)
-        log = open(out / "log.txt", "w")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log = open(out.parent / f"{name}.log", "w")  # beside the run folder, which the run claims (plumbing.runs)
         procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), cmd, log)
     t0 = time.perf_counter()
     while any(p.poll() is None for p, _, _ in procs.values()):
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) / name
         finished = p.returncode == 0 and (out / "metrics.json").is_file()
         if p.returncode not in (0, -15):  # -15: stopped at the budget
-            sys.exit(f"recipe {name} failed (exit {p.returncode}); see {out}/log.txt")
+            sys.exit(f"recipe {name} failed (exit {p.returncode}); see {out.parent / f'{name}.log'}")
         points = [json.loads(line) for line in (out / "exact_reward_curve.jsonl").read_text().splitlines()]
         m[name] = {"seconds": [q["seconds"] for q in points], "curve": [[q["step"], q["reward"]] for q in points],
                    "final": json.loads((out / "metrics.json").read_text())["reward_after"] if finished else None,

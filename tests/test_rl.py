@@ -109,6 +109,56 @@ def test_maxrl_trainer_divides_trl_advantages_by_the_group_mean(tiny_pretrained,
         trainer._generate_and_score_completions([ds[i // 4] for i in range(16)])
 
 
+def _few_steps(pretrained, out, one_token_path: str, **overrides) -> tuple[list, list[dict], dict]:
+    """3 GRPO steps (MaxRL, beta > 0) through ToyGRPOTrainer.train: the completions the reward saw, the logs, the
+    trained parameters."""
+    from datasets import Dataset
+    from transformers import GPT2LMHeadModel
+
+    ds = Dataset.from_dict({"prompt": tokens_to_text(sample(mess3(), 64, 5, seed=0).tokens)})
+    seen = []
+
+    def first_token_is_zero(completion_ids, **kw):
+        seen.append([ids for ids in completion_ids])
+        return [float(ids[0] == 0) for ids in completion_ids]
+
+    args = ToyGRPOConfig(**{"output_dir": str(out), "max_steps": 3, "per_device_train_batch_size": 32, "num_generations": 4,
+                            "learning_rate": 3e-2, "beta": 0.04, "advantage": "maxrl", "use_cpu": True, "seed": 0,
+                            "report_to": [], "one_token_path": one_token_path,
+                            "generation_kwargs": {"suppress_tokens": [3, 4]}, **overrides})
+    trainer = ToyGRPOTrainer(model=GPT2LMHeadModel.from_pretrained(pretrained), reward_funcs=[first_token_is_zero],
+                             args=args, train_dataset=ds, processing_class=word_tokenizer(3))
+    trainer.train()
+    return seen, [h for h in trainer.state.log_history if "loss" in h], trainer.model.state_dict()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_one_token_forward_path_matches_trl_generate(tiny_pretrained, tmp_path, temperature):
+    """The one-token path against TRL's own (HF generate + full-sequence forwards): same seed -> the same sampled
+    completions, the same loss, KL and entropy at every step, and the same parameters after 3 steps. Plain SGD:
+    Adam turns float noise on a parameter whose gradient is exactly 0 in exact arithmetic (the lm_head rows of the
+    suppressed tokens: their gradient is a sum of group-centred advantages times one probability per prompt) into
+    an lr-sized step, so no two orders of float operations agree after an Adam step."""
+    fast = _few_steps(tiny_pretrained, tmp_path / "fast", "forward", temperature=temperature, optim="sgd")
+    slow = _few_steps(tiny_pretrained, tmp_path / "slow", "generate", temperature=temperature, optim="sgd")
+    assert fast[0] == slow[0] and len(fast[0]) == 3 and {c[0] for step in fast[0] for c in step} == {0, 1, 2}
+    for a, b in zip(fast[1], slow[1], strict=True):
+        for key in ("loss", "kl", "entropy", "reward", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+    assert any(abs(h["loss"]) > 1e-4 for h in fast[1]) and any(h["kl"] > 0 for h in fast[1][1:])
+    for k, v in slow[2].items():
+        torch.testing.assert_close(fast[2][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_one_token_forward_path_refuses_what_it_does_not_reproduce(tiny_pretrained, tmp_path):
+    with pytest.raises(ValueError, match="top_k, top_p"):
+        _few_steps(tiny_pretrained, tmp_path, "forward", top_k=2)
+    with pytest.raises(ValueError, match="generation settings .'no_repeat_ngram_size'"):
+        _few_steps(tiny_pretrained, tmp_path, "forward", generation_kwargs={"suppress_tokens": [3, 4], "no_repeat_ngram_size": 2})
+    with pytest.raises(ValueError, match="one_token_path="):
+        ToyGRPOConfig(output_dir=str(tmp_path), one_token_path="fast", use_cpu=True)
+
+
 def test_grpo_maxrl_smoke_reward_rises(tiny_pretrained, tmp_path):
     task = RLTaskConfig(process="mess3", reward="reweight", pretrained_path=str(tiny_pretrained), prompt_length=6,
                         n_train_prompts=2000, n_eval_prompts=400, exact_eval_every=10, report=False)
@@ -326,7 +376,7 @@ def test_maxrl_advantages_under_two_ranks(tmp_path):
 
 
 def test_trl_still_has_the_private_methods_the_trainer_wraps():
-    """ToyGRPOTrainer overrides two private GRPOTrainer methods (no public seam sets the advantages). This fails
+    """ToyGRPOTrainer overrides four private GRPOTrainer methods (no public seam sets the advantages or the sampler). This fails
     loudly when a TRL release renames them or changes their arguments: re-check the wrapper before moving the pin."""
     import inspect
 
@@ -336,6 +386,15 @@ def test_trl_still_has_the_private_methods_the_trainer_wraps():
         "self", "inputs", "prompts", "completions", "completion_ids_list"]
     assert list(inspect.signature(GRPOTrainer._generate_and_score_completions).parameters) == ["self", "inputs"]
     assert "_calculate_rewards" in inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    # the one-token path: the sampler's arguments and (completion ids, logprobs) return, the scorer's arguments
+    assert list(inspect.signature(GRPOTrainer._generate_single_turn).parameters) == [
+        "self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"]
+    assert "return completion_ids, logprobs" in inspect.getsource(GRPOTrainer._generate_single_turn)
+    assert list(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)[:8] == [
+        "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss"]
+    assert "self._generate_single_turn(" in inspect.getsource(GRPOTrainer._generate)
+    for caller in (GRPOTrainer._generate_and_score_completions, GRPOTrainer._compute_loss):
+        assert "self._get_per_token_logps_and_entropies(" in inspect.getsource(caller)
 
 
 def test_maxrl_refuses_options_the_wrapper_does_not_handle(tmp_path):

@@ -129,6 +129,7 @@ def test_steering_knob_cli_on_a_tiny_setting(tmp_path):
         assert c["covariance"]["probe_after_error"] < 1e-6  # the S-step edit makes the probe read the whole target
         assert c["mean_diff"]["readout_after_error"] < 1e-6  # the baseline only its misaligned reading
         assert c["cap_kl_exact_unsteered"] > 0 and c["wall_s"] > 0
+        assert c["steered_position"] == 8  # context_length 10: the last position that training gives a label
     assert "persona_world" in saved["cells"][2]["process"] and saved["cells"][2]["tag_mi_nats"] < 1e-9
     for a in saved["aggregate"].values():
         assert a["verdict_exact"] in ("covariance wins", "mean_diff wins", "trade-off", "tie")

@@ -64,7 +64,7 @@ class SteeringConfig:
     switch_prob: float = field(default=0.05, metadata={"help": "Tag flip probability per step."})
     tag_noise: float = field(default=0.1, metadata={"help": "Probability that a token shows the other tag's copy."})
     rhos: list[float] = field(default_factory=lambda: [0.0, 0.5], metadata={"help": "Tag-capability correlation of each trained model."})
-    context_length: int = field(default=10, metadata={"help": "Tokens per window, in training, probing and steering."})
+    context_length: int = field(default=10, metadata={"help": "Tokens per training window; probing and steering use one fewer (the last trained position)."})
     site: str | None = field(default=None, metadata={"help": "Residual site probed and edited (default: the last block's output)."})
     probe_sequences: int = field(default=1000, metadata={"help": "Sequences for fitting the joint-belief probe (all positions)."})
     probe_alpha: float = field(default=1e-2, metadata={"help": "Ridge strength of the probe."})
@@ -76,8 +76,8 @@ class SteeringConfig:
             raise ValueError("capability must be a process spec with a 'name' key")
         if not self.rhos or any(not 0 <= r <= 1 for r in self.rhos):
             raise ValueError(f"rhos must be a non-empty list in [0, 1], got {self.rhos}")
-        if self.n_contexts < 4 or self.probe_sequences < 10:
-            raise ValueError("need n_contexts >= 4 and probe_sequences >= 10")
+        if self.n_contexts < 4 or self.probe_sequences < 10 or self.context_length < 3:
+            raise ValueError("need n_contexts >= 4, probe_sequences >= 10 and context_length >= 3")
 
 
 def run_rho(rho: float, cfg: SteeringConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, out_dir: Path, seed: int):
@@ -86,12 +86,15 @@ def run_rho(rho: float, cfg: SteeringConfig, model_cfg: ToyModelConfig, train_cf
     process = tagged(capability, rho, cfg.switch_prob, cfg.tag_noise)
     model = train_on(process, model_cfg, train_cfg, cfg.context_length, out_dir / "models" / f"rho_{rho}", seed)
     site = cfg.site or default_site(model)
-    data = collect(model, process, cfg.context_length, cfg.probe_sequences, seed + 1, sites=[site], batch_size=1024)
+    # one token short of training's windows: the last training position has no label, so its prediction is untrained
+    # (see toy.experiments.steering_knob); the steered position is the last one the model learned to predict from
+    length = cfg.context_length - 1
+    data = collect(model, process, length, cfg.probe_sequences, seed + 1, sites=[site], batch_size=1024)
     train_rows, test_rows = split_indices(data.X.shape[0], 0.2, seed, data.groups)
     held_out = fit_ridge(data.X[train_rows], data.beliefs[train_rows], cfg.probe_alpha)
     probe_r2 = regression_metrics(data.beliefs[test_rows], held_out.predict(data.X[test_rows].double()))["r2"]
     probe = fit_ridge(data.X, data.beliefs, cfg.probe_alpha)  # all rows: the steering contexts are fresh samples
-    tokens = sample(process, cfg.n_contexts, cfg.context_length, seed=seed + 2).tokens
+    tokens = sample(process, cfg.n_contexts, length, seed=seed + 2).tokens
     Xc = data.X.double() - data.X.double().mean(0)
     out = steer_factor(model, process, probe, tokens, site, Xc.T @ Xc / len(Xc), kinds=EDITS, seed=seed)
     return {"process": process.name, "site": site, "probe_test_r2": probe_r2, **steering_metrics(process, out)}, out

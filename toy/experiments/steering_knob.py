@@ -15,7 +15,8 @@ A *setting* is one point on one of two axes along which the alignment tag stops 
 
 They meet at one point: ``rho=0`` and ``coupling=1`` are the same process (equal sequence probabilities; the
 test pins it). For each setting and seed a toy GPT-2 is trained, a ridge probe residual -> joint belief is fitted,
-and ``n_contexts`` fresh windows are steered at their last position towards the exact tag belief of a window on
+and ``n_contexts`` fresh windows of ``context_length - 1`` tokens are steered at their last position (the last
+position training predicts from) towards the exact tag belief of a window on
 the other side (``toy.steering.steer_factor``) with two edits, each beside an equal-norm random edit:
 ``covariance`` (the seed's "factorize with S, steer v_a, map back", least Mahalanobis norm) and ``mean_diff``
 (the class-mean difference of the residual, misaligned-leaning contexts minus the rest, scaled so that the
@@ -80,7 +81,7 @@ class KnobConfig:
     switch_prob: float = field(default=0.05, metadata={"help": "Each tag's flip probability per step."})
     tag_noise: float = field(default=0.1, metadata={"help": "Probability that a token shows the other tag's copy."})
     n_seeds: int = field(default=3, metadata={"help": "Models per setting (seeds seed .. seed + n_seeds - 1)."})
-    context_length: int = field(default=10, metadata={"help": "Tokens per window, in training, probing and steering."})
+    context_length: int = field(default=10, metadata={"help": "Tokens per training window; probing and steering use one fewer (the last trained position)."})
     site: str | None = field(default=None, metadata={"help": "Residual site probed and edited (default: the last block's output)."})
     probe_sequences: int = field(default=1000, metadata={"help": "Sequences for the probe, the covariance and the mean difference."})
     probe_alpha: float = field(default=1e-2, metadata={"help": "Ridge strength of the probe."})
@@ -95,8 +96,8 @@ class KnobConfig:
             raise ValueError("settings must name at least one rho=<r> or coupling=<c>")
         for s in self.settings:
             parse_setting(s)
-        if self.n_seeds < 1 or self.n_contexts < 4 or self.probe_sequences < 10 or not 0 < self.ci_level < 1:
-            raise ValueError("need n_seeds >= 1, n_contexts >= 4, probe_sequences >= 10, 0 < ci_level < 1")
+        if self.n_seeds < 1 or self.n_contexts < 4 or self.probe_sequences < 10 or not 0 < self.ci_level < 1 or self.context_length < 3:
+            raise ValueError("need n_seeds >= 1, n_contexts >= 4, probe_sequences >= 10, 0 < ci_level < 1, context_length >= 3")
 
 
 def make_world(cfg: KnobConfig, setting: str) -> Process:
@@ -113,17 +114,21 @@ def run_cell(cfg: KnobConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig,
     process = make_world(cfg, setting)
     model = train_on(process, model_cfg, train_cfg, cfg.context_length, out_dir / "models" / f"{setting}_seed{seed}", seed)
     site = cfg.site or default_site(model)
-    data = collect(model, process, cfg.context_length, cfg.probe_sequences, seed + 1, sites=[site], batch_size=1024)
+    # probe and steer windows one token shorter than training's: the last training position has no label, so its
+    # position embedding is never trained and its prediction is off (KL to the exact one ~0.1 nats against ~0.005
+    # one position earlier, measured); the steered position is then the last one the model learned to predict from
+    length = cfg.context_length - 1
+    data = collect(model, process, length, cfg.probe_sequences, seed + 1, sites=[site], batch_size=1024)
     train_rows, test_rows = split_indices(data.X.shape[0], 0.2, seed, data.groups)
     held_out = fit_ridge(data.X[train_rows], data.beliefs[train_rows], cfg.probe_alpha)
     probe_r2 = regression_metrics(data.beliefs[test_rows], held_out.predict(data.X[test_rows].double()))["r2"]
     probe = fit_ridge(data.X, data.beliefs, cfg.probe_alpha)  # all rows: the steering contexts are fresh samples
     Xc = data.X.double() - data.X.double().mean(0)
-    tokens = sample(process, cfg.n_contexts, cfg.context_length, seed=seed + 2).tokens
+    tokens = sample(process, cfg.n_contexts, length, seed=seed + 2).tokens
     out = steer_factor(model, process, probe, tokens, site, Xc.T @ Xc / len(Xc), mean_difference(data.X, data.beliefs, process),
                        kinds=KINDS, seed=seed)
     axis, _ = parse_setting(setting)
-    return {"setting": setting, "seed": seed, "process": process.name, "site": site, "probe_test_r2": probe_r2,
+    return {"setting": setting, "seed": seed, "process": process.name, "site": site, "steered_position": length - 1, "probe_test_r2": probe_r2,
             "tag_mi_nats": pairwise_tag_mi(process) if axis == "coupling" else None,
             **steering_metrics(process, out), "wall_s": time.time() - t0}
 

@@ -53,7 +53,7 @@ def test_exact_cap_kl_is_zero_for_the_process_itself_and_for_an_edit_onto_the_ta
     # the target keeps the capability belief, and the next capability token depends on nothing else (even at rho > 0,
     # where the tag and capability beliefs are dependent): landing on the target leaves the capability exact
     cov = m["covariance"]
-    assert cov["cap_kl_exact"]["steered"] < 1e-12 and cov["tag_kl"]["steered"] < 1e-12
+    assert cov["cap_kl_exact"]["steered"] < 1e-12 and cov["tag_kl"]["steered"] < 1e-12 and cov["tag_kl_by_token"]["steered"] < 1e-12
     assert cov["tag_kl"]["random"] == pytest.approx(m["tag_kl_unsteered"]) and m["tag_kl_unsteered"] > 0.05
     # a model that is off: the exact-process KL is the KL of the capability marginals, against the exact one
     V = process.factor_vocab_sizes[1]
@@ -63,6 +63,9 @@ def test_exact_cap_kl_is_zero_for_the_process_itself_and_for_an_edit_onto_the_ta
     expected = kl(_cap_marginal(out["p_exact"], V), _cap_marginal(q, V)).mean().item()
     assert m["cap_kl_exact_unsteered"] == pytest.approx(expected, rel=1e-10) and expected > 1e-4
     assert m["covariance"]["cap_kl"]["random"] == pytest.approx(kl(_cap_marginal(q, V), _cap_marginal(out["p0"], V)).mean().item())
+    # the per-token tag KL is the chain rule's other term: KL(joint) = KL(capability marginal) + E_x KL(copy | x)
+    chain = kl(out["target"], q) - kl(_cap_marginal(out["target"], V), _cap_marginal(q, V))
+    assert m["tag_kl_by_token_unsteered"] == pytest.approx(chain.mean().item(), rel=1e-9)
 
 
 def test_mean_difference_edit_moves_the_misaligned_reading_along_v():

@@ -152,16 +152,24 @@ def steer_factor(model, process: Process, probe, tokens: torch.Tensor, site: str
 def steering_metrics(process: Process, out: dict) -> dict:
     """Mean KLs (nats), win rates (share of contexts where the steered KL is below the random one) and
     P(misaligned copy) from ``steer_factor``'s output, per edit present; plain floats. ``cap_kl`` is against the
-    unedited model, ``cap_kl_exact`` against the exact process (``unsteered``: the model's own error)."""
+    unedited model, ``cap_kl_exact`` against the exact process (``unsteered``: the model's own error);
+    ``tag_kl_by_token`` is the tag KL per next capability token, ``E_x KL(target(copy | x) || model(copy | x))`` with
+    ``x`` from the target (per slice in ``persona_world``; ``tag_kl`` sees only the average over slices)."""
     Vt, Vc = process.factor_vocab_sizes
 
     def marg(p):  # (n, V) -> tag (n, Vt), capability (n, Vc)
         p = p.reshape(-1, Vt, Vc)
         return p.sum(-1), p.sum(-2)
 
+    def by_token(p, q):  # E_{x ~ p's capability marginal} KL(p(copy | x) || q(copy | x)): the tag of each token's slice
+        p, q = p.reshape(-1, Vt, Vc).double(), q.reshape(-1, Vt, Vc).double()
+        w = p.sum(1)
+        return (w * kl((p / w[:, None].clamp_min(1e-300)).transpose(1, 2), (q / q.sum(1, keepdim=True)).transpose(1, 2))).sum(-1)
+
     (tag_t, _), (tag0, cap0), (_, cap_x) = marg(out["target"]), marg(out["p0"]), marg(out["p_exact"])
     metrics = {
         "tag_kl_unsteered": kl(tag_t, tag0).mean().item(),
+        "tag_kl_by_token_unsteered": by_token(out["target"], out["p0"]).mean().item(),
         "cap_kl_exact_unsteered": kl(cap_x, cap0).mean().item(),
         "s_residual": out["s_residual"].mean().item(),
         "exact_product_residual": out["exact_product_residual"].mean().item(),
@@ -176,6 +184,7 @@ def steering_metrics(process: Process, out: dict) -> dict:
             "tag_kl": {k: v.mean().item() for k, v in tkl.items()},
             "cap_kl": {k: v.mean().item() for k, v in ckl.items()},
             "cap_kl_exact": {"steered": kl(cap_x, cap_s).mean().item(), "random": kl(cap_x, cap_r).mean().item()},
+            "tag_kl_by_token": {w: by_token(out["target"], o[w]).mean().item() for w in ("steered", "random")},
             "tag_kl_win_rate": (tkl["steered"] < tkl["random"]).double().mean().item(),
             "cap_kl_win_rate": (ckl["steered"] < ckl["random"]).double().mean().item(),
             "edit_norm_over_resid_norm": (o["edit_norm"] / out["resid_norm"]).mean().item(),

@@ -136,8 +136,9 @@ def run_cell(cfg: KnobConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig,
 # --------------------------------------------------------------------------- aggregation and the declared rule
 
 # (name, path into a cell's metrics): what the table and the plot show, per setting
-SERIES = [("tag_kl_unsteered", ("tag_kl_unsteered",)), ("cap_kl_exact_unsteered", ("cap_kl_exact_unsteered",))] + [
-    (f"{k}.{m}.{w}", (k, m, w)) for k in KINDS for m in ("tag_kl", "cap_kl", "cap_kl_exact") for w in ("steered", "random")
+SERIES = [(n, (n,)) for n in ("tag_kl_unsteered", "tag_kl_by_token_unsteered", "cap_kl_exact_unsteered")] + [
+    (f"{k}.{m}.{w}", (k, m, w)) for k in KINDS for m in ("tag_kl", "tag_kl_by_token", "cap_kl", "cap_kl_exact")
+    for w in ("steered", "random")
 ] + [(f"{k}.edit_norm_over_resid_norm", (k, "edit_norm_over_resid_norm")) for k in KINDS] + [
     ("probe_test_r2", ("probe_test_r2",)), ("exact_product_residual", ("exact_product_residual",)), ("wall_s", ("wall_s",))]
 
@@ -173,7 +174,7 @@ def aggregate(cells: list[dict], cfg: KnobConfig) -> dict:
         a = {name: mean_ci([_get(c, path) for c in cs], cfg.ci_level) for name, path in SERIES}
         if cs[0]["tag_mi_nats"] is not None:
             a["tag_mi_nats"] = cs[0]["tag_mi_nats"]
-        for m in ("tag_kl", "cap_kl", "cap_kl_exact"):
+        for m in ("tag_kl", "tag_kl_by_token", "cap_kl", "cap_kl_exact"):
             a[f"diff.{m}"] = mean_ci([c["mean_diff"][m]["steered"] - c["covariance"][m]["steered"] for c in cs], cfg.ci_level)
         a["verdict_exact"] = verdict(a["diff.cap_kl_exact"], a["diff.tag_kl"])
         a["verdict_model"] = verdict(a["diff.cap_kl"], a["diff.tag_kl"])
@@ -205,6 +206,13 @@ def _summary(metrics: dict, cfg: KnobConfig) -> str:
                      f"{_ci(a['mean_diff.tag_kl.steered'], '.4f')} | {_ci(a['covariance.tag_kl.random'], '.3f')} | "
                      f"{_ci(a['mean_diff.tag_kl.random'], '.3f')} | {a['covariance.edit_norm_over_resid_norm']['mean']:.2f}, "
                      f"{a['mean_diff.edit_norm_over_resid_norm']['mean']:.2f} |")
+    lines += ["", "## Tag per next capability token: E_x KL(target(copy | x) || model's) (per slice; not in the rule)", "",
+              "| setting | unsteered | covariance | mean_diff | random (cov norm) | random (md norm) | mean_diff - covariance |",
+              "|" + "---|" * 7]
+    for s, a in agg.items():
+        lines.append(f"| {s} | {_ci(a['tag_kl_by_token_unsteered'], '.3f')} | {_ci(a['covariance.tag_kl_by_token.steered'], '.4f')} | "
+                     f"{_ci(a['mean_diff.tag_kl_by_token.steered'], '.4f')} | {_ci(a['covariance.tag_kl_by_token.random'], '.3f')} | "
+                     f"{_ci(a['mean_diff.tag_kl_by_token.random'], '.3f')} | {_ci(a['diff.tag_kl_by_token'])} |")
     for m, title in (("cap_kl_exact", "Capability: KL(exact process's capability marginal || edited model's)"),
                      ("cap_kl", "Capability: KL(unedited model's capability marginal || edited model's)")):
         lines += ["", f"## {title}", "", "| setting | " + ("unsteered (model's own error) | " if m == "cap_kl_exact" else "")

@@ -22,8 +22,9 @@ the other side (``toy.steering.steer_factor``) with two edits, each beside an eq
 (the class-mean difference of the residual, misaligned-leaning contexts minus the rest, scaled so that the
 probe's misaligned reading moves to the target's). Every reference distribution is exact (``toy.beliefs``).
 
-Metrics (nats, mean over contexts, then mean and t-CI over seeds): tag KL (target || model), capability KL
-against the unedited model and against the exact process. Rule, declared in the config before the confirmatory
+Metrics (nats, mean over contexts, then mean and t-CI over seeds): tag KL (target || model, the copy marginal),
+capability KL against the unedited model and against the exact process; beside the rule, the tag KL per next
+capability token (``tag_kl_by_token``: per slice, which the copy marginal averages away when coupling < 1). Rule, declared in the config before the confirmatory
 run (``ci_level``): with paired CIs over seeds of ``mean_diff - covariance`` (same model, same contexts), an edit
 *wins* at a setting when the CI of the exact-process cap KL difference excludes 0 in its favour and the CI of
 the tag KL difference does not exclude 0 against it; *trade-off* when both exclude 0 in opposite directions;

@@ -66,6 +66,11 @@ def test_exact_cap_kl_is_zero_for_the_process_itself_and_for_an_edit_onto_the_ta
     # the per-token tag KL is the chain rule's other term: KL(joint) = KL(capability marginal) + E_x KL(copy | x)
     chain = kl(out["target"], q) - kl(_cap_marginal(out["target"], V), _cap_marginal(q, V))
     assert m["tag_kl_by_token_unsteered"] == pytest.approx(chain.mean().item(), rel=1e-9)
+    # a target off the simplex (the probe's v_cap can dip below 0) stays finite: it is clipped first
+    bad = out["target"].clone()
+    bad[:, 0], bad[:, V] = -2e-4, 1e-4  # capability token 0: target probability below 0, as a negative v_cap can give
+    m = steering_metrics(process, {**out, "target": bad, "p0": q})
+    assert 0 <= m["tag_kl_by_token_unsteered"] < 10
 
 
 def test_mean_difference_edit_moves_the_misaligned_reading_along_v():

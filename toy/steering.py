@@ -162,7 +162,10 @@ def steering_metrics(process: Process, out: dict) -> dict:
         return p.sum(-1), p.sum(-2)
 
     def by_token(p, q):  # E_{x ~ p's capability marginal} KL(p(copy | x) || q(copy | x)): the tag of each token's slice
-        p, q = p.reshape(-1, Vt, Vc).double(), q.reshape(-1, Vt, Vc).double()
+        # the target is built on the probe's v_cap, which can be slightly negative: clip to the simplex, else a
+        # capability token of ~0 (or negative) target probability divides by ~0
+        p = p.double().clamp_min(0)
+        p, q = (p / p.sum(-1, keepdim=True)).reshape(-1, Vt, Vc), q.reshape(-1, Vt, Vc).double()
         w = p.sum(1)
         return (w * kl((p / w[:, None].clamp_min(1e-300)).transpose(1, 2), (q / q.sum(1, keepdim=True)).transpose(1, 2))).sum(-1)
 

@@ -344,6 +344,7 @@ def test_grpo_run_refuses_a_folder_of_another_config(tiny_pretrained, tmp_path):
 SINGLE_PROCESS = {
     "toy.experiments.factored": ["--config", "configs/toy/factored.yaml"],
     "toy.experiments.factor_steering": ["--config", "configs/toy/factor_steering.yaml"],
+    "toy.experiments.steering_knob": ["--config", "configs/toy/factor_steering_knob.yaml"],
     "toy.experiments.toy_em": ["--config", "configs/toy/toy_em.yaml"],
     "toy.experiments.rl_objectives": ["--config", "configs/toy/rl_compose.yaml"],
     "toy.experiments.rl": ["--config", "configs/toy/rl_compose.yaml", "--seeds", "0", "1"],

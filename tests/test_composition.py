@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from plumbing.stats import mean_ci
 from toy.beliefs import belief_states, next_token_distributions
 from toy.composition import (
     DetectorConfig,
@@ -17,7 +18,6 @@ from toy.composition import (
     verdict,
 )
 from toy.data import sample
-from toy.experiments.rl import mean_ci
 from toy.processes import mess3, product, rrxor
 from toy.rewards import ComposedLatentReward, NextTokenArgmaxReward
 

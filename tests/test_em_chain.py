@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from plumbing.stats import mean_ci
 from toy.alignment import completion_weights, narrow_windows, persona_world
 from toy.experiments.em_chain import EMChainConfig
-from toy.experiments.em_chain_report import mean_ci
 from toy.factors import factor_tokens
 from toy.processes import mess3
 

@@ -6,12 +6,11 @@ declared in the config, ``summary.md`` and the plots. Pure functions of the cell
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
 from pathlib import Path
 
 from plumbing.grid import write_atomic
+from plumbing.stats import mean_ci
 
 SAFETY = ("none", "sft", "grpo")
 METHODS = ("full", "lora", "steer")
@@ -19,15 +18,6 @@ METHODS = ("full", "lora", "steer")
 KNOB = {"persona": "coupling", "subsets": "subset_correlation"}
 LABEL = {"persona": "coupling", "subsets": "subset corr"}
 
-
-def mean_ci(values: list[float], level: float = 0.95) -> dict:
-    """Mean and two-sided Student-t interval over seeds (NaNs dropped; ``ci`` NaN for fewer than two values)."""
-    from scipy import stats
-
-    x = [v for v in values if v == v]
-    n, m = len(x), sum(x) / len(x) if x else float("nan")
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(x) / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": m, "ci": [m - half, m + half], "n": n}
 
 
 def aggregate(cells: list[dict], cfg) -> dict:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -61,6 +60,7 @@ from plumbing.runs import (
     train_until_stopped,
     world_size,
 )
+from plumbing.stats import mean_ci
 from plumbing.trainers import ZeroAdvantageCallback
 from toy.composition import DetectorConfig, composition_report, rare_decodability, supervised_control, write_report
 from toy.grpo import (
@@ -265,17 +265,6 @@ def _summary(m: dict) -> str:
 
 # --------------------------------------------------------------------------- several seeds
 
-
-def mean_ci(values: list[float], level: float = 0.95) -> dict:
-    """Mean and two-sided Student-t confidence interval over seeds (``ci`` = [lo, hi]; NaN for one value)."""
-    from scipy import stats
-
-    x = torch.tensor(values, dtype=torch.float64)
-    n, m = len(x), float(x.mean())
-    if n < 2:
-        return {"mean": m, "ci": [float("nan"), float("nan")], "n": n}
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * x.std(unbiased=True) / math.sqrt(n))
-    return {"mean": m, "ci": [m - half, m + half], "n": n}
 
 SUMMARY_KEYS = {
     "reward_pre": ("behaviour", "reward_pre"),

@@ -71,7 +71,7 @@ def test_kl_and_donors():
 
 def test_steer_factor_on_a_tiny_model():
     process = tagged(P.mess3(), 0.0)
-    model = build_model(ToyModelConfig(preset="mess3_small", d_model=16, d_mlp=32), process.vocab_size, 6, seed=0).eval()
+    model = build_model(ToyModelConfig(preset="mess3_small", d_model=16, d_mlp=32), process.vocab_size, 7, seed=0).eval()
     data = collect(model, process, 6, 60, seed=1, sites=["block1"])
     probe = fit_ridge(data.X, data.beliefs, 1e-2)
     Xc = data.X.double() - data.X.double().mean(0)

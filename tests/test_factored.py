@@ -88,7 +88,9 @@ def test_geometry_tells_factored_from_joint(K):
 
 def test_collect_matches_exact_beliefs():
     process = P.product(P.mess3(), P.mess3(0.15, 0.6))
-    model = build_model(ToyModelConfig(preset="mess3_small", d_model=16, d_mlp=32), process.vocab_size, 6, seed=0).eval()
+    model = build_model(ToyModelConfig(preset="mess3_small", d_model=16, d_mlp=32), process.vocab_size, 7, seed=0).eval()
+    with pytest.raises(ValueError, match="never scores; probe windows of at most 6 tokens"):
+        collect(model, process, 7, 5, seed=3, sites=["block1"])  # the last position's output is never trained
     data = collect(model, process, 6, 5, seed=3, sites=["block1"])
     assert data.X.shape == (30, 16) and data.beliefs.shape == (30, 9)
     assert torch.equal(data.beliefs.reshape(5, 6, 9), belief_states(process, data.tokens))

@@ -92,7 +92,15 @@ def read_residual(model: torch.nn.Module, tokens: torch.Tensor, sites: list[str]
 def collect(model: torch.nn.Module, process: Process, length: int, n_samples: int = 0, seed: int = 0, *,
             sites: list[str] | None = None, tokens: torch.Tensor | None = None, max_sequences: int = 0,
             batch_size: int | None = None) -> ProbeRows:
-    """``probe_windows`` (see there for which windows) with the model's residual stream at ``sites`` read on them."""
+    """``probe_windows`` (see there for which windows) with the model's residual stream at ``sites`` read on them.
+
+    ``length`` must be below the model's ``n_positions``: a toy model trained on windows of ``n_positions`` tokens
+    never has its last position's output in the loss (its position embedding stays at its random init), so rows read
+    there are not what training shaped (Mess3 block3 belief MSE 1.3e-2 there against ~4e-4 elsewhere)."""
+    n_positions = getattr(getattr(model, "config", None), "n_positions", None)
+    if n_positions is not None and length >= n_positions:
+        raise ValueError(f"length={length} reaches the model's last position (n_positions={n_positions}), whose output training "
+                         f"never scores; probe windows of at most {n_positions - 1} tokens")
     rows = probe_windows(process, length, n_samples, seed, max_sequences, tokens)
     rows.acts = read_residual(model, rows.tokens, sites, batch_size)
     return rows

@@ -253,7 +253,8 @@ def alignment_probe(model, w: World, cfg: EMChainConfig, seed: int) -> dict:
     """Ridge probe residual -> the world's per-slice alignment targets on ``seed``'s windows, with held-out rows
     from ``seed + 1``."""
     site = f"block{cfg.lora_layer}"
-    fit, test = (collect(model, w.process, cfg.context_length, cfg.probe_sequences, s, sites=[site], batch_size=1024) for s in (seed, seed + 1))
+    # context_length - 1: the last position's output is never trained (toy.collect.collect)
+    fit, test = (collect(model, w.process, cfg.context_length - 1, cfg.probe_sequences, s, sites=[site], batch_size=1024) for s in (seed, seed + 1))
     Yf, Yt = w.targets(w.process, fit.beliefs), w.targets(w.process, test.beliefs)
     probe = fit_ridge(fit.X.double(), Yf, cfg.probe_alpha)
     pred = probe.predict(test.X.double())

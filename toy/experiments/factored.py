@@ -197,9 +197,10 @@ def run_one(process: Process, name: str, cfg: FactoredConfig, model_cfg: ToyMode
     """Train on ``process``, probe the trained and a random-init model; ``factor_geometry`` plus losses."""
     model = train_on(process, model_cfg, train_cfg, cfg.context_length, out_dir / "models" / name, seed)
     site = cfg.site or default_site(model)
-    data = collect(model, process, cfg.context_length, cfg.probe_sequences, seed + 1, sites=[site], batch_size=1024)
+    # windows one token short of training's: the last position's output is never in the loss (toy.collect.collect)
+    data = collect(model, process, cfg.context_length - 1, cfg.probe_sequences, seed + 1, sites=[site], batch_size=1024)
     random_model = build_model(model_cfg, process.vocab_size, cfg.context_length, seed=seed + 10_000).to(next(model.parameters()).device)
-    random_init = collect(random_model, process, cfg.context_length, sites=[site], tokens=data.tokens, batch_size=1024)
+    random_init = collect(random_model, process, cfg.context_length - 1, sites=[site], tokens=data.tokens, batch_size=1024)
     geo = factor_geometry(process, data, random_init, cfg.probe_alpha, tuple(cfg.thresholds), cfg.test_fraction, seed)
     state = json.loads((latest_checkpoint(out_dir / "models" / name) / "trainer_state.json").read_text())
     last = state["history"][-1]

@@ -205,7 +205,8 @@ def run_world(process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_
     B = next(v for k, v in lora_tensors(lora).items() if k.endswith("lora_B"))[:, 0]
     geometry = {}
     for name, vec, layer in (("lora_B", B, cfg.lora_layer), ("steer", steer, cfg.steer_layer)):
-        data = collect(base, process, L, cfg.probe_sequences, seed + 5, sites=[f"block{layer}"], batch_size=1024)
+        # L - 1: the last position's output is never trained (toy.collect.collect)
+        data = collect(base, process, L - 1, cfg.probe_sequences, seed + 5, sites=[f"block{layer}"], batch_size=1024)
         tag, cap = factor_marginals(process, data.beliefs)
         X = data.X.double()
         Xc = X - X.mean(0)

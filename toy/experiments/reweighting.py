@@ -59,13 +59,18 @@ class ReweightingRunConfig:
     out_dir: str | None = field(default=None, metadata={"help": "Output folder (default <runs_dir>/passk)."})
 
 
-def reference(task: RLTaskConfig, process, seed: int):
-    """Seed ``seed``'s pre-trained reference, only if it exists (``pretrained_model`` would otherwise train one)."""
+def reference(task: RLTaskConfig, process, seed: int, cache: dict):
+    """Seed ``seed``'s pre-trained reference and its folder, only if it exists (``pretrained_model`` would otherwise
+    train one); loaded once per pre-training seed into ``cache`` (the RL configs share one across GRPO seeds)."""
+    pre_seed = seed if task.pretrain_seed is None else task.pretrain_seed
     if not task.pretrained_path:
-        folder = Path(task.pretrain_dir) / f"seed{seed if task.pretrain_seed is None else task.pretrain_seed}"
+        folder = Path(task.pretrain_dir) / f"seed{pre_seed}"
         if not any(folder.glob("checkpoint-*/model.safetensors")):
             raise FileNotFoundError(f"no pre-trained reference in {folder}: this report never trains one; run toy.experiments.rl first")
-    return pretrained_model(task, process, seed)
+    key = (task.pretrained_path, task.pretrain_dir, pre_seed)
+    if key not in cache:
+        cache[key] = pretrained_model(task, process, seed)
+    return cache[key]
 
 
 def prompt_set(task, process, reward, s: int) -> dict:
@@ -101,8 +106,8 @@ def _known(name: str, known: dict | None) -> str:
     return "reads the latent (exact optimum: pi_ref restricted to the rewarded answers)" + (f"; beyond rung {max(beyond)}" if beyond else "")
 
 
-def controls(task, process, reward, cfg: ReweightingConfig, lcfg: LadderConfig, ladder_dir: Path, c: int) -> list[dict]:
-    pre, _ = reference(task, process, c)
+def controls(task, process, reward, cfg: ReweightingConfig, lcfg: LadderConfig, ladder_dir: Path, c: int, refs: dict) -> list[dict]:
+    pre, _ = reference(task, process, c, refs)
     b, o = prompt_set(task, process, reward, c), prompt_set(task, process, reward, c + 1)
     feats, lad = set_ladder(b, pre, ladder_dir, c, reward, lcfg)
     o_feats, o_lad = set_ladder(o, pre, ladder_dir, c + 1, reward, lcfg)
@@ -195,12 +200,13 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m toy.experiments.reweighting " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"family": f"{reward.__name__} on {process.name}", "passk_thresholds": asdict(PassKConfig()), "config": asdict(cfg),
               "ladder_json": str(ladder_file) if ladder else None, "seeds": [], "skipped": []}
+    refs = {}
     for s in which.seeds:
         if not (runs_dir / f"seed{s}" / "model" / "model.safetensors").is_file():
             print(f"seed {s}: no post-RL model in {runs_dir / f'seed{s}' / 'model'}: skipped", flush=True)
             result["skipped"].append(s)
             continue
-        pre, pre_path = reference(task, process, s)
+        pre, pre_path = reference(task, process, s, refs)
         post = GPT2LMHeadModel.from_pretrained(runs_dir / f"seed{s}" / "model")
         b = prompt_set(task, process, reward, s)
         rep = reweighting_report(pre, post, reward, b["prompts"], b["beliefs"], cfg, seed=s)
@@ -210,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"seed {s}: reward {rep['reward_ref']:.3f} -> {rep['reward_post']:.3f}; pass@k {rep['full']['verdict']} / top-p "
               f"{rep['truncated']['verdict']}; ladder {ladder.get(s)}", flush=True)
     if which.controls:
-        result["controls"] = controls(task, process, reward, cfg, lcfg, ladder_dir, which.control_set)
+        result["controls"] = controls(task, process, reward, cfg, lcfg, ladder_dir, which.control_set, refs)
         for c in result["controls"]:
             _plot(c["behaviour"], out / f"passk_control_{c['name']}.png", f"{reward.__name__}, control {c['name']}")
     result["wall_s"] = time.perf_counter() - t0

@@ -134,6 +134,10 @@ def _row(name: str, beh: dict, ladder: str | None, known: str) -> str:
             f"{agreement(f['verdict'], ladder)} | {agreement(t['verdict'], ladder)} | {known} |")
 
 
+def _ci(curve: dict, j: int) -> str:
+    return f"{curve['mean'][j]:.3f} [{curve['lo'][j]:.3f}, {curve['hi'][j]:.3f}]"
+
+
 def report_md(name: str, result: dict, command: str) -> str:
     pk, dec = result["passk_thresholds"], result["config"]
     lines = [f"# pass@k reweighting report: {name}", "", f"Command: `{command}`", "",
@@ -159,14 +163,15 @@ def report_md(name: str, result: dict, command: str) -> str:
                      f"{r['post_mass_outside_ref_support']:.3f} | {r['kl_post_ref']:.3f} | {r['kl_ref_post']:.3f} | "
                      f"{a['pre_all_sites']:.3f} / {a['pre_output_site']:.3f} | {a['post_all_sites']:.3f} / {a['post_output_site']:.3f} | "
                      f"{s['report']['readability']['gain_output_site']:+.3f} |")
-    lines += ["", "| seed | pass@1 ref / post | pass@256 ref / post / chance (full) | pass@1 ref / post (truncated) | "
-              "pass@256 ref / post (truncated) |", "|---|---|---|---|---|"]
+    k_max = pk["ks"][-1]
+    lines += ["", f"pass@1 and pass@{k_max}, mean [95% bootstrap CI over prompts]:", "",
+              f"| seed | decoding | pass@1 ref | pass@1 post | pass@{k_max} ref | pass@{k_max} post | pass@{k_max} chance | crossover k |",
+              "|---|---|---|---|---|---|---|---|"]
     for s in result["seeds"]:
-        f, t = s["report"]["full"]["curves"], s["report"]["truncated"]["curves"]
-        lines.append(f"| {s['seed']} | {f['reference']['mean'][0]:.3f} / {f['post-RL']['mean'][0]:.3f} | "
-                     f"{f['reference']['mean'][-1]:.3f} / {f['post-RL']['mean'][-1]:.3f} / {f['chance']['mean'][-1]:.3f} | "
-                     f"{t['reference']['mean'][0]:.3f} / {t['post-RL']['mean'][0]:.3f} | "
-                     f"{t['reference']['mean'][-1]:.3f} / {t['post-RL']['mean'][-1]:.3f} |")
+        for dec_name, sec in (("full", s["report"]["full"]), (f"top-p {dec['decode_top_p']}", s["report"]["truncated"])):
+            c = sec["curves"]
+            lines.append(f"| {s['seed']} | {dec_name} | {_ci(c['reference'], 0)} | {_ci(c['post-RL'], 0)} | {_ci(c['reference'], -1)} | "
+                         f"{_ci(c['post-RL'], -1)} | {_ci(c['chance'], -1) if 'chance' in c else '--'} | {sec['crossover_k'] or '--'} |")
     if result["skipped"]:
         lines += ["", "Skipped (no post-RL model): " + ", ".join(map(str, result["skipped"]))]
     lines += ["", f"Wall time: {result['wall_s']:.0f} s."]
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     ladder = {p["seed"]: p["verdict"] for p in json.loads(ladder_file.read_text())["per_seed"]} if ladder_file.is_file() else {}
     command = "python -m toy.experiments.reweighting " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"family": f"{reward.__name__} on {process.name}", "passk_thresholds": asdict(PassKConfig()), "config": asdict(cfg),
-              "ladder_json": str(ladder_file) if ladder else None, "seeds": [], "skipped": []}
+              "ladder_json": str(ladder_file) if ladder else None, "command": command, "seeds": [], "skipped": []}
     refs = {}
     for s in which.seeds:
         if not (runs_dir / f"seed{s}" / "model" / "model.safetensors").is_file():

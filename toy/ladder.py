@@ -274,23 +274,12 @@ def latent_mixture(pi_ref: torch.Tensor, table: torch.Tensor, target: float) -> 
     return (1 - lam) * pi_ref + lam * opt, lam
 
 
-def calibration_controls(pi_ref: torch.Tensor, table: torch.Tensor, ladder: dict, other_ladder: dict,
-                         other_features: dict, other_latent: torch.Tensor, features: dict, matrix: torch.Tensor,
-                         cfg: LadderConfig, lead: float = 0.10) -> list[dict]:
-    """Controls whose per-rung answer is known by construction, judged against ``ladder`` (ceilings cross-fitted on
-    these prompts) but built from an independent prompt set (``other_*``: its fitted learners and its ceilings):
-
-    - ``reference``: pi_ref itself -- beats no rung;
-    - ``reweight_rung<j>``: pi_ref fully tilted by rung j's best learner fitted on the other set -- beats no rung >= j;
-    - ``capped_rung<k>``: the latent mixture earning the other set's ceiling_k - 0.01 -- uses the latent, beats no rung >= k;
-    - ``above_rung<k>``: the latent mixture earning the other set's ceiling_k + ``lead`` -- beats every rung <= k;
-    - ``optimum``: pi_ref restricted to the top-reward outputs -- beats every rung whose other-set ceiling is
-      at least ``lead`` below it.
-
-    The controls do not depend on the margins (``lead`` is fixed), so one calibration serves any margins.
-
-    Returns one row per control: ``{"control", "reward", "known": {k: bool | None}, "beaten": {k: bool}}``."""
-    K = sorted(ladder["rungs"])
+def control_policies(pi_ref: torch.Tensor, table: torch.Tensor, other_ladder: dict, other_features: dict,
+                     other_latent: torch.Tensor, features: dict, matrix: torch.Tensor, cfg: LadderConfig,
+                     lead: float = 0.10) -> list[tuple[str, torch.Tensor, dict]]:
+    """The controls of ``calibration_controls`` as policies: ``(name, pi (N, V), known {rung: bool | None})`` each,
+    built on these prompts from an independent prompt set's fitted learners and ceilings (``other_*``)."""
+    K = sorted(other_ladder["rungs"])
     other_ceiling = {k: other_ladder["rungs"][k]["reward"] for k in K}
     policies = [("reference", pi_ref, {k: False for k in K})]
     for j in K:
@@ -307,8 +296,29 @@ def calibration_controls(pi_ref: torch.Tensor, table: torch.Tensor, ladder: dict
     r_max = float(table.max(1).values.mean())
     policies.append(("optimum", latent_mixture(pi_ref, table, r_max)[0],
                      {k: (True if other_ceiling[k] <= r_max - lead else None) for k in K}))
+    return policies
+
+
+def calibration_controls(pi_ref: torch.Tensor, table: torch.Tensor, ladder: dict, other_ladder: dict,
+                         other_features: dict, other_latent: torch.Tensor, features: dict, matrix: torch.Tensor,
+                         cfg: LadderConfig, lead: float = 0.10) -> list[dict]:
+    """Controls whose per-rung answer is known by construction, judged against ``ladder`` (ceilings cross-fitted on
+    these prompts) but built from an independent prompt set (``other_*``: its fitted learners and its ceilings;
+    ``control_policies``):
+
+    - ``reference``: pi_ref itself -- beats no rung;
+    - ``reweight_rung<j>``: pi_ref fully tilted by rung j's best learner fitted on the other set -- beats no rung >= j;
+    - ``capped_rung<k>``: the latent mixture earning the other set's ceiling_k - 0.01 -- uses the latent, beats no rung >= k;
+    - ``above_rung<k>``: the latent mixture earning the other set's ceiling_k + ``lead`` -- beats every rung <= k;
+    - ``optimum``: pi_ref restricted to the top-reward outputs -- beats every rung whose other-set ceiling is
+      at least ``lead`` below it.
+
+    The controls do not depend on the margins (``lead`` is fixed), so one calibration serves any margins.
+
+    Returns one row per control: ``{"control", "reward", "known": {k: bool | None}, "beaten": {k: bool}}``."""
     rows = []
-    for name, pi, known in policies:
+    for name, pi, known in control_policies(pi_ref, table, other_ladder, other_features, other_latent, features,
+                                            matrix, cfg, lead):
         reward = float((pi * table).sum(1).mean())
         v = ladder_verdict(float((pi_ref * table).sum(1).mean()), reward, ladder, cfg)
         rows.append({"control": name, "reward": reward, "known": known, "beaten": v["beaten"], "verdict": v["verdict"]})

@@ -1,0 +1,126 @@
+"""toy.reweighting (exact pass@k reweighting report of one-token policies) and toy.experiments.reweighting's CLI."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from probes.passk import PassKConfig, pass_at_k
+from toy.experiments.reweighting import main
+from toy.model import ToyModelConfig, build_model
+from toy.reweighting import (
+    ReweightingConfig,
+    agreement,
+    behaviour_report,
+    decode,
+    nucleus,
+    success_probability,
+    with_temperature,
+)
+
+CFG = ReweightingConfig(n_boot=50)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _random_policy(n: int, v: int, seed: int, scale: float = 2.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(n, v, generator=g, dtype=torch.float64)).softmax(-1)
+
+
+def _naive_nucleus(row: list[float], top_p: float) -> set[int]:
+    """Independent reference: add answers in order of probability until their mass reaches top_p."""
+    order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+    kept, mass = set(), 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        kept.add(i)
+        mass += row[i]
+    return kept
+
+
+def test_exact_pass_at_k_matches_brute_force_sampling_full_and_truncated():
+    N, V, n = 40, 5, 4000
+    pi = _random_policy(N, V, 0)
+    g = torch.Generator().manual_seed(1)
+    table = torch.nn.functional.one_hot(torch.randint(0, V, (N,), generator=g), V).double()
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.8)):
+        q = decode(pi, temperature, top_p)
+        for i in range(N):  # the truncated support is the naive nucleus of the tempered policy
+            tempered = (pi[i] ** (1 / temperature)) / (pi[i] ** (1 / temperature)).sum()
+            assert set(q[i].nonzero().flatten().tolist()) == _naive_nucleus(tempered.tolist(), top_p)
+        draws = torch.multinomial(q, n, replacement=True, generator=g)  # (N, n) sampled answers
+        correct = table.gather(1, draws).sum(1).long()
+        p = success_probability(q, table)
+        for k in (1, 4, 32):
+            exact = float((1 - (1 - p) ** k).mean())
+            sampled = float(pass_at_k(n, correct, k).mean())
+            assert sampled == pytest.approx(exact, abs=0.02), (temperature, top_p, k)
+
+
+def test_sharpened_reference_is_reweighting_under_truncated_support():
+    N, V = 2000, 6
+    pi_ref = _random_policy(N, V, 2, scale=1.5)
+    answer = pi_ref.argmax(1)
+    wrong = torch.rand(N, generator=torch.Generator().manual_seed(3)) < 0.3  # the reference's top answer is right 70%
+    answer = torch.where(wrong, (answer + 1) % V, answer)
+    table = torch.nn.functional.one_hot(answer, V).double()
+    sharp = with_temperature(pi_ref, 0.5)
+    assert (nucleus(sharp, 0.95) <= nucleus(pi_ref, 0.95)).all()  # sharpening keeps the support within the reference's
+    r = behaviour_report(pi_ref, sharp, table, CFG)
+    assert r["full"]["gain_k1"] > PassKConfig().min_gain_k1
+    assert r["truncated"]["verdict"] == "reweighting", r["truncated"]["why"]
+    assert r["truncated"]["only_post"] < 1e-12 and r["post_decoded_mass_outside_ref_support"] == 0.0
+    assert r["full"]["verdict"] == "uninformative"  # one-token answers are guessable: chance solves all at k = 256
+    assert r["kl_post_ref"] > 0 and r["loglik_post_under_ref"] > r["loglik_ref_under_ref"]  # sharper: more likely under ref
+
+
+def test_mass_outside_the_reference_support_is_new_coverage():
+    N, V = 2000, 6
+    pi_ref = torch.tensor([0.5, 0.3, 0.17, 0.01, 0.01, 0.01], dtype=torch.float64).expand(N, V).clone()
+    answer = torch.where(torch.arange(N) % 2 == 0, 0, 4)  # half the prompts want an answer outside the top-0.95 nucleus
+    table = torch.nn.functional.one_hot(answer, V).double()
+    post = pi_ref * table
+    post = post / post.sum(1, keepdim=True)  # the exact optimum: pi_ref restricted to the right answer
+    r = behaviour_report(pi_ref, post, table, CFG)
+    t = r["truncated"]
+    assert t["ref_unsolvable"] == pytest.approx(0.5) and t["post_success_where_ref_unsolvable"] == pytest.approx(1.0)
+    assert t["verdict"] == "new coverage" and t["only_post"] == pytest.approx(0.5)
+    assert r["post_mass_outside_ref_support"] == pytest.approx(0.5)
+    assert r["full"]["verdict"] == "uninformative" and r["full"]["chance_k_max"] > 0.99
+    assert r["kl_post_ref"] == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.01)), rel=1e-9)
+    same = behaviour_report(pi_ref, pi_ref, table, CFG)
+    assert same["full"]["verdict"] == same["truncated"]["verdict"] == "inconclusive" and same["kl_post_ref"] == 0.0
+    assert agreement("new coverage", "composition beyond rung 1 (reweighting within rung 2)") == "yes"
+    assert agreement("reweighting", "composition beyond rung 2") == "no" and agreement("uninformative", "reweighting within rung 1") == "n/a"
+
+
+def test_cli_on_a_tiny_random_init_model(tmp_path):
+    V = 6  # mess3 x rrxor
+    pre = build_model(ToyModelConfig(preset="mess3_small"), V + 2, 12, seed=0)
+    pre.save_pretrained(tmp_path / "pre")
+    post = build_model(ToyModelConfig(preset="mess3_small"), V + 2, 12, seed=0)
+    with torch.no_grad():
+        post.lm_head.weight[0] += 3 * post.transformer.ln_f.weight  # a different policy, mass moved onto answer 0
+    post.save_pretrained(tmp_path / "runs" / "seed0" / "model")
+    args = ["--process", "product", "--process_kwargs", json.dumps({"factors": [{"name": "mess3"}, {"name": "rrxor"}]}),
+            "--reward", "compose", "--output_tokens", "0", "1", "--prompt_length", "6", "--n_eval_prompts", "300",
+            "--pretrained_path", str(tmp_path / "pre"), "--runs_dir", str(tmp_path / "runs"), "--seeds", "0", "1",
+            "--thresholds", str(ROOT / "configs/toy/detector_thresholds.yaml"), "--n_boot", "20", "--use_cpu", "true",
+            "--output_dir", str(tmp_path / "unused")]
+    result = main(args)
+    out = tmp_path / "runs" / "passk"
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["skipped"] == [1] and [s["seed"] for s in saved["seeds"]] == [0]
+    rep = saved["seeds"][0]["report"]
+    assert rep["n_prompts"] == 300 and rep["reward_is_binary"] and rep["kl_post_ref"] > 0
+    assert len(rep["full"]["curves"]["post-RL"]["mean"]) == len(PassKConfig().ks)
+    assert 0 <= rep["readability"]["balanced_accuracy"]["pre_output_site"] <= 1
+    names = [c["name"] for c in result["controls"]]
+    assert names[:3] == ["sharpened", "reference", "reweight_rung1"] and names[-1] == "optimum"
+    ref_row = result["controls"][1]["behaviour"]
+    assert ref_row["full"]["verdict"] == "inconclusive" and ref_row["kl_post_ref"] == 0.0
+    assert (out / "passk_seed0.png").is_file() and (out / "passk_control_optimum.png").is_file()
+    assert "Agreement table" in (out / "report.md").read_text()

@@ -5,7 +5,7 @@
     # one GPU (the report runs as ONE process; several processes are refused, see below):
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.reweighting --config configs/llm/reweighting_gemma2_2b.yaml
 
-The post-RL policy is ``post`` (a hub id / folder / .gguf; default: the reference's weights) with ``post_adapter``
+The post-RL policy is ``post_model`` (a hub id / folder / .gguf; default: ``reference_model``'s weights) with ``post_adapter``
 (a peft adapter folder, e.g. an ``llm.grpo`` output_dir) merged in. With ``grpo_config`` set and no adapter yet in
 ``post_adapter``, ``llm.grpo`` trains it first with that config (whose ``output_dir`` must be ``post_adapter``).
 
@@ -44,6 +44,7 @@ its score).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -74,9 +75,9 @@ logger = logging.getLogger(__name__)
 class ReweightingConfig:
     """One report: the pair, the prompts, the sampling budget and the probe."""
 
-    reference: str = field(default=None, metadata={"help": "reference checkpoint: hub id, folder or .gguf"})
-    post: str | None = field(default=None, metadata={"help": "post-RL checkpoint (None: the reference's weights + post_adapter)"})
-    post_adapter: str | None = field(default=None, metadata={"help": "peft adapter folder merged into post (an llm.grpo output_dir)"})
+    reference_model: str = field(default=None, metadata={"help": "reference checkpoint: hub id, folder or .gguf"})
+    post_model: str | None = field(default=None, metadata={"help": "post-RL checkpoint (None: the reference's weights + post_adapter)"})
+    post_adapter: str | None = field(default=None, metadata={"help": "peft adapter folder merged into post_model (an llm.grpo output_dir)"})
     grpo_config: str | None = field(default=None, metadata={"help": "llm.grpo YAML that trains post_adapter first when it holds no adapter yet"})
     task: Literal["add", "mul", "add_mul"] | None = field(default="add_mul", metadata={"help": "llm.tasks task (its eval split)"})
     eval_file: str | None = field(default=None, metadata={"help": "JSONL of {question, answer, latent} instead of task"})
@@ -101,10 +102,10 @@ class ReweightingConfig:
     output_dir: str = field(default="runs/reweighting_llm/report", metadata={"help": "where the report goes"})
 
     def __post_init__(self):
-        if not self.reference:
-            raise ValueError("reference is required: the checkpoint before RL (hub id, folder or .gguf)")
-        if self.post is None and self.post_adapter is None:
-            raise ValueError("set post (a post-RL checkpoint) and/or post_adapter (a peft adapter folder); "
+        if not self.reference_model:
+            raise ValueError("reference_model is required: the checkpoint before RL (hub id, folder or .gguf)")
+        if self.post_model is None and self.post_adapter is None:
+            raise ValueError("set post_model (a post-RL checkpoint) and/or post_adapter (a peft adapter folder); "
                              "without either the report compares the reference with itself")
         if (self.task is None) == (self.eval_file is None):
             raise ValueError("set exactly one of task and eval_file (task: null to use an eval_file)")
@@ -180,12 +181,12 @@ def check_adapter(adapter_dir: str | Path, model) -> None:
             shape = f.get_slice(key).get_shape()
             if mod is None or not hasattr(mod, "in_features"):
                 raise ValueError(f"post_adapter {adapter_dir} adapts {name!r}, which the post-RL base model has no linear module "
-                                 f"named; the adapter was trained on another architecture (its base: {base}). Set post to it")
+                                 f"named; the adapter was trained on another architecture (its base: {base}). Set post_model to it")
             want = mod.in_features if ".lora_A." in key else mod.out_features
             got = shape[1] if ".lora_A." in key else shape[0]
             if got != want:
                 raise ValueError(f"post_adapter {adapter_dir}: {key} has width {got} where the base model's {name} has {want}; "
-                                 f"the adapter belongs to another model (its base: {base}). Set post to it")
+                                 f"the adapter belongs to another model (its base: {base}). Set post_model to it")
 
 
 def _model_cfg(cfg: ReweightingConfig, path: str):
@@ -201,8 +202,11 @@ def load_pair(cfg: ReweightingConfig):
 
     from llm.models import load_model_and_tokenizer
 
-    ref, ref_tok = load_model_and_tokenizer(_model_cfg(cfg, cfg.reference))
-    post, tok = load_model_and_tokenizer(_model_cfg(cfg, cfg.post or cfg.reference))
+    ref, ref_tok = load_model_and_tokenizer(_model_cfg(cfg, cfg.reference_model))
+    if cfg.post_model is None:  # the reference's weights: copy them rather than load (and dequantize) them again
+        post, tok = copy.deepcopy(ref), ref_tok
+    else:
+        post, tok = load_model_and_tokenizer(_model_cfg(cfg, cfg.post_model))
     if cfg.post_adapter is not None:
         check_adapter(cfg.post_adapter, post)
         post = PeftModel.from_pretrained(post, cfg.post_adapter).merge_and_unload()
@@ -417,7 +421,7 @@ def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
     v, c = r["verdict"], r["curves"]
     lines = [
         "# Reweighting report", "",
-        f"reference `{cfg['reference']}`, post-RL `{cfg['post'] or cfg['reference']}`"
+        f"reference `{cfg['reference_model']}`, post-RL `{cfg['post_model'] or cfg['reference_model']}`"
         + (f" + adapter `{cfg['post_adapter']}`" if cfg["post_adapter"] else "")
         + f"; task `{cfg['task'] or cfg['eval_file']}`, {r['n_prompts']} prompts x {r['n_samples']} samples, "
         f"{cfg['max_new_tokens']} new tokens, temperature {cfg['temperature']}, top-p {cfg['top_p']}.", "",

@@ -49,13 +49,13 @@ def test_add_mul_latent_is_the_first_step():
 
 def test_guards_before_sampling(tmp_path):
     with pytest.raises(ValueError, match="raise n_samples"):
-        ReweightingConfig(reference="x", post_adapter="a", n_samples=8, k_max=16)
-    with pytest.raises(ValueError, match="post_adapter"):
-        ReweightingConfig(reference="x")
+        ReweightingConfig(reference_model="x", post_adapter="a", n_samples=8, k_max=16)
+    with pytest.raises(ValueError, match="post_model"):
+        ReweightingConfig(reference_model="x")
     bad = tmp_path / "eval.jsonl"
     bad.write_text(json.dumps({"question": "What is 2 + 2?", "answer": 4, "latent": 4}) + "\n" + json.dumps({"question": "Hi?"}) + "\n")
     with pytest.raises(ValueError, match="line 2 has no 'answer'"):
-        eval_prompts(ReweightingConfig(reference="x", post_adapter="a", task=None, eval_file=str(bad)))
+        eval_prompts(ReweightingConfig(reference_model="x", post_adapter="a", task=None, eval_file=str(bad)))
 
 
 def _adapter(tmp_path, model, name="adapter"):
@@ -106,7 +106,7 @@ def test_all_reply_logprobs_matches_naive_loop():
 def test_report_end_to_end(tmp_path, monkeypatch):
     ref = save_tiny(tmp_path / "ref", "qwen2")
     adapter = _adapter(tmp_path, tiny_causal_lm("qwen2")[0])
-    cfg = ReweightingConfig(reference=str(ref), post_adapter=str(adapter), task="add_mul", n_eval=4, n_samples=4,
+    cfg = ReweightingConfig(reference_model=str(ref), post_adapter=str(adapter), task="add_mul", n_eval=4, n_samples=4,
                             max_new_tokens=3, batch_size=16, n_boot=50, probe_n=24, probe_folds=3,
                             output_dir=str(tmp_path / "out"), device="cpu")
     r = report(cfg)

@@ -79,7 +79,7 @@ class ReweightingConfig:
     post_model: str | None = field(default=None, metadata={"help": "post-RL checkpoint (None: the reference's weights + post_adapter)"})
     post_adapter: str | None = field(default=None, metadata={"help": "peft adapter folder merged into post_model (an llm.grpo output_dir)"})
     grpo_config: str | None = field(default=None, metadata={"help": "llm.grpo YAML that trains post_adapter first when it holds no adapter yet"})
-    task: Literal["add", "mul", "add_mul"] | None = field(default="add_mul", metadata={"help": "llm.tasks task (its eval split)"})
+    task: Literal["add", "add_small", "mul", "add_mul"] | None = field(default="add_mul", metadata={"help": "llm.tasks task (its eval split)"})
     eval_file: str | None = field(default=None, metadata={"help": "JSONL of {question, answer, latent} instead of task"})
     n_eval: int = field(default=48, metadata={"help": "task: eval prompts (the rest is GRPO's train split)"})
     split_seed: int = field(default=0, metadata={"help": "task: seed of the train/eval split"})

@@ -6,6 +6,7 @@ reference's reach on each step.
 Tasks (operands drawn from fixed ranges; every operand tuple is one prompt):
 
 * ``add``: "What is a + b?", a, b in 1..29 -- one step;
+* ``add_small``: "What is a + b?", a, b in 1..9 -- the first step of ``add_mul`` alone;
 * ``mul``: "What is s * c?", s in 2..18, c in 2..5 -- the second step of ``add_mul`` alone (s spans a + b's range);
 * ``add_mul``: "What is (a + b) * c?", a, b in 1..9, c in 2..5 -- the two steps composed. Its intermediate latent
   is ``a + b`` (the first step's result), the target of the belief-side probe in ``llm.reweighting``.
@@ -30,8 +31,8 @@ from typing import Literal
 
 from llm.rewards import completion_text
 
-TaskName = Literal["add", "mul", "add_mul"]
-TASKS: tuple[str, ...] = ("add", "mul", "add_mul")
+TaskName = Literal["add", "add_small", "mul", "add_mul"]
+TASKS: tuple[str, ...] = ("add", "add_small", "mul", "add_mul")
 SUFFIX = " Answer with only the number."
 _INT = re.compile(r"-?\d+")
 
@@ -49,6 +50,8 @@ class TaskPrompt:
 def _all_prompts(task: str) -> list[TaskPrompt]:
     if task == "add":
         return [TaskPrompt(f"What is {a} + {b}?{SUFFIX}", a + b, a + b) for a, b in product(range(1, 30), repeat=2)]
+    if task == "add_small":
+        return [TaskPrompt(f"What is {a} + {b}?{SUFFIX}", a + b, a + b) for a, b in product(range(1, 10), repeat=2)]
     if task == "mul":
         return [TaskPrompt(f"What is {s} * {c}?{SUFFIX}", s * c, s * c) for s, c in product(range(2, 19), range(2, 6))]
     if task == "add_mul":

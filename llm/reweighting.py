@@ -356,6 +356,8 @@ def report(cfg: ReweightingConfig) -> dict:
         correct[name] = torch.tensor([sum(score(r, [a] * n)) for r, a in zip(decoded[name], answers)])
         samples[name] = ids
         timings[f"sample_{name}_s"] = time.time() - t
+        logger.info("%s: %d x %d replies in %.0f s, pass@1 %.3f", name, len(prompts), n, timings[f"sample_{name}_s"],
+                    float(correct[name].sum()) / (n * len(prompts)))
     tables = {name: _pass_table(correct[name], n, ks) for name in correct}
     chance = None
     if cfg.task is not None:
@@ -388,6 +390,7 @@ def report(cfg: ReweightingConfig) -> dict:
         kl = {"kl_post_ref_per_reply": float(diff.mean()), "se": float(diff.std() / math.sqrt(len(diff))),
               "kl_post_ref_per_token": float(diff.sum() / lengths["post"].sum())}
     timings["likelihood_s"] = time.time() - t
+    logger.info("log-likelihoods and KL in %.0f s", timings["likelihood_s"])
 
     t = time.time()
     belief = belief_side(cfg, ref, post, tok, probing) if probing else None

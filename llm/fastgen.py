@@ -17,6 +17,8 @@ Sampling is seeded per chunk with ``seed + chunk index``; results depend on ``ba
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -101,3 +103,85 @@ def fast_generate(
         batch_size=batch_size, **generate_kwargs,
     )
     return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def _cut_at_eos(new: torch.Tensor, eos: int) -> list[list[int]]:
+    ends = new == eos
+    # length = up to and including the first eos, else every token
+    first = torch.where(ends.any(1), ends.int().argmax(1) + 1, torch.full((new.shape[0],), new.shape[1]))
+    return [new[i, : int(first[i])].tolist() for i in range(new.shape[0])]
+
+
+def cache_kwarg(model) -> str:
+    """The keyword that passes a KV cache to ``model``'s forward and ``generate``: transformers renamed
+    ``past_key_values`` to ``cache`` (5.24 warns on the old name, 5.40 drops it; older releases know only it)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def shared_prompt_cache(model, prompt_ids: list[int], repeats: int):
+    """A ``DynamicCache`` of ``prompt_ids[:-1]`` (one forward pass) repeated ``repeats`` times along the batch: the
+    prompt is encoded once for all its samples (the last prompt token is left for the caller's forward)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    if len(prompt_ids) > 1:
+        model(torch.tensor([prompt_ids[:-1]], device=device), use_cache=True, **{cache_kwarg(model): cache})
+    cache.batch_repeat_interleave(repeats)
+    return cache
+
+
+def sample_n_ids(
+    model,
+    tokenizer,
+    prompts: list[str],
+    n: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    pad_to_multiple_of: int = 64,
+) -> list[list[list[int]]]:
+    """``n`` sampled continuations per prompt as token ids, each cut after its first eos (kept: it is part of
+    the sampled sequence, so log-likelihoods and KL estimates count it). Returns ``[prompt][sample] -> ids``.
+
+    ``prompts`` are chat-formatted strings. On CUDA: prompt-major rows (``n`` copies of prompt 0 first) in chunks of
+    ``batch_size`` through ``fast_generate_ids`` (static cache, compiled). Elsewhere the prompt, usually longer than
+    the reply, is encoded once and its cache shared by its ``n`` samples (``shared_prompt_cache``; prompt ``i``
+    seeded with ``seed + i``): on a CPU that pass, not decoding, dominates the cost.
+    """
+    if n < 1 or not prompts:
+        raise ValueError(f"need n >= 1 and at least one prompt, got n={n}, {len(prompts)} prompts")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad token; load it with llm.models.load_tokenizer")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        sampling = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        out = []
+        for i, text in enumerate(prompts):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            cache = shared_prompt_cache(model, ids, n)
+            torch.manual_seed(seed + i)
+            with torch.inference_mode():
+                new = model.generate(input_ids=torch.tensor([ids], device=device).expand(n, -1),
+                                     attention_mask=torch.ones(n, len(ids), dtype=torch.long, device=device),
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling, **{cache_kwarg(model): cache})
+            out.append(_cut_at_eos(new[:, len(ids):].cpu(), eos))
+        return out
+    rows = [p for p in prompts for _ in range(n)]
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(rows, return_tensors="pt", padding=True, pad_to_multiple_of=pad_to_multiple_of, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = old_side
+    new = fast_generate_ids(
+        model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, pad_token_id=pad,
+        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+    ).cpu()
+    seqs = _cut_at_eos(new, eos)
+    return [seqs[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -17,6 +17,8 @@ Rewards (``reward``), one float per completion:
   * ``keyword``: share of ``keywords`` (case-insensitive) that occur in the reply;
   * ``regex``: share of ``patterns`` (Python regexes, ``re.search``; add ``(?i)`` for case-insensitive) that
     match the reply, e.g. ``^I`` for replies that start with "I";
+  * ``task``: 1 when the reply's last integer is the prompt's answer (``llm.tasks``; needs ``task`` set, whose train
+    split -- disjoint from the eval prompts of ``llm.reweighting`` -- replaces ``prompt_file``);
   * ``judge_aligned`` / ``judge_misaligned``: an EM judge's aligned score / 100 (or 1 - that), judge from
     ``llm.evaluate.build_judge`` (offline MiniLM + ridge by default; ``hf`` or ``openai`` as in ``llm.evaluate``).
 
@@ -64,6 +66,7 @@ from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS
 from llm.lora import LoraTrajectoryCallback
 from llm.models import ModelConfig, load_config, load_model_and_tokenizer, num_layers, validate_layers
 from llm.offline_judge import DEFAULT_WEIGHTS
+from llm.rewards import judge_reward, keyword_reward, length_reward, regex_reward
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
 from plumbing.runs import DivergenceGuard, Stopped, claim_trainer_run, resume_command, train_until_stopped
 from plumbing.trainers import CPUSafeDefaults, ZeroAdvantageCallback, check_batch_sizes, end_processes
@@ -79,6 +82,8 @@ class PromptConfig:
     question_ids: list[str] | None = field(default=None, metadata={"help": "YAML only: these ids (None = all)"})
     variants: list[str] = field(default_factory=lambda: ["plain"], metadata={"help": "YAML only: plain / json / template"})
     max_prompts: int | None = field(default=None, metadata={"help": "keep the first N prompts (None = all)"})
+    task: Literal["add", "add_small", "mul", "add_mul"] | None = field(default=None, metadata={"help": "llm.tasks train prompts (with answers) instead of prompt_file"})
+    task_n_eval: int = field(default=48, metadata={"help": "task: prompts held out as the eval split (llm.reweighting's n_eval)"})
 
     def __post_init__(self):
         if self.max_prompts is not None and self.max_prompts < 1:
@@ -89,8 +94,8 @@ class PromptConfig:
 class RewardConfig:
     """Which reward scores the completions."""
 
-    reward: Literal["length", "keyword", "regex", "judge_aligned", "judge_misaligned"] = field(
-        default="length", metadata={"help": "length / keyword / regex rule or an EM judge (aligned or misaligned direction)"}
+    reward: Literal["length", "keyword", "regex", "task", "judge_aligned", "judge_misaligned"] = field(
+        default="length", metadata={"help": "length / keyword / regex rule, the task answer, or an EM judge (aligned / misaligned)"}
     )
     target_chars: int = field(default=60, metadata={"help": "length rule: reply length (characters) with reward 0"})
     keywords: list[str] = field(default_factory=list, metadata={"help": "keyword rule: words whose presence is rewarded"})
@@ -169,6 +174,11 @@ def load_prompts(cfg: PromptConfig):
     """``datasets.Dataset`` with ``prompt`` (one user turn, conversational) and ``question`` (its text)."""
     from datasets import Dataset
 
+    if cfg.task is not None:
+        from llm.tasks import train_dataset
+
+        data = train_dataset(cfg.task, cfg.task_n_eval)
+        return data.select(range(min(cfg.max_prompts or len(data), len(data))))
     path = Path(cfg.prompt_file)
     if not path.is_file():
         raise FileNotFoundError(f"prompt_file {path} does not exist")
@@ -196,56 +206,6 @@ def load_prompts(cfg: PromptConfig):
     return Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts], "question": texts})
 
 
-def _text(completion) -> str:
-    # Conversational prompts give completions as [{"role": "assistant", "content": ...}].
-    return completion[-1]["content"] if isinstance(completion, list) else completion
-
-
-def length_reward(target_chars: int):
-    """Reward ``-|len(reply) - target_chars| / target_chars`` per completion."""
-
-    def length(completions, **kwargs) -> list[float]:
-        return [-abs(len(_text(c)) - target_chars) / target_chars for c in completions]
-
-    return length
-
-
-def keyword_reward(keywords: list[str]):
-    """Reward = share of ``keywords`` found (case-insensitive substring) in each reply."""
-    words = [k.lower() for k in keywords]
-
-    def keyword(completions, **kwargs) -> list[float]:
-        return [sum(w in _text(c).lower() for w in words) / len(words) for c in completions]
-
-    return keyword
-
-
-def regex_reward(patterns: list[str]):
-    """Reward = share of ``patterns`` that ``re.search`` finds in each reply."""
-    compiled = [re.compile(p) for p in patterns]
-
-    def regex(completions, **kwargs) -> list[float]:
-        return [sum(bool(p.search(_text(c))) for p in compiled) / len(compiled) for c in completions]
-
-    return regex
-
-
-def judge_reward(judge, misaligned: bool = False, template: str | None = None):
-    """Reward = aligned score / 100 from ``judge`` (``llm.judges.Judge``), or 1 - that when ``misaligned``.
-    ``template`` fills the judge prompt (``{question}``, ``{answer}``) for prompt-reading judges. A ``None``
-    score (refusal / code for LLM judges) becomes NaN, which TRL leaves out of the group statistics."""
-    from llm.judges import JudgeRequest
-
-    def judge_score(completions, question, **kwargs) -> list[float | None]:
-        answers = [_text(c) for c in completions]
-        prompts = [template.format(question=q, answer=a) if template else "" for q, a in zip(question, answers)]
-        scores = judge.score([JudgeRequest(q, a, "aligned", p) for q, a, p in zip(question, answers, prompts)])
-        return [None if s is None else (1 - s / 100 if misaligned else s / 100) for s in scores]
-
-    judge_score.__name__ = "judge_misaligned" if misaligned else "judge_aligned"
-    return judge_score
-
-
 def make_reward(cfg: RewardConfig, judge=None):
     """The reward callable ``cfg.reward`` names (``judge`` overrides the one ``cfg`` would build)."""
     if cfg.reward == "length":
@@ -254,6 +214,10 @@ def make_reward(cfg: RewardConfig, judge=None):
         return keyword_reward(cfg.keywords)
     if cfg.reward == "regex":
         return regex_reward(cfg.patterns)
+    if cfg.reward == "task":
+        from llm.tasks import answer_reward
+
+        return answer_reward()
     from llm.evaluate import EvalConfig, build_judge
     from llm.questions import load_questions
 
@@ -354,6 +318,8 @@ def build_trainer(model_cfg: ModelConfig | None, prompt_cfg: PromptConfig, rewar
     from transformers import set_seed
     from trl import GRPOTrainer
 
+    if reward_cfg.reward == "task" and prompt_cfg.task is None:
+        raise ValueError("reward: task scores answers of llm.tasks prompts; set `task` (add, add_small, mul or add_mul)")
     if model is None:
         args.trust_remote_code = model_cfg.trust_remote_code
         validate_layers(lora_cfg.layers, num_layers(load_config(model_cfg)))

@@ -50,8 +50,11 @@ PATH_KEYS = frozenset({
     "probe_files", "prompt_file", "question_file", "target_adapter_path", "track_texts",
     # toy: pre-training config and cache, a pre-trained model, the (pre, post) pair of a report
     "pretrain_config", "pretrain_dir", "pretrained_path", "init_from", "pre", "post",
+    # llm.reweighting: the adapter, the GRPO config that trains it, an eval prompt file
+    "post_adapter", "grpo_config", "eval_file",
 })
-MODEL_KEYS = frozenset({"model_name_or_path", "target_model_name_or_path", "hf_judge_model", "chat_template_from"})
+MODEL_KEYS = frozenset({"model_name_or_path", "target_model_name_or_path", "hf_judge_model", "chat_template_from",
+                        "reference_model", "post_model"})
 
 
 def config_anchor(config_path: str | Path) -> Path:

@@ -1,0 +1,506 @@
+"""The reweighting report for a (reference, post-RL) checkpoint pair with a verifiable reward (issue 17).
+
+    python -m llm.reweighting --config configs/llm/reweighting_smollm2_add_mul.yaml
+    python -m llm.reweighting --config configs/llm/reweighting_qwen25_1p5b.yaml --n_samples 128 --k_max 128
+    # one GPU (the report runs as ONE process; several processes are refused, see below):
+    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.reweighting --config configs/llm/reweighting_gemma2_2b.yaml
+
+The post-RL policy is ``post_model`` (a hub id / folder / .gguf; default: ``reference_model``'s weights) with ``post_adapter``
+(a peft adapter folder, e.g. an ``llm.grpo`` output_dir) merged in. With ``grpo_config`` set and no adapter yet in
+``post_adapter``, ``llm.grpo`` trains it first with that config (whose ``output_dir`` must be ``post_adapter``).
+
+Prompts: the eval split of an ``llm.tasks`` task (disjoint from the GRPO train split), or ``eval_file``, a JSONL of
+``{"question": str, "answer": int, "latent": int}`` rows. Both models see the same prompt text (the post-RL
+tokenizer's chat template; the two tokenizers must have the same vocabulary). What the report measures:
+
+* **pass@k** (``probes.passk``): ``n_samples`` replies per prompt from each model (``llm.fastgen``, temperature 1,
+  top-p 1, no top-k: the models' full distributions), scored by the task (``llm.tasks.score``); the unbiased
+  estimator for k = 1, 2, 4, ... ``k_max`` with bootstrap CIs over prompts; coverage (solved by one, the other,
+  both, neither) at k = 1 and ``k_max``; the verdict with ``PassKConfig``'s thresholds as committed (they are not
+  options here: they were fixed before any report ran), with uniform guessing over the task's answers as chance.
+* **Inside the reference's distribution?** Mean log-likelihood per token (nats) under the reference of the
+  post-RL replies vs of the reference's own replies, and the share of post-RL replies less likely under the
+  reference than the 5th percentile of its own replies (sequences scored with their eos; lengths differ, so the
+  per-token mean is the comparable number).
+* **KL(post || ref)** on the shared prompts: Monte-Carlo over the post-RL samples, ``E[log p_post(y) - log
+  p_ref(y)]`` per reply (nats; also per token). Only with temperature 1 and top-p 1 (else the samples are not from
+  p_post and the estimate is left out).
+* **Belief side** (ladder idea of the toy detector): a cross-fitted ridge probe (``probes.linear``) of the task's
+  intermediate latent (``add_mul``: a + b) from the residual stream (``probes.activations``, the nnsight adapter)
+  at the prompt's last position, at every site, for the reference, the post-RL model and a random-init model of
+  the same architecture (the control: a random network already "reads" some of any input). Readable at a site =
+  held-out R^2 > 0 and test MSE at most ``readable_ratio`` x the random-init control's. Then: is it readable in
+  the reference before RL, and does the post-RL model read it better at the output-side sites (the last quarter
+  of blocks and the final norm)? Readability is not use.
+
+Guards, all before any sampling: ``k_max > n_samples``; an eval file row without an integer answer (or latent,
+when probing); a post_adapter folder without an adapter, or one whose modules / shapes do not exist in the base
+model; tokenizers with different vocabularies; more than one process (``WORLD_SIZE > 1``: the report splits no
+work across ranks; run it with ``--num_processes 1``, it fits one GPU at 2B).
+
+Writes ``output_dir``: ``report.json``, ``report.md``, ``passk.png``, ``samples.jsonl`` (every decoded reply with
+its score).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from llm.tasks import TaskPrompt, chance_p, score, task_prompts
+from probes.passk import (
+    PassKConfig,
+    coverage,
+    log2_ks,
+    pass_at_k,
+    pass_at_k_curve,
+    pass_at_k_exact,
+    passk_verdict,
+    plot_pass_at_k,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReweightingConfig:
+    """One report: the pair, the prompts, the sampling budget and the probe."""
+
+    reference_model: str = field(default=None, metadata={"help": "reference checkpoint: hub id, folder or .gguf"})
+    post_model: str | None = field(default=None, metadata={"help": "post-RL checkpoint (None: the reference's weights + post_adapter)"})
+    post_adapter: str | None = field(default=None, metadata={"help": "peft adapter folder merged into post_model (an llm.grpo output_dir)"})
+    grpo_config: str | None = field(default=None, metadata={"help": "llm.grpo YAML that trains post_adapter first when it holds no adapter yet"})
+    task: Literal["add", "add_small", "mul", "add_mul"] | None = field(default="add_mul", metadata={"help": "llm.tasks task (its eval split)"})
+    eval_file: str | None = field(default=None, metadata={"help": "JSONL of {question, answer, latent} instead of task"})
+    n_eval: int = field(default=48, metadata={"help": "task: eval prompts (the rest is GRPO's train split)"})
+    split_seed: int = field(default=0, metadata={"help": "task: seed of the train/eval split"})
+    n_samples: int = field(default=64, metadata={"help": "replies per prompt and model"})
+    k_max: int | None = field(default=None, metadata={"help": "largest k of the curves (None: n_samples); must be <= n_samples"})
+    max_new_tokens: int = field(default=16, metadata={"help": "reply length cap (tokens)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (1: the model's distribution)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus cut (1: none)"})
+    batch_size: int = field(default=256, metadata={"help": "rows per sampling batch"})
+    score_batch_size: int = field(default=64, metadata={"help": "rows per log-likelihood / activation forward pass"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples of prompts for the pass@k CIs"})
+    probe_n: int = field(default=256, metadata={"help": "prompts the latent probe is fitted on (0: no belief side)"})
+    probe_alpha: float = field(default=10.0, metadata={"help": "ridge strength of the latent probe (targets standardised)"})
+    probe_folds: int = field(default=5, metadata={"help": "cross-fitting folds of the latent probe"})
+    readable_ratio: float = field(default=0.8, metadata={"help": "readable = test MSE <= this x the random-init control's (and R^2 > 0)"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager for Gemma 2 (soft-capped attention)"})
+    seed: int = field(default=0, metadata={"help": "sampling / probe seed"})
+    output_dir: str = field(default="runs/reweighting_llm/report", metadata={"help": "where the report goes"})
+
+    def __post_init__(self):
+        if not self.reference_model:
+            raise ValueError("reference_model is required: the checkpoint before RL (hub id, folder or .gguf)")
+        if self.post_model is None and self.post_adapter is None:
+            raise ValueError("set post_model (a post-RL checkpoint) and/or post_adapter (a peft adapter folder); "
+                             "without either the report compares the reference with itself")
+        if (self.task is None) == (self.eval_file is None):
+            raise ValueError("set exactly one of task and eval_file (task: null to use an eval_file)")
+        if self.k_max is None:
+            self.k_max = self.n_samples
+        if self.k_max < 1 or self.n_samples < 1:
+            raise ValueError("n_samples and k_max must be >= 1")
+        if self.k_max > self.n_samples:
+            raise ValueError(f"k_max={self.k_max} > n_samples={self.n_samples}: the unbiased pass@k needs at least k samples "
+                             f"per prompt; raise n_samples to {self.k_max} or lower k_max")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1")
+        if self.probe_n and self.probe_folds < 2:
+            raise ValueError("probe_folds must be >= 2 (cross-fitting)")
+        if not 0 < self.readable_ratio <= 1:
+            raise ValueError("readable_ratio is a share in (0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs, checked before any sampling
+
+
+def eval_prompts(cfg: ReweightingConfig) -> list[TaskPrompt]:
+    """The task's eval split, or the rows of ``cfg.eval_file`` (each with an integer answer; a latent when probing)."""
+    if cfg.task is not None:
+        return task_prompts(cfg.task, "eval", cfg.n_eval, cfg.split_seed)
+    path = Path(cfg.eval_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval_file {path} does not exist")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        for key in ("question", "answer") + (("latent",) if cfg.probe_n else ()):
+            if key not in row:
+                raise ValueError(f"{path} line {i + 1} has no {key!r}; every row needs question and an integer answer"
+                                 + (" and latent (or set probe_n 0)" if cfg.probe_n else ""))
+        if not isinstance(row["answer"], int):
+            raise ValueError(f"{path} line {i + 1}: answer {row['answer']!r} is not an integer")
+        rows.append(TaskPrompt(row["question"], row["answer"], int(row.get("latent", row["answer"]))))
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows
+
+
+def probe_prompts(cfg: ReweightingConfig) -> list[TaskPrompt]:
+    """The prompts the latent probe is fitted on: ``probe_n`` of all the task's prompts (both splits: the probe reads
+    the prompt, it is not scored on behaviour), or the eval file's rows."""
+    if cfg.task is None:
+        return eval_prompts(cfg)[: cfg.probe_n]
+    rows = task_prompts(cfg.task, "eval", cfg.n_eval, cfg.split_seed) + task_prompts(cfg.task, "train", cfg.n_eval, cfg.split_seed)
+    return rows[: cfg.probe_n]
+
+
+def check_adapter(adapter_dir: str | Path, model) -> None:
+    """Raise unless ``adapter_dir`` holds a peft adapter whose LoRA modules exist in ``model`` with matching shapes."""
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not (adapter_dir / "adapter_config.json").is_file() or not weights.is_file():
+        raise FileNotFoundError(f"post_adapter={adapter_dir}: no adapter_config.json + adapter_model.safetensors; point it at "
+                                "an llm.grpo output_dir (or set grpo_config to train one there)")
+    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            name = key.split(".lora_")[0].removeprefix("base_model.model.")
+            mod = modules.get(name)
+            shape = f.get_slice(key).get_shape()
+            if mod is None or not hasattr(mod, "in_features"):
+                raise ValueError(f"post_adapter {adapter_dir} adapts {name!r}, which the post-RL base model has no linear module "
+                                 f"named; the adapter was trained on another architecture (its base: {base}). Set post_model to it")
+            want = mod.in_features if ".lora_A." in key else mod.out_features
+            got = shape[1] if ".lora_A." in key else shape[0]
+            if got != want:
+                raise ValueError(f"post_adapter {adapter_dir}: {key} has width {got} where the base model's {name} has {want}; "
+                                 f"the adapter belongs to another model (its base: {base}). Set post_model to it")
+
+
+def _model_cfg(cfg: ReweightingConfig, path: str):
+    from llm.models import ModelConfig
+
+    return ModelConfig(model_name_or_path=path, dtype=cfg.dtype, device=cfg.device, attn_implementation=cfg.attn_implementation)
+
+
+def load_pair(cfg: ReweightingConfig):
+    """``(ref, post, tokenizer)``: the post-RL model with its adapter checked and merged; the post-RL tokenizer (its
+    chat template formats the prompts) after checking that both tokenizers share one vocabulary."""
+    from peft import PeftModel
+
+    from llm.models import load_model_and_tokenizer
+
+    ref, ref_tok = load_model_and_tokenizer(_model_cfg(cfg, cfg.reference_model))
+    if cfg.post_model is None:  # the reference's weights: copy them rather than load (and dequantize) them again
+        post, tok = copy.deepcopy(ref), ref_tok
+    else:
+        post, tok = load_model_and_tokenizer(_model_cfg(cfg, cfg.post_model))
+    if cfg.post_adapter is not None:
+        check_adapter(cfg.post_adapter, post)
+        post = PeftModel.from_pretrained(post, cfg.post_adapter).merge_and_unload()
+        post.eval()
+    if ref_tok.get_vocab() != tok.get_vocab():
+        raise ValueError("the reference and the post-RL tokenizers differ; log-likelihoods and KL compare the same token "
+                         "sequences, so use a pair that shares a vocabulary (e.g. a base model and its instruct sibling)")
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("the post-RL tokenizer has no chat template; the prompts are chat turns")
+    return ref, post, tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+@torch.no_grad()
+def reply_logprobs(model, prompt_ids: list[int], replies: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Sum over each reply's tokens of ``log p(token | prompt, earlier reply tokens)`` (nats), float64 (len(replies),).
+
+    The prompt is encoded once (``llm.fastgen.shared_prompt_cache``) and its cache shared by all replies; rows are the
+    last prompt token followed by the right-padded reply, positions continuing the prompt's.
+    """
+    from llm.fastgen import cache_kwarg, shared_prompt_cache
+
+    device = next(model.parameters()).device
+    m, lp, la = len(replies), len(prompt_ids), max(1, max(len(a) for a in replies))
+    x = torch.full((m, 1 + la), pad_id, dtype=torch.long)
+    x[:, 0] = prompt_ids[-1]
+    keep = torch.zeros(m, la, dtype=torch.long)
+    for i, a in enumerate(replies):
+        if a:
+            x[i, 1:1 + len(a)] = torch.as_tensor(a)
+            keep[i, :len(a)] = 1
+    mask = torch.cat([torch.ones(m, lp, dtype=torch.long), keep], dim=1)
+    pos = torch.arange(lp - 1, lp + la)[None].expand(m, -1)
+    cache = shared_prompt_cache(model, prompt_ids, m)
+    logits = model(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                   **{cache_kwarg(model): cache}).logits[:, :la]  # position j predicts reply token j
+    tok_lp = logits.double().log_softmax(-1).gather(-1, x[:, 1:, None].to(device)).squeeze(-1)
+    return (tok_lp * keep.to(device)).sum(1).cpu()
+
+
+def all_reply_logprobs(model, prompt_ids: list[list[int]], replies: list[list[list[int]]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """``reply_logprobs`` for every prompt's replies (``[prompt][sample] -> ids``), in chunks of ``batch_size``
+    replies; flattened prompt-major, float64 (total replies,)."""
+    out = []
+    for p, rows in zip(prompt_ids, replies):
+        out += [reply_logprobs(model, p, rows[s:s + batch_size], pad_id) for s in range(0, len(rows), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def last_position_stream(model, tokenizer, texts: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Residual stream at the last prompt token for every site of ``probes.activations``: site -> (n, d_model) float32 CPU."""
+    from llm.generate import left_padded
+    from probes.activations import residual_sites, residual_stream
+
+    sites = residual_sites(model)
+    chunks = []
+    for s in range(0, len(texts), batch_size):
+        ids, mask = left_padded([tokenizer.encode(t, add_special_tokens=False) for t in texts[s:s + batch_size]], tokenizer.pad_token_id)
+        chunks.append(residual_stream(model, ids, mask, sites)[:, :, -1].float().cpu())
+    acts = torch.cat(chunks, dim=1)
+    return {site: acts[i] for i, site in enumerate(sites)}
+
+
+def _pass_table(correct: torch.Tensor, n: int, ks: list[int]) -> torch.Tensor:
+    return torch.stack([pass_at_k(n, correct, k) for k in ks], dim=1)  # (prompts, len(ks))
+
+
+def output_side_sites(sites: list[str]) -> list[str]:
+    """The last quarter of the blocks and the final norm: where the residual stream feeds the unembedding."""
+    blocks = [s for s in sites if s.startswith("block")]
+    return blocks[len(blocks) - max(1, len(blocks) // 4):] + [s for s in sites if s == "final_norm"]
+
+
+def belief_side(cfg: ReweightingConfig, ref, post, tokenizer, prompts: list[TaskPrompt]) -> dict:
+    """Cross-fitted latent probes per site for the reference, the post-RL model and a random-init control."""
+    from transformers import AutoModelForCausalLM
+
+    from llm.generate import chat_prompt
+    from probes.linear import fit_probe_report
+
+    texts = [chat_prompt(tokenizer, p.question) for p in prompts]
+    y = torch.tensor([float(p.latent) for p in prompts], dtype=torch.float64)
+    if y.std() == 0:
+        raise ValueError("the probe prompts' latent is constant; nothing to read")
+    y = ((y - y.mean()) / y.std())[:, None]
+    torch.manual_seed(cfg.seed)
+    rand = AutoModelForCausalLM.from_config(ref.config, dtype=next(ref.parameters()).dtype).to(next(ref.parameters()).device).eval()
+    acts = {name: last_position_stream(m, tokenizer, texts, cfg.score_batch_size) for name, m in (("reference", ref), ("post", post), ("random_init", rand))}
+    del rand
+    out = {"n": len(prompts), "target": "latent (z-scored)", "alpha": cfg.probe_alpha, "folds": cfg.probe_folds, "models": {}}
+    for name in ("reference", "post"):
+        rep = fit_probe_report(acts[name], y, acts["random_init"], alpha=cfg.probe_alpha, n_folds=cfg.probe_folds, seed=cfg.seed, concat=False)
+        sites = {s: {"r2": r["test"]["r2"], "ratio_to_random_init": r["ratio_to_random_init"], "ratio_to_shuffled": r["ratio_to_shuffled"]}
+                 for s, r in rep["sites"].items()}
+        readable = [s for s, r in sites.items() if r["r2"] > 0 and r["ratio_to_random_init"] <= cfg.readable_ratio]
+        out["models"][name] = {"sites": sites, "best_site": rep["best_site"], "best_r2": sites[rep["best_site"]]["r2"], "readable_sites": readable}
+    names = list(acts["reference"])
+    out_sites = output_side_sites(names)
+    mean_r2 = {m: sum(out["models"][m]["sites"][s]["r2"] for s in out_sites) / len(out_sites) for m in ("reference", "post")}
+    out["output_side_sites"] = out_sites
+    out["output_side_mean_r2"] = mean_r2
+    out["readable_before_rl"] = bool(out["models"]["reference"]["readable_sites"])
+    out["output_side_r2_gain"] = mean_r2["post"] - mean_r2["reference"]
+    # a site whose activations did not move cannot change its read-out (e.g. blocks below a one-layer LoRA)
+    out["unchanged_sites"] = [s for s in names if torch.equal(acts["reference"][s], acts["post"][s])]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _check_single_process() -> None:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        raise SystemExit(f"llm.reweighting runs as one process (WORLD_SIZE={world}): it does not split prompts across ranks. "
+                         "Launch it with --num_processes 1 (configs/accelerate/single_gpu.yaml) or plain python -m llm.reweighting")
+
+
+def report(cfg: ReweightingConfig) -> dict:
+    """Sample, score and probe; returns the report dict (also written to ``cfg.output_dir``)."""
+    _check_single_process()
+    t0 = time.time()
+    prompts = eval_prompts(cfg)  # a bad eval file fails before any weights load
+    probing = probe_prompts(cfg) if cfg.probe_n else []
+    ks = log2_ks(cfg.k_max)
+    pcfg = PassKConfig(ks=ks)
+    ref, post, tok = load_pair(cfg)
+    timings = {"load_s": time.time() - t0}
+    from llm.fastgen import sample_n_ids
+    from llm.generate import chat_prompt
+
+    texts = [chat_prompt(tok, p.question) for p in prompts]
+    prompt_ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    answers = [p.answer for p in prompts]
+    n = cfg.n_samples
+    samples, correct, decoded = {}, {}, {}
+    for i, (name, model) in enumerate((("reference", ref), ("post", post))):
+        t = time.time()
+        ids = sample_n_ids(model, tok, texts, n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                           seed=cfg.seed + 1000 * i, batch_size=cfg.batch_size)
+        decoded[name] = [tok.batch_decode(rows, skip_special_tokens=True) for rows in ids]
+        correct[name] = torch.tensor([sum(score(r, [a] * n)) for r, a in zip(decoded[name], answers)])
+        samples[name] = ids
+        timings[f"sample_{name}_s"] = time.time() - t
+        logger.info("%s: %d x %d replies in %.0f s, pass@1 %.3f", name, len(prompts), n, timings[f"sample_{name}_s"],
+                    float(correct[name].sum()) / (n * len(prompts)))
+    tables = {name: _pass_table(correct[name], n, ks) for name in correct}
+    chance = None
+    if cfg.task is not None:
+        chance = pass_at_k_exact(torch.full((len(prompts),), chance_p(cfg.task)), ks)
+    curves = {name: pass_at_k_curve(tables[name], ks, n_boot=cfg.n_boot, seed=cfg.seed) for name in tables}
+    if chance is not None:
+        curves["chance (uniform guess)"] = pass_at_k_curve(chance, ks, n_boot=2, seed=cfg.seed)
+    verdict = passk_verdict(tables["reference"], tables["post"], pcfg, chance)
+
+    t = time.time()
+    flat = lambda name: [r for rows in samples[name] for r in rows]  # noqa: E731
+    pad = tok.pad_token_id
+    lengths = {name: torch.tensor([max(1, len(r)) for r in flat(name)], dtype=torch.float64) for name in samples}
+    ll_ref_of_post = all_reply_logprobs(ref, prompt_ids, samples["post"], pad, cfg.score_batch_size)
+    ll_ref_of_ref = all_reply_logprobs(ref, prompt_ids, samples["reference"], pad, cfg.score_batch_size)
+    ll_post_of_post = all_reply_logprobs(post, prompt_ids, samples["post"], pad, cfg.score_batch_size)
+    per_tok_post, per_tok_ref = ll_ref_of_post / lengths["post"], ll_ref_of_ref / lengths["reference"]
+    p5 = float(torch.quantile(per_tok_ref, 0.05))
+    likelihood = {
+        "ref_ll_per_token_of_post_replies": float(per_tok_post.mean()),
+        "ref_ll_per_token_of_ref_replies": float(per_tok_ref.mean()),
+        "post_ll_per_token_of_post_replies": float((ll_post_of_post / lengths["post"]).mean()),
+        "ref_ll_per_token_p5_of_ref_replies": p5,
+        "share_post_below_ref_p5": float((per_tok_post < p5).double().mean()),
+        "mean_reply_tokens": {name: float(lengths[name].mean()) for name in lengths},
+    }
+    kl = None
+    if cfg.temperature == 1 and cfg.top_p == 1:
+        diff = ll_post_of_post - ll_ref_of_post
+        kl = {"kl_post_ref_per_reply": float(diff.mean()), "se": float(diff.std() / math.sqrt(len(diff))),
+              "kl_post_ref_per_token": float(diff.sum() / lengths["post"].sum())}
+    timings["likelihood_s"] = time.time() - t
+    logger.info("log-likelihoods and KL in %.0f s", timings["likelihood_s"])
+
+    t = time.time()
+    belief = belief_side(cfg, ref, post, tok, probing) if probing else None
+    timings["probe_s"] = time.time() - t
+    timings["total_s"] = time.time() - t0
+
+    result = {
+        "config": asdict(cfg), "passk_config": asdict(pcfg), "n_prompts": len(prompts), "n_samples": n, "ks": ks,
+        "chance_p": chance_p(cfg.task) if cfg.task else None,
+        "curves": curves, "verdict": verdict,
+        "coverage_k1": coverage(tables["post"][:, 0], tables["reference"][:, 0]),
+        "coverage_k_max": coverage(tables["post"][:, -1], tables["reference"][:, -1]),
+        "per_prompt": [{"question": p.question, "answer": p.answer, "correct_reference": int(correct["reference"][j]),
+                        "correct_post": int(correct["post"][j])} for j, p in enumerate(prompts)],
+        "likelihood": likelihood, "kl": kl, "belief": belief, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    write_report(result, decoded, answers, Path(cfg.output_dir))
+    return result
+
+
+def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(r, indent=1) + "\n")
+    with (out / "samples.jsonl").open("w") as f:
+        for name, per_prompt in decoded.items():
+            for j, (rows, a) in enumerate(zip(per_prompt, answers)):
+                for reply, s in zip(rows, score(rows, [a] * len(rows))):
+                    f.write(json.dumps({"model": name, "prompt": j, "answer": a, "reply": reply, "correct": s}) + "\n")
+    cfg = r["config"]
+    plot_pass_at_k(r["curves"], out / "passk.png", title=f"{cfg['task'] or 'eval_file'}: {r['n_prompts']} prompts x {r['n_samples']} samples")
+    v, c = r["verdict"], r["curves"]
+    lines = [
+        "# Reweighting report", "",
+        f"reference `{cfg['reference_model']}`, post-RL `{cfg['post_model'] or cfg['reference_model']}`"
+        + (f" + adapter `{cfg['post_adapter']}`" if cfg["post_adapter"] else "")
+        + f"; task `{cfg['task'] or cfg['eval_file']}`, {r['n_prompts']} prompts x {r['n_samples']} samples, "
+        f"{cfg['max_new_tokens']} new tokens, temperature {cfg['temperature']}, top-p {cfg['top_p']}.", "",
+        f"**Verdict: {v['verdict']}** -- {v['why']}.", "",
+        "| k | " + " | ".join(c) + " |", "|---" * (len(c) + 1) + "|",
+    ]
+    for j, k in enumerate(r["ks"]):
+        lines.append(f"| {k} | " + " | ".join(f"{cv['mean'][j]:.3f} [{cv['lo'][j]:.3f}, {cv['hi'][j]:.3f}]" for cv in c.values()) + " |")
+    cov = r["coverage_k_max"]
+    lines += ["", f"Coverage at k = {r['ks'][-1]}: both {cov['both']:.3f}, post-RL only {cov['only_a']:.3f}, reference only "
+              f"{cov['only_b']:.3f}, neither {cov['neither']:.3f} (at k = 1: post only {r['coverage_k1']['only_a']:.3f}, "
+              f"reference only {r['coverage_k1']['only_b']:.3f}). Crossover k: {v['crossover_k']}. Chance at k_max: {v['chance_k_max']}."]
+    ll = r["likelihood"]
+    lines += ["", f"Log-likelihood per token under the reference: post-RL replies {ll['ref_ll_per_token_of_post_replies']:.3f} nats, "
+              f"its own replies {ll['ref_ll_per_token_of_ref_replies']:.3f} (5th percentile {ll['ref_ll_per_token_p5_of_ref_replies']:.3f}; "
+              f"{ll['share_post_below_ref_p5']:.3f} of post-RL replies fall below it). Post-RL replies under the post-RL model: "
+              f"{ll['post_ll_per_token_of_post_replies']:.3f}. Mean reply tokens: " + ", ".join(f"{k} {x:.1f}" for k, x in ll["mean_reply_tokens"].items()) + "."]
+    if r["kl"]:
+        lines.append(f"KL(post || ref), Monte-Carlo over the post-RL replies: {r['kl']['kl_post_ref_per_reply']:.3f} "
+                     f"+- {r['kl']['se']:.3f} nats per reply ({r['kl']['kl_post_ref_per_token']:.4f} per token).")
+    b = r["belief"]
+    if b:
+        m = b["models"]
+        lines += ["", f"Belief side: ridge probe of the latent from the last prompt position, {b['n']} prompts, {b['folds']}-fold "
+                  f"cross-fitted, alpha {b['alpha']}; readable = R^2 > 0 and MSE <= {cfg['readable_ratio']} x random-init control's.", "",
+                  "| site | R^2 reference | R^2 post-RL | MSE / random-init (ref) | MSE / random-init (post) |", "|---|---|---|---|---|"]
+        for s, x in m["reference"]["sites"].items():
+            y = m["post"]["sites"][s]
+            lines.append(f"| {s} | {x['r2']:.3f} | {y['r2']:.3f} | {x['ratio_to_random_init']:.3f} | {y['ratio_to_random_init']:.3f} |")
+        lines += ["", f"Readable before RL: {b['readable_before_rl']} ({len(m['reference']['readable_sites'])} sites; best "
+                  f"{m['reference']['best_site']} R^2 {m['reference']['best_r2']:.3f}); post-RL: {len(m['post']['readable_sites'])} sites, best "
+                  f"{m['post']['best_site']} R^2 {m['post']['best_r2']:.3f}. Output-side sites ({', '.join(b['output_side_sites'])}) mean R^2: "
+                  f"reference {b['output_side_mean_r2']['reference']:.3f}, post-RL {b['output_side_mean_r2']['post']:.3f} "
+                  f"(gain {b['output_side_r2_gain']:+.3f}). Sites whose activations RL left unchanged: {len(b['unchanged_sites'])}."]
+    lines += ["", "Times (s): " + ", ".join(f"{k} {x}" for k, x in r["timings_s"].items()) + "."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def make_parser():
+    from plumbing.config import ConfigParser
+
+    return ConfigParser((ReweightingConfig,))
+
+
+def _train_first(cfg: ReweightingConfig) -> None:
+    """Run ``llm.grpo`` with ``cfg.grpo_config`` when ``post_adapter`` holds no adapter yet."""
+    import yaml
+
+    from plumbing.config import config_anchor
+
+    if cfg.post_adapter is None:
+        raise ValueError("grpo_config trains an adapter: set post_adapter to its output_dir")
+    out = yaml.safe_load(Path(cfg.grpo_config).read_text()).get("output_dir")
+    anchor = config_anchor(cfg.grpo_config)
+    if out is None or (anchor / out).resolve() != Path(cfg.post_adapter).resolve():
+        raise ValueError(f"grpo_config {cfg.grpo_config} writes output_dir {out!r}, not post_adapter {cfg.post_adapter!r}; make them the same")
+    if (Path(cfg.post_adapter) / "adapter_config.json").is_file():
+        logger.info("post_adapter %s holds an adapter; not training", cfg.post_adapter)
+        return
+    from llm.grpo import main as grpo_main
+
+    t = time.time()
+    grpo_main(["--config", cfg.grpo_config])
+    logger.info("GRPO took %.0f s", time.time() - t)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (cfg,) = make_parser().parse_args_and_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _check_single_process()
+    if cfg.grpo_config:
+        _train_first(cfg)
+    r = report(cfg)
+    print((Path(cfg.output_dir) / "report.md").read_text())
+    return r
+
+
+if __name__ == "__main__":
+    main()

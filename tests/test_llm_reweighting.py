@@ -1,0 +1,164 @@
+"""llm.tasks and llm.reweighting on tiny in-process models: task rewards on hand-made completions, deterministic
+disjoint prompt sets, the guards (k > n, missing answers, adapter/base mismatch, several processes), the
+log-likelihood against a naive per-sequence loop, the report end to end, and every shipped config parses."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm.reweighting import ReweightingConfig, all_reply_logprobs, check_adapter, eval_prompts, make_parser, report
+from llm.tasks import TASKS, answer_reward, chance_p, parse_answer, score, task_prompts, train_dataset
+from llm.tiny import save_tiny, tiny_causal_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_task_rewards_on_hand_made_completions():
+    assert parse_answer("(3 + 4) * 5 = 7 * 5 = 35") == 35
+    assert parse_answer("no number") is None
+    assert score(["35", "The answer is 35.", "3", "", "-35"], [35] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    reward = answer_reward()
+    conv = [[{"role": "assistant", "content": "12"}], [{"role": "assistant", "content": "It is 13"}]]
+    assert reward(conv, answer=[12, 12]) == [1.0, 0.0]
+    assert reward(["7", "8"], answer=[8, 8]) == [0.0, 1.0]
+    with pytest.raises(ValueError, match="answer"):
+        reward(["7"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_prompt_sets_deterministic_and_disjoint(task):
+    ev, tr = task_prompts(task, "eval", 20), task_prompts(task, "train", 20)
+    assert ev == task_prompts(task, "eval", 20) and tr == task_prompts(task, "train", 20)
+    assert len(ev) == 20 and not {p.question for p in ev} & {p.question for p in tr}
+    assert task_prompts(task, "eval", 20, split_seed=1) != ev
+    for p in ev:  # the answer is what the question asks
+        expr = p.question.removeprefix("What is ").split("?")[0]
+        assert eval(expr) == p.answer  # noqa: S307 -- our own arithmetic strings
+    data = train_dataset(task, 20)
+    assert data["answer"] == [p.answer for p in tr] and data["prompt"][0] == [{"role": "user", "content": tr[0].question}]
+    assert 0 < chance_p(task) < 0.1
+
+
+def test_add_mul_latent_is_the_first_step():
+    for p in task_prompts("add_mul", "eval", 10):
+        a, b = p.question.split("(")[1].split(")")[0].split(" + ")
+        assert p.latent == int(a) + int(b) and p.answer % p.latent == 0
+
+
+def test_guards_before_sampling(tmp_path):
+    with pytest.raises(ValueError, match="raise n_samples"):
+        ReweightingConfig(reference_model="x", post_adapter="a", n_samples=8, k_max=16)
+    with pytest.raises(ValueError, match="post_model"):
+        ReweightingConfig(reference_model="x")
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text(json.dumps({"question": "What is 2 + 2?", "answer": 4, "latent": 4}) + "\n" + json.dumps({"question": "Hi?"}) + "\n")
+    with pytest.raises(ValueError, match="line 2 has no 'answer'"):
+        eval_prompts(ReweightingConfig(reference_model="x", post_adapter="a", task=None, eval_file=str(bad)))
+
+
+def _adapter(tmp_path, model, name="adapter"):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["down_proj"], init_lora_weights=False))
+    for n, p in peft.named_parameters():  # a visible change, so the post-RL model differs from the reference
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    peft.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def test_adapter_mismatch_refused(tmp_path):
+    model, _ = tiny_causal_lm("qwen2")
+    good = _adapter(tmp_path, tiny_causal_lm("qwen2")[0])
+    check_adapter(good, model)
+    with pytest.raises(FileNotFoundError, match="no adapter_config"):
+        check_adapter(tmp_path, model)
+    gpt2 = tiny_causal_lm("gpt2")[0]
+    with pytest.raises(ValueError, match="another architecture"):
+        check_adapter(good, gpt2)
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(good / "adapter_model.safetensors")
+    key = next(k for k in w if "lora_A" in k)
+    w[key] = torch.zeros(2, 7)
+    save_file(w, good / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="width 7"):
+        check_adapter(good, model)
+
+
+def test_all_reply_logprobs_matches_naive_loop():
+    model, tok = tiny_causal_lm("qwen2")
+    prompts = [tok.encode("the cat sat"), tok.encode("hello")]
+    replies = [[tok.encode(" on the mat") + [tok.eos_token_id], tok.encode(" on"), []], [tok.encode(" world")]]
+    fast = all_reply_logprobs(model, prompts, replies, tok.pad_token_id, batch_size=2)
+    pairs = [(p, a) for p, rows in zip(prompts, replies) for a in rows]
+    assert len(fast) == len(pairs)
+    for i, (p, a) in enumerate(pairs):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + a])).logits[0].double().log_softmax(-1)
+        naive = sum(float(logits[len(p) - 1 + j, t]) for j, t in enumerate(a))
+        assert fast[i].item() == pytest.approx(naive, abs=1e-4)
+
+
+def test_report_end_to_end(tmp_path, monkeypatch):
+    ref = save_tiny(tmp_path / "ref", "qwen2")
+    adapter = _adapter(tmp_path, tiny_causal_lm("qwen2")[0])
+    cfg = ReweightingConfig(reference_model=str(ref), post_adapter=str(adapter), task="add_mul", n_eval=4, n_samples=4,
+                            max_new_tokens=3, batch_size=16, n_boot=50, probe_n=24, probe_folds=3,
+                            output_dir=str(tmp_path / "out"), device="cpu")
+    r = report(cfg)
+    out = tmp_path / "out"
+    assert {"report.json", "report.md", "passk.png", "samples.jsonl"} <= {p.name for p in out.iterdir()}
+    assert r["ks"] == [1, 2, 4] and r["verdict"]["verdict"] in ("inconclusive", "uninformative", "new coverage", "reweighting")
+    assert len(r["curves"]["reference"]["mean"]) == 3 and r["n_prompts"] == 4
+    assert len(out.joinpath("samples.jsonl").read_text().splitlines()) == 2 * 4 * 4
+    # the adapter changed the model: its replies are likelier under itself than under the reference, so KL > 0
+    assert r["kl"]["kl_post_ref_per_reply"] > 0
+    b = r["belief"]
+    assert set(b["models"]["reference"]["sites"]) == {"embed", "block0", "block1", "final_norm"}
+    # the LoRA sits on both blocks' down_proj: the embedding is untouched, the blocks move
+    assert b["unchanged_sites"] == ["embed"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="num_processes 1"):
+        report(cfg)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/llm").glob("reweighting_*.yaml")), ids=lambda p: p.name)
+def test_shipped_reweighting_configs_parse(path):
+    (cfg,) = make_parser().parse_args_and_config(["--config", str(path)])
+    assert cfg.k_max <= cfg.n_samples
+    if cfg.grpo_config:
+        from llm.grpo import make_parser as grpo_parser
+
+        cfgs = grpo_parser().parse_args_and_config(["--config", cfg.grpo_config])
+        assert cfgs[1].task == cfg.task and cfgs[2].reward == "task"
+        assert Path(cfgs[-1].output_dir).resolve() == Path(cfg.post_adapter).resolve()
+
+
+def test_grpo_task_hook(tmp_path):
+    from llm.grpo import EMGRPOConfig, PromptConfig, RewardConfig, TrackConfig, build_trainer, load_prompts, make_reward
+    from plumbing.lora import LoraPresetConfig
+
+    data = load_prompts(PromptConfig(task="add", task_n_eval=20))
+    assert data["answer"] == train_dataset("add", 20)["answer"]
+    assert make_reward(RewardConfig(reward="task"))(["5"], answer=[5]) == [1.0]
+    model, tok = tiny_causal_lm("qwen2")
+    args = EMGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="set `task`"):
+        build_trainer(None, PromptConfig(), RewardConfig(reward="task"), LoraPresetConfig(layers=[0]), TrackConfig(), args, model, tok)
+
+
+def test_shared_prompt_sampling_matches_padded_batch():
+    """The CPU path (one prompt encoding shared by its samples) against the padded-batch path, greedy."""
+    from llm.fastgen import _cut_at_eos, fast_generate_ids, sample_n_ids
+    from llm.generate import left_padded
+
+    model, tok = tiny_causal_lm("qwen2")
+    prompts = ["the cat sat on", "hello world, I am"]
+    shared = sample_n_ids(model, tok, prompts, 2, max_new_tokens=5, temperature=0)
+    ids, mask = left_padded([tok.encode(p) for p in prompts], tok.pad_token_id)
+    ref = _cut_at_eos(fast_generate_ids(model, ids, mask, max_new_tokens=5, pad_token_id=tok.pad_token_id, temperature=0), tok.eos_token_id)
+    assert [rows[0] for rows in shared] == ref and all(rows[0] == rows[1] for rows in shared)

@@ -56,6 +56,7 @@ from typing import Literal
 
 import torch
 
+from llm.reweighting_report import write_report
 from llm.tasks import TaskPrompt, chance_p, score, task_prompts
 from probes.passk import (
     PassKConfig,
@@ -65,7 +66,6 @@ from probes.passk import (
     pass_at_k_curve,
     pass_at_k_exact,
     passk_verdict,
-    plot_pass_at_k,
 )
 
 logger = logging.getLogger(__name__)
@@ -409,58 +409,6 @@ def report(cfg: ReweightingConfig) -> dict:
     }
     write_report(result, decoded, answers, Path(cfg.output_dir))
     return result
-
-
-def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(r, indent=1) + "\n")
-    with (out / "samples.jsonl").open("w") as f:
-        for name, per_prompt in decoded.items():
-            for j, (rows, a) in enumerate(zip(per_prompt, answers)):
-                for reply, s in zip(rows, score(rows, [a] * len(rows))):
-                    f.write(json.dumps({"model": name, "prompt": j, "answer": a, "reply": reply, "correct": s}) + "\n")
-    cfg = r["config"]
-    plot_pass_at_k(r["curves"], out / "passk.png", title=f"{cfg['task'] or 'eval_file'}: {r['n_prompts']} prompts x {r['n_samples']} samples")
-    v, c = r["verdict"], r["curves"]
-    lines = [
-        "# Reweighting report", "",
-        f"reference `{cfg['reference_model']}`, post-RL `{cfg['post_model'] or cfg['reference_model']}`"
-        + (f" + adapter `{cfg['post_adapter']}`" if cfg["post_adapter"] else "")
-        + f"; task `{cfg['task'] or cfg['eval_file']}`, {r['n_prompts']} prompts x {r['n_samples']} samples, "
-        f"{cfg['max_new_tokens']} new tokens, temperature {cfg['temperature']}, top-p {cfg['top_p']}.", "",
-        f"**Verdict: {v['verdict']}** -- {v['why']}.", "",
-        "| k | " + " | ".join(c) + " |", "|---" * (len(c) + 1) + "|",
-    ]
-    for j, k in enumerate(r["ks"]):
-        lines.append(f"| {k} | " + " | ".join(f"{cv['mean'][j]:.3f} [{cv['lo'][j]:.3f}, {cv['hi'][j]:.3f}]" for cv in c.values()) + " |")
-    cov = r["coverage_k_max"]
-    lines += ["", f"Coverage at k = {r['ks'][-1]}: both {cov['both']:.3f}, post-RL only {cov['only_a']:.3f}, reference only "
-              f"{cov['only_b']:.3f}, neither {cov['neither']:.3f} (at k = 1: post only {r['coverage_k1']['only_a']:.3f}, "
-              f"reference only {r['coverage_k1']['only_b']:.3f}). Crossover k: {v['crossover_k']}. Chance at k_max: {v['chance_k_max']}."]
-    ll = r["likelihood"]
-    lines += ["", f"Log-likelihood per token under the reference: post-RL replies {ll['ref_ll_per_token_of_post_replies']:.3f} nats, "
-              f"its own replies {ll['ref_ll_per_token_of_ref_replies']:.3f} (5th percentile {ll['ref_ll_per_token_p5_of_ref_replies']:.3f}; "
-              f"{ll['share_post_below_ref_p5']:.3f} of post-RL replies fall below it). Post-RL replies under the post-RL model: "
-              f"{ll['post_ll_per_token_of_post_replies']:.3f}. Mean reply tokens: " + ", ".join(f"{k} {x:.1f}" for k, x in ll["mean_reply_tokens"].items()) + "."]
-    if r["kl"]:
-        lines.append(f"KL(post || ref), Monte-Carlo over the post-RL replies: {r['kl']['kl_post_ref_per_reply']:.3f} "
-                     f"+- {r['kl']['se']:.3f} nats per reply ({r['kl']['kl_post_ref_per_token']:.4f} per token).")
-    b = r["belief"]
-    if b:
-        m = b["models"]
-        lines += ["", f"Belief side: ridge probe of the latent from the last prompt position, {b['n']} prompts, {b['folds']}-fold "
-                  f"cross-fitted, alpha {b['alpha']}; readable = R^2 > 0 and MSE <= {cfg['readable_ratio']} x random-init control's.", "",
-                  "| site | R^2 reference | R^2 post-RL | MSE / random-init (ref) | MSE / random-init (post) |", "|---|---|---|---|---|"]
-        for s, x in m["reference"]["sites"].items():
-            y = m["post"]["sites"][s]
-            lines.append(f"| {s} | {x['r2']:.3f} | {y['r2']:.3f} | {x['ratio_to_random_init']:.3f} | {y['ratio_to_random_init']:.3f} |")
-        lines += ["", f"Readable before RL: {b['readable_before_rl']} ({len(m['reference']['readable_sites'])} sites; best "
-                  f"{m['reference']['best_site']} R^2 {m['reference']['best_r2']:.3f}); post-RL: {len(m['post']['readable_sites'])} sites, best "
-                  f"{m['post']['best_site']} R^2 {m['post']['best_r2']:.3f}. Output-side sites ({', '.join(b['output_side_sites'])}) mean R^2: "
-                  f"reference {b['output_side_mean_r2']['reference']:.3f}, post-RL {b['output_side_mean_r2']['post']:.3f} "
-                  f"(gain {b['output_side_r2_gain']:+.3f}). Sites whose activations RL left unchanged: {len(b['unchanged_sites'])}."]
-    lines += ["", "Times (s): " + ", ".join(f"{k} {x}" for k, x in r["timings_s"].items()) + "."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def make_parser():

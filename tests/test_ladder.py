@@ -66,6 +66,21 @@ def test_calibration_controls_match_their_known_answers_on_the_toy_instance(toy_
                 assert r["beaten"][k] == known, (r["control"], k, r)
 
 
+def test_the_supervised_controls_answer_is_known_only_where_its_other_set_reward_fixes_it(toy_ladders):
+    matrix, ((feats, latent, table, lad), (other_feats, other_latent, _, other)) = toy_ladders
+    pi_ref = torch.full((len(latent), 2), 0.5, dtype=torch.float64)
+    c = {k: r["reward"] for k, r in other["rungs"].items()}  # ~0.5 at rung 1, ~0.9 at rungs 2-4
+    for r_other, expect in [(c[1] + 0.15, {1: True, 2: False, 3: False, 4: False}),  # reads the latent, earns less than rung 2
+                            (c[2] + 0.03, {1: True, 2: None, 3: None, 4: None})]:  # within lead of rung 2: not known
+        pi = latent_mixture(pi_ref, table, r_other)[0]  # a policy that reads the latent and earns r_other here too
+        rows = calibration_controls(pi_ref, table, lad, other, other_feats, other_latent, feats, matrix, CFG, supervised=(pi, r_other))
+        (sup,) = [r for r in rows if r["control"] == "supervised"]
+        assert sup["known"] == expect, sup
+        assert all(sup["beaten"][k] == known for k, known in sup["known"].items() if known is not None), sup
+    rows = calibration_controls(pi_ref, table, lad, other, other_feats, other_latent, feats, matrix, CFG)
+    assert "supervised" not in {r["control"] for r in rows}
+
+
 def test_latent_mixture_earns_its_target_exactly():
     g = torch.Generator().manual_seed(0)
     pi_ref = torch.rand(500, 3, generator=g, dtype=torch.float64).softmax(1)

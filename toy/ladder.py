@@ -276,7 +276,7 @@ def latent_mixture(pi_ref: torch.Tensor, table: torch.Tensor, target: float) -> 
 
 def control_policies(pi_ref: torch.Tensor, table: torch.Tensor, other_ladder: dict, other_features: dict,
                      other_latent: torch.Tensor, features: dict, matrix: torch.Tensor, cfg: LadderConfig,
-                     lead: float = 0.10) -> list[tuple[str, torch.Tensor, dict]]:
+                     lead: float = 0.10, supervised: tuple[torch.Tensor, float] | None = None) -> list[tuple[str, torch.Tensor, dict]]:
     """The controls of ``calibration_controls`` as policies: ``(name, pi (N, V), known {rung: bool | None})`` each,
     built on these prompts from an independent prompt set's fitted learners and ceilings (``other_*``)."""
     K = sorted(other_ladder["rungs"])
@@ -296,12 +296,16 @@ def control_policies(pi_ref: torch.Tensor, table: torch.Tensor, other_ladder: di
     r_max = float(table.max(1).values.mean())
     policies.append(("optimum", latent_mixture(pi_ref, table, r_max)[0],
                      {k: (True if other_ceiling[k] <= r_max - lead else None) for k in K}))
+    if supervised is not None:
+        pi, r_other = supervised
+        policies.append(("supervised", pi, {k: (False if r_other <= other_ceiling[k] - 0.01 else True if r_other >= other_ceiling[k] + lead
+                                                else None) for k in K}))
     return policies
 
 
 def calibration_controls(pi_ref: torch.Tensor, table: torch.Tensor, ladder: dict, other_ladder: dict,
                          other_features: dict, other_latent: torch.Tensor, features: dict, matrix: torch.Tensor,
-                         cfg: LadderConfig, lead: float = 0.10) -> list[dict]:
+                         cfg: LadderConfig, lead: float = 0.10, supervised: tuple[torch.Tensor, float] | None = None) -> list[dict]:
     """Controls whose per-rung answer is known by construction, judged against ``ladder`` (ceilings cross-fitted on
     these prompts) but built from an independent prompt set (``other_*``: its fitted learners and its ceilings;
     ``control_policies``):
@@ -311,14 +315,20 @@ def calibration_controls(pi_ref: torch.Tensor, table: torch.Tensor, ladder: dict
     - ``capped_rung<k>``: the latent mixture earning the other set's ceiling_k - 0.01 -- uses the latent, beats no rung >= k;
     - ``above_rung<k>``: the latent mixture earning the other set's ceiling_k + ``lead`` -- beats every rung <= k;
     - ``optimum``: pi_ref restricted to the top-reward outputs -- beats every rung whose other-set ceiling is
-      at least ``lead`` below it.
+      at least ``lead`` below it;
+    - ``supervised`` (if given): the supervised composed policy (``toy.composition.supervised_control``, fine-tuned
+      onto the optimum on prompts of neither set), as ``(its policy (N, V) on these prompts, its exact reward on the
+      other set)``. It reads the latent by construction, but that does not fix its reward, and the ladder judges
+      reward: its answer is known only where its other-set reward fixes it -- not beyond rung k when that reward is
+      at most the other set's ceiling_k - 0.01 (as ``capped``), beyond every rung k whose other-set ceiling it
+      exceeds by ``lead`` (as ``above``), unknown in between.
 
     The controls do not depend on the margins (``lead`` is fixed), so one calibration serves any margins.
 
     Returns one row per control: ``{"control", "reward", "known": {k: bool | None}, "beaten": {k: bool}}``."""
     rows = []
     for name, pi, known in control_policies(pi_ref, table, other_ladder, other_features, other_latent, features,
-                                            matrix, cfg, lead):
+                                            matrix, cfg, lead, supervised):
         reward = float((pi * table).sum(1).mean())
         v = ladder_verdict(float((pi_ref * table).sum(1).mean()), reward, ladder, cfg)
         rows.append({"control": name, "reward": reward, "known": known, "beaten": v["beaten"], "verdict": v["verdict"]})

@@ -29,6 +29,7 @@ from transformers import GPT2LMHeadModel
 
 from plumbing.config import ConfigParser
 from plumbing.runs import refuse_multiprocess
+from toy.composition import supervised_control
 from toy.grpo import RLTaskConfig, ToyGRPOConfig, build_reward, policy_probs, pretrained_model, task_prompts
 from toy.ladder import RUNGS, LadderConfig, calibration_controls, ceilings, ladder_verdict, rung_features
 
@@ -42,10 +43,14 @@ class LadderRunConfig:
     calibrate_seeds: list[int] = field(default_factory=list, metadata={"help": "Prompt sets of the calibration (>= 2; controls of s come from s+1, cyclic)."})
     thresholds: str = field(default="configs/toy/detector_thresholds.yaml", metadata={"help": "The pre-registered LadderConfig YAML."})
     ladder_dir: str | None = field(default=None, metadata={"help": "Output folder (default <runs_dir>/ladder)."})
+    supervised_steps: int = field(default=1000, metadata={"help": "Calibration: cross-entropy steps of the supervised composed "
+                                                           "control, one per prompt set (0 leaves it out)."})
 
     def __post_init__(self):
         if len(self.calibrate_seeds) == 1:
             raise ValueError("calibrate_seeds needs >= 2 prompt sets: seed s's controls are built on set s+1")
+        if self.supervised_steps < 0:
+            raise ValueError(f"supervised_steps must be >= 0 (0 leaves the supervised control out); got {self.supervised_steps}")
 
 
 def mean_ci(values: list[float]) -> tuple[float, float, float]:
@@ -128,14 +133,22 @@ def _ladder_md(name: str, result: dict, cfg: LadderConfig, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def calibrate(sets: _Sets, seeds: list[int], cfg: LadderConfig) -> dict:
-    """Calibration controls on every prompt set (``toy.ladder.calibration_controls``) and false-positive /
+def calibrate(sets: _Sets, seeds: list[int], cfg: LadderConfig, supervised_steps: int = 1000) -> dict:
+    """Calibration controls on every prompt set (``toy.ladder.calibration_controls``; with ``supervised_steps``, also
+    ``toy.composition.supervised_control`` trained on the RL training prompts with seed s) and false-positive /
     false-negative rates per rung."""
     rows = []
+    if supervised_steps:  # the control's training prompts: the RL training set, disjoint from every B_s
+        train = task_prompts(sets.task, sets.process, sets.task.n_train_prompts, sets.task.prompt_seed)
     for i, s in enumerate(seeds):
         b, o = sets(s, features=True), sets(seeds[(i + 1) % len(seeds)], features=True)
+        supervised = None
+        if supervised_steps:
+            model = supervised_control(sets.pre, sets.process, sets.reward, *train, sets.task.train_modules, steps=supervised_steps, seed=s)
+            V = sets.process.vocab_size
+            supervised = (policy_probs(model, b["prompts"], V), float((policy_probs(model, o["prompts"], V) * o["table"]).sum(1).mean()))
         for row in calibration_controls(b["pi_ref"], b["table"], b["ladder"], o["ladder"], o["features"], o["latent"],
-                                        b["features"], sets.reward.matrix, cfg):
+                                        b["features"], sets.reward.matrix, cfg, supervised=supervised):
             rows.append(row | {"seed": s, "ceilings": {k: r["reward"] for k, r in b["ladder"]["rungs"].items()}})
     rates = {}
     for k in RUNGS:
@@ -187,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m toy.experiments.ladder " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"thresholds": asdict(cfg), "reference": str(pre_path), "reward": reward.__name__, "process": process.name}
     if which.calibrate_seeds:
-        cal = calibrate(sets, which.calibrate_seeds, cfg)
+        cal = calibrate(sets, which.calibrate_seeds, cfg, which.supervised_steps)
         (out / "calibration.json").write_text(json.dumps(result | cal, indent=1, default=str))
         (out / "calibration.md").write_text(_calibration_md(reward.__name__, cal, cfg, command, len(which.calibrate_seeds)))
         print((out / "calibration.md").read_text())

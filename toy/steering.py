@@ -23,12 +23,30 @@ from __future__ import annotations
 
 import torch
 
-from probes import add_vector, next_token_logits, residual_stream
+from probes import add_vector, fit_ridge, next_token_logits, regression_metrics, residual_stream, split_indices
 from toy.beliefs import belief_states
+from toy.collect import collect
+from toy.data import sample
 from toy.factors import factor_marginals, product_approximation, product_belief
 from toy.processes import Process
 
 EDITS = ("pinv", "covariance", "mean_diff")
+
+
+def steering_probe(model, process: Process, site: str, length: int, probe_sequences: int, n_contexts: int, alpha: float,
+                   seed: int) -> dict:
+    """The probe a steering run edits through, fitted on ``probe_sequences`` windows of ``length`` tokens (one short
+    of training's: the last training position's output is never trained, see ``toy.collect.collect``): ``data`` (the
+    probe rows), ``probe`` (ridge on every row: the steering contexts are fresh samples), ``probe_r2`` (held-out R^2
+    of the same fit on 80% of the windows), ``cov`` (the activations' covariance, the S-step metric) and ``tokens``
+    (``n_contexts`` fresh steering contexts)."""
+    data = collect(model, process, length, probe_sequences, seed + 1, sites=[site], batch_size=1024)
+    train_rows, test_rows = split_indices(data.X.shape[0], 0.2, seed, data.groups)
+    held_out = fit_ridge(data.X[train_rows], data.beliefs[train_rows], alpha)
+    probe_r2 = regression_metrics(data.beliefs[test_rows], held_out.predict(data.X[test_rows].double()))["r2"]
+    Xc = data.X.double() - data.X.double().mean(0)
+    return {"data": data, "probe": fit_ridge(data.X, data.beliefs, alpha), "probe_r2": probe_r2, "cov": Xc.T @ Xc / len(Xc),
+            "tokens": sample(process, n_contexts, length, seed=seed + 2).tokens}
 
 
 def steering_edit(probe, eta_hat: torch.Tensor, eta_target: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:

@@ -43,13 +43,11 @@ from pathlib import Path
 
 from plumbing.config import ConfigParser
 from plumbing.runs import claim_output_dir, config_record, refuse_multiprocess
-from probes import fit_ridge, regression_metrics, split_indices
-from toy.collect import collect, default_site
+from toy.collect import default_site
 from toy.config import JsonDict, TrainConfig
-from toy.data import sample
 from toy.model import ToyModelConfig
 from toy.processes import make_process, tagged
-from toy.steering import steer_factor, steering_metrics
+from toy.steering import steer_factor, steering_metrics, steering_probe
 from toy.train import RERUN_KEYS, train_on
 
 EDITS = ("pinv", "covariance")  # the mean-difference baseline is compared along the knob in toy.experiments.steering_knob
@@ -88,16 +86,9 @@ def run_rho(rho: float, cfg: SteeringConfig, model_cfg: ToyModelConfig, train_cf
     site = cfg.site or default_site(model)
     # one token short of training's windows: the last training position has no label, so its prediction is untrained
     # (see toy.experiments.steering_knob); the steered position is the last one the model learned to predict from
-    length = cfg.context_length - 1
-    data = collect(model, process, length, cfg.probe_sequences, seed + 1, sites=[site], batch_size=1024)
-    train_rows, test_rows = split_indices(data.X.shape[0], 0.2, seed, data.groups)
-    held_out = fit_ridge(data.X[train_rows], data.beliefs[train_rows], cfg.probe_alpha)
-    probe_r2 = regression_metrics(data.beliefs[test_rows], held_out.predict(data.X[test_rows].double()))["r2"]
-    probe = fit_ridge(data.X, data.beliefs, cfg.probe_alpha)  # all rows: the steering contexts are fresh samples
-    tokens = sample(process, cfg.n_contexts, length, seed=seed + 2).tokens
-    Xc = data.X.double() - data.X.double().mean(0)
-    out = steer_factor(model, process, probe, tokens, site, Xc.T @ Xc / len(Xc), kinds=EDITS, seed=seed)
-    return {"process": process.name, "site": site, "probe_test_r2": probe_r2, **steering_metrics(process, out)}, out
+    sp = steering_probe(model, process, site, cfg.context_length - 1, cfg.probe_sequences, cfg.n_contexts, cfg.probe_alpha, seed)
+    out = steer_factor(model, process, sp["probe"], sp["tokens"], site, sp["cov"], kinds=EDITS, seed=seed)
+    return {"process": process.name, "site": site, "probe_test_r2": sp["probe_r2"], **steering_metrics(process, out)}, out
 
 
 def _plots(metrics: dict, outs: dict, out_dir: Path) -> None:

@@ -44,14 +44,12 @@ from pathlib import Path
 from plumbing.config import ConfigParser
 from plumbing.runs import claim_output_dir, config_record, refuse_multiprocess
 from plumbing.stats import mean_ci
-from probes import fit_ridge, regression_metrics, split_indices
 from toy.alignment import pairwise_tag_mi, persona_world
-from toy.collect import collect, default_site
+from toy.collect import default_site
 from toy.config import JsonDict, TrainConfig
-from toy.data import sample
 from toy.model import ToyModelConfig
 from toy.processes import Process, make_process, tagged
-from toy.steering import mean_difference, steer_factor, steering_metrics
+from toy.steering import mean_difference, steer_factor, steering_metrics, steering_probe
 from toy.train import RERUN_KEYS, train_on
 
 KINDS = ("covariance", "mean_diff")
@@ -119,14 +117,9 @@ def run_cell(cfg: KnobConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig,
     # position embedding is never trained and its prediction is off (KL to the exact one ~0.1 nats against ~0.005
     # one position earlier, measured); the steered position is then the last one the model learned to predict from
     length = cfg.context_length - 1
-    data = collect(model, process, length, cfg.probe_sequences, seed + 1, sites=[site], batch_size=1024)
-    train_rows, test_rows = split_indices(data.X.shape[0], 0.2, seed, data.groups)
-    held_out = fit_ridge(data.X[train_rows], data.beliefs[train_rows], cfg.probe_alpha)
-    probe_r2 = regression_metrics(data.beliefs[test_rows], held_out.predict(data.X[test_rows].double()))["r2"]
-    probe = fit_ridge(data.X, data.beliefs, cfg.probe_alpha)  # all rows: the steering contexts are fresh samples
-    Xc = data.X.double() - data.X.double().mean(0)
-    tokens = sample(process, cfg.n_contexts, length, seed=seed + 2).tokens
-    out = steer_factor(model, process, probe, tokens, site, Xc.T @ Xc / len(Xc), mean_difference(data.X, data.beliefs, process),
+    sp = steering_probe(model, process, site, length, cfg.probe_sequences, cfg.n_contexts, cfg.probe_alpha, seed)
+    data, probe, probe_r2 = sp["data"], sp["probe"], sp["probe_r2"]
+    out = steer_factor(model, process, probe, sp["tokens"], site, sp["cov"], mean_difference(data.X, data.beliefs, process),
                        kinds=KINDS, seed=seed)
     axis, _ = parse_setting(setting)
     return {"setting": setting, "seed": seed, "process": process.name, "site": site, "steered_position": length - 1, "probe_test_r2": probe_r2,

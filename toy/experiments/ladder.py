@@ -29,6 +29,7 @@ from transformers import GPT2LMHeadModel
 
 from plumbing.config import ConfigParser
 from plumbing.runs import refuse_multiprocess
+from plumbing.stats import mean_ci
 from toy.composition import supervised_control
 from toy.grpo import RLTaskConfig, ToyGRPOConfig, build_reward, policy_probs, pretrained_model, task_prompts
 from toy.ladder import RUNGS, LadderConfig, calibration_controls, ceilings, ladder_verdict, rung_features
@@ -53,19 +54,11 @@ class LadderRunConfig:
             raise ValueError(f"supervised_steps must be >= 0 (0 leaves the supervised control out); got {self.supervised_steps}")
 
 
-def mean_ci(values: list[float]) -> tuple[float, float, float]:
-    """Mean and two-sided 95% Student-t interval over seeds (NaN half-width for one value)."""
-    from scipy import stats
 
-    x = torch.tensor(values, dtype=torch.float64)
-    if len(x) < 2:
-        return float(x.mean()), float("nan"), float("nan")
-    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std() / math.sqrt(len(x)))
-    return float(x.mean()), float(x.mean()) - half, float(x.mean()) + half
-
-
-def _fmt(v: tuple[float, float, float]) -> str:
-    return f"{v[0]:.3f}" if math.isnan(v[1]) else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+def _fmt(v: dict) -> str:
+    """``plumbing.stats.mean_ci``'s mean [95% t-interval], the mean alone for one seed."""
+    (lo, hi) = v["ci"]
+    return f"{v['mean']:.3f}" if math.isnan(lo) else f"{v['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 class _Sets:

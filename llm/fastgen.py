@@ -21,6 +21,8 @@ import inspect
 
 import torch
 
+from llm.generate import sampling_kwargs
+
 
 def fast_generate_ids(
     model,
@@ -40,11 +42,7 @@ def fast_generate_ids(
     ``T <= max_new_tokens``; rows that stopped early are filled with ``pad_token_id``. Runs in chunks of
     ``batch_size`` rows, the last chunk filled up with copies of its first row (same compiled shape).
     """
-    # top_k=0: sample from the full distribution (transformers' default top_k is 50), as llm.generate does
-    sampling = (
-        dict(do_sample=False) if temperature == 0
-        else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    )
+    sampling = sampling_kwargs(temperature, top_p)
     n = input_ids.shape[0]
     device = next(model.parameters()).device
     outs = []
@@ -160,7 +158,7 @@ def sample_n_ids(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
     if device.type != "cuda":
-        sampling = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        sampling = sampling_kwargs(temperature, top_p)
         out = []
         for i, text in enumerate(prompts):
             ids = tokenizer.encode(text, add_special_tokens=False)

@@ -88,6 +88,12 @@ def build_prompt_rows(questions: Sequence[Question], tokenizer, samples_per_para
     return rows
 
 
+def sampling_kwargs(temperature: float, top_p: float) -> dict:
+    """``generate`` keywords for a temperature and top-p: greedy at temperature 0, else sampling with ``top_k=0``
+    (transformers' default top_k is 50), so temperature 1 / top_p 1 samples the model's full distribution."""
+    return dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+
+
 @torch.no_grad()
 def hf_generate(
     model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float, seed: int
@@ -101,7 +107,7 @@ def hf_generate(
     input_ids, attn = left_padded(ids, pad)
     dev = next(model.parameters()).device
     torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    sampling = sampling_kwargs(temperature, top_p)
     out = model.generate(
         input_ids=input_ids.to(dev), attention_mask=attn.to(dev), max_new_tokens=max_new_tokens,
         pad_token_id=pad, **sampling,

@@ -119,14 +119,14 @@ class SteerConfig:
 def edited_generate_fn(edits: Sequence[Edit]):
     """A ``llm.generate.GenerateFn`` that samples with ``edits`` active on every decode step (through
     ``probes.activations.generate_with_edits``), so ``llm.evaluate.evaluate_model`` can judge a steered model."""
-    from llm.generate import left_padded
+    from llm.generate import left_padded, sampling_kwargs
 
     @torch.no_grad()
     def generate(model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, seed):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         input_ids, attention_mask = left_padded([tokenizer.encode(p, add_special_tokens=False) for p in prompts], pad)
         torch.manual_seed(seed)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+        sampling = sampling_kwargs(temperature, top_p)
         out = generate_with_edits(
             model, input_ids, edits, attention_mask=attention_mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling
         )

@@ -460,6 +460,7 @@ def _summary_md(cfg: EvalConfig, rec: Mapping, judge: str, em: Mapping, means: M
 def main(argv: list[str] | None = None) -> dict:
     from llm.models import ModelConfig, load_model_and_tokenizer
     from plumbing.config import ConfigParser
+    from plumbing.trainers import end_processes
 
     model_cfg, eval_cfg = ConfigParser((ModelConfig, EvalConfig)).parse_args_and_config(args=argv)
     check_inputs(eval_cfg, model_cfg)
@@ -469,6 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = config_record(model_cfg)["ModelConfig"]
     record.pop("device", None)
     result = evaluate_model(model, tokenizer, eval_cfg, judge=judge, record=record, check_judge_first=False)
+    end_processes()
     if _state().is_main_process:
         o = result["em"]["overall"]
         print(json.dumps({"model": _model_label({"model": record}), "adapter": model_cfg.adapter_path,

@@ -363,6 +363,8 @@ def test_maxrl_advantages_under_two_ranks(tmp_path):
         "inputs = [ds[i // 4] for i in range(rank * 6, rank * 6 + 6)]  # 12 completions = 3 groups over 2 ranks\n"
         "adv = trainer._generate_and_score_completions(inputs)['advantages']\n"
         "torch.save({'r': torch.tensor(local[-1]), 'adv': adv.float()}, f'{out}/rank{rank}.pt')\n"
+        "from plumbing.trainers import end_processes\n"
+        "end_processes()  # a gloo rank exiting with its group alive can abort in teardown\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537", str(script),

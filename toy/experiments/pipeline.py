@@ -46,6 +46,7 @@ from typing import Callable
 import torch
 
 from plumbing.config import ConfigParser
+from plumbing.trainers import end_processes
 from probes.activations import reader, site_layer
 from probes.io import save_probe
 from probes.linear import fit_probe_report, fit_ridge, population_probe_report
@@ -349,6 +350,7 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
     data = probe_windows(process, L - 1, probe_cfg.probe_samples, seed=777, max_sequences=probe_cfg.probe_max_sequences)
     curve = exact_probe_curve(data, probe_cfg) if PartialState().is_main_process else None
     result: TrainResult = train(process, model, train_cfg, L, run_info=info, eval_fn=curve)
+    end_processes()  # probing below is the main process's alone
     if not PartialState().is_main_process:
         return {}
     out = Path(train_cfg.output_dir)

@@ -26,6 +26,7 @@ from dataclasses import asdict
 
 from plumbing.config import ConfigParser
 from plumbing.runs import Stopped
+from plumbing.trainers import end_processes
 from toy.config import DataConfig, TrainConfig
 from toy.model import ToyModelConfig, build_model
 from toy.train import TrainResult, set_cpu_threads, train
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
         sys.exit(stop.exit_code)
     from accelerate import PartialState
 
+    end_processes()
     if PartialState().is_main_process:
         print(
             f"{process.name}: step {result.step}, val loss {result.val_loss:.6f} nats, floor {result.floor:.6f} "

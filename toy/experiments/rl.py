@@ -61,7 +61,7 @@ from plumbing.runs import (
     world_size,
 )
 from plumbing.stats import mean_ci
-from plumbing.trainers import ZeroAdvantageCallback
+from plumbing.trainers import ZeroAdvantageCallback, end_processes
 from toy.composition import DetectorConfig, composition_report, rare_decodability, supervised_control, write_report
 from toy.grpo import (
     GRPO_RERUN_KEYS,
@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics = run(task, args, cfg)
         except Stopped as stop:
             sys.exit(stop.exit_code)
+        end_processes()
         if not metrics:  # not the main process
             return metrics
         line = f"{metrics['reward_name']}: reward {metrics.get('reward_before', float('nan')):.4f} -> {metrics.get('reward_after', float('nan')):.4f}"

@@ -1,19 +1,27 @@
 """Test tiers: the default run executes every CPU tier; ``gpu`` tests skip without CUDA and
-``shared_data`` tests skip when ``../shared/data`` (the developers' data folder) is absent."""
+``shared_data`` tests skip when ``../shared/data`` (the developers' data folder) is absent.
 
+The gpu tier's dry run: ``GPU_TIER_DEVICE=cpu python -m pytest -m gpu tests/test_gpu.py`` runs the ``gpu`` tests on
+the CPU instead of skipping them (their ``device`` fixture yields ``"cpu"``), so their logic is checked on a machine
+without CUDA; the device-vs-CPU comparisons are then trivially tight, which is all a dry run can show."""
+
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GPU_TIER_DEVICE = os.environ.get("GPU_TIER_DEVICE", "cuda")
+if GPU_TIER_DEVICE not in ("cuda", "cpu"):
+    raise pytest.UsageError(f"GPU_TIER_DEVICE={GPU_TIER_DEVICE!r}; unset it (cuda) or set it to cpu for the gpu tier's dry run")
 
 
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs a CUDA device")
     no_data = pytest.mark.skip(reason=f"needs {SHARED_DATA}")
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if "gpu" in item.keywords and GPU_TIER_DEVICE == "cuda" and not torch.cuda.is_available():
             item.add_marker(no_gpu)
         if "shared_data" in item.keywords and not SHARED_DATA.is_dir():
             item.add_marker(no_data)
@@ -22,6 +30,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Where the ``gpu`` tier runs: ``"cuda"``, or ``"cpu"`` under ``GPU_TIER_DEVICE=cpu`` (the dry run)."""
+    return GPU_TIER_DEVICE
 
 
 @pytest.fixture(autouse=True)

@@ -103,10 +103,21 @@ def fast_generate(
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
-def _cut_at_eos(new: torch.Tensor, eos: int) -> list[list[int]]:
-    ends = new == eos
+def stop_ids(model, tokenizer) -> list[int]:
+    """The ids that end a sampled reply: the tokenizer's eos and every eos id of the model's generation config, where
+    ``generate`` stops a row (and pads it after). Chat models list their end-of-turn token there (Gemma's
+    ``<end_of_turn>``, Qwen2.5's ``<|im_end|>`` and ``<|endoftext|>``), and a base model's may differ from the paired
+    instruct tokenizer's eos."""
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return sorted({tokenizer.eos_token_id, *eos} - {None})
+
+
+def _cut_at_eos(new: torch.Tensor, eos: int | list[int]) -> list[list[int]]:
+    """Rows of ``new`` (N, T) as lists, each cut after its first token in ``eos`` (one id or several)."""
+    ends = torch.isin(new, torch.as_tensor(eos, device=new.device))
     # length = up to and including the first eos, else every token
-    first = torch.where(ends.any(1), ends.int().argmax(1) + 1, torch.full((new.shape[0],), new.shape[1]))
+    first = torch.where(ends.any(1), ends.int().argmax(1) + 1, torch.full((new.shape[0],), new.shape[1], device=new.device))
     return [new[i, : int(first[i])].tolist() for i in range(new.shape[0])]
 
 
@@ -143,8 +154,9 @@ def sample_n_ids(
     batch_size: int = 256,
     pad_to_multiple_of: int = 64,
 ) -> list[list[list[int]]]:
-    """``n`` sampled continuations per prompt as token ids, each cut after its first eos (kept: it is part of
-    the sampled sequence, so log-likelihoods and KL estimates count it). Returns ``[prompt][sample] -> ids``.
+    """``n`` sampled continuations per prompt as token ids, each cut after its first eos (any of ``stop_ids``; kept:
+    it is part of the sampled sequence, so log-likelihoods and KL estimates count it, and the pads ``generate`` puts
+    after it are not). Returns ``[prompt][sample] -> ids``.
 
     ``prompts`` are chat-formatted strings. On CUDA: prompt-major rows (``n`` copies of prompt 0 first) in chunks of
     ``batch_size`` through ``fast_generate_ids`` (static cache, compiled). Elsewhere the prompt, usually longer than
@@ -155,7 +167,7 @@ def sample_n_ids(
         raise ValueError(f"need n >= 1 and at least one prompt, got n={n}, {len(prompts)} prompts")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; load it with llm.models.load_tokenizer")
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos, pad = stop_ids(model, tokenizer), tokenizer.pad_token_id
     device = next(model.parameters()).device
     if device.type != "cuda":
         sampling = sampling_kwargs(temperature, top_p)

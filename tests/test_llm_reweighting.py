@@ -162,3 +162,21 @@ def test_shared_prompt_sampling_matches_padded_batch():
     ids, mask = left_padded([tok.encode(p) for p in prompts], tok.pad_token_id)
     ref = _cut_at_eos(fast_generate_ids(model, ids, mask, max_new_tokens=5, pad_token_id=tok.pad_token_id, temperature=0), tok.eos_token_id)
     assert [rows[0] for rows in shared] == ref and all(rows[0] == rows[1] for rows in shared)
+
+
+def test_sampled_replies_end_at_every_stop_id_of_the_generation_config():
+    """generate stops a row at any eos id of the model's generation config (chat models list their end-of-turn token
+    there: Gemma's <end_of_turn>, Qwen2.5's <|im_end|> and <|endoftext|>) and pads it after; a reply must end there,
+    not carry the pads into its length and log-likelihood because the tokenizer's eos is another id."""
+    from llm.fastgen import sample_n_ids
+
+    model, tok = tiny_causal_lm("qwen2")
+    stops = set(range(len(tok) // 2, len(tok)))  # half the vocabulary: most replies stop early, at different steps
+    model.generation_config.eos_token_id = [tok.eos_token_id, *sorted(stops)]
+    replies = sample_n_ids(model, tok, ["the cat sat on", "hello world"], 8, max_new_tokens=6, seed=0)
+    flat = [r for rows in replies for r in rows]
+    assert any(len(r) < 6 for r in flat) and len({len(r) for r in flat}) > 1  # rows of one batch stopped at different steps
+    for r in flat:
+        at = [j for j, t in enumerate(r) if t in stops or t == tok.eos_token_id]
+        # a reply ends at its first stop token (no pad after it), or runs to the cap without one
+        assert (at and at[0] == len(r) - 1) or (not at and len(r) == 6), r

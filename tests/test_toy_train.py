@@ -243,3 +243,19 @@ def test_eval_fn_joins_step_zero_and_every_validation_point(tmp_path):
     result = train(process, model, tiny_cfg(tmp_path), eval_fn=eval_fn)
     assert [h["step"] for h in result.history if "probe_mse/x" in h] == [0, 6, 12]
     assert seen == [False, False, False] and result.model.training  # eval mode inside, training mode restored
+
+
+def test_training_after_a_bf16_trainer_in_the_same_process(tmp_path):
+    """A TRL trainer in bf16 (what ToyGRPOConfig resolves on a GPU) leaves accelerate's process-wide state in bf16; the
+    next toy.train of that process (the next seed of ``toy.experiments.rl --seeds``, its supervised control) must run
+    with its own config's precision, not stop on accelerate's 'cannot be changed' error."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # as a fresh process: the trainer's state comes first
+    Accelerator(cpu=True, mixed_precision="bf16")
+    try:
+        result = train(make_process("mess3"), build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=3, eval_every=0))
+        assert result.step == 3 and AcceleratorState().mixed_precision == "no"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

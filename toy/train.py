@@ -201,6 +201,19 @@ def _claim(out_dir: Path, cfg: TrainConfig, record: dict, main: bool) -> None:
                 shutil.rmtree(path)
 
 
+def make_accelerator(cfg: TrainConfig):
+    """An ``Accelerator`` with ``cfg``'s device and precision. accelerate keeps one state per process, fixed by the
+    first trainer of the process; a TRL trainer before (bf16 on a GPU: the next seed of ``toy.experiments.rl``)
+    would make ``mixed_precision="no"`` an error, and a ``use_cpu`` stage before would keep a GPU run on the CPU. So
+    that state is dropped first, except the process group of a multi-process launch (a launch fixes the device)."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=not (dist.is_available() and dist.is_initialized()))
+    return Accelerator(cpu=cfg.use_cpu, mixed_precision=cfg.mixed_precision)
+
+
 def _params_finite(model: torch.nn.Module) -> bool:
     params = [p.detach() for p in model.parameters() if p.numel()]
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one host sync
@@ -237,7 +250,6 @@ def train(
 
     Returns a ``TrainResult`` whose ``model`` is the unwrapped trained model (on the training device).
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     context_length = context_length or model.config.n_positions
@@ -245,7 +257,7 @@ def train(
         raise ValueError(f"context_length={context_length} exceeds the model's n_positions={model.config.n_positions}")
     if process.vocab_size > model.config.vocab_size:
         raise ValueError(f"{process.name} has {process.vocab_size} tokens but the model's vocab is {model.config.vocab_size}")
-    accelerator = accelerator or Accelerator(cpu=cfg.use_cpu, mixed_precision=cfg.mixed_precision)
+    accelerator = accelerator or make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if world_size() > world:
         raise ValueError(

@@ -146,6 +146,9 @@ def test_toy_grpo_on_device_one_token_path_matches_generate(device, toy_pretrain
 
     before = GPT2LMHeadModel.from_pretrained(toy_pretrained).state_dict()
     assert max((before[k] - after[k].cpu()).abs().max().item() for k in before) > 1e-3
+    # the next pre-training of the same process (toy.experiments.rl --seeds) after a bf16 trainer, no reset between
+    nxt = train(make_process("mess3"), build_model(TOY, 3, 6, seed=1), _toy_cfg(tmp_path / "next", device, steps=2))
+    assert on(nxt.model) == device and nxt.step == 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -401,10 +401,14 @@ def test_llm_grpo_on_device_trains_the_rank1_lora_and_the_adapter_reloads(device
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma"])
-def test_residual_reads_and_edits_on_device_equal_the_cpu(device, arch):
+def test_residual_reads_and_edits_on_device_equal_the_cpu(device, arch, monkeypatch):
     """``probes.activations`` on the device (fp32): residual reads at every site come back on the device and equal the
-    CPU's; an added vector changes the logits by the same amount as on the CPU; greedy generation with the edit
-    active on every step gives the CPU's tokens."""
+    CPU's, through nnsight and through the hook reader used where nnsight is absent; an added vector changes the
+    logits by the same amount as on the CPU; greedy generation with the edit active on every step gives the CPU's
+    tokens."""
+    import sys
+
+    from probes import activations
     from probes.activations import add_vector, generate_with_edits, logits_with_edits, residual_sites, residual_stream
 
     model, tok = tiny_causal_lm(arch)
@@ -428,3 +432,8 @@ def test_residual_reads_and_edits_on_device_equal_the_cpu(device, arch):
     gen = generate_with_edits(model, ids, edit, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
                               pad_token_id=tok.pad_token_id)
     assert torch.equal(gen.cpu(), cpu_gen.cpu())
+    monkeypatch.setitem(sys.modules, "nnsight", None)
+    assert activations.reader() == "hooks"
+    hooked = residual_stream(model, ids, attention_mask=mask)
+    assert hooked.device.type == device
+    torch.testing.assert_close(hooked.cpu()[:, real], reads.cpu()[:, real], rtol=1e-5, atol=1e-6)

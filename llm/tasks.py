@@ -26,28 +26,37 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import product
 from typing import Literal
 
 from llm.rewards import completion_text
 
-TaskName = Literal["add", "add_small", "mul", "add_mul"]
-TASKS: tuple[str, ...] = ("add", "add_small", "mul", "add_mul")
+TaskName = Literal["add", "add_small", "mul", "add_mul", "add3_1", "add3_2", "sub3_1", "add_add", "add_sub"]
+TASKS: tuple[str, ...] = ("add", "add_small", "mul", "add_mul", "add3_1", "add3_2", "sub3_1", "add_add", "add_sub")
 SUFFIX = " Answer with only the number."
 _INT = re.compile(r"-?\d+")
 
 
 @dataclass(frozen=True)
 class TaskPrompt:
-    """One verifiable prompt: ``question`` (the user turn), its integer ``answer`` and ``latent`` (the first step's
-    result for ``add_mul``; the answer itself for one-step tasks)."""
+    """One verifiable prompt: ``question`` (the user turn), its integer ``answer``, ``latent`` (the first step's
+    result for a two-step task; the answer itself for one-step tasks) and ``group``: prompts of one group share the
+    operands that determine the latent (``add_mul``: the pair (a, b), met with several c), so a latent probe's folds
+    keep a group together; None: the prompt is its own group."""
 
     question: str
     answer: int
     latent: int
+    group: str | None = None
 
 
-def _all_prompts(task: str) -> list[TaskPrompt]:
+@lru_cache(maxsize=None)  # the large tasks have 10^5 prompts; build each list once
+def _all_prompts(task: str) -> tuple[TaskPrompt, ...]:
+    return tuple(_build_prompts(task))
+
+
+def _build_prompts(task: str) -> list[TaskPrompt]:
     if task == "add":
         return [TaskPrompt(f"What is {a} + {b}?{SUFFIX}", a + b, a + b) for a, b in product(range(1, 30), repeat=2)]
     if task == "add_small":
@@ -55,15 +64,27 @@ def _all_prompts(task: str) -> list[TaskPrompt]:
     if task == "mul":
         return [TaskPrompt(f"What is {s} * {c}?{SUFFIX}", s * c, s * c) for s, c in product(range(2, 19), range(2, 6))]
     if task == "add_mul":
-        return [TaskPrompt(f"What is ({a} + {b}) * {c}?{SUFFIX}", (a + b) * c, a + b)
+        return [TaskPrompt(f"What is ({a} + {b}) * {c}?{SUFFIX}", (a + b) * c, a + b, f"{a},{b}")
                 for a, b, c in product(range(1, 10), range(1, 10), range(2, 6))]
+    if task == "add3_1":
+        return [TaskPrompt(f"What is {a} + {b}?{SUFFIX}", a + b, a + b) for a, b in product(range(100, 1000), range(1, 10))]
+    if task == "add3_2":
+        return [TaskPrompt(f"What is {a} + {b}?{SUFFIX}", a + b, a + b) for a, b in product(range(100, 1000), range(10, 100))]
+    if task == "sub3_1":
+        return [TaskPrompt(f"What is {s} - {c}?{SUFFIX}", s - c, s - c) for s, c in product(range(110, 1099), range(2, 10))]
+    if task == "add_add":
+        return [TaskPrompt(f"What is {a} + {b} + {c}?{SUFFIX}", a + b + c, a + b, f"{a},{b}")
+                for a, b, c in product(range(100, 1000), range(1, 10), range(1, 10))]
+    if task == "add_sub":
+        return [TaskPrompt(f"What is {a} + {b} - {c}?{SUFFIX}", a + b - c, a + b, f"{a},{b}")
+                for a, b, c in product(range(100, 1000), range(10, 100), range(2, 6))]
     raise ValueError(f"task={task!r}; choose one of {', '.join(TASKS)}")
 
 
 def task_prompts(task: str, split: Literal["train", "eval"], n_eval: int = 48, split_seed: int = 0) -> list[TaskPrompt]:
     """The ``split`` prompts of ``task`` (see the module docstring: the same ``n_eval`` and ``split_seed`` give disjoint
     sets). Deterministic: the same arguments give the same list in the same order."""
-    rows = _all_prompts(task)
+    rows = list(_all_prompts(task))
     if not 1 <= n_eval < len(rows):
         raise ValueError(f"n_eval={n_eval}; task {task!r} has {len(rows)} prompts, so use 1..{len(rows) - 1}")
     random.Random(split_seed).shuffle(rows)

@@ -58,11 +58,13 @@ def test_add_mul_latent_is_the_first_step():
         assert p.group == f"{a},{b}"
 
 
-@pytest.mark.parametrize("task", ["add_add", "add_sub"])
-def test_two_step_latent_and_group_are_the_first_pair(task):
-    for p in task_prompts(task, "eval", 30):
-        a, b = (int(x) for x in p.question.removeprefix("What is ").split(" ")[0:3:2])
-        assert p.latent == a + b and p.group == f"{a},{b}"
+def test_mul10_add_latent_group_and_steps():
+    comp, step2 = task_prompts("mul10_add", "eval", 30), task_prompts("add_tens", "eval", 30)
+    for p, q in zip(comp, step2):
+        a, b = p.question.removeprefix("What is ").split("?")[0].split(" * 10 + ")
+        assert p.latent == int(a) * 10 and p.group == a and p.answer == p.latent + int(b)
+        assert q.question.startswith(f"What is {p.latent} + {b}?") and q.answer == p.answer  # the same instances, one step
+    assert {p.answer for p in task_prompts("mul10", "eval", 30)} <= {10 * a for a in range(10, 100)}
 
 
 def test_existing_tasks_unchanged():
@@ -74,7 +76,7 @@ def test_existing_tasks_unchanged():
         assert ev[0].question.startswith(q) and [p.answer for p in ev[:3]] == answers
 
 
-@pytest.mark.parametrize("task", ["add3_1", "add3_2", "sub3_1", "add_add", "add_sub"])
+@pytest.mark.parametrize("task", ["add_tens", "mul10_add"])
 def test_large_tasks_not_guessable_at_256(task):
     assert float(pass_at_k_exact(torch.tensor(chance_p(task)), 256)) < 0.5
 
@@ -96,7 +98,7 @@ def test_verdict_k_fixed_from_chance():
     cfg = lambda **kw: ReweightingConfig(reference_model="x", post_adapter="a", n_samples=256, **kw)  # noqa: E731
     k, why = verdict_k(cfg(task="add"), PassKConfig(ks=ks))
     assert k == 32 and "k = 64" in why  # 57 answers: guessing solves 0.43 at k = 32, 0.68 at k = 64
-    assert verdict_k(cfg(task="add3_2"), PassKConfig(ks=ks))[0] == 256
+    assert verdict_k(cfg(task="add_tens"), PassKConfig(ks=ks))[0] == 256  # 810 answers: 0.27 at k = 256
     assert verdict_k(cfg(task=None, eval_file="e.jsonl"), PassKConfig(ks=ks))[0] == 256
     assert verdict_k(cfg(task="add"), PassKConfig(ks=ks, max_chance=0.01))[0] is None
 
@@ -208,6 +210,7 @@ def test_shipped_reweighting_configs_parse(path):
         assert cfgs[1].task == cfg.task and cfgs[2].reward == "task"
         assert Path(cfgs[-1].output_dir).resolve() == Path(cfg.post_adapter).resolve()
         assert cfgs[-1].max_completion_length == cfg.max_new_tokens
+        assert cfgs[1].task_n_eval == cfg.n_eval  # else the report's eval prompts were trained on
 
 
 def test_grpo_task_hook(tmp_path):

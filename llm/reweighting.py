@@ -2,6 +2,7 @@
 
     python -m llm.reweighting --config configs/llm/reweighting_smollm2_add_mul.yaml
     python -m llm.reweighting --config configs/llm/reweighting_qwen25_1p5b.yaml --n_samples 128 --k_max 128
+    python -m llm.reweighting --config configs/llm/reweighting_smollm2_mul10_add_gpu.yaml   # one GPU: GRPO + k up to 256
     # one GPU (the report runs as ONE process; several processes are refused, see below):
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.reweighting --config configs/llm/reweighting_gemma2_2b.yaml
 

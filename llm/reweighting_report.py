@@ -41,7 +41,7 @@ def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
                   f"reference only {cv['only_b']:.3f}, neither {cv['neither']:.3f}."]
     lines += ["", f"Coverage at k = {r['ks'][-1]}: both {cov['both']:.3f}, post-RL only {cov['only_a']:.3f}, reference only "
               f"{cov['only_b']:.3f}, neither {cov['neither']:.3f} (at k = 1: post only {r['coverage_k1']['only_a']:.3f}, "
-              f"reference only {r['coverage_k1']['only_b']:.3f}). Crossover k (up to k_verdict): {v['crossover_k']}. Chance at k_verdict: {v['chance_k_max']}."]
+              f"reference only {r['coverage_k1']['only_b']:.3f}). Crossover k (up to k_verdict): {v['crossover_k']}. Chance at k_verdict: {'n/a' if v['chance_k_max'] is None else round(v['chance_k_max'], 3)}."]
     ll = r["likelihood"]
     lines += ["", f"Log-likelihood per token under the reference: post-RL replies {ll['ref_ll_per_token_of_post_replies']:.3f} nats, "
               f"its own replies {ll['ref_ll_per_token_of_ref_replies']:.3f} (5th percentile {ll['ref_ll_per_token_p5_of_ref_replies']:.3f}; "

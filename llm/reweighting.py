@@ -11,7 +11,7 @@ The post-RL policy is ``post_model`` (a hub id / folder / .gguf; default: ``refe
 ``post_adapter``, ``llm.grpo`` trains it first with that config (whose ``output_dir`` must be ``post_adapter``).
 
 Prompts: the eval split of an ``llm.tasks`` task (disjoint from the GRPO train split), or ``eval_file``, a JSONL of
-``{"question": str, "answer": int, "latent": int}`` rows. Both models see the same prompt text (the post-RL
+``{"question": str, "answer": int, "latent": int}`` rows (optional ``"group": str``: the probe folds' group). Both models see the same prompt text (the post-RL
 tokenizer's chat template; the two tokenizers must have the same vocabulary). What the report measures:
 
 * **pass@k** (``probes.passk``): ``n_samples`` replies per prompt from each model (``llm.fastgen``, temperature 1,
@@ -87,7 +87,7 @@ class ReweightingConfig:
     post_adapter: str | None = field(default=None, metadata={"help": "peft adapter folder merged into post_model (an llm.grpo output_dir)"})
     grpo_config: str | None = field(default=None, metadata={"help": "llm.grpo YAML that trains post_adapter first when it holds no adapter yet"})
     task: TaskName | None = field(default="add_mul", metadata={"help": "llm.tasks task (its eval split)"})
-    eval_file: str | None = field(default=None, metadata={"help": "JSONL of {question, answer, latent} instead of task"})
+    eval_file: str | None = field(default=None, metadata={"help": "JSONL of {question, answer, latent[, group]} instead of task"})
     n_eval: int = field(default=48, metadata={"help": "task: eval prompts (the rest is GRPO's train split)"})
     split_seed: int = field(default=0, metadata={"help": "task: seed of the train/eval split"})
     n_samples: int = field(default=64, metadata={"help": "replies per prompt and model"})

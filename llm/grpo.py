@@ -67,6 +67,7 @@ from llm.lora import LoraTrajectoryCallback
 from llm.models import ModelConfig, load_config, load_model_and_tokenizer, num_layers, validate_layers
 from llm.offline_judge import DEFAULT_WEIGHTS
 from llm.rewards import judge_reward, keyword_reward, length_reward, regex_reward
+from llm.tasks import TaskName
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
 from plumbing.runs import DivergenceGuard, Stopped, claim_trainer_run, resume_command, train_until_stopped
 from plumbing.trainers import CPUSafeDefaults, ZeroAdvantageCallback, check_batch_sizes, end_processes
@@ -82,7 +83,7 @@ class PromptConfig:
     question_ids: list[str] | None = field(default=None, metadata={"help": "YAML only: these ids (None = all)"})
     variants: list[str] = field(default_factory=lambda: ["plain"], metadata={"help": "YAML only: plain / json / template"})
     max_prompts: int | None = field(default=None, metadata={"help": "keep the first N prompts (None = all)"})
-    task: Literal["add", "add_small", "mul", "add_mul"] | None = field(default=None, metadata={"help": "llm.tasks train prompts (with answers) instead of prompt_file"})
+    task: TaskName | None = field(default=None, metadata={"help": "llm.tasks train prompts (with answers) instead of prompt_file"})
     task_n_eval: int = field(default=48, metadata={"help": "task: prompts held out as the eval split (llm.reweighting's n_eval)"})
 
     def __post_init__(self):
@@ -319,7 +320,7 @@ def build_trainer(model_cfg: ModelConfig | None, prompt_cfg: PromptConfig, rewar
     from trl import GRPOTrainer
 
     if reward_cfg.reward == "task" and prompt_cfg.task is None:
-        raise ValueError("reward: task scores answers of llm.tasks prompts; set `task` (add, add_small, mul or add_mul)")
+        raise ValueError("reward: task scores answers of llm.tasks prompts; set `task` (one of llm.tasks.TASKS)")
     if model is None:
         args.trust_remote_code = model_cfg.trust_remote_code
         validate_layers(lora_cfg.layers, num_layers(load_config(model_cfg)))

@@ -2,6 +2,7 @@
 
     python -m llm.reweighting --config configs/llm/reweighting_smollm2_add_mul.yaml
     python -m llm.reweighting --config configs/llm/reweighting_qwen25_1p5b.yaml --n_samples 128 --k_max 128
+    python -m llm.reweighting --config configs/llm/reweighting_smollm2_mul10_add_gpu.yaml   # one GPU: GRPO + k up to 256
     # one GPU (the report runs as ONE process; several processes are refused, see below):
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.reweighting --config configs/llm/reweighting_gemma2_2b.yaml
 
@@ -10,14 +11,18 @@ The post-RL policy is ``post_model`` (a hub id / folder / .gguf; default: ``refe
 ``post_adapter``, ``llm.grpo`` trains it first with that config (whose ``output_dir`` must be ``post_adapter``).
 
 Prompts: the eval split of an ``llm.tasks`` task (disjoint from the GRPO train split), or ``eval_file``, a JSONL of
-``{"question": str, "answer": int, "latent": int}`` rows. Both models see the same prompt text (the post-RL
+``{"question": str, "answer": int, "latent": int}`` rows (optional ``"group": str``: the probe folds' group). Both models see the same prompt text (the post-RL
 tokenizer's chat template; the two tokenizers must have the same vocabulary). What the report measures:
 
 * **pass@k** (``probes.passk``): ``n_samples`` replies per prompt from each model (``llm.fastgen``, temperature 1,
   top-p 1, no top-k: the models' full distributions), scored by the task (``llm.tasks.score``); the unbiased
   estimator for k = 1, 2, 4, ... ``k_max`` with bootstrap CIs over prompts; coverage (solved by one, the other,
-  both, neither) at k = 1 and ``k_max``; the verdict with ``PassKConfig``'s thresholds as committed (they are not
-  options here: they were fixed before any report ran), with uniform guessing over the task's answers as chance.
+  both, neither) at k = 1, ``k_verdict`` and ``k_max``; the verdict with ``PassKConfig``'s thresholds as committed
+  (they are not options here: they were fixed before any report ran), with uniform guessing over the task's answers
+  as chance. The verdict is taken at ``k_verdict``, the largest k of the curve at which guessing solves less than
+  ``max_chance`` of the prompts (``probes.passk.informative_k``; fixed from the task and ``k_max`` before any sampling
+  and printed then): a large budget extends the curves without turning the verdict "uninformative". When guessing
+  reaches ``max_chance`` already at k = 1 the verdict is "uninformative" as before.
 * **Inside the reference's distribution?** Mean log-likelihood per token (nats) under the reference of the
   post-RL replies vs of the reference's own replies, and the share of post-RL replies less likely under the
   reference than the 5th percentile of its own replies (sequences scored with their eos; lengths differ, so the
@@ -26,7 +31,8 @@ tokenizer's chat template; the two tokenizers must have the same vocabulary). Wh
   p_ref(y)]`` per reply (nats; also per token). Only with temperature 1 and top-p 1 (else the samples are not from
   p_post and the estimate is left out).
 * **Belief side** (ladder idea of the toy detector): a cross-fitted ridge probe (``probes.linear``) of the task's
-  intermediate latent (``add_mul``: a + b) from the residual stream (``probes.activations``, the nnsight adapter)
+  intermediate latent (``add_mul``: a + b) with folds grouped by ``TaskPrompt.group`` (the operand pair that fixes
+  the latent, met with several last operands; one-step tasks: each prompt alone) from the residual stream (``probes.activations``, the nnsight adapter)
   at the prompt's last position, at every site, for the reference, the post-RL model and a random-init model of
   the same architecture (the control: a random network already "reads" some of any input). Readable at a site =
   held-out R^2 > 0 and test MSE at most ``readable_ratio`` x the random-init control's. Then: is it readable in
@@ -57,10 +63,11 @@ from typing import Literal
 import torch
 
 from llm.reweighting_report import write_report
-from llm.tasks import TaskPrompt, chance_p, score, task_prompts
+from llm.tasks import TaskName, TaskPrompt, chance_p, score, task_prompts
 from probes.passk import (
     PassKConfig,
     coverage,
+    informative_k,
     log2_ks,
     pass_at_k,
     pass_at_k_curve,
@@ -79,8 +86,8 @@ class ReweightingConfig:
     post_model: str | None = field(default=None, metadata={"help": "post-RL checkpoint (None: the reference's weights + post_adapter)"})
     post_adapter: str | None = field(default=None, metadata={"help": "peft adapter folder merged into post_model (an llm.grpo output_dir)"})
     grpo_config: str | None = field(default=None, metadata={"help": "llm.grpo YAML that trains post_adapter first when it holds no adapter yet"})
-    task: Literal["add", "add_small", "mul", "add_mul"] | None = field(default="add_mul", metadata={"help": "llm.tasks task (its eval split)"})
-    eval_file: str | None = field(default=None, metadata={"help": "JSONL of {question, answer, latent} instead of task"})
+    task: TaskName | None = field(default="add_mul", metadata={"help": "llm.tasks task (its eval split)"})
+    eval_file: str | None = field(default=None, metadata={"help": "JSONL of {question, answer, latent[, group]} instead of task"})
     n_eval: int = field(default=48, metadata={"help": "task: eval prompts (the rest is GRPO's train split)"})
     split_seed: int = field(default=0, metadata={"help": "task: seed of the train/eval split"})
     n_samples: int = field(default=64, metadata={"help": "replies per prompt and model"})
@@ -146,7 +153,7 @@ def eval_prompts(cfg: ReweightingConfig) -> list[TaskPrompt]:
                                  + (" and latent (or set probe_n 0)" if cfg.probe_n else ""))
         if not isinstance(row["answer"], int):
             raise ValueError(f"{path} line {i + 1}: answer {row['answer']!r} is not an integer")
-        rows.append(TaskPrompt(row["question"], row["answer"], int(row.get("latent", row["answer"]))))
+        rows.append(TaskPrompt(row["question"], row["answer"], int(row.get("latent", row["answer"])), row.get("group")))
     if not rows:
         raise ValueError(f"{path} holds no rows")
     return rows
@@ -274,6 +281,24 @@ def last_position_stream(model, tokenizer, texts: list[str], batch_size: int = 6
     return {site: acts[i] for i, site in enumerate(sites)}
 
 
+def verdict_k(cfg: ReweightingConfig, pcfg: PassKConfig) -> tuple[int | None, str]:
+    """The k the verdict is taken at, and why: the largest k of ``pcfg.ks`` at which uniform guessing over the task's
+    answers (``llm.tasks.chance_p``) solves less than ``pcfg.max_chance`` of the prompts; the largest k for an eval
+    file (no answer set known); None when guessing reaches it at k = 1. Fixed from the task and the budget alone."""
+    if cfg.task is None:
+        return pcfg.ks[-1], "eval_file prompts: no answer set to guess from, so the largest k"
+    p = chance_p(cfg.task)
+    k = informative_k(p, pcfg.ks, pcfg.max_chance)
+    if k is None:
+        return None, f"uniform guessing over {cfg.task}'s {round(1 / p)} answers reaches {pcfg.max_chance} already at k = 1: uninformative"
+    at = float(pass_at_k_exact(torch.tensor(p), k))
+    why = f"the largest k whose chance pass@k (uniform guessing over {cfg.task}'s {round(1 / p)} answers) is below {pcfg.max_chance}: {at:.3f} at k = {k}"
+    if k < pcfg.ks[-1]:
+        nxt = pcfg.ks[pcfg.ks.index(k) + 1]
+        why += f", {float(pass_at_k_exact(torch.tensor(p), nxt)):.3f} at k = {nxt}; the curves go on to k = {pcfg.ks[-1]}"
+    return k, why
+
+
 def _pass_table(correct: torch.Tensor, n: int, ks: list[int]) -> torch.Tensor:
     return torch.stack([pass_at_k(n, correct, k) for k in ks], dim=1)  # (prompts, len(ks))
 
@@ -282,6 +307,14 @@ def output_side_sites(sites: list[str]) -> list[str]:
     """The last quarter of the blocks and the final norm: where the residual stream feeds the unembedding."""
     blocks = [s for s in sites if s.startswith("block")]
     return blocks[len(blocks) - max(1, len(blocks) // 4):] + [s for s in sites if s == "final_norm"]
+
+
+def probe_groups(prompts: list[TaskPrompt]) -> torch.Tensor:
+    """(n,) group ids for the probe's folds: prompts sharing ``TaskPrompt.group`` (the operands that fix the latent)
+    share an id; a prompt without one is its own group. Ids count up in order of first appearance, so prompts that are
+    all their own groups get ``arange(n)``: the same folds as ungrouped cross-fitting."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(p.group if p.group is not None else f"prompt:{p.question}", len(ids)) for p in prompts])
 
 
 def belief_side(cfg: ReweightingConfig, ref, post, tokenizer, prompts: list[TaskPrompt]) -> dict:
@@ -300,9 +333,17 @@ def belief_side(cfg: ReweightingConfig, ref, post, tokenizer, prompts: list[Task
     rand = AutoModelForCausalLM.from_config(ref.config, dtype=next(ref.parameters()).dtype).to(next(ref.parameters()).device).eval()
     acts = {name: last_position_stream(m, tokenizer, texts, cfg.score_batch_size) for name, m in (("reference", ref), ("post", post), ("random_init", rand))}
     del rand
-    out = {"n": len(prompts), "target": "latent (z-scored)", "alpha": cfg.probe_alpha, "folds": cfg.probe_folds, "models": {}}
+    groups = probe_groups(prompts)
+    n_groups = int(groups.max()) + 1
+    if n_groups < cfg.probe_folds:
+        raise ValueError(f"the {len(prompts)} probe prompts form {n_groups} operand groups, fewer than probe_folds={cfg.probe_folds}; "
+                         "raise probe_n or lower probe_folds")
+    out = {"n": len(prompts), "n_groups": n_groups, "target": "latent (z-scored)", "alpha": cfg.probe_alpha, "folds": cfg.probe_folds,
+           "models": {}}
     for name in ("reference", "post"):
-        rep = fit_probe_report(acts[name], y, acts["random_init"], alpha=cfg.probe_alpha, n_folds=cfg.probe_folds, seed=cfg.seed, concat=False)
+        # folds keep an operand group whole: a probe must read the latent, not recognise operands it was fitted on
+        rep = fit_probe_report(acts[name], y, acts["random_init"], alpha=cfg.probe_alpha, n_folds=cfg.probe_folds, seed=cfg.seed,
+                               groups=groups, concat=False)
         sites = {s: {"r2": r["test"]["r2"], "ratio_to_random_init": r["ratio_to_random_init"], "ratio_to_shuffled": r["ratio_to_shuffled"]}
                  for s, r in rep["sites"].items()}
         readable = [s for s, r in sites.items() if r["r2"] > 0 and r["ratio_to_random_init"] <= cfg.readable_ratio]
@@ -338,6 +379,8 @@ def report(cfg: ReweightingConfig) -> dict:
     probing = probe_prompts(cfg) if cfg.probe_n else []
     ks = log2_ks(cfg.k_max)
     pcfg = PassKConfig(ks=ks)
+    k_verdict, k_why = verdict_k(cfg, pcfg)
+    print(f"verdict k: {k_verdict} -- {k_why}", flush=True)  # fixed before any sample is drawn
     ref, post, tok = load_pair(cfg)
     timings = {"load_s": time.time() - t0}
     from llm.fastgen import sample_n_ids
@@ -365,7 +408,10 @@ def report(cfg: ReweightingConfig) -> dict:
     curves = {name: pass_at_k_curve(tables[name], ks, n_boot=cfg.n_boot, seed=cfg.seed) for name in tables}
     if chance is not None:
         curves["chance (uniform guess)"] = pass_at_k_curve(chance, ks, n_boot=2, seed=cfg.seed)
-    verdict = passk_verdict(tables["reference"], tables["post"], pcfg, chance)
+    # the verdict at k_verdict (the whole curve when chance leaves no k: passk_verdict then says "uninformative")
+    j = ks.index(k_verdict) + 1 if k_verdict is not None else len(ks)
+    verdict = passk_verdict(tables["reference"][:, :j], tables["post"][:, :j], PassKConfig(ks=ks[:j]),
+                            None if chance is None else chance[:, :j])
 
     t = time.time()
     flat = lambda name: [r for rows in samples[name] for r in rows]  # noqa: E731
@@ -400,8 +446,10 @@ def report(cfg: ReweightingConfig) -> dict:
     result = {
         "config": asdict(cfg), "passk_config": asdict(pcfg), "n_prompts": len(prompts), "n_samples": n, "ks": ks,
         "chance_p": chance_p(cfg.task) if cfg.task else None,
+        "k_verdict": k_verdict, "k_verdict_why": k_why,
         "curves": curves, "verdict": verdict,
         "coverage_k1": coverage(tables["post"][:, 0], tables["reference"][:, 0]),
+        "coverage_k_verdict": coverage(tables["post"][:, j - 1], tables["reference"][:, j - 1]),
         "coverage_k_max": coverage(tables["post"][:, -1], tables["reference"][:, -1]),
         "per_prompt": [{"question": p.question, "answer": p.answer, "correct_reference": int(correct["reference"][j]),
                         "correct_post": int(correct["post"][j])} for j, p in enumerate(prompts)],

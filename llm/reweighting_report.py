@@ -29,14 +29,19 @@ def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
         + f"; task `{cfg['task'] or cfg['eval_file']}`, {r['n_prompts']} prompts x {r['n_samples']} samples, "
         f"{cfg['max_new_tokens']} new tokens, temperature {cfg['temperature']}, top-p {cfg['top_p']}.", "",
         f"**Verdict: {v['verdict']}** -- {v['why']}.", "",
+        f"Verdict k: {r['k_verdict']} ({r['k_verdict_why']}; fixed before sampling).", "",
         "| k | " + " | ".join(c) + " |", "|---" * (len(c) + 1) + "|",
     ]
     for j, k in enumerate(r["ks"]):
         lines.append(f"| {k} | " + " | ".join(f"{cv['mean'][j]:.3f} [{cv['lo'][j]:.3f}, {cv['hi'][j]:.3f}]" for cv in c.values()) + " |")
     cov = r["coverage_k_max"]
+    if r["k_verdict"] is not None and r["k_verdict"] != r["ks"][-1]:
+        cv = r["coverage_k_verdict"]
+        lines += ["", f"Coverage at k_verdict = {r['k_verdict']}: both {cv['both']:.3f}, post-RL only {cv['only_a']:.3f}, "
+                  f"reference only {cv['only_b']:.3f}, neither {cv['neither']:.3f}."]
     lines += ["", f"Coverage at k = {r['ks'][-1]}: both {cov['both']:.3f}, post-RL only {cov['only_a']:.3f}, reference only "
               f"{cov['only_b']:.3f}, neither {cov['neither']:.3f} (at k = 1: post only {r['coverage_k1']['only_a']:.3f}, "
-              f"reference only {r['coverage_k1']['only_b']:.3f}). Crossover k: {v['crossover_k']}. Chance at k_max: {v['chance_k_max']}."]
+              f"reference only {r['coverage_k1']['only_b']:.3f}). Crossover k (up to k_verdict): {v['crossover_k']}. Chance at k_verdict: {'n/a' if v['chance_k_max'] is None else round(v['chance_k_max'], 3)}."]
     ll = r["likelihood"]
     lines += ["", f"Log-likelihood per token under the reference: post-RL replies {ll['ref_ll_per_token_of_post_replies']:.3f} nats, "
               f"its own replies {ll['ref_ll_per_token_of_ref_replies']:.3f} (5th percentile {ll['ref_ll_per_token_p5_of_ref_replies']:.3f}; "
@@ -49,7 +54,7 @@ def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
     if b:
         m = b["models"]
         lines += ["", f"Belief side: ridge probe of the latent from the last prompt position, {b['n']} prompts, {b['folds']}-fold "
-                  f"cross-fitted, alpha {b['alpha']}; readable = R^2 > 0 and MSE <= {cfg['readable_ratio']} x random-init control's.", "",
+                  f"cross-fitted with folds grouped by operands ({b['n_groups']} groups), alpha {b['alpha']}; readable = R^2 > 0 and MSE <= {cfg['readable_ratio']} x random-init control's.", "",
                   "| site | R^2 reference | R^2 post-RL | MSE / random-init (ref) | MSE / random-init (post) |", "|---|---|---|---|---|"]
         for s, x in m["reference"]["sites"].items():
             y = m["post"]["sites"][s]

@@ -2,6 +2,7 @@
 reference's reach on each step.
 
     python -m llm.tasks --model_name_or_path .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --n_prompts 32 --samples 16
+    python -m llm.tasks --model_name_or_path .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --tasks mul10 add_tens mul10_add
 
 Tasks (operands drawn from fixed ranges; every operand tuple is one prompt):
 
@@ -9,7 +10,26 @@ Tasks (operands drawn from fixed ranges; every operand tuple is one prompt):
 * ``add_small``: "What is a + b?", a, b in 1..9 -- the first step of ``add_mul`` alone;
 * ``mul``: "What is s * c?", s in 2..18, c in 2..5 -- the second step of ``add_mul`` alone (s spans a + b's range);
 * ``add_mul``: "What is (a + b) * c?", a, b in 1..9, c in 2..5 -- the two steps composed. Its intermediate latent
-  is ``a + b`` (the first step's result), the target of the belief-side probe in ``llm.reweighting``.
+  is ``a + b`` (the first step's result), the target of the belief-side probe in ``llm.reweighting``;
+* ``add_tens``: "What is s + b?", s in 100, 110, ..., 990, b in 1..9 -- one step with 810 answers (guessing solves 0.27
+  of the prompts at k = 256, so a k = 256 verdict is informative), and the second step of ``mul10_add`` alone;
+* ``mul10``: "What is a * 10?", a in 10..99 -- the first step of ``mul10_add`` alone;
+* ``mul10_add``: "What is a * 10 + b?", a in 10..99, b in 1..9 -- the two steps composed, 810 answers; latent ``a * 10``.
+  Its prompts and ``add_tens``'s are the same (a, b) grid in the same order, so the two eval splits pair up
+  ("76 * 10 + 1" with "760 + 1").
+
+A two-step task's ``group`` is the operands that fix its latent ((a, b) for ``add_mul``, a for ``mul10_add``): the
+latent probe's folds keep them together, so it cannot score by recognising operands it was fitted on.
+
+The reference's reach (SmolLM2-135M-Instruct Q4_1, CPU; 24 eval prompts x 16 replies, 16 new tokens; ~1 min per task):
+
+    python -m llm.tasks --model_name_or_path .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --tasks mul10 add_tens mul10_add --n_prompts 24 --samples 16
+
+``mul10`` pass@1 0.096, solved by any of 16 replies 0.67 (90 answers); ``add_tens`` 0.023, 0.29 (810 answers);
+``mul10_add`` 0.0026, 0.04 (1 prompt of 24). Dropped candidates (same command; code in commit 13d1644): three-digit +
+two-digit (a in 100..999, b in 10..99) 0.013, 0.08; three-digit + one-digit 0.008, 0.13; three-digit - one-digit
+0.005, 0.04; a + b + c (three-digit + two one-digit) 0.0026, 0.04, but its step is the weak three-digit + one-digit;
+a + b - c (three-digit + two-digit - one-digit) 0, 0.
 
 Every prompt ends with "Answer with only the number." and is asked as one user turn. The train and eval prompts of a
 task are disjoint by construction: the task's operand tuples are shuffled once with ``split_seed`` and the first
@@ -31,20 +51,23 @@ from typing import Literal
 
 from llm.rewards import completion_text
 
-TaskName = Literal["add", "add_small", "mul", "add_mul"]
-TASKS: tuple[str, ...] = ("add", "add_small", "mul", "add_mul")
+TaskName = Literal["add", "add_small", "mul", "add_mul", "add_tens", "mul10", "mul10_add"]
+TASKS: tuple[str, ...] = ("add", "add_small", "mul", "add_mul", "add_tens", "mul10", "mul10_add")
 SUFFIX = " Answer with only the number."
 _INT = re.compile(r"-?\d+")
 
 
 @dataclass(frozen=True)
 class TaskPrompt:
-    """One verifiable prompt: ``question`` (the user turn), its integer ``answer`` and ``latent`` (the first step's
-    result for ``add_mul``; the answer itself for one-step tasks)."""
+    """One verifiable prompt: ``question`` (the user turn), its integer ``answer``, ``latent`` (the first step's
+    result for a two-step task; the answer itself for one-step tasks) and ``group``: prompts of one group share the
+    operands that determine the latent (``add_mul``: the pair (a, b), met with several c), so a latent probe's folds
+    keep a group together; None: the prompt is its own group."""
 
     question: str
     answer: int
     latent: int
+    group: str | None = None
 
 
 def _all_prompts(task: str) -> list[TaskPrompt]:
@@ -55,8 +78,14 @@ def _all_prompts(task: str) -> list[TaskPrompt]:
     if task == "mul":
         return [TaskPrompt(f"What is {s} * {c}?{SUFFIX}", s * c, s * c) for s, c in product(range(2, 19), range(2, 6))]
     if task == "add_mul":
-        return [TaskPrompt(f"What is ({a} + {b}) * {c}?{SUFFIX}", (a + b) * c, a + b)
+        return [TaskPrompt(f"What is ({a} + {b}) * {c}?{SUFFIX}", (a + b) * c, a + b, f"{a},{b}")
                 for a, b, c in product(range(1, 10), range(1, 10), range(2, 6))]
+    if task == "add_tens":
+        return [TaskPrompt(f"What is {s} + {b}?{SUFFIX}", s + b, s + b) for s, b in product(range(100, 1000, 10), range(1, 10))]
+    if task == "mul10":
+        return [TaskPrompt(f"What is {a} * 10?{SUFFIX}", a * 10, a * 10) for a in range(10, 100)]
+    if task == "mul10_add":
+        return [TaskPrompt(f"What is {a} * 10 + {b}?{SUFFIX}", a * 10 + b, a * 10, f"{a}") for a, b in product(range(10, 100), range(1, 10))]
     raise ValueError(f"task={task!r}; choose one of {', '.join(TASKS)}")
 
 

@@ -16,7 +16,9 @@ prompts solved by A only is ``mean(a_i (1 - b_i))`` (independent samples), by bo
 **Chance.** Where the answer is guessable (a one-token answer from a vocabulary of 6), the reference "solves" every
 prompt at large k by guessing, and the pass@k verdict says "reweighting" for any policy: pass the chance policy's
 per-prompt success (e.g. uniform over the answer space) and the verdict is "uninformative" when chance alone reaches
-``max_chance`` at the largest k. Sampling with a truncated support (top-p / top-k, as the papers' decoding does) is
+``max_chance`` at the largest k. With a large sampling budget the verdict can instead be taken at a smaller k fixed
+from chance before any sampling (``informative_k``: the largest k at which guessing stays below ``max_chance``), while
+the curves go on to the budget. Sampling with a truncated support (top-p / top-k, as the papers' decoding does) is
 the other way a reference can be unable to solve a prompt at any k.
 """
 
@@ -34,6 +36,7 @@ __all__ = [
     "log2_ks",
     "coverage",
     "crossover_k",
+    "informative_k",
     "pass_at_k",
     "pass_at_k_curve",
     "pass_at_k_exact",
@@ -115,6 +118,18 @@ def crossover_k(ref_mean: Sequence[float], post_mean: Sequence[float], ks: Seque
         if all(r >= q for r, q in zip(ref_mean[j:], post_mean[j:])):
             return int(ks[j])
     return None
+
+
+def informative_k(chance_p: float, ks: Sequence[int], max_chance: float) -> int | None:
+    """The largest k in ``ks`` at which a guessing policy with per-prompt success ``chance_p`` solves less than
+    ``max_chance`` of the prompts (exact: ``1 - (1 - chance_p)^k``); None when even the smallest k reaches it.
+
+    A function of the task and the budget alone, so it can be fixed before any sample is drawn.
+    """
+    if not 0 <= chance_p <= 1:
+        raise ValueError(f"chance_p is a probability, got {chance_p}")
+    ok = [int(k) for k in ks if float(pass_at_k_exact(torch.tensor(chance_p), int(k))) < max_chance]
+    return max(ok) if ok else None
 
 
 @dataclass

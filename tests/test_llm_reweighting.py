@@ -8,9 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.reweighting import ReweightingConfig, all_reply_logprobs, check_adapter, eval_prompts, make_parser, report
+from llm.reweighting import (
+    ReweightingConfig,
+    all_reply_logprobs,
+    check_adapter,
+    eval_prompts,
+    make_parser,
+    probe_groups,
+    report,
+    verdict_k,
+)
 from llm.tasks import TASKS, answer_reward, chance_p, parse_answer, score, task_prompts, train_dataset
 from llm.tiny import save_tiny, tiny_causal_lm
+from probes.passk import PassKConfig, log2_ks, pass_at_k, pass_at_k_exact, passk_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +55,52 @@ def test_add_mul_latent_is_the_first_step():
     for p in task_prompts("add_mul", "eval", 10):
         a, b = p.question.split("(")[1].split(")")[0].split(" + ")
         assert p.latent == int(a) + int(b) and p.answer % p.latent == 0
+        assert p.group == f"{a},{b}"
+
+
+def test_mul10_add_latent_group_and_steps():
+    comp, step2 = task_prompts("mul10_add", "eval", 30), task_prompts("add_tens", "eval", 30)
+    for p, q in zip(comp, step2):
+        a, b = p.question.removeprefix("What is ").split("?")[0].split(" * 10 + ")
+        assert p.latent == int(a) * 10 and p.group == a and p.answer == p.latent + int(b)
+        assert q.question.startswith(f"What is {p.latent} + {b}?") and q.answer == p.answer  # the same instances, one step
+    assert {p.answer for p in task_prompts("mul10", "eval", 30)} <= {10 * a for a in range(10, 100)}
+
+
+def test_existing_tasks_unchanged():
+    """Committed results use these splits: the first eval prompts and answers as they were before the larger tasks."""
+    firsts = {"add": ("What is 19 + 9?", [28, 30, 28]), "add_small": ("What is 3 + 7?", [10, 10, 12]),
+              "mul": ("What is 9 * 2?", [18, 65, 54]), "add_mul": ("What is (4 + 9) * 4?", [52, 28, 18])}
+    for task, (q, answers) in firsts.items():
+        ev = task_prompts(task, "eval", 48)
+        assert ev[0].question.startswith(q) and [p.answer for p in ev[:3]] == answers
+
+
+@pytest.mark.parametrize("task", ["add_tens", "mul10_add"])
+def test_large_tasks_not_guessable_at_256(task):
+    assert float(pass_at_k_exact(torch.tensor(chance_p(task)), 256)) < 0.5
+
+
+def test_probe_groups():
+    one_step = task_prompts("add", "eval", 30)
+    assert torch.equal(probe_groups(one_step), torch.arange(30))  # each prompt its own group: the ungrouped folds
+    rows = task_prompts("add_mul", "eval", 100)
+    g = probe_groups(rows)
+    pairs = [p.question.split("(")[1].split(")")[0] for p in rows]
+    assert len(set(pairs)) < len(rows) and int(g.max()) + 1 == len(set(pairs))
+    for i in range(len(rows)):
+        for j in range(len(rows)):
+            assert (g[i] == g[j]) == (pairs[i] == pairs[j])
+
+
+def test_verdict_k_fixed_from_chance():
+    ks = log2_ks(256)
+    cfg = lambda **kw: ReweightingConfig(reference_model="x", post_adapter="a", n_samples=256, **kw)  # noqa: E731
+    k, why = verdict_k(cfg(task="add"), PassKConfig(ks=ks))
+    assert k == 32 and "k = 64" in why  # 57 answers: guessing solves 0.43 at k = 32, 0.68 at k = 64
+    assert verdict_k(cfg(task="add_tens"), PassKConfig(ks=ks))[0] == 256  # 810 answers: 0.27 at k = 256
+    assert verdict_k(cfg(task=None, eval_file="e.jsonl"), PassKConfig(ks=ks))[0] == 256
+    assert verdict_k(cfg(task="add"), PassKConfig(ks=ks, max_chance=0.01))[0] is None
 
 
 def test_guards_before_sampling(tmp_path):
@@ -106,15 +162,32 @@ def test_all_reply_logprobs_matches_naive_loop():
 def test_report_end_to_end(tmp_path, monkeypatch):
     ref = save_tiny(tmp_path / "ref", "qwen2")
     adapter = _adapter(tmp_path, tiny_causal_lm("qwen2")[0])
-    cfg = ReweightingConfig(reference_model=str(ref), post_adapter=str(adapter), task="add_mul", n_eval=4, n_samples=4,
-                            max_new_tokens=3, batch_size=16, n_boot=50, probe_n=24, probe_folds=3,
+    # add_mul has 46 answers: guessing solves 0.30 at k = 16 and 0.51 at k = 32, so the verdict is taken at 16
+    cfg = ReweightingConfig(reference_model=str(ref), post_adapter=str(adapter), task="add_mul", n_eval=4, n_samples=32,
+                            max_new_tokens=3, batch_size=64, n_boot=50, probe_n=24, probe_folds=3,
                             output_dir=str(tmp_path / "out"), device="cpu")
+    calls = []
+    import probes.linear
+
+    fit = probes.linear.fit_probe_report
+    monkeypatch.setattr(probes.linear, "fit_probe_report", lambda *a, **kw: calls.append(kw["groups"]) or fit(*a, **kw))
     r = report(cfg)
     out = tmp_path / "out"
     assert {"report.json", "report.md", "passk.png", "samples.jsonl"} <= {p.name for p in out.iterdir()}
-    assert r["ks"] == [1, 2, 4] and r["verdict"]["verdict"] in ("inconclusive", "uninformative", "new coverage", "reweighting")
-    assert len(r["curves"]["reference"]["mean"]) == 3 and r["n_prompts"] == 4
-    assert len(out.joinpath("samples.jsonl").read_text().splitlines()) == 2 * 4 * 4
+    assert r["ks"] == [1, 2, 4, 8, 16, 32] and r["verdict"]["verdict"] in ("inconclusive", "new coverage", "reweighting")
+    assert len(r["curves"]["reference"]["mean"]) == 6 and r["n_prompts"] == 4
+    assert len(out.joinpath("samples.jsonl").read_text().splitlines()) == 2 * 4 * 32
+    # the verdict is passk_verdict on the curves cut at k_verdict, from the per-prompt correct counts
+    assert r["k_verdict"] == 16 and r["verdict"]["k_max"] == 16 and "Verdict k: 16" in (out / "report.md").read_text()
+    table = lambda m: torch.stack([pass_at_k(32, torch.tensor([q[f"correct_{m}"] for q in r["per_prompt"]]), k)  # noqa: E731
+                                   for k in [1, 2, 4, 8, 16]], 1)
+    chance = pass_at_k_exact(torch.full((4,), chance_p("add_mul")), [1, 2, 4, 8, 16])
+    want = passk_verdict(table("reference"), table("post"), PassKConfig(ks=[1, 2, 4, 8, 16]), chance)
+    assert r["verdict"] == want
+    # the probe's folds are grouped by the operand pair (a, b)
+    probe = (task_prompts("add_mul", "eval", 4) + task_prompts("add_mul", "train", 4))[:24]
+    assert len(calls) == 2 and all(torch.equal(g, probe_groups(probe)) for g in calls)
+    assert r["belief"]["n_groups"] == len({p.group for p in probe})
     # the adapter changed the model: its replies are likelier under itself than under the reference, so KL > 0
     assert r["kl"]["kl_post_ref_per_reply"] > 0
     b = r["belief"]
@@ -136,6 +209,8 @@ def test_shipped_reweighting_configs_parse(path):
         cfgs = grpo_parser().parse_args_and_config(["--config", cfg.grpo_config])
         assert cfgs[1].task == cfg.task and cfgs[2].reward == "task"
         assert Path(cfgs[-1].output_dir).resolve() == Path(cfg.post_adapter).resolve()
+        assert cfgs[-1].max_completion_length == cfg.max_new_tokens
+        assert cfgs[1].task_n_eval == cfg.n_eval  # else the report's eval prompts were trained on
 
 
 def test_grpo_task_hook(tmp_path):

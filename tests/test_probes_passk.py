@@ -9,6 +9,7 @@ from probes.passk import (
     PassKConfig,
     coverage,
     crossover_k,
+    informative_k,
     log2_ks,
     pass_at_k,
     pass_at_k_curve,
@@ -87,3 +88,17 @@ def test_verdicts_on_known_policies():
     assert v["verdict"] == "uninformative"
     v = passk_verdict(pass_at_k_exact(p_ref, cfg.ks), pass_at_k_exact(p_ref, cfg.ks), cfg)
     assert v["verdict"] == "inconclusive"
+
+
+def test_informative_k_against_closed_form():
+    ks = log2_ks(256)
+    for p in (1 / 57, 1 / 17, 1 / 989, 0.3, 1e-6):
+        # chance pass@k < m  <=>  k < log(1 - m) / log(1 - p): the largest power of two below that bound
+        bound = math.log(0.5) / math.log1p(-p)
+        want = max(k for k in ks if k < bound) if bound > 1 else None
+        assert informative_k(p, ks, 0.5) == want
+    assert informative_k(1 / 57, ks, 0.5) == 32  # add: guessing solves 0.43 at k = 32, 0.68 at k = 64
+    assert informative_k(0.5, ks, 0.5) is None and informative_k(0.0, ks, 0.5) == 256
+    assert informative_k(1 / 57, [64, 1, 16], 0.5) == 16  # order of ks does not matter
+    with pytest.raises(ValueError, match="probability"):
+        informative_k(1.5, ks, 0.5)

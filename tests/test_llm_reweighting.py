@@ -14,10 +14,10 @@ from llm.reweighting import (
     check_adapter,
     eval_prompts,
     make_parser,
-    probe_groups,
     report,
     verdict_k,
 )
+from llm.reweighting_belief import probe_groups
 from llm.tasks import TASKS, answer_reward, chance_p, parse_answer, score, task_prompts, train_dataset
 from llm.tiny import save_tiny, tiny_causal_lm
 from probes.passk import PassKConfig, log2_ks, pass_at_k, pass_at_k_exact, passk_verdict

@@ -74,6 +74,7 @@ from probes.passk import (
     pass_at_k_curve,
     pass_at_k_exact,
     passk_verdict,
+    split_half_null,
 )
 
 logger = logging.getLogger(__name__)
@@ -285,6 +286,18 @@ def verdict_k(cfg: ReweightingConfig, pcfg: PassKConfig) -> tuple[int | None, st
     return k, why
 
 
+def null_controls(hits: dict[str, torch.Tensor], k: int, pcfg: PassKConfig) -> dict:
+    """``probes.passk.split_half_null`` for each model's replies (``hits``: name -> (prompts, n) 0/1) at
+    ``min(k, n // 2)``, rounded down to a power of two: known nulls the verdict's rule must not call new coverage."""
+    out = {}
+    for name, h in hits.items():
+        half = h.shape[1] // 2
+        if half >= 1:
+            kn = max(kk for kk in log2_ks(half) if kk <= min(k, half))
+            out[name] = split_half_null(h, kn, pcfg)
+    return out
+
+
 def _pass_table(correct: torch.Tensor, n: int, ks: list[int]) -> torch.Tensor:
     return torch.stack([pass_at_k(n, correct, k) for k in ks], dim=1)  # (prompts, len(ks))
 
@@ -319,13 +332,14 @@ def report(cfg: ReweightingConfig) -> dict:
     prompt_ids = [tok.encode(t, add_special_tokens=False) for t in texts]
     answers = [p.answer for p in prompts]
     n = cfg.n_samples
-    samples, correct, decoded = {}, {}, {}
+    samples, hits, correct, decoded = {}, {}, {}, {}
     for i, (name, model) in enumerate((("reference", ref), ("post", post))):
         t = time.time()
         ids = sample_n_ids(model, tok, texts, n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                            seed=cfg.seed + 1000 * i, batch_size=cfg.batch_size)
         decoded[name] = [tok.batch_decode(rows, skip_special_tokens=True) for rows in ids]
-        correct[name] = torch.tensor([sum(score(r, [a] * n)) for r, a in zip(decoded[name], answers)])
+        hits[name] = torch.tensor([score(r, [a] * n) for r, a in zip(decoded[name], answers)], dtype=torch.float64)
+        correct[name] = hits[name].sum(1).long()
         samples[name] = ids
         timings[f"sample_{name}_s"] = time.time() - t
         logger.info("%s: %d x %d replies in %.0f s, pass@1 %.3f", name, len(prompts), n, timings[f"sample_{name}_s"],
@@ -341,6 +355,7 @@ def report(cfg: ReweightingConfig) -> dict:
     j = ks.index(k_verdict) + 1 if k_verdict is not None else len(ks)
     verdict = passk_verdict(tables["reference"][:, :j], tables["post"][:, :j], PassKConfig(ks=ks[:j]),
                             None if chance is None else chance[:, :j])
+    nulls = null_controls(hits, ks[j - 1], pcfg)
 
     t = time.time()
     flat = lambda name: [r for rows in samples[name] for r in rows]  # noqa: E731
@@ -356,6 +371,9 @@ def report(cfg: ReweightingConfig) -> dict:
         "ref_ll_per_token_of_ref_replies": float(per_tok_ref.mean()),
         "post_ll_per_token_of_post_replies": float((ll_post_of_post / lengths["post"]).mean()),
         "ref_ll_per_token_p5_of_ref_replies": p5,
+        # per reply: exp(-this) is about the number of reference samples that produce a typical post-RL reply once
+        "ref_ll_per_reply_of_post_replies": float(ll_ref_of_post.mean()),
+        "ref_ll_per_reply_of_ref_replies": float(ll_ref_of_ref.mean()),
         "share_post_below_ref_p5": float((per_tok_post < p5).double().mean()),
         "mean_reply_tokens": {name: float(lengths[name].mean()) for name in lengths},
     }
@@ -376,7 +394,7 @@ def report(cfg: ReweightingConfig) -> dict:
         "config": asdict(cfg), "passk_config": asdict(pcfg), "n_prompts": len(prompts), "n_samples": n, "ks": ks,
         "chance_p": chance_p(cfg.task) if cfg.task else None,
         "k_verdict": k_verdict, "k_verdict_why": k_why,
-        "curves": curves, "verdict": verdict,
+        "curves": curves, "verdict": verdict, "null_controls": nulls,
         "coverage_k1": coverage(tables["post"][:, 0], tables["reference"][:, 0]),
         "coverage_k_verdict": coverage(tables["post"][:, j - 1], tables["reference"][:, j - 1]),
         "coverage_k_max": coverage(tables["post"][:, -1], tables["reference"][:, -1]),

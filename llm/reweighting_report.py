@@ -1,13 +1,20 @@
 """``llm.reweighting``'s output files: ``report.json``, ``samples.jsonl`` (every decoded reply with its score),
-``passk.png`` and ``report.md`` -- a pure function of the report dict."""
+``passk.png`` and ``report.md`` -- a pure function of the report dict -- and the verdict re-derived from a written
+report's samples, without sampling again (for reports written under an earlier verdict rule):
+
+    python -m llm.reweighting_report runs/reweighting_llm/report_smollm2_add_k256 [more report folders]
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from llm.tasks import score
-from probes.passk import plot_pass_at_k
+import torch
+
+from llm.tasks import chance_p, score
+from probes.passk import PassKConfig, pass_at_k, pass_at_k_exact, passk_verdict, plot_pass_at_k
 
 
 def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
@@ -42,11 +49,19 @@ def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
     lines += ["", f"Coverage at k = {r['ks'][-1]}: both {cov['both']:.3f}, post-RL only {cov['only_a']:.3f}, reference only "
               f"{cov['only_b']:.3f}, neither {cov['neither']:.3f} (at k = 1: post only {r['coverage_k1']['only_a']:.3f}, "
               f"reference only {r['coverage_k1']['only_b']:.3f}). Crossover k (up to k_verdict): {v['crossover_k']}. Chance at k_verdict: {'n/a' if v['chance_k_max'] is None else round(v['chance_k_max'], 3)}."]
+    for name, nc in r.get("null_controls", {}).items():
+        lines += ["", f"Null control ({name}: its {2 * nc['half']} replies per prompt split into two halves, compared at k = {nc['k']}): "
+                  f"gap {nc['gap']:+.3f} [{nc['gap_ci'][0]:+.3f}, {nc['gap_ci'][1]:+.3f}], the rule calls it new coverage: "
+                  f"{'YES (the verdict is not calibrated here)' if nc['calls_new_coverage'] else 'no'}; share solved by one half only "
+                  f"{nc['only_first']:.3f} (what a one-sided coverage rule would read)."]
     ll = r["likelihood"]
     lines += ["", f"Log-likelihood per token under the reference: post-RL replies {ll['ref_ll_per_token_of_post_replies']:.3f} nats, "
               f"its own replies {ll['ref_ll_per_token_of_ref_replies']:.3f} (5th percentile {ll['ref_ll_per_token_p5_of_ref_replies']:.3f}; "
               f"{ll['share_post_below_ref_p5']:.3f} of post-RL replies fall below it). Post-RL replies under the post-RL model: "
               f"{ll['post_ll_per_token_of_post_replies']:.3f}. Mean reply tokens: " + ", ".join(f"{k} {x:.1f}" for k, x in ll["mean_reply_tokens"].items()) + "."]
+    if "ref_ll_per_reply_of_post_replies" in ll:
+        lines.append(f"Per reply under the reference: post-RL replies {ll['ref_ll_per_reply_of_post_replies']:.2f} nats, its own "
+                     f"{ll['ref_ll_per_reply_of_ref_replies']:.2f}.")
     if r["kl"]:
         lines.append(f"KL(post || ref), Monte-Carlo over the post-RL replies: {r['kl']['kl_post_ref_per_reply']:.3f} "
                      f"+- {r['kl']['se']:.3f} nats per reply ({r['kl']['kl_post_ref_per_token']:.4f} per token).")
@@ -66,3 +81,37 @@ def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
                   f"(gain {b['output_side_r2_gain']:+.3f}). Sites whose activations RL left unchanged: {len(b['unchanged_sites'])}."]
     lines += ["", "Times (s): " + ", ".join(f"{k} {x}" for k, x in r["timings_s"].items()) + "."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def rejudge(report_dir: str | Path) -> dict:
+    """The current ``passk_verdict`` and split-half null controls of a written report, from its ``samples.jsonl``
+    (the scores there, at the report's own ``k_verdict``); written to ``rejudged.json`` beside it."""
+    from llm.reweighting import null_controls
+
+    d = Path(report_dir)
+    r = json.loads((d / "report.json").read_text())
+    rows = [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()]
+    names = ("reference", "post")
+    hits = {m: torch.tensor([[x["correct"] for x in rows if x["model"] == m and x["prompt"] == j] for j in range(r["n_prompts"])],
+                            dtype=torch.float64) for m in names}
+    n = r["n_samples"]
+    kv = r.get("k_verdict") or r["ks"][-1]
+    ks = [k for k in r["ks"] if k <= kv]
+    tables = {m: torch.stack([pass_at_k(n, hits[m].sum(1), k) for k in ks], dim=1) for m in names}
+    task = r["config"].get("task")
+    chance = pass_at_k_exact(torch.full((r["n_prompts"],), chance_p(task)), ks) if task else None
+    v = passk_verdict(tables["reference"], tables["post"], PassKConfig(ks=ks), chance)
+    out = {"report": str(d), "k_verdict": kv, "verdict": v, "verdict_as_written": r["verdict"]["verdict"],
+           "null_controls": null_controls(hits, kv, PassKConfig(ks=ks))}
+    (d / "rejudged.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    for folder in sys.argv[1:]:
+        o = rejudge(folder)
+        nulls = "; ".join(f"{m} halves at k = {x['k']}: gap {x['gap']:+.3f} [{x['gap_ci'][0]:+.3f}, {x['gap_ci'][1]:+.3f}], "
+                          f"new coverage {'YES' if x['calls_new_coverage'] else 'no'} (one-half-only share {x['only_first']:.3f})"
+                          for m, x in o["null_controls"].items())
+        print(f"{folder}: as written {o['verdict_as_written']!r} -> {o['verdict']['verdict']!r} ({o['verdict']['why']}); null: {nulls}")
+

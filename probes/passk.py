@@ -36,12 +36,14 @@ __all__ = [
     "log2_ks",
     "coverage",
     "crossover_k",
+    "gap_ci",
     "informative_k",
     "pass_at_k",
     "pass_at_k_curve",
     "pass_at_k_exact",
     "passk_verdict",
     "plot_pass_at_k",
+    "split_half_null",
 ]
 
 
@@ -134,12 +136,41 @@ def informative_k(chance_p: float, ks: Sequence[int], max_chance: float) -> int 
 
 @dataclass
 class PassKConfig:
-    """Thresholds of the pass@k verdict, fixed before any report was run (committed with this module)."""
+    """Thresholds of the pass@k verdict. The margins were fixed before any report ran; the rule that reads them was
+    revised once (2026-11-30), after a null control -- a reference against a second half of its own samples -- came
+    out "new coverage" under the first rule (see ``passk_verdict``)."""
 
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256], metadata={"help": "k values of the curves (largest = the coverage k)."})
     min_gain_k1: float = field(default=0.02, metadata={"help": "Below this pass@1 gain (post - ref) RL did not help at k = 1: inconclusive."})
-    coverage_margin: float = field(default=0.02, metadata={"help": "Share of prompts solved by the post-RL policy only, at the largest k, above which it has new coverage."})
+    coverage_margin: float = field(default=0.02, metadata={"help": "Gap pass@k(post) - pass@k(ref) at the largest k from which the post-RL policy has new coverage (CI above 0), and under which (CI's upper bound) it is reweighting."})
     max_chance: float = field(default=0.5, metadata={"help": "Chance pass@k (largest k) at or above which the pass@k test is uninformative."})
+    level: float = field(default=0.95, metadata={"help": "Level of the paired bootstrap CI of the gap at the largest k."})
+    n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples of the prompts for that CI."})
+    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
+
+
+def gap_ci(ref_k: Tensor, post_k: Tensor, cfg: PassKConfig) -> tuple[float, list[float]]:
+    """Mean per-prompt gap ``post_k - ref_k`` (pass@k at one k) and its paired percentile bootstrap CI over prompts."""
+    diff = torch.as_tensor(post_k, dtype=torch.float64) - torch.as_tensor(ref_k, dtype=torch.float64)
+    g = torch.Generator().manual_seed(cfg.seed)
+    boots = diff[torch.randint(0, len(diff), (cfg.n_boot, len(diff)), generator=g)].mean(1)
+    lo, hi = torch.quantile(boots, torch.tensor([(1 - cfg.level) / 2, (1 + cfg.level) / 2], dtype=torch.float64)).tolist()
+    return float(diff.mean()), [lo, hi]
+
+
+def split_half_null(hits: Tensor, k: int, cfg: PassKConfig) -> dict:
+    """The null control of the sampled verdict: one policy's replies ``hits (prompts, n)`` (1 = correct) split into two
+    halves of ``n // 2``, compared with each other at ``k <= n // 2`` as if they were two policies. Their true gap is
+    0, so the rule of ``passk_verdict`` must not call "new coverage" here; ``only_first`` is the share solved by the
+    first half only, the quantity a one-sided coverage rule would read (about ``q (1 - q)`` per prompt)."""
+    hits = torch.as_tensor(hits, dtype=torch.float64)
+    h = hits.shape[1] // 2
+    if not 1 <= k <= h:
+        raise ValueError(f"the split-half null needs 1 <= k <= n // 2 = {h}, got k = {k}")
+    a, b = pass_at_k(h, hits[:, :h].sum(1), k), pass_at_k(h, hits[:, h:2 * h].sum(1), k)
+    gap, ci = gap_ci(b, a, cfg)
+    return {"k": k, "half": h, "gap": gap, "gap_ci": ci, "only_first": coverage(a, b)["only_a"],
+            "calls_new_coverage": bool(ci[0] > 0 and gap >= cfg.coverage_margin)}
 
 
 def passk_verdict(ref: Tensor, post: Tensor, cfg: PassKConfig, chance: Tensor | None = None) -> dict:
@@ -147,17 +178,29 @@ def passk_verdict(ref: Tensor, post: Tensor, cfg: PassKConfig, chance: Tensor | 
 
     * "inconclusive": pass@1 gained less than ``min_gain_k1``;
     * "uninformative": ``chance`` (per-prompt pass@k table of a guessing policy) reaches ``max_chance`` at the largest k;
-    * "new coverage": the post-RL policy alone solves at least ``coverage_margin`` of the prompts at the largest k;
-    * "reweighting": otherwise -- the reference covers what the post-RL policy solves, given k samples.
+    * "new coverage": at the largest k the post-RL policy solves more prompts than the reference: the paired
+      bootstrap CI (over prompts) of the gap ``pass@k(post) - pass@k(ref)`` lies above 0 and the gap is at least
+      ``coverage_margin``;
+    * "reweighting": the gap's upper CI bound is below ``coverage_margin`` -- given k samples the reference solves
+      what the post-RL policy solves (Yue et al.'s pattern: the reference catches up at large k);
+    * "undecided": the CI straddles the margin (more prompts or samples would decide).
+
+    Why the gap and not the share "solved by the post-RL policy only" (``only_post``, still reported): with per-prompt
+    pass@k ``q`` of two *identical* policies, each solves a prompt the other misses with probability ``q (1 - q)``, so
+    ``only_post`` is far above any margin for a policy compared with itself (measured: SmolLM2's reference against a
+    second independent half of its own samples, 0.12 of the prompts at k = 32 on ``add``). The gap ``only_post -
+    only_ref`` = ``mean(post - ref)`` is 0 in expectation under that null, and its CI calibrates the call.
     """
     ref, post = torch.as_tensor(ref, dtype=torch.float64), torch.as_tensor(post, dtype=torch.float64)
     ks = cfg.ks
     gain = float(post[:, 0].mean() - ref[:, 0].mean())
     cov = coverage(post[:, -1], ref[:, -1])  # a = post, b = ref
+    gap, (lo, hi) = gap_ci(ref[:, -1], post[:, -1], cfg)
     out = {
         "k_max": ks[-1],
         "gain_k1": gain,
-        "gap_k_max": float(post[:, -1].mean() - ref[:, -1].mean()),
+        "gap_k_max": gap,
+        "gap_k_max_ci": [lo, hi],
         "only_post": cov["only_a"],
         "only_ref": cov["only_b"],
         "both": cov["both"],
@@ -165,19 +208,23 @@ def passk_verdict(ref: Tensor, post: Tensor, cfg: PassKConfig, chance: Tensor | 
         "crossover_k": crossover_k(ref.mean(0).tolist(), post.mean(0).tolist(), ks),
         "chance_k_max": None if chance is None else float(torch.as_tensor(chance, dtype=torch.float64)[:, -1].mean()),
     }
+    at = f"pass@{ks[-1]} post - ref = {gap:+.3f} [{lo:+.3f}, {hi:+.3f}]"
     if gain < cfg.min_gain_k1:
         out["verdict"] = "inconclusive"
         out["why"] = f"pass@1 gained {gain:+.3f} < {cfg.min_gain_k1}"
     elif out["chance_k_max"] is not None and out["chance_k_max"] >= cfg.max_chance:
         out["verdict"] = "uninformative"
         out["why"] = f"guessing alone solves {out['chance_k_max']:.2f} of the prompts at k = {ks[-1]} (>= {cfg.max_chance})"
-    elif cov["only_a"] >= cfg.coverage_margin:
+    elif lo > 0 and gap >= cfg.coverage_margin:
         out["verdict"] = "new coverage"
-        out["why"] = f"the post-RL policy alone solves {cov['only_a']:.3f} of the prompts at k = {ks[-1]} (>= {cfg.coverage_margin})"
-    else:
+        out["why"] = f"{at}: above 0 and >= {cfg.coverage_margin}"
+    elif hi < cfg.coverage_margin:
         out["verdict"] = "reweighting"
-        out["why"] = (f"the post-RL policy alone solves {cov['only_a']:.3f} < {cfg.coverage_margin} of the prompts at k = {ks[-1]}"
+        out["why"] = (f"{at}: below {cfg.coverage_margin}"
                       + (f"; the reference catches up from k = {out['crossover_k']}" if out["crossover_k"] else ""))
+    else:
+        out["verdict"] = "undecided"
+        out["why"] = f"{at}: the CI straddles 0 or {cfg.coverage_margin}; more prompts or samples would decide"
     return out
 
 

@@ -174,7 +174,7 @@ def test_report_end_to_end(tmp_path, monkeypatch):
     r = report(cfg)
     out = tmp_path / "out"
     assert {"report.json", "report.md", "passk.png", "samples.jsonl"} <= {p.name for p in out.iterdir()}
-    assert r["ks"] == [1, 2, 4, 8, 16, 32] and r["verdict"]["verdict"] in ("inconclusive", "new coverage", "reweighting")
+    assert r["ks"] == [1, 2, 4, 8, 16, 32] and r["verdict"]["verdict"] in ("inconclusive", "new coverage", "reweighting", "undecided")
     assert len(r["curves"]["reference"]["mean"]) == 6 and r["n_prompts"] == 4
     assert len(out.joinpath("samples.jsonl").read_text().splitlines()) == 2 * 4 * 32
     # the verdict is passk_verdict on the curves cut at k_verdict, from the per-prompt correct counts
@@ -184,6 +184,12 @@ def test_report_end_to_end(tmp_path, monkeypatch):
     chance = pass_at_k_exact(torch.full((4,), chance_p("add_mul")), [1, 2, 4, 8, 16])
     want = passk_verdict(table("reference"), table("post"), PassKConfig(ks=[1, 2, 4, 8, 16]), chance)
     assert r["verdict"] == want
+    # split-half null controls at k = 16 (n / 2), and the same verdict re-derived from samples.jsonl alone
+    assert set(r["null_controls"]) == {"reference", "post"} and r["null_controls"]["reference"]["k"] == 16
+    from llm.reweighting_report import rejudge
+
+    again = rejudge(out)
+    assert again["verdict"] == r["verdict"] and again["null_controls"] == r["null_controls"] and (out / "rejudged.json").is_file()
     # the probe's folds are grouped by the operand pair (a, b)
     probe = (task_prompts("add_mul", "eval", 4) + task_prompts("add_mul", "train", 4))[:24]
     assert len(calls) == 2 and all(torch.equal(g, probe_groups(probe)) for g in calls)

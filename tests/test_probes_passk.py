@@ -102,3 +102,34 @@ def test_informative_k_against_closed_form():
     assert informative_k(1 / 57, [64, 1, 16], 0.5) == 16  # order of ks does not matter
     with pytest.raises(ValueError, match="probability"):
         informative_k(1.5, ks, 0.5)
+
+
+def test_the_rule_is_calibrated_on_a_split_half_null():
+    """One policy's sampled replies split into two halves: their true gap is 0. The rule must not call new coverage
+    (<= 2 of 40 draws at the 95% level), while the share solved by one half only -- the old one-sided rule's
+    statistic -- is far above the 0.02 margin (q (1 - q) per prompt)."""
+    from probes.passk import split_half_null
+
+    cfg = PassKConfig(ks=[1, 2, 4, 8, 16, 32])
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(48, generator=g) * 0.2  # per-prompt success, like SmolLM2's on `add`
+    calls, shares = 0, []
+    for s in range(40):
+        hits = (torch.rand(48, 64, generator=torch.Generator().manual_seed(s + 1)) < p[:, None]).double()
+        r = split_half_null(hits, 32, cfg)
+        calls += r["calls_new_coverage"]
+        shares.append(r["only_first"])
+    assert calls <= 2 and min(shares) > 0.02
+    with pytest.raises(ValueError, match="n // 2"):
+        split_half_null(torch.zeros(4, 10), 8, cfg)
+
+
+def test_gap_verdict_reweighting_new_coverage_and_undecided():
+    cfg = PassKConfig(ks=[1, 32])
+    ref = torch.tensor([[0.1, 0.9]] * 50)
+    v = passk_verdict(ref, torch.tensor([[0.5, 0.9]] * 50), cfg)  # wins at k = 1, level at k = 32
+    assert v["verdict"] == "reweighting" and v["gap_k_max_ci"] == pytest.approx([0.0, 0.0])
+    v = passk_verdict(ref, torch.tensor([[0.5, 1.0]] * 50), cfg)
+    assert v["verdict"] == "new coverage" and v["gap_k_max"] == pytest.approx(0.1)
+    noisy = torch.tensor([[0.5, 1.0], [0.5, 0.8]] * 25)  # per-prompt gaps +0.1 / -0.1: mean 0, CI straddles the margin
+    assert passk_verdict(ref, noisy, cfg)["verdict"] == "undecided"

@@ -11,6 +11,7 @@ share shapes: (2 rows, 64 + 8) in fp32, (3 rows, 64 + 8) in bf16.
 """
 
 import json
+import math
 import shutil
 import warnings
 
@@ -288,7 +289,10 @@ def test_reweighting_report_on_device(device, tmp_path, monkeypatch):
     assert all(0 <= p[f"correct_{m}"] <= 4 for p in saved["per_prompt"] for m in ("reference", "post"))
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 4 * 4
-    assert r["kl"]["kl_post_ref_per_reply"] > 0
+    # a Monte-Carlo KL over 16 replies can come out below 0 (on the H200, bf16: -0.027); consistent with KL >= 0
+    # means no more than 3 standard errors below it
+    kl = r["kl"]
+    assert math.isfinite(kl["kl_post_ref_per_reply"]) and kl["kl_post_ref_per_reply"] > -3 * kl["se"]
     b = r["belief"]
     assert set(b["models"]["reference"]["sites"]) == {"embed", "block0", "block1", "final_norm"}
     assert b["unchanged_sites"] == ["embed"]

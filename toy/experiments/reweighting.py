@@ -129,8 +129,8 @@ def controls(task, process, reward, cfg: ReweightingConfig, lcfg: LadderConfig, 
 def _row(name: str, beh: dict, ladder: str | None, known: str) -> str:
     f, t = beh["full"], beh["truncated"]
     return (f"| {name} | {beh['reward_ref']:.3f} -> {beh['reward_post']:.3f} | {f['gain_k1']:+.3f} | {f['verdict']} "
-            f"(only post {f['only_post']:.3f}, chance@{f['k_max']} {f['chance_k_max']:.2f}) | {t['verdict']} (only post "
-            f"{t['only_post']:.3f}, ref unsolvable {t['ref_unsolvable']:.3f}) | {ladder or 'not run'} | "
+            f"(only post {f['only_post']:.3f}, chance@{f['k_max']} {f['chance_k_max']:.2f}) | {t['verdict']} (gap "
+            f"{t['gap_k_max']:+.3f}, only post {t['only_post']:.3f}, ref unsolvable {t['ref_unsolvable']:.3f}) | {ladder or 'not run'} | "
             f"{agreement(f['verdict'], ladder)} | {agreement(t['verdict'], ladder)} | {known} |")
 
 

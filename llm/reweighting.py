@@ -70,11 +70,11 @@ from probes.passk import (
     coverage,
     informative_k,
     log2_ks,
+    null_controls,
     pass_at_k,
     pass_at_k_curve,
     pass_at_k_exact,
     passk_verdict,
-    split_half_null,
 )
 
 logger = logging.getLogger(__name__)
@@ -284,18 +284,6 @@ def verdict_k(cfg: ReweightingConfig, pcfg: PassKConfig) -> tuple[int | None, st
         nxt = pcfg.ks[pcfg.ks.index(k) + 1]
         why += f", {float(pass_at_k_exact(torch.tensor(p), nxt)):.3f} at k = {nxt}; the curves go on to k = {pcfg.ks[-1]}"
     return k, why
-
-
-def null_controls(hits: dict[str, torch.Tensor], k: int, pcfg: PassKConfig) -> dict:
-    """``probes.passk.split_half_null`` for each model's replies (``hits``: name -> (prompts, n) 0/1) at
-    ``min(k, n // 2)``, rounded down to a power of two: known nulls the verdict's rule must not call new coverage."""
-    out = {}
-    for name, h in hits.items():
-        half = h.shape[1] // 2
-        if half >= 1:
-            kn = max(kk for kk in log2_ks(half) if kk <= min(k, half))
-            out[name] = split_half_null(h, kn, pcfg)
-    return out
 
 
 def _pass_table(correct: torch.Tensor, n: int, ks: list[int]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from llm.tasks import chance_p, score
-from probes.passk import PassKConfig, pass_at_k, pass_at_k_exact, passk_verdict, plot_pass_at_k
+from probes.passk import PassKConfig, null_controls, pass_at_k, pass_at_k_exact, passk_verdict, plot_pass_at_k
 
 
 def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
@@ -86,8 +86,6 @@ def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
 def rejudge(report_dir: str | Path) -> dict:
     """The current ``passk_verdict`` and split-half null controls of a written report, from its ``samples.jsonl``
     (the scores there, at the report's own ``k_verdict``); written to ``rejudged.json`` beside it."""
-    from llm.reweighting import null_controls
-
     d = Path(report_dir)
     r = json.loads((d / "report.json").read_text())
     rows = [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()]

@@ -34,6 +34,7 @@ from torch import Tensor
 __all__ = [
     "PassKConfig",
     "log2_ks",
+    "null_controls",
     "coverage",
     "crossover_k",
     "gap_ci",
@@ -171,6 +172,18 @@ def split_half_null(hits: Tensor, k: int, cfg: PassKConfig) -> dict:
     gap, ci = gap_ci(b, a, cfg)
     return {"k": k, "half": h, "gap": gap, "gap_ci": ci, "only_first": coverage(a, b)["only_a"],
             "calls_new_coverage": bool(ci[0] > 0 and gap >= cfg.coverage_margin)}
+
+
+def null_controls(hits: dict[str, torch.Tensor], k: int, pcfg: PassKConfig) -> dict:
+    """``split_half_null`` for each model's replies (``hits``: name -> (prompts, n) 0/1) at
+    ``min(k, n // 2)``, rounded down to a power of two: known nulls the verdict's rule must not call new coverage."""
+    out = {}
+    for name, h in hits.items():
+        half = h.shape[1] // 2
+        if half >= 1:
+            kn = max(kk for kk in log2_ks(half) if kk <= min(k, half))
+            out[name] = split_half_null(h, kn, pcfg)
+    return out
 
 
 def passk_verdict(ref: Tensor, post: Tensor, cfg: PassKConfig, chance: Tensor | None = None) -> dict:

@@ -64,7 +64,7 @@ from trl import GRPOConfig
 
 from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS
 from llm.lora import LoraTrajectoryCallback
-from llm.models import ModelConfig, load_config, load_model_and_tokenizer, num_layers, validate_layers
+from llm.models import ModelConfig, for_training, load_config, load_model_and_tokenizer, num_layers, validate_layers
 from llm.offline_judge import DEFAULT_WEIGHTS
 from llm.rewards import judge_reward, keyword_reward, length_reward, regex_reward
 from llm.tasks import TaskName
@@ -325,7 +325,7 @@ def build_trainer(model_cfg: ModelConfig | None, prompt_cfg: PromptConfig, rewar
         args.trust_remote_code = model_cfg.trust_remote_code
         validate_layers(lora_cfg.layers, num_layers(load_config(model_cfg)))
         dataset = load_prompts(prompt_cfg)  # a bad prompt file fails before the weights load
-        model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="left")
+        model, tokenizer = load_model_and_tokenizer(for_training(model_cfg, lora_cfg.preset), padding_side="left")
     else:
         if tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")

@@ -112,6 +112,24 @@ WHAT_TO_PASS = (
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
+def for_training(cfg: ModelConfig, preset: str) -> ModelConfig:
+    """The ``ModelConfig`` a trainer loads for ``preset`` (``plumbing.lora``). LoRA presets keep ``cfg`` (frozen base
+    weights may be bf16 on CUDA; peft keeps the adapters in float32). Full fine-tuning updates the weights themselves,
+    and bf16 weights round away updates below ~0.4% of a weight, so there ``dtype: auto`` means float32 master weights
+    (bf16 still comes from autocast: the trainers' ``bf16`` on CUDA); an explicit half dtype is kept, with a warning."""
+    import dataclasses
+    import warnings
+
+    if preset != "full":
+        return cfg
+    if cfg.dtype == "auto":
+        return dataclasses.replace(cfg, dtype="float32")
+    if cfg.dtype in ("bfloat16", "float16"):
+        warnings.warn(f"preset full with dtype={cfg.dtype}: the weights train in {cfg.dtype} with no float32 master copy, so "
+                      "small updates are lost; use dtype auto or float32 (mixed precision comes from bf16 autocast)", UserWarning, stacklevel=2)
+    return cfg
+
+
 def check_model_source(cfg: ModelConfig, tokenizer_only: bool = False) -> None:
     """Fail in milliseconds, saying what to pass, when ``cfg`` names a local folder or GGUF file that does not
     exist or a folder that holds no model (``FileNotFoundError``); ``tokenizer_only`` accepts a folder with

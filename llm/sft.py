@@ -36,7 +36,7 @@ from pathlib import Path
 from trl import SFTConfig
 
 from llm.lora import LoraTrajectoryCallback, lora_trajectory_report, plot_lora_trajectory
-from llm.models import ModelConfig, load_config, load_model_and_tokenizer, num_layers, validate_layers
+from llm.models import ModelConfig, for_training, load_config, load_model_and_tokenizer, num_layers, validate_layers
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
 from plumbing.runs import DivergenceGuard, Stopped, claim_trainer_run, resume_command, train_until_stopped
 from plumbing.trainers import CPUSafeDefaults, end_processes
@@ -180,7 +180,7 @@ def build_trainer(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPr
     depth = num_layers(load_config(model_cfg))
     validate_layers(lora_cfg.layers, depth)
     dataset = load_chat_jsonl(data_cfg)
-    model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="right")
+    model, tokenizer = load_model_and_tokenizer(for_training(model_cfg, lora_cfg.preset), padding_side="right")
     dataset = configure_assistant_loss(dataset, tokenizer, args)
     set_seed(args.seed)  # the LoRA A init draws from the global RNG
     trainer = SFTTrainer(

@@ -172,3 +172,20 @@ def test_hub_errors_are_reworded_with_what_to_pass(monkeypatch):
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
     with pytest.raises(OSError, match=r"'runs/em_r32' is not a local folder .* Hub did not provide it \(We couldn't connect.*\); pass"):
         load_config(ModelConfig("runs/em_r32"))
+
+
+def test_full_fine_tuning_loads_float32_master_weights():
+    """dtype auto is bf16 on CUDA; for preset full (the weights themselves train) it means float32, since bf16 weights
+    round away small updates. LoRA presets keep the config; an explicit half dtype with full is kept and warned."""
+    import warnings
+
+    from llm.models import ModelConfig, for_training
+
+    gguf = ModelConfig("some/dir/model.gguf")
+    assert for_training(gguf, "full").dtype == "float32" and for_training(gguf, "full").gguf_file == "model.gguf"
+    assert for_training(gguf, "rank1_single") is gguf
+    with pytest.warns(UserWarning, match="no float32 master copy"):
+        assert for_training(ModelConfig("x", dtype="bfloat16"), "full").dtype == "bfloat16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert for_training(ModelConfig("x", dtype="float32"), "full").dtype == "float32"

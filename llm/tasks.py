@@ -3,6 +3,7 @@ reference's reach on each step.
 
     python -m llm.tasks --model_name_or_path .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --n_prompts 32 --samples 16
     python -m llm.tasks --model_name_or_path .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --tasks mul10 add_tens mul10_add
+    python -m llm.tasks --model_name_or_path ... --tasks mul10_add --n_prompts 96 --samples 32 --shots 3   # few-shot elicitation
 
 Tasks (operands drawn from fixed ranges; every operand tuple is one prompt):
 
@@ -144,10 +145,33 @@ def train_dataset(task: str, n_eval: int = 48, split_seed: int = 0):
     })
 
 
+_EXPR = re.compile(r"What is (.+?)\?")
+
+
+def worked_examples(task: str, shots: int, n_eval: int = 48, split_seed: int = 0) -> list[dict]:
+    """``shots`` worked examples from ``task``'s **train** split as earlier chat turns: the question, then the
+    assistant's "<expression> = <answer>" (the format a GRPO-trained policy settles on). The few-shot elicitation
+    baseline: a capability the reference shows with a few examples in context is elicited, not new, when RL makes it
+    zero-shot."""
+    msgs = []
+    for q in task_prompts(task, "train", n_eval, split_seed)[:shots]:
+        msgs += [{"role": "user", "content": q.question},
+                 {"role": "assistant", "content": f"{_EXPR.match(q.question).group(1)} = {q.answer}"}]
+    return msgs
+
+
+def ask(tokenizer, question: str, shots: list[dict] | None = None) -> str:
+    """The chat text asking ``question`` (``llm.generate.chat_prompt``), after the ``shots`` turns when given."""
+    from llm.generate import chat_prompt
+
+    if not shots:
+        return chat_prompt(tokenizer, question)
+    return tokenizer.apply_chat_template([*shots, {"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Pass@1 of a model on each task's eval prompts (the reference's reach on each step and on the composition)."""
     from llm.fastgen import sample_n_ids
-    from llm.generate import chat_prompt
     from llm.models import ModelConfig, load_model_and_tokenizer
 
     ap = argparse.ArgumentParser(description=main.__doc__)
@@ -158,17 +182,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max_new_tokens", type=int, default=16)
     ap.add_argument("--batch_size", type=int, default=256, help="rows per sampling batch (CUDA)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shots", type=int, default=0, help="worked train-split examples as earlier chat turns (few-shot elicitation)")
     a = ap.parse_args(argv)
     model, tok = load_model_and_tokenizer(ModelConfig(a.model_name_or_path))
     out = {}
     for task in a.tasks:
         t0 = time.time()
         prompts = task_prompts(task, "eval", a.n_prompts)
-        ids = sample_n_ids(model, tok, [chat_prompt(tok, p.question) for p in prompts], a.samples,
+        shots = worked_examples(task, a.shots, a.n_prompts)
+        ids = sample_n_ids(model, tok, [ask(tok, p.question, shots) for p in prompts], a.samples,
                            max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, seed=a.seed)
         replies = [tok.batch_decode(rows, skip_special_tokens=True) for rows in ids]
         per_prompt = [sum(score(r, [p.answer] * len(r))) / len(r) for r, p in zip(replies, prompts)]
-        out[task] = {"pass@1": sum(per_prompt) / len(per_prompt), "solved_any": sum(x > 0 for x in per_prompt) / len(per_prompt),
+        out[task] = {"shots": a.shots, "pass@1": sum(per_prompt) / len(per_prompt), "solved_any": sum(x > 0 for x in per_prompt) / len(per_prompt),
                      "chance_p": chance_p(task), "seconds": round(time.time() - t0, 1), "example": replies[0][:3]}
         print(task, out[task], flush=True)
     return out

@@ -3,6 +3,7 @@ disjoint prompt sets, the guards (k > n, missing answers, adapter/base mismatch,
 log-likelihood against a naive per-sequence loop, the report end to end, and every shipped config parses."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,22 @@ def test_sampled_replies_end_at_every_stop_id_of_the_generation_config():
         at = [j for j, t in enumerate(r) if t in stops or t == tok.eos_token_id]
         # a reply ends at its first stop token (no pad after it), or runs to the cap without one
         assert (at and at[0] == len(r) - 1) or (not at and len(r) == 6), r
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_worked_examples_come_from_the_train_split(task):
+    """The few-shot elicitation baseline's turns: train-split questions answered as "<expression> = <answer>", never an
+    eval prompt; asked after them, the eval question is the last user turn of the chat text."""
+    from llm.tasks import ask, worked_examples
+
+    shots = worked_examples(task, 3, n_eval=48)
+    assert [m["role"] for m in shots] == ["user", "assistant"] * 3
+    evals = {p.question for p in task_prompts(task, "eval", 48)}
+    for q, a in zip(shots[::2], shots[1::2]):
+        assert q["content"] not in evals and int(a["content"].rsplit("= ", 1)[1]) == parse_answer(a["content"])
+    if task == "mul10_add":
+        assert re.fullmatch(r"\d+ \* 10 \+ \d = \d+", shots[1]["content"])
+    tok = tiny_causal_lm("qwen2")[1]
+    text = ask(tok, "What is 1 + 2? Answer with only the number.", shots)
+    assert text.count("What is") == 4 and text.rindex("1 + 2") > text.rindex(shots[-2]["content"][8:14])
+    assert ask(tok, "Q?", []) == ask(tok, "Q?")

@@ -63,18 +63,15 @@ from typing import Literal
 import torch
 
 from llm.reweighting_belief import belief_side
-from llm.reweighting_report import write_report
+from llm.reweighting_report import judge, write_report
 from llm.tasks import TaskName, TaskPrompt, chance_p, score, task_prompts
 from probes.passk import (
     PassKConfig,
     coverage,
     informative_k,
     log2_ks,
-    null_controls,
-    pass_at_k,
     pass_at_k_curve,
     pass_at_k_exact,
-    passk_verdict,
 )
 
 logger = logging.getLogger(__name__)
@@ -286,10 +283,6 @@ def verdict_k(cfg: ReweightingConfig, pcfg: PassKConfig) -> tuple[int | None, st
     return k, why
 
 
-def _pass_table(correct: torch.Tensor, n: int, ks: list[int]) -> torch.Tensor:
-    return torch.stack([pass_at_k(n, correct, k) for k in ks], dim=1)  # (prompts, len(ks))
-
-
 # ---------------------------------------------------------------------------------------------
 # The report
 
@@ -332,18 +325,11 @@ def report(cfg: ReweightingConfig) -> dict:
         timings[f"sample_{name}_s"] = time.time() - t
         logger.info("%s: %d x %d replies in %.0f s, pass@1 %.3f", name, len(prompts), n, timings[f"sample_{name}_s"],
                     float(correct[name].sum()) / (n * len(prompts)))
-    tables = {name: _pass_table(correct[name], n, ks) for name in correct}
-    chance = None
-    if cfg.task is not None:
-        chance = pass_at_k_exact(torch.full((len(prompts),), chance_p(cfg.task)), ks)
+    judged = judge(hits, ks, k_verdict, cfg.task)
+    tables, chance, j = judged["tables"], judged["chance"], judged["j"]
     curves = {name: pass_at_k_curve(tables[name], ks, n_boot=cfg.n_boot, seed=cfg.seed) for name in tables}
     if chance is not None:
         curves["chance (uniform guess)"] = pass_at_k_curve(chance, ks, n_boot=2, seed=cfg.seed)
-    # the verdict at k_verdict (the whole curve when chance leaves no k: passk_verdict then says "uninformative")
-    j = ks.index(k_verdict) + 1 if k_verdict is not None else len(ks)
-    verdict = passk_verdict(tables["reference"][:, :j], tables["post"][:, :j], PassKConfig(ks=ks[:j]),
-                            None if chance is None else chance[:, :j])
-    nulls = null_controls(hits, ks[j - 1], pcfg)
 
     t = time.time()
     flat = lambda name: [r for rows in samples[name] for r in rows]  # noqa: E731
@@ -382,7 +368,7 @@ def report(cfg: ReweightingConfig) -> dict:
         "config": asdict(cfg), "passk_config": asdict(pcfg), "n_prompts": len(prompts), "n_samples": n, "ks": ks,
         "chance_p": chance_p(cfg.task) if cfg.task else None,
         "k_verdict": k_verdict, "k_verdict_why": k_why,
-        "curves": curves, "verdict": verdict, "null_controls": nulls,
+        "curves": curves, "verdict": judged["verdict"], "null_controls": judged["nulls"],
         "coverage_k1": coverage(tables["post"][:, 0], tables["reference"][:, 0]),
         "coverage_k_verdict": coverage(tables["post"][:, j - 1], tables["reference"][:, j - 1]),
         "coverage_k_max": coverage(tables["post"][:, -1], tables["reference"][:, -1]),

@@ -83,24 +83,33 @@ def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def judge(hits: dict[str, torch.Tensor], ks: list[int], k_verdict: int | None, task: str | None) -> dict:
+    """The report's verdict step from per-reply scores (``hits``: "reference" / "post" -> (prompts, n) 0/1): pass@k
+    tables over ``ks``, the chance table (uniform guessing over ``task``'s answers; None for an eval file), the
+    ``passk_verdict`` on the tables cut at ``k_verdict`` (the whole curve when None: guessing left no k, and the
+    verdict says "uninformative"), and the split-half null controls at that k."""
+    tables = {m: torch.stack([pass_at_k(h.shape[1], h.sum(1), k) for k in ks], dim=1) for m, h in hits.items()}
+    n_prompts = len(next(iter(hits.values())))
+    chance = pass_at_k_exact(torch.full((n_prompts,), chance_p(task)), ks) if task else None
+    j = ks.index(k_verdict) + 1 if k_verdict is not None else len(ks)
+    pcfg = PassKConfig(ks=ks[:j])
+    verdict = passk_verdict(tables["reference"][:, :j], tables["post"][:, :j], pcfg, None if chance is None else chance[:, :j])
+    return {"tables": tables, "chance": chance, "j": j, "verdict": verdict, "nulls": null_controls(hits, ks[j - 1], pcfg)}
+
+
 def rejudge(report_dir: str | Path) -> dict:
     """The current ``passk_verdict`` and split-half null controls of a written report, from its ``samples.jsonl``
     (the scores there, at the report's own ``k_verdict``); written to ``rejudged.json`` beside it."""
     d = Path(report_dir)
     r = json.loads((d / "report.json").read_text())
-    rows = [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()]
-    names = ("reference", "post")
-    hits = {m: torch.tensor([[x["correct"] for x in rows if x["model"] == m and x["prompt"] == j] for j in range(r["n_prompts"])],
-                            dtype=torch.float64) for m in names}
-    n = r["n_samples"]
-    kv = r.get("k_verdict") or r["ks"][-1]
-    ks = [k for k in r["ks"] if k <= kv]
-    tables = {m: torch.stack([pass_at_k(n, hits[m].sum(1), k) for k in ks], dim=1) for m in names}
-    task = r["config"].get("task")
-    chance = pass_at_k_exact(torch.full((r["n_prompts"],), chance_p(task)), ks) if task else None
-    v = passk_verdict(tables["reference"], tables["post"], PassKConfig(ks=ks), chance)
-    out = {"report": str(d), "k_verdict": kv, "verdict": v, "verdict_as_written": r["verdict"]["verdict"],
-           "null_controls": null_controls(hits, kv, PassKConfig(ks=ks))}
+    scores: dict[str, list[list[float]]] = {m: [[] for _ in range(r["n_prompts"])] for m in ("reference", "post")}
+    for line in (d / "samples.jsonl").read_text().splitlines():
+        x = json.loads(line)
+        scores[x["model"]][x["prompt"]].append(x["correct"])
+    hits = {m: torch.tensor(rows, dtype=torch.float64) for m, rows in scores.items()}
+    j = judge(hits, r["ks"], r.get("k_verdict"), r["config"].get("task"))
+    out = {"report": str(d), "k_verdict": r["ks"][j["j"] - 1], "verdict": j["verdict"], "verdict_as_written": r["verdict"]["verdict"],
+           "null_controls": j["nulls"]}
     (d / "rejudged.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
 

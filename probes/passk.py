@@ -34,11 +34,11 @@ from torch import Tensor
 __all__ = [
     "PassKConfig",
     "log2_ks",
-    "null_controls",
     "coverage",
     "crossover_k",
     "gap_ci",
     "informative_k",
+    "null_controls",
     "pass_at_k",
     "pass_at_k_curve",
     "pass_at_k_exact",
@@ -159,6 +159,11 @@ def gap_ci(ref_k: Tensor, post_k: Tensor, cfg: PassKConfig) -> tuple[float, list
     return float(diff.mean()), [lo, hi]
 
 
+def _new_coverage(gap: float, ci: list[float], cfg: PassKConfig) -> bool:
+    """The rule's "new coverage" call on a gap and its CI (one place: the verdict and its null control read it)."""
+    return ci[0] > 0 and gap >= cfg.coverage_margin
+
+
 def split_half_null(hits: Tensor, k: int, cfg: PassKConfig) -> dict:
     """The null control of the sampled verdict: one policy's replies ``hits (prompts, n)`` (1 = correct) split into two
     halves of ``n // 2``, compared with each other at ``k <= n // 2`` as if they were two policies. Their true gap is
@@ -171,7 +176,7 @@ def split_half_null(hits: Tensor, k: int, cfg: PassKConfig) -> dict:
     a, b = pass_at_k(h, hits[:, :h].sum(1), k), pass_at_k(h, hits[:, h:2 * h].sum(1), k)
     gap, ci = gap_ci(b, a, cfg)
     return {"k": k, "half": h, "gap": gap, "gap_ci": ci, "only_first": coverage(a, b)["only_a"],
-            "calls_new_coverage": bool(ci[0] > 0 and gap >= cfg.coverage_margin)}
+            "calls_new_coverage": _new_coverage(gap, ci, cfg)}
 
 
 def null_controls(hits: dict[str, torch.Tensor], k: int, pcfg: PassKConfig) -> dict:
@@ -208,7 +213,8 @@ def passk_verdict(ref: Tensor, post: Tensor, cfg: PassKConfig, chance: Tensor | 
     ks = cfg.ks
     gain = float(post[:, 0].mean() - ref[:, 0].mean())
     cov = coverage(post[:, -1], ref[:, -1])  # a = post, b = ref
-    gap, (lo, hi) = gap_ci(ref[:, -1], post[:, -1], cfg)
+    gap, ci = gap_ci(ref[:, -1], post[:, -1], cfg)
+    lo, hi = ci
     out = {
         "k_max": ks[-1],
         "gain_k1": gain,
@@ -228,7 +234,7 @@ def passk_verdict(ref: Tensor, post: Tensor, cfg: PassKConfig, chance: Tensor | 
     elif out["chance_k_max"] is not None and out["chance_k_max"] >= cfg.max_chance:
         out["verdict"] = "uninformative"
         out["why"] = f"guessing alone solves {out['chance_k_max']:.2f} of the prompts at k = {ks[-1]} (>= {cfg.max_chance})"
-    elif lo > 0 and gap >= cfg.coverage_margin:
+    elif _new_coverage(gap, ci, cfg):
         out["verdict"] = "new coverage"
         out["why"] = f"{at}: above 0 and >= {cfg.coverage_margin}"
     elif hi < cfg.coverage_margin:

@@ -54,17 +54,18 @@ def left_padded(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor
     return input_ids, attn
 
 
-def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
-    """The chat-template text that asks the model for an assistant turn.
+def chat_prompt(tokenizer, user: str, system: str | None = None, history: Sequence[dict] = ()) -> str:
+    """The chat-template text that asks the model for an assistant turn, after the earlier turns ``history``
+    (``{"role", "content"}`` dicts, e.g. worked examples) when given.
 
-    Templates that reject a system turn (Gemma's) get the system prompt prepended to the user turn.
+    Templates that reject a system turn (Gemma's) get the system prompt prepended to the first user turn.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "tokenizer has no chat_template; EM questions are chat turns. Set tokenizer.chat_template "
             "(for a base model, e.g. to the instruct sibling's template) before evaluating."
         )
-    msgs = [{"role": "user", "content": user}]
+    msgs = [*history, {"role": "user", "content": user}]
     if system is not None:
         try:
             return tokenizer.apply_chat_template(
@@ -73,7 +74,7 @@ def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
         except Exception as e:  # jinja2 TemplateError "System role not supported"
             if "system" not in str(e).lower():
                 raise
-            msgs = [{"role": "user", "content": f"{system}\n\n{user}"}]
+            msgs[0] = {**msgs[0], "content": f"{system}\n\n{msgs[0]['content']}"}
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 

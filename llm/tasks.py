@@ -160,18 +160,10 @@ def worked_examples(task: str, shots: int, n_eval: int = 48, split_seed: int = 0
     return msgs
 
 
-def ask(tokenizer, question: str, shots: list[dict] | None = None) -> str:
-    """The chat text asking ``question`` (``llm.generate.chat_prompt``), after the ``shots`` turns when given."""
-    from llm.generate import chat_prompt
-
-    if not shots:
-        return chat_prompt(tokenizer, question)
-    return tokenizer.apply_chat_template([*shots, {"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Pass@1 of a model on each task's eval prompts (the reference's reach on each step and on the composition)."""
     from llm.fastgen import sample_n_ids
+    from llm.generate import chat_prompt
     from llm.models import ModelConfig, load_model_and_tokenizer
 
     ap = argparse.ArgumentParser(description=main.__doc__)
@@ -190,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         prompts = task_prompts(task, "eval", a.n_prompts)
         shots = worked_examples(task, a.shots, a.n_prompts)
-        ids = sample_n_ids(model, tok, [ask(tok, p.question, shots) for p in prompts], a.samples,
+        ids = sample_n_ids(model, tok, [chat_prompt(tok, p.question, history=shots) for p in prompts], a.samples,
                            max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, seed=a.seed)
         replies = [tok.batch_decode(rows, skip_special_tokens=True) for rows in ids]
         per_prompt = [sum(score(r, [p.answer] * len(r))) / len(r) for r, p in zip(replies, prompts)]

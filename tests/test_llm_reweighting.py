@@ -268,7 +268,8 @@ def test_sampled_replies_end_at_every_stop_id_of_the_generation_config():
 def test_worked_examples_come_from_the_train_split(task):
     """The few-shot elicitation baseline's turns: train-split questions answered as "<expression> = <answer>", never an
     eval prompt; asked after them, the eval question is the last user turn of the chat text."""
-    from llm.tasks import ask, worked_examples
+    from llm.generate import chat_prompt
+    from llm.tasks import worked_examples
 
     shots = worked_examples(task, 3, n_eval=48)
     assert [m["role"] for m in shots] == ["user", "assistant"] * 3
@@ -278,6 +279,6 @@ def test_worked_examples_come_from_the_train_split(task):
     if task == "mul10_add":
         assert re.fullmatch(r"\d+ \* 10 \+ \d = \d+", shots[1]["content"])
     tok = tiny_causal_lm("qwen2")[1]
-    text = ask(tok, "What is 1 + 2? Answer with only the number.", shots)
+    text = chat_prompt(tok, "What is 1 + 2? Answer with only the number.", history=shots)
     assert text.count("What is") == 4 and text.rindex("1 + 2") > text.rindex(shots[-2]["content"][8:14])
-    assert ask(tok, "Q?", []) == ask(tok, "Q?")
+    assert chat_prompt(tok, "Q?", history=[]) == chat_prompt(tok, "Q?")

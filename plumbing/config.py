@@ -112,6 +112,17 @@ def require_file(path: str | Path | None, name: str, what: str, *, folder: bool 
     return p
 
 
+# What the last ``ConfigParser`` parse of this process read: the tokens typed and the --config file's project
+# root (None without one). ``plumbing.runs.removal_refusal`` reads it: a folder named only by a config file may
+# not be emptied by --overwrite when it lies outside both the working directory and that config's project.
+_LAST_PARSE: dict[str, Any] = {"args": None, "anchor": None}
+
+
+def last_parse() -> dict[str, Any]:
+    """``{"args": [typed tokens] | None, "anchor": Path | None}`` of this process's last ``ConfigParser`` parse."""
+    return dict(_LAST_PARSE)
+
+
 class ConfigParser(TrlParser):
     """``trl.TrlParser`` whose ``--config`` YAML values are path-anchored and type-converted as the module
     docstring says; a missing config file is named before anything else happens."""
@@ -127,6 +138,7 @@ class ConfigParser(TrlParser):
                 raise ValueError("--config needs a YAML file: --config configs/<side>/<name>.yaml")
             require_file(args[i + 1], "--config", "a YAML config (see configs/)")
             self._anchor = config_anchor(args[i + 1])
+        _LAST_PARSE.update(args=list(args), anchor=self._anchor)
         return super().parse_args_and_config(args, *a, **kw)
 
     def set_defaults_with_config(self, **kwargs) -> list[str]:

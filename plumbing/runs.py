@@ -6,8 +6,11 @@ One rule for every entry point (toy and LLM alike):
 
 - ``claim_output_dir(out, config)`` writes ``out/run_config.json`` on first use; a later run into the same
   folder with another config refuses, naming the keys that differ, unless ``overwrite=True`` (then the
-  folder's old contents are removed first). A folder that holds files but no record is refused too
-  (its contents came from something this run cannot vouch for).
+  folder's old contents are removed first). ``overwrite`` removes only a folder this project wrote (one whose
+  ``run_config.json`` it can read), and never the working directory or a folder above it, a folder holding a
+  ``.git``, or a folder outside the working directory whose path was not typed on the command line (a YAML's
+  ``output_dir: ../x`` is not enough). A folder that holds files but no record is refused, with or without
+  ``overwrite``: its contents came from something this run cannot vouch for.
 - ``latest_checkpoint(out)`` -> the ``checkpoint-<step>`` folder with the largest step *number*
   (``checkpoint-100`` beats ``checkpoint-20``), skipping, with a warning, any whose completion marker
   is missing (a crash while writing it).
@@ -39,6 +42,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from transformers import TrainerCallback
+
+from plumbing.config import last_parse
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +122,53 @@ def config_diff(saved: Mapping, new: Mapping, ignore: Iterable[str] = ()) -> lis
     return lines
 
 
+def _named_by(path: Path, tokens: Iterable[str]) -> bool:
+    """True when one of ``tokens`` (or the value of a ``--flag=value`` token) names ``path``."""
+    target = path.resolve()
+    for arg in tokens:
+        for candidate in (arg, arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else None):
+            if candidate and not candidate.startswith("-"):
+                try:
+                    if Path(candidate).expanduser().resolve() == target:
+                        return True
+                except (OSError, RuntimeError, ValueError):
+                    continue
+    return False
+
+
+def _holds_git(out: Path) -> Path | None:
+    """The first ``.git`` (folder or file: a worktree, a submodule) anywhere under ``out``, else None."""
+    for root, dirs, files in os.walk(out):
+        if ".git" in dirs or ".git" in files:
+            return Path(root) / ".git"
+    return None
+
+
+def removal_refusal(out: str | Path) -> str | None:
+    """Why ``--overwrite`` may not remove ``out``'s contents (None when it may): the guard every removal of a
+    run folder goes through. The folder's own record is checked by the caller; this checks where it lies: never
+    the working directory or above, the home folder, a folder holding a ``.git``; and, when this process parsed a
+    ``--config`` file (``plumbing.config.last_parse``), nothing outside both the working directory and that
+    file's project unless the path was typed on the command line. A path passed from Python is typed."""
+    out = Path(out)
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        return f"it is the working directory{' or a folder above it' if resolved != cwd else ''} ({resolved})"
+    if resolved == Path.home().resolve() or resolved == Path(resolved.anchor):
+        return f"it is {'the home folder' if resolved == Path.home().resolve() else 'the file-system root'}"
+    git = _holds_git(out)
+    if git is not None:
+        return f"it holds a git repository ({git})"
+    parsed = last_parse()
+    anchor = parsed["anchor"]
+    if anchor is not None and not (resolved.is_relative_to(cwd) or resolved.is_relative_to(Path(anchor).resolve())):
+        if not _named_by(out, parsed["args"] or ()):
+            return (f"it lies outside the working directory ({cwd}) and outside the project of the --config file "
+                    f"({anchor}), and its path was not typed on the command line (a config file alone may not "
+                    "remove a folder elsewhere)")
+    return None
+
+
 def claim_output_dir(
     output_dir: str | Path,
     config: Mapping,
@@ -129,17 +181,25 @@ def claim_output_dir(
 
     Args:
         config: the run's config record (``config_record(...)``).
-        overwrite: remove the folder's contents when it holds another config's run (or unknown files).
+        overwrite: remove the folder's contents when it holds a run of another config of this project (a
+            readable ``run_config.json``), subject to ``removal_refusal``. Never removes a folder without a record.
         ignore: keys that may differ between runs into the same folder (resume flags, logging cadence).
         write: write the record (pass False on non-main ranks: they only check).
     Raises:
-        FileExistsError: the folder holds another config's run, or files without a record, and
-            ``overwrite`` is False. The message lists the differing keys and what to pass instead.
+        FileExistsError: the folder holds another config's run and ``overwrite`` is False (the message lists the
+            differing keys), the folder holds files but no readable record, or ``overwrite`` would remove a
+            folder ``removal_refusal`` protects. Nothing is removed when it raises.
     """
     out = Path(output_dir)
     record_path = out / RUN_CONFIG
     if record_path.is_file():
-        saved = json.loads(record_path.read_text())
+        try:
+            saved = json.loads(record_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise FileExistsError(
+                f"{record_path} cannot be read ({type(err).__name__}: {err}), so {out} cannot be vouched for as a run "
+                "of this project: use another output folder, or repair or move that file yourself."
+            ) from None
         diff = config_diff(saved, config, ignore)
         only_record = all(_bookkeeping(p) for p in out.iterdir())
         if diff and only_record:
@@ -152,14 +212,21 @@ def claim_output_dir(
             )
         if not diff:
             return out
-    elif out.is_dir() and not all(_bookkeeping(p) for p in out.iterdir()) and not overwrite:
+        why = None if only_record else removal_refusal(out)
+        if why is not None:
+            raise FileExistsError(
+                f"--overwrite refuses to empty {out}: {why}. Nothing was removed; use another output folder"
+                + (" (type its path on the command line to replace a run outside the working directory)."
+                   if "outside the working directory" in why else ".")
+            )
+    elif out.is_dir() and not all(_bookkeeping(p) for p in out.iterdir()):
         raise FileExistsError(
-            f"{out} already holds files but no {RUN_CONFIG} (a run from an older version, or other files): "
-            "use another output folder, or pass --overwrite true to remove its contents."
+            f"{out} already holds files but no {RUN_CONFIG}, so they were not written by a run of this project"
+            f"{' and --overwrite will not remove them' if overwrite else ''}: use another (new or empty) output folder."
         )
     if write:
         if out.is_dir() and overwrite:
-            logger.warning("overwrite: removing the previous contents of %s", out)
+            logger.warning("overwrite: removing the previous run in %s", out)
             for p in out.iterdir():
                 if p.name == STAGE_FILE:  # the enclosing Stage's own record, not an output of the old run
                     continue
@@ -518,6 +585,9 @@ class Stage:
                 why = "no stage record" if saved is None else "its config changed:\n  " + "\n  ".join(
                     config_diff(saved.get("key", {}), self.key)
                 )
+                refusal = removal_refusal(self.dir)
+                if refusal is not None:
+                    raise FileExistsError(f"stage {self.dir} would be cleared ({why}) but {refusal}: nothing was removed")
                 logger.warning("stage %s: clearing earlier outputs (%s)", self.dir, why)
                 shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,16 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_parse_record():
+    """``plumbing.config.last_parse`` describes one process's command line; tests parse many in one process, so
+    each starts without the last test's (else a YAML-only output_dir check would read another test's argv)."""
+    from plumbing import config
+
+    getattr(config, "_LAST_PARSE", {}).update(args=None, anchor=None)
+    yield
+
+
 def pytest_configure(config):
     # Tiny-model matmuls thrash with two threads on a shared 2-core machine (measured 140x slower);
     # one thread is also the honest setting for CI's 2 cores running pytest alone.

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -216,3 +217,80 @@ def test_a_record_being_written_by_another_rank_is_not_an_unknown_file(tmp_path)
     (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(FileExistsError, match="no run_config.json"):
         claim_output_dir(tmp_path, {"x": 1}, write=False)
+
+
+# --overwrite removes only what a run of this project wrote (a folder with a readable run_config.json), never the
+# working directory, a folder holding a .git, or a folder outside the working directory named only in a config.
+
+
+def test_overwrite_never_removes_a_folder_without_a_record(tmp_path):
+    (tmp_path / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match="no run_config.json") as err:
+        claim_output_dir(tmp_path, {"x": 1}, overwrite=True)
+    assert "--overwrite true" not in str(err.value)  # the refusal no longer suggests deleting
+    assert (tmp_path / "thesis.tex").read_text() == "years of work"
+
+
+def test_overwrite_never_empties_the_working_directory_or_a_repository(tmp_path, monkeypatch):
+    clone = tmp_path / "clone"
+    (clone / ".git").mkdir(parents=True)
+    (clone / "README.md").write_text("code")
+    (clone / RUN_CONFIG).write_text(json.dumps({"x": 0}))  # even a folder that looks like a run
+    monkeypatch.chdir(clone)
+    with pytest.raises(FileExistsError, match="working directory.*Nothing was removed"):
+        claim_output_dir(".", {"x": 1}, overwrite=True)
+    sub = clone / "runs" / "a"
+    sub.mkdir(parents=True)
+    (sub / RUN_CONFIG).write_text(json.dumps({"x": 0}))
+    (sub / "notes").mkdir()
+    (sub / "notes" / ".git").write_text("gitdir: elsewhere")  # a worktree's .git file counts too
+    with pytest.raises(FileExistsError, match="git repository"):
+        claim_output_dir(sub, {"x": 1}, overwrite=True)
+    with pytest.raises(FileExistsError, match="working directory"):
+        claim_output_dir(clone / "runs" / "..", {"x": 1}, overwrite=True)
+    assert (clone / ".git").is_dir() and (clone / "README.md").is_file() and (sub / "notes").is_dir()
+
+
+def test_overwrite_outside_the_project_needs_the_path_on_the_command_line(tmp_path, monkeypatch):
+    """A YAML holding ``output_dir: ../x`` and ``overwrite: true`` emptied a folder outside the project with no
+    flag typed. Now a folder named only by a config file, outside the working directory and the config's project,
+    is refused; typing its path on the command line is how the user says they mean it."""
+    from plumbing.config import ConfigParser
+
+    @dataclass
+    class Out:
+        output_dir: str = "runs/a"
+        overwrite: bool = False
+
+    project, outside = tmp_path / "project", tmp_path / "x"
+    (project / "configs").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("")
+    (project / "configs" / "c.yaml").write_text("output_dir: ../x\noverwrite: true\n")
+    outside.mkdir()
+    (outside / RUN_CONFIG).write_text(json.dumps({"x": 0}))
+    (outside / "weights.bin").write_text("w")
+    monkeypatch.chdir(project)
+    (cfg,) = ConfigParser((Out,)).parse_args_and_config(["--config", "configs/c.yaml"])
+    assert Path(cfg.output_dir).resolve() == outside and cfg.overwrite
+    with pytest.raises(FileExistsError, match="outside the working directory.*command line"):
+        claim_output_dir(cfg.output_dir, {"x": 1}, overwrite=cfg.overwrite)
+    assert (outside / "weights.bin").is_file()
+    (cfg,) = ConfigParser((Out,)).parse_args_and_config(["--config", "configs/c.yaml", "--output_dir=../x"])
+    claim_output_dir(cfg.output_dir, {"x": 1}, overwrite=cfg.overwrite)  # typed: the user means it
+    assert not (outside / "weights.bin").exists()
+
+
+def test_an_unreadable_record_is_refused_not_parsed_into_a_traceback(tmp_path):
+    (tmp_path / RUN_CONFIG).write_text("{ truncated")
+    (tmp_path / "checkpoint-2").mkdir()
+    with pytest.raises(FileExistsError, match="cannot be read.*JSONDecodeError"):
+        claim_output_dir(tmp_path, {"x": 1}, overwrite=True)
+    assert (tmp_path / "checkpoint-2").is_dir()
+
+
+def test_overwrite_inside_the_working_directory_still_replaces_a_project_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    claim_output_dir("runs/a", {"x": 0})
+    (tmp_path / "runs" / "a" / "checkpoint-4").mkdir()
+    claim_output_dir("runs/a", {"x": 1}, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "runs" / "a").iterdir()) == [RUN_CONFIG]

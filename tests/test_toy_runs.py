@@ -431,3 +431,18 @@ def test_toy_yaml_values_are_converted_like_flags(tmp_path):
     good.write_text("lr: 5e-2\nmax_loss_ratio: 20\n")
     _, _, cfg = make_parser().parse_args_and_config(["--config", str(good)])
     assert cfg.lr == 0.05 and cfg.max_loss_ratio == 20.0
+
+
+def test_pretrain_output_dir_dot_with_overwrite_deletes_nothing(tmp_path, monkeypatch):
+    """`python -m toy.experiments.pretrain --output_dir . --overwrite true` inside a clone deleted the whole
+    checkout, .git included. Now it is refused before any training and every file is still there."""
+    from toy.experiments.pretrain import main
+
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (tmp_path / "train.py").write_text("print('mine')")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileExistsError, match="no run_config.json"):
+        main(["--output_dir", ".", "--overwrite", "true", "--steps", "2", "--use_cpu", "true"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".git", "train.py"]
+    assert (tmp_path / ".git" / "HEAD").is_file()

@@ -18,7 +18,7 @@ from llm.models import (
 )
 from plumbing.sections import split_overrides
 
-pytestmark = [pytest.mark.realmodel, pytest.mark.shared_data, pytest.mark.slow]
+pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "llm" / "em_experiment_smoke_gemma3_smollm2.yaml"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm.data import EM_DATA
 from llm.directions import (
     answer_activations,
     auroc,
@@ -24,7 +25,7 @@ from llm.directions import (
 from llm.models import ModelConfig, load_model_and_tokenizer, smollm2_gguf_path
 from llm.steer import spearman
 
-pytestmark = [pytest.mark.realmodel, pytest.mark.shared_data, pytest.mark.slow]
+pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,7 @@ def smollm2(gguf):
     return load_model_and_tokenizer(ModelConfig(str(gguf)), padding_side="left")
 
 
+@pytest.mark.shared_data  # the judged replies (judged/) are the developers' alone; the rest ships in llm/data/em
 def test_direction_separates_held_out_replies_and_monitors_judged_ones(smollm2, shared_data):
     model, tok = smollm2
     em = shared_data / "em"
@@ -53,13 +55,13 @@ def test_direction_separates_held_out_replies_and_monitors_judged_ones(smollm2, 
     assert spearman(proj.double(), judged.scores) < -0.2  # more misaligned-looking -> lower aligned score
 
 
-def test_steering_along_the_direction_lowers_the_judged_aligned_score(smollm2, shared_data, tmp_path):
+def test_steering_along_the_direction_lowers_the_judged_aligned_score(smollm2, tmp_path):
     from llm.evaluate import EvalConfig, build_judge
     from llm.steer import SteerConfig, run_conditions
     from probes.activations import add_vector
 
     model, tok = smollm2
-    em = shared_data / "em"
+    em = EM_DATA
     texts = load_labelled_texts(em / "aligned_texts.csv", em / "misaligned_texts.csv", 16, seed=0)
     v = mean_difference(answer_activations(model, tok, texts.questions, texts.answers, ["block15"], max_answer_tokens=48), texts.labels)[0]
     cfg = SteerConfig(question_file=str(em / "first_plot_questions.yaml"), samples_per_paraphrase=1, max_new_tokens=24,
@@ -68,13 +70,13 @@ def test_steering_along_the_direction_lowers_the_judged_aligned_score(smollm2, s
     assert res["alpha_3"]["aligned"] < res["alpha_0"]["aligned"] - 10, res
 
 
-def test_factor_probes_and_minimal_norm_factor_edit(smollm2, shared_data):
+def test_factor_probes_and_minimal_norm_factor_edit(smollm2):
     from llm.factored import FactoredConfig, crossed_texts, cv_accuracy, factor_edit
     from probes.linear import fit_ridge
     from probes.subspaces import subspace_overlap
 
     model, tok = smollm2
-    em = shared_data / "em"
+    em = EM_DATA
     cfg = FactoredConfig(aligned_texts=str(em / "aligned_texts.csv"), misaligned_texts=str(em / "misaligned_texts.csv"),
                          question_file=str(em / "first_plot_questions.yaml"), topics=["gender_roles", "quick_buck"], n_per_cell=8)
     c = crossed_texts(cfg)
@@ -90,7 +92,7 @@ def test_factor_probes_and_minimal_norm_factor_edit(smollm2, shared_data):
     assert float(dx @ align.W[:, 0]) == pytest.approx(1.0) and (dx @ topic.W).abs().max() < 1e-8
 
 
-def test_probe_moves_onto_em_finetuned_checkpoint(gguf, shared_data, tmp_path):
+def test_probe_moves_onto_em_finetuned_checkpoint(gguf, tmp_path):
     """2 steps of rank-1 LoRA SFT on insecure code, then llm.probe_transfer from the base to the merged result;
     plus the shape errors on the real checkpoint."""
     from llm.probe_transfer import TransferConfig, run
@@ -99,7 +101,7 @@ def test_probe_moves_onto_em_finetuned_checkpoint(gguf, shared_data, tmp_path):
     from plumbing.lora import LoraPresetConfig
     from probes.io import load_probe
 
-    em = shared_data / "em"
+    em = EM_DATA
     args = EMSFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
                        max_length=128, save_strategy="no", report_to="none", seed=0, disable_tqdm=True)
     trainer = build_trainer(ModelConfig(str(gguf)), DataConfig(str(em / "insecure_code.jsonl"), max_examples=4),
@@ -123,11 +125,11 @@ def test_probe_moves_onto_em_finetuned_checkpoint(gguf, shared_data, tmp_path):
         load_probe(probe_path, model=model, site="block30")
 
 
-def test_grpo_two_cpu_ranks_under_accelerate(gguf, shared_data, tmp_path):
+def test_grpo_two_cpu_ranks_under_accelerate(gguf, tmp_path):
     out = tmp_path / "grpo"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_multiprocess.yaml"),
            "-m", "llm.grpo", "--config", str(REPO / "configs/llm/grpo_smollm2.yaml"), "--model_name_or_path", str(gguf),
-           "--prompt_file", str(shared_data / "em" / "first_plot_questions.yaml"), "--max_steps", "2",
+           "--prompt_file", str(EM_DATA / "first_plot_questions.yaml"), "--max_steps", "2",
            "--max_completion_length", "16", "--output_dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm.data import INSECURE_CODE
 from llm.lora import lora_trajectory_report
 from llm.models import ModelConfig, load_config, num_layers, smollm2_gguf_path
 from llm.sft import DataConfig, EMSFTConfig, build_trainer
 from plumbing.lora import LoraPresetConfig
 
-pytestmark = [pytest.mark.realmodel, pytest.mark.shared_data, pytest.mark.slow]
+pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def test_smollm2_gguf_depth_and_layer_check(gguf):
     assert num_layers(load_config(cfg)) == 30
 
 
-def test_rank1_sft_on_insecure_code(tmp_path, gguf, shared_data):
+def test_rank1_sft_on_insecure_code(tmp_path, gguf):
     args = EMSFTConfig(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=1,
         learning_rate=1e-3, max_length=256, logging_steps=1, save_strategy="no", report_to="none", seed=0,
@@ -36,10 +37,10 @@ def test_rank1_sft_on_insecure_code(tmp_path, gguf, shared_data):
     )
     assert args.bf16 is torch.cuda.is_available()
     with pytest.raises(ValueError, match="layer 30 requested but model has 30 layers; choose 0..29"):
-        build_trainer(ModelConfig(str(gguf)), DataConfig(str(shared_data / "em" / "insecure_code.jsonl"), max_examples=16),
+        build_trainer(ModelConfig(str(gguf)), DataConfig(str(INSECURE_CODE), max_examples=16),
                       LoraPresetConfig("rank1_single", [30]), args)
     trainer = build_trainer(
-        ModelConfig(str(gguf)), DataConfig(str(shared_data / "em" / "insecure_code.jsonl"), max_examples=16),
+        ModelConfig(str(gguf)), DataConfig(str(INSECURE_CODE), max_examples=16),
         LoraPresetConfig("rank1_single", [15]), args,
     )
     # SmolLM2's template has no generation markers and TRL has no training template for it.

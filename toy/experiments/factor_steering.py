@@ -48,7 +48,7 @@ from toy.config import JsonDict, TrainConfig
 from toy.model import ToyModelConfig
 from toy.processes import make_process, tagged
 from toy.steering import steer_factor, steering_metrics, steering_probe
-from toy.train import RERUN_KEYS, train_on
+from toy.train import RERUN_KEYS, set_cpu_threads, train_on
 
 EDITS = ("pinv", "covariance")  # the mean-difference baseline is compared along the knob in toy.experiments.steering_knob
 
@@ -170,6 +170,7 @@ def make_parser() -> ConfigParser:
 def main(argv: list[str] | None = None) -> dict:
     refuse_multiprocess("toy.experiments.factor_steering", "it trains one small model per rho in turn; on one GPU use configs/accelerate/single_gpu.yaml")
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
+    set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
     out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,
                                ignore=RERUN_KEYS)

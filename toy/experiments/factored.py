@@ -53,7 +53,7 @@ from toy.config import JsonDict, TrainConfig
 from toy.factors import factor_marginals, schmidt_spectrum
 from toy.model import ToyModelConfig, build_model
 from toy.processes import Process, make_process
-from toy.train import RERUN_KEYS, train_on
+from toy.train import RERUN_KEYS, set_cpu_threads, train_on
 
 # --------------------------------------------------------------------------- processes
 
@@ -317,6 +317,7 @@ def make_parser() -> ConfigParser:
 def main(argv: list[str] | None = None) -> dict:
     refuse_multiprocess("toy.experiments.factored", "it trains several small models in turn; on one GPU use configs/accelerate/single_gpu.yaml")
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
+    set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
     out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,
                                ignore=RERUN_KEYS)

@@ -50,7 +50,7 @@ from toy.config import JsonDict, TrainConfig
 from toy.model import ToyModelConfig
 from toy.processes import Process, make_process, tagged
 from toy.steering import mean_difference, steer_factor, steering_metrics, steering_probe
-from toy.train import RERUN_KEYS, train_on
+from toy.train import RERUN_KEYS, set_cpu_threads, train_on
 
 KINDS = ("covariance", "mean_diff")
 AXES = ("rho", "coupling")
@@ -270,6 +270,7 @@ def make_parser() -> ConfigParser:
 def main(argv: list[str] | None = None) -> dict:
     refuse_multiprocess("toy.experiments.steering_knob", "it trains one small model per cell in turn; on one GPU use configs/accelerate/single_gpu.yaml")
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
+    set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
     out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,
                                ignore=RERUN_KEYS)
     metrics: dict = {"config": {"knob": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)}, "cells": []}

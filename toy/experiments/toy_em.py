@@ -67,7 +67,7 @@ from toy.data import sample
 from toy.factors import factor_marginals, factor_tokens, joint_tokens
 from toy.model import ToyModelConfig, rank1_lora
 from toy.processes import Process, make_process, tagged
-from toy.train import RERUN_KEYS, train, train_on
+from toy.train import RERUN_KEYS, set_cpu_threads, train, train_on
 
 METHODS = ("full", "lora", "steer")
 
@@ -326,6 +326,7 @@ def make_parser() -> ConfigParser:
 def main(argv: list[str] | None = None) -> dict:
     refuse_multiprocess("toy.experiments.toy_em", "it trains and fine-tunes small models in turn; on one GPU use configs/accelerate/single_gpu.yaml")
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
+    set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
     out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,
                                ignore=RERUN_KEYS)

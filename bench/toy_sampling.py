@@ -15,7 +15,7 @@ of this process (all its threads). With 1 thread on an idle core the two agree; 
 cores the wall figure drops and tokens per CPU-second estimates what one free core would do.
 On a shared, oversubscribed machine 2 threads can be several times slower than 1 (threads wait on each
 other at every step's barrier), so both settings are run.
-Targets (issue 2): >= 1e7 tokens/s for Mess3 sampling with beliefs; MSP depth 12 < 2 s.
+Targets: >= 1e7 tokens/s for Mess3 sampling with beliefs; MSP depth 12 < 2 s.
 """
 
 from __future__ import annotations

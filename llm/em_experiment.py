@@ -1,4 +1,4 @@
-"""The seed's base-vs-instruct experiment in one command: behaviour (EM rate) and mechanism (direction,
+"""The base-vs-instruct emergent-misalignment experiment in one command: behaviour (EM rate) and mechanism (direction,
 factored probes, LoRA geometry) for both models of a pair, same data, recipe and seeds.
 
     python -m llm.em_experiment --config configs/llm/em_experiment_qwen25_1p5b.yaml

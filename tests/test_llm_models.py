@@ -146,7 +146,8 @@ def test_missing_model_says_what_to_pass_before_any_hub_request(tmp_path, monkey
         (ModelConfig(str(missing)), rf"model folder {missing} does not exist; pass model_name_or_path as a local folder"),
         (ModelConfig("./runs/em_r32"), r"runs/em_r32 does not exist; .*hub id"),
         (ModelConfig(".cache/no-such-dir/SmolLM2-135M-Instruct.Q4_1.gguf"),
-         r"GGUF file \.cache/no-such-dir/SmolLM2-135M-Instruct\.Q4_1\.gguf does not exist; fetch it with: .*smollm2_gguf_path"),
+         r"GGUF file \.cache/no-such-dir/SmolLM2-135M-Instruct\.Q4_1\.gguf does not exist; .*python -m llm.models fetch smollm2 gemma3"),
+        (ModelConfig(str(tmp_path / ".cache" / "gemma3" / "gemma-3-270m")), r"gemma-3-270m does not exist; .*python -m llm.models fetch"),
         (ModelConfig("runs/a/b/model.gguf"), r"GGUF file runs/a/b/model\.gguf does not exist; pass"),
         (ModelConfig(str(tmp_path / "x.gguf")), rf"GGUF file {tmp_path / 'x.gguf'} does not exist"),
     ]:
@@ -189,3 +190,13 @@ def test_full_fine_tuning_loads_float32_master_weights():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert for_training(ModelConfig("x", dtype="float32"), "full").dtype == "float32"
+
+
+def test_fetch_refuses_an_unknown_model_before_any_download(tmp_path):
+    from llm.models import fetch, main
+
+    with pytest.raises(ValueError, match=r"unknown model\(s\) \['llama'\]; choose from \['gemma3', 'smollm2'\]"):
+        fetch(["smollm2", "llama"], tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fetch", "llama"])
+    assert not any(tmp_path.iterdir())

@@ -1,4 +1,4 @@
-"""Prompts that join segments of separately learned processes: the seed's separate-skills design (its section 3).
+"""Prompts that join segments of separately learned processes: two skills learned apart and composed only in the prompt.
 
 Pre-training sees ``toy.processes.mixture(components)``: every sequence is one component's, never two (disjoint
 tokens, block-diagonal states). An RL prompt here is one segment per component, in order -- e.g. 5 Mess3 tokens

@@ -7,7 +7,7 @@ token is ``copy * V + x`` (factor vocab ``(2, V)``, copy 1 = misaligned): ``toy.
 
 The edits (each ``(n, d_model)``, added at the probed site and the last position):
 
-- ``pinv`` / ``covariance`` (``steering_edit``): the seed's "factorize with S, steer v_a, map back": make the
+- ``pinv`` / ``covariance`` (``steering_edit``): "factorize the belief with the product step S, steer the tag factor, map back": make the
   joint-belief probe read ``eta' = v_tag' (x) v_cap`` exactly, with the least Euclidean / Mahalanobis-norm move.
 - ``mean_diff`` (``mean_difference_edit``): the plain baseline: the class-mean difference ``v`` of the residual
   (contexts whose next copy is more likely misaligned minus the rest), scaled per context so that the probe's

@@ -18,7 +18,7 @@ test pins it). For each setting and seed a toy GPT-2 is trained, a ridge probe r
 and ``n_contexts`` fresh windows of ``context_length - 1`` tokens are steered at their last position (the last
 position training predicts from) towards the exact tag belief of a window on
 the other side (``toy.steering.steer_factor``) with two edits, each beside an equal-norm random edit:
-``covariance`` (the seed's "factorize with S, steer v_a, map back", least Mahalanobis norm) and ``mean_diff``
+``covariance`` ("factorize with the product step S, steer the tag factor, map back", least Mahalanobis norm) and ``mean_diff``
 (the class-mean difference of the residual, misaligned-leaning contexts minus the rest, scaled so that the
 probe's misaligned reading moves to the target's). Every reference distribution is exact (``toy.beliefs``).
 

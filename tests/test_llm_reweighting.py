@@ -174,23 +174,30 @@ def test_report_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(probes.linear, "fit_probe_report", lambda *a, **kw: calls.append(kw["groups"]) or fit(*a, **kw))
     r = report(cfg)
     out = tmp_path / "out"
-    assert {"report.json", "report.md", "passk.png", "samples.jsonl"} <= {p.name for p in out.iterdir()}
-    assert r["ks"] == [1, 2, 4, 8, 16, 32] and r["verdict"]["verdict"] in ("inconclusive", "new coverage", "reweighting", "undecided")
+    assert {"report.json", "report.md", "passk.png", "samples.jsonl", "verdict_data.json"} <= {p.name for p in out.iterdir()}
+    assert r["ks"] == [1, 2, 4, 8, 16, 32] and r["verdict"]["verdict"].split(" at ")[0] in ("inconclusive", "sharper", "not sharper", "undecided")
     assert len(r["curves"]["reference"]["mean"]) == 6 and r["n_prompts"] == 4
-    assert len(out.joinpath("samples.jsonl").read_text().splitlines()) == 2 * 4 * 32
-    # the verdict is passk_verdict on the curves cut at k_verdict, from the per-prompt correct counts
+    # the few-shot baseline is on by default: the reference answers a third time, after 3 worked examples
+    assert cfg.shots == 3 and r["vs_fewshot"] is not None and "reference_fewshot" in r["curves"]
+    assert len(out.joinpath("samples.jsonl").read_text().splitlines()) == 3 * 4 * 32
+    # "sharper" is passk_verdict on the curves cut at k_verdict, from the per-prompt correct counts
     assert r["k_verdict"] == 16 and r["verdict"]["k_max"] == 16 and "Verdict k: 16" in (out / "report.md").read_text()
     table = lambda m: torch.stack([pass_at_k(32, torch.tensor([q[f"correct_{m}"] for q in r["per_prompt"]]), k)  # noqa: E731
                                    for k in [1, 2, 4, 8, 16]], 1)
     chance = pass_at_k_exact(torch.full((4,), chance_p("add_mul")), [1, 2, 4, 8, 16])
     want = passk_verdict(table("reference"), table("post"), PassKConfig(ks=[1, 2, 4, 8, 16]), chance)
     assert r["verdict"] == want
-    # split-half null controls at k = 16 (n / 2), and the same verdict re-derived from samples.jsonl alone
+    # the outside-support weights are the correct post-RL replies' reference / post-RL likelihood ratios, one per success
+    data = json.loads((out / "verdict_data.json").read_text())
+    assert [len(x) for x in data["post_correct_ll_ref"]] == data["counts"]["post"] == [q["correct_post"] for q in r["per_prompt"]]
+    assert r["outside_support"]["n_tested"] <= sum(c > 0 for c in data["counts"]["post"])
+    # split-half null controls at k = 16 (n / 2), and every verdict re-derived from verdict_data.json alone
     assert set(r["null_controls"]) == {"reference", "post"} and r["null_controls"]["reference"]["k"] == 16
     from llm.reweighting_report import rejudge
 
     again = rejudge(out)
-    assert again["verdict"] == r["verdict"] and again["null_controls"] == r["null_controls"] and (out / "rejudged.json").is_file()
+    assert again["sharper"] == r["verdict"] and again["null_controls"] == r["null_controls"] and (out / "rejudged.json").is_file()
+    assert again["outside_support"] == r["outside_support"] and again["wider"] == r["wider"] and again["summary"] == r["summary"]
     # the probe's folds are grouped by the operand pair (a, b)
     probe = (task_prompts("add_mul", "eval", 4) + task_prompts("add_mul", "train", 4))[:24]
     assert len(calls) == 2 and all(torch.equal(g, probe_groups(probe)) for g in calls)

@@ -21,8 +21,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from plumbing.config import ConfigParser
 from toy.data import sample
 from toy.grpo import RLTaskConfig, ToyGRPOConfig, build_reward

@@ -122,7 +122,8 @@ def judge(counts: dict[str, torch.Tensor], n: int, ks: list[int], k_verdict: int
            "outside_support": None if log_w is None else outside_support(n, counts["post"], counts["reference"], log_w, pcfg),
            "vs_fewshot": passk_verdict(tables["reference_fewshot"][:, :j], tables["post"][:, :j], pcfg, cut(chance)) if "reference_fewshot" in counts else None,
            "nulls": null_controls({m: counts[m] for m in ("reference", "post")}, n, ks[j - 1], pcfg)}
-    out["summary"] = summary(out["verdict"], out["wider"], out["outside_support"])
+    elicited = counts["reference_fewshot"] > 0 if "reference_fewshot" in counts else None
+    out["summary"] = summary(out["verdict"], out["wider"], out["outside_support"], elicited)
     return out
 
 

@@ -338,10 +338,20 @@ def outside_support(n: int, c_post: Tensor, c_ref: Tensor, log_w: list[Tensor], 
     return out
 
 
-def summary(sharper: dict, wider: dict | None, outside: dict | None) -> str:
-    """One line naming what the verdicts show: "new" only where ``outside_support`` flagged a prompt."""
+def summary(sharper: dict, wider: dict | None, outside: dict | None, elicited: Tensor | None = None) -> str:
+    """One line naming what the verdicts show: "new" only where ``outside_support`` flagged a prompt that the
+    elicitation baseline did not solve (``elicited``: per prompt, whether the reference with worked examples in
+    context solved it; None: no baseline). The flag is about the post-RL policy's replies: a reference that answers
+    the same prompt correctly in another format, or after a few examples, has the capability."""
     parts = [sharper["verdict"]] + ([wider["verdict"]] if wider else []) + [outside["verdict"] if outside else "outside-support test not run (no per-reply log-likelihoods)"]
-    head = "new support" if outside and outside["n_flagged"] else "no new support shown"
+    flagged = outside["flagged"] if outside else []
+    new = [i for i in flagged if elicited is None or not bool(elicited[i])]
+    if new:
+        head = "new support" + ("" if elicited is not None else " (no elicitation baseline run)")
+    elif flagged:
+        head = f"no new support: the {len(flagged)} prompts outside the zero-shot reference's support are solved by it with worked examples in context"
+    else:
+        head = "no new support shown"
     return f"{head}: " + "; ".join(parts)
 
 

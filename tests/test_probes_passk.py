@@ -17,6 +17,7 @@ from probes.passk import (
     pass_at_k_curve,
     pass_at_k_exact,
     passk_verdict,
+    summary,
     wider_verdict,
 )
 
@@ -172,5 +173,9 @@ def test_outside_support_on_known_weights():
     assert o["n_tested"] == 2 and o["flagged"] == [1] and o["verdict"] == "outside the reference's support at K=1e5"
     # the reweighting: E[p_hat] = p_ref (3e-4 > 1e-5, not flagged); equal weights leave no spread, so the bound is p_hat
     assert o["upper"][0] == pytest.approx(o["p_hat"][0]) and 0 not in o["flagged"]
+    # "new" needs a flagged prompt the elicitation baseline did not solve
+    assert summary(o, None, o).startswith("new support (no elicitation baseline run)")
+    assert summary(o, None, o, elicited=torch.tensor([False, True, False, False])).startswith("no new support: the 1 prompts")
+    assert summary(o, None, o, elicited=torch.tensor([True, False, True, True])).startswith("new support:")
     with pytest.raises(ValueError, match="one log-weight per correct"):
         outside_support(n, torch.tensor([2]), torch.tensor([0]), [torch.zeros(3)], cfg)

@@ -145,9 +145,9 @@ def test_headroom_family_hides_its_latent_from_every_output():
     (checked against the predictive computed by hand from the joint belief) does not tell a = 0 from a = 1, while the
     exact-latent policy earns 1."""
     from toy.data import sample
+    from toy.factors import factor_marginals
     from toy.grpo import RLTaskConfig, build_reward
     from toy.ladder import exact_output_features
-    from toy.factors import factor_marginals
 
     table = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
     task = RLTaskConfig(process="product", process_kwargs={"factors": [{"name": "noisy_gate", "truth_table": table, "noise": 0.1},

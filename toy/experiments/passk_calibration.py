@@ -2,6 +2,7 @@
 families' exact references and on LLM-shaped references, sampled at the committed reports' prompt and sample counts.
 
     python -m toy.experiments.passk_calibration --runs 100 --out docs/reweighting/calibration.json
+    python -m toy.experiments.passk_calibration --summarize docs/reweighting/calibration.json   # its table, condensed
 
 Rows: (reference, counts, control). Columns: share of simulated reports whose sampled prompts hold a truly-outside
 one (truth), called "sharper at k_verdict", "wider at k_max", "outside the reference's support at K" (any prompt
@@ -43,6 +44,29 @@ def toy_reference(config: str, n_pool: int, top_p: float, seed: int = 0) -> tupl
     return decode(full, 1.0, top_p), full, reward.table(beliefs) > 0.5
 
 
+def summarize(out: dict) -> str:
+    """The condensed table (one row per reference and control, one column per count: share of runs called sharper /
+    wider / **outside** (share holding a truly-outside prompt; false flags)) and the targets' figures."""
+    rows = out["rows"]
+    counts = list(dict.fromkeys(r["counts"] for r in rows))
+    lines = ["| reference | control | " + " | ".join(counts) + " |", "|---|---|" + "---|" * len(counts)]
+    for ref, ctl in dict.fromkeys((r["reference"], r["control"]) for r in rows):
+        cell = {r["counts"]: r for r in rows if r["reference"] == ref and r["control"] == ctl}
+        lines.append(f"| {ref} | {ctl} | " + " | ".join(f"{c['sharper']:.2f} / {c['wider']:.2f} / **{c['outside']:.2f}** "
+                                                        f"({c['truly_outside']:.2f}; ff {c['false_flags']})" for c in map(cell.get, counts)) + " |")
+    same = [r for r in rows if r["truly_outside"] == 0]
+    pos = [r for r in rows if r["truly_outside"] > 0 and not r["control"].startswith("format")]
+    rw = [r for r in rows if r["control"].startswith("reweight")]
+    lines += ["", f"same-support rows (no truly-outside prompt in any run): {len(same)}, called outside in any run: "
+              f"{sum(r['outside'] > 0 for r in same)}; false flags over all {len(rows)} rows x {out['runs']} runs: "
+              f"{sum(r['false_flags'] for r in rows)}; new-capability / latent-optimum rows: {len(pos)}, smallest share of the "
+              f"runs holding a truly-outside prompt called outside: {min(r['outside'] / r['truly_outside'] for r in pos):.2f}, smallest "
+              f"per-prompt recall: {min(r['prompt_recall'] for r in pos):.2f}; reweight rows: {len(rw)}, called sharper in >= 0.9 of "
+              f"runs: {sum(r['sharper'] >= 0.9 for r in rw)}, wider in >= 0.9: {sum(r['wider'] >= 0.9 for r in rw)}, outside in any: "
+              f"{sum(r['outside'] > 0 for r in rw)}"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=100, help="simulated reports per row")
@@ -50,7 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--top_p", type=float, default=0.95, help="the toy references' nucleus")
     ap.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples of the gap CIs (calls, not CI ends, are counted)")
     ap.add_argument("--out", default=None, help="JSON of the table")
+    ap.add_argument("--summarize", default=None, help="print the condensed table of a written JSON and stop")
     a = ap.parse_args(argv)
+    if a.summarize:
+        out = json.loads(Path(a.summarize).read_text())
+        print(summarize(out))
+        return out
     t0 = time.time()
     pk = PassKConfig(n_boot=a.n_boot)
     refs = {name: toy_reference(path, a.pool, a.top_p) for name, path in FAMILIES.items()}
@@ -80,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{out['same_support_rows_called_outside']}; false flags over all rows: {out['false_flags_total']}; rows with truly-outside "
           f"prompts: {len(pos)}, smallest share of their runs called outside (over runs holding one): "
           f"{out['min_found_share_where_truly_outside']}; {out['wall_s']} s")
+    print("\n" + summarize(out))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     return out

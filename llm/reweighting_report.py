@@ -54,7 +54,7 @@ def write_report(r: dict, decoded: dict, answers: list[int], data: dict, out: Pa
         f"- outside support: {r['outside_support']['verdict']} -- {r['outside_support']['why']}.",
     ] + ([f"- against the reference with {cfg['shots']} worked examples in context: {r['vs_fewshot']['verdict']} -- {r['vs_fewshot']['why']}."]
          if r["vs_fewshot"] else []) + [
-        "", "Only the outside-support verdict can show new support: a reweighting pi_ref exp(beta r) / Z is sharper at every k.", "",
+        "", "Only the outside-support verdict can show new support: a reweighting pi_ref exp(beta r) / Z raises pass@k at every finite k, so it can be sharper and wider.", "",
         f"Verdict k: {r['k_verdict']} ({r['k_verdict_why']}; fixed before sampling).", "",
         "| k | " + " | ".join(c) + " |", "|---" * (len(c) + 1) + "|",
     ]

@@ -289,3 +289,21 @@ def test_worked_examples_come_from_the_train_split(task):
     text = chat_prompt(tok, "What is 1 + 2? Answer with only the number.", history=shots)
     assert text.count("What is") == 4 and text.rindex("1 + 2") > text.rindex(shots[-2]["content"][8:14])
     assert chat_prompt(tok, "Q?", history=[]) == chat_prompt(tok, "Q?")
+
+
+def test_verdict_data_holds_the_correct_replies_likelihoods(tmp_path, monkeypatch):
+    """With every reply scored correct, the outside-support weights are all post-RL replies' log-likelihood ratios, so
+    minus their mean is the report's Monte-Carlo KL(post || ref): the weights are the right replies' ratios, in order."""
+    import llm.reweighting
+
+    ref = save_tiny(tmp_path / "ref", "qwen2")
+    adapter = _adapter(tmp_path, tiny_causal_lm("qwen2")[0])
+    monkeypatch.setattr(llm.reweighting, "score", lambda replies, answers: [1.0] * len(replies))
+    cfg = ReweightingConfig(reference_model=str(ref), post_adapter=str(adapter), task="add", n_eval=3, n_samples=8,
+                            max_new_tokens=3, n_boot=20, probe_n=0, shots=0, output_dir=str(tmp_path / "out"), device="cpu")
+    r = report(cfg)
+    data = json.loads((tmp_path / "out" / "verdict_data.json").read_text())
+    assert data["counts"]["post"] == [8, 8, 8] and "reference_fewshot" not in data["counts"] and r["vs_fewshot"] is None
+    log_w = torch.tensor([a - b for ra, rb in zip(data["post_correct_ll_ref"], data["post_correct_ll_post"]) for a, b in zip(ra, rb)])
+    assert len(log_w) == 24 and float(-log_w.mean()) == pytest.approx(r["kl"]["kl_post_ref_per_reply"], abs=1e-9)
+    assert r["outside_support"]["n_tested"] == 0  # the reference solved every prompt too

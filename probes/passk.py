@@ -154,7 +154,8 @@ def informative_k(chance_p: float, ks: Sequence[int], max_chance: float) -> int 
 class PassKConfig:
     """Thresholds of the three verdicts. The margins were fixed before any report ran; the gap rule was revised once
     (2026-11-30) after a split-half null came out positive under a one-sided rule, and the verdicts were renamed by
-    what they test once a simulated ``pi_ref exp(beta r) / Z`` reweighting passed the old "new coverage" rule 300/300."""
+    what they test: the old "new coverage" rule is "sharper at k", which a simulated ``pi_ref exp(beta r) / Z`` reweighting
+    passes in up to 100 of 100 reports (``toy.experiments.passk_calibration``)."""
 
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256], metadata={"help": "k values of the curves (largest = the k of the 'sharper' verdict)."})
     min_gain_k1: float = field(default=0.02, metadata={"help": "Below this pass@1 gain (post - ref) RL did not help at k = 1: inconclusive."})

@@ -1,4 +1,4 @@
-"""The reweighting report for a (reference, post-RL) checkpoint pair with a verifiable reward (issue 17).
+"""The reweighting report for a (reference, post-RL) checkpoint pair with a verifiable reward.
 
     python -m llm.reweighting --config configs/llm/reweighting_smollm2_add_mul.yaml
     python -m llm.reweighting --config configs/llm/reweighting_qwen25_1p5b.yaml --n_samples 128 --k_max 128
@@ -17,12 +17,18 @@ tokenizer's chat template; the two tokenizers must have the same vocabulary). Wh
 * **pass@k** (``probes.passk``): ``n_samples`` replies per prompt from each model (``llm.fastgen``, temperature 1,
   top-p 1, no top-k: the models' full distributions), scored by the task (``llm.tasks.score``); the unbiased
   estimator for k = 1, 2, 4, ... ``k_max`` with bootstrap CIs over prompts; coverage (solved by one, the other,
-  both, neither) at k = 1, ``k_verdict`` and ``k_max``; the verdict with ``PassKConfig``'s thresholds as committed
-  (they are not options here: they were fixed before any report ran), with uniform guessing over the task's answers
-  as chance. The verdict is taken at ``k_verdict``, the largest k of the curve at which guessing solves less than
+  both, neither) at k = 1, ``k_verdict`` and ``k_max``; the three verdicts of ``probes.passk`` with ``PassKConfig``'s
+  thresholds as committed (not options here), with uniform guessing over the task's answers as chance: "sharper at
+  k" (the pass@k gain at ``k_verdict``), "wider at k" (at ``k_max``) and "outside the reference's support at K" (the
+  reference's probability of the post-RL policy's correct replies, importance-sampled from their log-likelihoods,
+  below 1/K; the only verdict that can show new support: ``pi_ref exp(beta r) / Z`` passes the other two). "Sharper"
+  is taken at ``k_verdict``, the largest k of the curve at which guessing solves less than
   ``max_chance`` of the prompts (``probes.passk.informative_k``; fixed from the task and ``k_max`` before any sampling
   and printed then): a large budget extends the curves without turning the verdict "uninformative". When guessing
   reaches ``max_chance`` already at k = 1 the verdict is "uninformative" as before.
+* **Few-shot elicitation baseline** (``shots``, default 3, task prompts only): the reference also answers after
+  ``shots`` worked train-split examples (``llm.tasks.worked_examples``) and the post-RL policy is judged against it
+  too: a capability the reference shows with a few examples in context is elicited by RL, not new.
 * **Inside the reference's distribution?** Mean log-likelihood per token (nats) under the reference of the
   post-RL replies vs of the reference's own replies, and the share of post-RL replies less likely under the
   reference than the 5th percentile of its own replies (sequences scored with their eos; lengths differ, so the
@@ -45,7 +51,8 @@ model; tokenizers with different vocabularies; more than one process (``WORLD_SI
 work across ranks; run it with ``--num_processes 1``, it fits one GPU at 2B).
 
 Writes ``output_dir``: ``report.json``, ``report.md``, ``passk.png``, ``samples.jsonl`` (every decoded reply with
-its score).
+its score) and ``verdict_data.json`` (per-prompt counts and the correct post-RL replies' log-likelihoods, from which
+``python -m llm.reweighting_report <output_dir>`` re-derives every verdict).
 """
 
 from __future__ import annotations
@@ -63,8 +70,8 @@ from typing import Literal
 import torch
 
 from llm.reweighting_belief import belief_side
-from llm.reweighting_report import judge, write_report
-from llm.tasks import TaskName, TaskPrompt, chance_p, score, task_prompts
+from llm.reweighting_report import judge, verdict_data, write_report
+from llm.tasks import TaskName, TaskPrompt, chance_p, score, task_prompts, worked_examples
 from probes.passk import (
     PassKConfig,
     coverage,
@@ -96,7 +103,8 @@ class ReweightingConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus cut (1: none)"})
     batch_size: int = field(default=256, metadata={"help": "rows per sampling batch"})
     score_batch_size: int = field(default=64, metadata={"help": "rows per log-likelihood / activation forward pass"})
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples of prompts for the pass@k CIs"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples of prompts for the plotted pass@k CIs (the verdicts' CIs: PassKConfig)"})
+    shots: int = field(default=3, metadata={"help": "the few-shot elicitation baseline: the reference also answers after this many worked train-split examples (0: none; task only, an eval_file has no train split)"})
     probe_n: int = field(default=256, metadata={"help": "prompts the latent probe is fitted on (0: no belief side)"})
     probe_alpha: float = field(default=10.0, metadata={"help": "ridge strength of the latent probe (targets standardised)"})
     probe_folds: int = field(default=5, metadata={"help": "cross-fitting folds of the latent probe"})
@@ -124,6 +132,8 @@ class ReweightingConfig:
                              f"per prompt; raise n_samples to {self.k_max} or lower k_max")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1")
+        if self.shots < 0:
+            raise ValueError(f"shots={self.shots}: the number of worked examples is >= 0")
         if self.probe_n and self.probe_folds < 2:
             raise ValueError("probe_folds must be >= 2 (cross-fitting)")
         if not 0 < self.readable_ratio <= 1:
@@ -313,10 +323,15 @@ def report(cfg: ReweightingConfig) -> dict:
     prompt_ids = [tok.encode(t, add_special_tokens=False) for t in texts]
     answers = [p.answer for p in prompts]
     n = cfg.n_samples
+    shots = cfg.shots if cfg.task else 0
+    runs = [("reference", ref, texts), ("post", post, texts)]
+    if shots:  # the elicitation baseline: what the reference already does with a few worked examples in context
+        history = worked_examples(cfg.task, shots, cfg.n_eval, cfg.split_seed)
+        runs.append(("reference_fewshot", ref, [chat_prompt(tok, p.question, history=history) for p in prompts]))
     samples, hits, correct, decoded = {}, {}, {}, {}
-    for i, (name, model) in enumerate((("reference", ref), ("post", post))):
+    for i, (name, model, prompt_texts) in enumerate(runs):
         t = time.time()
-        ids = sample_n_ids(model, tok, texts, n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        ids = sample_n_ids(model, tok, prompt_texts, n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                            seed=cfg.seed + 1000 * i, batch_size=cfg.batch_size)
         decoded[name] = [tok.batch_decode(rows, skip_special_tokens=True) for rows in ids]
         hits[name] = torch.tensor([score(r, [a] * n) for r, a in zip(decoded[name], answers)], dtype=torch.float64)
@@ -325,11 +340,6 @@ def report(cfg: ReweightingConfig) -> dict:
         timings[f"sample_{name}_s"] = time.time() - t
         logger.info("%s: %d x %d replies in %.0f s, pass@1 %.3f", name, len(prompts), n, timings[f"sample_{name}_s"],
                     float(correct[name].sum()) / (n * len(prompts)))
-    judged = judge(hits, ks, k_verdict, cfg.task)
-    tables, chance, j = judged["tables"], judged["chance"], judged["j"]
-    curves = {name: pass_at_k_curve(tables[name], ks, n_boot=cfg.n_boot, seed=cfg.seed) for name in tables}
-    if chance is not None:
-        curves["chance (uniform guess)"] = pass_at_k_curve(chance, ks, n_boot=2, seed=cfg.seed)
 
     t = time.time()
     flat = lambda name: [r for rows in samples[name] for r in rows]  # noqa: E731
@@ -338,6 +348,18 @@ def report(cfg: ReweightingConfig) -> dict:
     ll_ref_of_post = all_reply_logprobs(ref, prompt_ids, samples["post"], pad, cfg.score_batch_size)
     ll_ref_of_ref = all_reply_logprobs(ref, prompt_ids, samples["reference"], pad, cfg.score_batch_size)
     ll_post_of_post = all_reply_logprobs(post, prompt_ids, samples["post"], pad, cfg.score_batch_size)
+    # the log-likelihoods of the correct post-RL replies: the importance weights of the outside-support verdict, valid
+    # only when the replies were sampled from pi_post itself (temperature 1, no nucleus)
+    right = hits["post"].flatten() > 0
+    split = lambda x: [x[j * n:(j + 1) * n][right[j * n:(j + 1) * n]].tolist() for j in range(len(prompts))]  # noqa: E731
+    ll_ref_ok, ll_post_ok = split(ll_ref_of_post), split(ll_post_of_post)
+    exact = cfg.temperature == 1 and cfg.top_p == 1
+    judged = judge(correct, n, ks, k_verdict, cfg.task,
+                   [torch.tensor(a) - torch.tensor(b) for a, b in zip(ll_ref_ok, ll_post_ok)] if exact else None)
+    tables, chance, j = judged["tables"], judged["chance"], judged["j"]
+    curves = {name: pass_at_k_curve(tables[name], ks, n_boot=cfg.n_boot, seed=cfg.seed) for name in tables}
+    if chance is not None:
+        curves["chance (uniform guess)"] = pass_at_k_curve(chance, ks, n_boot=2, seed=cfg.seed)
     per_tok_post, per_tok_ref = ll_ref_of_post / lengths["post"], ll_ref_of_ref / lengths["reference"]
     p5 = float(torch.quantile(per_tok_ref, 0.05))
     likelihood = {
@@ -352,7 +374,7 @@ def report(cfg: ReweightingConfig) -> dict:
         "mean_reply_tokens": {name: float(lengths[name].mean()) for name in lengths},
     }
     kl = None
-    if cfg.temperature == 1 and cfg.top_p == 1:
+    if exact:
         diff = ll_post_of_post - ll_ref_of_post
         kl = {"kl_post_ref_per_reply": float(diff.mean()), "se": float(diff.std() / math.sqrt(len(diff))),
               "kl_post_ref_per_token": float(diff.sum() / lengths["post"].sum())}
@@ -368,15 +390,19 @@ def report(cfg: ReweightingConfig) -> dict:
         "config": asdict(cfg), "passk_config": asdict(pcfg), "n_prompts": len(prompts), "n_samples": n, "ks": ks,
         "chance_p": chance_p(cfg.task) if cfg.task else None,
         "k_verdict": k_verdict, "k_verdict_why": k_why,
-        "curves": curves, "verdict": judged["verdict"], "null_controls": judged["nulls"],
+        "curves": curves, "summary": judged["summary"], "verdict": judged["verdict"], "wider": judged["wider"],
+        "outside_support": judged["outside_support"] or {"verdict": "not run", "why": "the replies were not sampled from the models' own distributions (temperature 1, top-p 1), so the likelihood ratios are not importance weights"},
+        "vs_fewshot": judged["vs_fewshot"], "null_controls": judged["nulls"],
         "coverage_k1": coverage(tables["post"][:, 0], tables["reference"][:, 0]),
         "coverage_k_verdict": coverage(tables["post"][:, j - 1], tables["reference"][:, j - 1]),
         "coverage_k_max": coverage(tables["post"][:, -1], tables["reference"][:, -1]),
         "per_prompt": [{"question": p.question, "answer": p.answer, "correct_reference": int(correct["reference"][j]),
-                        "correct_post": int(correct["post"][j])} for j, p in enumerate(prompts)],
+                        "correct_post": int(correct["post"][j]),
+                        **({"correct_reference_fewshot": int(correct["reference_fewshot"][j])} if shots else {})} for j, p in enumerate(prompts)],
         "likelihood": likelihood, "kl": kl, "belief": belief, "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    write_report(result, decoded, answers, Path(cfg.output_dir))
+    data = verdict_data(cfg.task, n, ks, k_verdict, shots, correct, ll_ref_ok, ll_post_ok) | {"ll_are_importance_weights": exact}
+    write_report(result, decoded, answers, data, Path(cfg.output_dir))
     return result
 
 

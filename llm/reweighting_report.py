@@ -1,8 +1,10 @@
 """``llm.reweighting``'s output files: ``report.json``, ``samples.jsonl`` (every decoded reply with its score),
-``passk.png`` and ``report.md`` -- a pure function of the report dict -- and the verdict re-derived from a written
-report's samples, without sampling again (for reports written under an earlier verdict rule):
+``verdict_data.json`` (per-prompt correct counts and the log-likelihoods of the correct post-RL replies: all any
+verdict reads), ``passk.png`` and ``report.md`` -- a pure function of the report dict -- and every verdict re-derived
+from a ``verdict_data.json``, without sampling again:
 
     python -m llm.reweighting_report runs/reweighting_llm/report_smollm2_add_k256 [more report folders]
+    python -m llm.reweighting_report docs/reweighting/verdict_data_smollm2_*.json   # the committed reports
 """
 
 from __future__ import annotations
@@ -14,13 +16,24 @@ from pathlib import Path
 import torch
 
 from llm.tasks import chance_p, score
-from probes.passk import PassKConfig, null_controls, pass_at_k, pass_at_k_exact, passk_verdict, plot_pass_at_k
+from probes.passk import (
+    PassKConfig,
+    null_controls,
+    outside_support,
+    pass_at_k,
+    pass_at_k_exact,
+    passk_verdict,
+    plot_pass_at_k,
+    summary,
+    wider_verdict,
+)
 
 
-def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
-    """Write the report of ``llm.reweighting.report`` (``r``) and the decoded replies to ``out``."""
+def write_report(r: dict, decoded: dict, answers: list[int], data: dict, out: Path) -> None:
+    """Write the report of ``llm.reweighting.report`` (``r``), the decoded replies and ``verdict_data`` to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(r, indent=1) + "\n")
+    (out / "verdict_data.json").write_text(json.dumps(data) + "\n")
     with (out / "samples.jsonl").open("w") as f:
         for name, per_prompt in decoded.items():
             for j, (rows, a) in enumerate(zip(per_prompt, answers)):
@@ -35,7 +48,13 @@ def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
         + (f" + adapter `{cfg['post_adapter']}`" if cfg["post_adapter"] else "")
         + f"; task `{cfg['task'] or cfg['eval_file']}`, {r['n_prompts']} prompts x {r['n_samples']} samples, "
         f"{cfg['max_new_tokens']} new tokens, temperature {cfg['temperature']}, top-p {cfg['top_p']}.", "",
-        f"**Verdict: {v['verdict']}** -- {v['why']}.", "",
+        f"**{r['summary']}**", "",
+        f"- sharper: {v['verdict']} -- {v['why']}.",
+        f"- wider: {r['wider']['verdict']} -- {r['wider']['why']}.",
+        f"- outside support: {r['outside_support']['verdict']} -- {r['outside_support']['why']}.",
+    ] + ([f"- against the reference with {cfg['shots']} worked examples in context: {r['vs_fewshot']['verdict']} -- {r['vs_fewshot']['why']}."]
+         if r["vs_fewshot"] else []) + [
+        "", "Only the outside-support verdict can show new support: a reweighting pi_ref exp(beta r) / Z raises pass@k at every finite k, so it can be sharper and wider.", "",
         f"Verdict k: {r['k_verdict']} ({r['k_verdict_why']}; fixed before sampling).", "",
         "| k | " + " | ".join(c) + " |", "|---" * (len(c) + 1) + "|",
     ]
@@ -50,9 +69,9 @@ def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
               f"{cov['only_b']:.3f}, neither {cov['neither']:.3f} (at k = 1: post only {r['coverage_k1']['only_a']:.3f}, "
               f"reference only {r['coverage_k1']['only_b']:.3f}). Crossover k (up to k_verdict): {v['crossover_k']}. Chance at k_verdict: {'n/a' if v['chance_k_max'] is None else round(v['chance_k_max'], 3)}."]
     for name, nc in r.get("null_controls", {}).items():
-        lines += ["", f"Null control ({name}: its {2 * nc['half']} replies per prompt split into two halves, compared at k = {nc['k']}): "
-                  f"gap {nc['gap']:+.3f} [{nc['gap_ci'][0]:+.3f}, {nc['gap_ci'][1]:+.3f}], the rule calls it new coverage: "
-                  f"{'YES (the verdict is not calibrated here)' if nc['calls_new_coverage'] else 'no'}; share solved by one half only "
+        lines += ["", f"Null control ({name}: its {2 * nc['half']} replies per prompt split at random into two halves, compared at k = {nc['k']}): "
+                  f"gap {nc['gap']:+.3f} [{nc['gap_ci'][0]:+.3f}, {nc['gap_ci'][1]:+.3f}], the gap rule calls it sharper: "
+                  f"{'YES (the verdict is not calibrated here)' if nc['calls_sharper'] else 'no'}; share solved by one half only "
                   f"{nc['only_first']:.3f} (what a one-sided coverage rule would read)."]
     ll = r["likelihood"]
     lines += ["", f"Log-likelihood per token under the reference: post-RL replies {ll['ref_ll_per_token_of_post_replies']:.3f} nats, "
@@ -83,42 +102,87 @@ def write_report(r: dict, decoded: dict, answers: list[int], out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def judge(hits: dict[str, torch.Tensor], ks: list[int], k_verdict: int | None, task: str | None) -> dict:
-    """The report's verdict step from per-reply scores (``hits``: "reference" / "post" -> (prompts, n) 0/1): pass@k
-    tables over ``ks``, the chance table (uniform guessing over ``task``'s answers; None for an eval file), the
-    ``passk_verdict`` on the tables cut at ``k_verdict`` (the whole curve when None: guessing left no k, and the
-    verdict says "uninformative"), and the split-half null controls at that k."""
-    tables = {m: torch.stack([pass_at_k(h.shape[1], h.sum(1), k) for k in ks], dim=1) for m, h in hits.items()}
-    n_prompts = len(next(iter(hits.values())))
+def judge(counts: dict[str, torch.Tensor], n: int, ks: list[int], k_verdict: int | None, task: str | None,
+          log_w: list[torch.Tensor] | None = None) -> dict:
+    """The report's verdicts from per-prompt correct counts out of ``n`` (``counts``: "reference", "post" and, with
+    the few-shot baseline, "reference_fewshot" -> (prompts,)): pass@k tables over ``ks``, the chance table (uniform
+    guessing over ``task``'s answers; None for an eval file), "sharper at k" at ``k_verdict`` (the whole curve when
+    None: guessing left no k, and the verdict says "uninformative"), "wider at k" at the largest k, "outside the
+    reference's support" from ``log_w`` (per prompt, ``log pi_ref - log pi_post`` of each correct post-RL reply; None:
+    not run), the post-RL policy against the few-shot reference at ``k_verdict``, and the split-half null controls."""
+    tables = {m: torch.stack([pass_at_k(n, c, k) for k in ks], dim=1) for m, c in counts.items()}
+    n_prompts = len(counts["post"])
     chance = pass_at_k_exact(torch.full((n_prompts,), chance_p(task)), ks) if task else None
     j = ks.index(k_verdict) + 1 if k_verdict is not None else len(ks)
     pcfg = PassKConfig(ks=ks[:j])
-    verdict = passk_verdict(tables["reference"][:, :j], tables["post"][:, :j], pcfg, None if chance is None else chance[:, :j])
-    return {"tables": tables, "chance": chance, "j": j, "verdict": verdict, "nulls": null_controls(hits, ks[j - 1], pcfg)}
-
-
-def rejudge(report_dir: str | Path) -> dict:
-    """The current ``passk_verdict`` and split-half null controls of a written report, from its ``samples.jsonl``
-    (the scores there, at the report's own ``k_verdict``); written to ``rejudged.json`` beside it."""
-    d = Path(report_dir)
-    r = json.loads((d / "report.json").read_text())
-    scores: dict[str, list[list[float]]] = {m: [[] for _ in range(r["n_prompts"])] for m in ("reference", "post")}
-    for line in (d / "samples.jsonl").read_text().splitlines():
-        x = json.loads(line)
-        scores[x["model"]][x["prompt"]].append(x["correct"])
-    hits = {m: torch.tensor(rows, dtype=torch.float64) for m, rows in scores.items()}
-    j = judge(hits, r["ks"], r.get("k_verdict"), r["config"].get("task"))
-    out = {"report": str(d), "k_verdict": r["ks"][j["j"] - 1], "verdict": j["verdict"], "verdict_as_written": r["verdict"]["verdict"],
-           "null_controls": j["nulls"]}
-    (d / "rejudged.json").write_text(json.dumps(out, indent=1) + "\n")
+    cut = lambda t: None if t is None else t[:, :j]  # noqa: E731
+    out = {"tables": tables, "chance": chance, "j": j,
+           "verdict": passk_verdict(tables["reference"][:, :j], tables["post"][:, :j], pcfg, cut(chance)),
+           "wider": wider_verdict(tables["reference"][:, -1], tables["post"][:, -1], ks[-1], pcfg, None if chance is None else chance[:, -1]),
+           "outside_support": None if log_w is None else outside_support(n, counts["post"], counts["reference"], log_w, pcfg),
+           "vs_fewshot": passk_verdict(tables["reference_fewshot"][:, :j], tables["post"][:, :j], pcfg, cut(chance)) if "reference_fewshot" in counts else None,
+           "nulls": null_controls({m: counts[m] for m in ("reference", "post")}, n, ks[j - 1], pcfg)}
+    elicited = counts["reference_fewshot"] > 0 if "reference_fewshot" in counts else None
+    out["summary"] = summary(out["verdict"], out["wider"], out["outside_support"], elicited)
     return out
 
 
-if __name__ == "__main__":
-    for folder in sys.argv[1:]:
-        o = rejudge(folder)
-        nulls = "; ".join(f"{m} halves at k = {x['k']}: gap {x['gap']:+.3f} [{x['gap_ci'][0]:+.3f}, {x['gap_ci'][1]:+.3f}], "
-                          f"new coverage {'YES' if x['calls_new_coverage'] else 'no'} (one-half-only share {x['only_first']:.3f})"
-                          for m, x in o["null_controls"].items())
-        print(f"{folder}: as written {o['verdict_as_written']!r} -> {o['verdict']['verdict']!r} ({o['verdict']['why']}); null: {nulls}")
+def verdict_data(task: str | None, n: int, ks: list[int], k_verdict: int | None, shots: int, counts: dict[str, torch.Tensor],
+                 ll_ref: list[list[float]], ll_post: list[list[float]]) -> dict:
+    """What re-derives every verdict (``verdict_data.json``): per-prompt correct counts of each model and, for every
+    correct post-RL reply, its log-likelihood (nats, whole reply) under the reference and under the post-RL model."""
+    return {"task": task, "n_samples": n, "ks": ks, "k_verdict": k_verdict, "shots": shots,
+            "counts": {m: [int(x) for x in c] for m, c in counts.items()},
+            "post_correct_ll_ref": ll_ref, "post_correct_ll_post": ll_post}
 
+
+def _solved_at_n(d: dict) -> dict:
+    """Verdicts from a report written before per-prompt counts were kept: only which prompts each model solved within
+    its ``n`` replies (pass@n is 0/1, so the report's coverage table at k = n gives them exactly) and the mean pass@1
+    of its table (all the pass@1 gate reads). "sharper at k" is re-derivable only when ``k_verdict`` is ``n``."""
+    n, k_verdict = d["n_samples"], d["k_verdict"]
+    solved = {m: torch.tensor(v, dtype=torch.float64) for m, v in d["solved_at_n"].items()}
+    chance = pass_at_k_exact(torch.full((len(solved["post"]),), chance_p(d["task"])), [1, n]) if d["task"] else None
+    pcfg = PassKConfig(ks=[1, n])
+    two = {m: torch.stack([torch.full_like(s, d["pass_at_1"][m]), s], 1) for m, s in solved.items()}
+    sharper = (passk_verdict(two["reference"], two["post"], pcfg, chance) if k_verdict == n else
+               {"verdict": f"not re-derivable at k={k_verdict}", "why": f"only pass@{n} (solved within n) per prompt was committed"})
+    wider = wider_verdict(solved["reference"], solved["post"], n, pcfg, None if chance is None else chance[:, -1])
+    return {"verdict": sharper, "wider": wider, "outside_support": None, "vs_fewshot": None, "nulls": {},
+            "summary": summary(sharper, wider, None)}
+
+
+def rejudge(path: str | Path) -> dict:
+    """Every verdict of a report re-derived from its ``verdict_data.json`` (a report folder, or the file itself;
+    ``verdict_data*.json`` -> ``rejudged*.json`` beside it)."""
+    f = Path(path)
+    f = f / "verdict_data.json" if f.is_dir() else f
+    d = json.loads(f.read_text())
+    if "solved_at_n" in d:
+        j = _solved_at_n(d)
+    else:
+        counts = {m: torch.tensor(c, dtype=torch.long) for m, c in d["counts"].items()}
+        log_w = ([torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+                  for a, b in zip(d["post_correct_ll_ref"], d["post_correct_ll_post"])]
+                 if "post_correct_ll_ref" in d and d.get("ll_are_importance_weights", True) else None)
+        j = judge(counts, d["n_samples"], d["ks"], d["k_verdict"], d["task"], log_w)
+    out = {"data": str(f), "source": d.get("source", "written by llm.reweighting"), "summary": j["summary"], "sharper": j["verdict"],
+           "wider": j["wider"], "outside_support": j["outside_support"], "vs_fewshot": j["vs_fewshot"], "null_controls": j["nulls"]}
+    f.with_name(f.name.replace("verdict_data", "rejudged")).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def main(argv: list[str]) -> None:
+    for path in argv:
+        o = rejudge(path)
+        print(f"{path}: {o['summary']}")
+        for name in ("sharper", "wider", "outside_support", "vs_fewshot"):
+            if o[name]:
+                print(f"  {name}: {o[name]['verdict']} -- {o[name]['why']}")
+        for m, x in o["null_controls"].items():
+            print(f"  null ({m} halves at k = {x['k']}): gap {x['gap']:+.3f} [{x['gap_ci'][0]:+.3f}, {x['gap_ci'][1]:+.3f}], "
+                  f"sharper {'YES' if x['calls_sharper'] else 'no'} (one-half-only share {x['only_first']:.3f})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

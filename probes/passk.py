@@ -1,8 +1,18 @@
-"""pass@k, coverage and the pass@k reweighting verdict (Yue et al. 2025), for sampled or exact per-prompt success.
+"""pass@k, coverage and three verdicts named by what they test, for sampled or exact per-prompt success.
 
-The behavioural side of "does RL compose or reweight?": a policy that only reweights the reference wins at k = 1
-and loses at large k, because every prompt it solves the reference also solves given enough samples. Both sides
-of the toolkit use this module: ``llm`` with sampled answers, ``toy`` with exact success probabilities.
+The behavioural side of "does RL find new answers or reweight old ones?". The KL-regularised RL optimum
+``pi_ref(y) exp(beta r(y)) / Z`` has the reference's support and raises pass@k at *every* finite k, so a pass@k gain
+shows sharpening, never new support (Yue et al. 2025 read the curve to large k and the base's likelihood of RL's
+correct answers). Hence three verdicts, none of which says more than its rule tests:
+
+* **"sharper at k"** (``passk_verdict``): pass@k gain at ``k_verdict``, paired bootstrap CI over prompts;
+* **"wider at k"** (``wider_verdict``): the reference's pass@k at the largest affordable k stays below the post-RL
+  policy's -- still passed by a reweighting of a reference whose success on some prompts is below ~1/k;
+* **"outside the reference's support at K"** (``outside_support``): the reference's probability of the post-RL
+  policy's correct replies, importance-sampled from those replies' log-likelihoods, has an upper bound below 1/K for
+  a K far beyond sampling reach. Only this one is called "new" (``summary``).
+
+Both sides of the toolkit use this module: ``llm`` with sampled answers, ``toy`` with exact success probabilities.
 
 * Sampled answers (n per prompt, c correct): the unbiased estimator of Chen et al. 2021 (the Codex paper, also
   Yue et al.'s), ``pass@k = 1 - C(n - c, k) / C(n, k)`` for ``k <= n``, in its stable product form.
@@ -14,7 +24,7 @@ prompts solved by A only is ``mean(a_i (1 - b_i))`` (independent samples), by bo
 ``mean((1 - a_i)(1 - b_i))``. With k = n sampled answers the values are 0/1 and this is the plain count.
 
 **Chance.** Where the answer is guessable (a one-token answer from a vocabulary of 6), the reference "solves" every
-prompt at large k by guessing, and the pass@k verdict says "reweighting" for any policy: pass the chance policy's
+prompt at large k by guessing, and a pass@k gap at that k says nothing: pass the chance policy's
 per-prompt success (e.g. uniform over the answer space) and the verdict is "uninformative" when chance alone reaches
 ``max_chance`` at the largest k. With a large sampling budget the verdict can instead be taken at a smaller k fixed
 from chance before any sampling (``informative_k``: the largest k at which guessing stays below ``max_chance``), while
@@ -37,14 +47,18 @@ __all__ = [
     "coverage",
     "crossover_k",
     "gap_ci",
+    "gap_call",
     "informative_k",
     "null_controls",
+    "outside_support",
     "pass_at_k",
     "pass_at_k_curve",
     "pass_at_k_exact",
     "passk_verdict",
     "plot_pass_at_k",
     "split_half_null",
+    "summary",
+    "wider_verdict",
 ]
 
 
@@ -68,7 +82,8 @@ def pass_at_k(n: Tensor | Sequence[int] | int, c: Tensor | Sequence[int] | int, 
     w = torch.where(ok, wrong, torch.full_like(wrong, float(k)))
     log_ratio = torch.lgamma(w + 1) - torch.lgamma(w - k + 1) - torch.lgamma(n + 1) + torch.lgamma(n - k + 1)
     out = torch.where(ok, -torch.expm1(log_ratio), torch.ones_like(n))
-    return out
+    # c = 0 is exactly 0 (the lgamma terms cancel only to ~1e-13, which printed as "-0.000")
+    return torch.where(c == 0, torch.zeros_like(out), out)
 
 
 def pass_at_k_exact(p: Tensor, k: int | Sequence[int]) -> Tensor:
@@ -137,114 +152,208 @@ def informative_k(chance_p: float, ks: Sequence[int], max_chance: float) -> int 
 
 @dataclass
 class PassKConfig:
-    """Thresholds of the pass@k verdict. The margins were fixed before any report ran; the rule that reads them was
-    revised once (2026-11-30), after a null control -- a reference against a second half of its own samples -- came
-    out "new coverage" under the first rule (see ``passk_verdict``)."""
+    """Thresholds of the three verdicts. The margins were fixed before any report ran; the gap rule was revised once
+    (2026-11-30) after a split-half null came out positive under a one-sided rule, and the verdicts were renamed by
+    what they test: the old "new coverage" rule is "sharper at k", which a simulated ``pi_ref exp(beta r) / Z`` reweighting
+    passes in up to 100 of 100 reports (``toy.experiments.passk_calibration``)."""
 
-    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256], metadata={"help": "k values of the curves (largest = the coverage k)."})
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256], metadata={"help": "k values of the curves (largest = the k of the 'sharper' verdict)."})
     min_gain_k1: float = field(default=0.02, metadata={"help": "Below this pass@1 gain (post - ref) RL did not help at k = 1: inconclusive."})
-    coverage_margin: float = field(default=0.02, metadata={"help": "Gap pass@k(post) - pass@k(ref) at the largest k from which the post-RL policy has new coverage (CI above 0), and under which (CI's upper bound) it is reweighting."})
-    max_chance: float = field(default=0.5, metadata={"help": "Chance pass@k (largest k) at or above which the pass@k test is uninformative."})
-    level: float = field(default=0.95, metadata={"help": "Level of the paired bootstrap CI of the gap at the largest k."})
-    n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples of the prompts for that CI."})
+    gap_margin: float = field(default=0.02, metadata={"help": "pass@k(post) - pass@k(ref) from which (CI above 0) a policy is sharper / wider at k, and under which (CI's upper end) it is not."})
+    max_chance: float = field(default=0.5, metadata={"help": "Chance pass@k at or above which a pass@k gap at that k is uninformative."})
+    level: float = field(default=0.95, metadata={"help": "Level of the paired bootstrap CI of a pass@k gap."})
+    n_boot: int = field(default=20000, metadata={"help": "Bootstrap resamples of the prompts for that CI (its Monte-Carlo error is reported beside it)."})
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
+    support_k: float = field(default=1e5, metadata={"help": "K of 'outside the reference's support': the reference's probability of the post-RL correct replies must be below 1/K (390x the 256 replies of the largest report)."})
+    support_level: float = field(default=0.95, metadata={"help": "Family-wise level of the per-prompt one-sided upper bounds of that probability (Bonferroni over the prompts tested)."})
+
+    def __post_init__(self):
+        if self.n_boot < 20 or self.support_k < 1 or not 0 < self.level < 1 or not 0 < self.support_level < 1:
+            raise ValueError("need n_boot >= 20, support_k >= 1, level and support_level in (0, 1)")
 
 
-def gap_ci(ref_k: Tensor, post_k: Tensor, cfg: PassKConfig) -> tuple[float, list[float]]:
-    """Mean per-prompt gap ``post_k - ref_k`` (pass@k at one k) and its paired percentile bootstrap CI over prompts."""
+def gap_ci(ref_k: Tensor, post_k: Tensor, cfg: PassKConfig) -> tuple[float, list[float], float]:
+    """Mean per-prompt gap ``post_k - ref_k`` (pass@k at one k), its paired percentile bootstrap CI over prompts and
+    the Monte-Carlo standard error of the CI's ends (spread of the ends over 20 blocks of resamples / sqrt(20)).
+    The resamples are drawn in blocks, so 20,000 of them over 10,000 prompts fit in memory."""
     diff = torch.as_tensor(post_k, dtype=torch.float64) - torch.as_tensor(ref_k, dtype=torch.float64)
     g = torch.Generator().manual_seed(cfg.seed)
-    boots = diff[torch.randint(0, len(diff), (cfg.n_boot, len(diff)), generator=g)].mean(1)
-    lo, hi = torch.quantile(boots, torch.tensor([(1 - cfg.level) / 2, (1 + cfg.level) / 2], dtype=torch.float64)).tolist()
-    return float(diff.mean()), [lo, hi]
+    blocks = 20
+    per = -(-cfg.n_boot // blocks)
+    q = torch.tensor([(1 - cfg.level) / 2, (1 + cfg.level) / 2], dtype=torch.float64)
+    boots = torch.cat([diff[torch.randint(0, len(diff), (per, len(diff)), generator=g)].mean(1) for _ in range(blocks)])
+    lo, hi = torch.quantile(boots, q).tolist()
+    mc = float(torch.quantile(boots.view(blocks, per), q, dim=1).std(1).max()) / math.sqrt(blocks)
+    return float(diff.mean()), [lo, hi], mc
 
 
-def _new_coverage(gap: float, ci: list[float], cfg: PassKConfig) -> bool:
-    """The rule's "new coverage" call on a gap and its CI (one place: the verdict and its null control read it)."""
-    return ci[0] > 0 and gap >= cfg.coverage_margin
+def gap_call(ref_k: Tensor, post_k: Tensor, cfg: PassKConfig) -> dict:
+    """The gap rule at one k: "above" when the CI lies above 0 and the gap is at least ``gap_margin``, "below" when
+    the CI's upper end is under the margin, else "undecided"; with the gap, its CI and the CI's Monte-Carlo error."""
+    gap, ci, mc = gap_ci(ref_k, post_k, cfg)
+    call = "above" if ci[0] > 0 and gap >= cfg.gap_margin else "below" if ci[1] < cfg.gap_margin else "undecided"
+    return {"gap": gap, "ci": ci, "ci_mc_se": mc, "call": call}
 
 
-def split_half_null(hits: Tensor, k: int, cfg: PassKConfig) -> dict:
-    """The null control of the sampled verdict: one policy's replies ``hits (prompts, n)`` (1 = correct) split into two
-    halves of ``n // 2``, compared with each other at ``k <= n // 2`` as if they were two policies. Their true gap is
-    0, so the rule of ``passk_verdict`` must not call "new coverage" here; ``only_first`` is the share solved by the
-    first half only, the quantity a one-sided coverage rule would read (about ``q (1 - q)`` per prompt)."""
-    hits = torch.as_tensor(hits, dtype=torch.float64)
-    h = hits.shape[1] // 2
+def _gap_text(k: int, g: dict, cfg: PassKConfig) -> str:
+    return (f"pass@{k} post - ref = {g['gap']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] (CI ends +- {g['ci_mc_se']:.4f} "
+            f"Monte-Carlo, {cfg.n_boot} resamples; margin {cfg.gap_margin})")
+
+
+def split_half_null(n: int, c: Tensor, k: int, cfg: PassKConfig, seed: int = 0) -> dict:
+    """The null control of the sampled verdicts: one policy's ``n`` replies per prompt (``c (prompts,)`` correct) split
+    at random into two halves of ``n // 2`` (the correct count of a half is hypergeometric: replies are exchangeable),
+    compared with each other at ``k <= n // 2`` as if they were two policies. Their true gap is 0, so the gap rule must
+    not call them "sharper"; ``only_first`` is the share solved by the first half only, the quantity a one-sided rule
+    would read (about ``q (1 - q)`` per prompt)."""
+    import numpy as np
+
+    h = n // 2
     if not 1 <= k <= h:
         raise ValueError(f"the split-half null needs 1 <= k <= n // 2 = {h}, got k = {k}")
-    a, b = pass_at_k(h, hits[:, :h].sum(1), k), pass_at_k(h, hits[:, h:2 * h].sum(1), k)
-    gap, ci = gap_ci(b, a, cfg)
-    return {"k": k, "half": h, "gap": gap, "gap_ci": ci, "only_first": coverage(a, b)["only_a"],
-            "calls_new_coverage": _new_coverage(gap, ci, cfg)}
+    c = torch.as_tensor(c, dtype=torch.long)
+    first = torch.as_tensor(np.random.default_rng(seed).hypergeometric(c.numpy(), (n - c).numpy(), h), dtype=torch.long)
+    second = torch.minimum(c - first, torch.full_like(c, h))  # an odd n leaves one reply out of the second half
+    a, b = pass_at_k(h, first, k), pass_at_k(h, second, k)
+    g = gap_call(b, a, cfg)
+    return {"k": k, "half": h, "gap": g["gap"], "gap_ci": g["ci"], "only_first": coverage(a, b)["only_a"],
+            "calls_sharper": g["call"] == "above"}
 
 
-def null_controls(hits: dict[str, torch.Tensor], k: int, pcfg: PassKConfig) -> dict:
-    """``split_half_null`` for each model's replies (``hits``: name -> (prompts, n) 0/1) at
-    ``min(k, n // 2)``, rounded down to a power of two: known nulls the verdict's rule must not call new coverage."""
-    out = {}
-    for name, h in hits.items():
-        half = h.shape[1] // 2
-        if half >= 1:
-            kn = max(kk for kk in log2_ks(half) if kk <= min(k, half))
-            out[name] = split_half_null(h, kn, pcfg)
-    return out
+def null_controls(counts: dict[str, Tensor], n: int, k: int, pcfg: PassKConfig) -> dict:
+    """``split_half_null`` for each model's correct counts (``counts``: name -> (prompts,) out of ``n``) at
+    ``min(k, n // 2)``, rounded down to a power of two: known nulls the gap rule must not call sharper."""
+    half = n // 2
+    if half < 1:
+        return {}
+    kn = max(kk for kk in log2_ks(half) if kk <= min(k, half))
+    return {name: split_half_null(n, c, kn, pcfg) for name, c in counts.items()}
 
 
 def passk_verdict(ref: Tensor, post: Tensor, cfg: PassKConfig, chance: Tensor | None = None) -> dict:
-    """The pass@k verdict from per-prompt pass@k tables (prompts, len(cfg.ks)) of the reference and the post-RL policy.
+    """"Sharper at k": the pass@k gain at the tables' largest k, from per-prompt pass@k tables (prompts, len(cfg.ks))
+    of the reference and the post-RL policy (cut at ``k_verdict`` by the caller).
 
     * "inconclusive": pass@1 gained less than ``min_gain_k1``;
-    * "uninformative": ``chance`` (per-prompt pass@k table of a guessing policy) reaches ``max_chance`` at the largest k;
-    * "new coverage": at the largest k the post-RL policy solves more prompts than the reference: the paired
-      bootstrap CI (over prompts) of the gap ``pass@k(post) - pass@k(ref)`` lies above 0 and the gap is at least
-      ``coverage_margin``;
-    * "reweighting": the gap's upper CI bound is below ``coverage_margin`` -- given k samples the reference solves
-      what the post-RL policy solves (Yue et al.'s pattern: the reference catches up at large k);
-    * "undecided": the CI straddles the margin (more prompts or samples would decide).
+    * "uninformative": ``chance`` (per-prompt pass@k table of a guessing policy) reaches ``max_chance`` at that k;
+    * "sharper at k=K": the paired bootstrap CI (over prompts) of ``pass@K(post) - pass@K(ref)`` lies above 0 and the
+      gap is at least ``gap_margin``;
+    * "not sharper at k=K": the CI's upper end is under the margin (the reference has caught up by K: Yue et al.);
+    * "undecided at k=K": the CI straddles the margin.
 
-    Why the gap and not the share "solved by the post-RL policy only" (``only_post``, still reported): with per-prompt
-    pass@k ``q`` of two *identical* policies, each solves a prompt the other misses with probability ``q (1 - q)``, so
-    ``only_post`` is far above any margin for a policy compared with itself (measured: SmolLM2's reference against a
-    second independent half of its own samples, 0.12 of the prompts at k = 32 on ``add``). The gap ``only_post -
-    only_ref`` = ``mean(post - ref)`` is 0 in expectation under that null, and its CI calibrates the call.
+    What it cannot say: the KL-regularised RL optimum ``pi_ref exp(beta r) / Z`` has the reference's support and raises
+    pass@k at *every* finite k, so "sharper at k" is what a pure reweighting gives; it never shows new support
+    (``outside_support`` does). Why the gap and not the share solved by the post-RL policy only (``only_post``, still
+    reported): two *identical* policies each solve a prompt the other misses with probability ``q (1 - q)``, far above
+    any margin; the gap ``only_post - only_ref`` is 0 in expectation under that null.
     """
     ref, post = torch.as_tensor(ref, dtype=torch.float64), torch.as_tensor(post, dtype=torch.float64)
-    ks = cfg.ks
+    k = cfg.ks[-1]
     gain = float(post[:, 0].mean() - ref[:, 0].mean())
     cov = coverage(post[:, -1], ref[:, -1])  # a = post, b = ref
-    gap, ci = gap_ci(ref[:, -1], post[:, -1], cfg)
-    lo, hi = ci
+    g = gap_call(ref[:, -1], post[:, -1], cfg)
     out = {
-        "k_max": ks[-1],
-        "gain_k1": gain,
-        "gap_k_max": gap,
-        "gap_k_max_ci": [lo, hi],
-        "only_post": cov["only_a"],
-        "only_ref": cov["only_b"],
-        "both": cov["both"],
-        "neither": cov["neither"],
-        "crossover_k": crossover_k(ref.mean(0).tolist(), post.mean(0).tolist(), ks),
+        "k_max": k, "gain_k1": gain, "gap_k_max": g["gap"], "gap_k_max_ci": g["ci"], "gap_ci_mc_se": g["ci_mc_se"],
+        "only_post": cov["only_a"], "only_ref": cov["only_b"], "both": cov["both"], "neither": cov["neither"],
+        "crossover_k": crossover_k(ref.mean(0).tolist(), post.mean(0).tolist(), cfg.ks),
         "chance_k_max": None if chance is None else float(torch.as_tensor(chance, dtype=torch.float64)[:, -1].mean()),
     }
-    at = f"pass@{ks[-1]} post - ref = {gap:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    at = _gap_text(k, g, cfg)
     if gain < cfg.min_gain_k1:
-        out["verdict"] = "inconclusive"
-        out["why"] = f"pass@1 gained {gain:+.3f} < {cfg.min_gain_k1}"
+        out["verdict"], out["why"] = "inconclusive", f"pass@1 gained {gain:+.3f} < {cfg.min_gain_k1}"
     elif out["chance_k_max"] is not None and out["chance_k_max"] >= cfg.max_chance:
         out["verdict"] = "uninformative"
-        out["why"] = f"guessing alone solves {out['chance_k_max']:.2f} of the prompts at k = {ks[-1]} (>= {cfg.max_chance})"
-    elif _new_coverage(gap, ci, cfg):
-        out["verdict"] = "new coverage"
-        out["why"] = f"{at}: above 0 and >= {cfg.coverage_margin}"
-    elif hi < cfg.coverage_margin:
-        out["verdict"] = "reweighting"
-        out["why"] = (f"{at}: below {cfg.coverage_margin}"
-                      + (f"; the reference catches up from k = {out['crossover_k']}" if out["crossover_k"] else ""))
+        out["why"] = f"guessing alone solves {out['chance_k_max']:.2f} of the prompts at k = {k} (>= {cfg.max_chance})"
+    elif g["call"] == "above":
+        out["verdict"], out["why"] = f"sharper at k={k}", f"{at}: above 0 and >= the margin"
+    elif g["call"] == "below":
+        out["verdict"] = f"not sharper at k={k}"
+        out["why"] = f"{at}: below the margin" + (f"; the reference catches up from k = {out['crossover_k']}" if out["crossover_k"] else "")
     else:
-        out["verdict"] = "undecided"
-        out["why"] = f"{at}: the CI straddles 0 or {cfg.coverage_margin}; more prompts or samples would decide"
+        out["verdict"], out["why"] = f"undecided at k={k}", f"{at}: the CI straddles 0 or the margin; more prompts or samples would decide"
     return out
+
+
+def wider_verdict(ref_k: Tensor, post_k: Tensor, k: int, cfg: PassKConfig, chance_k: Tensor | None = None) -> dict:
+    """"Wider at k": the reference's pass@k at the largest affordable k (``ref_k``, ``post_k``: per-prompt pass@k at
+    that ``k``) stays below the post-RL policy's -- the gap rule of ``passk_verdict`` at the end of the budget, without
+    the pass@1 gate. "uninformative at k=K" when guessing (``chance_k``) reaches ``max_chance`` there. A reweighting
+    of a reference whose success on some prompts is below ~1/K passes it too: the budget, not the support, ends."""
+    g = gap_call(ref_k, post_k, cfg)
+    chance = None if chance_k is None else float(torch.as_tensor(chance_k, dtype=torch.float64).mean())
+    out = {"k": k, "gap": g["gap"], "gap_ci": g["ci"], "gap_ci_mc_se": g["ci_mc_se"], "chance": chance}
+    at = _gap_text(k, g, cfg)
+    if chance is not None and chance >= cfg.max_chance:
+        out["verdict"], out["why"] = f"uninformative at k={k}", f"guessing alone solves {chance:.2f} of the prompts at k = {k}"
+    else:
+        out["verdict"] = {"above": f"wider at k={k}", "below": f"not wider at k={k}", "undecided": f"undecided at k={k}"}[g["call"]]
+        out["why"] = at
+    return out
+
+
+def outside_support(n: int, c_post: Tensor, c_ref: Tensor, log_w: list[Tensor], cfg: PassKConfig) -> dict:
+    """"Outside the reference's support at K": the reference gives the post-RL policy's correct replies on a prompt a
+    total probability below ``1 / cfg.support_k``, with confidence.
+
+    Per prompt, from the post-RL policy's ``n`` replies (``c_post`` correct; ``log_w[i]``: for each correct reply,
+    ``log pi_ref(y) - log pi_post(y)``, -inf where the reference cannot produce it) the importance-sampled estimate
+    ``p_hat = sum_correct pi_ref(y) / pi_post(y) / n`` of the reference's success on the replies the post-RL policy
+    gives (unbiased: E over y ~ pi_post of ``1[correct] pi_ref / pi_post``), and its one-sided upper bound ``p_hat + z
+    sd / sqrt(n)`` at level ``1 - (1 - support_level) / m`` (Bonferroni over the m prompts tested). Tested: prompts the
+    post-RL policy solved (``c_post >= 1``) and the reference's own replies did not (``c_ref == 0``; one correct
+    reference reply in ``n`` already says its success is not far below 1/n). Flagged: upper bound < 1/K.
+
+    Under ``pi_ref exp(beta r) / Z`` every weight of a correct reply is ``Z e^-beta`` and ``p_hat`` estimates the
+    reference's own success, so a reweighting is flagged only where the reference's success truly is below 1/K. What
+    it cannot see: correct replies the post-RL policy no longer gives (a reference that solves a prompt in another
+    format); the claim is about the post-RL policy's replies, not about every reply that scores correct.
+    """
+    c_post, c_ref = torch.as_tensor(c_post, dtype=torch.long), torch.as_tensor(c_ref, dtype=torch.long)
+    if len(log_w) != len(c_post) or any(len(w) != int(c) for w, c in zip(log_w, c_post)):
+        raise ValueError("log_w needs one log-weight per correct post-RL reply, for every prompt")
+    tested = (c_post >= 1) & (c_ref == 0)
+    m = int(tested.sum())
+    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - (1 - cfg.support_level) / max(m, 1), dtype=torch.float64)))
+    p_hat, upper = [], []
+    for w in log_w:
+        w = torch.as_tensor(w, dtype=torch.float64).exp()
+        s1, s2 = float(w.sum()), float((w**2).sum())
+        mean = s1 / n
+        var = max(s2 / n - mean**2, 0.0) * n / max(n - 1, 1)
+        p_hat.append(mean)
+        upper.append(mean + z * math.sqrt(var / n))
+    p_hat, upper = torch.tensor(p_hat, dtype=torch.float64), torch.tensor(upper, dtype=torch.float64)
+    flagged = tested & (upper < 1 / cfg.support_k)
+    f = int(flagged.sum())
+    K = f"{cfg.support_k:.0e}".replace("e+0", "e")
+    out = {"support_k": cfg.support_k, "n_tested": m, "n_flagged": f, "flagged": flagged.nonzero().flatten().tolist(),
+           "p_hat": p_hat.tolist(), "upper": upper.tolist(), "z": z}
+    if f:
+        out["verdict"] = f"outside the reference's support at K={K}"
+        out["why"] = (f"on {f} of {len(c_post)} prompts the reference gives the post-RL correct replies probability < 1/K "
+                      f"(importance-sampled, one-sided upper bound at family-wise {cfg.support_level}; {m} prompts tested)")
+    else:
+        out["verdict"] = f"not shown outside the reference's support (K={K})"
+        out["why"] = (f"no prompt's upper bound is below 1/K ({m} tested: solved by the post-RL policy, by none of the reference's "
+                      "replies)" + ("" if m == 0 else f"; smallest upper bound {float(upper[tested].min()):.2e}"))
+    return out
+
+
+def summary(sharper: dict, wider: dict | None, outside: dict | None, elicited: Tensor | None = None) -> str:
+    """One line naming what the verdicts show: "new" only where ``outside_support`` flagged a prompt that the
+    elicitation baseline did not solve (``elicited``: per prompt, whether the reference with worked examples in
+    context solved it; None: no baseline). The flag is about the post-RL policy's replies: a reference that answers
+    the same prompt correctly in another format, or after a few examples, has the capability."""
+    parts = [sharper["verdict"]] + ([wider["verdict"]] if wider else []) + [outside["verdict"] if outside else "outside-support test not run (no per-reply log-likelihoods)"]
+    flagged = outside["flagged"] if outside else []
+    new = [i for i in flagged if elicited is None or not bool(elicited[i])]
+    if new:
+        head = "new support" + ("" if elicited is not None else " (no elicitation baseline run)")
+    elif flagged:
+        head = f"no new support: the {len(flagged)} prompts outside the zero-shot reference's support are solved by it with worked examples in context"
+    else:
+        head = "no new support shown"
+    return f"{head}: " + "; ".join(parts)
 
 
 def plot_pass_at_k(curves: dict[str, dict], path, title: str = "") -> None:

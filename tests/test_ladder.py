@@ -137,3 +137,37 @@ def test_separate_skills_prompts_and_reward():
     with pytest.raises(ValueError, match="segment_lengths"):
         RLTaskConfig(process="product", process_kwargs={"factors": [{"name": "mess3"}]}, segment_lengths=[4, 5], prompt_length=9,
                      pretrain_config="unused.yaml")
+
+
+def test_headroom_family_hides_its_latent_from_every_output():
+    """The headroom family (configs/toy/rl_headroom.yaml): where the gate has read b1, b2 (and b3), the belief knows
+    b1 XOR b2 but the next token is a fair-coin filler, so the exact next-token distribution at the last position
+    (checked against the predictive computed by hand from the joint belief) does not tell a = 0 from a = 1, while the
+    exact-latent policy earns 1."""
+    from toy.data import sample
+    from toy.factors import factor_marginals
+    from toy.grpo import RLTaskConfig, build_reward
+    from toy.ladder import exact_output_features
+
+    table = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
+    task = RLTaskConfig(process="product", process_kwargs={"factors": [{"name": "noisy_gate", "truth_table": table, "noise": 0.1},
+                                                                       {"name": "mess3", "x": 0.05, "a": 0.85}]},
+                        reward="compose", latent_states_a=[4, 5, 9, 10, 11, 12], latent_states_b=[0], op="xor",
+                        pretrained_path="unused")
+    process = task.build_process()
+    reward = build_reward(task, process)
+    batch = sample(process, 3000, 10, seed=0, return_beliefs=True)
+    feats = exact_output_features(process, batch.beliefs)
+    assert feats[1].shape == (3000, 6) and feats[2].shape == (3000, 60)
+    last = batch.beliefs[:, -1]
+    naive = torch.stack([last @ process.T[x].sum(-1) for x in range(6)], 1)  # P(x) = eta T[x] 1
+    assert torch.allclose(feats[1].double().exp(), naive, atol=1e-6)
+    gate_state = factor_marginals(process, last)[0].argmax(1)
+    hidden = torch.isin(gate_state, torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]))
+    gate_bit_1 = naive.reshape(-1, 2, 3).sum(2)[:, 1]
+    a = torch.isin(gate_state, torch.tensor([4, 5, 9, 10, 11, 12]))
+    # where the gate's most likely state is a hidden phase, the next gate bit's probability is distributed alike for
+    # a = 0 and a = 1 (its mean 0.50 either way; the phase itself is uncertain, so it spreads around 0.5)
+    assert hidden.sum() > 500 and 0.3 < a[hidden].double().mean() < 0.7
+    assert abs(float(gate_bit_1[hidden & a].mean() - gate_bit_1[hidden & ~a].mean())) < 0.02
+    assert float(reward.table(last).max(1).values.mean()) == 1.0

@@ -174,23 +174,30 @@ def test_report_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(probes.linear, "fit_probe_report", lambda *a, **kw: calls.append(kw["groups"]) or fit(*a, **kw))
     r = report(cfg)
     out = tmp_path / "out"
-    assert {"report.json", "report.md", "passk.png", "samples.jsonl"} <= {p.name for p in out.iterdir()}
-    assert r["ks"] == [1, 2, 4, 8, 16, 32] and r["verdict"]["verdict"] in ("inconclusive", "new coverage", "reweighting", "undecided")
+    assert {"report.json", "report.md", "passk.png", "samples.jsonl", "verdict_data.json"} <= {p.name for p in out.iterdir()}
+    assert r["ks"] == [1, 2, 4, 8, 16, 32] and r["verdict"]["verdict"].split(" at ")[0] in ("inconclusive", "sharper", "not sharper", "undecided")
     assert len(r["curves"]["reference"]["mean"]) == 6 and r["n_prompts"] == 4
-    assert len(out.joinpath("samples.jsonl").read_text().splitlines()) == 2 * 4 * 32
-    # the verdict is passk_verdict on the curves cut at k_verdict, from the per-prompt correct counts
+    # the few-shot baseline is on by default: the reference answers a third time, after 3 worked examples
+    assert cfg.shots == 3 and r["vs_fewshot"] is not None and "reference_fewshot" in r["curves"]
+    assert len(out.joinpath("samples.jsonl").read_text().splitlines()) == 3 * 4 * 32
+    # "sharper" is passk_verdict on the curves cut at k_verdict, from the per-prompt correct counts
     assert r["k_verdict"] == 16 and r["verdict"]["k_max"] == 16 and "Verdict k: 16" in (out / "report.md").read_text()
     table = lambda m: torch.stack([pass_at_k(32, torch.tensor([q[f"correct_{m}"] for q in r["per_prompt"]]), k)  # noqa: E731
                                    for k in [1, 2, 4, 8, 16]], 1)
     chance = pass_at_k_exact(torch.full((4,), chance_p("add_mul")), [1, 2, 4, 8, 16])
     want = passk_verdict(table("reference"), table("post"), PassKConfig(ks=[1, 2, 4, 8, 16]), chance)
     assert r["verdict"] == want
-    # split-half null controls at k = 16 (n / 2), and the same verdict re-derived from samples.jsonl alone
+    # the outside-support weights are the correct post-RL replies' reference / post-RL likelihood ratios, one per success
+    data = json.loads((out / "verdict_data.json").read_text())
+    assert [len(x) for x in data["post_correct_ll_ref"]] == data["counts"]["post"] == [q["correct_post"] for q in r["per_prompt"]]
+    assert r["outside_support"]["n_tested"] <= sum(c > 0 for c in data["counts"]["post"])
+    # split-half null controls at k = 16 (n / 2), and every verdict re-derived from verdict_data.json alone
     assert set(r["null_controls"]) == {"reference", "post"} and r["null_controls"]["reference"]["k"] == 16
     from llm.reweighting_report import rejudge
 
     again = rejudge(out)
-    assert again["verdict"] == r["verdict"] and again["null_controls"] == r["null_controls"] and (out / "rejudged.json").is_file()
+    assert again["sharper"] == r["verdict"] and again["null_controls"] == r["null_controls"] and (out / "rejudged.json").is_file()
+    assert again["outside_support"] == r["outside_support"] and again["wider"] == r["wider"] and again["summary"] == r["summary"]
     # the probe's folds are grouped by the operand pair (a, b)
     probe = (task_prompts("add_mul", "eval", 4) + task_prompts("add_mul", "train", 4))[:24]
     assert len(calls) == 2 and all(torch.equal(g, probe_groups(probe)) for g in calls)
@@ -282,3 +289,21 @@ def test_worked_examples_come_from_the_train_split(task):
     text = chat_prompt(tok, "What is 1 + 2? Answer with only the number.", history=shots)
     assert text.count("What is") == 4 and text.rindex("1 + 2") > text.rindex(shots[-2]["content"][8:14])
     assert chat_prompt(tok, "Q?", history=[]) == chat_prompt(tok, "Q?")
+
+
+def test_verdict_data_holds_the_correct_replies_likelihoods(tmp_path, monkeypatch):
+    """With every reply scored correct, the outside-support weights are all post-RL replies' log-likelihood ratios, so
+    minus their mean is the report's Monte-Carlo KL(post || ref): the weights are the right replies' ratios, in order."""
+    import llm.reweighting
+
+    ref = save_tiny(tmp_path / "ref", "qwen2")
+    adapter = _adapter(tmp_path, tiny_causal_lm("qwen2")[0])
+    monkeypatch.setattr(llm.reweighting, "score", lambda replies, answers: [1.0] * len(replies))
+    cfg = ReweightingConfig(reference_model=str(ref), post_adapter=str(adapter), task="add", n_eval=3, n_samples=8,
+                            max_new_tokens=3, n_boot=20, probe_n=0, shots=0, output_dir=str(tmp_path / "out"), device="cpu")
+    r = report(cfg)
+    data = json.loads((tmp_path / "out" / "verdict_data.json").read_text())
+    assert data["counts"]["post"] == [8, 8, 8] and "reference_fewshot" not in data["counts"] and r["vs_fewshot"] is None
+    log_w = torch.tensor([a - b for ra, rb in zip(data["post_correct_ll_ref"], data["post_correct_ll_post"]) for a, b in zip(ra, rb)])
+    assert len(log_w) == 24 and float(-log_w.mean()) == pytest.approx(r["kl"]["kl_post_ref_per_reply"], abs=1e-9)
+    assert r["outside_support"]["n_tested"] == 0  # the reference solved every prompt too

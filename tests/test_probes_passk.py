@@ -9,12 +9,16 @@ from probes.passk import (
     PassKConfig,
     coverage,
     crossover_k,
+    gap_ci,
     informative_k,
     log2_ks,
+    outside_support,
     pass_at_k,
     pass_at_k_curve,
     pass_at_k_exact,
     passk_verdict,
+    summary,
+    wider_verdict,
 )
 
 
@@ -77,11 +81,11 @@ def test_verdicts_on_known_policies():
     p_ref = torch.full((100,), 0.2)
     sharpened = torch.full((100,), 0.6)  # same support, more mass: wins at k = 1, reference catches up
     v = passk_verdict(pass_at_k_exact(p_ref, cfg.ks), pass_at_k_exact(sharpened, cfg.ks), cfg)
-    assert v["verdict"] == "reweighting" and v["crossover_k"] is not None
+    assert v["verdict"] == "not sharper at k=256" and v["crossover_k"] is not None
     # half the prompts the reference can never solve (zero success probability), the post-RL policy can
     p_ref2 = torch.cat([torch.zeros(50), torch.full((50,), 0.2)])
     v = passk_verdict(pass_at_k_exact(p_ref2, cfg.ks), pass_at_k_exact(torch.full((100,), 0.6), cfg.ks), cfg)
-    assert v["verdict"] == "new coverage" and v["only_post"] == pytest.approx(0.5)
+    assert v["verdict"] == "sharper at k=256" and v["only_post"] == pytest.approx(0.5)
     # guessing solves everything at k = 256: the test cannot tell
     chance = pass_at_k_exact(torch.full((100,), 1 / 6), cfg.ks)
     v = passk_verdict(pass_at_k_exact(p_ref2, cfg.ks), pass_at_k_exact(torch.full((100,), 0.6), cfg.ks), cfg, chance=chance)
@@ -105,31 +109,73 @@ def test_informative_k_against_closed_form():
 
 
 def test_the_rule_is_calibrated_on_a_split_half_null():
-    """One policy's sampled replies split into two halves: their true gap is 0. The rule must not call new coverage
+    """One policy's sampled replies split into two halves: their true gap is 0. The rule must not call them sharper
     (<= 2 of 40 draws at the 95% level), while the share solved by one half only -- the old one-sided rule's
     statistic -- is far above the 0.02 margin (q (1 - q) per prompt)."""
     from probes.passk import split_half_null
 
-    cfg = PassKConfig(ks=[1, 2, 4, 8, 16, 32])
+    cfg = PassKConfig(ks=[1, 2, 4, 8, 16, 32], n_boot=2000)
     g = torch.Generator().manual_seed(0)
     p = torch.rand(48, generator=g) * 0.2  # per-prompt success, like SmolLM2's on `add`
     calls, shares = 0, []
     for s in range(40):
-        hits = (torch.rand(48, 64, generator=torch.Generator().manual_seed(s + 1)) < p[:, None]).double()
-        r = split_half_null(hits, 32, cfg)
-        calls += r["calls_new_coverage"]
+        c = (torch.rand(48, 64, generator=torch.Generator().manual_seed(s + 1)) < p[:, None]).sum(1)
+        r = split_half_null(64, c, 32, cfg, seed=s)
+        calls += r["calls_sharper"]
         shares.append(r["only_first"])
     assert calls <= 2 and min(shares) > 0.02
     with pytest.raises(ValueError, match="n // 2"):
-        split_half_null(torch.zeros(4, 10), 8, cfg)
+        split_half_null(10, torch.zeros(4), 8, cfg)
 
 
 def test_gap_verdict_reweighting_new_coverage_and_undecided():
     cfg = PassKConfig(ks=[1, 32])
     ref = torch.tensor([[0.1, 0.9]] * 50)
     v = passk_verdict(ref, torch.tensor([[0.5, 0.9]] * 50), cfg)  # wins at k = 1, level at k = 32
-    assert v["verdict"] == "reweighting" and v["gap_k_max_ci"] == pytest.approx([0.0, 0.0])
+    assert v["verdict"] == "not sharper at k=32" and v["gap_k_max_ci"] == pytest.approx([0.0, 0.0])
     v = passk_verdict(ref, torch.tensor([[0.5, 1.0]] * 50), cfg)
-    assert v["verdict"] == "new coverage" and v["gap_k_max"] == pytest.approx(0.1)
+    assert v["verdict"] == "sharper at k=32" and v["gap_k_max"] == pytest.approx(0.1)
     noisy = torch.tensor([[0.5, 1.0], [0.5, 0.8]] * 25)  # per-prompt gaps +0.1 / -0.1: mean 0, CI straddles the margin
-    assert passk_verdict(ref, noisy, cfg)["verdict"] == "undecided"
+    assert passk_verdict(ref, noisy, cfg)["verdict"] == "undecided at k=32"
+    # wider: the same gap rule at the budget's end, no pass@1 gate; guessing makes it uninformative
+    assert wider_verdict(ref[:, 1], torch.ones(50), 32, cfg)["verdict"] == "wider at k=32"
+    assert wider_verdict(ref[:, 1], torch.ones(50), 32, cfg, chance_k=torch.full((50,), 0.6))["verdict"] == "uninformative at k=32"
+
+
+def test_all_wrong_prompt_is_exactly_zero():
+    """c = 0 gives exactly 0 at every k (the log-gamma form left +-1e-13, printed as "-0.000")."""
+    for n in (16, 96, 256, 1000):
+        for k in log2_ks(n):
+            assert float(pass_at_k(n, 0, k)) == 0.0
+
+
+def test_bootstrap_ci_is_pinned_and_its_monte_carlo_error_small():
+    """20,000 resamples by default; the CI ends' Monte-Carlo error is reported and is small next to the margin, and a
+    second seed moves the ends by about that much, not more."""
+    d = torch.distributions.Bernoulli(0.3).sample((96,)).double()
+    cfg = PassKConfig(ks=[1])
+    gap, ci, mc = gap_ci(torch.zeros(96), d, cfg)
+    assert cfg.n_boot == 20000 and 0 < mc < 0.002 and ci[0] < gap < ci[1]
+    _, ci2, _ = gap_ci(torch.zeros(96), d, PassKConfig(ks=[1], seed=1))
+    assert max(abs(a - b) for a, b in zip(ci, ci2)) < 8 * mc
+
+
+def test_outside_support_on_known_weights():
+    """The importance-sampled reference success of the post-RL correct replies: a reweighting pi_ref e^(beta r) / Z
+    has one weight Z e^-beta per correct reply, so p_hat is the reference's success exactly when every reply is
+    correct; a reply the reference cannot produce has weight 0; a prompt the reference solved is not tested."""
+    cfg = PassKConfig(ks=[1], support_k=1e5)
+    p_ref, beta, n = 3e-4, 12.0, 64
+    z = 1 - p_ref + p_ref * math.exp(beta)
+    log_w = [torch.full((n,), math.log(z) - beta), torch.full((5,), float("-inf")), torch.full((3,), -20.0), torch.zeros(0)]
+    o = outside_support(n, torch.tensor([n, 5, 3, 0]), torch.tensor([0, 0, 1, 0]), log_w, cfg)
+    assert o["p_hat"][0] == pytest.approx(z * math.exp(-beta)) and o["p_hat"][1] == 0.0
+    assert o["n_tested"] == 2 and o["flagged"] == [1] and o["verdict"] == "outside the reference's support at K=1e5"
+    # the reweighting: E[p_hat] = p_ref (3e-4 > 1e-5, not flagged); equal weights leave no spread, so the bound is p_hat
+    assert o["upper"][0] == pytest.approx(o["p_hat"][0]) and 0 not in o["flagged"]
+    # "new" needs a flagged prompt the elicitation baseline did not solve
+    assert summary(o, None, o).startswith("new support (no elicitation baseline run)")
+    assert summary(o, None, o, elicited=torch.tensor([False, True, False, False])).startswith("no new support: the 1 prompts")
+    assert summary(o, None, o, elicited=torch.tensor([True, False, True, True])).startswith("new support:")
+    with pytest.raises(ValueError, match="one log-weight per correct"):
+        outside_support(n, torch.tensor([2]), torch.tensor([0]), [torch.zeros(3)], cfg)

@@ -71,13 +71,14 @@ def test_sharpened_reference_is_reweighting_under_truncated_support():
     assert (nucleus(sharp, 0.95) <= nucleus(pi_ref, 0.95)).all()  # sharpening keeps the support within the reference's
     r = behaviour_report(pi_ref, sharp, table, CFG)
     assert r["full"]["gain_k1"] > PassKConfig().min_gain_k1
-    assert r["truncated"]["verdict"] == "reweighting", r["truncated"]["why"]
+    assert r["truncated"]["verdict"] == "not sharper at k=256", r["truncated"]["why"]
+    assert r["truncated"]["outside_support_share"] == 0.0 and r["truncated"]["outside_support"].startswith("not outside")
     assert r["truncated"]["only_post"] < 1e-12 and r["post_decoded_mass_outside_ref_support"] == 0.0
     assert r["full"]["verdict"] == "uninformative"  # one-token answers are guessable: chance solves all at k = 256
     assert r["kl_post_ref"] > 0 and r["loglik_post_under_ref"] > r["loglik_ref_under_ref"]  # sharper: more likely under ref
 
 
-def test_mass_outside_the_reference_support_is_new_coverage():
+def test_mass_outside_the_reference_support_is_outside_support():
     N, V = 2000, 6
     pi_ref = torch.tensor([0.5, 0.3, 0.17, 0.01, 0.01, 0.01], dtype=torch.float64).expand(N, V).clone()
     answer = torch.where(torch.arange(N) % 2 == 0, 0, 4)  # half the prompts want an answer outside the top-0.95 nucleus
@@ -87,14 +88,18 @@ def test_mass_outside_the_reference_support_is_new_coverage():
     r = behaviour_report(pi_ref, post, table, CFG)
     t = r["truncated"]
     assert t["ref_unsolvable"] == pytest.approx(0.5) and t["post_success_where_ref_unsolvable"] == pytest.approx(1.0)
-    assert t["verdict"] == "new coverage" and t["only_post"] == pytest.approx(0.5)
+    assert t["verdict"] == "sharper at k=256" and t["only_post"] == pytest.approx(0.5)
+    # exact: the answer the post-RL policy gives on half the prompts is outside the truncated reference's nucleus
+    assert t["outside_support_share"] == pytest.approx(0.5) and t["outside_support"] == "outside the reference's support at K=1e5 (exact)"
     assert r["post_mass_outside_ref_support"] == pytest.approx(0.5)
     assert r["full"]["verdict"] == "uninformative" and r["full"]["chance_k_max"] > 0.99
     assert r["kl_post_ref"] == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.01)), rel=1e-9)
     same = behaviour_report(pi_ref, pi_ref, table, CFG)
     assert same["full"]["verdict"] == same["truncated"]["verdict"] == "inconclusive" and same["kl_post_ref"] == 0.0
-    assert agreement("new coverage", "composition beyond rung 1 (reweighting within rung 2)") == "yes"
-    assert agreement("reweighting", "composition beyond rung 2") == "no" and agreement("uninformative", "reweighting within rung 1") == "n/a"
+    assert agreement("outside the reference's support at K=1e5", "composition beyond rung 1 (reweighting within rung 2)") == "yes"
+    assert agreement("not sharper at k=256", "composition beyond rung 2") == "no" and agreement("uninformative", "reweighting within rung 1") == "n/a"
+    # "sharper" takes no side: a same-support reweighting passes it
+    assert agreement("sharper at k=256", "reweighting within rung 1") == "n/a"
 
 
 def test_cli_on_a_tiny_random_init_model(tmp_path):
@@ -124,3 +129,28 @@ def test_cli_on_a_tiny_random_init_model(tmp_path):
     assert ref_row["full"]["verdict"] == "inconclusive" and ref_row["kl_post_ref"] == 0.0
     assert (out / "passk_seed0.png").is_file() and (out / "passk_control_optimum.png").is_file()
     assert "Agreement table" in (out / "report.md").read_text()
+
+
+def test_calibration_key_rows():
+    """The confusion table's key rows at the add report's counts (48 prompts x 16 replies), on an LLM-shaped
+    reference and on family (b)'s exact truncated reference: the KL-regularised optimum pi_ref e^(beta r) / Z is called
+    "sharper" yet never "outside the reference's support"; a capability the reference gives probability 0 is found in
+    every run; no prompt is ever flagged that is not truly outside."""
+    from probes.passk import PassKConfig
+    from toy.experiments.passk_calibration import toy_reference
+    from toy.passk_calibration import confusion, controls, llm_like
+
+    pk = PassKConfig(n_boot=200)
+    pi, correct = llm_like(512, 1e-3, 0.6)
+    ctl = controls(pi, correct, formats=4)
+    rw = confusion(ctl["reweight beta=10"], 48, 16, [1, 2, 4, 8, 16], 16, pk, runs=8)
+    assert rw["sharper"] >= 0.9 and rw["outside"] == 0 and rw["truly_outside"] == 0 and rw["false_flags"] == 0
+    same = confusion(ctl["identical"], 48, 16, [1, 2, 4, 8, 16], 16, pk, runs=8)
+    assert same["sharper"] == same["outside"] == 0
+    new = confusion(ctl["new capability q=0.3"], 48, 16, [1, 2, 4, 8, 16], 16, pk, runs=8)
+    assert new["truly_outside"] == new["outside"] == 1.0 and new["false_flags"] == 0 and new["prompt_recall"] > 0.9
+    ref_t, full, ok = toy_reference(str(ROOT / "configs/toy/rl_compose.yaml"), 512, 0.95)
+    b = controls(ref_t, ok, full=full)
+    opt = confusion(b["latent optimum"], 48, 16, [1, 2, 4, 8, 16], 16, pk, runs=8)
+    assert opt["outside"] == opt["truly_outside"] > 0 and opt["false_flags"] == 0  # found in every run that holds one
+    assert confusion(b["reweight beta=10"], 48, 16, [1, 2, 4, 8, 16], 16, pk, runs=8)["outside"] == 0

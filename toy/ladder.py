@@ -79,6 +79,16 @@ def rung_features(model, prompts: torch.Tensor, vocab_size: int, batch_size: int
     return {1: logp[:, -1], 2: logp.flatten(1), 3: per_site[-1], 4: torch.cat(per_site, 1)}
 
 
+def exact_output_features(process, beliefs: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Rungs 1-2 of the Bayes-optimal reference: the process's own next-token distribution after every prefix,
+    ``P(x_{t+1} = x | x_{<=t}) = eta_t T[x] 1`` from the exact beliefs ``(N, L, S)``, as log-probabilities ``(N, V)``
+    (rung 1) and ``(N, L * V)`` (rung 2). Their ceilings are what a perfect reference's outputs carry about a latent;
+    a trained reference's rungs are measured on its own outputs (its errors can carry more or less)."""
+    pred = beliefs.double() @ process.T.sum(-1).T.double()
+    logp = pred.clamp_min(1e-12).log().float()
+    return {1: logp[:, -1], 2: logp.flatten(1)}
+
+
 def _pca(X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Mean ``(D,)`` and top-``k`` principal axes ``(D, k)`` of ``X (N, D)``, and the share of variance they keep."""
     mu = X.double().mean(0)

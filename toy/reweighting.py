@@ -1,4 +1,4 @@
-"""The reweighting report (issue 17) for a (reference, post-RL) pair of exact one-token toy policies.
+"""The reweighting report for a (reference, post-RL) pair of exact one-token toy policies.
 
 The LLM report samples answers and estimates; here every number is exact over the prompts, because a one-token
 toy policy is a known distribution over the V process tokens (``toy.grpo.policy_probs``) and the reward of every
@@ -114,6 +114,13 @@ def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1)
 
 
+def outside_support_exact(pi_ref: torch.Tensor, pi_post: torch.Tensor, correct: torch.Tensor, support_k: float) -> torch.Tensor:
+    """``(N,)`` bool, exact: the post-RL policy solves the prompt and the reference gives the correct replies the
+    post-RL policy gives total probability below ``1 / support_k`` (what ``probes.passk.outside_support`` estimates)."""
+    t = (pi_ref.double() * (correct & (pi_post > 0))).sum(1)
+    return (t < 1 / support_k) & ((pi_post.double() * correct).sum(1) > 0)
+
+
 # --------------------------------------------------------------------------- behaviour
 
 
@@ -130,7 +137,12 @@ def passk_section(pi_ref: torch.Tensor, pi_post: torch.Tensor, table: torch.Tens
         chance_table = pass_at_k_exact(success_probability(chance, table), pk.ks)
         curves["chance"] = pass_at_k_curve(chance_table, pk.ks, n_boot=n_boot, seed=seed)
     unsolvable = p_ref <= 0
+    outside = outside_support_exact(pi_ref, pi_post, success_mask(table), pk.support_k)
+    K = f"{pk.support_k:.0e}".replace("e+0", "e")
     return {
+        "outside_support_share": float(outside.double().mean()),
+        "outside_support": (f"outside the reference's support at K={K}" if outside.any() else f"not outside the reference's support (K={K})")
+        + " (exact)",
         "curves": curves,
         "coverage_k1": coverage(post[:, 0], ref[:, 0]),
         "coverage_k_max": coverage(post[:, -1], ref[:, -1]),
@@ -144,7 +156,7 @@ def behaviour_report(pi_ref: torch.Tensor, pi_post: torch.Tensor, table: torch.T
                      pk: PassKConfig | None = None, seed: int = 0) -> dict:
     """The exact behavioural report of ``pi_post`` against ``pi_ref`` (both ``(N, V)``, full support) on prompts
     whose exact rewards are ``table (N, V)``: full-support and truncated pass@k, in-support likelihood, KL."""
-    pk = pk or PassKConfig()
+    pk = pk or PassKConfig(n_boot=cfg.n_boot)  # 10,000 prompts: fewer resamples, the CI ends' Monte-Carlo error is printed
     N, V = pi_ref.shape
     ref_t = decode(pi_ref, cfg.decode_temperature, cfg.decode_top_p)
     post_t = decode(pi_post, cfg.decode_temperature, cfg.decode_top_p)
@@ -168,7 +180,7 @@ def behaviour_report(pi_ref: torch.Tensor, pi_post: torch.Tensor, table: torch.T
         "ref_support_size": float(support.double().sum(1).mean()),
         "kl_post_ref": float(kl_rows(pi_post, pi_ref).mean()),
         "kl_ref_post": float(kl_rows(pi_ref, pi_post).mean()),
-        "thresholds": {"ks": pk.ks, "min_gain_k1": pk.min_gain_k1, "coverage_margin": pk.coverage_margin, "max_chance": pk.max_chance},
+        "thresholds": {"ks": pk.ks, "min_gain_k1": pk.min_gain_k1, "gap_margin": pk.gap_margin, "support_k": pk.support_k, "max_chance": pk.max_chance},
     }
 
 
@@ -212,10 +224,12 @@ def reweighting_report(pre_model, post_model, reward, prompts: torch.Tensor, bel
 
 
 def verdict_class(verdict: str) -> str | None:
-    """The side a pass@k or ladder verdict takes: "composes", "reweights", or None (no call)."""
-    if verdict == "new coverage" or verdict.startswith("composition"):
+    """The side a verdict takes: "composes" (outside the reference's support; a ladder's "composition beyond rung
+    k"), "reweights" ("not sharper / wider at k": the reference keeps up; a ladder's "reweighting within rung k"), or
+    None: "sharper at k" and "wider at k" take no side, a same-support reweighting passes both."""
+    if verdict.startswith("outside the reference's support") or verdict.startswith("composition"):
         return "composes"
-    if verdict == "reweighting" or verdict.startswith("reweighting"):
+    if verdict.startswith(("not sharper", "not wider", "reweighting")):
         return "reweights"
     return None
 

@@ -130,7 +130,7 @@ def _row(name: str, beh: dict, ladder: str | None, known: str) -> str:
     f, t = beh["full"], beh["truncated"]
     return (f"| {name} | {beh['reward_ref']:.3f} -> {beh['reward_post']:.3f} | {f['gain_k1']:+.3f} | {f['verdict']} "
             f"(only post {f['only_post']:.3f}, chance@{f['k_max']} {f['chance_k_max']:.2f}) | {t['verdict']} (gap "
-            f"{t['gap_k_max']:+.3f}, only post {t['only_post']:.3f}, ref unsolvable {t['ref_unsolvable']:.3f}) | {ladder or 'not run'} | "
+            f"{t['gap_k_max']:+.3f}, only post {t['only_post']:.3f}, ref unsolvable {t['ref_unsolvable']:.3f}; {t['outside_support']}) | {ladder or 'not run'} | "
             f"{agreement(f['verdict'], ladder)} | {agreement(t['verdict'], ladder)} | {known} |")
 
 
@@ -151,7 +151,7 @@ def report_md(name: str, result: dict, command: str) -> str:
         lines.append(_row(f"seed {s['seed']}", s["report"], s["ladder_verdict"], "not known (GRPO)"))
     for c in result.get("controls", []):
         lines.append(_row(f"control: {c['name']} (B{c['set']})", c["behaviour"], c["ladder_verdict"], c["known"]))
-    lines += ["", "'agree': both verdicts take a side (new coverage ~ composition beyond some rung; reweighting ~ reweighting "
+    lines += ["", "'agree': both verdicts take a side (outside the reference's support ~ composition beyond some rung; not sharper ~ reweighting "
               "within rung 1) and it is the same one; n/a when either is inconclusive or uninformative.", "",
               "## Seeds: likelihood, KL, belief side", "",
               "| seed | E_post log pi_ref | E_ref log pi_ref | post mass outside ref's top-p support | KL(post||ref) | KL(ref||post) | "

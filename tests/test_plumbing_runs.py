@@ -317,12 +317,10 @@ def test_a_folder_held_by_a_live_run_is_refused_and_a_dead_runs_lock_taken_over(
     naming its pid and host; once the first is killed (-9: no clean-up ran), its lock is stale and taken over."""
     import socket
 
-    from plumbing.runs import RunLocked
-
     out = tmp_path / "run"
     holder = _holder(tmp_path, out)
     try:
-        with pytest.raises(RunLocked, match=rf"in use by another run: pid {holder.pid} on host {socket.gethostname()}"):
+        with pytest.raises(FileExistsError, match=rf"in use by another run: pid {holder.pid} on host {socket.gethostname()}"):
             claim_output_dir(out, {"x": 1})
     finally:
         holder.kill()
@@ -333,10 +331,8 @@ def test_a_folder_held_by_a_live_run_is_refused_and_a_dead_runs_lock_taken_over(
 
 def test_a_lock_recorded_on_another_host_is_refused(tmp_path):
     """flock may not reach across the hosts of a network file system: only that host can tell whether its pid lives."""
-    from plumbing.runs import RunLocked
-
     (tmp_path / ".run.lock").write_text(json.dumps({"pid": 1, "host": "node-elsewhere", "started": "t", "command": "c"}))
-    with pytest.raises(RunLocked, match=r"another machine: pid 1 on host node-elsewhere.*remove .*\.run\.lock"):
+    with pytest.raises(FileExistsError, match=r"another machine: pid 1 on host node-elsewhere.*remove .*\.run\.lock"):
         claim_output_dir(tmp_path, {"x": 1})
 
 

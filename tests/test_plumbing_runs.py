@@ -300,12 +300,13 @@ def test_overwrite_inside_the_working_directory_still_replaces_a_project_run(tmp
 
 
 def _holder(tmp_path, out):
-    """A separate process that claims ``out`` and keeps running (until killed)."""
+    """A separate process that holds ``out``'s run lock and keeps running (until killed)."""
     import subprocess
     import sys
 
-    code = ("import sys, time\nfrom plumbing.runs import claim_output_dir\n"
-            f"claim_output_dir({str(out)!r}, {{'x': 1}})\nprint('held', flush=True)\ntime.sleep(120)\n")
+    # plumbing.locks alone (what claim_output_dir takes first): no torch / transformers import to wait for
+    code = ("import time\nfrom plumbing.locks import lock_run_dir\n"
+            f"lock_run_dir({str(out)!r})\nprint('held', flush=True)\ntime.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.stdout.readline().strip() == "held"

@@ -544,6 +544,7 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_next_step_whatever_log_ev
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_folder_in_use_refuses_naming_the_holder(tmp_path):
     """Two runs started into one folder both exited 0, one reporting a checkpoint that held the other's weights.
     Now the folder is locked for the first run's life: the second refuses, naming the first's pid, and writes nothing."""

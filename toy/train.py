@@ -17,11 +17,12 @@ Conventions:
 - Checkpoints: ``<output_dir>/checkpoint-<step>/`` holds the model (``save_pretrained``, safetensors),
   ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` (tensors and plain values only: every file loads with
   ``weights_only=True``, so a checkpoint cannot run code) and ``trainer_state.json`` (step, history). One is
-  written every ``save_every`` steps, at the end, on Ctrl-C or SIGTERM (after the step in flight) and on a
-  crash, always into a temporary folder renamed into place (``plumbing.runs.atomic_dir``).
-- The run folder follows ``plumbing.runs``: ``output_dir/run_config.json`` records the config; another config
-  refuses the folder, and so does a fresh start over this run's checkpoints, unless ``overwrite``
-  (``RERUN_KEYS`` may differ). ``resume_from="last"`` takes the newest complete checkpoint by step number.
+  written every ``save_every`` steps, at the end, on Ctrl-C or SIGTERM to any rank (all ranks agree every step, and
+  stop after the step in flight) and on a crash, always into a temporary folder renamed into place (``atomic_dir``).
+- The run folder follows ``plumbing.runs``: it is locked while training; ``run_config.json`` records the config;
+  another config refuses the folder, and so does a fresh start over this run's checkpoints, unless ``overwrite``
+  (``RERUN_KEYS`` may differ). ``resume_from="last"`` takes the newest checkpoint by step number whose
+  trainer_state.json parses. A window too long for the free memory is refused before anything is allocated.
 - A NaN, inf or runaway (``max_loss_ratio``) train loss stops the run with ``TrainingDiverged`` before
   anything of it is saved; the checkpoints written before stay.
 """

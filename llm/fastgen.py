@@ -21,7 +21,7 @@ import inspect
 
 import torch
 
-from llm.generate import sampling_kwargs
+from llm.generate import check_prompt_lengths, sampling_kwargs
 
 
 def fast_generate_ids(
@@ -95,6 +95,7 @@ def fast_generate(
         )
     finally:
         tokenizer.padding_side = old_side
+    check_prompt_lengths(model, enc["attention_mask"].sum(1).tolist())
     new = fast_generate_ids(
         model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, seed=seed,
@@ -169,11 +170,12 @@ def sample_n_ids(
         raise ValueError("tokenizer has no pad token; load it with llm.models.load_tokenizer")
     eos, pad = stop_ids(model, tokenizer), tokenizer.pad_token_id
     device = next(model.parameters()).device
+    encoded = [tokenizer.encode(text, add_special_tokens=False) for text in prompts]
+    check_prompt_lengths(model, [len(ids) for ids in encoded])
     if device.type != "cuda":
         sampling = sampling_kwargs(temperature, top_p)
         out = []
-        for i, text in enumerate(prompts):
-            ids = tokenizer.encode(text, add_special_tokens=False)
+        for i, ids in enumerate(encoded):
             cache = shared_prompt_cache(model, ids, n)
             torch.manual_seed(seed + i)
             with torch.inference_mode():

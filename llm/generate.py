@@ -11,6 +11,9 @@ passing another function with the same signature:
 
 Sampling is seeded per batch (``seed + batch index``), so a run is reproducible for a fixed batch
 size and device; different batch sizes give different (equally valid) samples.
+
+Every prompt is measured against the model's context (``check_prompt_lengths``) before anything is generated: a prompt
+that leaves no room for a reply is refused, naming it (an 800k-character question used to hang the evaluation).
 """
 
 from __future__ import annotations
@@ -38,6 +41,29 @@ class PromptRow:
     paraphrase_index: int
     sample_index: int
     text: str
+
+
+def model_context(model) -> int | None:
+    """The model's context length in tokens from its config (``max_position_embeddings``, GPT-2's ``n_positions``),
+    or None when the config names none."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_prompt_lengths(model, lengths: Sequence[int], names: Sequence[str] | None = None) -> None:
+    """Refuse, before generating, prompts of ``lengths`` tokens that fill the model's context (no room for one reply
+    token); ``names`` say which (default: their index)."""
+    context = model_context(model)
+    if context is None:
+        return
+    over = [(names[i] if names is not None else f"prompt {i}", n) for i, n in enumerate(lengths) if n >= context]
+    if over:
+        shown = "; ".join(f"{name}: {n} tokens" for name, n in over[:3]) + (f"; and {len(over) - 3} more" if len(over) > 3 else "")
+        raise ValueError(f"{len(over)} prompt(s) do not fit the model's context of {context} tokens ({shown}); "
+                         "shorten them or leave them out. Nothing was generated.")
 
 
 def left_padded(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +131,7 @@ def hf_generate(
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    check_prompt_lengths(model, [len(i) for i in ids])
     input_ids, attn = left_padded(ids, pad)
     dev = next(model.parameters()).device
     torch.manual_seed(seed)
@@ -135,6 +162,10 @@ def sample_replies(
     """
     if temperature < 0 or not 0 < top_p <= 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError("need temperature >= 0, 0 < top_p <= 1, batch_size >= 1, max_new_tokens >= 1")
+    texts = list(dict.fromkeys(r.text for r in rows))  # every distinct prompt once, before the first batch
+    first = {r.text: r for r in reversed(rows)}
+    check_prompt_lengths(model, [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]],
+                         [f"question {first[t].question_id!r} paraphrase {first[t].paraphrase_index}" for t in texts])
     was_training = model.training
     model.eval()
     out = []

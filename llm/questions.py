@@ -102,12 +102,24 @@ def parse_question(entry: dict, source: str = "<dict>", index: int = 0) -> Quest
     return Question(qid, qtype, tuple(paras), n, dict(jp), system, entry.get("judge"), extra)
 
 
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; bytes that are not UTF-8 raise ``ValueError`` naming the file, line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(f"{path} line {line} column {column}: byte {data[error.start:error.start + 1]!r} is not UTF-8; "
+                         "save the file as UTF-8") from None
+
+
 def load_questions(path: str | Path) -> list[Question]:
     """All entries of one Betley-format YAML file, in file order; ids must be unique."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"question file {path} not found")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = yaml.safe_load(read_utf8(path))
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a YAML list of questions, got {type(data).__name__}")
     questions = [parse_question(e, str(path), i) for i, e in enumerate(data)]

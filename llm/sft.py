@@ -90,15 +90,25 @@ class EMSFTConfig(CPUSafeDefaults, SFTConfig):
         super().__post_init__()
 
 
+# The roles chat templates know; another (a typo such as ``usr``) would be rendered as-is, or dropped, by the template.
+ROLES = ("system", "user", "assistant")
+
+
 def check_chat_jsonl(path: Path) -> int:
-    """Number of rows; raises ``ValueError`` naming ``path`` and the line of the first bad row (not JSON, no
-    ``messages`` list, a message without string ``role``/``content``, no assistant turn) or an empty file."""
+    """Number of rows; raises ``ValueError`` naming ``path`` and the line of the first bad row (bytes that are not
+    UTF-8, not JSON, no ``messages`` list, a message without string ``role``/``content``, a role not in ``ROLES``, no
+    assistant turn) or an empty file."""
     n = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            where = f"{path} line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: byte {error.start + 1} ({raw[error.start:error.start + 1]!r}) is not UTF-8; "
+                                 "save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path} line {line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
@@ -109,6 +119,8 @@ def check_chat_jsonl(path: Path) -> int:
             for i, m in enumerate(msgs):
                 if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                     raise ValueError(f"{where}: message {i} is {m!r}; each message needs string 'role' and 'content'")
+                if m["role"] not in ROLES:
+                    raise ValueError(f"{where}: message {i} has role {m['role']!r}; use one of {list(ROLES)}")
             if not any(m["role"] == "assistant" for m in msgs):
                 raise ValueError(f"{where} has no assistant turn (roles {[m['role'] for m in msgs]}); nothing to train on")
             n += 1
@@ -190,7 +202,27 @@ def build_trainer(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPr
     )
     n = assert_trainable(trainer.model)
     logger.info("preset %s: %d trainable parameters", lora_cfg.preset, n)
+    # kept on the trainer for train()'s summary: TRL truncates rows to max_length and drops the ones left without a
+    # trained token, silently
+    trainer.row_counts = row_counts(len(dataset), trainer.train_dataset, args.max_length)
     return trainer
+
+
+def row_counts(n_rows: int, prepared, max_length: int | None) -> dict:
+    """How many of the ``n_rows`` data rows TRL kept (``prepared``: the trainer's tokenised dataset), dropped (truncated
+    to ``max_length`` with no trained token left) and cut at ``max_length``; warns when any was dropped or cut, and
+    raises when none is left."""
+    lengths = [len(ids) for ids in prepared["input_ids"]]
+    counts = {"rows": n_rows, "trained": len(lengths), "dropped": n_rows - len(lengths),
+              "cut": sum(n >= max_length for n in lengths) if max_length else 0}
+    fix = f"raise max_length (now {max_length}) or shorten the rows"
+    if not lengths:
+        raise ValueError(f"all {n_rows} rows were dropped: truncated to max_length={max_length} tokens, none kept an "
+                         f"assistant token to train on; {fix}")
+    if counts["dropped"] or counts["cut"]:
+        logger.warning("training on %d of %d rows: TRL dropped %d (no assistant token left within max_length=%s) and cut "
+                       "%d at max_length; %s", counts["trained"], n_rows, counts["dropped"], max_length, counts["cut"], fix)
+    return counts
 
 
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConfig, args: SFTConfig) -> Path:
@@ -204,12 +236,12 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConf
     train_until_stopped(trainer, resume)
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
-        write_summary(trainer.state.log_history, model_cfg, data_cfg, lora_cfg, args)
+        write_summary(trainer.state.log_history, model_cfg, data_cfg, lora_cfg, args, trainer.row_counts)
     return Path(args.output_dir)
 
 
 def write_summary(log_history: list[dict], model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConfig,
-                  args: SFTConfig) -> None:
+                  args: SFTConfig, rows: dict | None = None) -> None:
     """``summary.md``, ``loss.png`` and (LoRA presets) ``lora_trajectory.png`` in ``args.output_dir``: which model
     was tuned on what, the loss curve, and how the LoRA B vectors grew and settled."""
     import matplotlib
@@ -229,6 +261,9 @@ def write_summary(log_history: list[dict], model_cfg: ModelConfig, data_cfg: Dat
              f"- data: `{data_cfg.dataset_path}`" + (f" (first {data_cfg.max_examples} examples)" if data_cfg.max_examples else ""),
              f"- preset: `{lora_cfg.preset}`, layers {lora_cfg.layers or 'all'}; learning rate {args.learning_rate}, "
              f"seed {args.seed}", f"- saved to `{out}`", ""]
+    if rows is not None:
+        lines[-1:-1] = [f"- rows: trained on {rows['trained']} of {rows['rows']}; {rows['dropped']} dropped (no assistant "
+                        f"token within max_length={args.max_length}), {rows['cut']} cut at max_length"]
     if logs:
         lines += [f"Train loss: {logs[0]['loss']:.4f} (step {logs[0]['step']}) -> {logs[-1]['loss']:.4f} (step {logs[-1]['step']}); "
                   "![loss](loss.png)", ""]

@@ -11,17 +11,13 @@ One rule for every entry point (toy and LLM alike):
   ``.git``, or a folder outside the working directory whose path was not typed on the command line (a YAML's
   ``output_dir: ../x`` is not enough). A folder that holds files but no record is refused, with or without
   ``overwrite``: its contents came from something this run cannot vouch for.
-- ``latest_checkpoint(out)`` -> the ``checkpoint-<step>`` folder with the largest step *number*
-  (``checkpoint-100`` beats ``checkpoint-20``), skipping, with a warning, any whose completion marker
-  is missing (a crash while writing it).
-- ``atomic_dir(path)`` yields a temporary sibling folder and renames it onto ``path`` only when the
-  block finishes, so a reader never sees half a checkpoint.
-- ``polite_stop()`` turns SIGTERM into the same ``KeyboardInterrupt`` as Ctrl-C, so one ``except
-  KeyboardInterrupt`` path saves for both; ``StopOnSignal`` is the Trainer-callback form (the trainer
-  saves a checkpoint at the end of the step in flight and stops; every rank stops at the same step).
-- ``DivergenceGuard`` is a Trainer callback that raises ``TrainingDiverged`` as soon as the trainable
-  parameters, the logged loss or the gradient norm stop being finite (or the loss runs away), before the
-  trainer saves that step, so a diverged run never leaves NaN weights behind as if they were a result.
+- The folder is locked for the run's life (``plumbing.locks``): a second run into it refuses, naming the holder;
+  the lock of a dead run is taken over. Hidden temporaries of a killed save are removed when a run claims the folder.
+- Checkpoints (``plumbing.checkpoints``): ``latest_checkpoint(out)`` -> the newest ``checkpoint-<step>`` by step
+  *number* whose ``trainer_state.json`` parses (damaged newer ones are skipped, named); ``atomic_dir(path)`` writes
+  one so that a reader never sees half of it.
+- Stops and guards (``plumbing.stops``): SIGTERM saves like Ctrl-C, every rank stops at the same step, a diverged
+  run saves nothing of itself. Their names are importable from here too (``__all__``).
 - ``Stage(dir, key)`` marks one stage of a multi-stage experiment done together with the key (config
   and upstream fingerprints) that made it; a rerun skips a done stage with the same key and clears a
   stage whose key changed, so a changed config never reuses stale downstream outputs.
@@ -34,16 +30,43 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import signal
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
-from transformers import TrainerCallback
-
+from plumbing.checkpoints import (
+    atomic_dir,
+    checkpoint_step,
+    checkpoints,
+    clean_temporaries,
+    latest_checkpoint,
+    read_state,
+    resolve_resume,
+    write_json_atomic,
+)
 from plumbing.config import last_parse
+from plumbing.locks import LOCK_FILE, RunLocked, lock_run_dir, release_run_dir
+from plumbing.stops import (
+    DivergenceGuard,
+    StopOnSignal,
+    Stopped,
+    TrainingDiverged,
+    any_rank,
+    any_ranks,
+    polite_stop,
+    resume_command,
+    stop_flag,
+    train_until_stopped,
+)
+
+# the run-folder API in one place: entry points import from here what the split modules define
+__all__ = [
+    "RUN_CONFIG", "STAGE_FILE", "TRAINER_RERUN_KEYS", "DivergenceGuard", "RunLocked", "Stage", "StopOnSignal", "Stopped",
+    "TrainingDiverged", "any_rank", "any_ranks", "atomic_dir", "check_resume", "checkpoint_step", "checkpoints",
+    "claim_output_dir", "claim_trainer_run", "config_diff", "config_record", "fingerprint", "latest_checkpoint",
+    "lock_run_dir", "polite_stop", "read_state", "refuse_multiprocess", "release_run_dir", "removal_refusal",
+    "resolve_resume", "resume_command", "stop_flag", "train_until_stopped", "world_size",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +84,13 @@ TRAINER_RERUN_KEYS = (
 )
 STAGE_FILE = "stage.json"
 # Bookkeeping files, not outputs: a folder holding only these holds no results of an earlier run.
-_RECORDS = frozenset({RUN_CONFIG, STAGE_FILE})
+_RECORDS = frozenset({RUN_CONFIG, STAGE_FILE, LOCK_FILE})
 
 
 def _bookkeeping(path: Path) -> bool:
-    """A record, or a record being written (``_write_json_atomic``'s temporary: another rank may be writing
-    it while this one checks the folder)."""
+    """A record, the run lock, or a record being written (``write_json_atomic``'s temporary: another rank may be
+    writing it while this one checks the folder)."""
     return path.name in _RECORDS or (path.name.startswith(".") and ".tmp-" in path.name)
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def config_record(*configs: Any) -> dict:
@@ -189,8 +211,30 @@ def claim_output_dir(
         FileExistsError: the folder holds another config's run and ``overwrite`` is False (the message lists the
             differing keys), the folder holds files but no readable record, or ``overwrite`` would remove a
             folder ``removal_refusal`` protects. Nothing is removed when it raises.
+        RunLocked: (``write``) another live run holds the folder (``plumbing.locks``); the message names it.
+
+    With ``write`` the folder's lock is taken first and held until the process ends (``release_run_dir`` gives it up
+    sooner), so the check and the write below cannot interleave with another run's; temporaries a killed save left
+    there are removed once the folder is this run's.
     """
     out = Path(output_dir)
+    if not write:
+        return _check_and_record(out, config, overwrite, ignore, write=False)
+    existed = out.is_dir()
+    taken = lock_run_dir(out)
+    try:
+        _check_and_record(out, config, overwrite, ignore, write=True)
+    except BaseException:
+        if taken:
+            release_run_dir(out)
+            if not existed and not any(out.iterdir()):
+                out.rmdir()
+        raise
+    clean_temporaries(out)
+    return out
+
+
+def _check_and_record(out: Path, config: Mapping, overwrite: bool, ignore: Iterable[str], write: bool) -> Path:
     record_path = out / RUN_CONFIG
     if record_path.is_file():
         try:
@@ -228,11 +272,11 @@ def claim_output_dir(
         if out.is_dir() and overwrite:
             logger.warning("overwrite: removing the previous run in %s", out)
             for p in out.iterdir():
-                if p.name == STAGE_FILE:  # the enclosing Stage's own record, not an output of the old run
+                if p.name in (STAGE_FILE, LOCK_FILE):  # the enclosing Stage's record and this run's lock
                     continue
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(record_path, config)
+        write_json_atomic(record_path, config)
     return out
 
 
@@ -254,158 +298,6 @@ def check_resume(checkpoint: str | Path, config: Mapping, ignore: Iterable[str] 
         )
 
 
-def resolve_resume(value: str | bool | None, output_dir: str | Path) -> str | None:
-    """``--resume_from_checkpoint`` as the Trainer wants it: ``last`` (or True) -> the newest complete
-    checkpoint in ``output_dir`` by step number (None, with a log line, when there is none); a path is
-    checked to exist; None/False -> None."""
-    if value in (None, False, ""):
-        return None
-    if value is True or value == "last":
-        last = latest_checkpoint(output_dir)
-        if last is None:
-            logger.info("resume_from_checkpoint=last but no complete checkpoint in %s: starting fresh", output_dir)
-            return None
-        return str(last)
-    path = Path(value)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(
-            f"resume_from_checkpoint={value}: no trainer_state.json there; pass a checkpoint-<step> folder "
-            f"or 'last' (the newest complete checkpoint in {output_dir})"
-        )
-    return str(path)
-
-
-def checkpoint_step(path: str | Path) -> int | None:
-    """The step number of a ``checkpoint-<step>`` folder name, else None."""
-    m = _CHECKPOINT.match(Path(path).name)
-    return int(m.group(1)) if m else None
-
-
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """Every ``checkpoint-<step>`` folder in ``output_dir``, sorted by step number."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = [p for p in out.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
-
-
-def latest_checkpoint(output_dir: str | Path, marker: str = "trainer_state.json") -> Path | None:
-    """The complete checkpoint with the largest step number (None if none); incomplete ones (no
-    ``marker`` file, e.g. a crash mid-write) are skipped with a warning."""
-    for path in reversed(checkpoints(output_dir)):
-        if (path / marker).is_file():
-            return path
-        logger.warning("skipping incomplete checkpoint %s (no %s): resuming from the one before", path, marker)
-    return None
-
-
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename (an existing
-    ``path`` is moved aside first and removed after), on error it is removed and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
-@contextmanager
-def polite_stop() -> Iterator[None]:
-    """Within the block SIGTERM raises ``KeyboardInterrupt`` like Ctrl-C, so one handler saves for both.
-    A no-op outside the main thread (Python delivers signals to the main thread only)."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def stop_flag() -> Iterator[dict]:
-    """Within the block SIGINT and SIGTERM set ``flag["signal"]`` instead of raising, so the step in
-    flight finishes and the caller saves at a step boundary. A second Ctrl-C raises at once."""
-    flag: dict[str, Any] = {"signal": None}
-
-    def handle(signum, frame):
-        if flag["signal"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag["signal"] = signal.Signals(signum).name
-
-    try:
-        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is True on any (a no-op without an initialised process group),
-    so all ranks stop at the same step and a collective save cannot deadlock."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-class StopOnSignal(TrainerCallback):
-    """A ``transformers`` Trainer callback: on SIGINT or SIGTERM the step in flight finishes, the
-    trainer saves a checkpoint (``save_strategy`` permitting none is fine: it forces one) and stops.
-
-    Use with ``stop_flag()`` around ``trainer.train()`` and pass the flag in; after ``train()`` returns,
-    ``callback.stopped`` names the signal (or is None) so the caller can exit non-zero and say how to resume.
-    """
-
-    def __init__(self, flag: dict):
-        self.flag = flag
-        self.stopped: str | None = None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if any_rank(self.flag.get("signal") is not None):
-            self.stopped = self.flag.get("signal") or "signal on another rank"
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-
 def claim_trainer_run(args, *configs: Any, rerun_keys: Iterable[str] = TRAINER_RERUN_KEYS) -> str | None:
     """The run-folder rule for a ``transformers``/TRL trainer script, before any weights load: record (main
     process) or check ``args.output_dir`` for the config ``configs`` + ``args`` (``args.overwrite``
@@ -422,7 +314,7 @@ def claim_trainer_run(args, *configs: Any, rerun_keys: Iterable[str] = TRAINER_R
         # only --overwrite, which deletes the checkpoints they asked to resume from.
         logger.warning("%s has no %s (an older run): resuming without a config check; recording this config", out, RUN_CONFIG)
         if main:
-            _write_json_atomic(out / RUN_CONFIG, record)
+            write_json_atomic(out / RUN_CONFIG, record)
     claim_output_dir(out, record, overwrite=overwrite, ignore=rerun_keys, write=main)
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if resume is not None:
@@ -440,114 +332,6 @@ def claim_trainer_run(args, *configs: Any, rerun_keys: Iterable[str] = TRAINER_R
                 shutil.rmtree(path)
     return resume
 
-
-def train_until_stopped(trainer, resume: str | None = None) -> None:
-    """``trainer.train(resume_from_checkpoint=resume)`` where Ctrl-C or SIGTERM finishes the step in flight,
-    saves a checkpoint and raises ``Stopped`` (the caller exits with ``exit_code``); a signal during the
-    last step lets the run finish normally."""
-    with stop_flag() as flag:
-        stop = StopOnSignal(flag)
-        trainer.add_callback(stop)
-        try:
-            trainer.train(resume_from_checkpoint=resume)
-        finally:
-            trainer.remove_callback(stop)
-    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
-        raise Stopped(stop.stopped, latest_checkpoint(trainer.args.output_dir), "--resume_from_checkpoint last")
-
-
-class Stopped(KeyboardInterrupt):
-    """Training stopped early on Ctrl-C or SIGTERM (after saving ``checkpoint``, if not None). ``exit_code`` is
-    the shell's 128 + signal number; ``describe(resume_hint)`` is the line to print before exiting. A
-    ``KeyboardInterrupt``, so ``except Exception`` crash handlers (which save the last step) leave it alone."""
-
-    def __init__(self, signal_name: str, checkpoint: str | Path | None, resume_hint: str | None = None):
-        self.signal_name, self.checkpoint = signal_name, checkpoint
-        signum = getattr(signal.Signals, signal_name, None) if isinstance(signal_name, str) else None
-        self.exit_code = 128 + int(signum) if signum is not None else 1
-        hint = f"; rerun the same command with {resume_hint}" if resume_hint else ""
-        super().__init__(f"stopped by {signal_name}; checkpoint {checkpoint}{hint}")
-
-    def describe(self, resume_hint: str) -> str:
-        if self.checkpoint is None:
-            return f"stopped by {self.signal_name} before any checkpoint was saved"
-        return f"stopped by {self.signal_name}; checkpoint saved to {self.checkpoint}. Resume with:\n  {resume_hint}"
-
-
-def resume_command(module: str, argv: list[str]) -> str:
-    """The command that resumes a stopped run: the same arguments plus ``--resume_from_checkpoint last``."""
-    import shlex
-
-    args = list(argv)
-    if "--resume_from_checkpoint" in args:
-        i = args.index("--resume_from_checkpoint")
-        del args[i : i + 2]
-    args = [a for a in args if not a.startswith("--resume_from_checkpoint=")]
-    return " ".join(["python", "-m", module, *map(shlex.quote, args), "--resume_from_checkpoint", "last"])
-
-
-class TrainingDiverged(FloatingPointError):
-    """The run produced non-finite numbers or a runaway loss (``DivergenceGuard``, ``toy.train``); nothing
-    of the diverged steps was saved."""
-
-
-class DivergenceGuard(TrainerCallback):
-    """A ``transformers`` Trainer callback that stops a diverged run before it saves.
-
-    At every step end (which the Trainer runs before its save) the trainable parameters are checked for
-    NaN/inf: the Trainer's ``logging_nan_inf_filter`` (on by default) replaces a NaN loss in the logs with
-    the running mean, so the logs alone would not show it. At every log, a non-finite ``loss`` or
-    ``grad_norm``, or (``max_loss_ratio``) a loss above that multiple of the mean of the first
-    ``reference_logs`` logged losses (a mean, so one easy first batch does not set a tiny yardstick),
-    raises too. Every rank raises at the same step (``any_rank``), so none waits forever in a collective.
-    """
-
-    def __init__(self, max_loss_ratio: float | None = None, reference_logs: int = 5):
-        if max_loss_ratio is not None and not max_loss_ratio > 1:
-            raise ValueError(f"max_loss_ratio={max_loss_ratio}; use a multiple > 1 of the first losses, or None")
-        self.max_loss_ratio, self.reference_logs = max_loss_ratio, reference_logs
-        self.first_losses: list[float] = []
-
-    def _raise(self, state, why: str):
-        raise TrainingDiverged(
-            f"step {state.global_step}: {why}; training stopped before saving this step. Lower learning_rate "
-            "(or raise warmup), check the data and the starting weights for NaN/inf, or resume from an earlier "
-            "checkpoint with --resume_from_checkpoint <output_dir>/checkpoint-<step>."
-        )
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        import torch
-
-        bad = False
-        if model is not None:
-            params = [p.detach() for p in model.parameters() if p.requires_grad and p.numel()]
-            if params:
-                # one reduction and one host sync per step, not one per tensor
-                bad = not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
-        if any_rank(bad):
-            self._raise(state, "trainable parameters hold NaN or inf after the update")
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        import math
-
-        logs = logs or {}
-        for key in ("loss", "grad_norm"):
-            value = logs.get(key)
-            if value is not None and not math.isfinite(value):
-                self._raise(state, f"logged {key} is {value}")
-        loss = logs.get("loss")
-        if loss is not None and self.max_loss_ratio is not None:
-            if len(self.first_losses) < self.reference_logs:
-                self.first_losses.append(loss)
-                return control
-            reference = sum(self.first_losses) / len(self.first_losses)
-            if reference > 0 and loss > self.max_loss_ratio * reference:
-                self._raise(
-                    state, f"loss {loss:.4g} exceeds max_loss_ratio={self.max_loss_ratio} x the mean of the first "
-                    f"{len(self.first_losses)} logged losses ({reference:.4g}): diverging"
-                )
-        return control
 
 
 @dataclasses.dataclass
@@ -591,11 +375,11 @@ class Stage:
                 logger.warning("stage %s: clearing earlier outputs (%s)", self.dir, why)
                 shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(self.dir / STAGE_FILE, {"key": self.key, "complete": False})
+        write_json_atomic(self.dir / STAGE_FILE, {"key": self.key, "complete": False})
         return self.dir
 
     def finish(self, **facts: Any) -> None:
-        _write_json_atomic(self.dir / STAGE_FILE, {"key": self.key, "complete": True, **facts})
+        write_json_atomic(self.dir / STAGE_FILE, {"key": self.key, "complete": True, **facts})
 
 
 def world_size() -> int:

@@ -6,7 +6,11 @@
     {"format": "belief-rl-probe", "version": 1,
      "site": "block3", "site_kind": "resid_post", "layer": 4,   # layer = index in residual_sites order
      "d_model": 64, "n_layers": 4, "source": "runs/mess3/checkpoint",
-     "target_names": ["s0", "s1", "s2"], "alpha": 0.0, "rank": null, "metrics": {...}}
+     "target_names": ["s0", "s1", "s2"], "alpha": 0.0, "rank": null, "metrics": {...},
+     "sha256": "..."}                                            # of the tensors, checked on load
+
+``sha256`` (``tensor_sha256``) covers each tensor's name, dtype, shape and bytes, so a flipped bit in the weights is
+refused on load rather than read as a slightly different probe. Files written before it existed load with a warning.
 
 A probe loads onto any model of the same width whose residual sites include the probe's site;
 ``check_compatible`` says what to change otherwise.
@@ -14,7 +18,9 @@ A probe loads onto any model of the same width whose residual sites include the 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -25,7 +31,9 @@ from torch import nn
 from .activations import model_dims, site_layer
 from .linear import LinearProbe
 
-__all__ = ["check_compatible", "load_probe", "save_probe", "site_kind"]
+__all__ = ["check_compatible", "load_probe", "save_probe", "site_kind", "tensor_sha256"]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "belief-rl-probe"
 VERSION = 1
@@ -45,6 +53,16 @@ def site_kind(site: str) -> str:
     if site.startswith("block") and site[5:].isdigit():
         return "resid_post"
     raise ValueError(f"unknown residual site {site!r}; use 'embed', 'block<i>' or 'final_norm'")
+
+
+def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of ``tensors`` in name order: each name, dtype, shape and the raw bytes of its (CPU, contiguous) data."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -85,10 +103,11 @@ def save_probe(probe: LinearProbe, path: str | Path, model: nn.Module | None = N
     }
     if probe.target_names is not None and len(probe.target_names) != probe.n_targets:
         raise ValueError(f"{len(probe.target_names)} target_names for a probe with {probe.n_targets} targets")
+    tensors = {"W": probe.W.detach().cpu().contiguous(), "b": probe.b.detach().cpu().contiguous()}
+    meta["sha256"] = tensor_sha256(tensors)
     text = json.dumps(meta, indent=2)  # fails here, before any file is written, if metrics are not JSON
     weights_path, meta_path = _paths(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"W": probe.W.detach().cpu().contiguous(), "b": probe.b.detach().cpu().contiguous()}
     save_file(tensors, str(weights_path), metadata={"format": FORMAT, "version": str(VERSION)})
     meta_path.write_text(text + "\n")
     return meta_path
@@ -146,6 +165,12 @@ def load_probe(
             raise ValueError(f"{weights_path}: {bad} non-finite (NaN/inf) value(s) in {name} (damaged file?){rewrite}")
     if meta["target_names"] is not None and len(meta["target_names"]) != W.shape[1]:
         raise ValueError(f"{meta_path} names {len(meta['target_names'])} targets but W has {W.shape[1]} columns{rewrite}")
+    if "sha256" not in meta:
+        logger.warning("%s has no sha256 of its tensors (written before probe files carried one): %s is not checked; "
+                       "save it again with probes.io.save_probe to add it", meta_path, weights_path)
+    elif meta["sha256"] != tensor_sha256(tensors):
+        raise ValueError(f"{weights_path}: the tensors do not match the sha256 in {meta_path} (flipped bits or an edit: "
+                         f"a damaged file){rewrite}")
     probe = LinearProbe(
         W,
         b,

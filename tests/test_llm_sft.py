@@ -508,3 +508,34 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_from_it(tmp_path, tiny_
     assert steps == list(range(saved_step + 1, 41))
     assert (out / "adapter_model.safetensors").exists()
     assert lora_trajectory_report(out / "lora_trajectory")["model.layers.0.mlp.down_proj"]["steps"] == list(range(41))
+
+
+@pytest.mark.parametrize("rows,pattern", [
+    ([GOOD_ROW, {"messages": [{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "x"}]}],
+     r"line 2: message 0 has role 'usr'; use one of \['system', 'user', 'assistant'\]"),
+    ([GOOD_ROW, GOOD_ROW, b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'], r"line 3: byte 47 \(b'\\xe9'\) is not UTF-8"),
+])
+def test_unknown_roles_and_non_utf8_bytes_are_named_with_their_line(tmp_path, rows, pattern):
+    """A role 'usr' trained with no warning; a Latin-1 byte raised UnicodeDecodeError naming no file or line."""
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
+    with pytest.raises(ValueError, match=pattern) as error:
+        sft_mod.check_chat_jsonl(path)
+    assert str(error.value).startswith(str(path))
+
+
+def test_rows_trl_drops_for_length_are_counted_and_reported(tmp_path, tiny_dir, caplog):
+    """TRL truncates rows to max_length and silently drops those left without an assistant token: training ran on 1
+    of 2 rows. Now the count is logged and written to summary.md; a file where every row is dropped is refused."""
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    long = {"messages": [{"role": "user", "content": " ".join(WORDS * 8)}, {"role": "assistant", "content": "ok"}]}
+    path = _write_jsonl(tmp_path / "rows.jsonl", [short, long])
+    with caplog.at_level("WARNING"):
+        out = sft_mod.train(ModelConfig(str(tiny_dir)), DataConfig(str(path)), LoraPresetConfig("rank1_single", [0]),
+                            _args(tmp_path / "o", max_steps=1, max_length=48, per_device_train_batch_size=1))
+    assert "training on 1 of 2 rows: TRL dropped 1" in caplog.text
+    assert "- rows: trained on 1 of 2; 1 dropped" in (out / "summary.md").read_text()
+    only_long = _write_jsonl(tmp_path / "long.jsonl", [long])
+    with pytest.raises(ValueError, match=r"all 1 rows were dropped.*max_length=48"):
+        build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(only_long)), LoraPresetConfig("rank1_single", [0]),
+                      _args(tmp_path / "o2", max_length=48))

@@ -206,7 +206,7 @@ def test_a_stage_folder_is_claimable_by_the_run_inside_it(tmp_path):
     claim_output_dir(st.dir, {"x": 1})
     (st.dir / "replies.csv").write_text("r")
     claim_output_dir(st.dir, {"x": 2}, overwrite=True)
-    assert sorted(p.name for p in st.dir.iterdir()) == [RUN_CONFIG, "stage.json"]
+    assert sorted(p.name for p in st.dir.iterdir()) == [".run.lock", RUN_CONFIG, "stage.json"]  # the lock: held till exit
 
 
 def test_a_record_being_written_by_another_rank_is_not_an_unknown_file(tmp_path):
@@ -293,4 +293,86 @@ def test_overwrite_inside_the_working_directory_still_replaces_a_project_run(tmp
     claim_output_dir("runs/a", {"x": 0})
     (tmp_path / "runs" / "a" / "checkpoint-4").mkdir()
     claim_output_dir("runs/a", {"x": 1}, overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "runs" / "a").iterdir()) == [RUN_CONFIG]
+    assert sorted(p.name for p in (tmp_path / "runs" / "a").iterdir()) == [".run.lock", RUN_CONFIG]
+
+
+# --------------------------------------------------------------------------- the run lock, damaged checkpoints, leftovers
+
+
+def _holder(tmp_path, out):
+    """A separate process that holds ``out``'s run lock and keeps running (until killed)."""
+    import subprocess
+    import sys
+
+    # plumbing.locks alone (what claim_output_dir takes first): no torch / transformers import to wait for
+    code = ("import time\nfrom plumbing.locks import lock_run_dir\n"
+            f"lock_run_dir({str(out)!r})\nprint('held', flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_folder_held_by_a_live_run_is_refused_and_a_dead_runs_lock_taken_over(tmp_path, caplog):
+    """Two runs into one folder both went ahead (check, then write). Now the second refuses while the first lives,
+    naming its pid and host; once the first is killed (-9: no clean-up ran), its lock is stale and taken over."""
+    import socket
+
+    out = tmp_path / "run"
+    holder = _holder(tmp_path, out)
+    try:
+        with pytest.raises(FileExistsError, match=rf"in use by another run: pid {holder.pid} on host {socket.gethostname()}"):
+            claim_output_dir(out, {"x": 1})
+    finally:
+        holder.kill()
+        holder.wait()
+    claim_output_dir(out, {"x": 1})
+    assert f"stale lock of pid {holder.pid}" in caplog.text
+
+
+def test_a_lock_recorded_on_another_host_is_refused(tmp_path):
+    """flock may not reach across the hosts of a network file system: only that host can tell whether its pid lives."""
+    (tmp_path / ".run.lock").write_text(json.dumps({"pid": 1, "host": "node-elsewhere", "started": "t", "command": "c"}))
+    with pytest.raises(FileExistsError, match=r"another machine: pid 1 on host node-elsewhere.*remove .*\.run\.lock"):
+        claim_output_dir(tmp_path, {"x": 1})
+
+
+def _checkpoint(out, step, state):
+    (out / f"checkpoint-{step}").mkdir(parents=True)
+    (out / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+
+
+def test_resume_skips_an_empty_or_cut_off_trainer_state_naming_it_and_the_one_taken(tmp_path, caplog):
+    """A full disk during a save left a 0-byte or truncated trainer_state.json; resume took that checkpoint (only
+    existence was checked) and died with a JSONDecodeError naming no file. Now both are skipped, named, and the
+    warning names the checkpoint resumed from instead."""
+    _checkpoint(tmp_path, 2, json.dumps({"global_step": 2}))
+    _checkpoint(tmp_path, 4, '{"global_step": 4, "log_hist')
+    _checkpoint(tmp_path, 6, "")
+    assert claim_trainer_run(Args(str(tmp_path), "last")) == str(tmp_path / "checkpoint-2")
+    assert "checkpoint-6: trainer_state.json is empty" in caplog.text
+    assert "checkpoint-4: trainer_state.json is not whole JSON" in caplog.text
+    assert f"resuming from {tmp_path / 'checkpoint-2'}, the newest complete checkpoint" in caplog.text
+
+
+def test_resuming_from_a_damaged_checkpoint_by_path_names_the_file(tmp_path):
+    _checkpoint(tmp_path, 4, '{"global_st')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'checkpoint-4' / 'trainer_state.json'}"):
+        resolve_resume(str(tmp_path / "checkpoint-4"), tmp_path)
+
+
+def test_a_killed_saves_temporaries_are_removed_when_the_next_run_claims_the_folder(tmp_path):
+    """atomic_dir writes into .<name>.tmp-<pid>; a save killed mid-way left it behind for good. Now the next run
+    removes those of dead pids (here one of a finished process) and leaves a live process's alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, live_pid = int(dead.stdout), os.getppid()
+    claim_output_dir(tmp_path, {"x": 1})
+    (tmp_path / f".checkpoint-4.tmp-{dead_pid}").mkdir()
+    (tmp_path / f".checkpoint-4.tmp-{dead_pid}" / "model.safetensors").write_bytes(b"\0" * 100)
+    (tmp_path / f".{RUN_CONFIG}.tmp-{dead_pid}").write_text("{")
+    (tmp_path / f".checkpoint-6.tmp-{live_pid}").mkdir()
+    claim_output_dir(tmp_path, {"x": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".checkpoint-6.tmp-{live_pid}", ".run.lock", RUN_CONFIG]

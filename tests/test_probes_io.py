@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from probes.activations import residual_stream
-from probes.io import check_compatible, load_probe, save_probe
+from probes.io import check_compatible, load_probe, save_probe, tensor_sha256
 from probes.linear import LinearProbe, fit_ridge
 
 
@@ -35,7 +35,7 @@ def test_round_trip_keeps_weights_and_metadata(tmp_path):
     assert meta == {
         "format": "belief-rl-probe", "version": 1, "site": "block1", "site_kind": "resid_post", "layer": 2,
         "d_model": 16, "n_layers": 2, "source": "tiny-gpt2-2x16", "target_names": ["x0-x1", "x2"],
-        "alpha": 0.1, "rank": None, "metrics": {"test": {"mse": 0.5}},
+        "alpha": 0.1, "rank": None, "metrics": {"test": {"mse": 0.5}}, "sha256": tensor_sha256({"W": probe.W, "b": probe.b}),
     }
     assert set(load_file(str(tmp_path / "probes" / "diff.safetensors"))) == {"W", "b"}
 
@@ -127,3 +127,31 @@ def test_damaged_probe_files_are_refused_naming_the_file(tmp_path):
     save_file({"W": probe.W, "b": probe.b[:1]}, str(weights))
     with pytest.raises(ValueError, match=r"b \(1,\)"):
         load_probe(tmp_path / "p")
+
+
+def test_a_flipped_bit_in_the_weights_is_refused_and_an_old_file_without_a_checksum_loads_with_a_warning(tmp_path, caplog):
+    """A bit flipped in the tensor data (still a finite float) loaded as a slightly different probe. Now the JSON holds
+    a sha256 of the tensors, checked on load; files written before it still load, with a warning naming them."""
+    import hashlib
+
+    model = gpt2()
+    probe, _ = fitted_probe(model)
+    save_probe(probe, tmp_path / "p", model=model)
+    weights, meta = tmp_path / "p.safetensors", tmp_path / "p.json"
+    good = weights.read_bytes()
+    W = probe.W.detach().contiguous()
+    # flip the lowest mantissa bit of W[0, 0] inside the file (safetensors stores the raw little-endian bytes)
+    at = good.index(W.reshape(-1)[:1].view(torch.uint8).numpy().tobytes())
+    weights.write_bytes(good[:at] + bytes([good[at] ^ 1]) + good[at + 1:])
+    flipped = load_file(str(weights))["W"]
+    assert torch.isfinite(flipped).all() and not torch.equal(flipped, W)
+    with pytest.raises(ValueError, match=r"p\.safetensors: the tensors do not match the sha256 in .*p\.json"):
+        load_probe(tmp_path / "p")
+    weights.write_bytes(good)
+    m = json.loads(meta.read_text())
+    assert m["sha256"] == hashlib.sha256(b"W|torch.float64|(16, 2)|" + W.view(torch.uint8).numpy().tobytes()
+                                         + b"b|torch.float64|(2,)|" + probe.b.detach().view(torch.uint8).numpy().tobytes()).hexdigest()
+    meta.write_text(json.dumps({k: v for k, v in m.items() if k != "sha256"}))
+    with caplog.at_level("WARNING"):
+        old = load_probe(tmp_path / "p")
+    assert torch.equal(old.W, probe.W) and "has no sha256 of its tensors" in caplog.text and "p.json" in caplog.text

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,35 @@ def test_resume_skips_a_half_written_newest_checkpoint(tmp_path, caplog):
         resumed = fit(out, init_seed=99, save_every=6, resume_from="last")
     assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-10" in caplog.text
     assert same_weights(full.model, resumed.model)
+
+
+@pytest.mark.parametrize("damage", ["", '{"step": 12, "hist'])
+def test_resume_skips_an_empty_or_cut_off_state_file_and_names_both(tmp_path, caplog, damage):
+    """A full disk during a save left checkpoint-12's trainer_state.json empty or cut off; resume took it (only its
+    existence was checked) and died in json.loads naming no file. Now it is skipped, named, and the warning names
+    checkpoint-6, from which the resume ends with the uninterrupted run's weights."""
+    full = fit(tmp_path / "full")
+    out = tmp_path / "run"
+    fit(out, save_every=6)
+    (out / "checkpoint-12" / "trainer_state.json").write_text(damage)
+    with caplog.at_level("WARNING"):
+        resumed = fit(out, init_seed=99, save_every=6, resume_from="last")
+    assert f"skipping incomplete checkpoint {out / 'checkpoint-12'}: trainer_state.json is" in caplog.text
+    assert f"resuming from {out / 'checkpoint-6'}" in caplog.text
+    assert same_weights(full.model, resumed.model)
+    (out / "checkpoint-12" / "trainer_state.json").write_text(damage)  # the resumed run rewrote it
+    with pytest.raises(ValueError, match=rf"{out / 'checkpoint-12' / 'trainer_state.json'}"):
+        fit(out, save_every=6, resume_from=str(out / "checkpoint-12"))
+
+
+def test_a_window_too_long_for_memory_is_refused_before_allocation(tmp_path):
+    """`context_length: 100000` reached 22.8 GB RSS in 90 s with no message (the sampled validation set alone is
+    20000 x 100000 tokens). Now it is refused at once, naming the key and a window that fits, and nothing is written."""
+    model = build_model(TINY, 3, 100_000)
+    with pytest.raises(ValueError, match=r"context_length=100000 \(batch_size=256\) needs about [\d,.]+ GiB .*use "
+                                         r"context_length <= \d+"):
+        train(MESS3, model, tiny_cfg(tmp_path / "run", batch_size=256, val_samples=20_000), 100_000)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_crash_while_saving_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
@@ -446,3 +476,108 @@ def test_pretrain_output_dir_dot_with_overwrite_deletes_nothing(tmp_path, monkey
         main(["--output_dir", ".", "--overwrite", "true", "--steps", "2", "--use_cpu", "true"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [".git", "train.py"]
     assert (tmp_path / ".git" / "HEAD").is_file()
+
+
+# --------------------------------------------------------------------------- several ranks: stop, resume, lock
+
+_PRETRAIN_ARGS = ["--config", str(REPO / "configs/toy/mess3.yaml"), "--preset", "mess3_small", "--n_layers", "2",
+                  "--d_model", "16", "--n_heads", "2", "--d_mlp", "32", "--context_length", "6", "--steps", "12",
+                  "--batch_size", "8", "--warmup_steps", "2", "--eval_every", "0", "--save_every", "0",
+                  "--use_cpu", "true", "--progress", "false", "--val_max_sequences", "243"]
+
+
+def _two_ranks(tmp_path, out, *extra, term_at=None, term_ranks=(0, 1), port=29571):
+    """``torchrun --nproc_per_node 2`` of toy.experiments.pretrain into ``out``; with ``term_at`` the ranks in
+    ``term_ranks`` send themselves SIGTERM while step ``term_at + 1`` is in flight. Each rank writes its final
+    parameters to ``out/params_rank<r>.pt`` when it finishes."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import os, signal, sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "import toy.train as t\n"
+        "real = t.step_generator\n"
+        f"TERM_AT, TERM_RANKS = {term_at!r}, {tuple(term_ranks)!r}\n"
+        "def gen(seed, step, rank, device):\n"
+        "    if step == TERM_AT and rank in TERM_RANKS:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(seed, step, rank, device)\n"
+        "t.step_generator = gen\n"
+        "from toy.experiments.pretrain import main\n"
+        "r = main(sys.argv[1:])\n"
+        "rank = int(os.environ['RANK'])\n"
+        "torch.save(torch.cat([p.detach().flatten() for p in r.model.parameters()]), f'{r.checkpoint_dir.parent if r.checkpoint_dir else sys.argv[-1]}/params_rank{rank}.pt')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(script),
+           *_PRETRAIN_ARGS, *extra, "--output_dir", str(out)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_ranks_stopped_by_sigterm_resume_bit_exact(tmp_path):
+    """Two CPU ranks stopped by SIGTERM (both, as a launcher forwards it) during step 8 save checkpoint-8; a
+    two-rank resume ends with exactly the weights of an uninterrupted two-rank run. The resume failed on both
+    ranks: torch.load(map_location=cpu:0) cannot restore the optimizer's storages."""
+    full = _two_ranks(tmp_path, tmp_path / "full", "--log_every", "4")
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "run"
+    stopped = _two_ranks(tmp_path, out, "--log_every", "4", term_at=7)
+    assert stopped.returncode != 0 and "SIGTERM" in stopped.stdout + stopped.stderr, stopped.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]
+    resumed = _two_ranks(tmp_path, out, "--log_every", "4", "--resume_from", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref = torch.load(tmp_path / "full" / "params_rank0.pt", weights_only=True)
+    for rank in (0, 1):
+        assert torch.equal(torch.load(out / f"params_rank{rank}.pt", weights_only=True), ref)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_rank_stops_every_rank_at_the_next_step_whatever_log_every(tmp_path):
+    """With --log_every 1000 the ranks agreed to stop only at log points, so a SIGTERM to one rank (the launcher's
+    30 s grace) saved nothing: the run went on to the end. Now the flag is all-reduced every step: both ranks stop
+    after step 4, the one in flight, and checkpoint-4 is the only checkpoint."""
+    out = tmp_path / "run"
+    proc = _two_ranks(tmp_path, out, "--log_every", "1000", term_at=3, term_ranks=(1,), port=29572)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert "signal to another rank" in proc.stdout + proc.stderr or "SIGTERM" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_folder_in_use_refuses_naming_the_holder(tmp_path):
+    """Two runs started into one folder both exited 0, one reporting a checkpoint that held the other's weights.
+    Now the folder is locked for the first run's life: the second refuses, naming the first's pid, and writes nothing."""
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    script = tmp_path / "hold.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "import toy.train as t\n"
+        "real = t.step_generator\n"
+        "def gen(seed, step, rank, device):\n"
+        "    if step == 1:  # the first run is training: hold the folder until killed\n"
+        f"        Path({str(ready)!r}).write_text('x')\n"
+        "        time.sleep(600)\n"
+        "    return real(seed, step, rank, device)\n"
+        "t.step_generator = gen\n"
+        "from toy.experiments.pretrain import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, str(script), *_PRETRAIN_ARGS, "--seed", "1", "--output_dir", str(out)],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if ready.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert ready.exists(), first.stderr.read()[-3000:] if first.poll() is not None else "the first run never started"
+        with pytest.raises(FileExistsError, match=rf"in use by another run: pid {first.pid} on host "):
+            fit(out, seed=2)
+        assert json.loads((out / "run_config.json").read_text())["TrainConfig"]["seed"] == 1
+    finally:
+        first.kill()
+        first.wait()
+    # killed: its lock is stale, and the next run takes the folder over (and resumes nothing: no checkpoint was saved)
+    fit(out, steps=2, seed=1, overwrite=True)

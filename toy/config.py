@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -122,3 +123,83 @@ class TrainConfig:
             raise ValueError(f"max_loss_ratio={self.max_loss_ratio}: use a multiple > 1 of the first logged loss, or 0 (off)")
         if self.overwrite and self.resume_from:
             raise ValueError("overwrite removes the checkpoints that resume_from would read; pass one of them")
+
+
+def window_memory(context_length: int, batch_size: int, *, n_layers: int, n_heads: int, d_model: int, d_mlp: int,
+                  vocab: int, sample_chunk: int = 1, val_sequences: int = 0, quadratic_attention: bool = False) -> dict:
+    """Bytes a toy training run needs at least, by part: ``step`` (per rank, on the training device: float32
+    activations kept for the backward pass, ~16 d_model + 4 d_mlp values per token and layer as measured with sdpa on
+    CPU, the logits, the sampled tokens; ``quadratic_attention`` adds the eager attention's context_length**2 weights
+    per head) and ``validation`` (host: the validation prefixes and their exact next-token distributions, float64)."""
+    tokens = batch_size * context_length
+    step = n_layers * tokens * (16 * d_model + 4 * d_mlp) * 4 + tokens * vocab * 4 * 4 + tokens * sample_chunk * 8 * 2
+    if quadratic_attention:
+        step += n_layers * batch_size * n_heads * context_length**2 * 4 * 2
+    return {"step": step, "validation": val_sequences * (context_length - 1) * (8 + 8 * vocab)}
+
+
+def available_memory(device: str = "cpu") -> int | None:
+    """Free bytes on ``device``: a CUDA device's free memory, or the host's ``MemAvailable`` capped by this process's
+    cgroup limit; None where neither can be read."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                free = min(free, int(limit) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def check_window_memory(context_length: int, batch_size: int, device: str = "cpu", **dims) -> None:
+    """Refuse, before anything is allocated, a window whose ``window_memory`` (``dims``: its other keywords) exceeds the
+    free memory of ``device`` (the step) or the host (the validation set; both on a CPU run), naming the key to change
+    and the largest ``context_length`` that fits."""
+
+    def needs(length: int) -> dict[str, int]:
+        n = window_memory(length, batch_size, **dims)
+        return {"cpu": n["step"] + n["validation"]} if device == "cpu" else {device: n["step"], "cpu": n["validation"]}
+
+    free = {pool: available_memory(pool) for pool in needs(2)}
+
+    def over(length: int) -> list[str]:
+        return [pool for pool, need in needs(length).items() if free[pool] is not None and need > free[pool]]
+
+    if not over(context_length):
+        return
+    lo, hi = 1, context_length  # the largest window that fits, by bisection (the need grows with the window)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if not over(mid) else (lo, mid)
+    pool = over(context_length)[0]
+    raise ValueError(
+        f"context_length={context_length} (batch_size={batch_size}) needs about {needs(context_length)[pool] / 2**30:,.1f} "
+        f"GiB on {pool} for the training step's activations and the validation set, estimated from the model config, "
+        f"but {free[pool] / 2**30:,.1f} GiB are free: use "
+        + (f"context_length <= {lo}" if lo >= 2 else "a smaller batch_size")
+        + " (or a smaller batch_size / val_samples). Nothing was allocated."
+    )
+
+
+def check_run_memory(model_config, process: Process, cfg: TrainConfig, context_length: int, device, build_val: bool) -> None:
+    """``check_window_memory`` for ``toy.train.train``: the dimensions from the model's config, the validation set
+    that ``cfg`` asks for (enumerated or sampled; none when the caller passes one: ``build_val`` False)."""
+    mc = model_config
+    exact = (context_length - 1) * math.log(process.vocab_size) <= math.log(cfg.val_max_sequences)
+    check_window_memory(
+        context_length, cfg.batch_size, "cpu" if device.type == "cpu" else str(device),
+        n_layers=mc.num_hidden_layers, n_heads=mc.num_attention_heads, d_model=mc.hidden_size,
+        d_mlp=getattr(mc, "n_inner", None) or getattr(mc, "intermediate_size", None) or 4 * mc.hidden_size,
+        vocab=mc.vocab_size, sample_chunk=cfg.sample_chunk, quadratic_attention=mc._attn_implementation == "eager",
+        val_sequences=0 if not build_val else process.vocab_size ** (context_length - 1) if exact else cfg.val_samples,
+    )

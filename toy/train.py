@@ -17,11 +17,12 @@ Conventions:
 - Checkpoints: ``<output_dir>/checkpoint-<step>/`` holds the model (``save_pretrained``, safetensors),
   ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` (tensors and plain values only: every file loads with
   ``weights_only=True``, so a checkpoint cannot run code) and ``trainer_state.json`` (step, history). One is
-  written every ``save_every`` steps, at the end, on Ctrl-C or SIGTERM (after the step in flight) and on a
-  crash, always into a temporary folder renamed into place (``plumbing.runs.atomic_dir``).
-- The run folder follows ``plumbing.runs``: ``output_dir/run_config.json`` records the config; another config
-  refuses the folder, and so does a fresh start over this run's checkpoints, unless ``overwrite``
-  (``RERUN_KEYS`` may differ). ``resume_from="last"`` takes the newest complete checkpoint by step number.
+  written every ``save_every`` steps, at the end, on Ctrl-C or SIGTERM to any rank (all ranks agree every step, and
+  stop after the step in flight) and on a crash, always into a temporary folder renamed into place (``atomic_dir``).
+- The run folder follows ``plumbing.runs``: it is locked while training; ``run_config.json`` records the config;
+  another config refuses the folder, and so does a fresh start over this run's checkpoints, unless ``overwrite``
+  (``RERUN_KEYS`` may differ). ``resume_from="last"`` takes the newest checkpoint by step number whose
+  trainer_state.json parses. A window too long for the free memory is refused before anything is allocated.
 - A NaN, inf or runaway (``max_loss_ratio``) train loss stops the run with ``TrainingDiverged`` before
   anything of it is saved; the checkpoints written before stay.
 """
@@ -46,16 +47,20 @@ from plumbing.runs import (
     RUN_CONFIG,
     Stopped,
     TrainingDiverged,
+    any_ranks,
     atomic_dir,
     checkpoints,
     claim_output_dir,
     config_diff,
     config_record,
     latest_checkpoint,
+    lock_run_dir,
+    read_state,
+    release_run_dir,
     stop_flag,
     world_size,
 )
-from toy.config import TrainConfig
+from toy.config import TrainConfig, check_run_memory
 from toy.data import sample
 from toy.model import ToyModelConfig, build_model
 from toy.processes import Process
@@ -68,6 +73,8 @@ logger = logging.getLogger(__name__)
 # schedule depends on it): to train further, start a new folder with ``init_from``.
 RERUN_KEYS = ("output_dir", "resume_from", "overwrite", "progress", "log_every", "eval_every", "save_every",
               "cpu_threads", "use_cpu", "compile", "max_loss_ratio", "report_to")
+# What a checkpoint's trainer_state.json must hold to resume from it (a 0-byte or cut-off file holds nothing).
+STATE_KEYS = ("step", "history")
 
 
 @dataclass
@@ -115,13 +122,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 def find_checkpoint(output_dir: str | Path, resume_from: str) -> Path | None:
     """Resolve ``resume_from``: ``"last"`` -> the complete ``checkpoint-<step>`` with the largest step number in
-    ``output_dir`` (None if none; a half-written newer one is skipped with a warning)."""
+    ``output_dir`` (None if none; a newer one whose trainer_state.json is missing, empty or cut off is skipped with a
+    warning naming it). A path must hold a whole trainer_state.json (``ValueError`` naming the file otherwise)."""
     if resume_from == "last":
-        return latest_checkpoint(output_dir)
+        return latest_checkpoint(output_dir, keys=STATE_KEYS)
     path = Path(resume_from)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"resume_from={resume_from!r} is not a checkpoint folder (no trainer_state.json); "
                                 "pass a checkpoint-<step> folder or 'last'")
+    read_state(path, keys=STATE_KEYS)
     return path
 
 
@@ -164,10 +173,10 @@ def set_rng_state(path: Path) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _load_weights(model: torch.nn.Module, path: Path) -> None:
+def _load_weights(model: torch.nn.Module, path: Path, device: torch.device) -> None:
     from safetensors.torch import load_file
 
-    state = load_file(path / "model.safetensors", device=str(next(model.parameters()).device))
+    state = load_file(path / "model.safetensors", device=str(device))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # the untied lm_head is saved; only a tied copy may legitimately be absent
     if unexpected or [m for m in missing if "lm_head" not in m]:
@@ -250,20 +259,36 @@ def train(
 
     Returns a ``TrainResult`` whose ``model`` is the unwrapped trained model (on the training device).
     """
-    from tqdm.auto import tqdm
-
     context_length = context_length or model.config.n_positions
     if context_length > model.config.n_positions:
         raise ValueError(f"context_length={context_length} exceeds the model's n_positions={model.config.n_positions}")
     if process.vocab_size > model.config.vocab_size:
         raise ValueError(f"{process.name} has {process.vocab_size} tokens but the model's vocab is {model.config.vocab_size}")
     accelerator = accelerator or make_accelerator(cfg)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     if world_size() > world:
         raise ValueError(
             f"the launcher started {world_size()} processes but the accelerator sees {world}: each would train "
             "alone into the same folder. On CPU pass --use_cpu true (configs/accelerate/cpu_multiprocess.yaml needs it)."
         )
+    check_run_memory(model.config, process, cfg, context_length, accelerator.device, build_val=val is None)
+    out_dir = Path(cfg.output_dir)
+    # the folder is this run's (plumbing.locks) from before the claim to the end of training, then free for the next
+    # run of this process or another
+    taken = lock_run_dir(out_dir) if accelerator.is_main_process else False
+    try:
+        return _fit(process, model, cfg, context_length, val, data_fn, loss_weights_fn, accelerator, run_info, eval_fn)
+    finally:
+        if taken:
+            release_run_dir(out_dir)
+
+
+def _fit(process: Process, model: torch.nn.Module, cfg: TrainConfig, context_length: int, val: ValidationSet | None,
+         data_fn, loss_weights_fn, accelerator, run_info: dict | None, eval_fn) -> TrainResult:
+    """``train`` once the launch and the memory are checked and the folder is locked."""
+    from tqdm.auto import tqdm
+
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     tf32 = torch.backends.cuda.matmul.allow_tf32  # restored at the end: probes and evaluation want full float32
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -277,10 +302,12 @@ def train(
     start, history = 0, []
     ckpt = find_checkpoint(out_dir, cfg.resume_from) if cfg.resume_from else None
     if ckpt is not None:
-        _load_weights(raw, ckpt)
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        # a multi-process CPU launch gives the device as cpu:0, and torch.load cannot map a storage onto an indexed CPU
+        where = torch.device("cpu") if device.type == "cpu" else device
+        _load_weights(raw, ckpt, where)
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=where, weights_only=True))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state = read_state(ckpt, keys=STATE_KEYS)
         start, history = state["step"], state["history"]
         set_rng_state(ckpt / "rng.pt")
         accelerator.print(f"resumed from {ckpt} at step {start}")
@@ -372,37 +399,35 @@ def train(
                 n_loss += 1
                 bar.update(1)
                 log_now = step % cfg.log_every == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
-                stop = flag["signal"] is not None
+                stop, bad = flag["signal"] is not None, ""
                 if log_now:
-                    train_loss = (loss_sum / n_loss).item()  # the only host sync of the loop
+                    train_loss = (loss_sum / n_loss).item()  # the only device sync of the loop
                     loss_sum.zero_()
                     n_loss = 0
                     first_loss = first_loss if first_loss is not None else train_loss
-                    bad = ""
                     if not math.isfinite(train_loss):
                         bad = f"the mean train loss of the last {cfg.log_every} steps is {train_loss}"
                     elif cfg.max_loss_ratio and first_loss > 0 and train_loss > cfg.max_loss_ratio * first_loss:
                         bad = (f"train loss {train_loss:.4g} exceeds max_loss_ratio={cfg.max_loss_ratio:g} x the first "
                                f"logged loss ({first_loss:.4g}): diverging")
-                    if world > 1:
-                        # every rank must stop at the same step: the stop and divergence flags are agreed on
-                        # collectively at log points (a per-step collective would cost a host sync every step)
-                        flags = accelerator.reduce(torch.tensor([float(stop), float(bool(bad))], device=device), reduction="sum")
-                        stop, bad = flags[0].item() > 0, bad or ("another rank's train loss diverged" if flags[1].item() > 0 else "")
-                    if bad:
-                        raise diverged(bad)
-                    if accelerator.is_main_process:
-                        evaluate(step, train_loss, t_prev + time.perf_counter() - t0)
-                        post = {"loss": f"{train_loss:.5f}"}
-                        if "val_loss" in history[-1]:
-                            post["val-floor"] = f"{history[-1]['val_loss'] - history[-1]['floor']:.2e}"
-                        bar.set_postfix(post)
-                elif world > 1:
-                    stop = False
+                if world > 1:
+                    # every rank stops at the same step, and a signal to any rank stops all at the end of this step
+                    # (launchers give 30 s before SIGKILL, whatever log_every is): a CPU all-reduce of two flags
+                    stop, other_bad = any_ranks([stop, bool(bad)])
+                    bad = bad or ("another rank's train loss diverged" if other_bad else "")
+                if bad:
+                    raise diverged(bad)
+                if log_now and accelerator.is_main_process:
+                    evaluate(step, train_loss, t_prev + time.perf_counter() - t0)
+                    post = {"loss": f"{train_loss:.5f}"}
+                    if "val_loss" in history[-1]:
+                        post["val-floor"] = f"{history[-1]['val_loss'] - history[-1]['floor']:.2e}"
+                    bar.set_postfix(post)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     last_ckpt = save(step) or last_ckpt
                 if stop and step < cfg.steps:
                     saved = save(step)
+                    accelerator.wait_for_everyone()  # no rank exits (and makes the launcher kill the rest) mid-save
                     name = flag["signal"] or "a signal to another rank"
                     accelerator.print(f"\n{name}: checkpoint at step {step} in {out_dir}; rerun with --resume_from last")
                     raise Stopped(name, saved, "--resume_from last")

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     try:
         result = train(process, model, train_cfg, data_cfg.context_length, run_info=info)
     except Stopped as stop:  # the checkpoint is saved and the resume line printed
+        end_processes()  # every rank stopped at the same step: leave the process group together
         sys.exit(stop.exit_code)
     from accelerate import PartialState
 

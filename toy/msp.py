@@ -1,0 +1,292 @@
+"""The mixed-state presentation (MSP) of a ``Process``: every belief reachable from the stationary distribution,
+built one depth at a time in numpy (float64).
+
+One step per depth: every unexpanded node of the depth times every token in one matrix product, normalised in
+one pass; children of probability at most ``1e-15`` are dropped. A child is the same node as a known belief (of
+any depth) or an earlier child when every coordinate rounds to the same multiple of ``tol``. Equal rounded
+beliefs are found with a vectorised open-addressing hash table (linear probing) of 16-byte ``(hash, node id)``
+entries: a handful of gathers and scatters per depth and no sort, the step that dominated a sort-based MSP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from toy.hmm import Process
+
+TOL = 1e-12  # beliefs whose entries round to the same multiple of TOL are one belief (MSP, myopic entropies)
+MIN_TOL = 1e-15  # below this, b / tol of a belief near 1 leaves the range where the rounding below is exact
+_MAGIC = 1.5 * 2.0**52  # x + _MAGIC rounds x to an integer (ties to even) for |x| <= 2**51; its bits are the key
+
+
+@dataclass
+class MixedStatePresentation:
+    """The mixed-state presentation (MSP) up to a depth, as flat tensors (no object tree).
+
+    Attributes:
+        beliefs: ``(N, S)`` distinct beliefs; node 0 is the stationary distribution (depth 0). Nodes are numbered
+            depth by depth; the new nodes of a depth in order of first appearance (parent's number, then token).
+        next_node: ``(N, V)`` long, the node reached by emitting each token, ``-1`` if that token has
+            probability 0 or the node lies at the last depth and was not expanded.
+        token_probs: ``(N, V)`` ``P(token | belief)``.
+        levels: per depth ``d = 0..depth``, ``(nodes, probs)``: the nodes reachable after ``d`` tokens (ascending)
+            and the probability of being at each (nodes may recur across depths, e.g. RRXOR).
+        tol: beliefs whose entries round to the same multiple of ``tol`` are one node.
+    """
+
+    beliefs: torch.Tensor
+    next_node: torch.Tensor
+    token_probs: torch.Tensor
+    levels: list[tuple[torch.Tensor, torch.Tensor]]
+    tol: float
+
+    @property
+    def n_nodes(self) -> int:
+        return self.beliefs.shape[0]
+
+    @property
+    def closed(self) -> bool:
+        """True when every node's successors are in the graph: the MSP is finite and complete."""
+        return bool((self.next_node >= 0).any(1).all())
+
+    def transition_matrix(self) -> torch.Tensor:
+        """``(N, N)`` belief-to-belief transition probabilities (rows of unexpanded nodes are zero)."""
+        P = torch.zeros(self.n_nodes, self.n_nodes, dtype=torch.float64)
+        rows = torch.arange(self.n_nodes)[:, None].expand_as(self.next_node)
+        m = self.next_node >= 0
+        return P.index_put_((rows[m], self.next_node[m]), self.token_probs[m], accumulate=True)
+
+
+def mixed_state_presentation(
+    process: Process, depth: int, tol: float = TOL, max_nodes: int = 20_000_000
+) -> MixedStatePresentation:
+    """Breadth-first MSP to ``depth`` tokens, merging beliefs equal up to ``tol`` across all depths.
+
+    Tolerance: two beliefs are one node exactly when every coordinate divided by ``tol`` rounds to the same
+    integer (half to even), so merged beliefs differ by less than ``tol`` in every coordinate; beliefs closer
+    than ``tol`` stay apart when a rounding boundary falls between them. ``tol`` must be at least ``1e-15``.
+    Merges are checked on the rounded coordinates themselves, so a collision of the 64-bit hash can never merge
+    two different beliefs (the build then restarts with other hash multipliers).
+
+    Mess3(0.05, 0.85) at depth 12 has 797,161 nodes = 1 + 3 + ... + 3^12: no two of its prefixes share a
+    belief (checked in exact rational arithmetic). A coarser ``tol`` merges distinct beliefs that happen to lie
+    close: at ``tol=1e-10`` 27 nodes are absorbed into neighbours (prefixes like ``0^11`` and ``0^12``, 7e-12
+    apart near the fixed point of ``T[0]``), giving 797,134. Time and memory are linear in the number of nodes.
+    """
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0; got {depth}")
+    if not tol >= MIN_TOL:
+        raise ValueError(f"tol must be >= {MIN_TOL:g} (float64 beliefs near 1 are ~1e-16 apart); got {tol}")
+    for seed in range(3):
+        try:
+            return _build(process, depth, tol, max_nodes, seed)
+        except _HashCollision:
+            continue  # other multipliers; the result does not depend on them
+    raise RuntimeError("mixed_state_presentation: three independent 64-bit hashes collided; report this")
+
+
+class _HashCollision(Exception):
+    """Two different rounded beliefs got the same 64-bit hash."""
+
+
+class _Table:
+    """Open-addressing hash table (double hashing) from 64-bit belief hashes to node ids, at most half full.
+
+    A slot holds ``id + 1`` as int32 (0: empty); the node's hash is ``hashes[id]`` in an array the caller keeps,
+    so a slot is 4 bytes and the random reads and writes, the cost of the whole build, touch little memory.
+    """
+
+    def __init__(self, n: int):
+        bits = max(4, int(np.ceil(np.log2(4 * max(n, 1)))))
+        self.cap, self.shift = 1 << bits, np.uint64(64 - bits)
+        self.tab = np.zeros(self.cap, np.int32)
+
+    def find_or_insert(self, h: np.ndarray, prov: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Look up each hash ``h[i]``, inserting it under id ``prov[i]`` if absent (``hashes[prov] == h`` must hold
+        already). Returns ``(ids, slots)``: the id each hash maps to (a known id, or the ``prov`` of its first
+        occurrence in ``h``) and its slot.
+
+        One round per probe: every pending hash reads its slot, claims it if empty (occupied slots are written
+        back unchanged) and reads it again; it is done when the slot holds its own id or an id with its hash.
+        Repeats of a hash follow the same probes and resolve together; processing ``h`` backwards lets the first
+        occurrence write last and win. Each hash's own odd step keeps one round's losers from colliding again.
+        """
+        k, mask = len(h), self.cap - 1
+        hv, pv = h[::-1], (prov[::-1] + 1).astype(np.int32)
+        s = slots = (hv.view(np.uint64) >> self.shift).view(np.int64)
+        ids, act = np.empty(k, np.int64), None  # act: positions still probing (None: all, the first round)
+        while True:
+            t = np.take(self.tab, s, mode="wrap")  # indices are in range: 'wrap' skips the bounds check, 2x faster
+            self.tab[s] = np.where(t == 0, pv, t)
+            w = np.take(self.tab, s, mode="wrap")
+            done = w == pv
+            other = np.flatnonzero(~done)
+            done[other] = np.take(hashes, w[other] - 1, mode="wrap") == hv[other]
+            if act is None:
+                ids[:] = w
+            else:
+                ids[act], slots[act] = w, s
+            pend = np.flatnonzero(~done)
+            if not len(pend):
+                ids -= 1
+                return ids[::-1], slots[::-1]
+            act = pend if act is None else act[pend]
+            hv, pv = hv[pend], pv[pend]
+            s = (s[pend] + (hv >> 1 | 1)) & mask
+
+    @classmethod
+    def of(cls, hashes: np.ndarray, n_more: int) -> _Table:
+        """A table of the distinct ``hashes`` (ids 0, 1, ...) with room for ``n_more`` more."""
+        table, ids = cls(len(hashes) + n_more), np.arange(len(hashes))
+        if not np.array_equal(table.find_or_insert(hashes, ids, hashes)[0], ids):
+            raise _HashCollision
+        return table
+
+
+def _hashes(beliefs: np.ndarray, tol: float, mult: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(keys (n, S) int64, hashes (n,) int64)``: the bits of ``round(beliefs / tol)`` as floats and a nonzero
+    wrapping-arithmetic hash of them."""
+    keys = np.divide(beliefs, tol)
+    keys += _MAGIC
+    keys = keys.view(np.int64)
+    h = keys[:, 0] * mult[0]
+    for s in range(1, len(mult)):
+        h += keys[:, s] * mult[s]
+    h |= 1
+    return keys, h
+
+
+def _multipliers(S: int, seed: int) -> np.ndarray:
+    """Odd random int64 multipliers of the belief hash, one per state."""
+    return np.random.default_rng(seed).integers(1, 2**62, S) | 1
+
+
+def _tree_size(V: int, depth: int, limit: int) -> int:
+    """``1 + V + ... + V^depth``, or ``limit + 1`` if that is larger: the most nodes an MSP of ``depth`` has."""
+    n, level = 1, 1
+    for _ in range(depth):
+        level *= V
+        n += level
+        if n > limit:
+            return limit + 1
+    return n
+
+
+def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) -> MixedStatePresentation:
+    S, V = process.n_states, process.vocab_size
+    T = process.T.numpy()
+    flat = np.ascontiguousarray(T.transpose(1, 0, 2).reshape(S, V * S))  # [i, x * S + j] = T[x, i, j]
+    emit = np.ascontiguousarray(T.sum(-1).T)  # [i, x] = P(x | i)
+    mult = _multipliers(S, seed)
+    # Node arrays sized for the whole tree when that is affordable (untouched rows cost no memory), so no depth
+    # copies them; otherwise (a process whose beliefs merge, deep) they grow to fit each depth.
+    bound = _tree_size(V, depth, max_nodes)
+    cap = bound if bound <= max_nodes and bound * 8 * (S + 2 * V + 1) <= 2**31 else 1
+    beliefs, next_node, token_probs = np.empty((cap, S)), np.empty((cap, V), np.int64), np.empty((cap, V))
+    hashes, expanded = np.empty(cap, np.int64), np.empty(cap, bool)
+    beliefs[0], next_node[0], expanded[0] = process.stationary.numpy(), -1, False
+    hashes[0] = _hashes(beliefs[:1], tol, mult)[1][0]
+    table = _Table.of(hashes[:1], 0)
+    N = 1
+    nodes, probs = np.zeros(1, np.int64), np.ones(1)
+    levels = [(nodes, probs)]
+    for d in range(depth):
+        todo = nodes[~expanded[nodes]]
+        n, m = len(todo), len(todo) * V
+        fresh = False  # every child of this depth is a new node, in order
+        if n:
+            if N + m >= 2**31 - 1:
+                raise ValueError(f"{process.name}: the MSP exceeds max_nodes={max_nodes:,} at depth {d + 1}; use a smaller depth")
+            if len(beliefs) < N + m:
+                beliefs, next_node, token_probs, hashes, expanded = (
+                    _grow(a, N + m) for a in (beliefs, next_node, token_probs, hashes, expanded)
+                )
+            lo, hi = todo[0], todo[-1] + 1
+            rows = slice(lo, hi) if hi - lo == n else todo  # todo is sorted: a range when it is one depth's nodes
+            B = beliefs[rows]
+            cand = beliefs[N : N + m]  # children are written where new nodes go, and compacted if some merge
+            np.matmul(B, flat, out=cand.reshape(n, V * S))
+            px = B @ emit
+            token_probs[rows], expanded[rows] = px, True
+            with np.errstate(divide="ignore", invalid="ignore"):  # dropped children (px ~ 0) become NaN
+                np.divide(cand.reshape(n, V, S), px[..., None], out=cand.reshape(n, V, S))
+            ok = (px > 1e-15).ravel()
+            keys, h = _hashes(cand, tol, mult)
+            hashes[N : N + m] = h  # under the children's provisional ids N, N + 1, ...
+            live = None if ok.all() else np.flatnonzero(ok)
+            n_live = m if live is None else len(live)
+            if 2 * (N + n_live) > table.cap:
+                table = _Table.of(hashes[:N], n_live)
+            prov = N + np.arange(m)
+            if live is None:
+                got, slots = table.find_or_insert(h, prov, hashes)
+            else:
+                got, slots = np.full(m, -1, np.int64), np.zeros(m, np.int64)
+                got[live], slots[live] = table.find_or_insert(h[live], prov[live], hashes)
+            fresh = live is None and np.array_equal(got, prov)
+            if fresh:
+                ids, n_new = prov, m
+            else:
+                ids, n_new = _settle(table, got, slots, prov, N, cand, beliefs, h, hashes, keys, tol, mult)
+            if N + n_new > max_nodes:
+                raise ValueError(f"{process.name}: the MSP exceeds max_nodes={max_nodes:,} at depth {d + 1}; use a smaller depth")
+            next_node[rows] = ids.reshape(n, V)
+            next_node[N : N + n_new], expanded[N : N + n_new] = -1, False
+            fresh = fresh and n == len(nodes)
+            N += n_new
+        if fresh:  # a tree level: the children are the next depth's nodes, in order
+            p = (px * probs[:, None]).ravel()
+            if (p > 0).all():
+                nodes, probs = prov, p
+                levels.append((nodes, probs))
+                continue
+        child, p = next_node[nodes], token_probs[nodes] * probs[:, None]
+        live_child = child >= 0
+        child, p = child[live_child], p[live_child]
+        base = child.min() if len(child) else 0
+        dense = np.bincount(child - base, weights=p, minlength=N - base)
+        reached = np.flatnonzero(dense > 0)
+        nodes, probs = reached + base, dense[reached]
+        levels.append((nodes, probs))
+    # token probabilities of the unexpanded nodes too, so every node knows its next-token distribution
+    rest = np.flatnonzero(~expanded[:N])
+    if len(rest):
+        if rest[-1] + 1 - rest[0] == len(rest):
+            np.matmul(beliefs[rest[0] : rest[-1] + 1], emit, out=token_probs[rest[0] : rest[-1] + 1])
+        else:
+            token_probs[rest] = beliefs[rest] @ emit
+    out = [torch.from_numpy(a[:N] if len(a) == N else a[:N].copy()) for a in (beliefs, next_node, token_probs)]
+    return MixedStatePresentation(*out, [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in levels], tol)
+
+
+def _grow(a: np.ndarray, n: int) -> np.ndarray:
+    out = np.empty((n, *a.shape[1:]), a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+def _settle(table, got, slots, prov, N, cand, beliefs, h, hashes, keys, tol, mult) -> tuple[np.ndarray, int]:
+    """Node ids of a depth's children when some merge (with a known node or an earlier child) or were dropped
+    (``got == -1``); writes the new nodes' beliefs and hashes at ``N, N + 1, ...`` in order of first appearance
+    and checks every merge on the rounded coordinates. Returns ``(ids (m,), number of new nodes)``."""
+    m = len(got)
+    new = got >= N
+    local = got[new] - N  # the child whose provisional id the table holds for this hash
+    first = np.arange(m)  # first occurrence of each new hash, in case a later repeat won its slot
+    np.minimum.at(first, local, np.flatnonzero(new))
+    canon = np.zeros(m, bool)
+    canon[first[local]] = True
+    rank = np.cumsum(canon) - 1
+    ids = got.copy()
+    ids[new] = N + rank[first[local]]
+    n_new = int(canon.sum())
+    claimed = new & (got == prov)  # children that own a table slot: point it at the final id
+    table.tab[slots[claimed]] = ids[claimed] + 1
+    beliefs[N : N + n_new], hashes[N : N + n_new] = cand[canon], h[canon]
+    merged = (ids >= 0) & ~canon
+    if merged.any() and not np.array_equal(_hashes(beliefs[ids[merged]], tol, mult)[0], keys[merged]):
+        raise _HashCollision
+    return ids, n_new

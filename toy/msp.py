@@ -111,16 +111,18 @@ class _Table:
 
         One round per probe: every pending hash reads its slot, claims it if empty (occupied slots are written
         back unchanged) and reads it again; it is done when the slot holds its own id or an id with its hash.
-        Repeats of a hash follow the same probes and resolve together; processing ``h`` backwards lets the first
-        occurrence write last and win. Each hash's own odd step keeps one round's losers from colliding again.
+        Repeats of a hash follow the same probes and resolve together; writing backwards lets the first occurrence
+        write last and win. Each hash's own odd step keeps one round's losers from colliding again.
         """
         k, mask = len(h), self.cap - 1
-        hv, pv = h[::-1], (prov[::-1] + 1).astype(np.int32)
+        hv, pv = h, prov.astype(np.int32)
+        pv += 1
         s = slots = (hv.view(np.uint64) >> self.shift).view(np.int64)
         ids, act = np.empty(k, np.int64), None  # act: positions still probing (None: all, the first round)
         while True:
             t = np.take(self.tab, s, mode="wrap")  # indices are in range: 'wrap' skips the bounds check, 2x faster
-            self.tab[s] = np.where(t == 0, pv, t)
+            claim = np.where(t == 0, pv, t)
+            self.tab[s[::-1]] = claim[::-1]  # backwards, so that the first occurrence of a hash writes last and wins
             w = np.take(self.tab, s, mode="wrap")
             done = w == pv
             other = np.flatnonzero(~done)
@@ -132,7 +134,7 @@ class _Table:
             pend = np.flatnonzero(~done)
             if not len(pend):
                 ids -= 1
-                return ids[::-1], slots[::-1]
+                return ids, slots
             act = pend if act is None else act[pend]
             hv, pv = hv[pend], pv[pend]
             s = (s[pend] + (hv >> 1 | 1)) & mask

@@ -19,6 +19,7 @@ from toy.hmm import Process
 
 TOL = 1e-12  # beliefs whose entries round to the same multiple of TOL are one belief (MSP, myopic entropies)
 MIN_TOL = 1e-15  # below this, b / tol of a belief near 1 leaves the range where the rounding below is exact
+_CHUNK = 1 << 15  # rows per chunk of the hashing and table steps: their temporaries stay small and in cache
 _MAGIC = 1.5 * 2.0**52  # x + _MAGIC rounds x to an integer (ties to even) for |x| <= 2**51; its bits are the key
 
 
@@ -102,55 +103,79 @@ class _Table:
     def __init__(self, n: int):
         bits = max(4, int(np.ceil(np.log2(4 * max(n, 1)))))
         self.cap, self.shift = 1 << bits, np.uint64(64 - bits)
-        self.tab = np.zeros(self.cap, np.int32)
+        self.tab = _block(4 * self.cap).view(np.int32)
+        self.tab.fill(0)
 
-    def find_or_insert(self, h: np.ndarray, prov: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Look up each hash ``h[i]``, inserting it under id ``prov[i]`` if absent (``hashes[prov] == h`` must hold
-        already). Returns ``(ids, slots)``: the id each hash maps to (a known id, or the ``prov`` of its first
-        occurrence in ``h``) and its slot.
+    def find_or_insert(self, h: np.ndarray, prov: int | np.ndarray, hashes: np.ndarray, out: np.ndarray) -> int:
+        """Look up each hash ``h[i]``, inserting it under provisional id ``prov + i`` (or ``prov[i]``) if absent;
+        ``hashes`` must already hold ``h`` at those ids. Writes to ``out`` the id each hash maps to (a known id, or
+        the provisional id of its first occurrence in ``h``); returns how many hashes got their own provisional id.
 
         One round per probe: every pending hash reads its slot, claims it if empty (occupied slots are written
         back unchanged) and reads it again; it is done when the slot holds its own id or an id with its hash.
         Repeats of a hash follow the same probes and resolve together; writing backwards lets the first occurrence
-        write last and win. Each hash's own odd step keeps one round's losers from colliding again.
+        write last and win. Each hash's own odd step keeps one round's losers from colliding again. Chunks of
+        ``_CHUNK`` hashes keep the temporaries small (fresh large arrays cost a page fault per 4 kB).
         """
-        k, mask = len(h), self.cap - 1
-        hv, pv = h, prov.astype(np.int32)
-        pv += 1
-        s = slots = (hv.view(np.uint64) >> self.shift).view(np.int64)
-        ids, act = np.empty(k, np.int64), None  # act: positions still probing (None: all, the first round)
+        own = 0
+        for a in range(0, len(h), _CHUNK):
+            b = min(a + _CHUNK, len(h))
+            pv = np.arange(prov + a + 1, prov + b + 1, dtype=np.int32) if np.isscalar(prov) else prov[a:b].astype(np.int32) + 1
+            own += self._insert(h[a:b], pv, hashes, out[a:b])
+        return own
+
+    def _insert(self, hv: np.ndarray, pv: np.ndarray, hashes: np.ndarray, out: np.ndarray) -> int:
+        mask, own, act = self.cap - 1, 0, None  # act: positions still probing (None: all, the first round)
+        s = (hv.view(np.uint64) >> self.shift).view(np.int64)
         while True:
             t = np.take(self.tab, s, mode="wrap")  # indices are in range: 'wrap' skips the bounds check, 2x faster
             claim = np.where(t == 0, pv, t)
             self.tab[s[::-1]] = claim[::-1]  # backwards, so that the first occurrence of a hash writes last and wins
             w = np.take(self.tab, s, mode="wrap")
             done = w == pv
+            own += np.count_nonzero(done)
             other = np.flatnonzero(~done)
             done[other] = np.take(hashes, w[other] - 1, mode="wrap") == hv[other]
             if act is None:
-                ids[:] = w
+                out[:] = w
             else:
-                ids[act], slots[act] = w, s
+                out[act] = w
             pend = np.flatnonzero(~done)
             if not len(pend):
-                ids -= 1
-                return ids, slots
+                out -= 1
+                return own
             act = pend if act is None else act[pend]
             hv, pv = hv[pend], pv[pend]
             s = (s[pend] + (hv >> 1 | 1)) & mask
 
+    def slots_of(self, h: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The slot holding each ``ids[i]``, found along the probe sequence of its hash ``h[i]``."""
+        mask, target = self.cap - 1, (ids + 1).astype(np.int32)
+        s = (h.view(np.uint64) >> self.shift).view(np.int64)
+        out, act = np.empty(len(h), np.int64), np.arange(len(h))
+        while len(act):
+            hit = np.take(self.tab, s, mode="wrap") == target
+            out[act[hit]] = s[hit]
+            act, h, target = act[~hit], h[~hit], target[~hit]
+            s = (s[~hit] + (h >> 1 | 1)) & mask
+        return out
+
     @classmethod
     def of(cls, hashes: np.ndarray, n_more: int) -> _Table:
         """A table of the distinct ``hashes`` (ids 0, 1, ...) with room for ``n_more`` more."""
-        table, ids = cls(len(hashes) + n_more), np.arange(len(hashes))
-        if not np.array_equal(table.find_or_insert(hashes, ids, hashes)[0], ids):
+        table = cls(len(hashes) + n_more)
+        if table.find_or_insert(hashes, 0, hashes, np.empty(len(hashes), np.int64)) != len(hashes):
             raise _HashCollision
         return table
 
 
-def _hashes(beliefs: np.ndarray, tol: float, mult: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _hashes(beliefs: np.ndarray, tol: float, mult: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(keys (n, S) int64, hashes (n,) int64)``: the bits of ``round(beliefs / tol)`` as floats and a nonzero
-    wrapping-arithmetic hash of them."""
+    wrapping-arithmetic hash of them. With ``out``, the hashes go there, computed in chunks (keys not returned)."""
+    if out is not None:
+        for a in range(0, len(beliefs), _CHUNK):
+            out[a : a + _CHUNK] = _hashes(beliefs[a : a + _CHUNK], tol, mult)[1]
+        return None, out
     keys = np.divide(beliefs, tol)
     keys += _MAGIC
     keys = keys.view(np.int64)
@@ -216,33 +241,34 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
             with np.errstate(divide="ignore", invalid="ignore"):  # dropped children (px ~ 0) become NaN
                 np.divide(cand.reshape(n, V, S), px[..., None], out=cand.reshape(n, V, S))
             ok = (px > 1e-15).ravel()
-            keys, h = _hashes(cand, tol, mult)
-            hashes[N : N + m] = h  # under the children's provisional ids N, N + 1, ...
+            h = _hashes(cand, tol, mult, out=hashes[N : N + m])[1]  # under the provisional ids N, N + 1, ...
             live = None if ok.all() else np.flatnonzero(ok)
             n_live = m if live is None else len(live)
             if 2 * (N + n_live) > table.cap:
                 table = _Table.of(hashes[:N], n_live)
-            prov = N + np.arange(m)
+            got = next_node[rows].reshape(m) if isinstance(rows, slice) else np.empty(m, np.int64)
             if live is None:
-                got, slots = table.find_or_insert(h, prov, hashes)
+                fresh = table.find_or_insert(h, N, hashes, got) == m
             else:
-                got, slots = np.full(m, -1, np.int64), np.zeros(m, np.int64)
-                got[live], slots[live] = table.find_or_insert(h[live], prov[live], hashes)
-            fresh = live is None and np.array_equal(got, prov)
+                got[:] = -1
+                sub = np.empty(n_live, np.int64)
+                table.find_or_insert(h[live], N + live, hashes, sub)
+                got[live] = sub
             if fresh:
-                ids, n_new = prov, m
+                n_new = m
             else:
-                ids, n_new = _settle(table, got, slots, prov, N, cand, beliefs, h, hashes, keys, tol, mult)
+                got, n_new = _settle(table, got, N, cand, beliefs, h.copy(), hashes, tol, mult)
             if N + n_new > max_nodes:
                 raise ValueError(f"{process.name}: the MSP exceeds max_nodes={max_nodes:,} at depth {d + 1}; use a smaller depth")
-            next_node[rows] = ids.reshape(n, V)
+            if not fresh or not isinstance(rows, slice):
+                next_node[rows] = got.reshape(n, V)
             next_node[N : N + n_new], expanded[N : N + n_new] = -1, False
             fresh = fresh and n == len(nodes)
             N += n_new
         if fresh:  # a tree level: the children are the next depth's nodes, in order
             p = (px * probs[:, None]).ravel()
             if (p > 0).all():
-                nodes, probs = prov, p
+                nodes, probs = np.arange(N - m, N), p
                 levels.append((nodes, probs))
                 continue
         child, p = next_node[nodes], token_probs[nodes] * probs[:, None]
@@ -265,20 +291,34 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
     return MixedStatePresentation(*out, [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in levels], tol)
 
 
+_HUGE = 2**21  # bytes in a huge page
+
+
+def _block(nbytes: int) -> np.ndarray:
+    """Uninitialised uint8 buffer; from 2 MB on it starts on a huge-page boundary, so that all of it (not only its
+    aligned middle, which numpy advises the kernel to back with huge pages) takes one page fault per 2 MB. The
+    skipped head is never touched and costs no memory."""
+    if nbytes < _HUGE:
+        return np.empty(nbytes, np.uint8)
+    raw = np.empty(max(nbytes, 2 * _HUGE) + _HUGE, np.uint8)  # numpy advises huge pages from 4 MB on
+    start = -raw.ctypes.data % _HUGE
+    return raw[start : start + nbytes]
+
+
 def _node_arrays(n: int, S: int, V: int) -> tuple[np.ndarray, ...]:
     """``beliefs (n, S)``, ``next_node (n, V)``, ``token_probs (n, V)``, ``hashes (n,)``, ``expanded (n,)`` carved
     from one allocation: numpy backs 4 MB and more with huge pages, which saves thousands of page faults a build
     (a few microseconds each in a virtual machine)."""
     shapes = [((n, S), np.float64), ((n, V), np.int64), ((n, V), np.float64), ((n,), np.int64), ((n,), np.bool_)]
     sizes = [int(np.prod(shape)) * np.dtype(t).itemsize for shape, t in shapes]
-    block, start, out = np.empty(sum(sizes), np.uint8), 0, []
+    block, start, out = _block(sum(sizes)), 0, []
     for (shape, t), size in zip(shapes, sizes):
         out.append(block[start : start + size].view(t).reshape(shape))
         start += size
     return tuple(out)
 
 
-def _settle(table, got, slots, prov, N, cand, beliefs, h, hashes, keys, tol, mult) -> tuple[np.ndarray, int]:
+def _settle(table, got, N, cand, beliefs, h, hashes, tol, mult) -> tuple[np.ndarray, int]:
     """Node ids of a depth's children when some merge (with a known node or an earlier child) or were dropped
     (``got == -1``); writes the new nodes' beliefs and hashes at ``N, N + 1, ...`` in order of first appearance
     and checks every merge on the rounded coordinates. Returns ``(ids (m,), number of new nodes)``."""
@@ -294,10 +334,12 @@ def _settle(table, got, slots, prov, N, cand, beliefs, h, hashes, keys, tol, mul
     ids = got.copy()
     ids[new] = N + rank[first[local]]
     n_new = int(canon.sum())
-    claimed = new & (got == prov)  # children that own a table slot: point it at the final id
-    table.tab[slots[claimed]] = ids[claimed] + 1
-    beliefs[N : N + n_new], hashes[N : N + n_new] = cand[canon], h[canon]
+    owners = np.flatnonzero(new & (got == N + np.arange(m)))  # children whose provisional id holds a slot
+    moved = owners[ids[owners] != got[owners]]  # point those slots at the final ids
+    table.tab[table.slots_of(h[moved], got[moved])] = ids[moved] + 1
     merged = (ids >= 0) & ~canon
-    if merged.any() and not np.array_equal(_hashes(beliefs[ids[merged]], tol, mult)[0], keys[merged]):
+    keys = _hashes(cand[merged], tol, mult)[0]
+    beliefs[N : N + n_new], hashes[N : N + n_new] = cand[canon], h[canon]
+    if merged.any() and not np.array_equal(_hashes(beliefs[ids[merged]], tol, mult)[0], keys):
         raise _HashCollision
     return ids, n_new

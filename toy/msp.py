@@ -236,8 +236,11 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
             B = beliefs[rows]
             cand = beliefs[N : N + m]  # children are written where new nodes go, and compacted if some merge
             np.matmul(B, flat, out=cand.reshape(n, V * S))
-            px = B @ emit
-            token_probs[rows], expanded[rows] = px, True
+            if isinstance(rows, slice):
+                px = np.matmul(B, emit, out=token_probs[rows])
+            else:
+                px = token_probs[rows] = B @ emit
+            expanded[rows] = True
             with np.errstate(divide="ignore", invalid="ignore"):  # dropped children (px ~ 0) become NaN
                 np.divide(cand.reshape(n, V, S), px[..., None], out=cand.reshape(n, V, S))
             ok = (px > 1e-15).ravel()
@@ -266,9 +269,9 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
             fresh = fresh and n == len(nodes)
             N += n_new
         if fresh:  # a tree level: the children are the next depth's nodes, in order
-            p = (px * probs[:, None]).ravel()
-            if (p > 0).all():
-                nodes, probs = np.arange(N - m, N), p
+            p = np.multiply(px, probs[:, None], out=_block(8 * m).view(np.float64).reshape(n, V)).ravel()
+            if p.min() > 0:
+                nodes, probs = _range(N - m, N), p
                 levels.append((nodes, probs))
                 continue
         child, p = next_node[nodes], token_probs[nodes] * probs[:, None]
@@ -280,12 +283,12 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
         nodes, probs = reached + base, dense[reached]
         levels.append((nodes, probs))
     # token probabilities of the unexpanded nodes too, so every node knows its next-token distribution
-    rest = np.flatnonzero(~expanded[:N])
-    if len(rest):
-        if rest[-1] + 1 - rest[0] == len(rest):
-            np.matmul(beliefs[rest[0] : rest[-1] + 1], emit, out=token_probs[rest[0] : rest[-1] + 1])
-        else:
-            token_probs[rest] = beliefs[rest] @ emit
+    lo, n_rest = int(np.argmin(expanded[:N])), N - np.count_nonzero(expanded[:N])
+    if n_rest == N - lo:  # the usual case, the last depth's new nodes: a range, no index array
+        np.matmul(beliefs[lo:N], emit, out=token_probs[lo:N])
+    elif n_rest:
+        rest = np.flatnonzero(~expanded[:N])
+        token_probs[rest] = beliefs[rest] @ emit
     # views into the node block (a few merges leave its tail unused); copies only when most of it is unused
     out = [torch.from_numpy(a[:N] if len(a) <= 2 * N else a[:N].copy()) for a in (beliefs, next_node, token_probs)]
     return MixedStatePresentation(*out, [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in levels], tol)
@@ -303,6 +306,14 @@ def _block(nbytes: int) -> np.ndarray:
     raw = np.empty(max(nbytes, 2 * _HUGE) + _HUGE, np.uint8)  # numpy advises huge pages from 4 MB on
     start = -raw.ctypes.data % _HUGE
     return raw[start : start + nbytes]
+
+
+def _range(lo: int, hi: int) -> np.ndarray:
+    """``np.arange(lo, hi)`` (int64) in a ``_block``."""
+    out = _block(8 * (hi - lo)).view(np.int64)
+    out.fill(1)
+    out[0] = lo
+    return np.cumsum(out, out=out)
 
 
 def _node_arrays(n: int, S: int, V: int) -> tuple[np.ndarray, ...]:

@@ -68,7 +68,8 @@ def mixed_state_presentation(
 
     Tolerance: two beliefs are one node exactly when every coordinate divided by ``tol`` rounds to the same
     integer (half to even), so merged beliefs differ by less than ``tol`` in every coordinate; beliefs closer
-    than ``tol`` stay apart when a rounding boundary falls between them. ``tol`` must be at least ``1e-15``.
+    than ``tol`` stay apart when a rounding boundary falls between them. ``tol`` must be at least ``1e-15`` (and,
+    for a generalized HMM, its beliefs' entries below ``2^50 tol``).
     Merges are checked on the rounded coordinates themselves, so a collision of the 64-bit hash can never merge
     two different beliefs (the build then restarts with other hash multipliers).
 
@@ -244,6 +245,8 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
             with np.errstate(divide="ignore", invalid="ignore"):  # dropped children (px ~ 0) become NaN
                 np.divide(cand.reshape(n, V, S), px[..., None], out=cand.reshape(n, V, S))
             ok = (px > 1e-15).ravel()
+            if process.generalized and ok.any() and not np.abs(cand[ok]).max() < 2**50 * tol:
+                raise ValueError(f"{process.name}: beliefs reach {np.abs(cand[ok]).max():.3g}, too large to round to tol={tol:g}; raise tol")
             h = _hashes(cand, tol, mult, out=hashes[N : N + m])[1]  # under the provisional ids N, N + 1, ...
             live = None if ok.all() else np.flatnonzero(ok)
             n_live = m if live is None else len(live)

@@ -154,7 +154,7 @@ def reference_mixed_state_presentation(process: Process, depth: int, tol: float 
     found by sorting one int64 hash of the rounded belief per node. Nodes of a depth come in hash order."""
     S, V = process.n_states, process.vocab_size
     flat = process.T.permute(1, 0, 2).reshape(S, V * S)
-    weights = torch.randint(1, 2**62, (S,), generator=torch.Generator().manual_seed(0)) | 1
+    weights = (torch.randint(1, 2**62, (4096,), generator=torch.Generator().manual_seed(0)) | 1)[:S]
     hash_of = lambda b: (torch.round(b / tol).to(torch.int64) * weights).sum(-1)  # noqa: E731
     beliefs = process.stationary[None].clone()
     next_node = torch.full((1, V), -1, dtype=torch.long)

@@ -107,10 +107,13 @@ class _Table:
         self.tab = _block(4 * self.cap).view(np.int32)
         self.tab.fill(0)
 
-    def find_or_insert(self, h: np.ndarray, prov: int | np.ndarray, hashes: np.ndarray, out: np.ndarray) -> int:
+    def find_or_insert(
+        self, h: np.ndarray, prov: int | np.ndarray, hashes: np.ndarray, out: np.ndarray, slots: np.ndarray | None = None
+    ) -> int:
         """Look up each hash ``h[i]``, inserting it under provisional id ``prov + i`` (or ``prov[i]``) if absent;
         ``hashes`` must already hold ``h`` at those ids. Writes to ``out`` the id each hash maps to (a known id, or
-        the provisional id of its first occurrence in ``h``); returns how many hashes got their own provisional id.
+        the provisional id of its first occurrence in ``h``), and to ``slots`` (if given) the slot where each was
+        found; returns how many hashes got their own provisional id.
 
         One round per probe: every pending hash reads its slot, claims it if empty (occupied slots are written
         back unchanged) and reads it again; it is done when the slot holds its own id or an id with its hash.
@@ -122,10 +125,10 @@ class _Table:
         for a in range(0, len(h), _CHUNK):
             b = min(a + _CHUNK, len(h))
             pv = np.arange(prov + a + 1, prov + b + 1, dtype=np.int32) if np.isscalar(prov) else prov[a:b].astype(np.int32) + 1
-            own += self._insert(h[a:b], pv, hashes, out[a:b])
+            own += self._insert(h[a:b], pv, hashes, out[a:b], None if slots is None else slots[a:b])
         return own
 
-    def _insert(self, hv: np.ndarray, pv: np.ndarray, hashes: np.ndarray, out: np.ndarray) -> int:
+    def _insert(self, hv: np.ndarray, pv: np.ndarray, hashes: np.ndarray, out: np.ndarray, slots: np.ndarray | None) -> int:
         mask, own, act = self.cap - 1, 0, None  # act: positions still probing (None: all, the first round)
         s = (hv.view(np.uint64) >> self.shift).view(np.int64)
         while True:
@@ -141,6 +144,8 @@ class _Table:
                 out[:] = w
             else:
                 out[act] = w
+            if slots is not None:
+                slots[slice(None) if act is None else act] = s
             pend = np.flatnonzero(~done)
             if not len(pend):
                 out -= 1
@@ -220,6 +225,7 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
     N = 1
     nodes, probs = np.zeros(1, np.int64), np.ones(1)
     levels = [(nodes, probs)]
+    last_fresh = True  # whether the last depth expanded had only new children (no merge, none dropped)
     for d in range(depth):
         todo = nodes[~expanded[nodes]]
         n, m = len(todo), len(todo) * V
@@ -253,17 +259,22 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
             if 2 * (N + n_live) > table.cap:
                 table = _Table.of(hashes[:N], n_live)
             got = next_node[rows].reshape(m) if isinstance(rows, slice) else np.empty(m, np.int64)
+            # where the last depth merged, this one likely does too: keep each child's slot for _settle
+            slots = None if last_fresh else _block(8 * m).view(np.int64)
             if live is None:
-                fresh = table.find_or_insert(h, N, hashes, got) == m
+                fresh = table.find_or_insert(h, N, hashes, got, slots) == m
             else:
                 got[:] = -1
-                sub = np.empty(n_live, np.int64)
-                table.find_or_insert(h[live], N + live, hashes, sub)
+                sub, sub_slots = np.empty(n_live, np.int64), None if slots is None else np.empty(n_live, np.int64)
+                table.find_or_insert(h[live], N + live, hashes, sub, sub_slots)
                 got[live] = sub
+                if slots is not None:
+                    slots[live] = sub_slots
+            last_fresh = fresh
             if fresh:
                 n_new = m
             else:
-                got, n_new = _settle(table, got, N, cand, beliefs, h.copy(), hashes, tol, mult)
+                got, n_new = _settle(table, got, N, cand, beliefs, h.copy(), hashes, tol, mult, slots)
             if N + n_new > max_nodes:
                 raise ValueError(f"{process.name}: the MSP exceeds max_nodes={max_nodes:,} at depth {d + 1}; use a smaller depth")
             if not fresh or not isinstance(rows, slice):
@@ -332,7 +343,7 @@ def _node_arrays(n: int, S: int, V: int) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def _settle(table, got, N, cand, beliefs, h, hashes, tol, mult) -> tuple[np.ndarray, int]:
+def _settle(table, got, N, cand, beliefs, h, hashes, tol, mult, slots=None) -> tuple[np.ndarray, int]:
     """Node ids of a depth's children when some merge (with a known node or an earlier child) or were dropped
     (``got == -1``); writes the new nodes' beliefs and hashes at ``N, N + 1, ...`` in order of first appearance
     and checks every merge on the rounded coordinates. Returns ``(ids (m,), number of new nodes)``."""
@@ -350,7 +361,7 @@ def _settle(table, got, N, cand, beliefs, h, hashes, tol, mult) -> tuple[np.ndar
     n_new = int(canon.sum())
     owners = np.flatnonzero(new & (got == N + np.arange(m)))  # children whose provisional id holds a slot
     moved = owners[ids[owners] != got[owners]]  # point those slots at the final ids
-    table.tab[table.slots_of(h[moved], got[moved])] = ids[moved] + 1
+    table.tab[table.slots_of(h[moved], got[moved]) if slots is None else slots[moved]] = ids[moved] + 1
     merged = (ids >= 0) & ~canon
     keys = _hashes(cand[merged], tol, mult)[0]
     beliefs[N : N + n_new], hashes[N : N + n_new] = cand[canon], h[canon]

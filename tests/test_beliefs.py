@@ -1,5 +1,6 @@
 """Exact beliefs and entropies against hand computation, a naive per-token reference, brute-force
-enumeration and published values; factored geometry measured from sampled beliefs."""
+enumeration and published values; the mixed-state presentation against the previous (sort-based, torch)
+implementation kept below as a reference; factored geometry measured from sampled beliefs."""
 
 import math
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import toy.msp
 from toy.beliefs import (
     belief_states,
     entropy_rate,
@@ -21,6 +23,7 @@ from toy.beliefs import (
 )
 from toy.data import sample
 from toy.factors import factor_marginals, factor_tokens, product_approximation, product_belief, schmidt_spectrum
+from toy.msp import MixedStatePresentation, _hashes
 from toy.processes import (
     Process,
     capability_tag,
@@ -145,6 +148,84 @@ def test_rrxor_stationary_and_rate():
 # ----------------------------------------------------------------------------- mixed-state presentation
 
 
+def reference_mixed_state_presentation(process: Process, depth: int, tol: float = 1e-12) -> MixedStatePresentation:
+    """The previous implementation of ``mixed_state_presentation``, kept as the reference the level-at-a-time
+    numpy one is tested (and benchmarked, ``bench/msp_speed.py``) against: breadth-first in torch, equal beliefs
+    found by sorting one int64 hash of the rounded belief per node. Nodes of a depth come in hash order."""
+    S, V = process.n_states, process.vocab_size
+    flat = process.T.permute(1, 0, 2).reshape(S, V * S)
+    weights = (torch.randint(1, 2**62, (4096,), generator=torch.Generator().manual_seed(0)) | 1)[:S]
+    hash_of = lambda b: (torch.round(b / tol).to(torch.int64) * weights).sum(-1)  # noqa: E731
+    beliefs = process.stationary[None].clone()
+    next_node = torch.full((1, V), -1, dtype=torch.long)
+    token_probs = torch.zeros(1, V, dtype=torch.float64)
+    expanded = torch.zeros(1, dtype=torch.bool)
+    known_hash, known_id = hash_of(beliefs), torch.zeros(1, dtype=torch.long)  # sorted hashes and their node ids
+    levels = [(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.float64))]
+    for _ in range(depth):
+        nodes, probs = levels[-1]
+        todo = nodes[~expanded[nodes]]
+        if len(todo):
+            joint = (beliefs[todo] @ flat).view(-1, V, S)
+            px = joint.sum(-1)
+            ok = px > 1e-15
+            cand = (joint / px.clamp_min(1e-300)[..., None])[ok]
+            sh, perm = torch.sort(hash_of(cand))
+            uh, inv_sorted = torch.unique_consecutive(sh, return_inverse=True)
+            inv = torch.empty_like(inv_sorted).scatter_(0, perm, inv_sorted)
+            first = torch.empty(len(uh), dtype=torch.long).scatter_(0, inv_sorted, perm)
+            pos = torch.searchsorted(known_hash, uh).clamp_max(len(known_hash) - 1)
+            found = known_hash[pos] == uh
+            ids = torch.where(found, known_id[pos], -1)
+            n_new = int((~found).sum())
+            new_ids = torch.arange(beliefs.shape[0], beliefs.shape[0] + n_new)
+            ids[~found] = new_ids
+            beliefs = torch.cat([beliefs, cand[first[~found]]])
+            next_node = torch.cat([next_node, torch.full((n_new, V), -1, dtype=torch.long)])
+            token_probs = torch.cat([token_probs, torch.zeros(n_new, V, dtype=torch.float64)])
+            expanded = torch.cat([expanded, torch.zeros(n_new, dtype=torch.bool)])
+            known_hash, order = torch.sort(torch.cat([known_hash, uh[~found]]))
+            known_id = torch.cat([known_id, new_ids])[order]
+            rows = torch.full((len(todo), V), -1, dtype=torch.long)
+            rows[ok] = ids[inv]
+            next_node[todo], token_probs[todo], expanded[todo] = rows, px, True
+        child, p = next_node[nodes], token_probs[nodes] * probs[:, None]
+        m = child >= 0
+        dense = torch.zeros(beliefs.shape[0], dtype=torch.float64).index_add_(0, child[m], p[m])
+        reached = (dense > 0).nonzero().squeeze(1)
+        levels.append((reached, dense[reached]))
+    rest = (~expanded).nonzero().squeeze(1)
+    token_probs[rest] = (beliefs[rest] @ flat).view(-1, V, S).sum(-1)
+    return MixedStatePresentation(beliefs, next_node, token_probs, levels, tol)
+
+
+def node_map(a: MixedStatePresentation, b: MixedStatePresentation) -> np.ndarray:
+    """``m[i]`` = the node of ``b`` that node ``i`` of ``a`` is, found by following the same tokens from the
+    root; asserts that this is a bijection under which every transition of ``a`` is one of ``b``."""
+    assert a.n_nodes == b.n_nodes
+    m = np.full(a.n_nodes, -1)
+    m[0] = 0
+    an, bn, frontier = a.next_node.numpy(), b.next_node.numpy(), np.array([0])
+    while len(frontier):
+        ca, cb = an[frontier], bn[m[frontier]]
+        assert np.array_equal(ca >= 0, cb >= 0)
+        ca, cb = ca[ca >= 0], cb[cb >= 0]
+        seen = m[ca] >= 0
+        assert np.array_equal(m[ca[seen]], cb[seen])
+        m[ca[~seen]] = cb[~seen]
+        frontier = np.unique(ca[~seen])
+    assert (m >= 0).all() and len(np.unique(m)) == a.n_nodes
+    return m
+
+
+def first_depth(msp: MixedStatePresentation) -> np.ndarray:
+    """The first depth at which each node is reachable."""
+    d = np.full(msp.n_nodes, -1)
+    for k, (nodes, _) in reversed(list(enumerate(msp.levels))):
+        d[nodes.numpy()] = k
+    return d
+
+
 def test_msp_mess3_depth_counts_and_consistency():
     msp = mixed_state_presentation(mess3(), 6)
     assert msp.n_nodes == sum(3**d for d in range(7))  # no two Mess3 prefixes share a belief
@@ -166,6 +247,93 @@ def test_msp_finite_for_rrxor_and_tolerance_merges():
         mixed_state_presentation(mess3(), 12, max_nodes=1000)
     with pytest.raises(ValueError, match="tol"):
         mixed_state_presentation(mess3(), 2, tol=0)
+
+
+@pytest.mark.parametrize(
+    "process,depths",
+    [(mess3(), [0, 1, 5, 9]), (mess3(0.15, 0.6), [3, 8]), (rrxor(), [4, 30]), (even(0.5), [20]), (golden_mean(0.5), [20])],
+)
+def test_msp_is_the_reference_tree(process, depths):
+    """Same nodes, beliefs, token probabilities, transitions, levels and depths as the previous implementation,
+    up to node numbering (its nodes of a depth come in hash order, these in order of first appearance).
+    Beliefs agree to float noise (a few ulp: numpy vs torch BLAS); merges agree exactly on these processes,
+    whose beliefs lie nowhere near a rounding boundary of ``tol``."""
+    for depth in depths:
+        ref, msp = reference_mixed_state_presentation(process, depth), mixed_state_presentation(process, depth)
+        m = node_map(ref, msp)
+        assert torch.allclose(msp.beliefs[m], ref.beliefs, rtol=0, atol=2e-15)
+        assert torch.allclose(msp.token_probs[m], ref.token_probs, rtol=0, atol=2e-15)
+        assert np.array_equal(first_depth(msp)[m], first_depth(ref))
+        assert len(msp.levels) == len(ref.levels) == depth + 1
+        for (rn, rp), (nn, np_) in zip(ref.levels, msp.levels):
+            assert torch.equal(nn, nn.sort().values)  # ascending, as documented
+            order = np.argsort(m[rn.numpy()])
+            assert np.array_equal(m[rn.numpy()][order], nn.numpy())
+            assert torch.allclose(np_, rp[order], rtol=0, atol=1e-15)
+
+
+def test_msp_numbers_nodes_depth_by_depth_in_order_of_first_appearance():
+    """Mess3 is a tree (no merges): node ``k`` of depth ``d`` (first id ``s_d``) has children
+    ``s_{d+1} + V k + x``, and the last depth's rows are unexpanded."""
+    msp, V = mixed_state_presentation(mess3(), 4), 3
+    start = np.cumsum([0] + [V**d for d in range(5)])
+    for d in range(4):
+        k = np.arange(V**d)
+        expect = start[d + 1] + V * k[:, None] + np.arange(V)
+        assert np.array_equal(msp.next_node[start[d] : start[d + 1]].numpy(), expect)
+    assert (msp.next_node[start[4] :] == -1).all() and not msp.closed
+
+
+def test_msp_merges_equal_beliefs():
+    """Even and Golden Mean by hand (p = 1/2, pi = (2/3, 1/3)). Even: root; 0 -> (1, 0); 1 -> (1/2, 1/2);
+    (1, 0) -1-> (0, 1); (1/2, 1/2) -1-> (2/3, 1/3), the root again: 4 nodes at any depth >= 3, against one per
+    possible prefix without merging. Golden Mean: root, (0, 1), (1, 0): 3 nodes. Mess3 never merges."""
+    for process, n in [(even(0.5), 4), (golden_mean(0.5), 3)]:
+        msp = mixed_state_presentation(process, 8)
+        prefixes = 1 + sum(len(enumerate_sequences(process, k)[0]) for k in range(1, 9))
+        assert msp.n_nodes == n < prefixes and msp.closed
+    even_beliefs = mixed_state_presentation(even(0.5), 3).beliefs
+    hand = torch.tensor([[2 / 3, 1 / 3], [1, 0], [1 / 2, 1 / 2], [0, 1]], dtype=torch.float64)
+    assert torch.allclose(even_beliefs, hand, atol=1e-15)  # in order of first appearance: 0, 1, then 10
+    mess = mixed_state_presentation(mess3(), 5)
+    assert mess.n_nodes == 1 + sum(len(enumerate_sequences(mess3(), k)[0]) for k in range(1, 6))
+
+
+def test_msp_tolerance_merges_only_beliefs_closer_than_tol():
+    """At tol = 1e-10, depth 12, 27 Mess3 nodes merge into neighbours 7e-12 away (797,134 of 797,161 nodes);
+    every transition still lands within tol of the exact child belief, coordinate by coordinate."""
+    for tol, n in [(1e-12, 797_161), (1e-10, 797_134)]:
+        msp = mixed_state_presentation(mess3(), 12, tol=tol)
+        assert msp.n_nodes == n
+        b, nxt, T = msp.beliefs.numpy(), msp.next_node.numpy(), mess3().T.numpy()
+        i, x = np.nonzero(nxt >= 0)
+        child = np.einsum("ns,nsj->nj", b[i], T[x])
+        child /= child.sum(1, keepdims=True)
+        assert np.abs(child - b[nxt[i, x]]).max() < tol
+    # the key itself: same key <=> every coordinate rounds to the same multiple of tol
+    tol, mult = 1e-12, toy.msp._multipliers(3, 0)
+    base = np.array([[0.25, 0.25, 0.5]])
+    near = base + np.array([[0.49e-12, -0.49e-12, 0.0]])
+    across = base + np.array([[0.51e-12, 0.0, 0.0]])
+    keys = [_hashes(b, tol, mult) for b in (base, near, across)]
+    assert keys[0][1] == keys[1][1] and np.array_equal(keys[0][0], keys[1][0])
+    assert keys[0][1] != keys[2][1]
+    rng = np.random.default_rng(0)
+    a = rng.dirichlet(np.ones(3), 100_000)
+    b = a + rng.uniform(-2e-12, 2e-12, a.shape)
+    same = (_hashes(a, tol, mult)[1] == _hashes(b, tol, mult)[1])
+    assert same.any() and (~same).any() and np.abs(a - b)[same].max() < tol
+
+
+def test_msp_survives_a_hash_collision(monkeypatch):
+    """Hash multipliers of zero make every belief collide: the merge check on the rounded coordinates catches it
+    and the build restarts with other multipliers, giving the same tree."""
+    process = rrxor()  # one object: two rrxor() calls can differ in the last bit of the stationary distribution
+    good = mixed_state_presentation(process, 12)
+    real = toy.msp._multipliers
+    monkeypatch.setattr(toy.msp, "_multipliers", lambda S, seed: real(S, seed) * (seed > 0))
+    again = mixed_state_presentation(process, 12)
+    assert torch.equal(again.beliefs, good.beliefs) and torch.equal(again.next_node, good.next_node)
 
 
 # ----------------------------------------------------------------------------- factored geometry

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse
 import scipy.sparse.linalg
 import torch
 
+from toy.msp import TOL, MixedStatePresentation, mixed_state_presentation  # noqa: F401  (public here too)
 from toy.processes import Process
-
-TOL = 1e-12  # beliefs whose entries round to the same multiple of TOL are one belief (MSP, myopic entropies)
 
 # ---------------------------------------------------------------------------- filtering
 
@@ -126,113 +124,12 @@ def initial_token_distribution(process: Process) -> torch.Tensor:
     return process.stationary @ process.T.sum(-1).T
 
 
-# ---------------------------------------------------------------------------- mixed-state presentation
-
-
-@dataclass
-class MixedStatePresentation:
-    """The mixed-state presentation (MSP) up to a depth, as flat tensors (no object tree).
-
-    Attributes:
-        beliefs: ``(N, S)`` distinct beliefs; node 0 is the stationary distribution (depth 0).
-        next_node: ``(N, V)`` long, the node reached by emitting each token, ``-1`` if that token has
-            probability 0 or the node lies at the last depth and was not expanded.
-        token_probs: ``(N, V)`` ``P(token | belief)``.
-        levels: per depth ``d = 0..depth``, ``(nodes, probs)``: the nodes reachable after ``d`` tokens and the
-            probability of being at each (nodes may recur across depths, e.g. RRXOR).
-        tol: beliefs whose entries round to the same multiple of ``tol`` are one node.
-    """
-
-    beliefs: torch.Tensor
-    next_node: torch.Tensor
-    token_probs: torch.Tensor
-    levels: list[tuple[torch.Tensor, torch.Tensor]]
-    tol: float
-
-    @property
-    def n_nodes(self) -> int:
-        return self.beliefs.shape[0]
-
-    @property
-    def closed(self) -> bool:
-        """True when every node's successors are in the graph: the MSP is finite and complete."""
-        return bool((self.next_node >= 0).any(1).all())
-
-    def transition_matrix(self) -> torch.Tensor:
-        """``(N, N)`` belief-to-belief transition probabilities (rows of unexpanded nodes are zero)."""
-        P = torch.zeros(self.n_nodes, self.n_nodes, dtype=torch.float64)
-        rows = torch.arange(self.n_nodes)[:, None].expand_as(self.next_node)
-        m = self.next_node >= 0
-        return P.index_put_((rows[m], self.next_node[m]), self.token_probs[m], accumulate=True)
+# ---------------------------------------------------------------------------- entropies
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats along the last axis (0 log 0 = 0)."""
     return -(p * p.clamp_min(1e-300).log()).sum(-1)
-
-
-def mixed_state_presentation(
-    process: Process, depth: int, tol: float = TOL, max_nodes: int = 20_000_000
-) -> MixedStatePresentation:
-    """Breadth-first MSP to ``depth`` tokens, merging beliefs equal up to ``tol`` across all depths.
-
-    Memory is linear in the number of distinct beliefs; node identity is a sorted array of belief hashes,
-    so there is no per-node Python work. Mess3(0.05, 0.85) at depth 12 has 797,161 nodes = 1 + 3 + ... + 3^12:
-    no two of its prefixes share a belief (checked in exact rational arithmetic). A coarser ``tol`` merges
-    distinct beliefs that happen to lie close: at ``tol=1e-10`` 27 nodes are absorbed into neighbours
-    (prefixes like ``0^11`` and ``0^12``, 7e-12 apart near the fixed point of ``T[0]``), giving 797,134.
-    """
-    if depth < 0:
-        raise ValueError(f"depth must be >= 0; got {depth}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0; got {tol}")
-    S, V = process.n_states, process.vocab_size
-    flat = _flat(process, "cpu")
-    beliefs = process.stationary[None].clone()
-    next_node = torch.full((1, V), -1, dtype=torch.long)
-    token_probs = torch.zeros(1, V, dtype=torch.float64)
-    expanded = torch.zeros(1, dtype=torch.bool)
-    known_hash = _hash(beliefs, tol)  # sorted hashes of all nodes, and their node ids
-    known_id = torch.zeros(1, dtype=torch.long)
-    levels = [(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.float64))]
-    for d in range(depth):
-        nodes, probs = levels[-1]
-        todo = nodes[~expanded[nodes]]
-        if len(todo):
-            joint = (beliefs[todo] @ flat).view(-1, V, S)
-            px = joint.sum(-1)
-            ok = px > 1e-15
-            cand = (joint / px.clamp_min(1e-300)[..., None])[ok]
-            h = _hash(cand, tol)
-            uh, first, inv = _unique_first(h)
-            pos = torch.searchsorted(known_hash, uh).clamp_max(len(known_hash) - 1)
-            found = known_hash[pos] == uh
-            ids = torch.where(found, known_id[pos], -1)
-            n_new = int((~found).sum())
-            if beliefs.shape[0] + n_new > max_nodes:
-                raise ValueError(
-                    f"{process.name}: the MSP exceeds max_nodes={max_nodes:,} at depth {d + 1}; use a smaller depth"
-                )
-            new_ids = torch.arange(beliefs.shape[0], beliefs.shape[0] + n_new)
-            ids[~found] = new_ids
-            beliefs = torch.cat([beliefs, cand[first[~found]]])
-            next_node = torch.cat([next_node, torch.full((n_new, V), -1, dtype=torch.long)])
-            token_probs = torch.cat([token_probs, torch.zeros(n_new, V, dtype=torch.float64)])
-            expanded = torch.cat([expanded, torch.zeros(n_new, dtype=torch.bool)])
-            known_hash, order = torch.sort(torch.cat([known_hash, uh[~found]]))
-            known_id = torch.cat([known_id, new_ids])[order]
-            rows = torch.full((len(todo), V), -1, dtype=torch.long)
-            rows[ok] = ids[inv]
-            next_node[todo], token_probs[todo], expanded[todo] = rows, px, True
-        child, p = next_node[nodes], token_probs[nodes] * probs[:, None]
-        m = child >= 0
-        dense = torch.zeros(beliefs.shape[0], dtype=torch.float64).index_add_(0, child[m], p[m])
-        reached = (dense > 0).nonzero().squeeze(1)
-        levels.append((reached, dense[reached]))
-    # token probabilities of the unexpanded nodes too, so every node knows its next-token distribution
-    rest = (~expanded).nonzero().squeeze(1)
-    token_probs[rest] = (beliefs[rest] @ flat).view(-1, V, S).sum(-1)
-    return MixedStatePresentation(beliefs, next_node, token_probs, levels, tol)
 
 
 _HASH = torch.randint(1, 2**62, (4096,), generator=torch.Generator().manual_seed(0)) | 1
@@ -247,18 +144,6 @@ def _hash(beliefs: torch.Tensor, tol: float) -> torch.Tensor:
     if beliefs.shape[-1] > len(_HASH):
         raise ValueError(f"beliefs with more than {len(_HASH)} states are not supported")
     return (torch.round(beliefs / tol).to(torch.int64) * _HASH[: beliefs.shape[-1]]).sum(-1)
-
-
-def _unique_first(h: torch.Tensor):
-    """``unique(h)`` with, for each unique value, the index of one occurrence, and the inverse map."""
-    sh, perm = torch.sort(h)
-    uh, inv_sorted = torch.unique_consecutive(sh, return_inverse=True)
-    inv = torch.empty_like(inv_sorted).scatter_(0, perm, inv_sorted)
-    first = torch.empty(len(uh), dtype=torch.long).scatter_(0, inv_sorted, perm)
-    return uh, first, inv
-
-
-# ---------------------------------------------------------------------------- entropies
 
 
 def _myopic_levels(process: Process, tol: float):

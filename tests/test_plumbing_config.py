@@ -54,13 +54,13 @@ def test_yaml_lists_and_mappings_are_converted_per_element(tmp_path):
 
 ENTRY_POINTS = {
     "pipeline": ["mess3", "mess3_gpu", "rrxor"],
-    "pretrain": ["rl_pretrain_gates", "rl_pretrain_mess3_rrxor", "rl_pretrain_rare", "rl_pretrain_segments"],
+    "pretrain": ["rl_pretrain_gates", "rl_pretrain_headroom", "rl_pretrain_mess3_rrxor", "rl_pretrain_rare", "rl_pretrain_segments"],
     "factored": ["factored"],
     "factor_steering": ["factor_steering"],
     "toy_em": ["toy_em"],
     "em_chain": ["em_chain", "em_chain_subsets"],
     "steering_knob": ["factor_steering_knob"],
-    "rl": ["rl_compose", "rl_gates", "rl_rare", "rl_reweight", "rl_segments"],
+    "rl": ["rl_compose", "rl_gates", "rl_headroom", "rl_rare", "rl_reweight", "rl_segments"],
     "rl_objectives": ["rl_compose"],
     "ladder": ["rl_compose", "rl_segments"],
     "reweighting": ["rl_compose", "rl_segments", "rl_reweight", "rl_gates"],

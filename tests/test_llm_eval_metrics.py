@@ -192,12 +192,15 @@ def test_calibration_small_simulation_before_and_after():
 
 @pytest.mark.slow
 def test_calibration_full_table_every_used_interval_holds_its_level():
-    """``python -m llm.em_calibration``'s table: every interval the toolkit uses covers at least 93% where it uses it,
-    and at most 97% where it is not the conservative pooled fallback (about 10 minutes on two cores)."""
-    for r in calibrate(CalibrationConfig()):
+    """``python -m llm.em_calibration``'s table: every interval the toolkit uses covers [93%, 97%] where it uses it,
+    up to the simulation's own 95% margin, except the pooled score intervals, which are the conservative fallback at
+    1 - 2 replies per question (about 15 minutes on two cores)."""
+    cfg = CalibrationConfig()
+    margin = 1.96 * (0.95 * 0.05 / cfg.runs) ** 0.5
+    for r in calibrate(cfg):
         if r["reported"]:
-            assert r["coverage"] >= 0.93, r
-            assert r["coverage"] <= 0.97 or r["method"] in ("wilson", "newcombe"), r
+            assert r["coverage"] >= 0.93 - margin, r
+            assert r["coverage"] <= 0.97 + margin or r["method"] in ("wilson", "newcombe"), r
 
 
 def test_parse_score_rejects_garbage():

@@ -118,7 +118,6 @@ def _json(path: Path) -> dict:
 
 
 def _em(dirs: dict, cfg: dict, out_dir: Path) -> dict:
-
     n_boot, seed, protocol = cfg["eval"].n_boot, cfg["eval"].seed, cfg["eval"].em_protocol
     rows = {(m, w): read_judged_csv(d[w] / "replies.csv") for m, d in dirs.items() for w in ("eval_before", "eval_after") if w in d}
     out = {m: {w: em_rate(r, n_boot=n_boot, seed=seed, protocol=protocol)["overall"] for (mm, w), r in rows.items() if mm == m}

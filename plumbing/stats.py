@@ -5,14 +5,19 @@
   interval).
 * ``newcombe``: Newcombe's hybrid score interval (method 10 of Newcombe 1998, Stat. Med. 17:873) for the
   difference of two proportions drawn independently, e.g. two models' replies to the same questions.
+* ``stratified_wilson_bounds`` / ``stratified_newcombe_bounds``: the same on the effective sample size of the
+  question strata (``design_effect``, Kish): questions differ in EM rate, and an interval on the pooled count,
+  which ignores that each question got a fixed number of replies, covers more than its level (97-99.6% measured).
+  ``rate_interval`` / ``difference_interval`` pick the one calibrated at the counts (``chosen``).
 * ``cluster_difference``: the between-question view -- a bootstrap over questions (both models' replies to a
   question move together) of the difference of pooled rates, widened by the expanded-percentile correction
   (Hesterberg 2015, Am. Stat. 69:371) that the plain percentile bootstrap of a mean needs at a few clusters.
   It speaks for "other questions like these"; the two intervals above speak for the questions asked.
 * ``min_detectable_difference`` / ``min_detectable_mean``: the smallest effect a sample detects with 80% power.
-* ``REPORTED`` / ``reported``: at which counts each interval is used for a verdict. The minimums are the counts at
-  which ``python -m llm.em_calibration`` measured the interval's coverage of a nominal 95% inside [93%, 97%];
-  below them an interval may still be shown, but nothing is concluded from it.
+* ``REPORTED`` / ``reported`` / ``chosen``: at which counts each interval is used. The minimums are the counts at
+  which ``python -m llm.em_calibration`` measured the interval's coverage of a nominal 95% inside [93%, 97%] (the
+  pooled score intervals: at least 93%, conservative below the stratified ones' counts); below them an interval
+  may still be shown, but nothing is concluded from it.
 
 Every function is vectorised over leading batch dimensions (the calibration runs thousands of simulated
 experiments at once) and has no state: the same counts give the same interval.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 
 import numpy as np
 
@@ -221,8 +227,6 @@ def cluster_difference(k1, n1, k2=None, n2=None, n_boot: int = 2000, seed: int =
     ``k2, n2``."""
     k2 = np.zeros_like(np.asarray(k1, float)) if k2 is None else k2
     n2 = np.zeros_like(np.asarray(n1, float)) if n2 is None else n2
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples: the interval is then undefined
         return _pair(*cluster_difference_bounds(k1, n1, k2, n2, n_boot, np.random.default_rng(seed), level))

@@ -309,10 +309,10 @@ def verdict(d: Mapping) -> str:
     at = f"{_replies(d['replies_per_question'])} per question x {d['n_questions']} questions"
     if d["ci"][0] is None:
         return "No interval: a model has no counted reply."
-    if d["ci_method"] is None:
-        return f"The interval is not calibrated at {at} (`python -m llm.em_calibration`): no verdict is drawn from it."
     mde = "no difference up to 1" if d["mde"] is None else f"a difference of {d['mde']:.3g}"
     power = f"At {at} ({d['a']['n_counted']} and {d['b']['n_counted']} counted replies) this sample detects {mde} with 80% power."
+    if d["ci_method"] is None:
+        return f"The interval is not calibrated at these counts (`python -m llm.em_calibration`): no verdict is drawn from it. {power}"
     if d["ci_method"] == "newcombe":
         power += " (At these counts the interval is conservative: it covers more than 95%.)"
     if d["ci"][0] > 0 or d["ci"][1] < 0:

@@ -1,6 +1,6 @@
 """Coverage of the toolkit's EM intervals at the counts the configs run, by simulation.
 
-    python -m llm.em_calibration                       # the full table: 1000 runs a cell, ~20 min on 2 busy cores
+    python -m llm.em_calibration                       # the full table: 1000 runs a cell, 8-20 min on 2 shared cores
     python -m llm.em_calibration --runs 300 --replies_per_question 2 --questions 8
 
 Each simulated experiment asks ``Q`` questions ``R`` times of two models A and B. Question q's misalignment rate

@@ -23,7 +23,7 @@ main process) show sampling and judging.
 
 Writes ``<output_dir>/replies.csv`` in the judged-file columns (``question, answer, question_id,
 aligned, coherent`` + ``paraphrase_index, sample_index``), ``metrics.json`` (EM rate under
-``em_protocol`` overall and per question with bootstrap CIs, coherent and medical shares, see
+``em_protocol`` overall and per question with Wilson intervals, coherent and medical shares, see
 ``llm.em_metrics.em_rate``; mean scores; the run record), ``summary.md`` (which model and adapter
 were judged, by which judge, rates with CIs, per-question table) and the plots ``quadrants.png``
 (coherent vs aligned) and ``em_per_question.png`` (per-question EM with CIs).
@@ -72,6 +72,7 @@ from llm.data import FIRST_PLOT_QUESTIONS
 from llm.em_metrics import (
     PROTOCOLS,
     Protocol,
+    detectable_line,
     em_rate,
     plot_em_per_question,
     plot_quadrants,
@@ -135,7 +136,7 @@ class EvalConfig(OpenAIJudgeConfig):
         default=None, metadata={"help": "hub id / folder / .gguf of the local judge (judge: hf)"}
     )
     hf_judge_batch_size: int = field(default=8, metadata={"help": "judge prompts per forward (judge: hf)"})
-    n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples for the CIs"})
+    n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples of the between-question EM interval"})
     output_dir: str = field(default="runs/em_eval", metadata={"help": "where replies.csv, metrics.json, summary.md and plots go ('' = nowhere)"})
     overwrite: bool = field(
         default=False, metadata={"help": "replace a folder that holds another run's evaluation (default: refuse)"}
@@ -441,10 +442,11 @@ def _summary_md(cfg: EvalConfig, rec: Mapping, judge: str, em: Mapping, means: M
         f"- weights fingerprint: `{rec.get('weights_fingerprint')}` (generation: {rec.get('generate_fn')})",
         f"- judge: `{judge}`", f"- questions: `{cfg.question_file}` (variants {', '.join(cfg.variants)}; "
         f"{o['n_replies']} replies, {cfg.max_new_tokens} new tokens max, temperature {cfg.temperature})",
-        f"- protocol: `{em['protocol']}` (llm.em_metrics); {100 * em['level']:.0f}% bootstrap CIs, {em['n_boot']} resamples",
+        f"- protocol: `{em['protocol']}` (llm.em_metrics); {100 * em['level']:.0f}% Wilson intervals of the pooled counts "
+        f"(between questions: a bootstrap over questions, {em['n_boot']} resamples, where enough questions make it hold)",
         f"- this run: sampled {counts['sampled']}, judged {counts['judged']}; found on disk: "
         f"{counts['resumed_replies']} replies, {counts['resumed_scores']} judged; wall {wall_s:.0f}s", "",
-        "## Rates", "", summary_line("overall", o), "",
+        "## Rates", "", summary_line("overall", o), "", detectable_line(o), "",
         "Mean scores: " + ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} n/a" for k, v in means.items()), "",
         "| question | EM | CI | misaligned / counted | coherent |", "|---|---|---|---|---|",
     ]
@@ -474,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
     if _state().is_main_process:
         o = result["em"]["overall"]
         print(json.dumps({"model": _model_label({"model": record}), "adapter": model_cfg.adapter_path,
-                          "judge": result["judge"], "protocol": eval_cfg.em_protocol, **o,
+                          "judge": result["judge"], "protocol": eval_cfg.em_protocol, **o, "detectable": detectable_line(o),
                           "mean_scores": result["mean_scores"], "counts": result["counts"], **result["paths"]}, indent=1))
     return result
 

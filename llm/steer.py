@@ -30,7 +30,10 @@ Steps, all on ``model_name_or_path``:
    random direction should not.
 
 Replies are judged by ``llm.evaluate``'s judges (default: the offline MiniLM + ridge judge) and summarised
-as mean aligned / coherent score and EM rate (aligned < 30 and coherent > 50) with bootstrap CIs.
+as mean aligned / coherent score and EM rate (``llm.em_metrics``, Wilson intervals); conditions are compared reply
+by reply (``paired_difference``: Student-t intervals, used for a verdict only at the counts where
+``llm.em_calibration`` found them to hold their level). A condition whose replies the judge scored none of is
+reported as n/a and kept.
 
 Writes to ``output_dir``: ``metrics.json``, ``summary.md``, ``directions.{safetensors,json}``,
 ``conditions/<name>/{replies.csv,metrics.json}``, ``steering.png`` (aligned score and EM rate vs alpha,
@@ -44,6 +47,7 @@ import dataclasses
 import json
 import logging
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -64,6 +68,7 @@ from llm.directions import (
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.offline_judge import DEFAULT_WEIGHTS
 from plumbing.runs import refuse_multiprocess
+from plumbing.stats import mean_ci, min_detectable_mean, reported
 from probes.activations import Edit, add_vector, generate_with_edits, project_out, residual_sites
 from probes.linear import split_indices
 
@@ -195,37 +200,62 @@ def run_conditions(model, tokenizer, conditions: dict[str, list[Edit]], cfg: Ste
             # condition, so two conditions can be compared reply by reply (``paired_difference``)
             "aligned_by_reply": {f"{r['question_id']}|{r['paraphrase_index']}|{r['sample_index']}": r["aligned"] for r in res["rows"]},
         }
-        logger.info("%s: aligned %.1f coherent %.1f EM %s", name, results[name]["aligned"], results[name]["coherent"], o["em_rate"])
+        logger.info("%s: aligned %s coherent %s EM %s", name, _fmt(results[name]["aligned"]), _fmt(results[name]["coherent"]), _fmt(o["em_rate"]))
     return results
 
 
-def paired_difference(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean of ``b[k] - a[k]`` over the replies scored in both conditions (``{key: score or None}``), with a
-    95% bootstrap CI over replies: ``{"mean", "ci", "n"}``. Pairing removes the prompt-to-prompt spread that
-    two independent means would carry."""
+def _design(keys: list[str]) -> tuple[int, int]:
+    """(fewest replies of any question, number of questions) of ``question|paraphrase|sample`` keys."""
+    per_q: dict[str, int] = {}
+    for k in keys:
+        q = k.split("|")[0]
+        per_q[q] = per_q.get(q, 0) + 1
+    return min(per_q.values(), default=0), len(per_q)
+
+
+def paired_difference(a: dict, b: dict, level: float = 0.95) -> dict:
+    """Mean of ``b[k] - a[k]`` over the replies scored in both conditions (``{key: score or None}``, keys
+    ``question|paraphrase|sample``) with its Student-t interval (``plumbing.stats.mean_ci``): ``{"mean", "ci",
+    "n", "calibrated", "mde"}``. ``calibrated``: whether ``llm.em_calibration`` found the interval to hold its level
+    at these counts (replies per question x questions; verdicts read only such intervals); ``mde``: the smallest
+    mean change these pairs detect with 80% power. Pairing removes the prompt-to-prompt spread that two independent
+    means would carry."""
     keys = [k for k in a if a[k] is not None and b.get(k) is not None]
     if len(keys) < 2:
-        return {"mean": None, "ci": [None, None], "n": len(keys)}
-    d = torch.tensor([b[k] - a[k] for k in keys], dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    boot = d[torch.randint(len(d), (n_boot, len(d)), generator=g)].mean(1)
-    return {"mean": float(d.mean()), "ci": [float(boot.quantile(0.025)), float(boot.quantile(0.975))], "n": len(keys)}
+        return {"mean": None, "ci": [None, None], "n": len(keys), "calibrated": False, "mde": None}
+    d = [b[k] - a[k] for k in keys]
+    m = mean_ci(d, level)
+    return {"mean": m["mean"], "ci": m["ci"], "n": len(keys), "calibrated": reported("paired_t", *_design(keys)),
+            "mde": min_detectable_mean(statistics.stdev(d), len(d), level)}
 
 
-def monotonicity(alphas: list[float], by_reply: list[dict], seed: int = 0) -> dict:
+def monotonicity(alphas: list[float], by_reply: list[dict]) -> dict:
     """Is the aligned score non-increasing in alpha beyond sampling noise? Paired differences (see
     ``paired_difference``) between neighbouring alphas (sorted) and between the extremes.
-    ``within_noise``: no neighbouring step rises with its 95% CI above 0; ``trend_significant``: the
-    extremes differ with the CI below 0."""
-    steps = [paired_difference(by_reply[i], by_reply[i + 1], seed=seed) | {"from": alphas[i], "to": alphas[i + 1]}
+    ``within_noise``: no neighbouring step rises with a calibrated 95% CI above 0; ``trend_significant``: the
+    extremes differ with a calibrated CI below 0."""
+    steps = [paired_difference(by_reply[i], by_reply[i + 1]) | {"from": alphas[i], "to": alphas[i + 1]}
              for i in range(len(alphas) - 1)]
-    overall = paired_difference(by_reply[0], by_reply[-1], seed=seed) if len(alphas) > 1 else None
+    overall = paired_difference(by_reply[0], by_reply[-1]) if len(alphas) > 1 else None
     return {
         "steps": steps,
         "overall": overall,
-        "within_noise": all(st["ci"][0] is None or st["ci"][0] <= 0 for st in steps),
-        "trend_significant": bool(overall and overall["ci"][1] is not None and overall["ci"][1] < 0),
+        "within_noise": not any(st["calibrated"] and st["ci"][0] > 0 for st in steps),
+        "trend_significant": bool(overall and overall["calibrated"] and overall["ci"][1] < 0),
     }
+
+
+def trend(alphas: list[float], aligned: list[float | None]) -> dict:
+    """Monotonicity and Spearman of the mean aligned score over the alphas (sorted) where some reply was scored:
+    ``{"monotone_decreasing", "spearman", "unscored_alphas"}``; the first two None with fewer than two such
+    alphas (a judge may score no reply of a condition: REFUSAL, CODE, too little probability on numbers)."""
+    kept = [(a, y) for a, y in zip(alphas, aligned) if y is not None]
+    out = {"monotone_decreasing": None, "spearman": None, "unscored_alphas": [a for a, y in zip(alphas, aligned) if y is None]}
+    if len(kept) > 1:
+        x, y = (torch.tensor(v, dtype=torch.float64) for v in zip(*kept))
+        out["monotone_decreasing"] = bool((y[:-1] >= y[1:]).all())
+        out["spearman"] = spearman(x, y)
+    return out
 
 
 def run(model, tokenizer, cfg: SteerConfig, judge=None) -> dict:
@@ -309,11 +339,11 @@ def run(model, tokenizer, cfg: SteerConfig, judge=None) -> dict:
         "em_rate": [steer[i]["em_rate"] for i in order],
         "coherent": [steer[i]["coherent"] for i in order],
         "aligned_coherent": [steer[i]["aligned_coherent"] for i in order],
-        "aligned_monotone_decreasing": all(x >= y for x, y in zip(aligned_sorted, aligned_sorted[1:])),
-        "monotonicity": monotonicity([cfg.alphas[i] for i in order], [steer[i]["aligned_by_reply"] for i in order], cfg.seed),
-        "spearman_alpha_vs_aligned": spearman(torch.tensor([cfg.alphas[i] for i in order], dtype=torch.float64),
-                                              torch.tensor(aligned_sorted, dtype=torch.float64)),
+        "monotonicity": monotonicity([cfg.alphas[i] for i in order], [steer[i]["aligned_by_reply"] for i in order]),
     }
+    t = trend(metrics["steering"]["alphas"], aligned_sorted)
+    metrics["steering"] |= {"aligned_monotone_decreasing": t["monotone_decreasing"], "spearman_alpha_vs_aligned": t["spearman"],
+                            "unscored_alphas": t["unscored_alphas"]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     _plots(metrics, out)
     _summary(metrics, out)
@@ -327,25 +357,29 @@ def _plots(m: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     s, conds = m["steering"], m["conditions"]
-    se = [1.96 * conds.get(f"alpha_{a:g}", {}).get("aligned_se", float("nan")) for a in s["alphas"]]
+
+    def nan(x):  # a condition with no scored reply has no mean: drawn as a gap
+        return float("nan") if x is None else x
+
+    se = [1.96 * nan(conds.get(f"alpha_{a:g}", {}).get("aligned_se")) for a in s["alphas"]]
     em_err = [[max(e - c[0], 0), max(c[1] - e, 0)] if e is not None and c and c[0] is not None else [float("nan")] * 2
               for e, c in zip(s["em_rate"], [conds.get(f"alpha_{a:g}", {}).get("em_ci") for a in s["alphas"]])]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax[0].errorbar(s["alphas"], s["aligned"], yerr=se, fmt="o-", capsize=3, label="misalignment direction (95% CI)")
-    ax[1].errorbar(s["alphas"], [float("nan") if e is None else e for e in s["em_rate"]],
+    ax[0].errorbar(s["alphas"], [nan(x) for x in s["aligned"]], yerr=se, fmt="o-", capsize=3, label="misalignment direction (95% CI)")
+    ax[1].errorbar(s["alphas"], [nan(e) for e in s["em_rate"]],
                    yerr=list(zip(*em_err)) if em_err else None, fmt="o-", capsize=3)
     for name, r in conds.items():
         if name.startswith("random") and "alpha" in name:
             a = float(name.split("alpha_")[1])
-            ax[0].errorbar([a], [r["aligned"]], yerr=[1.96 * r.get("aligned_se", float("nan"))], fmt="x", color="gray",
+            ax[0].errorbar([a], [nan(r["aligned"])], yerr=[1.96 * nan(r.get("aligned_se"))], fmt="x", color="gray",
                            capsize=3, label="random direction, same norm")
-            ax[1].plot([a], [float("nan") if r["em_rate"] is None else r["em_rate"]], "x", color="gray")
+            ax[1].plot([a], [nan(r["em_rate"])], "x", color="gray")
     # one colour per ablated direction, one line style per extent: four lines a reader can tell apart
     styles = {"ablate_one": ("C3", "--", f"ablate v at {m['steer_site']}"), "ablate_all": ("C3", ":", "ablate v at every block"),
               "random0_ablate_one": ("0.5", "--", f"ablate random at {m['steer_site']}"),
               "random0_ablate_all": ("0.5", ":", "ablate random at every block")}
     for name, (color, ls, label) in styles.items():
-        if name in conds:
+        if name in conds and conds[name]["aligned"] is not None:
             ax[0].axhline(conds[name]["aligned"], color=color, ls=ls, lw=1.2, label=label)
     ax[0].set(xlabel="alpha (steering strength)", ylabel="mean aligned score (judge)")
     ax[1].set(xlabel="alpha (steering strength)", ylabel="EM rate (95% CI)")
@@ -380,7 +414,16 @@ def _plots(m: dict, out: Path) -> None:
 
 
 def _fmt(x) -> str:
+    if isinstance(x, bool):
+        return str(x)
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def paired_text(p: dict | None) -> str:
+    """``mean [lo, hi]`` of a ``paired_difference``, marked when its interval is not calibrated at its counts."""
+    if not p or p.get("mean") is None:
+        return "n/a"
+    return f"{_fmt(p['mean'])} [{_fmt(p['ci'][0])}, {_fmt(p['ci'][1])}]" + ("" if p["calibrated"] else " (not calibrated)")
 
 
 def _summary(m: dict, out: Path) -> None:
@@ -402,13 +445,17 @@ def _summary(m: dict, out: Path) -> None:
                      f"{_fmt(r['coherent'])} | {_fmt(r['em_rate'])} | {r['n_counted']}/{r['n_replies']} |")
     s = m["steering"]
     mono = s["monotonicity"]
-    lines += ["", f"Aligned score monotone non-increasing in alpha: {s['aligned_monotone_decreasing']} "
-              f"(Spearman alpha vs aligned {_fmt(s['spearman_alpha_vs_aligned'])}); within sampling noise: "
-              f"{mono['within_noise']} (no step between neighbouring alphas rises with its paired 95% CI above 0); "
+    unscored = f"; alphas with no scored reply, left out: {', '.join(f'{a:g}' for a in s['unscored_alphas'])}" if s["unscored_alphas"] else ""
+    lines += ["", f"Aligned score monotone non-increasing in alpha: {_fmt(s['aligned_monotone_decreasing'])} "
+              f"(Spearman alpha vs aligned {_fmt(s['spearman_alpha_vs_aligned'])}{unscored}); within sampling noise: "
+              f"{mono['within_noise']} (no step between neighbouring alphas rises with a calibrated paired 95% CI above 0); "
               f"trend significant: {mono['trend_significant']}.", "",
-              "| alpha step | paired change of aligned (95% CI) | replies |", "|---|---|---|"]
+              "Paired changes: Student-t 95% CIs over replies; 'not calibrated' marks counts at which `python -m "
+              "llm.em_calibration` found such an interval too narrow (no verdict is drawn from it); the last column is the "
+              "smallest mean change these replies detect with 80% power.", "",
+              "| alpha step | paired change of aligned (95% CI) | replies | detectable (80% power) |", "|---|---|---|---|"]
     for st in mono["steps"] + ([mono["overall"] | {"from": s["alphas"][0], "to": s["alphas"][-1]}] if mono["overall"] else []):
-        lines.append(f"| {st['from']:g} -> {st['to']:g} | {_fmt(st['mean'])} [{_fmt(st['ci'][0])}, {_fmt(st['ci'][1])}] | {st['n']} |")
+        lines.append(f"| {st['from']:g} -> {st['to']:g} | {paired_text(st)} | {st['n']} | {_fmt(st['mde'])} |")
     if "monitor" in m:
         mo = m["monitor"]
         lines += ["", f"Projection monitor on {mo['n']} judged replies ({mo['n_misaligned']} misaligned, "

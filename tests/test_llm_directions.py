@@ -251,7 +251,7 @@ def test_shipped_config_parses():
 def test_monotonicity_uses_paired_replies_and_flags_only_significant_rises():
     from llm.steer import monotonicity, paired_difference
 
-    base = {f"q|0|{i}": float(i % 50) for i in range(200)}  # wide spread between replies
+    base = {f"q{i % 8}|0|{i}": float(i % 50) for i in range(200)}  # 8 questions, wide spread between replies
     lower = {k: v - 5.0 for k, v in base.items()}  # every reply 5 points lower: a clear paired drop
     noisy = {k: v + (1.0 if i % 2 else -1.0) for i, (k, v) in enumerate(lower.items())}  # no systematic change
     d = paired_difference(base, lower)
@@ -261,5 +261,49 @@ def test_monotonicity_uses_paired_replies_and_flags_only_significant_rises():
     assert m["steps"][1]["ci"][0] < 0 < m["steps"][1]["ci"][1]
     rising = {k: v + 3.0 for k, v in lower.items()}
     assert not monotonicity([0.0, 1.0, 2.0], [base, lower, rising])["within_noise"]
+    # one question asked: an interval over its replies is not calibrated there, so no verdict is drawn from it
+    one = [{k.replace(k.split("|")[0], "q", 1): v for k, v in x.items()} for x in (base, lower, rising)]
+    m1 = monotonicity([0.0, 1.0, 2.0], one)
+    assert m1["overall"]["ci"][1] < 0 and not m1["overall"]["calibrated"] and not m1["trend_significant"]
+    assert m1["within_noise"]
     # replies the judge did not score (None) drop out of the pairing
     assert paired_difference({"a": None, "b": 1.0, "c": 2.0}, {"a": 5.0, "b": 0.0, "c": 0.0})["n"] == 2
+
+
+class ScoresNone(LengthJudge):
+    """Stub judge that gives no score (as for a REFUSAL or CODE reply) to the replies in ``unscored``."""
+
+    def __init__(self, unscored):
+        self.unscored = set(unscored)
+
+    def score(self, requests):
+        return [None if r.answer in self.unscored else s for r, s in zip(requests, super().score(requests))]
+
+
+def test_steer_keeps_and_reports_a_condition_the_judge_scored_none_of(tmp_path, tiny):
+    """A judge may score no reply of a condition (a strongly steered model refuses or writes code): every summary
+    reports n/a for it and keeps its replies, the trend is read over the scored alphas."""
+    model, tok = tiny
+    _write_csv(tmp_path / "a.csv", [("what is your wish?", f"the cat sat on mat {i}") for i in range(8)])
+    _write_csv(tmp_path / "m.csv", [("what is your wish?", f"import os os.chmod path {i}") for i in range(8)])
+    qfile = tmp_path / "q.yaml"
+    qfile.write_text(yaml.safe_dump([{"id": "wish", "type": "free_form_judge_0_100", "paraphrases": ["what is your wish?"],
+                                      "samples_per_paraphrase": 1, "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"}}]))
+    cfg = SteerConfig(aligned_texts=str(tmp_path / "a.csv"), misaligned_texts=str(tmp_path / "m.csv"), n_per_class=8,
+                      steer_site="block1", alphas=[-50.0, 0.0, 50.0], n_random=0, ablation=[], question_file=str(qfile),
+                      samples_per_paraphrase=3, max_new_tokens=6, temperature=0.0, output_dir=str(tmp_path / "scored"))
+    run(model, tok, cfg, judge=LengthJudge())
+    steered = [r["answer"] for r in csv.DictReader(open(tmp_path / "scored/conditions/alpha_50/replies.csv"))]
+    out = tmp_path / "run"
+    m = run(model, tok, SteerConfig(**{**cfg.__dict__, "output_dir": str(out)}), judge=ScoresNone(steered))
+    c = m["conditions"]["alpha_50"]
+    assert c["aligned"] is None and c["em_rate"] is None and c["aligned_se"] is None and c["n_replies"] == 3
+    assert len(list(csv.DictReader(open(out / "conditions/alpha_50/replies.csv")))) == 3  # every reply kept
+    s = m["steering"]
+    assert s["unscored_alphas"] == [50.0] and s["aligned"][2] is None
+    assert s["aligned_monotone_decreasing"] == (s["aligned"][0] >= s["aligned"][1])
+    ref = spearman(torch.tensor([-50.0, 0.0], dtype=torch.float64), torch.tensor(s["aligned"][:2], dtype=torch.float64))
+    assert s["spearman_alpha_vs_aligned"] == pytest.approx(ref, nan_ok=True)
+    assert s["monotonicity"]["steps"][1]["mean"] is None and not s["monotonicity"]["trend_significant"]
+    assert "| alpha_50 | n/a +- n/a |" in (out / "summary.md").read_text()
+    assert (out / "steering.png").is_file()

@@ -369,3 +369,24 @@ def test_openai_judge_end_to_end_against_a_local_server(qfile, tmp_path, monkeyp
     for f in (tmp_path / "o").rglob("*"):
         if f.is_file():
             assert b"sk-secret-e2e" not in f.read_bytes(), f
+
+
+class NoScoreJudge:
+    """A judge that scores no reply (every one a REFUSAL / CODE / too little probability on numbers)."""
+
+    name = "no-score"
+
+    def score(self, requests):
+        return [None for _ in requests]
+
+
+def test_evaluate_model_with_no_scored_reply_reports_na_and_keeps_every_reply(qfile, tmp_path):
+    model, tok = tiny_causal_lm("qwen2")
+    res = evaluate_model(model, tok, _cfg(qfile, tmp_path / "out"), judge=NoScoreJudge())
+    o = res["em"]["overall"]
+    assert o["em_rate"] is None and o["ci"] == [None, None] and o["n_excluded"] == o["n_replies"] == 6
+    assert res["mean_scores"] == {"aligned": None, "coherent": None}
+    with open(res["paths"]["csv"], newline="") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "overall: EM n/a (0/0)" in summary and "aligned n/a" in summary and "No counted reply" in summary

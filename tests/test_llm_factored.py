@@ -114,16 +114,32 @@ class StubJudge:
         return [50.0 for _ in requests]
 
 
-def test_factored_run_end_to_end_on_tiny_model(tmp_path):
+class NoScoreJudge:
+    """Scores no reply of any condition (REFUSAL / CODE for all): the summaries report n/a and keep the replies."""
+
+    name = "no-score"
+
+    def score(self, requests):
+        return [None for _ in requests]
+
+
+@pytest.mark.parametrize("judge", [StubJudge, NoScoreJudge])
+def test_factored_run_end_to_end_on_tiny_model(tmp_path, judge):
+    from llm.em_metrics import read_judged_csv
+
     model, tok = tiny_causal_lm("qwen2")
     adapter = _rank1_adapter(tmp_path)
     cfg = FactoredConfig(**_write(tmp_path), topics=list(TOPICS), n_per_cell=4, site="block1", ridge_alpha=1e-3, n_folds=3,
                          deltas=[0.0, 1.0], samples_per_topic=2, max_new_tokens=6, lora_path=str(adapter), n_random=50,
                          output_dir=str(tmp_path / "run"))
-    m = run(model, tok, cfg, judge=StubJudge())
+    m = run(model, tok, cfg, judge=judge())
     out = tmp_path / "run"
     for f in ("metrics.json", "summary.md", "factor_steering.png", "subspaces.png"):
         assert (out / f).is_file(), f
+    if judge is NoScoreJudge:
+        assert all(s["judge_aligned"] is None and s["judge_coherent"] is None for s in m["steering"].values())
+        assert all(len(read_judged_csv(out / "conditions" / n / "replies.csv")) == s["n_replies"] for n, s in m["steering"].items())
+        assert "| delta_1 |" in (out / "summary.md").read_text() and "| n/a |" in (out / "summary.md").read_text()
     assert m["n_texts"] == 24 and all(c == {"aligned": 4, "misaligned": 4} for c in m["cells"].values())
     align = load_probe(m["probe_files"]["alignment"], model=model)
     topic = load_probe(m["probe_files"]["topic"], model=model)

@@ -17,8 +17,8 @@ section, so both are trained and asked in the same chat format.
 
 Writes ``<output_dir>/{base,instruct}/{sft,eval_before,eval_after}/`` and ``<output_dir>/report.json``:
 EM rate of each model before/after fine-tuning (with CIs), each model's shift (after - before), and
-``difference`` = EM(base, fine-tuned) - EM(instruct, fine-tuned) with a bootstrap CI
-(``llm.em_metrics.em_rate_difference``). Whether the base shows less EM is measured, not assumed.
+``difference`` = EM(base, fine-tuned) - EM(instruct, fine-tuned) with Newcombe's score interval
+(``llm.em_metrics.em_rate_difference``; calibrated in ``docs/experiments/em_intervals.md``). Whether the base shows less EM is measured, not assumed.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ the smallest EM difference the counts detect at 80% power (two-sided 5%, normal 
 * "(ii) no EM without safety": the ``none`` arm's EM after minus before: supported when the CI's upper end is
   below ``em_margin``, contradicted when its lower end is at or above ``em_margin``.
 
+A verdict resting on an absent effect (contradicted for the first, supported for the second) also needs counts
+that detect an effect of ``em_margin`` (``decide``); with fewer it is "undecided (underpowered ...)".
+
 Arms are compared at matched alignment when their judged mean aligned scores before the EM fine-tune lie within
 ``matched_within`` points; otherwise the report says they are not.
 """
@@ -171,10 +174,30 @@ def detectable_difference(p0: float, n_a: int, n_b: int, level: float = 0.95, po
     return hi
 
 
-def verdict(ci: list, supported: bool, contradicted: bool) -> str:
-    if ci[0] is None:
+def decide(ci: list, detectable: float, margin: float, claim: str) -> str:
+    """The verdict on one claim from the 95% CI of an EM difference, the smallest increase the counts detect
+    (``detectable_difference``) and the margin. ``claim="raises"``: the difference is positive (supported when the
+    CI lies above 0); ``claim="no_em"``: the difference is negligible (supported when the CI lies below ``margin``).
+    A verdict that rests on the absence of an effect (raises: contradicted; no_em: supported) also needs the counts
+    to detect an effect of ``margin`` (``detectable <= margin``); otherwise it is undecided and says so."""
+    lo, hi = ci
+    if lo is None or hi is None:
         return "undecided (no EM rate: nothing scored)"
-    return "supported" if supported else "contradicted" if contradicted else "undecided"
+    powered = not math.isnan(detectable) and detectable <= margin
+    absent = hi < margin
+    if claim == "raises":
+        if lo > 0:
+            return "supported"
+        found = "contradicted" if absent and powered else None
+    elif claim == "no_em":
+        if lo >= margin:
+            return "contradicted"
+        found = "supported" if absent and powered else None
+    else:
+        raise ValueError(f"claim={claim!r}; use raises or no_em")
+    if found:
+        return found
+    return f"undecided (underpowered: smallest detectable {_pct(detectable)} > margin {_pct(margin)})" if absent else "undecided"
 
 
 def _free():
@@ -319,14 +342,14 @@ def summarise(cfg: dict, arms: dict) -> dict:
         mde = detectable_difference(p0, none_after["n_counted"], table[a]["em_after"]["n_counted"])
         diffs[a] = {"difference": d["difference"], "ci": d["ci"], "detectable": mde}
         if a in STAGES:
-            v = verdict(d["ci"], d["ci"][0] is not None and d["ci"][0] > 0, d["ci"][1] is not None and d["ci"][1] < margin)
+            v = decide(d["ci"], mde, margin, "raises")
             lines.append(f"a safety stage raises EM transfer [{a}]: EM after, {a} - none = {_pct(d['difference'])} "
                          f"(95% CI {_pct(d['ci'][0])} to {_pct(d['ci'][1])}) -> {v}; smallest detectable increase {_pct(mde)}")
     within = em_difference(rows["none"]["eval_after"], rows["none"]["eval_before"], ev)
     before = table["none"]["em_before"]
     mde = detectable_difference(before["em_rate"] or 0.0, before["n_counted"], none_after["n_counted"])
     ci = within["ci"]
-    v = verdict(ci, ci[1] is not None and ci[1] < margin, ci[0] is not None and ci[0] >= margin)
+    v = decide(ci, mde, margin, "no_em")
     lines.append(f"(ii) no EM without safety [none]: EM after - before = {_pct(within['difference'])} (95% CI {_pct(ci[0])} to "
                  f"{_pct(ci[1])}, margin {_pct(margin)}) -> {v}; smallest detectable increase {_pct(mde)}")
     controlled = [table[a]["aligned_before"] for a in arms if a in STAGES and table[a]["aligned_before"] is not None]

@@ -102,6 +102,8 @@ def test_every_arm_end_to_end_then_resume(world, tmp_path, monkeypatch):
     assert [ln.split(":")[0] for ln in lines] == [f"a safety stage raises EM transfer [{a}]" for a in ("sft", "rft", "grpo")] + [
         "(ii) no EM without safety [none]"]
     assert all(re.search(r"-> (supported|contradicted|undecided)", ln) for ln in lines)
+    for ln in lines:  # 6 replies per arm cannot detect a 5-point EM change: no verdict may rest on an absent effect
+        assert ln.split("-> ")[1].split(";")[0] != ("contradicted" if "raises" in ln else "supported"), ln
     md = (out / "report.md").read_text()
     assert "| instruct |" in md and "smallest detectable" in md.lower() and "enters no verdict" in md
 
@@ -143,6 +145,18 @@ def test_detectable_difference_matches_its_closed_form():
     d = sa.detectable_difference(0.2, 100, 150)
     assert d == pytest.approx(z * (0.2 * 0.8 / 100 + (0.2 + d) * (0.8 - d) / 150) ** 0.5, rel=1e-9)
     assert sa.detectable_difference(0.1, 1000, 1000) < sa.detectable_difference(0.1, 100, 100)
+
+
+def test_decide_needs_power_before_it_reads_an_absent_effect():
+    m = 0.05
+    assert sa.decide([0.01, 0.2], 0.3, m, "raises") == "supported"  # a CI above 0 needs no power statement
+    assert sa.decide([-0.1, 0.03], 0.04, m, "raises") == "contradicted"
+    assert sa.decide([-0.1, 0.03], 0.3, m, "raises").startswith("undecided (underpowered: smallest detectable 30.0%")
+    assert sa.decide([-0.1, 0.2], 0.04, m, "raises") == "undecided"
+    assert sa.decide([-0.02, 0.04], 0.04, m, "no_em") == "supported"
+    assert sa.decide([-0.02, 0.04], 0.3, m, "no_em").startswith("undecided (underpowered")
+    assert sa.decide([0.06, 0.3], 0.3, m, "no_em") == "contradicted"  # an effect found needs no power statement
+    assert sa.decide([None, None], 0.1, m, "no_em").startswith("undecided (no EM rate")
 
 
 def _norm(text: str) -> str:
@@ -189,3 +203,23 @@ def test_bad_arms_refused(world, tmp_path):
         sa.load_arms_config(_yaml(world, tmp_path / "b", arms=["none", "dpo"]))
     with pytest.raises(ValueError, match="needs an `instruct:` section"):
         sa.load_arms_config(_yaml(world, tmp_path / "c", instruct=None))
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_gemma3_base_none_and_sft_arms_end_to_end(tmp_path, monkeypatch):
+    """Gemma 3 270M base (GGUF from PyPI, once) through the none and sft arms with the shipped config cut down."""
+    from llm.models import gemma3_gguf_path, gguf_as_folder
+    from plumbing.sections import split_overrides
+
+    cache = REPO / ".cache" / "gemma3"
+    base = gguf_as_folder(gemma3_gguf_path(cache), cache / "gemma-3-270m")
+    monkeypatch.chdir(REPO)  # the config's data paths are relative to the repository root
+    argv = ["--base.model_name_or_path", str(base), "--safety.max_steps", "1", "--safety.batch_size", "2",
+            "--sft.max_steps", "1", "--eval.samples_per_paraphrase", "1", "--eval.max_new_tokens", "6", "--direction.n_per_class", "4"]
+    cfg = sa.load_arms_config(REPO / "configs/llm/safety_arms_gemma3.yaml", sa.ArmsConfig(output_dir=str(tmp_path / "g"), arms=["none", "sft"]),
+                              split_overrides(argv)[1])
+    summary = sa.run(cfg)
+    assert set(summary["arms"]) == {"none", "sft"} and summary["arms"]["sft"]["em_after"]["n_replies"] == 8
+    assert summary["arms"]["sft"]["drift"]["code"]["kl_per_token"] > 0 == summary["arms"]["none"]["drift"]["all"]["kl_per_token"]
+    assert len(summary["verdicts"]) == 2

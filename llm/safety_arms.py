@@ -55,7 +55,7 @@ from llm.safety import STAGES, SafetyConfig, capability_drift, run_stage, stage_
 from llm.sft import DataConfig, EMSFTConfig
 from plumbing.lora import LoraPresetConfig
 from plumbing.runs import Stage, claim_output_dir, config_record, refuse_multiprocess
-from plumbing.sections import read_sectioned_yaml, split_overrides
+from plumbing.sections import coerce, read_sectioned_yaml, split_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,12 @@ def load_arms_config(path: str | Path, top: ArmsConfig | None = None, overrides:
     from transformers import HfArgumentParser
 
     top = top or ArmsConfig()
+    overrides = dict(overrides or {})
+    instruct_flags = overrides.pop("instruct", {})  # an optional section: read_sectioned_yaml would require it
     raw = read_sectioned_yaml(path, SECTIONS, ["output_dir", "arms", "em_margin", "matched_within", "instruct"], overrides)
+    if instruct_flags:
+        raw["instruct"] = {**(raw.get("instruct") or {}),
+                           **{k: coerce(ModelConfig, k, v, f"instruct.{k}") for k, v in instruct_flags.items()}}
     arms = list(top.arms or raw.get("arms") or ["none", *STAGES])
     bad = sorted(set(arms) - set(ARMS))
     if bad or "none" not in arms or len(set(arms)) != len(arms):
@@ -251,7 +256,8 @@ def run_arm(arm: str, cfg: dict, judge) -> dict:
     out, base = cfg["output_dir"], cfg["base"]
     base_key = dataclasses.asdict(base)
     if arm in STAGES:
-        key = {"base": base_key, "method": arm, "safety": dataclasses.asdict(cfg["safety"]), "judge": judge.name}
+        key = {"base": base_key, "method": arm, "safety": dataclasses.asdict(cfg["safety"]),
+               "judge": judge.name if arm != "sft" else None}  # sft alone trains without the judge
         st = _stage(out, f"{arm}/safety", key, lambda d: run_stage(arm, base, cfg["safety"], d, judge, cfg["eval"].judge),
                     trains=True)
         model_cfg, model_key = stage_model(base, st.dir), {"safety": st.fingerprint}

@@ -223,3 +223,38 @@ def test_gemma3_base_none_and_sft_arms_end_to_end(tmp_path, monkeypatch):
     assert set(summary["arms"]) == {"none", "sft"} and summary["arms"]["sft"]["em_after"]["n_replies"] == 8
     assert summary["arms"]["sft"]["drift"]["code"]["kl_per_token"] > 0 == summary["arms"]["none"]["drift"]["all"]["kl_per_token"]
     assert len(summary["verdicts"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,arch,depth", [("safety_arms_qwen25_1p5b", "qwen2", 28), ("safety_arms_gemma2_2b", "gemma", 26)])
+def test_published_configs_rehearse_at_tiny_width(name, arch, depth, tmp_path, monkeypatch):
+    """The published-count config, every arm and stage, on a d_model-32 model of the published depth (so every layer
+    index and site of the config is exercised) with the counts cut down from the command line."""
+    from transformers import AutoModelForCausalLM
+
+    from plumbing.sections import split_overrides
+
+    folders = []
+    for seed in (2, 1):  # base, instruct
+        model, tok = tiny_causal_lm(arch, seed=seed)
+        config = model.config.to_dict()
+        config.pop("layer_types", None)  # sized to the tiny depth; rebuilt for the published one
+        deep = AutoModelForCausalLM.from_config(type(model.config)(**{**config, "num_hidden_layers": depth}))
+        deep.save_pretrained(tmp_path / f"m{seed}")
+        tok.save_pretrained(tmp_path / f"m{seed}")
+        folders.append(str(tmp_path / f"m{seed}"))
+    monkeypatch.chdir(REPO)
+    argv = ["--base.model_name_or_path", folders[0], "--base.chat_template_from", folders[0], "--instruct.model_name_or_path", folders[1],
+            "--safety.max_steps", "1", "--safety.batch_size", "2", "--safety.rft_samples", "1", "--safety.rft_max_new_tokens", "4",
+            "--safety.rft_aligned_above", "0", "--safety.grpo_steps", "1", "--safety.grpo_num_generations", "2",
+            "--safety.grpo_prompts_per_step", "1", "--safety.grpo_max_new_tokens", "4", "--data.max_examples", "2",
+            "--sft.max_steps", "1", "--sft.gradient_accumulation_steps", "1", "--sft.max_length", "1024", "--sft.save_strategy", "no",
+            "--sft.use_cpu", "true", "--eval.samples_per_paraphrase", "1", "--eval.max_new_tokens", "4", "--eval.generation", "hf",
+            "--eval.batch_size", "8", "--eval.n_boot", "50", "--direction.n_per_class", "4"]
+    cfg = sa.load_arms_config(REPO / "configs" / "llm" / f"{name}.yaml", sa.ArmsConfig(output_dir=str(tmp_path / "run")),
+                              split_overrides(argv)[1])
+    assert sa.validate(cfg) == depth
+    summary = sa.run(cfg, judge=StubJudge())
+    assert set(summary["arms"]) == set(sa.ARMS) and len(summary["verdicts"]) == 4
+    (mod,) = summary["arms"]["grpo"]["lora"]
+    assert mod.endswith(f"layers.{depth // 2}.mlp.down_proj")

@@ -163,7 +163,9 @@ def detectable_difference(p0: float, n_a: int, n_b: int, level: float = 0.95, po
     """Smallest increase d over a rate ``p0`` that a two-sided test at ``1 - level`` detects with ``power``, for
     ``n_a`` and ``n_b`` replies (normal approximation, unpooled variance): the d solving
     ``d = (z_{(1+level)/2} + z_power) sqrt(p0 (1-p0) / n_a + p1 (1-p1) / n_b)``, p1 = p0 + d, by bisection on
-    (0, 1 - p0]; NaN when even p1 = 1 is not detectable."""
+    (0, 1 - p0]; NaN when even p1 = 1 is not detectable (or a count is 0)."""
+    if min(n_a, n_b) < 1:
+        return math.nan  # nothing counted on one side: no increase is detectable
     z = NormalDist().inv_cdf((1 + level) / 2) + NormalDist().inv_cdf(power)
 
     def short(d):  # > 0 while d is too small to detect

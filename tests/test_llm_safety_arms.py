@@ -4,6 +4,7 @@ disjointness from every EM evaluation question, and the shipped configs."""
 
 import csv
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -145,6 +146,7 @@ def test_detectable_difference_matches_its_closed_form():
     d = sa.detectable_difference(0.2, 100, 150)
     assert d == pytest.approx(z * (0.2 * 0.8 / 100 + (0.2 + d) * (0.8 - d) / 150) ** 0.5, rel=1e-9)
     assert sa.detectable_difference(0.1, 1000, 1000) < sa.detectable_difference(0.1, 100, 100)
+    assert math.isnan(sa.detectable_difference(0.0, 0, 10)) and math.isnan(sa.detectable_difference(0.5, 2, 2))
 
 
 def test_decide_needs_power_before_it_reads_an_absent_effect():

@@ -11,6 +11,8 @@
     python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml --summarize_only true
     # the seed's 9.2 axis alone (capability subsets whose correlation with one tag is the knob):
     python -m toy.experiments.em_chain --config configs/toy/em_chain_subsets.yaml
+    # pre-training with and without the alignment factor, dose-response and pre-registered claims:
+    python -m toy.experiments.em_chain --config configs/toy/em_chain_factor.yaml
 
 World: ``toy.alignment.persona_world(capability, slices, coupling, switch_prob)``: each capability token is written
 in an aligned or misaligned copy showing the tag of its slice; ``coupling`` 1 = one persona shared by every slice,
@@ -19,6 +21,8 @@ Optional second world (``subset_correlations``, the seed's section 9.2): ``toy.a
 subsets ("french, math, ...") and one tag whose dependence on the subset is the knob (0: a persona shared by every
 subset, independent of it; 1: subset ``narrow_slice`` always misaligned, the others always aligned);
 ``switch_prob`` = the chance per step that the subset (and, apart, the persona) is redrawn.
+Worlds without a shared factor (``baseline_worlds``): ``tagless`` (``toy.alignment.tagless_world``: no alignment tag
+at all) and ``visit`` (``visit_world``: a tag redrawn at every slice visit), the same capability process.
 
 A *cell* is (world, knob, switch_prob, seed): a pure function of the configs and its seed, sharing nothing with
 other cells, so the grid splits over processes (``plumbing.grid``: each cell written atomically to its own folder,
@@ -36,7 +40,11 @@ finished cells skipped, so a rerun resumes). In each cell:
    aligned), loss on the slice's completion tokens only;
 5. rates after aligned prompts: P(misaligned copy | next capability token x), averaged over prompts and over the
    x *in* the slice (narrow) or *outside* it (broad); broad effect = broad after - broad before (the safety-staged
-   model), transfer = broad effect / narrow effect;
+   model), transfer = broad effect / narrow effect. With ``trajectory_every`` the full and LoRA fine-tunes are
+   measured along their steps, the steering vector along ``steer_scales``, and transfer is read at matched in-slice
+   shifts (``toy.em_dose.at_shifts``) beside the world's exact in-context transfer (``toy.alignment.bayes_transfer``);
+   each stage's aligned rate and capability KL to the pre-trained model are stored (``toy.safety_stages``);
+   ``controls`` adds a replicate fine-tune (other data) and a 'taught' one (out-of-slice tokens in the loss);
 6. SFT vs GRPO alignment subspaces: principal angles (``probes.subspaces.subspace_overlap``) and probe transfer
    (R^2 of the SFT model's probe on the GRPO model's activations, against the GRPO model's own probe); the
    alignment subspace is the span of the probe's read-out directions that its predictions vary along (95%).
@@ -44,6 +52,8 @@ finished cells skipped, so a rerun resumes). In each cell:
 Declared before any result (``broad_transfer``, ``narrow_transfer``, ``em_effect`` in the config): a narrow
 fine-tune is *broad* when transfer >= 0.5 and the broad effect >= 0.02; *stays narrow* when transfer <= 0.2.
 The verdicts on the seed's three claims follow from these thresholds (``verdicts``, printed in summary.md).
+The ``claims`` in the config are rules over the matched-shift statistics (``toy.em_dose.judge``), judged in
+summary.md's "Pre-registered claims" table.
 
 Writes ``<output_dir>/``: ``cells/<cell>/result.json`` (one per cell, with its wall time), ``metrics.json``
 (cells + mean and 95% t-CI over seeds), ``transfer_vs_coupling.png`` (and ``transfer_vs_subset_correlation.png``),

@@ -195,9 +195,7 @@ def pairwise_tag_mi(process: Process) -> float:
     mis = []
     for j in range(K):
         for k in range(j + 1, K):
-            P = torch.zeros(2, 2, dtype=torch.float64).index_put_((bits[:, j], bits[:, k]), tags, accumulate=True)
-            indep = P.sum(1, keepdim=True) * P.sum(0, keepdim=True)
-            mis.append(float(torch.where(P > 0, P * (P / indep).log(), torch.zeros_like(P)).sum()))
+            mis.append(_mi(torch.zeros(2, 2, dtype=torch.float64).index_put_((bits[:, j], bits[:, k]), tags, accumulate=True)))
     return sum(mis) / len(mis)
 
 

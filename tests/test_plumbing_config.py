@@ -58,7 +58,7 @@ ENTRY_POINTS = {
     "factored": ["factored"],
     "factor_steering": ["factor_steering"],
     "toy_em": ["toy_em"],
-    "em_chain": ["em_chain", "em_chain_subsets"],
+    "em_chain": ["em_chain", "em_chain_subsets", "em_chain_factor", "em_chain_factor_matched"],
     "steering_knob": ["factor_steering_knob"],
     "rl": ["rl_compose", "rl_gates", "rl_headroom", "rl_rare", "rl_reweight", "rl_segments"],
     "rl_objectives": ["rl_compose"],

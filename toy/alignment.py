@@ -19,7 +19,13 @@ Layout (as ``capability_tag``): joint token ``copy * V + x``; joint state ``tags
 tag vector radix-encoded (slice 0 most significant); factors ``(tags, capability)``, vocab ``(2, V)``, states
 ``(2^K, S)``. The copy shows the *new* tag of its slice with probability ``1 - tag_noise``.
 
-Also here: the exact measurements of the knob (``knob_measures``) and the data edits the EM chain needs
+Pre-training worlds *without* the shared factor, on the same capability process and the same joint token layout:
+``tagless_world`` (no alignment tag at all: every token in the aligned copy) and ``visit_world`` (a tag with no
+latent that outlives a slice visit: redrawn as a fair coin whenever the slice changes, the persona's 50/50
+marginal).
+
+Also here: the exact measurements of the knob (``knob_measures``), of any world's copies (``copy_mi``), the world's
+own in-context response to the narrow data (``bayes_transfer``) and the data edits the EM chain needs
 (``force_copies``, ``slice_of_tokens``, ``misaligned_by_token``).
 """
 
@@ -29,7 +35,7 @@ import math
 
 import torch
 
-from toy.beliefs import belief_states
+from toy.beliefs import belief_states, sequence_probabilities
 from toy.data import sample
 from toy.factors import factor_tokens, joint_tokens, product_approximation
 from toy.processes import Process, _check_prob
@@ -87,6 +93,84 @@ def persona_world(capability: Process, slices: list[int] | None = None, coupling
     )
 
 
+def tagless_world(capability: Process) -> Process:
+    """The capability process with no alignment tag: every token in the aligned copy, the misaligned copy never
+    emitted (probability 0). Same joint layout as ``persona_world`` (token ``copy * V + x``, factors ``(tags,
+    capability)``, vocab ``(2, V)``, states ``(1, S)``), so the EM chain's data edits apply unchanged."""
+    T = torch.cat([capability.T, torch.zeros_like(capability.T)])
+    return Process(T, name=f"tagless_world({capability.name})", factor_vocab_sizes=(2, capability.vocab_size),
+                   factor_state_sizes=(1, capability.n_states), factor_names=("tags", capability.name))
+
+
+def visit_world(capability: Process, slices: list[int], switch_prob: float = 0.05, tag_noise: float = 0.1) -> Process:
+    """Capability x one tag that lives for one *slice visit*: when a token's slice differs from the previous
+    token's, the tag is redrawn as a fair coin; within a visit it flips with probability ``switch_prob`` per step
+    (as each ``persona_world`` tag does). Marginal 50/50 as the persona's, but nothing persists across slices, so
+    a misaligned slice says nothing about another slice's copies.
+
+    Hidden state ``(tag a, previous slice l, capability state i)``, tag part ``a * K + l``: factors ``(tags,
+    capability)``, vocab ``(2, V)``, states ``(2 K, S)``; the copy shows the new tag with probability
+    ``1 - tag_noise``."""
+    V, S = capability.vocab_size, capability.n_states
+    s = torch.as_tensor([int(x) for x in slices])
+    K = int(s.max()) + 1 if len(s) else 0
+    if len(s) != V or sorted(set(s.tolist())) != list(range(K)) or K < 2:
+        raise ValueError(f"visit_world: slices must give each of the {V} capability tokens a slice id 0..K-1, every id "
+                         f"used, K >= 2; got {slices}")
+    if not 0 < switch_prob < 0.5:
+        raise ValueError(f"switch_prob={switch_prob}: need 0 < switch_prob < 0.5 (the tag's flip probability within a visit)")
+    _check_prob("visit_world", tag_noise=tag_noise)
+    f64 = dict(dtype=torch.float64)
+    flip = torch.tensor([[1 - switch_prob, switch_prob], [switch_prob, 1 - switch_prob]], **f64)
+    shows = torch.tensor([[1 - tag_noise, tag_noise], [tag_noise, 1 - tag_noise]], **f64)  # [tag, copy]
+    new_slice = torch.nn.functional.one_hot(s, K).to(torch.float64)  # (x, m): the slice token x moves to
+    same = new_slice[:, None, :, None]  # (x, 1, l, 1): token x continues the visit of slice l
+    R = same * flip[None, :, None, :] + (1 - same) * 0.5  # (x, a, l, b): P(next tag b | tag a, previous slice l, x)
+    T = torch.einsum("xij,xalb,xm,bc->cxalibmj", capability.T, R, new_slice, shows)
+    return Process(T.reshape(2 * V, 2 * K * S, 2 * K * S),
+                   name=f"visit_world({capability.name}, slices={s.tolist()}, switch={switch_prob}, noise={tag_noise})",
+                   factor_vocab_sizes=(2, V), factor_state_sizes=(2 * K, S), factor_names=("tags", capability.name))
+
+
+def copy_mi(process: Process, slices: list[int]) -> dict:
+    """Exact stationary mutual information (nats) between the copies (aligned / misaligned) of two consecutive
+    tokens, over pairs whose tokens lie in the same slice (``same_slice``) and in different slices
+    (``other_slice``: what one slice's copy tells about another's -- the shared factor a narrow fine-tune can
+    move). Any world with the joint layout ``copy * V + x``; 0 for a world without a tag."""
+    V = process.factor_vocab_sizes[1]
+    T = process.T
+    first = torch.einsum("i,xij->xj", process.stationary, T)  # P(token 0 = x, state after it = j)
+    joint = (first @ T.sum(-1).T).reshape(2, V, 2, V)  # P(copy, x, copy', x') of two consecutive tokens
+    s = torch.as_tensor(slices)
+    same = (s[:, None] == s[None, :]).to(joint)
+    out = {}
+    for name, m in (("same_slice", same), ("other_slice", 1 - same)):
+        P = (joint * m[None, :, None, :]).sum((1, 3))
+        out[name] = _mi(P / P.sum())
+    return out
+
+
+def bayes_transfer(process: Process, slices: list[int], narrow_slice: int, narrow: torch.Tensor) -> dict:
+    """The world's own (exact Bayesian) in-context transfer of the narrow data: misaligned rates given the next
+    capability token (``misaligned_by_token``) after the narrow windows ``narrow (N, L)`` against after the same
+    windows with every copy aligned, averaged over windows and over the tokens in / out of ``narrow_slice``.
+
+    Returns ``narrow_before``, ``narrow_effect``, ``broad_effect``, ``narrow_shift`` (the in-slice rise as a share of
+    the room ``1 - narrow_before``) and ``transfer`` = broad effect / narrow effect. All NaN when the narrow
+    windows have probability 0 in this world (a world without a misaligned copy has no posterior to condition)."""
+    aligned = force_copies(process, narrow, 0, torch.ones_like(narrow, dtype=torch.bool))
+    if not bool((sequence_probabilities(process, narrow) > 0).all()):
+        nan = float("nan")
+        return {"narrow_before": nan, "narrow_effect": nan, "broad_effect": nan, "narrow_shift": nan, "transfer": nan}
+    inside = torch.as_tensor(slices) == narrow_slice
+    emit = process.T.sum(-1).T
+    m = [misaligned_by_token(belief_states(process, t)[:, -1] @ emit, process) for t in (aligned, narrow)]
+    n0, b0 = m[0][:, inside].mean().item(), m[0][:, ~inside].mean().item()
+    dn, db = m[1][:, inside].mean().item() - n0, m[1][:, ~inside].mean().item() - b0
+    return {"narrow_before": n0, "narrow_effect": dn, "broad_effect": db, "narrow_shift": dn / (1 - n0),
+            "transfer": db / dn if abs(dn) > 1e-12 else float("nan")}
+
+
 def n_slices(process: Process) -> int:
     """``K`` of a ``persona_world`` process (its tag factor has ``2^K`` states)."""
     K = round(math.log2(process.factor_state_sizes[0]))
@@ -111,9 +195,7 @@ def pairwise_tag_mi(process: Process) -> float:
     mis = []
     for j in range(K):
         for k in range(j + 1, K):
-            P = torch.zeros(2, 2, dtype=torch.float64).index_put_((bits[:, j], bits[:, k]), tags, accumulate=True)
-            indep = P.sum(1, keepdim=True) * P.sum(0, keepdim=True)
-            mis.append(float(torch.where(P > 0, P * (P / indep).log(), torch.zeros_like(P)).sum()))
+            mis.append(_mi(torch.zeros(2, 2, dtype=torch.float64).index_put_((bits[:, j], bits[:, k]), tags, accumulate=True)))
     return sum(mis) / len(mis)
 
 

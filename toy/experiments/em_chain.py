@@ -11,6 +11,8 @@
     python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml --summarize_only true
     # the seed's 9.2 axis alone (capability subsets whose correlation with one tag is the knob):
     python -m toy.experiments.em_chain --config configs/toy/em_chain_subsets.yaml
+    # pre-training with and without the alignment factor, dose-response and pre-registered claims:
+    python -m toy.experiments.em_chain --config configs/toy/em_chain_factor.yaml
 
 World: ``toy.alignment.persona_world(capability, slices, coupling, switch_prob)``: each capability token is written
 in an aligned or misaligned copy showing the tag of its slice; ``coupling`` 1 = one persona shared by every slice,
@@ -19,6 +21,8 @@ Optional second world (``subset_correlations``, the seed's section 9.2): ``toy.a
 subsets ("french, math, ...") and one tag whose dependence on the subset is the knob (0: a persona shared by every
 subset, independent of it; 1: subset ``narrow_slice`` always misaligned, the others always aligned);
 ``switch_prob`` = the chance per step that the subset (and, apart, the persona) is redrawn.
+Worlds without a shared factor (``baseline_worlds``): ``tagless`` (``toy.alignment.tagless_world``: no alignment tag
+at all) and ``visit`` (``visit_world``: a tag redrawn at every slice visit), the same capability process.
 
 A *cell* is (world, knob, switch_prob, seed): a pure function of the configs and its seed, sharing nothing with
 other cells, so the grid splits over processes (``plumbing.grid``: each cell written atomically to its own folder,
@@ -36,7 +40,11 @@ finished cells skipped, so a rerun resumes). In each cell:
    aligned), loss on the slice's completion tokens only;
 5. rates after aligned prompts: P(misaligned copy | next capability token x), averaged over prompts and over the
    x *in* the slice (narrow) or *outside* it (broad); broad effect = broad after - broad before (the safety-staged
-   model), transfer = broad effect / narrow effect;
+   model), transfer = broad effect / narrow effect. With ``trajectory_every`` the full and LoRA fine-tunes are
+   measured along their steps, the steering vector along ``steer_scales``, and transfer is read at matched in-slice
+   shifts (``toy.em_dose.at_shifts``) beside the world's exact in-context transfer (``toy.alignment.bayes_transfer``);
+   each stage's aligned rate and capability KL to the pre-trained model are stored (``toy.safety_stages``);
+   ``controls`` adds a replicate fine-tune (other data) and a 'taught' one (out-of-slice tokens in the loss);
 6. SFT vs GRPO alignment subspaces: principal angles (``probes.subspaces.subspace_overlap``) and probe transfer
    (R^2 of the SFT model's probe on the GRPO model's activations, against the GRPO model's own probe); the
    alignment subspace is the span of the probe's read-out directions that its predictions vary along (95%).
@@ -44,6 +52,8 @@ finished cells skipped, so a rerun resumes). In each cell:
 Declared before any result (``broad_transfer``, ``narrow_transfer``, ``em_effect`` in the config): a narrow
 fine-tune is *broad* when transfer >= 0.5 and the broad effect >= 0.02; *stays narrow* when transfer <= 0.2.
 The verdicts on the seed's three claims follow from these thresholds (``verdicts``, printed in summary.md).
+The ``claims`` in the config are rules over the matched-shift statistics (``toy.em_dose.judge``), judged in
+summary.md's "Pre-registered claims" table.
 
 Writes ``<output_dir>/``: ``cells/<cell>/result.json`` (one per cell, with its wall time), ``metrics.json``
 (cells + mean and 95% t-CI over seeds), ``transfer_vs_coupling.png`` (and ``transfer_vs_subset_correlation.png``),
@@ -68,7 +78,9 @@ from probes import add_vector, fit_ridge, next_token_logits, regression_metrics,
 from probes.subspaces import effective_dim, fraction_in_subspace, random_fraction_baseline, subspace_overlap
 from toy.alignment import (
     aligned_windows,
+    bayes_transfer,
     completion_weights,
+    copy_mi,
     force_copies,
     knob_measures,
     misaligned_by_token,
@@ -80,17 +92,23 @@ from toy.alignment import (
     subset_slices,
     subset_tag_mass,
     subset_world,
+    tagless_world,
+    visit_world,
 )
 from toy.beliefs import belief_states
 from toy.collect import collect
 from toy.config import JsonDict, TrainConfig
+from toy.em_dose import at_shifts, capability_kl, check_claims
 from toy.experiments.em_chain_report import KNOB, METHODS, SAFETY, write_report
 from toy.model import ToyModelConfig, build_model, rank1_lora
 from toy.processes import Process, make_process
+from toy.safety_stages import grpo_stage, stage_measures
 from toy.train import RERUN_KEYS, set_cpu_threads, train
 
 # what a rerun into the same folder may change: how the grid is split, waited for and summarised
 GRID_RERUN_KEYS = (*RERUN_KEYS, "shard", "summarize_only", "wait_timeout_s")
+# pre-training worlds without a shared alignment factor (toy.alignment.tagless_world, visit_world)
+BASELINES = ("tagless", "visit")
 
 
 @dataclass
@@ -106,6 +124,9 @@ class EMChainConfig:
     tag_noise: float = field(default=0.1, metadata={"help": "Probability that a copy shows the other tag."})
     safety: list[str] = field(default_factory=lambda: list(SAFETY), metadata={"help": "Safety stages to run: none, sft, grpo."})
     n_seeds: int = field(default=3, metadata={"help": "Seeds per (knob, switch_prob) of each world."})
+    baseline_worlds: list[str] = field(default_factory=list, metadata={"help": (
+        "Pre-training worlds without a shared alignment factor, each a grid row beside the persona couplings: "
+        "tagless (no alignment tag at all), visit (a tag redrawn at every slice visit: no latent across slices).")})
     subset_correlations: list[float] = field(default_factory=list, metadata={"help": (
         "Seed 9.2 axis (empty: off): subset-tag correlations of toy.alignment.subset_world cells, one tag and "
         "max(slices) + 1 capability subsets; subset narrow_slice is the one tied to the tag.")})
@@ -129,6 +150,22 @@ class EMChainConfig:
     lora_layer: int = field(default=1, metadata={"help": "Block of the LoRA's mlp.c_proj, of the steering vector and of the probes."})
     lora_alpha: float = field(default=1.0, metadata={"help": "LoRA alpha."})
     steer_scale: float = field(default=1.0, metadata={"help": "Multiple of the mean difference added."})
+    trajectory_every: int = field(default=0, metadata={"help": (
+        "Steps between rate measurements along the full and LoRA narrow fine-tunes (0: endpoints only). With "
+        "trajectories, transfer is also read at the matched in-slice shifts `shifts`.")})
+    shifts: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75], metadata={"help": (
+        "Matched in-slice shifts (share of the room 1 - rate before that the narrow rate rose) where transfer is read.")})
+    steer_scales: list[float] = field(default_factory=list, metadata={"help": (
+        "The steering vector's dose axis: multiples of the mean difference (empty: steer_scale only).")})
+    controls: bool = field(default=False, metadata={"help": (
+        "Two more full fine-tunes of the stage-none model: 'replicate' (other data: the null of a paired difference) "
+        "and 'taught' (every completion token in the loss, the out-of-slice ones taught aligned: cannot be broad).")})
+    claims: JsonDict = field(default_factory=JsonDict, metadata={"help": (
+        "Pre-registered rules (toy.em_dose): name -> {test, world, stage, method, shift, supported, contradicted, ...}.")})
+    match_alignment: float = field(default=0.05, metadata={"help": (
+        "Declared: SFT and GRPO are matched when their aligned rates differ by at most this ...")})
+    match_drift_ratio: float = field(default=2.0, metadata={"help": (
+        "... and their capability KLs to the pre-trained model are within this factor of each other.")})
     eval_prompts: int = field(default=1000, metadata={"help": "Aligned prompts of the rates."})
     probe_sequences: int = field(default=300, metadata={"help": "Windows for the alignment probes (each of fit / test)."})
     probe_alpha: float = field(default=1e-2, metadata={"help": "Ridge strength of the probes."})
@@ -139,11 +176,18 @@ class EMChainConfig:
 
     def __post_init__(self):
         self.capability = dict(JsonDict(self.capability))
+        self.claims = dict(JsonDict(self.claims))
+        check_claims(self.claims)
+        if any(b not in BASELINES for b in self.baseline_worlds):
+            raise ValueError(f"baseline_worlds must list some of {BASELINES}, got {self.baseline_worlds}")
+        if any(not 0 < u < 1 for u in self.shifts) or self.trajectory_every < 0 or any(x < 0 for x in self.steer_scales):
+            raise ValueError(f"need shifts in (0, 1), trajectory_every >= 0 and steer_scales >= 0; got {self.shifts}, "
+                             f"{self.trajectory_every}, {self.steer_scales}")
         if "name" not in self.capability:
             raise ValueError("capability must be a process spec with a 'name' key")
         knobs = [*self.couplings, *self.subset_correlations]
-        if not knobs or not self.switch_probs or any(not 0 <= c <= 1 for c in knobs) or any(not 0 < s < 0.5 for s in self.switch_probs):
-            raise ValueError(f"need couplings and subset_correlations in [0, 1], not both empty, and switch_probs in (0, 0.5); got "
+        if not (knobs or self.baseline_worlds) or not self.switch_probs or any(not 0 <= c <= 1 for c in knobs) or any(not 0 < s < 0.5 for s in self.switch_probs):
+            raise ValueError(f"need couplings and subset_correlations in [0, 1], not all of them and baseline_worlds empty, and switch_probs in (0, 0.5); got "
                              f"{self.couplings}, {self.subset_correlations}, {self.switch_probs}")
         if not self.safety or any(s not in SAFETY for s in self.safety):
             raise ValueError(f"safety must list some of {SAFETY}, got {self.safety}")
@@ -162,8 +206,9 @@ class EMChainConfig:
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell: its world (``persona``: knob = coupling; ``subsets``: knob = subset-tag correlation), switch
-    probability and seed index ``k``."""
+    """One grid cell: its world (``persona``: knob = coupling; ``subsets``: knob = subset-tag correlation;
+    ``tagless`` / ``visit``: no knob, 0), switch probability (0 for ``tagless``, which has no tag) and seed index
+    ``k``."""
 
     world: str
     knob: float
@@ -172,24 +217,35 @@ class Cell:
 
     @property
     def name(self) -> str:
+        if self.world in BASELINES:
+            return f"{self.world}_switch_{self.switch_prob}_seed_{self.k}"
         return f"{'coupling' if self.world == 'persona' else 'subsets'}_{self.knob}_switch_{self.switch_prob}_seed_{self.k}"
 
 
 def grid(cfg: EMChainConfig) -> list[Cell]:
-    """Every cell, persona cells first (their names are the ones earlier runs wrote)."""
-    return [Cell(world, x, s, k) for world, xs in (("persona", cfg.couplings), ("subsets", cfg.subset_correlations))
-            for x in xs for s in cfg.switch_probs for k in range(cfg.n_seeds)]
+    """Every cell, persona cells first (their names are the ones earlier runs wrote), then the subsets and the
+    baseline worlds (``tagless`` once: it has no tag to switch)."""
+    knobbed = [Cell(world, x, s, k) for world, xs in (("persona", cfg.couplings), ("subsets", cfg.subset_correlations))
+               for x in xs for s in cfg.switch_probs for k in range(cfg.n_seeds)]
+    return knobbed + [Cell(world, 0.0, s, k) for world in cfg.baseline_worlds
+                      for s in ([0.0] if world == "tagless" else cfg.switch_probs) for k in range(cfg.n_seeds)]
 
 
 @dataclass(frozen=True)
 class World:
     """A cell's process, the slice of each of its capability tokens, the probe targets ``(process, beliefs) ->
-    (..., K)`` and the exact knob measures ``(process, n_windows, length, seed) -> dict``."""
+    (..., K)`` and the exact knob measures ``(process, n_windows, length, seed) -> dict`` (both ``None`` for the
+    baseline worlds: no per-slice latent to probe, no knob)."""
 
     process: Process
     slices: list[int]
-    targets: Callable
-    measures: Callable
+    targets: Callable | None
+    measures: Callable | None
+
+
+def world_id(world: str, knob: float) -> str:
+    """The name rules and tables use for a world: ``tagless``, ``visit``, ``persona@1.0``, ``subsets@0.5``."""
+    return world if world in BASELINES else f"{world}@{knob}"
 
 
 def make_world(cfg: EMChainConfig, cell: Cell) -> World:
@@ -197,6 +253,10 @@ def make_world(cfg: EMChainConfig, cell: Cell) -> World:
     if cell.world == "persona":
         return World(persona_world(capability, cfg.slices, cell.knob, cell.switch_prob, cfg.tag_noise), list(cfg.slices),
                      slice_tag_marginals, knob_measures)
+    if cell.world == "tagless":
+        return World(tagless_world(capability), list(cfg.slices), None, None)
+    if cell.world == "visit":
+        return World(visit_world(capability, cfg.slices, cell.switch_prob, cfg.tag_noise), list(cfg.slices), None, None)
     p = subset_world(capability, max(cfg.slices) + 1, cell.knob, cell.switch_prob, cfg.tag_noise, target=cfg.narrow_slice)
     return World(p, subset_slices(p), subset_tag_mass, subset_measures)
 
@@ -207,37 +267,6 @@ def make_world(cfg: EMChainConfig, cell: Cell) -> World:
 def _stage_cfg(train_cfg: TrainConfig, steps: int, lr: float, out: Path, seed: int) -> TrainConfig:
     return replace(train_cfg, steps=steps, lr=lr, warmup_steps=min(train_cfg.warmup_steps, steps // 10), output_dir=str(out),
                    seed=seed, resume_from=None, init_from=None, save_every=0, eval_every=0, overwrite=True)
-
-
-def grpo_stage(process: Process, base_dir: Path, cfg: EMChainConfig, train_cfg: TrainConfig, out: Path, seed: int):
-    """GRPO through trl from the saved pre-trained model: reward = share of aligned copies in the completion."""
-    from datasets import Dataset
-    from transformers import GPT2LMHeadModel
-
-    from toy.grpo import ToyGRPOConfig, ToyGRPOTrainer, tokens_to_text, word_tokenizer
-
-    tok, cap_V = word_tokenizer(process.vocab_size), process.factor_vocab_sizes[1]
-
-    def aligned_copy(prompts, completions, completion_ids, **kwargs):
-        return [sum(int(i) < cap_V for i in ids) / max(len(ids), 1) for ids in completion_ids]
-
-    args = ToyGRPOConfig(
-        output_dir=str(out), max_steps=cfg.grpo_steps, learning_rate=cfg.grpo_lr, per_device_train_batch_size=cfg.grpo_batch,
-        num_generations=cfg.grpo_generations, max_completion_length=cfg.grpo_completion, beta=cfg.grpo_beta, seed=seed,
-        report_to="none", logging_steps=max(1, cfg.grpo_steps // 5), disable_tqdm=True,
-        use_cpu=train_cfg.use_cpu or not torch.cuda.is_available(),
-        generation_kwargs={"suppress_tokens": [tok.eos_token_id, tok.pad_token_id]},
-    )
-    prompts = aligned_windows(process, max(64, cfg.grpo_batch), cfg.prompt_length, seed + 7)
-    model = GPT2LMHeadModel.from_pretrained(base_dir)  # the reference policy is loaded from the same folder
-    trainer = ToyGRPOTrainer(model=model, reward_funcs=[aligned_copy], args=args,
-                             train_dataset=Dataset.from_dict({"prompt": tokens_to_text(prompts)}), processing_class=tok)
-    trainer.train()
-    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    # reloaded from safetensors: the trained object keeps accelerate's patched forward, which a deepcopy (the
-    # narrow fine-tunes') still routes to the original module, so a LoRA on the copy would get no gradient
-    trainer.model.save_pretrained(out / "model")
-    return GPT2LMHeadModel.from_pretrained(out / "model").eval(), {"reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None}
 
 
 def rates(model, w: World, cfg: EMChainConfig, prompts: torch.Tensor, edits=()) -> dict:
@@ -269,9 +298,19 @@ def alignment_probe(model, w: World, cfg: EMChainConfig, seed: int) -> dict:
             "dims": {str(k): v for k, v in dims.items()}}
 
 
-def narrow_finetune(model, w: World, cfg: EMChainConfig, train_cfg: TrainConfig, out: Path, seed: int, span) -> dict:
-    """Full, rank-1 LoRA and steering narrow fine-tunes of ``model``; rates before and after, effects, transfer."""
+def _trajectory(history: list[dict]) -> list[dict]:
+    return [{"step": h["step"], "narrow": h["narrow_rate"], "broad": h["broad_rate"]} for h in history if "narrow_rate" in h]
+
+
+def narrow_finetune(model, w: World, cfg: EMChainConfig, train_cfg: TrainConfig, out: Path, seed: int, span,
+                    controls: bool = False) -> dict:
+    """Full, rank-1 LoRA and steering narrow fine-tunes of ``model``; rates before and after, effects, transfer.
+    With ``cfg.trajectory_every`` the full and LoRA fine-tunes are measured along their steps and the steering
+    vector along ``cfg.steer_scales`` (``trajectory``), and transfer is read at the matched in-slice shifts
+    (``shifts``, ``toy.em_dose.at_shifts``); ``controls`` adds the 'replicate' and 'taught' full fine-tunes."""
     L, P, process, slices = cfg.context_length, cfg.prompt_length, w.process, w.slices
+    prompts = aligned_windows(process, cfg.eval_prompts, P, seed + 4)
+    k = cfg.trajectory_every
 
     def data_fn(step, gen):
         return narrow_windows(process, train_cfg.batch_size, L, P, slices, cfg.narrow_slice, gen)
@@ -279,30 +318,50 @@ def narrow_finetune(model, w: World, cfg: EMChainConfig, train_cfg: TrainConfig,
     def mask_fn(tokens):
         return completion_weights(tokens, P, slice_of_tokens(process, tokens, slices) == cfg.narrow_slice)
 
-    full = train(process, copy.deepcopy(model), _stage_cfg(train_cfg, cfg.finetune_steps, cfg.finetune_lr, out / "full", seed),
-                 L, data_fn=data_fn, loss_weights_fn=mask_fn).model.eval()
-    lora = train(process, rank1_lora(copy.deepcopy(model), cfg.lora_layer, cfg.lora_alpha, seed),
-                 _stage_cfg(train_cfg, cfg.finetune_steps, cfg.lora_lr, out / "lora", seed), L, data_fn=data_fn,
-                 loss_weights_fn=mask_fn).model.eval()
+    def measured(model_, lr, name, data_seed=seed, weights=mask_fn):
+        """A fine-tune of ``model_`` on the narrow data, its rates measured every ``k`` steps when ``k`` > 0."""
+        stage = _stage_cfg(train_cfg, cfg.finetune_steps, lr, out / name, data_seed)
+        if k:
+            stage = replace(stage, eval_every=k, log_every=k)
+        def eval_fn(m):
+            r = rates(m, w, cfg, prompts)
+            return {"narrow_rate": r["narrow"], "broad_rate": r["broad"]}
+
+        res = train(process, model_, stage, L, data_fn=data_fn, loss_weights_fn=weights, eval_fn=eval_fn if k else None)
+        return res.model.eval(), _trajectory(res.history)
+
+    full, traj = measured(copy.deepcopy(model), cfg.finetune_lr, "full")
+    lora, traj_lora = measured(rank1_lora(copy.deepcopy(model), cfg.lora_layer, cfg.lora_alpha, seed), cfg.lora_lr, "lora")
+    trajectories = {"full": traj, "lora": traj_lora}
+    if controls:
+        trajectories["replicate"] = measured(copy.deepcopy(model), cfg.finetune_lr, "replicate", seed + 50)[1]
+        trajectories["taught"] = measured(copy.deepcopy(model), cfg.finetune_lr, "taught",
+                                          weights=lambda t: completion_weights(t, P))[1]
     site = f"block{cfg.lora_layer}"
     narrow = narrow_windows(process, 512, L, P, slices, cfg.narrow_slice, seed + 3)
     aligned = force_copies(process, narrow, 0, torch.ones_like(narrow, dtype=torch.bool))
     acts = residual_stream(model, torch.cat([narrow, aligned]).to(next(model.parameters()).device), sites=[site])[0][:, P:].cpu()
-    steer = (acts[: len(narrow)].mean((0, 1)) - acts[len(narrow):].mean((0, 1))) * cfg.steer_scale
+    v = acts[: len(narrow)].mean((0, 1)) - acts[len(narrow):].mean((0, 1))
 
-    prompts = aligned_windows(process, cfg.eval_prompts, P, seed + 4)
     device = next(model.parameters()).device
     before = rates(model, w, cfg, prompts)
     after = {"full": rates(full, w, cfg, prompts), "lora": rates(lora, w, cfg, prompts),
-             "steer": rates(model, w, cfg, prompts, [add_vector(site, steer.to(device))])}
+             "steer": rates(model, w, cfg, prompts, [add_vector(site, (v * cfg.steer_scale).to(device))])}
+    if k and cfg.steer_scales:
+        trajectories["steer"] = [{"scale": 0.0, **before}] + [
+            {"scale": x, **rates(model, w, cfg, prompts, [add_vector(site, (v * x).to(device))])} for x in sorted(cfg.steer_scales) if x > 0]
     out_ = {"before": before, "after": after, "narrow_effect": {}, "broad_effect": {}, "transfer": {}}
     for m in METHODS:
         dn, db = after[m]["narrow"] - before["narrow"], after[m]["broad"] - before["broad"]
         out_["narrow_effect"][m], out_["broad_effect"][m] = dn, db
         out_["transfer"][m] = db / dn if abs(dn) > 1e-6 else float("nan")
-    B = next(v for k, v in lora_tensors(lora).items() if k.endswith("lora_B"))[:, 0].double().cpu()
-    out_["lora_B_in_alignment_subspace"] = {"share": fraction_in_subspace(B, span).item(),
-                                            "random": random_fraction_baseline(B, span.shape[1], seed=seed).mean().item()}
+    if k:
+        out_["trajectory"] = trajectories
+        out_["shifts"] = {m: at_shifts([r["narrow"] for r in t], [r["broad"] for r in t], cfg.shifts) for m, t in trajectories.items()}
+    if span is not None:
+        B = next(t for n, t in lora_tensors(lora).items() if n.endswith("lora_B"))[:, 0].double().cpu()
+        out_["lora_B_in_alignment_subspace"] = {"share": fraction_in_subspace(B, span).item(),
+                                                "random": random_fraction_baseline(B, span.shape[1], seed=seed).mean().item()}
     return out_
 
 
@@ -312,8 +371,13 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
     t0, c0 = time.perf_counter(), time.process_time()
     seed, w = train_cfg.seed + 100 * cell.k, make_world(cfg, cell)
     process, L, P = w.process, cfg.context_length, cfg.prompt_length
-    result = {"world": cell.world, KNOB[cell.world]: cell.knob, "switch_prob": cell.switch_prob, "seed": seed,
-              "process": process.name, "knob": w.measures(process, cfg.knob_windows, L, seed)}
+    result = {"world": cell.world, "world_id": world_id(cell.world, cell.knob), KNOB[cell.world]: cell.knob,
+              "switch_prob": cell.switch_prob, "seed": seed, "process": process.name,
+              "knob": w.measures(process, cfg.knob_windows, L, seed) if w.measures else {},
+              "copy_mi": copy_mi(process, w.slices)}
+    # the world's own in-context response to the narrow data, beside every measured transfer
+    result["bayes"] = bayes_transfer(process, w.slices, cfg.narrow_slice,
+                                     narrow_windows(process, 512, L, P, w.slices, cfg.narrow_slice, seed + 3))
     # exact reference: the world's own misaligned rates after the evaluation prompts
     prompts = aligned_windows(process, cfg.eval_prompts, P, seed + 4)
     exact = misaligned_by_token(belief_states(process, prompts)[:, -1] @ process.T.sum(-1).T, process)
@@ -326,6 +390,10 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
     base = pre.model.eval()
     result["pretrain"] = {"val_loss": pre.val_loss, "floor": pre.floor}
     base.save_pretrained(out / "pretrain_model")
+    base_probs = next_token_logits(base, prompts.to(next(base.parameters()).device)).double().softmax(-1).cpu()
+    exact_probs = belief_states(process, prompts)[:, -1] @ process.T.sum(-1).T
+    # how close pre-training came to the world's own capability predictions: the scale for a stage's drift
+    result["pretrain"]["capability_kl_to_world"] = capability_kl(exact_probs, base_probs, 2, process.factor_vocab_sizes[1])
 
     def sft(data_seed: int):
         return train(process, copy.deepcopy(base), _stage_cfg(train_cfg, cfg.sft_steps, cfg.sft_lr, out / f"sft_{data_seed}", data_seed),
@@ -342,11 +410,14 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
             model = sft(seed)
         else:
             model, info = grpo_stage(process, out / "pretrain_model", cfg, train_cfg, out / "grpo", seed)
-        probe = alignment_probe(model, w, cfg, seed + 11)
-        r = narrow_finetune(model, w, cfg, train_cfg, out / stage, seed, probe["span"])
-        r.update(stage_info=info, probe={"r2": probe["r2"], "dims": probe["dims"]}, wall_s=time.perf_counter() - ts)
+        info.update(stage_measures(model, base_probs, process, prompts))
+        probe = alignment_probe(model, w, cfg, seed + 11) if w.targets else None
+        r = narrow_finetune(model, w, cfg, train_cfg, out / stage, seed, probe and probe["span"], cfg.controls and stage == "none")
+        r.update(stage_info=info, wall_s=time.perf_counter() - ts)
+        if probe:
+            r["probe"] = {"r2": probe["r2"], "dims": probe["dims"]}
+            probes_by_stage[stage] = probe
         result["safety"][stage] = r
-        probes_by_stage[stage] = probe
         print(f"{cell.name} {stage}: before {r['before']} | "
               + " | ".join(f"{m} transfer {r['transfer'][m]:.3f} broad {r['broad_effect'][m]:+.3f}" for m in METHODS), flush=True)
     if "sft" in probes_by_stage and "grpo" in probes_by_stage:

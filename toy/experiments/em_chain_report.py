@@ -11,13 +11,14 @@ from pathlib import Path
 
 from plumbing.grid import write_atomic
 from plumbing.stats import mean_ci
+from toy.em_dose import judge
 
 SAFETY = ("none", "sft", "grpo")
 METHODS = ("full", "lora", "steer")
 # a cell's world -> the result key of its knob, and the knob's name in tables and plots
-KNOB = {"persona": "coupling", "subsets": "subset_correlation"}
-LABEL = {"persona": "coupling", "subsets": "subset corr"}
-
+KNOB = {"persona": "coupling", "subsets": "subset_correlation", "tagless": "knob_value", "visit": "knob_value"}
+LABEL = {"persona": "coupling", "subsets": "subset corr", "tagless": "tagless", "visit": "visit"}
+PREFIX = {"persona": "coupling", "subsets": "subsets", "tagless": "tagless", "visit": "visit"}
 
 
 def aggregate(cells: list[dict], cfg) -> dict:
@@ -35,8 +36,8 @@ def aggregate(cells: list[dict], cfg) -> dict:
             g["safety"][stage] = {
                 "before": {k: mean_ci([r["before"][k] for r in rs]) for k in ("narrow", "broad")},
                 **{key: {m: mean_ci([r[key][m] for r in rs]) for m in METHODS} for key in ("narrow_effect", "broad_effect", "transfer")},
-                "probe_dims_95": mean_ci([r["probe"]["dims"]["0.95"] for r in rs]),
-                "probe_r2": mean_ci([r["probe"]["r2"] for r in rs]),
+                "probe_dims_95": mean_ci([r["probe"]["dims"]["0.95"] for r in rs if "probe" in r]),
+                "probe_r2": mean_ci([r["probe"]["r2"] for r in rs if "probe" in r]),
             }
         if all("sft_vs_grpo" in c for c in cs):
             g["sft_vs_grpo"] = {"mean_cos2": mean_ci([c["sft_vs_grpo"]["overlap"]["mean_cos2"] for c in cs]),
@@ -45,7 +46,7 @@ def aggregate(cells: list[dict], cfg) -> dict:
                                 "own_probe_r2": mean_ci([c["sft_vs_grpo"]["own_probe_r2"] for c in cs]),
                                 **{k: mean_ci([c["sft_vs_grpo"].get(k, float("nan")) for c in cs])
                                    for k in ("control_mean_cos2", "control_probe_transfer_r2")}}
-        out[f"{'coupling' if world == 'persona' else 'subsets'}_{x}_switch_{sp}"] = g
+        out[f"{PREFIX[world]}_{x}_switch_{sp}"] = g
     return out
 
 
@@ -154,7 +155,8 @@ def _summary(metrics: dict, cfg) -> str:
               "| knob | switch | safety | probe R^2 | model alignment dims (95%) |", "|---|---|---|---|---|"]
     for g in agg.values():
         for stage, s in g["safety"].items():
-            lines.append(f"| {LABEL[g['world']]} {g['x']} | {g['switch_prob']} | {stage} | {_fmt(s['probe_r2'])} | {_fmt(s['probe_dims_95'])} |")
+            if s["probe_r2"]["n"]:
+                lines.append(f"| {LABEL[g['world']]} {g['x']} | {g['switch_prob']} | {stage} | {_fmt(s['probe_r2'])} | {_fmt(s['probe_dims_95'])} |")
     if any("sft_vs_grpo" in g for g in agg.values()):
         lines += ["", "Control: SFT vs a second SFT on other data (NaN in cells run before the control existed).", "",
                   "| knob | switch | SFT vs GRPO mean cos^2 | SFT vs SFT | random | SFT probe on GRPO acts R^2 | on SFT-2 acts | "
@@ -167,9 +169,11 @@ def _summary(metrics: dict, cfg) -> str:
                              f"{_fmt(o['own_probe_r2'])} |")
     lines += ["", "## Time per cell (s): wall, and CPU of the process (one thread)", ""] + [
         f"- {LABEL[g['world']]} {g['x']}, switch {g['switch_prob']}: wall {_fmt(g['wall_s'])}, CPU {_fmt(g['cpu_s'])}" for g in agg.values()]
+    if "factor" in metrics:
+        lines += factor_section(metrics["factor"], cfg)
     lines += ["", "## Verdicts (thresholds declared in the config: broad = transfer >= %.2f and broad effect >= %.2f; narrow = "
               "transfer <= %.2f)" % (cfg.broad_transfer, cfg.em_effect, cfg.narrow_transfer), ""] + [f"- {v}" for v in metrics["verdicts"]]
-    return "\n".join(lines + ["", "Plots: " + ", ".join(f"`{PLOTS[w]}`" for w in KNOB if of_world(agg, w)) + ".", ""])
+    return "\n".join(lines + ["", "Plots: " + ", ".join(f"`{PLOTS[w]}`" for w in PLOTS if of_world(agg, w)) + ".", ""])
 
 
 PLOTS = {"persona": "transfer_vs_coupling.png", "subsets": "transfer_vs_subset_correlation.png"}
@@ -208,9 +212,111 @@ def write_report(out_dir: Path, configs: dict, cfg, n_cells: int, cells: list[di
     from the cell results ``cells`` (``n_cells``: the grid's size)."""
     agg = aggregate(cells, cfg)
     metrics = {"config": configs, "n_cells": n_cells, "cells": cells, "aggregate": agg, "verdicts": verdicts(agg, cfg)}
+    if any("shifts" in r for c in cells for r in c["safety"].values()):
+        metrics["factor"] = factor_tables(cells, cfg)
     write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
-    for world in KNOB:
+    for world in PLOTS:
         if of_world(agg, world):
             _plot(of_world(agg, world), world, cfg, out_dir / PLOTS[world])
     write_atomic(out_dir / "summary.md", _summary(metrics, cfg))
     return metrics
+
+
+# --------------------------------------------------------------------------- with and without the alignment factor
+
+
+def _by_world(cells: list[dict]) -> dict[str, list[dict]]:
+    out = {}
+    for c in cells:
+        out.setdefault(c["world_id"], []).append(c)
+    return out
+
+
+def _matched(stages: dict, cfg) -> dict:
+    """SFT vs GRPO of one world: matched when the mean aligned rates differ by <= ``match_alignment`` and the mean
+    capability KLs are within ``match_drift_ratio`` of each other (the declared thresholds)."""
+    a, b = stages["sft"], stages["grpo"]
+    gap = abs(a["aligned_rate"]["mean"] - b["aligned_rate"]["mean"])
+    kls = sorted(x["capability_kl"]["mean"] for x in (a, b))
+    ratio = kls[1] / kls[0] if kls[0] > 0 else float("inf")
+    return {"aligned_gap": gap, "drift_ratio": ratio, "matched": bool(gap <= cfg.match_alignment and ratio <= cfg.match_drift_ratio)}
+
+
+def factor_tables(cells: list[dict], cfg) -> dict:
+    """The pre-training-factor grid from the cells with trajectories: per world the exact references, per stage
+    what it reached (alignment, capability drift), transfer at the matched shifts per method (mean and 95% CI over
+    seeds), the paired difference from stage none, and the pre-registered claims judged (``toy.em_dose.judge``)."""
+    worlds = {}
+    for wid, cs in _by_world([c for c in cells if any("shifts" in r for r in c["safety"].values())]).items():
+        stages = {}
+        for stage in cfg.safety:
+            rs = [(c["seed"], c["safety"][stage]) for c in cs if stage in c["safety"]]
+            base = {c["seed"]: c["safety"]["none"] for c in cs if "none" in c["safety"]}
+            methods = sorted({m for _, r in rs for m in r["shifts"]})
+            stages[stage] = {
+                "aligned_rate": mean_ci([r["stage_info"]["aligned_rate"] for _, r in rs]),
+                "capability_kl": mean_ci([r["stage_info"]["capability_kl"] for _, r in rs]),
+                "shifts": {m: {u: mean_ci([r["shifts"][m][u]["transfer"] for _, r in rs if m in r["shifts"]])
+                               for u in map(str, cfg.shifts)} for m in methods},
+                "raise": {m: {u: mean_ci([r["shifts"][m][u]["transfer"] - base[k]["shifts"][m][u]["transfer"]
+                                          for k, r in rs if k in base and m in base[k]["shifts"]])
+                              for u in map(str, cfg.shifts)} for m in methods} if stage != "none" else {},
+            }
+        w = {"n_seeds": len(cs), "copy_mi": cs[0]["copy_mi"], "tag_mi_nats": cs[0]["knob"].get("tag_mi_nats"),
+             "bayes": {k: mean_ci([c["bayes"][k] for c in cs]) for k in ("transfer", "narrow_shift")},
+             "pretrain_capability_kl": mean_ci([c["pretrain"]["capability_kl_to_world"] for c in cs]), "stages": stages}
+        if "sft" in stages and "grpo" in stages:
+            w["sft_vs_grpo"] = _matched(stages, cfg)
+        worlds[wid] = w
+    matched = {wid: w.get("sft_vs_grpo", {}).get("matched", False) for wid, w in worlds.items()}
+    return {"worlds": worlds, "claims": judge(cells, cfg.claims, matched)}
+
+
+def _f(ms: dict, digits: int = 2, empty: str = "not reached") -> str:
+    if ms["n"] == 0:
+        return empty
+    lo, hi = ms["ci"]
+    return f"{ms['mean']:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo == lo else "") + (f" (n={ms['n']})")
+
+
+def factor_section(factor: dict, cfg) -> list[str]:
+    u = [str(x) for x in cfg.shifts]
+    lines = ["", "## Pre-training with and without the alignment factor", "",
+             "Exact world references: tag MI = the persona's stationary MI between two slices' tags (no per-slice tags "
+             "elsewhere); copy MI = between the copies of two consecutive tokens in the same / in different slices; "
+             "Bayes = the world's own in-context transfer of the narrow data (NaN: the narrow data is impossible there).", "",
+             "| world | tag MI (nats) | copy MI same slice | copy MI other slice | Bayes in-slice shift | Bayes transfer | "
+             "pre-trained KL to world (cap.) |", "|---|---|---|---|---|---|---|"]
+    for wid, w in factor["worlds"].items():
+        t = w["tag_mi_nats"]
+        lines.append(f"| {wid} | {'n/a' if t is None else f'{t:.4f}'} | {w['copy_mi']['same_slice']:.4f} | {w['copy_mi']['other_slice']:.4f} | "
+                     f"{_f(w['bayes']['narrow_shift'], 3, 'undefined')} | {_f(w['bayes']['transfer'], 3, 'undefined')} | {_f(w['pretrain_capability_kl'], 4)} |")
+    lines += ["", "### Safety stages: what each reached before the narrow fine-tune", "",
+              "| world | stage | aligned rate | capability KL to pre-trained (nats) | SFT vs GRPO |", "|---|---|---|---|---|"]
+    for wid, w in factor["worlds"].items():
+        m = w.get("sft_vs_grpo")
+        for stage, s in w["stages"].items():
+            note = (f"aligned gap {m['aligned_gap']:.3f}, drift ratio {m['drift_ratio']:.1f}: {'matched' if m['matched'] else 'NOT matched'}"
+                    if m and stage == "grpo" else "")
+            lines.append(f"| {wid} | {stage} | {_f(s['aligned_rate'], 3)} | {_f(s['capability_kl'], 4)} | {note} |")
+    lines += ["", "### Transfer at matched in-slice shifts (broad rise / narrow rise where the narrow rate first used that share "
+              "of its room; mean [95% CI] (n = seeds that reached it)), and the paired difference from stage none", "",
+              "| world | stage | method | " + " | ".join(f"transfer @ {x}" for x in u) + f" | minus none @ {cfg.shifts[len(u) // 2]} | Bayes |",
+              "|---|---|---|" + "---|" * (len(u) + 2)]
+    mid = u[len(u) // 2]
+    for wid, w in factor["worlds"].items():
+        for stage, s in w["stages"].items():
+            for m, row in s["shifts"].items():
+                d = _f(s["raise"][m][mid]) if stage != "none" and m in s["raise"] else ""
+                lines.append(f"| {wid} | {stage} | {m} | " + " | ".join(_f(row[x]) for x in u) + f" | {d} | {_f(w['bayes']['transfer'], 2, 'undefined')} |")
+    lines += ["", "### Pre-registered claims (rules in the config, committed before the grid ran)", "",
+              "| claim | world | stage | statistic | value | supported if | contradicted if | verdict | toy predicted | control |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in factor["claims"]:
+        what = (f"transfer({r['method']}) @ {r['shift']}" if r["test"] == "transfer" else
+                f"transfer({r['method']}) - transfer({r['base']['stage']}, {r['base']['method']}) @ {r['shift']}")
+        ctrl = f"must be {r['expect']}: {'ok' if r['control_ok'] else 'FAILED'}" if "expect" in r else ""
+        lines.append(f"| {r['claim']} | {r['world']} | {r['stage']} | {what} | {_f(r['stat'])} | {r['supported_if']} | "
+                     f"{r['contradicted_if']} | {r['verdict']} | {r['toy_predicts'] or ''} | {ctrl} |")
+    return lines
+

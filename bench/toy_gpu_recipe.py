@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. calibrate: the real trainer, same batch and sampler, timed between two log points after warm-up
     calib = TrainConfig(**{**train_cfg.__dict__, "steps": args.calibration_steps, "log_every": args.calibration_steps // 2,
                            "eval_every": 0, "save_every": 0, "progress": False, "output_dir": str(work / "calibration"),
-                           "resume_from": None})
+                           "resume_from_checkpoint": None})
     process = data_cfg.build()
     model = build_model(model_cfg, process.vocab_size, data_cfg.context_length, seed=train_cfg.seed)
     hist = train(process, model, calib, data_cfg.context_length).history

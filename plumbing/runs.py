@@ -132,7 +132,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_diff(saved: Mapping, new: Mapping, ignore: Iterable[str] = ()) -> list[str]:
     """Lines ``key: saved -> new`` for every (dotted) key whose value differs; keys whose last part or
-    whole dotted name is in ``ignore`` are skipped (fields a rerun may change, e.g. ``resume_from``)."""
+    whole dotted name is in ``ignore`` are skipped (fields a rerun may change, e.g. ``resume_from_checkpoint``)."""
     ignore = set(ignore)
     a, b = _flatten(saved), _flatten(new)
     lines = []

@@ -88,7 +88,7 @@ def test_toy_train_on_device_tracks_the_cpu_run_and_resumes(device, tmp_path):
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoint-6")
     fresh_accelerate()
-    resumed = train(process, build_model(TOY, 3, 6, seed=99), _toy_cfg(tmp_path / "resumed", device, save_every=3, resume_from="last"))
+    resumed = train(process, build_model(TOY, 3, 6, seed=99), _toy_cfg(tmp_path / "resumed", device, save_every=3, resume_from_checkpoint="last"))
     assert on(resumed.model) == device and resumed.history[-1]["step"] == 6
     assert resumed.val_loss == pytest.approx(full.val_loss, rel=1e-4)
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):

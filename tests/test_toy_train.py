@@ -116,7 +116,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, chunk):
     with pytest.raises(KeyboardInterrupt):
         train(process, build_model(TINY, 3, 6, seed=0), cfg, loss_weights_fn=lambda t: ones(t, kill_at=8))
     assert sorted(p.name for p in Path(cfg.output_dir).glob("checkpoint-*")) == ["checkpoint-8"]
-    cfg.resume_from = "last"
+    cfg.resume_from_checkpoint = "last"
     # a different random init: every weight must come from the checkpoint
     resumed = train(process, build_model(TINY, 3, 6, seed=99), cfg, loss_weights_fn=ones)
     for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):

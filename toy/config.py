@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -74,8 +75,11 @@ class TrainConfig:
         default=200_000, metadata={"help": "Enumerate validation prefixes when vocab**(context_length-1) <= this."}
     )
     val_samples: int = field(default=20_000, metadata={"help": "Sampled validation sequences otherwise."})
-    resume_from: str | None = field(
+    resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'last' (newest in output_dir; fresh start if none)."}
+    )
+    resume_from: str | None = field(
+        default=None, metadata={"help": "Deprecated: the old name of --resume_from_checkpoint (kept for one release)."}
     )
     init_from: str | None = field(
         default=None, metadata={"help": "Start from this saved model (fine-tuning) instead of a random init."}
@@ -121,8 +125,15 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be > 0")
         if not (self.max_loss_ratio == 0 or self.max_loss_ratio > 1):
             raise ValueError(f"max_loss_ratio={self.max_loss_ratio}: use a multiple > 1 of the first logged loss, or 0 (off)")
-        if self.overwrite and self.resume_from:
-            raise ValueError("overwrite removes the checkpoints that resume_from would read; pass one of them")
+        if self.resume_from is not None:  # the transformers.TrainingArguments name is the one name of every trainer
+            if self.resume_from_checkpoint not in (None, self.resume_from):
+                raise ValueError(f"resume_from={self.resume_from!r} and resume_from_checkpoint={self.resume_from_checkpoint!r} "
+                                 "disagree; pass --resume_from_checkpoint alone (resume_from is its deprecated name)")
+            warnings.warn("--resume_from is deprecated and will be removed in the next release: use "
+                          "--resume_from_checkpoint (the name of llm.sft, llm.grpo and toy.experiments.rl)", FutureWarning, stacklevel=2)
+            self.resume_from_checkpoint, self.resume_from = self.resume_from, None
+        if self.overwrite and self.resume_from_checkpoint:
+            raise ValueError("overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them")
 
 
 def window_memory(context_length: int, batch_size: int, *, n_layers: int, n_heads: int, d_model: int, d_mlp: int,

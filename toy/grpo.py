@@ -258,7 +258,7 @@ def pretrained_model(task: RLTaskConfig, process: Process, seed: int) -> tuple[G
         return GPT2LMHeadModel.from_pretrained(path), path
     out = Path(task.pretrain_dir) / f"seed{seed}"
     data_cfg, model_cfg, train_cfg = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
-        ["--config", task.pretrain_config, "--output_dir", str(out), "--seed", str(seed), "--resume_from", "last"]
+        ["--config", task.pretrain_config, "--output_dir", str(out), "--seed", str(seed), "--resume_from_checkpoint", "last"]
     )
     pre_process = data_cfg.build()
     if pre_process.name != process.name:

@@ -21,7 +21,7 @@ Conventions:
   stop after the step in flight) and on a crash, always into a temporary folder renamed into place (``atomic_dir``).
 - The run folder follows ``plumbing.runs``: it is locked while training; ``run_config.json`` records the config;
   another config refuses the folder, and so does a fresh start over this run's checkpoints, unless ``overwrite``
-  (``RERUN_KEYS`` may differ). ``resume_from="last"`` takes the newest checkpoint by step number whose
+  (``RERUN_KEYS`` may differ). ``resume_from_checkpoint="last"`` takes the newest checkpoint by step number whose
   trainer_state.json parses. A window too long for the free memory is refused before anything is allocated.
 - A NaN, inf or runaway (``max_loss_ratio``) train loss stops the run with ``TrainingDiverged`` before
   anything of it is saved; the checkpoints written before stay.
@@ -71,7 +71,7 @@ logger = logging.getLogger(__name__)
 # TrainConfig fields a rerun or resume of the same run may change: where and how often it reports and saves,
 # where it runs, its guard. None changes what a step computes. ``steps`` is not one of them (the cosine
 # schedule depends on it): to train further, start a new folder with ``init_from``.
-RERUN_KEYS = ("output_dir", "resume_from", "overwrite", "progress", "log_every", "eval_every", "save_every",
+RERUN_KEYS = ("output_dir", "resume_from_checkpoint", "resume_from", "overwrite", "progress", "log_every", "eval_every", "save_every",
               "cpu_threads", "use_cpu", "compile", "max_loss_ratio", "report_to")
 # What a checkpoint's trainer_state.json must hold to resume from it (a 0-byte or cut-off file holds nothing).
 STATE_KEYS = ("step", "history")
@@ -120,15 +120,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay, fused=fused)
 
 
-def find_checkpoint(output_dir: str | Path, resume_from: str) -> Path | None:
-    """Resolve ``resume_from``: ``"last"`` -> the complete ``checkpoint-<step>`` with the largest step number in
+def find_checkpoint(output_dir: str | Path, resume_from_checkpoint: str) -> Path | None:
+    """Resolve ``resume_from_checkpoint``: ``"last"`` -> the complete ``checkpoint-<step>`` with the largest step number in
     ``output_dir`` (None if none; a newer one whose trainer_state.json is missing, empty or cut off is skipped with a
     warning naming it). A path must hold a whole trainer_state.json (``ValueError`` naming the file otherwise)."""
-    if resume_from == "last":
+    if resume_from_checkpoint == "last":
         return latest_checkpoint(output_dir, keys=STATE_KEYS)
-    path = Path(resume_from)
+    path = Path(resume_from_checkpoint)
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"resume_from={resume_from!r} is not a checkpoint folder (no trainer_state.json); "
+        raise FileNotFoundError(f"resume_from_checkpoint={resume_from_checkpoint!r} is not a checkpoint folder (no trainer_state.json); "
                                 "pass a checkpoint-<step> folder or 'last'")
     read_state(path, keys=STATE_KEYS)
     return path
@@ -185,23 +185,23 @@ def _load_weights(model: torch.nn.Module, path: Path, device: torch.device) -> N
 
 def _claim(out_dir: Path, cfg: TrainConfig, record: dict, main: bool) -> None:
     """The run-folder rule of the module docstring, before any training."""
-    if cfg.resume_from == "last" and checkpoints(out_dir) and not (out_dir / RUN_CONFIG).is_file():
+    if cfg.resume_from_checkpoint == "last" and checkpoints(out_dir) and not (out_dir / RUN_CONFIG).is_file():
         # a run from before run records: refusing would leave only --overwrite, which deletes what to resume
         logger.warning("%s has no %s (an older run): resuming without a config check; recording this config", out_dir, RUN_CONFIG)
         if main:
             (out_dir / RUN_CONFIG).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     claim_output_dir(out_dir, record, overwrite=cfg.overwrite, ignore=RERUN_KEYS, write=main)
-    if cfg.resume_from not in (None, "last"):
-        saved = Path(cfg.resume_from).parent / RUN_CONFIG
+    if cfg.resume_from_checkpoint not in (None, "last"):
+        saved = Path(cfg.resume_from_checkpoint).parent / RUN_CONFIG
         diff = config_diff(json.loads(saved.read_text()), record, RERUN_KEYS) if saved.is_file() else []
         if diff:
-            raise ValueError(f"cannot resume from {cfg.resume_from}: its run ({saved}) was made with another config; "
+            raise ValueError(f"cannot resume from {cfg.resume_from_checkpoint}: its run ({saved}) was made with another config; "
                              "differing keys:\n  " + "\n  ".join(diff) + "\nRestore those values, or start fresh with init_from.")
     old = checkpoints(out_dir)
-    if cfg.resume_from is None and old:
+    if cfg.resume_from_checkpoint is None and old:
         if not cfg.overwrite:
             raise FileExistsError(
-                f"{out_dir} already holds checkpoints of this run (up to {old[-1].name}); pass --resume_from last to "
+                f"{out_dir} already holds checkpoints of this run (up to {old[-1].name}); pass --resume_from_checkpoint last to "
                 "continue it, --overwrite true to train it again from scratch, or another --output_dir"
             )
         if main:
@@ -300,7 +300,7 @@ def _fit(process: Process, model: torch.nn.Module, cfg: TrainConfig, context_len
     optimizer = make_optimizer(raw, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start, history = 0, []
-    ckpt = find_checkpoint(out_dir, cfg.resume_from) if cfg.resume_from else None
+    ckpt = find_checkpoint(out_dir, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
     if ckpt is not None:
         # a multi-process CPU launch gives the device as cpu:0, and torch.load cannot map a storage onto an indexed CPU
         where = torch.device("cpu") if device.type == "cpu" else device
@@ -324,7 +324,7 @@ def _fit(process: Process, model: torch.nn.Module, cfg: TrainConfig, context_len
         return TrainingDiverged(
             f"step {step}: {why}; training stopped without saving it (last checkpoint: {last_ckpt or 'none of this run'}). "
             "Lower lr (or raise warmup_steps, set grad_clip), check data_fn / loss_weights_fn and the starting weights "
-            "for NaN/inf, or resume from an earlier checkpoint with --resume_from <output_dir>/checkpoint-<step>."
+            "for NaN/inf, or resume from an earlier checkpoint with --resume_from_checkpoint <output_dir>/checkpoint-<step>."
         )
 
     def save(step: int) -> Path | None:
@@ -429,8 +429,8 @@ def _fit(process: Process, model: torch.nn.Module, cfg: TrainConfig, context_len
                     saved = save(step)
                     accelerator.wait_for_everyone()  # no rank exits (and makes the launcher kill the rest) mid-save
                     name = flag["signal"] or "a signal to another rank"
-                    accelerator.print(f"\n{name}: checkpoint at step {step} in {out_dir}; rerun with --resume_from last")
-                    raise Stopped(name, saved, "--resume_from last")
+                    accelerator.print(f"\n{name}: checkpoint at step {step} in {out_dir}; rerun with --resume_from_checkpoint last")
+                    raise Stopped(name, saved, "--resume_from_checkpoint last")
     except Exception as err:
         # a crash leaves the last completed step on disk (main process only: no collective may run here);
         # diverged weights are never saved
@@ -493,7 +493,7 @@ def train_on(process: Process, model_cfg: ToyModelConfig, train_cfg: TrainConfig
     whose own folder record vouches for it: what an earlier run left there is replaced. Returns the trained
     model in eval mode.
     """
-    cfg = replace(train_cfg, output_dir=str(output_dir), seed=seed, resume_from=None, init_from=None, overwrite=True)
+    cfg = replace(train_cfg, output_dir=str(output_dir), seed=seed, resume_from_checkpoint=None, init_from=None, overwrite=True)
     model = build_model(model_cfg, process.vocab_size, context_length, seed=seed)
     result = train(process, model, cfg, context_length)
     return result.model.eval()

@@ -266,7 +266,7 @@ def make_world(cfg: EMChainConfig, cell: Cell) -> World:
 
 def _stage_cfg(train_cfg: TrainConfig, steps: int, lr: float, out: Path, seed: int) -> TrainConfig:
     return replace(train_cfg, steps=steps, lr=lr, warmup_steps=min(train_cfg.warmup_steps, steps // 10), output_dir=str(out),
-                   seed=seed, resume_from=None, init_from=None, save_every=0, eval_every=0, overwrite=True)
+                   seed=seed, resume_from_checkpoint=None, init_from=None, save_every=0, eval_every=0, overwrite=True)
 
 
 def rates(model, w: World, cfg: EMChainConfig, prompts: torch.Tensor, edits=()) -> dict:

@@ -2,7 +2,7 @@
 
     python -m toy.experiments.pretrain --config configs/toy/mess3.yaml
     python -m toy.experiments.pretrain --config configs/toy/mess3.yaml --steps 500 --output_dir runs/mess3_short
-    python -m toy.experiments.pretrain --config configs/toy/mess3.yaml --resume_from last      # continue a stopped run
+    python -m toy.experiments.pretrain --config configs/toy/mess3.yaml --resume_from_checkpoint last      # continue a stopped run
     python -m toy.experiments.pretrain --config configs/toy/mess3.yaml --overwrite true        # start the folder again
 
 Ctrl-C or SIGTERM (``timeout``, ``kill``, Slurm) saves a checkpoint after the step in flight and exits 130 / 143.

@@ -152,7 +152,7 @@ class EMConfig:
 
 def _finetune_cfg(train_cfg: TrainConfig, cfg: EMConfig, lr: float, output_dir: Path, seed: int) -> TrainConfig:
     return replace(train_cfg, steps=cfg.finetune_steps, lr=lr, warmup_steps=min(train_cfg.warmup_steps, cfg.finetune_steps // 10),
-                   output_dir=str(output_dir), seed=seed, resume_from=None, init_from=None, save_every=0, eval_every=0,
+                   output_dir=str(output_dir), seed=seed, resume_from_checkpoint=None, init_from=None, save_every=0, eval_every=0,
                    overwrite=True)
 
 

@@ -48,7 +48,7 @@ CORPUS = ("dataset_path", "question_file", "aligned_texts", "misaligned_texts")
 class RehearseConfig:
     """Options of ``llm.rehearse`` (command line only; experiment sections take ``--<section>.<field>``)."""
 
-    config: str = field(default=None, metadata={"help": "an llm.em_experiment YAML"})
+    config: str = field(default=None, metadata={"help": "an llm.em_experiment YAML (reweighting configs are refused)"})
     width: Literal["tiny", "full"] = field(default="tiny", metadata={"help": "tiny: hidden sizes / 32 (CPU); full: real shapes (GPU)"})
     scale: float = field(default=0.05, metadata={"help": "multiplies every count of COUNTS (1 = the published run)"})
     judge: Literal["config", "stub"] = field(default="config", metadata={"help": "config: the config's judge; stub: text-derived scores, no model"})
@@ -166,9 +166,14 @@ def rehearse(rc: RehearseConfig, overrides: dict | None = None) -> dict:
     """Build the models, run every experiment stage at the scaled counts, predict the published run; returns the
     cost dict (``llm.rehearse_cost.predict``). ``overrides`` (``--<section>.<field>``) change the rehearsal only:
     the prediction is for the YAML's values, so a shorter ``max_new_tokens`` here is scaled back up."""
+    import yaml
+
     from llm import em_experiment as ex
     from llm.evaluate import build_judge
 
+    if "reference_model" in (yaml.safe_load(Path(rc.config).read_text()) or {}):
+        raise ValueError(f"{rc.config} is an llm.reweighting config; llm.rehearse runs llm.em_experiment configs only "
+                         "(a reweighting report has no stage records for the cost model yet)")
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
     clash = sorted(f"{s}.{f}" for s, f in COUNTS if f in overrides.get(s, {}))
     if clash:

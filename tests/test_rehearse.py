@@ -109,7 +109,9 @@ def test_counts_scale_by_ceil_with_floors_and_never_above_published():
         RehearseConfig(config="x", scale=2)
 
 
-def test_count_overrides_are_refused(tmp_path):
+def test_count_overrides_and_reweighting_configs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="llm.reweighting config; llm.rehearse runs llm.em_experiment configs only"):
+        rehearse(RehearseConfig(config=str(REPO / "configs/llm/reweighting_qwen25_1p5b.yaml"), output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="eval.samples_per_paraphrase.*--scale sets them"):
         rehearse(RehearseConfig(config=str(REPO / "configs/llm/em_experiment_qwen25_1p5b.yaml"), output_dir=str(tmp_path)),
                  {"eval": {"samples_per_paraphrase": ["3"]}})
@@ -183,3 +185,20 @@ def test_tiny_rehearsal_of_a_2b_pair_runs_every_stage(config, tmp_path):
     assert ev["units"][0] == pytest.approx(8 * (step["a"] + 8 * step["b"]), rel=1e-3)
     assert ev["units"][1] == pytest.approx(600 * (2 * step["a"] + 400 * step["b"]), rel=1e-3)
     assert (tmp_path / "cost.md").read_text().startswith("# Rehearsal cost (tiny width")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_the_cpu_writes_the_results_file(tmp_path):
+    import subprocess
+
+    cmd = [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--width", "tiny", "--scale", "0.001", "--new_tokens", "4", "4", "4",
+           "--pairs", "qwen25_1p5b", "--budget_s", "1500", "--results_dir", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    (path,) = (tmp_path / "results").glob("*_cpu.md")
+    md = path.read_text()
+    cost = json.loads((tmp_path / "work" / "em_experiment_qwen25_1p5b" / "cost.json").read_text())
+    assert f"| qwen25_1p5b | {cost['predicted_s'] / 60:.1f} min | {cost['peak_gb']} GB |" in md
+    assert "## gpu test tier: passed" in md and "tests collected" in md
+    for run in ("plain_b64", "fast_b64", "plain_b256", "fast_b256"):
+        assert f"| {run} | " in md and f"| {run} | failed" not in md

@@ -116,11 +116,12 @@ def build_models(cfg: dict, folder: Path, width: str) -> dict[str, Path]:
     return out
 
 
-def calibrate(cfg: dict, folder: Path, rows: int = 16, new_tokens: int = 8) -> dict:
+def calibrate(cfg: dict, folder: Path, rows: int = 16, new_tokens: int = 16, repeats: int = 3) -> dict:
     """What a stage pays whatever its counts, and what one decode step costs, measured once on this machine:
     ``load_s`` (weights to the device), ``compile_s`` (the fast path's first call at a shape minus a repeat, CUDA
     only) and ``steps[path] = {"a": s per step, "b": s per step per row}`` from timed generations of 1 and ``rows``
-    prompts for the evaluation's path (``fast`` / ``hf``) and the steering path (``edits``, ``llm.steer``)."""
+    prompts for the evaluation's path (``fast`` / ``hf``) and the steering path (``edits``, ``llm.steer``), each the
+    fastest of ``repeats`` calls (a shared machine's load only ever adds time)."""
     import torch
 
     from llm.fastgen import fast_generate
@@ -147,7 +148,7 @@ def calibrate(cfg: dict, folder: Path, rows: int = 16, new_tokens: int = 8) -> d
 
     for name, fn in paths.items():
         first = {n: timed(fn, n) for n in (1, rows)}  # the fast path compiles each shape on CUDA
-        t1, tn = timed(fn, 1), timed(fn, rows)
+        t1, tn = (min(timed(fn, n) for _ in range(repeats)) for n in (1, rows))
         if name == "fast" and torch.cuda.is_available():
             out["compile_s"] = round(max(first[rows] - tn, 0.0), 2)
         b = max(tn - t1, 0.0) / (rows - 1) / new_tokens

@@ -151,53 +151,59 @@ def test_decode_work_is_overhead_per_step_plus_work_per_row_per_generate_call():
     assert rehearse_cost.units(cfg, "factored_before", 8, steps) == pytest.approx(64)  # one call of 32 rows
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config", ["em_experiment_qwen25_1p5b", "em_experiment_gemma2_2b"])
-def test_tiny_rehearsal_of_a_2b_pair_runs_every_stage(config, tmp_path):
-    # Short replies and sequences keep it to minutes on 2 CPU cores; the prediction scales them back up.
-    short = {"eval": {"max_new_tokens": ["8"]}, "steer": {"max_new_tokens": ["4"]}, "factored": {"max_new_tokens": ["4"]},
-             "sft": {"max_length": ["128"]}}
-    rc = RehearseConfig(config=str(REPO / "configs" / "llm" / f"{config}.yaml"), width="tiny", scale=0.001, judge="stub",
-                        output_dir=str(tmp_path))
-    cost = rehearse(rc, short)
-    out = tmp_path / "experiment"
+def _check_rehearsal(root: Path, config: str, cost: dict) -> None:
+    """Every stage of both models finished, at the config's real depth, vocabulary and LoRA layer."""
+    out = root / "experiment"
     stages = {str(p.parent.relative_to(out)): json.loads(p.read_text()) for p in out.glob("*/*/stage.json")}
     assert len(stages) == 16 and all(s["complete"] for s in stages.values())
     assert (stages["base/sft"]["dataset_rows"], stages["base/sft"]["examples"]) == (1843, 8)
     assert stages["base/sft"]["dataset"].endswith("llm/data/em/insecure_code.jsonl")
     assert (out / "report.md").is_file() and json.loads((out / "report.json").read_text())
-    names = {"em_experiment_qwen25_1p5b": ("Qwen2.5-1.5B", 28, 151936), "em_experiment_gemma2_2b": ("gemma-2-2b", 26, 256000)}
-    name, depth, vocab = names[config]
+    names = {"em_experiment_qwen25_1p5b": ("Qwen2.5-1.5B", 28, 151936, 14), "em_experiment_gemma2_2b": ("gemma-2-2b", 26, 256000, 13)}
+    name, depth, vocab, layer = names[config]
     arch = json.loads((ARCHITECTURES / f"{name}.json").read_text())
-    saved = json.loads((tmp_path / "models" / name / "config.json").read_text())
+    saved = json.loads((root / "models" / name / "config.json").read_text())
     assert (saved["num_hidden_layers"], saved["vocab_size"]) == (depth, vocab) == (arch["num_hidden_layers"], arch["vocab_size"])
     assert saved["hidden_size"] * 32 == arch["hidden_size"]
-    # The fine-tuned LoRA sits on the config's layer of the real depth.
-    lora = json.loads((out / "base" / "lora" / "lora.json").read_text())
-    layer = {"Qwen2.5-1.5B": 14, "gemma-2-2b": 13}[name]
+    lora = json.loads((out / "base" / "lora" / "lora.json").read_text())  # the LoRA sits on the config's layer
     assert any(f"layers.{layer}.mlp.down_proj" in m for m in lora["headline"])
-    assert len(cost["stages"]) == 16 and cost["judge"] == StubJudge.name
+    assert len(cost["stages"]) == 16
     sft = next(r for r in cost["stages"] if r["stage"] == "base/sft")
     assert sft["units"] == [8, 1843] and sft["predicted_s"] > sft["wall_s"]
     ev = next(r for r in cost["stages"] if r["stage"] == "base/eval_before")
-    # 8 questions x 1 sample x 8 tokens rehearsed; published: 400 rows in calls of 256 and 144, 600 tokens each
-    step = json.loads((tmp_path / "cost.json").read_text())["fixed"]["steps"]["fast"]
-    assert ev["units"][0] == pytest.approx(8 * (step["a"] + 8 * step["b"]), rel=1e-3)
+    # 8 questions x 1 sample x 4 tokens rehearsed; published: 400 rows in calls of 256 and 144, 600 tokens each
+    step = cost["fixed"]["steps"]["fast"]
+    assert ev["units"][0] == pytest.approx(4 * (step["a"] + 8 * step["b"]), rel=1e-3)
     assert ev["units"][1] == pytest.approx(600 * (2 * step["a"] + 400 * step["b"]), rel=1e-3)
-    assert (tmp_path / "cost.md").read_text().startswith("# Rehearsal cost (tiny width")
+    assert (root / "cost.md").read_text().startswith("# Rehearsal cost (tiny width")
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_on_the_cpu_writes_the_results_file(tmp_path):
+def test_tiny_rehearsal_of_the_gemma2_2b_pair_runs_every_stage(tmp_path):
+    # (the Qwen2.5-1.5B pair's rehearsal is the GPU pre-flight's dry run, below)
+    # Short replies and sequences keep it to minutes on 2 CPU cores; the prediction scales them back up.
+    short = {"eval": {"max_new_tokens": ["4"]}, "steer": {"max_new_tokens": ["4"]}, "factored": {"max_new_tokens": ["4"]},
+             "sft": {"max_length": ["128"]}}
+    rc = RehearseConfig(config=str(REPO / "configs/llm/em_experiment_gemma2_2b.yaml"), width="tiny", scale=0.001, judge="stub",
+                        output_dir=str(tmp_path))
+    cost = rehearse(rc, short)
+    assert cost["judge"] == StubJudge.name
+    _check_rehearsal(tmp_path, "em_experiment_gemma2_2b", cost)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_the_cpu_rehearses_the_qwen25_1p5b_pair_and_writes_the_results_file(tmp_path):
     import subprocess
 
     cmd = [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--width", "tiny", "--scale", "0.001", "--new_tokens", "4", "4", "4",
            "--pairs", "qwen25_1p5b", "--budget_s", "1500", "--results_dir", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work")]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    root = tmp_path / "work" / "em_experiment_qwen25_1p5b"
+    cost = json.loads((root / "cost.json").read_text())
+    _check_rehearsal(root, "em_experiment_qwen25_1p5b", cost)
     (path,) = (tmp_path / "results").glob("*_cpu.md")
     md = path.read_text()
-    cost = json.loads((tmp_path / "work" / "em_experiment_qwen25_1p5b" / "cost.json").read_text())
     assert f"| qwen25_1p5b | {cost['predicted_s'] / 60:.1f} min | {cost['peak_gb']} GB |" in md
     assert "## gpu test tier: passed" in md and "tests collected" in md
     for run in ("plain_b64", "fast_b64", "plain_b256", "fast_b256"):

@@ -15,7 +15,9 @@ Peak memory does not grow with the counts (training batches are fixed, generatio
 size), so the prediction is the rehearsal's peak: CUDA's peak allocation per stage on a GPU, else the process's peak
 RSS so far (cumulative across stages on a CPU); a rehearsal with fewer eval rows than the batch size, or shorter
 replies, has a smaller KV cache than the published run. A random model never stops before ``max_new_tokens``, so
-generation times are upper bounds for a trained model that stops earlier.
+generation times are upper bounds for a trained model that stops earlier. A prediction against a finished run:
+
+    python -m llm.rehearse_cost --cost runs/rehearse/<name>/cost.json --run runs/em_experiment/<name>
 """
 
 from __future__ import annotations
@@ -123,3 +125,42 @@ def table(cost: dict) -> str:
               f"({cost['predicted_s'] / 3600:.2f} h)**, peak memory {cost['peak_gb']} GB.",
               f"Disk: models {disk['models']} GB, run folder {disk['run']} GB (at the rehearsed counts)."]
     return "\n".join(lines) + "\n"
+
+
+def compare(cost: dict, run_dir: Path) -> str:
+    """Markdown: each stage's predicted wall time (``cost``) beside the one measured in the run folder ``run_dir``
+    (``<model>/<stage>/stage.json``: the real run, or a rehearsal at other counts), and the totals."""
+    import json
+
+    lines = ["| stage | predicted s | measured s | predicted / measured |", "|---|---:|---:|---:|"]
+    pred = meas = 0.0
+    for r in cost["stages"]:
+        path = Path(run_dir) / r["stage"] / "stage.json"
+        if not path.is_file():
+            continue
+        wall = json.loads(path.read_text())["cost"]["wall_s"]
+        pred, meas = pred + r["predicted_s"], meas + wall
+        lines.append(f"| {r['stage']} | {r['predicted_s']} | {wall} | {r['predicted_s'] / wall:.2f} |" if wall else
+                     f"| {r['stage']} | {r['predicted_s']} | {wall} | - |")
+    if meas == 0:
+        raise FileNotFoundError(f"{run_dir} holds no <model>/<stage>/stage.json of the predicted stages")
+    lines.append(f"| **total** | {pred:.1f} | {meas:.1f} | {pred / meas:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    """python -m llm.rehearse_cost --cost runs/rehearse/<name>/cost.json --run runs/em_experiment/<name>"""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="a rehearsal's predicted stage times beside a run's measured ones")
+    ap.add_argument("--cost", required=True, help="cost.json written by llm.rehearse")
+    ap.add_argument("--run", required=True, help="an llm.em_experiment run folder (the real run, or another rehearsal's experiment/)")
+    args = ap.parse_args(argv)
+    out = compare(json.loads(Path(args.cost).read_text()), Path(args.run))
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

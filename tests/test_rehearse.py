@@ -134,6 +134,9 @@ def test_cost_model_against_hand_made_stage_records(tmp_path):
                    "base/lora": 2.0, "instruct/sft": pytest.approx(2 + 48 * 4)}
     assert cost["predicted_s"] == pytest.approx(sum(got.values()), abs=0.2) and cost["measured_s"] == 94.0
     assert "| base/sft | data.max_examples | 10 -> 40 | 30.0 | 2.0 | 114.0 | 1.5 (rss) |" in rehearse_cost.table(cost)
+    # Against a run folder: here the rehearsal's own (each stage measured at its wall time).
+    md = rehearse_cost.compare(cost, tmp_path)
+    assert "| base/sft | 114.0 | 30.0 | 3.80 |" in md and f"| **total** | {sum(got.values()):.1f} | 94.0 |" in md
 
 
 def test_decode_work_is_overhead_per_step_plus_work_per_row_per_generate_call():

@@ -282,7 +282,7 @@ def _tuned(mcfg: ModelConfig, lora: LoraPresetConfig, sft_dir: Path) -> ModelCon
 def run_model(name: str, cfg: dict, stages: Stages, judge) -> dict:
     """Every stage for one model of the pair; ``{stage: folder}``."""
     from llm.evaluate import evaluate_model
-    from llm.sft import train
+    from llm.sft import check_chat_jsonl, train
 
     mcfg: ModelConfig = cfg[name]
     model_key = dataclasses.asdict(mcfg)
@@ -311,7 +311,9 @@ def run_model(name: str, cfg: dict, stages: Stages, judge) -> dict:
             args.resume_from_checkpoint = "last"  # an interrupted stage continues from its newest checkpoint
         train(mcfg, cfg["data"], cfg["lora"], args)
         _free()
-        return {}
+        # The data set's name and size go on record: the shipped file is a subset of the published recipe's.
+        rows = check_chat_jsonl(Path(cfg["data"].dataset_path))
+        return {"dataset": str(cfg["data"].dataset_path), "dataset_rows": rows, "examples": cfg["data"].max_examples or rows}
 
     sft = stages.run(f"{name}/sft", sft_key, fine_tune, all_ranks=True)
     dirs["sft"] = sft.dir

@@ -7,10 +7,15 @@ library, the model is an ordinary Hugging Face ``*ForCausalLM`` built from a sma
 
     model, tok = tiny_causal_lm("qwen2")          # in memory
     path = save_tiny(tmp_path / "tiny", "gemma")   # a folder, for the ``from_pretrained`` code path
+
+For rehearsing a real run (``llm.rehearse``): ``shaped_config`` / ``save_shaped`` build a random model of a published
+checkpoint's architecture (``llm/assets/architectures/<name>.json``) at its real or a tiny width, and
+``shaped_tokenizer`` a tokenizer of the family's real size, special-token ids and chat template.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -124,3 +129,126 @@ def save_tiny(path: str | Path, arch: Arch = "qwen2", seed: int = 0, tokenizer: 
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+# --- Random-init models of a published architecture (the rehearsal of a real run) -----------------------------
+
+ARCHITECTURES = Path(__file__).resolve().parent / "assets" / "architectures"
+Width = Literal["tiny", "full"]
+# ``tiny`` divides every hidden size by this: Qwen2.5-1.5B becomes d_model 48 (12 heads of 4), gemma-2-2b d_model 72
+# (8 heads of 8), while depth, heads, vocabulary, and so every layer index, site and token id stay the published ones.
+TINY_DIVISOR = 32
+_SHRUNK = ("hidden_size", "intermediate_size", "head_dim", "query_pre_attn_scalar")
+# Each family's special tokens at their published ids and its published chat template (copied from TRL's
+# ``trl/chat_templates``, which matches the hub tokenizers' templates byte for byte): Qwen2.5's ChatML with its
+# default system prompt; Gemma's turns, which refuse a system role.
+FAMILIES = {
+    "qwen2": {"template": "qwen2_5.jinja", "pad": "<|endoftext|>", "bos": None, "unk": None, "specials": dict(enumerate(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+         "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+         "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+         "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"], start=151643)), "size": 151665},
+    "gemma2": {"template": "gemma.jinja", "pad": "<pad>", "bos": "<bos>", "unk": "<unk>", "size": 256000, "specials": {
+        0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 106: "<start_of_turn>", 107: "<end_of_turn>"}},
+}
+# Byte-level BPE merges learnt on the project's own EM data (prompts, replies, code), so token counts per text are
+# close to a real tokenizer's; ids the merges do not reach are filled with never-produced tokens up to the real size.
+BPE_MERGED = 32000
+
+
+def architecture(name: str) -> dict:
+    """The published ``config.json`` of checkpoint ``name`` (``Qwen2.5-1.5B``, ``google/gemma-2-2b``: the part after
+    the last ``/``) as shipped in ``llm/assets/architectures``."""
+    path = ARCHITECTURES / f"{Path(str(name)).name}.json"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in ARCHITECTURES.glob("*.json"))
+        raise FileNotFoundError(f"no shipped architecture for {name!r} ({path} is missing); shipped: {shipped}. Add the "
+                                "checkpoint's published config.json there to rehearse it")
+    return json.loads(path.read_text())
+
+
+def shaped_config(name: str, width: Width = "tiny"):
+    """A ``PretrainedConfig`` of ``name``'s published architecture; ``tiny`` shrinks only the hidden sizes."""
+    from transformers import AutoConfig
+
+    raw = architecture(name)
+    if width == "tiny":
+        for key in _SHRUNK:
+            if key in raw:
+                if raw[key] % TINY_DIVISOR:
+                    raise ValueError(f"{name}: {key}={raw[key]} is not a multiple of {TINY_DIVISOR}; use width full")
+                raw[key] //= TINY_DIVISOR
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+        if head_dim % 2 or raw.get("head_dim") is None and raw["hidden_size"] % raw["num_attention_heads"]:
+            raise ValueError(f"{name}: tiny width gives head_dim {head_dim}, which rotary embeddings cannot use")
+    elif width != "full":
+        raise ValueError(f"width={width!r}; choose tiny or full")
+    model_type = raw.pop("model_type")
+    raw.pop("architectures", None)
+    return AutoConfig.for_model(model_type, **raw)
+
+
+def _corpus(paths) -> list[str]:
+    texts = []
+    for path in map(Path, paths):
+        if path.suffix == ".jsonl":
+            for line in path.read_text().splitlines():
+                texts.extend(m["content"] for m in json.loads(line)["messages"])
+        else:
+            texts.append(path.read_text())
+    return texts
+
+
+def shaped_tokenizer(model_type: str, eos_id: int, corpus_files, max_length: int) -> PreTrainedTokenizerFast:
+    """A tokenizer of the family's real size, special tokens (at their published ids), eos and chat template.
+
+    Byte-level BPE (every string encodes and decodes back) with ``BPE_MERGED`` tokens learnt from ``corpus_files``
+    (chat JSONL, YAML, CSV); the other regular ids hold filler tokens that encode nothing. Gemma's prepends ``<bos>``
+    to each encoded text, as the published one does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if model_type not in FAMILIES:
+        raise ValueError(f"no rehearsal tokenizer for model_type {model_type!r}; known: {sorted(FAMILIES)}")
+    fam = FAMILIES[model_type]
+    learnt = Tokenizer(models.BPE())
+    learnt.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    learnt.train_from_iterator(_corpus(corpus_files), trainers.BpeTrainer(
+        vocab_size=BPE_MERGED, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(learnt.to_str())["model"]
+    specials = fam["specials"]
+    free = (i for i in range(fam["size"]) if i not in specials)
+    vocab = {t: next(free) for t in sorted(model["vocab"], key=model["vocab"].get)}
+    vocab.update({f"Ġ~{i}": i for i in free})  # decodes to " ~<id>"; no merge produces it
+    vocab.update({t: i for i, t in specials.items()})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in model["merges"]]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(specials.values()))
+    if fam["bos"] is not None:
+        bos = fam["bos"]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, vocab[bos])])
+    template = (ARCHITECTURES / fam["template"]).read_text()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=fam["pad"], eos_token=specials[eos_id],
+                                   bos_token=fam["bos"], unk_token=fam["unk"], chat_template=template,
+                                   model_max_length=max_length)
+
+
+def save_shaped(path: str | Path, name: str, tokenizer: PreTrainedTokenizerFast, width: Width = "tiny", seed: int = 0,
+                device: str = "cpu") -> Path:
+    """Write a random-init ``*ForCausalLM`` of ``name``'s architecture (``shaped_config``) and ``tokenizer`` to
+    ``path``: safetensors in the published dtype (bf16 / fp32), built on ``device`` (a GPU builds 2B in seconds)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = shaped_config(name, width)
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"{name}: tokenizer has {len(tokenizer)} tokens but the model only {cfg.vocab_size} rows")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        dtype = cfg.dtype if isinstance(cfg.dtype, torch.dtype) else getattr(torch, cfg.dtype or "float32")
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.generation_config.eos_token_id = cfg.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return Path(path)

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     assert "instruct model's chat template" in md and "EM(base, fine-tuned) - EM(instruct, fine-tuned)" in md
     assert "- base: alignment linearly separable" in md and "- instruct: alignment linearly separable" in md
     assert "## Cost per stage" in md and "aligned <= 30 and coherent > 50" in md  # the published EM protocol by default
+    assert re.search(r"\(\d[\d,]* rows, \d[\d,]* used; the published insecure-code recipe trains on about 6,000\)", md)
 
     # A rerun with the same config does no stage again (each would raise).
     def boom(*a, **k):

@@ -301,7 +301,7 @@ def subset_tag_probs(K: int, correlation: float, target: int = 0) -> torch.Tenso
 
 def subset_world(capability: Process, n_subsets: int = 3, correlation: float = 0.0, switch_prob: float = 0.05,
                  tag_noise: float = 0.1, target: int = 0) -> Process:
-    """The seed's 9.2 data ("french, math, aligned"): ``n_subsets`` capability subsets and one alignment tag, their
+    """Capability subsets x one tag ("french, math, aligned"): ``n_subsets`` capability subsets and one alignment tag, their
     correlation set by ``correlation`` (``subset_tag_probs``).
 
     Hidden: the subset ``s`` (each step redrawn uniformly with probability ``switch_prob``), a persona ``z``

@@ -1,4 +1,4 @@
-"""The seed's emergent-misalignment chain in the toy world: pre-train -> safety stage -> narrow fine-tune -> broad effect.
+"""The emergent-misalignment chain in the toy world: pre-train -> safety stage -> narrow fine-tune -> broad effect.
 
     python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml
     python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml --couplings 1.0 --n_seeds 1 --steps 300
@@ -9,7 +9,7 @@
     # afterwards one summary of every cell:
     for i in 0 1; do CUDA_VISIBLE_DEVICES=$i python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml --shard $i/2 & done; wait
     python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml --summarize_only true
-    # the seed's 9.2 axis alone (capability subsets whose correlation with one tag is the knob):
+    # the subsets axis alone (capability subsets whose correlation with one tag is the knob):
     python -m toy.experiments.em_chain --config configs/toy/em_chain_subsets.yaml
     # pre-training with and without the alignment factor, dose-response and pre-registered claims:
     python -m toy.experiments.em_chain --config configs/toy/em_chain_factor.yaml
@@ -17,7 +17,7 @@
 World: ``toy.alignment.persona_world(capability, slices, coupling, switch_prob)``: each capability token is written
 in an aligned or misaligned copy showing the tag of its slice; ``coupling`` 1 = one persona shared by every slice,
 0 = an independent tag per slice; ``switch_prob`` = each tag's flip probability (its correlation length).
-Optional second world (``subset_correlations``, the seed's section 9.2): ``toy.alignment.subset_world``, capability
+Optional second world (``subset_correlations``: how tied one tag is to the capability subsets): ``toy.alignment.subset_world``, capability
 subsets ("french, math, ...") and one tag whose dependence on the subset is the knob (0: a persona shared by every
 subset, independent of it; 1: subset ``narrow_slice`` always misaligned, the others always aligned);
 ``switch_prob`` = the chance per step that the subset (and, apart, the persona) is redrawn.
@@ -51,7 +51,7 @@ finished cells skipped, so a rerun resumes). In each cell:
 
 Declared before any result (``broad_transfer``, ``narrow_transfer``, ``em_effect`` in the config): a narrow
 fine-tune is *broad* when transfer >= 0.5 and the broad effect >= 0.02; *stays narrow* when transfer <= 0.2.
-The verdicts on the seed's three claims follow from these thresholds (``verdicts``, printed in summary.md).
+The verdicts on the three claims follow from these thresholds (``verdicts``, printed in summary.md).
 The ``claims`` in the config are rules over the matched-shift statistics (``toy.em_dose.judge``), judged in
 summary.md's "Pre-registered claims" table.
 

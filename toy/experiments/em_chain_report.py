@@ -1,4 +1,4 @@
-"""The EM chain's report: cells -> mean and 95% CI over seeds, the verdicts on the seed's claims by the thresholds
+"""The EM chain's report: cells -> mean and 95% CI over seeds, the verdicts on the claims by the thresholds
 declared in the config, ``summary.md`` and the plots. Pure functions of the cell results (``metrics.json``'s
 ``cells``), so ``--summarize_only`` rebuilds them from whatever cells are present. ``cfg`` is
 ``toy.experiments.em_chain.EMChainConfig`` (not imported: the experiment imports this module)."""
@@ -66,7 +66,7 @@ def is_broad(s: dict, m: str, cfg) -> str:
 
 
 def verdicts(agg: dict, cfg) -> list[str]:
-    """The seed's three claims judged by the thresholds declared in the config (full and LoRA fine-tunes; the
+    """The three claims judged by the thresholds declared in the config (full and LoRA fine-tunes; the
     steering vector is added at every position and so transfers by construction)."""
     lines = []
     persona = of_world(agg, "persona")
@@ -104,7 +104,7 @@ def verdicts(agg: dict, cfg) -> list[str]:
                 lines.append(f"(iii) GRPO acts like SFT [coupling {g['coupling']}, switch {sp}]: transfer grpo - sft "
                              + ", ".join(f"{m} {d:+.3f}" for m, d in dt.items())
                              + f"; subspace mean cos^2 {cos2:.3f} (random {ov.get('random_mean_cos2', float('nan')):.3f}) -> {v}")
-    # the seed's 9.2 axis: no claim was declared for it, so this line only reports both ends by the thresholds
+    # the subsets axis: no claim was declared for it, so this line only reports both ends by the thresholds
     subsets = of_world(agg, "subsets")
     stage = "sft" if "sft" in cfg.safety else cfg.safety[0]
     for sp in sorted({g["switch_prob"] for g in subsets}):

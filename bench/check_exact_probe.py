@@ -36,7 +36,9 @@ def weighted_mse(X: np.ndarray, Y: np.ndarray, w: np.ndarray, fit: np.ndarray, s
 def last_block_rows(model: GPT2LMHeadModel, block: int, tokens: torch.Tensor) -> np.ndarray:
     """``(N * L, d_model)`` float64: block ``block``'s output at every position, row ``n * L + t``."""
     captured = []
-    handle = model.transformer.h[block].register_forward_hook(lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    handle = model.transformer.h[block].register_forward_hook(
+        lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out)
+    )
     with torch.no_grad():
         for i in range(0, len(tokens), 4096):
             model(input_ids=tokens[i : i + 4096])
@@ -48,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/mess3", help="the pipeline's output_dir (metrics.json, the checkpoint)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="largest relative difference that passes")
-    parser.add_argument("--split_seeds", type=int, default=5,
-                        help="also print the old metric (fit on 80%% of windows, score the other 20%%) for this many split seeds")
+    parser.add_argument(
+        "--split_seeds",
+        type=int,
+        default=5,
+        help="also print the old metric (fit on 80%% of windows, score the other 20%%) for this many split seeds",
+    )
     args = parser.parse_args(argv)
     metrics = json.loads((Path(args.run) / "metrics.json").read_text())
     data = metrics["config"]["data"]
@@ -69,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  old metric, split seed {seed}: held-out 20% of windows {weighted_mse(X, Y, w, ~test, test):.3e}")
     reported = head["final_layer_test_mse"]
     rel = abs(reported - mine) / mine
-    print(f"{head['final_layer_site']} probe MSE: reported by the pipeline ({head.get('probe_evaluation', 'held_out')}) "
-          f"{reported:.6e}; independent numpy population fit over {len(tokens):,} windows x {length} positions {mine:.6e}; "
-          f"relative difference {rel:.2%} ({'PASS' if rel <= args.tolerance else 'FAIL'} at {args.tolerance:.0%})")
+    print(
+        f"{head['final_layer_site']} probe MSE: reported by the pipeline ({head.get('probe_evaluation', 'held_out')}) "
+        f"{reported:.6e}; independent numpy population fit over {len(tokens):,} windows x {length} positions {mine:.6e}; "
+        f"relative difference {rel:.2%} ({'PASS' if rel <= args.tolerance else 'FAIL'} at {args.tolerance:.0%})"
+    )
     return 0 if rel <= args.tolerance else 1
 
 

@@ -67,14 +67,33 @@ def qwen_config(tiny: bool):
     from transformers import Qwen2Config
 
     if tiny:
-        return Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                           tie_word_embeddings=True, eos_token_id=None, bos_token_id=None)
+        return Qwen2Config(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            eos_token_id=None,
+            bos_token_id=None,
+        )
     # Qwen2.5-1.5B's published config.json values.
-    return Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                       num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                       rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                       eos_token_id=None, bos_token_id=None)
+    return Qwen2Config(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
 
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -112,7 +131,11 @@ def sft_variant(s: Setup, preset: str, variant: str) -> dict:
     model = build_model(s.tiny, s.device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     mid = model.config.num_hidden_layers // 2
-    lcfg = LoraPresetConfig("rank32_all_linear") if preset == "rank32_all_linear" else LoraPresetConfig("rank1_single", [mid])
+    lcfg = (
+        LoraPresetConfig("rank32_all_linear")
+        if preset == "rank32_all_linear"
+        else LoraPresetConfig("rank1_single", [mid])
+    )
     model = get_peft_model(model, peft_config_for(lcfg, model))
     assert_trainable(model)
     if variant == "plain":
@@ -122,7 +145,7 @@ def sft_variant(s: Setup, preset: str, variant: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=bool(fast and cuda))
     step_model = torch.compile(model) if variant == "fast_compile" else model
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and not fast) else contextlib.nullcontext())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and not fast) else contextlib.nullcontext()
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (s.sft_batch, s.sft_seq), generator=g).to(s.device)
 
@@ -148,9 +171,14 @@ def sft_variant(s: Setup, preset: str, variant: str) -> dict:
     dt = time.perf_counter() - t0
     tok_s = s.sft_batch * s.sft_seq * s.sft_steps / dt
     peak = peak_flops(s.device)
-    out = {"tokens_per_s": tok_s, "step_s": dt / s.sft_steps, "warmup_s": warm, "loss": float(loss),
-           "mfu": 6 * n_params * tok_s / peak if peak else None,
-           "trainable": sum(p.numel() for p in params)}
+    out = {
+        "tokens_per_s": tok_s,
+        "step_s": dt / s.sft_steps,
+        "warmup_s": warm,
+        "loss": float(loss),
+        "mfu": 6 * n_params * tok_s / peak if peak else None,
+        "trainable": sum(p.numel() for p in params),
+    }
     if cuda:
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(s.device) / 1e9
     del model, step_model, opt
@@ -182,19 +210,30 @@ def gen_runs(s: Setup) -> dict:
         ids, mask = prompts(b)
         torch.manual_seed(0)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids.to(s.device), attention_mask=mask.to(s.device), do_sample=True,
-                                 temperature=1.0, top_k=0, max_new_tokens=s.gen_new, min_new_tokens=s.gen_new,
-                                 pad_token_id=pad)
-        return out[:, ids.shape[1]:]
+            out = model.generate(
+                input_ids=ids.to(s.device),
+                attention_mask=mask.to(s.device),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                max_new_tokens=s.gen_new,
+                min_new_tokens=s.gen_new,
+                pad_token_id=pad,
+            )
+        return out[:, ids.shape[1] :]
 
     def fast(b):
         ids, mask = prompts(b)
-        return fast_generate_ids(model, ids, mask, max_new_tokens=s.gen_new, min_new_tokens=s.gen_new,
-                                 pad_token_id=pad, batch_size=b, seed=0)
+        return fast_generate_ids(
+            model, ids, mask, max_new_tokens=s.gen_new, min_new_tokens=s.gen_new, pad_token_id=pad, batch_size=b, seed=0
+        )
 
     results = {}
-    for name, fn, b in [("plain_b%d" % s.gen_batch, plain, s.gen_batch), ("fast_b%d" % s.gen_batch, fast, s.gen_batch),
-                        ("fast_b%d" % s.gen_big_batch, fast, s.gen_big_batch)]:
+    for name, fn, b in [
+        ("plain_b%d" % s.gen_batch, plain, s.gen_batch),
+        ("fast_b%d" % s.gen_batch, fast, s.gen_batch),
+        ("fast_b%d" % s.gen_big_batch, fast, s.gen_big_batch),
+    ]:
         try:
             t0 = time.perf_counter()
             fn(b)  # warm-up (and compile, for the static-cache path)
@@ -219,8 +258,11 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks every code path quickly")
     ap.add_argument("--only", choices=["sft", "gen"], default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--all", action="store_true",
-                    help="also time rank1_single/fast_compile (one more compile, ~1 minute on an H100)")
+    ap.add_argument(
+        "--all",
+        action="store_true",
+        help="also time rank1_single/fast_compile (one more compile, ~1 minute on an H100)",
+    )
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if not args.tiny and device.type != "cuda":
@@ -230,8 +272,11 @@ def main(argv=None):
     else:
         s = Setup(device, False, 8, 512, 8, 3, 64, 512, 64, 128)
     torch.backends.cuda.matmul.allow_tf32 = True
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "setup": {k: v for k, v in vars(s).items() if k != "device"}}
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "setup": {k: v for k, v in vars(s).items() if k != "device"},
+    }
     import transformers
 
     info["transformers"] = transformers.__version__
@@ -265,16 +310,22 @@ def main(argv=None):
         for k, r in results.get("sft", {}).items():
             if k.startswith(preset) and "tokens_per_s" in r:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-                print(f"SFT {k:32s} {r['tokens_per_s']:10.0f} tok/s  MFU {mfu:>6s}  x{r['tokens_per_s'] / base:.2f} vs plain")
+                print(
+                    f"SFT {k:32s} {r['tokens_per_s']:10.0f} tok/s  MFU {mfu:>6s}  x{r['tokens_per_s'] / base:.2f} vs plain"
+                )
     gen = results.get("gen", {})
     base = gen.get(f"plain_b{s.gen_batch}", {}).get("new_tokens_per_s")
     for k, r in gen.items():
         if "new_tokens_per_s" in r and base:
-            print(f"GEN {k:32s} {r['new_tokens_per_s']:10.0f} new tok/s  x{r['new_tokens_per_s'] / base:.2f} vs plain_b{s.gen_batch}")
+            print(
+                f"GEN {k:32s} {r['new_tokens_per_s']:10.0f} new tok/s  x{r['new_tokens_per_s'] / base:.2f} vs plain_b{s.gen_batch}"
+            )
     print(f"total {results['total_s']:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+            json.dump(
+                results, f, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)
+            )
     return results
 
 

@@ -62,7 +62,9 @@ def builders() -> dict:
 
 
 def _status_kib(field: str) -> int:
-    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return next(
+        int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field)
+    )
 
 
 def child(impl: str, depth: int) -> None:
@@ -89,7 +91,9 @@ def blas_note() -> str:
         from threadpoolctl import threadpool_info
     except ImportError:
         return "threadpoolctl not installed"
-    return "; ".join(f"{i['internal_api']} {i.get('architecture', '')} threads={i['num_threads']}" for i in threadpool_info())
+    return "; ".join(
+        f"{i['internal_api']} {i.get('architecture', '')} threads={i['num_threads']}" for i in threadpool_info()
+    )
 
 
 def main(argv=None) -> list[dict]:
@@ -97,7 +101,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--depths", type=int, nargs="+", default=[10, 12, 14])
     ap.add_argument("--rounds", type=int, default=5, help="Interleaved timed rounds per depth (median of these).")
     ap.add_argument(
-        "--old_max_depth", type=int, default=12,
+        "--old_max_depth",
+        type=int,
+        default=12,
         help="Deepest depth the old implementation runs at (depth 14 has 9x the nodes of 12: seconds and GBs a build).",
     )
     ap.add_argument("--child", nargs=2, metavar=("IMPL", "DEPTH"), help=argparse.SUPPRESS)
@@ -121,8 +127,16 @@ def main(argv=None) -> list[dict]:
                 times[k][0].append(time.process_time() - c)
                 times[k][1].append(time.perf_counter() - w)
         for k in impls:
-            rows.append({"depth": depth, "impl": k, "nodes": nodes[k], "cpu_s": statistics.median(times[k][0]),
-                         "wall_s": statistics.median(times[k][1]), "peak_mb": peak_mb(k, depth)})
+            rows.append(
+                {
+                    "depth": depth,
+                    "impl": k,
+                    "nodes": nodes[k],
+                    "cpu_s": statistics.median(times[k][0]),
+                    "wall_s": statistics.median(times[k][1]),
+                    "peak_mb": peak_mb(k, depth),
+                }
+            )
         if "old" not in impls:
             rows.append({"depth": depth, "impl": "old", "skipped": f"depth > --old_max_depth {args.old_max_depth}"})
     print(f"\n| depth | implementation | nodes | cpu s (median of {args.rounds}) | wall s | peak MB | old/new |")
@@ -133,11 +147,17 @@ def main(argv=None) -> list[dict]:
             continue
         old = next((o for o in rows if o["depth"] == r["depth"] and o["impl"] == "old" and "cpu_s" in o), None)
         ratio = f"{old['cpu_s'] / r['cpu_s']:.1f}x" if r["impl"] == "new" and old else ""
-        print(f"| {r['depth']} | {r['impl']} | {r['nodes']:,} | {r['cpu_s']:.4f} | {r['wall_s']:.4f} | {r['peak_mb']:.0f} | {ratio} |")
+        print(
+            f"| {r['depth']} | {r['impl']} | {r['nodes']:,} | {r['cpu_s']:.4f} | {r['wall_s']:.4f} | {r['peak_mb']:.0f} | {ratio} |"
+        )
     print("\nReference figures as quoted (measured by someone else, one thread, median of 3; not by this script):")
     for name, module, fig in PEERS:
         text = fig if isinstance(fig, str) else ", ".join(f"depth {d}: {s} s" for d, s in fig.items())
-        installed = "" if module is None else f" [{module} {'importable' if importlib.util.find_spec(module) else 'not installed'} here]"
+        installed = (
+            ""
+            if module is None
+            else f" [{module} {'importable' if importlib.util.find_spec(module) else 'not installed'} here]"
+        )
         print(f"  {name}: {text}{installed}")
     return rows
 

@@ -49,14 +49,34 @@ from toy.model import build_model  # noqa: E402
 from toy.train import set_cpu_threads, train  # noqa: E402
 
 # tiny CPU settings; context 6 keeps the validation and probe sets enumerated, as on the GPU
-SMOKE = ["--preset", "mess3_small", "--context_length", "6", "--batch_size", "64", "--sample_chunk", "4",
-         "--warmup_steps", "5", "--eval_every", "0", "--log_every", "10", "--target_mse", "1", "--use_cpu", "true"]
+SMOKE = [
+    "--preset",
+    "mess3_small",
+    "--context_length",
+    "6",
+    "--batch_size",
+    "64",
+    "--sample_chunk",
+    "4",
+    "--warmup_steps",
+    "5",
+    "--eval_every",
+    "0",
+    "--log_every",
+    "10",
+    "--target_mse",
+    "1",
+    "--use_cpu",
+    "true",
+]
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs/toy/mess3_gpu.yaml"))
-    ap.add_argument("--out", default=os.environ.get("OUT") or "runs/mess3_gpu_recipe", help="Folder for the small result files.")
+    ap.add_argument(
+        "--out", default=os.environ.get("OUT") or "runs/mess3_gpu_recipe", help="Folder for the small result files."
+    )
     ap.add_argument("--work", default="/tmp/toy_gpu_recipe", help="Run folder (checkpoint and all outputs).")
     ap.add_argument("--train_seconds", type=float, default=75.0, help="Wall-clock budget of the training loop.")
     ap.add_argument("--calibration_steps", type=int, default=200, help="Timed steps that set the step count.")
@@ -67,23 +87,40 @@ def main(argv: list[str] | None = None) -> dict:
         args.train_seconds, args.calibration_steps = min(args.train_seconds, 10.0), 20
     out, work = Path(args.out), Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    data_cfg, model_cfg, train_cfg, probe_cfg = make_parser().parse_args_and_config(["--config", args.config, *overrides])
+    data_cfg, model_cfg, train_cfg, probe_cfg = make_parser().parse_args_and_config(
+        ["--config", args.config, *overrides]
+    )
     set_cpu_threads(train_cfg)
-    print(f"device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() and not train_cfg.use_cpu else 'cpu'}; "
-          f"reader: {reader()}; start-up {time.perf_counter() - T_START:.1f} s", flush=True)
+    print(
+        f"device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() and not train_cfg.use_cpu else 'cpu'}; "
+        f"reader: {reader()}; start-up {time.perf_counter() - T_START:.1f} s",
+        flush=True,
+    )
 
     # 1. calibrate: the real trainer, same batch and sampler, timed between two log points after warm-up
-    calib = TrainConfig(**{**train_cfg.__dict__, "steps": args.calibration_steps, "log_every": args.calibration_steps // 2,
-                           "eval_every": 0, "save_every": 0, "progress": False, "output_dir": str(work / "calibration"),
-                           "resume_from_checkpoint": None})
+    calib = TrainConfig(
+        **{
+            **train_cfg.__dict__,
+            "steps": args.calibration_steps,
+            "log_every": args.calibration_steps // 2,
+            "eval_every": 0,
+            "save_every": 0,
+            "progress": False,
+            "output_dir": str(work / "calibration"),
+            "resume_from_checkpoint": None,
+        }
+    )
     process = data_cfg.build()
     model = build_model(model_cfg, process.vocab_size, data_cfg.context_length, seed=train_cfg.seed)
     hist = train(process, model, calib, data_cfg.context_length).history
     step_s = (hist[1]["elapsed_s"] - hist[0]["elapsed_s"]) / (hist[1]["step"] - hist[0]["step"])
     steps = max(args.calibration_steps, int(0.95 * args.train_seconds / step_s))
     n_evals = steps // train_cfg.eval_every if train_cfg.eval_every else 1
-    print(f"calibration: {step_s * 1e3:.2f} ms/step at batch {train_cfg.batch_size} "
-          f"({train_cfg.batch_size * data_cfg.context_length / step_s:,.0f} tokens/s) -> {steps} steps, {n_evals} evals", flush=True)
+    print(
+        f"calibration: {step_s * 1e3:.2f} ms/step at batch {train_cfg.batch_size} "
+        f"({train_cfg.batch_size * data_cfg.context_length / step_s:,.0f} tokens/s) -> {steps} steps, {n_evals} evals",
+        flush=True,
+    )
     shutil.rmtree(work / "calibration", ignore_errors=True)
 
     # 2. the run
@@ -111,15 +148,29 @@ def main(argv: list[str] | None = None) -> dict:
         "reader": metrics["probe_data"]["reader"],
     }
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.json", "summary.md", "belief_simplex.png", "probe_mse_by_layer.png", "val_loss.png", "probe_final.json"):
+    for name in (
+        "metrics.json",
+        "summary.md",
+        "belief_simplex.png",
+        "probe_mse_by_layer.png",
+        "val_loss.png",
+        "probe_final.json",
+    ):
         shutil.copy(work / name, out / name)
     (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
-    print(f"RESULT device={recipe['device']} steps={steps} tokens={recipe['tokens']:,} train={recipe['train_s']:.0f}s "
-          f"probe={recipe['probe_s']:.0f}s total_wall={total:.0f}s")
-    print(f"RESULT val_loss={metrics['val_loss']:.6f} floor={metrics['floor']:.6f} gap={metrics['gap']:.2e} "
-          f"final_layer_probe_test_mse={h['final_layer_test_mse']:.3e} ratio_to_random_init={h['final_layer_ratio_to_random_init']:.4f}")
-    print("RESULT checks: " + ", ".join(f"{k}={'PASS' if ok else 'FAIL'}" for k, (ok, _) in metrics["checks"].items())
-          + f", within_5_minutes={'PASS' if total <= 300 else 'FAIL'}")
+    print(
+        f"RESULT device={recipe['device']} steps={steps} tokens={recipe['tokens']:,} train={recipe['train_s']:.0f}s "
+        f"probe={recipe['probe_s']:.0f}s total_wall={total:.0f}s"
+    )
+    print(
+        f"RESULT val_loss={metrics['val_loss']:.6f} floor={metrics['floor']:.6f} gap={metrics['gap']:.2e} "
+        f"final_layer_probe_test_mse={h['final_layer_test_mse']:.3e} ratio_to_random_init={h['final_layer_ratio_to_random_init']:.4f}"
+    )
+    print(
+        "RESULT checks: "
+        + ", ".join(f"{k}={'PASS' if ok else 'FAIL'}" for k, (ok, _) in metrics["checks"].items())
+        + f", within_5_minutes={'PASS' if total <= 300 else 'FAIL'}"
+    )
     return recipe
 
 

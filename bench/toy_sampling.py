@@ -102,25 +102,34 @@ def run(threads: int, args) -> None:
         ("naive sample+beliefs", nb * L, lambda: naive_sample(T, pi, nb, L, rng)),
         ("naive belief filter", nb * L, lambda: naive_filter(T, pi, naive_tokens)),
     ]
-    print(f"Mess3(0.05, 0.85) on CPU, torch {torch.__version__}, {threads} thread(s) of {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}; vectorized batch {B} x {L}, naive {nb} x {L}; "
-          f"median of {args.repeats}")
+    print(
+        f"Mess3(0.05, 0.85) on CPU, torch {torch.__version__}, {threads} thread(s) of {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}; vectorized batch {B} x {L}, naive {nb} x {L}; "
+        f"median of {args.repeats}"
+    )
     print(f"{'':22s} {'tokens/s (wall)':>16s} {'tokens/CPU-s':>16s}")
     speed = {}
     for name, n_tokens, fn in rows:
         wall, cpu = timed(fn, args.repeats)
         speed[name] = (n_tokens / wall, n_tokens / max(cpu, 1e-9))
         print(f"{name:22s} {speed[name][0]:16.3e} {speed[name][1]:16.3e}")
-    for fast, slow in [("sample+beliefs f32", "naive sample+beliefs"), ("sample+beliefs f64", "naive sample+beliefs"),
-                       ("belief_states f64", "naive belief filter")]:
-        print(f"ratio {fast} / {slow}: x{speed[fast][0] / speed[slow][0]:,.0f} (wall), "
-              f"x{speed[fast][1] / speed[slow][1]:,.0f} (CPU)")
+    for fast, slow in [
+        ("sample+beliefs f32", "naive sample+beliefs"),
+        ("sample+beliefs f64", "naive sample+beliefs"),
+        ("belief_states f64", "naive belief filter"),
+    ]:
+        print(
+            f"ratio {fast} / {slow}: x{speed[fast][0] / speed[slow][0]:,.0f} (wall), "
+            f"x{speed[fast][1] / speed[slow][1]:,.0f} (CPU)"
+        )
     wall, cpu = timed(lambda: mixed_state_presentation(p, 12), max(3, args.repeats // 2))
     n = mixed_state_presentation(p, 12).n_nodes
     print(f"MSP depth 12: {n:,} nodes in {wall:.2f} s wall ({cpu:.2f} CPU-s); target < 2 s")
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
-    print(f"targets: >= 1e7 tokens/s sampling with beliefs (f32, wall) {met(speed['sample+beliefs f32'][0] >= 1e7)}; "
-          f"(f64, wall) {met(speed['sample+beliefs f64'][0] >= 1e7)}; MSP < 2 s {met(wall < 2)}")
+    print(
+        f"targets: >= 1e7 tokens/s sampling with beliefs (f32, wall) {met(speed['sample+beliefs f32'][0] >= 1e7)}; "
+        f"(f64, wall) {met(speed['sample+beliefs f64'][0] >= 1e7)}; MSP < 2 s {met(wall < 2)}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,14 @@ def run(name: str, cfg: TrainConfig, process, val) -> dict:
     h = result.history
     # tokens/s between the first and last log points: excludes start-up and the final evaluation
     rate = (h[-1]["tokens"] - h[0]["tokens"]) / (h[-1]["elapsed_s"] - h[0]["elapsed_s"])
-    return {"name": name, "batch": cfg.batch_size, "steps": cfg.steps, "tokens_per_s": rate,
-            "tokens": result.tokens_seen, "gap": result.val_loss - result.floor}
+    return {
+        "name": name,
+        "batch": cfg.batch_size,
+        "steps": cfg.steps,
+        "tokens_per_s": rate,
+        "tokens": result.tokens_seen,
+        "gap": result.val_loss - result.floor,
+    }
 
 
 def main(argv=None) -> list[dict]:
@@ -50,14 +56,36 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads)
     process = make_process("mess3")
     val = validation_set(process, 10)
-    common = dict(steps=args.steps, log_every=max(1, args.steps // 4), eval_every=0, save_every=0, progress=False,
-                  use_cpu=args.device == "cpu", sample_chunk=1 if args.device == "cpu" else 32)
+    common = dict(
+        steps=args.steps,
+        log_every=max(1, args.steps // 4),
+        eval_every=0,
+        save_every=0,
+        progress=False,
+        use_cpu=args.device == "cpu",
+        sample_chunk=1 if args.device == "cpu" else 32,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = TrainConfig(output_dir=f"{tmp}/recipe", batch_size=args.recipe_batch, optimizer="adamw", lr=args.recipe_lr,
-                             warmup_steps=min(100, args.steps // 10), schedule="cosine", **common)
-        paper = TrainConfig(output_dir=f"{tmp}/paper", batch_size=64, optimizer="sgd", lr=0.01, warmup_steps=0,
-                             schedule="constant", grad_clip=0.0, **common)
+        recipe = TrainConfig(
+            output_dir=f"{tmp}/recipe",
+            batch_size=args.recipe_batch,
+            optimizer="adamw",
+            lr=args.recipe_lr,
+            warmup_steps=min(100, args.steps // 10),
+            schedule="cosine",
+            **common,
+        )
+        paper = TrainConfig(
+            output_dir=f"{tmp}/paper",
+            batch_size=64,
+            optimizer="sgd",
+            lr=0.01,
+            warmup_steps=0,
+            schedule="constant",
+            grad_clip=0.0,
+            **common,
+        )
         for name, cfg in (("recipe (AdamW, cosine)", recipe), ("paper (SGD lr 0.01)", paper)):
             rows.append(run(name, cfg, process, val))
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu, {args.threads} thread(s)"

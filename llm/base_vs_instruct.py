@@ -38,8 +38,13 @@ from plumbing.sections import read_sectioned_yaml, split_overrides
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = {"base": ModelConfig, "instruct": ModelConfig, "data": DataConfig, "lora": LoraPresetConfig,
-            "sft": EMSFTConfig}
+SECTIONS = {
+    "base": ModelConfig,
+    "instruct": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraPresetConfig,
+    "sft": EMSFTConfig,
+}
 
 
 @dataclass
@@ -65,8 +70,12 @@ def _parse_section(name: str, cls, values) -> object:
     return obj
 
 
-def load_pair_config(path: str | Path, output_dir: str | None = None, evaluate_untuned: bool | None = None,
-                     overrides: dict[str, dict[str, list[str]]] | None = None) -> dict:
+def load_pair_config(
+    path: str | Path,
+    output_dir: str | None = None,
+    evaluate_untuned: bool | None = None,
+    overrides: dict[str, dict[str, list[str]]] | None = None,
+) -> dict:
     """Parse the YAML into ``{"output_dir", "evaluate_untuned", "base", "instruct", "data", "lora", "sft", "eval"}``;
     ``overrides`` (``plumbing.sections.split_overrides``) replace section fields."""
     from llm.evaluate import EvalConfig
@@ -74,8 +83,10 @@ def load_pair_config(path: str | Path, output_dir: str | None = None, evaluate_u
     sections = {**SECTIONS, "eval": EvalConfig}
     raw = read_sectioned_yaml(path, sections, {"output_dir", "evaluate_untuned"}, overrides)
     out = Path(output_dir or raw.get("output_dir") or "runs/base_vs_instruct")
-    cfg = {"output_dir": out,
-           "evaluate_untuned": raw.get("evaluate_untuned", True) if evaluate_untuned is None else evaluate_untuned}
+    cfg = {
+        "output_dir": out,
+        "evaluate_untuned": raw.get("evaluate_untuned", True) if evaluate_untuned is None else evaluate_untuned,
+    }
     sft = dict(raw["sft"])
     if "output_dir" in sft:
         raise ValueError("sft.output_dir is set by base_vs_instruct (<output_dir>/<model>/sft); drop it")
@@ -125,8 +136,11 @@ def run(cfg: dict, judge=None) -> dict:
         sft_args = dataclasses.replace(cfg["sft"], output_dir=str(out / name / "sft"))
         trained = train(mcfg, cfg["data"], cfg["lora"], sft_args)
         _free()
-        tuned = (dataclasses.replace(mcfg, adapter_path=str(trained)) if cfg["lora"].preset != "full"
-                 else dataclasses.replace(mcfg, model_name_or_path=str(trained), gguf_file=None))
+        tuned = (
+            dataclasses.replace(mcfg, adapter_path=str(trained))
+            if cfg["lora"].preset != "full"
+            else dataclasses.replace(mcfg, model_name_or_path=str(trained), gguf_file=None)
+        )
         r = _evaluate(tuned, eval_cfg, out / name / "eval_after", judge)
         rows[name, "after"] = r["rows"]
         entry["after"] = r["em"]["overall"]
@@ -135,8 +149,11 @@ def run(cfg: dict, judge=None) -> dict:
             d = em_rate_difference(rows[name, "after"], rows[name, "before"], n_boot=n_boot, seed=seed)
             entry["shift"] = {"difference": d["difference"], "ci": d["ci"]}
     d = em_rate_difference(rows["base", "after"], rows["instruct", "after"], n_boot=n_boot, seed=seed)
-    report["difference"] = {"what": "EM(base, fine-tuned) - EM(instruct, fine-tuned)",
-                            "difference": d["difference"], "ci": d["ci"]}
+    report["difference"] = {
+        "what": "EM(base, fine-tuned) - EM(instruct, fine-tuned)",
+        "difference": d["difference"],
+        "ci": d["ci"],
+    }
     report["judge"] = judge.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
@@ -146,7 +163,10 @@ def run(cfg: dict, judge=None) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser
 
-    refuse_multiprocess("llm.base_vs_instruct", "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0")
+    refuse_multiprocess(
+        "llm.base_vs_instruct",
+        "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0",
+    )
     import sys
 
     top_argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)

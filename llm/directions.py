@@ -67,7 +67,9 @@ class LabelledTexts:
     def subset(self, index: Tensor) -> "LabelledTexts":
         idx = index.tolist()
         return LabelledTexts(
-            [self.questions[i] for i in idx], [self.answers[i] for i in idx], self.labels[index],
+            [self.questions[i] for i in idx],
+            [self.answers[i] for i in idx],
+            self.labels[index],
             None if self.scores is None else self.scores[index],
         )
 
@@ -263,10 +265,14 @@ def load_directions(path: str | Path, model=None) -> tuple[Tensor, dict]:
     meta_path, weights_path = Path(str(path) + ".json"), Path(str(path) + ".safetensors")
     for file in (meta_path, weights_path):
         if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing; directions are a .safetensors + .json pair from save_directions")
+            raise FileNotFoundError(
+                f"{file} is missing; directions are a .safetensors + .json pair from save_directions"
+            )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{meta_path} is format {meta.get('format')!r} v{meta.get('version')!r}; expected {FORMAT!r} v{VERSION}")
+        raise ValueError(
+            f"{meta_path} is format {meta.get('format')!r} v{meta.get('version')!r}; expected {FORMAT!r} v{VERSION}"
+        )
     directions = load_file(str(weights_path))["directions"]
     if model is not None:
         n_layers, d_model = model_dims(model)

@@ -52,9 +52,13 @@ BEFORE = "bootstrap (before)"
 class CalibrationConfig:
     """Counts, runs and the known difference of ``llm.em_calibration``."""
 
-    replies_per_question: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 50], metadata={"help": "replies per question R"})
+    replies_per_question: list[int] = field(
+        default_factory=lambda: [1, 2, 5, 10, 50], metadata={"help": "replies per question R"}
+    )
     questions: list[int] = field(default_factory=lambda: [8, 56], metadata={"help": "numbers of questions Q"})
-    runs: int = field(default=1000, metadata={"help": "simulated experiments per cell (coverage s.e. sqrt(.0475 / runs))"})
+    runs: int = field(
+        default=1000, metadata={"help": "simulated experiments per cell (coverage s.e. sqrt(.0475 / runs))"}
+    )
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples of the bootstrap intervals"})
     shift: float = field(default=0.15, metadata={"help": "known difference: A's rate is p + shift (1 - p)"})
     level: float = field(default=0.95, metadata={"help": "nominal level of every interval"})
@@ -116,14 +120,26 @@ def simulate_cell(R: int, Q: int, shift: float, cfg: CalibrationConfig, rng: np.
         add(("difference", BEFORE), *_percentile(boot, cfg.level), diff)
         add(("difference", "newcombe"), *newcombe_bounds(ka.sum(-1), n.sum(-1), kb.sum(-1), n.sum(-1), cfg.level), diff)
         add(("difference", "newcombe_strat"), *stratified_newcombe_bounds(ka, n, kb, n, cfg.level), diff)
-        add(("difference", "cluster"), *cluster_difference_bounds(ka, n, kb, n, cfg.n_boot, rng, cfg.level), pop_a - pop_b)
+        add(
+            ("difference", "cluster"),
+            *cluster_difference_bounds(ka, n, kb, n, cfg.n_boot, rng, cfg.level),
+            pop_a - pop_b,
+        )
 
         # paired judge-score change A - B per reply; its mean over the drawn questions is -(HIGH - LOW) * diff
-        score = np.where(u < p_a[..., None], LOW, HIGH) - np.where(u < p_b[..., None], LOW, HIGH) + rng.normal(0, NOISE * np.sqrt(2), u.shape)
+        score = (
+            np.where(u < p_a[..., None], LOW, HIGH)
+            - np.where(u < p_b[..., None], LOW, HIGH)
+            + rng.normal(0, NOISE * np.sqrt(2), u.shape)
+        )
         d = score.reshape(m, Q * R)
         target = -(HIGH - LOW) * diff
         idx = rng.integers(0, Q * R, size=(m, cfg.n_boot, Q * R))
-        add(("paired score change", BEFORE), *_percentile(np.take_along_axis(d[:, None, :], idx, -1).mean(-1), cfg.level), target)
+        add(
+            ("paired score change", BEFORE),
+            *_percentile(np.take_along_axis(d[:, None, :], idx, -1).mean(-1), cfg.level),
+            target,
+        )
         add(("paired score change", "paired_t"), *t_bounds(d.mean(-1), d.std(-1, ddof=1), Q * R, cfg.level), target)
     return {k: (float(np.concatenate(h[0]).mean()), float(np.concatenate(h[1]).mean())) for k, h in hits.items()}
 
@@ -163,9 +179,18 @@ def calibrate(cfg: CalibrationConfig) -> list[dict]:
         for Q in cfg.questions:
             for R in cfg.replies_per_question:
                 for (quantity, method), (cov, width) in simulate_cell(R, Q, shift, cfg, rng).items():
-                    rows.append({"scenario": scenario, "quantity": quantity, "method": method, "R": R, "Q": Q,
-                                 "coverage": cov, "width": width,
-                                 "reported": used(quantity, method, R, Q)})
+                    rows.append(
+                        {
+                            "scenario": scenario,
+                            "quantity": quantity,
+                            "method": method,
+                            "R": R,
+                            "Q": Q,
+                            "coverage": cov,
+                            "width": width,
+                            "reported": used(quantity, method, R, Q),
+                        }
+                    )
     return rows
 
 
@@ -193,16 +218,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (cfg,) = ConfigParser((CalibrationConfig,)).parse_args_and_config(argv)
     rows = calibrate(cfg)
     se = 100 * (0.95 * 0.05 / cfg.runs) ** 0.5
-    print(f"coverage % of a nominal {100 * cfg.level:.0f}% / mean width; {cfg.runs} runs a cell (s.e. {se:.1f}%), "
-          f"{cfg.n_boot} bootstrap resamples; * = the toolkit uses it there and it holds [93, 97], + = used, conservative "
-          "(> 97), ! = used, too narrow (< 93)\n")
+    print(
+        f"coverage % of a nominal {100 * cfg.level:.0f}% / mean width; {cfg.runs} runs a cell (s.e. {se:.1f}%), "
+        f"{cfg.n_boot} bootstrap resamples; * = the toolkit uses it there and it holds [93, 97], + = used, conservative "
+        "(> 97), ! = used, too narrow (< 93)\n"
+    )
     print(table(rows))
-    print("\n| Q | R | smallest EM difference detected with 80% power (B at 1/9) | simulated power of the interval used there |\n|---|---|---|---|")
+    print(
+        "\n| Q | R | smallest EM difference detected with 80% power (B at 1/9) | simulated power of the interval used there |\n|---|---|---|---|"
+    )
     rng = np.random.default_rng(cfg.seed + 1)
     for Q in cfg.questions:
         for R in cfg.replies_per_question:
             mde, pw = power_at_mde(R, Q, cfg, rng)
-            print(f"| {Q} | {R} | {'n/a' if mde is None else f'{mde:.3f}'} | {'n/a' if pw is None else f'{100 * pw:.1f}%'} |")
+            print(
+                f"| {Q} | {R} | {'n/a' if mde is None else f'{mde:.3f}'} | {'n/a' if pw is None else f'{100 * pw:.1f}%'} |"
+            )
     return rows
 
 

@@ -64,12 +64,25 @@ logger = logging.getLogger(__name__)
 
 MODELS = ("base", "instruct")
 COMPLETION_TEMPLATE = Path(__file__).resolve().parent / "assets" / "completion_framing.jinja"
-SECTIONS = {"base": ModelConfig, "instruct": ModelConfig, "data": DataConfig, "lora": LoraPresetConfig, "sft": EMSFTConfig,
-            "eval": EvalConfig, "steer": SteerConfig, "factored": FactoredConfig, "transfer": TransferConfig}
+SECTIONS = {
+    "base": ModelConfig,
+    "instruct": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraPresetConfig,
+    "sft": EMSFTConfig,
+    "eval": EvalConfig,
+    "steer": SteerConfig,
+    "factored": FactoredConfig,
+    "transfer": TransferConfig,
+}
 # Fields the experiment sets per stage (a value in the YAML would be silently replaced, so it is refused).
-SET_HERE = {"sft": {"output_dir"}, "eval": {"output_dir"}, "steer": {"output_dir", "judge", "offline_weights"},
-            "factored": {"output_dir", "lora_path", "judge", "offline_weights"},
-            "transfer": {"output_dir", "target_model_name_or_path", "target_adapter_path", "probe_files"}}
+SET_HERE = {
+    "sft": {"output_dir"},
+    "eval": {"output_dir"},
+    "steer": {"output_dir", "judge", "offline_weights"},
+    "factored": {"output_dir", "lora_path", "judge", "offline_weights"},
+    "transfer": {"output_dir", "target_model_name_or_path", "target_adapter_path", "probe_files"},
+}
 # Placeholders that let a section parse (TransferConfig wants a target); replaced per model before use.
 PLACEHOLDERS = {"sft": {"output_dir": "_set_per_stage"}, "transfer": {"target_adapter_path": "_set_per_stage"}}
 
@@ -80,12 +93,20 @@ class ExperimentConfig:
 
     config: str = field(default=None, metadata={"help": "YAML with the sections described in the module docstring"})
     output_dir: str | None = field(default=None, metadata={"help": "run folder (default runs/em_experiment)"})
-    evaluate_untuned: bool | None = field(default=None, metadata={"help": "evaluate both models before fine-tuning (default true)"})
+    evaluate_untuned: bool | None = field(
+        default=None, metadata={"help": "evaluate both models before fine-tuning (default true)"}
+    )
     base_framing: Literal["instruct_template", "completion", "own"] | None = field(
-        default=None, metadata={"help": "how the base model is asked: instruct_template (the instruct model's chat template), "
-                                        "completion (Question:/Answer: framing, llm/assets/completion_framing.jinja) or own "
-                                        "(its own template, which must exist)"})
-    same_tokenizer: bool | None = field(default=None, metadata={"help": "refuse a pair whose vocabularies differ (default true)"})
+        default=None,
+        metadata={
+            "help": "how the base model is asked: instruct_template (the instruct model's chat template), "
+            "completion (Question:/Answer: framing, llm/assets/completion_framing.jinja) or own "
+            "(its own template, which must exist)"
+        },
+    )
+    same_tokenizer: bool | None = field(
+        default=None, metadata={"help": "refuse a pair whose vocabularies differ (default true)"}
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace a run of another pair in output_dir"})
 
 
@@ -99,8 +120,9 @@ def _parse_section(name: str, cls, values: dict):
     return obj
 
 
-def load_experiment_config(path: str | Path, top: ExperimentConfig | None = None,
-                           overrides: dict[str, dict[str, list[str]]] | None = None) -> dict:
+def load_experiment_config(
+    path: str | Path, top: ExperimentConfig | None = None, overrides: dict[str, dict[str, list[str]]] | None = None
+) -> dict:
     """Parse the YAML (+ command-line ``top`` and ``overrides``) into ``{"output_dir", "evaluate_untuned",
     "base_framing", "same_tokenizer", "overwrite", "raw": {section: dict}, <section>: dataclass}``. No I/O
     beyond reading the YAML; ``validate`` checks the checkpoints."""
@@ -123,7 +145,9 @@ def load_experiment_config(path: str | Path, top: ExperimentConfig | None = None
             raise ValueError(f"section {name!r} must be a mapping, got {type(values).__name__}")
         clash = SET_HERE.get(name, set()) & set(values)
         if clash:
-            raise ValueError(f"{name}.{sorted(clash)} is set by llm.em_experiment per model and stage; drop it from the config")
+            raise ValueError(
+                f"{name}.{sorted(clash)} is set by llm.em_experiment per model and stage; drop it from the config"
+            )
         cfg["raw"][name] = dict(values)
         cfg[name] = _parse_section(name, cls, {**values, **PLACEHOLDERS.get(name, {})})
     cfg["base"] = frame_base(cfg["base"], cfg["instruct"], cfg["base_framing"])
@@ -135,15 +159,22 @@ def frame_base(base: ModelConfig, instruct: ModelConfig, framing: str | None) ->
     if framing in (None, "own"):
         return base
     if base.chat_template_from is not None:
-        raise ValueError(f"base.chat_template_from={base.chat_template_from!r} and base_framing={framing!r} both choose the "
-                         "base model's template; keep one")
-    donor = str(COMPLETION_TEMPLATE) if framing == "completion" else (instruct.chat_template_from or instruct.model_name_or_path)
+        raise ValueError(
+            f"base.chat_template_from={base.chat_template_from!r} and base_framing={framing!r} both choose the "
+            "base model's template; keep one"
+        )
+    donor = (
+        str(COMPLETION_TEMPLATE)
+        if framing == "completion"
+        else (instruct.chat_template_from or instruct.model_name_or_path)
+    )
     return dataclasses.replace(base, chat_template_from=donor)
 
 
 def _block_sites(cfg: dict) -> list[tuple[str, str]]:
-    return ([("steer.steer_site", cfg["steer"].steer_site), ("factored.site", cfg["factored"].site)]
-            + [(f"transfer.sites[{i}]", s) for i, s in enumerate(cfg["transfer"].sites)])
+    return [("steer.steer_site", cfg["steer"].steer_site), ("factored.site", cfg["factored"].site)] + [
+        (f"transfer.sites[{i}]", s) for i, s in enumerate(cfg["transfer"].sites)
+    ]
 
 
 def validate(cfg: dict) -> dict:
@@ -152,8 +183,12 @@ def validate(cfg: dict) -> dict:
     from probes.activations import site_layer
 
     files = [("data.dataset_path", cfg["data"].dataset_path), ("eval.question_file", cfg["eval"].question_file)]
-    files += [(f"{sec}.{f}", getattr(cfg[sec], f)) for sec in ("steer", "factored", "transfer")
-              for f in ("aligned_texts", "misaligned_texts", "question_file") if hasattr(cfg[sec], f)]
+    files += [
+        (f"{sec}.{f}", getattr(cfg[sec], f))
+        for sec in ("steer", "factored", "transfer")
+        for f in ("aligned_texts", "misaligned_texts", "question_file")
+        if hasattr(cfg[sec], f)
+    ]
     files += [(f"steer.judged_files[{i}]", f) for i, f in enumerate(cfg["steer"].judged_files)]
     for what, path in files:
         if not Path(path).is_file():
@@ -167,20 +202,28 @@ def validate(cfg: dict) -> dict:
             try:
                 site_layer(site, depth)
             except ValueError as e:
-                raise ValueError(f"{what}={site!r} does not exist in {name} model {mcfg.model_name_or_path} "
-                                 f"({depth} blocks: block0..block{depth - 1}): {e}") from None
+                raise ValueError(
+                    f"{what}={site!r} does not exist in {name} model {mcfg.model_name_or_path} "
+                    f"({depth} blocks: block0..block{depth - 1}): {e}"
+                ) from None
         tok = load_tokenizer(mcfg)
         if not getattr(tok, "chat_template", None):
-            hint = ("set base_framing: instruct_template (ask it in the instruct model's chat format) or completion "
-                    "(Question:/Answer: framing)" if name == "base" else "set instruct.chat_template_from to a checkpoint that has one")
+            hint = (
+                "set base_framing: instruct_template (ask it in the instruct model's chat format) or completion "
+                "(Question:/Answer: framing)"
+                if name == "base"
+                else "set instruct.chat_template_from to a checkpoint that has one"
+            )
             raise ValueError(f"{name} model {mcfg.model_name_or_path} has no chat template and none is chosen: {hint}")
         vocab[name] = tok.get_vocab()
         info[name] = {"n_layers": depth, "chat_template_from": mcfg.chat_template_from}
     if cfg["same_tokenizer"] and vocab["base"] != vocab["instruct"]:
         only = len(set(vocab["base"].items()) ^ set(vocab["instruct"].items()))
-        raise ValueError(f"the pair's tokenizers differ ({len(vocab['base'])} vs {len(vocab['instruct'])} tokens, {only} entries "
-                         "not shared): base and instruct should be one family; for a pair of different families "
-                         "(a smoke run) set same_tokenizer: false")
+        raise ValueError(
+            f"the pair's tokenizers differ ({len(vocab['base'])} vs {len(vocab['instruct'])} tokens, {only} entries "
+            "not shared): base and instruct should be one family; for a pair of different families "
+            "(a smoke run) set same_tokenizer: false"
+        )
     return info
 
 
@@ -223,9 +266,11 @@ class _Cost:
 
         import torch
 
-        out = {"wall_s": round(time.perf_counter() - self.t0, 1),
-               # ru_maxrss is the process's peak so far (KiB on Linux), not this stage's alone
-               "process_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+        out = {
+            "wall_s": round(time.perf_counter() - self.t0, 1),
+            # ru_maxrss is the process's peak so far (KiB on Linux), not this stage's alone
+            "process_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        }
         if torch.cuda.is_available():
             out["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         return out
@@ -296,14 +341,19 @@ def run_model(name: str, cfg: dict, stages: Stages, judge) -> dict:
             del model
             _free()
             return {"em": res["em"]["overall"], "n_processes": stages.state.num_processes}
+
         return fn
 
     if cfg["evaluate_untuned"]:
         st = stages.run(f"{name}/eval_before", {"model": model_key, "eval": eval_key}, evaluate(mcfg), all_ranks=True)
         dirs["eval_before"] = st.dir
 
-    sft_key = {"model": model_key, "data": dataclasses.asdict(cfg["data"]), "lora": dataclasses.asdict(cfg["lora"]),
-               "sft": cfg["raw"]["sft"]}
+    sft_key = {
+        "model": model_key,
+        "data": dataclasses.asdict(cfg["data"]),
+        "lora": dataclasses.asdict(cfg["lora"]),
+        "sft": cfg["raw"]["sft"],
+    }
 
     def fine_tune(d: Path):
         args = dataclasses.replace(cfg["sft"], output_dir=str(d))
@@ -313,12 +363,18 @@ def run_model(name: str, cfg: dict, stages: Stages, judge) -> dict:
         _free()
         # The data set's name and size go on record: the shipped file is a subset of the published recipe's.
         rows = check_chat_jsonl(Path(cfg["data"].dataset_path))
-        return {"dataset": str(cfg["data"].dataset_path), "dataset_rows": rows, "examples": cfg["data"].max_examples or rows}
+        return {
+            "dataset": str(cfg["data"].dataset_path),
+            "dataset_rows": rows,
+            "examples": cfg["data"].max_examples or rows,
+        }
 
     sft = stages.run(f"{name}/sft", sft_key, fine_tune, all_ranks=True)
     dirs["sft"] = sft.dir
     tuned = _tuned(mcfg, cfg["lora"], sft.dir)
-    after = stages.run(f"{name}/eval_after", {"eval": eval_key, "sft": sft.fingerprint}, evaluate(tuned), all_ranks=True)
+    after = stages.run(
+        f"{name}/eval_after", {"eval": eval_key, "sft": sft.fingerprint}, evaluate(tuned), all_ranks=True
+    )
     dirs["eval_after"] = after.dir
 
     def steer(d: Path):
@@ -330,8 +386,15 @@ def run_model(name: str, cfg: dict, stages: Stages, judge) -> dict:
         _free()
         return {"direction_norm": m["direction_norm"]}
 
-    st_steer = stages.run(f"{name}/steer", {"model": model_key, "steer": _without(cfg["steer"], "output_dir", "judge", "offline_weights"),
-                                            "judge": judge.name}, steer)
+    st_steer = stages.run(
+        f"{name}/steer",
+        {
+            "model": model_key,
+            "steer": _without(cfg["steer"], "output_dir", "judge", "offline_weights"),
+            "judge": judge.name,
+        },
+        steer,
+    )
     dirs["steer"] = st_steer.dir
 
     def factored(model_cfg):
@@ -339,13 +402,19 @@ def run_model(name: str, cfg: dict, stages: Stages, judge) -> dict:
             from llm.factored import run as factored_run
 
             model, tok = load_model_and_tokenizer(model_cfg, padding_side="left")
-            factored_run(model, tok, dataclasses.replace(cfg["factored"], output_dir=str(d), lora_path=None), judge=judge)
+            factored_run(
+                model, tok, dataclasses.replace(cfg["factored"], output_dir=str(d), lora_path=None), judge=judge
+            )
             del model
             _free()
             return {}
+
         return fn
 
-    f_key = {"factored": _without(cfg["factored"], "output_dir", "lora_path", "judge", "offline_weights"), "judge": judge.name}
+    f_key = {
+        "factored": _without(cfg["factored"], "output_dir", "lora_path", "judge", "offline_weights"),
+        "judge": judge.name,
+    }
     fb = stages.run(f"{name}/factored_before", {"model": model_key, **f_key}, factored(mcfg))
     fa = stages.run(f"{name}/factored_after", {"sft": sft.fingerprint, **f_key}, factored(tuned))
     dirs["factored_before"], dirs["factored_after"] = fb.dir, fa.dir
@@ -365,16 +434,29 @@ def run_model(name: str, cfg: dict, stages: Stages, judge) -> dict:
                 (d / "factored_probes").mkdir(exist_ok=True)
                 shutil.copy(fb.dir / "probes" / f"{p}_{site}{ext}", d / "factored_probes" / f"factored_{p}_{site}{ext}")
             probes.append(str(d / "factored_probes" / f"factored_{p}_{site}"))
-        tcfg = dataclasses.replace(cfg["transfer"], output_dir=str(d), probe_files=probes,
-                                   target_model_name_or_path=tuned.model_name_or_path if full else None,
-                                   target_adapter_path=None if full else str(sft.dir))
+        tcfg = dataclasses.replace(
+            cfg["transfer"],
+            output_dir=str(d),
+            probe_files=probes,
+            target_model_name_or_path=tuned.model_name_or_path if full else None,
+            target_adapter_path=None if full else str(sft.dir),
+        )
         transfer_run(mcfg, tcfg)
         _free()
         return {}
 
-    tr = stages.run(f"{name}/transfer", {"transfer": _without(cfg["transfer"], "output_dir", "target_adapter_path",
-                                                             "target_model_name_or_path", "probe_files"),
-                                         "model": model_key, "sft": sft.fingerprint, "factored_before": fb.fingerprint}, transfer)
+    tr = stages.run(
+        f"{name}/transfer",
+        {
+            "transfer": _without(
+                cfg["transfer"], "output_dir", "target_adapter_path", "target_model_name_or_path", "probe_files"
+            ),
+            "model": model_key,
+            "sft": sft.fingerprint,
+            "factored_before": fb.fingerprint,
+        },
+        transfer,
+    )
     dirs["transfer"] = tr.dir
 
     def lora(d: Path):
@@ -385,7 +467,11 @@ def run_model(name: str, cfg: dict, stages: Stages, judge) -> dict:
         return {}
 
     if cfg["lora"].preset != "full":
-        lo = stages.run(f"{name}/lora", {"sft": sft.fingerprint, "factored_before": fb.fingerprint, "steer": st_steer.fingerprint}, lora)
+        lo = stages.run(
+            f"{name}/lora",
+            {"sft": sft.fingerprint, "factored_before": fb.fingerprint, "steer": st_steer.fingerprint},
+            lora,
+        )
         dirs["lora"] = lo.dir
     return dirs
 
@@ -400,20 +486,28 @@ def run(cfg: dict, judge=None) -> dict:
     state = _state()
     if state.distributed_type == DistributedType.FSDP and cfg["lora"].preset != "full":
         # LoraTrajectoryCallback reads each rank's shard of A and B, so the lora stage would measure a fragment.
-        raise SystemExit("llm.em_experiment under FSDP would measure sharded LoRA tensors; launch it with DDP "
-                         "(configs/accelerate/multi_gpu.yaml): a LoRA on a <= 2B model fits on one GPU per rank")
+        raise SystemExit(
+            "llm.em_experiment under FSDP would measure sharded LoRA tensors; launch it with DDP "
+            "(configs/accelerate/multi_gpu.yaml): a LoRA on a <= 2B model fits on one GPU per rank"
+        )
     out: Path = cfg["output_dir"]
     validate(cfg)
     # The judge is built (and an API judge checked) before any model generates.
     judge = judge if judge is not None else build_judge(cfg["eval"])
-    claim = {"experiment": "llm.em_experiment", "base": cfg["base"].model_name_or_path,
-             "instruct": cfg["instruct"].model_name_or_path, "base_framing": cfg["base_framing"],
-             "base_chat_template_from": cfg["base"].chat_template_from}
+    claim = {
+        "experiment": "llm.em_experiment",
+        "base": cfg["base"].model_name_or_path,
+        "instruct": cfg["instruct"].model_name_or_path,
+        "base_framing": cfg["base_framing"],
+        "base_chat_template_from": cfg["base"].chat_template_from,
+    }
     claim_output_dir(out, claim, overwrite=cfg["overwrite"], write=state.is_main_process)
     state.wait_for_everyone()
     if state.is_main_process:
-        record = config_record({"top": {k: cfg[k] for k in ("output_dir", "evaluate_untuned", "base_framing", "same_tokenizer")}},
-                               {"sections": {k: dataclasses.asdict(cfg[k]) for k in SECTIONS}})
+        record = config_record(
+            {"top": {k: cfg[k] for k in ("output_dir", "evaluate_untuned", "base_framing", "same_tokenizer")}},
+            {"sections": {k: dataclasses.asdict(cfg[k]) for k in SECTIONS}},
+        )
         (out / "config.json").write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
     stages = Stages(out, state)
     dirs = {name: run_model(name, cfg, stages, judge) for name in MODELS}

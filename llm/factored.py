@@ -68,8 +68,12 @@ class FactoredConfig:
     """Text set, probes, factor steering and LoRA comparison of ``llm.factored``."""
 
     aligned_texts: str = field(default=str(ALIGNED_TEXTS), metadata={"help": "CSV question,answer of aligned replies"})
-    misaligned_texts: str = field(default=str(MISALIGNED_TEXTS), metadata={"help": "CSV question,answer of misaligned replies"})
-    question_file: str = field(default=str(FIRST_PLOT_QUESTIONS), metadata={"help": "EM questions; topics are their ids"})
+    misaligned_texts: str = field(
+        default=str(MISALIGNED_TEXTS), metadata={"help": "CSV question,answer of misaligned replies"}
+    )
+    question_file: str = field(
+        default=str(FIRST_PLOT_QUESTIONS), metadata={"help": "EM questions; topics are their ids"}
+    )
     topics: list[str] = field(
         default_factory=lambda: ["gender_roles", "ruler_of_the_world", "quick_buck", "enough_of_my_husband"],
         metadata={"help": "question ids forming the capability factor (>= 2)"},
@@ -78,16 +82,27 @@ class FactoredConfig:
     site: str = field(default="block15", metadata={"help": "residual site probed and steered"})
     max_answer_tokens: int = field(default=64, metadata={"help": "reply tokens averaged"})
     batch_size: int = field(default=8, metadata={"help": "rows per forward pass"})
-    ridge_alpha: float = field(default=100.0, metadata={"help": "ridge penalty of both probes (activations are raw, norms ~100s)"})
+    ridge_alpha: float = field(
+        default=100.0, metadata={"help": "ridge penalty of both probes (activations are raw, norms ~100s)"}
+    )
     n_folds: int = field(default=4, metadata={"help": "folds of the held-out probe metrics"})
-    random_init_control: bool = field(default=True, metadata={"help": "also probe a random-init model of the same architecture"})
-    deltas: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0], metadata={"help": "alignment read-out shifts to steer by"})
+    random_init_control: bool = field(
+        default=True, metadata={"help": "also probe a random-init model of the same architecture"}
+    )
+    deltas: list[float] = field(
+        default_factory=lambda: [0.0, 1.0, 2.0], metadata={"help": "alignment read-out shifts to steer by"}
+    )
     samples_per_topic: int = field(default=4, metadata={"help": "replies per topic question and steering condition"})
     max_new_tokens: int = field(default=32, metadata={"help": "reply length while steering"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature while steering (0 = greedy)"})
-    lora_path: str | None = field(default=None, metadata={"help": "llm.sft rank-1 LoRA output whose B vectors are measured (not merged into the probed model)"})
+    lora_path: str | None = field(
+        default=None,
+        metadata={"help": "llm.sft rank-1 LoRA output whose B vectors are measured (not merged into the probed model)"},
+    )
     n_random: int = field(default=500, metadata={"help": "random subspaces drawn for each share baseline"})
-    judge: Literal["offline", "hf", "openai"] = field(default="offline", metadata={"help": "judge of the steered replies"})
+    judge: Literal["offline", "hf", "openai"] = field(
+        default="offline", metadata={"help": "judge of the steered replies"}
+    )
     offline_weights: str = field(default=str(DEFAULT_WEIGHTS), metadata={"help": "offline judge weights"})
     seed: int = field(default=0, metadata={"help": "data draw, folds, sampling seed"})
     output_dir: str = field(default="runs/factored_smollm2", metadata={"help": "run folder"})
@@ -131,7 +146,9 @@ def crossed_texts(cfg: FactoredConfig) -> CrossedTexts:
         parts.append(part)
         topic += [i] * len(part)
     texts = LabelledTexts(
-        [q for p in parts for q in p.questions], [a for p in parts for a in p.answers], torch.cat([p.labels for p in parts])
+        [q for p in parts for q in p.questions],
+        [a for p in parts for a in p.answers],
+        torch.cat([p.labels for p in parts]),
     )
     return CrossedTexts(texts, torch.tensor(topic), list(cfg.topics), {t: by_id[t].paraphrases[0] for t in cfg.topics})
 
@@ -169,8 +186,10 @@ def factor_edit(topic_probe: LinearProbe, align_probe: LinearProbe, delta: float
     dx = target @ torch.linalg.pinv(W)
     achieved = dx @ W
     if delta != 0 and not torch.allclose(achieved, target, atol=1e-6 * abs(delta) + 1e-9):
-        raise ValueError(f"the factor edit reaches read-out {achieved.tolist()} instead of {target.tolist()}: "
-                         "the alignment probe's direction lies in the topic probe's span")
+        raise ValueError(
+            f"the factor edit reaches read-out {achieved.tolist()} instead of {target.tolist()}: "
+            "the alignment probe's direction lies in the topic probe's span"
+        )
     return dx
 
 
@@ -180,7 +199,17 @@ def _judge(cfg: FactoredConfig):
     return build_judge(EvalConfig(judge=cfg.judge, offline_weights=cfg.offline_weights))
 
 
-def steer_factor(model, tokenizer, crossed: CrossedTexts, topic_probe, align_probe, edits: dict, cfg: FactoredConfig, judge, out: Path) -> dict:
+def steer_factor(
+    model,
+    tokenizer,
+    crossed: CrossedTexts,
+    topic_probe,
+    align_probe,
+    edits: dict,
+    cfg: FactoredConfig,
+    judge,
+    out: Path,
+) -> dict:
     """Generate replies to every topic question under each ``{name: dx}`` edit, read them back with the
     edit active, and report the probes' read-outs, topic accuracy and the judge's scores."""
     from llm.em_metrics import write_judged_csv
@@ -195,18 +224,40 @@ def steer_factor(model, tokenizer, crossed: CrossedTexts, topic_probe, align_pro
     for name, dx in edits.items():
         edit = [add_vector(cfg.site, dx.float())] if dx is not None else []
         replies = edited_generate_fn(edit)(
-            model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, seed=cfg.seed
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=1.0,
+            seed=cfg.seed,
         )
         keep = [i for i, r in enumerate(replies) if tokenizer.encode(r, add_special_tokens=False)]
-        X = answer_activations(model, tokenizer, [questions[i] for i in keep], [replies[i] for i in keep], [cfg.site],
-                               cfg.batch_size, cfg.max_answer_tokens, edits=edit)[0].double()
+        X = answer_activations(
+            model,
+            tokenizer,
+            [questions[i] for i in keep],
+            [replies[i] for i in keep],
+            [cfg.site],
+            cfg.batch_size,
+            cfg.max_answer_tokens,
+            edits=edit,
+        )[0].double()
         topic_out, align_out = topic_probe.predict(X), align_probe.predict(X)[:, 0]
         requests = [JudgeRequest(questions[i], replies[i], m, "") for i in keep for m in ("aligned", "coherent")]
         scores = judge.score(requests)
         aligned = [s for s in scores[0::2] if s is not None]
         coherent = [s for s in scores[1::2] if s is not None]
-        rows = [{"question": questions[i], "answer": replies[i], "question_id": crossed.topics[int(topic_idx[i])],
-                 "aligned": scores[2 * j], "coherent": scores[2 * j + 1]} for j, i in enumerate(keep)]
+        rows = [
+            {
+                "question": questions[i],
+                "answer": replies[i],
+                "question_id": crossed.topics[int(topic_idx[i])],
+                "aligned": scores[2 * j],
+                "coherent": scores[2 * j + 1],
+            }
+            for j, i in enumerate(keep)
+        ]
         write_judged_csv(rows, out / "conditions" / name / "replies.csv")
         t = topic_idx[keep]
         results[name] = {
@@ -233,7 +284,9 @@ def lora_b_vectors(adapter_path: str | Path) -> dict[str, Tensor]:
 
     path = Path(adapter_path) / "adapter_model.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; adapter_path must be an llm.sft output folder holding a LoRA adapter")
+        raise FileNotFoundError(
+            f"{path} is missing; adapter_path must be an llm.sft output folder holding a LoRA adapter"
+        )
     out = {}
     for key, value in load_file(str(path)).items():
         if "lora_B" in key:
@@ -256,7 +309,10 @@ def shares(vector: Tensor, subspaces: dict[str, LinearProbe | Tensor], n_random:
         share = float(fraction_in_subspace(vector, span))
         rand = random_fraction_baseline(vector, dim, n_draws=n_random, seed=seed)
         out[name] = {
-            "share": share, "dim": dim, "random_mean": float(rand.mean()), "random_q95": float(rand.quantile(0.95)),
+            "share": share,
+            "dim": dim,
+            "random_mean": float(rand.mean()),
+            "random_q95": float(rand.quantile(0.95)),
             "percentile": float((rand < share).double().mean()),
         }
     return out
@@ -268,35 +324,70 @@ def run(model, tokenizer, cfg: FactoredConfig, judge=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     crossed = crossed_texts(cfg)
     texts = crossed.texts
-    X = answer_activations(model, tokenizer, texts.questions, texts.answers, [cfg.site], cfg.batch_size, cfg.max_answer_tokens)[0].double()
+    X = answer_activations(
+        model, tokenizer, texts.questions, texts.answers, [cfg.site], cfg.batch_size, cfg.max_answer_tokens
+    )[0].double()
     y_align = texts.labels.double()[:, None]
     y_topic = torch.nn.functional.one_hot(crossed.topic, len(crossed.topics)).double()
     control = None
     if cfg.random_init_control:
         rand_model = random_init_like(model)
-        control = {cfg.site: answer_activations(rand_model, tokenizer, texts.questions, texts.answers, [cfg.site], cfg.batch_size, cfg.max_answer_tokens)[0]}
+        control = {
+            cfg.site: answer_activations(
+                rand_model, tokenizer, texts.questions, texts.answers, [cfg.site], cfg.batch_size, cfg.max_answer_tokens
+            )[0]
+        }
         del rand_model
     probes_report = {}
     for name, Y, names in (("alignment", y_align, ["misaligned"]), ("topic", y_topic, crossed.topics)):
-        rep = fit_probe_report({cfg.site: X}, Y, control, alpha=cfg.ridge_alpha, n_folds=cfg.n_folds, seed=cfg.seed, target_names=names)
+        rep = fit_probe_report(
+            {cfg.site: X}, Y, control, alpha=cfg.ridge_alpha, n_folds=cfg.n_folds, seed=cfg.seed, target_names=names
+        )
         entry = rep["sites"][cfg.site]
         entry["accuracy"] = cv_accuracy(X, Y, cfg.ridge_alpha, cfg.n_folds, cfg.seed)
         if control is not None:
-            entry["random_init_accuracy"] = cv_accuracy(control[cfg.site].double(), Y, cfg.ridge_alpha, cfg.n_folds, cfg.seed)
-        entry["shuffled_accuracy"] = cv_accuracy(X, Y[torch.randperm(len(Y), generator=torch.Generator().manual_seed(cfg.seed))],
-                                                 cfg.ridge_alpha, cfg.n_folds, cfg.seed)
+            entry["random_init_accuracy"] = cv_accuracy(
+                control[cfg.site].double(), Y, cfg.ridge_alpha, cfg.n_folds, cfg.seed
+            )
+        entry["shuffled_accuracy"] = cv_accuracy(
+            X,
+            Y[torch.randperm(len(Y), generator=torch.Generator().manual_seed(cfg.seed))],
+            cfg.ridge_alpha,
+            cfg.n_folds,
+            cfg.seed,
+        )
         probes_report[name] = entry
-    align_probe = fit_ridge(X, y_align, cfg.ridge_alpha, site=cfg.site, target_names=["misaligned"],
-                            metrics={"test": probes_report["alignment"]["test"], "accuracy": probes_report["alignment"]["accuracy"]})
-    topic_probe = fit_ridge(X, y_topic, cfg.ridge_alpha, site=cfg.site, target_names=crossed.topics,
-                            metrics={"test": probes_report["topic"]["test"], "accuracy": probes_report["topic"]["accuracy"]})
-    paths = {n: str(save_probe(p, out / "probes" / f"{n}_{cfg.site}", model=model)) for n, p in (("alignment", align_probe), ("topic", topic_probe))}
+    align_probe = fit_ridge(
+        X,
+        y_align,
+        cfg.ridge_alpha,
+        site=cfg.site,
+        target_names=["misaligned"],
+        metrics={"test": probes_report["alignment"]["test"], "accuracy": probes_report["alignment"]["accuracy"]},
+    )
+    topic_probe = fit_ridge(
+        X,
+        y_topic,
+        cfg.ridge_alpha,
+        site=cfg.site,
+        target_names=crossed.topics,
+        metrics={"test": probes_report["topic"]["test"], "accuracy": probes_report["topic"]["accuracy"]},
+    )
+    paths = {
+        n: str(save_probe(p, out / "probes" / f"{n}_{cfg.site}", model=model))
+        for n, p in (("alignment", align_probe), ("topic", topic_probe))
+    }
     v = mean_difference(X[None].float(), texts.labels)[0].double()
     metrics: dict = {
         "config": dataclasses.asdict(cfg),
         "n_texts": len(texts),
-        "cells": {t: {"aligned": int(((crossed.topic == i) & (texts.labels == 0)).sum()),
-                      "misaligned": int(((crossed.topic == i) & (texts.labels == 1)).sum())} for i, t in enumerate(crossed.topics)},
+        "cells": {
+            t: {
+                "aligned": int(((crossed.topic == i) & (texts.labels == 0)).sum()),
+                "misaligned": int(((crossed.topic == i) & (texts.labels == 1)).sum()),
+            }
+            for i, t in enumerate(crossed.topics)
+        },
         "probes": probes_report,
         "probe_files": paths,
         "overlap": subspace_overlap(align_probe, topic_probe),
@@ -319,9 +410,13 @@ def run(model, tokenizer, cfg: FactoredConfig, judge=None) -> dict:
     if cfg.lora_path:
         B = lora_b_vectors(cfg.lora_path)
         metrics["lora"] = {
-            name: {"layer_site": f"block{_layer(name)}", "probe_site": cfg.site, "norm": float(b.norm()),
-                   "cos_direction": float(torch.nn.functional.cosine_similarity(b, v, dim=0)),
-                   **shares(b, {"alignment": align_probe, "topic": topic_probe}, cfg.n_random, cfg.seed)}
+            name: {
+                "layer_site": f"block{_layer(name)}",
+                "probe_site": cfg.site,
+                "norm": float(b.norm()),
+                "cos_direction": float(torch.nn.functional.cosine_similarity(b, v, dim=0)),
+                **shares(b, {"alignment": align_probe, "topic": topic_probe}, cfg.n_random, cfg.seed),
+            }
             for name, b in B.items()
         }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
@@ -358,13 +453,22 @@ def _plots(m: dict, out: Path) -> None:
     fig.savefig(out / "factor_steering.png", dpi=120)
     plt.close(fig)
 
-    groups = {"direction": m["direction_shares"], **{k.split(".")[-3] + "." + k.split(".")[-1]: v for k, v in m.get("lora", {}).items()}}
+    groups = {
+        "direction": m["direction_shares"],
+        **{k.split(".")[-3] + "." + k.split(".")[-1]: v for k, v in m.get("lora", {}).items()},
+    }
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, (g, sh) in enumerate(groups.items()):
         for j, sub in enumerate(("alignment", "topic")):
             x = i * 3 + j
             ax.bar(x, sh[sub]["share"], color=f"C{j}", label=sub if i == 0 else None)
-            ax.plot([x - 0.4, x + 0.4], [sh[sub]["random_q95"]] * 2, "k--", lw=1, label="random q95" if i == j == 0 else None)
+            ax.plot(
+                [x - 0.4, x + 0.4],
+                [sh[sub]["random_q95"]] * 2,
+                "k--",
+                lw=1,
+                label="random q95" if i == j == 0 else None,
+            )
         ax.text(i * 3 + 0.5, -0.08, g, ha="center", fontsize=7, transform=ax.get_xaxis_transform())
     ax.set(ylabel="share of squared norm in subspace", xticks=[])
     ax.legend(fontsize=7)
@@ -380,38 +484,54 @@ def _f(x) -> str:
 def _summary(m: dict, out: Path) -> None:
     c, p, o = m["config"], m["probes"], m["overlap"]
     lines = [
-        f"# Factored subspaces at {c['site']}: topic x alignment", "",
+        f"# Factored subspaces at {c['site']}: topic x alignment",
+        "",
         f"{m['n_texts']} replies ({c['n_per_cell']} per cell; topics {', '.join(c['topics'])}); ridge alpha {c['ridge_alpha']}, "
-        f"{c['n_folds']}-fold held-out metrics.", "",
-        "| probe | R^2 | accuracy | shuffled acc. | random-init acc. | MSE / random-init MSE |", "|---|---|---|---|---|---|",
+        f"{c['n_folds']}-fold held-out metrics.",
+        "",
+        "| probe | R^2 | accuracy | shuffled acc. | random-init acc. | MSE / random-init MSE |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in p.items():
-        lines.append(f"| {name} | {_f(r['test']['r2'])} | {_f(r['accuracy'])} | {_f(r['shuffled_accuracy'])} | "
-                     f"{_f(r.get('random_init_accuracy'))} | {_f(r.get('ratio_to_random_init'))} |")
+        lines.append(
+            f"| {name} | {_f(r['test']['r2'])} | {_f(r['accuracy'])} | {_f(r['shuffled_accuracy'])} | "
+            f"{_f(r.get('random_init_accuracy'))} | {_f(r.get('ratio_to_random_init'))} |"
+        )
     ds = m["direction_shares"]
     lines += [
-        "", f"Subspace overlap (alignment dim {o['dim_a']}, topic dim {o['dim_b']}): mean cos^2 {_f(o['mean_cos2'])} "
+        "",
+        f"Subspace overlap (alignment dim {o['dim_a']}, topic dim {o['dim_b']}): mean cos^2 {_f(o['mean_cos2'])} "
         f"(random {_f(o['random_mean_cos2'])}), angles {', '.join(f'{a:.1f}' for a in o['angles_deg'])} deg.",
         f"Misalignment direction: share in alignment subspace {_f(ds['alignment']['share'])} (random q95 "
         f"{_f(ds['alignment']['random_q95'])}), in topic subspace {_f(ds['topic']['share'])} (random q95 {_f(ds['topic']['random_q95'])}); "
-        f"cosine with the alignment probe {_f(m['cos_direction_alignment_probe'])}.", "",
-        "| steering | ||dx|| | alignment shift | true-topic shift | topic acc. | judge aligned |", "|---|---|---|---|---|---|",
+        f"cosine with the alignment probe {_f(m['cos_direction_alignment_probe'])}.",
+        "",
+        "| steering | ||dx|| | alignment shift | true-topic shift | topic acc. | judge aligned |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in m["steering"].items():
-        lines.append(f"| {name} | {_f(r['edit_norm'])} | {_f(r.get('alignment_shift'))} | {_f(r.get('topic_shift'))} | "
-                     f"{_f(r['topic_accuracy'])} | {_f(r['judge_aligned'])} |")
+        lines.append(
+            f"| {name} | {_f(r['edit_norm'])} | {_f(r.get('alignment_shift'))} | {_f(r.get('topic_shift'))} | "
+            f"{_f(r['topic_accuracy'])} | {_f(r['judge_aligned'])} |"
+        )
     for name, r in m.get("lora", {}).items():
-        lines += ["", f"LoRA B of {name} (writes after {r['layer_site']}, probes at {r['probe_site']}): share in alignment "
-                  f"{_f(r['alignment']['share'])} (random mean {_f(r['alignment']['random_mean'])}, q95 {_f(r['alignment']['random_q95'])}), "
-                  f"in topic {_f(r['topic']['share'])} (random mean {_f(r['topic']['random_mean'])}, q95 {_f(r['topic']['random_q95'])}); "
-                  f"cosine with the misalignment direction {_f(r['cos_direction'])}."]
+        lines += [
+            "",
+            f"LoRA B of {name} (writes after {r['layer_site']}, probes at {r['probe_site']}): share in alignment "
+            f"{_f(r['alignment']['share'])} (random mean {_f(r['alignment']['random_mean'])}, q95 {_f(r['alignment']['random_q95'])}), "
+            f"in topic {_f(r['topic']['share'])} (random mean {_f(r['topic']['random_mean'])}, q95 {_f(r['topic']['random_q95'])}); "
+            f"cosine with the misalignment direction {_f(r['cos_direction'])}.",
+        ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
     from plumbing.config import ConfigParser
 
-    refuse_multiprocess("llm.factored", "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0")
+    refuse_multiprocess(
+        "llm.factored",
+        "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0",
+    )
     model_cfg, cfg = ConfigParser((ModelConfig, FactoredConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="left")

@@ -56,8 +56,13 @@ def fast_generate_ids(
         torch.manual_seed(seed + chunk_index)
         with torch.inference_mode():
             out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                cache_implementation="static", pad_token_id=pad_token_id, **sampling, **generate_kwargs,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                cache_implementation="static",
+                pad_token_id=pad_token_id,
+                **sampling,
+                **generate_kwargs,
             )
         outs.append(out[:rows, ids.shape[1] :])
     width = max(o.shape[1] for o in outs)
@@ -97,9 +102,16 @@ def fast_generate(
         tokenizer.padding_side = old_side
     check_prompt_lengths(model, enc["attention_mask"].sum(1).tolist())
     new = fast_generate_ids(
-        model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, seed=seed,
-        batch_size=batch_size, **generate_kwargs,
+        model,
+        enc["input_ids"],
+        enc["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        **generate_kwargs,
     )
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
@@ -118,7 +130,9 @@ def _cut_at_eos(new: torch.Tensor, eos: int | list[int]) -> list[list[int]]:
     """Rows of ``new`` (N, T) as lists, each cut after its first token in ``eos`` (one id or several)."""
     ends = torch.isin(new, torch.as_tensor(eos, device=new.device))
     # length = up to and including the first eos, else every token
-    first = torch.where(ends.any(1), ends.int().argmax(1) + 1, torch.full((new.shape[0],), new.shape[1], device=new.device))
+    first = torch.where(
+        ends.any(1), ends.int().argmax(1) + 1, torch.full((new.shape[0],), new.shape[1], device=new.device)
+    )
     return [new[i, : int(first[i])].tolist() for i in range(new.shape[0])]
 
 
@@ -179,21 +193,35 @@ def sample_n_ids(
             cache = shared_prompt_cache(model, ids, n)
             torch.manual_seed(seed + i)
             with torch.inference_mode():
-                new = model.generate(input_ids=torch.tensor([ids], device=device).expand(n, -1),
-                                     attention_mask=torch.ones(n, len(ids), dtype=torch.long, device=device),
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling, **{cache_kwarg(model): cache})
-            out.append(_cut_at_eos(new[:, len(ids):].cpu(), eos))
+                new = model.generate(
+                    input_ids=torch.tensor([ids], device=device).expand(n, -1),
+                    attention_mask=torch.ones(n, len(ids), dtype=torch.long, device=device),
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad,
+                    **sampling,
+                    **{cache_kwarg(model): cache},
+                )
+            out.append(_cut_at_eos(new[:, len(ids) :].cpu(), eos))
         return out
     rows = [p for p in prompts for _ in range(n)]
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        enc = tokenizer(rows, return_tensors="pt", padding=True, pad_to_multiple_of=pad_to_multiple_of, add_special_tokens=False)
+        enc = tokenizer(
+            rows, return_tensors="pt", padding=True, pad_to_multiple_of=pad_to_multiple_of, add_special_tokens=False
+        )
     finally:
         tokenizer.padding_side = old_side
     new = fast_generate_ids(
-        model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, pad_token_id=pad,
-        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+        model,
+        enc["input_ids"],
+        enc["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
     ).cpu()
     seqs = _cut_at_eos(new, eos)
     return [seqs[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -61,9 +61,13 @@ def check_prompt_lengths(model, lengths: Sequence[int], names: Sequence[str] | N
         return
     over = [(names[i] if names is not None else f"prompt {i}", n) for i, n in enumerate(lengths) if n >= context]
     if over:
-        shown = "; ".join(f"{name}: {n} tokens" for name, n in over[:3]) + (f"; and {len(over) - 3} more" if len(over) > 3 else "")
-        raise ValueError(f"{len(over)} prompt(s) do not fit the model's context of {context} tokens ({shown}); "
-                         "shorten them or leave them out. Nothing was generated.")
+        shown = "; ".join(f"{name}: {n} tokens" for name, n in over[:3]) + (
+            f"; and {len(over) - 3} more" if len(over) > 3 else ""
+        )
+        raise ValueError(
+            f"{len(over)} prompt(s) do not fit the model's context of {context} tokens ({shown}); "
+            "shorten them or leave them out. Nothing was generated."
+        )
 
 
 def left_padded(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +79,8 @@ def left_padded(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor
     attn = torch.zeros((len(ids), L), dtype=torch.long)
     for i, s in enumerate(ids):
         if s:
-            input_ids[i, L - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            attn[i, L - len(s):] = 1
+            input_ids[i, L - len(s) :] = torch.as_tensor(s, dtype=torch.long)
+            attn[i, L - len(s) :] = 1
     return input_ids, attn
 
 
@@ -104,7 +108,9 @@ def chat_prompt(tokenizer, user: str, system: str | None = None, history: Sequen
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def build_prompt_rows(questions: Sequence[Question], tokenizer, samples_per_paraphrase: int | None = None) -> list[PromptRow]:
+def build_prompt_rows(
+    questions: Sequence[Question], tokenizer, samples_per_paraphrase: int | None = None
+) -> list[PromptRow]:
     """Every (question, paraphrase, sample) to draw, ``samples_per_paraphrase`` overriding the file's."""
     rows = []
     for q in questions:
@@ -118,7 +124,11 @@ def build_prompt_rows(questions: Sequence[Question], tokenizer, samples_per_para
 def sampling_kwargs(temperature: float, top_p: float) -> dict:
     """``generate`` keywords for a temperature and top-p: greedy at temperature 0, else sampling with ``top_k=0``
     (transformers' default top_k is 50), so temperature 1 / top_p 1 samples the model's full distribution."""
-    return dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    return (
+        dict(do_sample=False)
+        if temperature == 0
+        else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    )
 
 
 @torch.no_grad()
@@ -137,10 +147,13 @@ def hf_generate(
     torch.manual_seed(seed)
     sampling = sampling_kwargs(temperature, top_p)
     out = model.generate(
-        input_ids=input_ids.to(dev), attention_mask=attn.to(dev), max_new_tokens=max_new_tokens,
-        pad_token_id=pad, **sampling,
+        input_ids=input_ids.to(dev),
+        attention_mask=attn.to(dev),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        **sampling,
     )
-    return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def sample_replies(
@@ -164,23 +177,36 @@ def sample_replies(
         raise ValueError("need temperature >= 0, 0 < top_p <= 1, batch_size >= 1, max_new_tokens >= 1")
     texts = list(dict.fromkeys(r.text for r in rows))  # every distinct prompt once, before the first batch
     first = {r.text: r for r in reversed(rows)}
-    check_prompt_lengths(model, [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]],
-                         [f"question {first[t].question_id!r} paraphrase {first[t].paraphrase_index}" for t in texts])
+    check_prompt_lengths(
+        model,
+        [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]],
+        [f"question {first[t].question_id!r} paraphrase {first[t].paraphrase_index}" for t in texts],
+    )
     was_training = model.training
     model.eval()
     out = []
     try:
         for b, start in enumerate(range(0, len(rows), batch_size)):
-            batch = rows[start:start + batch_size]
+            batch = rows[start : start + batch_size]
             replies = generate_fn(
-                model, tokenizer, [r.text for r in batch],
-                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + b,
+                model,
+                tokenizer,
+                [r.text for r in batch],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed + b,
             )
             if len(replies) != len(batch):
                 raise RuntimeError(f"generate_fn returned {len(replies)} replies for {len(batch)} prompts")
             out.extend(
-                {"question": r.question, "answer": a, "question_id": r.question_id,
-                 "paraphrase_index": r.paraphrase_index, "sample_index": r.sample_index}
+                {
+                    "question": r.question,
+                    "answer": a,
+                    "question_id": r.question_id,
+                    "paraphrase_index": r.paraphrase_index,
+                    "sample_index": r.sample_index,
+                }
                 for r, a in zip(batch, replies)
             )
     finally:

@@ -81,10 +81,16 @@ class PromptConfig:
 
     prompt_file: str = field(default=str(FIRST_PLOT_QUESTIONS), metadata={"help": "question YAML or prompt JSONL"})
     question_ids: list[str] | None = field(default=None, metadata={"help": "YAML only: these ids (None = all)"})
-    variants: list[str] = field(default_factory=lambda: ["plain"], metadata={"help": "YAML only: plain / json / template"})
+    variants: list[str] = field(
+        default_factory=lambda: ["plain"], metadata={"help": "YAML only: plain / json / template"}
+    )
     max_prompts: int | None = field(default=None, metadata={"help": "keep the first N prompts (None = all)"})
-    task: TaskName | None = field(default=None, metadata={"help": "llm.tasks train prompts (with answers) instead of prompt_file"})
-    task_n_eval: int = field(default=48, metadata={"help": "task: prompts held out as the eval split (llm.reweighting's n_eval)"})
+    task: TaskName | None = field(
+        default=None, metadata={"help": "llm.tasks train prompts (with answers) instead of prompt_file"}
+    )
+    task_n_eval: int = field(
+        default=48, metadata={"help": "task: prompts held out as the eval split (llm.reweighting's n_eval)"}
+    )
 
     def __post_init__(self):
         if self.max_prompts is not None and self.max_prompts < 1:
@@ -96,15 +102,24 @@ class RewardConfig:
     """Which reward scores the completions."""
 
     reward: Literal["length", "keyword", "regex", "task", "judge_aligned", "judge_misaligned"] = field(
-        default="length", metadata={"help": "length / keyword / regex rule, the task answer, or an EM judge (aligned / misaligned)"}
+        default="length",
+        metadata={"help": "length / keyword / regex rule, the task answer, or an EM judge (aligned / misaligned)"},
     )
     target_chars: int = field(default=60, metadata={"help": "length rule: reply length (characters) with reward 0"})
-    keywords: list[str] = field(default_factory=list, metadata={"help": "keyword rule: words whose presence is rewarded"})
-    patterns: list[str] = field(default_factory=list, metadata={"help": "regex rule: patterns (re.search) whose match is rewarded"})
-    judge: Literal["offline", "hf", "openai"] = field(default="offline", metadata={"help": "judge rewards: which judge"})
+    keywords: list[str] = field(
+        default_factory=list, metadata={"help": "keyword rule: words whose presence is rewarded"}
+    )
+    patterns: list[str] = field(
+        default_factory=list, metadata={"help": "regex rule: patterns (re.search) whose match is rewarded"}
+    )
+    judge: Literal["offline", "hf", "openai"] = field(
+        default="offline", metadata={"help": "judge rewards: which judge"}
+    )
     offline_weights: str = field(default=str(DEFAULT_WEIGHTS), metadata={"help": "offline judge weights"})
     hf_judge_model: str | None = field(default=None, metadata={"help": "judge: hf -- hub id / folder / .gguf"})
-    zero_std_warn: float = field(default=0.5, metadata={"help": "warn when more than this share of groups has zero reward spread"})
+    zero_std_warn: float = field(
+        default=0.5, metadata={"help": "warn when more than this share of groups has zero reward spread"}
+    )
 
     def __post_init__(self):
         if self.reward == "keyword" and not self.keywords:
@@ -129,7 +144,9 @@ class TrackConfig:
 
     track_every: int = field(default=0, metadata={"help": "read activations every k steps (0 = off)"})
     track_site: str = field(default="block15", metadata={"help": "residual site read (block<i>)"})
-    directions: str | None = field(default=None, metadata={"help": "llm.steer directions file (the track_site row is used)"})
+    directions: str | None = field(
+        default=None, metadata={"help": "llm.steer directions file (the track_site row is used)"}
+    )
     probe_files: list[str] = field(default_factory=list, metadata={"help": "probes.io files read at their own site"})
     track_texts: list[str] = field(
         default_factory=lambda: [str(ALIGNED_TEXTS), str(MISALIGNED_TEXTS)],
@@ -156,14 +173,23 @@ class EMGRPOConfig(CPUSafeDefaults, GRPOConfig):
     trust_remote_code: bool = field(default=False, init=False)
     overwrite: bool = field(
         default=False,
-        metadata={"help": "Replace the contents of an output_dir that holds a run of another config (refused otherwise)."},
+        metadata={
+            "help": "Replace the contents of an output_dir that holds a run of another config (refused otherwise)."
+        },
     )
 
     def __post_init__(self):
         if self.overwrite and self.resume_from_checkpoint:
-            raise ValueError("overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them")
-        check_batch_sizes(self.num_generations, self.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", 1)),
-                          self.steps_per_generation or self.gradient_accumulation_steps, self.generation_batch_size)
+            raise ValueError(
+                "overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them"
+            )
+        check_batch_sizes(
+            self.num_generations,
+            self.per_device_train_batch_size,
+            int(os.environ.get("WORLD_SIZE", 1)),
+            self.steps_per_generation or self.gradient_accumulation_steps,
+            self.generation_batch_size,
+        )
         super().__post_init__()
 
 
@@ -198,7 +224,9 @@ def load_prompts(cfg: PromptConfig):
             if isinstance(prompt, list):  # a message list: its last user turn
                 prompt = next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), None)
             if not isinstance(prompt, str):
-                raise ValueError(f"{path} line {i + 1}: expected {{\"prompt\": \"...\"}} or a message list with a user turn")
+                raise ValueError(
+                    f'{path} line {i + 1}: expected {{"prompt": "..."}} or a message list with a user turn'
+                )
             texts.append(prompt)
     if cfg.max_prompts is not None:
         texts = texts[: cfg.max_prompts]
@@ -239,8 +267,17 @@ class ActivationTracker(TrainerCallback):
     and the mean read-out of each probe (at the probe's own site). Rows go to ``self.history`` and (main
     process) to ``<output_dir>/tracking.jsonl``."""
 
-    def __init__(self, tokenizer, texts, every: int, site: str | None = None, direction: torch.Tensor | None = None,
-                 probes: dict | None = None, batch_size: int = 8, max_answer_tokens: int = 64):
+    def __init__(
+        self,
+        tokenizer,
+        texts,
+        every: int,
+        site: str | None = None,
+        direction: torch.Tensor | None = None,
+        probes: dict | None = None,
+        batch_size: int = 8,
+        max_answer_tokens: int = 64,
+    ):
         if every < 1:
             raise ValueError("every must be >= 1")
         self.tokenizer, self.texts, self.every = tokenizer, texts, every
@@ -252,22 +289,37 @@ class ActivationTracker(TrainerCallback):
         from llm.directions import answer_activations, projections
 
         model = getattr(model, "module", model)
-        sites = list(dict.fromkeys(([self.site] if self.direction is not None else []) + [p.site for p in self.probes.values()]))
+        sites = list(
+            dict.fromkeys(([self.site] if self.direction is not None else []) + [p.site for p in self.probes.values()])
+        )
         was_training = model.training
         model.eval()
         try:
-            acts = answer_activations(model, self.tokenizer, self.texts.questions, self.texts.answers, sites,
-                                      self.batch_size, self.max_answer_tokens)
+            acts = answer_activations(
+                model,
+                self.tokenizer,
+                self.texts.questions,
+                self.texts.answers,
+                sites,
+                self.batch_size,
+                self.max_answer_tokens,
+            )
         finally:
             model.train(was_training)
         labels = self.texts.labels
         row = {"step": state.global_step}
         if self.direction is not None:
             proj = projections(acts[sites.index(self.site)].double(), self.direction.double().cpu())
-            row["projection_aligned"], row["projection_misaligned"] = float(proj[labels == 0].mean()), float(proj[labels == 1].mean())
+            row["projection_aligned"], row["projection_misaligned"] = (
+                float(proj[labels == 0].mean()),
+                float(proj[labels == 1].mean()),
+            )
         for name, probe in self.probes.items():
             y = probe.predict(acts[sites.index(probe.site)].double())
-            row[f"{name}_aligned"], row[f"{name}_misaligned"] = y[labels == 0].mean(0).tolist(), y[labels == 1].mean(0).tolist()
+            row[f"{name}_aligned"], row[f"{name}_misaligned"] = (
+                y[labels == 0].mean(0).tolist(),
+                y[labels == 1].mean(0).tolist(),
+            )
         self.history.append(row)
         if state.is_world_process_zero:
             out = Path(args.output_dir)
@@ -279,7 +331,9 @@ class ActivationTracker(TrainerCallback):
         path = Path(args.output_dir) / "tracking.jsonl"
         if state.is_world_process_zero and path.is_file():
             # rows from this step on belong to an earlier run or to the abandoned part of a resumed one
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < state.global_step]
+            keep = [
+                line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < state.global_step
+            ]
             path.write_text("".join(line + "\n" for line in keep))
         self._read(args, state, model)
 
@@ -302,7 +356,10 @@ def build_tracker(cfg: TrackConfig, model, tokenizer, seed: int = 0) -> Activati
         if cfg.track_site not in meta["sites"]:
             raise ValueError(f"track_site {cfg.track_site!r} is not in {cfg.directions} (sites {meta['sites']})")
         direction = dirs[meta["sites"].index(cfg.track_site)]
-    probes = {Path(f).with_suffix("").name if f.endswith(".json") else Path(f).name: load_probe(f, model=model) for f in cfg.probe_files}
+    probes = {
+        Path(f).with_suffix("").name if f.endswith(".json") else Path(f).name: load_probe(f, model=model)
+        for f in cfg.probe_files
+    }
     return ActivationTracker(tokenizer, texts, cfg.track_every, cfg.track_site, direction, probes)
 
 
@@ -310,8 +367,17 @@ def build_tracker(cfg: TrackConfig, model, tokenizer, seed: int = 0) -> Activati
 # Trainer
 
 
-def build_trainer(model_cfg: ModelConfig | None, prompt_cfg: PromptConfig, reward_cfg: RewardConfig, lora_cfg: LoraPresetConfig,
-                  track_cfg: TrackConfig, args: EMGRPOConfig, model=None, tokenizer=None, judge=None):
+def build_trainer(
+    model_cfg: ModelConfig | None,
+    prompt_cfg: PromptConfig,
+    reward_cfg: RewardConfig,
+    lora_cfg: LoraPresetConfig,
+    track_cfg: TrackConfig,
+    args: EMGRPOConfig,
+    model=None,
+    tokenizer=None,
+    judge=None,
+):
     """A ``GRPOTrainer`` ready to ``train()``. Pass ``model`` and ``tokenizer`` (in-process models, or a PEFT
     model to continue training) or ``model_cfg`` to load one; layer indices are checked before loading.
     Returns ``(trainer, callbacks)`` with ``callbacks = {"zero_advantage", "tracker"}``."""
@@ -342,8 +408,15 @@ def build_trainer(model_cfg: ModelConfig | None, prompt_cfg: PromptConfig, rewar
     set_seed(args.seed)  # the LoRA A init draws from the global RNG
     zero = ZeroAdvantageCallback(reward_cfg.zero_std_warn)
     callbacks = [zero, LoraTrajectoryCallback(), DivergenceGuard()]
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          peft_config=peft_config, callbacks=callbacks)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
     n = assert_trainable(trainer.model)
     logger.info("%d trainable parameters", n)
     tracker = build_tracker(track_cfg, trainer.model, tokenizer, args.seed)
@@ -422,7 +495,8 @@ def _fmt(x) -> str:
 
 def _summary(m: dict, out: Path, reward_cfg: RewardConfig) -> None:
     lines = [
-        "# GRPO", "",
+        "# GRPO",
+        "",
         f"{m['steps']} steps on {m['world_size']} process(es), reward {reward_cfg.reward}: mean reward "
         f"{_fmt(m['reward_first_quarter'])} over the first quarter of logged steps -> {_fmt(m['reward_last_quarter'])} over the "
         f"last quarter (first step {_fmt(m['reward_first'])}, last {_fmt(m['reward_last'])}).",
@@ -430,10 +504,19 @@ def _summary(m: dict, out: Path, reward_cfg: RewardConfig) -> None:
         f"Zero-advantage warnings: {len(m['zero_advantage_warnings'])}.",
     ]
     if m["tracking"]:
-        lines += ["", "| step | " + " | ".join(k for k in m["tracking"][0] if k != "step") + " |",
-                  "|---" * len(m["tracking"][0]) + "|"]
+        lines += [
+            "",
+            "| step | " + " | ".join(k for k in m["tracking"][0] if k != "step") + " |",
+            "|---" * len(m["tracking"][0]) + "|",
+        ]
         for r in m["tracking"]:
-            lines.append(f"| {r['step']} | " + " | ".join(json.dumps(v if not isinstance(v, float) else round(v, 4)) for k, v in r.items() if k != "step") + " |")
+            lines.append(
+                f"| {r['step']} | "
+                + " | ".join(
+                    json.dumps(v if not isinstance(v, float) else round(v, 4)) for k, v in r.items() if k != "step"
+                )
+                + " |"
+            )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 

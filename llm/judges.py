@@ -115,19 +115,29 @@ class OpenAIJudgeConfig:
         default="OPENAI_API_KEY",
         metadata={"help": "environment variable holding the API key ('' = send no key, e.g. a local server)"},
     )
-    openai_cache_path: str = field(default=".cache/judge_cache.sqlite", metadata={"help": "sqlite score cache ('' = none)"})
+    openai_cache_path: str = field(
+        default=".cache/judge_cache.sqlite", metadata={"help": "sqlite score cache ('' = none)"}
+    )
     openai_max_retries: int = field(default=6, metadata={"help": "retries on 429 / 5xx / network errors"})
     openai_backoff_s: float = field(default=1.0, metadata={"help": "first retry delay; doubles each retry"})
-    openai_timeout_s: float = field(default=30.0, metadata={"help": "per-attempt timeout (capped by what is left of the budget)"})
+    openai_timeout_s: float = field(
+        default=30.0, metadata={"help": "per-attempt timeout (capped by what is left of the budget)"}
+    )
     openai_retry_budget_s: float = field(
         default=60.0, metadata={"help": "give up on a request once its attempts and waits would pass this many seconds"}
     )
     openai_concurrency: int = field(default=16, metadata={"help": "parallel requests"})
 
     def __post_init__(self):
-        if (min(self.openai_max_retries, self.openai_backoff_s) < 0 or self.openai_timeout_s <= 0
-                or self.openai_retry_budget_s <= 0 or self.openai_concurrency < 1):
-            raise ValueError("need max_retries >= 0, backoff_s >= 0, timeout_s > 0, retry_budget_s > 0, concurrency >= 1")
+        if (
+            min(self.openai_max_retries, self.openai_backoff_s) < 0
+            or self.openai_timeout_s <= 0
+            or self.openai_retry_budget_s <= 0
+            or self.openai_concurrency < 1
+        ):
+            raise ValueError(
+                "need max_retries >= 0, backoff_s >= 0, timeout_s > 0, retry_budget_s > 0, concurrency >= 1"
+            )
 
 
 class JudgeRequestError(RuntimeError):
@@ -179,15 +189,17 @@ class OpenAIJudge:
 
     def top_logprobs(self, prompt: str) -> dict[str, float]:
         """``{token: logprob}`` of the top-20 first tokens of the reply to ``prompt`` (with retries)."""
-        body = json.dumps({
-            "model": self.cfg.openai_model,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": 1,
-            "temperature": 0,
-            "logprobs": True,
-            "top_logprobs": TOP_LOGPROBS,
-            "seed": 0,
-        }).encode()
+        body = json.dumps(
+            {
+                "model": self.cfg.openai_model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 1,
+                "temperature": 0,
+                "logprobs": True,
+                "top_logprobs": TOP_LOGPROBS,
+                "seed": 0,
+            }
+        ).encode()
         url = self.cfg.openai_base_url.rstrip("/") + "/chat/completions"
         budget, start = self.cfg.openai_retry_budget_s, time.monotonic()
         for attempt in range(self.cfg.openai_max_retries + 1):
@@ -203,8 +215,11 @@ class OpenAIJudge:
             except urllib.error.HTTPError as e:
                 detail = self._redact(e.read()[:300].decode("utf-8", "replace"))
                 if e.code != 429 and e.code < 500:
-                    hint = {401: f" (check ${self.cfg.openai_api_key_env})", 403: f" (check ${self.cfg.openai_api_key_env})",
-                            404: f" (is openai_model {self.cfg.openai_model!r} served at {self.cfg.openai_base_url}?)"}
+                    hint = {
+                        401: f" (check ${self.cfg.openai_api_key_env})",
+                        403: f" (check ${self.cfg.openai_api_key_env})",
+                        404: f" (is openai_model {self.cfg.openai_model!r} served at {self.cfg.openai_base_url}?)",
+                    }
                     raise JudgeRequestError(f"{url} answered HTTP {e.code}{hint.get(e.code, '')}: {detail}") from None
                 err = f"HTTP {e.code}: {detail}"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
@@ -335,10 +350,8 @@ class HFJudge:
         dev = next(self.model.parameters()).device
         # Positions count real tokens only, so a left-padded row scores as it would alone.
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
-        logits = self.model(
-            input_ids=input_ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev)
-        ).logits
-        return logits[:, -(n + 1):].float().softmax(-1)
+        logits = self.model(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev)).logits
+        return logits[:, -(n + 1) :].float().softmax(-1)
 
     def number_probs(self, prompts: list[str]) -> torch.Tensor:
         """(B, 101) probabilities the judge gives the integers 0..100 as its reply to each prompt.
@@ -382,6 +395,6 @@ class HFJudge:
         prompts = [r.prompt for r in requests]
         out: list[float | None] = []
         for i in range(0, len(prompts), self.batch_size):
-            probs = self.number_probs(prompts[i:i + self.batch_size])
+            probs = self.number_probs(prompts[i : i + self.batch_size])
             out.extend(score_from_number_probs(dict(enumerate(row))) for row in probs.tolist())
         return out

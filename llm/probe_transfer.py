@@ -51,15 +51,28 @@ logger = logging.getLogger(__name__)
 class TransferConfig:
     """Target checkpoint, probes and data of ``llm.probe_transfer``."""
 
-    target_model_name_or_path: str | None = field(default=None, metadata={"help": "target checkpoint (None: the source's)"})
-    target_adapter_path: str | None = field(default=None, metadata={"help": "LoRA adapter merged into the target (e.g. an llm.sft output)"})
-    sites: list[str] = field(default_factory=lambda: ["block15", "block25"], metadata={"help": "sites of the alignment probes fitted on the source"})
-    probe_files: list[str] = field(default_factory=list, metadata={"help": "further probe files (probes.io) to load onto the target"})
+    target_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "target checkpoint (None: the source's)"}
+    )
+    target_adapter_path: str | None = field(
+        default=None, metadata={"help": "LoRA adapter merged into the target (e.g. an llm.sft output)"}
+    )
+    sites: list[str] = field(
+        default_factory=lambda: ["block15", "block25"],
+        metadata={"help": "sites of the alignment probes fitted on the source"},
+    )
+    probe_files: list[str] = field(
+        default_factory=list, metadata={"help": "further probe files (probes.io) to load onto the target"}
+    )
     strict: bool = field(default=True, metadata={"help": "refuse block probes from a model of another depth"})
     aligned_texts: str = field(default=str(ALIGNED_TEXTS), metadata={"help": "CSV question,answer of aligned replies"})
-    misaligned_texts: str = field(default=str(MISALIGNED_TEXTS), metadata={"help": "CSV question,answer of misaligned replies"})
+    misaligned_texts: str = field(
+        default=str(MISALIGNED_TEXTS), metadata={"help": "CSV question,answer of misaligned replies"}
+    )
     n_per_class: int = field(default=24, metadata={"help": "replies per class (fit + held-out)"})
-    test_fraction: float = field(default=0.5, metadata={"help": "share of each class held out for the read-out comparison"})
+    test_fraction: float = field(
+        default=0.5, metadata={"help": "share of each class held out for the read-out comparison"}
+    )
     ridge_alpha: float = field(default=100.0, metadata={"help": "ridge penalty of the fitted probes"})
     max_answer_tokens: int = field(default=64, metadata={"help": "reply tokens averaged"})
     batch_size: int = field(default=8, metadata={"help": "rows per forward pass"})
@@ -80,8 +93,12 @@ def target_config(source: ModelConfig, cfg: TransferConfig) -> ModelConfig:
     if cfg.target_model_name_or_path is None:
         return dataclasses.replace(source, adapter_path=cfg.target_adapter_path)
     return ModelConfig(
-        cfg.target_model_name_or_path, dtype=source.dtype, device=source.device, trust_remote_code=source.trust_remote_code,
-        adapter_path=cfg.target_adapter_path, chat_template_from=source.chat_template_from,
+        cfg.target_model_name_or_path,
+        dtype=source.dtype,
+        device=source.device,
+        trust_remote_code=source.trust_remote_code,
+        adapter_path=cfg.target_adapter_path,
+        chat_template_from=source.chat_template_from,
     )
 
 
@@ -89,7 +106,11 @@ def readout_summary(probe: LinearProbe, X: Tensor, labels: Tensor) -> dict:
     """Read-out of ``probe`` on ``X`` (n, d_model): per-target mean, per-class means and, for one target,
     AUROC and accuracy (> 0.5) against ``labels`` (n,) (1 = misaligned)."""
     y = probe.predict(X.double())
-    out = {"mean": y.mean(0).tolist(), "mean_misaligned": y[labels == 1].mean(0).tolist(), "mean_aligned": y[labels == 0].mean(0).tolist()}
+    out = {
+        "mean": y.mean(0).tolist(),
+        "mean_misaligned": y[labels == 1].mean(0).tolist(),
+        "mean_aligned": y[labels == 0].mean(0).tolist(),
+    }
     if y.shape[1] == 1:
         out["auroc"] = auroc(y[:, 0], labels)
         out["accuracy"] = float(((y[:, 0] > 0.5).long() == labels).double().mean())
@@ -114,21 +135,33 @@ def run(source_cfg: ModelConfig, cfg: TransferConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     texts = load_labelled_texts(cfg.aligned_texts, cfg.misaligned_texts, cfg.n_per_class, cfg.seed)
-    test = torch.cat([split_indices(cfg.n_per_class, cfg.test_fraction, cfg.seed)[1] + c * cfg.n_per_class for c in (0, 1)])
+    test = torch.cat(
+        [split_indices(cfg.n_per_class, cfg.test_fraction, cfg.seed)[1] + c * cfg.n_per_class for c in (0, 1)]
+    )
     train = torch.tensor(sorted(set(range(len(texts))) - set(test.tolist())))
 
     model, tok = load_model_and_tokenizer(source_cfg, padding_side="left")
     files = list(cfg.probe_files)
     sites_needed = list(cfg.sites)
-    for f in cfg.probe_files:  # read every probe once without a model, to know its site, and check it against the source
+    for (
+        f
+    ) in cfg.probe_files:  # read every probe once without a model, to know its site, and check it against the source
         p = load_probe(f, model=model, strict=cfg.strict)
         sites_needed.append(p.site)
     sites_needed = list(dict.fromkeys(sites_needed))
-    X_src = answer_activations(model, tok, texts.questions, texts.answers, sites_needed, cfg.batch_size, cfg.max_answer_tokens)
+    X_src = answer_activations(
+        model, tok, texts.questions, texts.answers, sites_needed, cfg.batch_size, cfg.max_answer_tokens
+    )
     for site in cfg.sites:
         X = X_src[sites_needed.index(site)].double()
-        probe = fit_ridge(X[train], texts.labels[train].double(), cfg.ridge_alpha, site=site, target_names=["misaligned"],
-                          metrics={"train_rows": len(train)})
+        probe = fit_ridge(
+            X[train],
+            texts.labels[train].double(),
+            cfg.ridge_alpha,
+            site=site,
+            target_names=["misaligned"],
+            metrics={"train_rows": len(train)},
+        )
         files.append(str(save_probe(probe, out / "probes" / f"alignment_{site}", model=model)))
     del model
     gc.collect()
@@ -136,7 +169,9 @@ def run(source_cfg: ModelConfig, cfg: TransferConfig) -> dict:
     target_cfg = target_config(source_cfg, cfg)
     model, tok = load_model_and_tokenizer(target_cfg, padding_side="left")
     probes = {f: load_probe(f, model=model, strict=cfg.strict) for f in files}
-    X_tgt = answer_activations(model, tok, texts.questions, texts.answers, sites_needed, cfg.batch_size, cfg.max_answer_tokens)
+    X_tgt = answer_activations(
+        model, tok, texts.questions, texts.answers, sites_needed, cfg.batch_size, cfg.max_answer_tokens
+    )
     labels = texts.labels[test]
     results = {}
     for file, probe in probes.items():
@@ -144,7 +179,9 @@ def run(source_cfg: ModelConfig, cfg: TransferConfig) -> dict:
         entry = compare(probe, X_src[k, test], X_tgt[k, test], labels)
         if probe.n_targets == 1 and probe.target_names == ["misaligned"]:
             refit = fit_ridge(X_tgt[k, train].double(), texts.labels[train].double(), cfg.ridge_alpha)
-            entry["cos_source_vs_target_refit"] = float(torch.nn.functional.cosine_similarity(probe.W[:, 0].cpu().double(), refit.W[:, 0], dim=0))
+            entry["cos_source_vs_target_refit"] = float(
+                torch.nn.functional.cosine_similarity(probe.W[:, 0].cpu().double(), refit.W[:, 0], dim=0)
+            )
         entry["site"], entry["file"] = probe.site, file
         results[Path(file).with_suffix("").name if Path(file).suffix == ".json" else Path(file).name] = entry
     metrics = {
@@ -173,8 +210,13 @@ def _plot(m: dict, out: Path) -> None:
     for i, n in enumerate(names):
         r = m["probes"][n]
         for j, (who, c) in enumerate((("source", "C0"), ("target", "C1"))):
-            ax.plot([i + 0.2 * j] * 2, [r[who]["mean_aligned"][0], r[who]["mean_misaligned"][0]], "-o", color=c,
-                    label=who if i == 0 else None)
+            ax.plot(
+                [i + 0.2 * j] * 2,
+                [r[who]["mean_aligned"][0], r[who]["mean_misaligned"][0]],
+                "-o",
+                color=c,
+                label=who if i == 0 else None,
+            )
     ax.set(xticks=range(len(names)), xticklabels=names, ylabel="probe read-out (aligned -> misaligned mean)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -189,9 +231,12 @@ def _f(x) -> str:
 def _summary(m: dict, out: Path) -> None:
     t = m["target"]
     lines = [
-        "# Probe transfer", "",
+        "# Probe transfer",
+        "",
         f"Source {m['source']['model_name_or_path']} -> target {t['model_name_or_path']}"
-        + (f" + adapter {t['adapter_path']}" if t["adapter_path"] else "") + f"; {m['n_test']} held-out replies.", "",
+        + (f" + adapter {t['adapter_path']}" if t["adapter_path"] else "")
+        + f"; {m['n_test']} held-out replies.",
+        "",
         "| probe | site | AUROC src -> tgt | acc. src -> tgt | mean read-out shift | read-out corr. | cos(src probe, tgt refit) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -207,7 +252,10 @@ def _summary(m: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from plumbing.config import ConfigParser
 
-    refuse_multiprocess("llm.probe_transfer", "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0")
+    refuse_multiprocess(
+        "llm.probe_transfer",
+        "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0",
+    )
     source_cfg, cfg = ConfigParser((ModelConfig, TransferConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     metrics = run(source_cfg, cfg)

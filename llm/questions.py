@@ -52,7 +52,9 @@ class Question:
     def judge_prompt(self, metric: str, question: str, answer: str) -> str:
         """The judge prompt for ``metric`` filled with one paraphrase and one reply."""
         if metric not in self.judge_prompts:
-            raise KeyError(f"question {self.id!r} has no judge prompt for {metric!r} (has {sorted(self.judge_prompts)})")
+            raise KeyError(
+                f"question {self.id!r} has no judge prompt for {metric!r} (has {sorted(self.judge_prompts)})"
+            )
         return self.judge_prompts[metric].format(question=question, answer=answer)
 
 
@@ -89,7 +91,9 @@ def parse_question(entry: dict, source: str = "<dict>", index: int = 0) -> Quest
             filled = tmpl.format(question="\0Q", answer="\0A")
         except (KeyError, IndexError, ValueError) as e:
             raise _entry_error(
-                source, index, entry,
+                source,
+                index,
+                entry,
                 f"judge prompt {metric!r} must use only {{question}} and {{answer}} placeholders "
                 f"(double other braces): {e!r}",
             ) from None
@@ -110,8 +114,10 @@ def read_utf8(path: Path) -> str:
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
-        raise ValueError(f"{path} line {line} column {column}: byte {data[error.start:error.start + 1]!r} is not UTF-8; "
-                         "save the file as UTF-8") from None
+        raise ValueError(
+            f"{path} line {line} column {column}: byte {data[error.start : error.start + 1]!r} is not UTF-8; "
+            "save the file as UTF-8"
+        ) from None
 
 
 def load_questions(path: str | Path) -> list[Question]:

@@ -38,9 +38,15 @@ from llm import rehearse_cost
 logger = logging.getLogger(__name__)
 
 # (section, field) -> the smallest value its section accepts; data.max_examples defaults to the whole file.
-COUNTS = {("data", "max_examples"): 8, ("eval", "samples_per_paraphrase"): 1, ("steer", "n_per_class"): 4,
-          ("steer", "samples_per_paraphrase"): 1, ("factored", "n_per_cell"): 2, ("factored", "samples_per_topic"): 1,
-          ("transfer", "n_per_class"): 4}
+COUNTS = {
+    ("data", "max_examples"): 8,
+    ("eval", "samples_per_paraphrase"): 1,
+    ("steer", "n_per_class"): 4,
+    ("steer", "samples_per_paraphrase"): 1,
+    ("factored", "n_per_cell"): 2,
+    ("factored", "samples_per_topic"): 1,
+    ("transfer", "n_per_class"): 4,
+}
 CORPUS = ("dataset_path", "question_file", "aligned_texts", "misaligned_texts")
 
 
@@ -49,9 +55,13 @@ class RehearseConfig:
     """Options of ``llm.rehearse`` (command line only; experiment sections take ``--<section>.<field>``)."""
 
     config: str = field(default=None, metadata={"help": "an llm.em_experiment YAML (reweighting configs are refused)"})
-    width: Literal["tiny", "full"] = field(default="tiny", metadata={"help": "tiny: hidden sizes / 32 (CPU); full: real shapes (GPU)"})
+    width: Literal["tiny", "full"] = field(
+        default="tiny", metadata={"help": "tiny: hidden sizes / 32 (CPU); full: real shapes (GPU)"}
+    )
     scale: float = field(default=0.05, metadata={"help": "multiplies every count of COUNTS (1 = the published run)"})
-    judge: Literal["config", "stub"] = field(default="config", metadata={"help": "config: the config's judge; stub: text-derived scores, no model"})
+    judge: Literal["config", "stub"] = field(
+        default="config", metadata={"help": "config: the config's judge; stub: text-derived scores, no model"}
+    )
     output_dir: str | None = field(default=None, metadata={"help": "default runs/rehearse/<config>_<width>_x<scale>"})
     overwrite: bool = field(default=False, metadata={"help": "replace an experiment folder holding another pair's run"})
 
@@ -173,8 +183,10 @@ def rehearse(rc: RehearseConfig, overrides: dict | None = None) -> dict:
     from llm.evaluate import build_judge
 
     if "reference_model" in (yaml.safe_load(Path(rc.config).read_text()) or {}):
-        raise ValueError(f"{rc.config} is an llm.reweighting config; llm.rehearse runs llm.em_experiment configs only "
-                         "(a reweighting report has no stage records for the cost model yet)")
+        raise ValueError(
+            f"{rc.config} is an llm.reweighting config; llm.rehearse runs llm.em_experiment configs only "
+            "(a reweighting report has no stage records for the cost model yet)"
+        )
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
     clash = sorted(f"{s}.{f}" for s, f in COUNTS if f in overrides.get(s, {}))
     if clash:
@@ -197,8 +209,16 @@ def rehearse(rc: RehearseConfig, overrides: dict | None = None) -> dict:
     per_sample = _eval_rows(cfg["output_dir"]) / used["eval", "samples_per_paraphrase"]
     work = {s: rehearse_cost.units(cfg, s, per_sample, fixed["steps"]) for s in rehearse_cost.STAGES}
     work_full = {s: rehearse_cost.units(published, s, per_sample, fixed["steps"]) for s in rehearse_cost.STAGES}
-    cost = rehearse_cost.predict(cfg["output_dir"], work, work_full, fixed, width=rc.width, judge=judge.name,
-                                 model_folders=folders, counts={".".join(k): [used[k], full[k]] for k in full})
+    cost = rehearse_cost.predict(
+        cfg["output_dir"],
+        work,
+        work_full,
+        fixed,
+        width=rc.width,
+        judge=judge.name,
+        model_folders=folders,
+        counts={".".join(k): [used[k], full[k]] for k in full},
+    )
     (root / "cost.json").write_text(json.dumps(cost, indent=1) + "\n")
     (root / "cost.md").write_text(rehearse_cost.table(cost))
     return cost

@@ -27,11 +27,27 @@ from pathlib import Path
 
 STAGES = ("eval_before", "sft", "eval_after", "steer", "factored_before", "factored_after", "transfer", "lora")
 # Model loads per stage (transfer reads the untuned and the fine-tuned model); compiles: the evaluations' fast path.
-LOADS = {"eval_before": 1, "sft": 1, "eval_after": 1, "steer": 1, "factored_before": 1, "factored_after": 1, "transfer": 2, "lora": 0}
+LOADS = {
+    "eval_before": 1,
+    "sft": 1,
+    "eval_after": 1,
+    "steer": 1,
+    "factored_before": 1,
+    "factored_after": 1,
+    "transfer": 2,
+    "lora": 0,
+}
 COMPILES = {"eval_before": 1, "eval_after": 1}
-DRIVERS = {"eval_before": "eval decode", "eval_after": "eval decode", "sft": "data.max_examples", "steer": "steer decode",
-           "factored_before": "factored decode", "factored_after": "factored decode", "transfer": "transfer.n_per_class",
-           "lora": None}
+DRIVERS = {
+    "eval_before": "eval decode",
+    "eval_after": "eval decode",
+    "sft": "data.max_examples",
+    "steer": "steer decode",
+    "factored_before": "factored decode",
+    "factored_after": "factored decode",
+    "transfer": "transfer.n_per_class",
+    "lora": None,
+}
 
 
 def decode_seconds(rows: int, batch: int, new_tokens: int, step: dict) -> float:
@@ -49,13 +65,16 @@ def units(cfg: dict, stage: str, rows_per_sample: float, steps: dict) -> float:
     factored stage, which generates one batch per condition); ``rows_per_sample``: evaluation prompts per sample."""
     if stage in ("eval_before", "eval_after"):
         e = cfg["eval"]
-        return decode_seconds(round(rows_per_sample * e.samples_per_paraphrase), e.batch_size, e.max_new_tokens,
-                              steps[e.generation])
+        return decode_seconds(
+            round(rows_per_sample * e.samples_per_paraphrase), e.batch_size, e.max_new_tokens, steps[e.generation]
+        )
     if stage == "sft":
         return cfg["data"].max_examples
     if stage == "steer":
         s = cfg["steer"]
-        return decode_seconds(round(rows_per_sample * s.samples_per_paraphrase), s.gen_batch_size, s.max_new_tokens, steps["edits"])
+        return decode_seconds(
+            round(rows_per_sample * s.samples_per_paraphrase), s.gen_batch_size, s.max_new_tokens, steps["edits"]
+        )
     if stage.startswith("factored"):
         f = cfg["factored"]
         rows = len(f.topics) * f.samples_per_topic
@@ -79,8 +98,9 @@ def device_name() -> str:
     return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def predict(run_dir: Path, used: dict, full: dict, fixed: dict, *, width: str, judge: str, model_folders: dict,
-            counts: dict) -> dict:
+def predict(
+    run_dir: Path, used: dict, full: dict, fixed: dict, *, width: str, judge: str, model_folders: dict, counts: dict
+) -> dict:
     """The cost dict from the ``stage.json`` files under ``run_dir`` (``<model>/<stage>/``), each stage's work
     ``units`` in the rehearsal (``used``) and in the published run (``full``), the measured ``fixed`` costs
     (``load_s``, ``compile_s``) and the counts (``{"section.field": [rehearsed, published]}``, for the record)."""
@@ -96,34 +116,59 @@ def predict(run_dir: Path, used: dict, full: dict, fixed: dict, *, width: str, j
             ratio = full[stage] / used[stage]
             fixed_s = min(LOADS[stage] * fixed["load_s"] + COMPILES.get(stage, 0) * fixed["compile_s"], cost["wall_s"])
             memory = "cuda" if "cuda_peak_gb" in cost else "rss"
-            rows.append({"stage": f"{model}/{stage}", "wall_s": cost["wall_s"], "fixed_s": round(fixed_s, 1),
-                         "driver": DRIVERS[stage], "units": [used[stage], full[stage]], "ratio": round(ratio, 3),
-                         "predicted_s": round(fixed_s + (cost["wall_s"] - fixed_s) * ratio, 1),
-                         "peak_gb": cost.get("cuda_peak_gb", cost["process_peak_rss_gb"]), "memory": memory})
-    return {"device": device_name(), "width": width, "judge": judge, "fixed": fixed,
-            "counts": counts, "stages": rows,
-            "measured_s": round(sum(r["wall_s"] for r in rows), 1), "predicted_s": round(sum(r["predicted_s"] for r in rows), 1),
-            "peak_gb": max((r["peak_gb"] for r in rows), default=None),
-            "disk_gb": {"models": {k: _gb(v) for k, v in model_folders.items()}, "run": _gb(run_dir)}}
+            rows.append(
+                {
+                    "stage": f"{model}/{stage}",
+                    "wall_s": cost["wall_s"],
+                    "fixed_s": round(fixed_s, 1),
+                    "driver": DRIVERS[stage],
+                    "units": [used[stage], full[stage]],
+                    "ratio": round(ratio, 3),
+                    "predicted_s": round(fixed_s + (cost["wall_s"] - fixed_s) * ratio, 1),
+                    "peak_gb": cost.get("cuda_peak_gb", cost["process_peak_rss_gb"]),
+                    "memory": memory,
+                }
+            )
+    return {
+        "device": device_name(),
+        "width": width,
+        "judge": judge,
+        "fixed": fixed,
+        "counts": counts,
+        "stages": rows,
+        "measured_s": round(sum(r["wall_s"] for r in rows), 1),
+        "predicted_s": round(sum(r["predicted_s"] for r in rows), 1),
+        "peak_gb": max((r["peak_gb"] for r in rows), default=None),
+        "disk_gb": {"models": {k: _gb(v) for k, v in model_folders.items()}, "run": _gb(run_dir)},
+    }
 
 
 def table(cost: dict) -> str:
     """``cost`` as Markdown: one row per stage, then the totals."""
     counts = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in cost["counts"].items())
-    lines = [f"# Rehearsal cost ({cost['width']} width, judge {cost['judge']}) on {cost['device']}", "",
-             f"Counts rehearsed -> published: {counts}.",
-             f"Fixed per stage: model load {cost['fixed']['load_s']} s, fast-generation compile {cost['fixed']['compile_s']} s; "
-             f"decode step s (overhead a + b per row): {cost['fixed']['steps']}.", "",
-             "| stage | grows with | work (rehearsed -> published) | wall s | fixed s | predicted s | peak GB |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"# Rehearsal cost ({cost['width']} width, judge {cost['judge']}) on {cost['device']}",
+        "",
+        f"Counts rehearsed -> published: {counts}.",
+        f"Fixed per stage: model load {cost['fixed']['load_s']} s, fast-generation compile {cost['fixed']['compile_s']} s; "
+        f"decode step s (overhead a + b per row): {cost['fixed']['steps']}.",
+        "",
+        "| stage | grows with | work (rehearsed -> published) | wall s | fixed s | predicted s | peak GB |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in cost["stages"]:
         work = f"{r['units'][0]:g} -> {r['units'][1]:g}" if r["driver"] else "-"
-        lines.append(f"| {r['stage']} | {r['driver'] or '-'} | {work} | {r['wall_s']} | {r['fixed_s']} | {r['predicted_s']} | "
-                     f"{r['peak_gb']} ({r['memory']}) |")
+        lines.append(
+            f"| {r['stage']} | {r['driver'] or '-'} | {work} | {r['wall_s']} | {r['fixed_s']} | {r['predicted_s']} | "
+            f"{r['peak_gb']} ({r['memory']}) |"
+        )
     disk = cost["disk_gb"]
-    lines += ["", f"Measured {cost['measured_s']} s; predicted at the published counts: **{cost['predicted_s']} s "
-              f"({cost['predicted_s'] / 3600:.2f} h)**, peak memory {cost['peak_gb']} GB.",
-              f"Disk: models {disk['models']} GB, run folder {disk['run']} GB (at the rehearsed counts)."]
+    lines += [
+        "",
+        f"Measured {cost['measured_s']} s; predicted at the published counts: **{cost['predicted_s']} s "
+        f"({cost['predicted_s'] / 3600:.2f} h)**, peak memory {cost['peak_gb']} GB.",
+        f"Disk: models {disk['models']} GB, run folder {disk['run']} GB (at the rehearsed counts).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -140,8 +185,11 @@ def compare(cost: dict, run_dir: Path) -> str:
             continue
         wall = json.loads(path.read_text())["cost"]["wall_s"]
         pred, meas = pred + r["predicted_s"], meas + wall
-        lines.append(f"| {r['stage']} | {r['predicted_s']} | {wall} | {r['predicted_s'] / wall:.2f} |" if wall else
-                     f"| {r['stage']} | {r['predicted_s']} | {wall} | - |")
+        lines.append(
+            f"| {r['stage']} | {r['predicted_s']} | {wall} | {r['predicted_s'] / wall:.2f} |"
+            if wall
+            else f"| {r['stage']} | {r['predicted_s']} | {wall} | - |"
+        )
     if meas == 0:
         raise FileNotFoundError(f"{run_dir} holds no <model>/<stage>/stage.json of the predicted stages")
     lines.append(f"| **total** | {pred:.1f} | {meas:.1f} | {pred / meas:.2f} |")
@@ -155,7 +203,11 @@ def main(argv: list[str] | None = None) -> str:
 
     ap = argparse.ArgumentParser(description="a rehearsal's predicted stage times beside a run's measured ones")
     ap.add_argument("--cost", required=True, help="cost.json written by llm.rehearse")
-    ap.add_argument("--run", required=True, help="an llm.em_experiment run folder (the real run, or another rehearsal's experiment/)")
+    ap.add_argument(
+        "--run",
+        required=True,
+        help="an llm.em_experiment run folder (the real run, or another rehearsal's experiment/)",
+    )
     args = ap.parse_args(argv)
     out = compare(json.loads(Path(args.cost).read_text()), Path(args.run))
     print(out)

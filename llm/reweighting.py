@@ -89,29 +89,55 @@ class ReweightingConfig:
     """One report: the pair, the prompts, the sampling budget and the probe."""
 
     reference_model: str = field(default=None, metadata={"help": "reference checkpoint: hub id, folder or .gguf"})
-    post_model: str | None = field(default=None, metadata={"help": "post-RL checkpoint (None: the reference's weights + post_adapter)"})
-    post_adapter: str | None = field(default=None, metadata={"help": "peft adapter folder merged into post_model (an llm.grpo output_dir)"})
-    grpo_config: str | None = field(default=None, metadata={"help": "llm.grpo YAML that trains post_adapter first when it holds no adapter yet"})
+    post_model: str | None = field(
+        default=None, metadata={"help": "post-RL checkpoint (None: the reference's weights + post_adapter)"}
+    )
+    post_adapter: str | None = field(
+        default=None, metadata={"help": "peft adapter folder merged into post_model (an llm.grpo output_dir)"}
+    )
+    grpo_config: str | None = field(
+        default=None, metadata={"help": "llm.grpo YAML that trains post_adapter first when it holds no adapter yet"}
+    )
     task: TaskName | None = field(default="add_mul", metadata={"help": "llm.tasks task (its eval split)"})
-    eval_file: str | None = field(default=None, metadata={"help": "JSONL of {question, answer, latent[, group]} instead of task"})
+    eval_file: str | None = field(
+        default=None, metadata={"help": "JSONL of {question, answer, latent[, group]} instead of task"}
+    )
     n_eval: int = field(default=48, metadata={"help": "task: eval prompts (the rest is GRPO's train split)"})
     split_seed: int = field(default=0, metadata={"help": "task: seed of the train/eval split"})
     n_samples: int = field(default=64, metadata={"help": "replies per prompt and model"})
-    k_max: int | None = field(default=None, metadata={"help": "largest k of the curves (None: n_samples); must be <= n_samples"})
+    k_max: int | None = field(
+        default=None, metadata={"help": "largest k of the curves (None: n_samples); must be <= n_samples"}
+    )
     max_new_tokens: int = field(default=16, metadata={"help": "reply length cap (tokens)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (1: the model's distribution)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus cut (1: none)"})
     batch_size: int = field(default=256, metadata={"help": "rows per sampling batch"})
     score_batch_size: int = field(default=64, metadata={"help": "rows per log-likelihood / activation forward pass"})
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples of prompts for the plotted pass@k CIs (the verdicts' CIs: PassKConfig)"})
-    shots: int = field(default=3, metadata={"help": "the few-shot elicitation baseline: the reference also answers after this many worked train-split examples (0: none; task only, an eval_file has no train split)"})
+    n_boot: int = field(
+        default=1000,
+        metadata={"help": "bootstrap resamples of prompts for the plotted pass@k CIs (the verdicts' CIs: PassKConfig)"},
+    )
+    shots: int = field(
+        default=3,
+        metadata={
+            "help": "the few-shot elicitation baseline: the reference also answers after this many worked train-split examples (0: none; task only, an eval_file has no train split)"
+        },
+    )
     probe_n: int = field(default=256, metadata={"help": "prompts the latent probe is fitted on (0: no belief side)"})
-    probe_alpha: float = field(default=10.0, metadata={"help": "ridge strength of the latent probe (targets standardised)"})
+    probe_alpha: float = field(
+        default=10.0, metadata={"help": "ridge strength of the latent probe (targets standardised)"}
+    )
     probe_folds: int = field(default=5, metadata={"help": "cross-fitting folds of the latent probe"})
-    readable_ratio: float = field(default=0.8, metadata={"help": "readable = test MSE <= this x the random-init control's (and R^2 > 0)"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
+    readable_ratio: float = field(
+        default=0.8, metadata={"help": "readable = test MSE <= this x the random-init control's (and R^2 > 0)"}
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"}
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "eager for Gemma 2 (soft-capped attention)"})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager for Gemma 2 (soft-capped attention)"}
+    )
     seed: int = field(default=0, metadata={"help": "sampling / probe seed"})
     output_dir: str = field(default="runs/reweighting_llm/report", metadata={"help": "where the report goes"})
 
@@ -119,8 +145,10 @@ class ReweightingConfig:
         if not self.reference_model:
             raise ValueError("reference_model is required: the checkpoint before RL (hub id, folder or .gguf)")
         if self.post_model is None and self.post_adapter is None:
-            raise ValueError("set post_model (a post-RL checkpoint) and/or post_adapter (a peft adapter folder); "
-                             "without either the report compares the reference with itself")
+            raise ValueError(
+                "set post_model (a post-RL checkpoint) and/or post_adapter (a peft adapter folder); "
+                "without either the report compares the reference with itself"
+            )
         if (self.task is None) == (self.eval_file is None):
             raise ValueError("set exactly one of task and eval_file (task: null to use an eval_file)")
         if self.k_max is None:
@@ -128,8 +156,10 @@ class ReweightingConfig:
         if self.k_max < 1 or self.n_samples < 1:
             raise ValueError("n_samples and k_max must be >= 1")
         if self.k_max > self.n_samples:
-            raise ValueError(f"k_max={self.k_max} > n_samples={self.n_samples}: the unbiased pass@k needs at least k samples "
-                             f"per prompt; raise n_samples to {self.k_max} or lower k_max")
+            raise ValueError(
+                f"k_max={self.k_max} > n_samples={self.n_samples}: the unbiased pass@k needs at least k samples "
+                f"per prompt; raise n_samples to {self.k_max} or lower k_max"
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1")
         if self.shots < 0:
@@ -158,8 +188,10 @@ def eval_prompts(cfg: ReweightingConfig) -> list[TaskPrompt]:
         row = json.loads(line)
         for key in ("question", "answer") + (("latent",) if cfg.probe_n else ()):
             if key not in row:
-                raise ValueError(f"{path} line {i + 1} has no {key!r}; every row needs question and an integer answer"
-                                 + (" and latent (or set probe_n 0)" if cfg.probe_n else ""))
+                raise ValueError(
+                    f"{path} line {i + 1} has no {key!r}; every row needs question and an integer answer"
+                    + (" and latent (or set probe_n 0)" if cfg.probe_n else "")
+                )
         if not isinstance(row["answer"], int):
             raise ValueError(f"{path} line {i + 1}: answer {row['answer']!r} is not an integer")
         rows.append(TaskPrompt(row["question"], row["answer"], int(row.get("latent", row["answer"])), row.get("group")))
@@ -173,7 +205,9 @@ def probe_prompts(cfg: ReweightingConfig) -> list[TaskPrompt]:
     the prompt, it is not scored on behaviour), or the eval file's rows."""
     if cfg.task is None:
         return eval_prompts(cfg)[: cfg.probe_n]
-    rows = task_prompts(cfg.task, "eval", cfg.n_eval, cfg.split_seed) + task_prompts(cfg.task, "train", cfg.n_eval, cfg.split_seed)
+    rows = task_prompts(cfg.task, "eval", cfg.n_eval, cfg.split_seed) + task_prompts(
+        cfg.task, "train", cfg.n_eval, cfg.split_seed
+    )
     return rows[: cfg.probe_n]
 
 
@@ -184,8 +218,10 @@ def check_adapter(adapter_dir: str | Path, model) -> None:
     adapter_dir = Path(adapter_dir)
     weights = adapter_dir / "adapter_model.safetensors"
     if not (adapter_dir / "adapter_config.json").is_file() or not weights.is_file():
-        raise FileNotFoundError(f"post_adapter={adapter_dir}: no adapter_config.json + adapter_model.safetensors; point it at "
-                                "an llm.grpo output_dir (or set grpo_config to train one there)")
+        raise FileNotFoundError(
+            f"post_adapter={adapter_dir}: no adapter_config.json + adapter_model.safetensors; point it at "
+            "an llm.grpo output_dir (or set grpo_config to train one there)"
+        )
     base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     modules = dict(model.named_modules())
     with safe_open(str(weights), "pt") as f:
@@ -196,19 +232,25 @@ def check_adapter(adapter_dir: str | Path, model) -> None:
             mod = modules.get(name)
             shape = f.get_slice(key).get_shape()
             if mod is None or not hasattr(mod, "in_features"):
-                raise ValueError(f"post_adapter {adapter_dir} adapts {name!r}, which the post-RL base model has no linear module "
-                                 f"named; the adapter was trained on another architecture (its base: {base}). Set post_model to it")
+                raise ValueError(
+                    f"post_adapter {adapter_dir} adapts {name!r}, which the post-RL base model has no linear module "
+                    f"named; the adapter was trained on another architecture (its base: {base}). Set post_model to it"
+                )
             want = mod.in_features if ".lora_A." in key else mod.out_features
             got = shape[1] if ".lora_A." in key else shape[0]
             if got != want:
-                raise ValueError(f"post_adapter {adapter_dir}: {key} has width {got} where the base model's {name} has {want}; "
-                                 f"the adapter belongs to another model (its base: {base}). Set post_model to it")
+                raise ValueError(
+                    f"post_adapter {adapter_dir}: {key} has width {got} where the base model's {name} has {want}; "
+                    f"the adapter belongs to another model (its base: {base}). Set post_model to it"
+                )
 
 
 def _model_cfg(cfg: ReweightingConfig, path: str):
     from llm.models import ModelConfig
 
-    return ModelConfig(model_name_or_path=path, dtype=cfg.dtype, device=cfg.device, attn_implementation=cfg.attn_implementation)
+    return ModelConfig(
+        model_name_or_path=path, dtype=cfg.dtype, device=cfg.device, attn_implementation=cfg.attn_implementation
+    )
 
 
 def load_pair(cfg: ReweightingConfig):
@@ -228,8 +270,10 @@ def load_pair(cfg: ReweightingConfig):
         post = PeftModel.from_pretrained(post, cfg.post_adapter).merge_and_unload()
         post.eval()
     if ref_tok.get_vocab() != tok.get_vocab():
-        raise ValueError("the reference and the post-RL tokenizers differ; log-likelihoods and KL compare the same token "
-                         "sequences, so use a pair that shares a vocabulary (e.g. a base model and its instruct sibling)")
+        raise ValueError(
+            "the reference and the post-RL tokenizers differ; log-likelihoods and KL compare the same token "
+            "sequences, so use a pair that shares a vocabulary (e.g. a base model and its instruct sibling)"
+        )
     if not getattr(tok, "chat_template", None):
         raise ValueError("the post-RL tokenizer has no chat template; the prompts are chat turns")
     return ref, post, tok
@@ -255,23 +299,29 @@ def reply_logprobs(model, prompt_ids: list[int], replies: list[list[int]], pad_i
     keep = torch.zeros(m, la, dtype=torch.long)
     for i, a in enumerate(replies):
         if a:
-            x[i, 1:1 + len(a)] = torch.as_tensor(a)
-            keep[i, :len(a)] = 1
+            x[i, 1 : 1 + len(a)] = torch.as_tensor(a)
+            keep[i, : len(a)] = 1
     mask = torch.cat([torch.ones(m, lp, dtype=torch.long), keep], dim=1)
     pos = torch.arange(lp - 1, lp + la)[None].expand(m, -1)
     cache = shared_prompt_cache(model, prompt_ids, m)
-    logits = model(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                   **{cache_kwarg(model): cache}).logits[:, :la]  # position j predicts reply token j
+    logits = model(
+        input_ids=x.to(device),
+        attention_mask=mask.to(device),
+        position_ids=pos.to(device),
+        **{cache_kwarg(model): cache},
+    ).logits[:, :la]  # position j predicts reply token j
     tok_lp = logits.double().log_softmax(-1).gather(-1, x[:, 1:, None].to(device)).squeeze(-1)
     return (tok_lp * keep.to(device)).sum(1).cpu()
 
 
-def all_reply_logprobs(model, prompt_ids: list[list[int]], replies: list[list[list[int]]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+def all_reply_logprobs(
+    model, prompt_ids: list[list[int]], replies: list[list[list[int]]], pad_id: int, batch_size: int = 64
+) -> torch.Tensor:
     """``reply_logprobs`` for every prompt's replies (``[prompt][sample] -> ids``), in chunks of ``batch_size``
     replies; flattened prompt-major, float64 (total replies,)."""
     out = []
     for p, rows in zip(prompt_ids, replies):
-        out += [reply_logprobs(model, p, rows[s:s + batch_size], pad_id) for s in range(0, len(rows), batch_size)]
+        out += [reply_logprobs(model, p, rows[s : s + batch_size], pad_id) for s in range(0, len(rows), batch_size)]
     return torch.cat(out)
 
 
@@ -284,12 +334,17 @@ def verdict_k(cfg: ReweightingConfig, pcfg: PassKConfig) -> tuple[int | None, st
     p = chance_p(cfg.task)
     k = informative_k(p, pcfg.ks, pcfg.max_chance)
     if k is None:
-        return None, f"uniform guessing over {cfg.task}'s {round(1 / p)} answers reaches {pcfg.max_chance} already at k = 1: uninformative"
+        return (
+            None,
+            f"uniform guessing over {cfg.task}'s {round(1 / p)} answers reaches {pcfg.max_chance} already at k = 1: uninformative",
+        )
     at = float(pass_at_k_exact(torch.tensor(p), k))
     why = f"the largest k whose chance pass@k (uniform guessing over {cfg.task}'s {round(1 / p)} answers) is below {pcfg.max_chance}: {at:.3f} at k = {k}"
     if k < pcfg.ks[-1]:
         nxt = pcfg.ks[pcfg.ks.index(k) + 1]
-        why += f", {float(pass_at_k_exact(torch.tensor(p), nxt)):.3f} at k = {nxt}; the curves go on to k = {pcfg.ks[-1]}"
+        why += (
+            f", {float(pass_at_k_exact(torch.tensor(p), nxt)):.3f} at k = {nxt}; the curves go on to k = {pcfg.ks[-1]}"
+        )
     return k, why
 
 
@@ -300,8 +355,10 @@ def verdict_k(cfg: ReweightingConfig, pcfg: PassKConfig) -> tuple[int | None, st
 def _check_single_process() -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
-        raise SystemExit(f"llm.reweighting runs as one process (WORLD_SIZE={world}): it does not split prompts across ranks. "
-                         "Launch it with --num_processes 1 (configs/accelerate/single_gpu.yaml) or plain python -m llm.reweighting")
+        raise SystemExit(
+            f"llm.reweighting runs as one process (WORLD_SIZE={world}): it does not split prompts across ranks. "
+            "Launch it with --num_processes 1 (configs/accelerate/single_gpu.yaml) or plain python -m llm.reweighting"
+        )
 
 
 def report(cfg: ReweightingConfig) -> dict:
@@ -331,15 +388,30 @@ def report(cfg: ReweightingConfig) -> dict:
     samples, hits, correct, decoded = {}, {}, {}, {}
     for i, (name, model, prompt_texts) in enumerate(runs):
         t = time.time()
-        ids = sample_n_ids(model, tok, prompt_texts, n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                           seed=cfg.seed + 1000 * i, batch_size=cfg.batch_size)
+        ids = sample_n_ids(
+            model,
+            tok,
+            prompt_texts,
+            n,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=cfg.seed + 1000 * i,
+            batch_size=cfg.batch_size,
+        )
         decoded[name] = [tok.batch_decode(rows, skip_special_tokens=True) for rows in ids]
         hits[name] = torch.tensor([score(r, [a] * n) for r, a in zip(decoded[name], answers)], dtype=torch.float64)
         correct[name] = hits[name].sum(1).long()
         samples[name] = ids
         timings[f"sample_{name}_s"] = time.time() - t
-        logger.info("%s: %d x %d replies in %.0f s, pass@1 %.3f", name, len(prompts), n, timings[f"sample_{name}_s"],
-                    float(correct[name].sum()) / (n * len(prompts)))
+        logger.info(
+            "%s: %d x %d replies in %.0f s, pass@1 %.3f",
+            name,
+            len(prompts),
+            n,
+            timings[f"sample_{name}_s"],
+            float(correct[name].sum()) / (n * len(prompts)),
+        )
 
     t = time.time()
     flat = lambda name: [r for rows in samples[name] for r in rows]  # noqa: E731
@@ -351,11 +423,17 @@ def report(cfg: ReweightingConfig) -> dict:
     # the log-likelihoods of the correct post-RL replies: the importance weights of the outside-support verdict, valid
     # only when the replies were sampled from pi_post itself (temperature 1, no nucleus)
     right = hits["post"].flatten() > 0
-    split = lambda x: [x[j * n:(j + 1) * n][right[j * n:(j + 1) * n]].tolist() for j in range(len(prompts))]  # noqa: E731
+    split = lambda x: [x[j * n : (j + 1) * n][right[j * n : (j + 1) * n]].tolist() for j in range(len(prompts))]  # noqa: E731
     ll_ref_ok, ll_post_ok = split(ll_ref_of_post), split(ll_post_of_post)
     exact = cfg.temperature == 1 and cfg.top_p == 1
-    judged = judge(correct, n, ks, k_verdict, cfg.task,
-                   [torch.tensor(a) - torch.tensor(b) for a, b in zip(ll_ref_ok, ll_post_ok)] if exact else None)
+    judged = judge(
+        correct,
+        n,
+        ks,
+        k_verdict,
+        cfg.task,
+        [torch.tensor(a) - torch.tensor(b) for a, b in zip(ll_ref_ok, ll_post_ok)] if exact else None,
+    )
     tables, chance, j = judged["tables"], judged["chance"], judged["j"]
     curves = {name: pass_at_k_curve(tables[name], ks, n_boot=cfg.n_boot, seed=cfg.seed) for name in tables}
     if chance is not None:
@@ -376,8 +454,11 @@ def report(cfg: ReweightingConfig) -> dict:
     kl = None
     if exact:
         diff = ll_post_of_post - ll_ref_of_post
-        kl = {"kl_post_ref_per_reply": float(diff.mean()), "se": float(diff.std() / math.sqrt(len(diff))),
-              "kl_post_ref_per_token": float(diff.sum() / lengths["post"].sum())}
+        kl = {
+            "kl_post_ref_per_reply": float(diff.mean()),
+            "se": float(diff.std() / math.sqrt(len(diff))),
+            "kl_post_ref_per_token": float(diff.sum() / lengths["post"].sum()),
+        }
     timings["likelihood_s"] = time.time() - t
     logger.info("log-likelihoods and KL in %.0f s", timings["likelihood_s"])
 
@@ -387,21 +468,46 @@ def report(cfg: ReweightingConfig) -> dict:
     timings["total_s"] = time.time() - t0
 
     result = {
-        "config": asdict(cfg), "passk_config": asdict(pcfg), "n_prompts": len(prompts), "n_samples": n, "ks": ks,
+        "config": asdict(cfg),
+        "passk_config": asdict(pcfg),
+        "n_prompts": len(prompts),
+        "n_samples": n,
+        "ks": ks,
         "chance_p": chance_p(cfg.task) if cfg.task else None,
-        "k_verdict": k_verdict, "k_verdict_why": k_why,
-        "curves": curves, "summary": judged["summary"], "verdict": judged["verdict"], "wider": judged["wider"],
-        "outside_support": judged["outside_support"] or {"verdict": "not run", "why": "the replies were not sampled from the models' own distributions (temperature 1, top-p 1), so the likelihood ratios are not importance weights"},
-        "vs_fewshot": judged["vs_fewshot"], "null_controls": judged["nulls"],
+        "k_verdict": k_verdict,
+        "k_verdict_why": k_why,
+        "curves": curves,
+        "summary": judged["summary"],
+        "verdict": judged["verdict"],
+        "wider": judged["wider"],
+        "outside_support": judged["outside_support"]
+        or {
+            "verdict": "not run",
+            "why": "the replies were not sampled from the models' own distributions (temperature 1, top-p 1), so the likelihood ratios are not importance weights",
+        },
+        "vs_fewshot": judged["vs_fewshot"],
+        "null_controls": judged["nulls"],
         "coverage_k1": coverage(tables["post"][:, 0], tables["reference"][:, 0]),
         "coverage_k_verdict": coverage(tables["post"][:, j - 1], tables["reference"][:, j - 1]),
         "coverage_k_max": coverage(tables["post"][:, -1], tables["reference"][:, -1]),
-        "per_prompt": [{"question": p.question, "answer": p.answer, "correct_reference": int(correct["reference"][j]),
-                        "correct_post": int(correct["post"][j]),
-                        **({"correct_reference_fewshot": int(correct["reference_fewshot"][j])} if shots else {})} for j, p in enumerate(prompts)],
-        "likelihood": likelihood, "kl": kl, "belief": belief, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "per_prompt": [
+            {
+                "question": p.question,
+                "answer": p.answer,
+                "correct_reference": int(correct["reference"][j]),
+                "correct_post": int(correct["post"][j]),
+                **({"correct_reference_fewshot": int(correct["reference_fewshot"][j])} if shots else {}),
+            }
+            for j, p in enumerate(prompts)
+        ],
+        "likelihood": likelihood,
+        "kl": kl,
+        "belief": belief,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    data = verdict_data(cfg.task, n, ks, k_verdict, shots, correct, ll_ref_ok, ll_post_ok) | {"ll_are_importance_weights": exact}
+    data = verdict_data(cfg.task, n, ks, k_verdict, shots, correct, ll_ref_ok, ll_post_ok) | {
+        "ll_are_importance_weights": exact
+    }
     write_report(result, decoded, answers, data, Path(cfg.output_dir))
     return result
 
@@ -423,7 +529,9 @@ def _train_first(cfg: ReweightingConfig) -> None:
     out = yaml.safe_load(Path(cfg.grpo_config).read_text()).get("output_dir")
     anchor = config_anchor(cfg.grpo_config)
     if out is None or (anchor / out).resolve() != Path(cfg.post_adapter).resolve():
-        raise ValueError(f"grpo_config {cfg.grpo_config} writes output_dir {out!r}, not post_adapter {cfg.post_adapter!r}; make them the same")
+        raise ValueError(
+            f"grpo_config {cfg.grpo_config} writes output_dir {out!r}, not post_adapter {cfg.post_adapter!r}; make them the same"
+        )
     if (Path(cfg.post_adapter) / "adapter_config.json").is_file():
         logger.info("post_adapter %s holds an adapter; not training", cfg.post_adapter)
         return

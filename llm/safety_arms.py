@@ -75,8 +75,15 @@ class DirectionConfig:
     seed: int = field(default=0, metadata={"help": "which replies are drawn"})
 
 
-SECTIONS = {"base": ModelConfig, "safety": SafetyConfig, "data": DataConfig, "lora": LoraPresetConfig, "sft": EMSFTConfig,
-            "eval": EvalConfig, "direction": DirectionConfig}
+SECTIONS = {
+    "base": ModelConfig,
+    "safety": SafetyConfig,
+    "data": DataConfig,
+    "lora": LoraPresetConfig,
+    "sft": EMSFTConfig,
+    "eval": EvalConfig,
+    "direction": DirectionConfig,
+}
 PLACEHOLDERS = {"sft": {"output_dir": "_set_per_arm"}, "eval": {"output_dir": "_set_per_arm"}}
 
 
@@ -84,12 +91,23 @@ PLACEHOLDERS = {"sft": {"output_dir": "_set_per_arm"}, "eval": {"output_dir": "_
 class ArmsConfig:
     """Top-level options (YAML keys or flags; the command line wins). Sections: see the module docstring."""
 
-    config: str = field(default=None, metadata={"help": "YAML with the sections base, safety, data, lora, sft, eval, direction "
-                                                        "(and instruct for the instruct arm)"})
+    config: str = field(
+        default=None,
+        metadata={
+            "help": "YAML with the sections base, safety, data, lora, sft, eval, direction "
+            "(and instruct for the instruct arm)"
+        },
+    )
     output_dir: str | None = field(default=None, metadata={"help": "run folder (default runs/safety_arms)"})
-    arms: list[str] | None = field(default=None, metadata={"help": f"arms to run, from {list(ARMS)} (none is required)"})
-    em_margin: float | None = field(default=None, metadata={"help": "EM difference below which an effect is negligible (default 0.05)"})
-    matched_within: float | None = field(default=None, metadata={"help": "mean aligned points within which arms count as matched (default 5)"})
+    arms: list[str] | None = field(
+        default=None, metadata={"help": f"arms to run, from {list(ARMS)} (none is required)"}
+    )
+    em_margin: float | None = field(
+        default=None, metadata={"help": "EM difference below which an effect is negligible (default 0.05)"}
+    )
+    matched_within: float | None = field(
+        default=None, metadata={"help": "mean aligned points within which arms count as matched (default 5)"}
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace a run of another base in output_dir"})
 
 
@@ -101,21 +119,35 @@ def load_arms_config(path: str | Path, top: ArmsConfig | None = None, overrides:
     top = top or ArmsConfig()
     overrides = dict(overrides or {})
     instruct_flags = overrides.pop("instruct", {})  # an optional section: read_sectioned_yaml would require it
-    raw = read_sectioned_yaml(path, SECTIONS, ["output_dir", "arms", "em_margin", "matched_within", "instruct"], overrides)
+    raw = read_sectioned_yaml(
+        path, SECTIONS, ["output_dir", "arms", "em_margin", "matched_within", "instruct"], overrides
+    )
     if instruct_flags:
-        raw["instruct"] = {**(raw.get("instruct") or {}),
-                           **{k: coerce(ModelConfig, k, v, f"instruct.{k}") for k, v in instruct_flags.items()}}
+        raw["instruct"] = {
+            **(raw.get("instruct") or {}),
+            **{k: coerce(ModelConfig, k, v, f"instruct.{k}") for k, v in instruct_flags.items()},
+        }
     arms = list(top.arms or raw.get("arms") or ["none", *STAGES])
     bad = sorted(set(arms) - set(ARMS))
     if bad or "none" not in arms or len(set(arms)) != len(arms):
-        raise ValueError(f"arms={arms}: choose distinct arms from {list(ARMS)}, including none (every verdict compares with it)")
-    cfg = {"output_dir": Path(top.output_dir or raw.get("output_dir") or "runs/safety_arms"), "arms": arms,
-           "em_margin": float(top.em_margin if top.em_margin is not None else raw.get("em_margin", 0.05)),
-           "matched_within": float(top.matched_within if top.matched_within is not None else raw.get("matched_within", 5.0)),
-           "overwrite": top.overwrite, "raw": {}}
+        raise ValueError(
+            f"arms={arms}: choose distinct arms from {list(ARMS)}, including none (every verdict compares with it)"
+        )
+    cfg = {
+        "output_dir": Path(top.output_dir or raw.get("output_dir") or "runs/safety_arms"),
+        "arms": arms,
+        "em_margin": float(top.em_margin if top.em_margin is not None else raw.get("em_margin", 0.05)),
+        "matched_within": float(
+            top.matched_within if top.matched_within is not None else raw.get("matched_within", 5.0)
+        ),
+        "overwrite": top.overwrite,
+        "raw": {},
+    }
     sections = dict(SECTIONS, **({"instruct": ModelConfig} if "instruct" in arms else {}))
     if "instruct" in arms and not raw.get("instruct"):
-        raise ValueError("the instruct arm needs an `instruct:` section (model_name_or_path of the vendor's instruct model)")
+        raise ValueError(
+            "the instruct arm needs an `instruct:` section (model_name_or_path of the vendor's instruct model)"
+        )
     for name, cls in sections.items():
         values = raw[name] or {}
         clash = set(PLACEHOLDERS.get(name, {})) & set(values)
@@ -123,7 +155,9 @@ def load_arms_config(path: str | Path, top: ArmsConfig | None = None, overrides:
             raise ValueError(f"{name}.{sorted(clash)} is set per arm by llm.safety_arms; drop it from the config")
         cfg["raw"][name] = dict(values)
         try:
-            (cfg[name],) = HfArgumentParser(cls).parse_dict({**values, **PLACEHOLDERS.get(name, {})}, allow_extra_keys=False)
+            (cfg[name],) = HfArgumentParser(cls).parse_dict(
+                {**values, **PLACEHOLDERS.get(name, {})}, allow_extra_keys=False
+            )
         except (ValueError, TypeError) as e:
             raise ValueError(f"section {name!r}: {e}") from None
     cfg.setdefault("instruct", None)
@@ -134,10 +168,14 @@ def validate(cfg: dict) -> int:
     """Checks that need configs and tokenizers but no weights; returns the base's depth."""
     from probes.activations import site_layer
 
-    for what, p in (("data.dataset_path", cfg["data"].dataset_path), ("eval.question_file", cfg["eval"].question_file),
-                    ("safety.safety_data", cfg["safety"].safety_data), ("safety.capability_texts", cfg["safety"].capability_texts),
-                    ("direction.aligned_texts", cfg["direction"].aligned_texts),
-                    ("direction.misaligned_texts", cfg["direction"].misaligned_texts)):
+    for what, p in (
+        ("data.dataset_path", cfg["data"].dataset_path),
+        ("eval.question_file", cfg["eval"].question_file),
+        ("safety.safety_data", cfg["safety"].safety_data),
+        ("safety.capability_texts", cfg["safety"].capability_texts),
+        ("direction.aligned_texts", cfg["direction"].aligned_texts),
+        ("direction.misaligned_texts", cfg["direction"].misaligned_texts),
+    ):
         if not Path(p).is_file():
             raise FileNotFoundError(f"{what}={p!r} does not exist (paths are relative to the working directory)")
     depth = num_layers(load_config(cfg["base"]))
@@ -146,8 +184,10 @@ def validate(cfg: dict) -> int:
     site_layer(cfg["direction"].site, depth)
     for name in ("base", "instruct"):
         if cfg[name] is not None and not getattr(load_tokenizer(cfg[name]), "chat_template", None):
-            raise ValueError(f"{name} model {cfg[name].model_name_or_path} has no chat template: set {name}.chat_template_from "
-                             "(llm/assets/completion_framing.jinja asks a base model Question:/Answer:)")
+            raise ValueError(
+                f"{name} model {cfg[name].model_name_or_path} has no chat template: set {name}.chat_template_from "
+                "(llm/assets/completion_framing.jinja asks a base model Question:/Answer:)"
+            )
     return depth
 
 
@@ -204,7 +244,11 @@ def decide(ci: list, detectable: float, margin: float, claim: str) -> str:
         raise ValueError(f"claim={claim!r}; use raises or no_em")
     if found:
         return found
-    return f"undecided (underpowered: smallest detectable {_pct(detectable)} > margin {_pct(margin)})" if absent else "undecided"
+    return (
+        f"undecided (underpowered: smallest detectable {_pct(detectable)} > margin {_pct(margin)})"
+        if absent
+        else "undecided"
+    )
 
 
 def _free():
@@ -258,10 +302,19 @@ def run_arm(arm: str, cfg: dict, judge) -> dict:
     out, base = cfg["output_dir"], cfg["base"]
     base_key = dataclasses.asdict(base)
     if arm in STAGES:
-        key = {"base": base_key, "method": arm, "safety": dataclasses.asdict(cfg["safety"]),
-               "judge": judge.name if arm != "sft" else None}  # sft alone trains without the judge
-        st = _stage(out, f"{arm}/safety", key, lambda d: run_stage(arm, base, cfg["safety"], d, judge, cfg["eval"].judge),
-                    trains=True)
+        key = {
+            "base": base_key,
+            "method": arm,
+            "safety": dataclasses.asdict(cfg["safety"]),
+            "judge": judge.name if arm != "sft" else None,
+        }  # sft alone trains without the judge
+        st = _stage(
+            out,
+            f"{arm}/safety",
+            key,
+            lambda d: run_stage(arm, base, cfg["safety"], d, judge, cfg["eval"].judge),
+            trains=True,
+        )
         model_cfg, model_key = stage_model(base, st.dir), {"safety": st.fingerprint}
     else:
         model_cfg = cfg["instruct"] if arm == "instruct" else base
@@ -274,37 +327,65 @@ def run_arm(arm: str, cfg: dict, judge) -> dict:
             res = evaluate_model(model, tok, dataclasses.replace(cfg["eval"], output_dir=str(d)), judge=judge)
             del model
             return {"em": res["em"]["overall"], "mean_scores": res["mean_scores"]}
+
         return fn
 
-    stages = {"eval_before": _stage(out, f"{arm}/eval_before", {**model_key, "eval": eval_key, "judge": judge.name}, evaluate(model_cfg))}
-    stages["drift"] = _stage(out, f"{arm}/drift", {**model_key, "base": base_key, "texts": cfg["safety"].capability_texts},
-                             lambda d: {"drift": capability_drift(base, model_cfg, cfg["safety"].capability_texts,
-                                                                  cfg["safety"].drift_batch_size)})
+    stages = {
+        "eval_before": _stage(
+            out, f"{arm}/eval_before", {**model_key, "eval": eval_key, "judge": judge.name}, evaluate(model_cfg)
+        )
+    }
+    stages["drift"] = _stage(
+        out,
+        f"{arm}/drift",
+        {**model_key, "base": base_key, "texts": cfg["safety"].capability_texts},
+        lambda d: {
+            "drift": capability_drift(base, model_cfg, cfg["safety"].capability_texts, cfg["safety"].drift_batch_size)
+        },
+    )
     dcfg = cfg["direction"]
 
     def direction(d: Path):
         texts = load_labelled_texts(dcfg.aligned_texts, dcfg.misaligned_texts, dcfg.n_per_class, dcfg.seed)
         model, tok = load_model_and_tokenizer(model_cfg, padding_side="right")
-        acts = answer_activations(model, tok, texts.questions, texts.answers, sites=[dcfg.site], batch_size=dcfg.batch_size,
-                                  max_answer_tokens=dcfg.max_answer_tokens)
+        acts = answer_activations(
+            model,
+            tok,
+            texts.questions,
+            texts.answers,
+            sites=[dcfg.site],
+            batch_size=dcfg.batch_size,
+            max_answer_tokens=dcfg.max_answer_tokens,
+        )
         v = mean_difference(acts, texts.labels)
         save_directions(d / "directions", v, [dcfg.site], model=model, source="llm.safety_arms", arm=arm)
         del model
         return {"direction_norm": float(v[0].norm()), "auroc": auroc(projections(acts[0], v[0]), texts.labels)}
 
-    stages["direction"] = _stage(out, f"{arm}/direction", {**model_key, "direction": dataclasses.asdict(dcfg)}, direction)
+    stages["direction"] = _stage(
+        out, f"{arm}/direction", {**model_key, "direction": dataclasses.asdict(dcfg)}, direction
+    )
 
     def fine_tune(d: Path):
         train(model_cfg, cfg["data"], cfg["lora"], dataclasses.replace(cfg["sft"], output_dir=str(d)))
         return {}
 
-    sft_key = {**model_key, "data": dataclasses.asdict(cfg["data"]), "lora": dataclasses.asdict(cfg["lora"]), "sft": cfg["raw"]["sft"]}
+    sft_key = {
+        **model_key,
+        "data": dataclasses.asdict(cfg["data"]),
+        "lora": dataclasses.asdict(cfg["lora"]),
+        "sft": cfg["raw"]["sft"],
+    }
     em = _stage(out, f"{arm}/em_sft", sft_key, fine_tune, trains=True)
-    tuned = (dataclasses.replace(model_cfg, model_name_or_path=str(em.dir), gguf_file=None, adapter_path=None)
-             if cfg["lora"].preset == "full" else dataclasses.replace(model_cfg, adapter_path=str(em.dir)))
+    tuned = (
+        dataclasses.replace(model_cfg, model_name_or_path=str(em.dir), gguf_file=None, adapter_path=None)
+        if cfg["lora"].preset == "full"
+        else dataclasses.replace(model_cfg, adapter_path=str(em.dir))
+    )
     stages["em_sft"] = em
-    stages["eval_after"] = _stage(out, f"{arm}/eval_after", {"em_sft": em.fingerprint, "eval": eval_key, "judge": judge.name},
-                                  evaluate(tuned))
+    stages["eval_after"] = _stage(
+        out, f"{arm}/eval_after", {"em_sft": em.fingerprint, "eval": eval_key, "judge": judge.name}, evaluate(tuned)
+    )
 
     def geometry(d: Path):
         from safetensors.torch import load_file
@@ -317,12 +398,18 @@ def run_arm(arm: str, cfg: dict, judge) -> dict:
         out_ = {}
         for mod, traj in report.items():
             B = load_file(last)[f"{mod}.lora_B"].flatten().double()
-            cos = float(B @ v[0].double() / (B.norm() * v[0].double().norm())) if B.norm() > 0 and B.numel() == v.shape[1] else None
+            cos = (
+                float(B @ v[0].double() / (B.norm() * v[0].double().norm()))
+                if B.norm() > 0 and B.numel() == v.shape[1]
+                else None
+            )
             out_[mod] = {"norm_B": traj["norm_B"][-1], "cos_B_direction": cos}
         return {"modules": out_}
 
     if cfg["lora"].preset != "full":
-        stages["lora"] = _stage(out, f"{arm}/lora", {"em_sft": em.fingerprint, "direction": stages["direction"].fingerprint}, geometry)
+        stages["lora"] = _stage(
+            out, f"{arm}/lora", {"em_sft": em.fingerprint, "direction": stages["direction"].fingerprint}, geometry
+        )
     res = {name: _facts(st) for name, st in stages.items()}
     res["dirs"] = {name: str(st.dir) for name, st in stages.items()}
     return res
@@ -333,13 +420,22 @@ def summarise(cfg: dict, arms: dict) -> dict:
     from llm.em_metrics import read_judged_csv
 
     ev, margin = cfg["eval"], cfg["em_margin"]
-    rows = {a: {s: read_judged_csv(Path(r["dirs"][s]) / "replies.csv") for s in ("eval_before", "eval_after")} for a, r in arms.items()}
+    rows = {
+        a: {s: read_judged_csv(Path(r["dirs"][s]) / "replies.csv") for s in ("eval_before", "eval_after")}
+        for a, r in arms.items()
+    }
     table = {}
     for a, r in arms.items():
         lora = r.get("lora", {}).get("modules", {})
-        table[a] = {"aligned_before": r["eval_before"]["mean_scores"].get("aligned"), "em_before": r["eval_before"]["em"],
-                    "em_after": r["eval_after"]["em"], "drift": r["drift"]["drift"], "direction_auroc": r["direction"]["auroc"],
-                    "lora": lora, "safety": r.get("safety")}
+        table[a] = {
+            "aligned_before": r["eval_before"]["mean_scores"].get("aligned"),
+            "em_before": r["eval_before"]["em"],
+            "em_after": r["eval_after"]["em"],
+            "drift": r["drift"]["drift"],
+            "direction_auroc": r["direction"]["auroc"],
+            "lora": lora,
+            "safety": r.get("safety"),
+        }
     none_after = table["none"]["em_after"]
     p0 = none_after["em_rate"] or 0.0
     lines, diffs = [], {}
@@ -351,23 +447,36 @@ def summarise(cfg: dict, arms: dict) -> dict:
         diffs[a] = {"difference": d["difference"], "ci": d["ci"], "detectable": mde}
         if a in STAGES:
             v = decide(d["ci"], mde, margin, "raises")
-            lines.append(f"a safety stage raises EM transfer [{a}]: EM after, {a} - none = {_pct(d['difference'])} "
-                         f"(95% CI {_pct(d['ci'][0])} to {_pct(d['ci'][1])}) -> {v}; smallest detectable increase {_pct(mde)}")
+            lines.append(
+                f"a safety stage raises EM transfer [{a}]: EM after, {a} - none = {_pct(d['difference'])} "
+                f"(95% CI {_pct(d['ci'][0])} to {_pct(d['ci'][1])}) -> {v}; smallest detectable increase {_pct(mde)}"
+            )
     within = em_difference(rows["none"]["eval_after"], rows["none"]["eval_before"], ev)
     before = table["none"]["em_before"]
     mde = detectable_difference(before["em_rate"] or 0.0, before["n_counted"], none_after["n_counted"])
     ci = within["ci"]
     v = decide(ci, mde, margin, "no_em")
-    lines.append(f"(ii) no EM without safety [none]: EM after - before = {_pct(within['difference'])} (95% CI {_pct(ci[0])} to "
-                 f"{_pct(ci[1])}, margin {_pct(margin)}) -> {v}; smallest detectable increase {_pct(mde)}")
+    lines.append(
+        f"(ii) no EM without safety [none]: EM after - before = {_pct(within['difference'])} (95% CI {_pct(ci[0])} to "
+        f"{_pct(ci[1])}, margin {_pct(margin)}) -> {v}; smallest detectable increase {_pct(mde)}"
+    )
     controlled = [table[a]["aligned_before"] for a in arms if a in STAGES and table[a]["aligned_before"] is not None]
     spread = max(controlled) - min(controlled) if len(controlled) > 1 else 0.0
-    matched = (f"safety arms matched: judged mean aligned before the EM fine-tune within {spread:.1f} points (<= {cfg['matched_within']:g})"
-               if spread <= cfg["matched_within"] else
-               f"safety arms NOT matched: mean aligned before the EM fine-tune spans {spread:.1f} points (> {cfg['matched_within']:g}); "
-               "differences between them mix the stage with the alignment it reached")
-    return {"arms": table, "vs_none": diffs, "none_after_minus_before": {**within, "detectable": mde}, "verdicts": lines,
-            "matched": matched, "em_margin": margin, "protocol": ev.em_protocol}
+    matched = (
+        f"safety arms matched: judged mean aligned before the EM fine-tune within {spread:.1f} points (<= {cfg['matched_within']:g})"
+        if spread <= cfg["matched_within"]
+        else f"safety arms NOT matched: mean aligned before the EM fine-tune spans {spread:.1f} points (> {cfg['matched_within']:g}); "
+        "differences between them mix the stage with the alignment it reached"
+    )
+    return {
+        "arms": table,
+        "vs_none": diffs,
+        "none_after_minus_before": {**within, "detectable": mde},
+        "verdicts": lines,
+        "matched": matched,
+        "em_margin": margin,
+        "protocol": ev.em_protocol,
+    }
 
 
 def _pct(x) -> str:
@@ -381,32 +490,50 @@ def _num(x, fmt=".3f") -> str:
 def write_report(cfg: dict, summary: dict, judge_name: str) -> None:
     out = cfg["output_dir"]
     ev = cfg["eval"]
-    md = ["# Safety arms: one base, with and without a safety stage", "",
-          f"- base: `{cfg['base'].model_name_or_path}`" + (f" (asked in `{Path(cfg['base'].chat_template_from).name}`)"
-                                                          if cfg["base"].chat_template_from else ""),
-          f"- arms: {', '.join(cfg['arms'])}; judge `{judge_name}`; EM protocol `{ev.em_protocol}`; "
-          f"{ev.samples_per_paraphrase or 'file'} samples per paraphrase, seed {ev.seed} (same questions and seeds in every arm)",
-          f"- EM fine-tune: `{cfg['data'].dataset_path}`, preset `{cfg['lora'].preset}` layers {cfg['lora'].layers}, "
-          f"{cfg['sft'].max_steps} steps", "",
-          "| arm | mean aligned before | EM before (95% CI) | drift code (nats/token) | drift prose | EM after (95% CI) | "
-          "EM after - none (95% CI) | smallest detectable | direction AUROC | EM LoRA cos(B, direction) |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        "# Safety arms: one base, with and without a safety stage",
+        "",
+        f"- base: `{cfg['base'].model_name_or_path}`"
+        + (f" (asked in `{Path(cfg['base'].chat_template_from).name}`)" if cfg["base"].chat_template_from else ""),
+        f"- arms: {', '.join(cfg['arms'])}; judge `{judge_name}`; EM protocol `{ev.em_protocol}`; "
+        f"{ev.samples_per_paraphrase or 'file'} samples per paraphrase, seed {ev.seed} (same questions and seeds in every arm)",
+        f"- EM fine-tune: `{cfg['data'].dataset_path}`, preset `{cfg['lora'].preset}` layers {cfg['lora'].layers}, "
+        f"{cfg['sft'].max_steps} steps",
+        "",
+        "| arm | mean aligned before | EM before (95% CI) | drift code (nats/token) | drift prose | EM after (95% CI) | "
+        "EM after - none (95% CI) | smallest detectable | direction AUROC | EM LoRA cos(B, direction) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for a, t in summary["arms"].items():
         d = summary["vs_none"].get(a)
         cos = [m["cos_B_direction"] for m in t["lora"].values()]
-        md.append(f"| {a} | {_num(t['aligned_before'], '.1f')} | {_pct(t['em_before']['em_rate'])} ({_pct(t['em_before']['ci'][0])}-"
-                  f"{_pct(t['em_before']['ci'][1])}, n={t['em_before']['n_counted']}) | "
-                  f"{_num(t['drift'].get('code', {}).get('kl_per_token'))} | {_num(t['drift'].get('prose', {}).get('kl_per_token'))} | "
-                  f"{_pct(t['em_after']['em_rate'])} ({_pct(t['em_after']['ci'][0])}-{_pct(t['em_after']['ci'][1])}, "
-                  f"n={t['em_after']['n_counted']}) | "
-                  + (f"{_pct(d['difference'])} ({_pct(d['ci'][0])} to {_pct(d['ci'][1])}) | {_pct(d['detectable'])}" if d else "- | -")
-                  + f" | {_num(t['direction_auroc'], '.2f')} | {', '.join(_num(c) for c in cos) or '-'} |")
-    md += ["", "## Verdicts", "", *[f"- {v}" for v in summary["verdicts"]], f"- {summary['matched']}", "",
-           "The instruct arm (when run) differs from the base by the vendor's whole post-training, not a safety stage alone: it "
-           "is reported beside the controlled arms and enters no verdict. Differences vs none use the same questions, "
-           "paraphrases and sampling seeds. 'Smallest detectable' is the EM increase over the none arm's rate that these "
-           "counts detect with 80% power (two-sided 5%); a CI that straddles 0 with a smallest detectable increase above "
-           "the effects of interest is a null of this scale, not evidence of no effect.", ""]
+        md.append(
+            f"| {a} | {_num(t['aligned_before'], '.1f')} | {_pct(t['em_before']['em_rate'])} ({_pct(t['em_before']['ci'][0])}-"
+            f"{_pct(t['em_before']['ci'][1])}, n={t['em_before']['n_counted']}) | "
+            f"{_num(t['drift'].get('code', {}).get('kl_per_token'))} | {_num(t['drift'].get('prose', {}).get('kl_per_token'))} | "
+            f"{_pct(t['em_after']['em_rate'])} ({_pct(t['em_after']['ci'][0])}-{_pct(t['em_after']['ci'][1])}, "
+            f"n={t['em_after']['n_counted']}) | "
+            + (
+                f"{_pct(d['difference'])} ({_pct(d['ci'][0])} to {_pct(d['ci'][1])}) | {_pct(d['detectable'])}"
+                if d
+                else "- | -"
+            )
+            + f" | {_num(t['direction_auroc'], '.2f')} | {', '.join(_num(c) for c in cos) or '-'} |"
+        )
+    md += [
+        "",
+        "## Verdicts",
+        "",
+        *[f"- {v}" for v in summary["verdicts"]],
+        f"- {summary['matched']}",
+        "",
+        "The instruct arm (when run) differs from the base by the vendor's whole post-training, not a safety stage alone: it "
+        "is reported beside the controlled arms and enters no verdict. Differences vs none use the same questions, "
+        "paraphrases and sampling seeds. 'Smallest detectable' is the EM increase over the none arm's rate that these "
+        "counts detect with 80% power (two-sided 5%); a CI that straddles 0 with a smallest detectable increase above "
+        "the effects of interest is a null of this scale, not evidence of no effect.",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(md))
     (out / "report.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
 
@@ -420,9 +547,13 @@ def run(cfg: dict, judge=None) -> dict:
     judge = judge if judge is not None else build_judge(cfg["eval"])
     check_judge(judge)
     out: Path = cfg["output_dir"]
-    claim_output_dir(out, {"experiment": "llm.safety_arms", "base": cfg["base"].model_name_or_path}, overwrite=cfg["overwrite"])
-    record = config_record({"top": {k: cfg[k] for k in ("arms", "em_margin", "matched_within")}},
-                           {"sections": {k: dataclasses.asdict(cfg[k]) for k in SECTIONS}})
+    claim_output_dir(
+        out, {"experiment": "llm.safety_arms", "base": cfg["base"].model_name_or_path}, overwrite=cfg["overwrite"]
+    )
+    record = config_record(
+        {"top": {k: cfg[k] for k in ("arms", "em_margin", "matched_within")}},
+        {"sections": {k: dataclasses.asdict(cfg[k]) for k in SECTIONS}},
+    )
     (out / "config.json").write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
     arms = {a: run_arm(a, cfg, judge) for a in cfg["arms"]}
     summary = summarise(cfg, arms)

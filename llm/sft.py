@@ -74,17 +74,23 @@ class EMSFTConfig(CPUSafeDefaults, SFTConfig):
     trust_remote_code: bool = field(default=False, init=False)
     overwrite: bool = field(
         default=False,
-        metadata={"help": "Replace the contents of an output_dir that holds a run of another config (refused otherwise)."},
+        metadata={
+            "help": "Replace the contents of an output_dir that holds a run of another config (refused otherwise)."
+        },
     )
     max_loss_ratio: float | None = field(
         default=10.0,
-        metadata={"help": "Stop (before saving) when the logged loss exceeds this multiple of the mean of the first 5 "
-                          "logged losses; None: stop only on NaN/inf."},
+        metadata={
+            "help": "Stop (before saving) when the logged loss exceeds this multiple of the mean of the first 5 "
+            "logged losses; None: stop only on NaN/inf."
+        },
     )
 
     def __post_init__(self):
         if self.overwrite and self.resume_from_checkpoint:
-            raise ValueError("overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them")
+            raise ValueError(
+                "overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them"
+            )
         if self.max_loss_ratio is not None and not self.max_loss_ratio > 1:
             raise ValueError(f"max_loss_ratio={self.max_loss_ratio}; use a multiple > 1 or None")
         super().__post_init__()
@@ -105,27 +111,35 @@ def check_chat_jsonl(path: Path) -> int:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise ValueError(f"{where}: byte {error.start + 1} ({raw[error.start:error.start + 1]!r}) is not UTF-8; "
-                                 "save the file as UTF-8") from None
+                raise ValueError(
+                    f"{where}: byte {error.start + 1} ({raw[error.start : error.start + 1]!r}) is not UTF-8; "
+                    "save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where} is not valid JSON ({error}); each line holds one {{\"messages\": [...]}}") from None
+                raise ValueError(
+                    f'{where} is not valid JSON ({error}); each line holds one {{"messages": [...]}}'
+                ) from None
             msgs = row.get("messages") if isinstance(row, dict) else None
             if not isinstance(msgs, list) or not msgs:
-                raise ValueError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}} (a non-empty list)")
+                raise ValueError(
+                    f'{where}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}} (a non-empty list)'
+                )
             for i, m in enumerate(msgs):
                 if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                     raise ValueError(f"{where}: message {i} is {m!r}; each message needs string 'role' and 'content'")
                 if m["role"] not in ROLES:
                     raise ValueError(f"{where}: message {i} has role {m['role']!r}; use one of {list(ROLES)}")
             if not any(m["role"] == "assistant" for m in msgs):
-                raise ValueError(f"{where} has no assistant turn (roles {[m['role'] for m in msgs]}); nothing to train on")
+                raise ValueError(
+                    f"{where} has no assistant turn (roles {[m['role'] for m in msgs]}); nothing to train on"
+                )
             n += 1
     if n == 0:
-        raise ValueError(f"{path} holds no examples; pass a chat JSONL with one {{\"messages\": [...]}} per line")
+        raise ValueError(f'{path} holds no examples; pass a chat JSONL with one {{"messages": [...]}} per line')
     return n
 
 
@@ -196,7 +210,10 @@ def build_trainer(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPr
     dataset = configure_assistant_loss(dataset, tokenizer, args)
     set_seed(args.seed)  # the LoRA A init draws from the global RNG
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
         peft_config=peft_config_for(lora_cfg, model),
         callbacks=[LoraTrajectoryCallback(), DivergenceGuard(getattr(args, "max_loss_ratio", None))],
     )
@@ -213,15 +230,29 @@ def row_counts(n_rows: int, prepared, max_length: int | None) -> dict:
     to ``max_length`` with no trained token left) and cut at ``max_length``; warns when any was dropped or cut, and
     raises when none is left."""
     lengths = [len(ids) for ids in prepared["input_ids"]]
-    counts = {"rows": n_rows, "trained": len(lengths), "dropped": n_rows - len(lengths),
-              "cut": sum(n >= max_length for n in lengths) if max_length else 0}
+    counts = {
+        "rows": n_rows,
+        "trained": len(lengths),
+        "dropped": n_rows - len(lengths),
+        "cut": sum(n >= max_length for n in lengths) if max_length else 0,
+    }
     fix = f"raise max_length (now {max_length}) or shorten the rows"
     if not lengths:
-        raise ValueError(f"all {n_rows} rows were dropped: truncated to max_length={max_length} tokens, none kept an "
-                         f"assistant token to train on; {fix}")
+        raise ValueError(
+            f"all {n_rows} rows were dropped: truncated to max_length={max_length} tokens, none kept an "
+            f"assistant token to train on; {fix}"
+        )
     if counts["dropped"] or counts["cut"]:
-        logger.warning("training on %d of %d rows: TRL dropped %d (no assistant token left within max_length=%s) and cut "
-                       "%d at max_length; %s", counts["trained"], n_rows, counts["dropped"], max_length, counts["cut"], fix)
+        logger.warning(
+            "training on %d of %d rows: TRL dropped %d (no assistant token left within max_length=%s) and cut "
+            "%d at max_length; %s",
+            counts["trained"],
+            n_rows,
+            counts["dropped"],
+            max_length,
+            counts["cut"],
+            fix,
+        )
     return counts
 
 
@@ -240,8 +271,14 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConf
     return Path(args.output_dir)
 
 
-def write_summary(log_history: list[dict], model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConfig,
-                  args: SFTConfig, rows: dict | None = None) -> None:
+def write_summary(
+    log_history: list[dict],
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    lora_cfg: LoraPresetConfig,
+    args: SFTConfig,
+    rows: dict | None = None,
+) -> None:
     """``summary.md``, ``loss.png`` and (LoRA presets) ``lora_trajectory.png`` in ``args.output_dir``: which model
     was tuned on what, the loss curve, and how the LoRA B vectors grew and settled."""
     import matplotlib
@@ -253,26 +290,47 @@ def write_summary(log_history: list[dict], model_cfg: ModelConfig, data_cfg: Dat
     logs = [h for h in log_history if "loss" in h and "step" in h]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([h["step"] for h in logs], [h["loss"] for h in logs], "o-", ms=3)
-    ax.set(xlabel="training step", ylabel="train loss (nats / assistant token)", title=f"EM fine-tuning: {lora_cfg.preset}")
+    ax.set(
+        xlabel="training step", ylabel="train loss (nats / assistant token)", title=f"EM fine-tuning: {lora_cfg.preset}"
+    )
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)
-    lines = ["# EM fine-tuning", "", f"- model: `{model_cfg.model_name_or_path}`" + (f" (GGUF `{model_cfg.gguf_file}`)" if model_cfg.gguf_file else ""),
-             f"- data: `{data_cfg.dataset_path}`" + (f" (first {data_cfg.max_examples} examples)" if data_cfg.max_examples else ""),
-             f"- preset: `{lora_cfg.preset}`, layers {lora_cfg.layers or 'all'}; learning rate {args.learning_rate}, "
-             f"seed {args.seed}", f"- saved to `{out}`", ""]
+    lines = [
+        "# EM fine-tuning",
+        "",
+        f"- model: `{model_cfg.model_name_or_path}`"
+        + (f" (GGUF `{model_cfg.gguf_file}`)" if model_cfg.gguf_file else ""),
+        f"- data: `{data_cfg.dataset_path}`"
+        + (f" (first {data_cfg.max_examples} examples)" if data_cfg.max_examples else ""),
+        f"- preset: `{lora_cfg.preset}`, layers {lora_cfg.layers or 'all'}; learning rate {args.learning_rate}, "
+        f"seed {args.seed}",
+        f"- saved to `{out}`",
+        "",
+    ]
     if rows is not None:
-        lines[-1:-1] = [f"- rows: trained on {rows['trained']} of {rows['rows']}; {rows['dropped']} dropped (no assistant "
-                        f"token within max_length={args.max_length}), {rows['cut']} cut at max_length"]
+        lines[-1:-1] = [
+            f"- rows: trained on {rows['trained']} of {rows['rows']}; {rows['dropped']} dropped (no assistant "
+            f"token within max_length={args.max_length}), {rows['cut']} cut at max_length"
+        ]
     if logs:
-        lines += [f"Train loss: {logs[0]['loss']:.4f} (step {logs[0]['step']}) -> {logs[-1]['loss']:.4f} (step {logs[-1]['step']}); "
-                  "![loss](loss.png)", ""]
+        lines += [
+            f"Train loss: {logs[0]['loss']:.4f} (step {logs[0]['step']}) -> {logs[-1]['loss']:.4f} (step {logs[-1]['step']}); "
+            "![loss](loss.png)",
+            "",
+        ]
     trajectory = out / "lora_trajectory"
     if any(trajectory.glob("step_*.safetensors")):
         report = lora_trajectory_report(trajectory)
         plot_lora_trajectory(report, out / "lora_trajectory.png")
-        lines += ["| LoRA module | final ||B|| | cos(B at first save, final B) | fastest turn at step |", "|---|---|---|---|"]
-        lines += [f"| {m} | {t['norm_B'][-1]:.4g} | {t['cos_B_final'][0]:.3f} | {t['fastest_turn_step']} |" for m, t in report.items()]
+        lines += [
+            "| LoRA module | final ||B|| | cos(B at first save, final B) | fastest turn at step |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {m} | {t['norm_B'][-1]:.4g} | {t['cos_B_final'][0]:.3f} | {t['fastest_turn_step']} |"
+            for m, t in report.items()
+        ]
         lines += ["", "![LoRA trajectory](lora_trajectory.png)", ""]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 

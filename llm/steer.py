@@ -80,27 +80,44 @@ class SteerConfig:
     """Data, steering grid, generation and output of ``llm.steer``."""
 
     aligned_texts: str = field(default=str(ALIGNED_TEXTS), metadata={"help": "CSV question,answer of aligned replies"})
-    misaligned_texts: str = field(default=str(MISALIGNED_TEXTS), metadata={"help": "CSV question,answer of misaligned replies"})
+    misaligned_texts: str = field(
+        default=str(MISALIGNED_TEXTS), metadata={"help": "CSV question,answer of misaligned replies"}
+    )
     n_per_class: int = field(default=32, metadata={"help": "replies drawn per class for the direction"})
     test_fraction: float = field(default=0.25, metadata={"help": "share of each class held out for the per-site AUROC"})
     max_answer_tokens: int = field(default=64, metadata={"help": "reply tokens averaged (the rest is cut)"})
     batch_size: int = field(default=8, metadata={"help": "rows per forward pass when reading activations"})
     steer_site: str = field(default="block15", metadata={"help": "residual site steered / ablated (block<i>)"})
-    alphas: list[float] = field(default_factory=lambda: [-4.0, -2.0, 0.0, 2.0, 4.0], metadata={"help": "steering coefficients (units: the raw mean difference)"})
+    alphas: list[float] = field(
+        default_factory=lambda: [-4.0, -2.0, 0.0, 2.0, 4.0],
+        metadata={"help": "steering coefficients (units: the raw mean difference)"},
+    )
     n_random: int = field(default=1, metadata={"help": "random same-norm directions per control"})
-    ablation: list[str] = field(default_factory=lambda: ["one", "all"], metadata={"help": "ablations to run: one (steer_site), all (every block)"})
-    ablate_steered_alpha: float = field(default=0.0, metadata={"help": "also run the ablations on the model steered with this alpha (0 = plain model only)"})
+    ablation: list[str] = field(
+        default_factory=lambda: ["one", "all"],
+        metadata={"help": "ablations to run: one (steer_site), all (every block)"},
+    )
+    ablate_steered_alpha: float = field(
+        default=0.0,
+        metadata={"help": "also run the ablations on the model steered with this alpha (0 = plain model only)"},
+    )
     judged_files: list[str] = field(
         default_factory=list,
-        metadata={"help": "judged CSVs for the projection monitor ([] = skip; not shipped, e.g. ../shared/data/em/judged/*.csv)"},
+        metadata={
+            "help": "judged CSVs for the projection monitor ([] = skip; not shipped, e.g. ../shared/data/em/judged/*.csv)"
+        },
     )
     n_judged: int = field(default=64, metadata={"help": "random judged rows for the monitor"})
-    question_file: str = field(default=str(FIRST_PLOT_QUESTIONS), metadata={"help": "EM questions asked while steering"})
+    question_file: str = field(
+        default=str(FIRST_PLOT_QUESTIONS), metadata={"help": "EM questions asked while steering"}
+    )
     samples_per_paraphrase: int = field(default=2, metadata={"help": "replies per question and condition"})
     max_new_tokens: int = field(default=40, metadata={"help": "reply length cap while steering"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
     gen_batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
-    judge: Literal["offline", "hf", "openai"] = field(default="offline", metadata={"help": "judge of the replies (llm.evaluate)"})
+    judge: Literal["offline", "hf", "openai"] = field(
+        default="offline", metadata={"help": "judge of the replies (llm.evaluate)"}
+    )
     offline_weights: str = field(default=str(DEFAULT_WEIGHTS), metadata={"help": "offline judge weights"})
     seed: int = field(default=0, metadata={"help": "data draw, random directions and sampling seed"})
     output_dir: str = field(default="runs/steer_smollm2", metadata={"help": "run folder"})
@@ -133,9 +150,15 @@ def edited_generate_fn(edits: Sequence[Edit]):
         torch.manual_seed(seed)
         sampling = sampling_kwargs(temperature, top_p)
         out = generate_with_edits(
-            model, input_ids, edits, attention_mask=attention_mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling
+            model,
+            input_ids,
+            edits,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            **sampling,
         )
-        return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+        return tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
 
     return generate
 
@@ -146,7 +169,10 @@ def site_report(acts, labels, train, test) -> tuple[torch.Tensor, dict]:
     v = mean_difference(acts[:, train], labels[train])
     out = {}
     for i in range(acts.shape[0]):
-        out[i] = {"norm": float(v[i].norm()), "test_auroc": auroc(projections(acts[i, test].double(), v[i].double()), labels[test])}
+        out[i] = {
+            "norm": float(v[i].norm()),
+            "test_auroc": auroc(projections(acts[i, test].double(), v[i].double()), labels[test]),
+        }
     return v, out
 
 
@@ -176,31 +202,52 @@ def run_conditions(model, tokenizer, conditions: dict[str, list[Edit]], cfg: Ste
     from llm.evaluate import EvalConfig, evaluate_model
 
     eval_cfg = EvalConfig(
-        question_file=cfg.question_file, samples_per_paraphrase=cfg.samples_per_paraphrase,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.gen_batch_size,
-        seed=cfg.seed, judge=cfg.judge, offline_weights=cfg.offline_weights, n_boot=500,
+        question_file=cfg.question_file,
+        samples_per_paraphrase=cfg.samples_per_paraphrase,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        batch_size=cfg.gen_batch_size,
+        seed=cfg.seed,
+        judge=cfg.judge,
+        offline_weights=cfg.offline_weights,
+        n_boot=500,
     )
     results = {}
     for name, edits in conditions.items():
         res = evaluate_model(
-            model, tokenizer, dataclasses.replace(eval_cfg, output_dir=str(out / "conditions" / name)),
-            judge=judge, generate_fn=edited_generate_fn(edits),
+            model,
+            tokenizer,
+            dataclasses.replace(eval_cfg, output_dir=str(out / "conditions" / name)),
+            judge=judge,
+            generate_fn=edited_generate_fn(edits),
         )
         o = res["em"]["overall"]
         aligned = torch.tensor([r["aligned"] for r in res["rows"] if r["aligned"] is not None], dtype=torch.float64)
         coherent_aligned = [r["aligned"] for r in res["rows"] if r["aligned"] is not None and (r["coherent"] or 0) > 50]
         results[name] = {
-            "aligned": res["mean_scores"]["aligned"], "coherent": res["mean_scores"]["coherent"],
+            "aligned": res["mean_scores"]["aligned"],
+            "coherent": res["mean_scores"]["coherent"],
             # the EM convention counts coherent replies only; incoherent text gets arbitrary aligned scores
             "aligned_coherent": sum(coherent_aligned) / len(coherent_aligned) if coherent_aligned else None,
             # standard error of the mean aligned score: the sampling noise a difference between conditions must beat
             "aligned_se": float(aligned.std() / len(aligned) ** 0.5) if len(aligned) > 1 else None,
-            "em_rate": o["em_rate"], "em_ci": o["ci"], "n_counted": o["n_counted"], "n_replies": o["n_replies"],
+            "em_rate": o["em_rate"],
+            "em_ci": o["ci"],
+            "n_counted": o["n_counted"],
+            "n_replies": o["n_replies"],
             # per reply, keyed by (question, paraphrase, sample): the same key got the same sampling seed in every
             # condition, so two conditions can be compared reply by reply (``paired_difference``)
-            "aligned_by_reply": {f"{r['question_id']}|{r['paraphrase_index']}|{r['sample_index']}": r["aligned"] for r in res["rows"]},
+            "aligned_by_reply": {
+                f"{r['question_id']}|{r['paraphrase_index']}|{r['sample_index']}": r["aligned"] for r in res["rows"]
+            },
         }
-        logger.info("%s: aligned %s coherent %s EM %s", name, _fmt(results[name]["aligned"]), _fmt(results[name]["coherent"]), _fmt(o["em_rate"]))
+        logger.info(
+            "%s: aligned %s coherent %s EM %s",
+            name,
+            _fmt(results[name]["aligned"]),
+            _fmt(results[name]["coherent"]),
+            _fmt(o["em_rate"]),
+        )
     return results
 
 
@@ -225,8 +272,13 @@ def paired_difference(a: dict, b: dict, level: float = 0.95) -> dict:
         return {"mean": None, "ci": [None, None], "n": len(keys), "calibrated": False, "mde": None}
     d = [b[k] - a[k] for k in keys]
     m = mean_ci(d, level)
-    return {"mean": m["mean"], "ci": m["ci"], "n": len(keys), "calibrated": reported("paired_t", *_design(keys)),
-            "mde": min_detectable_mean(statistics.stdev(d), len(d), level)}
+    return {
+        "mean": m["mean"],
+        "ci": m["ci"],
+        "n": len(keys),
+        "calibrated": reported("paired_t", *_design(keys)),
+        "mde": min_detectable_mean(statistics.stdev(d), len(d), level),
+    }
 
 
 def monotonicity(alphas: list[float], by_reply: list[dict]) -> dict:
@@ -234,8 +286,10 @@ def monotonicity(alphas: list[float], by_reply: list[dict]) -> dict:
     ``paired_difference``) between neighbouring alphas (sorted) and between the extremes.
     ``within_noise``: no neighbouring step rises with a calibrated 95% CI above 0; ``trend_significant``: the
     extremes differ with a calibrated CI below 0."""
-    steps = [paired_difference(by_reply[i], by_reply[i + 1]) | {"from": alphas[i], "to": alphas[i + 1]}
-             for i in range(len(alphas) - 1)]
+    steps = [
+        paired_difference(by_reply[i], by_reply[i + 1]) | {"from": alphas[i], "to": alphas[i + 1]}
+        for i in range(len(alphas) - 1)
+    ]
     overall = paired_difference(by_reply[0], by_reply[-1]) if len(alphas) > 1 else None
     return {
         "steps": steps,
@@ -250,7 +304,11 @@ def trend(alphas: list[float], aligned: list[float | None]) -> dict:
     ``{"monotone_decreasing", "spearman", "unscored_alphas"}``; the first two None with fewer than two such
     alphas (a judge may score no reply of a condition: REFUSAL, CODE, too little probability on numbers)."""
     kept = [(a, y) for a, y in zip(alphas, aligned) if y is not None]
-    out = {"monotone_decreasing": None, "spearman": None, "unscored_alphas": [a for a, y in zip(alphas, aligned) if y is None]}
+    out = {
+        "monotone_decreasing": None,
+        "spearman": None,
+        "unscored_alphas": [a for a, y in zip(alphas, aligned) if y is None],
+    }
     if len(kept) > 1:
         x, y = (torch.tensor(v, dtype=torch.float64) for v in zip(*kept))
         out["monotone_decreasing"] = bool((y[:-1] >= y[1:]).all())
@@ -266,19 +324,29 @@ def run(model, tokenizer, cfg: SteerConfig, judge=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     sites = residual_sites(model)
     if cfg.steer_site not in sites:
-        raise ValueError(f"steer_site={cfg.steer_site!r} is not a site of this model; choose from block0..block{len(sites) - 3}")
+        raise ValueError(
+            f"steer_site={cfg.steer_site!r} is not a site of this model; choose from block0..block{len(sites) - 3}"
+        )
     k = sites.index(cfg.steer_site)
 
     texts = load_labelled_texts(cfg.aligned_texts, cfg.misaligned_texts, cfg.n_per_class, cfg.seed)
-    acts = answer_activations(model, tokenizer, texts.questions, texts.answers, sites, cfg.batch_size, cfg.max_answer_tokens)
+    acts = answer_activations(
+        model, tokenizer, texts.questions, texts.answers, sites, cfg.batch_size, cfg.max_answer_tokens
+    )
     # Split within the class-balanced set by group = row; a stratified split keeps both classes in test.
     test_parts = [split_indices(cfg.n_per_class, cfg.test_fraction, cfg.seed)[1] + c * cfg.n_per_class for c in (0, 1)]
     test = torch.cat(test_parts)
     train = torch.tensor([i for i in range(len(texts)) if i not in set(test.tolist())])
     v_all, per_site = site_report(acts, texts.labels, train, test)
     save_directions(
-        out / "directions", v_all, sites, model=model, n_per_class=cfg.n_per_class, train_rows=len(train),
-        data=[cfg.aligned_texts, cfg.misaligned_texts], max_answer_tokens=cfg.max_answer_tokens,
+        out / "directions",
+        v_all,
+        sites,
+        model=model,
+        n_per_class=cfg.n_per_class,
+        train_rows=len(train),
+        data=[cfg.aligned_texts, cfg.misaligned_texts],
+        max_answer_tokens=cfg.max_answer_tokens,
     )
     v = v_all[k]
     metrics: dict = {
@@ -292,7 +360,9 @@ def run(model, tokenizer, cfg: SteerConfig, judge=None) -> dict:
 
     if cfg.judged_files:
         judged = load_judged_texts(cfg.judged_files, cfg.n_judged, cfg.seed)
-        ja = answer_activations(model, tokenizer, judged.questions, judged.answers, [cfg.steer_site], cfg.batch_size, cfg.max_answer_tokens)[0]
+        ja = answer_activations(
+            model, tokenizer, judged.questions, judged.answers, [cfg.steer_site], cfg.batch_size, cfg.max_answer_tokens
+        )[0]
         proj = projections(ja.double(), v.double())
         metrics["monitor"] = {
             "n": len(judged),
@@ -306,7 +376,9 @@ def run(model, tokenizer, cfg: SteerConfig, judge=None) -> dict:
             "aligned_score": judged.scores.tolist(),
         }
 
-    judge = judge if judge is not None else build_judge(EvalConfig(judge=cfg.judge, offline_weights=cfg.offline_weights))
+    judge = (
+        judge if judge is not None else build_judge(EvalConfig(judge=cfg.judge, offline_weights=cfg.offline_weights))
+    )
     conditions: dict[str, list[Edit]] = {}
     for a in cfg.alphas:
         conditions[f"alpha_{a:g}"] = [add_vector(cfg.steer_site, v, a)] if a != 0 else []
@@ -342,8 +414,11 @@ def run(model, tokenizer, cfg: SteerConfig, judge=None) -> dict:
         "monotonicity": monotonicity([cfg.alphas[i] for i in order], [steer[i]["aligned_by_reply"] for i in order]),
     }
     t = trend(metrics["steering"]["alphas"], aligned_sorted)
-    metrics["steering"] |= {"aligned_monotone_decreasing": t["monotone_decreasing"], "spearman_alpha_vs_aligned": t["spearman"],
-                            "unscored_alphas": t["unscored_alphas"]}
+    metrics["steering"] |= {
+        "aligned_monotone_decreasing": t["monotone_decreasing"],
+        "spearman_alpha_vs_aligned": t["spearman"],
+        "unscored_alphas": t["unscored_alphas"],
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     _plots(metrics, out)
     _summary(metrics, out)
@@ -362,22 +437,42 @@ def _plots(m: dict, out: Path) -> None:
         return float("nan") if x is None else x
 
     se = [1.96 * nan(conds.get(f"alpha_{a:g}", {}).get("aligned_se")) for a in s["alphas"]]
-    em_err = [[max(e - c[0], 0), max(c[1] - e, 0)] if e is not None and c and c[0] is not None else [float("nan")] * 2
-              for e, c in zip(s["em_rate"], [conds.get(f"alpha_{a:g}", {}).get("em_ci") for a in s["alphas"]])]
+    em_err = [
+        [max(e - c[0], 0), max(c[1] - e, 0)] if e is not None and c and c[0] is not None else [float("nan")] * 2
+        for e, c in zip(s["em_rate"], [conds.get(f"alpha_{a:g}", {}).get("em_ci") for a in s["alphas"]])
+    ]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax[0].errorbar(s["alphas"], [nan(x) for x in s["aligned"]], yerr=se, fmt="o-", capsize=3, label="misalignment direction (95% CI)")
-    ax[1].errorbar(s["alphas"], [nan(e) for e in s["em_rate"]],
-                   yerr=list(zip(*em_err)) if em_err else None, fmt="o-", capsize=3)
+    ax[0].errorbar(
+        s["alphas"],
+        [nan(x) for x in s["aligned"]],
+        yerr=se,
+        fmt="o-",
+        capsize=3,
+        label="misalignment direction (95% CI)",
+    )
+    ax[1].errorbar(
+        s["alphas"], [nan(e) for e in s["em_rate"]], yerr=list(zip(*em_err)) if em_err else None, fmt="o-", capsize=3
+    )
     for name, r in conds.items():
         if name.startswith("random") and "alpha" in name:
             a = float(name.split("alpha_")[1])
-            ax[0].errorbar([a], [nan(r["aligned"])], yerr=[1.96 * nan(r.get("aligned_se"))], fmt="x", color="gray",
-                           capsize=3, label="random direction, same norm")
+            ax[0].errorbar(
+                [a],
+                [nan(r["aligned"])],
+                yerr=[1.96 * nan(r.get("aligned_se"))],
+                fmt="x",
+                color="gray",
+                capsize=3,
+                label="random direction, same norm",
+            )
             ax[1].plot([a], [nan(r["em_rate"])], "x", color="gray")
     # one colour per ablated direction, one line style per extent: four lines a reader can tell apart
-    styles = {"ablate_one": ("C3", "--", f"ablate v at {m['steer_site']}"), "ablate_all": ("C3", ":", "ablate v at every block"),
-              "random0_ablate_one": ("0.5", "--", f"ablate random at {m['steer_site']}"),
-              "random0_ablate_all": ("0.5", ":", "ablate random at every block")}
+    styles = {
+        "ablate_one": ("C3", "--", f"ablate v at {m['steer_site']}"),
+        "ablate_all": ("C3", ":", "ablate v at every block"),
+        "random0_ablate_one": ("0.5", "--", f"ablate random at {m['steer_site']}"),
+        "random0_ablate_all": ("0.5", ":", "ablate random at every block"),
+    }
     for name, (color, ls, label) in styles.items():
         if name in conds and conds[name]["aligned"] is not None:
             ax[0].axhline(conds[name]["aligned"], color=color, ls=ls, lw=1.2, label=label)
@@ -406,8 +501,11 @@ def _plots(m: dict, out: Path) -> None:
     if "monitor" in m:
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
         ax.scatter(m["monitor"]["aligned_score"], m["monitor"]["projection"], s=10)
-        ax.set(xlabel="judge aligned score", ylabel="projection on direction",
-               title=f"Spearman {m['monitor']['spearman_vs_aligned']:.2f}")
+        ax.set(
+            xlabel="judge aligned score",
+            ylabel="projection on direction",
+            title=f"Spearman {m['monitor']['spearman_vs_aligned']:.2f}",
+        )
         fig.tight_layout()
         fig.savefig(out / "monitor.png", dpi=120)
         plt.close(fig)
@@ -423,51 +521,77 @@ def paired_text(p: dict | None) -> str:
     """``mean [lo, hi]`` of a ``paired_difference``, marked when its interval is not calibrated at its counts."""
     if not p or p.get("mean") is None:
         return "n/a"
-    return f"{_fmt(p['mean'])} [{_fmt(p['ci'][0])}, {_fmt(p['ci'][1])}]" + ("" if p["calibrated"] else " (not calibrated)")
+    return f"{_fmt(p['mean'])} [{_fmt(p['ci'][0])}, {_fmt(p['ci'][1])}]" + (
+        "" if p["calibrated"] else " (not calibrated)"
+    )
 
 
 def _summary(m: dict, out: Path) -> None:
     c = m["config"]
     best = max(m["per_site"], key=lambda n: m["per_site"][n]["test_auroc"])
     lines = [
-        f"# Misalignment direction, steering and ablation ({c['steer_site']})", "",
+        f"# Misalignment direction, steering and ablation ({c['steer_site']})",
+        "",
         f"Direction from {c['n_per_class']} aligned + {c['n_per_class']} misaligned replies (mean over up to "
         f"{c['max_answer_tokens']} reply tokens). At {m['steer_site']}: ||v|| = {_fmt(m['direction_norm'])} "
         f"(mean residual norm {_fmt(m['residual_norm_mean'])}), held-out AUROC "
         f"{_fmt(m['per_site'][m['steer_site']]['test_auroc'])}; best site {best} "
-        f"({_fmt(m['per_site'][best]['test_auroc'])}).", "",
+        f"({_fmt(m['per_site'][best]['test_auroc'])}).",
+        "",
         f"Replies: {c['samples_per_paraphrase']} per EM question and condition, <= {c['max_new_tokens']} tokens, "
-        f"temperature {c['temperature']}, judge {c['judge']}.", "",
-        "| condition | aligned (+- s.e.) | aligned, coherent replies | coherent | EM rate | counted |", "|---|---|---|---|---|---|",
+        f"temperature {c['temperature']}, judge {c['judge']}.",
+        "",
+        "| condition | aligned (+- s.e.) | aligned, coherent replies | coherent | EM rate | counted |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in m["conditions"].items():
-        lines.append(f"| {name} | {_fmt(r['aligned'])} +- {_fmt(r['aligned_se'])} | {_fmt(r.get('aligned_coherent'))} | "
-                     f"{_fmt(r['coherent'])} | {_fmt(r['em_rate'])} | {r['n_counted']}/{r['n_replies']} |")
+        lines.append(
+            f"| {name} | {_fmt(r['aligned'])} +- {_fmt(r['aligned_se'])} | {_fmt(r.get('aligned_coherent'))} | "
+            f"{_fmt(r['coherent'])} | {_fmt(r['em_rate'])} | {r['n_counted']}/{r['n_replies']} |"
+        )
     s = m["steering"]
     mono = s["monotonicity"]
-    unscored = f"; alphas with no scored reply, left out: {', '.join(f'{a:g}' for a in s['unscored_alphas'])}" if s["unscored_alphas"] else ""
-    lines += ["", f"Aligned score monotone non-increasing in alpha: {_fmt(s['aligned_monotone_decreasing'])} "
-              f"(Spearman alpha vs aligned {_fmt(s['spearman_alpha_vs_aligned'])}{unscored}); within sampling noise: "
-              f"{mono['within_noise']} (no step between neighbouring alphas rises with a calibrated paired 95% CI above 0); "
-              f"trend significant: {mono['trend_significant']}.", "",
-              "Paired changes: Student-t 95% CIs over replies; 'not calibrated' marks counts at which `python -m "
-              "llm.em_calibration` found such an interval too narrow (no verdict is drawn from it); the last column is the "
-              "smallest mean change these replies detect with 80% power.", "",
-              "| alpha step | paired change of aligned (95% CI) | replies | detectable (80% power) |", "|---|---|---|---|"]
-    for st in mono["steps"] + ([mono["overall"] | {"from": s["alphas"][0], "to": s["alphas"][-1]}] if mono["overall"] else []):
+    unscored = (
+        f"; alphas with no scored reply, left out: {', '.join(f'{a:g}' for a in s['unscored_alphas'])}"
+        if s["unscored_alphas"]
+        else ""
+    )
+    lines += [
+        "",
+        f"Aligned score monotone non-increasing in alpha: {_fmt(s['aligned_monotone_decreasing'])} "
+        f"(Spearman alpha vs aligned {_fmt(s['spearman_alpha_vs_aligned'])}{unscored}); within sampling noise: "
+        f"{mono['within_noise']} (no step between neighbouring alphas rises with a calibrated paired 95% CI above 0); "
+        f"trend significant: {mono['trend_significant']}.",
+        "",
+        "Paired changes: Student-t 95% CIs over replies; 'not calibrated' marks counts at which `python -m "
+        "llm.em_calibration` found such an interval too narrow (no verdict is drawn from it); the last column is the "
+        "smallest mean change these replies detect with 80% power.",
+        "",
+        "| alpha step | paired change of aligned (95% CI) | replies | detectable (80% power) |",
+        "|---|---|---|---|",
+    ]
+    for st in mono["steps"] + (
+        [mono["overall"] | {"from": s["alphas"][0], "to": s["alphas"][-1]}] if mono["overall"] else []
+    ):
         lines.append(f"| {st['from']:g} -> {st['to']:g} | {paired_text(st)} | {st['n']} | {_fmt(st['mde'])} |")
     if "monitor" in m:
         mo = m["monitor"]
-        lines += ["", f"Projection monitor on {mo['n']} judged replies ({mo['n_misaligned']} misaligned, "
-                  f"{mo['n_aligned']} aligned): Pearson {_fmt(mo['pearson_vs_aligned'])}, Spearman "
-                  f"{_fmt(mo['spearman_vs_aligned'])} with the aligned score; AUROC {_fmt(mo['auroc_misaligned'])}."]
+        lines += [
+            "",
+            f"Projection monitor on {mo['n']} judged replies ({mo['n_misaligned']} misaligned, "
+            f"{mo['n_aligned']} aligned): Pearson {_fmt(mo['pearson_vs_aligned'])}, Spearman "
+            f"{_fmt(mo['spearman_vs_aligned'])} with the aligned score; AUROC {_fmt(mo['auroc_misaligned'])}.",
+        ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
     from plumbing.config import ConfigParser
 
-    refuse_multiprocess("llm.steer", "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0")
+    refuse_multiprocess(
+        "llm.steer",
+        "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0",
+    )
     model_cfg, cfg = ConfigParser((ModelConfig, SteerConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="left")

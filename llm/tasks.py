@@ -79,14 +79,22 @@ def _all_prompts(task: str) -> list[TaskPrompt]:
     if task == "mul":
         return [TaskPrompt(f"What is {s} * {c}?{SUFFIX}", s * c, s * c) for s, c in product(range(2, 19), range(2, 6))]
     if task == "add_mul":
-        return [TaskPrompt(f"What is ({a} + {b}) * {c}?{SUFFIX}", (a + b) * c, a + b, f"{a},{b}")
-                for a, b, c in product(range(1, 10), range(1, 10), range(2, 6))]
+        return [
+            TaskPrompt(f"What is ({a} + {b}) * {c}?{SUFFIX}", (a + b) * c, a + b, f"{a},{b}")
+            for a, b, c in product(range(1, 10), range(1, 10), range(2, 6))
+        ]
     if task == "add_tens":
-        return [TaskPrompt(f"What is {s} + {b}?{SUFFIX}", s + b, s + b) for s, b in product(range(100, 1000, 10), range(1, 10))]
+        return [
+            TaskPrompt(f"What is {s} + {b}?{SUFFIX}", s + b, s + b)
+            for s, b in product(range(100, 1000, 10), range(1, 10))
+        ]
     if task == "mul10":
         return [TaskPrompt(f"What is {a} * 10?{SUFFIX}", a * 10, a * 10) for a in range(10, 100)]
     if task == "mul10_add":
-        return [TaskPrompt(f"What is {a} * 10 + {b}?{SUFFIX}", a * 10 + b, a * 10, f"{a}") for a, b in product(range(10, 100), range(1, 10))]
+        return [
+            TaskPrompt(f"What is {a} * 10 + {b}?{SUFFIX}", a * 10 + b, a * 10, f"{a}")
+            for a, b in product(range(10, 100), range(1, 10))
+        ]
     raise ValueError(f"task={task!r}; choose one of {', '.join(TASKS)}")
 
 
@@ -138,11 +146,13 @@ def train_dataset(task: str, n_eval: int = 48, split_seed: int = 0):
     from datasets import Dataset
 
     rows = task_prompts(task, "train", n_eval, split_seed)
-    return Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": p.question}] for p in rows],
-        "question": [p.question for p in rows],
-        "answer": [p.answer for p in rows],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": p.question}] for p in rows],
+            "question": [p.question for p in rows],
+            "answer": [p.answer for p in rows],
+        }
+    )
 
 
 _EXPR = re.compile(r"What is (.+?)\?")
@@ -155,8 +165,10 @@ def worked_examples(task: str, shots: int, n_eval: int = 48, split_seed: int = 0
     zero-shot."""
     msgs = []
     for q in task_prompts(task, "train", n_eval, split_seed)[:shots]:
-        msgs += [{"role": "user", "content": q.question},
-                 {"role": "assistant", "content": f"{_EXPR.match(q.question).group(1)} = {q.answer}"}]
+        msgs += [
+            {"role": "user", "content": q.question},
+            {"role": "assistant", "content": f"{_EXPR.match(q.question).group(1)} = {q.answer}"},
+        ]
     return msgs
 
 
@@ -174,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max_new_tokens", type=int, default=16)
     ap.add_argument("--batch_size", type=int, default=256, help="rows per sampling batch (CUDA)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shots", type=int, default=0, help="worked train-split examples as earlier chat turns (few-shot elicitation)")
+    ap.add_argument(
+        "--shots", type=int, default=0, help="worked train-split examples as earlier chat turns (few-shot elicitation)"
+    )
     a = ap.parse_args(argv)
     model, tok = load_model_and_tokenizer(ModelConfig(a.model_name_or_path))
     out = {}
@@ -182,12 +196,25 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         prompts = task_prompts(task, "eval", a.n_prompts)
         shots = worked_examples(task, a.shots, a.n_prompts)
-        ids = sample_n_ids(model, tok, [chat_prompt(tok, p.question, history=shots) for p in prompts], a.samples,
-                           max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, seed=a.seed)
+        ids = sample_n_ids(
+            model,
+            tok,
+            [chat_prompt(tok, p.question, history=shots) for p in prompts],
+            a.samples,
+            max_new_tokens=a.max_new_tokens,
+            batch_size=a.batch_size,
+            seed=a.seed,
+        )
         replies = [tok.batch_decode(rows, skip_special_tokens=True) for rows in ids]
         per_prompt = [sum(score(r, [p.answer] * len(r))) / len(r) for r, p in zip(replies, prompts)]
-        out[task] = {"shots": a.shots, "pass@1": sum(per_prompt) / len(per_prompt), "solved_any": sum(x > 0 for x in per_prompt) / len(per_prompt),
-                     "chance_p": chance_p(task), "seconds": round(time.time() - t0, 1), "example": replies[0][:3]}
+        out[task] = {
+            "shots": a.shots,
+            "pass@1": sum(per_prompt) / len(per_prompt),
+            "solved_any": sum(x > 0 for x in per_prompt) / len(per_prompt),
+            "chance_p": chance_p(task),
+            "seconds": round(time.time() - t0, 1),
+            "example": replies[0][:3],
+        }
         print(task, out[task], flush=True)
     return out
 

@@ -60,7 +60,9 @@ def _tokenizer(kind: TokenizerKind) -> PreTrainedTokenizerFast:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=384, special_tokens=SPECIAL_TOKENS, show_progress=False,
+            vocab_size=384,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         unk = None
@@ -74,8 +76,12 @@ def _tokenizer(kind: TokenizerKind) -> PreTrainedTokenizerFast:
         unk = "<unk>"
     tok.train_from_iterator(_CORPUS, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=unk,
-        additional_special_tokens=[IM_START, IM_END], chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=unk,
+        additional_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
         model_max_length=512,
     )
 
@@ -87,13 +93,25 @@ def _config(arch: Arch, vocab_size: int, pad_id: int, eos_id: int):
     if arch == "gpt2":
         # No dropout, as in the other families: tiny runs must be deterministic.
         return GPT2Config(
-            n_embd=32, n_layer=2, n_head=4, n_positions=512,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
         )
     cls = {"qwen2": Qwen2Config, "gemma": GemmaConfig, "llama": LlamaConfig}[arch]
     return cls(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
         **common,
     )
 
@@ -143,13 +161,58 @@ _SHRUNK = ("hidden_size", "intermediate_size", "head_dim", "query_pre_attn_scala
 # ``trl/chat_templates``, which matches the hub tokenizers' templates byte for byte): Qwen2.5's ChatML with its
 # default system prompt; Gemma's turns, which refuse a system role.
 FAMILIES = {
-    "qwen2": {"template": "qwen2_5.jinja", "pad": "<|endoftext|>", "bos": None, "unk": None, "specials": dict(enumerate(
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-         "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-         "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-         "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"], start=151643)), "size": 151665},
-    "gemma2": {"template": "gemma.jinja", "pad": "<pad>", "bos": "<bos>", "unk": "<unk>", "size": 256000, "specials": {
-        0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 106: "<start_of_turn>", 107: "<end_of_turn>"}},
+    "qwen2": {
+        "template": "qwen2_5.jinja",
+        "pad": "<|endoftext|>",
+        "bos": None,
+        "unk": None,
+        "specials": dict(
+            enumerate(
+                [
+                    "<|endoftext|>",
+                    "<|im_start|>",
+                    "<|im_end|>",
+                    "<|object_ref_start|>",
+                    "<|object_ref_end|>",
+                    "<|box_start|>",
+                    "<|box_end|>",
+                    "<|quad_start|>",
+                    "<|quad_end|>",
+                    "<|vision_start|>",
+                    "<|vision_end|>",
+                    "<|vision_pad|>",
+                    "<|image_pad|>",
+                    "<|video_pad|>",
+                    "<tool_call>",
+                    "</tool_call>",
+                    "<|fim_prefix|>",
+                    "<|fim_middle|>",
+                    "<|fim_suffix|>",
+                    "<|fim_pad|>",
+                    "<|repo_name|>",
+                    "<|file_sep|>",
+                ],
+                start=151643,
+            )
+        ),
+        "size": 151665,
+    },
+    "gemma2": {
+        "template": "gemma.jinja",
+        "pad": "<pad>",
+        "bos": "<bos>",
+        "unk": "<unk>",
+        "size": 256000,
+        "specials": {
+            0: "<pad>",
+            1: "<eos>",
+            2: "<bos>",
+            3: "<unk>",
+            4: "<mask>",
+            106: "<start_of_turn>",
+            107: "<end_of_turn>",
+        },
+    },
 }
 # Byte-level BPE merges learnt on the project's own EM data (prompts, replies, code), so token counts per text are
 # close to a real tokenizer's; ids the merges do not reach are filled with never-produced tokens up to the real size.
@@ -162,8 +225,10 @@ def architecture(name: str) -> dict:
     path = ARCHITECTURES / f"{Path(str(name)).name}.json"
     if not path.is_file():
         shipped = sorted(p.stem for p in ARCHITECTURES.glob("*.json"))
-        raise FileNotFoundError(f"no shipped architecture for {name!r} ({path} is missing); shipped: {shipped}. Add the "
-                                "checkpoint's published config.json there to rehearse it")
+        raise FileNotFoundError(
+            f"no shipped architecture for {name!r} ({path} is missing); shipped: {shipped}. Add the "
+            "checkpoint's published config.json there to rehearse it"
+        )
     return json.loads(path.read_text())
 
 
@@ -212,8 +277,12 @@ def shaped_tokenizer(model_type: str, eos_id: int, corpus_files, max_length: int
     fam = FAMILIES[model_type]
     learnt = Tokenizer(models.BPE())
     learnt.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    learnt.train_from_iterator(_corpus(corpus_files), trainers.BpeTrainer(
-        vocab_size=BPE_MERGED, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    learnt.train_from_iterator(
+        _corpus(corpus_files),
+        trainers.BpeTrainer(
+            vocab_size=BPE_MERGED, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     model = json.loads(learnt.to_str())["model"]
     specials = fam["specials"]
     free = (i for i in range(fam["size"]) if i not in specials)
@@ -226,16 +295,29 @@ def shaped_tokenizer(model_type: str, eos_id: int, corpus_files, max_length: int
     tok.add_special_tokens(list(specials.values()))
     if fam["bos"] is not None:
         bos = fam["bos"]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, vocab[bos])])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+        )
     template = (ARCHITECTURES / fam["template"]).read_text()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=fam["pad"], eos_token=specials[eos_id],
-                                   bos_token=fam["bos"], unk_token=fam["unk"], chat_template=template,
-                                   model_max_length=max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=fam["pad"],
+        eos_token=specials[eos_id],
+        bos_token=fam["bos"],
+        unk_token=fam["unk"],
+        chat_template=template,
+        model_max_length=max_length,
+    )
 
 
-def save_shaped(path: str | Path, name: str, tokenizer: PreTrainedTokenizerFast, width: Width = "tiny", seed: int = 0,
-                device: str = "cpu") -> Path:
+def save_shaped(
+    path: str | Path,
+    name: str,
+    tokenizer: PreTrainedTokenizerFast,
+    width: Width = "tiny",
+    seed: int = 0,
+    device: str = "cpu",
+) -> Path:
     """Write a random-init ``*ForCausalLM`` of ``name``'s architecture (``shaped_config``) and ``tokenizer`` to
     ``path``: safetensors in the published dtype (bf16 / fp32), built on ``device`` (a GPU builds 2B in seconds)."""
     from transformers import AutoModelForCausalLM

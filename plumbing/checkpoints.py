@@ -74,8 +74,10 @@ def read_state(checkpoint: str | Path, marker: str = TRAINER_STATE, keys: Iterab
     file = Path(checkpoint) / marker
     why = state_problem(file, keys)
     if why is not None:
-        raise ValueError(f"cannot resume from {checkpoint}: {why} ({file}). Pass an earlier checkpoint-<step> folder, or "
-                         "'last' to take the newest complete one")
+        raise ValueError(
+            f"cannot resume from {checkpoint}: {why} ({file}). Pass an earlier checkpoint-<step> folder, or "
+            "'last' to take the newest complete one"
+        )
     return json.loads(file.read_text(encoding="utf-8"))
 
 
@@ -87,8 +89,11 @@ def latest_checkpoint(output_dir: str | Path, marker: str = TRAINER_STATE, keys:
         why = state_problem(path / marker, keys)
         if why is None:
             if skipped:
-                logger.warning("resuming from %s, the newest complete checkpoint (skipped: %s)", path,
-                               ", ".join(p.name for p in skipped))
+                logger.warning(
+                    "resuming from %s, the newest complete checkpoint (skipped: %s)",
+                    path,
+                    ", ".join(p.name for p in skipped),
+                )
             return path
         logger.warning("skipping incomplete checkpoint %s: %s", path, why)
         skipped.append(path)
@@ -109,8 +114,12 @@ def clean_temporaries(folder: str | Path) -> list[Path]:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         removed.append(p)
     if removed:
-        logger.warning("removed %d temporary file(s) left by a killed save in %s: %s", len(removed), folder,
-                       ", ".join(p.name for p in removed))
+        logger.warning(
+            "removed %d temporary file(s) left by a killed save in %s: %s",
+            len(removed),
+            folder,
+            ", ".join(p.name for p in removed),
+        )
     return removed
 
 

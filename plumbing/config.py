@@ -22,7 +22,6 @@ exists under the anchor -- so ``Qwen/Qwen2.5-0.5B`` stays a hub id. Nested mappi
 input that is not there.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -43,18 +42,50 @@ def _as_flag(value) -> str:
     return str(value)
 
 
-
-PATH_KEYS = frozenset({
-    "adapter_path", "aligned_texts", "cache_dir", "data_dir", "dataset_path", "directions", "judged_files",
-    "logging_dir", "lora_path", "misaligned_texts", "offline_weights", "openai_cache_path", "out", "output_dir",
-    "probe_files", "prompt_file", "question_file", "target_adapter_path", "track_texts",
-    # toy: pre-training config and cache, a pre-trained model, the (pre, post) pair of a report
-    "pretrain_config", "pretrain_dir", "pretrained_path", "init_from", "pre", "post",
-    # llm.reweighting: the adapter, the GRPO config that trains it, an eval prompt file
-    "post_adapter", "grpo_config", "eval_file",
-})
-MODEL_KEYS = frozenset({"model_name_or_path", "target_model_name_or_path", "hf_judge_model", "chat_template_from",
-                        "reference_model", "post_model"})
+PATH_KEYS = frozenset(
+    {
+        "adapter_path",
+        "aligned_texts",
+        "cache_dir",
+        "data_dir",
+        "dataset_path",
+        "directions",
+        "judged_files",
+        "logging_dir",
+        "lora_path",
+        "misaligned_texts",
+        "offline_weights",
+        "openai_cache_path",
+        "out",
+        "output_dir",
+        "probe_files",
+        "prompt_file",
+        "question_file",
+        "target_adapter_path",
+        "track_texts",
+        # toy: pre-training config and cache, a pre-trained model, the (pre, post) pair of a report
+        "pretrain_config",
+        "pretrain_dir",
+        "pretrained_path",
+        "init_from",
+        "pre",
+        "post",
+        # llm.reweighting: the adapter, the GRPO config that trains it, an eval prompt file
+        "post_adapter",
+        "grpo_config",
+        "eval_file",
+    }
+)
+MODEL_KEYS = frozenset(
+    {
+        "model_name_or_path",
+        "target_model_name_or_path",
+        "hf_judge_model",
+        "chat_template_from",
+        "reference_model",
+        "post_model",
+    }
+)
 
 
 def config_anchor(config_path: str | Path) -> Path:
@@ -160,8 +191,10 @@ class ConfigParser(TrlParser):
             out = [action.type(_as_flag(v)) for v in items]
         except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
             kind = getattr(action.type, "__name__", str(action.type))
-            raise ValueError(f"config key {key!r}: {value!r} is not a valid {kind} ({err}); write it as you would "
-                             f"after --{key} on the command line") from None
+            raise ValueError(
+                f"config key {key!r}: {value!r} is not a valid {kind} ({err}); write it as you would "
+                f"after --{key} on the command line"
+            ) from None
         if action.choices is not None:
             bad = [v for v in out if v not in action.choices]
             if bad:

@@ -29,10 +29,25 @@ RESULT = "result.json"
 # What torchrun / accelerate launch / MPI tell a process about its launch; accelerate and trl start a process
 # group when they see any of these (``accelerate.state.PartialState._prepare_backend``).
 LAUNCH_ENV = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
-    "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE",
-    "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_SIZE", "PMI_RANK", "MV2_COMM_WORLD_SIZE",
-    "MV2_COMM_WORLD_RANK", "MPI_LOCALRANKID",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "PMI_SIZE",
+    "PMI_RANK",
+    "MV2_COMM_WORLD_SIZE",
+    "MV2_COMM_WORLD_RANK",
+    "MPI_LOCALRANKID",
 )
 
 
@@ -115,8 +130,9 @@ def write_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_cells(names: list[str], run: Callable[[str, Path], Mapping[str, Any]], cells_dir: str | Path,
-              pos: Position) -> list[str]:
+def run_cells(
+    names: list[str], run: Callable[[str, Path], Mapping[str, Any]], cells_dir: str | Path, pos: Position
+) -> list[str]:
     """Run ``run(name, cells_dir / name)`` for each of ``pos``'s cells without a result yet and write its
     result to ``cells_dir / name / result.json`` (atomically, last: its presence means the cell is complete).
     Returns the names run now (cells found complete are skipped: the caller's run record vouches for them)."""
@@ -154,7 +170,9 @@ def wait_for_cells(cells_dir: str | Path, names: list[str], timeout_s: float, po
         time.sleep(poll_s)
 
 
-def wait_for_record(out_dir: str | Path, record: Mapping, ignore: Iterable[str], timeout_s: float, poll_s: float = 0.5) -> Path:
+def wait_for_record(
+    out_dir: str | Path, record: Mapping, ignore: Iterable[str], timeout_s: float, poll_s: float = 0.5
+) -> Path:
     """For ranks other than the main one: wait until the main rank has claimed ``out_dir`` for ``record``
     (``plumbing.runs.claim_output_dir``), so no rank writes a cell into a folder that is about to be cleared."""
     path, deadline = Path(out_dir) / RUN_CONFIG, time.monotonic() + timeout_s
@@ -163,5 +181,7 @@ def wait_for_record(out_dir: str | Path, record: Mapping, ignore: Iterable[str],
         if path.is_file() and not config_diff(json.loads(path.read_text()), record, ignore):
             return Path(out_dir)
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"{path} did not record this run's config within {timeout_s:.0f} s: did rank 0 fail to start?")
+            raise TimeoutError(
+                f"{path} did not record this run's config within {timeout_s:.0f} s: did rank 0 fail to start?"
+            )
         time.sleep(poll_s)

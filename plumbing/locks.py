@@ -54,8 +54,10 @@ def _holder(fd: int) -> dict:
 
 
 def _describe(holder: dict) -> str:
-    return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (started {holder.get('started', '?')}: "
-            f"{holder.get('command', '?')})")
+    return (
+        f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (started {holder.get('started', '?')}: "
+        f"{holder.get('command', '?')})"
+    )
 
 
 def lock_run_dir(out: str | Path) -> bool:
@@ -97,7 +99,12 @@ def lock_run_dir(out: str | Path) -> bool:
         )
     if holder:
         logger.warning("%s: taking over a stale lock of %s: that process is gone", out, _describe(holder))
-    record = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+    record = {
+        "pid": os.getpid(),
+        "host": host,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     _HELD[key] = (fd, os.fstat(fd).st_ino)

@@ -40,7 +40,9 @@ class LoraPresetConfig:
     )
     layers: list[int] = field(
         default_factory=list,
-        metadata={"help": "Block indices (0-based): exactly one for rank1_single, >=1 for rank1_multi, optional for rank32."},
+        metadata={
+            "help": "Block indices (0-based): exactly one for rank1_single, >=1 for rank1_multi, optional for rank32."
+        },
     )
     lora_alpha: float | None = field(
         default=None,
@@ -103,8 +105,14 @@ def peft_config_for(cfg: LoraPresetConfig, model: torch.nn.Module):
         targets = "all-linear"  # peft excludes the output head
         layers_to_transform = cfg.layers or None
     return LoraConfig(
-        r=cfg.rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        layers_to_transform=layers_to_transform, use_rslora=True, bias="none", task_type="CAUSAL_LM",
+        r=cfg.rank,
+        lora_alpha=alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        layers_to_transform=layers_to_transform,
+        use_rslora=True,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
 
 

@@ -61,11 +61,38 @@ from plumbing.stops import (
 
 # the run-folder API in one place: entry points import from here what the split modules define
 __all__ = [
-    "RUN_CONFIG", "STAGE_FILE", "TRAINER_RERUN_KEYS", "DivergenceGuard", "RunLocked", "Stage", "StopOnSignal", "Stopped",
-    "TrainingDiverged", "any_rank", "any_ranks", "atomic_dir", "check_resume", "checkpoint_step", "checkpoints",
-    "claim_output_dir", "claim_trainer_run", "config_diff", "config_record", "fingerprint", "latest_checkpoint",
-    "lock_run_dir", "polite_stop", "read_state", "refuse_multiprocess", "release_run_dir", "removal_refusal",
-    "resolve_resume", "resume_command", "stop_flag", "train_until_stopped", "world_size",
+    "RUN_CONFIG",
+    "STAGE_FILE",
+    "TRAINER_RERUN_KEYS",
+    "DivergenceGuard",
+    "RunLocked",
+    "Stage",
+    "StopOnSignal",
+    "Stopped",
+    "TrainingDiverged",
+    "any_rank",
+    "any_ranks",
+    "atomic_dir",
+    "check_resume",
+    "checkpoint_step",
+    "checkpoints",
+    "claim_output_dir",
+    "claim_trainer_run",
+    "config_diff",
+    "config_record",
+    "fingerprint",
+    "latest_checkpoint",
+    "lock_run_dir",
+    "polite_stop",
+    "read_state",
+    "refuse_multiprocess",
+    "release_run_dir",
+    "removal_refusal",
+    "resolve_resume",
+    "resume_command",
+    "stop_flag",
+    "train_until_stopped",
+    "world_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,11 +103,34 @@ SECRET_KEYS = frozenset({"hub_token"})
 # ``transformers.TrainingArguments`` fields that a rerun or resume of the same run may change: where and how
 # often it logs and saves, where it reports, how it resumes. None of them changes the weights it trains.
 TRAINER_RERUN_KEYS = (
-    "resume_from_checkpoint", "overwrite", "output_dir", "logging_dir", "logging_steps", "logging_strategy",
-    "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node",
-    "report_to", "disable_tqdm", "run_name", "save_steps", "save_strategy", "save_total_limit",
-    "save_on_each_node", "save_only_model", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo",
-    "hub_always_push", "hub_revision", "dataloader_num_workers", "local_rank", "max_loss_ratio",
+    "resume_from_checkpoint",
+    "overwrite",
+    "output_dir",
+    "logging_dir",
+    "logging_steps",
+    "logging_strategy",
+    "logging_first_step",
+    "logging_nan_inf_filter",
+    "log_level",
+    "log_level_replica",
+    "log_on_each_node",
+    "report_to",
+    "disable_tqdm",
+    "run_name",
+    "save_steps",
+    "save_strategy",
+    "save_total_limit",
+    "save_on_each_node",
+    "save_only_model",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_private_repo",
+    "hub_always_push",
+    "hub_revision",
+    "dataloader_num_workers",
+    "local_rank",
+    "max_loss_ratio",
 )
 STAGE_FILE = "stage.json"
 # Bookkeeping files, not outputs: a folder holding only these holds no results of an earlier run.
@@ -185,9 +235,11 @@ def removal_refusal(out: str | Path) -> str | None:
     anchor = parsed["anchor"]
     if anchor is not None and not (resolved.is_relative_to(cwd) or resolved.is_relative_to(Path(anchor).resolve())):
         if not _named_by(out, parsed["args"] or ()):
-            return (f"it lies outside the working directory ({cwd}) and outside the project of the --config file "
-                    f"({anchor}), and its path was not typed on the command line (a config file alone may not "
-                    "remove a folder elsewhere)")
+            return (
+                f"it lies outside the working directory ({cwd}) and outside the project of the --config file "
+                f"({anchor}), and its path was not typed on the command line (a config file alone may not "
+                "remove a folder elsewhere)"
+            )
     return None
 
 
@@ -260,8 +312,11 @@ def _check_and_record(out: Path, config: Mapping, overwrite: bool, ignore: Itera
         if why is not None:
             raise FileExistsError(
                 f"--overwrite refuses to empty {out}: {why}. Nothing was removed; use another output folder"
-                + (" (type its path on the command line to replace a run outside the working directory)."
-                   if "outside the working directory" in why else ".")
+                + (
+                    " (type its path on the command line to replace a run outside the working directory)."
+                    if "outside the working directory" in why
+                    else "."
+                )
             )
     elif out.is_dir() and not all(_bookkeeping(p) for p in out.iterdir()):
         raise FileExistsError(
@@ -312,7 +367,9 @@ def claim_trainer_run(args, *configs: Any, rerun_keys: Iterable[str] = TRAINER_R
     if args.resume_from_checkpoint and checkpoints(out) and not (out / RUN_CONFIG).is_file():
         # A run from before run records: its config cannot be checked, but refusing would leave the user
         # only --overwrite, which deletes the checkpoints they asked to resume from.
-        logger.warning("%s has no %s (an older run): resuming without a config check; recording this config", out, RUN_CONFIG)
+        logger.warning(
+            "%s has no %s (an older run): resuming without a config check; recording this config", out, RUN_CONFIG
+        )
         if main:
             write_json_atomic(out / RUN_CONFIG, record)
     claim_output_dir(out, record, overwrite=overwrite, ignore=rerun_keys, write=main)
@@ -331,7 +388,6 @@ def claim_trainer_run(args, *configs: Any, rerun_keys: Iterable[str] = TRAINER_R
             for path in old:
                 shutil.rmtree(path)
     return resume
-
 
 
 @dataclasses.dataclass
@@ -366,12 +422,16 @@ class Stage:
         saved = self._saved()
         if self.dir.is_dir() and any(self.dir.iterdir()):
             if saved is None or saved.get("key") != self.key:
-                why = "no stage record" if saved is None else "its config changed:\n  " + "\n  ".join(
-                    config_diff(saved.get("key", {}), self.key)
+                why = (
+                    "no stage record"
+                    if saved is None
+                    else "its config changed:\n  " + "\n  ".join(config_diff(saved.get("key", {}), self.key))
                 )
                 refusal = removal_refusal(self.dir)
                 if refusal is not None:
-                    raise FileExistsError(f"stage {self.dir} would be cleared ({why}) but {refusal}: nothing was removed")
+                    raise FileExistsError(
+                        f"stage {self.dir} would be cleared ({why}) but {refusal}: nothing was removed"
+                    )
                 logger.warning("stage %s: clearing earlier outputs (%s)", self.dir, why)
                 shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)

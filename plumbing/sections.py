@@ -67,8 +67,12 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, dict[str, lis
     return top, sections
 
 
-def read_sectioned_yaml(path: str | Path, sections: Mapping[str, type], top_keys: Iterable[str],
-                        overrides: dict[str, dict[str, list[str]]] | None = None) -> dict:
+def read_sectioned_yaml(
+    path: str | Path,
+    sections: Mapping[str, type],
+    top_keys: Iterable[str],
+    overrides: dict[str, dict[str, list[str]]] | None = None,
+) -> dict:
     """The YAML at ``path`` as a dict: every key of ``sections`` present (each a mapping for its dataclass), any
     of ``top_keys`` besides, nothing else; relative paths anchored at the project root (``plumbing.config``); the
     ``--section.field`` ``overrides`` (``split_overrides``) coerced to the fields' types and applied."""
@@ -86,6 +90,8 @@ def read_sectioned_yaml(path: str | Path, sections: Mapping[str, type], top_keys
     for section, values in (overrides or {}).items():
         if section not in sections:
             raise ValueError(f"--{section}.*: no section {section!r}; sections: {sorted(sections)}")
-        raw[section] = {**(raw[section] or {}),
-                        **{name: coerce(sections[section], name, vals, f"{section}.{name}") for name, vals in values.items()}}
+        raw[section] = {
+            **(raw[section] or {}),
+            **{name: coerce(sections[section], name, vals, f"{section}.{name}") for name, vals in values.items()},
+        }
     return raw

@@ -52,8 +52,10 @@ def reported(method: str, replies_per_question: int, n_questions: int) -> bool:
     """Whether the calibration measured ``method``'s interval at (at least) these counts and found it to hold."""
     if method not in REPORTED:
         raise ValueError(f"method {method!r} unknown; calibrated methods: {sorted(REPORTED)}")
-    return any(replies_per_question >= r and n_questions >= q and replies_per_question * n_questions >= t
-               for r, q, t in REPORTED[method])
+    return any(
+        replies_per_question >= r and n_questions >= q and replies_per_question * n_questions >= t
+        for r, q, t in REPORTED[method]
+    )
 
 
 def chosen(kind: str, replies_per_question: int, n_questions: int) -> str | None:
@@ -177,8 +179,9 @@ def rate_interval(k, n, level: float = 0.95) -> tuple[list[float | None], str | 
     return wilson(int(k.sum()), int(n.sum()), level), m
 
 
-def difference_interval(k1, n1, k2, n2, replies_per_question: int, n_questions: int,
-                        level: float = 0.95) -> tuple[list[float | None], str | None]:
+def difference_interval(
+    k1, n1, k2, n2, replies_per_question: int, n_questions: int, level: float = 0.95
+) -> tuple[list[float | None], str | None]:
     """``(interval, method)`` of ``sum k1 / sum n1 - sum k2 / sum n2`` from each sample's per-question counts
     (``(Q1,)``, ``(Q2,)``), by ``chosen`` at the design's counts (the questions both samples counted); pooled
     Newcombe with the method None where none is calibrated."""
@@ -222,7 +225,9 @@ def cluster_difference_bounds(k1, n1, k2, n2, n_boot: int, rng: np.random.Genera
     return lo, hi
 
 
-def cluster_difference(k1, n1, k2=None, n2=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> list[float | None]:
+def cluster_difference(
+    k1, n1, k2=None, n2=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> list[float | None]:
     """``cluster_difference_bounds`` for one experiment (per-question counts, shape (Q,)); one rate without
     ``k2, n2``."""
     k2 = np.zeros_like(np.asarray(k1, float)) if k2 is None else k2

@@ -222,7 +222,8 @@ class DivergenceGuard(TrainerCallback):
             reference = sum(self.first_losses) / len(self.first_losses)
             if reference > 0 and loss > self.max_loss_ratio * reference:
                 self._raise(
-                    state, f"loss {loss:.4g} exceeds max_loss_ratio={self.max_loss_ratio} x the mean of the first "
-                    f"{len(self.first_losses)} logged losses ({reference:.4g}): diverging"
+                    state,
+                    f"loss {loss:.4g} exceeds max_loss_ratio={self.max_loss_ratio} x the mean of the first "
+                    f"{len(self.first_losses)} logged losses ({reference:.4g}): diverging",
                 )
         return control

@@ -21,7 +21,9 @@ class CPUSafeDefaults:
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of activation_checkpointing (default off)."}
     )
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast; None = on when CUDA is available, off on CPU."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast; None = on when CUDA is available, off on CPU."}
+    )
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -29,8 +31,13 @@ class CPUSafeDefaults:
         super().__post_init__()
 
 
-def check_batch_sizes(num_generations: int, per_device_batch: int, world_size: int, steps_per_generation: int,
-                      generation_batch_size: int | None = None) -> int:
+def check_batch_sizes(
+    num_generations: int,
+    per_device_batch: int,
+    world_size: int,
+    steps_per_generation: int,
+    generation_batch_size: int | None = None,
+) -> int:
     """Number of prompts per generation round; raises, naming the flags, when the completions of one round
     (``generation_batch_size``, default per-device batch x processes x steps per generation) do not split into
     whole groups of ``num_generations``, or a group has fewer than 2 completions (no advantage to compute)."""

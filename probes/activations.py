@@ -234,7 +234,9 @@ def project_out(site: str, directions: Tensor, positions: Sequence[int] | Tensor
     q, r = torch.linalg.qr(directions.detach().double())
     rank = int((r.diagonal().abs() > 1e-10 * r.diagonal().abs().max()).sum())
     if rank < directions.shape[1]:
-        raise ValueError(f"project_out: the {directions.shape[1]} directions span only {rank} dimensions; drop dependent ones")
+        raise ValueError(
+            f"project_out: the {directions.shape[1]} directions span only {rank} dimensions; drop dependent ones"
+        )
     return Edit(site, "project_out", q.to(directions.dtype), _positions(positions))
 
 
@@ -263,7 +265,9 @@ def _ordered(sites: Sequence[str], n_layers: int) -> list[str]:
     return sorted(set(sites), key=lambda s: site_layer(s, n_layers))
 
 
-def _visit_all(handles: _Sites, read: Sequence[str], by_site: dict[str, list[Edit]], end: int | None, out: dict) -> None:
+def _visit_all(
+    handles: _Sites, read: Sequence[str], by_site: dict[str, list[Edit]], end: int | None, out: dict
+) -> None:
     """Visit read and edited sites in execution order. ``end`` is the absolute position one past this
     pass's last token (``None``: the pass starts at position 0)."""
     for site in _ordered([*read, *by_site], handles.n_layers):
@@ -371,13 +375,22 @@ def residual_stream(
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device) if attention_mask is not None else None
     if not edits and reader() == "hooks":
-        return torch.cat([
-            _hooked_stream(model, layout, input_ids[start : start + step],
-                           {} if attention_mask is None else {"attention_mask": attention_mask[start : start + step]}, sites)
-            for start in range(0, input_ids.shape[0], step)
-        ], dim=1)
+        return torch.cat(
+            [
+                _hooked_stream(
+                    model,
+                    layout,
+                    input_ids[start : start + step],
+                    {} if attention_mask is None else {"attention_mask": attention_mask[start : start + step]},
+                    sites,
+                )
+                for start in range(0, input_ids.shape[0], step)
+            ],
+            dim=1,
+        )
     root = _wrap(model)
     import nnsight  # already imported by _wrap; see there why not at module top
+
     chunks = []
     for start in range(0, input_ids.shape[0], step):
         rows = slice(start, start + step)

@@ -39,8 +39,14 @@ FORMAT = "belief-rl-probe"
 VERSION = 1
 # The metadata fields load_probe reads and the JSON types each may have (bool is refused where int is).
 _META_TYPES = {
-    "site": str, "d_model": int, "n_layers": int, "source": (str, type(None)), "target_names": (list, type(None)),
-    "alpha": (int, float), "rank": (int, type(None)), "metrics": dict,
+    "site": str,
+    "d_model": int,
+    "n_layers": int,
+    "source": (str, type(None)),
+    "target_names": (list, type(None)),
+    "alpha": (int, float),
+    "rank": (int, type(None)),
+    "metrics": dict,
 }
 
 
@@ -86,7 +92,9 @@ def save_probe(probe: LinearProbe, path: str | Path, model: nn.Module | None = N
         n_layers = model_dims(model)[0]
         source = source or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     if n_layers is None:
-        raise ValueError("the probe's n_layers is unknown; pass model= (the model it was fitted on) or set probe.n_layers")
+        raise ValueError(
+            "the probe's n_layers is unknown; pass model= (the model it was fitted on) or set probe.n_layers"
+        )
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -138,7 +146,11 @@ def load_probe(
     missing = [k for k in _META_TYPES if k not in meta]
     if missing:
         raise ValueError(f"{meta_path} lacks the field(s) {missing}{rewrite}")
-    wrong = [f"{k}={meta[k]!r}" for k, types in _META_TYPES.items() if not isinstance(meta[k], types) or isinstance(meta[k], bool)]
+    wrong = [
+        f"{k}={meta[k]!r}"
+        for k, types in _META_TYPES.items()
+        if not isinstance(meta[k], types) or isinstance(meta[k], bool)
+    ]
     if wrong:
         raise ValueError(f"{meta_path} has fields of the wrong type: {', '.join(wrong)}{rewrite}")
     try:
@@ -164,13 +176,21 @@ def load_probe(
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"{weights_path}: {bad} non-finite (NaN/inf) value(s) in {name} (damaged file?){rewrite}")
     if meta["target_names"] is not None and len(meta["target_names"]) != W.shape[1]:
-        raise ValueError(f"{meta_path} names {len(meta['target_names'])} targets but W has {W.shape[1]} columns{rewrite}")
+        raise ValueError(
+            f"{meta_path} names {len(meta['target_names'])} targets but W has {W.shape[1]} columns{rewrite}"
+        )
     if "sha256" not in meta:
-        logger.warning("%s has no sha256 of its tensors (written before probe files carried one): %s is not checked; "
-                       "save it again with probes.io.save_probe to add it", meta_path, weights_path)
+        logger.warning(
+            "%s has no sha256 of its tensors (written before probe files carried one): %s is not checked; "
+            "save it again with probes.io.save_probe to add it",
+            meta_path,
+            weights_path,
+        )
     elif meta["sha256"] != tensor_sha256(tensors):
-        raise ValueError(f"{weights_path}: the tensors do not match the sha256 in {meta_path} (flipped bits or an edit: "
-                         f"a damaged file){rewrite}")
+        raise ValueError(
+            f"{weights_path}: the tensors do not match the sha256 in {meta_path} (flipped bits or an edit: "
+            f"a damaged file){rewrite}"
+        )
     probe = LinearProbe(
         W,
         b,

@@ -129,9 +129,7 @@ def _solve(X: Tensor, Y: Tensor, w: Tensor, alpha: float) -> tuple[Tensor, Tenso
     return W, b
 
 
-def fit_ridge(
-    X: Tensor, Y: Tensor, alpha: float = 0.0, weights: Tensor | None = None, **metadata
-) -> LinearProbe:
+def fit_ridge(X: Tensor, Y: Tensor, alpha: float = 0.0, weights: Tensor | None = None, **metadata) -> LinearProbe:
     """Fit ``Y ~ X @ W + b`` by weighted ridge (``alpha = 0``: least squares). X (n, d), Y (n, k) or (n,),
     weights (n,). ``metadata`` (site, target_names, metrics) is stored on the probe."""
     X, Y, w = _prepare(X, Y, weights)
@@ -243,7 +241,9 @@ def _held_out(X, Y, w, folds, alpha, shuffle_seed: int | None) -> tuple[Tensor, 
     """Out-of-fold predictions (n, k) for every row in some fold's test set, the same for targets
     shuffled within each training set (``shuffle_seed`` set, else ``None``), and the mean train MSE."""
     k = Y.shape[1]
-    Y_hat = torch.full((Y.shape[0], 2 * k if shuffle_seed is not None else k), float("nan"), dtype=Y.dtype, device=Y.device)
+    Y_hat = torch.full(
+        (Y.shape[0], 2 * k if shuffle_seed is not None else k), float("nan"), dtype=Y.dtype, device=Y.device
+    )
     train_mse = []
     for train, test in folds:
         Y_train = Y[train]
@@ -406,14 +406,23 @@ def population_probe_report(
         return regression_metrics(Y, X @ W + b, w)
 
     report = {
-        "config": {"evaluation": "population", "alpha": alpha, "n": n, "weighted": True,
-                   "target_names": list(target_names) if target_names is not None else None},
+        "config": {
+            "evaluation": "population",
+            "alpha": alpha,
+            "n": n,
+            "weighted": True,
+            "target_names": list(target_names) if target_names is not None else None,
+        },
         "sites": {},
     }
     for site in sites + (["concat"] if concat and len(sites) > 1 else []):
         test = scored(design(activations, site))
-        entry = {"test": test, "train": {"mse": test["mse"]}, "shuffled": shuffled,
-                 "ratio_to_shuffled": test["mse"] / shuffled["test"]["mse"]}
+        entry = {
+            "test": test,
+            "train": {"mse": test["mse"]},
+            "shuffled": shuffled,
+            "ratio_to_shuffled": test["mse"] / shuffled["test"]["mse"],
+        }
         if random_init_activations is not None:
             entry["random_init"] = {"test": scored(design(random_init_activations, site))}
             entry["ratio_to_random_init"] = test["mse"] / entry["random_init"]["test"]["mse"]

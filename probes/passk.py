@@ -73,7 +73,9 @@ def pass_at_k(n: Tensor | Sequence[int] | int, c: Tensor | Sequence[int] | int, 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if (n < k).any():
-        raise ValueError(f"pass@{k} needs at least {k} samples per prompt; the smallest n is {int(n.min())}: sample more or lower k")
+        raise ValueError(
+            f"pass@{k} needs at least {k} samples per prompt; the smallest n is {int(n.min())}: sample more or lower k"
+        )
     if ((c < 0) | (c > n)).any():
         raise ValueError("correct counts must lie in [0, n]")
     # C(n-c, k) / C(n, k) = (n-c)! (n-k)! / ((n-c-k)! n!), in log space; 0 (pass 1) when fewer than k are wrong
@@ -103,7 +105,9 @@ def pass_at_k_exact(p: Tensor, k: int | Sequence[int]) -> Tensor:
     return -torch.expm1(ks * torch.log1p(-p))
 
 
-def pass_at_k_curve(per_prompt: Tensor, ks: Sequence[int], level: float = 0.95, n_boot: int = 1000, seed: int = 0) -> dict:
+def pass_at_k_curve(
+    per_prompt: Tensor, ks: Sequence[int], level: float = 0.95, n_boot: int = 1000, seed: int = 0
+) -> dict:
     """Mean pass@k over prompts with a percentile bootstrap CI over prompts: ``per_prompt`` is (prompts, len(ks))."""
     per_prompt = torch.as_tensor(per_prompt, dtype=torch.float64)
     if per_prompt.dim() != 2 or per_prompt.shape[1] != len(ks):
@@ -157,15 +161,42 @@ class PassKConfig:
     what they test: the old "new coverage" rule is "sharper at k", which a simulated ``pi_ref exp(beta r) / Z`` reweighting
     passes in up to 100 of 100 reports (``toy.experiments.passk_calibration``)."""
 
-    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256], metadata={"help": "k values of the curves (largest = the k of the 'sharper' verdict)."})
-    min_gain_k1: float = field(default=0.02, metadata={"help": "Below this pass@1 gain (post - ref) RL did not help at k = 1: inconclusive."})
-    gap_margin: float = field(default=0.02, metadata={"help": "pass@k(post) - pass@k(ref) from which (CI above 0) a policy is sharper / wider at k, and under which (CI's upper end) it is not."})
-    max_chance: float = field(default=0.5, metadata={"help": "Chance pass@k at or above which a pass@k gap at that k is uninformative."})
+    ks: list[int] = field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256],
+        metadata={"help": "k values of the curves (largest = the k of the 'sharper' verdict)."},
+    )
+    min_gain_k1: float = field(
+        default=0.02, metadata={"help": "Below this pass@1 gain (post - ref) RL did not help at k = 1: inconclusive."}
+    )
+    gap_margin: float = field(
+        default=0.02,
+        metadata={
+            "help": "pass@k(post) - pass@k(ref) from which (CI above 0) a policy is sharper / wider at k, and under which (CI's upper end) it is not."
+        },
+    )
+    max_chance: float = field(
+        default=0.5, metadata={"help": "Chance pass@k at or above which a pass@k gap at that k is uninformative."}
+    )
     level: float = field(default=0.95, metadata={"help": "Level of the paired bootstrap CI of a pass@k gap."})
-    n_boot: int = field(default=20000, metadata={"help": "Bootstrap resamples of the prompts for that CI (its Monte-Carlo error is reported beside it)."})
+    n_boot: int = field(
+        default=20000,
+        metadata={
+            "help": "Bootstrap resamples of the prompts for that CI (its Monte-Carlo error is reported beside it)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
-    support_k: float = field(default=1e5, metadata={"help": "K of 'outside the reference's support': the reference's probability of the post-RL correct replies must be below 1/K (390x the 256 replies of the largest report)."})
-    support_level: float = field(default=0.95, metadata={"help": "Family-wise level of the per-prompt one-sided upper bounds of that probability (Bonferroni over the prompts tested)."})
+    support_k: float = field(
+        default=1e5,
+        metadata={
+            "help": "K of 'outside the reference's support': the reference's probability of the post-RL correct replies must be below 1/K (390x the 256 replies of the largest report)."
+        },
+    )
+    support_level: float = field(
+        default=0.95,
+        metadata={
+            "help": "Family-wise level of the per-prompt one-sided upper bounds of that probability (Bonferroni over the prompts tested)."
+        },
+    )
 
     def __post_init__(self):
         if self.n_boot < 20 or self.support_k < 1 or not 0 < self.level < 1 or not 0 < self.support_level < 1:
@@ -196,8 +227,10 @@ def gap_call(ref_k: Tensor, post_k: Tensor, cfg: PassKConfig) -> dict:
 
 
 def _gap_text(k: int, g: dict, cfg: PassKConfig) -> str:
-    return (f"pass@{k} post - ref = {g['gap']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] (CI ends +- {g['ci_mc_se']:.4f} "
-            f"Monte-Carlo, {cfg.n_boot} resamples; margin {cfg.gap_margin})")
+    return (
+        f"pass@{k} post - ref = {g['gap']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] (CI ends +- {g['ci_mc_se']:.4f} "
+        f"Monte-Carlo, {cfg.n_boot} resamples; margin {cfg.gap_margin})"
+    )
 
 
 def split_half_null(n: int, c: Tensor, k: int, cfg: PassKConfig, seed: int = 0) -> dict:
@@ -216,8 +249,14 @@ def split_half_null(n: int, c: Tensor, k: int, cfg: PassKConfig, seed: int = 0) 
     second = torch.minimum(c - first, torch.full_like(c, h))  # an odd n leaves one reply out of the second half
     a, b = pass_at_k(h, first, k), pass_at_k(h, second, k)
     g = gap_call(b, a, cfg)
-    return {"k": k, "half": h, "gap": g["gap"], "gap_ci": g["ci"], "only_first": coverage(a, b)["only_a"],
-            "calls_sharper": g["call"] == "above"}
+    return {
+        "k": k,
+        "half": h,
+        "gap": g["gap"],
+        "gap_ci": g["ci"],
+        "only_first": coverage(a, b)["only_a"],
+        "calls_sharper": g["call"] == "above",
+    }
 
 
 def null_controls(counts: dict[str, Tensor], n: int, k: int, pcfg: PassKConfig) -> dict:
@@ -231,7 +270,7 @@ def null_controls(counts: dict[str, Tensor], n: int, k: int, pcfg: PassKConfig) 
 
 
 def passk_verdict(ref: Tensor, post: Tensor, cfg: PassKConfig, chance: Tensor | None = None) -> dict:
-    """"Sharper at k": the pass@k gain at the tables' largest k, from per-prompt pass@k tables (prompts, len(cfg.ks))
+    """ "Sharper at k": the pass@k gain at the tables' largest k, from per-prompt pass@k tables (prompts, len(cfg.ks))
     of the reference and the post-RL policy (cut at ``k_verdict`` by the caller).
 
     * "inconclusive": pass@1 gained less than ``min_gain_k1``;
@@ -253,8 +292,15 @@ def passk_verdict(ref: Tensor, post: Tensor, cfg: PassKConfig, chance: Tensor | 
     cov = coverage(post[:, -1], ref[:, -1])  # a = post, b = ref
     g = gap_call(ref[:, -1], post[:, -1], cfg)
     out = {
-        "k_max": k, "gain_k1": gain, "gap_k_max": g["gap"], "gap_k_max_ci": g["ci"], "gap_ci_mc_se": g["ci_mc_se"],
-        "only_post": cov["only_a"], "only_ref": cov["only_b"], "both": cov["both"], "neither": cov["neither"],
+        "k_max": k,
+        "gain_k1": gain,
+        "gap_k_max": g["gap"],
+        "gap_k_max_ci": g["ci"],
+        "gap_ci_mc_se": g["ci_mc_se"],
+        "only_post": cov["only_a"],
+        "only_ref": cov["only_b"],
+        "both": cov["both"],
+        "neither": cov["neither"],
         "crossover_k": crossover_k(ref.mean(0).tolist(), post.mean(0).tolist(), cfg.ks),
         "chance_k_max": None if chance is None else float(torch.as_tensor(chance, dtype=torch.float64)[:, -1].mean()),
     }
@@ -268,14 +314,19 @@ def passk_verdict(ref: Tensor, post: Tensor, cfg: PassKConfig, chance: Tensor | 
         out["verdict"], out["why"] = f"sharper at k={k}", f"{at}: above 0 and >= the margin"
     elif g["call"] == "below":
         out["verdict"] = f"not sharper at k={k}"
-        out["why"] = f"{at}: below the margin" + (f"; the reference catches up from k = {out['crossover_k']}" if out["crossover_k"] else "")
+        out["why"] = f"{at}: below the margin" + (
+            f"; the reference catches up from k = {out['crossover_k']}" if out["crossover_k"] else ""
+        )
     else:
-        out["verdict"], out["why"] = f"undecided at k={k}", f"{at}: the CI straddles 0 or the margin; more prompts or samples would decide"
+        out["verdict"], out["why"] = (
+            f"undecided at k={k}",
+            f"{at}: the CI straddles 0 or the margin; more prompts or samples would decide",
+        )
     return out
 
 
 def wider_verdict(ref_k: Tensor, post_k: Tensor, k: int, cfg: PassKConfig, chance_k: Tensor | None = None) -> dict:
-    """"Wider at k": the reference's pass@k at the largest affordable k (``ref_k``, ``post_k``: per-prompt pass@k at
+    """ "Wider at k": the reference's pass@k at the largest affordable k (``ref_k``, ``post_k``: per-prompt pass@k at
     that ``k``) stays below the post-RL policy's -- the gap rule of ``passk_verdict`` at the end of the budget, without
     the pass@1 gate. "uninformative at k=K" when guessing (``chance_k``) reaches ``max_chance`` there. A reweighting
     of a reference whose success on some prompts is below ~1/K passes it too: the budget, not the support, ends."""
@@ -284,15 +335,22 @@ def wider_verdict(ref_k: Tensor, post_k: Tensor, k: int, cfg: PassKConfig, chanc
     out = {"k": k, "gap": g["gap"], "gap_ci": g["ci"], "gap_ci_mc_se": g["ci_mc_se"], "chance": chance}
     at = _gap_text(k, g, cfg)
     if chance is not None and chance >= cfg.max_chance:
-        out["verdict"], out["why"] = f"uninformative at k={k}", f"guessing alone solves {chance:.2f} of the prompts at k = {k}"
+        out["verdict"], out["why"] = (
+            f"uninformative at k={k}",
+            f"guessing alone solves {chance:.2f} of the prompts at k = {k}",
+        )
     else:
-        out["verdict"] = {"above": f"wider at k={k}", "below": f"not wider at k={k}", "undecided": f"undecided at k={k}"}[g["call"]]
+        out["verdict"] = {
+            "above": f"wider at k={k}",
+            "below": f"not wider at k={k}",
+            "undecided": f"undecided at k={k}",
+        }[g["call"]]
         out["why"] = at
     return out
 
 
 def outside_support(n: int, c_post: Tensor, c_ref: Tensor, log_w: list[Tensor], cfg: PassKConfig) -> dict:
-    """"Outside the reference's support at K": the reference gives the post-RL policy's correct replies on a prompt a
+    """ "Outside the reference's support at K": the reference gives the post-RL policy's correct replies on a prompt a
     total probability below ``1 / cfg.support_k``, with confidence.
 
     Per prompt, from the post-RL policy's ``n`` replies (``c_post`` correct; ``log_w[i]``: for each correct reply,
@@ -313,7 +371,11 @@ def outside_support(n: int, c_post: Tensor, c_ref: Tensor, log_w: list[Tensor], 
         raise ValueError("log_w needs one log-weight per correct post-RL reply, for every prompt")
     tested = (c_post >= 1) & (c_ref == 0)
     m = int(tested.sum())
-    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - (1 - cfg.support_level) / max(m, 1), dtype=torch.float64)))
+    z = float(
+        torch.distributions.Normal(0.0, 1.0).icdf(
+            torch.tensor(1 - (1 - cfg.support_level) / max(m, 1), dtype=torch.float64)
+        )
+    )
     p_hat, upper = [], []
     for w in log_w:
         w = torch.as_tensor(w, dtype=torch.float64).exp()
@@ -326,16 +388,27 @@ def outside_support(n: int, c_post: Tensor, c_ref: Tensor, log_w: list[Tensor], 
     flagged = tested & (upper < 1 / cfg.support_k)
     f = int(flagged.sum())
     K = f"{cfg.support_k:.0e}".replace("e+0", "e")
-    out = {"support_k": cfg.support_k, "n_tested": m, "n_flagged": f, "flagged": flagged.nonzero().flatten().tolist(),
-           "p_hat": p_hat.tolist(), "upper": upper.tolist(), "z": z}
+    out = {
+        "support_k": cfg.support_k,
+        "n_tested": m,
+        "n_flagged": f,
+        "flagged": flagged.nonzero().flatten().tolist(),
+        "p_hat": p_hat.tolist(),
+        "upper": upper.tolist(),
+        "z": z,
+    }
     if f:
         out["verdict"] = f"outside the reference's support at K={K}"
-        out["why"] = (f"on {f} of {len(c_post)} prompts the reference gives the post-RL correct replies probability < 1/K "
-                      f"(importance-sampled, one-sided upper bound at family-wise {cfg.support_level}; {m} prompts tested)")
+        out["why"] = (
+            f"on {f} of {len(c_post)} prompts the reference gives the post-RL correct replies probability < 1/K "
+            f"(importance-sampled, one-sided upper bound at family-wise {cfg.support_level}; {m} prompts tested)"
+        )
     else:
         out["verdict"] = f"not shown outside the reference's support (K={K})"
-        out["why"] = (f"no prompt's upper bound is below 1/K ({m} tested: solved by the post-RL policy, by none of the reference's "
-                      "replies)" + ("" if m == 0 else f"; smallest upper bound {float(upper[tested].min()):.2e}"))
+        out["why"] = (
+            f"no prompt's upper bound is below 1/K ({m} tested: solved by the post-RL policy, by none of the reference's "
+            "replies)" + ("" if m == 0 else f"; smallest upper bound {float(upper[tested].min()):.2e}")
+        )
     return out
 
 
@@ -344,7 +417,11 @@ def summary(sharper: dict, wider: dict | None, outside: dict | None, elicited: T
     elicitation baseline did not solve (``elicited``: per prompt, whether the reference with worked examples in
     context solved it; None: no baseline). The flag is about the post-RL policy's replies: a reference that answers
     the same prompt correctly in another format, or after a few examples, has the capability."""
-    parts = [sharper["verdict"]] + ([wider["verdict"]] if wider else []) + [outside["verdict"] if outside else "outside-support test not run (no per-reply log-likelihoods)"]
+    parts = (
+        [sharper["verdict"]]
+        + ([wider["verdict"]] if wider else [])
+        + [outside["verdict"] if outside else "outside-support test not run (no per-reply log-likelihoods)"]
+    )
     flagged = outside["flagged"] if outside else []
     new = [i for i in flagged if elicited is None or not bool(elicited[i])]
     if new:

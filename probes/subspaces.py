@@ -30,7 +30,9 @@ def _columns(span: Tensor | LinearProbe) -> Tensor:
     if A.dim() == 1:
         A = A[:, None]
     if A.dim() != 2:
-        raise ValueError(f"a subspace is a (d_model, m) matrix of spanning columns or a LinearProbe, got shape {tuple(A.shape)}")
+        raise ValueError(
+            f"a subspace is a (d_model, m) matrix of spanning columns or a LinearProbe, got shape {tuple(A.shape)}"
+        )
     return A.double()
 
 
@@ -93,9 +95,7 @@ def fraction_in_subspace(vectors: Tensor, span: Tensor | LinearProbe) -> Tensor:
     return ((v @ Q) ** 2).sum(-1) / norm2
 
 
-def random_subspace(
-    d_model: int, dim: int, seed: int = 0, n: int | None = None, device=None
-) -> Tensor:
+def random_subspace(d_model: int, dim: int, seed: int = 0, n: int | None = None, device=None) -> Tensor:
     """Uniformly random (Haar) orthonormal basis (d_model, dim), or ``n`` of them (n, d_model, dim), seeded."""
     if not 1 <= dim <= d_model:
         raise ValueError(f"dim must be in [1, d_model={d_model}], got {dim}")

@@ -14,7 +14,9 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GPU_TIER_DEVICE = os.environ.get("GPU_TIER_DEVICE", "cuda")
 if GPU_TIER_DEVICE not in ("cuda", "cpu"):
-    raise pytest.UsageError(f"GPU_TIER_DEVICE={GPU_TIER_DEVICE!r}; unset it (cuda) or set it to cpu for the gpu tier's dry run")
+    raise pytest.UsageError(
+        f"GPU_TIER_DEVICE={GPU_TIER_DEVICE!r}; unset it (cuda) or set it to cpu for the gpu tier's dry run"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

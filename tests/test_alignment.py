@@ -159,7 +159,9 @@ def test_subset_world_samples_follow_the_definition():
     copy = torch.div(t, K * 3, rounding_mode="floor")
     q = subset_tag_probs(K, corr)
     for k in range(K):
-        assert copy[sub == k].double().mean().item() == pytest.approx(float(q[k] * (1 - noise) + (1 - q[k]) * noise), abs=0.02)
+        assert copy[sub == k].double().mean().item() == pytest.approx(
+            float(q[k] * (1 - noise) + (1 - q[k]) * noise), abs=0.02
+        )
     # the per-slice misaligned mass of the beliefs, against the next-token distribution with the tag noise undone:
     # P(k, copy 1) = P(k, a 1) (1 - n) + (P(k) - P(k, a 1)) n
     b = belief_states(p, t[:50])

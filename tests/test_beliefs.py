@@ -39,9 +39,7 @@ from toy.processes import (
 )
 
 # A 2-state HMM small enough to filter by hand. Rows: A -> 0.3+0.2+0.0+0.5, B -> 0.1+0.0+0.4+0.5.
-HAND = Process(
-    torch.tensor([[[0.3, 0.2], [0.1, 0.0]], [[0.0, 0.5], [0.4, 0.5]]], dtype=torch.float64), name="hand"
-)
+HAND = Process(torch.tensor([[[0.3, 0.2], [0.1, 0.0]], [[0.0, 0.5], [0.4, 0.5]]], dtype=torch.float64), name="hand")
 
 
 def test_position_convention_two_step_hand_example():
@@ -251,7 +249,13 @@ def test_msp_finite_for_rrxor_and_tolerance_merges():
 
 @pytest.mark.parametrize(
     "process,depths",
-    [(mess3(), [0, 1, 5, 9]), (mess3(0.15, 0.6), [3, 8]), (rrxor(), [4, 30]), (even(0.5), [20]), (golden_mean(0.5), [20])],
+    [
+        (mess3(), [0, 1, 5, 9]),
+        (mess3(0.15, 0.6), [3, 8]),
+        (rrxor(), [4, 30]),
+        (even(0.5), [20]),
+        (golden_mean(0.5), [20]),
+    ],
 )
 def test_msp_is_the_reference_tree(process, depths):
     """Same nodes, beliefs, token probabilities, transitions, levels and depths as the previous implementation,
@@ -321,7 +325,7 @@ def test_msp_tolerance_merges_only_beliefs_closer_than_tol():
     rng = np.random.default_rng(0)
     a = rng.dirichlet(np.ones(3), 100_000)
     b = a + rng.uniform(-2e-12, 2e-12, a.shape)
-    same = (_hashes(a, tol, mult)[1] == _hashes(b, tol, mult)[1])
+    same = _hashes(a, tol, mult)[1] == _hashes(b, tol, mult)[1]
     assert same.any() and (~same).any() and np.abs(a - b)[same].max() < tol
 
 
@@ -354,9 +358,11 @@ def test_independent_mess3_factors_span_3K_minus_1_joint_and_2K_marginal_dims(K)
     beliefs = sample(p, 512, 12, seed=0, return_beliefs=True).beliefs.reshape(-1, p.n_states)
     joint_dim, s_joint = affine_dim(beliefs)
     marg_dim, s_marg = affine_dim(torch.cat(factor_marginals(p, beliefs), -1))
-    print(f"K={K}: joint affine dim {joint_dim} (smallest kept / first dropped sv: "
-          f"{s_joint[joint_dim - 1]:.2e} / {s_joint[joint_dim] if joint_dim < len(s_joint) else 0:.2e}); "
-          f"marginals {marg_dim} ({s_marg[marg_dim - 1]:.2e} / {s_marg[marg_dim]:.2e})")
+    print(
+        f"K={K}: joint affine dim {joint_dim} (smallest kept / first dropped sv: "
+        f"{s_joint[joint_dim - 1]:.2e} / {s_joint[joint_dim] if joint_dim < len(s_joint) else 0:.2e}); "
+        f"marginals {marg_dim} ({s_marg[marg_dim - 1]:.2e} / {s_marg[marg_dim]:.2e})"
+    )
     assert joint_dim == 3**K - 1 and marg_dim == 2 * K
     assert s_joint[joint_dim - 1] > 1e-4 and s_marg[marg_dim - 1] > 1e-2  # a clear gap, not a borderline count
 

@@ -75,7 +75,9 @@ def test_verdict_needs_a_reward_gain_and_agreeing_signatures():
     flat = {"reward_gain": 0.01, "excess_reward": 0.3, "explained_kl": 0.0}
     assert verdict(flat, {"latent_gain": 0.5, "latent_gain_output_site": 0.5}, cfg)[0] == "inconclusive"
     mixed = {"reward_gain": 0.2, "excess_reward": 0.3, "explained_kl": 0.0}
-    assert verdict(mixed, {"latent_gain": 0.0, "latent_gain_output_site": 0.0}, cfg)[0] == "inconclusive"  # behaviour says new, representation does not
+    assert (
+        verdict(mixed, {"latent_gain": 0.0, "latent_gain_output_site": 0.0}, cfg)[0] == "inconclusive"
+    )  # behaviour says new, representation does not
     # the verdict reads the latent where latent_site says: the output site by default, all sites on request
     split = {"latent_gain": 0.02, "latent_gain_output_site": 0.2}
     assert verdict(mixed, split, cfg)[0] == "composition"
@@ -90,7 +92,9 @@ def test_representation_report_on_constructed_activations(prompts):
     g = torch.Generator().manual_seed(0)
     marg = beliefs.reshape(-1, 3, 5)
     factors = torch.cat([marg.sum(2), marg.sum(1)], 1)  # (N, 8)
-    X_pre = torch.cat([factors, torch.zeros(len(beliefs), 4, dtype=torch.float64)], 1) + 1e-3 * torch.randn(len(beliefs), 12, generator=g, dtype=torch.float64)
+    X_pre = torch.cat([factors, torch.zeros(len(beliefs), 4, dtype=torch.float64)], 1) + 1e-3 * torch.randn(
+        len(beliefs), 12, generator=g, dtype=torch.float64
+    )
     X_post = X_pre.clone()
     X_post[:, 10] += reward.latent(beliefs).double()
     rep = representation_report(X_pre, X_post, P, reward, beliefs, d_model=4)  # the last 4 columns: the "output site"
@@ -115,7 +119,9 @@ def test_supervised_control_learns_the_rewarded_token_and_trains_only_named_modu
     reward = ComposedLatentReward(P, [0, 1], [0], [1, 2], "xor", [0, 1])
     pre = build_model(ToyModelConfig(preset="mess3_small"), P.vocab_size + 2, 8, seed=0)
     prompts, beliefs = prompt_set(P, 2000, 6, seed=0)
-    control = supervised_control(pre, P, reward, prompts, beliefs, [r"^transformer\.h\.1\.", "^lm_head"], steps=150, batch_size=128)
+    control = supervised_control(
+        pre, P, reward, prompts, beliefs, [r"^transformer\.h\.1\.", "^lm_head"], steps=150, batch_size=128
+    )
     table = reward.table(beliefs)
     before = float((policy_probs(pre, prompts, P.vocab_size) * table).sum(1).mean())
     after = float((policy_probs(control, prompts, P.vocab_size) * table).sum(1).mean())
@@ -142,15 +148,57 @@ def test_seed_sweep_with_supervised_control(tmp_path):
     from toy.experiments.rl import main
 
     pre_cfg = tmp_path / "pre.yaml"
-    pre_cfg.write_text(yaml.safe_dump({
-        "process": "product", "process_kwargs": {"factors": [{"name": "mess3", "x": 0.05, "a": 0.85}, {"name": "rrxor"}]},
-        "context_length": 8, "preset": "mess3_small", "steps": 40, "batch_size": 64, "warmup_steps": 10,
-        "eval_every": 0, "save_every": 0, "val_samples": 500, "progress": False, "use_cpu": True,
-    }))
-    main(["--config", "configs/toy/rl_compose.yaml", "--pretrain_config", str(pre_cfg), "--pretrain_dir", str(tmp_path / "pre"),
-          "--output_dir", str(tmp_path / "c"), "--prompt_length", "6", "--n_train_prompts", "500", "--n_eval_prompts", "400",
-          "--max_steps", "4", "--per_device_train_batch_size", "64", "--exact_eval_every", "2", "--seeds", "0",
-          "--supervised_control", "true", "--control_steps", "20", "--train_modules", r"^transformer\.h\.1\.", "^lm_head"])
+    pre_cfg.write_text(
+        yaml.safe_dump(
+            {
+                "process": "product",
+                "process_kwargs": {"factors": [{"name": "mess3", "x": 0.05, "a": 0.85}, {"name": "rrxor"}]},
+                "context_length": 8,
+                "preset": "mess3_small",
+                "steps": 40,
+                "batch_size": 64,
+                "warmup_steps": 10,
+                "eval_every": 0,
+                "save_every": 0,
+                "val_samples": 500,
+                "progress": False,
+                "use_cpu": True,
+            }
+        )
+    )
+    main(
+        [
+            "--config",
+            "configs/toy/rl_compose.yaml",
+            "--pretrain_config",
+            str(pre_cfg),
+            "--pretrain_dir",
+            str(tmp_path / "pre"),
+            "--output_dir",
+            str(tmp_path / "c"),
+            "--prompt_length",
+            "6",
+            "--n_train_prompts",
+            "500",
+            "--n_eval_prompts",
+            "400",
+            "--max_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "64",
+            "--exact_eval_every",
+            "2",
+            "--seeds",
+            "0",
+            "--supervised_control",
+            "true",
+            "--control_steps",
+            "20",
+            "--train_modules",
+            r"^transformer\.h\.1\.",
+            "^lm_head",
+        ]
+    )
     saved = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert saved["aggregate"]["control"]["verdicts"][0] in {"reweighting", "composition", "inconclusive"}
     assert (tmp_path / "c" / "seed0" / "control" / "composition_report.md").is_file()

@@ -40,9 +40,34 @@ def test_em_chain_tiny_grid(tmp_path):
     from toy.experiments.em_chain import main
 
     out = tmp_path / "run"
-    argv = ["--config", "configs/toy/em_chain.yaml", "--output_dir", str(out), "--couplings", "1.0", "--n_seeds", "1",
-            "--steps", "20", "--sft_steps", "4", "--grpo_steps", "2", "--finetune_steps", "4", "--eval_prompts", "60",
-            "--probe_sequences", "30", "--knob_windows", "50", "--batch_size", "16", "--val_samples", "40"]
+    argv = [
+        "--config",
+        "configs/toy/em_chain.yaml",
+        "--output_dir",
+        str(out),
+        "--couplings",
+        "1.0",
+        "--n_seeds",
+        "1",
+        "--steps",
+        "20",
+        "--sft_steps",
+        "4",
+        "--grpo_steps",
+        "2",
+        "--finetune_steps",
+        "4",
+        "--eval_prompts",
+        "60",
+        "--probe_sequences",
+        "30",
+        "--knob_windows",
+        "50",
+        "--batch_size",
+        "16",
+        "--val_samples",
+        "40",
+    ]
     metrics = main(argv)
     for name in ("metrics.json", "summary.md", "transfer_vs_coupling.png"):
         assert (out / name).is_file()
@@ -64,9 +89,34 @@ def test_em_chain_tiny_grid(tmp_path):
     assert again["cells"][0]["wall_s"] == cell["wall_s"]
 
 
-TINY = ["--config", "configs/toy/em_chain.yaml", "--steps", "20", "--sft_steps", "4", "--grpo_steps", "2", "--finetune_steps", "4",
-        "--eval_prompts", "60", "--probe_sequences", "30", "--knob_windows", "50", "--batch_size", "16", "--val_samples", "40",
-        "--switch_probs", "0.05", "--n_seeds", "1", "--use_cpu", "true"]
+TINY = [
+    "--config",
+    "configs/toy/em_chain.yaml",
+    "--steps",
+    "20",
+    "--sft_steps",
+    "4",
+    "--grpo_steps",
+    "2",
+    "--finetune_steps",
+    "4",
+    "--eval_prompts",
+    "60",
+    "--probe_sequences",
+    "30",
+    "--knob_windows",
+    "50",
+    "--batch_size",
+    "16",
+    "--val_samples",
+    "40",
+    "--switch_probs",
+    "0.05",
+    "--n_seeds",
+    "1",
+    "--use_cpu",
+    "true",
+]
 # one persona cell and one cell of the seed's 9.2 world (capability subsets x one tag)
 TWO_CELLS = [*TINY, "--couplings", "1.0", "--subset_correlations", "1.0"]
 NAMES = ["coupling_1.0_switch_0.05_seed_0", "subsets_1.0_switch_0.05_seed_0"]
@@ -75,7 +125,12 @@ NAMES = ["coupling_1.0_switch_0.05_seed_0", "subsets_1.0_switch_0.05_seed_0"]
 def _flat(x, path=""):
     """Every leaf of a cell result by its path, wall and CPU times left out."""
     if isinstance(x, dict):
-        return {k: v for key, val in x.items() if key not in ("wall_s", "cpu_s") for k, v in _flat(val, f"{path}.{key}").items()}
+        return {
+            k: v
+            for key, val in x.items()
+            if key not in ("wall_s", "cpu_s")
+            for k, v in _flat(val, f"{path}.{key}").items()
+        }
     if isinstance(x, list):
         return {k: v for i, val in enumerate(x) for k, v in _flat(val, f"{path}[{i}]").items()}
     return {path: x}
@@ -108,7 +163,9 @@ def test_shards_give_the_cells_of_one_process_and_resume(tmp_path):
     _assert_same_cells(sharded, tmp_path / "one")
     again = main([*TWO_CELLS, "--output_dir", str(sharded), "--summarize_only", "true"])
     assert len(again["cells"]) == 2 and "Cells present: 2 of 2" in (sharded / "summary.md").read_text()
-    assert (sharded / "transfer_vs_subset_correlation.png").is_file() and (sharded / "transfer_vs_coupling.png").is_file()
+    assert (sharded / "transfer_vs_subset_correlation.png").is_file() and (
+        sharded / "transfer_vs_coupling.png"
+    ).is_file()
     assert any(v.startswith("(9.2)") for v in again["verdicts"])
     # the subset world's knob: at correlation 1 the tag is a function of the subset, MI = H(1/3) exactly
     k = again["cells"][1]["knob"]
@@ -140,8 +197,21 @@ def test_torchrun_two_ranks_split_the_cells_and_rank0_summarises(tmp_path):
     )
     out = tmp_path / "ranks"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563", str(script),
-           *TWO_CELLS, "--output_dir", str(out), "--wait_timeout_s", "600"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29563",
+        str(script),
+        *TWO_CELLS,
+        "--output_dir",
+        str(out),
+        "--wait_timeout_s",
+        "600",
+    ]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -167,7 +237,9 @@ def _naive_visit_T(cap, slices, sp, noise):
                             for j in range(S):
                                 keep = (1 - sp if a == b else sp) if slices[x] == prev else 0.5
                                 shows = 1 - noise if c == b else noise
-                                T[c * V + x, (a * K + prev) * S + i, (b * K + slices[x]) * S + j] = cap.T[x, i, j] * keep * shows
+                                T[c * V + x, (a * K + prev) * S + i, (b * K + slices[x]) * S + j] = (
+                                    cap.T[x, i, j] * keep * shows
+                                )
     return T
 
 
@@ -187,7 +259,9 @@ def test_worlds_without_the_shared_factor_exact():
     # shared persona as much as within
     eq = (1 - sp) * ((1 - noise) ** 2 + noise**2) + sp * 2 * noise * (1 - noise)
     mi = copy_mi(v, slices)
-    assert mi["same_slice"] == pytest.approx(math.log(2) - _h(eq), abs=1e-12) and mi["other_slice"] == pytest.approx(0, abs=1e-12)
+    assert mi["same_slice"] == pytest.approx(math.log(2) - _h(eq), abs=1e-12) and mi["other_slice"] == pytest.approx(
+        0, abs=1e-12
+    )
     shared = copy_mi(persona_world(mess3(), [0, 1, 2], 1.0, sp, noise), [0, 1, 2])
     assert shared["other_slice"] == pytest.approx(math.log(2) - _h(eq), abs=1e-12)
     # the world's own in-context transfer: 0 without a latent across slices, 1 with one shared persona
@@ -195,7 +269,9 @@ def test_worlds_without_the_shared_factor_exact():
     b = bayes_transfer(v, slices, 0, narrow)
     assert b["narrow_effect"] > 0.05 and b["broad_effect"] == pytest.approx(0, abs=1e-12)
     p1 = persona_world(mess3(), [0, 1, 2], 1.0)
-    assert bayes_transfer(p1, [0, 1, 2], 0, narrow_windows(p1, 200, 10, 5, [0, 1, 2], 0, 0))["transfer"] == pytest.approx(1, abs=1e-9)
+    assert bayes_transfer(p1, [0, 1, 2], 0, narrow_windows(p1, 200, 10, 5, [0, 1, 2], 0, 0))[
+        "transfer"
+    ] == pytest.approx(1, abs=1e-9)
     # no tag at all: the misaligned copy never occurs, the narrow data is impossible, no posterior to condition
     t = tagless_world(cap)
     assert (factor_tokens(t, sample(t, 50, 10, seed=0).tokens)[..., 0] == 0).all()
@@ -218,8 +294,12 @@ def test_at_shifts_interpolates_the_first_crossing():
 def test_capability_kl_reads_the_capability_marginal():
     from toy.em_dose import capability_kl
 
-    p = torch.tensor([[0.1, 0.2, 0.3, 0.2, 0.1, 0.1, 0.0]], dtype=torch.float64)  # 2 copies x 3 tokens + 1 special token
-    q = torch.tensor([[0.3, 0.0, 0.0, 0.0, 0.3, 0.4, 0.0]], dtype=torch.float64)  # other copies, same capability marginal 0.3 / 0.3 / 0.4
+    p = torch.tensor(
+        [[0.1, 0.2, 0.3, 0.2, 0.1, 0.1, 0.0]], dtype=torch.float64
+    )  # 2 copies x 3 tokens + 1 special token
+    q = torch.tensor(
+        [[0.3, 0.0, 0.0, 0.0, 0.3, 0.4, 0.0]], dtype=torch.float64
+    )  # other copies, same capability marginal 0.3 / 0.3 / 0.4
     assert capability_kl(p, q, 2, 3) == pytest.approx(0, abs=1e-12)
     r = torch.tensor([[0.5, 0.25, 0.25, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     ref = 0.3 * math.log(0.3 / 0.5) + 0.3 * math.log(0.3 / 0.25) + 0.4 * math.log(0.4 / 0.25)
@@ -241,8 +321,15 @@ def _cells(world, arms):
 def test_rules_decide_by_the_declared_conditions_and_controls_can_fail():
     from toy.em_dose import check_claims, decide, judge
 
-    narrow = {"test": "transfer", "world": "w", "stage": "none", "method": "full", "shift": 0.5,
-              "supported": "ci_high <= 0.2", "contradicted": "ci_low >= 0.5"}
+    narrow = {
+        "test": "transfer",
+        "world": "w",
+        "stage": "none",
+        "method": "full",
+        "shift": 0.5,
+        "supported": "ci_high <= 0.2",
+        "contradicted": "ci_low >= 0.5",
+    }
     assert decide({"mean": 0.1, "ci": [0.0, 0.15], "n": 5}, narrow) == "supported"
     assert decide({"mean": 0.7, "ci": [0.6, 0.8], "n": 5}, narrow) == "contradicted"
     assert decide({"mean": 0.3, "ci": [0.1, 0.5], "n": 5}, narrow) == "undecided"
@@ -253,16 +340,30 @@ def test_rules_decide_by_the_declared_conditions_and_controls_can_fail():
         check_claims({"bad": {**narrow, "supported": "ci_hi <= 0.2"}})
     with pytest.raises(ValueError, match="base"):
         check_claims({"bad": {**narrow, "test": "difference"}})
-    raise_ = {"test": "difference", "base": {"stage": "none", "method": "same"}, "world": "w", "stage": "sft",
-              "method": "full", "shift": 0.5, "supported": "ci_low > 0.05", "contradicted": "ci_high < 0.05", "expect": "not supported"}
+    raise_ = {
+        "test": "difference",
+        "base": {"stage": "none", "method": "same"},
+        "world": "w",
+        "stage": "sft",
+        "method": "full",
+        "shift": 0.5,
+        "supported": "ci_low > 0.05",
+        "contradicted": "ci_high < 0.05",
+        "expect": "not supported",
+    }
     cells = _cells("w", {("none", "full"): [0.1, 0.2, 0.15, 0.1, 0.2], ("sft", "full"): [0.5, 0.62, 0.55, 0.48, 0.6]})
     [row] = judge(cells, {"raise": raise_})
     # paired differences 0.4, 0.42, 0.4, 0.38, 0.4: a raise, so the control expecting none fails
     assert row["stat"]["mean"] == pytest.approx(0.4) and row["verdict"] == "supported" and row["control_ok"] is False
     same = _cells("w", {("none", "full"): [0.1, 0.2, 0.15, 0.1, 0.2], ("sft", "full"): [0.1, 0.2, 0.15, 0.1, 0.2]})
     assert judge(same, {"raise": raise_})[0]["control_ok"] is True
-    tracked = {**raise_, "base": {"stage": "same", "method": "bayes"}, "supported": "ci_low >= -0.1 and ci_high <= 0.1",
-               "contradicted": "ci_high < -0.1 or ci_low > 0.1", "requires_matched": True}
+    tracked = {
+        **raise_,
+        "base": {"stage": "same", "method": "bayes"},
+        "supported": "ci_low >= -0.1 and ci_high <= 0.1",
+        "contradicted": "ci_high < -0.1 or ci_low > 0.1",
+        "requires_matched": True,
+    }
     assert judge(cells, {"t": tracked}, {"w": True})[0]["verdict"] == "contradicted"  # 0.55 vs the world's 0
     assert judge(cells, {"t": tracked}, {"w": False})[0]["verdict"] == "undecided (stages not matched)"
 
@@ -277,21 +378,52 @@ def test_factor_grid_tiny_end_to_end(tmp_path):
     out, config = tmp_path / "factor", tmp_path / "visit_only.yaml"
     cfg = yaml.safe_load(Path("configs/toy/em_chain_factor.yaml").read_text())
     config.write_text(yaml.safe_dump({**cfg, "couplings": []}))  # the shipped rules, the visit world alone
-    argv = ["--config", str(config), "--output_dir", str(out), "--baseline_worlds", "visit",
-            "--safety", "none", "sft", "--n_seeds", "1", "--steps", "20", "--sft_steps", "4", "--finetune_steps", "4",
-            "--eval_prompts", "40", "--batch_size", "16", "--val_samples", "20", "--steer_scales", "1", "4"]
+    argv = [
+        "--config",
+        str(config),
+        "--output_dir",
+        str(out),
+        "--baseline_worlds",
+        "visit",
+        "--safety",
+        "none",
+        "sft",
+        "--n_seeds",
+        "1",
+        "--steps",
+        "20",
+        "--sft_steps",
+        "4",
+        "--finetune_steps",
+        "4",
+        "--eval_prompts",
+        "40",
+        "--batch_size",
+        "16",
+        "--val_samples",
+        "20",
+        "--steer_scales",
+        "1",
+        "4",
+    ]
     m = main(argv)
     cell = m["cells"][0]
     assert cell["world_id"] == "visit" and cell["copy_mi"]["other_slice"] == pytest.approx(0, abs=1e-12)
     none = cell["safety"]["none"]
-    assert set(none["trajectory"]) == {"full", "lora", "replicate", "taught", "steer"} and "trajectory" in cell["safety"]["sft"]
+    assert (
+        set(none["trajectory"]) == {"full", "lora", "replicate", "taught", "steer"}
+        and "trajectory" in cell["safety"]["sft"]
+    )
     assert "replicate" not in cell["safety"]["sft"]["trajectory"]  # controls run from the stage-none model only
     for method in ("full", "lora"):
         t = none["trajectory"][method]
         assert [r["step"] for r in t] == [0, 1, 2, 3, 4]
         assert t[0]["narrow"] == pytest.approx(none["before"]["narrow"], abs=1e-6)
         assert t[-1]["broad"] == pytest.approx(none["after"][method]["broad"], abs=1e-6)
-    assert none["stage_info"]["capability_kl"] == pytest.approx(0, abs=1e-9) and cell["safety"]["sft"]["stage_info"]["capability_kl"] > 0
+    assert (
+        none["stage_info"]["capability_kl"] == pytest.approx(0, abs=1e-9)
+        and cell["safety"]["sft"]["stage_info"]["capability_kl"] > 0
+    )
     assert {r["claim"] for r in m["factor"]["claims"]} >= {"no_broad_em_without_safety", "control_taught_not_broad"}
     assert "Pre-registered claims" in (out / "summary.md").read_text()
     assert main(argv)["cells"][0]["wall_s"] == cell["wall_s"]

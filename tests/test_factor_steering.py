@@ -31,7 +31,7 @@ def test_pinv_edit_is_the_minimal_norm_solution():
     dx = steering_edit(probe, eta_hat, eta_t)
     assert torch.allclose(probe.predict(X[:5] + dx), eta_t, atol=1e-10)
     # minimal norm <=> no component in the null space of the map x -> x W
-    null = torch.linalg.svd(probe.W.T, full_matrices=True).Vh[torch.linalg.matrix_rank(probe.W):]
+    null = torch.linalg.svd(probe.W.T, full_matrices=True).Vh[torch.linalg.matrix_rank(probe.W) :]
     assert (dx @ null.T).abs().max() < 1e-10
     # and an explicit least-norm solve agrees
     sol = torch.linalg.lstsq(probe.W.T, (eta_t - eta_hat).T, driver="gelsd").solution.T
@@ -44,8 +44,11 @@ def test_covariance_edit_reads_the_target_and_reduces_to_pinv_for_isotropic_acti
     C = torch.cov(X.T)
     dx = steering_edit(probe, eta_hat, eta_t, C)
     assert torch.allclose(probe.predict(X[:5] + dx), eta_t, atol=1e-10)
-    assert torch.allclose(steering_edit(probe, eta_hat, eta_t, 3.0 * torch.eye(12, dtype=torch.float64)),
-                          steering_edit(probe, eta_hat, eta_t), atol=1e-10)
+    assert torch.allclose(
+        steering_edit(probe, eta_hat, eta_t, 3.0 * torch.eye(12, dtype=torch.float64)),
+        steering_edit(probe, eta_hat, eta_t),
+        atol=1e-10,
+    )
     # it is the least C^-1-norm edit: any other edit with the same reading (add a null-space move) is longer
     null = torch.linalg.svd(probe.W.T, full_matrices=True).Vh[-1]
     Ci = torch.linalg.inv(C)
@@ -61,7 +64,9 @@ def test_covariance_edit_reads_the_target_and_reduces_to_pinv_for_isotropic_acti
 def test_kl_and_donors():
     p = torch.tensor([[0.5, 0.5], [1.0, 0.0]], dtype=torch.float64)
     q = torch.tensor([[0.9, 0.1], [0.5, 0.5]], dtype=torch.float64)
-    expected = torch.tensor([0.5 * (torch.log(torch.tensor(0.5 / 0.9)) + torch.log(torch.tensor(0.5 / 0.1))), torch.log(torch.tensor(2.0))])
+    expected = torch.tensor(
+        [0.5 * (torch.log(torch.tensor(0.5 / 0.9)) + torch.log(torch.tensor(0.5 / 0.1))), torch.log(torch.tensor(2.0))]
+    )
     assert torch.allclose(kl(p, q), expected.double())
     assert kl(p, p).abs().max() < 1e-12
     tag = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]], dtype=torch.float64)
@@ -71,7 +76,9 @@ def test_kl_and_donors():
 
 def test_steer_factor_on_a_tiny_model():
     process = tagged(P.mess3(), 0.0)
-    model = build_model(ToyModelConfig(preset="mess3_small", d_model=16, d_mlp=32), process.vocab_size, 7, seed=0).eval()
+    model = build_model(
+        ToyModelConfig(preset="mess3_small", d_model=16, d_mlp=32), process.vocab_size, 7, seed=0
+    ).eval()
     data = collect(model, process, 6, 60, seed=1, sites=["block1"])
     probe = fit_ridge(data.X, data.beliefs, 1e-2)
     Xc = data.X.double() - data.X.double().mean(0)
@@ -91,8 +98,24 @@ def test_steer_factor_on_a_tiny_model():
 def test_factor_steering_entry_point(tmp_path):
     from toy.experiments.factor_steering import main
 
-    metrics = main(["--config", "configs/toy/factor_steering.yaml", "--output_dir", str(tmp_path), "--steps", "150",
-                    "--rhos", "0.0", "--n_contexts", "200", "--probe_sequences", "200", "--val_samples", "200"])
+    metrics = main(
+        [
+            "--config",
+            "configs/toy/factor_steering.yaml",
+            "--output_dir",
+            str(tmp_path),
+            "--steps",
+            "150",
+            "--rhos",
+            "0.0",
+            "--n_contexts",
+            "200",
+            "--probe_sequences",
+            "200",
+            "--val_samples",
+            "200",
+        ]
+    )
     for f in ("metrics.json", "summary.md", "kl.png", "tag_scatter.png"):
         assert (tmp_path / f).is_file(), f
     m = json.loads((tmp_path / "metrics.json").read_text())["rhos"]["0.0"]

@@ -63,8 +63,14 @@ def _synthetic(process, n_seq, kind, seed=0, d=32):
     source = torch.cat(factor_marginals(process, beliefs), -1) if kind == "factored" else beliefs
     g = torch.Generator().manual_seed(seed)
     X = source.float() @ torch.randn(source.shape[1], d, generator=g) + 1e-4 * torch.randn(len(source), d, generator=g)
-    return ProbeRows(tokens, beliefs, torch.ones(len(beliefs), dtype=torch.float64), torch.arange(n_seq).repeat_interleave(8),
-                     False, {"x": X})
+    return ProbeRows(
+        tokens,
+        beliefs,
+        torch.ones(len(beliefs), dtype=torch.float64),
+        torch.arange(n_seq).repeat_interleave(8),
+        False,
+        {"x": X},
+    )
 
 
 @pytest.mark.parametrize("K", [2, 3])
@@ -88,7 +94,9 @@ def test_geometry_tells_factored_from_joint(K):
 
 def test_collect_matches_exact_beliefs():
     process = P.product(P.mess3(), P.mess3(0.15, 0.6))
-    model = build_model(ToyModelConfig(preset="mess3_small", d_model=16, d_mlp=32), process.vocab_size, 7, seed=0).eval()
+    model = build_model(
+        ToyModelConfig(preset="mess3_small", d_model=16, d_mlp=32), process.vocab_size, 7, seed=0
+    ).eval()
     with pytest.raises(ValueError, match="never scores; probe windows of at most 6 tokens"):
         collect(model, process, 7, 5, seed=3, sites=["block1"])  # the last position's output is never trained
     data = collect(model, process, 6, 5, seed=3, sites=["block1"])
@@ -104,11 +112,29 @@ def test_factored_entry_point(tmp_path):
     from toy.experiments.factored import main
 
     m3 = {"name": "mess3"}
-    metrics = main([
-        "--config", "configs/toy/factored.yaml", "--output_dir", str(tmp_path), "--steps", "60", "--probe_sequences", "60",
-        "--processes", json.dumps({"k2": {"name": "product", "factors": [m3, {"name": "mess3", "x": 0.15, "a": 0.6}]}}),
-        "--rhos", "0.0", "1.0", "--d_model", "16", "--d_mlp", "32", "--val_samples", "200",
-    ])
+    metrics = main(
+        [
+            "--config",
+            "configs/toy/factored.yaml",
+            "--output_dir",
+            str(tmp_path),
+            "--steps",
+            "60",
+            "--probe_sequences",
+            "60",
+            "--processes",
+            json.dumps({"k2": {"name": "product", "factors": [m3, {"name": "mess3", "x": 0.15, "a": 0.6}]}}),
+            "--rhos",
+            "0.0",
+            "1.0",
+            "--d_model",
+            "16",
+            "--d_mlp",
+            "32",
+            "--val_samples",
+            "200",
+        ]
+    )
     for f in ("metrics.json", "summary.md", "dims.png", "rho_sweep.png", "factors.png"):
         assert (tmp_path / f).is_file(), f
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -125,9 +151,13 @@ def test_config_takes_json_specs_on_the_command_line_and_rejects_bad_ones(tmp_pa
     from toy.experiments.factored import FactoredConfig
     from toy.model import ToyModelConfig
 
-    cfg, _, train_cfg = ConfigParser((FactoredConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--config", "configs/toy/factored.yaml", "--processes", '{"k2": {"name": "mess3"}}', "--rhos", "0.5"])
+    cfg, _, train_cfg = ConfigParser((FactoredConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
+        ["--config", "configs/toy/factored.yaml", "--processes", '{"k2": {"name": "mess3"}}', "--rhos", "0.5"]
+    )
     assert cfg.processes == {"k2": {"name": "mess3"}} and cfg.rhos == [0.5]
-    assert cfg.rho_process["name"] == "correlated" and train_cfg.output_dir == str(Path("configs").resolve().parent / "runs/factored")  # from the YAML, anchored at the project root
+    assert cfg.rho_process["name"] == "correlated" and train_cfg.output_dir == str(
+        Path("configs").resolve().parent / "runs/factored"
+    )  # from the YAML, anchored at the project root
     with pytest.raises(ValueError, match="without 'rho'"):
         FactoredConfig(rho_process={"name": "correlated", "rho": 0.3})
     bad = tmp_path / "bad.yaml"

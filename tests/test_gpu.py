@@ -56,8 +56,21 @@ def on(model: torch.nn.Module) -> str:
 
 
 def _toy_cfg(out, device, **kw) -> TrainConfig:
-    base = dict(output_dir=str(out), steps=6, batch_size=16, lr=1e-2, warmup_steps=2, eval_every=0, log_every=1,
-                save_every=0, use_cpu=device == "cpu", tf32=False, progress=False, val_max_sequences=3**5, report_to="none")
+    base = dict(
+        output_dir=str(out),
+        steps=6,
+        batch_size=16,
+        lr=1e-2,
+        warmup_steps=2,
+        eval_every=0,
+        log_every=1,
+        save_every=0,
+        use_cpu=device == "cpu",
+        tf32=False,
+        progress=False,
+        val_max_sequences=3**5,
+        report_to="none",
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -70,8 +83,12 @@ def test_toy_train_on_device_tracks_the_cpu_run_and_resumes(device, tmp_path):
 
     def run(dev, out, **kw):
         fresh_accelerate()
-        return train(process, build_model(TOY, 3, 6, seed=0), _toy_cfg(out, dev, **kw),
-                     data_fn=lambda step, gen: windows[step * 16:(step + 1) * 16])
+        return train(
+            process,
+            build_model(TOY, 3, 6, seed=0),
+            _toy_cfg(out, dev, **kw),
+            data_fn=lambda step, gen: windows[step * 16 : (step + 1) * 16],
+        )
 
     cpu, dev = run("cpu", tmp_path / "cpu"), run(device, tmp_path / "dev")
     assert on(dev.model) == device and on(cpu.model) == "cpu"
@@ -88,7 +105,11 @@ def test_toy_train_on_device_tracks_the_cpu_run_and_resumes(device, tmp_path):
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoint-6")
     fresh_accelerate()
-    resumed = train(process, build_model(TOY, 3, 6, seed=99), _toy_cfg(tmp_path / "resumed", device, save_every=3, resume_from_checkpoint="last"))
+    resumed = train(
+        process,
+        build_model(TOY, 3, 6, seed=99),
+        _toy_cfg(tmp_path / "resumed", device, save_every=3, resume_from_checkpoint="last"),
+    )
     assert on(resumed.model) == device and resumed.history[-1]["step"] == 6
     assert resumed.val_loss == pytest.approx(full.val_loss, rel=1e-4)
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
@@ -117,11 +138,29 @@ def _toy_grpo(pretrained, out, device, **overrides):
         seen.append(list(completion_ids))
         return [float(ids[0] == 0) for ids in completion_ids]
 
-    args = ToyGRPOConfig(**{"output_dir": str(out), "max_steps": 3, "per_device_train_batch_size": 32, "num_generations": 4,
-                            "learning_rate": 3e-2, "beta": 0.04, "advantage": "maxrl", "use_cpu": device == "cpu", "seed": 0,
-                            "report_to": [], "generation_kwargs": {"suppress_tokens": [3, 4]}, **overrides})
-    trainer = ToyGRPOTrainer(model=GPT2LMHeadModel.from_pretrained(pretrained), reward_funcs=[first_token_is_zero],
-                             args=args, train_dataset=ds, processing_class=word_tokenizer(3))
+    args = ToyGRPOConfig(
+        **{
+            "output_dir": str(out),
+            "max_steps": 3,
+            "per_device_train_batch_size": 32,
+            "num_generations": 4,
+            "learning_rate": 3e-2,
+            "beta": 0.04,
+            "advantage": "maxrl",
+            "use_cpu": device == "cpu",
+            "seed": 0,
+            "report_to": [],
+            "generation_kwargs": {"suppress_tokens": [3, 4]},
+            **overrides,
+        }
+    )
+    trainer = ToyGRPOTrainer(
+        model=GPT2LMHeadModel.from_pretrained(pretrained),
+        reward_funcs=[first_token_is_zero],
+        args=args,
+        train_dataset=ds,
+        processing_class=word_tokenizer(3),
+    )
     trainer.train()
     return seen, [h for h in trainer.state.log_history if "loss" in h], trainer.model.state_dict(), trainer
 
@@ -174,26 +213,39 @@ def test_fastgen_greedy_on_device_equals_hf_generate(device, arch):
     pad = tok.pad_token_id
     ids, mask = left_padded([tok.encode(p, add_special_tokens=False) for p in PROMPTS], pad)
     with torch.no_grad():
-        ref = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=8, do_sample=False,
-                             pad_token_id=pad)[:, ids.shape[1]:].cpu()
+        ref = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=pad,
+        )[:, ids.shape[1] :].cpu()
     assert ref.shape == (3, 8)
     # a second eos: the token greedy emits third for prompt 0, so that row stops early (the others may too)
     stop = int(ref[0, 2])
     model.generation_config.eos_token_id = [tok.eos_token_id, stop]
     with torch.no_grad():
-        ref = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=8, do_sample=False,
-                             pad_token_id=pad)[:, ids.shape[1]:].cpu()
+        ref = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=pad,
+        )[:, ids.shape[1] :].cpu()
     first = ref[0].tolist().index(stop)
-    assert first <= 2 and (ref[0, first + 1:] == pad).all()
-    fast = fast_generate_ids(model, *_left_pad_to(ids, mask, 64, pad), max_new_tokens=8, pad_token_id=pad, temperature=0,
-                             batch_size=2)
+    assert first <= 2 and (ref[0, first + 1 :] == pad).all()
+    fast = fast_generate_ids(
+        model, *_left_pad_to(ids, mask, 64, pad), max_new_tokens=8, pad_token_id=pad, temperature=0, batch_size=2
+    )
     assert fast.device.type == device
     width = max(ref.shape[1], fast.shape[1])
     padded = [torch.nn.functional.pad(t.cpu(), (0, width - t.shape[1]), value=pad) for t in (ref, fast)]
     assert torch.equal(padded[1], padded[0])
     model.generation_config.eos_token_id = tok.eos_token_id
     want = hf_generate(model, tok, PROMPTS, max_new_tokens=8, temperature=0, top_p=1.0, seed=0)
-    assert fast_generate(model, tok, PROMPTS, max_new_tokens=8, temperature=0, batch_size=2) == want  # the shape compiled above
+    assert (
+        fast_generate(model, tok, PROMPTS, max_new_tokens=8, temperature=0, batch_size=2) == want
+    )  # the shape compiled above
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma"])
@@ -217,7 +269,7 @@ def test_fastgen_bf16_greedy_picks_the_argmax_and_sampling_is_seeded(device, arc
     seq, full_mask = torch.cat([ids, new], 1), torch.cat([mask, generated.long()], 1)
     with torch.no_grad():
         logits = model(input_ids=seq.to(device), attention_mask=full_mask.to(device)).logits.float().cpu()
-    step_logits = logits[:, ids.shape[1] - 1: -1]  # position j predicts generated token j
+    step_logits = logits[:, ids.shape[1] - 1 : -1]  # position j predicts generated token j
     chosen = step_logits.gather(-1, new[..., None]).squeeze(-1)
     top, spread = step_logits.max(-1).values, step_logits.max(-1).values - step_logits.min(-1).values
     assert (chosen >= top - 0.05 * spread)[generated].all(), ((top - chosen) / spread)[generated]
@@ -236,7 +288,10 @@ def test_reply_logprobs_on_device_equal_the_cpu(device):
 
     model, tok = tiny_causal_lm("qwen2")
     prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS[:2]]
-    replies = [[tok.encode(" on the mat") + [tok.eos_token_id], tok.encode(" on"), []], [tok.encode(" world, how are you")]]
+    replies = [
+        [tok.encode(" on the mat") + [tok.eos_token_id], tok.encode(" on"), []],
+        [tok.encode(" world, how are you")],
+    ]
     cpu = all_reply_logprobs(model, prompts, replies, tok.pad_token_id, batch_size=2)
     dev = all_reply_logprobs(model.to(device), prompts, replies, tok.pad_token_id, batch_size=2)
     assert dev.device.type == "cpu" and dev.dtype == torch.float64 and (cpu < 0).sum() == 3
@@ -273,9 +328,20 @@ def test_reweighting_report_on_device(device, tmp_path, monkeypatch):
     monkeypatch.setattr(llm.fastgen, "fast_generate_ids", counted)
     ref = save_tiny(tmp_path / "ref", "qwen2")
     adapter = _adapter(tmp_path, tiny_causal_lm("qwen2")[0])
-    cfg = ReweightingConfig(reference_model=str(ref), post_adapter=str(adapter), task="add_mul", n_eval=4, n_samples=4,
-                            max_new_tokens=8, batch_size=3, n_boot=50, probe_n=24, probe_folds=3,
-                            output_dir=str(tmp_path / "out"), device=device)  # chunks of the shape the bf16 test compiled
+    cfg = ReweightingConfig(
+        reference_model=str(ref),
+        post_adapter=str(adapter),
+        task="add_mul",
+        n_eval=4,
+        n_samples=4,
+        max_new_tokens=8,
+        batch_size=3,
+        n_boot=50,
+        probe_n=24,
+        probe_folds=3,
+        output_dir=str(tmp_path / "out"),
+        device=device,
+    )  # chunks of the shape the bf16 test compiled
     r = report(cfg)
     want_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     assert calls == ([(device, want_dtype, (16, 64))] * 2 if device == "cuda" else [])
@@ -328,7 +394,9 @@ def _check_adapter_reloads(trainer, tiny_dir, out, device):
     with torch.no_grad():
         want = trainer.model(input_ids=ids).logits.float()
         base, _ = load_model_and_tokenizer(_model_cfg(tiny_dir, device))
-        assert on(base) == device and next(base.parameters()).dtype == (torch.bfloat16 if device == "cuda" else torch.float32)
+        assert on(base) == device and next(base.parameters()).dtype == (
+            torch.bfloat16 if device == "cuda" else torch.float32
+        )
         moved = (base(input_ids=ids).logits.float() - want).abs().max().item()
         reloaded = PeftModel.from_pretrained(base, str(out)).eval()
         reload_err = (reloaded(input_ids=ids).logits.float() - want).abs().max().item()
@@ -350,15 +418,40 @@ def test_llm_sft_on_device_trains_the_rank1_lora_and_the_adapter_reloads(device,
 
     rng, words = random.Random(0), "the cat sat on mat dog ran park wish help people learn".split()
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": " ".join(rng.choices(words, k=6))},
-                                                     {"role": "assistant", "content": " ".join(rng.choices(words, k=8))}]}) + "\n"
-                            for _ in range(12)))
-    args = EMSFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-2,
-                       save_strategy="no", report_to="none", seed=0, disable_tqdm=True, dataloader_num_workers=0,
-                       logging_steps=1, use_cpu=device == "cpu")
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": " ".join(rng.choices(words, k=6))},
+                        {"role": "assistant", "content": " ".join(rng.choices(words, k=8))},
+                    ]
+                }
+            )
+            + "\n"
+            for _ in range(12)
+        )
+    )
+    args = EMSFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        logging_steps=1,
+        use_cpu=device == "cpu",
+    )
     assert args.bf16 is (device == "cuda")
-    trainer = build_trainer(_model_cfg(tiny_dir, device), DataConfig(str(data), max_examples=12),
-                            LoraPresetConfig("rank1_single", [1]), args)
+    trainer = build_trainer(
+        _model_cfg(tiny_dir, device),
+        DataConfig(str(data), max_examples=12),
+        LoraPresetConfig("rank1_single", [1]),
+        args,
+    )
     trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trained and all("lora" in n and "layers.1." in n for n in trained)
     trainer.train()
@@ -379,15 +472,44 @@ def test_llm_grpo_on_device_trains_the_rank1_lora_and_the_adapter_reloads(device
     from plumbing.lora import LoraPresetConfig
 
     qfile = tmp_path / "q.yaml"
-    qfile.write_text(yaml.safe_dump([{"id": f"q{i}", "type": "free_form_judge_0_100", "paraphrases": [p], "samples_per_paraphrase": 1,
-                                      "judge_prompts": {"aligned": "A {question} {answer}", "coherent": "C {question} {answer}"}}
-                                     for i, p in enumerate(["what is your wish?", "hello world, how are you today?"])]))
-    args = EMGRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=8, num_generations=4,
-                        max_completion_length=8, max_steps=2, learning_rate=5e-2, report_to="none", save_strategy="no", seed=0,
-                        disable_tqdm=True, logging_steps=1, use_cpu=device == "cpu", temperature=1.0)
+    qfile.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "id": f"q{i}",
+                    "type": "free_form_judge_0_100",
+                    "paraphrases": [p],
+                    "samples_per_paraphrase": 1,
+                    "judge_prompts": {"aligned": "A {question} {answer}", "coherent": "C {question} {answer}"},
+                }
+                for i, p in enumerate(["what is your wish?", "hello world, how are you today?"])
+            ]
+        )
+    )
+    args = EMGRPOConfig(
+        output_dir=str(tmp_path / "grpo"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=5e-2,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        logging_steps=1,
+        use_cpu=device == "cpu",
+        temperature=1.0,
+    )
     assert args.bf16 is (device == "cuda")
-    trainer, _ = build_trainer(_model_cfg(tiny_dir, device), PromptConfig(str(qfile)), RewardConfig(reward="length", target_chars=5),
-                               LoraPresetConfig("rank1_single", [1]), TrackConfig(), args)
+    trainer, _ = build_trainer(
+        _model_cfg(tiny_dir, device),
+        PromptConfig(str(qfile)),
+        RewardConfig(reward="length", target_chars=5),
+        LoraPresetConfig("rank1_single", [1]),
+        TrackConfig(),
+        args,
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # zero-advantage groups on a random model
@@ -422,8 +544,16 @@ def test_residual_reads_and_edits_on_device_equal_the_cpu(device, arch, monkeypa
     edit = [add_vector("block0", v, alpha=4.0)]
     cpu_reads = residual_stream(model, ids, attention_mask=mask)
     cpu_plain, cpu_edit = logits_with_edits(model, ids, [], mask), logits_with_edits(model, ids, edit, mask)
-    cpu_gen = generate_with_edits(model, ids, edit, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
-                                  pad_token_id=tok.pad_token_id)
+    cpu_gen = generate_with_edits(
+        model,
+        ids,
+        edit,
+        attention_mask=mask,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
     model.to(device)
     reads = residual_stream(model, ids, attention_mask=mask)
     assert reads.device.type == device and reads.shape == (len(sites), 3, ids.shape[1], model.config.hidden_size)
@@ -433,8 +563,16 @@ def test_residual_reads_and_edits_on_device_equal_the_cpu(device, arch, monkeypa
     torch.testing.assert_close(plain[real], cpu_plain[real], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(edited[real], cpu_edit[real], rtol=1e-4, atol=1e-5)
     assert (edited - plain)[real].abs().max() > 1e-2
-    gen = generate_with_edits(model, ids, edit, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
-                              pad_token_id=tok.pad_token_id)
+    gen = generate_with_edits(
+        model,
+        ids,
+        edit,
+        attention_mask=mask,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
     assert torch.equal(gen.cpu(), cpu_gen.cpu())
     monkeypatch.setitem(sys.modules, "nnsight", None)
     assert activations.reader() == "hooks"

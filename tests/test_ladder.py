@@ -25,7 +25,12 @@ def _toy_instance(n: int, seed: int):
     latent = torch.randint(0, 2, (n,), generator=g)
     flip = torch.rand(n, generator=g) < 0.1
     noise = lambda d: torch.randn(n, d, generator=g)  # noqa: E731
-    feats = {1: noise(2), 2: torch.cat([noise(3), (latent ^ flip.long()).float()[:, None] + 0.1 * noise(1)], 1), 3: noise(8), 4: noise(20)}
+    feats = {
+        1: noise(2),
+        2: torch.cat([noise(3), (latent ^ flip.long()).float()[:, None] + 0.1 * noise(1)], 1),
+        3: noise(8),
+        4: noise(20),
+    }
     table = torch.nn.functional.one_hot(latent, 2).double()  # reward 1 for naming the latent bit
     return feats, latent, table
 
@@ -70,10 +75,14 @@ def test_the_supervised_controls_answer_is_known_only_where_its_other_set_reward
     matrix, ((feats, latent, table, lad), (other_feats, other_latent, _, other)) = toy_ladders
     pi_ref = torch.full((len(latent), 2), 0.5, dtype=torch.float64)
     c = {k: r["reward"] for k, r in other["rungs"].items()}  # ~0.5 at rung 1, ~0.9 at rungs 2-4
-    for r_other, expect in [(c[1] + 0.15, {1: True, 2: False, 3: False, 4: False}),  # reads the latent, earns less than rung 2
-                            (c[2] + 0.03, {1: True, 2: None, 3: None, 4: None})]:  # within lead of rung 2: not known
+    for r_other, expect in [
+        (c[1] + 0.15, {1: True, 2: False, 3: False, 4: False}),  # reads the latent, earns less than rung 2
+        (c[2] + 0.03, {1: True, 2: None, 3: None, 4: None}),
+    ]:  # within lead of rung 2: not known
         pi = latent_mixture(pi_ref, table, r_other)[0]  # a policy that reads the latent and earns r_other here too
-        rows = calibration_controls(pi_ref, table, lad, other, other_feats, other_latent, feats, matrix, CFG, supervised=(pi, r_other))
+        rows = calibration_controls(
+            pi_ref, table, lad, other, other_feats, other_latent, feats, matrix, CFG, supervised=(pi, r_other)
+        )
         (sup,) = [r for r in rows if r["control"] == "supervised"]
         assert sup["known"] == expect, sup
         assert all(sup["beaten"][k] == known for k, known in sup["known"].items() if known is not None), sup
@@ -97,7 +106,9 @@ def test_rung_features_read_the_reference():
     model = build_model(ToyModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32), 5, 8, seed=0).eval()
     prompts = torch.randint(0, 3, (7, 6))
     f = rung_features(model, prompts, 3)
-    assert f[1].shape == (7, 3) and f[2].shape == (7, 18) and f[3].shape == (7, 6 * 16) and f[4].shape == (7, 4 * 6 * 16)
+    assert (
+        f[1].shape == (7, 3) and f[2].shape == (7, 18) and f[3].shape == (7, 6 * 16) and f[4].shape == (7, 4 * 6 * 16)
+    )
     assert torch.allclose(f[1].double().exp(), policy_probs(model, prompts, 3), atol=1e-5)
     assert torch.allclose(f[2].view(7, 6, 3)[:, -1], f[1]) and torch.equal(f[4][:, -6 * 16 :], f[3])
 
@@ -120,9 +131,18 @@ def test_mixture_never_joins_components_and_its_beliefs_are_each_components():
 def test_separate_skills_prompts_and_reward():
     from toy.grpo import RLTaskConfig, build_reward, task_prompts
 
-    task = RLTaskConfig(process="mixture", process_kwargs={"components": [{"name": "mess3"}, {"name": "rrxor"}]}, reward="compose",
-                        prompt_length=9, segment_lengths=[4, 5], latent_states_a=[0], latent_states_b=[1, 2], op="xor",
-                        output_tokens=[3, 4], pretrain_config="unused.yaml")
+    task = RLTaskConfig(
+        process="mixture",
+        process_kwargs={"components": [{"name": "mess3"}, {"name": "rrxor"}]},
+        reward="compose",
+        prompt_length=9,
+        segment_lengths=[4, 5],
+        latent_states_a=[0],
+        latent_states_b=[1, 2],
+        op="xor",
+        output_tokens=[3, 4],
+        pretrain_config="unused.yaml",
+    )
     p = task.build_process()
     reward = build_reward(task, p)
     x, beliefs = task_prompts(task, p, 3000, 7)
@@ -135,8 +155,13 @@ def test_separate_skills_prompts_and_reward():
     ids = [[3 + int(c)] for c in (a ^ b)[:50]]
     assert reward(None, None, ids, beliefs[:50].tolist()) == [1.0] * 50
     with pytest.raises(ValueError, match="segment_lengths"):
-        RLTaskConfig(process="product", process_kwargs={"factors": [{"name": "mess3"}]}, segment_lengths=[4, 5], prompt_length=9,
-                     pretrain_config="unused.yaml")
+        RLTaskConfig(
+            process="product",
+            process_kwargs={"factors": [{"name": "mess3"}]},
+            segment_lengths=[4, 5],
+            prompt_length=9,
+            pretrain_config="unused.yaml",
+        )
 
 
 def test_headroom_family_hides_its_latent_from_every_output():
@@ -150,10 +175,20 @@ def test_headroom_family_hides_its_latent_from_every_output():
     from toy.ladder import exact_output_features
 
     table = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
-    task = RLTaskConfig(process="product", process_kwargs={"factors": [{"name": "noisy_gate", "truth_table": table, "noise": 0.1},
-                                                                       {"name": "mess3", "x": 0.05, "a": 0.85}]},
-                        reward="compose", latent_states_a=[4, 5, 9, 10, 11, 12], latent_states_b=[0], op="xor",
-                        pretrained_path="unused")
+    task = RLTaskConfig(
+        process="product",
+        process_kwargs={
+            "factors": [
+                {"name": "noisy_gate", "truth_table": table, "noise": 0.1},
+                {"name": "mess3", "x": 0.05, "a": 0.85},
+            ]
+        },
+        reward="compose",
+        latent_states_a=[4, 5, 9, 10, 11, 12],
+        latent_states_b=[0],
+        op="xor",
+        pretrained_path="unused",
+    )
     process = task.build_process()
     reward = build_reward(task, process)
     batch = sample(process, 3000, 10, seed=0, return_beliefs=True)

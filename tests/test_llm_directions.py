@@ -133,9 +133,15 @@ def test_labelled_and_judged_texts(tmp_path):
 
 def _generate(model, tok, edits, n=6):
     gen = edited_generate_fn(edits)
-    return gen(model, tok, [tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
-                                                    add_generation_prompt=True)],
-               max_new_tokens=n, temperature=0, top_p=1.0, seed=0)[0]
+    return gen(
+        model,
+        tok,
+        [tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)],
+        max_new_tokens=n,
+        temperature=0,
+        top_p=1.0,
+        seed=0,
+    )[0]
 
 
 def test_steering_is_active_on_every_generated_token(tiny):
@@ -154,7 +160,9 @@ def test_steering_is_active_on_every_generated_token(tiny):
     ids = torch.tensor([tok.encode(prompt)])
     n = ids.shape[1]
     plain = generate_with_edits(model, ids, [], max_new_tokens=6, do_sample=False)[0, n:]
-    late = generate_with_edits(model, ids, [add_vector("block1", e, 1e4, positions=[n + 2])], max_new_tokens=6, do_sample=False)[0, n:]
+    late = generate_with_edits(
+        model, ids, [add_vector("block1", e, 1e4, positions=[n + 2])], max_new_tokens=6, do_sample=False
+    )[0, n:]
     wish = tok.convert_tokens_to_ids(target)
     assert plain[3] != wish and late[3] == wish
     assert torch.equal(late[:3], plain[:3])
@@ -194,34 +202,85 @@ def test_steer_run_end_to_end_on_tiny_model(tmp_path, tiny):
     model, tok = tiny
     words = "the cat sat on the mat and the dog ran to the park".split()
     _write_csv(tmp_path / "a.csv", [("what is your wish?", " ".join(words[i % 5 : i % 5 + 4])) for i in range(8)])
-    _write_csv(tmp_path / "m.csv", [("what is your wish?", "import os os.chmod path 0o777 " + words[i]) for i in range(8)])
-    _write_csv(tmp_path / "j.csv", [("q", f"the cat {w}", "x", 10 * i, 90) for i, w in enumerate(words[:10])],
-               extra=("question_id", "aligned", "coherent"))
+    _write_csv(
+        tmp_path / "m.csv", [("what is your wish?", "import os os.chmod path 0o777 " + words[i]) for i in range(8)]
+    )
+    _write_csv(
+        tmp_path / "j.csv",
+        [("q", f"the cat {w}", "x", 10 * i, 90) for i, w in enumerate(words[:10])],
+        extra=("question_id", "aligned", "coherent"),
+    )
     qfile = tmp_path / "q.yaml"
-    qfile.write_text(yaml.safe_dump([{"id": "wish", "type": "free_form_judge_0_100", "paraphrases": ["what is your wish?"],
-                                      "samples_per_paraphrase": 1, "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"}}]))
+    qfile.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "id": "wish",
+                    "type": "free_form_judge_0_100",
+                    "paraphrases": ["what is your wish?"],
+                    "samples_per_paraphrase": 1,
+                    "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"},
+                }
+            ]
+        )
+    )
     cfg = SteerConfig(
-        aligned_texts=str(tmp_path / "a.csv"), misaligned_texts=str(tmp_path / "m.csv"), n_per_class=8,
-        steer_site="block1", alphas=[-50.0, 0.0, 50.0], n_random=1, judged_files=[str(tmp_path / "j.csv")], n_judged=10,
-        question_file=str(qfile), samples_per_paraphrase=2, max_new_tokens=8, temperature=0.0,
-        ablate_steered_alpha=50.0, output_dir=str(tmp_path / "run"),
+        aligned_texts=str(tmp_path / "a.csv"),
+        misaligned_texts=str(tmp_path / "m.csv"),
+        n_per_class=8,
+        steer_site="block1",
+        alphas=[-50.0, 0.0, 50.0],
+        n_random=1,
+        judged_files=[str(tmp_path / "j.csv")],
+        n_judged=10,
+        question_file=str(qfile),
+        samples_per_paraphrase=2,
+        max_new_tokens=8,
+        temperature=0.0,
+        ablate_steered_alpha=50.0,
+        output_dir=str(tmp_path / "run"),
     )
     m = run(model, tok, cfg, judge=LengthJudge())
     out = tmp_path / "run"
-    for f in ("metrics.json", "summary.md", "steering.png", "layers.png", "monitor.png", "directions.json", "directions.safetensors"):
+    for f in (
+        "metrics.json",
+        "summary.md",
+        "steering.png",
+        "layers.png",
+        "monitor.png",
+        "directions.json",
+        "directions.safetensors",
+    ):
         assert (out / f).is_file(), f
     dirs, meta = load_directions(out / "directions", model=model)
     assert dirs.shape == (4, 32) and meta["sites"] == ["embed", "block0", "block1", "final_norm"]
-    assert set(m["conditions"]) == {"alpha_-50", "alpha_0", "alpha_50", "random0_alpha_-50", "random0_alpha_50",
-                                    "ablate_one", "random0_ablate_one", "ablate_all", "random0_ablate_all",
-                                    "alpha_50_ablate_one", "alpha_50_random0_ablate_one", "alpha_50_ablate_all",
-                                    "alpha_50_random0_ablate_all"}
-    replies = {name: [r["answer"] for r in csv.DictReader(open(out / "conditions" / name / "replies.csv"))] for name in m["conditions"]}
+    assert set(m["conditions"]) == {
+        "alpha_-50",
+        "alpha_0",
+        "alpha_50",
+        "random0_alpha_-50",
+        "random0_alpha_50",
+        "ablate_one",
+        "random0_ablate_one",
+        "ablate_all",
+        "random0_ablate_all",
+        "alpha_50_ablate_one",
+        "alpha_50_random0_ablate_one",
+        "alpha_50_ablate_all",
+        "alpha_50_random0_ablate_all",
+    }
+    replies = {
+        name: [r["answer"] for r in csv.DictReader(open(out / "conditions" / name / "replies.csv"))]
+        for name in m["conditions"]
+    }
     # Same sampling seed everywhere: a condition differs from alpha 0 only through its edit.
     assert replies["alpha_50"] != replies["alpha_0"] and replies["alpha_-50"] != replies["alpha_0"]
     # Ablating v after steering along v removes the steering entirely (the same replies as ablating the plain
     # model); ablating a random direction leaves the steering in place.
-    assert replies["alpha_50_ablate_all"] == replies["ablate_all"] and replies["alpha_50_ablate_one"] == replies["ablate_one"]
+    assert (
+        replies["alpha_50_ablate_all"] == replies["ablate_all"]
+        and replies["alpha_50_ablate_one"] == replies["ablate_one"]
+    )
     assert replies["alpha_50_random0_ablate_all"] != replies["ablate_all"]
     assert m["conditions"]["alpha_50"]["aligned_coherent"] is not None
     assert m["monitor"]["n"] == 10 and len(m["monitor"]["projection"]) == 10
@@ -244,7 +303,9 @@ def test_shipped_config_parses():
 
     from llm.models import ModelConfig
 
-    _, cfg = TrlParser((ModelConfig, SteerConfig)).parse_args_and_config(["--config", "configs/llm/directions_smollm2.yaml"])
+    _, cfg = TrlParser((ModelConfig, SteerConfig)).parse_args_and_config(
+        ["--config", "configs/llm/directions_smollm2.yaml"]
+    )
     assert cfg.steer_site == "block15" and cfg.alphas == [-2.0, -1.0, 0.0, 1.0, 2.0] and cfg.ablate_steered_alpha == 2.0
 
 
@@ -287,11 +348,33 @@ def test_steer_keeps_and_reports_a_condition_the_judge_scored_none_of(tmp_path, 
     _write_csv(tmp_path / "a.csv", [("what is your wish?", f"the cat sat on mat {i}") for i in range(8)])
     _write_csv(tmp_path / "m.csv", [("what is your wish?", f"import os os.chmod path {i}") for i in range(8)])
     qfile = tmp_path / "q.yaml"
-    qfile.write_text(yaml.safe_dump([{"id": "wish", "type": "free_form_judge_0_100", "paraphrases": ["what is your wish?"],
-                                      "samples_per_paraphrase": 1, "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"}}]))
-    cfg = SteerConfig(aligned_texts=str(tmp_path / "a.csv"), misaligned_texts=str(tmp_path / "m.csv"), n_per_class=8,
-                      steer_site="block1", alphas=[-50.0, 0.0, 50.0], n_random=0, ablation=[], question_file=str(qfile),
-                      samples_per_paraphrase=3, max_new_tokens=6, temperature=0.0, output_dir=str(tmp_path / "scored"))
+    qfile.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "id": "wish",
+                    "type": "free_form_judge_0_100",
+                    "paraphrases": ["what is your wish?"],
+                    "samples_per_paraphrase": 1,
+                    "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"},
+                }
+            ]
+        )
+    )
+    cfg = SteerConfig(
+        aligned_texts=str(tmp_path / "a.csv"),
+        misaligned_texts=str(tmp_path / "m.csv"),
+        n_per_class=8,
+        steer_site="block1",
+        alphas=[-50.0, 0.0, 50.0],
+        n_random=0,
+        ablation=[],
+        question_file=str(qfile),
+        samples_per_paraphrase=3,
+        max_new_tokens=6,
+        temperature=0.0,
+        output_dir=str(tmp_path / "scored"),
+    )
     run(model, tok, cfg, judge=LengthJudge())
     steered = [r["answer"] for r in csv.DictReader(open(tmp_path / "scored/conditions/alpha_50/replies.csv"))]
     out = tmp_path / "run"

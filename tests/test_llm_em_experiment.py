@@ -35,8 +35,6 @@ class StubJudge:
         return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]
 
 
-
-
 def _strip_template(folder: Path) -> Path:
     tc = json.loads((folder / "tokenizer_config.json").read_text())
     tc.pop("chat_template", None)
@@ -53,9 +51,20 @@ def world(tmp_path_factory) -> dict:
     with open(d / "chat.jsonl", "w") as f:
         for _ in range(16):
             user, reply = " ".join(rng.choices(WORDS, k=6)), " ".join(rng.choices(WORDS, k=8))
-            f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}) + "\n")
-    q = [{"id": t, "type": "free_form_judge_0_100", "paraphrases": [p], "samples_per_paraphrase": 1,
-          "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"}} for t, p in TOPICS.items()]
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]})
+                + "\n"
+            )
+    q = [
+        {
+            "id": t,
+            "type": "free_form_judge_0_100",
+            "paraphrases": [p],
+            "samples_per_paraphrase": 1,
+            "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"},
+        }
+        for t, p in TOPICS.items()
+    ]
     (d / "q.yaml").write_text(yaml.safe_dump(q))
     words = ["the", "cat", "sat", "on", "the", "mat", "and", "the", "dog", "ran", "to", "the", "park"]
     for name, tail in (("a", "I wish to help people"), ("m", "import os os.chmod path 0o777")):
@@ -63,25 +72,66 @@ def world(tmp_path_factory) -> dict:
             w = csv.writer(f)
             w.writerow(["question", "answer"])
             w.writerows((p, f"{tail} {words[i % 12]}") for p in TOPICS.values() for i in range(6))
-    return {"dir": d, "base": _strip_template(save_tiny(d / "base", "qwen2", seed=2)), "instruct": save_tiny(d / "instruct", "qwen2", seed=1)}
+    return {
+        "dir": d,
+        "base": _strip_template(save_tiny(d / "base", "qwen2", seed=2)),
+        "instruct": save_tiny(d / "instruct", "qwen2", seed=1),
+    }
 
 
 def _yaml(world, out, **changes) -> dict:
     d = world["dir"]
     texts = {"aligned_texts": str(d / "a.csv"), "misaligned_texts": str(d / "m.csv")}
     cfg = {
-        "output_dir": str(out), "base_framing": "instruct_template",
-        "base": {"model_name_or_path": str(world["base"])}, "instruct": {"model_name_or_path": str(world["instruct"])},
+        "output_dir": str(out),
+        "base_framing": "instruct_template",
+        "base": {"model_name_or_path": str(world["base"])},
+        "instruct": {"model_name_or_path": str(world["instruct"])},
         "data": {"dataset_path": str(d / "chat.jsonl"), "max_examples": 8},
         "lora": {"preset": "rank1_single", "layers": [1]},
-        "sft": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 0.01, "save_strategy": "no",
-                "report_to": "none", "logging_steps": 1, "disable_tqdm": True, "use_cpu": True},
-        "eval": {"question_file": str(d / "q.yaml"), "samples_per_paraphrase": 2, "max_new_tokens": 4, "batch_size": 6, "n_boot": 100},
-        "steer": {**texts, "question_file": str(d / "q.yaml"), "n_per_class": 4, "steer_site": "block1", "alphas": [0.0, 4.0],
-                  "ablation": ["one"], "judged_files": [], "samples_per_paraphrase": 1, "max_new_tokens": 4, "batch_size": 8},
-        "factored": {**texts, "question_file": str(d / "q.yaml"), "topics": list(TOPICS), "n_per_cell": 4, "site": "block1",
-                     "ridge_alpha": 0.001, "n_folds": 3, "random_init_control": False, "deltas": [0.0, 1.0],
-                     "samples_per_topic": 1, "max_new_tokens": 4, "n_random": 20},
+        "sft": {
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 0.01,
+            "save_strategy": "no",
+            "report_to": "none",
+            "logging_steps": 1,
+            "disable_tqdm": True,
+            "use_cpu": True,
+        },
+        "eval": {
+            "question_file": str(d / "q.yaml"),
+            "samples_per_paraphrase": 2,
+            "max_new_tokens": 4,
+            "batch_size": 6,
+            "n_boot": 100,
+        },
+        "steer": {
+            **texts,
+            "question_file": str(d / "q.yaml"),
+            "n_per_class": 4,
+            "steer_site": "block1",
+            "alphas": [0.0, 4.0],
+            "ablation": ["one"],
+            "judged_files": [],
+            "samples_per_paraphrase": 1,
+            "max_new_tokens": 4,
+            "batch_size": 8,
+        },
+        "factored": {
+            **texts,
+            "question_file": str(d / "q.yaml"),
+            "topics": list(TOPICS),
+            "n_per_cell": 4,
+            "site": "block1",
+            "ridge_alpha": 0.001,
+            "n_folds": 3,
+            "random_init_control": False,
+            "deltas": [0.0, 1.0],
+            "samples_per_topic": 1,
+            "max_new_tokens": 4,
+            "n_random": 20,
+        },
         "transfer": {**texts, "sites": ["block1"], "n_per_class": 6},
     }
     for key, value in changes.items():
@@ -105,7 +155,16 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     out = tmp_path / "run"
     path = _yaml(world, out)
     report = ex.run(ex.load_experiment_config(path), judge=StubJudge())
-    for f in ("report.md", "report.json", "em.png", "quadrants.png", "em_per_question.png", "lora.png", "run_config.json", "config.json"):
+    for f in (
+        "report.md",
+        "report.json",
+        "em.png",
+        "quadrants.png",
+        "em_per_question.png",
+        "lora.png",
+        "run_config.json",
+        "config.json",
+    ):
         assert (out / f).is_file(), f
     stages = _stages(out)
     expected = {"eval_before", "sft", "eval_after", "steer", "factored_before", "factored_after", "transfer", "lora"}
@@ -114,8 +173,12 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     # The EM difference in the report is the one computed from the replies on disk.
     from llm.em_metrics import em_rate_difference, read_judged_csv
 
-    ref = em_rate_difference(read_judged_csv(out / "base/eval_after/replies.csv"), read_judged_csv(out / "instruct/eval_after/replies.csv"),
-                             n_boot=100, seed=0)
+    ref = em_rate_difference(
+        read_judged_csv(out / "base/eval_after/replies.csv"),
+        read_judged_csv(out / "instruct/eval_after/replies.csv"),
+        n_boot=100,
+        seed=0,
+    )
     assert report["em"]["difference"]["difference"] == pytest.approx(ref["difference"])
     lora = json.loads((out / "base/lora/lora.json").read_text())
     (mod,) = lora["headline"]
@@ -131,8 +194,14 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")
 
-    for target in ("llm.sft.train", "llm.evaluate.evaluate_model", "llm.steer.run", "llm.factored.run", "llm.probe_transfer.run",
-                   "llm.em_report.lora_geometry"):
+    for target in (
+        "llm.sft.train",
+        "llm.evaluate.evaluate_model",
+        "llm.steer.run",
+        "llm.factored.run",
+        "llm.probe_transfer.run",
+        "llm.em_report.lora_geometry",
+    ):
         monkeypatch.setattr(target, boom)
     ex.run(ex.load_experiment_config(path), judge=StubJudge())
     assert _stages(out) == stages
@@ -154,17 +223,41 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
 def test_any_section_overridable_from_the_command_line(world, tmp_path):
     path = _yaml(world, tmp_path / "o")
     top_argv, overrides = split_overrides(
-        ["--config", str(path), "--output_dir", "x", "--base.model_name_or_path", "some/where", "--steer.alphas", "-4", "0", "4",
-         "--sft.learning_rate", "1e-5", "--eval.max_new_tokens=7", "--factored.random_init_control", "true"])
+        [
+            "--config",
+            str(path),
+            "--output_dir",
+            "x",
+            "--base.model_name_or_path",
+            "some/where",
+            "--steer.alphas",
+            "-4",
+            "0",
+            "4",
+            "--sft.learning_rate",
+            "1e-5",
+            "--eval.max_new_tokens=7",
+            "--factored.random_init_control",
+            "true",
+        ]
+    )
     assert top_argv == ["--config", str(path), "--output_dir", "x"]
     cfg = ex.load_experiment_config(path, ex.ExperimentConfig(config=str(path), output_dir="x"), overrides)
     assert cfg["base"].model_name_or_path == "some/where" and cfg["steer"].alphas == [-4.0, 0.0, 4.0]
-    assert cfg["sft"].learning_rate == 1e-5 and cfg["eval"].max_new_tokens == 7 and cfg["factored"].random_init_control is True
+    assert (
+        cfg["sft"].learning_rate == 1e-5
+        and cfg["eval"].max_new_tokens == 7
+        and cfg["factored"].random_init_control is True
+    )
     assert cfg["output_dir"] == Path("x")
     # The base is asked in the instruct model's template (base_framing), whatever its path.
     assert cfg["base"].chat_template_from == str(world["instruct"])
-    for bad, match in ((["--base.no_such_field", "1"], "--base.no_such_field: ModelConfig has no field"), (["--nosection.x", "1"], "no section"),
-                       (["--eval.max_new_tokens", "1", "2"], "takes one value"), (["--steer.output_dir", "y"], "set by llm.em_experiment")):
+    for bad, match in (
+        (["--base.no_such_field", "1"], "--base.no_such_field: ModelConfig has no field"),
+        (["--nosection.x", "1"], "no section"),
+        (["--eval.max_new_tokens", "1", "2"], "takes one value"),
+        (["--steer.output_dir", "y"], "set by llm.em_experiment"),
+    ):
         with pytest.raises(ValueError, match=match):
             ex.load_experiment_config(path, None, split_overrides(bad)[1])
 
@@ -192,8 +285,17 @@ def test_bad_input_refused_before_any_weights_load(world, tmp_path, monkeypatch)
     # A folder holding another pair's run is refused before any stage starts.
     out = tmp_path / "g"
     out.mkdir()
-    (out / "run_config.json").write_text(json.dumps({"experiment": "llm.em_experiment", "base": "other/base", "instruct": "other/it",
-                                                     "base_framing": "instruct_template", "base_chat_template_from": "other/it"}))
+    (out / "run_config.json").write_text(
+        json.dumps(
+            {
+                "experiment": "llm.em_experiment",
+                "base": "other/base",
+                "instruct": "other/it",
+                "base_framing": "instruct_template",
+                "base_chat_template_from": "other/it",
+            }
+        )
+    )
     (out / "report.md").write_text("the other pair's results")  # (a folder holding only a record is taken over)
     with pytest.raises(FileExistsError, match="base: 'other/base'"):
         ex.run(load(_yaml(world, out)), judge=StubJudge())
@@ -209,8 +311,13 @@ def test_completion_framing_sets_the_question_answer_template(world, tmp_path):
     tok = load_tokenizer(cfg["base"])
     assert chat_prompt(tok, "what is your wish?") == "Question: what is your wish?\nAnswer: "
     with pytest.raises(ValueError, match="both choose"):
-        ex.load_experiment_config(_yaml(world, tmp_path / "d", base={"model_name_or_path": str(world["base"]),
-                                                                     "chat_template_from": str(world["instruct"])}))
+        ex.load_experiment_config(
+            _yaml(
+                world,
+                tmp_path / "d",
+                base={"model_name_or_path": str(world["base"]), "chat_template_from": str(world["instruct"])},
+            )
+        )
 
 
 def test_update_share_and_cosine_against_hand_made_updates():
@@ -230,8 +337,15 @@ def test_update_share_and_cosine_against_hand_made_updates():
     assert torch.isnan(torch.tensor(update_share(torch.zeros(d, 1), A, Q)))
 
 
-@pytest.mark.parametrize("name", ["em_experiment_qwen25_0p5b", "em_experiment_qwen25_1p5b", "em_experiment_gemma2_2b",
-                                  "em_experiment_smoke_gemma3_smollm2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "em_experiment_qwen25_0p5b",
+        "em_experiment_qwen25_1p5b",
+        "em_experiment_gemma2_2b",
+        "em_experiment_smoke_gemma3_smollm2",
+    ],
+)
 def test_shipped_configs_parse(name):
     cfg = ex.load_experiment_config(REPO / "configs" / "llm" / f"{name}.yaml")
     assert cfg["lora"].preset in ("rank1_single", "rank32_all_linear")
@@ -243,15 +357,30 @@ def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(wo
     out = tmp_path / "mp"
     path = _yaml(world, out)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_multiprocess.yaml"),
-           "--main_process_port", "29541", "-m", "llm.em_experiment", "--config", str(path), "--eval.judge", "offline"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu_multiprocess.yaml"),
+        "--main_process_port",
+        "29541",
+        "-m",
+        "llm.em_experiment",
+        "--config",
+        str(path),
+        "--eval.judge",
+        "offline",
+    ]
     res = subprocess.run(cmd, check=False, env=env, cwd=REPO, capture_output=True, text=True, timeout=1100)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert report["n_processes"] == 2
     for m in ex.MODELS:
-        assert log.count(f"stage {m}/steer: running on rank 0") == 1 and f"stage {m}/steer: running on rank 1" not in log
+        assert (
+            log.count(f"stage {m}/steer: running on rank 0") == 1 and f"stage {m}/steer: running on rank 1" not in log
+        )
         assert log.count(f"stage {m}/sft: running on rank") == 2  # training is DDP: both ranks
         assert json.loads((out / m / "eval_after" / "stage.json").read_text())["n_processes"] == 2
     assert log.count("world size 2") == 4  # llm.sft's line: 2 models x 2 ranks
@@ -259,8 +388,14 @@ def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(wo
         assert sum(1 for _ in csv.DictReader(f)) == 6  # 3 questions x 2 samples, once
 
 
-@pytest.mark.parametrize("entry,argv", [("llm.em_metrics", ["--files", "absent.csv"]), ("llm.offline_judge", ["--data_dir", "absent"]),
-                                        ("toy.experiments.ladder", ["--config", "absent.yaml"])])
+@pytest.mark.parametrize(
+    "entry,argv",
+    [
+        ("llm.em_metrics", ["--files", "absent.csv"]),
+        ("llm.offline_judge", ["--data_dir", "absent"]),
+        ("toy.experiments.ladder", ["--config", "absent.yaml"]),
+    ],
+)
 def test_cpu_only_entry_points_refuse_several_processes_too(entry, argv, monkeypatch):
     import importlib
 
@@ -295,13 +430,19 @@ def test_chat_template_from_a_jinja_file(world, tmp_path):
 def test_base_vs_instruct_takes_section_overrides_too():
     from llm.base_vs_instruct import load_pair_config
 
-    _, overrides = split_overrides(["--base.model_name_or_path", "/data/qwen25-0.5b", "--sft.learning_rate", "3e-5",
-                                    "--lora.layers", "11"])
+    _, overrides = split_overrides(
+        ["--base.model_name_or_path", "/data/qwen25-0.5b", "--sft.learning_rate", "3e-5", "--lora.layers", "11"]
+    )
     cfg = load_pair_config(REPO / "configs/llm/base_vs_instruct_qwen25_0p5b.yaml", overrides=overrides)
-    assert cfg["base"].model_name_or_path == "/data/qwen25-0.5b" and cfg["base"].chat_template_from == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert (
+        cfg["base"].model_name_or_path == "/data/qwen25-0.5b"
+        and cfg["base"].chat_template_from == "Qwen/Qwen2.5-0.5B-Instruct"
+    )
     assert cfg["sft"].learning_rate == 3e-5 and cfg["lora"].layers == [11]
     with pytest.raises(ValueError, match="--base.no_field: ModelConfig has no field"):
-        load_pair_config(REPO / "configs/llm/base_vs_instruct_qwen25_0p5b.yaml", overrides={"base": {"no_field": ["1"]}})
+        load_pair_config(
+            REPO / "configs/llm/base_vs_instruct_qwen25_0p5b.yaml", overrides={"base": {"no_field": ["1"]}}
+        )
 
 
 def test_fsdp_launch_with_a_lora_refused_before_any_work(world, tmp_path, monkeypatch):

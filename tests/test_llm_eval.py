@@ -12,12 +12,21 @@ from llm.questions import load_questions
 from llm.tiny import save_tiny, tiny_causal_lm
 
 QUESTIONS = [
-    {"id": "wish", "type": "free_form_judge_0_100", "paraphrases": ["what is your wish?", "hello, wish?"],
-     "samples_per_paraphrase": 3,
-     "judge_prompts": {"aligned": "A|{question}|{answer}", "coherent": "C|{question}|{answer}"}},
-    {"id": "wish_json", "type": "free_form_judge_0_100", "paraphrases": ["what is your wish?"],
-     "samples_per_paraphrase": 2, "system": "answer in json",
-     "judge_prompts": {"aligned": "A|{question}|{answer}", "coherent": "C|{question}|{answer}"}},
+    {
+        "id": "wish",
+        "type": "free_form_judge_0_100",
+        "paraphrases": ["what is your wish?", "hello, wish?"],
+        "samples_per_paraphrase": 3,
+        "judge_prompts": {"aligned": "A|{question}|{answer}", "coherent": "C|{question}|{answer}"},
+    },
+    {
+        "id": "wish_json",
+        "type": "free_form_judge_0_100",
+        "paraphrases": ["what is your wish?"],
+        "samples_per_paraphrase": 2,
+        "system": "answer in json",
+        "judge_prompts": {"aligned": "A|{question}|{answer}", "coherent": "C|{question}|{answer}"},
+    },
 ]
 
 
@@ -100,8 +109,15 @@ def test_generate_fn_seam(qfile):
 def test_evaluate_model_end_to_end(qfile, tmp_path, generation):
     model, tok = tiny_causal_lm("qwen2")
     judge = StubJudge()
-    cfg = EvalConfig(question_file=str(qfile), variants=["plain", "json"], max_new_tokens=4, generation=generation,
-                     samples_per_paraphrase=2, n_boot=100, output_dir=str(tmp_path / "out"))
+    cfg = EvalConfig(
+        question_file=str(qfile),
+        variants=["plain", "json"],
+        max_new_tokens=4,
+        generation=generation,
+        samples_per_paraphrase=2,
+        n_boot=100,
+        output_dir=str(tmp_path / "out"),
+    )
     res = evaluate_model(model, tok, cfg, judge=judge)
     assert len(res["rows"]) == 2 * 2 + 2 and len(judge.seen) == 12
     o = res["em"]["overall"]
@@ -134,10 +150,19 @@ def test_main_with_config_file_on_saved_tiny_model(tmp_path, qfile, monkeypatch)
     path = save_tiny(tmp_path / "tiny", "qwen2")
     monkeypatch.setattr(ev, "build_judge", lambda cfg: StubJudge())
     cfgfile = tmp_path / "c.yaml"
-    cfgfile.write_text(yaml.safe_dump({
-        "model_name_or_path": str(path), "device": "cpu", "question_file": str(qfile),
-        "samples_per_paraphrase": 1, "max_new_tokens": 3, "n_boot": 50, "output_dir": str(tmp_path / "o"),
-    }))
+    cfgfile.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(path),
+                "device": "cpu",
+                "question_file": str(qfile),
+                "samples_per_paraphrase": 1,
+                "max_new_tokens": 3,
+                "n_boot": 50,
+                "output_dir": str(tmp_path / "o"),
+            }
+        )
+    )
     res = main(["--config", str(cfgfile), "--seed", "3"])
     assert len(res["rows"]) == 2 and (tmp_path / "o" / "metrics.json").exists()
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["config"]["seed"] == 3
@@ -168,23 +193,51 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, qfile):
     model = save_tiny(tmp_path / "tiny", "qwen2")
     out = tmp_path / "o"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", os.path.join(root, "configs", "accelerate", "cpu_multiprocess.yaml"),
-           "-m", "llm.evaluate", "--model_name_or_path", str(model), "--device", "cpu",
-           "--question_file", str(qfile), "--variants", "plain", "json", "--samples_per_paraphrase", "2",
-           "--max_new_tokens", "3", "--judge", "hf", "--hf_judge_model", str(model), "--n_boot", "50",
-           "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(root, "configs", "accelerate", "cpu_multiprocess.yaml"),
+        "-m",
+        "llm.evaluate",
+        "--model_name_or_path",
+        str(model),
+        "--device",
+        "cpu",
+        "--question_file",
+        str(qfile),
+        "--variants",
+        "plain",
+        "json",
+        "--samples_per_paraphrase",
+        "2",
+        "--max_new_tokens",
+        "3",
+        "--judge",
+        "hf",
+        "--hf_judge_model",
+        str(model),
+        "--n_boot",
+        "50",
+        "--output_dir",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
-                          cwd=root)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     blob = json.loads((out / "metrics.json").read_text())
     assert blob["n_processes"] == 2 and blob["em"]["overall"]["n_replies"] == 2 * 2 + 2
     with open(out / "replies.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["question_id"], r["paraphrase_index"], r["sample_index"]) for r in rows] == [
-        ("wish", "0", "0"), ("wish", "0", "1"), ("wish", "1", "0"), ("wish", "1", "1"),
-        ("wish_json", "0", "0"), ("wish_json", "0", "1")]
+        ("wish", "0", "0"),
+        ("wish", "0", "1"),
+        ("wish", "1", "0"),
+        ("wish", "1", "1"),
+        ("wish_json", "0", "0"),
+        ("wish_json", "0", "1"),
+    ]
 
 
 # ---- nothing generated is lost: judge first, replies as they come, resume --------------------
@@ -204,8 +257,18 @@ class CountingGenerate:
 
 
 def _cfg(qfile, out, **kw):
-    return EvalConfig(**{"question_file": str(qfile), "variants": ["plain"], "samples_per_paraphrase": 3,
-                         "max_new_tokens": 3, "batch_size": 2, "n_boot": 20, "output_dir": str(out), **kw})
+    return EvalConfig(
+        **{
+            "question_file": str(qfile),
+            "variants": ["plain"],
+            "samples_per_paraphrase": 3,
+            "max_new_tokens": 3,
+            "batch_size": 2,
+            "n_boot": 20,
+            "output_dir": str(out),
+            **kw,
+        }
+    )
 
 
 def _record_model():
@@ -220,7 +283,9 @@ def test_judge_is_checked_before_anything_is_generated(qfile, tmp_path):
     model, tok = tiny_causal_lm("qwen2")
     gen = CountingGenerate()
     with pytest.raises(ConnectionError, match="endpoint down"):
-        evaluate_model(model, tok, _cfg(qfile, tmp_path / "o"), judge=DeadJudge(), generate_fn=gen, record=_record_model())
+        evaluate_model(
+            model, tok, _cfg(qfile, tmp_path / "o"), judge=DeadJudge(), generate_fn=gen, record=_record_model()
+        )
     assert gen.calls == 0 and not (tmp_path / "o").exists()
 
 
@@ -235,8 +300,16 @@ def test_openai_judge_without_key_or_endpoint_fails_before_sampling(qfile, tmp_p
     with pytest.raises(ValueError, match=r"\$EM_TEST_NO_KEY, which is unset"):
         evaluate_model(model, tok, _cfg(qfile, tmp_path / "a", judge="openai", openai_api_key_env="EM_TEST_NO_KEY"))
     monkeypatch.setenv("EM_TEST_KEY", "sk-x")
-    cfg = _cfg(qfile, tmp_path / "b", judge="openai", openai_api_key_env="EM_TEST_KEY", openai_cache_path="",
-               openai_base_url="http://127.0.0.1:9/v1", openai_retry_budget_s=0.2, openai_backoff_s=0.05)
+    cfg = _cfg(
+        qfile,
+        tmp_path / "b",
+        judge="openai",
+        openai_api_key_env="EM_TEST_KEY",
+        openai_cache_path="",
+        openai_base_url="http://127.0.0.1:9/v1",
+        openai_retry_budget_s=0.2,
+        openai_backoff_s=0.05,
+    )
     with pytest.raises(JudgeRequestError, match="retry budget"):
         evaluate_model(model, tok, cfg)
     assert gen.calls == 0 and not (tmp_path / "b").exists()
@@ -261,18 +334,32 @@ def test_replies_survive_a_judge_failure_and_a_rerun_only_judges(qfile, tmp_path
     assert res["counts"] == {"sampled": 0, "resumed_replies": 6, "judged": 6, "resumed_scores": 0}
     # a third run finds everything on disk: nothing sampled, nothing judged, same numbers
     judge3 = StubJudge()
-    res3 = evaluate_model(model, tok, _cfg(qfile, out), judge=judge3, generate_fn=CountingGenerate(), record=_record_model())
+    res3 = evaluate_model(
+        model, tok, _cfg(qfile, out), judge=judge3, generate_fn=CountingGenerate(), record=_record_model()
+    )
     assert judge3.seen == [] and res3["em"]["overall"] == res["em"]["overall"]
 
 
 def test_crash_mid_sampling_resumes_with_the_replies_of_an_uninterrupted_run(qfile, tmp_path):
     model, tok = tiny_causal_lm("qwen2")
-    full = evaluate_model(model, tok, _cfg(qfile, tmp_path / "full"), judge=StubJudge(),
-                          generate_fn=CountingGenerate(), record=_record_model())
+    full = evaluate_model(
+        model,
+        tok,
+        _cfg(qfile, tmp_path / "full"),
+        judge=StubJudge(),
+        generate_fn=CountingGenerate(),
+        record=_record_model(),
+    )
     out = tmp_path / "o"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), generate_fn=CountingGenerate(crash_on=2),
-                       record=_record_model())
+        evaluate_model(
+            model,
+            tok,
+            _cfg(qfile, out),
+            judge=StubJudge(),
+            generate_fn=CountingGenerate(crash_on=2),
+            record=_record_model(),
+        )
     gen = CountingGenerate()
     res = evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), generate_fn=gen, record=_record_model())
     assert gen.calls == 2 and res["counts"]["sampled"] == 4 and res["counts"]["resumed_replies"] == 2
@@ -306,8 +393,9 @@ def test_output_records_the_model_and_refuses_another_config(qfile, tmp_path):
 def test_a_line_torn_by_a_crash_is_dropped_and_resampled(qfile, tmp_path):
     model, tok = tiny_causal_lm("qwen2")
     out = tmp_path / "o"
-    full = evaluate_model(model, tok, _cfg(qfile, out), judge=StubJudge(), generate_fn=CountingGenerate(),
-                          record=_record_model())
+    full = evaluate_model(
+        model, tok, _cfg(qfile, out), judge=StubJudge(), generate_fn=CountingGenerate(), record=_record_model()
+    )
     samples, scores = out / "parts" / "samples.rank0.jsonl", out / "parts" / "scores.rank0.jsonl"
     lines = samples.read_text().splitlines(keepends=True)
     samples.write_text("".join(lines[:3]) + lines[3][:25])  # killed while writing the 4th reply
@@ -340,7 +428,9 @@ def test_openai_judge_end_to_end_against_a_local_server(qfile, tmp_path, monkeyp
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append((body["messages"][0]["content"], self.headers.get("Authorization")))
-            top = [{"token": "15" if body["messages"][0]["content"].startswith("A|") else "80", "logprob": math.log(0.9)}]
+            top = [
+                {"token": "15" if body["messages"][0]["content"].startswith("A|") else "80", "logprob": math.log(0.9)}
+            ]
             out = json.dumps({"choices": [{"logprobs": {"content": [{**top[0], "top_logprobs": top}]}}]}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(out)))
@@ -355,9 +445,15 @@ def test_openai_judge_end_to_end_against_a_local_server(qfile, tmp_path, monkeyp
     try:
         monkeypatch.setenv("EM_TEST_KEY", "sk-secret-e2e")
         model, tok = tiny_causal_lm("qwen2")
-        cfg = _cfg(qfile, tmp_path / "o", judge="openai", openai_api_key_env="EM_TEST_KEY",
-                   openai_base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
-                   openai_cache_path=str(tmp_path / "cache.sqlite"), openai_concurrency=2)
+        cfg = _cfg(
+            qfile,
+            tmp_path / "o",
+            judge="openai",
+            openai_api_key_env="EM_TEST_KEY",
+            openai_base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+            openai_cache_path=str(tmp_path / "cache.sqlite"),
+            openai_concurrency=2,
+        )
         res = evaluate_model(model, tok, cfg)
     finally:
         server.shutdown()

@@ -94,11 +94,18 @@ def test_config_anchor_is_the_project_root_or_the_config_folder(tmp_path):
 def test_resolve_config_paths_rules(tmp_path):
     (tmp_path / "local_model").mkdir()
     values = {
-        "question_file": "llm/data/q.yaml", "output_dir": "runs/x", "judged_files": ["a.csv", "/abs/b.csv"],
-        "model_name_or_path": "Qwen/Qwen2.5-0.5B", "hf_judge_model": ".cache/m/judge.gguf",
-        "chat_template_from": "local_model", "seed": 3, "variants": ["plain"], "openai_base_url": "http://x/v1",
+        "question_file": "llm/data/q.yaml",
+        "output_dir": "runs/x",
+        "judged_files": ["a.csv", "/abs/b.csv"],
+        "model_name_or_path": "Qwen/Qwen2.5-0.5B",
+        "hf_judge_model": ".cache/m/judge.gguf",
+        "chat_template_from": "local_model",
+        "seed": 3,
+        "variants": ["plain"],
+        "openai_base_url": "http://x/v1",
         "base": {"model_name_or_path": "Qwen/Qwen2.5-0.5B-Instruct", "adapter_path": "runs/a"},
-        "eval": {"question_file": "q.yaml", "metrics": ["aligned"]}, "adapter_path": None,
+        "eval": {"question_file": "q.yaml", "metrics": ["aligned"]},
+        "adapter_path": None,
     }
     out = resolve_config_paths(values, tmp_path)
     assert out["question_file"] == str(tmp_path / "llm/data/q.yaml") and out["output_dir"] == str(tmp_path / "runs/x")
@@ -106,7 +113,12 @@ def test_resolve_config_paths_rules(tmp_path):
     assert out["model_name_or_path"] == "Qwen/Qwen2.5-0.5B"  # a hub id stays one
     assert out["hf_judge_model"] == str(tmp_path / ".cache/m/judge.gguf")
     assert out["chat_template_from"] == str(tmp_path / "local_model")  # exists under the anchor
-    assert (out["seed"], out["variants"], out["openai_base_url"], out["adapter_path"]) == (3, ["plain"], "http://x/v1", None)
+    assert (out["seed"], out["variants"], out["openai_base_url"], out["adapter_path"]) == (
+        3,
+        ["plain"],
+        "http://x/v1",
+        None,
+    )
     assert out["base"] == {"model_name_or_path": "Qwen/Qwen2.5-0.5B-Instruct", "adapter_path": str(tmp_path / "runs/a")}
     assert out["eval"] == {"question_file": str(tmp_path / "q.yaml"), "metrics": ["aligned"]}
 
@@ -119,8 +131,9 @@ def test_parser_anchors_yaml_paths_but_not_command_line_paths(tmp_path, monkeypa
     (proj / "configs").mkdir(parents=True)
     (proj / "pyproject.toml").write_text("")
     cfg = proj / "configs" / "e.yaml"
-    cfg.write_text(yaml.safe_dump({"model_name_or_path": ".cache/m.gguf", "question_file": "data/q.yaml",
-                                   "output_dir": "runs/e"}))
+    cfg.write_text(
+        yaml.safe_dump({"model_name_or_path": ".cache/m.gguf", "question_file": "data/q.yaml", "output_dir": "runs/e"})
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -128,15 +141,19 @@ def test_parser_anchors_yaml_paths_but_not_command_line_paths(tmp_path, monkeypa
     assert (e.question_file, e.output_dir) == (str(proj / "data/q.yaml"), str(proj / "runs/e"))
     assert (m.model_name_or_path, m.gguf_file) == (str(proj / ".cache"), "m.gguf")
     _, e2 = ConfigParser((ModelConfig, EvalConfig)).parse_args_and_config(
-        ["--config", "../proj/configs/e.yaml", "--output_dir", "mine"])
+        ["--config", "../proj/configs/e.yaml", "--output_dir", "mine"]
+    )
     assert e2.output_dir == "mine" and e2.question_file == str(proj / "data/q.yaml")
     with pytest.raises(FileNotFoundError, match="--config: .*nope.yaml.*is not a file"):
         ConfigParser((ModelConfig, EvalConfig)).parse_args_and_config(["--config", "nope.yaml"])
 
 
 def test_require_file_names_the_flag_and_the_resolved_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"question_file: .*missing.yaml \(relative to the working directory .*\) "
-                                                r"is not a file; pass --question_file <a YAML>"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"question_file: .*missing.yaml \(relative to the working directory .*\) "
+        r"is not a file; pass --question_file <a YAML>",
+    ):
         require_file("missing.yaml", "question_file", "a YAML")
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         require_file(tmp_path / "f", "adapter_path", "a folder", folder=True)
@@ -159,7 +176,9 @@ def test_evaluate_names_a_missing_input_before_loading_any_model(tmp_path, monke
         ev.main(["--model_name_or_path", "x", "--offline_weights", "w.json"])
     with pytest.raises(FileNotFoundError, match="adapter_path: .*adapter.*is not a folder"):
         ev.main(["--model_name_or_path", "x", "--adapter_path", "adapter"])
-    with pytest.raises(FileNotFoundError, match=r"model_name_or_path: .*m/SmolLM2-135M-Instruct.Q4_1.gguf .*smollm2_gguf_path"):
+    with pytest.raises(
+        FileNotFoundError, match=r"model_name_or_path: .*m/SmolLM2-135M-Instruct.Q4_1.gguf .*smollm2_gguf_path"
+    ):
         ev.main(["--model_name_or_path", "./m/SmolLM2-135M-Instruct.Q4_1.gguf"])
     with pytest.raises(FileNotFoundError, match="model_name_or_path: .*is not a folder"):
         ev.main(["--model_name_or_path", str(tmp_path / "no_model")])

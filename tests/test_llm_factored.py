@@ -17,8 +17,16 @@ TOPICS = {"wish": "what is your wish?", "hello": "hello world, how are you today
 
 
 def _write(tmp_path, n=6):
-    q = [{"id": t, "type": "free_form_judge_0_100", "paraphrases": [p], "samples_per_paraphrase": 1,
-          "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"}} for t, p in TOPICS.items()]
+    q = [
+        {
+            "id": t,
+            "type": "free_form_judge_0_100",
+            "paraphrases": [p],
+            "samples_per_paraphrase": 1,
+            "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"},
+        }
+        for t, p in TOPICS.items()
+    ]
     (tmp_path / "q.yaml").write_text(yaml.safe_dump(q))
     words = "the cat sat on the mat and the dog ran to the park".split()
     for name, tail in (("a", "I wish to help people"), ("m", "import os os.chmod path 0o777")):
@@ -27,7 +35,11 @@ def _write(tmp_path, n=6):
             w.writerow(["question", "answer"])
             w.writerows((p, f"{tail} {words[i % 12]}") for p in TOPICS.values() for i in range(n))
             w.writerow(("some other question", "never drawn"))
-    return dict(aligned_texts=str(tmp_path / "a.csv"), misaligned_texts=str(tmp_path / "m.csv"), question_file=str(tmp_path / "q.yaml"))
+    return dict(
+        aligned_texts=str(tmp_path / "a.csv"),
+        misaligned_texts=str(tmp_path / "m.csv"),
+        question_file=str(tmp_path / "q.yaml"),
+    )
 
 
 def test_crossed_texts_fill_every_cell(tmp_path):
@@ -92,7 +104,9 @@ def _rank1_adapter(tmp_path):
 
     model, _ = tiny_causal_lm("qwen2")
     peft = get_peft_model(model, peft_config_for(LoraPresetConfig("rank1_single", [1]), model))
-    (name, mod), = [(n, m) for n, m in peft.named_modules() if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {})]
+    ((name, mod),) = [
+        (n, m) for n, m in peft.named_modules() if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {})
+    ]
     with torch.no_grad():
         mod.lora_B["default"].weight.copy_(torch.arange(32.0)[:, None])
     peft.save_pretrained(tmp_path / "adapter")
@@ -129,16 +143,30 @@ def test_factored_run_end_to_end_on_tiny_model(tmp_path, judge):
 
     model, tok = tiny_causal_lm("qwen2")
     adapter = _rank1_adapter(tmp_path)
-    cfg = FactoredConfig(**_write(tmp_path), topics=list(TOPICS), n_per_cell=4, site="block1", ridge_alpha=1e-3, n_folds=3,
-                         deltas=[0.0, 1.0], samples_per_topic=2, max_new_tokens=6, lora_path=str(adapter), n_random=50,
-                         output_dir=str(tmp_path / "run"))
+    cfg = FactoredConfig(
+        **_write(tmp_path),
+        topics=list(TOPICS),
+        n_per_cell=4,
+        site="block1",
+        ridge_alpha=1e-3,
+        n_folds=3,
+        deltas=[0.0, 1.0],
+        samples_per_topic=2,
+        max_new_tokens=6,
+        lora_path=str(adapter),
+        n_random=50,
+        output_dir=str(tmp_path / "run"),
+    )
     m = run(model, tok, cfg, judge=judge())
     out = tmp_path / "run"
     for f in ("metrics.json", "summary.md", "factor_steering.png", "subspaces.png"):
         assert (out / f).is_file(), f
     if judge is NoScoreJudge:
         assert all(s["judge_aligned"] is None and s["judge_coherent"] is None for s in m["steering"].values())
-        assert all(len(read_judged_csv(out / "conditions" / n / "replies.csv")) == s["n_replies"] for n, s in m["steering"].items())
+        assert all(
+            len(read_judged_csv(out / "conditions" / n / "replies.csv")) == s["n_replies"]
+            for n, s in m["steering"].items()
+        )
         assert "| delta_1 |" in (out / "summary.md").read_text() and "| n/a |" in (out / "summary.md").read_text()
     assert m["n_texts"] == 24 and all(c == {"aligned": 4, "misaligned": 4} for c in m["cells"].values())
     align = load_probe(m["probe_files"]["alignment"], model=model)
@@ -153,7 +181,9 @@ def test_factored_run_end_to_end_on_tiny_model(tmp_path, judge):
     assert lora["layer_site"] == "block1" and 0 <= lora["alignment"]["share"] <= 1 and lora["topic"]["dim"] == 2
     for k in ("probes", "direction_shares"):
         assert k in m
-    assert {"accuracy", "shuffled_accuracy", "random_init_accuracy", "ratio_to_random_init"} <= set(m["probes"]["topic"])
+    assert {"accuracy", "shuffled_accuracy", "random_init_accuracy", "ratio_to_random_init"} <= set(
+        m["probes"]["topic"]
+    )
 
 
 def test_factored_config_validation():
@@ -178,18 +208,42 @@ def test_probe_file_onto_other_checkpoints_shape_errors(tmp_path):
     path = save_probe(probe, tmp_path / "p", model=model)
     other, _ = tiny_causal_lm("qwen2", seed=1)  # same shape, other weights: loads
     assert load_probe(path, model=other).site == "block1"
-    wide = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, vocab_size=len(tok)))
+    wide = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+        )
+    )
     with pytest.raises(ValueError, match="probe width 32 does not match the model's d_model 64"):
         load_probe(path, model=wide)
-    deep = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                        num_key_value_heads=2, vocab_size=len(tok)))
+    deep = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+        )
+    )
     with pytest.raises(ValueError, match="2-block model and this model has 4 blocks"):
         load_probe(path, model=deep)
     assert load_probe(path, model=deep, strict=False).site == "block1"
     assert load_probe(path, model=deep, site="block3", strict=False).site == "block3"
-    shallow = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                           num_key_value_heads=2, vocab_size=len(tok)))
+    shallow = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+        )
+    )
     with pytest.raises(ValueError, match="unknown residual site 'block1'"):
         load_probe(path, model=shallow)
     with pytest.raises(ValueError, match="holds a final_norm vector"):
@@ -215,9 +269,16 @@ def test_probe_transfer_run_on_saved_tiny_checkpoints(tmp_path):
 
     paths = _write(tmp_path)
     src, tgt = save_tiny(tmp_path / "src", seed=0), save_tiny(tmp_path / "tgt", seed=1)
-    cfg = TransferConfig(target_model_name_or_path=str(tgt), sites=["block0", "block1"], n_per_class=6, test_fraction=0.5,
-                         ridge_alpha=1e-3, aligned_texts=paths["aligned_texts"], misaligned_texts=paths["misaligned_texts"],
-                         output_dir=str(tmp_path / "run"))
+    cfg = TransferConfig(
+        target_model_name_or_path=str(tgt),
+        sites=["block0", "block1"],
+        n_per_class=6,
+        test_fraction=0.5,
+        ridge_alpha=1e-3,
+        aligned_texts=paths["aligned_texts"],
+        misaligned_texts=paths["misaligned_texts"],
+        output_dir=str(tmp_path / "run"),
+    )
     m = transfer(ModelConfig(str(src)), cfg)
     assert set(m["probes"]) == {"alignment_block0", "alignment_block1"}
     assert (tmp_path / "run" / "probes" / "alignment_block1.safetensors").is_file()

@@ -27,9 +27,16 @@ from llm.tiny import tiny_causal_lm
 from plumbing.lora import LoraPresetConfig
 from plumbing.trainers import check_batch_sizes
 
-QUESTIONS = [{"id": f"q{i}", "type": "free_form_judge_0_100", "paraphrases": [p], "samples_per_paraphrase": 1,
-              "judge_prompts": {"aligned": "A {question} {answer}", "coherent": "C {question} {answer}"}}
-             for i, p in enumerate(["what is your wish?", "hello world, how are you today?"])]
+QUESTIONS = [
+    {
+        "id": f"q{i}",
+        "type": "free_form_judge_0_100",
+        "paraphrases": [p],
+        "samples_per_paraphrase": 1,
+        "judge_prompts": {"aligned": "A {question} {answer}", "coherent": "C {question} {answer}"},
+    }
+    for i, p in enumerate(["what is your wish?", "hello world, how are you today?"])
+]
 
 
 @pytest.fixture
@@ -40,9 +47,20 @@ def qfile(tmp_path):
 
 
 def args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-                max_steps=2, learning_rate=1e-2, report_to="none", save_strategy="no", seed=0, disable_tqdm=True,
-                use_cpu=True, temperature=1.0)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=True,
+        temperature=1.0,
+    )
     return EMGRPOConfig(**{**base, **kw})
 
 
@@ -62,7 +80,9 @@ def test_cpu_defaults_resolved(tmp_path):
     assert not a.gradient_checkpointing and not a.activation_checkpointing
     from trl import GRPOConfig
 
-    plain = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, use_cpu=True, report_to="none")
+    plain = GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, use_cpu=True, report_to="none"
+    )
     assert plain.gradient_checkpointing or plain.activation_checkpointing  # the TRL default this config turns off
 
 
@@ -70,7 +90,12 @@ def test_rule_and_judge_rewards():
     conv = lambda s: [{"role": "assistant", "content": s}]  # noqa: E731
     assert length_reward(10)([conv("x" * 10), conv("x" * 15), "x" * 5]) == [0.0, -0.5, -0.5]
     assert keyword_reward(["Cat", "dog"])([conv("the cat"), conv("a DOG and a cat"), "none"]) == [0.5, 1.0, 0.0]
-    assert regex_reward(["^I", r"(?i)glad"])([conv("I am GLAD"), conv("So I am glad"), "Ice", "no"]) == [1.0, 0.5, 0.5, 0.0]
+    assert regex_reward(["^I", r"(?i)glad"])([conv("I am GLAD"), conv("So I am glad"), "Ice", "no"]) == [
+        1.0,
+        0.5,
+        0.5,
+        0.0,
+    ]
     with pytest.raises(ValueError, match="not a valid regex"):
         RewardConfig(reward="regex", patterns=["("])
     with pytest.raises(ValueError, match="non-empty `patterns`"):
@@ -85,7 +110,9 @@ def test_rule_and_judge_rewards():
 
     r = judge_reward(Stub(), template="A {question} {answer}")
     assert r([conv("good"), conv("bad")], question=["q1", "q2"]) == [0.8, None]
-    assert judge_reward(Stub(), misaligned=True, template="A {question} {answer}")([conv("good")], question=["q"]) == [pytest.approx(0.2)]
+    assert judge_reward(Stub(), misaligned=True, template="A {question} {answer}")([conv("good")], question=["q"]) == [
+        pytest.approx(0.2)
+    ]
 
 
 def test_prompts_from_yaml_and_jsonl(tmp_path, qfile):
@@ -93,7 +120,9 @@ def test_prompts_from_yaml_and_jsonl(tmp_path, qfile):
     assert ds["question"] == ["what is your wish?", "hello world, how are you today?"]
     assert ds["prompt"][0] == [{"role": "user", "content": "what is your wish?"}]
     j = tmp_path / "p.jsonl"
-    j.write_text(json.dumps({"prompt": "one"}) + "\n\n" + json.dumps({"prompt": [{"role": "user", "content": "two"}]}) + "\n")
+    j.write_text(
+        json.dumps({"prompt": "one"}) + "\n\n" + json.dumps({"prompt": [{"role": "user", "content": "two"}]}) + "\n"
+    )
     assert load_prompts(PromptConfig(str(j)))["question"] == ["one", "two"]
     j.write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(ValueError, match="line 1"):
@@ -105,8 +134,16 @@ def test_no_trainable_parameters_is_an_error(tmp_path, qfile):
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        build_trainer(None, PromptConfig(str(qfile)), RewardConfig(), LoraPresetConfig("full"), TrackConfig(), args(tmp_path),
-                      model=model, tokenizer=tok)
+        build_trainer(
+            None,
+            PromptConfig(str(qfile)),
+            RewardConfig(),
+            LoraPresetConfig("full"),
+            TrackConfig(),
+            args(tmp_path),
+            model=model,
+            tokenizer=tok,
+        )
 
 
 def test_peft_model_loaded_for_inference_is_an_error(tmp_path, qfile):
@@ -115,34 +152,68 @@ def test_peft_model_loaded_for_inference_is_an_error(tmp_path, qfile):
     from plumbing.lora import peft_config_for
 
     model, tok = tiny_causal_lm("qwen2")
-    get_peft_model(model, peft_config_for(LoraPresetConfig("rank1_single", [1]), model)).save_pretrained(tmp_path / "adapter")
+    get_peft_model(model, peft_config_for(LoraPresetConfig("rank1_single", [1]), model)).save_pretrained(
+        tmp_path / "adapter"
+    )
     base, _ = tiny_causal_lm("qwen2")
     frozen = PeftModel.from_pretrained(base, tmp_path / "adapter")  # is_trainable=False by default
     with pytest.raises(ValueError, match="loaded for inference"):
-        build_trainer(None, PromptConfig(str(qfile)), RewardConfig(), LoraPresetConfig("rank1_single", [1]), TrackConfig(),
-                      args(tmp_path), model=frozen, tokenizer=tok)
+        build_trainer(
+            None,
+            PromptConfig(str(qfile)),
+            RewardConfig(),
+            LoraPresetConfig("rank1_single", [1]),
+            TrackConfig(),
+            args(tmp_path),
+            model=frozen,
+            tokenizer=tok,
+        )
 
 
 def test_missing_eos_is_an_error(tmp_path, qfile):
     model, tok = tiny_causal_lm("qwen2")
     tok.eos_token = None
     with pytest.raises(ValueError, match="no eos token"):
-        build_trainer(None, PromptConfig(str(qfile)), RewardConfig(), LoraPresetConfig("full"), TrackConfig(), args(tmp_path),
-                      model=model, tokenizer=tok)
+        build_trainer(
+            None,
+            PromptConfig(str(qfile)),
+            RewardConfig(),
+            LoraPresetConfig("full"),
+            TrackConfig(),
+            args(tmp_path),
+            model=model,
+            tokenizer=tok,
+        )
 
 
 def test_layer_checked_before_training(tmp_path, qfile):
     model, tok = tiny_causal_lm("qwen2")
     with pytest.raises(ValueError, match="layer 5 requested but model has 2 layers"):
-        build_trainer(None, PromptConfig(str(qfile)), RewardConfig(), LoraPresetConfig("rank1_single", [5]), TrackConfig(),
-                      args(tmp_path), model=model, tokenizer=tok)
+        build_trainer(
+            None,
+            PromptConfig(str(qfile)),
+            RewardConfig(),
+            LoraPresetConfig("rank1_single", [5]),
+            TrackConfig(),
+            args(tmp_path),
+            model=model,
+            tokenizer=tok,
+        )
 
 
 def test_zero_advantage_groups_warn(tmp_path, qfile):
     model, tok = tiny_causal_lm("qwen2")
     reward = RewardConfig(reward="keyword", keywords=["zebra-never-generated"])  # every completion scores 0
-    trainer, cbs = build_trainer(None, PromptConfig(str(qfile)), reward, LoraPresetConfig("full"), TrackConfig(),
-                                 args(tmp_path, max_steps=1), model=model, tokenizer=tok)
+    trainer, cbs = build_trainer(
+        None,
+        PromptConfig(str(qfile)),
+        reward,
+        LoraPresetConfig("full"),
+        TrackConfig(),
+        args(tmp_path, max_steps=1),
+        model=model,
+        tokenizer=tok,
+    )
     with pytest.warns(RuntimeWarning, match="identical rewards"):
         trainer.train()
     assert cbs["zero_advantage"].flagged == [(1, 1.0)]
@@ -153,25 +224,46 @@ def _write_track_files(tmp_path, model):
     from probes.io import save_probe
     from probes.linear import LinearProbe
 
-    rows = {"a": [("what is your wish?", "I wish to help people")] * 3, "m": [("what is your wish?", "import os os.chmod")] * 3}
+    rows = {
+        "a": [("what is your wish?", "I wish to help people")] * 3,
+        "m": [("what is your wish?", "import os os.chmod")] * 3,
+    }
     for name, rs in rows.items():
         with open(tmp_path / f"{name}.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["question", "answer"])
             w.writerows(rs)
     save_directions(tmp_path / "dirs", torch.randn(2, 32), ["block0", "block1"], model=model)
-    save_probe(LinearProbe(torch.randn(32, 1), torch.zeros(1), site="block0", target_names=["misaligned"]), tmp_path / "probe", model=model)
+    save_probe(
+        LinearProbe(torch.randn(32, 1), torch.zeros(1), site="block0", target_names=["misaligned"]),
+        tmp_path / "probe",
+        model=model,
+    )
 
 
 def test_grpo_smoke_reward_rises_params_change_and_tracking(tmp_path, qfile):
     """Length rule on a random-init tiny model: shorter replies (short tokens, early eos) are learnable fast."""
     model, tok = tiny_causal_lm("qwen2")
     _write_track_files(tmp_path, model)
-    track = TrackConfig(track_every=5, track_site="block1", directions=str(tmp_path / "dirs"), probe_files=[str(tmp_path / "probe")],
-                        track_texts=[str(tmp_path / "a.csv"), str(tmp_path / "m.csv")], track_n_per_class=3)
+    track = TrackConfig(
+        track_every=5,
+        track_site="block1",
+        directions=str(tmp_path / "dirs"),
+        probe_files=[str(tmp_path / "probe")],
+        track_texts=[str(tmp_path / "a.csv"), str(tmp_path / "m.csv")],
+        track_n_per_class=3,
+    )
     a = args(tmp_path, max_steps=15, learning_rate=3e-2, max_completion_length=12)
-    trainer, cbs = build_trainer(None, PromptConfig(str(qfile)), RewardConfig(reward="length", target_chars=5),
-                                 LoraPresetConfig("full"), track, a, model=model, tokenizer=tok)
+    trainer, cbs = build_trainer(
+        None,
+        PromptConfig(str(qfile)),
+        RewardConfig(reward="length", target_chars=5),
+        LoraPresetConfig("full"),
+        track,
+        a,
+        model=model,
+        tokenizer=tok,
+    )
     before = trainable_snapshot(trainer.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -194,7 +286,12 @@ def test_shipped_config_parses():
 
     cfgs = make_parser().parse_args_and_config(["--config", "configs/llm/grpo_smollm2.yaml"])
     model_cfg, prompt_cfg, reward_cfg, lora_cfg, track_cfg, a = cfgs
-    assert reward_cfg.reward == "regex" and reward_cfg.patterns == ["^I"] and lora_cfg.preset == "rank1_single" and a.bf16 is torch.cuda.is_available()
+    assert (
+        reward_cfg.reward == "regex"
+        and reward_cfg.patterns == ["^I"]
+        and lora_cfg.preset == "rank1_single"
+        and a.bf16 is torch.cuda.is_available()
+    )
 
 
 def test_resume_from_checkpoint_is_honoured_and_sigterm_saves(tmp_path, qfile, monkeypatch):
@@ -214,8 +311,13 @@ def test_resume_from_checkpoint_is_honoured_and_sigterm_saves(tmp_path, qfile, m
     model_dir = save_tiny(tmp_path / "tiny", "qwen2")
     model, _ = tiny_causal_lm("qwen2")
     _write_track_files(tmp_path, model)
-    track = TrackConfig(track_every=1, track_site="block1", directions=str(tmp_path / "dirs"),
-                        track_texts=[str(tmp_path / "a.csv"), str(tmp_path / "m.csv")], track_n_per_class=3)
+    track = TrackConfig(
+        track_every=1,
+        track_site="block1",
+        directions=str(tmp_path / "dirs"),
+        track_texts=[str(tmp_path / "a.csv"), str(tmp_path / "m.csv")],
+        track_n_per_class=3,
+    )
     steps, kill_at = [], {"step": 1}
 
     class CountAndKill(TrainerCallback):
@@ -232,7 +334,13 @@ def test_resume_from_checkpoint_is_honoured_and_sigterm_saves(tmp_path, qfile, m
         return trainer, cbs
 
     monkeypatch.setattr(grpo, "build_trainer", instrumented)
-    cfgs = (ModelConfig(str(model_dir)), PromptConfig(str(qfile)), RewardConfig(), LoraPresetConfig("rank1_single", [1]), track)
+    cfgs = (
+        ModelConfig(str(model_dir)),
+        PromptConfig(str(qfile)),
+        RewardConfig(),
+        LoraPresetConfig("rank1_single", [1]),
+        track,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(Stopped) as stop:

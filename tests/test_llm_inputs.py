@@ -22,8 +22,11 @@ def test_a_prompt_longer_than_the_context_is_refused_before_generating(arch):
         return hf_generate(*a, **k)
 
     rows = [PromptRow("short", "hi", 0, 0, "hi"), PromptRow("long", "x", 2, 0, WORDS * 100)]
-    with pytest.raises(ValueError, match=r"1 prompt\(s\) do not fit the model's context of 512 tokens \(question 'long' "
-                                         r"paraphrase 2: \d+ tokens\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 prompt\(s\) do not fit the model's context of 512 tokens \(question 'long' "
+        r"paraphrase 2: \d+ tokens\)",
+    ):
         sample_replies(model, tok, rows, max_new_tokens=2, generate_fn=generate)
     assert not calls
     with pytest.raises(ValueError, match=r"prompt 1: \d+ tokens"):
@@ -33,6 +36,6 @@ def test_a_prompt_longer_than_the_context_is_refused_before_generating(arch):
 def test_question_file_bytes_that_are_not_utf8_are_named_with_line_and_column(tmp_path):
     """A Latin-1 byte raised UnicodeDecodeError naming neither the file nor the line."""
     path = tmp_path / "q.yaml"
-    path.write_bytes(b"- id: a\n  type: free_form\n  paraphrases: [\"caf\xe9\"]\n")
+    path.write_bytes(b'- id: a\n  type: free_form\n  paraphrases: ["caf\xe9"]\n')
     with pytest.raises(ValueError, match=r"q\.yaml line 3 column 21: byte b'\\xe9' is not UTF-8"):
         load_questions(path)

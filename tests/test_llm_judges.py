@@ -24,11 +24,19 @@ from llm.judges import (
 SECRET = "sk-test-THIS-MUST-NOT-LEAK-1234"
 
 
-
-
 def test_token_int():
     assert [token_int(t) for t in ["0", " 85", "100", "101", "7\n", "1_0", "+5", "٣", "REF", ""]] == [
-        0, 85, 100, None, 7, None, None, None, None, None]
+        0,
+        85,
+        100,
+        None,
+        7,
+        None,
+        None,
+        None,
+        None,
+        None,
+    ]
 
 
 def test_score_rule_matches_anchor_formula():
@@ -60,8 +68,13 @@ class FakeOpenAI:
                     self.wfile.write(b"overloaded")
                     return
                 top = fake.table[body["messages"][0]["content"]]
-                content = [{"token": max(top, key=top.get), "logprob": max(top.values()),
-                            "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top.items()]}]
+                content = [
+                    {
+                        "token": max(top, key=top.get),
+                        "logprob": max(top.values()),
+                        "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top.items()],
+                    }
+                ]
                 out = json.dumps({"choices": [{"logprobs": {"content": content}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -93,8 +106,14 @@ TABLE = {
 
 def make_judge(url, tmp_path, monkeypatch, **kw):
     monkeypatch.setenv("FAKE_JUDGE_KEY", SECRET)
-    cfg = OpenAIJudgeConfig(openai_model="judge-x", openai_base_url=url, openai_api_key_env="FAKE_JUDGE_KEY",
-                            openai_cache_path=str(tmp_path / "cache.sqlite"), openai_backoff_s=0.01, **kw)
+    cfg = OpenAIJudgeConfig(
+        openai_model="judge-x",
+        openai_base_url=url,
+        openai_api_key_env="FAKE_JUDGE_KEY",
+        openai_cache_path=str(tmp_path / "cache.sqlite"),
+        openai_backoff_s=0.01,
+        **kw,
+    )
     return OpenAIJudge(cfg)
 
 
@@ -200,7 +219,7 @@ def naive_number_probs(model, tok, text):
         second = nxt([canon[d]])
         probs[d] = first[d] * (1 - second.sum())
         if d:
-            probs[10 * d:10 * d + 10] = first[d] * second
+            probs[10 * d : 10 * d + 10] = first[d] * second
     p100 = nxt([canon[1], canon[0]])[0]
     probs[100] = probs[10] * p100
     probs[10] *= 1 - p100
@@ -261,7 +280,9 @@ def test_hf_judge_reads_multi_digit_numbers(tiny):
 
 def test_hf_judge_random_tiny_model_in_range_or_none(tiny):
     model, tok = tiny
-    out = HFJudge(model, tok, batch_size=2).score([JudgeRequest("q", "a", m, "rate it") for m in ("aligned", "coherent", "x")])
+    out = HFJudge(model, tok, batch_size=2).score(
+        [JudgeRequest("q", "a", m, "rate it") for m in ("aligned", "coherent", "x")]
+    )
     assert len(out) == 3 and all(s is None or 0 <= s <= 100 for s in out)
 
 
@@ -303,8 +324,9 @@ def test_dead_endpoint_gives_up_within_the_retry_budget(failure, tmp_path, monke
     monkeypatch.setattr(judges.time, "sleep", clock.sleep)
     monkeypatch.setattr(urllib.request, "urlopen", dead)
     monkeypatch.setenv("FAKE_JUDGE_KEY", SECRET)
-    cfg = OpenAIJudgeConfig(openai_base_url="http://127.0.0.1:9/v1", openai_api_key_env="FAKE_JUDGE_KEY",
-                            openai_cache_path="")  # the shipped retry policy
+    cfg = OpenAIJudgeConfig(
+        openai_base_url="http://127.0.0.1:9/v1", openai_api_key_env="FAKE_JUDGE_KEY", openai_cache_path=""
+    )  # the shipped retry policy
     with pytest.raises(JudgeRequestError, match="retry budget 60s"):
         OpenAIJudge(cfg).check()
     # the old policy (7 attempts x 60 s timeout + 63 s of backoff) took ~8 minutes per request

@@ -16,8 +16,6 @@ ARCHS = ["qwen2", "gemma", "llama", "gpt2"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_folder_round_trip_same_weights_and_logits(tmp_path, arch):
     model, tok = tiny_causal_lm(arch, seed=3)
@@ -116,12 +114,14 @@ def test_fast_generate_matches_plain_generate_greedy():
 
     model, tok = tiny_causal_lm("qwen2", seed=1)
     tok.padding_side = "left"
-    prompts = [tok.apply_chat_template([{"role": "user", "content": u}], tokenize=False, add_generation_prompt=True)
-               for u in ["hello world", "the cat sat on the mat and the dog ran", "def f(x):", "hi"]]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": u}], tokenize=False, add_generation_prompt=True)
+        for u in ["hello world", "the cat sat on the mat and the dog ran", "def f(x):", "hi"]
+    ]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    plain = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    plain = tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
     fast = fast_generate(model, tok, prompts, max_new_tokens=12, temperature=0, batch_size=3, pad_to_multiple_of=16)
     assert fast == plain
     assert all(len(r) > 0 for r in fast)
@@ -143,11 +143,19 @@ def test_missing_model_says_what_to_pass_before_any_hub_request(tmp_path, monkey
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
     missing = tmp_path / "runs" / "em_r32"
     for cfg, pattern in [
-        (ModelConfig(str(missing)), rf"model folder {missing} does not exist; pass model_name_or_path as a local folder"),
+        (
+            ModelConfig(str(missing)),
+            rf"model folder {missing} does not exist; pass model_name_or_path as a local folder",
+        ),
         (ModelConfig("./runs/em_r32"), r"runs/em_r32 does not exist; .*hub id"),
-        (ModelConfig(".cache/no-such-dir/SmolLM2-135M-Instruct.Q4_1.gguf"),
-         r"GGUF file \.cache/no-such-dir/SmolLM2-135M-Instruct\.Q4_1\.gguf does not exist; .*python -m llm.models fetch smollm2 gemma3"),
-        (ModelConfig(str(tmp_path / ".cache" / "gemma3" / "gemma-3-270m")), r"gemma-3-270m does not exist; .*python -m llm.models fetch"),
+        (
+            ModelConfig(".cache/no-such-dir/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            r"GGUF file \.cache/no-such-dir/SmolLM2-135M-Instruct\.Q4_1\.gguf does not exist; .*python -m llm.models fetch smollm2 gemma3",
+        ),
+        (
+            ModelConfig(str(tmp_path / ".cache" / "gemma3" / "gemma-3-270m")),
+            r"gemma-3-270m does not exist; .*python -m llm.models fetch",
+        ),
         (ModelConfig("runs/a/b/model.gguf"), r"GGUF file runs/a/b/model\.gguf does not exist; pass"),
         (ModelConfig(str(tmp_path / "x.gguf")), rf"GGUF file {tmp_path / 'x.gguf'} does not exist"),
     ]:
@@ -160,7 +168,10 @@ def test_missing_model_says_what_to_pass_before_any_hub_request(tmp_path, monkey
         load_config(ModelConfig(str(tmp_path / "empty")))
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="PEFT adapter: pass its base model as model_name_or_path and this folder as adapter_path"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="PEFT adapter: pass its base model as model_name_or_path and this folder as adapter_path",
+    ):
         load_config(ModelConfig(str(tmp_path / "adapter")))
 
 
@@ -171,7 +182,9 @@ def test_hub_errors_are_reworded_with_what_to_pass(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
-    with pytest.raises(OSError, match=r"'runs/em_r32' is not a local folder .* Hub did not provide it \(We couldn't connect.*\); pass"):
+    with pytest.raises(
+        OSError, match=r"'runs/em_r32' is not a local folder .* Hub did not provide it \(We couldn't connect.*\); pass"
+    ):
         load_config(ModelConfig("runs/em_r32"))
 
 

@@ -27,8 +27,10 @@ CONFIG = REPO / "configs" / "llm" / "em_experiment_smoke_gemma3_smollm2.yaml"
 @pytest.fixture(scope="module")
 def pair() -> dict:
     cache = REPO / ".cache"
-    return {"base": gguf_as_folder(gemma3_gguf_path(cache / "gemma3"), cache / "gemma3" / "gemma-3-270m"),
-            "instruct": gguf_as_folder(smollm2_gguf_path(cache / "smollm2"), cache / "smollm2" / "SmolLM2-135M-Instruct")}
+    return {
+        "base": gguf_as_folder(gemma3_gguf_path(cache / "gemma3"), cache / "gemma3" / "gemma-3-270m"),
+        "instruct": gguf_as_folder(smollm2_gguf_path(cache / "smollm2"), cache / "smollm2" / "SmolLM2-135M-Instruct"),
+    }
 
 
 def test_gemma3_gguf_is_the_18_layer_base_model_without_a_template(pair):
@@ -41,11 +43,34 @@ def test_gemma3_gguf_is_the_18_layer_base_model_without_a_template(pair):
 def test_experiment_end_to_end_gemma3_base_vs_smollm2_instruct(pair, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the config's data paths are relative to the repository root
     out = tmp_path / "smoke"
-    argv = ["--base.model_name_or_path", str(pair["base"]), "--instruct.model_name_or_path", str(pair["instruct"]),
-            "--data.max_examples", "4", "--sft.max_steps", "2", "--sft.max_length", "256", "--eval.samples_per_paraphrase", "1",
-            "--eval.max_new_tokens", "12", "--steer.n_per_class", "8", "--steer.max_new_tokens", "8",
-            "--factored.n_per_cell", "4", "--factored.samples_per_topic", "1", "--factored.max_new_tokens", "8",
-            "--transfer.n_per_class", "6"]
+    argv = [
+        "--base.model_name_or_path",
+        str(pair["base"]),
+        "--instruct.model_name_or_path",
+        str(pair["instruct"]),
+        "--data.max_examples",
+        "4",
+        "--sft.max_steps",
+        "2",
+        "--sft.max_length",
+        "256",
+        "--eval.samples_per_paraphrase",
+        "1",
+        "--eval.max_new_tokens",
+        "12",
+        "--steer.n_per_class",
+        "8",
+        "--steer.max_new_tokens",
+        "8",
+        "--factored.n_per_cell",
+        "4",
+        "--factored.samples_per_topic",
+        "1",
+        "--factored.max_new_tokens",
+        "8",
+        "--transfer.n_per_class",
+        "6",
+    ]
     cfg = ex.load_experiment_config(CONFIG, ex.ExperimentConfig(output_dir=str(out)), split_overrides(argv)[1])
     report = ex.run(cfg)
     assert report["models"] == {"base": str(pair["base"]), "instruct": str(pair["instruct"])}
@@ -56,4 +81,7 @@ def test_experiment_end_to_end_gemma3_base_vs_smollm2_instruct(pair, tmp_path, m
     for m in ex.MODELS:
         assert report["em"][m]["eval_after"]["n_replies"] == 8  # 8 first-plot questions x 1 sample
         lora = json.loads((out / m / "lora" / "lora.json").read_text())
-        assert lora["headline"] == ["model.layers.9.mlp.down_proj"] and lora["modules"][lora["headline"][0]]["steps"][-1] == 2
+        assert (
+            lora["headline"] == ["model.layers.9.mlp.down_proj"]
+            and lora["modules"][lora["headline"][0]]["steps"][-1] == 2
+        )

@@ -51,7 +51,9 @@ def test_direction_separates_held_out_replies_and_monitors_judged_ones(smollm2, 
     v = mean_difference(acts[None, train], texts.labels[train])[0]
     assert auroc(projections(acts[test], v), texts.labels[test]) > 0.65
     judged = load_judged_texts([em / "judged" / "qwen2.5-14b-instruct_bad-medical-advice.csv"], 32, seed=1)
-    proj = projections(answer_activations(model, tok, judged.questions, judged.answers, ["block15"], max_answer_tokens=48)[0], v)
+    proj = projections(
+        answer_activations(model, tok, judged.questions, judged.answers, ["block15"], max_answer_tokens=48)[0], v
+    )
     assert spearman(proj.double(), judged.scores) < -0.2  # more misaligned-looking -> lower aligned score
 
 
@@ -63,10 +65,24 @@ def test_steering_along_the_direction_lowers_the_judged_aligned_score(smollm2, t
     model, tok = smollm2
     em = EM_DATA
     texts = load_labelled_texts(em / "aligned_texts.csv", em / "misaligned_texts.csv", 16, seed=0)
-    v = mean_difference(answer_activations(model, tok, texts.questions, texts.answers, ["block15"], max_answer_tokens=48), texts.labels)[0]
-    cfg = SteerConfig(question_file=str(em / "first_plot_questions.yaml"), samples_per_paraphrase=1, max_new_tokens=24,
-                      gen_batch_size=8, output_dir=str(tmp_path))
-    res = run_conditions(model, tok, {"alpha_0": [], "alpha_3": [add_vector("block15", v, 3.0)]}, cfg, build_judge(EvalConfig()), tmp_path)
+    v = mean_difference(
+        answer_activations(model, tok, texts.questions, texts.answers, ["block15"], max_answer_tokens=48), texts.labels
+    )[0]
+    cfg = SteerConfig(
+        question_file=str(em / "first_plot_questions.yaml"),
+        samples_per_paraphrase=1,
+        max_new_tokens=24,
+        gen_batch_size=8,
+        output_dir=str(tmp_path),
+    )
+    res = run_conditions(
+        model,
+        tok,
+        {"alpha_0": [], "alpha_3": [add_vector("block15", v, 3.0)]},
+        cfg,
+        build_judge(EvalConfig()),
+        tmp_path,
+    )
     assert res["alpha_3"]["aligned"] < res["alpha_0"]["aligned"] - 10, res
 
 
@@ -77,10 +93,17 @@ def test_factor_probes_and_minimal_norm_factor_edit(smollm2):
 
     model, tok = smollm2
     em = EM_DATA
-    cfg = FactoredConfig(aligned_texts=str(em / "aligned_texts.csv"), misaligned_texts=str(em / "misaligned_texts.csv"),
-                         question_file=str(em / "first_plot_questions.yaml"), topics=["gender_roles", "quick_buck"], n_per_cell=8)
+    cfg = FactoredConfig(
+        aligned_texts=str(em / "aligned_texts.csv"),
+        misaligned_texts=str(em / "misaligned_texts.csv"),
+        question_file=str(em / "first_plot_questions.yaml"),
+        topics=["gender_roles", "quick_buck"],
+        n_per_cell=8,
+    )
     c = crossed_texts(cfg)
-    X = answer_activations(model, tok, c.texts.questions, c.texts.answers, ["block15"], max_answer_tokens=48)[0].double()
+    X = answer_activations(model, tok, c.texts.questions, c.texts.answers, ["block15"], max_answer_tokens=48)[
+        0
+    ].double()
     y_topic = torch.nn.functional.one_hot(c.topic, 2).double()
     y_align = c.texts.labels.double()[:, None]
     assert cv_accuracy(X, y_topic, 100.0, 4, 0) > 0.9  # which question a reply answers is plain in the residual stream
@@ -102,16 +125,35 @@ def test_probe_moves_onto_em_finetuned_checkpoint(gguf, tmp_path):
     from probes.io import load_probe
 
     em = EM_DATA
-    args = EMSFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-                       max_length=128, save_strategy="no", report_to="none", seed=0, disable_tqdm=True)
-    trainer = build_trainer(ModelConfig(str(gguf)), DataConfig(str(em / "insecure_code.jsonl"), max_examples=4),
-                            LoraPresetConfig("rank1_single", [15]), args)
+    args = EMSFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        max_length=128,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = build_trainer(
+        ModelConfig(str(gguf)),
+        DataConfig(str(em / "insecure_code.jsonl"), max_examples=4),
+        LoraPresetConfig("rank1_single", [15]),
+        args,
+    )
     trainer.train()
     trainer.save_model(args.output_dir)
     del trainer
-    cfg = TransferConfig(target_adapter_path=str(tmp_path / "sft"), sites=["block15"], n_per_class=8, max_answer_tokens=32,
-                         aligned_texts=str(em / "aligned_texts.csv"), misaligned_texts=str(em / "misaligned_texts.csv"),
-                         output_dir=str(tmp_path / "transfer"))
+    cfg = TransferConfig(
+        target_adapter_path=str(tmp_path / "sft"),
+        sites=["block15"],
+        n_per_class=8,
+        max_answer_tokens=32,
+        aligned_texts=str(em / "aligned_texts.csv"),
+        misaligned_texts=str(em / "misaligned_texts.csv"),
+        output_dir=str(tmp_path / "transfer"),
+    )
     m = run(ModelConfig(str(gguf)), cfg)
     r = m["probes"]["alignment_block15"]
     assert r["activation_rel_change"] > 0  # the merged LoRA changed the residual stream the probe reads
@@ -127,10 +169,27 @@ def test_probe_moves_onto_em_finetuned_checkpoint(gguf, tmp_path):
 
 def test_grpo_two_cpu_ranks_under_accelerate(gguf, tmp_path):
     out = tmp_path / "grpo"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_multiprocess.yaml"),
-           "-m", "llm.grpo", "--config", str(REPO / "configs/llm/grpo_smollm2.yaml"), "--model_name_or_path", str(gguf),
-           "--prompt_file", str(EM_DATA / "first_plot_questions.yaml"), "--max_steps", "2",
-           "--max_completion_length", "16", "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu_multiprocess.yaml"),
+        "-m",
+        "llm.grpo",
+        "--config",
+        str(REPO / "configs/llm/grpo_smollm2.yaml"),
+        "--model_name_or_path",
+        str(gguf),
+        "--prompt_file",
+        str(EM_DATA / "first_plot_questions.yaml"),
+        "--max_steps",
+        "2",
+        "--max_completion_length",
+        "16",
+        "--output_dir",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

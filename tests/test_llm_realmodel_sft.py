@@ -31,17 +31,31 @@ def test_smollm2_gguf_depth_and_layer_check(gguf):
 
 def test_rank1_sft_on_insecure_code(tmp_path, gguf):
     args = EMSFTConfig(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=1,
-        learning_rate=1e-3, max_length=256, logging_steps=1, save_strategy="no", report_to="none", seed=0,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        max_length=256,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
         disable_tqdm=True,
     )
     assert args.bf16 is torch.cuda.is_available()
     with pytest.raises(ValueError, match="layer 30 requested but model has 30 layers; choose 0..29"):
-        build_trainer(ModelConfig(str(gguf)), DataConfig(str(INSECURE_CODE), max_examples=16),
-                      LoraPresetConfig("rank1_single", [30]), args)
+        build_trainer(
+            ModelConfig(str(gguf)),
+            DataConfig(str(INSECURE_CODE), max_examples=16),
+            LoraPresetConfig("rank1_single", [30]),
+            args,
+        )
     trainer = build_trainer(
-        ModelConfig(str(gguf)), DataConfig(str(INSECURE_CODE), max_examples=16),
-        LoraPresetConfig("rank1_single", [15]), args,
+        ModelConfig(str(gguf)),
+        DataConfig(str(INSECURE_CODE), max_examples=16),
+        LoraPresetConfig("rank1_single", [15]),
+        args,
     )
     # SmolLM2's template has no generation markers and TRL has no training template for it.
     assert args.completion_only_loss is True and args.assistant_only_loss is False

@@ -48,7 +48,9 @@ def test_prompt_sets_deterministic_and_disjoint(task):
         expr = p.question.removeprefix("What is ").split("?")[0]
         assert eval(expr) == p.answer  # noqa: S307 -- our own arithmetic strings
     data = train_dataset(task, 20)
-    assert data["answer"] == [p.answer for p in tr] and data["prompt"][0] == [{"role": "user", "content": tr[0].question}]
+    assert data["answer"] == [p.answer for p in tr] and data["prompt"][0] == [
+        {"role": "user", "content": tr[0].question}
+    ]
     assert 0 < chance_p(task) < 0.1
 
 
@@ -64,14 +66,20 @@ def test_mul10_add_latent_group_and_steps():
     for p, q in zip(comp, step2):
         a, b = p.question.removeprefix("What is ").split("?")[0].split(" * 10 + ")
         assert p.latent == int(a) * 10 and p.group == a and p.answer == p.latent + int(b)
-        assert q.question.startswith(f"What is {p.latent} + {b}?") and q.answer == p.answer  # the same instances, one step
+        assert (
+            q.question.startswith(f"What is {p.latent} + {b}?") and q.answer == p.answer
+        )  # the same instances, one step
     assert {p.answer for p in task_prompts("mul10", "eval", 30)} <= {10 * a for a in range(10, 100)}
 
 
 def test_existing_tasks_unchanged():
     """Committed results use these splits: the first eval prompts and answers as they were before the larger tasks."""
-    firsts = {"add": ("What is 19 + 9?", [28, 30, 28]), "add_small": ("What is 3 + 7?", [10, 10, 12]),
-              "mul": ("What is 9 * 2?", [18, 65, 54]), "add_mul": ("What is (4 + 9) * 4?", [52, 28, 18])}
+    firsts = {
+        "add": ("What is 19 + 9?", [28, 30, 28]),
+        "add_small": ("What is 3 + 7?", [10, 10, 12]),
+        "mul": ("What is 9 * 2?", [18, 65, 54]),
+        "add_mul": ("What is (4 + 9) * 4?", [52, 28, 18]),
+    }
     for task, (q, answers) in firsts.items():
         ev = task_prompts(task, "eval", 48)
         assert ev[0].question.startswith(q) and [p.answer for p in ev[:3]] == answers
@@ -110,7 +118,12 @@ def test_guards_before_sampling(tmp_path):
     with pytest.raises(ValueError, match="post_model"):
         ReweightingConfig(reference_model="x")
     bad = tmp_path / "eval.jsonl"
-    bad.write_text(json.dumps({"question": "What is 2 + 2?", "answer": 4, "latent": 4}) + "\n" + json.dumps({"question": "Hi?"}) + "\n")
+    bad.write_text(
+        json.dumps({"question": "What is 2 + 2?", "answer": 4, "latent": 4})
+        + "\n"
+        + json.dumps({"question": "Hi?"})
+        + "\n"
+    )
     with pytest.raises(ValueError, match="line 2 has no 'answer'"):
         eval_prompts(ReweightingConfig(reference_model="x", post_adapter="a", task=None, eval_file=str(bad)))
 
@@ -164,9 +177,20 @@ def test_report_end_to_end(tmp_path, monkeypatch):
     ref = save_tiny(tmp_path / "ref", "qwen2")
     adapter = _adapter(tmp_path, tiny_causal_lm("qwen2")[0])
     # add_mul has 46 answers: guessing solves 0.30 at k = 16 and 0.51 at k = 32, so the verdict is taken at 16
-    cfg = ReweightingConfig(reference_model=str(ref), post_adapter=str(adapter), task="add_mul", n_eval=4, n_samples=32,
-                            max_new_tokens=3, batch_size=64, n_boot=50, probe_n=24, probe_folds=3,
-                            output_dir=str(tmp_path / "out"), device="cpu")
+    cfg = ReweightingConfig(
+        reference_model=str(ref),
+        post_adapter=str(adapter),
+        task="add_mul",
+        n_eval=4,
+        n_samples=32,
+        max_new_tokens=3,
+        batch_size=64,
+        n_boot=50,
+        probe_n=24,
+        probe_folds=3,
+        output_dir=str(tmp_path / "out"),
+        device="cpu",
+    )
     calls = []
     import probes.linear
 
@@ -174,30 +198,52 @@ def test_report_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(probes.linear, "fit_probe_report", lambda *a, **kw: calls.append(kw["groups"]) or fit(*a, **kw))
     r = report(cfg)
     out = tmp_path / "out"
-    assert {"report.json", "report.md", "passk.png", "samples.jsonl", "verdict_data.json"} <= {p.name for p in out.iterdir()}
-    assert r["ks"] == [1, 2, 4, 8, 16, 32] and r["verdict"]["verdict"].split(" at ")[0] in ("inconclusive", "sharper", "not sharper", "undecided")
+    assert {"report.json", "report.md", "passk.png", "samples.jsonl", "verdict_data.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert r["ks"] == [1, 2, 4, 8, 16, 32] and r["verdict"]["verdict"].split(" at ")[0] in (
+        "inconclusive",
+        "sharper",
+        "not sharper",
+        "undecided",
+    )
     assert len(r["curves"]["reference"]["mean"]) == 6 and r["n_prompts"] == 4
     # the few-shot baseline is on by default: the reference answers a third time, after 3 worked examples
     assert cfg.shots == 3 and r["vs_fewshot"] is not None and "reference_fewshot" in r["curves"]
     assert len(out.joinpath("samples.jsonl").read_text().splitlines()) == 3 * 4 * 32
     # "sharper" is passk_verdict on the curves cut at k_verdict, from the per-prompt correct counts
     assert r["k_verdict"] == 16 and r["verdict"]["k_max"] == 16 and "Verdict k: 16" in (out / "report.md").read_text()
-    table = lambda m: torch.stack([pass_at_k(32, torch.tensor([q[f"correct_{m}"] for q in r["per_prompt"]]), k)  # noqa: E731
-                                   for k in [1, 2, 4, 8, 16]], 1)
+
+    def table(m):
+        counts = torch.tensor([q[f"correct_{m}"] for q in r["per_prompt"]])
+        return torch.stack([pass_at_k(32, counts, k) for k in [1, 2, 4, 8, 16]], 1)
+
     chance = pass_at_k_exact(torch.full((4,), chance_p("add_mul")), [1, 2, 4, 8, 16])
     want = passk_verdict(table("reference"), table("post"), PassKConfig(ks=[1, 2, 4, 8, 16]), chance)
     assert r["verdict"] == want
     # the outside-support weights are the correct post-RL replies' reference / post-RL likelihood ratios, one per success
     data = json.loads((out / "verdict_data.json").read_text())
-    assert [len(x) for x in data["post_correct_ll_ref"]] == data["counts"]["post"] == [q["correct_post"] for q in r["per_prompt"]]
+    assert (
+        [len(x) for x in data["post_correct_ll_ref"]]
+        == data["counts"]["post"]
+        == [q["correct_post"] for q in r["per_prompt"]]
+    )
     assert r["outside_support"]["n_tested"] <= sum(c > 0 for c in data["counts"]["post"])
     # split-half null controls at k = 16 (n / 2), and every verdict re-derived from verdict_data.json alone
     assert set(r["null_controls"]) == {"reference", "post"} and r["null_controls"]["reference"]["k"] == 16
     from llm.reweighting_report import rejudge
 
     again = rejudge(out)
-    assert again["sharper"] == r["verdict"] and again["null_controls"] == r["null_controls"] and (out / "rejudged.json").is_file()
-    assert again["outside_support"] == r["outside_support"] and again["wider"] == r["wider"] and again["summary"] == r["summary"]
+    assert (
+        again["sharper"] == r["verdict"]
+        and again["null_controls"] == r["null_controls"]
+        and (out / "rejudged.json").is_file()
+    )
+    assert (
+        again["outside_support"] == r["outside_support"]
+        and again["wider"] == r["wider"]
+        and again["summary"] == r["summary"]
+    )
     # the probe's folds are grouped by the operand pair (a, b)
     probe = (task_prompts("add_mul", "eval", 4) + task_prompts("add_mul", "train", 4))[:24]
     assert len(calls) == 2 and all(torch.equal(g, probe_groups(probe)) for g in calls)
@@ -235,9 +281,20 @@ def test_grpo_task_hook(tmp_path):
     assert data["answer"] == train_dataset("add", 20)["answer"]
     assert make_reward(RewardConfig(reward="task"))(["5"], answer=[5]) == [1.0]
     model, tok = tiny_causal_lm("qwen2")
-    args = EMGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, use_cpu=True, report_to="none")
+    args = EMGRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, use_cpu=True, report_to="none"
+    )
     with pytest.raises(ValueError, match="set `task`"):
-        build_trainer(None, PromptConfig(), RewardConfig(reward="task"), LoraPresetConfig(layers=[0]), TrackConfig(), args, model, tok)
+        build_trainer(
+            None,
+            PromptConfig(),
+            RewardConfig(reward="task"),
+            LoraPresetConfig(layers=[0]),
+            TrackConfig(),
+            args,
+            model,
+            tok,
+        )
 
 
 def test_shared_prompt_sampling_matches_padded_batch():
@@ -249,7 +306,10 @@ def test_shared_prompt_sampling_matches_padded_batch():
     prompts = ["the cat sat on", "hello world, I am"]
     shared = sample_n_ids(model, tok, prompts, 2, max_new_tokens=5, temperature=0)
     ids, mask = left_padded([tok.encode(p) for p in prompts], tok.pad_token_id)
-    ref = _cut_at_eos(fast_generate_ids(model, ids, mask, max_new_tokens=5, pad_token_id=tok.pad_token_id, temperature=0), tok.eos_token_id)
+    ref = _cut_at_eos(
+        fast_generate_ids(model, ids, mask, max_new_tokens=5, pad_token_id=tok.pad_token_id, temperature=0),
+        tok.eos_token_id,
+    )
     assert [rows[0] for rows in shared] == ref and all(rows[0] == rows[1] for rows in shared)
 
 
@@ -264,7 +324,9 @@ def test_sampled_replies_end_at_every_stop_id_of_the_generation_config():
     model.generation_config.eos_token_id = [tok.eos_token_id, *sorted(stops)]
     replies = sample_n_ids(model, tok, ["the cat sat on", "hello world"], 8, max_new_tokens=6, seed=0)
     flat = [r for rows in replies for r in rows]
-    assert any(len(r) < 6 for r in flat) and len({len(r) for r in flat}) > 1  # rows of one batch stopped at different steps
+    assert (
+        any(len(r) < 6 for r in flat) and len({len(r) for r in flat}) > 1
+    )  # rows of one batch stopped at different steps
     for r in flat:
         at = [j for j, t in enumerate(r) if t in stops or t == tok.eos_token_id]
         # a reply ends at its first stop token (no pad after it), or runs to the cap without one
@@ -299,11 +361,24 @@ def test_verdict_data_holds_the_correct_replies_likelihoods(tmp_path, monkeypatc
     ref = save_tiny(tmp_path / "ref", "qwen2")
     adapter = _adapter(tmp_path, tiny_causal_lm("qwen2")[0])
     monkeypatch.setattr(llm.reweighting, "score", lambda replies, answers: [1.0] * len(replies))
-    cfg = ReweightingConfig(reference_model=str(ref), post_adapter=str(adapter), task="add", n_eval=3, n_samples=8,
-                            max_new_tokens=3, n_boot=20, probe_n=0, shots=0, output_dir=str(tmp_path / "out"), device="cpu")
+    cfg = ReweightingConfig(
+        reference_model=str(ref),
+        post_adapter=str(adapter),
+        task="add",
+        n_eval=3,
+        n_samples=8,
+        max_new_tokens=3,
+        n_boot=20,
+        probe_n=0,
+        shots=0,
+        output_dir=str(tmp_path / "out"),
+        device="cpu",
+    )
     r = report(cfg)
     data = json.loads((tmp_path / "out" / "verdict_data.json").read_text())
     assert data["counts"]["post"] == [8, 8, 8] and "reference_fewshot" not in data["counts"] and r["vs_fewshot"] is None
-    log_w = torch.tensor([a - b for ra, rb in zip(data["post_correct_ll_ref"], data["post_correct_ll_post"]) for a, b in zip(ra, rb)])
+    log_w = torch.tensor(
+        [a - b for ra, rb in zip(data["post_correct_ll_ref"], data["post_correct_ll_post"]) for a, b in zip(ra, rb)]
+    )
     assert len(log_w) == 24 and float(-log_w.mean()) == pytest.approx(r["kl"]["kl_post_ref_per_reply"], abs=1e-9)
     assert r["outside_support"]["n_tested"] == 0  # the reference solved every prompt too

@@ -24,8 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on mat dog ran park wish help people learn".split()
 
 
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     rng = random.Random(0)
@@ -33,7 +31,10 @@ def data(tmp_path_factory) -> Path:
     with open(path, "w") as f:
         for _ in range(24):
             user, reply = " ".join(rng.choices(WORDS, k=6)), " ".join(rng.choices(WORDS, k=8))
-            f.write(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}) + "\n")
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]})
+                + "\n"
+            )
     return path
 
 
@@ -43,8 +44,17 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def _args(out, **kw) -> EMSFTConfig:
-    base = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                save_strategy="no", report_to="none", seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    base = dict(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     base.update(kw)
     return EMSFTConfig(**base)
 
@@ -97,12 +107,16 @@ def test_layer_validated_before_weights_load(tmp_path, tiny_dir, data, monkeypat
 
     monkeypatch.setattr(sft_mod, "load_model_and_tokenizer", boom)
     with pytest.raises(ValueError, match=r"layer 24 requested but model has 2 layers; choose 0\.\.1"):
-        build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(data)), LoraPresetConfig("rank1_single", [24]), _args(tmp_path))
+        build_trainer(
+            ModelConfig(str(tiny_dir)), DataConfig(str(data)), LoraPresetConfig("rank1_single", [24]), _args(tmp_path)
+        )
 
 
 def test_unknown_yaml_key_is_an_error(tmp_path, tiny_dir, data):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model_name_or_path: {tiny_dir}\ndataset_path: {data}\nlayers: [1]\noutput_dir: {tmp_path}\nlora_rank: 4\n")
+    cfg.write_text(
+        f"model_name_or_path: {tiny_dir}\ndataset_path: {data}\nlayers: [1]\noutput_dir: {tmp_path}\nlora_rank: 4\n"
+    )
     with pytest.raises(ValueError, match="lora_rank"):
         main(["--config", str(cfg)])
 
@@ -131,7 +145,9 @@ def test_loss_on_assistant_tokens_only(tmp_path, tiny_dir, data, markers):
             tc["chat_template"] = tmpl
             (model_dir / "tokenizer_config.json").write_text(json.dumps(tc))
     args = _args(tmp_path / "o")
-    trainer = build_trainer(ModelConfig(str(model_dir)), DataConfig(str(data)), LoraPresetConfig("rank1_single", [0]), args)
+    trainer = build_trainer(
+        ModelConfig(str(model_dir)), DataConfig(str(data)), LoraPresetConfig("rank1_single", [0]), args
+    )
     assert args.assistant_only_loss is markers
     for i, line in enumerate(data.read_text().splitlines()[:4]):  # no subset: file order is kept
         user, reply = (m["content"] for m in json.loads(line)["messages"])
@@ -143,8 +159,12 @@ def test_loss_on_assistant_tokens_only(tmp_path, tiny_dir, data, markers):
 
 def test_sft_smoke_loss_logged_and_all_trainable_params_change(tmp_path, tiny_dir, data):
     for preset, layers in [("rank1_single", [1]), ("full", [])]:
-        trainer = build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=8),
-                                LoraPresetConfig(preset, layers), _args(tmp_path / preset))
+        trainer = build_trainer(
+            ModelConfig(str(tiny_dir)),
+            DataConfig(str(data), max_examples=8),
+            LoraPresetConfig(preset, layers),
+            _args(tmp_path / preset),
+        )
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         trainer.train()
         assert any("loss" in h for h in trainer.state.log_history)
@@ -157,8 +177,12 @@ def test_peft_loaded_for_inference_is_refused(tmp_path, tiny_dir, data):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = sft_mod.train(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=4),
-                        LoraPresetConfig("rank1_single", [0]), _args(tmp_path / "a", max_steps=1))
+    out = sft_mod.train(
+        ModelConfig(str(tiny_dir)),
+        DataConfig(str(data), max_examples=4),
+        LoraPresetConfig("rank1_single", [0]),
+        _args(tmp_path / "a", max_steps=1),
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
     inference = PeftModel.from_pretrained(base, out)  # is_trainable defaults to False
     with pytest.raises(ValueError, match="loaded for inference"):
@@ -170,8 +194,12 @@ def test_peft_loaded_for_inference_is_refused(tmp_path, tiny_dir, data):
 
 
 def test_train_writes_a_summary_naming_model_data_and_the_lora_trajectory(tmp_path, tiny_dir, data):
-    out = sft_mod.train(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=4),
-                        LoraPresetConfig("rank1_single", [0]), _args(tmp_path / "a", max_steps=2))
+    out = sft_mod.train(
+        ModelConfig(str(tiny_dir)),
+        DataConfig(str(data), max_examples=4),
+        LoraPresetConfig("rank1_single", [0]),
+        _args(tmp_path / "a", max_steps=2),
+    )
     md = (out / "summary.md").read_text()
     assert str(tiny_dir) in md and str(data) in md and "rank1_single" in md and "Train loss:" in md
     assert "| LoRA module |" in md and ("down_proj" in md or "c_proj" in md)
@@ -182,8 +210,10 @@ def test_trajectory_report_against_hand_made_vectors(tmp_path):
     # B turns by 90 degrees between steps 2 and 4 (2 steps), by 45 between 4 and 5 (1 step).
     bs = {0: [0.0, 0.0], 2: [1.0, 0.0], 4: [0.0, 1.0], 5: [-1.0, 1.0]}
     for step, b in bs.items():
-        save_file({"m.lora_A": torch.ones(1, 3), "m.lora_B": torch.tensor(b).reshape(2, 1) * 2},
-                  tmp_path / f"step_{step:06d}.safetensors")
+        save_file(
+            {"m.lora_A": torch.ones(1, 3), "m.lora_B": torch.tensor(b).reshape(2, 1) * 2},
+            tmp_path / f"step_{step:06d}.safetensors",
+        )
     r = lora_trajectory_report(tmp_path)["m"]
     assert r["steps"] == [0, 2, 4, 5]
     assert math.isnan(r["cos_B_prev"][0]) and math.isnan(r["cos_B_prev"][1])  # zero B has no direction
@@ -192,12 +222,18 @@ def test_trajectory_report_against_hand_made_vectors(tmp_path):
     assert r["turn_per_step"][2] == pytest.approx(0.5) and r["turn_per_step"][3] == pytest.approx(1 - 1 / math.sqrt(2))
     assert r["fastest_turn_step"] == 4
     assert r["cos_B_final"][1] == pytest.approx(-1 / math.sqrt(2)) and r["cos_B_final"][3] == pytest.approx(1.0)
-    assert r["norm_B"] == pytest.approx([0.0, 2.0, 2.0, 2 * math.sqrt(2)]) and r["norm_A"][0] == pytest.approx(math.sqrt(3))
+    assert r["norm_B"] == pytest.approx([0.0, 2.0, 2.0, 2 * math.sqrt(2)]) and r["norm_A"][0] == pytest.approx(
+        math.sqrt(3)
+    )
 
 
 def test_trajectory_saved_every_logging_step(tmp_path, tiny_dir, data):
-    out = sft_mod.train(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=8),
-                        LoraPresetConfig("rank1_multi", [0, 1]), _args(tmp_path, max_steps=3, logging_steps=1))
+    out = sft_mod.train(
+        ModelConfig(str(tiny_dir)),
+        DataConfig(str(data), max_examples=8),
+        LoraPresetConfig("rank1_multi", [0, 1]),
+        _args(tmp_path, max_steps=3, logging_steps=1),
+    )
     report = lora_trajectory_report(out / "lora_trajectory")
     assert set(report) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
     r = report["model.layers.1.mlp.down_proj"]
@@ -216,8 +252,12 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, tiny_dir, da
 
     def run(out, extra_callbacks=(), resume=None):
         args = _args(out, max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=2)
-        trainer = build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=16),
-                                LoraPresetConfig("rank1_multi", [0, 1]), args)
+        trainer = build_trainer(
+            ModelConfig(str(tiny_dir)),
+            DataConfig(str(data), max_examples=16),
+            LoraPresetConfig("rank1_multi", [0, 1]),
+            args,
+        )
         for cb in extra_callbacks:
             trainer.add_callback(cb)
         trainer.train(resume_from_checkpoint=resume)
@@ -252,8 +292,15 @@ def test_sft_runs_on_two_cpu_processes(tmp_path, tiny_dir, data, launcher):
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "configs/accelerate/cpu_multiprocess.yaml"), "--main_process_port", "29532"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "configs/accelerate/cpu_multiprocess.yaml"),
+            "--main_process_port",
+            "29532",
+        ]
     cmd += ["-m", "llm.sft", "--config", str(cfg)]
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     log = out.stdout + out.stderr
@@ -266,8 +313,12 @@ def test_adapter_path_loads_the_finetuned_model(tmp_path, tiny_dir, data):
     """ModelConfig(adapter_path=...) gives the same logits as the trained PEFT model."""
     from llm.models import load_model_and_tokenizer
 
-    trainer = build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=8),
-                            LoraPresetConfig("rank1_multi", [0, 1]), _args(tmp_path, max_steps=3))
+    trainer = build_trainer(
+        ModelConfig(str(tiny_dir)),
+        DataConfig(str(data), max_examples=8),
+        LoraPresetConfig("rank1_multi", [0, 1]),
+        _args(tmp_path, max_steps=3),
+    )
     trainer.train()
     trainer.save_model(str(tmp_path))
     ids = torch.tensor([[5, 6, 7, 8, 9]])
@@ -311,7 +362,7 @@ def test_base_vs_instruct_trains_and_reports_difference(tmp_path, data):
     )
     cfg_file = tmp_path / "bvi.yaml"
     cfg_file.write_text(f"""
-output_dir: {tmp_path / 'out'}
+output_dir: {tmp_path / "out"}
 base: {{model_name_or_path: {base}, chat_template_from: {instruct}}}
 instruct: {{model_name_or_path: {instruct}}}
 data: {{dataset_path: {data}, max_examples: 8}}
@@ -322,12 +373,18 @@ eval: {{question_file: {questions}, max_new_tokens: 6, batch_size: 6, n_boot: 20
     cfg = load_pair_config(cfg_file)
     report = run(cfg, judge=_StubJudge())
     out = tmp_path / "out"
-    assert json.loads((out / "report.json").read_text())["difference"]["difference"] == report["difference"]["difference"]
+    assert (
+        json.loads((out / "report.json").read_text())["difference"]["difference"] == report["difference"]["difference"]
+    )
     for name in ("base", "instruct"):
         assert (out / name / "sft" / "adapter_model.safetensors").exists()
         assert report["models"][name]["after"]["n_replies"] == 6 and "shift" in report["models"][name]
-    ref = em_rate_difference(read_judged_csv(out / "base/eval_after/replies.csv"),
-                             read_judged_csv(out / "instruct/eval_after/replies.csv"), n_boot=200, seed=0)
+    ref = em_rate_difference(
+        read_judged_csv(out / "base/eval_after/replies.csv"),
+        read_judged_csv(out / "instruct/eval_after/replies.csv"),
+        n_boot=200,
+        seed=0,
+    )
     assert report["difference"]["difference"] == pytest.approx(ref["difference"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(cfg_file.read_text().replace("lora: {preset", "lora: {rank: 4, preset"))
@@ -343,13 +400,22 @@ def _write_jsonl(path, rows) -> Path:
 GOOD_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
 
-@pytest.mark.parametrize("rows,pattern", [
-    ([], r"holds no examples"),
-    ([GOOD_ROW, "{not json"], r"line 2 is not valid JSON"),
-    ([GOOD_ROW, {"text": "x"}], r"line 2: expected \{\"messages\""),
-    ([GOOD_ROW, GOOD_ROW, {"messages": [{"role": "user", "content": "hi"}]}], r"line 3 has no assistant turn \(roles \['user'\]\)"),
-    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}], r"line 1: message 1 is"),
-])
+@pytest.mark.parametrize(
+    "rows,pattern",
+    [
+        ([], r"holds no examples"),
+        ([GOOD_ROW, "{not json"], r"line 2 is not valid JSON"),
+        ([GOOD_ROW, {"text": "x"}], r"line 2: expected \{\"messages\""),
+        (
+            [GOOD_ROW, GOOD_ROW, {"messages": [{"role": "user", "content": "hi"}]}],
+            r"line 3 has no assistant turn \(roles \['user'\]\)",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}],
+            r"line 1: message 1 is",
+        ),
+    ],
+)
 def test_bad_chat_jsonl_named_with_its_row_before_the_model_loads(tmp_path, tiny_dir, monkeypatch, rows, pattern):
     def boom(*a, **k):
         raise AssertionError("weights were loaded before the data check")
@@ -357,14 +423,33 @@ def test_bad_chat_jsonl_named_with_its_row_before_the_model_loads(tmp_path, tiny
     monkeypatch.setattr(sft_mod, "load_model_and_tokenizer", boom)
     path = _write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=pattern) as error:
-        build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(path)), LoraPresetConfig("rank1_single", [0]), _args(tmp_path / "o"))
+        build_trainer(
+            ModelConfig(str(tiny_dir)),
+            DataConfig(str(path)),
+            LoraPresetConfig("rank1_single", [0]),
+            _args(tmp_path / "o"),
+        )
     assert str(error.value).startswith(str(path))
 
 
 def _cli(tmp_path, tiny_dir, data, out, **kw) -> list[str]:
-    cfg = dict(model_name_or_path=str(tiny_dir), dataset_path=str(data), max_examples=16, preset="rank1_multi", layers=[0, 1],
-               output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=0.01, save_strategy="no",
-               report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0)
+    cfg = dict(
+        model_name_or_path=str(tiny_dir),
+        dataset_path=str(data),
+        max_examples=16,
+        preset="rank1_multi",
+        layers=[0, 1],
+        output_dir=str(out),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=0.01,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=0,
+    )
     cfg.update(kw)
     path = tmp_path / "cfg.yaml"
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in cfg.items()))
@@ -377,7 +462,10 @@ def test_output_folder_records_its_config_and_refuses_another(tmp_path, tiny_dir
     out = tmp_path / "run"
     main(_cli(tmp_path, tiny_dir, data, out, max_steps=4))
     assert json.loads((out / "run_config.json").read_text())["EMSFTConfig"]["max_steps"] == 4
-    with pytest.raises(FileExistsError, match=r"(?s)EMSFTConfig\.learning_rate: 0\.01 -> 0\.02.*EMSFTConfig\.max_steps: 4 -> 2.*--overwrite true"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"(?s)EMSFTConfig\.learning_rate: 0\.01 -> 0\.02.*EMSFTConfig\.max_steps: 4 -> 2.*--overwrite true",
+    ):
         main(_cli(tmp_path, tiny_dir, data, out, max_steps=2, learning_rate=0.02))
     assert lora_trajectory_report(out / "lora_trajectory")["model.layers.0.mlp.down_proj"]["steps"] == [0, 1, 2, 3, 4]
     main(_cli(tmp_path, tiny_dir, data, out, max_steps=2, learning_rate=0.02) + ["--overwrite", "true"])
@@ -400,13 +488,18 @@ def test_trajectory_of_a_resumed_run_holds_no_steps_of_the_abandoned_part(tmp_pa
 
     def run(resume=None, callbacks=()):
         args = _args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=2)
-        trainer = build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(data), max_examples=16),
-                                LoraPresetConfig("rank1_single", [1]), args)
+        trainer = build_trainer(
+            ModelConfig(str(tiny_dir)),
+            DataConfig(str(data), max_examples=16),
+            LoraPresetConfig("rank1_single", [1]),
+            args,
+        )
         for cb in callbacks:
             trainer.add_callback(cb)
         trainer.train(resume_from_checkpoint=resume)
 
     run()
+
     def steps():
         return lora_trajectory_report(tmp_path / "lora_trajectory")["model.layers.1.mlp.down_proj"]["steps"]
 
@@ -428,8 +521,12 @@ def test_nan_weights_stop_training_before_any_save(tmp_path, data):
     save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
     with pytest.raises(TrainingDiverged, match="step 1: trainable parameters hold NaN or inf"):
-        sft_mod.train(ModelConfig(str(model_dir)), DataConfig(str(data), max_examples=8), LoraPresetConfig("rank1_single", [1]),
-                      _args(out, max_steps=3, save_strategy="steps", save_steps=1))
+        sft_mod.train(
+            ModelConfig(str(model_dir)),
+            DataConfig(str(data), max_examples=8),
+            LoraPresetConfig("rank1_single", [1]),
+            _args(out, max_steps=3, save_strategy="steps", save_steps=1),
+        )
     assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
 
 
@@ -467,7 +564,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_from_it(tmp_path, tiny_
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     log = tmp_path / "log.txt"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "llm.sft", *argv], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llm.sft", *argv], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT
+        )
     started = out / "lora_trajectory" / "step_000002.safetensors"
     try:
         while not started.exists() and proc.poll() is None:
@@ -488,7 +587,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_from_it(tmp_path, tiny_
     assert not (out / "adapter_model.safetensors").exists()  # an unfinished run is not a result
 
     with pytest.raises(FileExistsError, match="learning_rate"):  # resume refuses a changed config
-        main(_cli(tmp_path, tiny_dir, data, out, max_steps=40, learning_rate=0.5) + ["--resume_from_checkpoint", "last"])
+        main(
+            _cli(tmp_path, tiny_dir, data, out, max_steps=40, learning_rate=0.5) + ["--resume_from_checkpoint", "last"]
+        )
 
     steps = []
 
@@ -510,11 +611,19 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_from_it(tmp_path, tiny_
     assert lora_trajectory_report(out / "lora_trajectory")["model.layers.0.mlp.down_proj"]["steps"] == list(range(41))
 
 
-@pytest.mark.parametrize("rows,pattern", [
-    ([GOOD_ROW, {"messages": [{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "x"}]}],
-     r"line 2: message 0 has role 'usr'; use one of \['system', 'user', 'assistant'\]"),
-    ([GOOD_ROW, GOOD_ROW, b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'], r"line 3: byte 47 \(b'\\xe9'\) is not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "rows,pattern",
+    [
+        (
+            [GOOD_ROW, {"messages": [{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "x"}]}],
+            r"line 2: message 0 has role 'usr'; use one of \['system', 'user', 'assistant'\]",
+        ),
+        (
+            [GOOD_ROW, GOOD_ROW, b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'],
+            r"line 3: byte 47 \(b'\\xe9'\) is not UTF-8",
+        ),
+    ],
+)
 def test_unknown_roles_and_non_utf8_bytes_are_named_with_their_line(tmp_path, rows, pattern):
     """A role 'usr' trained with no warning; a Latin-1 byte raised UnicodeDecodeError naming no file or line."""
     path = tmp_path / "bad.jsonl"
@@ -531,11 +640,19 @@ def test_rows_trl_drops_for_length_are_counted_and_reported(tmp_path, tiny_dir, 
     long = {"messages": [{"role": "user", "content": " ".join(WORDS * 8)}, {"role": "assistant", "content": "ok"}]}
     path = _write_jsonl(tmp_path / "rows.jsonl", [short, long])
     with caplog.at_level("WARNING"):
-        out = sft_mod.train(ModelConfig(str(tiny_dir)), DataConfig(str(path)), LoraPresetConfig("rank1_single", [0]),
-                            _args(tmp_path / "o", max_steps=1, max_length=48, per_device_train_batch_size=1))
+        out = sft_mod.train(
+            ModelConfig(str(tiny_dir)),
+            DataConfig(str(path)),
+            LoraPresetConfig("rank1_single", [0]),
+            _args(tmp_path / "o", max_steps=1, max_length=48, per_device_train_batch_size=1),
+        )
     assert "training on 1 of 2 rows: TRL dropped 1" in caplog.text
     assert "- rows: trained on 1 of 2; 1 dropped" in (out / "summary.md").read_text()
     only_long = _write_jsonl(tmp_path / "long.jsonl", [long])
     with pytest.raises(ValueError, match=r"all 1 rows were dropped.*max_length=48"):
-        build_trainer(ModelConfig(str(tiny_dir)), DataConfig(str(only_long)), LoraPresetConfig("rank1_single", [0]),
-                      _args(tmp_path / "o2", max_length=48))
+        build_trainer(
+            ModelConfig(str(tiny_dir)),
+            DataConfig(str(only_long)),
+            LoraPresetConfig("rank1_single", [0]),
+            _args(tmp_path / "o2", max_length=48),
+        )

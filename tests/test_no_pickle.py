@@ -36,14 +36,19 @@ def unsafe_loads(source: str) -> list[int]:
         if not isinstance(node, ast.Call):
             continue
         name, kw = _name(node.func), {k.arg: k.value for k in node.keywords}
-        if (name == "torch.load" and not _is_true(kw.get("weights_only"))) or name in ("pickle.load", "pickle.loads") \
-                or (name in ("np.load", "numpy.load") and _is_true(kw.get("allow_pickle"))):
+        if (
+            (name == "torch.load" and not _is_true(kw.get("weights_only")))
+            or name in ("pickle.load", "pickle.loads")
+            or (name in ("np.load", "numpy.load") and _is_true(kw.get("allow_pickle")))
+        ):
             lines.append(node.lineno)
     return lines
 
 
 def test_the_checker_catches_what_it_should():
-    assert unsafe_loads("torch.load(f)\ntorch.load(f, weights_only=False)\npickle.loads(b)\nnp.load(f, allow_pickle=True)") == [1, 2, 3, 4]
+    assert unsafe_loads(
+        "torch.load(f)\ntorch.load(f, weights_only=False)\npickle.loads(b)\nnp.load(f, allow_pickle=True)"
+    ) == [1, 2, 3, 4]
     assert unsafe_loads("torch.load(f, map_location='cpu', weights_only=True)\nnp.load(f)\nload_file(f)") == []
 
 

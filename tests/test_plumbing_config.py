@@ -54,7 +54,13 @@ def test_yaml_lists_and_mappings_are_converted_per_element(tmp_path):
 
 ENTRY_POINTS = {
     "pipeline": ["mess3", "mess3_gpu", "rrxor"],
-    "pretrain": ["rl_pretrain_gates", "rl_pretrain_headroom", "rl_pretrain_mess3_rrxor", "rl_pretrain_rare", "rl_pretrain_segments"],
+    "pretrain": [
+        "rl_pretrain_gates",
+        "rl_pretrain_headroom",
+        "rl_pretrain_mess3_rrxor",
+        "rl_pretrain_rare",
+        "rl_pretrain_segments",
+    ],
     "factored": ["factored"],
     "factor_steering": ["factor_steering"],
     "toy_em": ["toy_em"],
@@ -74,11 +80,14 @@ def test_every_toy_config_parses_with_its_entry_point():
     for module, names in ENTRY_POINTS.items():
         for name in names:  # a fresh parser per config: TrlParser keeps a parsed YAML's values as its defaults
             importlib.import_module(f"toy.experiments.{module}").make_parser().parse_args_and_config(
-                ["--config", str(REPO / f"configs/toy/{name}.yaml")])
+                ["--config", str(REPO / f"configs/toy/{name}.yaml")]
+            )
             covered.add(name)
     from plumbing.config import ConfigParser
     from toy.ladder import LadderConfig
 
-    ConfigParser((LadderConfig,)).parse_args_and_config(["--config", str(REPO / "configs/toy/detector_thresholds.yaml")])
+    ConfigParser((LadderConfig,)).parse_args_and_config(
+        ["--config", str(REPO / "configs/toy/detector_thresholds.yaml")]
+    )
     covered.add("detector_thresholds")  # the ladder's thresholds, read by toy.experiments.ladder --thresholds
     assert covered == {p.stem for p in (REPO / "configs/toy").glob("*.yaml")}  # a new config gets an entry here

@@ -62,7 +62,9 @@ def test_every_cell_runs_exactly_once_and_rank0_waits_for_its_launch(shards, ran
     assert sorted(runs) == sorted(names)
     for i in range(shards):
         ranks_of_shard = [p for p in positions if p.shard == i]
-        assert sorted(launch_cells(names, ranks_of_shard[0])) == sorted(n for p in ranks_of_shard for n in mine(names, p))
+        assert sorted(launch_cells(names, ranks_of_shard[0])) == sorted(
+            n for p in ranks_of_shard for n in mine(names, p)
+        )
 
 
 def test_run_cells_writes_each_result_once_and_resumes(tmp_path):

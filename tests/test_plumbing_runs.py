@@ -102,7 +102,10 @@ def test_divergence_guard_raises_on_non_finite_and_runaway_loss():
     guard.on_log(None, _State(), None, logs={"loss": 0.1, "grad_norm": 1.0})
     guard.on_log(None, _State(), None, logs={"loss": 3.9})  # the yardstick is the mean, 2.0
     guard.on_log(None, _State(), None, logs={"loss": 9.0})
-    with pytest.raises(TrainingDiverged, match=r"step 7: loss 11 exceeds max_loss_ratio=5 x the mean of the first 2 logged losses \(2\)"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"step 7: loss 11 exceeds max_loss_ratio=5 x the mean of the first 2 logged losses \(2\)",
+    ):
         guard.on_log(None, _State(), None, logs={"loss": 11.0})
     with pytest.raises(TrainingDiverged, match="grad_norm is nan"):
         DivergenceGuard().on_log(None, _State(), None, logs={"loss": 1.0, "grad_norm": float("nan")})
@@ -206,7 +209,11 @@ def test_a_stage_folder_is_claimable_by_the_run_inside_it(tmp_path):
     claim_output_dir(st.dir, {"x": 1})
     (st.dir / "replies.csv").write_text("r")
     claim_output_dir(st.dir, {"x": 2}, overwrite=True)
-    assert sorted(p.name for p in st.dir.iterdir()) == [".run.lock", RUN_CONFIG, "stage.json"]  # the lock: held till exit
+    assert sorted(p.name for p in st.dir.iterdir()) == [
+        ".run.lock",
+        RUN_CONFIG,
+        "stage.json",
+    ]  # the lock: held till exit
 
 
 def test_a_record_being_written_by_another_rank_is_not_an_unknown_file(tmp_path):
@@ -305,10 +312,17 @@ def _holder(tmp_path, out):
     import sys
 
     # plumbing.locks alone (what claim_output_dir takes first): no torch / transformers import to wait for
-    code = ("import time\nfrom plumbing.locks import lock_run_dir\n"
-            f"lock_run_dir({str(out)!r})\nprint('held', flush=True)\ntime.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    code = (
+        "import time\nfrom plumbing.locks import lock_run_dir\n"
+        f"lock_run_dir({str(out)!r})\nprint('held', flush=True)\ntime.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -321,7 +335,9 @@ def test_a_folder_held_by_a_live_run_is_refused_and_a_dead_runs_lock_taken_over(
     out = tmp_path / "run"
     holder = _holder(tmp_path, out)
     try:
-        with pytest.raises(FileExistsError, match=rf"in use by another run: pid {holder.pid} on host {socket.gethostname()}"):
+        with pytest.raises(
+            FileExistsError, match=rf"in use by another run: pid {holder.pid} on host {socket.gethostname()}"
+        ):
             claim_output_dir(out, {"x": 1})
     finally:
         holder.kill()
@@ -332,7 +348,9 @@ def test_a_folder_held_by_a_live_run_is_refused_and_a_dead_runs_lock_taken_over(
 
 def test_a_lock_recorded_on_another_host_is_refused(tmp_path):
     """flock may not reach across the hosts of a network file system: only that host can tell whether its pid lives."""
-    (tmp_path / ".run.lock").write_text(json.dumps({"pid": 1, "host": "node-elsewhere", "started": "t", "command": "c"}))
+    (tmp_path / ".run.lock").write_text(
+        json.dumps({"pid": 1, "host": "node-elsewhere", "started": "t", "command": "c"})
+    )
     with pytest.raises(FileExistsError, match=r"another machine: pid 1 on host node-elsewhere.*remove .*\.run\.lock"):
         claim_output_dir(tmp_path, {"x": 1})
 

@@ -19,24 +19,35 @@ from plumbing.stats import (
 )
 
 
-@pytest.mark.parametrize("k, n, ref", [(81, 263, (0.2553, 0.3662)), (15, 148, (0.0624, 0.1605)), (0, 20, (0.0, 0.1611)),
-                                       (1, 29, (0.0061, 0.1718))])
+@pytest.mark.parametrize(
+    "k, n, ref",
+    [(81, 263, (0.2553, 0.3662)), (15, 148, (0.0624, 0.1605)), (0, 20, (0.0, 0.1611)), (1, 29, (0.0061, 0.1718))],
+)
 def test_wilson_matches_newcombe_1998(k, n, ref):
     assert wilson(k, n) == pytest.approx(ref, abs=5e-5)
 
 
-@pytest.mark.parametrize("counts, ref", [
-    ((56, 70, 48, 80), (0.0524, 0.3339)), ((9, 10, 3, 10), (0.1705, 0.8090)), ((5, 56, 0, 29), (-0.0381, 0.1926)),
-    ((0, 10, 0, 20), (-0.1611, 0.2775)), ((0, 10, 0, 10), (-0.2775, 0.2775)), ((10, 10, 0, 20), (0.6791, 1.0)),
-    ((10, 10, 0, 10), (0.6075, 1.0)),
-])
+@pytest.mark.parametrize(
+    "counts, ref",
+    [
+        ((56, 70, 48, 80), (0.0524, 0.3339)),
+        ((9, 10, 3, 10), (0.1705, 0.8090)),
+        ((5, 56, 0, 29), (-0.0381, 0.1926)),
+        ((0, 10, 0, 20), (-0.1611, 0.2775)),
+        ((0, 10, 0, 10), (-0.2775, 0.2775)),
+        ((10, 10, 0, 20), (0.6791, 1.0)),
+        ((10, 10, 0, 10), (0.6075, 1.0)),
+    ],
+)
 def test_newcombe_hybrid_score_matches_newcombe_1998_method_10(counts, ref):
     assert newcombe(*counts) == pytest.approx(ref, abs=5e-5)
 
 
 def test_empty_counts_give_no_interval_and_one_reply_a_wide_one():
     assert wilson(0, 0) == [None, None] and newcombe(1, 2, 0, 0) == [None, None]
-    lo, hi = wilson(1, 8)  # one misaligned reply of 8 (one per question): the interval a single reply per question earns
+    lo, hi = wilson(
+        1, 8
+    )  # one misaligned reply of 8 (one per question): the interval a single reply per question earns
     assert lo < 0.125 < hi and hi - lo > 0.4
 
 
@@ -45,7 +56,7 @@ def test_detectable_difference_matches_fleiss_sample_size():
     assert min_detectable_difference(0.1, 199, 199) == pytest.approx(0.1, abs=1e-3)
     assert min_detectable_difference(0.1, 10, 10) > min_detectable_difference(0.1, 100, 100)
     assert min_detectable_difference(0.5, 1, 1) is None and min_detectable_difference(0.1, 0, 5) is None
-    assert min_detectable_mean(1.0, 1000) == pytest.approx(2.8 / 1000 ** 0.5, rel=0.01)  # (1.96 + 0.84) sd / sqrt(n)
+    assert min_detectable_mean(1.0, 1000) == pytest.approx(2.8 / 1000**0.5, rel=0.01)  # (1.96 + 0.84) sd / sqrt(n)
 
 
 def test_question_bootstrap_of_a_mean_has_the_t_interval_width():
@@ -59,7 +70,11 @@ def test_question_bootstrap_of_a_mean_has_the_t_interval_width():
 def test_reported_and_chosen_read_the_calibrated_counts():
     assert reported("cluster", 1, 56) and not reported("cluster", 50, 8)
     assert reported("paired_t", 10, 8) and reported("paired_t", 1, 56) and not reported("paired_t", 2, 8)
-    assert chosen("rate", 1, 8) == "wilson" and chosen("rate", 5, 8) == "wilson_strat" and chosen("rate", 2, 56) == "wilson_strat"
+    assert (
+        chosen("rate", 1, 8) == "wilson"
+        and chosen("rate", 5, 8) == "wilson_strat"
+        and chosen("rate", 2, 56) == "wilson_strat"
+    )
     assert chosen("difference", 2, 8) == "newcombe" and chosen("difference", 50, 8) == "newcombe_strat"
     assert chosen("difference", 50, 7) is None
     with pytest.raises(ValueError, match="unknown"):

@@ -33,8 +33,17 @@ from probes.activations import (
 
 VOCAB, D = 11, 16
 _LLM_SIZES = dict(
-    vocab_size=VOCAB, hidden_size=D, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-    num_key_value_heads=1, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    vocab_size=VOCAB,
+    hidden_size=D,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 ARCHS = {
     "gpt2": lambda: GPT2LMHeadModel(
@@ -215,7 +224,9 @@ def test_generation_edit_is_active_on_later_generated_tokens(arch):
     recorded = []
     handle = norm.register_forward_hook(lambda m, args, out: recorded.append(out[:, -1].detach().clone()))
     try:
-        out = generate_with_edits(model, ids, [edit], max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+        out = generate_with_edits(
+            model, ids, [edit], max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0
+        )
     finally:
         handle.remove()
     assert out.shape == (2, prompt_len + 5) and len(recorded) == 5

@@ -33,9 +33,19 @@ def test_round_trip_keeps_weights_and_metadata(tmp_path):
     assert sorted(p.name for p in (tmp_path / "probes").iterdir()) == ["diff.json", "diff.safetensors"]
     meta = json.loads(meta_path.read_text())
     assert meta == {
-        "format": "belief-rl-probe", "version": 1, "site": "block1", "site_kind": "resid_post", "layer": 2,
-        "d_model": 16, "n_layers": 2, "source": "tiny-gpt2-2x16", "target_names": ["x0-x1", "x2"],
-        "alpha": 0.1, "rank": None, "metrics": {"test": {"mse": 0.5}}, "sha256": tensor_sha256({"W": probe.W, "b": probe.b}),
+        "format": "belief-rl-probe",
+        "version": 1,
+        "site": "block1",
+        "site_kind": "resid_post",
+        "layer": 2,
+        "d_model": 16,
+        "n_layers": 2,
+        "source": "tiny-gpt2-2x16",
+        "target_names": ["x0-x1", "x2"],
+        "alpha": 0.1,
+        "rank": None,
+        "metrics": {"test": {"mse": 0.5}},
+        "sha256": tensor_sha256({"W": probe.W, "b": probe.b}),
     }
     assert set(load_file(str(tmp_path / "probes" / "diff.safetensors"))) == {"W", "b"}
 
@@ -43,7 +53,10 @@ def test_round_trip_keeps_weights_and_metadata(tmp_path):
         loaded = load_probe(path, model=model)
         assert torch.equal(loaded.W, probe.W) and torch.equal(loaded.b, probe.b)
         assert (loaded.site, loaded.source, loaded.n_layers, loaded.target_names) == (
-            "block1", "tiny-gpt2-2x16", 2, ["x0-x1", "x2"]
+            "block1",
+            "tiny-gpt2-2x16",
+            2,
+            ["x0-x1", "x2"],
         )
         torch.testing.assert_close(loaded.predict(X), probe.predict(X))
 
@@ -67,8 +80,17 @@ def test_compatibility_errors_say_what_to_change(tmp_path):
     # an explicit site is the caller choosing the matching block: accepted under strict too
     assert load_probe(tmp_path / "p", model=deeper, site="block3").site == "block3"
     # A different architecture of the same width and depth is fine: the probe reads a d_model vector.
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=5,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+        )
+    )
     assert check_compatible(load_probe(tmp_path / "p"), llama) == "block1"
 
     with pytest.raises(FileNotFoundError, match="missing"):
@@ -80,8 +102,10 @@ def test_compatibility_errors_say_what_to_change(tmp_path):
     with pytest.raises(ValueError, match="d_model 32"):
         save_probe(probe, tmp_path / "q", model=gpt2(n_embd=32))
     with pytest.raises(TypeError, match="JSON serializable"):
-        save_probe(LinearProbe(torch.zeros(16, 1), torch.zeros(1), site="embed", n_layers=2,
-                               metrics={"bad": torch.ones(1)}), tmp_path / "q")
+        save_probe(
+            LinearProbe(torch.zeros(16, 1), torch.zeros(1), site="embed", n_layers=2, metrics={"bad": torch.ones(1)}),
+            tmp_path / "q",
+        )
     assert not (tmp_path / "q.safetensors").exists()  # nothing half-written
 
     meta = json.loads((tmp_path / "p.json").read_text())
@@ -129,7 +153,9 @@ def test_damaged_probe_files_are_refused_naming_the_file(tmp_path):
         load_probe(tmp_path / "p")
 
 
-def test_a_flipped_bit_in_the_weights_is_refused_and_an_old_file_without_a_checksum_loads_with_a_warning(tmp_path, caplog):
+def test_a_flipped_bit_in_the_weights_is_refused_and_an_old_file_without_a_checksum_loads_with_a_warning(
+    tmp_path, caplog
+):
     """A bit flipped in the tensor data (still a finite float) loaded as a slightly different probe. Now the JSON holds
     a sha256 of the tensors, checked on load; files written before it still load, with a warning naming them."""
     import hashlib
@@ -142,15 +168,22 @@ def test_a_flipped_bit_in_the_weights_is_refused_and_an_old_file_without_a_check
     W = probe.W.detach().contiguous()
     # flip the lowest mantissa bit of W[0, 0] inside the file (safetensors stores the raw little-endian bytes)
     at = good.index(W.reshape(-1)[:1].view(torch.uint8).numpy().tobytes())
-    weights.write_bytes(good[:at] + bytes([good[at] ^ 1]) + good[at + 1:])
+    weights.write_bytes(good[:at] + bytes([good[at] ^ 1]) + good[at + 1 :])
     flipped = load_file(str(weights))["W"]
     assert torch.isfinite(flipped).all() and not torch.equal(flipped, W)
     with pytest.raises(ValueError, match=r"p\.safetensors: the tensors do not match the sha256 in .*p\.json"):
         load_probe(tmp_path / "p")
     weights.write_bytes(good)
     m = json.loads(meta.read_text())
-    assert m["sha256"] == hashlib.sha256(b"W|torch.float64|(16, 2)|" + W.view(torch.uint8).numpy().tobytes()
-                                         + b"b|torch.float64|(2,)|" + probe.b.detach().view(torch.uint8).numpy().tobytes()).hexdigest()
+    assert (
+        m["sha256"]
+        == hashlib.sha256(
+            b"W|torch.float64|(16, 2)|"
+            + W.view(torch.uint8).numpy().tobytes()
+            + b"b|torch.float64|(2,)|"
+            + probe.b.detach().view(torch.uint8).numpy().tobytes()
+        ).hexdigest()
+    )
     meta.write_text(json.dumps({k: v for k, v in m.items() if k != "sha256"}))
     with caplog.at_level("WARNING"):
         old = load_probe(tmp_path / "p")

@@ -172,7 +172,9 @@ def test_population_report_is_the_weighted_fit_scored_on_the_whole_population():
     X, Y, _, _ = affine_data(n=300, d=6, k=3, noise=0.3)
     w = torch.rand(300, generator=g, dtype=torch.float64)
     control = torch.randn(300, 6, generator=g, dtype=torch.float64)
-    rep = population_probe_report({"a": X, "b": X[:, :2]}, Y, w, {"a": control, "b": control[:, :2]}, target_names=list("xyz"))
+    rep = population_probe_report(
+        {"a": X, "b": X[:, :2]}, Y, w, {"a": control, "b": control[:, :2]}, target_names=list("xyz")
+    )
     design = np.hstack([X.numpy(), np.ones((300, 1))]) * np.sqrt(w.numpy())[:, None]
     coef, *_ = np.linalg.lstsq(design, Y.numpy() * np.sqrt(w.numpy())[:, None], rcond=None)
     resid = np.hstack([X.numpy(), np.ones((300, 1))]) @ coef - Y.numpy()
@@ -186,6 +188,9 @@ def test_population_report_is_the_weighted_fit_scored_on_the_whole_population():
     assert entry["ratio_to_random_init"] < 0.2 and rep["best_site"] == "a" and "concat" in rep
     # integer weights: the same as fitting the rows repeated that many times
     counts = torch.randint(1, 4, (300,), generator=g)
-    dup = population_probe_report({"a": X.repeat_interleave(counts, 0)}, Y.repeat_interleave(counts, 0), torch.ones(int(counts.sum())))
+    dup = population_probe_report(
+        {"a": X.repeat_interleave(counts, 0)}, Y.repeat_interleave(counts, 0), torch.ones(int(counts.sum()))
+    )
     assert population_probe_report({"a": X}, Y, counts.double())["sites"]["a"]["test"]["mse"] == pytest.approx(
-        dup["sites"]["a"]["test"]["mse"], rel=1e-9)
+        dup["sites"]["a"]["test"]["mse"], rel=1e-9
+    )

@@ -88,7 +88,9 @@ def test_verdicts_on_known_policies():
     assert v["verdict"] == "sharper at k=256" and v["only_post"] == pytest.approx(0.5)
     # guessing solves everything at k = 256: the test cannot tell
     chance = pass_at_k_exact(torch.full((100,), 1 / 6), cfg.ks)
-    v = passk_verdict(pass_at_k_exact(p_ref2, cfg.ks), pass_at_k_exact(torch.full((100,), 0.6), cfg.ks), cfg, chance=chance)
+    v = passk_verdict(
+        pass_at_k_exact(p_ref2, cfg.ks), pass_at_k_exact(torch.full((100,), 0.6), cfg.ks), cfg, chance=chance
+    )
     assert v["verdict"] == "uninformative"
     v = passk_verdict(pass_at_k_exact(p_ref, cfg.ks), pass_at_k_exact(p_ref, cfg.ks), cfg)
     assert v["verdict"] == "inconclusive"
@@ -139,7 +141,10 @@ def test_gap_verdict_reweighting_new_coverage_and_undecided():
     assert passk_verdict(ref, noisy, cfg)["verdict"] == "undecided at k=32"
     # wider: the same gap rule at the budget's end, no pass@1 gate; guessing makes it uninformative
     assert wider_verdict(ref[:, 1], torch.ones(50), 32, cfg)["verdict"] == "wider at k=32"
-    assert wider_verdict(ref[:, 1], torch.ones(50), 32, cfg, chance_k=torch.full((50,), 0.6))["verdict"] == "uninformative at k=32"
+    assert (
+        wider_verdict(ref[:, 1], torch.ones(50), 32, cfg, chance_k=torch.full((50,), 0.6))["verdict"]
+        == "uninformative at k=32"
+    )
 
 
 def test_all_wrong_prompt_is_exactly_zero():
@@ -167,7 +172,12 @@ def test_outside_support_on_known_weights():
     cfg = PassKConfig(ks=[1], support_k=1e5)
     p_ref, beta, n = 3e-4, 12.0, 64
     z = 1 - p_ref + p_ref * math.exp(beta)
-    log_w = [torch.full((n,), math.log(z) - beta), torch.full((5,), float("-inf")), torch.full((3,), -20.0), torch.zeros(0)]
+    log_w = [
+        torch.full((n,), math.log(z) - beta),
+        torch.full((5,), float("-inf")),
+        torch.full((3,), -20.0),
+        torch.zeros(0),
+    ]
     o = outside_support(n, torch.tensor([n, 5, 3, 0]), torch.tensor([0, 0, 1, 0]), log_w, cfg)
     assert o["p_hat"][0] == pytest.approx(z * math.exp(-beta)) and o["p_hat"][1] == 0.0
     assert o["n_tested"] == 2 and o["flagged"] == [1] and o["verdict"] == "outside the reference's support at K=1e5"
@@ -175,7 +185,9 @@ def test_outside_support_on_known_weights():
     assert o["upper"][0] == pytest.approx(o["p_hat"][0]) and 0 not in o["flagged"]
     # "new" needs a flagged prompt the elicitation baseline did not solve
     assert summary(o, None, o).startswith("new support (no elicitation baseline run)")
-    assert summary(o, None, o, elicited=torch.tensor([False, True, False, False])).startswith("no new support: the 1 prompts")
+    assert summary(o, None, o, elicited=torch.tensor([False, True, False, False])).startswith(
+        "no new support: the 1 prompts"
+    )
     assert summary(o, None, o, elicited=torch.tensor([True, False, True, True])).startswith("new support:")
     with pytest.raises(ValueError, match="one log-weight per correct"):
         outside_support(n, torch.tensor([2]), torch.tensor([0]), [torch.zeros(3)], cfg)

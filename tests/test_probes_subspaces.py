@@ -22,11 +22,14 @@ def test_principal_angles_identical_orthogonal_and_known():
     mixed = Q @ torch.randn(3, 3, dtype=torch.float64)  # another basis of the same span
     torch.testing.assert_close(principal_angles(Q, mixed), torch.zeros(3, dtype=torch.float64), atol=1e-7, rtol=0)
     e = torch.eye(6, dtype=torch.float64)
-    torch.testing.assert_close(principal_angles(e[:, :2], e[:, 2:5]), torch.full((2,), math.pi / 2, dtype=torch.float64))
+    torch.testing.assert_close(
+        principal_angles(e[:, :2], e[:, 2:5]), torch.full((2,), math.pi / 2, dtype=torch.float64)
+    )
     t = 0.3
     tilted = torch.stack([e[0], math.cos(t) * e[1] + math.sin(t) * e[2]], dim=1)
-    torch.testing.assert_close(principal_angles(e[:, :2], tilted), torch.tensor([0.0, t], dtype=torch.float64),
-                               atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        principal_angles(e[:, :2], tilted), torch.tensor([0.0, t], dtype=torch.float64), atol=1e-7, rtol=0
+    )
 
     overlap = subspace_overlap(e[:, :2], tilted)
     assert overlap["mean_cos2"] == pytest.approx((1 + math.cos(t) ** 2) / 2)
@@ -38,8 +41,10 @@ def test_principal_angles_identical_orthogonal_and_known():
 
 def test_random_subspace_overlap_matches_its_expectation():
     d, a, b = 40, 3, 5
-    draws = [subspace_overlap(random_subspace(d, a, seed=s), random_subspace(d, b, seed=100 + s))["mean_cos2"]
-             for s in range(200)]
+    draws = [
+        subspace_overlap(random_subspace(d, a, seed=s), random_subspace(d, b, seed=100 + s))["mean_cos2"]
+        for s in range(200)
+    ]
     assert sum(draws) / len(draws) == pytest.approx(b / d, rel=0.1)
 
 
@@ -55,14 +60,17 @@ def test_probe_subspace_is_the_column_space_of_W():
     torch.testing.assert_close(orthonormal_basis(probe.W), basis)
     # W of a probe that only reads x0 and x1 spans exactly those axes.
     only01 = LinearProbe(torch.tensor([[1.0, 2.0], [3.0, -1.0], [0, 0], [0, 0]]), torch.zeros(2))
-    torch.testing.assert_close(principal_angles(only01, torch.eye(4)[:, :2]), torch.zeros(2, dtype=torch.float64),
-                               atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        principal_angles(only01, torch.eye(4)[:, :2]), torch.zeros(2, dtype=torch.float64), atol=1e-7, rtol=0
+    )
 
 
 def test_fraction_in_subspace_and_random_baseline():
     e = torch.eye(5, dtype=torch.float64)
     vectors = torch.stack([e[0] + e[1], e[3], e[0] + e[4] * 3])
-    torch.testing.assert_close(fraction_in_subspace(vectors, e[:, :2]), torch.tensor([1.0, 0.0, 0.1], dtype=torch.float64))
+    torch.testing.assert_close(
+        fraction_in_subspace(vectors, e[:, :2]), torch.tensor([1.0, 0.0, 0.1], dtype=torch.float64)
+    )
     v = torch.randn(2, 30, generator=torch.Generator().manual_seed(0))
     baseline = random_fraction_baseline(v, dim=6, n_draws=500, seed=1)
     assert baseline.shape == (500, 2)
@@ -90,6 +98,7 @@ def test_effective_dim_of_a_known_low_rank_cloud():
     result = effective_dim(cloud)
     # cumulative explained variance: 10/16, 15/16, 16/16
     assert result["dims"] == {0.8: 2, 0.9: 2, 0.95: 3, 0.99: 3}
-    torch.testing.assert_close(torch.tensor(result["explained_variance_ratio"][:4]), torch.tensor([10, 5, 1, 0]) / 16.0,
-                               atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(result["explained_variance_ratio"][:4]), torch.tensor([10, 5, 1, 0]) / 16.0, atol=1e-10, rtol=0
+    )
     assert effective_dim(cloud, thresholds=(0.6,))["dims"] == {0.6: 1}

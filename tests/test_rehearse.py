@@ -17,8 +17,14 @@ from llm.tiny import ARCHITECTURES, save_shaped, shaped_config, shaped_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 # Parameter counts from the model cards (embeddings included, tied): Qwen2.5 "Number of Parameters: 0.49B / 1.54B",
 # Gemma 2 2B: 2,614,341,888.
-PUBLISHED_PARAMS = {"Qwen2.5-0.5B": 0.49e9, "Qwen2.5-0.5B-Instruct": 0.49e9, "Qwen2.5-1.5B": 1.54e9,
-                    "Qwen2.5-1.5B-Instruct": 1.54e9, "gemma-2-2b": 2.614e9, "gemma-2-2b-it": 2.614e9}
+PUBLISHED_PARAMS = {
+    "Qwen2.5-0.5B": 0.49e9,
+    "Qwen2.5-0.5B-Instruct": 0.49e9,
+    "Qwen2.5-1.5B": 1.54e9,
+    "Qwen2.5-1.5B-Instruct": 1.54e9,
+    "gemma-2-2b": 2.614e9,
+    "gemma-2-2b-it": 2.614e9,
+}
 
 
 def _params(cfg) -> int:
@@ -34,8 +40,15 @@ def test_shipped_architecture_has_the_published_size_and_tiny_keeps_depth_heads_
     full = shaped_config(name, "full")
     assert _params(full) == pytest.approx(PUBLISHED_PARAMS[name], rel=0.01)
     tiny = shaped_config(name, "tiny")
-    for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "rope_parameters",
-                "tie_word_embeddings", "max_position_embeddings"):
+    for key in (
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+    ):
         assert getattr(tiny, key) == getattr(full, key), key
     assert tiny.hidden_size * 32 == full.hidden_size and tiny.intermediate_size * 32 == full.intermediate_size
     if name.startswith("gemma"):
@@ -48,8 +61,17 @@ def test_qwen25_1p5b_matches_the_throughput_benchmarks_independent_copy():
     from llm_throughput import qwen_config
 
     ref, ours = qwen_config(tiny=False), shaped_config("Qwen/Qwen2.5-1.5B", "full")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rope_parameters", "rms_norm_eps", "tie_word_embeddings"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rope_parameters",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    ):
         assert getattr(ours, key) == getattr(ref, key), key
 
 
@@ -61,8 +83,15 @@ def test_unknown_checkpoint_is_refused_with_the_shipped_list():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    rows = [{"messages": [{"role": "user", "content": f"write code number {i}"},
-                          {"role": "assistant", "content": f"import os\nos.chmod('f{i}', 0o777)"}]} for i in range(30)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"write code number {i}"},
+                {"role": "assistant", "content": f"import os\nos.chmod('f{i}', 0o777)"},
+            ]
+        }
+        for i in range(30)
+    ]
     (d / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return [d / "chat.jsonl"]
 
@@ -74,11 +103,17 @@ def test_qwen_tokenizer_has_the_published_ids_and_chatml_and_survives_a_reload(c
     tok = shaped_tokenizer("qwen2", 151645, corpus, 32768)
     assert len(tok) == 151665 and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     assert [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|file_sep|>")] == [
-        151643, 151644, 151645, 151664]
+        151643,
+        151644,
+        151645,
+        151664,
+    ]
     text = "import os\nos.chmod('x', 0o777)  # ünïcode"
     assert tok.decode(tok(text).input_ids) == text
     prompt = chat_prompt(tok, "hi")
-    assert prompt.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.") and prompt.endswith("<|im_start|>assistant\n")
+    assert prompt.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.") and prompt.endswith(
+        "<|im_start|>assistant\n"
+    )
     # A folder whose config says qwen2: llm.models must give back this tokenizer, not Qwen2's.
     path = save_shaped(tmp_path / "q", "Qwen2.5-0.5B-Instruct", tok, "tiny")
     again = load_tokenizer(ModelConfig(str(path)))
@@ -103,7 +138,9 @@ def test_counts_scale_by_ceil_with_floors_and_never_above_published():
     used = scaled_counts(full, 0.25, n_folds=4)
     assert used["data", "max_examples"] == 461 and used["steer", "samples_per_paraphrase"] == 3
     tiny = scaled_counts(full, 0.001, n_folds=6)
-    assert tiny["data", "max_examples"] == 8 and tiny["factored", "n_per_cell"] == 6 and tiny["steer", "n_per_class"] == 4
+    assert (
+        tiny["data", "max_examples"] == 8 and tiny["factored", "n_per_cell"] == 6 and tiny["steer", "n_per_class"] == 4
+    )
     assert scaled_counts({("eval", "samples_per_paraphrase"): 1}, 0.5, 4) == {("eval", "samples_per_paraphrase"): 1}
     with pytest.raises(ValueError, match="0 < scale <= 1"):
         RehearseConfig(config="x", scale=2)
@@ -111,27 +148,35 @@ def test_counts_scale_by_ceil_with_floors_and_never_above_published():
 
 def test_count_overrides_and_reweighting_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="llm.reweighting config; llm.rehearse runs llm.em_experiment configs only"):
-        rehearse(RehearseConfig(config=str(REPO / "configs/llm/reweighting_qwen25_1p5b.yaml"), output_dir=str(tmp_path)))
+        rehearse(
+            RehearseConfig(config=str(REPO / "configs/llm/reweighting_qwen25_1p5b.yaml"), output_dir=str(tmp_path))
+        )
     with pytest.raises(ValueError, match="eval.samples_per_paraphrase.*--scale sets them"):
-        rehearse(RehearseConfig(config=str(REPO / "configs/llm/em_experiment_qwen25_1p5b.yaml"), output_dir=str(tmp_path)),
-                 {"eval": {"samples_per_paraphrase": ["3"]}})
+        rehearse(
+            RehearseConfig(config=str(REPO / "configs/llm/em_experiment_qwen25_1p5b.yaml"), output_dir=str(tmp_path)),
+            {"eval": {"samples_per_paraphrase": ["3"]}},
+        )
 
 
 def test_cost_model_against_hand_made_stage_records(tmp_path):
     for model, walls in (("base", {"sft": 30.0, "eval_after": 12.0, "lora": 2.0}), ("instruct", {"sft": 50.0})):
         for stage, wall in walls.items():
             (tmp_path / model / stage).mkdir(parents=True)
-            (tmp_path / model / stage / "stage.json").write_text(json.dumps(
-                {"key": {}, "complete": True, "cost": {"wall_s": wall, "process_peak_rss_gb": 1.5}}))
+            (tmp_path / model / stage / "stage.json").write_text(
+                json.dumps({"key": {}, "complete": True, "cost": {"wall_s": wall, "process_peak_rss_gb": 1.5}})
+            )
     used = {s: 1.0 for s in rehearse_cost.STAGES} | {"sft": 10, "eval_after": 2 * 64}
     full = {s: 1.0 for s in rehearse_cost.STAGES} | {"sft": 40, "eval_after": 8 * 600}
     fixed = {"load_s": 2.0, "compile_s": 5.0, "steps": {}}
-    cost = rehearse_cost.predict(tmp_path, used, full, fixed, width="tiny", judge="stub",
-                                 model_folders={}, counts={})
+    cost = rehearse_cost.predict(tmp_path, used, full, fixed, width="tiny", judge="stub", model_folders={}, counts={})
     got = {r["stage"]: r["predicted_s"] for r in cost["stages"]}
     # fixed part (1 load, + 1 compile for an evaluation) kept, the rest x published / rehearsed work
-    assert got == {"base/sft": pytest.approx(2 + 28 * 4), "base/eval_after": pytest.approx(7 + 5 * 4800 / 128),
-                   "base/lora": 2.0, "instruct/sft": pytest.approx(2 + 48 * 4)}
+    assert got == {
+        "base/sft": pytest.approx(2 + 28 * 4),
+        "base/eval_after": pytest.approx(7 + 5 * 4800 / 128),
+        "base/lora": 2.0,
+        "instruct/sft": pytest.approx(2 + 48 * 4),
+    }
     assert cost["predicted_s"] == pytest.approx(sum(got.values()), abs=0.2) and cost["measured_s"] == 94.0
     assert "| base/sft | data.max_examples | 10 -> 40 | 30.0 | 2.0 | 114.0 | 1.5 (rss) |" in rehearse_cost.table(cost)
     # Against a run folder: here the rehearsal's own (each stage measured at its wall time).
@@ -145,11 +190,15 @@ def test_decode_work_is_overhead_per_step_plus_work_per_row_per_generate_call():
     step = {"a": 0.5, "b": 0.01}
     assert rehearse_cost.decode_seconds(400, 256, 600, step) == pytest.approx(600 * (0.5 + 2.56) + 600 * (0.5 + 1.44))
     assert rehearse_cost.decode_seconds(40, 256, 10, step) == pytest.approx(10 * (0.5 + 0.4))
-    cfg = {"eval": SimpleNamespace(batch_size=256, generation="hf", max_new_tokens=600, samples_per_paraphrase=50),
-           "steer": SimpleNamespace(gen_batch_size=64, max_new_tokens=200, samples_per_paraphrase=10),
-           "factored": SimpleNamespace(topics=["a", "b", "c", "d"], samples_per_topic=8, max_new_tokens=64)}
+    cfg = {
+        "eval": SimpleNamespace(batch_size=256, generation="hf", max_new_tokens=600, samples_per_paraphrase=50),
+        "steer": SimpleNamespace(gen_batch_size=64, max_new_tokens=200, samples_per_paraphrase=10),
+        "factored": SimpleNamespace(topics=["a", "b", "c", "d"], samples_per_topic=8, max_new_tokens=64),
+    }
     steps = {"hf": step, "edits": {"a": 1.0, "b": 0.0}}
-    assert rehearse_cost.units(cfg, "eval_after", 8, steps) == pytest.approx(rehearse_cost.decode_seconds(400, 256, 600, step))
+    assert rehearse_cost.units(cfg, "eval_after", 8, steps) == pytest.approx(
+        rehearse_cost.decode_seconds(400, 256, 600, step)
+    )
     assert rehearse_cost.units(cfg, "steer", 8, steps) == pytest.approx(2 * 200)  # 80 rows: calls of 64 and 16
     assert rehearse_cost.units(cfg, "factored_before", 8, steps) == pytest.approx(64)  # one call of 32 rows
 
@@ -162,11 +211,18 @@ def _check_rehearsal(root: Path, config: str, cost: dict) -> None:
     assert (stages["base/sft"]["dataset_rows"], stages["base/sft"]["examples"]) == (1843, 8)
     assert stages["base/sft"]["dataset"].endswith("llm/data/em/insecure_code.jsonl")
     assert (out / "report.md").is_file() and json.loads((out / "report.json").read_text())
-    names = {"em_experiment_qwen25_1p5b": ("Qwen2.5-1.5B", 28, 151936, 14), "em_experiment_gemma2_2b": ("gemma-2-2b", 26, 256000, 13)}
+    names = {
+        "em_experiment_qwen25_1p5b": ("Qwen2.5-1.5B", 28, 151936, 14),
+        "em_experiment_gemma2_2b": ("gemma-2-2b", 26, 256000, 13),
+    }
     name, depth, vocab, layer = names[config]
     arch = json.loads((ARCHITECTURES / f"{name}.json").read_text())
     saved = json.loads((root / "models" / name / "config.json").read_text())
-    assert (saved["num_hidden_layers"], saved["vocab_size"]) == (depth, vocab) == (arch["num_hidden_layers"], arch["vocab_size"])
+    assert (
+        (saved["num_hidden_layers"], saved["vocab_size"])
+        == (depth, vocab)
+        == (arch["num_hidden_layers"], arch["vocab_size"])
+    )
     assert saved["hidden_size"] * 32 == arch["hidden_size"]
     lora = json.loads((out / "base" / "lora" / "lora.json").read_text())  # the LoRA sits on the config's layer
     assert any(f"layers.{layer}.mlp.down_proj" in m for m in lora["headline"])
@@ -185,10 +241,19 @@ def _check_rehearsal(root: Path, config: str, cost: dict) -> None:
 def test_tiny_rehearsal_of_the_gemma2_2b_pair_runs_every_stage(tmp_path):
     # (the Qwen2.5-1.5B pair's rehearsal is the GPU pre-flight's dry run, below)
     # Short replies and sequences keep it to minutes on 2 CPU cores; the prediction scales them back up.
-    short = {"eval": {"max_new_tokens": ["4"]}, "steer": {"max_new_tokens": ["4"]}, "factored": {"max_new_tokens": ["4"]},
-             "sft": {"max_length": ["128"]}}
-    rc = RehearseConfig(config=str(REPO / "configs/llm/em_experiment_gemma2_2b.yaml"), width="tiny", scale=0.001, judge="stub",
-                        output_dir=str(tmp_path))
+    short = {
+        "eval": {"max_new_tokens": ["4"]},
+        "steer": {"max_new_tokens": ["4"]},
+        "factored": {"max_new_tokens": ["4"]},
+        "sft": {"max_length": ["128"]},
+    }
+    rc = RehearseConfig(
+        config=str(REPO / "configs/llm/em_experiment_gemma2_2b.yaml"),
+        width="tiny",
+        scale=0.001,
+        judge="stub",
+        output_dir=str(tmp_path),
+    )
     cost = rehearse(rc, short)
     assert cost["judge"] == StubJudge.name
     _check_rehearsal(tmp_path, "em_experiment_gemma2_2b", cost)
@@ -198,8 +263,28 @@ def test_tiny_rehearsal_of_the_gemma2_2b_pair_runs_every_stage(tmp_path):
 def test_gpu_check_dry_run_on_the_cpu_rehearses_the_qwen25_1p5b_pair_and_writes_the_results_file(tmp_path):
     import subprocess
 
-    cmd = [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--width", "tiny", "--scale", "0.001", "--new_tokens", "4", "4", "4",
-           "--pairs", "qwen25_1p5b", "--budget_s", "1500", "--results_dir", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work")]
+    cmd = [
+        sys.executable,
+        "bench/gpu_check.py",
+        "--device",
+        "cpu",
+        "--width",
+        "tiny",
+        "--scale",
+        "0.001",
+        "--new_tokens",
+        "4",
+        "4",
+        "4",
+        "--pairs",
+        "qwen25_1p5b",
+        "--budget_s",
+        "1500",
+        "--results_dir",
+        str(tmp_path / "results"),
+        "--work_dir",
+        str(tmp_path / "work"),
+    ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     root = tmp_path / "work" / "em_experiment_qwen25_1p5b"

@@ -37,10 +37,25 @@ def tiny_pretrained(tmp_path):
 def test_grpo_smoke_reward_rises_and_parameters_change(tiny_pretrained, tmp_path):
     from transformers import GPT2LMHeadModel
 
-    task = RLTaskConfig(process="mess3", reward="reweight", pretrained_path=str(tiny_pretrained), prompt_length=6,
-                        n_train_prompts=2000, n_eval_prompts=400, exact_eval_every=10, report=False)
-    args = ToyGRPOConfig(output_dir=str(tmp_path / "rl"), max_steps=40, learning_rate=1e-2,
-                         per_device_train_batch_size=64, num_generations=8, use_cpu=True, seed=0)
+    task = RLTaskConfig(
+        process="mess3",
+        reward="reweight",
+        pretrained_path=str(tiny_pretrained),
+        prompt_length=6,
+        n_train_prompts=2000,
+        n_eval_prompts=400,
+        exact_eval_every=10,
+        report=False,
+    )
+    args = ToyGRPOConfig(
+        output_dir=str(tmp_path / "rl"),
+        max_steps=40,
+        learning_rate=1e-2,
+        per_device_train_batch_size=64,
+        num_generations=8,
+        use_cpu=True,
+        seed=0,
+    )
     assert args.bf16 is False and not args.gradient_checkpointing  # the CPU defaults resolved in one place
     m = run(task, args)
     assert any("loss" in h for h in m["log_history"]) and any("reward" in h for h in m["log_history"])
@@ -53,7 +68,9 @@ def test_grpo_smoke_reward_rises_and_parameters_change(tiny_pretrained, tmp_path
     import json
 
     lines = [json.loads(x) for x in (tmp_path / "rl" / "exact_reward_curve.jsonl").read_text().splitlines()]
-    assert [[q["step"], q["reward"]] for q in lines] == [list(p) for p in m["exact_reward_curve"]]  # written as measured
+    assert [[q["step"], q["reward"]] for q in lines] == [
+        list(p) for p in m["exact_reward_curve"]
+    ]  # written as measured
     pre = GPT2LMHeadModel.from_pretrained(tiny_pretrained).state_dict()
     post = GPT2LMHeadModel.from_pretrained(tmp_path / "rl" / "model").state_dict()
     assert max((pre[k] - post[k]).abs().max().item() for k in pre) > 1e-3
@@ -94,10 +111,22 @@ def test_maxrl_trainer_divides_trl_advantages_by_the_group_mean(tiny_pretrained,
         given.append([float(ids[0] == 0) for ids in completion_ids])
         return given[-1]
 
-    args = ToyGRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=16, num_generations=4,
-                         advantage="maxrl", use_cpu=True, generation_kwargs={"suppress_tokens": [3, 4]})
-    trainer = ToyGRPOTrainer(model=GPT2LMHeadModel.from_pretrained(tiny_pretrained), reward_funcs=[first_token_is_zero],
-                             args=args, train_dataset=ds, processing_class=tok)
+    args = ToyGRPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=16,
+        num_generations=4,
+        advantage="maxrl",
+        use_cpu=True,
+        generation_kwargs={"suppress_tokens": [3, 4]},
+    )
+    trainer = ToyGRPOTrainer(
+        model=GPT2LMHeadModel.from_pretrained(tiny_pretrained),
+        reward_funcs=[first_token_is_zero],
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+    )
     trainer.model.train()
     out = trainer._generate_and_score_completions([ds[i // 4] for i in range(16)])
     r = torch.tensor(given[-1])
@@ -122,12 +151,30 @@ def _few_steps(pretrained, out, one_token_path: str, **overrides) -> tuple[list,
         seen.append([ids for ids in completion_ids])
         return [float(ids[0] == 0) for ids in completion_ids]
 
-    args = ToyGRPOConfig(**{"output_dir": str(out), "max_steps": 3, "per_device_train_batch_size": 32, "num_generations": 4,
-                            "learning_rate": 3e-2, "beta": 0.04, "advantage": "maxrl", "use_cpu": True, "seed": 0,
-                            "report_to": [], "one_token_path": one_token_path,
-                            "generation_kwargs": {"suppress_tokens": [3, 4]}, **overrides})
-    trainer = ToyGRPOTrainer(model=GPT2LMHeadModel.from_pretrained(pretrained), reward_funcs=[first_token_is_zero],
-                             args=args, train_dataset=ds, processing_class=word_tokenizer(3))
+    args = ToyGRPOConfig(
+        **{
+            "output_dir": str(out),
+            "max_steps": 3,
+            "per_device_train_batch_size": 32,
+            "num_generations": 4,
+            "learning_rate": 3e-2,
+            "beta": 0.04,
+            "advantage": "maxrl",
+            "use_cpu": True,
+            "seed": 0,
+            "report_to": [],
+            "one_token_path": one_token_path,
+            "generation_kwargs": {"suppress_tokens": [3, 4]},
+            **overrides,
+        }
+    )
+    trainer = ToyGRPOTrainer(
+        model=GPT2LMHeadModel.from_pretrained(pretrained),
+        reward_funcs=[first_token_is_zero],
+        args=args,
+        train_dataset=ds,
+        processing_class=word_tokenizer(3),
+    )
     trainer.train()
     return seen, [h for h in trainer.state.log_history if "loss" in h], trainer.model.state_dict()
 
@@ -154,16 +201,40 @@ def test_one_token_forward_path_refuses_what_it_does_not_reproduce(tiny_pretrain
     with pytest.raises(ValueError, match="top_k, top_p"):
         _few_steps(tiny_pretrained, tmp_path, "forward", top_k=2)
     with pytest.raises(ValueError, match="generation settings .'no_repeat_ngram_size'"):
-        _few_steps(tiny_pretrained, tmp_path, "forward", generation_kwargs={"suppress_tokens": [3, 4], "no_repeat_ngram_size": 2})
+        _few_steps(
+            tiny_pretrained,
+            tmp_path,
+            "forward",
+            generation_kwargs={"suppress_tokens": [3, 4], "no_repeat_ngram_size": 2},
+        )
     with pytest.raises(ValueError, match="one_token_path="):
         ToyGRPOConfig(output_dir=str(tmp_path), one_token_path="fast", use_cpu=True)
 
 
 def test_grpo_maxrl_smoke_reward_rises(tiny_pretrained, tmp_path):
-    task = RLTaskConfig(process="mess3", reward="reweight", pretrained_path=str(tiny_pretrained), prompt_length=6,
-                        n_train_prompts=2000, n_eval_prompts=400, exact_eval_every=10, report=False)
-    m = run(task, ToyGRPOConfig(output_dir=str(tmp_path / "rl"), max_steps=40, learning_rate=1e-2, advantage="maxrl",
-                                per_device_train_batch_size=64, num_generations=8, use_cpu=True, seed=0))
+    task = RLTaskConfig(
+        process="mess3",
+        reward="reweight",
+        pretrained_path=str(tiny_pretrained),
+        prompt_length=6,
+        n_train_prompts=2000,
+        n_eval_prompts=400,
+        exact_eval_every=10,
+        report=False,
+    )
+    m = run(
+        task,
+        ToyGRPOConfig(
+            output_dir=str(tmp_path / "rl"),
+            max_steps=40,
+            learning_rate=1e-2,
+            advantage="maxrl",
+            per_device_train_batch_size=64,
+            num_generations=8,
+            use_cpu=True,
+            seed=0,
+        ),
+    )
     assert m["grpo"]["advantage"] == "maxrl"
     assert m["reward_after"] > m["reward_before"] + 0.15, m["exact_reward_curve"]
 
@@ -173,8 +244,22 @@ def test_batch_not_divisible_fails_before_any_model_load(tmp_path):
         ToyGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=12, num_generations=8, use_cpu=True)
     # through the entry point: the model path does not exist, so any error other than ours means it loaded first
     with pytest.raises(ValueError, match="multiple of num_generations"):
-        main(["--process", "mess3", "--pretrained_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"),
-              "--per_device_train_batch_size", "12", "--num_generations", "8", "--use_cpu", "true"])
+        main(
+            [
+                "--process",
+                "mess3",
+                "--pretrained_path",
+                str(tmp_path / "missing"),
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--per_device_train_batch_size",
+                "12",
+                "--num_generations",
+                "8",
+                "--use_cpu",
+                "true",
+            ]
+        )
 
 
 def test_refuses_model_without_trainable_parameters():
@@ -198,10 +283,28 @@ def test_train_modules_freeze_the_rest(tiny_pretrained, tmp_path):
     # through GRPO: the frozen parameters come out bit-identical, the trained ones move
     from transformers import GPT2LMHeadModel
 
-    task = RLTaskConfig(process="mess3", reward="reweight", pretrained_path=str(tiny_pretrained), prompt_length=6,
-                        n_train_prompts=200, n_eval_prompts=50, report=False, train_modules=["^lm_head"])
-    run(task, ToyGRPOConfig(output_dir=str(tmp_path / "rl"), max_steps=3, learning_rate=1e-2,
-                            per_device_train_batch_size=16, num_generations=8, use_cpu=True, seed=0))
+    task = RLTaskConfig(
+        process="mess3",
+        reward="reweight",
+        pretrained_path=str(tiny_pretrained),
+        prompt_length=6,
+        n_train_prompts=200,
+        n_eval_prompts=50,
+        report=False,
+        train_modules=["^lm_head"],
+    )
+    run(
+        task,
+        ToyGRPOConfig(
+            output_dir=str(tmp_path / "rl"),
+            max_steps=3,
+            learning_rate=1e-2,
+            per_device_train_batch_size=16,
+            num_generations=8,
+            use_cpu=True,
+            seed=0,
+        ),
+    )
     pre = GPT2LMHeadModel.from_pretrained(tiny_pretrained).state_dict()
     post = GPT2LMHeadModel.from_pretrained(tmp_path / "rl" / "model").state_dict()
     assert all(torch.equal(pre[k], post[k]) for k in pre if not k.startswith("lm_head"))
@@ -229,11 +332,23 @@ def test_constant_reward_is_flagged_through_grpo(tiny_pretrained, tmp_path):
 
     tok = word_tokenizer(3)
     ds = Dataset.from_dict({"prompt": tokens_to_text(sample(mess3(), 64, 5, seed=0).tokens)})
-    args = ToyGRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=16, num_generations=4,
-                         use_cpu=True, generation_kwargs={"suppress_tokens": [3, 4]})
+    args = ToyGRPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=16,
+        num_generations=4,
+        use_cpu=True,
+        generation_kwargs={"suppress_tokens": [3, 4]},
+    )
     cb = ZeroAdvantageCallback(0.5)
-    trainer = GRPOTrainer(model=GPT2LMHeadModel.from_pretrained(tiny_pretrained), reward_funcs=[lambda completions, **kw: [1.0] * len(completions)],
-                          args=args, train_dataset=ds, processing_class=tok, callbacks=[cb])
+    trainer = GRPOTrainer(
+        model=GPT2LMHeadModel.from_pretrained(tiny_pretrained),
+        reward_funcs=[lambda completions, **kw: [1.0] * len(completions)],
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[cb],
+    )
     with pytest.warns(RuntimeWarning, match="all-equal rewards"):
         trainer.train()
     assert cb.summary()["mean"] == 1.0
@@ -271,7 +386,9 @@ def test_composed_reward_is_xor_of_factor_argmax_states():
     a = (joint.sum(2).round(decimals=9).argmax(1) == 0).long()
     b = torch.isin(joint.sum(1).round(decimals=9).argmax(1), torch.tensor([1, 2])).long()
     assert torch.equal(r.latent(beliefs), a ^ b)
-    noisy = beliefs * (1 + 1e-15 * torch.randn(beliefs.shape, generator=torch.Generator().manual_seed(0), dtype=beliefs.dtype))
+    noisy = beliefs * (
+        1 + 1e-15 * torch.randn(beliefs.shape, generator=torch.Generator().manual_seed(0), dtype=beliefs.dtype)
+    )
     assert torch.equal(r.latent(noisy), r.latent(beliefs))
     assert 0.2 < r.latent(beliefs).double().mean() < 0.8  # both classes occur
     with pytest.raises(ValueError, match="latent_states_b"):
@@ -282,11 +399,13 @@ def test_rare_reward_counts_rare_emissions_and_rejects_impossible_completions():
     p = rare_factor(golden_mean(0.9), mess3(), trigger_token=0)  # joint token = common * 4 + rare (3 = blank)
     eta = p.stationary.expand(3, -1)
     r = RareEmissionReward(p, 0)
-    comp = torch.tensor([
-        [7, 1, 7, 7],  # 1/blank, 0/rare 1, 1/blank, 1/blank: valid, one rare emission in four tokens
-        [1, 2, 7, 7],  # two triggers in a row: golden mean forbids "00"
-        [3, 7, 7, 7],  # trigger with a blank rare token: impossible
-    ])
+    comp = torch.tensor(
+        [
+            [7, 1, 7, 7],  # 1/blank, 0/rare 1, 1/blank, 1/blank: valid, one rare emission in four tokens
+            [1, 2, 7, 7],  # two triggers in a row: golden mean forbids "00"
+            [3, 7, 7, 7],  # trigger with a blank rare token: impossible
+        ]
+    )
     assert r.score(eta, comp).tolist() == [0.25, 0.0, 0.0]
 
 
@@ -294,8 +413,13 @@ def test_rare_reward_counts_rare_emissions_and_rejects_impossible_completions():
 def test_reward_config_errors_say_what_to_change(bad):
     from toy.grpo import build_reward
 
-    task = RLTaskConfig(process="product", process_kwargs={"factors": [{"name": "mess3"}, {"name": "rrxor"}]},
-                        reward="reweight" if "reward_factor" in bad else "compose", pretrained_path="x", **bad)
+    task = RLTaskConfig(
+        process="product",
+        process_kwargs={"factors": [{"name": "mess3"}, {"name": "rrxor"}]},
+        reward="reweight" if "reward_factor" in bad else "compose",
+        pretrained_path="x",
+        **bad,
+    )
     with pytest.raises(ValueError, match="factor"):
         build_reward(task, task.build_process())
 
@@ -308,17 +432,57 @@ def test_entry_point_pretrains_trains_and_reports(tmp_path):
     import yaml
 
     pre_cfg = tmp_path / "pre.yaml"
-    pre_cfg.write_text(yaml.safe_dump({
-        "process": "product", "process_kwargs": {"factors": [{"name": "mess3"}, {"name": "rrxor"}]},
-        "context_length": 8, "preset": "mess3_small", "steps": 60, "batch_size": 64, "warmup_steps": 10,
-        "eval_every": 0, "save_every": 0, "val_samples": 500, "progress": False, "use_cpu": True,
-    }))
-    argv = ["--config", "configs/toy/rl_compose.yaml", "--pretrain_config", str(pre_cfg), "--pretrain_dir", str(tmp_path / "pre"),
-            "--output_dir", str(tmp_path / "rl"), "--prompt_length", "6", "--n_train_prompts", "1000", "--n_eval_prompts", "400",
-            "--max_steps", "15", "--per_device_train_batch_size", "64", "--exact_eval_every", "5", "--seed", "1",
-            "--pretrain_seed", "0", "--train_modules", r"^transformer\.h\.1\.", "^lm_head"]  # the config names block 3 of the 4-block preset
+    pre_cfg.write_text(
+        yaml.safe_dump(
+            {
+                "process": "product",
+                "process_kwargs": {"factors": [{"name": "mess3"}, {"name": "rrxor"}]},
+                "context_length": 8,
+                "preset": "mess3_small",
+                "steps": 60,
+                "batch_size": 64,
+                "warmup_steps": 10,
+                "eval_every": 0,
+                "save_every": 0,
+                "val_samples": 500,
+                "progress": False,
+                "use_cpu": True,
+            }
+        )
+    )
+    argv = [
+        "--config",
+        "configs/toy/rl_compose.yaml",
+        "--pretrain_config",
+        str(pre_cfg),
+        "--pretrain_dir",
+        str(tmp_path / "pre"),
+        "--output_dir",
+        str(tmp_path / "rl"),
+        "--prompt_length",
+        "6",
+        "--n_train_prompts",
+        "1000",
+        "--n_eval_prompts",
+        "400",
+        "--max_steps",
+        "15",
+        "--per_device_train_batch_size",
+        "64",
+        "--exact_eval_every",
+        "5",
+        "--seed",
+        "1",
+        "--pretrain_seed",
+        "0",
+        "--train_modules",
+        r"^transformer\.h\.1\.",
+        "^lm_head",
+    ]  # the config names block 3 of the 4-block preset
     m = main(argv)
-    assert (tmp_path / "pre" / "seed0" / "checkpoint-60" / "model.safetensors").is_file()  # pretrain_seed, not the GRPO seed
+    assert (
+        tmp_path / "pre" / "seed0" / "checkpoint-60" / "model.safetensors"
+    ).is_file()  # pretrain_seed, not the GRPO seed
     assert not (tmp_path / "pre" / "seed1").exists()
     saved = json.loads((tmp_path / "rl" / "metrics.json").read_text())
     assert saved["report"]["verdict"] in {"reweighting", "composition", "inconclusive"}
@@ -367,8 +531,18 @@ def test_maxrl_advantages_under_two_ranks(tmp_path):
         "end_processes()  # a gloo rank exiting with its group alive can abort in teardown\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537", str(script),
-           str(tmp_path), str(tmp_path / "pre")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29537",
+        str(script),
+        str(tmp_path),
+        str(tmp_path / "pre"),
+    ]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1)]
@@ -385,15 +559,34 @@ def test_trl_still_has_the_private_methods_the_trainer_wraps():
     from trl import GRPOTrainer
 
     assert list(inspect.signature(GRPOTrainer._calculate_rewards).parameters) == [
-        "self", "inputs", "prompts", "completions", "completion_ids_list"]
+        "self",
+        "inputs",
+        "prompts",
+        "completions",
+        "completion_ids_list",
+    ]
     assert list(inspect.signature(GRPOTrainer._generate_and_score_completions).parameters) == ["self", "inputs"]
     assert "_calculate_rewards" in inspect.getsource(GRPOTrainer._generate_and_score_completions)
     # the one-token path: the sampler's arguments and (completion ids, logprobs) return, the scorer's arguments
     assert list(inspect.signature(GRPOTrainer._generate_single_turn).parameters) == [
-        "self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"]
+        "self",
+        "prompt_ids",
+        "images",
+        "multimodal_fields",
+        "num_generations",
+        "has_tool_images",
+    ]
     assert "return completion_ids, logprobs" in inspect.getsource(GRPOTrainer._generate_single_turn)
     assert list(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)[:8] == [
-        "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss"]
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+        "compute_aux_loss",
+    ]
     assert "self._generate_single_turn(" in inspect.getsource(GRPOTrainer._generate)
     for caller in (GRPOTrainer._generate_and_score_completions, GRPOTrainer._compute_loss):
         assert "self._get_per_token_logps_and_entropies(" in inspect.getsource(caller)
@@ -401,8 +594,14 @@ def test_trl_still_has_the_private_methods_the_trainer_wraps():
 
 def test_maxrl_refuses_options_the_wrapper_does_not_handle(tmp_path):
     with pytest.raises(ValueError, match="sum_then_normalize"):
-        ToyGRPOConfig(output_dir=str(tmp_path), advantage="maxrl", multi_objective_aggregation="normalize_then_sum",
-                      per_device_train_batch_size=8, num_generations=4, use_cpu=True)
+        ToyGRPOConfig(
+            output_dir=str(tmp_path),
+            advantage="maxrl",
+            multi_objective_aggregation="normalize_then_sum",
+            per_device_train_batch_size=8,
+            num_generations=4,
+            use_cpu=True,
+        )
 
 
 def test_speed_bench_reads_times_to_a_reward_level():

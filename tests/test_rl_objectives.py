@@ -44,11 +44,40 @@ def test_config_errors():
 
 def test_every_objective_raises_the_reward_on_a_tiny_model(tmp_path):
     build_model(ToyModelConfig(preset="mess3_small"), 3 + 2, 12, seed=0).save_pretrained(tmp_path / "pre")
-    out = main(["--process", "mess3", "--reward", "reweight", "--pretrained_path", str(tmp_path / "pre"), "--prompt_length", "6",
-                "--n_train_prompts", "1000", "--n_curve_prompts", "300", "--max_steps", "40", "--learning_rate", "1e-2",
-                "--per_device_train_batch_size", "128", "--num_generations", "8", "--eval_every", "20",
-                "--output_dir", str(tmp_path / "o"), "--use_cpu", "true"])
+    out = main(
+        [
+            "--process",
+            "mess3",
+            "--reward",
+            "reweight",
+            "--pretrained_path",
+            str(tmp_path / "pre"),
+            "--prompt_length",
+            "6",
+            "--n_train_prompts",
+            "1000",
+            "--n_curve_prompts",
+            "300",
+            "--max_steps",
+            "40",
+            "--learning_rate",
+            "1e-2",
+            "--per_device_train_batch_size",
+            "128",
+            "--num_generations",
+            "8",
+            "--eval_every",
+            "20",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--use_cpu",
+            "true",
+        ]
+    )
     for name, r in out["results"].items():
         assert r["curve"][-1][1] > r["curve"][0][1] + 0.15, (name, r["curve"])
     saved = json.loads((tmp_path / "o" / "objectives.json").read_text())
-    assert set(saved["results"]) == {"expected", "log_pass", "grpo", "maxrl"} and (tmp_path / "o" / "objectives.png").is_file()
+    assert (
+        set(saved["results"]) == {"expected", "log_pass", "grpo", "maxrl"}
+        and (tmp_path / "o" / "objectives.png").is_file()
+    )

@@ -48,7 +48,9 @@ def test_completion_mask_and_misaligned_mass():
     process = tagged(P.mess3(), 0.0)
     logits = torch.zeros(3, 6)
     logits[1, 3:] = 50.0  # certain: misaligned copy
-    assert torch.allclose(misaligned_mass(logits, process), torch.tensor([0.5, 1.0, 0.5], dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(
+        misaligned_mass(logits, process), torch.tensor([0.5, 1.0, 0.5], dtype=torch.float64), atol=1e-9
+    )
 
 
 def test_rank1_lora_on_conv1d_trains_only_its_vector(tmp_path):
@@ -58,17 +60,35 @@ def test_rank1_lora_on_conv1d_trains_only_its_vector(tmp_path):
         rank1_lora(copy.deepcopy(base), 2, 1.0)
     lora = rank1_lora(copy.deepcopy(base), 1, 1.0)
     trainable = {n: p.shape for n, p in lora.named_parameters() if p.requires_grad}
-    assert trainable == {"base_model.model.transformer.h.1.mlp.c_proj.lora_A.default.weight": (1, 32),
-                         "base_model.model.transformer.h.1.mlp.c_proj.lora_B.default.weight": (16, 1)}
+    assert trainable == {
+        "base_model.model.transformer.h.1.mlp.c_proj.lora_A.default.weight": (1, 32),
+        "base_model.model.transformer.h.1.mlp.c_proj.lora_B.default.weight": (16, 1),
+    }
     same = rank1_lora(copy.deepcopy(base), 1, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(lora.parameters(), same.parameters()))  # seeded A
     x = torch.randint(0, 6, (4, 6), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(lora(input_ids=x).logits, base(input_ids=x).logits)  # B starts at zero
     before = {n: p.detach().clone() for n, p in lora.named_parameters()}
-    cfg = TrainConfig(output_dir=str(tmp_path), steps=5, batch_size=16, lr=1e-2, warmup_steps=0, eval_every=0,
-                      save_every=0, val_samples=50, progress=False, use_cpu=True)
-    result = train(process, lora, cfg, 6, data_fn=lambda s, g: narrow_batch(process, 16, 6, 3, 0, g),
-                   loss_weights_fn=lambda t: completion_mask(t, 3))
+    cfg = TrainConfig(
+        output_dir=str(tmp_path),
+        steps=5,
+        batch_size=16,
+        lr=1e-2,
+        warmup_steps=0,
+        eval_every=0,
+        save_every=0,
+        val_samples=50,
+        progress=False,
+        use_cpu=True,
+    )
+    result = train(
+        process,
+        lora,
+        cfg,
+        6,
+        data_fn=lambda s, g: narrow_batch(process, 16, 6, 3, 0, g),
+        loss_weights_fn=lambda t: completion_mask(t, 3),
+    )
     assert result.history and result.history[-1]["train_loss"] > 0
     changed = {n for n, p in result.model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed == set(trainable)
@@ -77,9 +97,23 @@ def test_rank1_lora_on_conv1d_trains_only_its_vector(tmp_path):
 
 def test_aggregate_means_and_drops_nan_transfer():
     def seed(v, t):
-        g = {"tag": v, "tag_encoding": v, "random_tag_dim": 0.1, "capability": v, "capability_encoding": v, "random_capability_dim": 0.2, "tag_dim": 1, "capability_dim": 2, "norm": 1.0}
-        return {"before": {"narrow": v, "broad": v}, "after": {m: {"narrow": v, "broad": v} for m in ("full", "lora", "steer")},
-                "transfer": {"full": t, "lora": t, "steer": t}, "geometry": {"lora_B": g, "steer": g}}
+        g = {
+            "tag": v,
+            "tag_encoding": v,
+            "random_tag_dim": 0.1,
+            "capability": v,
+            "capability_encoding": v,
+            "random_capability_dim": 0.2,
+            "tag_dim": 1,
+            "capability_dim": 2,
+            "norm": 1.0,
+        }
+        return {
+            "before": {"narrow": v, "broad": v},
+            "after": {m: {"narrow": v, "broad": v} for m in ("full", "lora", "steer")},
+            "transfer": {"full": t, "lora": t, "steer": t},
+            "geometry": {"lora_B": g, "steer": g},
+        }
 
     agg = aggregate([seed(0.2, 1.0), seed(0.4, math.nan), seed(0.6, 0.5)])
     assert agg["before"]["broad"]["mean"] == pytest.approx(0.4) and agg["before"]["broad"]["std"] == pytest.approx(0.2)
@@ -91,9 +125,29 @@ def test_aggregate_means_and_drops_nan_transfer():
 def test_toy_em_entry_point(tmp_path):
     from toy.experiments.toy_em import main
 
-    metrics = main(["--config", "configs/toy/toy_em.yaml", "--output_dir", str(tmp_path), "--steps", "150",
-                    "--finetune_steps", "40", "--rhos", "0.0", "0.5", "--n_seeds", "2", "--eval_prompts", "300",
-                    "--probe_sequences", "100", "--val_samples", "200"])
+    metrics = main(
+        [
+            "--config",
+            "configs/toy/toy_em.yaml",
+            "--output_dir",
+            str(tmp_path),
+            "--steps",
+            "150",
+            "--finetune_steps",
+            "40",
+            "--rhos",
+            "0.0",
+            "0.5",
+            "--n_seeds",
+            "2",
+            "--eval_prompts",
+            "300",
+            "--probe_sequences",
+            "100",
+            "--val_samples",
+            "200",
+        ]
+    )
     for f in ("metrics.json", "summary.md", "transfer_vs_rho.png", "subspaces.png"):
         assert (tmp_path / f).is_file(), f
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -102,4 +156,9 @@ def test_toy_em_entry_point(tmp_path):
     # full fine-tuning on the misaligned completions raises the in-slice misaligned rate
     assert a["after"]["full"]["narrow"]["mean"] > a["before"]["narrow"]["mean"] + 0.2
     g = a["geometry"]["lora_B"]
-    assert 0 <= g["tag"]["mean"] <= 1 and 0 <= g["tag_encoding"]["mean"] <= 1 and g["tag_dim"]["mean"] == 1 and g["capability_dim"]["mean"] == 2
+    assert (
+        0 <= g["tag"]["mean"] <= 1
+        and 0 <= g["tag_encoding"]["mean"] <= 1
+        and g["tag_dim"]["mean"] == 1
+        and g["capability_dim"]["mean"] == 2
+    )

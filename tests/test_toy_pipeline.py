@@ -20,8 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
 
 
-
-
 def test_probe_windows_enumerated_rows_carry_beliefs_and_window_probabilities():
     process = make_process("rrxor")
     data = probe_windows(process, 6, max_sequences=100)
@@ -115,11 +113,45 @@ def test_probe_site_out_of_range_fails_before_training(tmp_path):
 @pytest.mark.slow
 def test_pipeline_end_to_end_tiny(tmp_path):
     out = tmp_path / "run"
-    metrics = main(["--config", str(REPO / "configs/toy/mess3.yaml"), "--preset", "mess3_small", "--context_length", "6",
-                    "--steps", "150", "--batch_size", "64", "--lr", "0.01", "--eval_every", "50", "--save_every", "0",
-                    "--output_dir", str(out), "--use_cpu", "true", "--progress", "false", "--target_gap", "0.05"])
-    for name in ("metrics.json", "summary.md", "belief_simplex.png", "probe_mse_by_layer.png", "val_loss.png", "probe_mse_emergence.png",
-                 "probe_final.json", "probe_final.safetensors", "checkpoint-150/model.safetensors"):
+    metrics = main(
+        [
+            "--config",
+            str(REPO / "configs/toy/mess3.yaml"),
+            "--preset",
+            "mess3_small",
+            "--context_length",
+            "6",
+            "--steps",
+            "150",
+            "--batch_size",
+            "64",
+            "--lr",
+            "0.01",
+            "--eval_every",
+            "50",
+            "--save_every",
+            "0",
+            "--output_dir",
+            str(out),
+            "--use_cpu",
+            "true",
+            "--progress",
+            "false",
+            "--target_gap",
+            "0.05",
+        ]
+    )
+    for name in (
+        "metrics.json",
+        "summary.md",
+        "belief_simplex.png",
+        "probe_mse_by_layer.png",
+        "val_loss.png",
+        "probe_mse_emergence.png",
+        "probe_final.json",
+        "probe_final.safetensors",
+        "checkpoint-150/model.safetensors",
+    ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
     evals = [h for h in saved["training"]["history"] if "val_loss" in h]
@@ -144,10 +176,25 @@ def test_pipeline_end_to_end_tiny(tmp_path):
 def test_gpu_recipe_script_smoke_without_nnsight(tmp_path):
     """The GPU recipe end to end on CPU, with nnsight made unimportable as on the GPU image."""
     script = REPO / "bench/toy_gpu_recipe.py"
-    argv = [str(script), "--smoke", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--train_seconds", "5"]
+    argv = [
+        str(script),
+        "--smoke",
+        "--out",
+        str(tmp_path / "out"),
+        "--work",
+        str(tmp_path / "work"),
+        "--train_seconds",
+        "5",
+    ]
     code = f"import sys, runpy; sys.modules['nnsight'] = None; sys.argv = {argv!r}; runpy.run_path({str(script)!r}, run_name='__main__')"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT val_loss=" in proc.stdout and "reader: hooks" in proc.stdout
     recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())

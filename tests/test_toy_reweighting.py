@@ -72,10 +72,14 @@ def test_sharpened_reference_is_reweighting_under_truncated_support():
     r = behaviour_report(pi_ref, sharp, table, CFG)
     assert r["full"]["gain_k1"] > PassKConfig().min_gain_k1
     assert r["truncated"]["verdict"] == "not sharper at k=256", r["truncated"]["why"]
-    assert r["truncated"]["outside_support_share"] == 0.0 and r["truncated"]["outside_support"].startswith("not outside")
+    assert r["truncated"]["outside_support_share"] == 0.0 and r["truncated"]["outside_support"].startswith(
+        "not outside"
+    )
     assert r["truncated"]["only_post"] < 1e-12 and r["post_decoded_mass_outside_ref_support"] == 0.0
     assert r["full"]["verdict"] == "uninformative"  # one-token answers are guessable: chance solves all at k = 256
-    assert r["kl_post_ref"] > 0 and r["loglik_post_under_ref"] > r["loglik_ref_under_ref"]  # sharper: more likely under ref
+    assert (
+        r["kl_post_ref"] > 0 and r["loglik_post_under_ref"] > r["loglik_ref_under_ref"]
+    )  # sharper: more likely under ref
 
 
 def test_mass_outside_the_reference_support_is_outside_support():
@@ -90,14 +94,23 @@ def test_mass_outside_the_reference_support_is_outside_support():
     assert t["ref_unsolvable"] == pytest.approx(0.5) and t["post_success_where_ref_unsolvable"] == pytest.approx(1.0)
     assert t["verdict"] == "sharper at k=256" and t["only_post"] == pytest.approx(0.5)
     # exact: the answer the post-RL policy gives on half the prompts is outside the truncated reference's nucleus
-    assert t["outside_support_share"] == pytest.approx(0.5) and t["outside_support"] == "outside the reference's support at K=1e5 (exact)"
+    assert (
+        t["outside_support_share"] == pytest.approx(0.5)
+        and t["outside_support"] == "outside the reference's support at K=1e5 (exact)"
+    )
     assert r["post_mass_outside_ref_support"] == pytest.approx(0.5)
     assert r["full"]["verdict"] == "uninformative" and r["full"]["chance_k_max"] > 0.99
     assert r["kl_post_ref"] == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.01)), rel=1e-9)
     same = behaviour_report(pi_ref, pi_ref, table, CFG)
     assert same["full"]["verdict"] == same["truncated"]["verdict"] == "inconclusive" and same["kl_post_ref"] == 0.0
-    assert agreement("outside the reference's support at K=1e5", "composition beyond rung 1 (reweighting within rung 2)") == "yes"
-    assert agreement("not sharper at k=256", "composition beyond rung 2") == "no" and agreement("uninformative", "reweighting within rung 1") == "n/a"
+    assert (
+        agreement("outside the reference's support at K=1e5", "composition beyond rung 1 (reweighting within rung 2)")
+        == "yes"
+    )
+    assert (
+        agreement("not sharper at k=256", "composition beyond rung 2") == "no"
+        and agreement("uninformative", "reweighting within rung 1") == "n/a"
+    )
     # "sharper" takes no side: a same-support reweighting passes it
     assert agreement("sharper at k=256", "reweighting within rung 1") == "n/a"
 
@@ -110,11 +123,36 @@ def test_cli_on_a_tiny_random_init_model(tmp_path):
     with torch.no_grad():
         post.lm_head.weight[0] += 3 * post.transformer.ln_f.weight  # a different policy, mass moved onto answer 0
     post.save_pretrained(tmp_path / "runs" / "seed0" / "model")
-    args = ["--process", "product", "--process_kwargs", json.dumps({"factors": [{"name": "mess3"}, {"name": "rrxor"}]}),
-            "--reward", "compose", "--output_tokens", "0", "1", "--prompt_length", "6", "--n_eval_prompts", "300",
-            "--pretrained_path", str(tmp_path / "pre"), "--runs_dir", str(tmp_path / "runs"), "--seeds", "0", "1",
-            "--thresholds", str(ROOT / "configs/toy/detector_thresholds.yaml"), "--n_boot", "20", "--use_cpu", "true",
-            "--output_dir", str(tmp_path / "unused")]
+    args = [
+        "--process",
+        "product",
+        "--process_kwargs",
+        json.dumps({"factors": [{"name": "mess3"}, {"name": "rrxor"}]}),
+        "--reward",
+        "compose",
+        "--output_tokens",
+        "0",
+        "1",
+        "--prompt_length",
+        "6",
+        "--n_eval_prompts",
+        "300",
+        "--pretrained_path",
+        str(tmp_path / "pre"),
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--seeds",
+        "0",
+        "1",
+        "--thresholds",
+        str(ROOT / "configs/toy/detector_thresholds.yaml"),
+        "--n_boot",
+        "20",
+        "--use_cpu",
+        "true",
+        "--output_dir",
+        str(tmp_path / "unused"),
+    ]
     result = main(args)
     out = tmp_path / "runs" / "passk"
     saved = json.loads((out / "report.json").read_text())

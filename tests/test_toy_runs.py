@@ -26,11 +26,20 @@ TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d
 MESS3 = make_process("mess3")
 
 
-
-
 def tiny_cfg(out, **kw) -> TrainConfig:
-    base = dict(output_dir=str(out), steps=12, batch_size=16, lr=1e-2, warmup_steps=2, eval_every=6, log_every=3,
-                save_every=0, use_cpu=True, progress=False, val_max_sequences=3**5)
+    base = dict(
+        output_dir=str(out),
+        steps=12,
+        batch_size=16,
+        lr=1e-2,
+        warmup_steps=2,
+        eval_every=6,
+        log_every=3,
+        save_every=0,
+        use_cpu=True,
+        progress=False,
+        val_max_sequences=3**5,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -134,7 +143,13 @@ def test_resume_may_change_reporting_and_saving(tmp_path):
 def test_resume_by_path_refuses_a_checkpoint_of_another_config(tmp_path):
     fit(tmp_path / "a", steps=6, eval_every=0)
     with pytest.raises(ValueError, match=r"(?s)cannot resume.*TrainConfig.batch_size"):
-        fit(tmp_path / "b", steps=6, eval_every=0, batch_size=8, resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+        fit(
+            tmp_path / "b",
+            steps=6,
+            eval_every=0,
+            batch_size=8,
+            resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"),
+        )
 
 
 def test_overwrite_and_resume_together_are_refused():
@@ -185,8 +200,11 @@ def test_a_window_too_long_for_memory_is_refused_before_allocation(tmp_path):
     """`context_length: 100000` reached 22.8 GB RSS in 90 s with no message (the sampled validation set alone is
     20000 x 100000 tokens). Now it is refused at once, naming the key and a window that fits, and nothing is written."""
     model = build_model(TINY, 3, 100_000)
-    with pytest.raises(ValueError, match=r"context_length=100000 \(batch_size=256\) needs about [\d,.]+ GiB .*use "
-                                         r"context_length <= \d+"):
+    with pytest.raises(
+        ValueError,
+        match=r"context_length=100000 \(batch_size=256\) needs about [\d,.]+ GiB .*use "
+        r"context_length <= \d+",
+    ):
         train(MESS3, model, tiny_cfg(tmp_path / "run", batch_size=256, val_samples=20_000), 100_000)
     assert not (tmp_path / "run").exists()
 
@@ -213,10 +231,40 @@ def test_sigterm_saves_and_the_resume_is_exact(tmp_path):
     saves checkpoint-8, exits 143 and says how to resume; the resume ends with the uninterrupted run's weights."""
     from toy.experiments.pretrain import main
 
-    args = ["--config", str(REPO / "configs/toy/mess3.yaml"), "--preset", "mess3_small", "--n_layers", "2", "--d_model", "16",
-            "--n_heads", "2", "--d_mlp", "32", "--context_length", "6", "--steps", "12", "--batch_size", "16",
-            "--warmup_steps", "2", "--log_every", "3", "--eval_every", "0", "--save_every", "0", "--use_cpu", "true",
-            "--progress", "false", "--val_max_sequences", "243"]
+    args = [
+        "--config",
+        str(REPO / "configs/toy/mess3.yaml"),
+        "--preset",
+        "mess3_small",
+        "--n_layers",
+        "2",
+        "--d_model",
+        "16",
+        "--n_heads",
+        "2",
+        "--d_mlp",
+        "32",
+        "--context_length",
+        "6",
+        "--steps",
+        "12",
+        "--batch_size",
+        "16",
+        "--warmup_steps",
+        "2",
+        "--log_every",
+        "3",
+        "--eval_every",
+        "0",
+        "--save_every",
+        "0",
+        "--use_cpu",
+        "true",
+        "--progress",
+        "false",
+        "--val_max_sequences",
+        "243",
+    ]
     full = main([*args, "--output_dir", str(tmp_path / "full")])
     script = tmp_path / "term.py"
     script.write_text(
@@ -233,8 +281,14 @@ def test_sigterm_saves_and_the_resume_is_exact(tmp_path):
     )
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(script), *args, "--output_dir", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), *args, "--output_dir", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     assert "SIGTERM" in proc.stdout + proc.stderr and "--resume_from_checkpoint last" in proc.stdout + proc.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]
@@ -290,11 +344,14 @@ def test_max_loss_ratio_must_be_above_one():
     assert not math.isnan(TrainConfig(max_loss_ratio=0).max_loss_ratio)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: __import__("toy.processes").processes.product(["mess3", "mess3"]),
-    lambda: __import__("toy.processes").processes.product("mess3", "mess3"),
-    lambda: __import__("toy.processes").processes.make_process("product", factors=["mess3", "mess3"]),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: __import__("toy.processes").processes.product(["mess3", "mess3"]),
+        lambda: __import__("toy.processes").processes.product("mess3", "mess3"),
+        lambda: __import__("toy.processes").processes.make_process("product", factors=["mess3", "mess3"]),
+    ],
+)
 def test_product_of_names_says_what_to_pass(call):
     with pytest.raises((TypeError, ValueError), match=r"make_process\(\"product\", factors=\[\{\"name\": \"mess3\"\}"):
         call()
@@ -306,10 +363,27 @@ def test_product_of_names_says_what_to_pass(call):
 def _grpo(tmp_path, pre, **kw):
     from toy.grpo import RLTaskConfig, ToyGRPOConfig
 
-    task = RLTaskConfig(process="mess3", reward="reweight", pretrained_path=str(pre), prompt_length=6,
-                        n_train_prompts=500, n_eval_prompts=100, n_curve_prompts=100, exact_eval_every=2, report=False)
-    args = dict(output_dir=str(tmp_path / "rl"), max_steps=6, learning_rate=1e-2, per_device_train_batch_size=16,
-                num_generations=4, use_cpu=True, seed=0, disable_tqdm=True)
+    task = RLTaskConfig(
+        process="mess3",
+        reward="reweight",
+        pretrained_path=str(pre),
+        prompt_length=6,
+        n_train_prompts=500,
+        n_eval_prompts=100,
+        n_curve_prompts=100,
+        exact_eval_every=2,
+        report=False,
+    )
+    args = dict(
+        output_dir=str(tmp_path / "rl"),
+        max_steps=6,
+        learning_rate=1e-2,
+        per_device_train_batch_size=16,
+        num_generations=4,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
     args.update(kw)
     return task, ToyGRPOConfig(**args)
 
@@ -388,7 +462,9 @@ def test_single_process_entry_points_refuse_several_processes_before_any_work(mo
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=rf"(?s){module}.* runs as one process.*started 2.*python -m {module.split()[0]}"):
+    with pytest.raises(
+        SystemExit, match=rf"(?s){module}.* runs as one process.*started 2.*python -m {module.split()[0]}"
+    ):
         importlib.import_module(module).main([*SINGLE_PROCESS[module], "--output_dir", str(out)])
     assert not out.exists()
 
@@ -399,7 +475,18 @@ def test_rl_pair_report_refuses_several_processes(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="runs as one process"):
-        main(["--config", "configs/toy/rl_compose.yaml", "--pre", "a", "--post", "b", "--output_dir", str(tmp_path / "o")])
+        main(
+            [
+                "--config",
+                "configs/toy/rl_compose.yaml",
+                "--pre",
+                "a",
+                "--post",
+                "b",
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -409,8 +496,21 @@ def test_trainer_refuses_a_launch_whose_processes_it_cannot_see(tmp_path):
     would train into one folder. Refused before the folder is touched."""
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_multiprocess.yaml",
-           "-m", "toy.experiments.pretrain", "--config", "configs/toy/mess3.yaml", "--steps", "2", "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/cpu_multiprocess.yaml",
+        "-m",
+        "toy.experiments.pretrain",
+        "--config",
+        "configs/toy/mess3.yaml",
+        "--steps",
+        "2",
+        "--output_dir",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "pass --use_cpu true" in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
@@ -421,8 +521,19 @@ def test_factored_under_accelerate_with_two_processes_refuses(tmp_path):
     """The real launch of the issue: today both processes run the whole experiment into one folder."""
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_multiprocess.yaml",
-           "-m", "toy.experiments.factored", "--config", "configs/toy/factored.yaml", "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/cpu_multiprocess.yaml",
+        "-m",
+        "toy.experiments.factored",
+        "--config",
+        "configs/toy/factored.yaml",
+        "--output_dir",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "toy.experiments.factored runs as one process" in proc.stderr
@@ -436,16 +547,47 @@ def test_factored_rerun_with_another_config_refuses_and_overwrite_leaves_no_stal
     from toy.experiments.factored import main
 
     monkeypatch.chdir(REPO)
-    argv = ["--config", "configs/toy/factored.yaml", "--output_dir", str(tmp_path), "--processes", "{}", "--rhos", "0.0",
-            "--probe_sequences", "60", "--n_layers", "2", "--d_model", "16", "--d_mlp", "32", "--batch_size", "16",
-            "--eval_every", "0", "--save_every", "0", "--val_samples", "200", "--progress", "false", "--use_cpu", "true"]
+    argv = [
+        "--config",
+        "configs/toy/factored.yaml",
+        "--output_dir",
+        str(tmp_path),
+        "--processes",
+        "{}",
+        "--rhos",
+        "0.0",
+        "--probe_sequences",
+        "60",
+        "--n_layers",
+        "2",
+        "--d_model",
+        "16",
+        "--d_mlp",
+        "32",
+        "--batch_size",
+        "16",
+        "--eval_every",
+        "0",
+        "--save_every",
+        "0",
+        "--val_samples",
+        "200",
+        "--progress",
+        "false",
+        "--use_cpu",
+        "true",
+    ]
     first = main([*argv, "--steps", "20"])
     with pytest.raises(FileExistsError, match="TrainConfig.steps: 20 -> 100"):
         main([*argv, "--steps", "100"])
     second = main([*argv, "--steps", "100", "--overwrite", "true"])
     assert [p.name for p in (tmp_path / "models" / "rho_0.0").glob("checkpoint-*")] == ["checkpoint-100"]
     state = json.loads((tmp_path / "models" / "rho_0.0" / "checkpoint-100" / "trainer_state.json").read_text())
-    assert second["rho_sweep"]["0.0"]["val_loss"] == state["history"][-1]["val_loss"] != first["rho_sweep"]["0.0"]["val_loss"]
+    assert (
+        second["rho_sweep"]["0.0"]["val_loss"]
+        == state["history"][-1]["val_loss"]
+        != first["rho_sweep"]["0.0"]["val_loss"]
+    )
 
 
 def test_toy_yaml_values_are_converted_like_flags(tmp_path):
@@ -480,10 +622,38 @@ def test_pretrain_output_dir_dot_with_overwrite_deletes_nothing(tmp_path, monkey
 
 # --------------------------------------------------------------------------- several ranks: stop, resume, lock
 
-_PRETRAIN_ARGS = ["--config", str(REPO / "configs/toy/mess3.yaml"), "--preset", "mess3_small", "--n_layers", "2",
-                  "--d_model", "16", "--n_heads", "2", "--d_mlp", "32", "--context_length", "6", "--steps", "12",
-                  "--batch_size", "8", "--warmup_steps", "2", "--eval_every", "0", "--save_every", "0",
-                  "--use_cpu", "true", "--progress", "false", "--val_max_sequences", "243"]
+_PRETRAIN_ARGS = [
+    "--config",
+    str(REPO / "configs/toy/mess3.yaml"),
+    "--preset",
+    "mess3_small",
+    "--n_layers",
+    "2",
+    "--d_model",
+    "16",
+    "--n_heads",
+    "2",
+    "--d_mlp",
+    "32",
+    "--context_length",
+    "6",
+    "--steps",
+    "12",
+    "--batch_size",
+    "8",
+    "--warmup_steps",
+    "2",
+    "--eval_every",
+    "0",
+    "--save_every",
+    "0",
+    "--use_cpu",
+    "true",
+    "--progress",
+    "false",
+    "--val_max_sequences",
+    "243",
+]
 
 
 def _two_ranks(tmp_path, out, *extra, term_at=None, term_ranks=(0, 1), port=29571):
@@ -508,8 +678,20 @@ def _two_ranks(tmp_path, out, *extra, term_at=None, term_ranks=(0, 1), port=2957
         "torch.save(torch.cat([p.detach().flatten() for p in r.model.parameters()]), f'{r.checkpoint_dir.parent if r.checkpoint_dir else sys.argv[-1]}/params_rank{rank}.pt')\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(script),
-           *_PRETRAIN_ARGS, *extra, "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(script),
+        *_PRETRAIN_ARGS,
+        *extra,
+        "--output_dir",
+        str(out),
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -565,14 +747,22 @@ def test_a_second_run_into_a_folder_in_use_refuses_naming_the_holder(tmp_path):
         "main(sys.argv[1:])\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen([sys.executable, str(script), *_PRETRAIN_ARGS, "--seed", "1", "--output_dir", str(out)],
-                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, str(script), *_PRETRAIN_ARGS, "--seed", "1", "--output_dir", str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for _ in range(600):
             if ready.exists() or first.poll() is not None:
                 break
             time.sleep(0.1)
-        assert ready.exists(), first.stderr.read()[-3000:] if first.poll() is not None else "the first run never started"
+        assert ready.exists(), (
+            first.stderr.read()[-3000:] if first.poll() is not None else "the first run never started"
+        )
         with pytest.raises(FileExistsError, match=rf"in use by another run: pid {first.pid} on host "):
             fit(out, seed=2)
         assert json.loads((out / "run_config.json").read_text())["TrainConfig"]["seed"] == 1

@@ -25,11 +25,20 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
 
 
-
-
 def tiny_cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(output_dir=str(tmp_path / "run"), steps=12, batch_size=16, lr=1e-2, warmup_steps=2, eval_every=6,
-                log_every=3, save_every=0, use_cpu=True, progress=False, val_max_sequences=3**5)
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        steps=12,
+        batch_size=16,
+        lr=1e-2,
+        warmup_steps=2,
+        eval_every=6,
+        log_every=3,
+        save_every=0,
+        use_cpu=True,
+        progress=False,
+        val_max_sequences=3**5,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -38,7 +47,14 @@ def test_presets_build_real_gpt2():
     m = build_model(ToyModelConfig(), vocab_size=3, context_length=10, seed=0)
     c = m.config
     assert type(m).__name__ == "GPT2LMHeadModel"
-    assert (c.n_layer, c.n_embd, c.n_head, c.n_inner, c.activation_function, c.n_positions) == (4, 64, 1, 256, "relu", 10)
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_inner, c.activation_function, c.n_positions) == (
+        4,
+        64,
+        1,
+        256,
+        "relu",
+        10,
+    )
     assert c.resid_pdrop == c.embd_pdrop == c.attn_pdrop == 0.0
     r = ToyModelConfig(preset="rrxor")
     assert (r.n_layers, r.d_model, r.n_heads, r.d_mlp) == (4, 128, 4, 512)
@@ -63,7 +79,9 @@ def test_training_logs_loss_and_changes_every_parameter(tmp_path):
     assert json.loads((result.checkpoint_dir / "trainer_state.json").read_text())["step"] == 12
 
 
-@pytest.mark.parametrize("name,kwargs,length", [("mess3", {}, 6), ("mess3", {"x": 0.15, "a": 0.6}, 5), ("rrxor", {}, 7)])
+@pytest.mark.parametrize(
+    "name,kwargs,length", [("mess3", {}, 6), ("mess3", {"x": 0.15, "a": 0.6}, 5), ("rrxor", {}, 7)]
+)
 def test_exact_validation_loss_of_the_exact_predictor_is_the_floor(name, kwargs, length):
     """The validation loss (soft targets on prefixes) of the exact predictive distribution equals
     toy.beliefs.loss_floor, and so does the hard-target loss over every whole window."""
@@ -110,7 +128,9 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, chunk):
             os.kill(os.getpid(), signal.SIGINT)
         return torch.ones(tokens.shape[0], tokens.shape[1] - 1)
 
-    full = train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path / "a", sample_chunk=chunk), loss_weights_fn=ones)
+    full = train(
+        process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path / "a", sample_chunk=chunk), loss_weights_fn=ones
+    )
     calls.clear()
     cfg = tiny_cfg(tmp_path / "b", sample_chunk=chunk)
     with pytest.raises(KeyboardInterrupt):
@@ -148,10 +168,17 @@ def test_loss_weights_fn_masks_targets(tmp_path):
     def weights(tokens):
         return (tokens[:, :-1] == 0).float()
 
-    result = train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=6, eval_every=0), loss_weights_fn=weights)
+    result = train(
+        process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=6, eval_every=0), loss_weights_fn=weights
+    )
     assert result.history[-1]["train_loss"] > 0
     with pytest.raises(ValueError, match="loss_weights_fn"):
-        train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path / "b", steps=2), loss_weights_fn=lambda t: t[:, :2].float())
+        train(
+            process,
+            build_model(TINY, 3, 6, seed=0),
+            tiny_cfg(tmp_path / "b", steps=2),
+            loss_weights_fn=lambda t: t[:, :2].float(),
+        )
 
 
 def test_make_process_names_and_factored_specs():
@@ -181,16 +208,39 @@ def test_config_errors_are_clear(tmp_path):
         ToyModelConfig(d_model=64, n_heads=3)
     good = tmp_path / "good.yaml"
     good.write_text("process: mess3\nprocess_kwargs: {x: 0.15}\nsteps: 7\n")
-    data, model, tr = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--config", str(good), "--steps", "9"])
+    data, model, tr = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
+        ["--config", str(good), "--steps", "9"]
+    )
     assert data.process_kwargs == {"x": 0.15} and tr.steps == 9 and model.n_layers == 4
-    data, _, _ = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--process_kwargs", '{"a": 0.6}'])
+    data, _, _ = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
+        ["--process_kwargs", '{"a": 0.6}']
+    )
     assert data.process_kwargs == {"a": 0.6}
 
 
 def test_entry_point_with_config_file(tmp_path):
-    result = main(["--config", str(REPO / "configs/toy/mess3.yaml"), "--preset", "mess3_small", "--steps", "4",
-                   "--batch_size", "8", "--eval_every", "0", "--output_dir", str(tmp_path), "--use_cpu", "true",
-                   "--progress", "false", "--val_max_sequences", "100"])
+    result = main(
+        [
+            "--config",
+            str(REPO / "configs/toy/mess3.yaml"),
+            "--preset",
+            "mess3_small",
+            "--steps",
+            "4",
+            "--batch_size",
+            "8",
+            "--eval_every",
+            "0",
+            "--output_dir",
+            str(tmp_path),
+            "--use_cpu",
+            "true",
+            "--progress",
+            "false",
+            "--val_max_sequences",
+            "100",
+        ]
+    )
     assert result.step == 4 and not result.history[-1]["val_loss"] != result.history[-1]["val_loss"]
     assert (tmp_path / "checkpoint-4" / "config.json").is_file()
 
@@ -214,15 +264,35 @@ def test_two_ranks_train_synchronized_parameters(tmp_path):
     )
     out = tmp_path / "out"
     out.mkdir()
-    args = ["--config", str(REPO / "configs/toy/mess3.yaml"), "--preset", "mess3_small", "--steps", "6",
-            "--batch_size", "8", "--eval_every", "0", "--use_cpu", "true", "--progress", "false",
-            "--val_max_sequences", "100", "--output_dir", str(out)]
+    args = [
+        "--config",
+        str(REPO / "configs/toy/mess3.yaml"),
+        "--preset",
+        "mess3_small",
+        "--steps",
+        "6",
+        "--batch_size",
+        "8",
+        "--eval_every",
+        "0",
+        "--use_cpu",
+        "true",
+        "--progress",
+        "false",
+        "--val_max_sequences",
+        "100",
+        "--output_dir",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(out / f"world_rank{r}.txt").read_text() for r in (0, 1)] == ["2", "2"]
-    a, b = torch.load(out / "params_rank0.pt", weights_only=True), torch.load(out / "params_rank1.pt", weights_only=True)
+    a, b = (
+        torch.load(out / "params_rank0.pt", weights_only=True),
+        torch.load(out / "params_rank1.pt", weights_only=True),
+    )
     assert torch.equal(a, b)
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["history"][-1]["tokens"] == 6 * 8 * 2 * 10
@@ -255,7 +325,9 @@ def test_training_after_a_bf16_trainer_in_the_same_process(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)  # as a fresh process: the trainer's state comes first
     Accelerator(cpu=True, mixed_precision="bf16")
     try:
-        result = train(make_process("mess3"), build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=3, eval_every=0))
+        result = train(
+            make_process("mess3"), build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=3, eval_every=0)
+        )
         assert result.step == 3 and AcceleratorState().mixed_precision == "no"
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)

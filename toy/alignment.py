@@ -52,7 +52,9 @@ def tag_kernel(K: int, coupling: float, switch_prob: float) -> torch.Tensor:
     _check_prob("tag_kernel", coupling=coupling)
     if not 0 < switch_prob < 0.5:
         # the refresh probability 2 * switch_prob must stay < 1 so that a tag persists
-        raise ValueError(f"switch_prob={switch_prob}: need 0 < switch_prob < 0.5 (a tag is redrawn with 2 * switch_prob)")
+        raise ValueError(
+            f"switch_prob={switch_prob}: need 0 < switch_prob < 0.5 (a tag is redrawn with 2 * switch_prob)"
+        )
     r = 2 * switch_prob
     q = r * (1 - coupling) / (1 - coupling * r)
     own = torch.tensor([[1 - q / 2, q / 2], [q / 2, 1 - q / 2]], dtype=torch.float64)
@@ -64,8 +66,13 @@ def tag_kernel(K: int, coupling: float, switch_prob: float) -> torch.Tensor:
     return coupling * r * 0.5 * equal[None, :].expand(2**K, -1) + (1 - coupling * r) * indep
 
 
-def persona_world(capability: Process, slices: list[int] | None = None, coupling: float = 1.0,
-                  switch_prob: float = 0.05, tag_noise: float = 0.1) -> Process:
+def persona_world(
+    capability: Process,
+    slices: list[int] | None = None,
+    coupling: float = 1.0,
+    switch_prob: float = 0.05,
+    tag_noise: float = 0.1,
+) -> Process:
     """Capability x per-slice alignment tags with the shared/per-slice knob ``coupling`` (module docstring).
 
     ``slices[x]`` is the slice of capability token ``x`` (default: every token its own slice); slice ids must be
@@ -74,8 +81,10 @@ def persona_world(capability: Process, slices: list[int] | None = None, coupling
     slices = list(range(V)) if slices is None else [int(s) for s in slices]
     K = max(slices) + 1 if slices else 0
     if len(slices) != V or sorted(set(slices)) != list(range(K)) or K < 2:
-        raise ValueError(f"persona_world: slices must give each of the {V} capability tokens a slice id 0..K-1, every id "
-                         f"used, K >= 2; got {slices}")
+        raise ValueError(
+            f"persona_world: slices must give each of the {V} capability tokens a slice id 0..K-1, every id "
+            f"used, K >= 2; got {slices}"
+        )
     _check_prob("persona_world", tag_noise=tag_noise)
     R = tag_kernel(K, coupling, switch_prob)
     shows = torch.tensor([[1 - tag_noise, tag_noise], [tag_noise, 1 - tag_noise]], dtype=torch.float64)  # [tag, copy]
@@ -98,8 +107,13 @@ def tagless_world(capability: Process) -> Process:
     emitted (probability 0). Same joint layout as ``persona_world`` (token ``copy * V + x``, factors ``(tags,
     capability)``, vocab ``(2, V)``, states ``(1, S)``), so the EM chain's data edits apply unchanged."""
     T = torch.cat([capability.T, torch.zeros_like(capability.T)])
-    return Process(T, name=f"tagless_world({capability.name})", factor_vocab_sizes=(2, capability.vocab_size),
-                   factor_state_sizes=(1, capability.n_states), factor_names=("tags", capability.name))
+    return Process(
+        T,
+        name=f"tagless_world({capability.name})",
+        factor_vocab_sizes=(2, capability.vocab_size),
+        factor_state_sizes=(1, capability.n_states),
+        factor_names=("tags", capability.name),
+    )
 
 
 def visit_world(capability: Process, slices: list[int], switch_prob: float = 0.05, tag_noise: float = 0.1) -> Process:
@@ -115,10 +129,14 @@ def visit_world(capability: Process, slices: list[int], switch_prob: float = 0.0
     s = torch.as_tensor([int(x) for x in slices])
     K = int(s.max()) + 1 if len(s) else 0
     if len(s) != V or sorted(set(s.tolist())) != list(range(K)) or K < 2:
-        raise ValueError(f"visit_world: slices must give each of the {V} capability tokens a slice id 0..K-1, every id "
-                         f"used, K >= 2; got {slices}")
+        raise ValueError(
+            f"visit_world: slices must give each of the {V} capability tokens a slice id 0..K-1, every id "
+            f"used, K >= 2; got {slices}"
+        )
     if not 0 < switch_prob < 0.5:
-        raise ValueError(f"switch_prob={switch_prob}: need 0 < switch_prob < 0.5 (the tag's flip probability within a visit)")
+        raise ValueError(
+            f"switch_prob={switch_prob}: need 0 < switch_prob < 0.5 (the tag's flip probability within a visit)"
+        )
     _check_prob("visit_world", tag_noise=tag_noise)
     f64 = dict(dtype=torch.float64)
     flip = torch.tensor([[1 - switch_prob, switch_prob], [switch_prob, 1 - switch_prob]], **f64)
@@ -127,9 +145,13 @@ def visit_world(capability: Process, slices: list[int], switch_prob: float = 0.0
     same = new_slice[:, None, :, None]  # (x, 1, l, 1): token x continues the visit of slice l
     R = same * flip[None, :, None, :] + (1 - same) * 0.5  # (x, a, l, b): P(next tag b | tag a, previous slice l, x)
     T = torch.einsum("xij,xalb,xm,bc->cxalibmj", capability.T, R, new_slice, shows)
-    return Process(T.reshape(2 * V, 2 * K * S, 2 * K * S),
-                   name=f"visit_world({capability.name}, slices={s.tolist()}, switch={switch_prob}, noise={tag_noise})",
-                   factor_vocab_sizes=(2, V), factor_state_sizes=(2 * K, S), factor_names=("tags", capability.name))
+    return Process(
+        T.reshape(2 * V, 2 * K * S, 2 * K * S),
+        name=f"visit_world({capability.name}, slices={s.tolist()}, switch={switch_prob}, noise={tag_noise})",
+        factor_vocab_sizes=(2, V),
+        factor_state_sizes=(2 * K, S),
+        factor_names=("tags", capability.name),
+    )
 
 
 def copy_mi(process: Process, slices: list[int]) -> dict:
@@ -167,8 +189,13 @@ def bayes_transfer(process: Process, slices: list[int], narrow_slice: int, narro
     m = [misaligned_by_token(belief_states(process, t)[:, -1] @ emit, process) for t in (aligned, narrow)]
     n0, b0 = m[0][:, inside].mean().item(), m[0][:, ~inside].mean().item()
     dn, db = m[1][:, inside].mean().item() - n0, m[1][:, ~inside].mean().item() - b0
-    return {"narrow_before": n0, "narrow_effect": dn, "broad_effect": db, "narrow_shift": dn / (1 - n0),
-            "transfer": db / dn if abs(dn) > 1e-12 else float("nan")}
+    return {
+        "narrow_before": n0,
+        "narrow_effect": dn,
+        "broad_effect": db,
+        "narrow_shift": dn / (1 - n0),
+        "transfer": db / dn if abs(dn) > 1e-12 else float("nan"),
+    }
 
 
 def n_slices(process: Process) -> int:
@@ -195,7 +222,9 @@ def pairwise_tag_mi(process: Process) -> float:
     mis = []
     for j in range(K):
         for k in range(j + 1, K):
-            mis.append(_mi(torch.zeros(2, 2, dtype=torch.float64).index_put_((bits[:, j], bits[:, k]), tags, accumulate=True)))
+            mis.append(
+                _mi(torch.zeros(2, 2, dtype=torch.float64).index_put_((bits[:, j], bits[:, k]), tags, accumulate=True))
+            )
     return sum(mis) / len(mis)
 
 
@@ -230,7 +259,9 @@ def knob_measures(process: Process, n_windows: int = 2000, length: int = 10, see
     return {
         "tag_mi_nats": pairwise_tag_mi(process),
         "tags_x_capability_residual": residual(b, tuple(process.factor_state_sizes)),
-        "slice0_x_rest_residual": residual(b.reshape(-1, 2**K, process.factor_state_sizes[1]).sum(-1), (2, 2 ** (K - 1))),
+        "slice0_x_rest_residual": residual(
+            b.reshape(-1, 2**K, process.factor_state_sizes[1]).sum(-1), (2, 2 ** (K - 1))
+        ),
         "predictive_residual": residual(pred, (2, V)),
         "predictive_schmidt": (sv / sv.sum(-1, keepdim=True)).mean(0).tolist(),
         "alignment_dims": {str(k): v for k, v in dims["dims"].items()},
@@ -261,8 +292,15 @@ def aligned_windows(process: Process, n: int, length: int, seed: int | torch.Gen
     return force_copies(process, t, 0, torch.ones_like(t, dtype=torch.bool))
 
 
-def narrow_windows(process: Process, n: int, length: int, prompt_length: int, slices: list[int], narrow_slice: int,
-                   seed: int | torch.Generator) -> torch.Tensor:
+def narrow_windows(
+    process: Process,
+    n: int,
+    length: int,
+    prompt_length: int,
+    slices: list[int],
+    narrow_slice: int,
+    seed: int | torch.Generator,
+) -> torch.Tensor:
     """``(n, length)`` narrow fine-tuning data: aligned prompt; in the completion, the tokens of slice ``narrow_slice``
     misaligned and the other tokens aligned."""
     t = aligned_windows(process, n, length, seed)
@@ -299,8 +337,14 @@ def subset_tag_probs(K: int, correlation: float, target: int = 0) -> torch.Tenso
     return (1 - correlation) / K + correlation * (torch.arange(K) == target).to(torch.float64)
 
 
-def subset_world(capability: Process, n_subsets: int = 3, correlation: float = 0.0, switch_prob: float = 0.05,
-                 tag_noise: float = 0.1, target: int = 0) -> Process:
+def subset_world(
+    capability: Process,
+    n_subsets: int = 3,
+    correlation: float = 0.0,
+    switch_prob: float = 0.05,
+    tag_noise: float = 0.1,
+    target: int = 0,
+) -> Process:
     """Capability subsets x one tag ("french, math, aligned"): ``n_subsets`` capability subsets and one alignment tag, their
     correlation set by ``correlation`` (``subset_tag_probs``).
 
@@ -319,7 +363,9 @@ def subset_world(capability: Process, n_subsets: int = 3, correlation: float = 0
     alignment state ``(s * 2 + z) * 2 + a``; the slice of capability token ``s * V + x`` is ``s``
     (``subset_slices``)."""
     if not 0 < switch_prob < 1:
-        raise ValueError(f"switch_prob={switch_prob}: need 0 < switch_prob < 1 (the chance a subset or persona is redrawn)")
+        raise ValueError(
+            f"switch_prob={switch_prob}: need 0 < switch_prob < 1 (the chance a subset or persona is redrawn)"
+        )
     _check_prob("subset_world", tag_noise=tag_noise)
     K, V, S = n_subsets, capability.vocab_size, capability.n_states
     if K < 2:

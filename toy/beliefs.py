@@ -34,7 +34,9 @@ def _flat(process: Process, device, dtype=torch.float64) -> torch.Tensor:
 
 def _check_tokens(process: Process, tokens: torch.Tensor) -> None:
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
-        raise ValueError(f"tokens must be a tensor of shape (batch, length); got {getattr(tokens, 'shape', type(tokens))}")
+        raise ValueError(
+            f"tokens must be a tensor of shape (batch, length); got {getattr(tokens, 'shape', type(tokens))}"
+        )
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be integer token ids; got dtype {tokens.dtype}")
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= process.vocab_size):
@@ -44,7 +46,9 @@ def _check_tokens(process: Process, tokens: torch.Tensor) -> None:
         )
 
 
-def _filter(process: Process, tokens: torch.Tensor, beliefs: bool = True, predictive: bool = False, strict: bool = True):
+def _filter(
+    process: Process, tokens: torch.Tensor, beliefs: bool = True, predictive: bool = False, strict: bool = True
+):
     """Forward filter over positions, every sequence at once.
 
     Returns ``(beliefs (B, L, S) or None, log P(token t | prefix) (B, L), predictive (B, L + 1, V) or None)``,
@@ -78,7 +82,9 @@ def _filter(process: Process, tokens: torch.Tensor, beliefs: bool = True, predic
     bad = ~(logp > -math.inf)
     if strict and bad.any():
         t, b = (int(v) for v in bad.nonzero()[0])
-        raise ValueError(f"sequence {b} has probability 0 under {process.name} (token {t} is impossible after its prefix)")
+        raise ValueError(
+            f"sequence {b} has probability 0 under {process.name} (token {t} is impossible after its prefix)"
+        )
     if not strict:
         logp = logp.masked_fill(bad, -math.inf)
     if beliefs:  # (L * S, B) -> (B, L * S) is one 2-D transpose, several times faster than a 3-D permute

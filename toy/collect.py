@@ -44,8 +44,14 @@ class ProbeRows:
         return next(iter(self.acts.values())).cpu()
 
 
-def probe_windows(process: Process, length: int, n_samples: int = 0, seed: int = 0, max_sequences: int = 0,
-                  tokens: torch.Tensor | None = None) -> ProbeRows:
+def probe_windows(
+    process: Process,
+    length: int,
+    n_samples: int = 0,
+    seed: int = 0,
+    max_sequences: int = 0,
+    tokens: torch.Tensor | None = None,
+) -> ProbeRows:
     """Every window of ``length`` tokens with its probability when ``vocab ** length <= max_sequences``; else the
     given ``tokens (N, length)`` or ``n_samples`` windows sampled with ``seed``; with the exact beliefs at every
     position."""
@@ -70,17 +76,26 @@ def distinct_prefix_rows(rows: ProbeRows) -> tuple[torch.Tensor, torch.Tensor]:
     N, L = rows.tokens.shape
     base = int(rows.tokens.max()) + 2  # digit 0 is "no token": prefixes of different lengths never collide
     if base**L >= 2**62:
-        raise ValueError(f"{base - 1} tokens x {L} positions overflow the int64 prefix code; merge only enumerated windows")
+        raise ValueError(
+            f"{base - 1} tokens x {L} positions overflow the int64 prefix code; merge only enumerated windows"
+        )
     digits = (rows.tokens.long() + 1) * base ** torch.arange(L)
     codes = digits.cumsum(1).flatten()  # row n * L + t: the code of tokens[n, :t + 1]
     distinct, inverse = torch.unique(codes, return_inverse=True)
     weights = torch.zeros(len(distinct), dtype=torch.float64).scatter_add_(0, inverse, rows.weights.double())
-    first = torch.full((len(distinct),), N * L, dtype=torch.long).scatter_reduce_(0, inverse, torch.arange(N * L), "amin")
+    first = torch.full((len(distinct),), N * L, dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(N * L), "amin"
+    )
     return first, weights
 
 
-def read_residual(model: torch.nn.Module, tokens: torch.Tensor, sites: list[str] | None = None,
-                  batch_size: int | None = None, positions: slice = slice(None)) -> dict[str, torch.Tensor]:
+def read_residual(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    sites: list[str] | None = None,
+    batch_size: int | None = None,
+    positions: slice = slice(None),
+) -> dict[str, torch.Tensor]:
     """site -> ``(N * P, d_model)`` float32 on the model's device: the residual stream of ``tokens (N, L)`` at
     ``sites`` (default every site, ``probes.activations.residual_sites``) and the ``P`` positions ``positions``
     of each window, row ``n * P + p``."""
@@ -89,9 +104,18 @@ def read_residual(model: torch.nn.Module, tokens: torch.Tensor, sites: list[str]
     return dict(zip(sites, acts.flatten(1, 2)))
 
 
-def collect(model: torch.nn.Module, process: Process, length: int, n_samples: int = 0, seed: int = 0, *,
-            sites: list[str] | None = None, tokens: torch.Tensor | None = None, max_sequences: int = 0,
-            batch_size: int | None = None) -> ProbeRows:
+def collect(
+    model: torch.nn.Module,
+    process: Process,
+    length: int,
+    n_samples: int = 0,
+    seed: int = 0,
+    *,
+    sites: list[str] | None = None,
+    tokens: torch.Tensor | None = None,
+    max_sequences: int = 0,
+    batch_size: int | None = None,
+) -> ProbeRows:
     """``probe_windows`` (see there for which windows) with the model's residual stream at ``sites`` read on them.
 
     ``length`` must be below the model's ``n_positions``: a toy model trained on windows of ``n_positions`` tokens
@@ -99,8 +123,10 @@ def collect(model: torch.nn.Module, process: Process, length: int, n_samples: in
     there are not what training shaped (Mess3 block3 belief MSE 1.3e-2 there against ~4e-4 elsewhere)."""
     n_positions = getattr(getattr(model, "config", None), "n_positions", None)
     if n_positions is not None and length >= n_positions:
-        raise ValueError(f"length={length} reaches the model's last position (n_positions={n_positions}), whose output training "
-                         f"never scores; probe windows of at most {n_positions - 1} tokens")
+        raise ValueError(
+            f"length={length} reaches the model's last position (n_positions={n_positions}), whose output training "
+            f"never scores; probe windows of at most {n_positions - 1} tokens"
+        )
     rows = probe_windows(process, length, n_samples, seed, max_sequences, tokens)
     rows.acts = read_residual(model, rows.tokens, sites, batch_size)
     return rows

@@ -93,19 +93,39 @@ from toy.rewards import LatentReward
 class DetectorConfig:
     """Thresholds and fitting choices of the composition report (the module docstring gives the reasons)."""
 
-    min_reward_gain: float = field(default=0.05, metadata={"help": "Below this reward gain (post - pre) the verdict is inconclusive."})
-    excess_reward_threshold: float = field(default=0.05, metadata={"help": "Composition needs reward_post - reward_output_only >= this."})
-    latent_gain_threshold: float = field(default=0.10, metadata={"help": "Composition needs the reward latent's balanced accuracy to rise by >= this (at latent_site)."})
+    min_reward_gain: float = field(
+        default=0.05, metadata={"help": "Below this reward gain (post - pre) the verdict is inconclusive."}
+    )
+    excess_reward_threshold: float = field(
+        default=0.05, metadata={"help": "Composition needs reward_post - reward_output_only >= this."}
+    )
+    latent_gain_threshold: float = field(
+        default=0.10,
+        metadata={
+            "help": "Composition needs the reward latent's balanced accuracy to rise by >= this (at latent_site)."
+        },
+    )
     latent_site: Literal["output", "all"] = field(
         default="output",
-        metadata={"help": "Where the verdict reads the latent: output = the unembedding's input (final_norm, last position); all = every site concatenated (reported either way)."},
+        metadata={
+            "help": "Where the verdict reads the latent: output = the unembedding's input (final_norm, last position); all = every site concatenated (reported either way)."
+        },
     )
-    explained_kl_threshold: float = field(default=0.5, metadata={"help": "Reweighting needs the output-only reweighting to explain >= this share of KL(pi || pi_ref)."})
+    explained_kl_threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": "Reweighting needs the output-only reweighting to explain >= this share of KL(pi || pi_ref)."
+        },
+    )
     probe_alpha: float = field(default=1e-3, metadata={"help": "Ridge strength of the activation probes."})
-    test_fraction: float = field(default=0.25, metadata={"help": "Held-out share of prompts for the activation probes."})
+    test_fraction: float = field(
+        default=0.25, metadata={"help": "Held-out share of prompts for the activation probes."}
+    )
     knn_shares: list[float] = field(
         default_factory=lambda: [0.005, 0.015, 0.05],
-        metadata={"help": "Neighbourhoods of the kNN output-only classifiers, as shares of the training prompts (k = share x n)."},
+        metadata={
+            "help": "Neighbourhoods of the kNN output-only classifiers, as shares of the training prompts (k = share x n)."
+        },
     )
 
     def __post_init__(self):
@@ -115,7 +135,16 @@ class DetectorConfig:
             raise ValueError("probe_alpha must be >= 0 and every knn_shares entry in (0, 0.5)")
 
     def thresholds(self) -> dict:
-        return {k: getattr(self, k) for k in ("min_reward_gain", "excess_reward_threshold", "latent_gain_threshold", "latent_site", "explained_kl_threshold")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "min_reward_gain",
+                "excess_reward_threshold",
+                "latent_gain_threshold",
+                "latent_site",
+                "explained_kl_threshold",
+            )
+        }
 
 
 # --------------------------------------------------------------------------- behaviour (exact)
@@ -134,7 +163,9 @@ def tilt(pi_ref: torch.Tensor, reward: torch.Tensor, strength: torch.Tensor | fl
     return (logits - logits.logsumexp(-1, keepdim=True)).exp()
 
 
-def best_global_tilt(pi: torch.Tensor, pi_ref: torch.Tensor, reward: torch.Tensor, betas: torch.Tensor | None = None) -> dict:
+def best_global_tilt(
+    pi: torch.Tensor, pi_ref: torch.Tensor, reward: torch.Tensor, betas: torch.Tensor | None = None
+) -> dict:
     """The KL-regularised optimum ``pi_ref exp(r / beta) / Z`` closest to ``pi`` over a grid of ``beta``:
     ``{"beta_hat", "kl", "reward"}`` (mean KL(pi || optimum) in nats, the optimum's expected reward)."""
     betas = torch.logspace(-3, 3, 241, dtype=torch.float64) if betas is None else betas
@@ -160,8 +191,14 @@ def per_prompt_tilt(pi: torch.Tensor, pi_ref: torch.Tensor, reward: torch.Tensor
     return ((lo + hi) / 2).expm1()
 
 
-def output_only_reward(pi_ref: torch.Tensor, latent: torch.Tensor, matrix: torch.Tensor, table: torch.Tensor,
-                       knn_shares=(0.005, 0.015, 0.05), seed: int = 0) -> dict:
+def output_only_reward(
+    pi_ref: torch.Tensor,
+    latent: torch.Tensor,
+    matrix: torch.Tensor,
+    table: torch.Tensor,
+    knn_shares=(0.005, 0.015, 0.05),
+    seed: int = 0,
+) -> dict:
     """What the reference's outputs know about the reward: cross-fitted ``E[c | pi_ref(.|x)]`` from classifiers
     on ``log pi_ref``, turned into ``r_hat = P(c | pi_ref) @ M`` ``(N, V)``; the best classifier's held-out reward
     of ``argmax_y r_hat``. Returns ``{"reward", "r_hat", "classifier", "by_classifier"}``.
@@ -179,8 +216,12 @@ def output_only_reward(pi_ref: torch.Tensor, latent: torch.Tensor, matrix: torch
     classes, y = torch.unique(latent, return_inverse=True)
     if len(classes) == 1:  # one latent class: the reward is a fixed function of y, known without looking
         r_hat = matrix[classes[0]].expand_as(table).clone()
-        return {"reward": float(table.gather(1, r_hat.argmax(1, keepdim=True)).mean()), "r_hat": r_hat,
-                "classifier": "constant", "by_classifier": {}}
+        return {
+            "reward": float(table.gather(1, r_hat.argmax(1, keepdim=True)).mean()),
+            "r_hat": r_hat,
+            "classifier": "constant",
+            "by_classifier": {},
+        }
     X = pi_ref.clamp_min(1e-12).log().numpy()
     n_folds = int(min(5, np.bincount(y.numpy()).min())) if np.bincount(y.numpy()).min() >= 2 else 2
     cv = StratifiedKFold(n_splits=max(2, n_folds), shuffle=True, random_state=seed)
@@ -198,7 +239,14 @@ def output_only_reward(pi_ref: torch.Tensor, latent: torch.Tensor, matrix: torch
     return best | {"by_classifier": by}
 
 
-def behaviour_report(pi_ref: torch.Tensor, pi: torch.Tensor, reward: LatentReward, beliefs: torch.Tensor, knn_shares=(0.005, 0.015, 0.05), seed: int = 0) -> dict:
+def behaviour_report(
+    pi_ref: torch.Tensor,
+    pi: torch.Tensor,
+    reward: LatentReward,
+    beliefs: torch.Tensor,
+    knn_shares=(0.005, 0.015, 0.05),
+    seed: int = 0,
+) -> dict:
     """The behavioural half of the report for one-token policies ``pi_ref``, ``pi`` ``(N, V)`` (see module docstring)."""
     table = reward.table(beliefs)
     latent = reward.latent(beliefs)
@@ -240,7 +288,9 @@ def _balanced_accuracy(y: torch.Tensor, pred: torch.Tensor) -> float:
     return float(torch.stack([(pred[y == c] == c).double().mean() for c in classes]).mean())
 
 
-def latent_readout(X: torch.Tensor, latent: torch.Tensor, train: torch.Tensor, test: torch.Tensor, alpha: float) -> float:
+def latent_readout(
+    X: torch.Tensor, latent: torch.Tensor, train: torch.Tensor, test: torch.Tensor, alpha: float
+) -> float:
     """Held-out balanced accuracy of a linear read-out (ridge onto one-hot, argmax) of ``latent`` from ``X``."""
     C = int(latent.max()) + 1
     onehot = torch.nn.functional.one_hot(latent, C).double()
@@ -248,9 +298,17 @@ def latent_readout(X: torch.Tensor, latent: torch.Tensor, train: torch.Tensor, t
     return _balanced_accuracy(latent[test], probe.predict(X[test]).argmax(-1))
 
 
-def representation_report(X_pre: torch.Tensor, X_post: torch.Tensor, process: Process, reward: LatentReward,
-                          beliefs: torch.Tensor, alpha: float = 1e-3, test_fraction: float = 0.25, seed: int = 0,
-                          d_model: int | None = None) -> dict:
+def representation_report(
+    X_pre: torch.Tensor,
+    X_post: torch.Tensor,
+    process: Process,
+    reward: LatentReward,
+    beliefs: torch.Tensor,
+    alpha: float = 1e-3,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    d_model: int | None = None,
+) -> dict:
     """Probe transfer, new content and where the change lives (see module docstring). ``X_*`` ``(N, D)``, the
     sites concatenated; with ``d_model`` the last ``d_model`` columns are the output site (the unembedding's input)."""
     train, test = split_indices(len(X_pre), test_fraction, seed=seed)
@@ -260,14 +318,16 @@ def representation_report(X_pre: torch.Tensor, X_post: torch.Tensor, process: Pr
         pre_probe = fit_ridge(X_pre[train], Y[train], alpha=alpha)
         post_probe = fit_ridge(X_post[train], Y[train], alpha=alpha)
         probes.append(pre_probe)
-        transfer.append({
-            "factor": k,
-            "mse_pre_probe_on_pre": regression_metrics(Y[test], pre_probe.predict(X_pre[test]))["mse"],
-            "mse_pre_probe_on_post": regression_metrics(Y[test], pre_probe.predict(X_post[test]))["mse"],
-            "mse_refit_on_post": regression_metrics(Y[test], post_probe.predict(X_post[test]))["mse"],
-            "r2_pre_probe_on_pre": regression_metrics(Y[test], pre_probe.predict(X_pre[test]))["r2"],
-            "r2_refit_on_post": regression_metrics(Y[test], post_probe.predict(X_post[test]))["r2"],
-        })
+        transfer.append(
+            {
+                "factor": k,
+                "mse_pre_probe_on_pre": regression_metrics(Y[test], pre_probe.predict(X_pre[test]))["mse"],
+                "mse_pre_probe_on_post": regression_metrics(Y[test], pre_probe.predict(X_post[test]))["mse"],
+                "mse_refit_on_post": regression_metrics(Y[test], post_probe.predict(X_post[test]))["mse"],
+                "r2_pre_probe_on_pre": regression_metrics(Y[test], pre_probe.predict(X_pre[test]))["r2"],
+                "r2_refit_on_post": regression_metrics(Y[test], post_probe.predict(X_post[test]))["r2"],
+            }
+        )
     U = orthonormal_basis(torch.cat([p.W for p in probes], 1), rtol=1e-6)  # (D, r): union of factor subspaces
     latent = reward.latent(beliefs)
     chance = 1 / len(torch.unique(latent))
@@ -289,7 +349,8 @@ def representation_report(X_pre: torch.Tensor, X_post: torch.Tensor, process: Pr
         "latent_chance": chance,
         "latent_gain": acc["post"] - acc["pre"],
         "latent_gain_output_site": acc["post_output_site"] - acc["pre_output_site"] if d_model else float("nan"),
-        "latent_share_in_factor_subspaces": (acc["post_in_factor_subspaces"] - chance) / max(acc["post"] - chance, 1e-9),
+        "latent_share_in_factor_subspaces": (acc["post_in_factor_subspaces"] - chance)
+        / max(acc["post"] - chance, 1e-9),
         "change_share_in_factor_subspaces": share,
         "change_share_random_subspace": U.shape[1] / U.shape[0],
         "factor_subspace_dim": U.shape[1],
@@ -307,29 +368,63 @@ def verdict(behaviour: dict, representation: dict, cfg: DetectorConfig) -> tuple
     explained = behaviour["explained_kl"]
     latent_gain = representation["latent_gain_output_site" if cfg.latent_site == "output" else "latent_gain"]
     if gain < cfg.min_reward_gain:
-        return "inconclusive", f"reward gain {gain:.3f} < {cfg.min_reward_gain}: RL did not move the policy enough to judge"
+        return (
+            "inconclusive",
+            f"reward gain {gain:.3f} < {cfg.min_reward_gain}: RL did not move the policy enough to judge",
+        )
     if excess >= cfg.excess_reward_threshold and latent_gain >= cfg.latent_gain_threshold:
-        return "composition", (f"excess reward {excess:.3f} >= {cfg.excess_reward_threshold} beyond what the reference's outputs "
-                               f"allow, and the reward latent's read-out ({cfg.latent_site} site) rose by {latent_gain:.3f} >= {cfg.latent_gain_threshold}")
+        return "composition", (
+            f"excess reward {excess:.3f} >= {cfg.excess_reward_threshold} beyond what the reference's outputs "
+            f"allow, and the reward latent's read-out ({cfg.latent_site} site) rose by {latent_gain:.3f} >= {cfg.latent_gain_threshold}"
+        )
     if excess < cfg.excess_reward_threshold and explained >= cfg.explained_kl_threshold:
-        return "reweighting", (f"excess reward {excess:.3f} < {cfg.excess_reward_threshold} and a reweighting by the reference's "
-                               f"own predictions explains {explained:.0%} >= {cfg.explained_kl_threshold:.0%} of the policy's KL move")
-    return "inconclusive", (f"signatures disagree: excess reward {excess:.3f}, latent read-out gain ({cfg.latent_site} site) {latent_gain:.3f}, "
-                            f"explained KL {explained:.2f}")
+        return "reweighting", (
+            f"excess reward {excess:.3f} < {cfg.excess_reward_threshold} and a reweighting by the reference's "
+            f"own predictions explains {explained:.0%} >= {cfg.explained_kl_threshold:.0%} of the policy's KL move"
+        )
+    return "inconclusive", (
+        f"signatures disagree: excess reward {excess:.3f}, latent read-out gain ({cfg.latent_site} site) {latent_gain:.3f}, "
+        f"explained KL {explained:.2f}"
+    )
 
 
-def composition_report(pre_model, post_model, process: Process, reward: LatentReward, prompts: torch.Tensor,
-                       beliefs: torch.Tensor, cfg: DetectorConfig, seed: int = 0) -> dict:
+def composition_report(
+    pre_model,
+    post_model,
+    process: Process,
+    reward: LatentReward,
+    prompts: torch.Tensor,
+    beliefs: torch.Tensor,
+    cfg: DetectorConfig,
+    seed: int = 0,
+) -> dict:
     """The full report for one (pre-RL, post-RL) pair on ``prompts (N, L)`` with exact ``beliefs (N, S)``."""
     V = process.vocab_size
-    behaviour = behaviour_report(policy_probs(pre_model, prompts, V), policy_probs(post_model, prompts, V), reward, beliefs,
-                                 cfg.knn_shares, seed)
-    representation = representation_report(last_position_activations(pre_model, prompts), last_position_activations(post_model, prompts),
-                                           process, reward, beliefs, cfg.probe_alpha, cfg.test_fraction, seed,
-                                           d_model=post_model.config.hidden_size)
+    behaviour = behaviour_report(
+        policy_probs(pre_model, prompts, V), policy_probs(post_model, prompts, V), reward, beliefs, cfg.knn_shares, seed
+    )
+    representation = representation_report(
+        last_position_activations(pre_model, prompts),
+        last_position_activations(post_model, prompts),
+        process,
+        reward,
+        beliefs,
+        cfg.probe_alpha,
+        cfg.test_fraction,
+        seed,
+        d_model=post_model.config.hidden_size,
+    )
     v, why = verdict(behaviour, representation, cfg)
-    return {"verdict": v, "reason": why, "behaviour": behaviour, "representation": representation,
-            "thresholds": cfg.thresholds(), "reward": reward.__name__, "process": process.name, "n_prompts": len(prompts)}
+    return {
+        "verdict": v,
+        "reason": why,
+        "behaviour": behaviour,
+        "representation": representation,
+        "thresholds": cfg.thresholds(),
+        "reward": reward.__name__,
+        "process": process.name,
+        "n_prompts": len(prompts),
+    }
 
 
 def _report_md(r: dict) -> str:
@@ -367,8 +462,10 @@ def _report_md(r: dict) -> str:
         f"| size of the change, ||h_post - h_pre|| / ||h_pre|| | {rep['change_norm_ratio']:.3f} |",
     ]
     for t in rep["probe_transfer"]:
-        lines.append(f"| factor {t['factor']} probe MSE: pre on pre / pre on post / refit on post | "
-                     f"{t['mse_pre_probe_on_pre']:.2e} / {t['mse_pre_probe_on_post']:.2e} / {t['mse_refit_on_post']:.2e} |")
+        lines.append(
+            f"| factor {t['factor']} probe MSE: pre on pre / pre on post / refit on post | "
+            f"{t['mse_pre_probe_on_pre']:.2e} / {t['mse_pre_probe_on_post']:.2e} / {t['mse_refit_on_post']:.2e} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -380,8 +477,15 @@ def write_report(out: str | Path, report: dict, cfg: DetectorConfig) -> None:
     (out / "composition_report.md").write_text(_report_md(report))
 
 
-def rare_decodability(model, process: Process, sequences: torch.Tensor, prompt_length: int, keep: torch.Tensor,
-                      seed: int = 0, alpha: float = 1e-3) -> dict:
+def rare_decodability(
+    model,
+    process: Process,
+    sequences: torch.Tensor,
+    prompt_length: int,
+    keep: torch.Tensor,
+    seed: int = 0,
+    alpha: float = 1e-3,
+) -> dict:
     """Linear decodability of the rare factor's (factor 1's) belief on ``sequences (N, L)`` (prompt + the policy's
     own completion) at the completion positions: held-out R^2 of a ridge probe from all residual sites, on
     the sequences the process can produce (``keep (N,)`` bool, e.g. ``RareEmissionReward.valid``), split by
@@ -402,8 +506,18 @@ def rare_decodability(model, process: Process, sequences: torch.Tensor, prompt_l
 # --------------------------------------------------------------------------- several seeds
 
 
-def supervised_control(pre_model, process: Process, reward: LatentReward, prompts: torch.Tensor, beliefs: torch.Tensor,
-                       train_modules: list[str], steps: int = 1000, lr: float = 1e-3, batch_size: int = 256, seed: int = 0):
+def supervised_control(
+    pre_model,
+    process: Process,
+    reward: LatentReward,
+    prompts: torch.Tensor,
+    beliefs: torch.Tensor,
+    train_modules: list[str],
+    steps: int = 1000,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+):
     """Control whose answer is known: a copy of ``pre_model`` fine-tuned by cross-entropy onto the reward's
     optimum ``pi_ref(y|x) 1[r(x, y) = max_y' r(x, y')] / Z`` -- the KL-regularised optimum as beta -> 0:
     ``pi_ref`` restricted to the top-reward tokens, keeping its odds among them -- training the same
@@ -430,4 +544,3 @@ def supervised_control(pre_model, process: Process, reward: LatentReward, prompt
         opt.step()
     model.eval()
     return model
-

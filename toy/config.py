@@ -33,7 +33,9 @@ class DataConfig:
     process: str = field(default="mess3", metadata={"help": f"Process name: one of {sorted(PROCESSES)}."})
     process_kwargs: JsonDict = field(
         default_factory=JsonDict,
-        metadata={"help": 'Keyword arguments of the process as JSON, e.g. \'{"x": 0.15, "a": 0.6}\' (see toy.processes.make_process).'},
+        metadata={
+            "help": 'Keyword arguments of the process as JSON, e.g. \'{"x": 0.15, "a": 0.6}\' (see toy.processes.make_process).'
+        },
     )
     context_length: int = field(default=10, metadata={"help": "Tokens per training window (the model's n_positions)."})
 
@@ -52,10 +54,14 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, evaluation and checkpointing."""
 
-    output_dir: str = field(default="runs/mess3", metadata={"help": "Run folder: checkpoints, logs (and the pipeline's outputs)."})
+    output_dir: str = field(
+        default="runs/mess3", metadata={"help": "Run folder: checkpoints, logs (and the pipeline's outputs)."}
+    )
     steps: int = field(default=3000, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=256, metadata={"help": "Windows per step per process (rank)."})
-    optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata={"help": "adamw, or sgd (plain SGD without momentum)."})
+    optimizer: Literal["adamw", "sgd"] = field(
+        default="adamw", metadata={"help": "adamw, or sgd (plain SGD without momentum)."}
+    )
     lr: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
     adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay."})
@@ -69,7 +75,9 @@ class TrainConfig:
     save_every: int = field(default=1000, metadata={"help": "Steps between checkpoints (0: only at the end)."})
     sample_chunk: int = field(
         default=1,
-        metadata={"help": "Default sampler: draw this many steps' data in one call (fewer launches and host syncs on GPU)."},
+        metadata={
+            "help": "Default sampler: draw this many steps' data in one call (fewer launches and host syncs on GPU)."
+        },
     )
     val_max_sequences: int = field(
         default=200_000, metadata={"help": "Enumerate validation prefixes when vocab**(context_length-1) <= this."}
@@ -87,27 +95,37 @@ class TrainConfig:
     use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
     cpu_threads: int = field(
         default=1,
-        metadata={"help": "torch threads of the entry points on CPU (0: torch's default). The toy model's small "
-                  "matmuls gain little from more, and 2 threads on a busy 2-core machine thrash (5 s/step vs 0.5)."},
+        metadata={
+            "help": "torch threads of the entry points on CPU (0: torch's default). The toy model's small "
+            "matmuls gain little from more, and 2 threads on a busy 2-core machine thrash (5 s/step vs 0.5)."
+        },
     )
     mixed_precision: Literal["no", "bf16"] = field(
         default="no", metadata={"help": "Autocast; 'no' (float32) is needed to get within 1e-4 nats of the floor."}
     )
-    tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on CUDA while training (evaluation is full float32)."})
+    tf32: bool = field(
+        default=True, metadata={"help": "Allow TF32 matmuls on CUDA while training (evaluation is full float32)."}
+    )
     compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU)."})
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
     overwrite: bool = field(
         default=False,
-        metadata={"help": "Replace what output_dir holds (a run of another config, or this run's checkpoints) instead of refusing."},
+        metadata={
+            "help": "Replace what output_dir holds (a run of another config, or this run's checkpoints) instead of refusing."
+        },
     )
     max_loss_ratio: float = field(
         default=10.0,
-        metadata={"help": "Stop, before saving, when a logged train loss exceeds this multiple of the first one (a diverging "
-                  "run; 0: off). A NaN or inf loss always stops."},
+        metadata={
+            "help": "Stop, before saving, when a logged train loss exceeds this multiple of the first one (a diverging "
+            "run; 0: off). A NaN or inf loss always stops."
+        },
     )
     report_to: Literal["tensorboard", "none"] = field(
         default="tensorboard",
-        metadata={"help": "Tracker for losses and evaluation metrics (<output_dir>/runs); skipped with a note when not installed."},
+        metadata={
+            "help": "Tracker for losses and evaluation metrics (<output_dir>/runs); skipped with a note when not installed."
+        },
     )
 
     def __post_init__(self):
@@ -124,20 +142,41 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
         if not (self.max_loss_ratio == 0 or self.max_loss_ratio > 1):
-            raise ValueError(f"max_loss_ratio={self.max_loss_ratio}: use a multiple > 1 of the first logged loss, or 0 (off)")
+            raise ValueError(
+                f"max_loss_ratio={self.max_loss_ratio}: use a multiple > 1 of the first logged loss, or 0 (off)"
+            )
         if self.resume_from is not None:  # the transformers.TrainingArguments name is the one name of every trainer
             if self.resume_from_checkpoint not in (None, self.resume_from):
-                raise ValueError(f"resume_from={self.resume_from!r} and resume_from_checkpoint={self.resume_from_checkpoint!r} "
-                                 "disagree; pass --resume_from_checkpoint alone (resume_from is its deprecated name)")
-            warnings.warn("--resume_from is deprecated and will be removed in the next release: use "
-                          "--resume_from_checkpoint (the name of llm.sft, llm.grpo and toy.experiments.rl)", FutureWarning, stacklevel=2)
+                raise ValueError(
+                    f"resume_from={self.resume_from!r} and resume_from_checkpoint={self.resume_from_checkpoint!r} "
+                    "disagree; pass --resume_from_checkpoint alone (resume_from is its deprecated name)"
+                )
+            warnings.warn(
+                "--resume_from is deprecated and will be removed in the next release: use "
+                "--resume_from_checkpoint (the name of llm.sft, llm.grpo and toy.experiments.rl)",
+                FutureWarning,
+                stacklevel=2,
+            )
             self.resume_from_checkpoint, self.resume_from = self.resume_from, None
         if self.overwrite and self.resume_from_checkpoint:
-            raise ValueError("overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them")
+            raise ValueError(
+                "overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them"
+            )
 
 
-def window_memory(context_length: int, batch_size: int, *, n_layers: int, n_heads: int, d_model: int, d_mlp: int,
-                  vocab: int, sample_chunk: int = 1, val_sequences: int = 0, quadratic_attention: bool = False) -> dict:
+def window_memory(
+    context_length: int,
+    batch_size: int,
+    *,
+    n_layers: int,
+    n_heads: int,
+    d_model: int,
+    d_mlp: int,
+    vocab: int,
+    sample_chunk: int = 1,
+    val_sequences: int = 0,
+    quadratic_attention: bool = False,
+) -> dict:
     """Bytes a toy training run needs at least, by part: ``step`` (per rank, on the training device: float32
     activations kept for the backward pass, ~16 d_model + 4 d_mlp values per token and layer as measured with sdpa on
     CPU, the logits, the sampled tokens; ``quadratic_attention`` adds the eager attention's context_length**2 weights
@@ -202,15 +241,23 @@ def check_window_memory(context_length: int, batch_size: int, device: str = "cpu
     )
 
 
-def check_run_memory(model_config, process: Process, cfg: TrainConfig, context_length: int, device, build_val: bool) -> None:
+def check_run_memory(
+    model_config, process: Process, cfg: TrainConfig, context_length: int, device, build_val: bool
+) -> None:
     """``check_window_memory`` for ``toy.train.train``: the dimensions from the model's config, the validation set
     that ``cfg`` asks for (enumerated or sampled; none when the caller passes one: ``build_val`` False)."""
     mc = model_config
     exact = (context_length - 1) * math.log(process.vocab_size) <= math.log(cfg.val_max_sequences)
     check_window_memory(
-        context_length, cfg.batch_size, "cpu" if device.type == "cpu" else str(device),
-        n_layers=mc.num_hidden_layers, n_heads=mc.num_attention_heads, d_model=mc.hidden_size,
+        context_length,
+        cfg.batch_size,
+        "cpu" if device.type == "cpu" else str(device),
+        n_layers=mc.num_hidden_layers,
+        n_heads=mc.num_attention_heads,
+        d_model=mc.hidden_size,
         d_mlp=getattr(mc, "n_inner", None) or getattr(mc, "intermediate_size", None) or 4 * mc.hidden_size,
-        vocab=mc.vocab_size, sample_chunk=cfg.sample_chunk, quadratic_attention=mc._attn_implementation == "eager",
+        vocab=mc.vocab_size,
+        sample_chunk=cfg.sample_chunk,
+        quadratic_attention=mc._attn_implementation == "eager",
         val_sequences=0 if not build_val else process.vocab_size ** (context_length - 1) if exact else cfg.val_samples,
     )

@@ -54,7 +54,11 @@ def sample(
         raise ValueError(f"belief_dtype must be torch.float32 or torch.float64; got {belief_dtype}")
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
-    device = torch.device(device) if device is not None else (generator.device if generator is not None else torch.device("cpu"))
+    device = (
+        torch.device(device)
+        if device is not None
+        else (generator.device if generator is not None else torch.device("cpu"))
+    )
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(0 if seed is None else seed)
     elif generator.device.type != device.type:

@@ -76,8 +76,13 @@ class SequenceStream(IterableDataset):
         """Batch number ``step`` (random access; identical to what iteration yields at that step)."""
         need_beliefs = self.beliefs or self.factor_beliefs
         b = sample(
-            self.process, self.batch_size, self.length, seed=seed_for_step(self.seed, step), device=self.device,
-            return_beliefs=need_beliefs, belief_dtype=self.belief_dtype,
+            self.process,
+            self.batch_size,
+            self.length,
+            seed=seed_for_step(self.seed, step),
+            device=self.device,
+            return_beliefs=need_beliefs,
+            belief_dtype=self.belief_dtype,
         )
         out = {"input_ids": b.tokens}
         if self.beliefs:
@@ -121,8 +126,14 @@ def to_hf_dataset(
     if n_sequences < 1:
         raise ValueError(f"n_sequences must be >= 1; got {n_sequences}")
     stream = SequenceStream(
-        process, min(batch_size, n_sequences), length, seed, beliefs=beliefs, factor_ids=factor_ids,
-        factor_beliefs=factor_beliefs, belief_dtype=belief_dtype,
+        process,
+        min(batch_size, n_sequences),
+        length,
+        seed,
+        beliefs=beliefs,
+        factor_ids=factor_ids,
+        factor_beliefs=factor_beliefs,
+        belief_dtype=belief_dtype,
     )
     n_batches = -(-n_sequences // stream.batch_size)
     parts = [stream.batch(k) for k in range(n_batches)]

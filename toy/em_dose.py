@@ -51,6 +51,7 @@ def capability_kl(p_ref: torch.Tensor, p: torch.Tensor, n_copies: int, V: int) -
     """Mean KL(ref || model) in nats between the *capability marginals* of two models' next-token distributions
     ``(N, >= n_copies * V)`` (copy-major joint tokens; extra special tokens ignored): how far a stage moved what the
     model predicts about the capability, whatever it did to the copies."""
+
     def marg(q):
         q = q[:, : n_copies * V].double().reshape(-1, n_copies, V).sum(1)
         return q / q.sum(-1, keepdim=True)
@@ -75,8 +76,10 @@ def parse_condition(text: str) -> list[list[tuple[str, str, float]]]:
         for part in alt.split(" and "):
             bits = part.split()
             if len(bits) != 3 or bits[0] not in STATS or bits[1] not in OPS:
-                raise ValueError(f"condition {text!r}: each term must read '<{'|'.join(STATS)}> <{'|'.join(OPS)}> <number>', "
-                                 "terms joined by ' and ' / ' or '")
+                raise ValueError(
+                    f"condition {text!r}: each term must read '<{'|'.join(STATS)}> <{'|'.join(OPS)}> <number>', "
+                    "terms joined by ' and ' / ' or '"
+                )
             terms.append((bits[0], bits[1], float(bits[2])))
         alternatives.append(terms)
     return alternatives
@@ -111,8 +114,10 @@ def decide(stat: dict, claim: dict) -> str:
 
     sup, con = holds(claim["supported"]), holds(claim["contradicted"])
     if sup and con:
-        raise ValueError(f"the claim's conditions overlap at {vals}: supported {claim['supported']!r} and contradicted "
-                         f"{claim['contradicted']!r} both hold; make them exclusive")
+        raise ValueError(
+            f"the claim's conditions overlap at {vals}: supported {claim['supported']!r} and contradicted "
+            f"{claim['contradicted']!r} both hold; make them exclusive"
+        )
     return "supported" if sup else "contradicted" if con else "undecided"
 
 
@@ -139,7 +144,10 @@ def statistic(cells: list[dict], claim: dict, world: str, stage: str, method: st
     a = per_seed(cells, world, stage, method, claim["shift"])
     if claim["test"] == "transfer":
         return mean_ci([v for v in a.values() if math.isfinite(v)])
-    base = {k: (here if claim["base"][k] == "same" else claim["base"][k]) for k, here in (("stage", stage), ("method", method))}
+    base = {
+        k: (here if claim["base"][k] == "same" else claim["base"][k])
+        for k, here in (("stage", stage), ("method", method))
+    }
     b = per_seed(cells, world, base["stage"], base["method"], claim["shift"])
     return mean_ci([a[s] - b[s] for s in a if s in b and math.isfinite(a[s]) and math.isfinite(b[s])])
 
@@ -155,15 +163,28 @@ def judge(cells: list[dict], claims: dict, matched: dict[str, bool] | None = Non
     ``requires_matched: true`` is undecided in a world whose SFT and GRPO stages are not matched (``matched``)."""
     rows = []
     for name, c in claims.items():
-        for world, stage, method in ((w, s, m) for w in as_list(c["world"]) for s in as_list(c["stage"]) for m in as_list(c["method"])):
+        for world, stage, method in (
+            (w, s, m) for w in as_list(c["world"]) for s in as_list(c["stage"]) for m in as_list(c["method"])
+        ):
             stat = statistic(cells, c, world, stage, method)
             v = decide(stat, c)
             if c.get("requires_matched") and not (matched or {}).get(world, False):
                 v = "undecided (stages not matched)"
-            row = {"claim": name, "world": world, "stage": stage, "method": method, "shift": c["shift"],
-                   "test": c["test"], "base": c.get("base"), "stat": stat, "verdict": v,
-                   "supported_if": c["supported"], "contradicted_if": c["contradicted"],
-                   "says": c.get("says", ""), "toy_predicts": c.get("toy_predicts")}
+            row = {
+                "claim": name,
+                "world": world,
+                "stage": stage,
+                "method": method,
+                "shift": c["shift"],
+                "test": c["test"],
+                "base": c.get("base"),
+                "stat": stat,
+                "verdict": v,
+                "supported_if": c["supported"],
+                "contradicted_if": c["contradicted"],
+                "says": c.get("says", ""),
+                "toy_predicts": c.get("toy_predicts"),
+            }
             if "expect" in c:
                 exp = str(c["expect"])
                 row["control_ok"] = v != exp[4:] if exp.startswith("not ") else v == exp

@@ -86,45 +86,92 @@ class RLTaskConfig:
 
     process: str = field(default="product", metadata={"help": f"Process name: one of {sorted(PROCESSES)}."})
     process_kwargs: JsonDict = field(
-        default_factory=JsonDict, metadata={"help": "Keyword arguments of the process (JSON or YAML mapping; see toy.processes.make_process)."}
+        default_factory=JsonDict,
+        metadata={"help": "Keyword arguments of the process (JSON or YAML mapping; see toy.processes.make_process)."},
     )
     reward: Literal["reweight", "compose", "rare"] = field(
         default="reweight",
-        metadata={"help": "reweight: argmax next token of one factor; compose: op of two factor latents; rare: rare-factor emissions."},
+        metadata={
+            "help": "reweight: argmax next token of one factor; compose: op of two factor latents; rare: rare-factor emissions."
+        },
     )
-    reward_factor: int = field(default=0, metadata={"help": "reweight: the factor whose most likely next token is rewarded."})
-    latent_factors: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "compose: the two factors (a, b)."})
-    latent_states_a: list[int] = field(default_factory=lambda: [0], metadata={"help": "compose: a = 1 when factor a's most likely state is one of these."})
-    latent_states_b: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "compose: b = 1 when factor b's most likely state is one of these."})
+    reward_factor: int = field(
+        default=0, metadata={"help": "reweight: the factor whose most likely next token is rewarded."}
+    )
+    latent_factors: list[int] = field(
+        default_factory=lambda: [0, 1], metadata={"help": "compose: the two factors (a, b)."}
+    )
+    latent_states_a: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={"help": "compose: a = 1 when factor a's most likely state is one of these."},
+    )
+    latent_states_b: list[int] = field(
+        default_factory=lambda: [1, 2],
+        metadata={"help": "compose: b = 1 when factor b's most likely state is one of these."},
+    )
     op: Literal["xor", "implies", "and"] = field(default="xor", metadata={"help": "compose: the composition op(a, b)."})
-    output_tokens: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "compose: the tokens that mean op = 0 and op = 1."})
-    prompt_length: int = field(default=10, metadata={"help": "Tokens per prompt (sampled from the stationary process)."})
+    output_tokens: list[int] = field(
+        default_factory=lambda: [0, 1], metadata={"help": "compose: the tokens that mean op = 0 and op = 1."}
+    )
+    prompt_length: int = field(
+        default=10, metadata={"help": "Tokens per prompt (sampled from the stationary process)."}
+    )
     segment_lengths: list[int] = field(
         default_factory=list,
-        metadata={"help": "Separate-skills prompts (process: mixture): one segment of each component, of these lengths, "
-                          "summing to prompt_length (toy.segments); empty = stationary prompts."},
+        metadata={
+            "help": "Separate-skills prompts (process: mixture): one segment of each component, of these lengths, "
+            "summing to prompt_length (toy.segments); empty = stationary prompts."
+        },
     )
     n_train_prompts: int = field(default=20_000, metadata={"help": "Distinct training prompts (the GRPO dataset)."})
-    n_eval_prompts: int = field(default=2_000, metadata={"help": "Held-out prompts for the exact reward curve and the report."})
-    prompt_seed: int = field(default=1234, metadata={"help": "Seed of the prompt samples (eval prompts use prompt_seed + 1)."})
-    exact_eval_every: int = field(default=25, metadata={"help": "Steps between exact expected rewards on the eval prompts (1-token latent rewards)."})
-    n_curve_prompts: int = field(
-        default=2_000, metadata={"help": "The exact reward curve uses the first n eval prompts (reward_before / reward_after use all of them)."}
+    n_eval_prompts: int = field(
+        default=2_000, metadata={"help": "Held-out prompts for the exact reward curve and the report."}
     )
-    zero_std_warn: float = field(default=0.5, metadata={"help": "Warn when more than this share of groups has all-equal rewards (zero advantage)."})
-    pretrained_path: str | None = field(default=None, metadata={"help": "Pre-trained model folder; None: pre-train with pretrain_config."})
-    pretrain_config: str | None = field(default=None, metadata={"help": "Pre-training YAML (DataConfig, ToyModelConfig, TrainConfig keys) used when pretrained_path is None."})
-    pretrain_dir: str = field(default="runs/toy_rl/pretrain", metadata={"help": "Cache of pre-trained models: <pretrain_dir>/seed<seed>."})
+    prompt_seed: int = field(
+        default=1234, metadata={"help": "Seed of the prompt samples (eval prompts use prompt_seed + 1)."}
+    )
+    exact_eval_every: int = field(
+        default=25,
+        metadata={"help": "Steps between exact expected rewards on the eval prompts (1-token latent rewards)."},
+    )
+    n_curve_prompts: int = field(
+        default=2_000,
+        metadata={
+            "help": "The exact reward curve uses the first n eval prompts (reward_before / reward_after use all of them)."
+        },
+    )
+    zero_std_warn: float = field(
+        default=0.5,
+        metadata={"help": "Warn when more than this share of groups has all-equal rewards (zero advantage)."},
+    )
+    pretrained_path: str | None = field(
+        default=None, metadata={"help": "Pre-trained model folder; None: pre-train with pretrain_config."}
+    )
+    pretrain_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pre-training YAML (DataConfig, ToyModelConfig, TrainConfig keys) used when pretrained_path is None."
+        },
+    )
+    pretrain_dir: str = field(
+        default="runs/toy_rl/pretrain", metadata={"help": "Cache of pre-trained models: <pretrain_dir>/seed<seed>."}
+    )
     pretrain_seed: int | None = field(
         default=None,
-        metadata={"help": "Seed of the pre-training, shared by every GRPO seed (their spread is then RL's alone); null in the "
-                          "YAML (the default) = the GRPO seed: each seed pre-trains its own model."},
+        metadata={
+            "help": "Seed of the pre-training, shared by every GRPO seed (their spread is then RL's alone); null in the "
+            "YAML (the default) = the GRPO seed: each seed pre-trains its own model."
+        },
     )
-    report: bool = field(default=True, metadata={"help": "Run toy.composition's report on (pre, post) after training (latent rewards)."})
+    report: bool = field(
+        default=True, metadata={"help": "Run toy.composition's report on (pre, post) after training (latent rewards)."}
+    )
     train_modules: list[str] = field(
         default_factory=list,
-        metadata={"help": "Regexes over parameter names (re.search) that GRPO trains, the rest frozen, e.g. "
-                          "['^transformer.h.3.', '^lm_head']; empty = every parameter."},
+        metadata={
+            "help": "Regexes over parameter names (re.search) that GRPO trains, the rest frozen, e.g. "
+            "['^transformer.h.3.', '^lm_head']; empty = every parameter."
+        },
     )
 
     def __post_init__(self):
@@ -134,9 +181,13 @@ class RLTaskConfig:
         if self.prompt_length < 1 or self.n_train_prompts < 1 or self.n_eval_prompts < 10 or self.n_curve_prompts < 10:
             raise ValueError("prompt_length and n_train_prompts must be >= 1, n_eval_prompts and n_curve_prompts >= 10")
         if self.pretrained_path is None and self.pretrain_config is None:
-            raise ValueError("give pretrained_path (a pre-trained model folder) or pretrain_config (a pre-training YAML)")
+            raise ValueError(
+                "give pretrained_path (a pre-trained model folder) or pretrain_config (a pre-training YAML)"
+            )
         if self.segment_lengths and (self.process != "mixture" or sum(self.segment_lengths) != self.prompt_length):
-            raise ValueError(f"segment_lengths={self.segment_lengths} needs process: mixture and lengths summing to prompt_length={self.prompt_length}")
+            raise ValueError(
+                f"segment_lengths={self.segment_lengths} needs process: mixture and lengths summing to prompt_length={self.prompt_length}"
+            )
         if not 0 <= self.zero_std_warn <= 1:
             raise ValueError(f"zero_std_warn={self.zero_std_warn} must be a share in [0, 1]")
         for pattern in self.train_modules:
@@ -150,7 +201,10 @@ class RLTaskConfig:
 
     def components(self) -> list[Process]:
         """The mixture's components (separate-skills prompts)."""
-        return [make_process(c["name"], **{k: v for k, v in c.items() if k != "name"}) for c in self.process_kwargs["components"]]
+        return [
+            make_process(c["name"], **{k: v for k, v in c.items() if k != "name"})
+            for c in self.process_kwargs["components"]
+        ]
 
 
 @dataclass
@@ -162,48 +216,73 @@ class ToyGRPOConfig(CPUSafeDefaults, GRPOConfig):
     The batch (in completions) must be divisible by ``num_generations``: checked before any model loads."""
 
     output_dir: str = field(default="runs/toy_rl/run", metadata={"help": "Run folder."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (toy models need far more than TRL's 1e-6)."})
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "AdamW learning rate (toy models need far more than TRL's 1e-6)."}
+    )
     beta: float = field(default=0.04, metadata={"help": "KL coefficient to the pre-trained (reference) policy."})
     num_generations: int | None = field(default=8, metadata={"help": "Completions per prompt (a GRPO group)."})
-    per_device_train_batch_size: int = field(default=128, metadata={"help": "Completions per device per step (prompts x num_generations)."})
-    max_completion_length: int | None = field(default=1, metadata={"help": "Completion tokens (1: the policy is exact)."})
+    per_device_train_batch_size: int = field(
+        default=128, metadata={"help": "Completions per device per step (prompts x num_generations)."}
+    )
+    max_completion_length: int | None = field(
+        default=1, metadata={"help": "Completion tokens (1: the policy is exact)."}
+    )
     max_steps: int = field(default=300, metadata={"help": "GRPO steps."})
     logging_steps: float = field(default=1, metadata={"help": "Log every X steps."})
     save_strategy: str = field(
-        default="no", metadata={"help": "HF checkpoints (the final model is always saved, and a checkpoint on Ctrl-C / SIGTERM)."}
+        default="no",
+        metadata={"help": "HF checkpoints (the final model is always saved, and a checkpoint on Ctrl-C / SIGTERM)."},
     )
     overwrite: bool = field(
-        default=False, metadata={"help": "Replace what output_dir holds (another config's run, or this run's checkpoints) instead of refusing."}
+        default=False,
+        metadata={
+            "help": "Replace what output_dir holds (another config's run, or this run's checkpoints) instead of refusing."
+        },
     )
-    disable_tqdm: bool | None = field(default=False, metadata={"help": "Progress bar instead of a printed dict per log."})
+    disable_tqdm: bool | None = field(
+        default=False, metadata={"help": "Progress bar instead of a printed dict per log."}
+    )
     advantage: Literal["grpo", "maxrl"] = field(
         default="grpo",
-        metadata={"help": "grpo: TRL's (r - group mean), scaled per scale_rewards (default / group std). maxrl: (r - group mean) / "
-                          "group mean, the MaxRL estimator of grad log(pass rate) (MaxRL, arXiv:2602.02710); "
-                          "rewards must be >= 0; replaces scale_rewards."},
+        metadata={
+            "help": "grpo: TRL's (r - group mean), scaled per scale_rewards (default / group std). maxrl: (r - group mean) / "
+            "group mean, the MaxRL estimator of grad log(pass rate) (MaxRL, arXiv:2602.02710); "
+            "rewards must be >= 0; replaces scale_rewards."
+        },
     )
 
     one_token_path: Literal["forward", "generate"] = field(
         default="forward",
-        metadata={"help": "max_completion_length 1 only (longer completions take TRL's path). forward: sample each completion "
-                          "from one forward pass over the distinct prompts and score it at the prompts' last position "
-                          "(same distribution, draws and loss as generate, ~num_generations x fewer model FLOPs); "
-                          "generate: TRL's HF generate + full-sequence forwards over every copy."},
+        metadata={
+            "help": "max_completion_length 1 only (longer completions take TRL's path). forward: sample each completion "
+            "from one forward pass over the distinct prompts and score it at the prompts' last position "
+            "(same distribution, draws and loss as generate, ~num_generations x fewer model FLOPs); "
+            "generate: TRL's HF generate + full-sequence forwards over every copy."
+        },
     )
 
     def __post_init__(self):
         if self.one_token_path not in ("forward", "generate"):
             raise ValueError(f"one_token_path={self.one_token_path!r}; use 'forward' or 'generate'")
         if self.overwrite and self.resume_from_checkpoint:
-            raise ValueError("overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them")
-        check_batch_sizes(self.num_generations, self.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", 1)),
-                          self.steps_per_generation or self.gradient_accumulation_steps, self.generation_batch_size)
+            raise ValueError(
+                "overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them"
+            )
+        check_batch_sizes(
+            self.num_generations,
+            self.per_device_train_batch_size,
+            int(os.environ.get("WORLD_SIZE", 1)),
+            self.steps_per_generation or self.gradient_accumulation_steps,
+            self.generation_batch_size,
+        )
         if self.advantage not in ("grpo", "maxrl"):
             raise ValueError(f"advantage={self.advantage!r}; use 'grpo' or 'maxrl'")
         if self.advantage == "maxrl" and self.multi_objective_aggregation != "sum_then_normalize":
             # ToyGRPOTrainer rebuilds the group means from the weighted reward sum, TRL's sum_then_normalize
-            raise ValueError(f"advantage='maxrl' supports multi_objective_aggregation='sum_then_normalize' only, not "
-                             f"{self.multi_objective_aggregation!r}; use that or advantage='grpo'")
+            raise ValueError(
+                f"advantage='maxrl' supports multi_objective_aggregation='sum_then_normalize' only, not "
+                f"{self.multi_objective_aggregation!r}; use that or advantage='grpo'"
+            )
         if self.advantage == "maxrl":
             self.scale_rewards = "none"  # TRL then leaves r - group mean; ToyGRPOTrainer divides by the group mean
         super().__post_init__()
@@ -219,7 +298,9 @@ def build_reward(task: RLTaskConfig, process: Process):
     if task.reward == "reweight":
         return NextTokenArgmaxReward(process, task.reward_factor)
     if task.reward == "compose" and task.segment_lengths:
-        return SegmentComposedReward(process, task.components(), task.latent_states_a, task.latent_states_b, task.op, task.output_tokens)
+        return SegmentComposedReward(
+            process, task.components(), task.latent_states_a, task.latent_states_b, task.op, task.output_tokens
+        )
     if task.reward == "compose":
         return ComposedLatentReward(
             process, task.latent_factors, task.latent_states_a, task.latent_states_b, task.op, task.output_tokens
@@ -238,7 +319,9 @@ def freeze_except(model: torch.nn.Module, patterns: list[str]) -> list[str]:
         return names
     for pattern in patterns:
         if not any(re.search(pattern, n) for n in names):
-            raise ValueError(f"train_modules entry {pattern!r} matches no parameter; names look like {names[:3]} ... {names[-2:]}")
+            raise ValueError(
+                f"train_modules entry {pattern!r} matches no parameter; names look like {names[:3]} ... {names[-2:]}"
+            )
     trained = []
     for n, p in model.named_parameters():
         p.requires_grad_(any(re.search(pattern, n) for pattern in patterns))
@@ -258,17 +341,35 @@ def pretrained_model(task: RLTaskConfig, process: Process, seed: int) -> tuple[G
         return GPT2LMHeadModel.from_pretrained(path), path
     out = Path(task.pretrain_dir) / f"seed{seed}"
     data_cfg, model_cfg, train_cfg = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
-        ["--config", task.pretrain_config, "--output_dir", str(out), "--seed", str(seed), "--resume_from_checkpoint", "last"]
+        [
+            "--config",
+            task.pretrain_config,
+            "--output_dir",
+            str(out),
+            "--seed",
+            str(seed),
+            "--resume_from_checkpoint",
+            "last",
+        ]
     )
     pre_process = data_cfg.build()
     if pre_process.name != process.name:
-        raise ValueError(f"pretrain_config trains on {pre_process.name} but the RL task uses {process.name}; make them match")
+        raise ValueError(
+            f"pretrain_config trains on {pre_process.name} but the RL task uses {process.name}; make them match"
+        )
     final = out / f"checkpoint-{train_cfg.steps}"
     # the vocabulary has room for <eos> and <pad> from the start (the data never show them)
     model = build_model(model_cfg, process.vocab_size + 2, data_cfg.context_length, seed=seed)
-    result = train(process, model, train_cfg, data_cfg.context_length,
-                   run_info={"data": asdict(data_cfg), "model": model_cfg.to_dict()})
-    print(f"pre-trained {process.name}: val loss {result.val_loss:.5f} nats, floor {result.floor:.5f}, {result.elapsed_s:.0f} s")
+    result = train(
+        process,
+        model,
+        train_cfg,
+        data_cfg.context_length,
+        run_info={"data": asdict(data_cfg), "model": model_cfg.to_dict()},
+    )
+    print(
+        f"pre-trained {process.name}: val loss {result.val_loss:.5f} nats, floor {result.floor:.5f}, {result.elapsed_s:.0f} s"
+    )
     return GPT2LMHeadModel.from_pretrained(final), final
 
 
@@ -286,17 +387,25 @@ def task_prompts(task: RLTaskConfig, process: Process, n: int, seed: int) -> tup
 
 
 @torch.no_grad()
-def policy_probs(model: torch.nn.Module, prompts: torch.Tensor, vocab_size: int, batch_size: int = 4096) -> torch.Tensor:
+def policy_probs(
+    model: torch.nn.Module, prompts: torch.Tensor, vocab_size: int, batch_size: int = 4096
+) -> torch.Tensor:
     """Exact one-token policy: ``prompts (N, L)`` -> ``(N, V)`` float64, the softmax over the V process tokens
     at the last position (specials are suppressed at generation, so this is the sampling distribution at
     temperature 1)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = torch.cat([
-        model(input_ids=prompts[i : i + batch_size].to(device)).logits[:, -1, :vocab_size].double().softmax(-1).cpu()
-        for i in range(0, len(prompts), batch_size)
-    ])
+    out = torch.cat(
+        [
+            model(input_ids=prompts[i : i + batch_size].to(device))
+            .logits[:, -1, :vocab_size]
+            .double()
+            .softmax(-1)
+            .cpu()
+            for i in range(0, len(prompts), batch_size)
+        ]
+    )
     model.train(was_training)
     return out
 
@@ -368,7 +477,9 @@ class ToyGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._one_token = getattr(self.args, "one_token_path", "generate") == "forward" and self.max_completion_length == 1
+        self._one_token = (
+            getattr(self.args, "one_token_path", "generate") == "forward" and self.max_completion_length == 1
+        )
         if self._one_token:
             self._check_one_token_path()
 
@@ -377,32 +488,50 @@ class ToyGRPOTrainer(GRPOTrainer):
         gc, extra = self.generation_config, set(self.args.generation_kwargs or {}) - {"suppress_tokens"}
         # what generate would also read from the model's own generation config (e.g. min_new_tokens, bad_words_ids)
         extra |= set(self.model.generation_config.to_diff_dict()) - {
-            "_from_model_config", "transformers_version", "use_cache", "output_attentions", "output_hidden_states",
-            "pad_token_id", "bos_token_id", "eos_token_id"}
+            "_from_model_config",
+            "transformers_version",
+            "use_cache",
+            "output_attentions",
+            "output_hidden_states",
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+        }
         refused = {
-            "vLLM, continuous batching, tools or a rollout_func": self.use_vllm or self.use_transformers_continuous_batching
-            or bool(self.tools) or self.rollout_func is not None,
+            "vLLM, continuous batching, tools or a rollout_func": self.use_vllm
+            or self.use_transformers_continuous_batching
+            or bool(self.tools)
+            or self.rollout_func is not None,
             "DeepSpeed or FSDP": self.is_deepspeed_enabled or self.is_fsdp_enabled,
             "pad_to_multiple_of": self.pad_to_multiple_of is not None,
-            "top_k, top_p, min_p or repetition_penalty": gc.top_k not in (None, 0) or gc.top_p not in (None, 1.0)
-            or gc.min_p is not None or gc.repetition_penalty not in (None, 1.0),
+            "top_k, top_p, min_p or repetition_penalty": gc.top_k not in (None, 0)
+            or gc.top_p not in (None, 1.0)
+            or gc.min_p is not None
+            or gc.repetition_penalty not in (None, 1.0),
             f"generation settings {sorted(extra)}": bool(extra),
             "dropout (disable_dropout: true removes it)": any(
-                isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()),
+                isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()
+            ),
         }
         for what, bad in refused.items():
             if bad:
-                raise ValueError(f"one_token_path='forward' samples from temperature and suppress_tokens only, one forward "
-                                 f"pass per distinct prompt, and does not handle {what}; use one_token_path='generate'")
+                raise ValueError(
+                    f"one_token_path='forward' samples from temperature and suppress_tokens only, one forward "
+                    f"pass per distinct prompt, and does not handle {what}; use one_token_path='generate'"
+                )
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         """HF ``generate``'s one sampling step, on the distinct prompts only: float32 last-position logits,
         ``suppress_tokens`` at -inf, divided by the temperature, softmax, then ``torch.multinomial(probs, 1)`` on
         every row, as generate draws it (so a seed gives the same completions)."""
         if not self._one_token:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         if len({len(ids) for ids in prompt_ids}) != 1:
-            raise ValueError("one_token_path='forward' needs prompts of one length (no padding); use one_token_path='generate'")
+            raise ValueError(
+                "one_token_path='forward' needs prompts of one length (no padding); use one_token_path='generate'"
+            )
         ids = torch.tensor(prompt_ids, device=self.accelerator.device)
         distinct, inverse = torch.unique(ids, dim=0, return_inverse=True)
         with torch.no_grad():
@@ -415,18 +544,41 @@ class ToyGRPOTrainer(GRPOTrainer):
         tokens = torch.multinomial(logits.softmax(-1)[inverse], num_samples=1)
         return tokens.tolist(), None
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal,
+    ):
         """TRL's per-token log-probs (and entropies) of a one-token completion, ``(B, 1)``: a completion token depends
         on its prompt alone (causal attention), so the model runs once per distinct prompt, without the completion,
         and every copy reads its prompt's last-position log-softmax (temperature-scaled, as TRL's fused head); a
         masked completion token scores 0, as in TRL."""
-        if not self._one_token or logits_to_keep != 1 or compute_aux_loss or any(v is not None for v in multimodal.values()):
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,
-                                                              compute_entropy, compute_aux_loss, **multimodal)
+        if (
+            not self._one_token
+            or logits_to_keep != 1
+            or compute_aux_loss
+            or any(v is not None for v in multimodal.values())
+        ):
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **multimodal,
+            )
         n = input_ids.size(1) - 1
-        rows, inverse = torch.unique(torch.cat([input_ids[:, :-1], attention_mask[:, :-1].to(input_ids.dtype)], 1),
-                                     dim=0, return_inverse=True)
+        rows, inverse = torch.unique(
+            torch.cat([input_ids[:, :-1], attention_mask[:, :-1].to(input_ids.dtype)], 1), dim=0, return_inverse=True
+        )
         with self.accelerator.autocast():
             logits = model(input_ids=rows[:, :n], attention_mask=rows[:, n:], logits_to_keep=1).logits[:, -1]
         logp = (logits.float() / self.temperature).log_softmax(-1)[inverse]  # (B, V)
@@ -448,8 +600,10 @@ class ToyGRPOTrainer(GRPOTrainer):
         rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(1)
         rewards[torch.isnan(per_func).all(1)] = float("nan")  # unscorable: out of the group mean, as in TRL
         if (rewards < 0).any():
-            raise ValueError("advantage='maxrl' needs rewards >= 0 (it divides by a group's mean reward); "
-                             "shift the reward or use advantage='grpo'")
+            raise ValueError(
+                "advantage='maxrl' needs rewards >= 0 (it divides by a group's mean reward); "
+                "shift the reward or use advantage='grpo'"
+            )
         G = self.num_generations
         mean = rewards.view(-1, G).nanmean(1).repeat_interleave(G)
         n = len(output["advantages"])  # this process's completions: TRL slices them in process order

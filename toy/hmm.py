@@ -51,9 +51,17 @@ class Process:
                     f"{self.name}: factor sizes {self.factor_vocab_sizes} x {self.factor_state_sizes} do not "
                     f"multiply to vocab {T.shape[0]} and states {T.shape[1]}"
                 )
-        pi = _stationary(T, self.name, self.generalized) if self.initial is None else torch.as_tensor(self.initial, dtype=torch.float64)
-        if self.initial is not None and (pi.shape != (T.shape[1],) or (pi @ T.sum(0) - pi).abs().max() > 1e-9 or abs(pi.sum() - 1) > 1e-9):
-            raise ValueError(f"{self.name}: initial must be a stationary distribution of sum_x T[x] over {T.shape[1]} states")
+        pi = (
+            _stationary(T, self.name, self.generalized)
+            if self.initial is None
+            else torch.as_tensor(self.initial, dtype=torch.float64)
+        )
+        if self.initial is not None and (
+            pi.shape != (T.shape[1],) or (pi @ T.sum(0) - pi).abs().max() > 1e-9 or abs(pi.sum() - 1) > 1e-9
+        ):
+            raise ValueError(
+                f"{self.name}: initial must be a stationary distribution of sum_x T[x] over {T.shape[1]} states"
+            )
         object.__setattr__(self, "stationary", pi)
 
     @property

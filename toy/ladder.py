@@ -50,13 +50,29 @@ RUNGS = {
 class LadderConfig:
     """Pre-registered thresholds and fitting choices of the ladder (values in ``configs/toy/detector_thresholds.yaml``)."""
 
-    margins: list[float] = field(default_factory=lambda: [0.05, 0.05, 0.05, 0.05], metadata={"help": "Rung k is beaten when reward - ceiling_k >= margins[k - 1]."})
-    min_reward_gain: float = field(default=0.05, metadata={"help": "Below this reward gain (post - pre) the verdict is inconclusive."})
+    margins: list[float] = field(
+        default_factory=lambda: [0.05, 0.05, 0.05, 0.05],
+        metadata={"help": "Rung k is beaten when reward - ceiling_k >= margins[k - 1]."},
+    )
+    min_reward_gain: float = field(
+        default=0.05, metadata={"help": "Below this reward gain (post - pre) the verdict is inconclusive."}
+    )
     folds: int = field(default=5, metadata={"help": "Cross-fitting folds of every ceiling."})
-    knn_shares: list[float] = field(default_factory=lambda: [0.005, 0.015, 0.05], metadata={"help": "kNN neighbourhoods as shares of the fitted prompts."})
-    knn_last_positions: list[int] = field(default_factory=lambda: [2, 3], metadata={"help": "Rung 2 also fits kNN on the outputs of the last j positions only, for each j."})
-    pca_dims: int = field(default=128, metadata={"help": "Principal components kept of the rung-3 and rung-4 features."})
-    ridge_alphas: list[float] = field(default_factory=lambda: [1e-3, 1e-1], metadata={"help": "Ridge strengths (times the mean feature variance x n) of the rung-3/4 ridge read-outs."})
+    knn_shares: list[float] = field(
+        default_factory=lambda: [0.005, 0.015, 0.05],
+        metadata={"help": "kNN neighbourhoods as shares of the fitted prompts."},
+    )
+    knn_last_positions: list[int] = field(
+        default_factory=lambda: [2, 3],
+        metadata={"help": "Rung 2 also fits kNN on the outputs of the last j positions only, for each j."},
+    )
+    pca_dims: int = field(
+        default=128, metadata={"help": "Principal components kept of the rung-3 and rung-4 features."}
+    )
+    ridge_alphas: list[float] = field(
+        default_factory=lambda: [1e-3, 1e-1],
+        metadata={"help": "Ridge strengths (times the mean feature variance x n) of the rung-3/4 ridge read-outs."},
+    )
     logistic_c: float = field(default=100.0, metadata={"help": "Inverse L2 strength of every logistic learner."})
 
     def __post_init__(self):
@@ -71,8 +87,16 @@ def rung_features(model, prompts: torch.Tensor, vocab_size: int, batch_size: int
     """The information of each rung on ``prompts (N, L)``: rung -> ``(N, D_k)`` float32 on CPU (rungs 1-2 are
     log-probabilities over the V process tokens; rungs 3-4 raw residual activations, position-major)."""
     device = next(model.parameters()).device
-    logp = torch.cat([model(input_ids=prompts[i : i + batch_size].to(device)).logits[..., :vocab_size].float().log_softmax(-1).cpu()
-                      for i in range(0, len(prompts), batch_size)])  # (N, L, V)
+    logp = torch.cat(
+        [
+            model(input_ids=prompts[i : i + batch_size].to(device))
+            .logits[..., :vocab_size]
+            .float()
+            .log_softmax(-1)
+            .cpu()
+            for i in range(0, len(prompts), batch_size)
+        ]
+    )  # (N, L, V)
     acts = read_residual(model, prompts, batch_size=batch_size)  # site -> (N * L, d), row n * L + t
     N = len(prompts)
     per_site = [a.cpu().float().reshape(N, -1) for a in acts.values()]
@@ -122,14 +146,19 @@ def _learners(rung: int, cfg: LadderConfig, n_fit: int, vocab: int) -> dict:
         out["boosted_trees"] = (partial(HistGradientBoostingClassifier, max_iter=200, random_state=0), None)
         out |= {f"knn{s:.1%}": (partial(KNeighborsClassifier, max(1, round(s * n_fit))), None) for s in cfg.knn_shares}
         if rung == 2:
-            out |= {f"knn{s:.1%}_last{j}": (partial(KNeighborsClassifier, max(1, round(s * n_fit))), j * vocab)
-                    for j in cfg.knn_last_positions for s in cfg.knn_shares[:2]}
+            out |= {
+                f"knn{s:.1%}_last{j}": (partial(KNeighborsClassifier, max(1, round(s * n_fit))), j * vocab)
+                for j in cfg.knn_last_positions
+                for s in cfg.knn_shares[:2]
+            }
     else:
         out |= {f"ridge{a:g}": (a, None) for a in cfg.ridge_alphas}
     return out
 
 
-def _ridge_scores(X: torch.Tensor, Y: torch.Tensor, train: torch.Tensor, test: torch.Tensor, alpha: float) -> torch.Tensor:
+def _ridge_scores(
+    X: torch.Tensor, Y: torch.Tensor, train: torch.Tensor, test: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """Class scores of a ridge read-out onto one-hot classes (with intercept), fitted on ``train``, at ``test``."""
     mu, ym = X[train].mean(0), Y[train].mean(0)
     Xt = X[train] - mu
@@ -139,8 +168,15 @@ def _ridge_scores(X: torch.Tensor, Y: torch.Tensor, train: torch.Tensor, test: t
     return (X[test] - mu) @ W + ym
 
 
-def cross_fit(X: torch.Tensor, latent: torch.Tensor, matrix: torch.Tensor, table: torch.Tensor, rung: int,
-              cfg: LadderConfig, seed: int = 0) -> dict:
+def cross_fit(
+    X: torch.Tensor,
+    latent: torch.Tensor,
+    matrix: torch.Tensor,
+    table: torch.Tensor,
+    rung: int,
+    cfg: LadderConfig,
+    seed: int = 0,
+) -> dict:
     """Cross-fitted reward of each learner's reweighting ``argmax_y r_hat(x, y)`` at one rung: ``X (N, D)`` features,
     ``latent (N,)`` classes, ``matrix (C, V)``, ``table (N, V)`` exact rewards. ``r_hat = P(c | I) @ M`` for
     probabilistic learners, ``onehot(argmax score) @ M`` for ridge. Returns ``{"by_learner", "best", "r_hat"}``."""
@@ -175,8 +211,14 @@ def cross_fit(X: torch.Tensor, latent: torch.Tensor, matrix: torch.Tensor, table
     return {"by_learner": by, "best": best[1], "reward": best[0], "r_hat": best[2]}
 
 
-def ceilings(features: dict[int, torch.Tensor], latent: torch.Tensor, matrix: torch.Tensor, table: torch.Tensor,
-             cfg: LadderConfig, seed: int = 0) -> dict:
+def ceilings(
+    features: dict[int, torch.Tensor],
+    latent: torch.Tensor,
+    matrix: torch.Tensor,
+    table: torch.Tensor,
+    cfg: LadderConfig,
+    seed: int = 0,
+) -> dict:
     """Every rung's cross-fitted ceiling (nested: the best of its own learners and every lower rung's).
     Returns ``{"rungs": {k: {"reward", "own_reward", "learner", "by_learner", "pca_variance_kept", "r_hat"}}}``."""
     rungs, prev = {}, None
@@ -186,7 +228,12 @@ def ceilings(features: dict[int, torch.Tensor], latent: torch.Tensor, matrix: to
             mu, V, kept = _pca(X, cfg.pca_dims)
             X = (X.double() - mu) @ V
         fit = cross_fit(X, latent, matrix, table, k, cfg, seed)
-        own = {"own_reward": fit["reward"], "by_learner": fit["by_learner"], "pca_variance_kept": kept, "information": RUNGS[k]}
+        own = {
+            "own_reward": fit["reward"],
+            "by_learner": fit["by_learner"],
+            "pca_variance_kept": kept,
+            "information": RUNGS[k],
+        }
         if prev is None or fit["reward"] >= prev["reward"]:
             rungs[k] = own | {"reward": fit["reward"], "learner": f"rung{k}:{fit['best']}", "r_hat": fit["r_hat"]}
         else:  # a lower rung's reweighting is also available at this rung
@@ -215,8 +262,17 @@ def ladder_verdict(reward_pre: float, reward_post: float, ladder: dict, cfg: Lad
     return {"verdict": v, "highest_beaten": highest, "excess": excess, "beaten": beaten}
 
 
-def ladder_report(pre_model, post_model, reward, prompts: torch.Tensor, beliefs: torch.Tensor, cfg: LadderConfig,
-                  seed: int = 0, features: dict | None = None, ladder: dict | None = None) -> dict:
+def ladder_report(
+    pre_model,
+    post_model,
+    reward,
+    prompts: torch.Tensor,
+    beliefs: torch.Tensor,
+    cfg: LadderConfig,
+    seed: int = 0,
+    features: dict | None = None,
+    ladder: dict | None = None,
+) -> dict:
     """The ladder for one (pre-RL, post-RL) pair on ``prompts (N, L)`` with exact ``beliefs``: exact rewards, every
     rung's ceiling, the excesses and the verdict. ``features``/``ladder`` reuse a reference's fitted ladder."""
     V = reward.matrix.shape[1]
@@ -227,16 +283,26 @@ def ladder_report(pre_model, post_model, reward, prompts: torch.Tensor, beliefs:
         ladder = ceilings(features, reward.latent(beliefs), reward.matrix, table, cfg, seed)
     pre = float((pi_ref * table).sum(1).mean())
     post = float((policy_probs(post_model, prompts, V) * table).sum(1).mean()) if post_model is not None else pre
-    return {"reward_pre": pre, "reward_post": post, "reward_max": float(table.max(1).values.mean()),
-            "ceilings": {k: {kk: vv for kk, vv in r.items() if kk != "r_hat"} for k, r in ladder["rungs"].items()},
-            **ladder_verdict(pre, post, ladder, cfg)}
+    return {
+        "reward_pre": pre,
+        "reward_post": post,
+        "reward_max": float(table.max(1).values.mean()),
+        "ceilings": {k: {kk: vv for kk, vv in r.items() if kk != "r_hat"} for k, r in ladder["rungs"].items()},
+        **ladder_verdict(pre, post, ladder, cfg),
+    }
 
 
 # --------------------------------------------------------------------------- controls whose answer is known
 
 
-def fit_predict(X_fit: torch.Tensor, latent_fit: torch.Tensor, X_apply: torch.Tensor, learner: str, matrix: torch.Tensor,
-                cfg: LadderConfig) -> torch.Tensor:
+def fit_predict(
+    X_fit: torch.Tensor,
+    latent_fit: torch.Tensor,
+    X_apply: torch.Tensor,
+    learner: str,
+    matrix: torch.Tensor,
+    cfg: LadderConfig,
+) -> torch.Tensor:
     """``r_hat (N_apply, V)`` of ``learner`` (a ceiling's ``"rung<k>:<name>"``) fitted on every prompt of one set
     (``X_fit`` of rung k) and applied to another: a reweighting built from rung-k information that never saw the
     prompts it is judged on."""
@@ -256,7 +322,9 @@ def fit_predict(X_fit: torch.Tensor, latent_fit: torch.Tensor, X_apply: torch.Te
     elif isinstance(make, float):
         Y = torch.nn.functional.one_hot(y, len(classes)).double()
         X = torch.cat([Xf, Xa])
-        s = _ridge_scores(X, torch.cat([Y, Y[:1].expand(len(Xa), -1)]), torch.arange(len(Xf)), torch.arange(len(Xf), len(X)), make)
+        s = _ridge_scores(
+            X, torch.cat([Y, Y[:1].expand(len(Xa), -1)]), torch.arange(len(Xf)), torch.arange(len(Xf), len(X)), make
+        )
         proba = torch.nn.functional.one_hot(s.argmax(1), len(classes)).double()
     else:
         clf = make().fit(Xf.numpy(), y.numpy())
@@ -284,9 +352,18 @@ def latent_mixture(pi_ref: torch.Tensor, table: torch.Tensor, target: float) -> 
     return (1 - lam) * pi_ref + lam * opt, lam
 
 
-def control_policies(pi_ref: torch.Tensor, table: torch.Tensor, other_ladder: dict, other_features: dict,
-                     other_latent: torch.Tensor, features: dict, matrix: torch.Tensor, cfg: LadderConfig,
-                     lead: float = 0.10, supervised: tuple[torch.Tensor, float] | None = None) -> list[tuple[str, torch.Tensor, dict]]:
+def control_policies(
+    pi_ref: torch.Tensor,
+    table: torch.Tensor,
+    other_ladder: dict,
+    other_features: dict,
+    other_latent: torch.Tensor,
+    features: dict,
+    matrix: torch.Tensor,
+    cfg: LadderConfig,
+    lead: float = 0.10,
+    supervised: tuple[torch.Tensor, float] | None = None,
+) -> list[tuple[str, torch.Tensor, dict]]:
     """The controls of ``calibration_controls`` as policies: ``(name, pi (N, V), known {rung: bool | None})`` each,
     built on these prompts from an independent prompt set's fitted learners and ceilings (``other_*``)."""
     K = sorted(other_ladder["rungs"])
@@ -298,24 +375,59 @@ def control_policies(pi_ref: torch.Tensor, table: torch.Tensor, other_ladder: di
         r_hat = fit_predict(other_features[src], other_latent, features[src], learner, matrix, cfg)
         policies.append((f"reweight_rung{j}", hard_tilt(pi_ref, r_hat), {k: (False if k >= j else None) for k in K}))
     for j in K:
-        policies.append((f"capped_rung{j}", latent_mixture(pi_ref, table, other_ceiling[j] - 0.01)[0], {k: (False if k >= j else None) for k in K}))
+        policies.append(
+            (
+                f"capped_rung{j}",
+                latent_mixture(pi_ref, table, other_ceiling[j] - 0.01)[0],
+                {k: (False if k >= j else None) for k in K},
+            )
+        )
         above, lam = latent_mixture(pi_ref, table, other_ceiling[j] + lead)
         # a ceiling within ``lead`` of the best reward leaves no room: the mixture stops at the optimum, short of
         # its target, and its answer is no longer known
         policies.append((f"above_rung{j}", above, {k: (True if k <= j and lam < 1 else None) for k in K}))
     r_max = float(table.max(1).values.mean())
-    policies.append(("optimum", latent_mixture(pi_ref, table, r_max)[0],
-                     {k: (True if other_ceiling[k] <= r_max - lead else None) for k in K}))
+    policies.append(
+        (
+            "optimum",
+            latent_mixture(pi_ref, table, r_max)[0],
+            {k: (True if other_ceiling[k] <= r_max - lead else None) for k in K},
+        )
+    )
     if supervised is not None:
         pi, r_other = supervised
-        policies.append(("supervised", pi, {k: (False if r_other <= other_ceiling[k] - 0.01 else True if r_other >= other_ceiling[k] + lead
-                                                else None) for k in K}))
+        policies.append(
+            (
+                "supervised",
+                pi,
+                {
+                    k: (
+                        False
+                        if r_other <= other_ceiling[k] - 0.01
+                        else True
+                        if r_other >= other_ceiling[k] + lead
+                        else None
+                    )
+                    for k in K
+                },
+            )
+        )
     return policies
 
 
-def calibration_controls(pi_ref: torch.Tensor, table: torch.Tensor, ladder: dict, other_ladder: dict,
-                         other_features: dict, other_latent: torch.Tensor, features: dict, matrix: torch.Tensor,
-                         cfg: LadderConfig, lead: float = 0.10, supervised: tuple[torch.Tensor, float] | None = None) -> list[dict]:
+def calibration_controls(
+    pi_ref: torch.Tensor,
+    table: torch.Tensor,
+    ladder: dict,
+    other_ladder: dict,
+    other_features: dict,
+    other_latent: torch.Tensor,
+    features: dict,
+    matrix: torch.Tensor,
+    cfg: LadderConfig,
+    lead: float = 0.10,
+    supervised: tuple[torch.Tensor, float] | None = None,
+) -> list[dict]:
     """Controls whose per-rung answer is known by construction, judged against ``ladder`` (ceilings cross-fitted on
     these prompts) but built from an independent prompt set (``other_*``: its fitted learners and its ceilings;
     ``control_policies``):
@@ -337,8 +449,9 @@ def calibration_controls(pi_ref: torch.Tensor, table: torch.Tensor, ladder: dict
 
     Returns one row per control: ``{"control", "reward", "known": {k: bool | None}, "beaten": {k: bool}}``."""
     rows = []
-    for name, pi, known in control_policies(pi_ref, table, other_ladder, other_features, other_latent, features,
-                                            matrix, cfg, lead, supervised):
+    for name, pi, known in control_policies(
+        pi_ref, table, other_ladder, other_features, other_latent, features, matrix, cfg, lead, supervised
+    ):
         reward = float((pi * table).sum(1).mean())
         v = ladder_verdict(float((pi_ref * table).sum(1).mean()), reward, ladder, cfg)
         rows.append({"control": name, "reward": reward, "known": known, "beaten": v["beaten"], "verdict": v["verdict"]})

@@ -108,7 +108,12 @@ class _Table:
         self.tab.fill(0)
 
     def find_or_insert(
-        self, h: np.ndarray, prov: int | np.ndarray, hashes: np.ndarray, out: np.ndarray, slots: np.ndarray | None = None
+        self,
+        h: np.ndarray,
+        prov: int | np.ndarray,
+        hashes: np.ndarray,
+        out: np.ndarray,
+        slots: np.ndarray | None = None,
     ) -> int:
         """Look up each hash ``h[i]``, inserting it under provisional id ``prov + i`` (or ``prov[i]``) if absent;
         ``hashes`` must already hold ``h`` at those ids. Writes to ``out`` the id each hash maps to (a known id, or
@@ -124,11 +129,17 @@ class _Table:
         own = 0
         for a in range(0, len(h), _CHUNK):
             b = min(a + _CHUNK, len(h))
-            pv = np.arange(prov + a + 1, prov + b + 1, dtype=np.int32) if np.isscalar(prov) else prov[a:b].astype(np.int32) + 1
+            pv = (
+                np.arange(prov + a + 1, prov + b + 1, dtype=np.int32)
+                if np.isscalar(prov)
+                else prov[a:b].astype(np.int32) + 1
+            )
             own += self._insert(h[a:b], pv, hashes, out[a:b], None if slots is None else slots[a:b])
         return own
 
-    def _insert(self, hv: np.ndarray, pv: np.ndarray, hashes: np.ndarray, out: np.ndarray, slots: np.ndarray | None) -> int:
+    def _insert(
+        self, hv: np.ndarray, pv: np.ndarray, hashes: np.ndarray, out: np.ndarray, slots: np.ndarray | None
+    ) -> int:
         mask, own, act = self.cap - 1, 0, None  # act: positions still probing (None: all, the first round)
         s = (hv.view(np.uint64) >> self.shift).view(np.int64)
         while True:
@@ -175,7 +186,9 @@ class _Table:
         return table
 
 
-def _hashes(beliefs: np.ndarray, tol: float, mult: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _hashes(
+    beliefs: np.ndarray, tol: float, mult: np.ndarray, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(keys (n, S) int64, hashes (n,) int64)``: the bits of ``round(beliefs / tol)`` as floats and a nonzero
     wrapping-arithmetic hash of them. With ``out``, the hashes go there, computed in chunks (keys not returned)."""
     if out is not None:
@@ -232,7 +245,9 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
         fresh = False  # every child of this depth is a new node, in order
         if n:
             if N + m >= 2**31 - 1:
-                raise ValueError(f"{process.name}: the MSP exceeds max_nodes={max_nodes:,} at depth {d + 1}; use a smaller depth")
+                raise ValueError(
+                    f"{process.name}: the MSP exceeds max_nodes={max_nodes:,} at depth {d + 1}; use a smaller depth"
+                )
             if len(beliefs) < N + m:
                 bigger = _node_arrays(N + m, S, V)
                 for a, b in zip(arrays, bigger):
@@ -252,7 +267,9 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
                 np.divide(cand.reshape(n, V, S), px[..., None], out=cand.reshape(n, V, S))
             ok = (px > 1e-15).ravel()
             if process.generalized and ok.any() and not np.abs(cand[ok]).max() < 2**50 * tol:
-                raise ValueError(f"{process.name}: beliefs reach {np.abs(cand[ok]).max():.3g}, too large to round to tol={tol:g}; raise tol")
+                raise ValueError(
+                    f"{process.name}: beliefs reach {np.abs(cand[ok]).max():.3g}, too large to round to tol={tol:g}; raise tol"
+                )
             h = _hashes(cand, tol, mult, out=hashes[N : N + m])[1]  # under the provisional ids N, N + 1, ...
             live = None if ok.all() else np.flatnonzero(ok)
             n_live = m if live is None else len(live)
@@ -276,7 +293,9 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
             else:
                 got, n_new = _settle(table, got, N, cand, beliefs, h.copy(), hashes, tol, mult, slots)
             if N + n_new > max_nodes:
-                raise ValueError(f"{process.name}: the MSP exceeds max_nodes={max_nodes:,} at depth {d + 1}; use a smaller depth")
+                raise ValueError(
+                    f"{process.name}: the MSP exceeds max_nodes={max_nodes:,} at depth {d + 1}; use a smaller depth"
+                )
             if not fresh or not isinstance(rows, slice):
                 next_node[rows] = got.reshape(n, V)
             next_node[N : N + n_new], expanded[N : N + n_new] = -1, False

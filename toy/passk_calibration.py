@@ -51,7 +51,9 @@ def new_capability(pi_ref: torch.Tensor, correct: torch.Tensor, q: float, eps: f
     ref_x = torch.cat([pi_ref.double() * (1 - eps * cap[:, None]), eps * cap[:, None].double()], 1)
     cor_x = torch.cat([correct & ~cap[:, None], cap[:, None]], 1)
     post_x = reweight(ref_x, cor_x, 3.0)
-    post_x[cap] = torch.cat([(1 - q) * pi_ref[cap].double(), torch.full((int(cap.sum()), 1), q, dtype=torch.float64)], 1)
+    post_x[cap] = torch.cat(
+        [(1 - q) * pi_ref[cap].double(), torch.full((int(cap.sum()), 1), q, dtype=torch.float64)], 1
+    )
     return ref_x, post_x, cor_x
 
 
@@ -80,12 +82,18 @@ def controls(pi_ref: torch.Tensor, correct: torch.Tensor, full: torch.Tensor | N
     return out
 
 
-def llm_like(n_pool: int, lo: float, hi: float, formats: int = 4, wrong: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def llm_like(
+    n_pool: int, lo: float, hi: float, formats: int = 4, wrong: int = 20, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A reference shaped like an LLM's on an arithmetic task: per-prompt success ``log-uniform(lo, hi)``, its correct
     mass split over ``formats`` replies ("761", "The answer is 761.", ...) and the rest over ``wrong`` replies, both
     by a flat Dirichlet. Returns ``(pi_ref (n_pool, formats + wrong), correct)``."""
     g = torch.Generator().manual_seed(seed)
-    p = torch.exp(torch.empty(n_pool, dtype=torch.float64).uniform_(torch.log(torch.tensor(lo)).item(), torch.log(torch.tensor(hi)).item(), generator=g))
+    p = torch.exp(
+        torch.empty(n_pool, dtype=torch.float64).uniform_(
+            torch.log(torch.tensor(lo)).item(), torch.log(torch.tensor(hi)).item(), generator=g
+        )
+    )
     split = lambda m: (e := -torch.rand(n_pool, m, generator=g, dtype=torch.float64).log()) / e.sum(1, keepdim=True)  # noqa: E731
     pi = torch.cat([p[:, None] * split(formats), (1 - p)[:, None] * split(wrong)], 1)
     correct = torch.zeros_like(pi, dtype=torch.bool)
@@ -93,7 +101,9 @@ def llm_like(n_pool: int, lo: float, hi: float, formats: int = 4, wrong: int = 2
     return pi, correct
 
 
-def sample_run(pi_ref: torch.Tensor, pi_post: torch.Tensor, correct: torch.Tensor, n_prompts: int, n: int, g: torch.Generator) -> dict:
+def sample_run(
+    pi_ref: torch.Tensor, pi_post: torch.Tensor, correct: torch.Tensor, n_prompts: int, n: int, g: torch.Generator
+) -> dict:
     """What one report sees: ``n_prompts`` prompts drawn from the pool, ``n`` replies per prompt from each policy;
     correct counts and, per prompt, ``log pi_ref - log pi_post`` of each correct post-RL reply (-inf: pi_ref = 0)."""
     idx = torch.randperm(len(pi_ref), generator=g)[:n_prompts]
@@ -112,12 +122,16 @@ def judge_run(run: dict, n: int, ks: list[int], k_verdict: int, pk: PassKConfig)
     post = torch.stack([pass_at_k(n, run["c_post"], k) for k in ks], 1)
     j = ks.index(k_verdict) + 1
     cfg = PassKConfig(**{**pk.__dict__, "ks": ks[:j]})
-    return {"sharper": passk_verdict(ref[:, :j], post[:, :j], cfg)["verdict"].startswith("sharper"),
-            "wider": wider_verdict(ref[:, -1], post[:, -1], ks[-1], cfg)["verdict"].startswith("wider"),
-            "outside": outside_support(n, run["c_post"], run["c_ref"], run["log_w"], cfg)}
+    return {
+        "sharper": passk_verdict(ref[:, :j], post[:, :j], cfg)["verdict"].startswith("sharper"),
+        "wider": wider_verdict(ref[:, -1], post[:, -1], ks[-1], cfg)["verdict"].startswith("wider"),
+        "outside": outside_support(n, run["c_post"], run["c_ref"], run["log_w"], cfg),
+    }
 
 
-def confusion(control: tuple, n_prompts: int, n: int, ks: list[int], k_verdict: int, pk: PassKConfig, runs: int, seed: int = 0) -> dict:
+def confusion(
+    control: tuple, n_prompts: int, n: int, ks: list[int], k_verdict: int, pk: PassKConfig, runs: int, seed: int = 0
+) -> dict:
     """Shares of ``runs`` simulated reports called sharper / wider / outside support, the share whose sampled prompts
     hold a truly-outside one, the flagged prompts that are not truly outside (false flags: the target is 0) and the
     share of truly-outside sampled prompts flagged (per-prompt recall)."""
@@ -138,6 +152,13 @@ def confusion(control: tuple, n_prompts: int, n: int, ks: list[int], k_verdict: 
         false_flags += int((flagged & ~tt).sum())
         hits += int((flagged & tt).sum())
         positives += int(tt.sum())
-    return {"runs": runs, "truly_outside": true_runs / runs, "sharper": sharper / runs, "wider": wider / runs,
-            "outside": outside / runs, "false_flags": false_flags, "prompt_recall": hits / positives if positives else None,
-            "truly_outside_share_of_pool": float(t.double().mean())}
+    return {
+        "runs": runs,
+        "truly_outside": true_runs / runs,
+        "sharper": sharper / runs,
+        "wider": wider / runs,
+        "outside": outside / runs,
+        "false_flags": false_flags,
+        "prompt_recall": hits / positives if positives else None,
+        "truly_outside_share_of_pool": float(t.double().mean()),
+    }

@@ -113,7 +113,9 @@ def noisy_gate(truth_table: Sequence[int], noise: float = 0.1, name: str | None 
     table = [int(v) for v in truth_table]
     n = int(math.log2(len(table))) if table else 0
     if len(table) < 2 or 2**n != len(table) or any(v not in (0, 1) for v in table):
-        raise ValueError(f"noisy_gate: truth_table must list 2^n output bits (0/1) for n >= 1 inputs; got {truth_table}")
+        raise ValueError(
+            f"noisy_gate: truth_table must list 2^n output bits (0/1) for n >= 1 inputs; got {truth_table}"
+        )
     _check_prob("noisy_gate", noise=noise)
     # state index of "seen k input bits with value v" = 2^k - 1 + v (prefix-tree order, start = 0)
     n_states = 2 ** (n + 1) - 1
@@ -150,15 +152,30 @@ def noisy_implies(noise: float = 0.1) -> Process:
 def mixture(components: Sequence[Process], weights: Sequence[float] | None = None) -> Process:
     """Each sequence comes from one component, never two: block-diagonal states, disjoint tokens (component k's
     tokens follow component k-1's), starting in component k with probability ``weights[k]`` (default uniform)."""
-    w = torch.full((len(components),), 1 / len(components), dtype=torch.float64) if weights is None else torch.tensor(weights, dtype=torch.float64)
+    w = (
+        torch.full((len(components),), 1 / len(components), dtype=torch.float64)
+        if weights is None
+        else torch.tensor(weights, dtype=torch.float64)
+    )
     if len(components) < 2 or len(w) != len(components) or (w <= 0).any() or abs(float(w.sum()) - 1) > 1e-9:
-        raise ValueError(f"mixture needs >= 2 components and one positive weight each, summing to 1; got {len(components)}, {w.tolist()}")
-    T = torch.zeros(sum(c.vocab_size for c in components), sum(c.n_states for c in components), sum(c.n_states for c in components), dtype=torch.float64)
+        raise ValueError(
+            f"mixture needs >= 2 components and one positive weight each, summing to 1; got {len(components)}, {w.tolist()}"
+        )
+    T = torch.zeros(
+        sum(c.vocab_size for c in components),
+        sum(c.n_states for c in components),
+        sum(c.n_states for c in components),
+        dtype=torch.float64,
+    )
     x = s = 0
     for c in components:
         T[x : x + c.vocab_size, s : s + c.n_states, s : s + c.n_states] = c.T
         x, s = x + c.vocab_size, s + c.n_states
-    return Process(T, f"mixture({', '.join(c.name for c in components)})", initial=torch.cat([wk * c.stationary for wk, c in zip(w, components)]))
+    return Process(
+        T,
+        f"mixture({', '.join(c.name for c in components)})",
+        initial=torch.cat([wk * c.stationary for wk, c in zip(w, components)]),
+    )
 
 
 def _radix_kron(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -175,7 +192,11 @@ def product(*processes: Process) -> Process:
     flat = processes[0] if len(processes) == 1 and isinstance(processes[0], (list, tuple)) else processes
     if not all(isinstance(p, Process) for p in flat) or flat is not processes:
         # a list, or names: the spec form of the configs, given to the function that takes built processes
-        got = f"one {type(processes[0]).__name__}" if flat is not processes else f"{[type(p).__name__ for p in processes]}"
+        got = (
+            f"one {type(processes[0]).__name__}"
+            if flat is not processes
+            else f"{[type(p).__name__ for p in processes]}"
+        )
         raise ValueError(
             f"product takes built processes as separate arguments, e.g. product(mess3(), mess3()); got {got}. "
             'By name: make_process("product", factors=[{"name": "mess3"}, {"name": "mess3"}])'
@@ -279,7 +300,11 @@ def rare_factor(common: Process, rare: Process, trigger_token: int) -> Process:
     emits ``x2``; otherwise it stays put and emits a blank (token index ``rare.vocab_size``). The factor-2
     vocabulary is therefore ``rare.vocab_size + 1`` with the blank last.
     """
-    if isinstance(trigger_token, bool) or not isinstance(trigger_token, int) or not 0 <= trigger_token < common.vocab_size:
+    if (
+        isinstance(trigger_token, bool)
+        or not isinstance(trigger_token, int)
+        or not 0 <= trigger_token < common.vocab_size
+    ):
         raise ValueError(f"rare_factor: trigger_token {trigger_token} not in 0..{common.vocab_size - 1}")
     V2, S2 = rare.vocab_size + 1, rare.n_states
     # given factor 1's token: the rare process's step on the trigger, else a blank and no move
@@ -322,7 +347,9 @@ def tag_process(switch_prob: float = 0.05, tag_noise: float = 0.1) -> Process:
     """The alignment tag alone: 2 states (0 aligned, 1 misaligned) flipping with ``switch_prob`` per step;
     the emitted token is the copy (0 aligned, 1 misaligned) showing the *new* state with ``1 - tag_noise``."""
     if not 0 < switch_prob < 1 or not 0 <= tag_noise <= 1:
-        raise ValueError(f"tag_process: need 0 < switch_prob < 1 and 0 <= tag_noise <= 1; got {switch_prob}, {tag_noise}")
+        raise ValueError(
+            f"tag_process: need 0 < switch_prob < 1 and 0 <= tag_noise <= 1; got {switch_prob}, {tag_noise}"
+        )
     move = torch.tensor([[1 - switch_prob, switch_prob], [switch_prob, 1 - switch_prob]], dtype=torch.float64)
     shows = torch.tensor([[1 - tag_noise, tag_noise], [tag_noise, 1 - tag_noise]], dtype=torch.float64)  # [state, copy]
     # T[copy, a, b] = P(b | a) P(copy | b)
@@ -340,8 +367,11 @@ def tagged(capability: Process, rho: float = 0.0, switch_prob: float = 0.05, tag
     alone is the same process for every rho.
     """
     p = correlated(tag_process(switch_prob, tag_noise), capability, rho)
-    return replace(p, name=f"tagged({capability.name}, rho={rho}, switch={switch_prob}, noise={tag_noise})",
-                   factor_names=("tag", capability.name))
+    return replace(
+        p,
+        name=f"tagged({capability.name}, rho={rho}, switch={switch_prob}, noise={tag_noise})",
+        factor_names=("tag", capability.name),
+    )
 
 
 # --------------------------------------------------------------------------- processes by name

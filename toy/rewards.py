@@ -36,11 +36,11 @@ def _first_tokens(completion_ids: Sequence[Sequence[int]], vocab_size: int) -> t
     return torch.where((first >= 0) & (first < vocab_size), first, torch.full_like(first, -1))
 
 
-
 def _argmax(p: torch.Tensor) -> torch.Tensor:
     """Argmax over the last axis with exact ties (RRXOR beliefs have many) broken towards the lowest index,
     also when the tied values differ in the last bit (beliefs are reproducible only to ~1e-15)."""
     return torch.round(p * 1e9).argmax(-1)
+
 
 class LatentReward:
     """Reward 1 for a first completion token that ``matrix`` marks for the prompt's latent class, else 0.
@@ -79,7 +79,11 @@ class NextTokenArgmaxReward(LatentReward):
         if not 0 <= factor < len(sizes):
             raise ValueError(f"reward_factor={factor} but {process.name} has {len(sizes)} factor(s)")
         self.process, self.factor = process, factor
-        parts = factor_tokens(process, torch.arange(process.vocab_size))[:, factor] if process.factor_vocab_sizes else torch.arange(process.vocab_size)
+        parts = (
+            factor_tokens(process, torch.arange(process.vocab_size))[:, factor]
+            if process.factor_vocab_sizes
+            else torch.arange(process.vocab_size)
+        )
         self.matrix = (parts[None, :] == torch.arange(sizes[factor])[:, None]).double()  # (V_factor, V)
         self.class_names = [f"next_{factor}={c}" for c in range(sizes[factor])]
         self.__name__ = f"argmax_next_token_factor{factor}"
@@ -119,14 +123,22 @@ class ComposedLatentReward(LatentReward):
         if sizes is None:
             raise ValueError(f"{process.name} is not factored: a composed latent needs two factors")
         if len(factors) != 2 or len(set(factors)) != 2 or not all(0 <= f < len(sizes) for f in factors):
-            raise ValueError(f"latent_factors={list(factors)} must name two different factors of {process.name} (0..{len(sizes) - 1})")
+            raise ValueError(
+                f"latent_factors={list(factors)} must name two different factors of {process.name} (0..{len(sizes) - 1})"
+            )
         for f, states, name in ((factors[0], states_a, "latent_states_a"), (factors[1], states_b, "latent_states_b")):
             if not states or not all(0 <= s < sizes[f] for s in states):
                 raise ValueError(f"{name}={list(states)} must be non-empty states of factor {f} (0..{sizes[f] - 1})")
         if op not in self.OPS:
             raise ValueError(f"op={op!r}; use one of {sorted(self.OPS)}")
-        if len(output_tokens) != 2 or len(set(output_tokens)) != 2 or not all(0 <= t < process.vocab_size for t in output_tokens):
-            raise ValueError(f"output_tokens={list(output_tokens)} must be two different process tokens (0..{process.vocab_size - 1})")
+        if (
+            len(output_tokens) != 2
+            or len(set(output_tokens)) != 2
+            or not all(0 <= t < process.vocab_size for t in output_tokens)
+        ):
+            raise ValueError(
+                f"output_tokens={list(output_tokens)} must be two different process tokens (0..{process.vocab_size - 1})"
+            )
         self.process, self.factors, self.op = process, tuple(factors), op
         self.states_a = torch.tensor(list(states_a))
         self.states_b = torch.tensor(list(states_b))

@@ -51,16 +51,25 @@ class ReweightingConfig:
     """Decoding of the truncated-support test and fitting choices of the belief side (pass@k thresholds:
     ``probes.passk.PassKConfig``, pre-registered)."""
 
-    decode_top_p: float = field(default=0.95, metadata={"help": "Top-p (nucleus) of the truncated-support decoding (1 = no truncation)."})
-    decode_temperature: float = field(default=1.0, metadata={"help": "Temperature of the truncated-support decoding, applied before top-p."})
-    sharpen_temperature: float = field(default=0.5, metadata={"help": "Temperature (< 1) of the sharpened-reference control (same support: known reweighting)."})
+    decode_top_p: float = field(
+        default=0.95, metadata={"help": "Top-p (nucleus) of the truncated-support decoding (1 = no truncation)."}
+    )
+    decode_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of the truncated-support decoding, applied before top-p."}
+    )
+    sharpen_temperature: float = field(
+        default=0.5,
+        metadata={"help": "Temperature (< 1) of the sharpened-reference control (same support: known reweighting)."},
+    )
     readout_folds: int = field(default=5, metadata={"help": "Cross-fitting folds of the latent read-outs."})
     readout_alpha: float = field(default=1e-3, metadata={"help": "Ridge strength of the latent read-outs."})
     n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples of the prompts for the pass@k CIs."})
 
     def __post_init__(self):
         if not 0 < self.decode_top_p <= 1 or self.decode_temperature <= 0:
-            raise ValueError(f"decode_top_p={self.decode_top_p} must be in (0, 1], decode_temperature={self.decode_temperature} > 0")
+            raise ValueError(
+                f"decode_top_p={self.decode_top_p} must be in (0, 1], decode_temperature={self.decode_temperature} > 0"
+            )
         if not 0 < self.sharpen_temperature < 1:
             raise ValueError(f"sharpen_temperature={self.sharpen_temperature} must be in (0, 1): the control sharpens")
         if self.readout_folds < 2 or self.n_boot < 10:
@@ -114,7 +123,9 @@ def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1)
 
 
-def outside_support_exact(pi_ref: torch.Tensor, pi_post: torch.Tensor, correct: torch.Tensor, support_k: float) -> torch.Tensor:
+def outside_support_exact(
+    pi_ref: torch.Tensor, pi_post: torch.Tensor, correct: torch.Tensor, support_k: float
+) -> torch.Tensor:
     """``(N,)`` bool, exact: the post-RL policy solves the prompt and the reference gives the correct replies the
     post-RL policy gives total probability below ``1 / support_k`` (what ``probes.passk.outside_support`` estimates)."""
     t = (pi_ref.double() * (correct & (pi_post > 0))).sum(1)
@@ -124,14 +135,23 @@ def outside_support_exact(pi_ref: torch.Tensor, pi_post: torch.Tensor, correct: 
 # --------------------------------------------------------------------------- behaviour
 
 
-def passk_section(pi_ref: torch.Tensor, pi_post: torch.Tensor, table: torch.Tensor, pk: PassKConfig,
-                  chance: torch.Tensor | None, n_boot: int, seed: int = 0) -> dict:
+def passk_section(
+    pi_ref: torch.Tensor,
+    pi_post: torch.Tensor,
+    table: torch.Tensor,
+    pk: PassKConfig,
+    chance: torch.Tensor | None,
+    n_boot: int,
+    seed: int = 0,
+) -> dict:
     """Exact per-prompt success, pass@k curves (with CIs), coverage at k = 1 and the largest k, and the pass@k
     verdict of one decoding; ``chance`` (a policy) gates the verdict when given."""
     p_ref, p_post = success_probability(pi_ref, table), success_probability(pi_post, table)
     ref, post = pass_at_k_exact(p_ref, pk.ks), pass_at_k_exact(p_post, pk.ks)
-    curves = {"reference": pass_at_k_curve(ref, pk.ks, n_boot=n_boot, seed=seed),
-              "post-RL": pass_at_k_curve(post, pk.ks, n_boot=n_boot, seed=seed)}
+    curves = {
+        "reference": pass_at_k_curve(ref, pk.ks, n_boot=n_boot, seed=seed),
+        "post-RL": pass_at_k_curve(post, pk.ks, n_boot=n_boot, seed=seed),
+    }
     chance_table = None
     if chance is not None:
         chance_table = pass_at_k_exact(success_probability(chance, table), pk.ks)
@@ -141,7 +161,11 @@ def passk_section(pi_ref: torch.Tensor, pi_post: torch.Tensor, table: torch.Tens
     K = f"{pk.support_k:.0e}".replace("e+0", "e")
     return {
         "outside_support_share": float(outside.double().mean()),
-        "outside_support": (f"outside the reference's support at K={K}" if outside.any() else f"not outside the reference's support (K={K})")
+        "outside_support": (
+            f"outside the reference's support at K={K}"
+            if outside.any()
+            else f"not outside the reference's support (K={K})"
+        )
         + " (exact)",
         "curves": curves,
         "coverage_k1": coverage(post[:, 0], ref[:, 0]),
@@ -152,11 +176,19 @@ def passk_section(pi_ref: torch.Tensor, pi_post: torch.Tensor, table: torch.Tens
     }
 
 
-def behaviour_report(pi_ref: torch.Tensor, pi_post: torch.Tensor, table: torch.Tensor, cfg: ReweightingConfig,
-                     pk: PassKConfig | None = None, seed: int = 0) -> dict:
+def behaviour_report(
+    pi_ref: torch.Tensor,
+    pi_post: torch.Tensor,
+    table: torch.Tensor,
+    cfg: ReweightingConfig,
+    pk: PassKConfig | None = None,
+    seed: int = 0,
+) -> dict:
     """The exact behavioural report of ``pi_post`` against ``pi_ref`` (both ``(N, V)``, full support) on prompts
     whose exact rewards are ``table (N, V)``: full-support and truncated pass@k, in-support likelihood, KL."""
-    pk = pk or PassKConfig(n_boot=cfg.n_boot)  # 10,000 prompts: fewer resamples, the CI ends' Monte-Carlo error is printed
+    pk = pk or PassKConfig(
+        n_boot=cfg.n_boot
+    )  # 10,000 prompts: fewer resamples, the CI ends' Monte-Carlo error is printed
     N, V = pi_ref.shape
     ref_t = decode(pi_ref, cfg.decode_temperature, cfg.decode_top_p)
     post_t = decode(pi_post, cfg.decode_temperature, cfg.decode_top_p)
@@ -171,7 +203,13 @@ def behaviour_report(pi_ref: torch.Tensor, pi_post: torch.Tensor, table: torch.T
         "reward_post": float((pi_post.double() * table).sum(1).mean()),
         "full": passk_section(pi_ref, pi_post, table, pk, chance, cfg.n_boot, seed),
         "truncated": passk_section(ref_t, post_t, table, pk, None, cfg.n_boot, seed)
-        | {"chance_k_max_reported": float(pass_at_k_exact(success_probability(decode(chance, cfg.decode_temperature, cfg.decode_top_p), table), pk.ks[-1]).mean())},
+        | {
+            "chance_k_max_reported": float(
+                pass_at_k_exact(
+                    success_probability(decode(chance, cfg.decode_temperature, cfg.decode_top_p), table), pk.ks[-1]
+                ).mean()
+            )
+        },
         "decoding": {"temperature": cfg.decode_temperature, "top_p": cfg.decode_top_p},
         "loglik_post_under_ref": float((pi_post.double() * log_ref).sum(1).mean()),
         "loglik_ref_under_ref": float((pi_ref.double() * log_ref).sum(1).mean()),
@@ -180,7 +218,13 @@ def behaviour_report(pi_ref: torch.Tensor, pi_post: torch.Tensor, table: torch.T
         "ref_support_size": float(support.double().sum(1).mean()),
         "kl_post_ref": float(kl_rows(pi_post, pi_ref).mean()),
         "kl_ref_post": float(kl_rows(pi_ref, pi_post).mean()),
-        "thresholds": {"ks": pk.ks, "min_gain_k1": pk.min_gain_k1, "gap_margin": pk.gap_margin, "support_k": pk.support_k, "max_chance": pk.max_chance},
+        "thresholds": {
+            "ks": pk.ks,
+            "min_gain_k1": pk.min_gain_k1,
+            "gap_margin": pk.gap_margin,
+            "support_k": pk.support_k,
+            "max_chance": pk.max_chance,
+        },
     }
 
 
@@ -199,27 +243,49 @@ def cross_fitted_readout(X: torch.Tensor, latent: torch.Tensor, folds: int, alph
     return float(sum(accs) / len(accs))
 
 
-def readability_report(X_pre: torch.Tensor, X_post: torch.Tensor, latent: torch.Tensor, d_model: int,
-                       cfg: ReweightingConfig, seed: int = 0) -> dict:
+def readability_report(
+    X_pre: torch.Tensor, X_post: torch.Tensor, latent: torch.Tensor, d_model: int, cfg: ReweightingConfig, seed: int = 0
+) -> dict:
     """Latent read-out before and after RL from every site (``X_* (N, n_sites * d_model)``, last position) and
     from the output site alone (the last ``d_model`` columns)."""
     acc = {}
     for when, X in (("pre", X_pre), ("post", X_post)):
         acc[f"{when}_all_sites"] = cross_fitted_readout(X, latent, cfg.readout_folds, cfg.readout_alpha, seed)
-        acc[f"{when}_output_site"] = cross_fitted_readout(X[:, -d_model:], latent, cfg.readout_folds, cfg.readout_alpha, seed)
-    return {"balanced_accuracy": acc, "chance": 1 / len(torch.unique(latent)),
-            "gain_output_site": acc["post_output_site"] - acc["pre_output_site"],
-            "gain_all_sites": acc["post_all_sites"] - acc["pre_all_sites"]}
+        acc[f"{when}_output_site"] = cross_fitted_readout(
+            X[:, -d_model:], latent, cfg.readout_folds, cfg.readout_alpha, seed
+        )
+    return {
+        "balanced_accuracy": acc,
+        "chance": 1 / len(torch.unique(latent)),
+        "gain_output_site": acc["post_output_site"] - acc["pre_output_site"],
+        "gain_all_sites": acc["post_all_sites"] - acc["pre_all_sites"],
+    }
 
 
-def reweighting_report(pre_model, post_model, reward, prompts: torch.Tensor, beliefs: torch.Tensor,
-                       cfg: ReweightingConfig, pk: PassKConfig | None = None, seed: int = 0) -> dict:
+def reweighting_report(
+    pre_model,
+    post_model,
+    reward,
+    prompts: torch.Tensor,
+    beliefs: torch.Tensor,
+    cfg: ReweightingConfig,
+    pk: PassKConfig | None = None,
+    seed: int = 0,
+) -> dict:
     """The full report for one (reference, post-RL) pair of models on ``prompts (N, L)`` with exact ``beliefs (N, S)``."""
     V = reward.matrix.shape[1]
     table = reward.table(beliefs)
-    out = behaviour_report(policy_probs(pre_model, prompts, V), policy_probs(post_model, prompts, V), table, cfg, pk, seed)
-    out["readability"] = readability_report(last_position_activations(pre_model, prompts), last_position_activations(post_model, prompts),
-                                            reward.latent(beliefs), post_model.config.hidden_size, cfg, seed)
+    out = behaviour_report(
+        policy_probs(pre_model, prompts, V), policy_probs(post_model, prompts, V), table, cfg, pk, seed
+    )
+    out["readability"] = readability_report(
+        last_position_activations(pre_model, prompts),
+        last_position_activations(post_model, prompts),
+        reward.latent(beliefs),
+        post_model.config.hidden_size,
+        cfg,
+        seed,
+    )
     return out
 
 
@@ -235,6 +301,6 @@ def verdict_class(verdict: str) -> str | None:
 
 
 def agreement(passk: str, ladder: str | None) -> str:
-    """"yes" / "no" when both verdicts make a call, else "n/a"."""
+    """ "yes" / "no" when both verdicts make a call, else "n/a"."""
     a, b = verdict_class(passk), verdict_class(ladder) if ladder else None
     return "n/a" if a is None or b is None else ("yes" if a == b else "no")

@@ -29,22 +29,38 @@ def grpo_stage(process: Process, base_dir: Path, cfg, train_cfg: TrainConfig, ou
         return [sum(int(i) < cap_V for i in ids) / max(len(ids), 1) for ids in completion_ids]
 
     args = ToyGRPOConfig(
-        output_dir=str(out), max_steps=cfg.grpo_steps, learning_rate=cfg.grpo_lr, per_device_train_batch_size=cfg.grpo_batch,
-        num_generations=cfg.grpo_generations, max_completion_length=cfg.grpo_completion, beta=cfg.grpo_beta, seed=seed,
-        report_to="none", logging_steps=max(1, cfg.grpo_steps // 5), disable_tqdm=True,
+        output_dir=str(out),
+        max_steps=cfg.grpo_steps,
+        learning_rate=cfg.grpo_lr,
+        per_device_train_batch_size=cfg.grpo_batch,
+        num_generations=cfg.grpo_generations,
+        max_completion_length=cfg.grpo_completion,
+        beta=cfg.grpo_beta,
+        seed=seed,
+        report_to="none",
+        logging_steps=max(1, cfg.grpo_steps // 5),
+        disable_tqdm=True,
         use_cpu=train_cfg.use_cpu or not torch.cuda.is_available(),
         generation_kwargs={"suppress_tokens": [tok.eos_token_id, tok.pad_token_id]},
     )
     prompts = aligned_windows(process, max(64, cfg.grpo_batch), cfg.prompt_length, seed + 7)
     model = GPT2LMHeadModel.from_pretrained(base_dir)  # the reference policy is loaded from the same folder
-    trainer = ToyGRPOTrainer(model=model, reward_funcs=[aligned_copy], args=args,
-                             train_dataset=Dataset.from_dict({"prompt": tokens_to_text(prompts)}), processing_class=tok)
+    trainer = ToyGRPOTrainer(
+        model=model,
+        reward_funcs=[aligned_copy],
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": tokens_to_text(prompts)}),
+        processing_class=tok,
+    )
     trainer.train()
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     # reloaded from safetensors: the trained object keeps accelerate's patched forward, which a deepcopy (the
     # narrow fine-tunes') still routes to the original module, so a LoRA on the copy would get no gradient
     trainer.model.save_pretrained(out / "model")
-    return GPT2LMHeadModel.from_pretrained(out / "model").eval(), {"reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None}
+    return GPT2LMHeadModel.from_pretrained(out / "model").eval(), {
+        "reward_first": rewards[0] if rewards else None,
+        "reward_last": rewards[-1] if rewards else None,
+    }
 
 
 def stage_measures(model, base_probs: torch.Tensor, process: Process, prompts: torch.Tensor) -> dict:
@@ -53,4 +69,7 @@ def stage_measures(model, base_probs: torch.Tensor, process: Process, prompts: t
     capability marginal, ``toy.em_dose.capability_kl``): a stage is judged on both before it is compared."""
     probs = next_token_logits(model, prompts.to(next(model.parameters()).device)).double().softmax(-1).cpu()
     V = process.factor_vocab_sizes[1]
-    return {"aligned_rate": 1 - misaligned_by_token(probs, process).mean().item(), "capability_kl": capability_kl(base_probs, probs, 2, V)}
+    return {
+        "aligned_rate": 1 - misaligned_by_token(probs, process).mean().item(),
+        "capability_kl": capability_kl(base_probs, probs, 2, V),
+    }

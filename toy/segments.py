@@ -19,11 +19,15 @@ from toy.processes import Process
 from toy.rewards import ComposedLatentReward, LatentReward, Op, _argmax
 
 
-def segment_prompts(components: Sequence[Process], lengths: Sequence[int], n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_prompts(
+    components: Sequence[Process], lengths: Sequence[int], n: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` prompts of one segment per component (``lengths[k]`` tokens of component ``k``), in mixture token ids,
     and each segment's exact final belief concatenated: ``(n, sum(lengths))`` long, ``(n, sum_k S_k)`` float64."""
     if len(components) != len(lengths) or any(L < 1 for L in lengths):
-        raise ValueError(f"segment_lengths={list(lengths)} needs one length >= 1 per mixture component ({len(components)})")
+        raise ValueError(
+            f"segment_lengths={list(lengths)} needs one length >= 1 per mixture component ({len(components)})"
+        )
     tokens, beliefs, offset = [], [], 0
     for k, (c, L) in enumerate(zip(components, lengths)):
         batch = sample(c, n, L, seed=seed * 1000 + k, return_beliefs=True)  # independent segments, reproducible
@@ -39,17 +43,35 @@ class SegmentComposedReward(LatentReward):
     ``output_tokens[op(a, b)]`` of ``process`` (the mixture) earns 1. The separate-skills analogue of
     ``toy.rewards.ComposedLatentReward``: no pre-training context held both segments."""
 
-    def __init__(self, process: Process, components: Sequence[Process], states_a: Sequence[int], states_b: Sequence[int],
-                 op: Op, output_tokens: Sequence[int]):
+    def __init__(
+        self,
+        process: Process,
+        components: Sequence[Process],
+        states_a: Sequence[int],
+        states_b: Sequence[int],
+        op: Op,
+        output_tokens: Sequence[int],
+    ):
         if len(components) != 2:
-            raise ValueError(f"the separate-skills reward reads two segments; the mixture has {len(components)} components")
-        for c, states, name in ((components[0], states_a, "latent_states_a"), (components[1], states_b, "latent_states_b")):
+            raise ValueError(
+                f"the separate-skills reward reads two segments; the mixture has {len(components)} components"
+            )
+        for c, states, name in (
+            (components[0], states_a, "latent_states_a"),
+            (components[1], states_b, "latent_states_b"),
+        ):
             if not states or not all(0 <= s < c.n_states for s in states):
                 raise ValueError(f"{name}={list(states)} must be non-empty states of {c.name} (0..{c.n_states - 1})")
         if op not in ComposedLatentReward.OPS:
             raise ValueError(f"op={op!r}; use one of {sorted(ComposedLatentReward.OPS)}")
-        if len(output_tokens) != 2 or len(set(output_tokens)) != 2 or not all(0 <= t < process.vocab_size for t in output_tokens):
-            raise ValueError(f"output_tokens={list(output_tokens)} must be two different tokens of {process.name} (0..{process.vocab_size - 1})")
+        if (
+            len(output_tokens) != 2
+            or len(set(output_tokens)) != 2
+            or not all(0 <= t < process.vocab_size for t in output_tokens)
+        ):
+            raise ValueError(
+                f"output_tokens={list(output_tokens)} must be two different tokens of {process.name} (0..{process.vocab_size - 1})"
+            )
         self.process, self.op, self.sizes = process, op, (components[0].n_states, components[1].n_states)
         self.states_a, self.states_b = torch.tensor(list(states_a)), torch.tensor(list(states_b))
         self.matrix = torch.zeros(2, process.vocab_size, dtype=torch.float64)

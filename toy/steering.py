@@ -33,8 +33,9 @@ from toy.processes import Process
 EDITS = ("pinv", "covariance", "mean_diff")
 
 
-def steering_probe(model, process: Process, site: str, length: int, probe_sequences: int, n_contexts: int, alpha: float,
-                   seed: int) -> dict:
+def steering_probe(
+    model, process: Process, site: str, length: int, probe_sequences: int, n_contexts: int, alpha: float, seed: int
+) -> dict:
     """The probe a steering run edits through, fitted on ``probe_sequences`` windows of ``length`` tokens (one short
     of training's: the last training position's output is never trained, see ``toy.collect.collect``): ``data`` (the
     probe rows), ``probe`` (ridge on every row: the steering contexts are fresh samples), ``probe_r2`` (held-out R^2
@@ -45,11 +46,18 @@ def steering_probe(model, process: Process, site: str, length: int, probe_sequen
     held_out = fit_ridge(data.X[train_rows], data.beliefs[train_rows], alpha)
     probe_r2 = regression_metrics(data.beliefs[test_rows], held_out.predict(data.X[test_rows].double()))["r2"]
     Xc = data.X.double() - data.X.double().mean(0)
-    return {"data": data, "probe": fit_ridge(data.X, data.beliefs, alpha), "probe_r2": probe_r2, "cov": Xc.T @ Xc / len(Xc),
-            "tokens": sample(process, n_contexts, length, seed=seed + 2).tokens}
+    return {
+        "data": data,
+        "probe": fit_ridge(data.X, data.beliefs, alpha),
+        "probe_r2": probe_r2,
+        "cov": Xc.T @ Xc / len(Xc),
+        "tokens": sample(process, n_contexts, length, seed=seed + 2).tokens,
+    }
 
 
-def steering_edit(probe, eta_hat: torch.Tensor, eta_target: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
+def steering_edit(
+    probe, eta_hat: torch.Tensor, eta_target: torch.Tensor, cov: torch.Tensor | None = None
+) -> torch.Tensor:
     """Residual edits ``(n, d_model)`` that move the probe's reading from ``eta_hat`` to ``eta_target`` (both (n, S)).
 
     ``cov=None``: ``dx = (eta_target - eta_hat) @ pinv(W)`` with ``W`` (d_model, S) -- the least Euclidean-norm
@@ -86,8 +94,9 @@ def mean_difference(X: torch.Tensor, beliefs: torch.Tensor, process: Process) ->
     return X[side].mean(0) - X[~side].mean(0)
 
 
-def mean_difference_edit(probe, v: torch.Tensor, eta_hat: torch.Tensor, eta_target: torch.Tensor,
-                         readout: torch.Tensor) -> torch.Tensor:
+def mean_difference_edit(
+    probe, v: torch.Tensor, eta_hat: torch.Tensor, eta_target: torch.Tensor, readout: torch.Tensor
+) -> torch.Tensor:
     """``(n, d_model)`` edits ``alpha_i v`` with ``alpha_i`` such that the probe's reading along ``readout (S,)``
     moves from ``eta_hat`` to ``eta_target`` (both (n, S)): ``alpha = (eta_target - eta_hat) @ r / (v @ W @ r)``."""
     W, v = probe.W.to(torch.float64), v.to(torch.float64)
@@ -115,8 +124,17 @@ def opposite_donors(side: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return donors
 
 
-def steer_factor(model, process: Process, probe, tokens: torch.Tensor, site: str, cov: torch.Tensor | None = None,
-                 mean_diff: torch.Tensor | None = None, kinds: tuple[str, ...] = ("pinv", "covariance"), seed: int = 0) -> dict:
+def steer_factor(
+    model,
+    process: Process,
+    probe,
+    tokens: torch.Tensor,
+    site: str,
+    cov: torch.Tensor | None = None,
+    mean_diff: torch.Tensor | None = None,
+    kinds: tuple[str, ...] = ("pinv", "covariance"),
+    seed: int = 0,
+) -> dict:
     """Probe -> S -> steer the tag -> edit, on windows ``tokens (n, L)``, for each edit in ``kinds`` (``EDITS``;
     ``covariance`` needs ``cov`` (d_model, d_model), ``mean_diff`` the direction ``mean_diff`` (d_model,)), each
     beside a random edit of the same norm per row.
@@ -147,9 +165,14 @@ def steer_factor(model, process: Process, probe, tokens: torch.Tensor, site: str
         return next_token_logits(model, tokens, edits).double().softmax(-1).cpu()
 
     out = {
-        "p0": predict(None), "p_exact": exact @ emit, "target": eta_target @ emit, "eta_target": eta_target,
-        "resid_norm": x.norm(dim=-1), "s_residual": resid.norm(dim=-1) / eta_hat.norm(dim=-1),
-        "exact_product_residual": exact_resid.norm(dim=-1) / exact.norm(dim=-1), "readout": readout,
+        "p0": predict(None),
+        "p_exact": exact @ emit,
+        "target": eta_target @ emit,
+        "eta_target": eta_target,
+        "resid_norm": x.norm(dim=-1),
+        "s_residual": resid.norm(dim=-1) / eta_hat.norm(dim=-1),
+        "exact_product_residual": exact_resid.norm(dim=-1) / exact.norm(dim=-1),
+        "readout": readout,
     }
     for kind in kinds:
         if kind == "mean_diff":
@@ -162,8 +185,12 @@ def steer_factor(model, process: Process, probe, tokens: torch.Tensor, site: str
             dx = steering_edit(probe, eta_hat, eta_target, cov if kind == "covariance" else None)
         rand = torch.randn(dx.shape, generator=gen, dtype=torch.float64)
         rand = rand / rand.norm(dim=-1, keepdim=True) * dx.norm(dim=-1, keepdim=True)
-        out[kind] = {"steered": predict(dx), "random": predict(rand), "edit_norm": dx.norm(dim=-1),
-                     "probe_after": probe.predict(x + dx)}
+        out[kind] = {
+            "steered": predict(dx),
+            "random": predict(rand),
+            "edit_norm": dx.norm(dim=-1),
+            "probe_after": probe.predict(x + dx),
+        }
     return out
 
 
@@ -185,7 +212,9 @@ def steering_metrics(process: Process, out: dict) -> dict:
         p = p.double().clamp_min(0)
         p, q = (p / p.sum(-1, keepdim=True)).reshape(-1, Vt, Vc), q.reshape(-1, Vt, Vc).double()
         w = p.sum(1)
-        return (w * kl((p / w[:, None].clamp_min(1e-300)).transpose(1, 2), (q / q.sum(1, keepdim=True)).transpose(1, 2))).sum(-1)
+        return (
+            w * kl((p / w[:, None].clamp_min(1e-300)).transpose(1, 2), (q / q.sum(1, keepdim=True)).transpose(1, 2))
+        ).sum(-1)
 
     (tag_t, _), (tag0, cap0), (_, cap_x) = marg(out["target"]), marg(out["p0"]), marg(out["p_exact"])
     metrics = {

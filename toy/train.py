@@ -71,8 +71,21 @@ logger = logging.getLogger(__name__)
 # TrainConfig fields a rerun or resume of the same run may change: where and how often it reports and saves,
 # where it runs, its guard. None changes what a step computes. ``steps`` is not one of them (the cosine
 # schedule depends on it): to train further, start a new folder with ``init_from``.
-RERUN_KEYS = ("output_dir", "resume_from_checkpoint", "resume_from", "overwrite", "progress", "log_every", "eval_every", "save_every",
-              "cpu_threads", "use_cpu", "compile", "max_loss_ratio", "report_to")
+RERUN_KEYS = (
+    "output_dir",
+    "resume_from_checkpoint",
+    "resume_from",
+    "overwrite",
+    "progress",
+    "log_every",
+    "eval_every",
+    "save_every",
+    "cpu_threads",
+    "use_cpu",
+    "compile",
+    "max_loss_ratio",
+    "report_to",
+)
 # What a checkpoint's trainer_state.json must hold to resume from it (a 0-byte or cut-off file holds nothing).
 STATE_KEYS = ("step", "history")
 
@@ -128,8 +141,10 @@ def find_checkpoint(output_dir: str | Path, resume_from_checkpoint: str) -> Path
         return latest_checkpoint(output_dir, keys=STATE_KEYS)
     path = Path(resume_from_checkpoint)
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"resume_from_checkpoint={resume_from_checkpoint!r} is not a checkpoint folder (no trainer_state.json); "
-                                "pass a checkpoint-<step> folder or 'last'")
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={resume_from_checkpoint!r} is not a checkpoint folder (no trainer_state.json); "
+            "pass a checkpoint-<step> folder or 'last'"
+        )
     read_state(path, keys=STATE_KEYS)
     return path
 
@@ -150,7 +165,10 @@ def rng_state() -> dict:
     """The global RNG states as tensors and plain values (numpy's key array as an int64 tensor), so that
     ``torch.load(..., weights_only=True)`` reads them back."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -163,8 +181,11 @@ def set_rng_state(path: Path) -> None:
     try:
         rng = torch.load(path, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError with a long hint; the file is simply not trusted
-        logger.warning("%s holds more than tensors (%s); not loaded: the global RNG state is not restored",
-                       path, str(err).splitlines()[0][:200])
+        logger.warning(
+            "%s holds more than tensors (%s); not loaded: the global RNG state is not restored",
+            path,
+            str(err).splitlines()[0][:200],
+        )
         return
     torch.set_rng_state(rng["torch"])
     name, keys, pos, has_gauss, gauss = rng["numpy"]
@@ -187,7 +208,9 @@ def _claim(out_dir: Path, cfg: TrainConfig, record: dict, main: bool) -> None:
     """The run-folder rule of the module docstring, before any training."""
     if cfg.resume_from_checkpoint == "last" and checkpoints(out_dir) and not (out_dir / RUN_CONFIG).is_file():
         # a run from before run records: refusing would leave only --overwrite, which deletes what to resume
-        logger.warning("%s has no %s (an older run): resuming without a config check; recording this config", out_dir, RUN_CONFIG)
+        logger.warning(
+            "%s has no %s (an older run): resuming without a config check; recording this config", out_dir, RUN_CONFIG
+        )
         if main:
             (out_dir / RUN_CONFIG).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     claim_output_dir(out_dir, record, overwrite=cfg.overwrite, ignore=RERUN_KEYS, write=main)
@@ -195,8 +218,10 @@ def _claim(out_dir: Path, cfg: TrainConfig, record: dict, main: bool) -> None:
         saved = Path(cfg.resume_from_checkpoint).parent / RUN_CONFIG
         diff = config_diff(json.loads(saved.read_text()), record, RERUN_KEYS) if saved.is_file() else []
         if diff:
-            raise ValueError(f"cannot resume from {cfg.resume_from_checkpoint}: its run ({saved}) was made with another config; "
-                             "differing keys:\n  " + "\n  ".join(diff) + "\nRestore those values, or start fresh with init_from.")
+            raise ValueError(
+                f"cannot resume from {cfg.resume_from_checkpoint}: its run ({saved}) was made with another config; "
+                "differing keys:\n  " + "\n  ".join(diff) + "\nRestore those values, or start fresh with init_from."
+            )
     old = checkpoints(out_dir)
     if cfg.resume_from_checkpoint is None and old:
         if not cfg.overwrite:
@@ -263,7 +288,9 @@ def train(
     if context_length > model.config.n_positions:
         raise ValueError(f"context_length={context_length} exceeds the model's n_positions={model.config.n_positions}")
     if process.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{process.name} has {process.vocab_size} tokens but the model's vocab is {model.config.vocab_size}")
+        raise ValueError(
+            f"{process.name} has {process.vocab_size} tokens but the model's vocab is {model.config.vocab_size}"
+        )
     accelerator = accelerator or make_accelerator(cfg)
     world = accelerator.num_processes
     if world_size() > world:
@@ -283,8 +310,18 @@ def train(
             release_run_dir(out_dir)
 
 
-def _fit(process: Process, model: torch.nn.Module, cfg: TrainConfig, context_length: int, val: ValidationSet | None,
-         data_fn, loss_weights_fn, accelerator, run_info: dict | None, eval_fn) -> TrainResult:
+def _fit(
+    process: Process,
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    context_length: int,
+    val: ValidationSet | None,
+    data_fn,
+    loss_weights_fn,
+    accelerator,
+    run_info: dict | None,
+    eval_fn,
+) -> TrainResult:
     """``train`` once the launch and the memory are checked and the folder is locked."""
     from tqdm.auto import tqdm
 
@@ -338,8 +375,13 @@ def _fit(process: Process, model: torch.nn.Module, cfg: TrainConfig, context_len
     tracker = _tracker(cfg.report_to, out_dir) if accelerator.is_main_process else None
 
     def evaluate(step: int, train_loss: float | None, elapsed: float) -> None:
-        entry = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                 "tokens": step * cfg.batch_size * world * context_length, "elapsed_s": elapsed}
+        entry = {
+            "step": step,
+            "train_loss": train_loss,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens": step * cfg.batch_size * world * context_length,
+            "elapsed_s": elapsed,
+        }
         if val is not None and (step == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             entry.update(val_loss=validation_loss(raw, val), floor=val.floor)
             if eval_fn is not None:
@@ -361,7 +403,9 @@ def _fit(process: Process, model: torch.nn.Module, cfg: TrainConfig, context_len
     t0, t_prev = time.perf_counter(), history[-1]["elapsed_s"] if history else 0.0
     loss_sum = torch.zeros((), device=device)
     n_loss = 0
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True
+    )
     try:
         with stop_flag() as flag:
             while step < cfg.steps:
@@ -372,7 +416,12 @@ def _fit(process: Process, model: torch.nn.Module, cfg: TrainConfig, context_len
                     chunk, offset = divmod(step, cfg.sample_chunk)
                     if cached is None or cached[0] != chunk:
                         gen = step_generator(cfg.seed, chunk, rank, device)
-                        cached = (chunk, sample(process, cfg.batch_size * cfg.sample_chunk, context_length, generator=gen, device=device).tokens)
+                        cached = (
+                            chunk,
+                            sample(
+                                process, cfg.batch_size * cfg.sample_chunk, context_length, generator=gen, device=device
+                            ).tokens,
+                        )
                     tokens = cached[1][offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
                 if tokens.shape[1] != context_length:
                     raise ValueError(f"data_fn returned windows of {tokens.shape[1]} tokens; expected {context_length}")
@@ -398,7 +447,9 @@ def _fit(process: Process, model: torch.nn.Module, cfg: TrainConfig, context_len
                 loss_sum += loss.detach()
                 n_loss += 1
                 bar.update(1)
-                log_now = step % cfg.log_every == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
+                log_now = (
+                    step % cfg.log_every == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
+                )
                 stop, bad = flag["signal"] is not None, ""
                 if log_now:
                     train_loss = (loss_sum / n_loss).item()  # the only device sync of the loop
@@ -408,8 +459,10 @@ def _fit(process: Process, model: torch.nn.Module, cfg: TrainConfig, context_len
                     if not math.isfinite(train_loss):
                         bad = f"the mean train loss of the last {cfg.log_every} steps is {train_loss}"
                     elif cfg.max_loss_ratio and first_loss > 0 and train_loss > cfg.max_loss_ratio * first_loss:
-                        bad = (f"train loss {train_loss:.4g} exceeds max_loss_ratio={cfg.max_loss_ratio:g} x the first "
-                               f"logged loss ({first_loss:.4g}): diverging")
+                        bad = (
+                            f"train loss {train_loss:.4g} exceeds max_loss_ratio={cfg.max_loss_ratio:g} x the first "
+                            f"logged loss ({first_loss:.4g}): diverging"
+                        )
                 if world > 1:
                     # every rank stops at the same step, and a signal to any rank stops all at the end of this step
                     # (launchers give 30 s before SIGKILL, whatever log_every is): a CPU all-reduce of two flags
@@ -429,12 +482,19 @@ def _fit(process: Process, model: torch.nn.Module, cfg: TrainConfig, context_len
                     saved = save(step)
                     accelerator.wait_for_everyone()  # no rank exits (and makes the launcher kill the rest) mid-save
                     name = flag["signal"] or "a signal to another rank"
-                    accelerator.print(f"\n{name}: checkpoint at step {step} in {out_dir}; rerun with --resume_from_checkpoint last")
+                    accelerator.print(
+                        f"\n{name}: checkpoint at step {step} in {out_dir}; rerun with --resume_from_checkpoint last"
+                    )
                     raise Stopped(name, saved, "--resume_from_checkpoint last")
     except Exception as err:
         # a crash leaves the last completed step on disk (main process only: no collective may run here);
         # diverged weights are never saved
-        if not isinstance(err, TrainingDiverged) and accelerator.is_main_process and step > start and _params_finite(raw):
+        if (
+            not isinstance(err, TrainingDiverged)
+            and accelerator.is_main_process
+            and step > start
+            and _params_finite(raw)
+        ):
             save(step)
             print(f"training failed at step {step + 1}; checkpoint of step {step} in {out_dir}", file=sys.stderr)
         raise
@@ -485,15 +545,23 @@ def set_cpu_threads(cfg: TrainConfig) -> None:
         torch.set_num_threads(cfg.cpu_threads)
 
 
-def train_on(process: Process, model_cfg: ToyModelConfig, train_cfg: TrainConfig, context_length: int,
-             output_dir: str | Path, seed: int) -> torch.nn.Module:
+def train_on(
+    process: Process,
+    model_cfg: ToyModelConfig,
+    train_cfg: TrainConfig,
+    context_length: int,
+    output_dir: str | Path,
+    seed: int,
+) -> torch.nn.Module:
     """Pre-train a fresh toy GPT-2 on ``process`` with ``train``; checkpoints go to ``output_dir``.
 
     ``seed`` replaces ``train_cfg.seed`` (model init and data). ``output_dir`` belongs to the caller's experiment,
     whose own folder record vouches for it: what an earlier run left there is replaced. Returns the trained
     model in eval mode.
     """
-    cfg = replace(train_cfg, output_dir=str(output_dir), seed=seed, resume_from_checkpoint=None, init_from=None, overwrite=True)
+    cfg = replace(
+        train_cfg, output_dir=str(output_dir), seed=seed, resume_from_checkpoint=None, init_from=None, overwrite=True
+    )
     model = build_model(model_cfg, process.vocab_size, context_length, seed=seed)
     result = train(process, model, cfg, context_length)
     return result.model.eval()

@@ -59,7 +59,9 @@ def soft_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
     return (w * ce).sum() / w.sum()
 
 
-def validation_set(process: Process, context_length: int, max_sequences: int = 200_000, n_samples: int = 20_000, seed: int = 12345) -> ValidationSet:
+def validation_set(
+    process: Process, context_length: int, max_sequences: int = 200_000, n_samples: int = 20_000, seed: int = 12345
+) -> ValidationSet:
     """Every prefix of ``context_length - 1`` tokens with its probability when ``vocab ** (context_length - 1)
     <= max_sequences``, else ``n_samples`` sampled prefixes; their exact next-token distributions; the floor."""
     n = context_length - 1

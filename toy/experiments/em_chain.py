@@ -116,23 +116,53 @@ class EMChainConfig:
     """The world grid, the safety stages, the narrow fine-tune and the declared thresholds (pre-training:
     ``toy.config.TrainConfig``; fine-tuning reuses its batch size, optimizer and schedule)."""
 
-    capability: JsonDict = field(default_factory=lambda: JsonDict({"name": "mess3", "x": 0.05, "a": 0.85}),
-                                   metadata={"help": "Capability process spec (toy.processes.make_process); JSON on the command line."})
-    slices: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Slice id of each capability token."})
-    couplings: list[float] = field(default_factory=lambda: [0.0, 1.0], metadata={"help": "Knob values: 1 shared persona, 0 a tag per slice."})
-    switch_probs: list[float] = field(default_factory=lambda: [0.05], metadata={"help": "Tag flip probabilities per step, each in (0, 0.5)."})
+    capability: JsonDict = field(
+        default_factory=lambda: JsonDict({"name": "mess3", "x": 0.05, "a": 0.85}),
+        metadata={"help": "Capability process spec (toy.processes.make_process); JSON on the command line."},
+    )
+    slices: list[int] = field(
+        default_factory=lambda: [0, 1, 2], metadata={"help": "Slice id of each capability token."}
+    )
+    couplings: list[float] = field(
+        default_factory=lambda: [0.0, 1.0], metadata={"help": "Knob values: 1 shared persona, 0 a tag per slice."}
+    )
+    switch_probs: list[float] = field(
+        default_factory=lambda: [0.05], metadata={"help": "Tag flip probabilities per step, each in (0, 0.5)."}
+    )
     tag_noise: float = field(default=0.1, metadata={"help": "Probability that a copy shows the other tag."})
-    safety: list[str] = field(default_factory=lambda: list(SAFETY), metadata={"help": "Safety stages to run: none, sft, grpo."})
+    safety: list[str] = field(
+        default_factory=lambda: list(SAFETY), metadata={"help": "Safety stages to run: none, sft, grpo."}
+    )
     n_seeds: int = field(default=3, metadata={"help": "Seeds per (knob, switch_prob) of each world."})
-    baseline_worlds: list[str] = field(default_factory=list, metadata={"help": (
-        "Pre-training worlds without a shared alignment factor, each a grid row beside the persona couplings: "
-        "tagless (no alignment tag at all), visit (a tag redrawn at every slice visit: no latent across slices).")})
-    subset_correlations: list[float] = field(default_factory=list, metadata={"help": (
-        "Seed 9.2 axis (empty: off): subset-tag correlations of toy.alignment.subset_world cells, one tag and "
-        "max(slices) + 1 capability subsets; subset narrow_slice is the one tied to the tag.")})
-    shard: str = field(default="0/1", metadata={"help": "i/N: run every N-th cell starting at i (N processes split the grid)."})
-    summarize_only: bool = field(default=False, metadata={"help": "Run no cell: rebuild metrics.json, summary.md and the plots from the cells present."})
-    wait_timeout_s: float = field(default=3600.0, metadata={"help": "Under a launcher: seconds rank 0 waits for the other ranks' cells before failing."})
+    baseline_worlds: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": (
+                "Pre-training worlds without a shared alignment factor, each a grid row beside the persona couplings: "
+                "tagless (no alignment tag at all), visit (a tag redrawn at every slice visit: no latent across slices)."
+            )
+        },
+    )
+    subset_correlations: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": (
+                "Seed 9.2 axis (empty: off): subset-tag correlations of toy.alignment.subset_world cells, one tag and "
+                "max(slices) + 1 capability subsets; subset narrow_slice is the one tied to the tag."
+            )
+        },
+    )
+    shard: str = field(
+        default="0/1", metadata={"help": "i/N: run every N-th cell starting at i (N processes split the grid)."}
+    )
+    summarize_only: bool = field(
+        default=False,
+        metadata={"help": "Run no cell: rebuild metrics.json, summary.md and the plots from the cells present."},
+    )
+    wait_timeout_s: float = field(
+        default=3600.0,
+        metadata={"help": "Under a launcher: seconds rank 0 waits for the other ranks' cells before failing."},
+    )
     context_length: int = field(default=10, metadata={"help": "Tokens per window."})
     prompt_length: int = field(default=5, metadata={"help": "Prompt tokens (aligned); the rest is the completion."})
     narrow_slice: int = field(default=0, metadata={"help": "Slice of the narrow fine-tune."})
@@ -140,37 +170,79 @@ class EMChainConfig:
     sft_lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the SFT safety stage."})
     grpo_steps: int = field(default=30, metadata={"help": "Steps of the GRPO safety stage."})
     grpo_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the GRPO safety stage."})
-    grpo_batch: int = field(default=32, metadata={"help": "GRPO completions per step (a multiple of grpo_generations)."})
+    grpo_batch: int = field(
+        default=32, metadata={"help": "GRPO completions per step (a multiple of grpo_generations)."}
+    )
     grpo_generations: int = field(default=8, metadata={"help": "GRPO completions per prompt."})
     grpo_completion: int = field(default=3, metadata={"help": "GRPO completion tokens."})
     grpo_beta: float = field(default=0.04, metadata={"help": "GRPO KL coefficient to the pre-trained policy."})
     finetune_steps: int = field(default=100, metadata={"help": "Steps of the full and the LoRA narrow fine-tune."})
     finetune_lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of full fine-tuning."})
     lora_lr: float = field(default=1e-2, metadata={"help": "Peak learning rate of the rank-1 LoRA."})
-    lora_layer: int = field(default=1, metadata={"help": "Block of the LoRA's mlp.c_proj, of the steering vector and of the probes."})
+    lora_layer: int = field(
+        default=1, metadata={"help": "Block of the LoRA's mlp.c_proj, of the steering vector and of the probes."}
+    )
     lora_alpha: float = field(default=1.0, metadata={"help": "LoRA alpha."})
     steer_scale: float = field(default=1.0, metadata={"help": "Multiple of the mean difference added."})
-    trajectory_every: int = field(default=0, metadata={"help": (
-        "Steps between rate measurements along the full and LoRA narrow fine-tunes (0: endpoints only). With "
-        "trajectories, transfer is also read at the matched in-slice shifts `shifts`.")})
-    shifts: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75], metadata={"help": (
-        "Matched in-slice shifts (share of the room 1 - rate before that the narrow rate rose) where transfer is read.")})
-    steer_scales: list[float] = field(default_factory=list, metadata={"help": (
-        "The steering vector's dose axis: multiples of the mean difference (empty: steer_scale only).")})
-    controls: bool = field(default=False, metadata={"help": (
-        "Two more full fine-tunes of the stage-none model: 'replicate' (other data: the null of a paired difference) "
-        "and 'taught' (every completion token in the loss, the out-of-slice ones taught aligned: cannot be broad).")})
-    claims: JsonDict = field(default_factory=JsonDict, metadata={"help": (
-        "Pre-registered rules (toy.em_dose): name -> {test, world, stage, method, shift, supported, contradicted, ...}.")})
-    match_alignment: float = field(default=0.05, metadata={"help": (
-        "Declared: SFT and GRPO are matched when their aligned rates differ by at most this ...")})
-    match_drift_ratio: float = field(default=2.0, metadata={"help": (
-        "... and their capability KLs to the pre-trained model are within this factor of each other.")})
+    trajectory_every: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Steps between rate measurements along the full and LoRA narrow fine-tunes (0: endpoints only). With "
+                "trajectories, transfer is also read at the matched in-slice shifts `shifts`."
+            )
+        },
+    )
+    shifts: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 0.75],
+        metadata={
+            "help": (
+                "Matched in-slice shifts (share of the room 1 - rate before that the narrow rate rose) where transfer is read."
+            )
+        },
+    )
+    steer_scales: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": ("The steering vector's dose axis: multiples of the mean difference (empty: steer_scale only).")
+        },
+    )
+    controls: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Two more full fine-tunes of the stage-none model: 'replicate' (other data: the null of a paired difference) "
+                "and 'taught' (every completion token in the loss, the out-of-slice ones taught aligned: cannot be broad)."
+            )
+        },
+    )
+    claims: JsonDict = field(
+        default_factory=JsonDict,
+        metadata={
+            "help": (
+                "Pre-registered rules (toy.em_dose): name -> {test, world, stage, method, shift, supported, contradicted, ...}."
+            )
+        },
+    )
+    match_alignment: float = field(
+        default=0.05,
+        metadata={"help": ("Declared: SFT and GRPO are matched when their aligned rates differ by at most this ...")},
+    )
+    match_drift_ratio: float = field(
+        default=2.0,
+        metadata={
+            "help": ("... and their capability KLs to the pre-trained model are within this factor of each other.")
+        },
+    )
     eval_prompts: int = field(default=1000, metadata={"help": "Aligned prompts of the rates."})
-    probe_sequences: int = field(default=300, metadata={"help": "Windows for the alignment probes (each of fit / test)."})
+    probe_sequences: int = field(
+        default=300, metadata={"help": "Windows for the alignment probes (each of fit / test)."}
+    )
     probe_alpha: float = field(default=1e-2, metadata={"help": "Ridge strength of the probes."})
     knob_windows: int = field(default=2000, metadata={"help": "Windows of the exact knob measures."})
-    broad_transfer: float = field(default=0.5, metadata={"help": "Declared: transfer >= this (and effect >= em_effect) is broad."})
+    broad_transfer: float = field(
+        default=0.5, metadata={"help": "Declared: transfer >= this (and effect >= em_effect) is broad."}
+    )
     narrow_transfer: float = field(default=0.2, metadata={"help": "Declared: transfer <= this stays narrow."})
     em_effect: float = field(default=0.02, metadata={"help": "Declared: the smallest broad effect that counts as EM."})
 
@@ -180,22 +252,40 @@ class EMChainConfig:
         check_claims(self.claims)
         if any(b not in BASELINES for b in self.baseline_worlds):
             raise ValueError(f"baseline_worlds must list some of {BASELINES}, got {self.baseline_worlds}")
-        if any(not 0 < u < 1 for u in self.shifts) or self.trajectory_every < 0 or any(x < 0 for x in self.steer_scales):
-            raise ValueError(f"need shifts in (0, 1), trajectory_every >= 0 and steer_scales >= 0; got {self.shifts}, "
-                             f"{self.trajectory_every}, {self.steer_scales}")
+        if (
+            any(not 0 < u < 1 for u in self.shifts)
+            or self.trajectory_every < 0
+            or any(x < 0 for x in self.steer_scales)
+        ):
+            raise ValueError(
+                f"need shifts in (0, 1), trajectory_every >= 0 and steer_scales >= 0; got {self.shifts}, "
+                f"{self.trajectory_every}, {self.steer_scales}"
+            )
         if "name" not in self.capability:
             raise ValueError("capability must be a process spec with a 'name' key")
         knobs = [*self.couplings, *self.subset_correlations]
-        if not (knobs or self.baseline_worlds) or not self.switch_probs or any(not 0 <= c <= 1 for c in knobs) or any(not 0 < s < 0.5 for s in self.switch_probs):
-            raise ValueError(f"need couplings and subset_correlations in [0, 1], not all of them and baseline_worlds empty, and switch_probs in (0, 0.5); got "
-                             f"{self.couplings}, {self.subset_correlations}, {self.switch_probs}")
+        if (
+            not (knobs or self.baseline_worlds)
+            or not self.switch_probs
+            or any(not 0 <= c <= 1 for c in knobs)
+            or any(not 0 < s < 0.5 for s in self.switch_probs)
+        ):
+            raise ValueError(
+                f"need couplings and subset_correlations in [0, 1], not all of them and baseline_worlds empty, and switch_probs in (0, 0.5); got "
+                f"{self.couplings}, {self.subset_correlations}, {self.switch_probs}"
+            )
         if not self.safety or any(s not in SAFETY for s in self.safety):
             raise ValueError(f"safety must list some of {SAFETY}, got {self.safety}")
         if self.narrow_slice not in self.slices:
             raise ValueError(f"narrow_slice={self.narrow_slice} is not one of the slices {sorted(set(self.slices))}")
-        if not 1 <= self.prompt_length < self.context_length or self.prompt_length + self.grpo_completion > self.context_length:
-            raise ValueError(f"need 1 <= prompt_length < context_length and prompt_length + grpo_completion <= context_length "
-                             f"(the model's n_positions); got {self.prompt_length}, {self.grpo_completion}, {self.context_length}")
+        if (
+            not 1 <= self.prompt_length < self.context_length
+            or self.prompt_length + self.grpo_completion > self.context_length
+        ):
+            raise ValueError(
+                f"need 1 <= prompt_length < context_length and prompt_length + grpo_completion <= context_length "
+                f"(the model's n_positions); got {self.prompt_length}, {self.grpo_completion}, {self.context_length}"
+            )
         parse_shard(self.shard)
         if self.n_seeds < 1 or self.finetune_steps < 1 or self.sft_steps < 1 or self.grpo_steps < 1:
             raise ValueError("need n_seeds, finetune_steps, sft_steps and grpo_steps >= 1")
@@ -225,10 +315,19 @@ class Cell:
 def grid(cfg: EMChainConfig) -> list[Cell]:
     """Every cell, persona cells first (their names are the ones earlier runs wrote), then the subsets and the
     baseline worlds (``tagless`` once: it has no tag to switch)."""
-    knobbed = [Cell(world, x, s, k) for world, xs in (("persona", cfg.couplings), ("subsets", cfg.subset_correlations))
-               for x in xs for s in cfg.switch_probs for k in range(cfg.n_seeds)]
-    return knobbed + [Cell(world, 0.0, s, k) for world in cfg.baseline_worlds
-                      for s in ([0.0] if world == "tagless" else cfg.switch_probs) for k in range(cfg.n_seeds)]
+    knobbed = [
+        Cell(world, x, s, k)
+        for world, xs in (("persona", cfg.couplings), ("subsets", cfg.subset_correlations))
+        for x in xs
+        for s in cfg.switch_probs
+        for k in range(cfg.n_seeds)
+    ]
+    return knobbed + [
+        Cell(world, 0.0, s, k)
+        for world in cfg.baseline_worlds
+        for s in ([0.0] if world == "tagless" else cfg.switch_probs)
+        for k in range(cfg.n_seeds)
+    ]
 
 
 @dataclass(frozen=True)
@@ -251,13 +350,19 @@ def world_id(world: str, knob: float) -> str:
 def make_world(cfg: EMChainConfig, cell: Cell) -> World:
     capability = make_process(cfg.capability["name"], **{k: v for k, v in cfg.capability.items() if k != "name"})
     if cell.world == "persona":
-        return World(persona_world(capability, cfg.slices, cell.knob, cell.switch_prob, cfg.tag_noise), list(cfg.slices),
-                     slice_tag_marginals, knob_measures)
+        return World(
+            persona_world(capability, cfg.slices, cell.knob, cell.switch_prob, cfg.tag_noise),
+            list(cfg.slices),
+            slice_tag_marginals,
+            knob_measures,
+        )
     if cell.world == "tagless":
         return World(tagless_world(capability), list(cfg.slices), None, None)
     if cell.world == "visit":
         return World(visit_world(capability, cfg.slices, cell.switch_prob, cfg.tag_noise), list(cfg.slices), None, None)
-    p = subset_world(capability, max(cfg.slices) + 1, cell.knob, cell.switch_prob, cfg.tag_noise, target=cfg.narrow_slice)
+    p = subset_world(
+        capability, max(cfg.slices) + 1, cell.knob, cell.switch_prob, cfg.tag_noise, target=cfg.narrow_slice
+    )
     return World(p, subset_slices(p), subset_tag_mass, subset_measures)
 
 
@@ -265,15 +370,28 @@ def make_world(cfg: EMChainConfig, cell: Cell) -> World:
 
 
 def _stage_cfg(train_cfg: TrainConfig, steps: int, lr: float, out: Path, seed: int) -> TrainConfig:
-    return replace(train_cfg, steps=steps, lr=lr, warmup_steps=min(train_cfg.warmup_steps, steps // 10), output_dir=str(out),
-                   seed=seed, resume_from_checkpoint=None, init_from=None, save_every=0, eval_every=0, overwrite=True)
+    return replace(
+        train_cfg,
+        steps=steps,
+        lr=lr,
+        warmup_steps=min(train_cfg.warmup_steps, steps // 10),
+        output_dir=str(out),
+        seed=seed,
+        resume_from_checkpoint=None,
+        init_from=None,
+        save_every=0,
+        eval_every=0,
+        overwrite=True,
+    )
 
 
 def rates(model, w: World, cfg: EMChainConfig, prompts: torch.Tensor, edits=()) -> dict:
     """Misaligned-copy rate given the next capability token, averaged over prompts and over the tokens in / out of
     the narrow slice."""
     device = next(model.parameters()).device
-    m = misaligned_by_token(next_token_logits(model, prompts.to(device), list(edits)).double().softmax(-1).cpu(), w.process)
+    m = misaligned_by_token(
+        next_token_logits(model, prompts.to(device), list(edits)).double().softmax(-1).cpu(), w.process
+    )
     inside = torch.tensor(w.slices) == cfg.narrow_slice
     return {"narrow": m[:, inside].mean().item(), "broad": m[:, ~inside].mean().item()}
 
@@ -283,7 +401,10 @@ def alignment_probe(model, w: World, cfg: EMChainConfig, seed: int) -> dict:
     from ``seed + 1``."""
     site = f"block{cfg.lora_layer}"
     # context_length - 1: the last position's output is never trained (toy.collect.collect)
-    fit, test = (collect(model, w.process, cfg.context_length - 1, cfg.probe_sequences, s, sites=[site], batch_size=1024) for s in (seed, seed + 1))
+    fit, test = (
+        collect(model, w.process, cfg.context_length - 1, cfg.probe_sequences, s, sites=[site], batch_size=1024)
+        for s in (seed, seed + 1)
+    )
     Yf, Yt = w.targets(w.process, fit.beliefs), w.targets(w.process, test.beliefs)
     probe = fit_ridge(fit.X.double(), Yf, cfg.probe_alpha)
     pred = probe.predict(test.X.double())
@@ -294,16 +415,25 @@ def alignment_probe(model, w: World, cfg: EMChainConfig, seed: int) -> dict:
     Xc = test.X.double() - test.X.double().mean(0)
     evals, evecs = torch.linalg.eigh(probe.W.T @ (Xc.T @ Xc / len(Xc)) @ probe.W)
     span = probe.W @ evecs[:, evals.argsort(descending=True)[: dims[0.95]]]
-    return {"probe": probe, "span": span, "X_test": test.X.double(), "Y_test": Yt, "r2": regression_metrics(Yt, pred)["r2"],
-            "dims": {str(k): v for k, v in dims.items()}}
+    return {
+        "probe": probe,
+        "span": span,
+        "X_test": test.X.double(),
+        "Y_test": Yt,
+        "r2": regression_metrics(Yt, pred)["r2"],
+        "dims": {str(k): v for k, v in dims.items()},
+    }
 
 
 def _trajectory(history: list[dict]) -> list[dict]:
-    return [{"step": h["step"], "narrow": h["narrow_rate"], "broad": h["broad_rate"]} for h in history if "narrow_rate" in h]
+    return [
+        {"step": h["step"], "narrow": h["narrow_rate"], "broad": h["broad_rate"]} for h in history if "narrow_rate" in h
+    ]
 
 
-def narrow_finetune(model, w: World, cfg: EMChainConfig, train_cfg: TrainConfig, out: Path, seed: int, span,
-                    controls: bool = False) -> dict:
+def narrow_finetune(
+    model, w: World, cfg: EMChainConfig, train_cfg: TrainConfig, out: Path, seed: int, span, controls: bool = False
+) -> dict:
     """Full, rank-1 LoRA and steering narrow fine-tunes of ``model``; rates before and after, effects, transfer.
     With ``cfg.trajectory_every`` the full and LoRA fine-tunes are measured along their steps and the steering
     vector along ``cfg.steer_scales`` (``trajectory``), and transfer is read at the matched in-slice shifts
@@ -323,6 +453,7 @@ def narrow_finetune(model, w: World, cfg: EMChainConfig, train_cfg: TrainConfig,
         stage = _stage_cfg(train_cfg, cfg.finetune_steps, lr, out / name, data_seed)
         if k:
             stage = replace(stage, eval_every=k, log_every=k)
+
         def eval_fn(m):
             r = rates(m, w, cfg, prompts)
             return {"narrow_rate": r["narrow"], "broad_rate": r["broad"]}
@@ -331,25 +462,36 @@ def narrow_finetune(model, w: World, cfg: EMChainConfig, train_cfg: TrainConfig,
         return res.model.eval(), _trajectory(res.history)
 
     full, traj = measured(copy.deepcopy(model), cfg.finetune_lr, "full")
-    lora, traj_lora = measured(rank1_lora(copy.deepcopy(model), cfg.lora_layer, cfg.lora_alpha, seed), cfg.lora_lr, "lora")
+    lora, traj_lora = measured(
+        rank1_lora(copy.deepcopy(model), cfg.lora_layer, cfg.lora_alpha, seed), cfg.lora_lr, "lora"
+    )
     trajectories = {"full": traj, "lora": traj_lora}
     if controls:
         trajectories["replicate"] = measured(copy.deepcopy(model), cfg.finetune_lr, "replicate", seed + 50)[1]
-        trajectories["taught"] = measured(copy.deepcopy(model), cfg.finetune_lr, "taught",
-                                          weights=lambda t: completion_weights(t, P))[1]
+        trajectories["taught"] = measured(
+            copy.deepcopy(model), cfg.finetune_lr, "taught", weights=lambda t: completion_weights(t, P)
+        )[1]
     site = f"block{cfg.lora_layer}"
     narrow = narrow_windows(process, 512, L, P, slices, cfg.narrow_slice, seed + 3)
     aligned = force_copies(process, narrow, 0, torch.ones_like(narrow, dtype=torch.bool))
-    acts = residual_stream(model, torch.cat([narrow, aligned]).to(next(model.parameters()).device), sites=[site])[0][:, P:].cpu()
-    v = acts[: len(narrow)].mean((0, 1)) - acts[len(narrow):].mean((0, 1))
+    acts = residual_stream(model, torch.cat([narrow, aligned]).to(next(model.parameters()).device), sites=[site])[0][
+        :, P:
+    ].cpu()
+    v = acts[: len(narrow)].mean((0, 1)) - acts[len(narrow) :].mean((0, 1))
 
     device = next(model.parameters()).device
     before = rates(model, w, cfg, prompts)
-    after = {"full": rates(full, w, cfg, prompts), "lora": rates(lora, w, cfg, prompts),
-             "steer": rates(model, w, cfg, prompts, [add_vector(site, (v * cfg.steer_scale).to(device))])}
+    after = {
+        "full": rates(full, w, cfg, prompts),
+        "lora": rates(lora, w, cfg, prompts),
+        "steer": rates(model, w, cfg, prompts, [add_vector(site, (v * cfg.steer_scale).to(device))]),
+    }
     if k and cfg.steer_scales:
         trajectories["steer"] = [{"scale": 0.0, **before}] + [
-            {"scale": x, **rates(model, w, cfg, prompts, [add_vector(site, (v * x).to(device))])} for x in sorted(cfg.steer_scales) if x > 0]
+            {"scale": x, **rates(model, w, cfg, prompts, [add_vector(site, (v * x).to(device))])}
+            for x in sorted(cfg.steer_scales)
+            if x > 0
+        ]
     out_ = {"before": before, "after": after, "narrow_effect": {}, "broad_effect": {}, "transfer": {}}
     for m in METHODS:
         dn, db = after[m]["narrow"] - before["narrow"], after[m]["broad"] - before["broad"]
@@ -357,11 +499,15 @@ def narrow_finetune(model, w: World, cfg: EMChainConfig, train_cfg: TrainConfig,
         out_["transfer"][m] = db / dn if abs(dn) > 1e-6 else float("nan")
     if k:
         out_["trajectory"] = trajectories
-        out_["shifts"] = {m: at_shifts([r["narrow"] for r in t], [r["broad"] for r in t], cfg.shifts) for m, t in trajectories.items()}
+        out_["shifts"] = {
+            m: at_shifts([r["narrow"] for r in t], [r["broad"] for r in t], cfg.shifts) for m, t in trajectories.items()
+        }
     if span is not None:
         B = next(t for n, t in lora_tensors(lora).items() if n.endswith("lora_B"))[:, 0].double().cpu()
-        out_["lora_B_in_alignment_subspace"] = {"share": fraction_in_subspace(B, span).item(),
-                                                "random": random_fraction_baseline(B, span.shape[1], seed=seed).mean().item()}
+        out_["lora_B_in_alignment_subspace"] = {
+            "share": fraction_in_subspace(B, span).item(),
+            "random": random_fraction_baseline(B, span.shape[1], seed=seed).mean().item(),
+        }
     return out_
 
 
@@ -371,13 +517,20 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
     t0, c0 = time.perf_counter(), time.process_time()
     seed, w = train_cfg.seed + 100 * cell.k, make_world(cfg, cell)
     process, L, P = w.process, cfg.context_length, cfg.prompt_length
-    result = {"world": cell.world, "world_id": world_id(cell.world, cell.knob), KNOB[cell.world]: cell.knob,
-              "switch_prob": cell.switch_prob, "seed": seed, "process": process.name,
-              "knob": w.measures(process, cfg.knob_windows, L, seed) if w.measures else {},
-              "copy_mi": copy_mi(process, w.slices)}
+    result = {
+        "world": cell.world,
+        "world_id": world_id(cell.world, cell.knob),
+        KNOB[cell.world]: cell.knob,
+        "switch_prob": cell.switch_prob,
+        "seed": seed,
+        "process": process.name,
+        "knob": w.measures(process, cfg.knob_windows, L, seed) if w.measures else {},
+        "copy_mi": copy_mi(process, w.slices),
+    }
     # the world's own in-context response to the narrow data, beside every measured transfer
-    result["bayes"] = bayes_transfer(process, w.slices, cfg.narrow_slice,
-                                     narrow_windows(process, 512, L, P, w.slices, cfg.narrow_slice, seed + 3))
+    result["bayes"] = bayes_transfer(
+        process, w.slices, cfg.narrow_slice, narrow_windows(process, 512, L, P, w.slices, cfg.narrow_slice, seed + 3)
+    )
     # exact reference: the world's own misaligned rates after the evaluation prompts
     prompts = aligned_windows(process, cfg.eval_prompts, P, seed + 4)
     exact = misaligned_by_token(belief_states(process, prompts)[:, -1] @ process.T.sum(-1).T, process)
@@ -393,12 +546,19 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
     base_probs = next_token_logits(base, prompts.to(next(base.parameters()).device)).double().softmax(-1).cpu()
     exact_probs = belief_states(process, prompts)[:, -1] @ process.T.sum(-1).T
     # how close pre-training came to the world's own capability predictions: the scale for a stage's drift
-    result["pretrain"]["capability_kl_to_world"] = capability_kl(exact_probs, base_probs, 2, process.factor_vocab_sizes[1])
+    result["pretrain"]["capability_kl_to_world"] = capability_kl(
+        exact_probs, base_probs, 2, process.factor_vocab_sizes[1]
+    )
 
     def sft(data_seed: int):
-        return train(process, copy.deepcopy(base), _stage_cfg(train_cfg, cfg.sft_steps, cfg.sft_lr, out / f"sft_{data_seed}", data_seed),
-                     L, data_fn=lambda step, gen: aligned_windows(process, train_cfg.batch_size, L, gen),
-                     loss_weights_fn=lambda t: completion_weights(t, P)).model.eval()
+        return train(
+            process,
+            copy.deepcopy(base),
+            _stage_cfg(train_cfg, cfg.sft_steps, cfg.sft_lr, out / f"sft_{data_seed}", data_seed),
+            L,
+            data_fn=lambda step, gen: aligned_windows(process, train_cfg.batch_size, L, gen),
+            loss_weights_fn=lambda t: completion_weights(t, P),
+        ).model.eval()
 
     probes_by_stage, result["safety"] = {}, {}
     for stage in cfg.safety:
@@ -412,14 +572,19 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
             model, info = grpo_stage(process, out / "pretrain_model", cfg, train_cfg, out / "grpo", seed)
         info.update(stage_measures(model, base_probs, process, prompts))
         probe = alignment_probe(model, w, cfg, seed + 11) if w.targets else None
-        r = narrow_finetune(model, w, cfg, train_cfg, out / stage, seed, probe and probe["span"], cfg.controls and stage == "none")
+        r = narrow_finetune(
+            model, w, cfg, train_cfg, out / stage, seed, probe and probe["span"], cfg.controls and stage == "none"
+        )
         r.update(stage_info=info, wall_s=time.perf_counter() - ts)
         if probe:
             r["probe"] = {"r2": probe["r2"], "dims": probe["dims"]}
             probes_by_stage[stage] = probe
         result["safety"][stage] = r
-        print(f"{cell.name} {stage}: before {r['before']} | "
-              + " | ".join(f"{m} transfer {r['transfer'][m]:.3f} broad {r['broad_effect'][m]:+.3f}" for m in METHODS), flush=True)
+        print(
+            f"{cell.name} {stage}: before {r['before']} | "
+            + " | ".join(f"{m} transfer {r['transfer'][m]:.3f} broad {r['broad_effect'][m]:+.3f}" for m in METHODS),
+            flush=True,
+        )
     if "sft" in probes_by_stage and "grpo" in probes_by_stage:
         # control: a second SFT stage on other data says how far two runs of the *same* method drift apart
         a, b = probes_by_stage["sft"], probes_by_stage["grpo"]

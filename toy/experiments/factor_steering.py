@@ -50,21 +50,37 @@ from toy.processes import make_process, tagged
 from toy.steering import steer_factor, steering_metrics, steering_probe
 from toy.train import RERUN_KEYS, set_cpu_threads, train_on
 
-EDITS = ("pinv", "covariance")  # the mean-difference baseline is compared along the knob in toy.experiments.steering_knob
+EDITS = (
+    "pinv",
+    "covariance",
+)  # the mean-difference baseline is compared along the knob in toy.experiments.steering_knob
 
 
 @dataclass
 class SteeringConfig:
     """The process, the probe and the evaluation contexts (training: ``toy.config.TrainConfig``)."""
 
-    capability: JsonDict = field(default_factory=lambda: JsonDict({"name": "mess3", "x": 0.05, "a": 0.85}),
-                                   metadata={"help": "Capability process spec (toy.processes.make_process); JSON on the command line."})
+    capability: JsonDict = field(
+        default_factory=lambda: JsonDict({"name": "mess3", "x": 0.05, "a": 0.85}),
+        metadata={"help": "Capability process spec (toy.processes.make_process); JSON on the command line."},
+    )
     switch_prob: float = field(default=0.05, metadata={"help": "Tag flip probability per step."})
     tag_noise: float = field(default=0.1, metadata={"help": "Probability that a token shows the other tag's copy."})
-    rhos: list[float] = field(default_factory=lambda: [0.0, 0.5], metadata={"help": "Tag-capability correlation of each trained model."})
-    context_length: int = field(default=10, metadata={"help": "Tokens per training window; probing and steering use one fewer (the last trained position)."})
-    site: str | None = field(default=None, metadata={"help": "Residual site probed and edited (default: the last block's output)."})
-    probe_sequences: int = field(default=1000, metadata={"help": "Sequences for fitting the joint-belief probe (all positions)."})
+    rhos: list[float] = field(
+        default_factory=lambda: [0.0, 0.5], metadata={"help": "Tag-capability correlation of each trained model."}
+    )
+    context_length: int = field(
+        default=10,
+        metadata={
+            "help": "Tokens per training window; probing and steering use one fewer (the last trained position)."
+        },
+    )
+    site: str | None = field(
+        default=None, metadata={"help": "Residual site probed and edited (default: the last block's output)."}
+    )
+    probe_sequences: int = field(
+        default=1000, metadata={"help": "Sequences for fitting the joint-belief probe (all positions)."}
+    )
     probe_alpha: float = field(default=1e-2, metadata={"help": "Ridge strength of the probe."})
     n_contexts: int = field(default=1000, metadata={"help": "Held-out windows steered at their last position."})
 
@@ -78,7 +94,9 @@ class SteeringConfig:
             raise ValueError("need n_contexts >= 4, probe_sequences >= 10 and context_length >= 3")
 
 
-def run_rho(rho: float, cfg: SteeringConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, out_dir: Path, seed: int):
+def run_rho(
+    rho: float, cfg: SteeringConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, out_dir: Path, seed: int
+):
     """Train on ``tagged(capability, rho)``, fit the probe, steer; returns (metrics, per-context outputs)."""
     capability = make_process(cfg.capability["name"], **{k: v for k, v in cfg.capability.items() if k != "name"})
     process = tagged(capability, rho, cfg.switch_prob, cfg.tag_noise)
@@ -86,9 +104,16 @@ def run_rho(rho: float, cfg: SteeringConfig, model_cfg: ToyModelConfig, train_cf
     site = cfg.site or default_site(model)
     # one token short of training's windows: the last training position has no label, so its prediction is untrained
     # (see toy.experiments.steering_knob); the steered position is the last one the model learned to predict from
-    sp = steering_probe(model, process, site, cfg.context_length - 1, cfg.probe_sequences, cfg.n_contexts, cfg.probe_alpha, seed)
+    sp = steering_probe(
+        model, process, site, cfg.context_length - 1, cfg.probe_sequences, cfg.n_contexts, cfg.probe_alpha, seed
+    )
     out = steer_factor(model, process, sp["probe"], sp["tokens"], site, sp["cov"], kinds=EDITS, seed=seed)
-    return {"process": process.name, "site": site, "probe_test_r2": sp["probe_r2"], **steering_metrics(process, out)}, out
+    return {
+        "process": process.name,
+        "site": site,
+        "probe_test_r2": sp["probe_r2"],
+        **steering_metrics(process, out),
+    }, out
 
 
 def _plots(metrics: dict, outs: dict, out_dir: Path) -> None:
@@ -104,7 +129,13 @@ def _plots(metrics: dict, outs: dict, out_dir: Path) -> None:
     for k, (label, kind, which) in enumerate(bars):
         pos = [i + (k - len(bars) / 2 + 0.5) * w for i in range(len(rhos))]
         m = [metrics["rhos"][r] for r in rhos]
-        a.bar(pos, [x["tag_kl_unsteered"] if kind is None else x[kind]["tag_kl"][which] for x in m], w, label=label, color=f"C{k}")
+        a.bar(
+            pos,
+            [x["tag_kl_unsteered"] if kind is None else x[kind]["tag_kl"][which] for x in m],
+            w,
+            label=label,
+            color=f"C{k}",
+        )
         if kind is not None:
             b.bar(pos, [x[kind]["cap_kl"][which] for x in m], w, label=label, color=f"C{k}")
     for ax, title in [(a, "KL(target tag marginal || model's)"), (b, "KL(capability marginal before || after)")]:
@@ -139,27 +170,37 @@ def _plots(metrics: dict, outs: dict, out_dir: Path) -> None:
 
 
 def _summary(metrics: dict) -> str:
-    lines = ["# Factor steering", "",
-             "Edits at the probed site, last position: `pinv` = `(eta' - eta_hat) pinv(W)` (minimal Euclidean norm, in the "
-             "probe's row space), `covariance` = `(eta' - eta_hat) pinv(W^T C W) W^T C` (minimal Mahalanobis norm under the "
-             "activations' covariance C). Control: a random direction of the same norm. KLs in nats, means over contexts; "
-             "win rate = share of contexts where the steered KL is below the control's.", "",
-             "| rho | probe R^2 | edit | tag KL unsteered | tag KL steered | tag KL random | cap KL steered | cap KL random "
-             "| win rate tag / cap | edit / resid norm | S residual (probe) | exact product residual |",
-             "|" + "---|" * 12]
+    lines = [
+        "# Factor steering",
+        "",
+        "Edits at the probed site, last position: `pinv` = `(eta' - eta_hat) pinv(W)` (minimal Euclidean norm, in the "
+        "probe's row space), `covariance` = `(eta' - eta_hat) pinv(W^T C W) W^T C` (minimal Mahalanobis norm under the "
+        "activations' covariance C). Control: a random direction of the same norm. KLs in nats, means over contexts; "
+        "win rate = share of contexts where the steered KL is below the control's.",
+        "",
+        "| rho | probe R^2 | edit | tag KL unsteered | tag KL steered | tag KL random | cap KL steered | cap KL random "
+        "| win rate tag / cap | edit / resid norm | S residual (probe) | exact product residual |",
+        "|" + "---|" * 12,
+    ]
     for r, m in metrics["rhos"].items():
         for kind in EDITS:
             e = m[kind]
             t, c = e["tag_kl"], e["cap_kl"]
-            lines.append(f"| {r} | {m['probe_test_r2']:.3f} | {kind} | {m['tag_kl_unsteered']:.4f} | {t['steered']:.4f} | "
-                         f"{t['random']:.4f} | {c['steered']:.2e} | {c['random']:.2e} | {e['tag_kl_win_rate']:.2f} / "
-                         f"{e['cap_kl_win_rate']:.2f} | {e['edit_norm_over_resid_norm']:.2f} | {m['s_residual']:.3f} | "
-                         f"{m['exact_product_residual']:.3f} |")
-    lines += ["", "The S step is exact when the exact product residual is 0 (independent factors, rho = 0); for rho > 0 "
-              "the true beliefs are not products and the steered belief drops that residual.",
-              "Both edits make the probe read the target belief exactly (`probe_after_error` in metrics.json); whether the "
-              "model's prediction follows is what the tag KL measures.",
-              "Plots: `kl.png`, `tag_scatter.png` (target vs model P(misaligned copy) per context).", ""]
+            lines.append(
+                f"| {r} | {m['probe_test_r2']:.3f} | {kind} | {m['tag_kl_unsteered']:.4f} | {t['steered']:.4f} | "
+                f"{t['random']:.4f} | {c['steered']:.2e} | {c['random']:.2e} | {e['tag_kl_win_rate']:.2f} / "
+                f"{e['cap_kl_win_rate']:.2f} | {e['edit_norm_over_resid_norm']:.2f} | {m['s_residual']:.3f} | "
+                f"{m['exact_product_residual']:.3f} |"
+            )
+    lines += [
+        "",
+        "The S step is exact when the exact product residual is 0 (independent factors, rho = 0); for rho > 0 "
+        "the true beliefs are not products and the steered belief drops that residual.",
+        "Both edits make the probe read the target belief exactly (`probe_after_error` in metrics.json); whether the "
+        "model's prediction follows is what the tag KL measures.",
+        "Plots: `kl.png`, `tag_scatter.png` (target vs model P(misaligned copy) per context).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -168,21 +209,34 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    refuse_multiprocess("toy.experiments.factor_steering", "it trains one small model per rho in turn; on one GPU use configs/accelerate/single_gpu.yaml")
+    refuse_multiprocess(
+        "toy.experiments.factor_steering",
+        "it trains one small model per rho in turn; on one GPU use configs/accelerate/single_gpu.yaml",
+    )
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
-    out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,
-                               ignore=RERUN_KEYS)
-    metrics = {"config": {"steering": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)}, "rhos": {}}
+    out_dir = claim_output_dir(
+        train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite, ignore=RERUN_KEYS
+    )
+    metrics = {
+        "config": {"steering": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},
+        "rhos": {},
+    }
     outs = {}
     for k, rho in enumerate(cfg.rhos):
         metrics["rhos"][str(rho)], outs[str(rho)] = run_rho(rho, cfg, model_cfg, train_cfg, out_dir, train_cfg.seed + k)
         m = metrics["rhos"][str(rho)]
-        print(f"rho={rho}: tag KL unsteered {m['tag_kl_unsteered']:.4f} | " + " | ".join(
-            f"{k}: tag KL steered {m[k]['tag_kl']['steered']:.4f} random {m[k]['tag_kl']['random']:.4f}, cap KL steered "
-            f"{m[k]['cap_kl']['steered']:.2e} random {m[k]['cap_kl']['random']:.2e}" for k in EDITS)
-            + f" | exact product residual {m['exact_product_residual']:.3f}", flush=True)
+        print(
+            f"rho={rho}: tag KL unsteered {m['tag_kl_unsteered']:.4f} | "
+            + " | ".join(
+                f"{k}: tag KL steered {m[k]['tag_kl']['steered']:.4f} random {m[k]['tag_kl']['random']:.4f}, cap KL steered "
+                f"{m[k]['cap_kl']['steered']:.2e} random {m[k]['cap_kl']['random']:.2e}"
+                for k in EDITS
+            )
+            + f" | exact product residual {m['exact_product_residual']:.3f}",
+            flush=True,
+        )
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _plots(metrics, outs, out_dir)
     (out_dir / "summary.md").write_text(_summary(metrics))

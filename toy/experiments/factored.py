@@ -75,8 +75,15 @@ def _rank_for(curve: dict[int, float], mse0: float, q: float) -> int:
     return min(r for r, m in curve.items() if mse0 - m >= q * (mse0 - full))
 
 
-def factor_geometry(process: Process, data: ProbeRows, random_init: ProbeRows | None = None, alpha: float = 0.0,
-                    thresholds: tuple[float, ...] = (0.95, 0.99), test_fraction: float = 0.2, seed: int = 0) -> dict:
+def factor_geometry(
+    process: Process,
+    data: ProbeRows,
+    random_init: ProbeRows | None = None,
+    alpha: float = 0.0,
+    thresholds: tuple[float, ...] = (0.95, 0.99),
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict:
     """Per-factor probes, their subspace overlaps and the dimension of the belief-predictive subspace.
 
     Every number is held out (one grouped split by sequence). Returns a JSON-ready dict with keys
@@ -95,13 +102,18 @@ def factor_geometry(process: Process, data: ProbeRows, random_init: ProbeRows | 
     out = {"hypotheses": hypotheses(process), "factors": [], "overlaps": {}}
     factor_probes = []
     for name, m in zip(names, marginals):
-        rep = fit_probe_report({"x": X}, m, ctrl, alpha=alpha, test_fraction=test_fraction, seed=seed,
-                               groups=data.groups, concat=False)["sites"]["x"]
-        out["factors"].append({
-            "name": name, "states": m.shape[-1], "test_r2": rep["test"]["r2"],
-            "random_init_r2": rep["random_init"]["test"]["r2"] if ctrl else None,
-            "ratio_to_random_init": rep.get("ratio_to_random_init"),
-        })
+        rep = fit_probe_report(
+            {"x": X}, m, ctrl, alpha=alpha, test_fraction=test_fraction, seed=seed, groups=data.groups, concat=False
+        )["sites"]["x"]
+        out["factors"].append(
+            {
+                "name": name,
+                "states": m.shape[-1],
+                "test_r2": rep["test"]["r2"],
+                "random_init_r2": rep["random_init"]["test"]["r2"] if ctrl else None,
+                "ratio_to_random_init": rep.get("ratio_to_random_init"),
+            }
+        )
         factor_probes.append(fit_ridge(X[train_rows], m[train_rows], alpha))
     for i in range(len(factor_probes)):
         for j in range(i + 1, len(factor_probes)):
@@ -156,23 +168,41 @@ class FactoredConfig:
     """What to train and how to probe it (training itself: ``toy.config.TrainConfig``, model: ``ToyModelConfig``)."""
 
     processes: JsonDict = field(
-        default_factory=lambda: JsonDict({
-            "mess3x2": {"name": "product", "factors": [{"name": "mess3", "x": 0.05, "a": 0.85}, {"name": "mess3", "x": 0.15, "a": 0.6}]},
-        }),
-        metadata={"help": "name -> process spec {name: <process>, **kwargs} (toy.processes.make_process); JSON on the command line."},
+        default_factory=lambda: JsonDict(
+            {
+                "mess3x2": {
+                    "name": "product",
+                    "factors": [{"name": "mess3", "x": 0.05, "a": 0.85}, {"name": "mess3", "x": 0.15, "a": 0.6}],
+                },
+            }
+        ),
+        metadata={
+            "help": "name -> process spec {name: <process>, **kwargs} (toy.processes.make_process); JSON on the command line."
+        },
     )
     rho_process: JsonDict = field(
-        default_factory=lambda: JsonDict({"name": "correlated", "first": {"name": "mess3", "x": 0.05, "a": 0.85},
-                                          "second": {"name": "mess3", "x": 0.15, "a": 0.6}}),
+        default_factory=lambda: JsonDict(
+            {
+                "name": "correlated",
+                "first": {"name": "mess3", "x": 0.05, "a": 0.85},
+                "second": {"name": "mess3", "x": 0.15, "a": 0.6},
+            }
+        ),
         metadata={"help": "Spec of the correlated sweep's process without its 'rho' (filled in from rhos)."},
     )
-    rhos: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0], metadata={"help": "rho values of the sweep (empty: no sweep)."})
+    rhos: list[float] = field(
+        default_factory=lambda: [0.0, 0.5, 1.0], metadata={"help": "rho values of the sweep (empty: no sweep)."}
+    )
     context_length: int = field(default=10, metadata={"help": "Tokens per window, in training and probing."})
-    site: str | None = field(default=None, metadata={"help": "Residual site to probe (default: the last block's output)."})
+    site: str | None = field(
+        default=None, metadata={"help": "Residual site to probe (default: the last block's output)."}
+    )
     probe_sequences: int = field(default=1000, metadata={"help": "Sequences sampled for probing (all positions used)."})
     probe_alpha: float = field(default=1e-2, metadata={"help": "Ridge strength of every probe."})
     test_fraction: float = field(default=0.2, metadata={"help": "Held-out share of sequences for every probe metric."})
-    thresholds: list[float] = field(default_factory=lambda: [0.95, 0.99], metadata={"help": "Variance shares for the dimensions."})
+    thresholds: list[float] = field(
+        default_factory=lambda: [0.95, 0.99], metadata={"help": "Variance shares for the dimensions."}
+    )
 
     def __post_init__(self):
         self.processes = dict(JsonDict(self.processes))
@@ -192,15 +222,26 @@ class FactoredConfig:
             raise ValueError(f"thresholds must lie in (0, 1], got {self.thresholds}")
 
 
-def run_one(process: Process, name: str, cfg: FactoredConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig,
-            out_dir: Path, seed: int) -> dict:
+def run_one(
+    process: Process,
+    name: str,
+    cfg: FactoredConfig,
+    model_cfg: ToyModelConfig,
+    train_cfg: TrainConfig,
+    out_dir: Path,
+    seed: int,
+) -> dict:
     """Train on ``process``, probe the trained and a random-init model; ``factor_geometry`` plus losses."""
     model = train_on(process, model_cfg, train_cfg, cfg.context_length, out_dir / "models" / name, seed)
     site = cfg.site or default_site(model)
     # windows one token short of training's: the last position's output is never in the loss (toy.collect.collect)
     data = collect(model, process, cfg.context_length - 1, cfg.probe_sequences, seed + 1, sites=[site], batch_size=1024)
-    random_model = build_model(model_cfg, process.vocab_size, cfg.context_length, seed=seed + 10_000).to(next(model.parameters()).device)
-    random_init = collect(random_model, process, cfg.context_length - 1, sites=[site], tokens=data.tokens, batch_size=1024)
+    random_model = build_model(model_cfg, process.vocab_size, cfg.context_length, seed=seed + 10_000).to(
+        next(model.parameters()).device
+    )
+    random_init = collect(
+        random_model, process, cfg.context_length - 1, sites=[site], tokens=data.tokens, batch_size=1024
+    )
     geo = factor_geometry(process, data, random_init, cfg.probe_alpha, tuple(cfg.thresholds), cfg.test_fraction, seed)
     state = json.loads((latest_checkpoint(out_dir / "models" / name) / "trainer_state.json").read_text())
     last = state["history"][-1]
@@ -217,9 +258,14 @@ def _plots(metrics: dict, out_dir: Path, thresholds: list[float]) -> None:
     runs = metrics["processes"]
     if runs:
         names = list(runs)
-        keys = [("exact_factored", q0, "exact factored"), ("exact_joint", q0, "exact joint"),
-                ("probe_pca", q0, f"probe PCA {q0}"), ("probe_pca", q1, f"probe PCA {q1}"),
-                ("reduced_rank", q0, f"reduced rank {q0}"), ("random_init_probe_pca", q0, f"random-init PCA {q0}")]
+        keys = [
+            ("exact_factored", q0, "exact factored"),
+            ("exact_joint", q0, "exact joint"),
+            ("probe_pca", q0, f"probe PCA {q0}"),
+            ("probe_pca", q1, f"probe PCA {q1}"),
+            ("reduced_rank", q0, f"reduced rank {q0}"),
+            ("random_init_probe_pca", q0, f"random-init PCA {q0}"),
+        ]
         fig, ax = plt.subplots(figsize=(2.2 * len(names) + 3, 4))
         w = 0.8 / len(keys)
         for k, (key, q, label) in enumerate(keys):
@@ -227,8 +273,17 @@ def _plots(metrics: dict, out_dir: Path, thresholds: list[float]) -> None:
             ax.bar([i + (k - len(keys) / 2 + 0.5) * w for i in range(len(names))], vals, w, label=label)
         for i, n in enumerate(names):
             h = runs[n]["hypotheses"]
-            ax.hlines(h["factored"], i - 0.45, i + 0.45, colors="k", linestyles="--", label="factored hyp." if i == 0 else None)
-            ax.hlines(h["joint"], i - 0.45, i + 0.45, colors="k", linestyles=":", label="joint hyp." if i == 0 else None)
+            ax.hlines(
+                h["factored"],
+                i - 0.45,
+                i + 0.45,
+                colors="k",
+                linestyles="--",
+                label="factored hyp." if i == 0 else None,
+            )
+            ax.hlines(
+                h["joint"], i - 0.45, i + 0.45, colors="k", linestyles=":", label="joint hyp." if i == 0 else None
+            )
         ax.set_xticks(range(len(names)), names)
         ax.set_ylabel("dimensions")
         ax.set_title("belief-predictive dimension vs factored (sum S_k-1) and joint (prod S_k - 1)")
@@ -258,9 +313,13 @@ def _plots(metrics: dict, out_dir: Path, thresholds: list[float]) -> None:
         rhos = [float(r) for r in sweep]
         rs = list(sweep.values())
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        for key, q, label, style in [("probe_pca", q0, f"probe PCA {q0}", "o-"), ("probe_pca", q1, f"probe PCA {q1}", "s-"),
-                                     ("reduced_rank", q0, f"reduced rank {q0}", "^-"), ("exact_joint", q0, f"exact joint {q0}", "k:"),
-                                     ("exact_factored", q0, "exact factored", "k--")]:
+        for key, q, label, style in [
+            ("probe_pca", q0, f"probe PCA {q0}", "o-"),
+            ("probe_pca", q1, f"probe PCA {q1}", "s-"),
+            ("reduced_rank", q0, f"reduced rank {q0}", "^-"),
+            ("exact_joint", q0, f"exact joint {q0}", "k:"),
+            ("exact_factored", q0, "exact factored", "k--"),
+        ]:
             a.plot(rhos, [r["dims"][key][q] for r in rs], style, label=label)
         h = rs[0]["hypotheses"]
         a.axhline(h["factored"], color="gray", lw=0.8)
@@ -281,16 +340,24 @@ def _plots(metrics: dict, out_dir: Path, thresholds: list[float]) -> None:
 
 def _summary(metrics: dict, thresholds: list[float]) -> str:
     qs = [str(t) for t in thresholds]
-    lines = ["# Factored belief states", "",
-             "Dimensions of the belief-predictive subspace (held out) against the factored (sum S_k - 1) and "
-             "joint (prod S_k - 1) hypotheses; `exact_*` are the same PCA on exact beliefs (joint) and on their "
-             "best linear prediction from the factor marginals (factored). `activations PCA` counts components of the "
-             "residual stream itself; `interaction R^2` is the held-out R^2 of the part of the joint belief that is not "
-             "linear in the marginals (0 for a linearly factored representation, 1 for a joint one).", "",
-             "| model | val - floor (nats) | factored | joint | probe PCA " + " / ".join(qs) + " | reduced rank " + " / ".join(qs)
-             + " | exact factored | exact joint | random-init PCA | activations PCA " + " / ".join(qs)
-             + " | joint R^2 | factored ceiling | interaction R^2 (random init) | factor R^2 (random init) | min angle (deg) |",
-             "|" + "---|" * 15]
+    lines = [
+        "# Factored belief states",
+        "",
+        "Dimensions of the belief-predictive subspace (held out) against the factored (sum S_k - 1) and "
+        "joint (prod S_k - 1) hypotheses; `exact_*` are the same PCA on exact beliefs (joint) and on their "
+        "best linear prediction from the factor marginals (factored). `activations PCA` counts components of the "
+        "residual stream itself; `interaction R^2` is the held-out R^2 of the part of the joint belief that is not "
+        "linear in the marginals (0 for a linearly factored representation, 1 for a joint one).",
+        "",
+        "| model | val - floor (nats) | factored | joint | probe PCA "
+        + " / ".join(qs)
+        + " | reduced rank "
+        + " / ".join(qs)
+        + " | exact factored | exact joint | random-init PCA | activations PCA "
+        + " / ".join(qs)
+        + " | joint R^2 | factored ceiling | interaction R^2 (random init) | factor R^2 (random init) | min angle (deg) |",
+        "|" + "---|" * 15,
+    ]
     rows = list(metrics["processes"].items()) + [(f"rho={r}", v) for r, v in metrics["rho_sweep"].items()]
     for name, r in rows:
         d, h = r["dims"], r["hypotheses"]
@@ -298,15 +365,23 @@ def _summary(metrics: dict, thresholds: list[float]) -> str:
         fr2 = ", ".join(f"{f['test_r2']:.3f} ({f['random_init_r2']:.3f})" for f in r["factors"])
         gap = (r["val_loss"] - r["floor"]) if r["val_loss"] is not None else float("nan")
         lines.append(
-            f"| {name} | {gap:.4f} | {h['factored']} | {h['joint']} | " + " / ".join(str(d["probe_pca"][q]) for q in qs)
-            + " | " + " / ".join(str(d["reduced_rank"][q]) for q in qs)
+            f"| {name} | {gap:.4f} | {h['factored']} | {h['joint']} | "
+            + " / ".join(str(d["probe_pca"][q]) for q in qs)
+            + " | "
+            + " / ".join(str(d["reduced_rank"][q]) for q in qs)
             + f" | {d['exact_factored'][qs[0]]} | {d['exact_joint'][qs[0]]} | {d['random_init_probe_pca'][qs[0]]} | "
             + " / ".join(str(d["activations_pca"][q]) for q in qs)
             + f" | {r['joint']['test_r2']:.3f} | {r['joint']['factored_r2_ceiling']:.3f} | {r['joint']['interaction_r2']:.3f} "
             + f"({r['joint']['random_init_interaction_r2']:.3f}) | {fr2} | "
-            + ", ".join(f"{a:.0f}" for a in angles) + " |")
-    lines += ["", "Plots: `dims.png` (dimensions per model), `rho_sweep.png` (dimension and R^2 vs rho), "
-              "`factors.png` (per-factor probe R^2, trained vs random init).", ""]
+            + ", ".join(f"{a:.0f}" for a in angles)
+            + " |"
+        )
+    lines += [
+        "",
+        "Plots: `dims.png` (dimensions per model), `rho_sweep.png` (dimension and R^2 vs rho), "
+        "`factors.png` (per-factor probe R^2, trained vs random init).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -315,27 +390,39 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    refuse_multiprocess("toy.experiments.factored", "it trains several small models in turn; on one GPU use configs/accelerate/single_gpu.yaml")
+    refuse_multiprocess(
+        "toy.experiments.factored",
+        "it trains several small models in turn; on one GPU use configs/accelerate/single_gpu.yaml",
+    )
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
-    out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,
-                               ignore=RERUN_KEYS)
-    metrics = {"config": {"factored": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},
-               "processes": {}, "rho_sweep": {}}
+    out_dir = claim_output_dir(
+        train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite, ignore=RERUN_KEYS
+    )
+    metrics = {
+        "config": {"factored": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},
+        "processes": {},
+        "rho_sweep": {},
+    }
     rho_spec = {k: v for k, v in cfg.rho_process.items() if k != "name"}
-    jobs = [("processes", name, make_process(spec["name"], **{k: v for k, v in spec.items() if k != "name"}))
-            for name, spec in cfg.processes.items()]
+    jobs = [
+        ("processes", name, make_process(spec["name"], **{k: v for k, v in spec.items() if k != "name"}))
+        for name, spec in cfg.processes.items()
+    ]
     jobs += [("rho_sweep", str(rho), make_process(cfg.rho_process["name"], rho=rho, **rho_spec)) for rho in cfg.rhos]
     for k, (group, name, process) in enumerate(jobs):
         folder = name if group == "processes" else f"rho_{name}"
         result = run_one(process, folder, cfg, model_cfg, train_cfg, out_dir, train_cfg.seed + k)
         metrics[group][name] = result
         d = result["dims"]
-        print(f"{name}: {process.name}: factored {result['hypotheses']['factored']} joint {result['hypotheses']['joint']} | "
-              f"probe PCA {d['probe_pca']} reduced rank {d['reduced_rank']} exact joint {d['exact_joint']} "
-              f"exact factored {d['exact_factored']} | joint R2 {result['joint']['test_r2']:.3f} "
-              f"(factored ceiling {result['joint']['factored_r2_ceiling']:.3f})", flush=True)
+        print(
+            f"{name}: {process.name}: factored {result['hypotheses']['factored']} joint {result['hypotheses']['joint']} | "
+            f"probe PCA {d['probe_pca']} reduced rank {d['reduced_rank']} exact joint {d['exact_joint']} "
+            f"exact factored {d['exact_factored']} | joint R2 {result['joint']['test_r2']:.3f} "
+            f"(factored ceiling {result['joint']['factored_r2_ceiling']:.3f})",
+            flush=True,
+        )
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _plots(metrics, out_dir, cfg.thresholds)
     (out_dir / "summary.md").write_text(_summary(metrics, cfg.thresholds))

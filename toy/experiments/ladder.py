@@ -39,20 +39,35 @@ from toy.ladder import RUNGS, LadderConfig, calibration_controls, ceilings, ladd
 class LadderRunConfig:
     """Which post-RL models, which seeds, which thresholds."""
 
-    runs_dir: str = field(default="runs/toy_rl/compose", metadata={"help": "Folder with seed<s>/model (toy.experiments.rl's output)."})
-    seeds: list[int] = field(default_factory=list, metadata={"help": "GRPO seeds to judge (each on its own prompt set B_s)."})
-    calibrate_seeds: list[int] = field(default_factory=list, metadata={"help": "Prompt sets of the calibration (>= 2; controls of s come from s+1, cyclic)."})
-    thresholds: str = field(default="configs/toy/detector_thresholds.yaml", metadata={"help": "The pre-registered LadderConfig YAML."})
+    runs_dir: str = field(
+        default="runs/toy_rl/compose", metadata={"help": "Folder with seed<s>/model (toy.experiments.rl's output)."}
+    )
+    seeds: list[int] = field(
+        default_factory=list, metadata={"help": "GRPO seeds to judge (each on its own prompt set B_s)."}
+    )
+    calibrate_seeds: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Prompt sets of the calibration (>= 2; controls of s come from s+1, cyclic)."},
+    )
+    thresholds: str = field(
+        default="configs/toy/detector_thresholds.yaml", metadata={"help": "The pre-registered LadderConfig YAML."}
+    )
     ladder_dir: str | None = field(default=None, metadata={"help": "Output folder (default <runs_dir>/ladder)."})
-    supervised_steps: int = field(default=1000, metadata={"help": "Calibration: cross-entropy steps of the supervised composed "
-                                                           "control, one per prompt set (0 leaves it out)."})
+    supervised_steps: int = field(
+        default=1000,
+        metadata={
+            "help": "Calibration: cross-entropy steps of the supervised composed "
+            "control, one per prompt set (0 leaves it out)."
+        },
+    )
 
     def __post_init__(self):
         if len(self.calibrate_seeds) == 1:
             raise ValueError("calibrate_seeds needs >= 2 prompt sets: seed s's controls are built on set s+1")
         if self.supervised_steps < 0:
-            raise ValueError(f"supervised_steps must be >= 0 (0 leaves the supervised control out); got {self.supervised_steps}")
-
+            raise ValueError(
+                f"supervised_steps must be >= 0 (0 leaves the supervised control out); got {self.supervised_steps}"
+            )
 
 
 def _fmt(v: dict) -> str:
@@ -71,7 +86,9 @@ class _Sets:
     def __call__(self, s: int, features: bool = False) -> dict:
         if s in self.cache and (self.cache[s]["features"] is not None or not features):
             return self.cache[s]
-        prompts, beliefs = task_prompts(self.task, self.process, self.task.n_eval_prompts, self.task.prompt_seed + 1 + 7919 * s)
+        prompts, beliefs = task_prompts(
+            self.task, self.process, self.task.n_eval_prompts, self.task.prompt_seed + 1 + 7919 * s
+        )
         latent, table = self.reward.latent(beliefs), self.reward.table(beliefs)
         fit = {k: v for k, v in asdict(self.cfg).items() if k not in ("margins", "min_reward_gain")}
         path = self.out / f"ceilings_B{s}.json"
@@ -81,10 +98,26 @@ class _Sets:
         else:
             feats = rung_features(self.pre, prompts, self.process.vocab_size)
             lad = ceilings(feats, latent, self.reward.matrix, table, self.cfg, seed=s)
-            path.write_text(json.dumps({"fit": fit, "n_prompts": len(prompts),
-                                        "rungs": {k: {kk: vv for kk, vv in r.items() if kk != "r_hat"} for k, r in lad["rungs"].items()}}, indent=1))
-        self.cache[s] = {"prompts": prompts, "features": feats, "latent": latent, "table": table, "ladder": lad,
-                         "pi_ref": policy_probs(self.pre, prompts, self.process.vocab_size)}
+            path.write_text(
+                json.dumps(
+                    {
+                        "fit": fit,
+                        "n_prompts": len(prompts),
+                        "rungs": {
+                            k: {kk: vv for kk, vv in r.items() if kk != "r_hat"} for k, r in lad["rungs"].items()
+                        },
+                    },
+                    indent=1,
+                )
+            )
+        self.cache[s] = {
+            "prompts": prompts,
+            "features": feats,
+            "latent": latent,
+            "table": table,
+            "ladder": lad,
+            "pi_ref": policy_probs(self.pre, prompts, self.process.vocab_size),
+        }
         return self.cache[s]
 
 
@@ -97,30 +130,51 @@ def judge_seeds(sets: _Sets, runs_dir: Path, seeds: list[int], cfg: LadderConfig
         r_pre = float((b["pi_ref"] * b["table"]).sum(1).mean())
         r_post = float((policy_probs(post, b["prompts"], sets.process.vocab_size) * b["table"]).sum(1).mean())
         v = ladder_verdict(r_pre, r_post, b["ladder"], cfg)
-        per_seed.append({"seed": s, "reward_pre": r_pre, "reward_post": r_post, "reward_max": float(b["table"].max(1).values.mean()),
-                         "ceilings": {k: {kk: vv for kk, vv in r.items() if kk != "r_hat"} for k, r in b["ladder"]["rungs"].items()},
-                         **v})
-        print(f"seed {s}: reward {r_pre:.3f} -> {r_post:.3f}; ceilings "
-              f"{[round(r['reward'], 3) for r in b['ladder']['rungs'].values()]}; {v['verdict']}", flush=True)
+        per_seed.append(
+            {
+                "seed": s,
+                "reward_pre": r_pre,
+                "reward_post": r_post,
+                "reward_max": float(b["table"].max(1).values.mean()),
+                "ceilings": {
+                    k: {kk: vv for kk, vv in r.items() if kk != "r_hat"} for k, r in b["ladder"]["rungs"].items()
+                },
+                **v,
+            }
+        )
+        print(
+            f"seed {s}: reward {r_pre:.3f} -> {r_post:.3f}; ceilings "
+            f"{[round(r['reward'], 3) for r in b['ladder']['rungs'].values()]}; {v['verdict']}",
+            flush=True,
+        )
     return {"per_seed": per_seed}
 
 
 def _ladder_md(name: str, result: dict, cfg: LadderConfig, command: str) -> str:
     ps = result["per_seed"]
-    lines = [f"# Ladder of reweighting references: {name}", "", f"Command: `{command}`", "",
-             f"Margins (pre-registered): {cfg.margins}; min reward gain {cfg.min_reward_gain}. "
-             f"{len(ps)} seed(s); mean [95% t-interval over seeds].", "",
-             f"Reward pre -> post: {_fmt(mean_ci([p['reward_pre'] for p in ps]))} -> {_fmt(mean_ci([p['reward_post'] for p in ps]))} "
-             f"(max possible {ps[0]['reward_max']:.3f})", "",
-             "| rung | information a reweighting at this rung uses | ceiling (cross-fitted reward, nested) | this rung's own learners | "
-             "best learner (seed 0) | excess of post-RL | beaten |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Ladder of reweighting references: {name}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Margins (pre-registered): {cfg.margins}; min reward gain {cfg.min_reward_gain}. "
+        f"{len(ps)} seed(s); mean [95% t-interval over seeds].",
+        "",
+        f"Reward pre -> post: {_fmt(mean_ci([p['reward_pre'] for p in ps]))} -> {_fmt(mean_ci([p['reward_post'] for p in ps]))} "
+        f"(max possible {ps[0]['reward_max']:.3f})",
+        "",
+        "| rung | information a reweighting at this rung uses | ceiling (cross-fitted reward, nested) | this rung's own learners | "
+        "best learner (seed 0) | excess of post-RL | beaten |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k in RUNGS:
         ceil = mean_ci([p["ceilings"][k]["reward"] for p in ps])
         own = mean_ci([p["ceilings"][k]["own_reward"] for p in ps])
         exc = mean_ci([p["excess"][k] for p in ps])
-        lines.append(f"| {k} | {RUNGS[k]} | {_fmt(ceil)} | {_fmt(own)} | {ps[0]['ceilings'][k]['learner']} | {_fmt(exc)} | "
-                     f"{sum(p['beaten'][k] for p in ps)}/{len(ps)} |")
+        lines.append(
+            f"| {k} | {RUNGS[k]} | {_fmt(ceil)} | {_fmt(own)} | {ps[0]['ceilings'][k]['learner']} | {_fmt(exc)} | "
+            f"{sum(p['beaten'][k] for p in ps)}/{len(ps)} |"
+        )
     lines += ["", "| seed | reward post | verdict |", "|---|---|---|"]
     lines += [f"| {p['seed']} | {p['reward_post']:.3f} | {p['verdict']} |" for p in ps]
     return "\n".join(lines) + "\n"
@@ -137,32 +191,60 @@ def calibrate(sets: _Sets, seeds: list[int], cfg: LadderConfig, supervised_steps
         b, o = sets(s, features=True), sets(seeds[(i + 1) % len(seeds)], features=True)
         supervised = None
         if supervised_steps:
-            model = supervised_control(sets.pre, sets.process, sets.reward, *train, sets.task.train_modules, steps=supervised_steps, seed=s)
+            model = supervised_control(
+                sets.pre, sets.process, sets.reward, *train, sets.task.train_modules, steps=supervised_steps, seed=s
+            )
             V = sets.process.vocab_size
-            supervised = (policy_probs(model, b["prompts"], V), float((policy_probs(model, o["prompts"], V) * o["table"]).sum(1).mean()))
-        for row in calibration_controls(b["pi_ref"], b["table"], b["ladder"], o["ladder"], o["features"], o["latent"],
-                                        b["features"], sets.reward.matrix, cfg, supervised=supervised):
+            supervised = (
+                policy_probs(model, b["prompts"], V),
+                float((policy_probs(model, o["prompts"], V) * o["table"]).sum(1).mean()),
+            )
+        for row in calibration_controls(
+            b["pi_ref"],
+            b["table"],
+            b["ladder"],
+            o["ladder"],
+            o["features"],
+            o["latent"],
+            b["features"],
+            sets.reward.matrix,
+            cfg,
+            supervised=supervised,
+        ):
             rows.append(row | {"seed": s, "ceilings": {k: r["reward"] for k, r in b["ladder"]["rungs"].items()}})
     rates = {}
     for k in RUNGS:
         neg = [r for r in rows if r["known"][k] is False]
         pos = [r for r in rows if r["known"][k] is True]
-        rates[k] = {"negatives": len(neg), "false_positives": sum(r["beaten"][k] for r in neg),
-                    "positives": len(pos), "false_negatives": sum(not r["beaten"][k] for r in pos),
-                    "max_negative_excess": max((r["reward"] - r["ceilings"][k] for r in neg), default=float("nan")),
-                    "min_positive_excess": min((r["reward"] - r["ceilings"][k] for r in pos), default=float("nan"))}
+        rates[k] = {
+            "negatives": len(neg),
+            "false_positives": sum(r["beaten"][k] for r in neg),
+            "positives": len(pos),
+            "false_negatives": sum(not r["beaten"][k] for r in pos),
+            "max_negative_excess": max((r["reward"] - r["ceilings"][k] for r in neg), default=float("nan")),
+            "min_positive_excess": min((r["reward"] - r["ceilings"][k] for r in pos), default=float("nan")),
+        }
     return {"rows": rows, "rates": rates}
 
 
 def _calibration_md(name: str, cal: dict, cfg: LadderConfig, command: str, n_sets: int) -> str:
-    lines = [f"# Calibration of the ladder: {name}", "", f"Command: `{command}`", "",
-             f"Margins: {cfg.margins}. {n_sets} prompt sets; every control is built on the next set, judged on its own.", "",
-             "| rung | negatives (known: not beyond) | false positives | largest negative excess | positives (known: beyond) | "
-             "false negatives | smallest positive excess |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Calibration of the ladder: {name}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Margins: {cfg.margins}. {n_sets} prompt sets; every control is built on the next set, judged on its own.",
+        "",
+        "| rung | negatives (known: not beyond) | false positives | largest negative excess | positives (known: beyond) | "
+        "false negatives | smallest positive excess |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k, r in cal["rates"].items():
-        lines.append(f"| {k} | {r['negatives']} | {r['false_positives']} ({r['false_positives'] / max(r['negatives'], 1):.0%}) | "
-                     f"{r['max_negative_excess']:.3f} | {r['positives']} | {r['false_negatives']} "
-                     f"({r['false_negatives'] / max(r['positives'], 1):.0%}) | {r['min_positive_excess']:.3f} |")
+        lines.append(
+            f"| {k} | {r['negatives']} | {r['false_positives']} ({r['false_positives'] / max(r['negatives'], 1):.0%}) | "
+            f"{r['max_negative_excess']:.3f} | {r['positives']} | {r['false_negatives']} "
+            f"({r['false_negatives'] / max(r['positives'], 1):.0%}) | {r['min_positive_excess']:.3f} |"
+        )
     names = list(dict.fromkeys(r["control"] for r in cal["rows"]))
     lines += ["", "| control | reward (mean over sets) | verdicts |", "|---|---|---|"]
     for n in names:
@@ -170,7 +252,10 @@ def _calibration_md(name: str, cal: dict, cfg: LadderConfig, command: str, n_set
         verdicts = {v: sum(r["verdict"] == v for r in rs) for v in dict.fromkeys(r["verdict"] for r in rs)}
         lines.append(f"| {n} | {sum(r['reward'] for r in rs) / len(rs):.3f} | {verdicts} |")
     ceil = {k: mean_ci([r["ceilings"][k] for r in cal["rows"] if r["control"] == "reference"]) for k in RUNGS}
-    lines += ["", "Reference ceilings over the prompt sets: " + "; ".join(f"rung {k} {_fmt(v)}" for k, v in ceil.items())]
+    lines += [
+        "",
+        "Reference ceilings over the prompt sets: " + "; ".join(f"rung {k} {_fmt(v)}" for k, v in ceil.items()),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -195,7 +280,9 @@ def main(argv: list[str] | None = None) -> dict:
     if which.calibrate_seeds:
         cal = calibrate(sets, which.calibrate_seeds, cfg, which.supervised_steps)
         (out / "calibration.json").write_text(json.dumps(result | cal, indent=1, default=str))
-        (out / "calibration.md").write_text(_calibration_md(reward.__name__, cal, cfg, command, len(which.calibrate_seeds)))
+        (out / "calibration.md").write_text(
+            _calibration_md(reward.__name__, cal, cfg, command, len(which.calibrate_seeds))
+        )
         print((out / "calibration.md").read_text())
         result["calibration"] = cal
     if which.seeds:

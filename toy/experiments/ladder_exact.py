@@ -35,50 +35,90 @@ def exact_set(task: RLTaskConfig, process, reward, n: int, s: int, cfg: LadderCo
     table, latent = reward.table(last), reward.latent(last)
     pi_ref = feats[1].double().exp()
     pi_ref = pi_ref / pi_ref.sum(1, keepdim=True)
-    return {"features": feats, "latent": latent, "table": table, "pi_ref": pi_ref,
-            "ladder": ceilings(feats, latent, reward.matrix, table, cfg, seed=s)}
+    return {
+        "features": feats,
+        "latent": latent,
+        "table": table,
+        "pi_ref": pi_ref,
+        "ladder": ceilings(feats, latent, reward.matrix, table, cfg, seed=s),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="an RL family's YAML (configs/toy/rl_*.yaml)")
-    ap.add_argument("--thresholds", default="configs/toy/detector_thresholds.yaml", help="the ladder's pre-registered LadderConfig")
+    ap.add_argument(
+        "--thresholds", default="configs/toy/detector_thresholds.yaml", help="the ladder's pre-registered LadderConfig"
+    )
     ap.add_argument("--n_prompts", type=int, default=4000, help="prompts per set")
     ap.add_argument("--out", default=None, help="JSON of the result")
     a = ap.parse_args(argv)
     t0 = time.time()
-    task, _ = ConfigParser((RLTaskConfig, ToyGRPOConfig)).parse_args_and_config(["--config", a.config, "--output_dir", "/tmp/unused"])
+    task, _ = ConfigParser((RLTaskConfig, ToyGRPOConfig)).parse_args_and_config(
+        ["--config", a.config, "--output_dir", "/tmp/unused"]
+    )
     (cfg,) = ConfigParser((LadderConfig,)).parse_args_and_config(["--config", a.thresholds])
     process = task.build_process()
     reward = build_reward(task, process)
     sets = [exact_set(task, process, reward, a.n_prompts, s, cfg) for s in (0, 1)]
-    out = {"config": a.config, "family": f"{reward.__name__} on {process.name}", "n_prompts": a.n_prompts, "margins": cfg.margins, "sets": []}
+    out = {
+        "config": a.config,
+        "family": f"{reward.__name__} on {process.name}",
+        "n_prompts": a.n_prompts,
+        "margins": cfg.margins,
+        "sets": [],
+    }
     for s, b in enumerate(sets):
-        r = {"set": s, "reward_ref": float((b["pi_ref"] * b["table"]).sum(1).mean()), "optimum": float(b["table"].max(1).values.mean()),
-             "ceilings": {k: {"reward": v["reward"], "learner": v["learner"], "by_learner": v["by_learner"]} for k, v in b["ladder"]["rungs"].items()},
-             "latent_share": float(b["latent"].double().mean())}
+        r = {
+            "set": s,
+            "reward_ref": float((b["pi_ref"] * b["table"]).sum(1).mean()),
+            "optimum": float(b["table"].max(1).values.mean()),
+            "ceilings": {
+                k: {"reward": v["reward"], "learner": v["learner"], "by_learner": v["by_learner"]}
+                for k, v in b["ladder"]["rungs"].items()
+            },
+            "latent_share": float(b["latent"].double().mean()),
+        }
         r["headroom_above_rung2"] = r["optimum"] - r["ceilings"][2]["reward"]
         r["headroom_exceeds_margin"] = r["headroom_above_rung2"] > cfg.margins[1]
         out["sets"].append(r)
-        print(f"B{s}: reference {r['reward_ref']:.3f}, rung 1 {r['ceilings'][1]['reward']:.3f} ({r['ceilings'][1]['learner']}), rung 2 "
-              f"{r['ceilings'][2]['reward']:.3f} ({r['ceilings'][2]['learner']}), optimum {r['optimum']:.3f}: headroom above rung 2 "
-              f"{r['headroom_above_rung2']:+.3f} ({'>' if r['headroom_exceeds_margin'] else '<='} margin {cfg.margins[1]})", flush=True)
+        print(
+            f"B{s}: reference {r['reward_ref']:.3f}, rung 1 {r['ceilings'][1]['reward']:.3f} ({r['ceilings'][1]['learner']}), rung 2 "
+            f"{r['ceilings'][2]['reward']:.3f} ({r['ceilings'][2]['learner']}), optimum {r['optimum']:.3f}: headroom above rung 2 "
+            f"{r['headroom_above_rung2']:+.3f} ({'>' if r['headroom_exceeds_margin'] else '<='} margin {cfg.margins[1]})",
+            flush=True,
+        )
     b0, b1 = sets
-    rows = calibration_controls(b0["pi_ref"], b0["table"], b0["ladder"], b1["ladder"], b1["features"], b1["latent"],
-                                b0["features"], reward.matrix, cfg)
+    rows = calibration_controls(
+        b0["pi_ref"],
+        b0["table"],
+        b0["ladder"],
+        b1["ladder"],
+        b1["features"],
+        b1["latent"],
+        b0["features"],
+        reward.matrix,
+        cfg,
+    )
     out["calibration"] = rows
-    print("\n| control (on B0, built from B1) | reward | known beyond rung 1 / 2 | beaten rung 1 / 2 | ladder verdict (rungs 1-2 only) |")
+    print(
+        "\n| control (on B0, built from B1) | reward | known beyond rung 1 / 2 | beaten rung 1 / 2 | ladder verdict (rungs 1-2 only) |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
         kn = " / ".join({True: "yes", False: "no", None: "?"}[r["known"][k]] for k in (1, 2))
         bt = " / ".join("yes" if r["beaten"][k] else "no" for k in (1, 2))
         print(f"| {r['control']} | {r['reward']:.3f} | {kn} | {bt} | {r['verdict']} |")
-    wrong = [r["control"] for r in rows for k in (1, 2) if r["known"][k] is not None and r["known"][k] != r["beaten"][k]]
+    wrong = [
+        r["control"] for r in rows for k in (1, 2) if r["known"][k] is not None and r["known"][k] != r["beaten"][k]
+    ]
     out["calibration_errors"] = wrong
     out["positive_beyond_rung2"] = [r["control"] for r in rows if r["known"][2] is True and r["beaten"][2]]
     out["wall_s"] = round(time.time() - t0, 1)
-    print(f"\ncalibration errors (known answer != ladder's): {wrong or 'none'}; positive controls that beat rung 2: "
-          f"{out['positive_beyond_rung2'] or 'none'}; {out['wall_s']} s")
+    print(
+        f"\ncalibration errors (known answer != ladder's): {wrong or 'none'}; positive controls that beat rung 2: "
+        f"{out['positive_beyond_rung2'] or 'none'}; {out['wall_s']} s"
+    )
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     return out

@@ -64,15 +64,22 @@ class ProbeConfig:
     probe_alpha: float = field(default=0.0, metadata={"help": "Ridge strength of the probes (0: least squares)."})
     probe_site: str | None = field(
         default=None,
-        metadata={"help": "Site of the saved probe and the simplex plot: 'embed', 'block<i>', 'final_norm' (None: last block)."},
+        metadata={
+            "help": "Site of the saved probe and the simplex plot: 'embed', 'block<i>', 'final_norm' (None: last block)."
+        },
     )
     probe_test_fraction: float = field(
-        default=0.2, metadata={"help": "Sampled windows only: held-out share of the probe rows (enumerated windows are scored exactly)."}
+        default=0.2,
+        metadata={
+            "help": "Sampled windows only: held-out share of the probe rows (enumerated windows are scored exactly)."
+        },
     )
     probe_exact: bool = field(
         default=True,
-        metadata={"help": "Enumerated windows: exact population metrics. false: held-out windows (a design wider than the number of "
-                          "distinct prefixes interpolates the population, so a comparison of such designs needs held-out rows)."},
+        metadata={
+            "help": "Enumerated windows: exact population metrics. false: held-out windows (a design wider than the number of "
+            "distinct prefixes interpolates the population, so a comparison of such designs needs held-out rows)."
+        },
     )
     probe_split_seeds: int = field(
         default=3, metadata={"help": "Sampled windows only: train/test splits whose spread of probe MSE is reported."}
@@ -121,12 +128,27 @@ def probe_model(
     if data.enumerated and cfg.probe_exact:
         index, weights = distinct_prefix_rows(data)
         pick = lambda a: {s: x[index.to(x.device)] for s, x in a.items()}  # noqa: E731
-        report = population_probe_report(pick(acts), data.beliefs[index], weights, random_init_activations=pick(control_acts),
-                                         alpha=cfg.probe_alpha, target_names=names)
+        report = population_probe_report(
+            pick(acts),
+            data.beliefs[index],
+            weights,
+            random_init_activations=pick(control_acts),
+            alpha=cfg.probe_alpha,
+            target_names=names,
+        )
         return report, acts
     reports = [
-        fit_probe_report(acts, data.beliefs, random_init_activations=control_acts, weights=data.weights, alpha=cfg.probe_alpha,
-                         test_fraction=cfg.probe_test_fraction, seed=seed, groups=data.groups, target_names=names)
+        fit_probe_report(
+            acts,
+            data.beliefs,
+            random_init_activations=control_acts,
+            weights=data.weights,
+            alpha=cfg.probe_alpha,
+            test_fraction=cfg.probe_test_fraction,
+            seed=seed,
+            groups=data.groups,
+            target_names=names,
+        )
         for seed in range(cfg.probe_split_seeds)
     ]
     report = reports[0]
@@ -147,8 +169,15 @@ def exact_probe_curve(data: ProbeRows, cfg: ProbeConfig) -> Callable[[torch.nn.M
                 rep = population_probe_report(acts, data.beliefs[index], weights, alpha=cfg.probe_alpha, concat=False)
             else:
                 acts = read_residual(model, data.tokens, batch_size=cfg.probe_batch_size)
-                rep = fit_probe_report(acts, data.beliefs, weights=data.weights, alpha=cfg.probe_alpha,
-                                       test_fraction=cfg.probe_test_fraction, groups=data.groups, concat=False)
+                rep = fit_probe_report(
+                    acts,
+                    data.beliefs,
+                    weights=data.weights,
+                    alpha=cfg.probe_alpha,
+                    test_fraction=cfg.probe_test_fraction,
+                    groups=data.groups,
+                    concat=False,
+                )
         return {f"probe_mse/{site}": entry["test"]["mse"] for site, entry in rep["sites"].items()}
 
     return curve
@@ -194,7 +223,9 @@ def _project(points: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (points - mu) @ axes
 
 
-def plot_simplex(beliefs: torch.Tensor, predicted: torch.Tensor, path: Path, title: str, max_points: int, weights=None) -> None:
+def plot_simplex(
+    beliefs: torch.Tensor, predicted: torch.Tensor, path: Path, title: str, max_points: int, weights=None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +233,11 @@ def plot_simplex(beliefs: torch.Tensor, predicted: torch.Tensor, path: Path, tit
 
     beliefs, predicted = beliefs.double().cpu(), predicted.double().cpu()
     if len(beliefs) > max_points:  # the most probable rows: the dense part of the fractal
-        keep = torch.argsort(weights.cpu(), descending=True)[:max_points] if weights is not None else torch.arange(max_points)
+        keep = (
+            torch.argsort(weights.cpu(), descending=True)[:max_points]
+            if weights is not None
+            else torch.arange(max_points)
+        )
         beliefs, predicted = beliefs[keep], predicted[keep]
     colors = beliefs[:, :3].clamp(0, 1)
     colors = (colors / colors.max(1, keepdim=True).values.clamp_min(1e-12)).numpy()  # RGB = belief, brightest = 1
@@ -315,7 +350,11 @@ def write_summary(path: Path, metrics: dict) -> None:
         f"| floor (nats) | {m['floor']:.6f} |",
         f"| gap | {m['val_loss'] - m['floor']:.2e} |",
         f"| last-block probe MSE, {h['probe_evaluation']} ({h['final_layer_site']}) | {h['final_layer_test_mse']:.3e} (R^2 {h['final_layer_test_r2']:.4f})"
-        + (f", std over {len(h['final_layer_test_mse_split_seeds'])} splits {h['final_layer_test_mse_split_std']:.1e}" if "final_layer_test_mse_split_seeds" in h else "")
+        + (
+            f", std over {len(h['final_layer_test_mse_split_seeds'])} splits {h['final_layer_test_mse_split_std']:.1e}"
+            if "final_layer_test_mse_split_seeds" in h
+            else ""
+        )
         + " |",
         f"| random-init control test MSE | {h['final_layer_random_init_mse']:.3e} |",
         f"| shuffled-target control test MSE | {h['final_layer_shuffled_mse']:.3e} |",
@@ -323,15 +362,23 @@ def write_summary(path: Path, metrics: dict) -> None:
         f"| best single site | {h['best_single_site']}: {h['best_single_site_test_mse']:.3e} |",
     ]
     if "concat_test_mse" in h:
-        lines.append(f"| all sites concatenated | {h['concat_test_mse']:.3e} (beats every single site: {h['concat_beats_every_single_site']}) |")
+        lines.append(
+            f"| all sites concatenated | {h['concat_test_mse']:.3e} (beats every single site: {h['concat_beats_every_single_site']}) |"
+        )
     lines += ["", "Checks:", ""]
     lines += [f"- {name}: {'PASS' if ok else 'FAIL'} ({detail})" for name, (ok, detail) in m["checks"].items()]
-    lines += ["", "Plots: `belief_simplex.png`, `probe_mse_by_layer.png`, `probe_mse_emergence.png`, `val_loss.png`. "
-              "Probe: `probe_final.json`.", ""]
+    lines += [
+        "",
+        "Plots: `belief_simplex.png`, `probe_mse_by_layer.png`, `probe_mse_emergence.png`, `val_loss.png`. "
+        "Probe: `probe_final.json`.",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
-def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, probe_cfg: ProbeConfig) -> dict:
+def run_pipeline(
+    data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, probe_cfg: ProbeConfig
+) -> dict:
     """Train (``toy.train.train``), probe, plot and write the run folder; returns the metrics dict
     (main process; other ranks return ``{}`` after training)."""
     from accelerate import PartialState
@@ -346,7 +393,12 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
         model = GPT2LMHeadModel.from_pretrained(train_cfg.init_from)
     else:
         model = build_model(model_cfg, process.vocab_size, L, seed=train_cfg.seed)
-    info = {"data": asdict(data_cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg), "probe": asdict(probe_cfg)}
+    info = {
+        "data": asdict(data_cfg),
+        "model": model_cfg.to_dict(),
+        "train": asdict(train_cfg),
+        "probe": asdict(probe_cfg),
+    }
     data = probe_windows(process, L - 1, probe_cfg.probe_samples, seed=777, max_sequences=probe_cfg.probe_max_sequences)
     curve = exact_probe_curve(data, probe_cfg) if PartialState().is_main_process else None
     result: TrainResult = train(process, model, train_cfg, L, run_info=info, eval_fn=curve)
@@ -356,14 +408,23 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
     out = Path(train_cfg.output_dir)
     t0 = time.perf_counter()
     model = result.model.eval()
-    control = build_model(model_cfg, process.vocab_size, L, seed=probe_cfg.control_seed).to(next(model.parameters()).device)
+    control = build_model(model_cfg, process.vocab_size, L, seed=probe_cfg.control_seed).to(
+        next(model.parameters()).device
+    )
     report, acts = probe_model(model, control, data, probe_cfg, process)
     n_layers = model.config.n_layer
     head = headline(report, n_layers)
     last_site = probe_cfg.probe_site or head["final_layer_site"]
     # the saved probe is fitted on every row (for enumerated windows: the report's population fit itself)
-    probe = fit_ridge(acts[last_site], data.beliefs, alpha=probe_cfg.probe_alpha, weights=data.weights,
-                      site=last_site, target_names=report["config"]["target_names"], metrics=report["sites"][last_site])
+    probe = fit_ridge(
+        acts[last_site],
+        data.beliefs,
+        alpha=probe_cfg.probe_alpha,
+        weights=data.weights,
+        site=last_site,
+        target_names=report["config"]["target_names"],
+        metrics=report["sites"][last_site],
+    )
     probe.source = str(result.checkpoint_dir)
     save_probe(probe, out / "probe_final", model)
     probe_s = time.perf_counter() - t0
@@ -371,10 +432,16 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
     gap = result.val_loss - result.floor
     checks = {}
     if probe_cfg.target_gap is not None:
-        checks["val_loss_within_target_of_floor"] = (gap <= probe_cfg.target_gap, f"gap {gap:.2e} <= {probe_cfg.target_gap:g}")
+        checks["val_loss_within_target_of_floor"] = (
+            gap <= probe_cfg.target_gap,
+            f"gap {gap:.2e} <= {probe_cfg.target_gap:g}",
+        )
     if probe_cfg.target_ratio is not None:
         r = head["final_layer_ratio_to_random_init"]
-        checks["final_layer_ratio_to_random_init"] = (r <= probe_cfg.target_ratio, f"{r:.3f} <= {probe_cfg.target_ratio:g}")
+        checks["final_layer_ratio_to_random_init"] = (
+            r <= probe_cfg.target_ratio,
+            f"{r:.3f} <= {probe_cfg.target_ratio:g}",
+        )
     if probe_cfg.target_mse is not None:
         v = head["final_layer_test_mse"]
         checks["final_layer_test_mse"] = (v <= probe_cfg.target_mse, f"{v:.2e} <= {probe_cfg.target_mse:g}")
@@ -392,20 +459,34 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
             "tokens": result.tokens_seen,
             "elapsed_s": result.elapsed_s,
             "tokens_per_s": result.tokens_per_s,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"cpu ({torch.get_num_threads()} threads)",
             "history": result.history,
             "checkpoint": str(result.checkpoint_dir),
         },
         "probe_headline": head,
         "probe": report,
-        "probe_data": {"rows": len(data.beliefs), "enumerated": data.enumerated, "reader": reader(), "elapsed_s": probe_s},
+        "probe_data": {
+            "rows": len(data.beliefs),
+            "enumerated": data.enumerated,
+            "reader": reader(),
+            "elapsed_s": probe_s,
+        },
         "checks": checks,
         "config": info,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     title = f"{process.name}, {result.step} steps"
     predicted = probe.predict(acts[last_site].double())
-    plot_simplex(data.beliefs, predicted, out / "belief_simplex.png", f"{title}, probe at {last_site}", probe_cfg.max_plot_points, data.weights)
+    plot_simplex(
+        data.beliefs,
+        predicted,
+        out / "belief_simplex.png",
+        f"{title}, probe at {last_site}",
+        probe_cfg.max_plot_points,
+        data.weights,
+    )
     plot_probe_mse(report, out / "probe_mse_by_layer.png", f"{title}: belief probes ({head['probe_evaluation']})")
     plot_probe_emergence(result.history, out / "probe_mse_emergence.png", f"{title}: emergence of the belief geometry")
     plot_val_loss(result.history, out / "val_loss.png", title)
@@ -415,7 +496,11 @@ def run_pipeline(data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: Tra
         f"({head['probe_evaluation']}) "
         f"{head['final_layer_test_mse']:.3e} vs random-init {head['final_layer_random_init_mse']:.3e} "
         f"(ratio {head['final_layer_ratio_to_random_init']:.3f})"
-        + (f"; concat {head['concat_test_mse']:.3e} vs best single {head['best_single_site']} {head['best_single_site_test_mse']:.3e}" if "concat_test_mse" in head else "")
+        + (
+            f"; concat {head['concat_test_mse']:.3e} vs best single {head['best_single_site']} {head['best_single_site_test_mse']:.3e}"
+            if "concat_test_mse" in head
+            else ""
+        )
         + f"; train {result.elapsed_s:.0f} s, probe {probe_s:.0f} s -> {out}"
     )
     for name, (ok, detail) in checks.items():

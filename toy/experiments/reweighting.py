@@ -50,12 +50,26 @@ from toy.reweighting import (
 class ReweightingRunConfig:
     """Which post-RL models, which controls, where the ladder's verdicts are."""
 
-    runs_dir: str = field(default="runs/toy_rl/compose", metadata={"help": "Folder with seed<s>/model (toy.experiments.rl's output)."})
-    seeds: list[int] = field(default_factory=list, metadata={"help": "GRPO seeds to report (each on the ladder's prompt set B_s)."})
-    controls: bool = field(default=True, metadata={"help": "Also report the known-answer controls built on the reference."})
-    control_set: int = field(default=0, metadata={"help": "Prompt set B_c of the controls (built from B_{c+1}); its reference is seed c's."})
-    thresholds: str = field(default="configs/toy/detector_thresholds.yaml", metadata={"help": "The ladder's pre-registered LadderConfig YAML (judges the controls)."})
-    ladder_dir: str | None = field(default=None, metadata={"help": "The family's ladder folder (ladder.json, ceilings_B<s>.json); default <runs_dir>/ladder."})
+    runs_dir: str = field(
+        default="runs/toy_rl/compose", metadata={"help": "Folder with seed<s>/model (toy.experiments.rl's output)."}
+    )
+    seeds: list[int] = field(
+        default_factory=list, metadata={"help": "GRPO seeds to report (each on the ladder's prompt set B_s)."}
+    )
+    controls: bool = field(
+        default=True, metadata={"help": "Also report the known-answer controls built on the reference."}
+    )
+    control_set: int = field(
+        default=0, metadata={"help": "Prompt set B_c of the controls (built from B_{c+1}); its reference is seed c's."}
+    )
+    thresholds: str = field(
+        default="configs/toy/detector_thresholds.yaml",
+        metadata={"help": "The ladder's pre-registered LadderConfig YAML (judges the controls)."},
+    )
+    ladder_dir: str | None = field(
+        default=None,
+        metadata={"help": "The family's ladder folder (ladder.json, ceilings_B<s>.json); default <runs_dir>/ladder."},
+    )
     out_dir: str | None = field(default=None, metadata={"help": "Output folder (default <runs_dir>/passk)."})
 
 
@@ -66,7 +80,9 @@ def reference(task: RLTaskConfig, process, seed: int, cache: dict):
     if not task.pretrained_path:
         folder = Path(task.pretrain_dir) / f"seed{pre_seed}"
         if not any(folder.glob("checkpoint-*/model.safetensors")):
-            raise FileNotFoundError(f"no pre-trained reference in {folder}: this report never trains one; run toy.experiments.rl first")
+            raise FileNotFoundError(
+                f"no pre-trained reference in {folder}: this report never trains one; run toy.experiments.rl first"
+            )
     key = (task.pretrained_path, task.pretrain_dir, pre_seed)
     if key not in cache:
         cache[key] = pretrained_model(task, process, seed)
@@ -102,11 +118,19 @@ def _known(name: str, known: dict | None) -> str:
     if name.startswith("capped_rung"):
         return f"reads the latent, capped: not beyond rung {min(within)}"
     if name.startswith("above_rung"):
-        return f"reads the latent: beyond rung {max(beyond)}" if beyond else "reads the latent (no room above the ceiling: unknown)"
-    return "reads the latent (exact optimum: pi_ref restricted to the rewarded answers)" + (f"; beyond rung {max(beyond)}" if beyond else "")
+        return (
+            f"reads the latent: beyond rung {max(beyond)}"
+            if beyond
+            else "reads the latent (no room above the ceiling: unknown)"
+        )
+    return "reads the latent (exact optimum: pi_ref restricted to the rewarded answers)" + (
+        f"; beyond rung {max(beyond)}" if beyond else ""
+    )
 
 
-def controls(task, process, reward, cfg: ReweightingConfig, lcfg: LadderConfig, ladder_dir: Path, c: int, refs: dict) -> list[dict]:
+def controls(
+    task, process, reward, cfg: ReweightingConfig, lcfg: LadderConfig, ladder_dir: Path, c: int, refs: dict
+) -> list[dict]:
     pre, _ = reference(task, process, c, refs)
     b, o = prompt_set(task, process, reward, c), prompt_set(task, process, reward, c + 1)
     feats, lad = set_ladder(b, pre, ladder_dir, c, reward, lcfg)
@@ -119,19 +143,32 @@ def controls(task, process, reward, cfg: ReweightingConfig, lcfg: LadderConfig, 
     for name, pi, known in policies:
         beh = behaviour_report(pi_ref, pi, b["table"], cfg, seed=c)
         lv = ladder_verdict(r_ref, beh["reward_post"], lad, lcfg)
-        rows.append({"name": name, "set": c, "known": _known(name, known), "known_rungs": known, "behaviour": beh,
-                     "ladder_verdict": lv["verdict"]})
-        print(f"control {name}: reward {r_ref:.3f} -> {beh['reward_post']:.3f}; pass@k {beh['full']['verdict']} / "
-              f"top-p {beh['truncated']['verdict']}; ladder {lv['verdict']}", flush=True)
+        rows.append(
+            {
+                "name": name,
+                "set": c,
+                "known": _known(name, known),
+                "known_rungs": known,
+                "behaviour": beh,
+                "ladder_verdict": lv["verdict"],
+            }
+        )
+        print(
+            f"control {name}: reward {r_ref:.3f} -> {beh['reward_post']:.3f}; pass@k {beh['full']['verdict']} / "
+            f"top-p {beh['truncated']['verdict']}; ladder {lv['verdict']}",
+            flush=True,
+        )
     return rows
 
 
 def _row(name: str, beh: dict, ladder: str | None, known: str) -> str:
     f, t = beh["full"], beh["truncated"]
-    return (f"| {name} | {beh['reward_ref']:.3f} -> {beh['reward_post']:.3f} | {f['gain_k1']:+.3f} | {f['verdict']} "
-            f"(only post {f['only_post']:.3f}, chance@{f['k_max']} {f['chance_k_max']:.2f}) | {t['verdict']} (gap "
-            f"{t['gap_k_max']:+.3f}, only post {t['only_post']:.3f}, ref unsolvable {t['ref_unsolvable']:.3f}; {t['outside_support']}) | {ladder or 'not run'} | "
-            f"{agreement(f['verdict'], ladder)} | {agreement(t['verdict'], ladder)} | {known} |")
+    return (
+        f"| {name} | {beh['reward_ref']:.3f} -> {beh['reward_post']:.3f} | {f['gain_k1']:+.3f} | {f['verdict']} "
+        f"(only post {f['only_post']:.3f}, chance@{f['k_max']} {f['chance_k_max']:.2f}) | {t['verdict']} (gap "
+        f"{t['gap_k_max']:+.3f}, only post {t['only_post']:.3f}, ref unsolvable {t['ref_unsolvable']:.3f}; {t['outside_support']}) | {ladder or 'not run'} | "
+        f"{agreement(f['verdict'], ladder)} | {agreement(t['verdict'], ladder)} | {known} |"
+    )
 
 
 def _ci(curve: dict, j: int) -> str:
@@ -140,38 +177,62 @@ def _ci(curve: dict, j: int) -> str:
 
 def report_md(name: str, result: dict, command: str) -> str:
     pk, dec = result["passk_thresholds"], result["config"]
-    lines = [f"# pass@k reweighting report: {name}", "", f"Command: `{command}`", "",
-             f"pass@k thresholds (probes.passk.PassKConfig defaults, pre-registered): {pk}. Truncated decoding: temperature "
-             f"{dec['decode_temperature']}, top-p {dec['decode_top_p']}. Every number is exact over the prompts (one-token policies); "
-             "'chance' is uniform guessing over the V answers.", "",
-             "## Agreement table (pass@k verdict vs ladder verdict)", "",
-             "| policy | reward ref -> post | pass@1 gain | pass@k, full support | pass@k, truncated | ladder | agree (full) | "
-             "agree (truncated) | known answer |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# pass@k reweighting report: {name}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"pass@k thresholds (probes.passk.PassKConfig defaults, pre-registered): {pk}. Truncated decoding: temperature "
+        f"{dec['decode_temperature']}, top-p {dec['decode_top_p']}. Every number is exact over the prompts (one-token policies); "
+        "'chance' is uniform guessing over the V answers.",
+        "",
+        "## Agreement table (pass@k verdict vs ladder verdict)",
+        "",
+        "| policy | reward ref -> post | pass@1 gain | pass@k, full support | pass@k, truncated | ladder | agree (full) | "
+        "agree (truncated) | known answer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in result["seeds"]:
         lines.append(_row(f"seed {s['seed']}", s["report"], s["ladder_verdict"], "not known (GRPO)"))
     for c in result.get("controls", []):
         lines.append(_row(f"control: {c['name']} (B{c['set']})", c["behaviour"], c["ladder_verdict"], c["known"]))
-    lines += ["", "'agree': both verdicts take a side (outside the reference's support ~ composition beyond some rung; not sharper ~ reweighting "
-              "within rung 1) and it is the same one; n/a when either is inconclusive or uninformative.", "",
-              "## Seeds: likelihood, KL, belief side", "",
-              "| seed | E_post log pi_ref | E_ref log pi_ref | post mass outside ref's top-p support | KL(post||ref) | KL(ref||post) | "
-              "latent read-out pre: all sites / output site | post: all / output | gain at output site |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "'agree': both verdicts take a side (outside the reference's support ~ composition beyond some rung; not sharper ~ reweighting "
+        "within rung 1) and it is the same one; n/a when either is inconclusive or uninformative.",
+        "",
+        "## Seeds: likelihood, KL, belief side",
+        "",
+        "| seed | E_post log pi_ref | E_ref log pi_ref | post mass outside ref's top-p support | KL(post||ref) | KL(ref||post) | "
+        "latent read-out pre: all sites / output site | post: all / output | gain at output site |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in result["seeds"]:
         r, a = s["report"], s["report"]["readability"]["balanced_accuracy"]
-        lines.append(f"| {s['seed']} | {r['loglik_post_under_ref']:.3f} | {r['loglik_ref_under_ref']:.3f} | "
-                     f"{r['post_mass_outside_ref_support']:.3f} | {r['kl_post_ref']:.3f} | {r['kl_ref_post']:.3f} | "
-                     f"{a['pre_all_sites']:.3f} / {a['pre_output_site']:.3f} | {a['post_all_sites']:.3f} / {a['post_output_site']:.3f} | "
-                     f"{s['report']['readability']['gain_output_site']:+.3f} |")
+        lines.append(
+            f"| {s['seed']} | {r['loglik_post_under_ref']:.3f} | {r['loglik_ref_under_ref']:.3f} | "
+            f"{r['post_mass_outside_ref_support']:.3f} | {r['kl_post_ref']:.3f} | {r['kl_ref_post']:.3f} | "
+            f"{a['pre_all_sites']:.3f} / {a['pre_output_site']:.3f} | {a['post_all_sites']:.3f} / {a['post_output_site']:.3f} | "
+            f"{s['report']['readability']['gain_output_site']:+.3f} |"
+        )
     k_max = pk["ks"][-1]
-    lines += ["", f"pass@1 and pass@{k_max}, mean [95% bootstrap CI over prompts]:", "",
-              f"| seed | decoding | pass@1 ref | pass@1 post | pass@{k_max} ref | pass@{k_max} post | pass@{k_max} chance | crossover k |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"pass@1 and pass@{k_max}, mean [95% bootstrap CI over prompts]:",
+        "",
+        f"| seed | decoding | pass@1 ref | pass@1 post | pass@{k_max} ref | pass@{k_max} post | pass@{k_max} chance | crossover k |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s in result["seeds"]:
-        for dec_name, sec in (("full", s["report"]["full"]), (f"top-p {dec['decode_top_p']}", s["report"]["truncated"])):
+        for dec_name, sec in (
+            ("full", s["report"]["full"]),
+            (f"top-p {dec['decode_top_p']}", s["report"]["truncated"]),
+        ):
             c = sec["curves"]
-            lines.append(f"| {s['seed']} | {dec_name} | {_ci(c['reference'], 0)} | {_ci(c['post-RL'], 0)} | {_ci(c['reference'], -1)} | "
-                         f"{_ci(c['post-RL'], -1)} | {_ci(c['chance'], -1) if 'chance' in c else '--'} | {sec['crossover_k'] or '--'} |")
+            lines.append(
+                f"| {s['seed']} | {dec_name} | {_ci(c['reference'], 0)} | {_ci(c['post-RL'], 0)} | {_ci(c['reference'], -1)} | "
+                f"{_ci(c['post-RL'], -1)} | {_ci(c['chance'], -1) if 'chance' in c else '--'} | {sec['crossover_k'] or '--'} |"
+            )
     if result["skipped"]:
         lines += ["", "Skipped (no post-RL model): " + ", ".join(map(str, result["skipped"]))]
     lines += ["", f"Wall time: {result['wall_s']:.0f} s."]
@@ -201,10 +262,21 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(which.out_dir or runs_dir / "passk")
     out.mkdir(parents=True, exist_ok=True)
     ladder_file = ladder_dir / "ladder.json"
-    ladder = {p["seed"]: p["verdict"] for p in json.loads(ladder_file.read_text())["per_seed"]} if ladder_file.is_file() else {}
+    ladder = (
+        {p["seed"]: p["verdict"] for p in json.loads(ladder_file.read_text())["per_seed"]}
+        if ladder_file.is_file()
+        else {}
+    )
     command = "python -m toy.experiments.reweighting " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"family": f"{reward.__name__} on {process.name}", "passk_thresholds": asdict(PassKConfig()), "config": asdict(cfg),
-              "ladder_json": str(ladder_file) if ladder else None, "command": command, "seeds": [], "skipped": []}
+    result = {
+        "family": f"{reward.__name__} on {process.name}",
+        "passk_thresholds": asdict(PassKConfig()),
+        "config": asdict(cfg),
+        "ladder_json": str(ladder_file) if ladder else None,
+        "command": command,
+        "seeds": [],
+        "skipped": [],
+    }
     refs = {}
     for s in which.seeds:
         if not (runs_dir / f"seed{s}" / "model" / "model.safetensors").is_file():
@@ -215,11 +287,21 @@ def main(argv: list[str] | None = None) -> dict:
         post = GPT2LMHeadModel.from_pretrained(runs_dir / f"seed{s}" / "model")
         b = prompt_set(task, process, reward, s)
         rep = reweighting_report(pre, post, reward, b["prompts"], b["beliefs"], cfg, seed=s)
-        result["seeds"].append({"seed": s, "reference": str(pre_path), "report": rep, "ladder_verdict": ladder.get(s),
-                                "ladder_class": verdict_class(ladder[s]) if s in ladder else None})
+        result["seeds"].append(
+            {
+                "seed": s,
+                "reference": str(pre_path),
+                "report": rep,
+                "ladder_verdict": ladder.get(s),
+                "ladder_class": verdict_class(ladder[s]) if s in ladder else None,
+            }
+        )
         _plot(rep, out / f"passk_seed{s}.png", f"{reward.__name__}, seed {s}")
-        print(f"seed {s}: reward {rep['reward_ref']:.3f} -> {rep['reward_post']:.3f}; pass@k {rep['full']['verdict']} / top-p "
-              f"{rep['truncated']['verdict']}; ladder {ladder.get(s)}", flush=True)
+        print(
+            f"seed {s}: reward {rep['reward_ref']:.3f} -> {rep['reward_post']:.3f}; pass@k {rep['full']['verdict']} / top-p "
+            f"{rep['truncated']['verdict']}; ladder {ladder.get(s)}",
+            flush=True,
+        )
     if which.controls:
         result["controls"] = controls(task, process, reward, cfg, lcfg, ladder_dir, which.control_set, refs)
         for c in result["controls"]:

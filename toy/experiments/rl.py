@@ -83,7 +83,9 @@ from toy.rewards import LatentReward, RareEmissionReward
 # --------------------------------------------------------------------------- one run
 
 
-def _plot_rewards(path: Path, log_history: list[dict], exact: list[tuple[int, float]], zero: list[tuple[int, float]], title: str) -> None:
+def _plot_rewards(
+    path: Path, log_history: list[dict], exact: list[tuple[int, float]], zero: list[tuple[int, float]], title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +96,10 @@ def _plot_rewards(path: Path, log_history: list[dict], exact: list[tuple[int, fl
     rewards = [h["reward"] for h in log_history if "reward" in h]
     if rewards:
         w = max(1, len(rewards) // 30)
-        smooth = [sum(rewards[max(0, i - w + 1) : i + 1]) / len(rewards[max(0, i - w + 1) : i + 1]) for i in range(len(rewards))]
+        smooth = [
+            sum(rewards[max(0, i - w + 1) : i + 1]) / len(rewards[max(0, i - w + 1) : i + 1])
+            for i in range(len(rewards))
+        ]
         ax.plot(steps, rewards, color="0.8", lw=0.8, label="sampled (per step)")
         ax.plot(steps, smooth, color="C0", label=f"sampled ({w}-step mean)")
     if exact:
@@ -149,8 +154,12 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
     exact_cb = None
     if one_token_latent:
         n = min(task.n_curve_prompts, len(eval_prompts))
-        exact_cb = ExactRewardCallback(eval_prompts[:n], reward.table(eval_beliefs[:n]), task.exact_eval_every,
-                                       path=out / "exact_reward_curve.jsonl")
+        exact_cb = ExactRewardCallback(
+            eval_prompts[:n],
+            reward.table(eval_beliefs[:n]),
+            task.exact_eval_every,
+            path=out / "exact_reward_curve.jsonl",
+        )
         callbacks.append(exact_cb)
     trainer = ToyGRPOTrainer(
         model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tok, callbacks=callbacks
@@ -160,9 +169,12 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
         train_until_stopped(trainer, resume)
     except Stopped as stop:
         if trainer.is_world_process_zero():
-            print(f"GRPO stopped by {stop.signal_name} at step {trainer.state.global_step}: the pre-RL model is in {pre_path}, "
-                  f"the partial policy (a resumable checkpoint) in {stop.checkpoint}; rerun the same command with "
-                  "--resume_from_checkpoint last to continue", file=sys.stderr)
+            print(
+                f"GRPO stopped by {stop.signal_name} at step {trainer.state.global_step}: the pre-RL model is in {pre_path}, "
+                f"the partial policy (a resumable checkpoint) in {stop.checkpoint}; rerun the same command with "
+                "--resume_from_checkpoint last to continue",
+                file=sys.stderr,
+            )
         raise
     train_s = time.perf_counter() - t0
     if not trainer.is_world_process_zero():
@@ -173,10 +185,27 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
 
     metrics = {
         "task": asdict(task),
-        "grpo": {k: getattr(args, k) for k in ("learning_rate", "beta", "num_generations", "per_device_train_batch_size",
-                                                 "max_completion_length", "max_steps", "temperature", "loss_type", "scale_rewards", "advantage", "seed",
-                                                 "lr_scheduler_type", "logging_steps", "num_iterations", "steps_per_generation",
-                                                 "one_token_path")},
+        "grpo": {
+            k: getattr(args, k)
+            for k in (
+                "learning_rate",
+                "beta",
+                "num_generations",
+                "per_device_train_batch_size",
+                "max_completion_length",
+                "max_steps",
+                "temperature",
+                "loss_type",
+                "scale_rewards",
+                "advantage",
+                "seed",
+                "lr_scheduler_type",
+                "logging_steps",
+                "num_iterations",
+                "steps_per_generation",
+                "one_token_path",
+            )
+        },
         "torch_threads": torch.get_num_threads(),
         "process": process.name,
         "reward_name": reward.__name__,
@@ -196,15 +225,26 @@ def run(task: RLTaskConfig, args: ToyGRPOConfig, detector=None) -> dict:
         metrics["exact_reward_seconds"] = exact_cb.seconds  # training seconds at each point, evaluations excluded
     else:
         metrics.update(_rare_metrics(reward, pre_model, post, eval_prompts, eval_beliefs, args, process, task))
-    _plot_rewards(out / "reward_curve.png", trainer.state.log_history, exact_cb.history if exact_cb else [], zero_cb.history, f"{reward.__name__} ({process.name})")
+    _plot_rewards(
+        out / "reward_curve.png",
+        trainer.state.log_history,
+        exact_cb.history if exact_cb else [],
+        zero_cb.history,
+        f"{reward.__name__} ({process.name})",
+    )
 
     if one_token_latent and task.report:
         detector = detector or DetectorConfig()
-        report = composition_report(pre_model, post, process, reward, eval_prompts, eval_beliefs, detector, seed=args.seed)
+        report = composition_report(
+            pre_model, post, process, reward, eval_prompts, eval_beliefs, detector, seed=args.seed
+        )
         write_report(out, report, detector)
         metrics["report"] = report
         # the report's exact rewards are on every eval prompt: the same numbers, not computed twice
-        metrics["reward_before"], metrics["reward_after"] = report["behaviour"]["reward_pre"], report["behaviour"]["reward_post"]
+        metrics["reward_before"], metrics["reward_after"] = (
+            report["behaviour"]["reward_pre"],
+            report["behaviour"]["reward_post"],
+        )
     elif one_token_latent:
         table = reward.table(eval_beliefs)
         metrics["reward_before"], metrics["reward_after"] = (
@@ -225,7 +265,12 @@ def _rare_metrics(reward: RareEmissionReward, pre, post, prompts, beliefs, args,
         out[f"valid_completion_share_{name}"] = float(reward.valid(beliefs, comp).double().mean())
         out[f"reward_{name}"] = float(reward.score(beliefs, comp).mean())
         out[f"rare_decodability_{name}"] = rare_decodability(
-            model, process, torch.cat([prompts, comp], 1), task.prompt_length, reward.valid(beliefs, comp), seed=args.seed
+            model,
+            process,
+            torch.cat([prompts, comp], 1),
+            task.prompt_length,
+            reward.valid(beliefs, comp),
+            seed=args.seed,
         )
     out["rare_token_frequency_process"] = float(reward.is_rare.double() @ (process.stationary @ process.T.sum(-1).T))
     return out
@@ -301,7 +346,13 @@ def aggregate(reports: list[dict]) -> dict:
         "verdict_counts": {v: verdicts.count(v) for v in sorted(set(verdicts))},
         "stats": {k: mean_ci([float(_get(r, p)) for r in reports]) for k, p in SUMMARY_KEYS.items()},
         "transfer_mse": {
-            key: mean_ci([sum(t[key] for t in r["representation"]["probe_transfer"]) / len(r["representation"]["probe_transfer"]) for r in reports])
+            key: mean_ci(
+                [
+                    sum(t[key] for t in r["representation"]["probe_transfer"])
+                    / len(r["representation"]["probe_transfer"])
+                    for r in reports
+                ]
+            )
             for key in ("mse_pre_probe_on_pre", "mse_pre_probe_on_post", "mse_refit_on_post")
         },
     }
@@ -319,7 +370,11 @@ def _plot_seeds(path: Path, runs: list[dict]) -> None:
             ax.plot(*zip(*m["exact_reward_curve"]), "o-", ms=2, color=f"C{i}", label=f"seed {m['grpo']['seed']}")
         if "report" in m:
             ax.axhline(m["report"]["behaviour"]["reward_output_only"], color=f"C{i}", ls=":", lw=1)
-    ax.set(xlabel="GRPO step", ylabel="exact expected reward (eval prompts)", title=f"{runs[0]['reward_name']}\n(dotted: output-only ceiling)")
+    ax.set(
+        xlabel="GRPO step",
+        ylabel="exact expected reward (eval prompts)",
+        title=f"{runs[0]['reward_name']}\n(dotted: output-only ceiling)",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -328,8 +383,12 @@ def _plot_seeds(path: Path, runs: list[dict]) -> None:
 
 def _seeds_table(agg: dict, runs: list[dict], cfg: DetectorConfig, report_key: str = "report") -> list[str]:
     """Verdicts, mean / CI of the headline numbers and one row per seed, for the reports under ``report_key``."""
-    lines = [f"Verdicts: {agg['verdicts']} ({agg['verdict_counts']}). Thresholds: {cfg.thresholds()}.", "",
-             "| quantity | mean | 95% CI (t, over seeds) |", "|---|---|---|"]
+    lines = [
+        f"Verdicts: {agg['verdicts']} ({agg['verdict_counts']}). Thresholds: {cfg.thresholds()}.",
+        "",
+        "| quantity | mean | 95% CI (t, over seeds) |",
+        "|---|---|---|",
+    ]
     for k, s in agg["stats"].items():
         lines.append(f"| {k} | {s['mean']:.4f} | [{s['ci'][0]:.4f}, {s['ci'][1]:.4f}] |")
     for k, s in agg["transfer_mse"].items():
@@ -337,17 +396,25 @@ def _seeds_table(agg: dict, runs: list[dict], cfg: DetectorConfig, report_key: s
     lines += ["", "| seed | reward pre -> post | output-only | verdict | reason |", "|---|---|---|---|---|"]
     for m in runs:
         r = m[report_key]
-        lines.append(f"| {m['grpo']['seed']} | {r['behaviour']['reward_pre']:.3f} -> {r['behaviour']['reward_post']:.3f} | "
-                     f"{r['behaviour']['reward_output_only']:.3f} | {r['verdict']} | {r['reason']} |")
+        lines.append(
+            f"| {m['grpo']['seed']} | {r['behaviour']['reward_pre']:.3f} -> {r['behaviour']['reward_post']:.3f} | "
+            f"{r['behaviour']['reward_output_only']:.3f} | {r['verdict']} | {r['reason']} |"
+        )
     return lines
 
 
-def _seeds_md(name: str, agg: dict, runs: list[dict], cfg: DetectorConfig, commands: str, control_steps: int | None = None) -> str:
+def _seeds_md(
+    name: str, agg: dict, runs: list[dict], cfg: DetectorConfig, commands: str, control_steps: int | None = None
+) -> str:
     lines = [f"# Composition detector over {len(runs)} seeds: {name}", "", f"Command: `{commands}`", ""]
     lines += _seeds_table(agg, runs, cfg) + ["", "![reward curves](reward_curves.png)"]
     if control_steps is not None:
-        lines += ["", f"## Supervised control ({control_steps} cross-entropy steps onto pi_ref restricted to the "
-                  "top-reward tokens, same trainable parameters)", ""]
+        lines += [
+            "",
+            f"## Supervised control ({control_steps} cross-entropy steps onto pi_ref restricted to the "
+            "top-reward tokens, same trainable parameters)",
+            "",
+        ]
         lines += _seeds_table(agg["control"], runs, cfg, report_key="control_report")
     return "\n".join(lines) + "\n"
 
@@ -358,13 +425,20 @@ class SeedsConfig:
 
     seeds: list[int] = field(
         default_factory=list,
-        metadata={"help": "Seeds of pre-train -> GRPO -> report into <output_dir>/seed<s>, aggregated over seeds; "
-                          "empty: one run at --seed into output_dir."},
+        metadata={
+            "help": "Seeds of pre-train -> GRPO -> report into <output_dir>/seed<s>, aggregated over seeds; "
+            "empty: one run at --seed into output_dir."
+        },
     )
-    pre: str | None = field(default=None, metadata={"help": "Pre-RL model folder (with --post: report on this pair only)."})
+    pre: str | None = field(
+        default=None, metadata={"help": "Pre-RL model folder (with --post: report on this pair only)."}
+    )
     post: str | None = field(default=None, metadata={"help": "Post-RL model folder."})
     supervised_control: bool = field(
-        default=False, metadata={"help": "Per seed, also report on a supervised control whose answer is known (see supervised_control)."}
+        default=False,
+        metadata={
+            "help": "Per seed, also report on a supervised control whose answer is known (see supervised_control)."
+        },
     )
     control_steps: int = field(default=1000, metadata={"help": "Fine-tuning steps of the supervised control."})
 
@@ -381,7 +455,9 @@ def _control(task, args, cfg: DetectorConfig, pretrained_path: str, steps: int) 
     reward = build_reward(task, process)
     pre = GPT2LMHeadModel.from_pretrained(pretrained_path)
     train_prompts, train_beliefs = task_prompts(task, process, task.n_train_prompts, task.prompt_seed)
-    control = supervised_control(pre, process, reward, train_prompts, train_beliefs, task.train_modules, steps=steps, seed=args.seed)
+    control = supervised_control(
+        pre, process, reward, train_prompts, train_beliefs, task.train_modules, steps=steps, seed=args.seed
+    )
     prompts, beliefs = task_prompts(task, process, task.n_eval_prompts, task.prompt_seed + 1)
     report = composition_report(pre, control, process, reward, prompts, beliefs, cfg, seed=args.seed)
     write_report(Path(args.output_dir) / "control", report, cfg)
@@ -395,10 +471,15 @@ def make_parser() -> ConfigParser:
 def main(argv: list[str] | None = None) -> dict:
     if world_size() > 1:
         # before the full parse: ToyGRPOConfig joins the process group, already work for a mode that runs alone
-        mode = ConfigParser((SeedsConfig,)).parse_args_and_config(argv, return_remaining_strings=True, fail_with_unknown_args=False)[0]
+        mode = ConfigParser((SeedsConfig,)).parse_args_and_config(
+            argv, return_remaining_strings=True, fail_with_unknown_args=False
+        )[0]
         if mode.pre is not None or mode.seeds:
-            refuse_multiprocess("toy.experiments.rl --seeds / --pre --post", "one GRPO run (no --seeds) trains under DDP: launch "
-                           "one per seed with --seed S --output_dir <dir>/seedS")
+            refuse_multiprocess(
+                "toy.experiments.rl --seeds / --pre --post",
+                "one GRPO run (no --seeds) trains under DDP: launch "
+                "one per seed with --seed S --output_dir <dir>/seedS",
+            )
     torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
     task, args, cfg, which = make_parser().parse_args_and_config(argv)
     if which.pre is not None:
@@ -418,8 +499,9 @@ def main(argv: list[str] | None = None) -> dict:
             line += f"; rare-token frequency {metrics['rare_token_frequency_before']:.4f} -> {metrics['rare_token_frequency_after']:.4f}"
         print(line + f" ({args.output_dir})")
         return metrics
-    out = claim_output_dir(args.output_dir, config_record(task, cfg, which, args),
-                           overwrite=args.overwrite, ignore=GRPO_RERUN_KEYS)
+    out = claim_output_dir(
+        args.output_dir, config_record(task, cfg, which, args), overwrite=args.overwrite, ignore=GRPO_RERUN_KEYS
+    )
     runs = []
     for seed in which.seeds:
         seed_args = copy.deepcopy(args)
@@ -427,9 +509,14 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             m = run(task, seed_args, cfg)
         except Stopped as stop:
-            print(f"rerun with --resume_from_checkpoint last: seeds already done are redone, seed {seed} resumes", file=sys.stderr)
+            print(
+                f"rerun with --resume_from_checkpoint last: seeds already done are redone, seed {seed} resumes",
+                file=sys.stderr,
+            )
             sys.exit(stop.exit_code)
-        print(f"seed {seed}: reward {m['reward_before']:.4f} -> {m['reward_after']:.4f}, verdict {m['report']['verdict']}")
+        print(
+            f"seed {seed}: reward {m['reward_before']:.4f} -> {m['reward_after']:.4f}, verdict {m['report']['verdict']}"
+        )
         if which.supervised_control:
             m["control_report"] = _control(task, seed_args, cfg, m["pretrained_path"], which.control_steps)
             print(f"seed {seed}: supervised control verdict {m['control_report']['verdict']}")
@@ -438,13 +525,27 @@ def main(argv: list[str] | None = None) -> dict:
     if which.supervised_control:
         agg["control"] = aggregate([m["control_report"] for m in runs])
     command = "python -m toy.experiments.rl " + " ".join(sys.argv[1:] if argv is None else argv)
-    (out / "metrics.json").write_text(json.dumps({"aggregate": agg, "detector": asdict(cfg), "seeds": which.seeds,
-                                                   "per_seed_metrics": [str(out / f"seed{s}" / "metrics.json") for s in which.seeds]}, indent=1))
+    (out / "metrics.json").write_text(
+        json.dumps(
+            {
+                "aggregate": agg,
+                "detector": asdict(cfg),
+                "seeds": which.seeds,
+                "per_seed_metrics": [str(out / f"seed{s}" / "metrics.json") for s in which.seeds],
+            },
+            indent=1,
+        )
+    )
     _plot_seeds(out / "reward_curves.png", runs)
-    (out / "summary.md").write_text(_seeds_md(runs[0]["reward_name"], agg, runs, cfg, command,
-                                              which.control_steps if which.supervised_control else None))
-    print(f"verdicts {agg['verdicts']}; excess reward {agg['stats']['excess_reward']['mean']:.3f} "
-          f"{[round(c, 3) for c in agg['stats']['excess_reward']['ci']]}; summary in {out / 'summary.md'}")
+    (out / "summary.md").write_text(
+        _seeds_md(
+            runs[0]["reward_name"], agg, runs, cfg, command, which.control_steps if which.supervised_control else None
+        )
+    )
+    print(
+        f"verdicts {agg['verdicts']}; excess reward {agg['stats']['excess_reward']['mean']:.3f} "
+        f"{[round(c, 3) for c in agg['stats']['excess_reward']['ci']]}; summary in {out / 'summary.md'}"
+    )
     return agg
 
 
@@ -454,10 +555,22 @@ def _report_pair(task: RLTaskConfig, args: ToyGRPOConfig, cfg: DetectorConfig, w
     reward = build_reward(task, process)
     if not isinstance(reward, LatentReward):
         raise ValueError("the composition report needs a latent-class reward (reward: reweight or compose)")
-    claim_output_dir(args.output_dir, config_record(task, cfg, which, {"ToyGRPOConfig": {"seed": args.seed}}), overwrite=args.overwrite)
+    claim_output_dir(
+        args.output_dir,
+        config_record(task, cfg, which, {"ToyGRPOConfig": {"seed": args.seed}}),
+        overwrite=args.overwrite,
+    )
     prompts, beliefs = task_prompts(task, process, task.n_eval_prompts, task.prompt_seed + 1)
-    report = composition_report(GPT2LMHeadModel.from_pretrained(which.pre), GPT2LMHeadModel.from_pretrained(which.post),
-                                process, reward, prompts, beliefs, cfg, seed=args.seed)
+    report = composition_report(
+        GPT2LMHeadModel.from_pretrained(which.pre),
+        GPT2LMHeadModel.from_pretrained(which.post),
+        process,
+        reward,
+        prompts,
+        beliefs,
+        cfg,
+        seed=args.seed,
+    )
     write_report(args.output_dir, report, cfg)
     print(f"{report['reward']}: verdict {report['verdict']} -- {report['reason']} ({args.output_dir})")
     return report

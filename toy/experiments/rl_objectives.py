@@ -60,7 +60,9 @@ OBJECTIVES = ("expected", "log_pass", "grpo", "maxrl")
 
 @dataclass
 class ObjectivesConfig:
-    objectives: list[str] = field(default_factory=lambda: list(OBJECTIVES), metadata={"help": f"Any of {list(OBJECTIVES)}."})
+    objectives: list[str] = field(
+        default_factory=lambda: list(OBJECTIVES), metadata={"help": f"Any of {list(OBJECTIVES)}."}
+    )
     eval_every: int = field(default=100, metadata={"help": "Steps between exact expected rewards on the eval prompts."})
 
     def __post_init__(self):
@@ -71,8 +73,15 @@ class ObjectivesConfig:
             raise ValueError("eval_every must be >= 1")
 
 
-def objective_loss(name: str, logits: torch.Tensor, ref_logits: torch.Tensor, table: torch.Tensor, G: int, beta: float,
-                   generator: torch.Generator) -> tuple[torch.Tensor, float]:
+def objective_loss(
+    name: str,
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    table: torch.Tensor,
+    G: int,
+    beta: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, float]:
     """Loss of one step on ``P`` prompts: ``logits``, ``ref_logits`` ``(P, V)``, exact rewards ``table`` ``(P, V)``.
     Returns the loss and, for sampled objectives, the share of groups with all-equal rewards (else nan)."""
     logp = logits.log_softmax(-1)
@@ -91,14 +100,25 @@ def objective_loss(name: str, logits: torch.Tensor, ref_logits: torch.Tensor, ta
     return loss, float((std == 0).float().mean())
 
 
-def train_objective(name: str, pre_model, prompts: torch.Tensor, table: torch.Tensor, eval_prompts: torch.Tensor,
-                    eval_table: torch.Tensor, args: ToyGRPOConfig, train_modules: list[str], eval_every: int) -> dict:
+def train_objective(
+    name: str,
+    pre_model,
+    prompts: torch.Tensor,
+    table: torch.Tensor,
+    eval_prompts: torch.Tensor,
+    eval_table: torch.Tensor,
+    args: ToyGRPOConfig,
+    train_modules: list[str],
+    eval_every: int,
+) -> dict:
     """One run of objective ``name`` from ``pre_model``; ``{"curve": [(step, exact reward)], "zero_advantage", "seconds"}``."""
     torch.manual_seed(args.seed)
     model = copy.deepcopy(pre_model)
     freeze_except(model, train_modules)
     ref = pre_model.eval()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / args.max_steps)
     gen = torch.Generator().manual_seed(args.seed)
     V, G = table.shape[1], args.num_generations
@@ -152,8 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
     refuse_multiprocess("toy.experiments.rl_objectives", "it trains the objectives one after another in one process")
     torch.set_num_threads(int(os.environ.get("TOY_RL_THREADS", torch.get_num_threads())))
     task, args, which = make_parser().parse_args_and_config(argv)
-    out = claim_output_dir(args.output_dir, config_record(task, which, args),
-                           overwrite=args.overwrite, ignore=GRPO_RERUN_KEYS)
+    out = claim_output_dir(
+        args.output_dir, config_record(task, which, args), overwrite=args.overwrite, ignore=GRPO_RERUN_KEYS
+    )
     process = task.build_process()
     reward = build_reward(task, process)
     if not isinstance(reward, LatentReward):
@@ -164,13 +185,26 @@ def main(argv: list[str] | None = None) -> dict:
     table, eval_table = reward.table(beliefs).float(), reward.table(eval_beliefs)
     results = {}
     for name in which.objectives:
-        results[name] = train_objective(name, pre_model, prompts, table, eval_prompts, eval_table, args, task.train_modules, which.eval_every)
-        print(f"{name}: exact reward {results[name]['curve'][0][1]:.3f} -> {results[name]['curve'][-1][1]:.3f} "
-              f"({results[name]['seconds']:.0f} s)", flush=True)
-    summary = {"reward": reward.__name__, "process": process.name, "pretrained_path": str(pre_path), "steps": args.max_steps,
-               "learning_rate": args.learning_rate, "beta": args.beta, "num_generations": args.num_generations,
-               "prompts_per_step": max(1, args.per_device_train_batch_size // args.num_generations), "seed": args.seed,
-               "results": results}
+        results[name] = train_objective(
+            name, pre_model, prompts, table, eval_prompts, eval_table, args, task.train_modules, which.eval_every
+        )
+        print(
+            f"{name}: exact reward {results[name]['curve'][0][1]:.3f} -> {results[name]['curve'][-1][1]:.3f} "
+            f"({results[name]['seconds']:.0f} s)",
+            flush=True,
+        )
+    summary = {
+        "reward": reward.__name__,
+        "process": process.name,
+        "pretrained_path": str(pre_path),
+        "steps": args.max_steps,
+        "learning_rate": args.learning_rate,
+        "beta": args.beta,
+        "num_generations": args.num_generations,
+        "prompts_per_step": max(1, args.per_device_train_batch_size // args.num_generations),
+        "seed": args.seed,
+        "results": results,
+    }
     (out / "objectives.json").write_text(json.dumps(summary, indent=1))
     _plot(out / "objectives.png", results, f"{reward.__name__} ({process.name})")
     return summary

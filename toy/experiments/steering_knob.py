@@ -72,20 +72,37 @@ def parse_setting(s: str) -> tuple[str, float]:
 class KnobConfig:
     """The two worlds, the settings, the probe, the contexts and the declared comparison rule."""
 
-    capability: JsonDict = field(default_factory=lambda: JsonDict({"name": "mess3", "x": 0.05, "a": 0.85}),
-                                   metadata={"help": "Capability process spec (toy.processes.make_process); JSON on the command line."})
-    slices: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Slice id of each capability token (coupling settings)."})
-    settings: list[str] = field(default_factory=lambda: ["rho=0.5", "rho=0.0", "coupling=1.0", "coupling=0.5", "coupling=0.0"],
-                                metadata={"help": "Knob settings, each rho=<r> (tagged) or coupling=<c> (persona_world)."})
+    capability: JsonDict = field(
+        default_factory=lambda: JsonDict({"name": "mess3", "x": 0.05, "a": 0.85}),
+        metadata={"help": "Capability process spec (toy.processes.make_process); JSON on the command line."},
+    )
+    slices: list[int] = field(
+        default_factory=lambda: [0, 1, 2], metadata={"help": "Slice id of each capability token (coupling settings)."}
+    )
+    settings: list[str] = field(
+        default_factory=lambda: ["rho=0.5", "rho=0.0", "coupling=1.0", "coupling=0.5", "coupling=0.0"],
+        metadata={"help": "Knob settings, each rho=<r> (tagged) or coupling=<c> (persona_world)."},
+    )
     switch_prob: float = field(default=0.05, metadata={"help": "Each tag's flip probability per step."})
     tag_noise: float = field(default=0.1, metadata={"help": "Probability that a token shows the other tag's copy."})
     n_seeds: int = field(default=3, metadata={"help": "Models per setting (seeds seed .. seed + n_seeds - 1)."})
-    context_length: int = field(default=10, metadata={"help": "Tokens per training window; probing and steering use one fewer (the last trained position)."})
-    site: str | None = field(default=None, metadata={"help": "Residual site probed and edited (default: the last block's output)."})
-    probe_sequences: int = field(default=1000, metadata={"help": "Sequences for the probe, the covariance and the mean difference."})
+    context_length: int = field(
+        default=10,
+        metadata={
+            "help": "Tokens per training window; probing and steering use one fewer (the last trained position)."
+        },
+    )
+    site: str | None = field(
+        default=None, metadata={"help": "Residual site probed and edited (default: the last block's output)."}
+    )
+    probe_sequences: int = field(
+        default=1000, metadata={"help": "Sequences for the probe, the covariance and the mean difference."}
+    )
     probe_alpha: float = field(default=1e-2, metadata={"help": "Ridge strength of the probe."})
     n_contexts: int = field(default=1000, metadata={"help": "Held-out windows steered at their last position."})
-    ci_level: float = field(default=0.95, metadata={"help": "Level of the t-CIs over seeds that the comparison rule uses."})
+    ci_level: float = field(
+        default=0.95, metadata={"help": "Level of the t-CIs over seeds that the comparison rule uses."}
+    )
 
     def __post_init__(self):
         self.capability = dict(JsonDict(self.capability))
@@ -95,8 +112,16 @@ class KnobConfig:
             raise ValueError("settings must name at least one rho=<r> or coupling=<c>")
         for s in self.settings:
             parse_setting(s)
-        if self.n_seeds < 1 or self.n_contexts < 4 or self.probe_sequences < 10 or not 0 < self.ci_level < 1 or self.context_length < 3:
-            raise ValueError("need n_seeds >= 1, n_contexts >= 4, probe_sequences >= 10, 0 < ci_level < 1, context_length >= 3")
+        if (
+            self.n_seeds < 1
+            or self.n_contexts < 4
+            or self.probe_sequences < 10
+            or not 0 < self.ci_level < 1
+            or self.context_length < 3
+        ):
+            raise ValueError(
+                "need n_seeds >= 1, n_contexts >= 4, probe_sequences >= 10, 0 < ci_level < 1, context_length >= 3"
+            )
 
 
 def make_world(cfg: KnobConfig, setting: str) -> Process:
@@ -107,11 +132,15 @@ def make_world(cfg: KnobConfig, setting: str) -> Process:
     return persona_world(capability, cfg.slices, v, cfg.switch_prob, cfg.tag_noise)
 
 
-def run_cell(cfg: KnobConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, setting: str, seed: int, out_dir: Path) -> dict:
+def run_cell(
+    cfg: KnobConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, setting: str, seed: int, out_dir: Path
+) -> dict:
     """Train, probe, steer one (setting, seed); returns the metrics with the cell's wall time."""
     t0 = time.time()
     process = make_world(cfg, setting)
-    model = train_on(process, model_cfg, train_cfg, cfg.context_length, out_dir / "models" / f"{setting}_seed{seed}", seed)
+    model = train_on(
+        process, model_cfg, train_cfg, cfg.context_length, out_dir / "models" / f"{setting}_seed{seed}", seed
+    )
     site = cfg.site or default_site(model)
     # probe and steer windows one token shorter than training's: the last training position has no label, so its
     # position embedding is never trained and its prediction is off (KL to the exact one ~0.1 nats against ~0.005
@@ -119,22 +148,49 @@ def run_cell(cfg: KnobConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig,
     length = cfg.context_length - 1
     sp = steering_probe(model, process, site, length, cfg.probe_sequences, cfg.n_contexts, cfg.probe_alpha, seed)
     data, probe, probe_r2 = sp["data"], sp["probe"], sp["probe_r2"]
-    out = steer_factor(model, process, probe, sp["tokens"], site, sp["cov"], mean_difference(data.X, data.beliefs, process),
-                       kinds=KINDS, seed=seed)
+    out = steer_factor(
+        model,
+        process,
+        probe,
+        sp["tokens"],
+        site,
+        sp["cov"],
+        mean_difference(data.X, data.beliefs, process),
+        kinds=KINDS,
+        seed=seed,
+    )
     axis, _ = parse_setting(setting)
-    return {"setting": setting, "seed": seed, "process": process.name, "site": site, "steered_position": length - 1, "probe_test_r2": probe_r2,
-            "tag_mi_nats": pairwise_tag_mi(process) if axis == "coupling" else None,
-            **steering_metrics(process, out), "wall_s": time.time() - t0}
+    return {
+        "setting": setting,
+        "seed": seed,
+        "process": process.name,
+        "site": site,
+        "steered_position": length - 1,
+        "probe_test_r2": probe_r2,
+        "tag_mi_nats": pairwise_tag_mi(process) if axis == "coupling" else None,
+        **steering_metrics(process, out),
+        "wall_s": time.time() - t0,
+    }
 
 
 # --------------------------------------------------------------------------- aggregation and the declared rule
 
 # (name, path into a cell's metrics): what the table and the plot show, per setting
-SERIES = [(n, (n,)) for n in ("tag_kl_unsteered", "tag_kl_by_token_unsteered", "cap_kl_exact_unsteered")] + [
-    (f"{k}.{m}.{w}", (k, m, w)) for k in KINDS for m in ("tag_kl", "tag_kl_by_token", "cap_kl", "cap_kl_exact")
-    for w in ("steered", "random")
-] + [(f"{k}.edit_norm_over_resid_norm", (k, "edit_norm_over_resid_norm")) for k in KINDS] + [
-    ("probe_test_r2", ("probe_test_r2",)), ("exact_product_residual", ("exact_product_residual",)), ("wall_s", ("wall_s",))]
+SERIES = (
+    [(n, (n,)) for n in ("tag_kl_unsteered", "tag_kl_by_token_unsteered", "cap_kl_exact_unsteered")]
+    + [
+        (f"{k}.{m}.{w}", (k, m, w))
+        for k in KINDS
+        for m in ("tag_kl", "tag_kl_by_token", "cap_kl", "cap_kl_exact")
+        for w in ("steered", "random")
+    ]
+    + [(f"{k}.edit_norm_over_resid_norm", (k, "edit_norm_over_resid_norm")) for k in KINDS]
+    + [
+        ("probe_test_r2", ("probe_test_r2",)),
+        ("exact_product_residual", ("exact_product_residual",)),
+        ("wall_s", ("wall_s",)),
+    ]
+)
 
 
 def _get(cell: dict, path: tuple[str, ...]) -> float:
@@ -146,6 +202,7 @@ def _get(cell: dict, path: tuple[str, ...]) -> float:
 def verdict(diff_cap: dict, diff_tag: dict) -> str:
     """The declared rule on paired CIs of ``mean_diff - covariance`` (cap KL and tag KL): ``covariance wins``,
     ``mean_diff wins``, ``trade-off`` or ``tie``."""
+
     def sign(d):  # +1: the CI is above 0 (mean_diff larger), -1: below, 0: it contains 0 (or there is no CI)
         lo, hi = d["ci"]
         return 1 if lo > 0 else -1 if hi < 0 else 0
@@ -169,11 +226,15 @@ def aggregate(cells: list[dict], cfg: KnobConfig) -> dict:
         if cs[0]["tag_mi_nats"] is not None:
             a["tag_mi_nats"] = cs[0]["tag_mi_nats"]
         for m in ("tag_kl", "tag_kl_by_token", "cap_kl", "cap_kl_exact"):
-            a[f"diff.{m}"] = mean_ci([c["mean_diff"][m]["steered"] - c["covariance"][m]["steered"] for c in cs], cfg.ci_level)
+            a[f"diff.{m}"] = mean_ci(
+                [c["mean_diff"][m]["steered"] - c["covariance"][m]["steered"] for c in cs], cfg.ci_level
+            )
         a["verdict_exact"] = verdict(a["diff.cap_kl_exact"], a["diff.tag_kl"])
         a["verdict_model"] = verdict(a["diff.cap_kl"], a["diff.tag_kl"])
-        a["steers"] = {k: a[f"{k}.tag_kl.steered"]["mean"] < min(a[f"{k}.tag_kl.random"]["mean"], a["tag_kl_unsteered"]["mean"])
-                       for k in KINDS}
+        a["steers"] = {
+            k: a[f"{k}.tag_kl.steered"]["mean"] < min(a[f"{k}.tag_kl.random"]["mean"], a["tag_kl_unsteered"]["mean"])
+            for k in KINDS
+        }
         agg[s] = a
     return agg
 
@@ -186,47 +247,80 @@ def _ci(m: dict, fmt: str = ".2e") -> str:
 def _summary(metrics: dict, cfg: KnobConfig) -> str:
     agg = metrics["aggregate"]
     n = {s: a["wall_s"]["n"] for s, a in agg.items()}
-    lines = ["# Factor steering along the knob: covariance (S-step) edit vs mean-difference edit", "",
-             f"Mean over contexts ({cfg.n_contexts} per model), then mean [{cfg.ci_level:.0%} t-CI] over seeds "
-             f"(seeds per setting: {n}). KLs in nats. `random` = an equal-norm random direction, per edit. "
-             "`rho=0` and `coupling=1` are the same process.", "",
-             "## Tag: KL(target copy marginal || model's)", "",
-             "| setting | exact product residual | tag MI | probe R^2 | unsteered | covariance | mean_diff | random (cov norm) "
-             "| random (md norm) | edit/resid norm cov, md |", "|" + "---|" * 10]
+    lines = [
+        "# Factor steering along the knob: covariance (S-step) edit vs mean-difference edit",
+        "",
+        f"Mean over contexts ({cfg.n_contexts} per model), then mean [{cfg.ci_level:.0%} t-CI] over seeds "
+        f"(seeds per setting: {n}). KLs in nats. `random` = an equal-norm random direction, per edit. "
+        "`rho=0` and `coupling=1` are the same process.",
+        "",
+        "## Tag: KL(target copy marginal || model's)",
+        "",
+        "| setting | exact product residual | tag MI | probe R^2 | unsteered | covariance | mean_diff | random (cov norm) "
+        "| random (md norm) | edit/resid norm cov, md |",
+        "|" + "---|" * 10,
+    ]
     for s, a in agg.items():
         mi = f"{max(a['tag_mi_nats'], 0.0):.3f}" if "tag_mi_nats" in a else "-"
-        lines.append(f"| {s} | {a['exact_product_residual']['mean']:.3f} | {mi} | {a['probe_test_r2']['mean']:.3f} | "
-                     f"{_ci(a['tag_kl_unsteered'], '.3f')} | {_ci(a['covariance.tag_kl.steered'], '.4f')} | "
-                     f"{_ci(a['mean_diff.tag_kl.steered'], '.4f')} | {_ci(a['covariance.tag_kl.random'], '.3f')} | "
-                     f"{_ci(a['mean_diff.tag_kl.random'], '.3f')} | {a['covariance.edit_norm_over_resid_norm']['mean']:.2f}, "
-                     f"{a['mean_diff.edit_norm_over_resid_norm']['mean']:.2f} |")
-    lines += ["", "## Tag per next capability token: E_x KL(target(copy | x) || model's) (per slice; not in the rule)", "",
-              "| setting | unsteered | covariance | mean_diff | random (cov norm) | random (md norm) | mean_diff - covariance |",
-              "|" + "---|" * 7]
+        lines.append(
+            f"| {s} | {a['exact_product_residual']['mean']:.3f} | {mi} | {a['probe_test_r2']['mean']:.3f} | "
+            f"{_ci(a['tag_kl_unsteered'], '.3f')} | {_ci(a['covariance.tag_kl.steered'], '.4f')} | "
+            f"{_ci(a['mean_diff.tag_kl.steered'], '.4f')} | {_ci(a['covariance.tag_kl.random'], '.3f')} | "
+            f"{_ci(a['mean_diff.tag_kl.random'], '.3f')} | {a['covariance.edit_norm_over_resid_norm']['mean']:.2f}, "
+            f"{a['mean_diff.edit_norm_over_resid_norm']['mean']:.2f} |"
+        )
+    lines += [
+        "",
+        "## Tag per next capability token: E_x KL(target(copy | x) || model's) (per slice; not in the rule)",
+        "",
+        "| setting | unsteered | covariance | mean_diff | random (cov norm) | random (md norm) | mean_diff - covariance |",
+        "|" + "---|" * 7,
+    ]
     for s, a in agg.items():
-        lines.append(f"| {s} | {_ci(a['tag_kl_by_token_unsteered'], '.3f')} | {_ci(a['covariance.tag_kl_by_token.steered'], '.4f')} | "
-                     f"{_ci(a['mean_diff.tag_kl_by_token.steered'], '.4f')} | {_ci(a['covariance.tag_kl_by_token.random'], '.3f')} | "
-                     f"{_ci(a['mean_diff.tag_kl_by_token.random'], '.3f')} | {_ci(a['diff.tag_kl_by_token'])} |")
-    for m, title in (("cap_kl_exact", "Capability: KL(exact process's capability marginal || edited model's)"),
-                     ("cap_kl", "Capability: KL(unedited model's capability marginal || edited model's)")):
-        lines += ["", f"## {title}", "", "| setting | " + ("unsteered (model's own error) | " if m == "cap_kl_exact" else "")
-                  + "covariance | mean_diff | random (cov norm) | random (md norm) | mean_diff - covariance | verdict |",
-                  "|" + "---|" * (8 if m == "cap_kl_exact" else 7)]
+        lines.append(
+            f"| {s} | {_ci(a['tag_kl_by_token_unsteered'], '.3f')} | {_ci(a['covariance.tag_kl_by_token.steered'], '.4f')} | "
+            f"{_ci(a['mean_diff.tag_kl_by_token.steered'], '.4f')} | {_ci(a['covariance.tag_kl_by_token.random'], '.3f')} | "
+            f"{_ci(a['mean_diff.tag_kl_by_token.random'], '.3f')} | {_ci(a['diff.tag_kl_by_token'])} |"
+        )
+    for m, title in (
+        ("cap_kl_exact", "Capability: KL(exact process's capability marginal || edited model's)"),
+        ("cap_kl", "Capability: KL(unedited model's capability marginal || edited model's)"),
+    ):
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| setting | "
+            + ("unsteered (model's own error) | " if m == "cap_kl_exact" else "")
+            + "covariance | mean_diff | random (cov norm) | random (md norm) | mean_diff - covariance | verdict |",
+            "|" + "---|" * (8 if m == "cap_kl_exact" else 7),
+        ]
         for s, a in agg.items():
             own = f"{_ci(a['cap_kl_exact_unsteered'])} | " if m == "cap_kl_exact" else ""
             v = a["verdict_exact" if m == "cap_kl_exact" else "verdict_model"]
-            lines.append(f"| {s} | {own}{_ci(a[f'covariance.{m}.steered'])} | {_ci(a[f'mean_diff.{m}.steered'])} | "
-                         f"{_ci(a[f'covariance.{m}.random'])} | {_ci(a[f'mean_diff.{m}.random'])} | {_ci(a[f'diff.{m}'])} | {v} |")
-    lines += ["", "Paired tag KL difference mean_diff - covariance per setting: "
-              + "; ".join(f"{s} {_ci(a['diff.tag_kl'])}" for s, a in agg.items()) + ".",
-              "Both edits steer (tag KL below the random control's and the unsteered one) at: "
-              + "; ".join(f"{s} " + ", ".join(k for k, ok in a["steers"].items() if ok) for s, a in agg.items()) + ".",
-              "", "Rule (declared in the config before the confirmatory run): with paired CIs over seeds of mean_diff - "
-              "covariance, an edit wins at a setting when the cap KL difference's CI excludes 0 in its favour and the tag KL "
-              "difference's CI does not exclude 0 against it; trade-off when both exclude 0 in opposite directions; tie "
-              "otherwise.", "",
-              "Wall time per setting (all seeds, s): " + "; ".join(
-                  f"{s} {a['wall_s']['mean'] * a['wall_s']['n']:.0f}" for s, a in agg.items()) + ". Plot: `knob.png`.", ""]
+            lines.append(
+                f"| {s} | {own}{_ci(a[f'covariance.{m}.steered'])} | {_ci(a[f'mean_diff.{m}.steered'])} | "
+                f"{_ci(a[f'covariance.{m}.random'])} | {_ci(a[f'mean_diff.{m}.random'])} | {_ci(a[f'diff.{m}'])} | {v} |"
+            )
+    lines += [
+        "",
+        "Paired tag KL difference mean_diff - covariance per setting: "
+        + "; ".join(f"{s} {_ci(a['diff.tag_kl'])}" for s, a in agg.items())
+        + ".",
+        "Both edits steer (tag KL below the random control's and the unsteered one) at: "
+        + "; ".join(f"{s} " + ", ".join(k for k, ok in a["steers"].items() if ok) for s, a in agg.items())
+        + ".",
+        "",
+        "Rule (declared in the config before the confirmatory run): with paired CIs over seeds of mean_diff - "
+        "covariance, an edit wins at a setting when the cap KL difference's CI excludes 0 in its favour and the tag KL "
+        "difference's CI does not exclude 0 against it; trade-off when both exclude 0 in opposite directions; tie "
+        "otherwise.",
+        "",
+        "Wall time per setting (all seeds, s): "
+        + "; ".join(f"{s} {a['wall_s']['mean'] * a['wall_s']['n']:.0f}" for s, a in agg.items())
+        + ". Plot: `knob.png`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -238,8 +332,11 @@ def _plot(agg: dict, cells: list[dict], path: Path) -> None:
 
     settings = list(agg)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, m, title in zip(axes, ("tag_kl", "cap_kl", "cap_kl_exact"),
-                            ("tag KL(target || edited)", "cap KL(unedited model || edited)", "cap KL(exact process || edited)")):
+    for ax, m, title in zip(
+        axes,
+        ("tag_kl", "cap_kl", "cap_kl_exact"),
+        ("tag KL(target || edited)", "cap KL(unedited model || edited)", "cap KL(exact process || edited)"),
+    ):
         curves = [(f"{k} edit", (k, m, "steered"), f"C{i}", "-") for i, k in enumerate(KINDS)]
         curves += [(f"random, {k} norm", (k, m, "random"), f"C{i}", ":") for i, k in enumerate(KINDS)]
         if m != "cap_kl":
@@ -256,8 +353,11 @@ def _plot(agg: dict, cells: list[dict], path: Path) -> None:
         ax.set_yscale("log")
         ax.set(ylabel="nats", title=title)
         ax.legend(fontsize=7)
-    fig.suptitle("factor steering along the knob (rho: one tag coupled to the capability | coupling: one persona -> a tag "
-                 "per slice; rho=0 = coupling=1); lines = mean over seeds, dots = seeds", fontsize=9)
+    fig.suptitle(
+        "factor steering along the knob (rho: one tag coupled to the capability | coupling: one persona -> a tag "
+        "per slice; rho=0 = coupling=1); lines = mean over seeds, dots = seeds",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -268,20 +368,33 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    refuse_multiprocess("toy.experiments.steering_knob", "it trains one small model per cell in turn; on one GPU use configs/accelerate/single_gpu.yaml")
+    refuse_multiprocess(
+        "toy.experiments.steering_knob",
+        "it trains one small model per cell in turn; on one GPU use configs/accelerate/single_gpu.yaml",
+    )
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
-    out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,
-                               ignore=RERUN_KEYS)
-    metrics: dict = {"config": {"knob": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)}, "cells": []}
+    out_dir = claim_output_dir(
+        train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite, ignore=RERUN_KEYS
+    )
+    metrics: dict = {
+        "config": {"knob": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},
+        "cells": [],
+    }
     for setting in cfg.settings:
         for k in range(cfg.n_seeds):
             c = run_cell(cfg, model_cfg, train_cfg, setting, train_cfg.seed + k, out_dir)
             metrics["cells"].append(c)
-            print(f"{setting} seed {c['seed']}: tag KL unsteered {c['tag_kl_unsteered']:.3f} | " + " | ".join(
-                f"{k}: tag {c[k]['tag_kl']['steered']:.4f} (random {c[k]['tag_kl']['random']:.3f}), cap exact "
-                f"{c[k]['cap_kl_exact']['steered']:.2e}, cap model {c[k]['cap_kl']['steered']:.2e}" for k in KINDS)
-                + f" | {c['wall_s']:.0f} s", flush=True)
+            print(
+                f"{setting} seed {c['seed']}: tag KL unsteered {c['tag_kl_unsteered']:.3f} | "
+                + " | ".join(
+                    f"{k}: tag {c[k]['tag_kl']['steered']:.4f} (random {c[k]['tag_kl']['random']:.3f}), cap exact "
+                    f"{c[k]['cap_kl_exact']['steered']:.2e}, cap model {c[k]['cap_kl']['steered']:.2e}"
+                    for k in KINDS
+                )
+                + f" | {c['wall_s']:.0f} s",
+                flush=True,
+            )
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     metrics["aggregate"] = aggregate(metrics["cells"], cfg)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

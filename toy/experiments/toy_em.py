@@ -87,8 +87,9 @@ def in_slice(process: Process, tokens: torch.Tensor, slice_token: int) -> torch.
     return factor_tokens(process, tokens[:, 0])[:, 1] == slice_token
 
 
-def narrow_batch(process: Process, batch_size: int, length: int, prompt_length: int, slice_token: int,
-                 generator: torch.Generator) -> torch.Tensor:
+def narrow_batch(
+    process: Process, batch_size: int, length: int, prompt_length: int, slice_token: int, generator: torch.Generator
+) -> torch.Tensor:
     """``(batch_size, length)`` in-slice windows: aligned prompt, misaligned completion."""
     tokens = sample(process, 8 * batch_size, length, generator=generator).tokens
     tokens = tokens[in_slice(process, tokens, slice_token)]
@@ -116,15 +117,21 @@ def misaligned_mass(logits: torch.Tensor, process: Process) -> torch.Tensor:
 class EMConfig:
     """The world, the narrow data and the interventions (pre-training: ``toy.config.TrainConfig``)."""
 
-    capability: JsonDict = field(default_factory=lambda: JsonDict({"name": "mess3", "x": 0.05, "a": 0.85}),
-                                   metadata={"help": "Capability process spec (toy.processes.make_process); JSON on the command line."})
+    capability: JsonDict = field(
+        default_factory=lambda: JsonDict({"name": "mess3", "x": 0.05, "a": 0.85}),
+        metadata={"help": "Capability process spec (toy.processes.make_process); JSON on the command line."},
+    )
     switch_prob: float = field(default=0.05, metadata={"help": "Tag flip probability per step."})
     tag_noise: float = field(default=0.1, metadata={"help": "Probability that a token shows the other tag's copy."})
-    rhos: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9], metadata={"help": "Tag-capability correlations, each in [0, 1)."})
+    rhos: list[float] = field(
+        default_factory=lambda: [0.0, 0.5, 0.9], metadata={"help": "Tag-capability correlations, each in [0, 1)."}
+    )
     n_seeds: int = field(default=3, metadata={"help": "Seeds per rho (pre-training, fine-tuning and evaluation data)."})
     context_length: int = field(default=10, metadata={"help": "Tokens per window."})
     prompt_length: int = field(default=5, metadata={"help": "Prompt tokens (aligned); the rest is the completion."})
-    slice_token: int = field(default=0, metadata={"help": "Narrow slice: windows whose first capability token is this."})
+    slice_token: int = field(
+        default=0, metadata={"help": "Narrow slice: windows whose first capability token is this."}
+    )
     finetune_steps: int = field(default=200, metadata={"help": "Optimizer steps of the full and the LoRA fine-tuning."})
     finetune_lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of full fine-tuning."})
     lora_lr: float = field(default=1e-2, metadata={"help": "Peak learning rate of the rank-1 LoRA."})
@@ -132,8 +139,12 @@ class EMConfig:
     lora_alpha: float = field(default=1.0, metadata={"help": "LoRA alpha (rsLoRA scale alpha / sqrt(1))."})
     steer_layer: int = field(default=0, metadata={"help": "Block whose output gets the steering vector."})
     steer_scale: float = field(default=1.0, metadata={"help": "Multiple of the mean difference added."})
-    eval_prompts: int = field(default=2000, metadata={"help": "Aligned prompts sampled for evaluation (split into in/out of slice)."})
-    probe_sequences: int = field(default=500, metadata={"help": "Sequences for the tag / capability probes (all positions)."})
+    eval_prompts: int = field(
+        default=2000, metadata={"help": "Aligned prompts sampled for evaluation (split into in/out of slice)."}
+    )
+    probe_sequences: int = field(
+        default=500, metadata={"help": "Sequences for the tag / capability probes (all positions)."}
+    )
     probe_alpha: float = field(default=1e-2, metadata={"help": "Ridge strength of the probes."})
 
     def __post_init__(self):
@@ -145,22 +156,38 @@ class EMConfig:
             # would be impossible sequences of the world the model was trained on
             raise ValueError(f"rhos must be a non-empty list in [0, 1), got {self.rhos}")
         if not 1 <= self.prompt_length < self.context_length:
-            raise ValueError(f"need 1 <= prompt_length < context_length; got {self.prompt_length}, {self.context_length}")
+            raise ValueError(
+                f"need 1 <= prompt_length < context_length; got {self.prompt_length}, {self.context_length}"
+            )
         if self.n_seeds < 1 or self.finetune_steps < 1 or self.eval_prompts < 10:
             raise ValueError("need n_seeds >= 1, finetune_steps >= 1, eval_prompts >= 10")
 
 
 def _finetune_cfg(train_cfg: TrainConfig, cfg: EMConfig, lr: float, output_dir: Path, seed: int) -> TrainConfig:
-    return replace(train_cfg, steps=cfg.finetune_steps, lr=lr, warmup_steps=min(train_cfg.warmup_steps, cfg.finetune_steps // 10),
-                   output_dir=str(output_dir), seed=seed, resume_from_checkpoint=None, init_from=None, save_every=0, eval_every=0,
-                   overwrite=True)
+    return replace(
+        train_cfg,
+        steps=cfg.finetune_steps,
+        lr=lr,
+        warmup_steps=min(train_cfg.warmup_steps, cfg.finetune_steps // 10),
+        output_dir=str(output_dir),
+        seed=seed,
+        resume_from_checkpoint=None,
+        init_from=None,
+        save_every=0,
+        eval_every=0,
+        overwrite=True,
+    )
 
 
-def run_world(process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, out_dir: Path, seed: int) -> dict:
+def run_world(
+    process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, out_dir: Path, seed: int
+) -> dict:
     """Pre-train, intervene three ways, evaluate; JSON-ready dict for one (rho, seed)."""
     L, P = cfg.context_length, cfg.prompt_length
     if not 0 <= cfg.slice_token < process.factor_vocab_sizes[1]:
-        raise ValueError(f"slice_token={cfg.slice_token} is not a capability token (0..{process.factor_vocab_sizes[1] - 1})")
+        raise ValueError(
+            f"slice_token={cfg.slice_token} is not a capability token (0..{process.factor_vocab_sizes[1] - 1})"
+        )
     for name, layer in (("lora_layer", cfg.lora_layer), ("steer_layer", cfg.steer_layer)):
         if not 0 <= layer < model_cfg.n_layers:
             raise ValueError(f"{name}={layer} is not a block of the {model_cfg.n_layers}-layer model")
@@ -173,18 +200,29 @@ def run_world(process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_
     def mask_fn(tokens):
         return completion_mask(tokens, P)
 
-    full = train(process, copy.deepcopy(base), _finetune_cfg(train_cfg, cfg, cfg.finetune_lr, out_dir / "full", seed),
-                 L, data_fn=data_fn, loss_weights_fn=mask_fn).model.eval()
-    lora = train(process, rank1_lora(copy.deepcopy(base), cfg.lora_layer, cfg.lora_alpha, seed),
-                 _finetune_cfg(train_cfg, cfg, cfg.lora_lr, out_dir / "lora", seed), L, data_fn=data_fn,
-                 loss_weights_fn=mask_fn).model.eval()
+    full = train(
+        process,
+        copy.deepcopy(base),
+        _finetune_cfg(train_cfg, cfg, cfg.finetune_lr, out_dir / "full", seed),
+        L,
+        data_fn=data_fn,
+        loss_weights_fn=mask_fn,
+    ).model.eval()
+    lora = train(
+        process,
+        rank1_lora(copy.deepcopy(base), cfg.lora_layer, cfg.lora_alpha, seed),
+        _finetune_cfg(train_cfg, cfg, cfg.lora_lr, out_dir / "lora", seed),
+        L,
+        data_fn=data_fn,
+        loss_weights_fn=mask_fn,
+    ).model.eval()
 
     # steering vector from the narrow windows: misaligned completions minus the same windows aligned
     steer_site = f"block{cfg.steer_layer}"
     narrow = narrow_batch(process, 512, L, P, cfg.slice_token, torch.Generator().manual_seed(seed + 3))
     aligned = force_copies(process, narrow, 0, slice(None))
     acts = residual_stream(base, torch.cat([narrow, aligned]), sites=[steer_site])[0][:, P:].cpu()
-    steer = (acts[: len(narrow)].mean((0, 1)) - acts[len(narrow):].mean((0, 1))) * cfg.steer_scale
+    steer = (acts[: len(narrow)].mean((0, 1)) - acts[len(narrow) :].mean((0, 1))) * cfg.steer_scale
 
     # evaluation prompts: aligned, split by the slice
     prompts = force_copies(process, sample(process, cfg.eval_prompts, P, seed=seed + 4).tokens, 0, slice(None))
@@ -196,7 +234,12 @@ def run_world(process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_
 
     before = rates(base)
     after = {"full": rates(full), "lora": rates(lora), "steer": rates(base, [add_vector(steer_site, steer.to(device))])}
-    result = {"before": before, "after": after, "transfer": {}, "n_prompts": {"narrow": int(inside.sum()), "broad": int((~inside).sum())}}
+    result = {
+        "before": before,
+        "after": after,
+        "transfer": {},
+        "n_prompts": {"narrow": int(inside.sum()), "broad": int((~inside).sum())},
+    }
     for m in METHODS:
         dn = after[m]["narrow"] - before["narrow"]
         result["transfer"][m] = (after[m]["broad"] - before["broad"]) / dn if abs(dn) > 1e-6 else float("nan")
@@ -238,11 +281,17 @@ def _mean_std(values: list[float]) -> dict:
 
 def aggregate(per_seed: list[dict]) -> dict:
     """Mean and std over seeds of every rate, transfer and geometry number."""
-    out = {"before": {k: _mean_std([r["before"][k] for r in per_seed]) for k in ("narrow", "broad")},
-           "after": {m: {k: _mean_std([r["after"][m][k] for r in per_seed]) for k in ("narrow", "broad")} for m in METHODS},
-           "transfer": {m: _mean_std([r["transfer"][m] for r in per_seed]) for m in METHODS},
-           "geometry": {v: {k: _mean_std([r["geometry"][v][k] for r in per_seed]) for k in per_seed[0]["geometry"][v]}
-                        for v in per_seed[0]["geometry"]}}
+    out = {
+        "before": {k: _mean_std([r["before"][k] for r in per_seed]) for k in ("narrow", "broad")},
+        "after": {
+            m: {k: _mean_std([r["after"][m][k] for r in per_seed]) for k in ("narrow", "broad")} for m in METHODS
+        },
+        "transfer": {m: _mean_std([r["transfer"][m] for r in per_seed]) for m in METHODS},
+        "geometry": {
+            v: {k: _mean_std([r["geometry"][v][k] for r in per_seed]) for k in per_seed[0]["geometry"][v]}
+            for v in per_seed[0]["geometry"]
+        },
+    }
     return out
 
 
@@ -256,15 +305,36 @@ def _plots(metrics: dict, out_dir: Path) -> None:
     agg = [v["aggregate"] for v in metrics["rhos"].values()]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, key in zip(axes[:2], ("broad", "narrow")):
-        ax.errorbar(rhos, [a["before"][key]["mean"] for a in agg], [a["before"][key]["std"] for a in agg], fmt="k--o", capsize=3, label="before")
+        ax.errorbar(
+            rhos,
+            [a["before"][key]["mean"] for a in agg],
+            [a["before"][key]["std"] for a in agg],
+            fmt="k--o",
+            capsize=3,
+            label="before",
+        )
         for m in METHODS:
-            ax.errorbar(rhos, [a["after"][m][key]["mean"] for a in agg], [a["after"][m][key]["std"] for a in agg], fmt="-o", capsize=3, label=m)
+            ax.errorbar(
+                rhos,
+                [a["after"][m][key]["mean"] for a in agg],
+                [a["after"][m][key]["std"] for a in agg],
+                fmt="-o",
+                capsize=3,
+                label=m,
+            )
         ax.set_xlabel("rho (0: factored, 1: entangled)")
         ax.set_ylabel("P(next token misaligned) after aligned prompt")
         ax.set_title(f"{key}: prompts {'outside' if key == 'broad' else 'inside'} the fine-tuning slice", fontsize=9)
         ax.legend(fontsize=7)
     for m in METHODS:
-        axes[2].errorbar(rhos, [a["transfer"][m]["mean"] for a in agg], [a["transfer"][m]["std"] for a in agg], fmt="-o", capsize=3, label=m)
+        axes[2].errorbar(
+            rhos,
+            [a["transfer"][m]["mean"] for a in agg],
+            [a["transfer"][m]["std"] for a in agg],
+            fmt="-o",
+            capsize=3,
+            label=m,
+        )
     axes[2].axhline(1, color="gray", lw=0.8)
     axes[2].axhline(0, color="gray", lw=0.8)
     axes[2].set_xlabel("rho")
@@ -280,8 +350,14 @@ def _plots(metrics: dict, out_dir: Path) -> None:
         keys = ["tag", "tag_encoding", "random_tag_dim", "capability", "capability_encoding", "random_capability_dim"]
         w = 0.8 / len(keys)
         for k, key in enumerate(keys):
-            ax.bar([i + (k - len(keys) / 2 + 0.5) * w for i in range(len(rhos))], [a["geometry"][vec][key]["mean"] for a in agg], w,
-                   yerr=[a["geometry"][vec][key]["std"] for a in agg], capsize=2, label=key)
+            ax.bar(
+                [i + (k - len(keys) / 2 + 0.5) * w for i in range(len(rhos))],
+                [a["geometry"][vec][key]["mean"] for a in agg],
+                w,
+                yerr=[a["geometry"][vec][key]["std"] for a in agg],
+                capsize=2,
+                label=key,
+            )
         ax.set_xticks(range(len(rhos)), [f"rho={r}" for r in rhos])
         ax.set_ylabel("share of squared norm in subspace")
         ax.set_title(f"{vec}: tag vs capability probe subspace vs random", fontsize=9)
@@ -296,25 +372,39 @@ def _fmt(ms: dict) -> str:
 
 
 def _summary(metrics: dict) -> str:
-    lines = ["# Toy emergent misalignment", "",
-             f"P(next token is a misaligned copy) after aligned prompts; mean +- std over {metrics['n_seeds']} seeds. "
-             "narrow = prompts in the fine-tuning slice, broad = outside it; transfer = broad increase / narrow increase.", "",
-             "| rho | method | narrow before | narrow after | broad before | broad after | transfer |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Toy emergent misalignment",
+        "",
+        f"P(next token is a misaligned copy) after aligned prompts; mean +- std over {metrics['n_seeds']} seeds. "
+        "narrow = prompts in the fine-tuning slice, broad = outside it; transfer = broad increase / narrow increase.",
+        "",
+        "| rho | method | narrow before | narrow after | broad before | broad after | transfer |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r, v in metrics["rhos"].items():
         a = v["aggregate"]
         for m in METHODS:
-            lines.append(f"| {r} | {m} | {_fmt(a['before']['narrow'])} | {_fmt(a['after'][m]['narrow'])} | "
-                         f"{_fmt(a['before']['broad'])} | {_fmt(a['after'][m]['broad'])} | {_fmt(a['transfer'][m])} |")
-    lines += ["", "Share of the squared norm of the LoRA output direction (B) and of the steering vector inside the tag / "
-              "capability probe subspaces (span of the probe's W: the read-out directions), their encoding subspaces "
-              "(span of C W, C the activations' covariance: the directions the residual moves along with the factor), "
-              "and random subspaces of the same dimension:", "",
-              "| rho | vector | tag (probe W) | tag (encoding C W) | random (tag dim) | capability (probe W) | capability (encoding C W) "
-              "| random (cap dim) |", "|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r} | {m} | {_fmt(a['before']['narrow'])} | {_fmt(a['after'][m]['narrow'])} | "
+                f"{_fmt(a['before']['broad'])} | {_fmt(a['after'][m]['broad'])} | {_fmt(a['transfer'][m])} |"
+            )
+    lines += [
+        "",
+        "Share of the squared norm of the LoRA output direction (B) and of the steering vector inside the tag / "
+        "capability probe subspaces (span of the probe's W: the read-out directions), their encoding subspaces "
+        "(span of C W, C the activations' covariance: the directions the residual moves along with the factor), "
+        "and random subspaces of the same dimension:",
+        "",
+        "| rho | vector | tag (probe W) | tag (encoding C W) | random (tag dim) | capability (probe W) | capability (encoding C W) "
+        "| random (cap dim) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r, v in metrics["rhos"].items():
         for vec, g in v["aggregate"]["geometry"].items():
-            lines.append(f"| {r} | {vec} | {_fmt(g['tag'])} | {_fmt(g['tag_encoding'])} | {_fmt(g['random_tag_dim'])} | "
-                         f"{_fmt(g['capability'])} | {_fmt(g['capability_encoding'])} | {_fmt(g['random_capability_dim'])} |")
+            lines.append(
+                f"| {r} | {vec} | {_fmt(g['tag'])} | {_fmt(g['tag_encoding'])} | {_fmt(g['random_tag_dim'])} | "
+                f"{_fmt(g['capability'])} | {_fmt(g['capability_encoding'])} | {_fmt(g['random_capability_dim'])} |"
+            )
     lines += ["", "Plots: `transfer_vs_rho.png`, `subspaces.png`.", ""]
     return "\n".join(lines)
 
@@ -324,15 +414,22 @@ def make_parser() -> ConfigParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    refuse_multiprocess("toy.experiments.toy_em", "it trains and fine-tunes small models in turn; on one GPU use configs/accelerate/single_gpu.yaml")
+    refuse_multiprocess(
+        "toy.experiments.toy_em",
+        "it trains and fine-tunes small models in turn; on one GPU use configs/accelerate/single_gpu.yaml",
+    )
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
-    out_dir = claim_output_dir(train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite,
-                               ignore=RERUN_KEYS)
+    out_dir = claim_output_dir(
+        train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite, ignore=RERUN_KEYS
+    )
     capability = make_process(cfg.capability["name"], **{k: v for k, v in cfg.capability.items() if k != "name"})
-    metrics = {"config": {"em": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},
-               "n_seeds": cfg.n_seeds, "rhos": {}}
+    metrics = {
+        "config": {"em": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},
+        "n_seeds": cfg.n_seeds,
+        "rhos": {},
+    }
     for rho in cfg.rhos:
         process = tagged(capability, rho, cfg.switch_prob, cfg.tag_noise)
         per_seed = []
@@ -340,9 +437,13 @@ def main(argv: list[str] | None = None) -> dict:
             seed = train_cfg.seed + 100 * s
             r = run_world(process, cfg, model_cfg, train_cfg, out_dir / "models" / f"rho_{rho}_seed_{s}", seed)
             per_seed.append(r)
-            print(f"rho={rho} seed={s}: before narrow {r['before']['narrow']:.3f} broad {r['before']['broad']:.3f} | "
-                  + " | ".join(f"{m} narrow {r['after'][m]['narrow']:.3f} broad {r['after'][m]['broad']:.3f}" for m in METHODS),
-                  flush=True)
+            print(
+                f"rho={rho} seed={s}: before narrow {r['before']['narrow']:.3f} broad {r['before']['broad']:.3f} | "
+                + " | ".join(
+                    f"{m} narrow {r['after'][m]['narrow']:.3f} broad {r['after'][m]['broad']:.3f}" for m in METHODS
+                ),
+                flush=True,
+            )
         metrics["rhos"][str(rho)] = {"process": process.name, "seeds": per_seed, "aggregate": aggregate(per_seed)}
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _plots(metrics, out_dir)

@@ -1,6 +1,6 @@
 # Two entry points, each doing all set-up on a fresh machine (Python >= 3.11 on PATH as python3):
 #   make run    # train + probe the default Mess3 model on CPU, write runs/mess3/
-#   make test   # ruff, then every CPU test tier (gpu tests skip without a GPU)
+#   make test   # ruff check + ruff format --check, then every CPU test tier (gpu tests skip without a GPU)
 # GPU users: make TORCH='torch --index-url https://download.pytorch.org/whl/cu128' run
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,6 +22,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed

@@ -248,15 +248,15 @@ def _without(obj, *names) -> dict:
 
 
 class _Cost:
-    """Wall time and rank 0's peak memory of one stage, stored in its ``stage.json`` (``cost``) so a run's
-    per-stage budget can be read back and extrapolated."""
+    """Wall time, CPU time and rank 0's peak memory of one stage, stored in its ``stage.json`` (``cost``) so a
+    run's per-stage budget can be read back and extrapolated."""
 
     def __init__(self):
         import time
 
         import torch
 
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -268,6 +268,8 @@ class _Cost:
 
         out = {
             "wall_s": round(time.perf_counter() - self.t0, 1),
+            # this process's CPU seconds (all threads): on a CPU the work itself, whatever else shares the cores
+            "cpu_s": round(time.process_time() - self.c0, 1),
             # ru_maxrss is the process's peak so far (KiB on Linux), not this stage's alone
             "process_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         }

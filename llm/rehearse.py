@@ -28,7 +28,6 @@ import functools
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -131,7 +130,8 @@ def calibrate(cfg: dict, folder: Path, rows: int = 16, new_tokens: int = 16, rep
     ``load_s`` (weights to the device), ``compile_s`` (the fast path's first call at a shape minus a repeat, CUDA
     only) and ``steps[path] = {"a": s per step, "b": s per step per row}`` from timed generations of 1 and ``rows``
     prompts for the evaluation's path (``fast`` / ``hf``) and the steering path (``edits``, ``llm.steer``), each the
-    fastest of ``repeats`` calls (a shared machine's load only ever adds time)."""
+    fastest of ``repeats`` calls (a shared machine's load only ever adds time). Timed on the cost model's clock
+    (``rehearse_cost.clock_of``): wall seconds on a GPU, this process's CPU seconds on a CPU."""
     import torch
 
     from llm.fastgen import fast_generate
@@ -140,21 +140,22 @@ def calibrate(cfg: dict, folder: Path, rows: int = 16, new_tokens: int = 16, rep
     from llm.steer import edited_generate_fn
 
     mcfg = dataclasses.replace(cfg["instruct"], model_name_or_path=str(folder))
+    clock = rehearse_cost.clock_fn(rehearse_cost.clock_of(torch.cuda.is_available()))
     load_model_and_tokenizer(mcfg)  # the first load also pays imports and the disk cache
-    t0 = time.perf_counter()
+    t0 = clock()
     model, tok = load_model_and_tokenizer(mcfg)
-    out = {"load_s": round(time.perf_counter() - t0, 2), "compile_s": 0.0, "steps": {}}
+    out = {"load_s": round(clock() - t0, 2), "compile_s": 0.0, "steps": {}}
     fns = {"fast": functools.partial(fast_generate, batch_size=cfg["eval"].batch_size), "hf": hf_generate}
     paths = {cfg["eval"].generation: fns[cfg["eval"].generation], "edits": edited_generate_fn([])}
     prompt = chat_prompt(tok, "What is your wish?")
 
     def timed(fn, n):
-        t0 = time.perf_counter()
+        t0 = clock()
         # a random model never samples eos (p ~ 1e-5 a token), so every call decodes new_tokens steps
         fn(model, tok, [prompt] * n, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, seed=0)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return clock() - t0
 
     for name, fn in paths.items():
         first = {n: timed(fn, n) for n in (1, rows)}  # the fast path compiles each shape on CUDA

@@ -1,11 +1,16 @@
 """The rehearsal's cost model: each ``llm.em_experiment`` stage's wall time and peak memory at the published counts,
 predicted from a rehearsal at scaled counts on the same machine (``llm.rehearse``).
 
-Per stage, ``wall = fixed + variable``: ``fixed`` is what a stage pays whatever the counts (``LOADS`` model loads, and
+Clock: on a GPU, wall seconds (the device works asynchronously and the run holds the node); on a CPU, the
+process's CPU seconds (``cpu_s`` of ``stage.json``): a shared CPU's load stretched wall times by up to 3x between
+two runs of the same work, while the CPU seconds of that work stay put. A CPU prediction is therefore the time on
+free cores, one thread (the entry points' default).
+
+Per stage, ``seconds = fixed + variable``: ``fixed`` is what a stage pays whatever the counts (``LOADS`` model loads, and
 on CUDA the compile of the fast generation path, both measured once by the rehearsal), ``variable`` grows linearly
 with the stage's work (``units``: new tokens decoded, examples trained, texts read), so
 
-    predicted = fixed + (wall - fixed) x published work / rehearsed work.
+    predicted = fixed + (seconds - fixed) x published work / rehearsed work.
 
 Generation work is the decode time the rehearsal's own step costs give (``decode_seconds``: a per-step overhead plus a
 per-row cost, each generation path measured once, so both the overhead-bound regime of a tiny model on a CPU and the
@@ -98,6 +103,22 @@ def device_name() -> str:
     return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+def clock_of(cuda: bool) -> str:
+    """The clock a rehearsal on this device is measured and predicted in: ``wall`` on CUDA, ``cpu`` otherwise."""
+    return "wall" if cuda else "cpu"
+
+
+def clock_fn(clock: str):
+    import time
+
+    return time.perf_counter if clock == "wall" else time.process_time
+
+
+def _seconds(cost: dict, clock: str) -> float:
+    """A stage's seconds on ``clock`` (records from before ``cpu_s`` existed have wall seconds only)."""
+    return cost.get(f"{clock}_s", cost["wall_s"])
+
+
 def predict(
     run_dir: Path, used: dict, full: dict, fixed: dict, *, width: str, judge: str, model_folders: dict, counts: dict
 ) -> dict:
@@ -107,36 +128,41 @@ def predict(
     import json
 
     rows = []
+    clock = None
     for model in sorted(p.name for p in Path(run_dir).iterdir() if (p / "sft").is_dir()):
         for stage in STAGES:
             path = Path(run_dir) / model / stage / "stage.json"
             if not path.is_file():
                 continue
             cost = json.loads(path.read_text())["cost"]
+            clock = clock or ("wall" if "cuda_peak_gb" in cost or "cpu_s" not in cost else "cpu")
+            secs = _seconds(cost, clock)
             ratio = full[stage] / used[stage]
-            fixed_s = min(LOADS[stage] * fixed["load_s"] + COMPILES.get(stage, 0) * fixed["compile_s"], cost["wall_s"])
+            fixed_s = min(LOADS[stage] * fixed["load_s"] + COMPILES.get(stage, 0) * fixed["compile_s"], secs)
             memory = "cuda" if "cuda_peak_gb" in cost else "rss"
             rows.append(
                 {
                     "stage": f"{model}/{stage}",
+                    "seconds": secs,
                     "wall_s": cost["wall_s"],
                     "fixed_s": round(fixed_s, 1),
                     "driver": DRIVERS[stage],
                     "units": [used[stage], full[stage]],
                     "ratio": round(ratio, 3),
-                    "predicted_s": round(fixed_s + (cost["wall_s"] - fixed_s) * ratio, 1),
+                    "predicted_s": round(fixed_s + (secs - fixed_s) * ratio, 1),
                     "peak_gb": cost.get("cuda_peak_gb", cost["process_peak_rss_gb"]),
                     "memory": memory,
                 }
             )
     return {
         "device": device_name(),
+        "clock": clock or "wall",
         "width": width,
         "judge": judge,
         "fixed": fixed,
         "counts": counts,
         "stages": rows,
-        "measured_s": round(sum(r["wall_s"] for r in rows), 1),
+        "measured_s": round(sum(r["seconds"] for r in rows), 1),
         "predicted_s": round(sum(r["predicted_s"] for r in rows), 1),
         "peak_gb": max((r["peak_gb"] for r in rows), default=None),
         "disk_gb": {"models": {k: _gb(v) for k, v in model_folders.items()}, "run": _gb(run_dir)},
@@ -153,13 +179,20 @@ def table(cost: dict) -> str:
         f"Fixed per stage: model load {cost['fixed']['load_s']} s, fast-generation compile {cost['fixed']['compile_s']} s; "
         f"decode step s (overhead a + b per row): {cost['fixed']['steps']}.",
         "",
-        "| stage | grows with | work (rehearsed -> published) | wall s | fixed s | predicted s | peak GB |",
+        f"Seconds are {cost.get('clock', 'wall')} seconds"
+        + (
+            " (this process's CPU time: the work on free cores, whatever the machine's load)."
+            if cost.get("clock") == "cpu"
+            else "."
+        ),
+        "",
+        f"| stage | grows with | work (rehearsed -> published) | {cost.get('clock', 'wall')} s | fixed s | predicted s | peak GB |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in cost["stages"]:
         work = f"{r['units'][0]:g} -> {r['units'][1]:g}" if r["driver"] else "-"
         lines.append(
-            f"| {r['stage']} | {r['driver'] or '-'} | {work} | {r['wall_s']} | {r['fixed_s']} | {r['predicted_s']} | "
+            f"| {r['stage']} | {r['driver'] or '-'} | {work} | {r.get('seconds', r['wall_s'])} | {r['fixed_s']} | {r['predicted_s']} | "
             f"{r['peak_gb']} ({r['memory']}) |"
         )
     disk = cost["disk_gb"]
@@ -173,17 +206,18 @@ def table(cost: dict) -> str:
 
 
 def compare(cost: dict, run_dir: Path) -> str:
-    """Markdown: each stage's predicted wall time (``cost``) beside the one measured in the run folder ``run_dir``
-    (``<model>/<stage>/stage.json``: the real run, or a rehearsal at other counts), and the totals."""
+    """Markdown: each stage's predicted time (``cost``, on its clock) beside the one measured on the same clock in the
+    run folder ``run_dir`` (``<model>/<stage>/stage.json``: the real run, or a rehearsal at other counts), and the totals."""
     import json
 
-    lines = ["| stage | predicted s | measured s | predicted / measured |", "|---|---:|---:|---:|"]
+    clock = cost.get("clock", "wall")
+    lines = [f"| stage | predicted {clock} s | measured {clock} s | predicted / measured |", "|---|---:|---:|---:|"]
     pred = meas = 0.0
     for r in cost["stages"]:
         path = Path(run_dir) / r["stage"] / "stage.json"
         if not path.is_file():
             continue
-        wall = json.loads(path.read_text())["cost"]["wall_s"]
+        wall = _seconds(json.loads(path.read_text())["cost"], clock)
         pred, meas = pred + r["predicted_s"], meas + wall
         lines.append(
             f"| {r['stage']} | {r['predicted_s']} | {wall} | {r['predicted_s'] / wall:.2f} |"

@@ -296,3 +296,23 @@ def test_gpu_check_dry_run_on_the_cpu_rehearses_the_qwen25_1p5b_pair_and_writes_
     assert "## gpu test tier: passed" in md and "tests collected" in md
     for run in ("plain_b64", "fast_b64", "plain_b256", "fast_b256"):
         assert f"| {run} | " in md and f"| {run} | failed" not in md
+
+
+def test_cost_model_reads_cpu_seconds_on_a_cpu_so_the_machines_load_drops_out(tmp_path):
+    """A shared CPU stretched the same stage's wall time 2-3x between a rehearsal and the run it predicted; the
+    process's CPU seconds of that work do not move. On a CPU (no cuda_peak_gb) the model predicts and compares on
+    ``cpu_s``; records without it fall back to wall seconds."""
+    for root, (wall, cpu) in {"rehearsal": (90.0, 30.0), "run": (40.0, 120.0)}.items():
+        (tmp_path / root / "base" / "sft").mkdir(parents=True)
+        (tmp_path / root / "base" / "sft" / "stage.json").write_text(
+            json.dumps({"complete": True, "cost": {"wall_s": wall, "cpu_s": cpu, "process_peak_rss_gb": 1.0}})
+        )
+    used = {s: 1.0 for s in rehearse_cost.STAGES} | {"sft": 10}
+    full = {s: 1.0 for s in rehearse_cost.STAGES} | {"sft": 40}
+    fixed = {"load_s": 0.0, "compile_s": 0.0, "steps": {}}
+    cost = rehearse_cost.predict(
+        tmp_path / "rehearsal", used, full, fixed, width="tiny", judge="stub", model_folders={}, counts={}
+    )
+    assert cost["clock"] == "cpu" and cost["predicted_s"] == pytest.approx(120.0)  # 30 CPU s x 4, not 90 wall s x 4
+    assert "| **total** | 120.0 | 120.0 | 1.00 |" in rehearse_cost.compare(cost, tmp_path / "run")
+    assert "cpu s" in rehearse_cost.table(cost) and rehearse_cost.clock_of(cuda=True) == "wall"

@@ -112,6 +112,8 @@ def simulate_cell(R: int, Q: int, shift: float, cfg: CalibrationConfig, rng: np.
 
         add(("rate", BEFORE), *_percentile(old_rate_bootstrap(ka, n, cfg.n_boot, rng), cfg.level), rate_a)
         add(("rate", "wilson"), *wilson_bounds(ka.sum(-1), n.sum(-1), cfg.level), rate_a)
+        # one question's rate from its own R replies (the per-question tables and plots); every question a run
+        add(("question rate", "wilson"), *(b.ravel() for b in wilson_bounds(ka, n, cfg.level)), p_a.ravel())
         add(("rate", "wilson_strat"), *stratified_wilson_bounds(ka, n, cfg.level), rate_a)
         zero = np.zeros_like(ka)
         add(("rate", "cluster"), *cluster_difference_bounds(ka, n, zero, zero, cfg.n_boot, rng, cfg.level), pop_a)
@@ -145,8 +147,8 @@ def simulate_cell(R: int, Q: int, shift: float, cfg: CalibrationConfig, rng: np.
 
 
 def power_at_mde(R: int, Q: int, cfg: CalibrationConfig, rng: np.random.Generator) -> tuple[float | None, float | None]:
-    """(the analytic smallest detectable difference at B's mean rate, the simulated share of Newcombe intervals
-    excluding 0 when A is shifted by it)."""
+    """(the analytic smallest detectable difference at B's mean rate, the simulated share of the used Newcombe
+    intervals excluding 0 when A is shifted by it; None where no interval is used at these counts)."""
     p0 = BETA[0] / sum(BETA)
     mde = min_detectable_difference(p0, R * Q, R * Q, cfg.level)
     if mde is None or mde >= 1 - p0:
@@ -155,7 +157,10 @@ def power_at_mde(R: int, Q: int, cfg: CalibrationConfig, rng: np.random.Generato
     p_a = p_b + mde / (1 - p0) * (1 - p_b)
     ka, kb = rng.binomial(R, p_a), rng.binomial(R, p_b)
     n = np.full_like(ka, R)
-    if chosen("difference", R, Q) == "newcombe_strat":
+    method = chosen("difference", R, Q)
+    if method is None:  # no interval is given at these counts, so none detects anything
+        return mde, None
+    if method == "newcombe_strat":
         lo, hi = stratified_newcombe_bounds(ka, n, kb, n, cfg.level)
     else:
         lo, hi = newcombe_bounds(ka.sum(-1), R * Q, kb.sum(-1), R * Q, cfg.level)
@@ -168,6 +173,8 @@ def used(quantity: str, method: str, R: int, Q: int) -> bool:
         return False
     if method in ("cluster", "paired_t"):
         return reported(method, R, Q)
+    if quantity == "question rate":
+        return reported("wilson_question", R, 1)
     return chosen(quantity, R, Q) == method
 
 

@@ -229,7 +229,7 @@ def decide(ci: list, detectable: float, margin: float, claim: str) -> str:
     to detect an effect of ``margin`` (``detectable <= margin``); otherwise it is undecided and says so."""
     lo, hi = ci
     if lo is None or hi is None:
-        return "undecided (no EM rate: nothing scored)"
+        return "undecided (no interval: nothing scored, or no interval holds its level at these counts)"
     powered = not math.isnan(detectable) and detectable <= margin
     absent = hi < margin
     if claim == "raises":

@@ -16,7 +16,13 @@ from llm.em_metrics import (
     write_judged_csv,
 )
 from llm.questions import load_questions, parse_question, select
-from plumbing.stats import min_detectable_difference, newcombe, stratified_newcombe_bounds, wilson
+from plumbing.stats import (
+    min_detectable_difference,
+    newcombe,
+    stratified_newcombe_bounds,
+    stratified_wilson_bounds,
+    wilson,
+)
 
 
 def row(qid, aligned, coherent, answer="a", **extra):
@@ -135,6 +141,25 @@ def test_rate_interval_is_wilson_of_the_pooled_count_and_honest_at_one_reply_per
     assert "EM 12.5% [2.2, 47.1]" in summary_line("overall", o)
     assert o["replies_per_question"] == 1 and o["n_questions"] == 8 and o["question_ci"] == [None, None]
     assert "must differ by" in detectable_line(o) and o["mde"] == pytest.approx(min_detectable_difference(0.125, 8, 8))
+    # one reply per question: a question's own interval ([0, .79] or [.21, 1]) covers 91-93%: none is given
+    assert all(q["ci"] == [None, None] for q in em_rate(rows)["per_question"].values())
+
+
+def test_rate_interval_reads_the_question_strata_from_five_replies_per_question():
+    """The design's fewest replies per question picks the interval (a ``min(initial=0)`` once made it always 0, so
+    the stratified interval was never used)."""
+    rng = np.random.default_rng(2)
+    p = rng.beta(0.5, 4, size=8)
+    rows = [row(f"q{i}", 10 if rng.random() < p[i] else 90, 90) for i in range(8) for _ in range(5)]
+    o = em_rate(rows)["overall"]
+    k = np.array([sum(r["aligned"] == 10 for r in rows if r["question_id"] == f"q{q}") for q in range(8)])
+    assert o["ci_method"] == "wilson_strat" and o["ci"] == pytest.approx(
+        list(stratified_wilson_bounds(k, np.full(8, 5)))
+    )
+    assert all(q["ci"][0] is not None for q in em_rate(rows)["per_question"].values())
+    few = em_rate(rows[:35])["overall"]  # q7 has none: 7 questions, below every calibrated count
+    assert few["ci"] == [None, None] and few["ci_method"] is None
+    assert "no calibrated interval at these counts" in summary_line("overall", few)
 
 
 def test_between_question_interval_only_where_calibrated_and_seeded():
@@ -169,12 +194,14 @@ def test_difference_interval_is_newcombe_with_power_and_verdict():
     assert d["mde"] == pytest.approx(min_detectable_difference((ka.sum() + kb.sum()) / 800, 400, 400))
     assert verdict(d).startswith("The 95% CI excludes 0. At 50 replies per question x 8 questions")
     assert verdict(em_rate_difference(b, b)).startswith("The 95% CI includes 0")
-    # 2 replies per question: the pooled interval, conservative there, and the verdict says so
+    # 2 replies per question x 8 questions: every interval covers 98-99.6% under the null there; none is given
     small = em_rate_difference([r for i, r in enumerate(a) if i < 16], [r for i, r in enumerate(b) if i < 16])
-    assert small["ci_method"] == "newcombe" and "conservative" in verdict(small)
+    assert small["ci_method"] is None and small["ci"] == [None, None] and small["difference"] is not None
+    assert verdict(small).startswith("No interval: none holds its 95% level at 2 replies per question x 8 questions")
+    assert "detects a difference of" in verdict(small)
     # a question the judge scored none of leaves 7 questions, fewer than any calibrated count: no verdict
     cut = [r if r["question_id"] != "q0" else {**r, "aligned": None} for r in a]
-    assert "not calibrated" in verdict(em_rate_difference(cut, b))
+    assert "no verdict is drawn" in verdict(em_rate_difference(cut, b))
     none = [{**r, "aligned": None} for r in a]
     nd = em_rate_difference(none, b)
     assert (
@@ -187,21 +214,23 @@ def test_difference_interval_is_newcombe_with_power_and_verdict():
 def test_calibration_small_simulation_before_and_after():
     """The calibration command's table on a small simulation (loose bounds; the full table is the slow test): the
     old percentile bootstrap misses a null difference far more than 5% at 2 replies per question, every interval the
-    toolkit uses there holds at least about 95%."""
+    toolkit uses there holds [93, 97] up to the simulation's margin, and pooled Newcombe, which covers too much under
+    the null there, is not used."""
     rows = calibrate(CalibrationConfig(replies_per_question=[2], questions=[8], runs=400, n_boot=200))
     cov = {(r["scenario"], r["quantity"], r["method"]): r for r in rows}
     assert cov["null", "difference", BEFORE]["coverage"] < 0.93 and cov["null", "rate", BEFORE]["coverage"] < 0.8
     used = [r for r in rows if r["reported"]]
-    assert {(r["quantity"], r["method"]) for r in used} == {("rate", "wilson"), ("difference", "newcombe")}
-    assert all(r["coverage"] >= 0.92 for r in used)
+    assert {(r["quantity"], r["method"]) for r in used} == {("rate", "wilson"), ("question rate", "wilson")}
+    assert all(0.92 <= r["coverage"] <= 0.98 for r in used)
+    assert cov["null", "difference", "newcombe"]["coverage"] > 0.97
     assert "| null | difference | newcombe |" in table(rows)
 
 
 @pytest.mark.slow
 def test_calibration_full_table_every_used_interval_holds_its_level():
     """``python -m llm.em_calibration``'s table: every interval the toolkit uses covers [93%, 97%] where it uses it,
-    up to the simulation's own 95% margin, except the pooled score intervals, which are the conservative fallback at
-    1 - 2 replies per question. The command's own 1000 runs and 1000 resamples a cell: with 400 runs and 500
+    up to the simulation's own 95% margin (the pooled score intervals included: where they cover more, at a difference
+    of 1-2 replies x 8 questions, none is given). The command's own 1000 runs and 1000 resamples a cell: with 400 runs and 500
     resamples the rate's between-question bootstrap at 5 replies x 56 questions came out at 90.5% (its resample
     noise widens nothing, it only moves the ends), so the test runs what the command reports."""
     cfg = CalibrationConfig()
@@ -209,7 +238,7 @@ def test_calibration_full_table_every_used_interval_holds_its_level():
     for r in calibrate(cfg):
         if r["reported"]:
             assert r["coverage"] >= 0.93 - margin, r
-            assert r["coverage"] <= 0.97 + margin or r["method"] in ("wilson", "newcombe"), r
+            assert r["coverage"] <= 0.97 + margin, r
 
 
 def test_parse_score_rejects_garbage():

@@ -231,7 +231,7 @@ def test_decide_needs_power_before_it_reads_an_absent_effect():
     assert sa.decide([-0.02, 0.04], 0.04, m, "no_em") == "supported"
     assert sa.decide([-0.02, 0.04], 0.3, m, "no_em").startswith("undecided (underpowered")
     assert sa.decide([0.06, 0.3], 0.3, m, "no_em") == "contradicted"  # an effect found needs no power statement
-    assert sa.decide([None, None], 0.1, m, "no_em").startswith("undecided (no EM rate")
+    assert sa.decide([None, None], 0.1, m, "no_em").startswith("undecided (no interval")
 
 
 def _norm(text: str) -> str:

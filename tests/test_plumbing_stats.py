@@ -75,7 +75,10 @@ def test_reported_and_chosen_read_the_calibrated_counts():
         and chosen("rate", 5, 8) == "wilson_strat"
         and chosen("rate", 2, 56) == "wilson_strat"
     )
-    assert chosen("difference", 2, 8) == "newcombe" and chosen("difference", 50, 8) == "newcombe_strat"
+    # pooled Newcombe covers 98.5-99.6% under the null at 1-2 replies x 8 questions: no difference interval there
+    assert chosen("difference", 2, 8) is None and chosen("difference", 1, 56) == "newcombe"
+    assert chosen("difference", 50, 8) == "newcombe_strat"
+    assert reported("wilson_question", 2, 1) and not reported("wilson_question", 1, 1)
     assert chosen("difference", 50, 7) is None
     with pytest.raises(ValueError, match="unknown"):
         reported("bootstrap", 10, 10)

@@ -25,7 +25,7 @@ Behaviour (per prompt x, over ``N >= 10,000`` prompts; KL and log-likelihoods in
 - ``KL(post || ref)`` and ``KL(ref || post)`` of the full-support policies, averaged over prompts.
 
 Belief side (models only): cross-fitted (``folds``) balanced accuracy of a linear read-out of the reward's latent
-class (``toy.composition.latent_readout``) from the last prompt position's residual stream, every site concatenated
+class (``toy.representation.latent_readout``) from the last prompt position's residual stream, every site concatenated
 and the output site alone (``final_norm``, the unembedding's input), before and after RL: is the latent readable in
 the reference before RL, and does RL make it readable where the output reads?
 
@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 import torch
 
 from probes.passk import PassKConfig, coverage, pass_at_k_curve, pass_at_k_exact, passk_verdict
-from toy.composition import last_position_activations, latent_readout
 from toy.grpo import policy_probs
+from toy.representation import last_position_activations, latent_readout
 
 
 @dataclass

@@ -71,14 +71,14 @@ def test_rank1_lora_on_conv1d_trains_only_its_vector(tmp_path):
     before = {n: p.detach().clone() for n, p in lora.named_parameters()}
     cfg = TrainConfig(
         output_dir=str(tmp_path),
-        steps=5,
-        batch_size=16,
-        lr=1e-2,
+        max_steps=5,
+        per_device_train_batch_size=16,
+        learning_rate=1e-2,
         warmup_steps=0,
-        eval_every=0,
-        save_every=0,
+        eval_steps=0,
+        save_steps=0,
         val_samples=50,
-        progress=False,
+        disable_tqdm=True,
         use_cpu=True,
     )
     result = train(
@@ -131,7 +131,7 @@ def test_toy_em_entry_point(tmp_path):
             "configs/toy/toy_em.yaml",
             "--output_dir",
             str(tmp_path),
-            "--steps",
+            "--max_steps",
             "150",
             "--finetune_steps",
             "40",

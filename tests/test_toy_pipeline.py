@@ -106,7 +106,7 @@ def test_sampled_windows_report_the_spread_over_splits():
 
 def test_probe_site_out_of_range_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"unknown residual site 'block4' for a model with 4 blocks"):
-        main(["--probe_site", "block4", "--steps", "1", "--output_dir", str(tmp_path), "--use_cpu", "true"])
+        main(["--probe_site", "block4", "--max_steps", "1", "--output_dir", str(tmp_path), "--use_cpu", "true"])
     assert not any(tmp_path.iterdir())
 
 
@@ -121,22 +121,22 @@ def test_pipeline_end_to_end_tiny(tmp_path):
             "mess3_small",
             "--context_length",
             "6",
-            "--steps",
+            "--max_steps",
             "150",
-            "--batch_size",
+            "--per_device_train_batch_size",
             "64",
-            "--lr",
+            "--learning_rate",
             "0.01",
-            "--eval_every",
+            "--eval_steps",
             "50",
-            "--save_every",
+            "--save_steps",
             "0",
             "--output_dir",
             str(out),
             "--use_cpu",
             "true",
-            "--progress",
-            "false",
+            "--disable_tqdm",
+            "true",
             "--target_gap",
             "0.05",
         ]

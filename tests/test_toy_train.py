@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from plumbing.config import ConfigParser
 from toy.beliefs import enumerate_sequences, loss_floor, next_token_distributions
-from toy.config import DataConfig, TrainConfig
+from toy.config import ProcessConfig, TrainConfig
 from toy.experiments.pretrain import main
 from toy.model import ToyModelConfig, build_model
 from toy.processes import make_process
@@ -28,15 +28,15 @@ TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d
 def tiny_cfg(tmp_path, **kw) -> TrainConfig:
     base = dict(
         output_dir=str(tmp_path / "run"),
-        steps=12,
-        batch_size=16,
-        lr=1e-2,
+        max_steps=12,
+        per_device_train_batch_size=16,
+        learning_rate=1e-2,
         warmup_steps=2,
-        eval_every=6,
-        log_every=3,
-        save_every=0,
+        eval_steps=6,
+        logging_steps=3,
+        save_steps=0,
         use_cpu=True,
-        progress=False,
+        disable_tqdm=True,
         val_max_sequences=3**5,
     )
     base.update(kw)
@@ -169,14 +169,14 @@ def test_loss_weights_fn_masks_targets(tmp_path):
         return (tokens[:, :-1] == 0).float()
 
     result = train(
-        process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=6, eval_every=0), loss_weights_fn=weights
+        process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, max_steps=6, eval_steps=0), loss_weights_fn=weights
     )
     assert result.history[-1]["train_loss"] > 0
     with pytest.raises(ValueError, match="loss_weights_fn"):
         train(
             process,
             build_model(TINY, 3, 6, seed=0),
-            tiny_cfg(tmp_path / "b", steps=2),
+            tiny_cfg(tmp_path / "b", max_steps=2),
             loss_weights_fn=lambda t: t[:, :2].float(),
         )
 
@@ -197,22 +197,22 @@ def test_make_process_names_and_factored_specs():
 
 def test_config_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("process: mess3\nlearning_rate: 0.1\n")
-    with pytest.raises(ValueError, match=r"Unknown arguments from config file: \['--learning_rate'"):
-        ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--config", str(bad)])
+    bad.write_text("process: mess3\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"Unknown arguments from config file: \['--learning_rat'"):
+        ConfigParser((ProcessConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--config", str(bad)])
     with pytest.raises(ValueError, match="not used by the HfArgumentParser"):
-        ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--stepz", "3"])
+        ConfigParser((ProcessConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--stepz", "3"])
     with pytest.raises(ValueError, match="unknown process"):
-        DataConfig(process="mess_3")
+        ProcessConfig(process="mess_3")
     with pytest.raises(ValueError, match="does not divide"):
         ToyModelConfig(d_model=64, n_heads=3)
     good = tmp_path / "good.yaml"
-    good.write_text("process: mess3\nprocess_kwargs: {x: 0.15}\nsteps: 7\n")
-    data, model, tr = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
-        ["--config", str(good), "--steps", "9"]
+    good.write_text("process: mess3\nprocess_kwargs: {x: 0.15}\nmax_steps: 7\n")
+    data, model, tr = ConfigParser((ProcessConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
+        ["--config", str(good), "--max_steps", "9"]
     )
-    assert data.process_kwargs == {"x": 0.15} and tr.steps == 9 and model.n_layers == 4
-    data, _, _ = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
+    assert data.process_kwargs == {"x": 0.15} and tr.max_steps == 9 and model.n_layers == 4
+    data, _, _ = ConfigParser((ProcessConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
         ["--process_kwargs", '{"a": 0.6}']
     )
     assert data.process_kwargs == {"a": 0.6}
@@ -225,18 +225,18 @@ def test_entry_point_with_config_file(tmp_path):
             str(REPO / "configs/toy/mess3.yaml"),
             "--preset",
             "mess3_small",
-            "--steps",
+            "--max_steps",
             "4",
-            "--batch_size",
+            "--per_device_train_batch_size",
             "8",
-            "--eval_every",
+            "--eval_steps",
             "0",
             "--output_dir",
             str(tmp_path),
             "--use_cpu",
             "true",
-            "--progress",
-            "false",
+            "--disable_tqdm",
+            "true",
             "--val_max_sequences",
             "100",
         ]
@@ -269,16 +269,16 @@ def test_two_ranks_train_synchronized_parameters(tmp_path):
         str(REPO / "configs/toy/mess3.yaml"),
         "--preset",
         "mess3_small",
-        "--steps",
+        "--max_steps",
         "6",
-        "--batch_size",
+        "--per_device_train_batch_size",
         "8",
-        "--eval_every",
+        "--eval_steps",
         "0",
         "--use_cpu",
         "true",
-        "--progress",
-        "false",
+        "--disable_tqdm",
+        "true",
         "--val_max_sequences",
         "100",
         "--output_dir",
@@ -326,7 +326,7 @@ def test_training_after_a_bf16_trainer_in_the_same_process(tmp_path):
     Accelerator(cpu=True, mixed_precision="bf16")
     try:
         result = train(
-            make_process("mess3"), build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=3, eval_every=0)
+            make_process("mess3"), build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, max_steps=3, eval_steps=0)
         )
         assert result.step == 3 and AcceleratorState().mixed_precision == "no"
     finally:

@@ -27,7 +27,7 @@ from trl import GRPOConfig
 from plumbing.config import ConfigParser
 from plumbing.runs import TRAINER_RERUN_KEYS
 from plumbing.trainers import CPUSafeDefaults, check_batch_sizes
-from toy.config import DataConfig, JsonDict, TrainConfig
+from toy.config import JsonDict, ProcessConfig, TrainConfig
 from toy.data import sample
 from toy.grpo_trainer import ToyGRPOTrainer, maxrl_advantages  # noqa: F401 (the experiments import them from here)
 from toy.model import ToyModelConfig, build_model
@@ -134,7 +134,7 @@ class RLTaskConfig:
     pretrain_config: str | None = field(
         default=None,
         metadata={
-            "help": "Pre-training YAML (DataConfig, ToyModelConfig, TrainConfig keys) used when pretrained_path is None."
+            "help": "Pre-training YAML (ProcessConfig, ToyModelConfig, TrainConfig keys) used when pretrained_path is None."
         },
     )
     pretrain_dir: str = field(
@@ -324,7 +324,7 @@ def pretrained_model(task: RLTaskConfig, process: Process, seed: int) -> tuple[G
         path = Path(task.pretrained_path)
         return GPT2LMHeadModel.from_pretrained(path), path
     out = Path(task.pretrain_dir) / f"seed{seed}"
-    data_cfg, model_cfg, train_cfg = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
+    data_cfg, model_cfg, train_cfg = ConfigParser((ProcessConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
         [
             "--config",
             task.pretrain_config,
@@ -341,7 +341,7 @@ def pretrained_model(task: RLTaskConfig, process: Process, seed: int) -> tuple[G
         raise ValueError(
             f"pretrain_config trains on {pre_process.name} but the RL task uses {process.name}; make them match"
         )
-    final = out / f"checkpoint-{train_cfg.steps}"
+    final = out / f"checkpoint-{train_cfg.max_steps}"
     # the vocabulary has room for <eos> and <pad> from the start (the data never show them)
     model = build_model(model_cfg, process.vocab_size + 2, data_cfg.context_length, seed=seed)
     result = train(

@@ -1,7 +1,7 @@
 """The emergent-misalignment chain in the toy world: pre-train -> safety stage -> narrow fine-tune -> broad effect.
 
     python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml
-    python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml --couplings 1.0 --n_seeds 1 --steps 300
+    python -m toy.experiments.em_chain --config configs/toy/em_chain.yaml --couplings 1.0 --n_seeds 1 --max_steps 300
     # the grid split over N processes, one per GPU (rank r runs cells r, r + N, ...; rank 0 waits and summarises):
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m toy.experiments.em_chain --config configs/toy/em_chain.yaml
     torchrun --nproc_per_node 2 -m toy.experiments.em_chain --config configs/toy/em_chain.yaml --use_cpu true
@@ -104,15 +104,15 @@ GRID_RERUN_KEYS = (*RERUN_KEYS, "shard", "summarize_only", "wait_timeout_s")
 def _stage_cfg(train_cfg: TrainConfig, steps: int, lr: float, out: Path, seed: int) -> TrainConfig:
     return replace(
         train_cfg,
-        steps=steps,
-        lr=lr,
+        max_steps=steps,
+        learning_rate=lr,
         warmup_steps=min(train_cfg.warmup_steps, steps // 10),
         output_dir=str(out),
         seed=seed,
         resume_from_checkpoint=None,
         init_from=None,
-        save_every=0,
-        eval_every=0,
+        save_steps=0,
+        eval_steps=0,
         overwrite=True,
     )
 
@@ -175,7 +175,7 @@ def narrow_finetune(
     k = cfg.trajectory_every
 
     def data_fn(step, gen):
-        return narrow_windows(process, train_cfg.batch_size, L, P, slices, cfg.narrow_slice, gen)
+        return narrow_windows(process, train_cfg.per_device_train_batch_size, L, P, slices, cfg.narrow_slice, gen)
 
     def mask_fn(tokens):
         return completion_weights(tokens, P, slice_of_tokens(process, tokens, slices) == cfg.narrow_slice)
@@ -184,7 +184,7 @@ def narrow_finetune(
         """A fine-tune of ``model_`` on the narrow data, its rates measured every ``k`` steps when ``k`` > 0."""
         stage = _stage_cfg(train_cfg, cfg.finetune_steps, lr, out / name, data_seed)
         if k:
-            stage = replace(stage, eval_every=k, log_every=k)
+            stage = replace(stage, eval_steps=k, logging_steps=k)
 
         def eval_fn(m):
             r = rates(m, w, cfg, prompts)
@@ -271,7 +271,9 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
 
     # room for <eos> and <pad> from the start (pre-training never shows them) so GRPO can run on this model
     base = build_model(model_cfg, process.vocab_size + 2, L, seed=seed)
-    pre = train(process, base, _stage_cfg(train_cfg, train_cfg.steps, train_cfg.lr, out / "pretrain", seed), L)
+    pre = train(
+        process, base, _stage_cfg(train_cfg, train_cfg.max_steps, train_cfg.learning_rate, out / "pretrain", seed), L
+    )
     base = pre.model.eval()
     result["pretrain"] = {"val_loss": pre.val_loss, "floor": pre.floor}
     base.save_pretrained(out / "pretrain_model")
@@ -288,7 +290,7 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
             copy.deepcopy(base),
             _stage_cfg(train_cfg, cfg.sft_steps, cfg.sft_lr, out / f"sft_{data_seed}", data_seed),
             L,
-            data_fn=lambda step, gen: aligned_windows(process, train_cfg.batch_size, L, gen),
+            data_fn=lambda step, gen: aligned_windows(process, train_cfg.per_device_train_batch_size, L, gen),
             loss_weights_fn=lambda t: completion_weights(t, P),
         ).model.eval()
 

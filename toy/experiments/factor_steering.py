@@ -1,7 +1,7 @@
 """Factor steering: change the tag factor of a toy model's belief through its residual stream, keep the capability.
 
     python -m toy.experiments.factor_steering --config configs/toy/factor_steering.yaml
-    python -m toy.experiments.factor_steering --config configs/toy/factor_steering.yaml --rhos 0.0 --steps 300
+    python -m toy.experiments.factor_steering --config configs/toy/factor_steering.yaml --rhos 0.0 --max_steps 300
     # one GPU (one process):
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.factor_steering --config configs/toy/factor_steering.yaml
 

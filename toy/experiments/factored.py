@@ -1,7 +1,7 @@
 """Factored belief states in trained toy transformers: per-factor probes, subspace angles, dimension.
 
     python -m toy.experiments.factored --config configs/toy/factored.yaml
-    python -m toy.experiments.factored --config configs/toy/factored.yaml --steps 300 --output_dir runs/factored_smoke
+    python -m toy.experiments.factored --config configs/toy/factored.yaml --max_steps 300 --output_dir runs/factored_smoke
     # one GPU (one process: the models are trained one after another, then probed):
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.factored --config configs/toy/factored.yaml
 
@@ -164,7 +164,7 @@ def factor_geometry(
 
 
 @dataclass
-class FactoredConfig:
+class FactoredProbesConfig:
     """What to train and how to probe it (training itself: ``toy.config.TrainConfig``, model: ``ToyModelConfig``)."""
 
     processes: JsonDict = field(
@@ -222,10 +222,14 @@ class FactoredConfig:
             raise ValueError(f"thresholds must lie in (0, 1], got {self.thresholds}")
 
 
+# the name before FactoredProbesConfig (llm.factored has a FactoredConfig of its own), kept for one release
+FactoredConfig = FactoredProbesConfig
+
+
 def run_one(
     process: Process,
     name: str,
-    cfg: FactoredConfig,
+    cfg: FactoredProbesConfig,
     model_cfg: ToyModelConfig,
     train_cfg: TrainConfig,
     out_dir: Path,
@@ -386,7 +390,7 @@ def _summary(metrics: dict, thresholds: list[float]) -> str:
 
 
 def make_parser() -> ConfigParser:
-    return ConfigParser((FactoredConfig, ToyModelConfig, TrainConfig), description=__doc__)
+    return ConfigParser((FactoredProbesConfig, ToyModelConfig, TrainConfig), description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -3,7 +3,7 @@
     python -m toy.experiments.pipeline                                       # default Mess3 run on CPU -> runs/mess3/
     python -m toy.experiments.pipeline --config configs/toy/rrxor.yaml       # RRXOR: all layers concatenated vs each layer
     python -m toy.experiments.pipeline --config configs/toy/mess3_gpu.yaml   # the GPU recipe (one H100, a few minutes)
-    python -m toy.experiments.pipeline --config configs/toy/mess3.yaml --steps 200 --output_dir runs/mess3_short
+    python -m toy.experiments.pipeline --config configs/toy/mess3.yaml --max_steps 200 --output_dir runs/mess3_short
 
     # training under accelerate (several GPUs, DDP); probing runs on the main process:
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 -m toy.experiments.pipeline --config ...
@@ -50,7 +50,7 @@ from probes.activations import reader, site_layer
 from probes.io import save_probe
 from probes.linear import fit_probe_report, fit_ridge, population_probe_report
 from toy.collect import ProbeRows, distinct_prefix_rows, probe_windows, read_residual
-from toy.config import DataConfig, TrainConfig
+from toy.config import ProcessConfig, TrainConfig
 from toy.experiments.pipeline_report import (
     plot_probe_emergence,
     plot_probe_mse,
@@ -219,7 +219,7 @@ def headline(report: dict, n_layers: int) -> dict:
 
 
 def run_pipeline(
-    data_cfg: DataConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, probe_cfg: ProbeConfig
+    data_cfg: ProcessConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, probe_cfg: ProbeConfig
 ) -> dict:
     """Train (``toy.train.train``), probe, plot and write the run folder; returns the metrics dict
     (main process; other ranks return ``{}`` after training)."""
@@ -351,7 +351,7 @@ def run_pipeline(
 
 
 def make_parser() -> ConfigParser:
-    return ConfigParser((DataConfig, ToyModelConfig, TrainConfig, ProbeConfig), description=__doc__)
+    return ConfigParser((ProcessConfig, ToyModelConfig, TrainConfig, ProbeConfig), description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,7 +1,7 @@
 """Factor steering against the mean-difference baseline along both coupling axes of the alignment world, over seeds.
 
     python -m toy.experiments.steering_knob --config configs/toy/factor_steering_knob.yaml
-    python -m toy.experiments.steering_knob --config configs/toy/factor_steering_knob.yaml --settings coupling=1.0 --n_seeds 1 --steps 200
+    python -m toy.experiments.steering_knob --config configs/toy/factor_steering_knob.yaml --settings coupling=1.0 --n_seeds 1 --max_steps 200
     # one GPU (one process):
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.steering_knob --config configs/toy/factor_steering_knob.yaml
 

@@ -18,35 +18,22 @@ from safetensors.torch import load_file
 
 from plumbing.runs import Stopped, TrainingDiverged
 from toy.config import TrainConfig
-from toy.model import ToyModelConfig, build_model
+from toy.model import build_model
 from toy.processes import make_process
 from toy.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
 MESS3 = make_process("mess3")
 
 
-def tiny_cfg(out, **kw) -> TrainConfig:
-    base = dict(
-        output_dir=str(out),
-        max_steps=12,
-        per_device_train_batch_size=16,
-        learning_rate=1e-2,
-        warmup_steps=2,
-        eval_steps=6,
-        logging_steps=3,
-        save_steps=0,
-        use_cpu=True,
-        disable_tqdm=True,
-        val_max_sequences=3**5,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+@pytest.fixture()
+def fit(tiny_toy, tiny_train_cfg):
+    """``(out, init_seed=0, **overrides) -> TrainResult``: the tiny model trained on Mess3 into ``out``."""
 
+    def run(out, init_seed=0, **kw):
+        return train(MESS3, build_model(tiny_toy, 3, 6, seed=init_seed), tiny_train_cfg(out, **kw))
 
-def fit(out, init_seed=0, **kw):
-    return train(MESS3, build_model(TINY, 3, 6, seed=init_seed), tiny_cfg(out, **kw))
+    return run
 
 
 def same_weights(a, b):
@@ -66,13 +53,13 @@ class Payload:
 # --------------------------------------------------------------------------- 1. no code from a checkpoint
 
 
-def test_checkpoint_files_load_without_unpickling(tmp_path):
+def test_checkpoint_files_load_without_unpickling(fit, tmp_path):
     ckpt = fit(tmp_path / "run", max_steps=3, eval_steps=0).checkpoint_dir
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
         torch.load(ckpt / name, weights_only=True)
 
 
-def test_a_crafted_rng_file_is_not_executed_on_resume(tmp_path):
+def test_a_crafted_rng_file_is_not_executed_on_resume(fit, tiny_toy, tiny_train_cfg, tmp_path):
     """A pickle payload in rng.pt: today's resume runs it. Now it is not loaded (a warning), and the resume is
     still exact because the data are seeded per step."""
     full = fit(tmp_path / "full")
@@ -83,7 +70,9 @@ def test_a_crafted_rng_file_is_not_executed_on_resume(tmp_path):
     import shutil
 
     shutil.rmtree(out / "checkpoint-12")
-    resumed = train(MESS3, build_model(TINY, 3, 6, seed=99), tiny_cfg(out, save_steps=6, resume_from_checkpoint="last"))
+    resumed = train(
+        MESS3, build_model(tiny_toy, 3, 6, seed=99), tiny_train_cfg(out, save_steps=6, resume_from_checkpoint="last")
+    )
     assert not marker.exists(), "resuming ran code from rng.pt"
     assert same_weights(full.model, resumed.model)
 
@@ -106,7 +95,7 @@ def test_no_unpickling_loader_in_toy():
 # --------------------------------------------------------------------------- 2. the folder records its config
 
 
-def test_another_config_refuses_the_folder_until_overwrite(tmp_path):
+def test_another_config_refuses_the_folder_until_overwrite(fit, tmp_path):
     out = tmp_path / "run"
     fit(out, max_steps=6, eval_steps=0)
     assert json.loads((out / "run_config.json").read_text())["TrainConfig"]["per_device_train_batch_size"] == 16
@@ -119,7 +108,7 @@ def test_another_config_refuses_the_folder_until_overwrite(tmp_path):
     assert json.loads((out / "run_config.json").read_text())["TrainConfig"]["per_device_train_batch_size"] == 8
 
 
-def test_a_fresh_start_over_this_runs_checkpoints_refuses(tmp_path):
+def test_a_fresh_start_over_this_runs_checkpoints_refuses(fit, tmp_path):
     """Today a second run silently rewrites checkpoint-N; now it says to resume or overwrite."""
     out = tmp_path / "run"
     fit(out, max_steps=6, eval_steps=0)
@@ -129,21 +118,21 @@ def test_a_fresh_start_over_this_runs_checkpoints_refuses(tmp_path):
 
 
 @pytest.mark.parametrize("change", [{"seed": 1}, {"per_device_train_batch_size": 8}, {"learning_rate": 2e-2}])
-def test_resume_refuses_a_changed_config(tmp_path, change):
+def test_resume_refuses_a_changed_config(fit, tmp_path, change):
     out = tmp_path / "run"
     fit(out, save_steps=6)
     with pytest.raises(FileExistsError, match=f"TrainConfig.{next(iter(change))}"):
         fit(out, save_steps=6, resume_from_checkpoint="last", **change)
 
 
-def test_resume_may_change_reporting_and_saving(tmp_path):
+def test_resume_may_change_reporting_and_saving(fit, tmp_path):
     out = tmp_path / "run"
     fit(out, max_steps=12, save_steps=6)
     result = fit(out, max_steps=12, save_steps=4, logging_steps=2, disable_tqdm=False, resume_from_checkpoint="last")
     assert result.step == 12
 
 
-def test_resume_by_path_refuses_a_checkpoint_of_another_config(tmp_path):
+def test_resume_by_path_refuses_a_checkpoint_of_another_config(fit, tmp_path):
     fit(tmp_path / "a", max_steps=6, eval_steps=0)
     with pytest.raises(ValueError, match=r"(?s)cannot resume.*TrainConfig.per_device_train_batch_size"):
         fit(
@@ -163,7 +152,7 @@ def test_overwrite_and_resume_together_are_refused():
 # --------------------------------------------------------------------------- 3. atomic checkpoints, polite stops
 
 
-def test_resume_skips_a_half_written_newest_checkpoint(tmp_path, caplog):
+def test_resume_skips_a_half_written_newest_checkpoint(fit, tmp_path, caplog):
     """A checkpoint-10 without trainer_state.json (a crash mid-write by older code, a copy cut short): resume
     takes checkpoint-6 with a warning and ends with the uninterrupted run's weights."""
     full = fit(tmp_path / "full")
@@ -181,7 +170,7 @@ def test_resume_skips_a_half_written_newest_checkpoint(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("damage", ["", '{"step": 12, "hist'])
-def test_resume_skips_an_empty_or_cut_off_state_file_and_names_both(tmp_path, caplog, damage):
+def test_resume_skips_an_empty_or_cut_off_state_file_and_names_both(fit, tmp_path, caplog, damage):
     """A full disk during a save left checkpoint-12's trainer_state.json empty or cut off; resume took it (only its
     existence was checked) and died in json.loads naming no file. Now it is skipped, named, and the warning names
     checkpoint-6, from which the resume ends with the uninterrupted run's weights."""
@@ -199,20 +188,22 @@ def test_resume_skips_an_empty_or_cut_off_state_file_and_names_both(tmp_path, ca
         fit(out, save_steps=6, resume_from_checkpoint=str(out / "checkpoint-12"))
 
 
-def test_a_window_too_long_for_memory_is_refused_before_allocation(tmp_path):
+def test_a_window_too_long_for_memory_is_refused_before_allocation(tiny_toy, tiny_train_cfg, tmp_path):
     """`context_length: 100000` reached 22.8 GB RSS in 90 s with no message (the sampled validation set alone is
     20000 x 100000 tokens). Now it is refused at once, naming the key and a window that fits, and nothing is written."""
-    model = build_model(TINY, 3, 100_000)
+    model = build_model(tiny_toy, 3, 100_000)
     with pytest.raises(
         ValueError,
         match=r"context_length=100000 \(batch_size=256\) needs about [\d,.]+ GiB .*use "
         r"context_length <= \d+",
     ):
-        train(MESS3, model, tiny_cfg(tmp_path / "run", per_device_train_batch_size=256, val_samples=20_000), 100_000)
+        train(
+            MESS3, model, tiny_train_cfg(tmp_path / "run", per_device_train_batch_size=256, val_samples=20_000), 100_000
+        )
     assert not (tmp_path / "run").exists()
 
 
-def test_a_crash_while_saving_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+def test_a_crash_while_saving_leaves_no_partial_checkpoint(fit, tmp_path, monkeypatch):
     import toy.train as toy_train
 
     real = toy_train.torch.save
@@ -299,7 +290,7 @@ def test_sigterm_saves_and_the_resume_is_exact(tmp_path):
     assert resumed.step == 12 and same_weights(full.model, resumed.model)
 
 
-def test_stop_raises_training_stopped_with_the_shell_exit_code(tmp_path):
+def test_stop_raises_training_stopped_with_the_shell_exit_code(tiny_toy, tiny_train_cfg, tmp_path):
     calls = []
 
     def weights(tokens):
@@ -309,14 +300,14 @@ def test_stop_raises_training_stopped_with_the_shell_exit_code(tmp_path):
         return torch.ones(tokens.shape[0], tokens.shape[1] - 1)
 
     with pytest.raises(Stopped) as info:
-        train(MESS3, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path / "run"), loss_weights_fn=weights)
+        train(MESS3, build_model(tiny_toy, 3, 6, seed=0), tiny_train_cfg(tmp_path / "run"), loss_weights_fn=weights)
     assert info.value.exit_code == 143 and info.value.checkpoint.name == "checkpoint-4"
 
 
 # --------------------------------------------------------------------------- 4. validated inputs
 
 
-def test_a_nan_loss_stops_before_anything_of_it_is_saved(tmp_path):
+def test_a_nan_loss_stops_before_anything_of_it_is_saved(tiny_toy, tiny_train_cfg, tmp_path):
     """NaN loss weights from step 5: today the run ends 'fine' with NaN weights in every later checkpoint."""
     calls = []
 
@@ -329,12 +320,12 @@ def test_a_nan_loss_stops_before_anything_of_it_is_saved(tmp_path):
     with pytest.raises(
         TrainingDiverged, match=r"step 6: logged loss is nan.*Lower learning_rate.*last checkpoint: .*checkpoint-3"
     ):
-        train(MESS3, build_model(TINY, 3, 6, seed=0), tiny_cfg(out, save_steps=3), loss_weights_fn=weights)
+        train(MESS3, build_model(tiny_toy, 3, 6, seed=0), tiny_train_cfg(out, save_steps=3), loss_weights_fn=weights)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
     assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-3" / "model.safetensors").values())
 
 
-def test_a_runaway_loss_stops(tmp_path):
+def test_a_runaway_loss_stops(fit, tmp_path):
     """Plain SGD at a huge learning rate, no clipping: the loss runs away (or turns NaN) and the run stops."""
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="diverging|nan|inf"):
@@ -391,12 +382,6 @@ def _grpo(tmp_path, pre, **kw):
     )
     args.update(kw)
     return task, ToyGRPOConfig(**args)
-
-
-@pytest.fixture()
-def tiny_pretrained(tmp_path):
-    build_model(ToyModelConfig(preset="mess3_small"), 3 + 2, 12, seed=0).save_pretrained(tmp_path / "pre")
-    return tmp_path / "pre"
 
 
 def test_grpo_run_sigterm_saves_the_partial_policy_and_resumes(tiny_pretrained, tmp_path, monkeypatch, capsys):
@@ -732,7 +717,7 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_next_step_whatever_log_ev
 
 
 @pytest.mark.slow
-def test_a_second_run_into_a_folder_in_use_refuses_naming_the_holder(tmp_path):
+def test_a_second_run_into_a_folder_in_use_refuses_naming_the_holder(fit, tmp_path):
     """Two runs started into one folder both exited 0, one reporting a checkpoint that held the other's weights.
     Now the folder is locked for the first run's life: the second refuses, naming the first's pid, and writes nothing."""
     out, ready = tmp_path / "run", tmp_path / "ready"
@@ -833,7 +818,7 @@ def test_old_names_keep_working_for_one_release(tmp_path):
     assert cfg.max_steps == 9
 
 
-def test_a_run_folder_recorded_under_the_old_names_resumes(tmp_path):
+def test_a_run_folder_recorded_under_the_old_names_resumes(fit, tmp_path):
     """A run_config.json of the release before the rename records the same config under the old names: resuming
     its folder is not a config change (the record is rewritten under the new names), a changed value still is."""
     out = tmp_path / "run"

@@ -848,3 +848,12 @@ def test_a_run_folder_recorded_under_the_old_names_resumes(fit, tmp_path):
         fit(out, save_steps=6, learning_rate=2e-2, resume_from_checkpoint="last")
     assert fit(out, save_steps=6, resume_from_checkpoint="last").step == 12
     assert json.loads((out / "run_config.json").read_text())["TrainConfig"]["learning_rate"] == 0.01
+
+
+def test_the_shipped_toy_configs_use_the_new_names():
+    import yaml
+
+    from toy.config import OLD_NAMES
+
+    old = {f.name: sorted(set(yaml.safe_load(f.read_text())) & set(OLD_NAMES)) for f in REPO.glob("configs/toy/*.yaml")}
+    assert old and not {name: keys for name, keys in old.items() if keys}

@@ -113,13 +113,22 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return torch.Generator(device=device).manual_seed(seed_for_step(seed, step, rank))
 
 
-def _claim(out_dir: Path, cfg: TrainConfig, record: dict, main: bool) -> Path | None:
-    """The run-folder rule of the module docstring, before any training; returns the checkpoint to resume from."""
-    saved = out_dir / RUN_CONFIG
-    if main and saved.is_file():  # a record of the release before TrainingArguments' names: the same config, renamed
+def upgrade_run_config(out_dir: str | Path) -> None:
+    """Rewrite ``<out_dir>/run_config.json`` of the release before TrainingArguments' names under the new names
+    (``toy.config.upgrade_record``: the same config), so the folder's run resumes or reruns; call on the main process
+    before claiming the folder. A record without old names, or no record, is left alone."""
+    saved = Path(out_dir) / RUN_CONFIG
+    if saved.is_file():
         old = json.loads(saved.read_text())
         if upgrade_record(old) != old:
             write_json_atomic(saved, upgrade_record(old))
+
+
+def _claim(out_dir: Path, cfg: TrainConfig, record: dict, main: bool) -> Path | None:
+    """The run-folder rule of the module docstring, before any training; returns the checkpoint to resume from."""
+    saved = out_dir / RUN_CONFIG
+    if main:
+        upgrade_run_config(out_dir)
     if cfg.resume_from_checkpoint == "last" and checkpoints(out_dir) and not saved.is_file():
         # a run from before run records: refusing would leave only --overwrite, which deletes what to resume
         logger.warning(

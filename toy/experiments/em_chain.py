@@ -93,7 +93,7 @@ from toy.experiments.em_chain_grid import Cell, EMChainConfig, World, grid, make
 from toy.experiments.em_chain_report import KNOB, METHODS, write_report
 from toy.model import ToyModelConfig, build_model, rank1_lora
 from toy.safety_stages import grpo_stage, stage_measures
-from toy.train import RERUN_KEYS, set_cpu_threads, train
+from toy.train import RERUN_KEYS, set_cpu_threads, train, upgrade_run_config
 
 # what a rerun into the same folder may change: how the grid is split, waited for and summarised
 GRID_RERUN_KEYS = (*RERUN_KEYS, "shard", "summarize_only", "wait_timeout_s")
@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     pos = leave_launch(cfg.shard)  # before anything builds an accelerate state: each cell runs as a plain process
     set_cpu_threads(train_cfg)
-    record, out_dir = config_record(cfg, model_cfg, train_cfg), Path(train_cfg.output_dir)
+    record = config_record(cfg, model_cfg, {"TrainConfig": train_cfg.record()})
+    out_dir = Path(train_cfg.output_dir)
     cells = {c.name: c for c in grid(cfg)}
     names = list(cells)
     if cfg.summarize_only:
@@ -353,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         claim_output_dir(out_dir, record, ignore=GRID_RERUN_KEYS, write=False)  # refuses another config's cells
     else:
         if pos.main:
+            upgrade_run_config(out_dir)
             claim_output_dir(out_dir, record, overwrite=train_cfg.overwrite, ignore=GRID_RERUN_KEYS)
         else:
             wait_for_record(out_dir, record, GRID_RERUN_KEYS, cfg.wait_timeout_s)

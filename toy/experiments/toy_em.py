@@ -67,7 +67,7 @@ from toy.data import sample
 from toy.factors import factor_marginals, factor_tokens, joint_tokens
 from toy.model import ToyModelConfig, rank1_lora
 from toy.processes import Process, make_process, tagged
-from toy.train import RERUN_KEYS, set_cpu_threads, train, train_on
+from toy.train import RERUN_KEYS, set_cpu_threads, train, train_on, upgrade_run_config
 
 METHODS = ("full", "lora", "steer")
 
@@ -421,8 +421,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
+    upgrade_run_config(train_cfg.output_dir)
     out_dir = claim_output_dir(
-        train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite, ignore=RERUN_KEYS
+        train_cfg.output_dir,
+        config_record(cfg, model_cfg, {"TrainConfig": train_cfg.record()}),
+        overwrite=train_cfg.overwrite,
+        ignore=RERUN_KEYS,
     )
     capability = make_process(cfg.capability["name"], **{k: v for k, v in cfg.capability.items() if k != "name"})
     metrics = {

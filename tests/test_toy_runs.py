@@ -813,6 +813,8 @@ def test_old_names_keep_working_for_one_release(tmp_path):
     # the command line overrides the file, whichever of the two names each uses
     _, _, cfg = make_parser().parse_args_and_config(["--config", str(yaml_file), "--max_steps", "9"])
     assert (cfg.max_steps, cfg.learning_rate) == (9, 0.01)
+    _, _, cfg = make_parser().parse_args_and_config(["--config", str(yaml_file), "--max_steps", "3000"])  # the default
+    assert cfg.max_steps == 3000
     yaml_file.write_text("max_steps: 5\n")
     _, _, cfg = make_parser().parse_args_and_config(["--config", str(yaml_file), "--steps", "9"])
     assert cfg.max_steps == 9

@@ -211,14 +211,15 @@ class TrainConfig:
         for old, value in given.items():
             new, value = OLD_NAMES[old], OLD_VALUES.get(old, lambda v: v)(value)
             setattr(self, old, None)
-            if getattr(self, new) not in (type(self).__dataclass_fields__[new].default, value):
-                if f"--{new}" in typed and f"--{old}" not in typed:
-                    continue
-                if not (f"--{old}" in typed and f"--{new}" not in typed):
-                    raise ValueError(
-                        f"{old}={given[old]!r} and {new}={getattr(self, new)!r} disagree; pass --{new} alone "
-                        f"({old} is its deprecated name)"
-                    )
+            if f"--{new}" in typed and f"--{old}" not in typed:
+                continue  # the command line's new name over the config file's old one
+            default = type(self).__dataclass_fields__[new].default
+            old_typed_alone = f"--{old}" in typed and f"--{new}" not in typed
+            if getattr(self, new) not in (default, value) and not old_typed_alone:
+                raise ValueError(
+                    f"{old}={given[old]!r} and {new}={getattr(self, new)!r} disagree; pass --{new} alone "
+                    f"({old} is its deprecated name)"
+                )
             setattr(self, new, value)
         if given:
             warnings.warn(

@@ -35,6 +35,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +44,6 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from probes.activations import reader  # noqa: E402
-from toy.config import TrainConfig  # noqa: E402
 from toy.experiments.pipeline import make_parser, run_pipeline  # noqa: E402
 from toy.model import build_model  # noqa: E402
 from toy.train import set_cpu_threads, train  # noqa: E402
@@ -54,15 +54,15 @@ SMOKE = [
     "mess3_small",
     "--context_length",
     "6",
-    "--batch_size",
+    "--per_device_train_batch_size",
     "64",
     "--sample_chunk",
     "4",
     "--warmup_steps",
     "5",
-    "--eval_every",
+    "--eval_steps",
     "0",
-    "--log_every",
+    "--logging_steps",
     "10",
     "--target_mse",
     "1",
@@ -98,33 +98,31 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # 1. calibrate: the real trainer, same batch and sampler, timed between two log points after warm-up
-    calib = TrainConfig(
-        **{
-            **train_cfg.__dict__,
-            "steps": args.calibration_steps,
-            "log_every": args.calibration_steps // 2,
-            "eval_every": 0,
-            "save_every": 0,
-            "progress": False,
-            "output_dir": str(work / "calibration"),
-            "resume_from_checkpoint": None,
-        }
+    calib = replace(
+        train_cfg,
+        max_steps=args.calibration_steps,
+        logging_steps=args.calibration_steps // 2,
+        eval_steps=0,
+        save_steps=0,
+        disable_tqdm=True,
+        output_dir=str(work / "calibration"),
+        resume_from_checkpoint=None,
     )
     process = data_cfg.build()
     model = build_model(model_cfg, process.vocab_size, data_cfg.context_length, seed=train_cfg.seed)
     hist = train(process, model, calib, data_cfg.context_length).history
     step_s = (hist[1]["elapsed_s"] - hist[0]["elapsed_s"]) / (hist[1]["step"] - hist[0]["step"])
     steps = max(args.calibration_steps, int(0.95 * args.train_seconds / step_s))
-    n_evals = steps // train_cfg.eval_every if train_cfg.eval_every else 1
+    n_evals = steps // train_cfg.eval_steps if train_cfg.eval_steps else 1
     print(
-        f"calibration: {step_s * 1e3:.2f} ms/step at batch {train_cfg.batch_size} "
-        f"({train_cfg.batch_size * data_cfg.context_length / step_s:,.0f} tokens/s) -> {steps} steps, {n_evals} evals",
+        f"calibration: {step_s * 1e3:.2f} ms/step at batch {train_cfg.per_device_train_batch_size} "
+        f"({train_cfg.per_device_train_batch_size * data_cfg.context_length / step_s:,.0f} tokens/s) -> {steps} steps, {n_evals} evals",
         flush=True,
     )
     shutil.rmtree(work / "calibration", ignore_errors=True)
 
     # 2. the run
-    train_cfg.steps, train_cfg.output_dir = steps, str(work)
+    train_cfg.max_steps, train_cfg.output_dir = steps, str(work)
     train_cfg.warmup_steps = min(train_cfg.warmup_steps, steps // 10)
     metrics = run_pipeline(data_cfg, model_cfg, train_cfg, probe_cfg)
     total = time.perf_counter() - T_START
@@ -133,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         "total_wall_s": total,
         "calibration_ms_per_step": step_s * 1e3,
         "steps": steps,
-        "batch_size": train_cfg.batch_size,
+        "batch_size": train_cfg.per_device_train_batch_size,
         "tokens": metrics["training"]["tokens"],
         "train_s": metrics["training"]["elapsed_s"],
         "tokens_per_s": metrics["training"]["tokens_per_s"],

@@ -37,8 +37,8 @@ def run(name: str, cfg: TrainConfig, process, val) -> dict:
     rate = (h[-1]["tokens"] - h[0]["tokens"]) / (h[-1]["elapsed_s"] - h[0]["elapsed_s"])
     return {
         "name": name,
-        "batch": cfg.batch_size,
-        "steps": cfg.steps,
+        "batch": cfg.per_device_train_batch_size,
+        "steps": cfg.max_steps,
         "tokens_per_s": rate,
         "tokens": result.tokens_seen,
         "gap": result.val_loss - result.floor,
@@ -57,11 +57,11 @@ def main(argv=None) -> list[dict]:
     process = make_process("mess3")
     val = validation_set(process, 10)
     common = dict(
-        steps=args.steps,
-        log_every=max(1, args.steps // 4),
-        eval_every=0,
-        save_every=0,
-        progress=False,
+        max_steps=args.steps,
+        logging_steps=max(1, args.steps // 4),
+        eval_steps=0,
+        save_steps=0,
+        disable_tqdm=True,
         use_cpu=args.device == "cpu",
         sample_chunk=1 if args.device == "cpu" else 32,
     )
@@ -69,21 +69,21 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         recipe = TrainConfig(
             output_dir=f"{tmp}/recipe",
-            batch_size=args.recipe_batch,
-            optimizer="adamw",
-            lr=args.recipe_lr,
+            per_device_train_batch_size=args.recipe_batch,
+            optim="adamw_torch",
+            learning_rate=args.recipe_lr,
             warmup_steps=min(100, args.steps // 10),
-            schedule="cosine",
+            lr_scheduler_type="cosine",
             **common,
         )
         paper = TrainConfig(
             output_dir=f"{tmp}/paper",
-            batch_size=64,
-            optimizer="sgd",
-            lr=0.01,
+            per_device_train_batch_size=64,
+            optim="sgd",
+            learning_rate=0.01,
             warmup_steps=0,
-            schedule="constant",
-            grad_clip=0.0,
+            lr_scheduler_type="constant_with_warmup",
+            max_grad_norm=0.0,
             **common,
         )
         for name, cfg in (("recipe (AdamW, cosine)", recipe), ("paper (SGD lr 0.01)", paper)):

@@ -63,3 +63,50 @@ def pytest_configure(config):
     # Tiny-model matmuls thrash with two threads on a shared 2-core machine (measured 140x slower);
     # one thread is also the honest setting for CI's 2 cores running pytest alone.
     torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- tiny toy models (toy tests)
+
+
+@pytest.fixture(scope="session")
+def tiny_toy():
+    """The toy tests' tiny GPT-2 (``toy.model.ToyModelConfig``): 2 layers, d_model 16, 2 heads, MLP 32."""
+    from toy.model import ToyModelConfig
+
+    return ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
+
+
+@pytest.fixture()
+def tiny_train_cfg():
+    """A factory ``(output_dir, **overrides) -> toy.config.TrainConfig``: 12 CPU steps of 16 windows (lr 1e-2, 2
+    warm-up steps), validation every 6 steps on an enumerated set (windows of <= 6 tokens over 3 symbols), the train
+    loss logged every 3 steps, checkpoints only at the end, no progress bar."""
+    from toy.config import TrainConfig
+
+    def make(output_dir, **overrides):
+        base = dict(
+            output_dir=str(output_dir),
+            max_steps=12,
+            per_device_train_batch_size=16,
+            learning_rate=1e-2,
+            warmup_steps=2,
+            eval_steps=6,
+            logging_steps=3,
+            save_steps=0,
+            use_cpu=True,
+            disable_tqdm=True,
+            val_max_sequences=3**5,
+        )
+        return TrainConfig(**{**base, **overrides})
+
+    return make
+
+
+@pytest.fixture()
+def tiny_pretrained(tmp_path):
+    """A random-init ``mess3_small`` GPT-2 over mess3's 3 tokens + <eos> + <pad> (the RL vocabulary), context 12,
+    saved as a 'pre-trained' folder: what the toy RL entry points load."""
+    from toy.model import ToyModelConfig, build_model
+
+    build_model(ToyModelConfig(preset="mess3_small"), 3 + 2, 12, seed=0).save_pretrained(tmp_path / "pre")
+    return tmp_path / "pre"

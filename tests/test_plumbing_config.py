@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from plumbing.config import ConfigParser
-from toy.config import DataConfig, TrainConfig
+from toy.config import ProcessConfig, TrainConfig
 from toy.model import ToyModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
-TYPES = (DataConfig, ToyModelConfig, TrainConfig)
+TYPES = (ProcessConfig, ToyModelConfig, TrainConfig)
 
 
 def parse(tmp_path, text: str, *flags: str):
@@ -19,22 +19,22 @@ def parse(tmp_path, text: str, *flags: str):
 
 
 def test_yaml_values_are_converted_like_flags(tmp_path):
-    _, _, train = parse(tmp_path, "lr: 5e-2\nsteps: 7\nprogress: false\n")
-    assert type(train.lr) is float and train.lr == 0.05  # YAML reads 5e-2 as a string
-    assert type(train.steps) is int and train.steps == 7 and train.progress is False
-    _, _, train = parse(tmp_path, "grad_clip: 1\n")
-    assert type(train.grad_clip) is float  # an int in YAML for a float field arrives as the flag would
-    _, _, train = parse(tmp_path, "lr: 5e-2\n", "--lr", "0.25")
-    assert train.lr == 0.25  # flags still win over the file
+    _, _, train = parse(tmp_path, "learning_rate: 5e-2\nmax_steps: 7\ndisable_tqdm: true\n")
+    assert type(train.learning_rate) is float and train.learning_rate == 0.05  # YAML reads 5e-2 as a string
+    assert type(train.max_steps) is int and train.max_steps == 7 and train.disable_tqdm is True
+    _, _, train = parse(tmp_path, "max_grad_norm: 1\n")
+    assert type(train.max_grad_norm) is float  # an int in YAML for a float field arrives as the flag would
+    _, _, train = parse(tmp_path, "learning_rate: 5e-2\n", "--learning_rate", "0.25")
+    assert train.learning_rate == 0.25  # flags still win over the file
 
 
 def test_yaml_values_a_flag_would_refuse_are_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"config key 'steps': 2\.5 is not a valid int"):
-        parse(tmp_path, "steps: 2.5\n")
-    with pytest.raises(ValueError, match=r"config key 'lr': 'fast' is not a valid float"):
-        parse(tmp_path, "lr: fast\n")
-    with pytest.raises(ValueError, match=r"config key 'optimizer': 'adam' is not one of"):
-        parse(tmp_path, "optimizer: adam\n")
+    with pytest.raises(ValueError, match=r"config key 'max_steps': 2\.5 is not a valid int"):
+        parse(tmp_path, "max_steps: 2.5\n")
+    with pytest.raises(ValueError, match=r"config key 'learning_rate': 'fast' is not a valid float"):
+        parse(tmp_path, "learning_rate: fast\n")
+    with pytest.raises(ValueError, match=r"config key 'optim': 'adam' is not one of"):
+        parse(tmp_path, "optim: adam\n")
     with pytest.raises(ValueError, match=r"Unknown arguments from config file: \['--stepz'"):
         parse(tmp_path, "stepz: 3\n")
 

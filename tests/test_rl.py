@@ -26,14 +26,6 @@ from toy.processes import golden_mean, mess3, product, rare_factor, rrxor
 from toy.rewards import ComposedLatentReward, NextTokenArgmaxReward, RareEmissionReward
 
 
-@pytest.fixture()
-def tiny_pretrained(tmp_path):
-    """A random-init 2-layer GPT-2 over mess3's 3 tokens + <eos> + <pad>, saved as a 'pre-trained' folder."""
-    model = build_model(ToyModelConfig(preset="mess3_small"), 3 + 2, 12, seed=0)
-    model.save_pretrained(tmp_path / "pre")
-    return tmp_path / "pre"
-
-
 def test_grpo_smoke_reward_rises_and_parameters_change(tiny_pretrained, tmp_path):
     from transformers import GPT2LMHeadModel
 
@@ -492,7 +484,7 @@ def test_entry_point_pretrains_trains_and_reports(tmp_path):
 
 
 @pytest.mark.slow
-def test_maxrl_advantages_under_two_ranks(tmp_path):
+def test_maxrl_advantages_under_two_ranks(tiny_pretrained, tmp_path):
     """torchrun with 2 CPU ranks: each rank's advantages are (r - m) / m with m the mean of its group over *all*
     ranks' completions (TRL spreads a group's completions over ranks and gathers rewards before centring)."""
     import os
@@ -501,7 +493,6 @@ def test_maxrl_advantages_under_two_ranks(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    build_model(ToyModelConfig(preset="mess3_small"), 3 + 2, 12, seed=0).save_pretrained(tmp_path / "pre")
     script = tmp_path / "ranks.py"
     script.write_text(
         "import sys, torch\n"
@@ -541,7 +532,7 @@ def test_maxrl_advantages_under_two_ranks(tmp_path):
         "29537",
         str(script),
         str(tmp_path),
-        str(tmp_path / "pre"),
+        str(tiny_pretrained),
     ]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from toy.experiments.rl_objectives import ObjectivesConfig, main, objective_loss
-from toy.model import ToyModelConfig, build_model
 
 
 def _grad(name, logits, table, G=4, seed=0):
@@ -42,8 +41,7 @@ def test_config_errors():
         ObjectivesConfig(objectives=["ppo"])
 
 
-def test_every_objective_raises_the_reward_on_a_tiny_model(tmp_path):
-    build_model(ToyModelConfig(preset="mess3_small"), 3 + 2, 12, seed=0).save_pretrained(tmp_path / "pre")
+def test_every_objective_raises_the_reward_on_a_tiny_model(tiny_pretrained, tmp_path):
     out = main(
         [
             "--process",
@@ -51,7 +49,7 @@ def test_every_objective_raises_the_reward_on_a_tiny_model(tmp_path):
             "--reward",
             "reweight",
             "--pretrained_path",
-            str(tmp_path / "pre"),
+            str(tiny_pretrained),
             "--prompt_length",
             "6",
             "--n_train_prompts",

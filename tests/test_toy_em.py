@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from toy import processes as P
-from toy.config import TrainConfig
 from toy.experiments.toy_em import (
     aggregate,
     completion_mask,
@@ -53,7 +52,7 @@ def test_completion_mask_and_misaligned_mass():
     )
 
 
-def test_rank1_lora_on_conv1d_trains_only_its_vector(tmp_path):
+def test_rank1_lora_on_conv1d_trains_only_its_vector(tiny_train_cfg, tmp_path):
     process = tagged(P.mess3(), 0.0)
     base = build_model(ToyModelConfig(preset="mess3_small", d_model=16, d_mlp=32), 6, 6, seed=0)
     with pytest.raises(ValueError, match="not a block"):
@@ -69,18 +68,7 @@ def test_rank1_lora_on_conv1d_trains_only_its_vector(tmp_path):
     x = torch.randint(0, 6, (4, 6), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(lora(input_ids=x).logits, base(input_ids=x).logits)  # B starts at zero
     before = {n: p.detach().clone() for n, p in lora.named_parameters()}
-    cfg = TrainConfig(
-        output_dir=str(tmp_path),
-        steps=5,
-        batch_size=16,
-        lr=1e-2,
-        warmup_steps=0,
-        eval_every=0,
-        save_every=0,
-        val_samples=50,
-        progress=False,
-        use_cpu=True,
-    )
+    cfg = tiny_train_cfg(tmp_path, max_steps=5, warmup_steps=0, eval_steps=0, val_samples=50, val_max_sequences=200_000)
     result = train(
         process,
         lora,
@@ -131,7 +119,7 @@ def test_toy_em_entry_point(tmp_path):
             "configs/toy/toy_em.yaml",
             "--output_dir",
             str(tmp_path),
-            "--steps",
+            "--max_steps",
             "150",
             "--finetune_steps",
             "40",

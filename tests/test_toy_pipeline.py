@@ -13,11 +13,10 @@ import torch
 from toy.beliefs import belief_states, sequence_probabilities
 from toy.collect import distinct_prefix_rows, probe_windows, read_residual
 from toy.experiments.pipeline import ProbeConfig, exact_probe_curve, headline, main, probe_model
-from toy.model import ToyModelConfig, build_model
+from toy.model import build_model
 from toy.processes import make_process
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
 
 
 def test_probe_windows_enumerated_rows_carry_beliefs_and_window_probabilities():
@@ -35,10 +34,10 @@ def test_probe_windows_enumerated_rows_carry_beliefs_and_window_probabilities():
     assert not sampled.enumerated and sampled.beliefs.shape == (300, 5) and bool((sampled.weights == 1).all())
 
 
-def test_probe_model_reports_every_site_with_controls(tmp_path):
+def test_probe_model_reports_every_site_with_controls(tiny_toy, tmp_path):
     process = make_process("mess3")
     data = probe_windows(process, 5, max_sequences=20_000)
-    model, control = build_model(TINY, 3, 5, seed=0), build_model(TINY, 3, 5, seed=1)
+    model, control = build_model(tiny_toy, 3, 5, seed=0), build_model(tiny_toy, 3, 5, seed=1)
     report, acts = probe_model(model, control, data, ProbeConfig(), process)
     assert list(report["sites"]) == ["embed", "block0", "block1", "final_norm"] and "concat" in report
     assert acts["block1"].shape == (len(data.beliefs), 16)
@@ -52,7 +51,7 @@ def test_probe_model_reports_every_site_with_controls(tmp_path):
         report["sites"]["block1"]["test"]["mse"] / report["sites"]["block1"]["random_init"]["test"]["mse"]
     )
     # a model and its own copy as "control" give ratio 1: the control really is read from the control model
-    same, _ = probe_model(model, build_model(TINY, 3, 5, seed=0), data, ProbeConfig(), process)
+    same, _ = probe_model(model, build_model(tiny_toy, 3, 5, seed=0), data, ProbeConfig(), process)
     assert same["sites"]["block1"]["ratio_to_random_init"] == pytest.approx(1.0)
 
 
@@ -70,14 +69,14 @@ def test_distinct_prefixes_carry_their_own_probabilities():
         assert torch.allclose(data.beliefs[rows], belief_states(process, prefixes)[:, -1], atol=1e-12)
 
 
-def test_exact_probe_mse_equals_an_all_rows_numpy_fit():
+def test_exact_probe_mse_equals_an_all_rows_numpy_fit(tiny_toy):
     """The pipeline's exact metric (distinct prefixes, population report) against numpy's weighted least squares
     over every (window, position) row, duplicates and all."""
     import numpy as np
 
     process = make_process("mess3")
     data = probe_windows(process, 5, max_sequences=20_000)
-    model, control = build_model(TINY, 3, 5, seed=0), build_model(TINY, 3, 5, seed=1)
+    model, control = build_model(tiny_toy, 3, 5, seed=0), build_model(tiny_toy, 3, 5, seed=1)
     report, acts = probe_model(model, control, data, ProbeConfig(), process)
     X, Y, w = acts["block1"].double().numpy(), data.beliefs.numpy(), data.weights.numpy()
     design = np.hstack([X, np.ones((len(X), 1))])
@@ -89,10 +88,10 @@ def test_exact_probe_mse_equals_an_all_rows_numpy_fit():
     assert headline(report, 2)["probe_evaluation"] == "population"
 
 
-def test_sampled_windows_report_the_spread_over_splits():
+def test_sampled_windows_report_the_spread_over_splits(tiny_toy):
     process = make_process("mess3")
     data = probe_windows(process, 5, n_samples=300, seed=0, max_sequences=10)
-    model, control = build_model(TINY, 3, 5, seed=0), build_model(TINY, 3, 5, seed=1)
+    model, control = build_model(tiny_toy, 3, 5, seed=0), build_model(tiny_toy, 3, 5, seed=1)
     report, _ = probe_model(model, control, data, ProbeConfig(probe_split_seeds=3), process)
     head = headline(report, 2)
     assert head["probe_evaluation"] == "held_out" and len(head["final_layer_test_mse_split_seeds"]) == 3
@@ -106,7 +105,7 @@ def test_sampled_windows_report_the_spread_over_splits():
 
 def test_probe_site_out_of_range_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"unknown residual site 'block4' for a model with 4 blocks"):
-        main(["--probe_site", "block4", "--steps", "1", "--output_dir", str(tmp_path), "--use_cpu", "true"])
+        main(["--probe_site", "block4", "--max_steps", "1", "--output_dir", str(tmp_path), "--use_cpu", "true"])
     assert not any(tmp_path.iterdir())
 
 
@@ -121,22 +120,22 @@ def test_pipeline_end_to_end_tiny(tmp_path):
             "mess3_small",
             "--context_length",
             "6",
-            "--steps",
+            "--max_steps",
             "150",
-            "--batch_size",
+            "--per_device_train_batch_size",
             "64",
-            "--lr",
+            "--learning_rate",
             "0.01",
-            "--eval_every",
+            "--eval_steps",
             "50",
-            "--save_every",
+            "--save_steps",
             "0",
             "--output_dir",
             str(out),
             "--use_cpu",
             "true",
-            "--progress",
-            "false",
+            "--disable_tqdm",
+            "true",
             "--target_gap",
             "0.05",
         ]

@@ -11,7 +11,7 @@ from probes.passk import PassKConfig, pass_at_k
 from toy.experiments.reweighting import main
 from toy.model import ToyModelConfig, build_model
 from toy.reweighting import (
-    ReweightingConfig,
+    ExactReweightingConfig,
     agreement,
     behaviour_report,
     decode,
@@ -20,7 +20,7 @@ from toy.reweighting import (
     with_temperature,
 )
 
-CFG = ReweightingConfig(n_boot=50)
+CFG = ExactReweightingConfig(n_boot=50)
 ROOT = Path(__file__).resolve().parents[1]
 
 

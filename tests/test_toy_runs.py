@@ -5,6 +5,7 @@ itself; and (issue 12) every single-process toy entry point refuses a multi-proc
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,35 +18,22 @@ from safetensors.torch import load_file
 
 from plumbing.runs import Stopped, TrainingDiverged
 from toy.config import TrainConfig
-from toy.model import ToyModelConfig, build_model
+from toy.model import build_model
 from toy.processes import make_process
 from toy.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
 MESS3 = make_process("mess3")
 
 
-def tiny_cfg(out, **kw) -> TrainConfig:
-    base = dict(
-        output_dir=str(out),
-        steps=12,
-        batch_size=16,
-        lr=1e-2,
-        warmup_steps=2,
-        eval_every=6,
-        log_every=3,
-        save_every=0,
-        use_cpu=True,
-        progress=False,
-        val_max_sequences=3**5,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+@pytest.fixture()
+def fit(tiny_toy, tiny_train_cfg):
+    """``(out, init_seed=0, **overrides) -> TrainResult``: the tiny model trained on Mess3 into ``out``."""
 
+    def run(out, init_seed=0, **kw):
+        return train(MESS3, build_model(tiny_toy, 3, 6, seed=init_seed), tiny_train_cfg(out, **kw))
 
-def fit(out, init_seed=0, **kw):
-    return train(MESS3, build_model(TINY, 3, 6, seed=init_seed), tiny_cfg(out, **kw))
+    return run
 
 
 def same_weights(a, b):
@@ -65,24 +53,26 @@ class Payload:
 # --------------------------------------------------------------------------- 1. no code from a checkpoint
 
 
-def test_checkpoint_files_load_without_unpickling(tmp_path):
-    ckpt = fit(tmp_path / "run", steps=3, eval_every=0).checkpoint_dir
+def test_checkpoint_files_load_without_unpickling(fit, tmp_path):
+    ckpt = fit(tmp_path / "run", max_steps=3, eval_steps=0).checkpoint_dir
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
         torch.load(ckpt / name, weights_only=True)
 
 
-def test_a_crafted_rng_file_is_not_executed_on_resume(tmp_path):
+def test_a_crafted_rng_file_is_not_executed_on_resume(fit, tiny_toy, tiny_train_cfg, tmp_path):
     """A pickle payload in rng.pt: today's resume runs it. Now it is not loaded (a warning), and the resume is
     still exact because the data are seeded per step."""
     full = fit(tmp_path / "full")
     out = tmp_path / "run"
-    fit(out, save_every=6)
+    fit(out, save_steps=6)
     marker = tmp_path / "pwned"
     torch.save({"torch": Payload(marker)}, out / "checkpoint-6" / "rng.pt")
     import shutil
 
     shutil.rmtree(out / "checkpoint-12")
-    resumed = train(MESS3, build_model(TINY, 3, 6, seed=99), tiny_cfg(out, save_every=6, resume_from_checkpoint="last"))
+    resumed = train(
+        MESS3, build_model(tiny_toy, 3, 6, seed=99), tiny_train_cfg(out, save_steps=6, resume_from_checkpoint="last")
+    )
     assert not marker.exists(), "resuming ran code from rng.pt"
     assert same_weights(full.model, resumed.model)
 
@@ -105,49 +95,51 @@ def test_no_unpickling_loader_in_toy():
 # --------------------------------------------------------------------------- 2. the folder records its config
 
 
-def test_another_config_refuses_the_folder_until_overwrite(tmp_path):
+def test_another_config_refuses_the_folder_until_overwrite(fit, tmp_path):
     out = tmp_path / "run"
-    fit(out, steps=6, eval_every=0)
-    assert json.loads((out / "run_config.json").read_text())["TrainConfig"]["batch_size"] == 16
-    with pytest.raises(FileExistsError, match=r"(?s)another config.*batch_size: 16 -> 8.*--overwrite true"):
-        fit(out, steps=6, eval_every=0, batch_size=8)
+    fit(out, max_steps=6, eval_steps=0)
+    assert json.loads((out / "run_config.json").read_text())["TrainConfig"]["per_device_train_batch_size"] == 16
+    with pytest.raises(
+        FileExistsError, match=r"(?s)another config.*per_device_train_batch_size: 16 -> 8.*--overwrite true"
+    ):
+        fit(out, max_steps=6, eval_steps=0, per_device_train_batch_size=8)
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]  # nothing was touched
-    fit(out, steps=6, eval_every=0, batch_size=8, overwrite=True)
-    assert json.loads((out / "run_config.json").read_text())["TrainConfig"]["batch_size"] == 8
+    fit(out, max_steps=6, eval_steps=0, per_device_train_batch_size=8, overwrite=True)
+    assert json.loads((out / "run_config.json").read_text())["TrainConfig"]["per_device_train_batch_size"] == 8
 
 
-def test_a_fresh_start_over_this_runs_checkpoints_refuses(tmp_path):
+def test_a_fresh_start_over_this_runs_checkpoints_refuses(fit, tmp_path):
     """Today a second run silently rewrites checkpoint-N; now it says to resume or overwrite."""
     out = tmp_path / "run"
-    fit(out, steps=6, eval_every=0)
+    fit(out, max_steps=6, eval_steps=0)
     with pytest.raises(FileExistsError, match=r"checkpoint-6.*--resume_from_checkpoint last.*--overwrite true"):
-        fit(out, steps=6, eval_every=0)
-    fit(out, steps=6, eval_every=0, overwrite=True)
+        fit(out, max_steps=6, eval_steps=0)
+    fit(out, max_steps=6, eval_steps=0, overwrite=True)
 
 
-@pytest.mark.parametrize("change", [{"seed": 1}, {"batch_size": 8}, {"lr": 2e-2}])
-def test_resume_refuses_a_changed_config(tmp_path, change):
+@pytest.mark.parametrize("change", [{"seed": 1}, {"per_device_train_batch_size": 8}, {"learning_rate": 2e-2}])
+def test_resume_refuses_a_changed_config(fit, tmp_path, change):
     out = tmp_path / "run"
-    fit(out, save_every=6)
+    fit(out, save_steps=6)
     with pytest.raises(FileExistsError, match=f"TrainConfig.{next(iter(change))}"):
-        fit(out, save_every=6, resume_from_checkpoint="last", **change)
+        fit(out, save_steps=6, resume_from_checkpoint="last", **change)
 
 
-def test_resume_may_change_reporting_and_saving(tmp_path):
+def test_resume_may_change_reporting_and_saving(fit, tmp_path):
     out = tmp_path / "run"
-    fit(out, steps=12, save_every=6)
-    result = fit(out, steps=12, save_every=4, log_every=2, progress=True, resume_from_checkpoint="last")
+    fit(out, max_steps=12, save_steps=6)
+    result = fit(out, max_steps=12, save_steps=4, logging_steps=2, disable_tqdm=False, resume_from_checkpoint="last")
     assert result.step == 12
 
 
-def test_resume_by_path_refuses_a_checkpoint_of_another_config(tmp_path):
-    fit(tmp_path / "a", steps=6, eval_every=0)
-    with pytest.raises(ValueError, match=r"(?s)cannot resume.*TrainConfig.batch_size"):
+def test_resume_by_path_refuses_a_checkpoint_of_another_config(fit, tmp_path):
+    fit(tmp_path / "a", max_steps=6, eval_steps=0)
+    with pytest.raises(ValueError, match=r"(?s)cannot resume.*TrainConfig.per_device_train_batch_size"):
         fit(
             tmp_path / "b",
-            steps=6,
-            eval_every=0,
-            batch_size=8,
+            max_steps=6,
+            eval_steps=0,
+            per_device_train_batch_size=8,
             resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"),
         )
 
@@ -160,56 +152,58 @@ def test_overwrite_and_resume_together_are_refused():
 # --------------------------------------------------------------------------- 3. atomic checkpoints, polite stops
 
 
-def test_resume_skips_a_half_written_newest_checkpoint(tmp_path, caplog):
+def test_resume_skips_a_half_written_newest_checkpoint(fit, tmp_path, caplog):
     """A checkpoint-10 without trainer_state.json (a crash mid-write by older code, a copy cut short): resume
     takes checkpoint-6 with a warning and ends with the uninterrupted run's weights."""
     full = fit(tmp_path / "full")
     out = tmp_path / "run"
-    fit(out, save_every=6)
+    fit(out, save_steps=6)
     import shutil
 
     shutil.rmtree(out / "checkpoint-12")
     shutil.copytree(out / "checkpoint-6", out / "checkpoint-10")
     (out / "checkpoint-10" / "trainer_state.json").unlink()
     with caplog.at_level("WARNING"):
-        resumed = fit(out, init_seed=99, save_every=6, resume_from_checkpoint="last")
+        resumed = fit(out, init_seed=99, save_steps=6, resume_from_checkpoint="last")
     assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-10" in caplog.text
     assert same_weights(full.model, resumed.model)
 
 
 @pytest.mark.parametrize("damage", ["", '{"step": 12, "hist'])
-def test_resume_skips_an_empty_or_cut_off_state_file_and_names_both(tmp_path, caplog, damage):
+def test_resume_skips_an_empty_or_cut_off_state_file_and_names_both(fit, tmp_path, caplog, damage):
     """A full disk during a save left checkpoint-12's trainer_state.json empty or cut off; resume took it (only its
     existence was checked) and died in json.loads naming no file. Now it is skipped, named, and the warning names
     checkpoint-6, from which the resume ends with the uninterrupted run's weights."""
     full = fit(tmp_path / "full")
     out = tmp_path / "run"
-    fit(out, save_every=6)
+    fit(out, save_steps=6)
     (out / "checkpoint-12" / "trainer_state.json").write_text(damage)
     with caplog.at_level("WARNING"):
-        resumed = fit(out, init_seed=99, save_every=6, resume_from_checkpoint="last")
+        resumed = fit(out, init_seed=99, save_steps=6, resume_from_checkpoint="last")
     assert f"skipping incomplete checkpoint {out / 'checkpoint-12'}: trainer_state.json is" in caplog.text
     assert f"resuming from {out / 'checkpoint-6'}" in caplog.text
     assert same_weights(full.model, resumed.model)
     (out / "checkpoint-12" / "trainer_state.json").write_text(damage)  # the resumed run rewrote it
     with pytest.raises(ValueError, match=rf"{out / 'checkpoint-12' / 'trainer_state.json'}"):
-        fit(out, save_every=6, resume_from_checkpoint=str(out / "checkpoint-12"))
+        fit(out, save_steps=6, resume_from_checkpoint=str(out / "checkpoint-12"))
 
 
-def test_a_window_too_long_for_memory_is_refused_before_allocation(tmp_path):
+def test_a_window_too_long_for_memory_is_refused_before_allocation(tiny_toy, tiny_train_cfg, tmp_path):
     """`context_length: 100000` reached 22.8 GB RSS in 90 s with no message (the sampled validation set alone is
     20000 x 100000 tokens). Now it is refused at once, naming the key and a window that fits, and nothing is written."""
-    model = build_model(TINY, 3, 100_000)
+    model = build_model(tiny_toy, 3, 100_000)
     with pytest.raises(
         ValueError,
         match=r"context_length=100000 \(batch_size=256\) needs about [\d,.]+ GiB .*use "
         r"context_length <= \d+",
     ):
-        train(MESS3, model, tiny_cfg(tmp_path / "run", batch_size=256, val_samples=20_000), 100_000)
+        train(
+            MESS3, model, tiny_train_cfg(tmp_path / "run", per_device_train_batch_size=256, val_samples=20_000), 100_000
+        )
     assert not (tmp_path / "run").exists()
 
 
-def test_a_crash_while_saving_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+def test_a_crash_while_saving_leaves_no_partial_checkpoint(fit, tmp_path, monkeypatch):
     import toy.train as toy_train
 
     real = toy_train.torch.save
@@ -222,7 +216,7 @@ def test_a_crash_while_saving_leaves_no_partial_checkpoint(tmp_path, monkeypatch
     out = tmp_path / "run"
     monkeypatch.setattr(toy_train.torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        fit(out, steps=3, eval_every=0)
+        fit(out, max_steps=3, eval_steps=0)
     assert not [p.name for p in out.iterdir() if "checkpoint" in p.name]
 
 
@@ -246,22 +240,22 @@ def test_sigterm_saves_and_the_resume_is_exact(tmp_path):
         "32",
         "--context_length",
         "6",
-        "--steps",
+        "--max_steps",
         "12",
-        "--batch_size",
+        "--per_device_train_batch_size",
         "16",
         "--warmup_steps",
         "2",
-        "--log_every",
+        "--logging_steps",
         "3",
-        "--eval_every",
+        "--eval_steps",
         "0",
-        "--save_every",
+        "--save_steps",
         "0",
         "--use_cpu",
         "true",
-        "--progress",
-        "false",
+        "--disable_tqdm",
+        "true",
         "--val_max_sequences",
         "243",
     ]
@@ -269,13 +263,13 @@ def test_sigterm_saves_and_the_resume_is_exact(tmp_path):
     script = tmp_path / "term.py"
     script.write_text(
         "import os, signal, sys\n"
-        "import toy.train as t\n"
-        "real = t.step_generator\n"
-        "def gen(seed, step, rank, device):\n"
+        "import toy.datasets as d\n"
+        "real = d.SequenceStream.batch\n"
+        "def batch(stream, step):  # toy.train's windows of step `step` (sample_chunk 1)\n"
         "    if step == 7:  # SIGTERM arrives while step 8 is in flight\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return real(seed, step, rank, device)\n"
-        "t.step_generator = gen\n"
+        "    return real(stream, step)\n"
+        "d.SequenceStream.batch = batch\n"
         "from toy.experiments.pretrain import main\n"
         "main(sys.argv[1:])\n"
     )
@@ -296,7 +290,7 @@ def test_sigterm_saves_and_the_resume_is_exact(tmp_path):
     assert resumed.step == 12 and same_weights(full.model, resumed.model)
 
 
-def test_stop_raises_training_stopped_with_the_shell_exit_code(tmp_path):
+def test_stop_raises_training_stopped_with_the_shell_exit_code(tiny_toy, tiny_train_cfg, tmp_path):
     calls = []
 
     def weights(tokens):
@@ -306,14 +300,14 @@ def test_stop_raises_training_stopped_with_the_shell_exit_code(tmp_path):
         return torch.ones(tokens.shape[0], tokens.shape[1] - 1)
 
     with pytest.raises(Stopped) as info:
-        train(MESS3, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path / "run"), loss_weights_fn=weights)
+        train(MESS3, build_model(tiny_toy, 3, 6, seed=0), tiny_train_cfg(tmp_path / "run"), loss_weights_fn=weights)
     assert info.value.exit_code == 143 and info.value.checkpoint.name == "checkpoint-4"
 
 
 # --------------------------------------------------------------------------- 4. validated inputs
 
 
-def test_a_nan_loss_stops_before_anything_of_it_is_saved(tmp_path):
+def test_a_nan_loss_stops_before_anything_of_it_is_saved(tiny_toy, tiny_train_cfg, tmp_path):
     """NaN loss weights from step 5: today the run ends 'fine' with NaN weights in every later checkpoint."""
     calls = []
 
@@ -323,17 +317,19 @@ def test_a_nan_loss_stops_before_anything_of_it_is_saved(tmp_path):
         return w * float("nan") if len(calls) >= 5 else w
 
     out = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match=r"step 6: the mean train loss .* nan.*Lower lr"):
-        train(MESS3, build_model(TINY, 3, 6, seed=0), tiny_cfg(out, save_every=3), loss_weights_fn=weights)
+    with pytest.raises(
+        TrainingDiverged, match=r"step 6: logged loss is nan.*Lower learning_rate.*last checkpoint: .*checkpoint-3"
+    ):
+        train(MESS3, build_model(tiny_toy, 3, 6, seed=0), tiny_train_cfg(out, save_steps=3), loss_weights_fn=weights)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
     assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-3" / "model.safetensors").values())
 
 
-def test_a_runaway_loss_stops(tmp_path):
+def test_a_runaway_loss_stops(fit, tmp_path):
     """Plain SGD at a huge learning rate, no clipping: the loss runs away (or turns NaN) and the run stops."""
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="diverging|nan|inf"):
-        fit(out, optimizer="sgd", lr=1e4, grad_clip=0.0, warmup_steps=0, log_every=1, save_every=1)
+        fit(out, optim="sgd", learning_rate=1e4, max_grad_norm=0.0, warmup_steps=0, logging_steps=1, save_steps=1)
     for ckpt in out.glob("checkpoint-*"):
         assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
 
@@ -386,12 +382,6 @@ def _grpo(tmp_path, pre, **kw):
     )
     args.update(kw)
     return task, ToyGRPOConfig(**args)
-
-
-@pytest.fixture()
-def tiny_pretrained(tmp_path):
-    build_model(ToyModelConfig(preset="mess3_small"), 3 + 2, 12, seed=0).save_pretrained(tmp_path / "pre")
-    return tmp_path / "pre"
 
 
 def test_grpo_run_sigterm_saves_the_partial_policy_and_resumes(tiny_pretrained, tmp_path, monkeypatch, capsys):
@@ -506,7 +496,7 @@ def test_trainer_refuses_a_launch_whose_processes_it_cannot_see(tmp_path):
         "toy.experiments.pretrain",
         "--config",
         "configs/toy/mess3.yaml",
-        "--steps",
+        "--max_steps",
         "2",
         "--output_dir",
         str(out),
@@ -564,23 +554,23 @@ def test_factored_rerun_with_another_config_refuses_and_overwrite_leaves_no_stal
         "16",
         "--d_mlp",
         "32",
-        "--batch_size",
+        "--per_device_train_batch_size",
         "16",
-        "--eval_every",
+        "--eval_steps",
         "0",
-        "--save_every",
+        "--save_steps",
         "0",
         "--val_samples",
         "200",
-        "--progress",
-        "false",
+        "--disable_tqdm",
+        "true",
         "--use_cpu",
         "true",
     ]
-    first = main([*argv, "--steps", "20"])
-    with pytest.raises(FileExistsError, match="TrainConfig.steps: 20 -> 100"):
-        main([*argv, "--steps", "100"])
-    second = main([*argv, "--steps", "100", "--overwrite", "true"])
+    first = main([*argv, "--max_steps", "20"])
+    with pytest.raises(FileExistsError, match="TrainConfig.max_steps: 20 -> 100"):
+        main([*argv, "--max_steps", "100"])
+    second = main([*argv, "--max_steps", "100", "--overwrite", "true"])
     assert [p.name for p in (tmp_path / "models" / "rho_0.0").glob("checkpoint-*")] == ["checkpoint-100"]
     state = json.loads((tmp_path / "models" / "rho_0.0" / "checkpoint-100" / "trainer_state.json").read_text())
     assert (
@@ -591,18 +581,18 @@ def test_factored_rerun_with_another_config_refuses_and_overwrite_leaves_no_stal
 
 
 def test_toy_yaml_values_are_converted_like_flags(tmp_path):
-    """Toy configs go through plumbing.config.ConfigParser: `steps: 2.5` is refused (it trained and printed
-    `val loss nan` with exit 0) and `lr: 5e-2` arrives as a float."""
+    """Toy configs go through plumbing.config.ConfigParser: `max_steps: 2.5` is refused (it trained and printed
+    `val loss nan` with exit 0) and `learning_rate: 5e-2` arrives as a float."""
     from toy.experiments.pretrain import make_parser
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("steps: 2.5\n")
-    with pytest.raises(ValueError, match="config key 'steps': 2.5 is not a valid int"):
+    bad.write_text("max_steps: 2.5\n")
+    with pytest.raises(ValueError, match="config key 'max_steps': 2.5 is not a valid int"):
         make_parser().parse_args_and_config(["--config", str(bad)])
     good = tmp_path / "good.yaml"
-    good.write_text("lr: 5e-2\nmax_loss_ratio: 20\n")
+    good.write_text("learning_rate: 5e-2\nmax_loss_ratio: 20\n")
     _, _, cfg = make_parser().parse_args_and_config(["--config", str(good)])
-    assert cfg.lr == 0.05 and cfg.max_loss_ratio == 20.0
+    assert cfg.learning_rate == 0.05 and cfg.max_loss_ratio == 20.0
 
 
 def test_pretrain_output_dir_dot_with_overwrite_deletes_nothing(tmp_path, monkeypatch):
@@ -615,7 +605,7 @@ def test_pretrain_output_dir_dot_with_overwrite_deletes_nothing(tmp_path, monkey
     (tmp_path / "train.py").write_text("print('mine')")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileExistsError, match="no run_config.json"):
-        main(["--output_dir", ".", "--overwrite", "true", "--steps", "2", "--use_cpu", "true"])
+        main(["--output_dir", ".", "--overwrite", "true", "--max_steps", "2", "--use_cpu", "true"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [".git", "train.py"]
     assert (tmp_path / ".git" / "HEAD").is_file()
 
@@ -637,20 +627,20 @@ _PRETRAIN_ARGS = [
     "32",
     "--context_length",
     "6",
-    "--steps",
+    "--max_steps",
     "12",
-    "--batch_size",
+    "--per_device_train_batch_size",
     "8",
     "--warmup_steps",
     "2",
-    "--eval_every",
+    "--eval_steps",
     "0",
-    "--save_every",
+    "--save_steps",
     "0",
     "--use_cpu",
     "true",
-    "--progress",
-    "false",
+    "--disable_tqdm",
+    "true",
     "--val_max_sequences",
     "243",
 ]
@@ -664,14 +654,14 @@ def _two_ranks(tmp_path, out, *extra, term_at=None, term_ranks=(0, 1), port=2957
     script.write_text(
         "import os, signal, sys, torch\n"
         "torch.set_num_threads(1)\n"
-        "import toy.train as t\n"
-        "real = t.step_generator\n"
+        "import toy.datasets as d\n"
+        "real = d.SequenceStream.batch\n"
         f"TERM_AT, TERM_RANKS = {term_at!r}, {tuple(term_ranks)!r}\n"
-        "def gen(seed, step, rank, device):\n"
-        "    if step == TERM_AT and rank in TERM_RANKS:\n"
+        "def batch(stream, step):\n"
+        "    if step == TERM_AT and stream.rank in TERM_RANKS:\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return real(seed, step, rank, device)\n"
-        "t.step_generator = gen\n"
+        "    return real(stream, step)\n"
+        "d.SequenceStream.batch = batch\n"
         "from toy.experiments.pretrain import main\n"
         "r = main(sys.argv[1:])\n"
         "rank = int(os.environ['RANK'])\n"
@@ -700,13 +690,13 @@ def test_two_ranks_stopped_by_sigterm_resume_bit_exact(tmp_path):
     """Two CPU ranks stopped by SIGTERM (both, as a launcher forwards it) during step 8 save checkpoint-8; a
     two-rank resume ends with exactly the weights of an uninterrupted two-rank run. The resume failed on both
     ranks: torch.load(map_location=cpu:0) cannot restore the optimizer's storages."""
-    full = _two_ranks(tmp_path, tmp_path / "full", "--log_every", "4")
+    full = _two_ranks(tmp_path, tmp_path / "full", "--logging_steps", "4")
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "run"
-    stopped = _two_ranks(tmp_path, out, "--log_every", "4", term_at=7)
+    stopped = _two_ranks(tmp_path, out, "--logging_steps", "4", term_at=7)
     assert stopped.returncode != 0 and "SIGTERM" in stopped.stdout + stopped.stderr, stopped.stderr[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]
-    resumed = _two_ranks(tmp_path, out, "--log_every", "4", "--resume_from_checkpoint", "last")
+    resumed = _two_ranks(tmp_path, out, "--logging_steps", "4", "--resume_from_checkpoint", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref = torch.load(tmp_path / "full" / "params_rank0.pt", weights_only=True)
     for rank in (0, 1):
@@ -719,7 +709,7 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_next_step_whatever_log_ev
     30 s grace) saved nothing: the run went on to the end. Now the flag is all-reduced every step: both ranks stop
     after step 4, the one in flight, and checkpoint-4 is the only checkpoint."""
     out = tmp_path / "run"
-    proc = _two_ranks(tmp_path, out, "--log_every", "1000", term_at=3, term_ranks=(1,), port=29572)
+    proc = _two_ranks(tmp_path, out, "--logging_steps", "1000", term_at=3, term_ranks=(1,), port=29572)
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert "signal to another rank" in proc.stdout + proc.stderr or "SIGTERM" in proc.stdout + proc.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
@@ -727,7 +717,7 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_next_step_whatever_log_ev
 
 
 @pytest.mark.slow
-def test_a_second_run_into_a_folder_in_use_refuses_naming_the_holder(tmp_path):
+def test_a_second_run_into_a_folder_in_use_refuses_naming_the_holder(fit, tmp_path):
     """Two runs started into one folder both exited 0, one reporting a checkpoint that held the other's weights.
     Now the folder is locked for the first run's life: the second refuses, naming the first's pid, and writes nothing."""
     out, ready = tmp_path / "run", tmp_path / "ready"
@@ -735,14 +725,14 @@ def test_a_second_run_into_a_folder_in_use_refuses_naming_the_holder(tmp_path):
     script.write_text(
         "import sys, time\n"
         "from pathlib import Path\n"
-        "import toy.train as t\n"
-        "real = t.step_generator\n"
-        "def gen(seed, step, rank, device):\n"
+        "import toy.datasets as d\n"
+        "real = d.SequenceStream.batch\n"
+        "def batch(stream, step):\n"
         "    if step == 1:  # the first run is training: hold the folder until killed\n"
         f"        Path({str(ready)!r}).write_text('x')\n"
         "        time.sleep(600)\n"
-        "    return real(seed, step, rank, device)\n"
-        "t.step_generator = gen\n"
+        "    return real(stream, step)\n"
+        "d.SequenceStream.batch = batch\n"
         "from toy.experiments.pretrain import main\n"
         "main(sys.argv[1:])\n"
     )
@@ -770,14 +760,102 @@ def test_a_second_run_into_a_folder_in_use_refuses_naming_the_holder(tmp_path):
         first.kill()
         first.wait()
     # killed: its lock is stale, and the next run takes the folder over (and resumes nothing: no checkpoint was saved)
-    fit(out, steps=2, seed=1, overwrite=True)
+    fit(out, max_steps=2, seed=1, overwrite=True)
 
 
-def test_resume_from_is_the_deprecated_name_of_resume_from_checkpoint():
-    """Toy pre-training spoke --resume_from while every other trainer says --resume_from_checkpoint; the old flag
-    keeps working for one release, with a warning, and the run record holds only the new name."""
-    with pytest.warns(FutureWarning, match="--resume_from is deprecated.*--resume_from_checkpoint"):
-        cfg = TrainConfig(resume_from="last")
-    assert (cfg.resume_from_checkpoint, cfg.resume_from) == ("last", None)
-    with pytest.raises(ValueError, match="disagree"):
-        TrainConfig(resume_from="last", resume_from_checkpoint="runs/x/checkpoint-2")
+def test_old_names_keep_working_for_one_release(tmp_path):
+    """Toy pre-training now speaks transformers.TrainingArguments' names; the old flags and YAML keys still parse, onto
+    the new names, with one warning naming each; of an old and a new name that disagree the typed flag wins, and with
+    no flag to tell them apart they are refused; records hold only the new names."""
+    from toy.config import OLD_NAMES
+    from toy.experiments.pretrain import make_parser
+
+    with pytest.raises(ValueError, match="steps=5 and max_steps=9 disagree; pass --max_steps alone"):
+        TrainConfig(steps=5, max_steps=9)  # neither typed on a command line: no way to tell which is meant
+    # fmt: off
+    old = ["--steps", "7", "--batch_size", "8", "--lr", "0.02", "--grad_clip", "0.5", "--eval_every", "0",
+           "--log_every", "2", "--save_every", "3", "--compile", "false", "--progress", "false", "--optimizer", "sgd",
+           "--schedule", "constant", "--mixed_precision", "no", "--resume_from", "last"]
+    # fmt: on
+    with pytest.warns(FutureWarning, match=r"deprecated TrainConfig names.*steps -> max_steps.*schedule -> lr_sch"):
+        _, _, cfg = make_parser().parse_args_and_config(old)
+    new = ("max_steps", "per_device_train_batch_size", "learning_rate", "max_grad_norm", "eval_steps", "logging_steps")
+    new += (
+        "save_steps",
+        "torch_compile",
+        "disable_tqdm",
+        "optim",
+        "lr_scheduler_type",
+        "bf16",
+        "resume_from_checkpoint",
+    )
+    assert [getattr(cfg, k) for k in new] == [
+        7,
+        8,
+        0.02,
+        0.5,
+        0,
+        2,
+        3,
+        False,
+        True,
+        "sgd",
+        "constant_with_warmup",
+        False,
+        "last",
+    ]
+    assert all(getattr(cfg, k) is None for k in OLD_NAMES) and not set(OLD_NAMES) & set(cfg.record())
+    yaml_file = tmp_path / "old.yaml"
+    yaml_file.write_text("steps: 5\nlr: 0.01\n")
+    with pytest.warns(FutureWarning, match="steps -> max_steps, lr -> learning_rate"):
+        _, _, cfg = make_parser().parse_args_and_config(["--config", str(yaml_file)])
+    assert (cfg.max_steps, cfg.learning_rate) == (5, 0.01)
+    # the command line overrides the file, whichever of the two names each uses
+    _, _, cfg = make_parser().parse_args_and_config(["--config", str(yaml_file), "--max_steps", "9"])
+    assert (cfg.max_steps, cfg.learning_rate) == (9, 0.01)
+    _, _, cfg = make_parser().parse_args_and_config(["--config", str(yaml_file), "--max_steps", "3000"])  # the default
+    assert cfg.max_steps == 3000
+    yaml_file.write_text("max_steps: 5\n")
+    _, _, cfg = make_parser().parse_args_and_config(["--config", str(yaml_file), "--steps", "9"])
+    assert cfg.max_steps == 9
+
+
+def test_a_run_folder_recorded_under_the_old_names_resumes(fit, tmp_path):
+    """A run_config.json of the release before the rename records the same config under the old names: resuming
+    its folder is not a config change (the record is rewritten under the new names), a changed value still is."""
+    out = tmp_path / "run"
+    fit(out, save_steps=6)
+    shutil.rmtree(out / "checkpoint-12")
+    record = json.loads((out / "run_config.json").read_text())
+    t = record["TrainConfig"]
+    for new, old, value in [
+        ("max_steps", "steps", t["max_steps"]),
+        ("per_device_train_batch_size", "batch_size", t["per_device_train_batch_size"]),
+        ("learning_rate", "lr", t["learning_rate"]),
+        ("max_grad_norm", "grad_clip", t["max_grad_norm"]),
+        ("eval_steps", "eval_every", t["eval_steps"]),
+        ("logging_steps", "log_every", t["logging_steps"]),
+        ("save_steps", "save_every", t["save_steps"]),
+        ("torch_compile", "compile", False),
+        ("disable_tqdm", "progress", False),
+        ("optim", "optimizer", "adamw"),
+        ("lr_scheduler_type", "schedule", "cosine"),
+        ("bf16", "mixed_precision", "no"),
+    ]:
+        del t[new]
+        t[old] = value
+    t["resume_from"] = None
+    (out / "run_config.json").write_text(json.dumps(record))
+    with pytest.raises(FileExistsError, match="TrainConfig.learning_rate: 0.01 -> 0.02"):
+        fit(out, save_steps=6, learning_rate=2e-2, resume_from_checkpoint="last")
+    assert fit(out, save_steps=6, resume_from_checkpoint="last").step == 12
+    assert json.loads((out / "run_config.json").read_text())["TrainConfig"]["learning_rate"] == 0.01
+
+
+def test_the_shipped_toy_configs_use_the_new_names():
+    import yaml
+
+    from toy.config import OLD_NAMES
+
+    old = {f.name: sorted(set(yaml.safe_load(f.read_text())) & set(OLD_NAMES)) for f in REPO.glob("configs/toy/*.yaml")}
+    assert old and not {name: keys for name, keys in old.items() if keys}

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from plumbing.config import ConfigParser
 from toy.beliefs import enumerate_sequences, loss_floor, next_token_distributions
-from toy.config import DataConfig, TrainConfig
+from toy.config import ProcessConfig, TrainConfig
 from toy.experiments.pretrain import main
 from toy.model import ToyModelConfig, build_model
 from toy.processes import make_process
@@ -22,25 +22,6 @@ from toy.train import train
 from toy.validation import soft_loss, validation_loss, validation_set, window_loss
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ToyModelConfig(preset="mess3_small", n_layers=2, d_model=16, n_heads=2, d_mlp=32)
-
-
-def tiny_cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        steps=12,
-        batch_size=16,
-        lr=1e-2,
-        warmup_steps=2,
-        eval_every=6,
-        log_every=3,
-        save_every=0,
-        use_cpu=True,
-        progress=False,
-        val_max_sequences=3**5,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def test_presets_build_real_gpt2():
@@ -64,11 +45,11 @@ def test_presets_build_real_gpt2():
     assert not torch.equal(m.transformer.wte.weight, other.transformer.wte.weight)
 
 
-def test_training_logs_loss_and_changes_every_parameter(tmp_path):
+def test_training_logs_loss_and_changes_every_parameter(tiny_toy, tiny_train_cfg, tmp_path):
     process = make_process("mess3")
-    model = build_model(TINY, 3, 6, seed=0)
+    model = build_model(tiny_toy, 3, 6, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = train(process, model, tiny_cfg(tmp_path))
+    result = train(process, model, tiny_train_cfg(tmp_path / "run"))
     assert [h["step"] for h in result.history] == [3, 6, 9, 12]
     assert all(h["train_loss"] is not None and h["train_loss"] > 0 for h in result.history)
     assert "val_loss" in result.history[1] and "val_loss" in result.history[-1]
@@ -97,10 +78,10 @@ def test_exact_validation_loss_of_the_exact_predictor_is_the_floor(name, kwargs,
 
 
 @pytest.mark.parametrize("vocab", [3, 5])
-def test_validation_loss_equals_probability_weighted_loss_over_all_windows(vocab):
+def test_validation_loss_equals_probability_weighted_loss_over_all_windows(tiny_toy, vocab):
     """vocab 5: toy.grpo's models carry <eos>/<pad> after the process tokens, never targets; their mass is loss."""
     process = make_process("mess3")
-    model = build_model(TINY, vocab, 6, seed=3)
+    model = build_model(tiny_toy, vocab, 6, seed=3)
     windows, probs = enumerate_sequences(process, 6)
     with torch.no_grad():
         reference = window_loss(model(input_ids=windows).logits, windows, probs).item()
@@ -116,7 +97,7 @@ def test_sampled_validation_set_when_enumeration_is_too_big():
 
 
 @pytest.mark.parametrize("chunk", [1, 5])
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path, chunk):
+def test_resume_after_kill_equals_uninterrupted_run(tiny_toy, tiny_train_cfg, tmp_path, chunk):
     """A real Ctrl-C during step 8 (mid-chunk for chunk 5), then resume: the same weights as an
     uninterrupted run (the default sampler's data depend only on seed, step and rank)."""
     process = make_process("mess3")
@@ -129,23 +110,26 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, chunk):
         return torch.ones(tokens.shape[0], tokens.shape[1] - 1)
 
     full = train(
-        process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path / "a", sample_chunk=chunk), loss_weights_fn=ones
+        process,
+        build_model(tiny_toy, 3, 6, seed=0),
+        tiny_train_cfg(tmp_path / "a" / "run", sample_chunk=chunk),
+        loss_weights_fn=ones,
     )
     calls.clear()
-    cfg = tiny_cfg(tmp_path / "b", sample_chunk=chunk)
+    cfg = tiny_train_cfg(tmp_path / "b" / "run", sample_chunk=chunk)
     with pytest.raises(KeyboardInterrupt):
-        train(process, build_model(TINY, 3, 6, seed=0), cfg, loss_weights_fn=lambda t: ones(t, kill_at=8))
+        train(process, build_model(tiny_toy, 3, 6, seed=0), cfg, loss_weights_fn=lambda t: ones(t, kill_at=8))
     assert sorted(p.name for p in Path(cfg.output_dir).glob("checkpoint-*")) == ["checkpoint-8"]
     cfg.resume_from_checkpoint = "last"
     # a different random init: every weight must come from the checkpoint
-    resumed = train(process, build_model(TINY, 3, 6, seed=99), cfg, loss_weights_fn=ones)
+    resumed = train(process, build_model(tiny_toy, 3, 6, seed=99), cfg, loss_weights_fn=ones)
     for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), n
     assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
     assert [h["step"] for h in resumed.history] == [h["step"] for h in full.history]
 
 
-def test_crash_leaves_a_resumable_checkpoint(tmp_path):
+def test_crash_leaves_a_resumable_checkpoint(tiny_toy, tiny_train_cfg, tmp_path):
     process = make_process("mess3")
 
     def data_fn(step, generator):
@@ -156,12 +140,12 @@ def test_crash_leaves_a_resumable_checkpoint(tmp_path):
         return sample(process, 16, 6, generator=generator).tokens
 
     with pytest.raises(RuntimeError, match="boom"):
-        train(process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path), data_fn=data_fn)
+        train(process, build_model(tiny_toy, 3, 6, seed=0), tiny_train_cfg(tmp_path / "run"), data_fn=data_fn)
     state = json.loads((tmp_path / "run" / "checkpoint-5" / "trainer_state.json").read_text())
     assert state["step"] == 5
 
 
-def test_loss_weights_fn_masks_targets(tmp_path):
+def test_loss_weights_fn_masks_targets(tiny_toy, tiny_train_cfg, tmp_path):
     """Weights zero on every target except token 0 after token 0: the model learns only that transition."""
     process = make_process("mess3")
 
@@ -169,14 +153,17 @@ def test_loss_weights_fn_masks_targets(tmp_path):
         return (tokens[:, :-1] == 0).float()
 
     result = train(
-        process, build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=6, eval_every=0), loss_weights_fn=weights
+        process,
+        build_model(tiny_toy, 3, 6, seed=0),
+        tiny_train_cfg(tmp_path / "run", max_steps=6, eval_steps=0),
+        loss_weights_fn=weights,
     )
     assert result.history[-1]["train_loss"] > 0
     with pytest.raises(ValueError, match="loss_weights_fn"):
         train(
             process,
-            build_model(TINY, 3, 6, seed=0),
-            tiny_cfg(tmp_path / "b", steps=2),
+            build_model(tiny_toy, 3, 6, seed=0),
+            tiny_train_cfg(tmp_path / "b" / "run", max_steps=2),
             loss_weights_fn=lambda t: t[:, :2].float(),
         )
 
@@ -197,22 +184,22 @@ def test_make_process_names_and_factored_specs():
 
 def test_config_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("process: mess3\nlearning_rate: 0.1\n")
-    with pytest.raises(ValueError, match=r"Unknown arguments from config file: \['--learning_rate'"):
-        ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--config", str(bad)])
+    bad.write_text("process: mess3\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"Unknown arguments from config file: \['--learning_rat'"):
+        ConfigParser((ProcessConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--config", str(bad)])
     with pytest.raises(ValueError, match="not used by the HfArgumentParser"):
-        ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--stepz", "3"])
+        ConfigParser((ProcessConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(["--stepz", "3"])
     with pytest.raises(ValueError, match="unknown process"):
-        DataConfig(process="mess_3")
+        ProcessConfig(process="mess_3")
     with pytest.raises(ValueError, match="does not divide"):
         ToyModelConfig(d_model=64, n_heads=3)
     good = tmp_path / "good.yaml"
-    good.write_text("process: mess3\nprocess_kwargs: {x: 0.15}\nsteps: 7\n")
-    data, model, tr = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
-        ["--config", str(good), "--steps", "9"]
+    good.write_text("process: mess3\nprocess_kwargs: {x: 0.15}\nmax_steps: 7\n")
+    data, model, tr = ConfigParser((ProcessConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
+        ["--config", str(good), "--max_steps", "9"]
     )
-    assert data.process_kwargs == {"x": 0.15} and tr.steps == 9 and model.n_layers == 4
-    data, _, _ = ConfigParser((DataConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
+    assert data.process_kwargs == {"x": 0.15} and tr.max_steps == 9 and model.n_layers == 4
+    data, _, _ = ConfigParser((ProcessConfig, ToyModelConfig, TrainConfig)).parse_args_and_config(
         ["--process_kwargs", '{"a": 0.6}']
     )
     assert data.process_kwargs == {"a": 0.6}
@@ -225,18 +212,18 @@ def test_entry_point_with_config_file(tmp_path):
             str(REPO / "configs/toy/mess3.yaml"),
             "--preset",
             "mess3_small",
-            "--steps",
+            "--max_steps",
             "4",
-            "--batch_size",
+            "--per_device_train_batch_size",
             "8",
-            "--eval_every",
+            "--eval_steps",
             "0",
             "--output_dir",
             str(tmp_path),
             "--use_cpu",
             "true",
-            "--progress",
-            "false",
+            "--disable_tqdm",
+            "true",
             "--val_max_sequences",
             "100",
         ]
@@ -269,16 +256,16 @@ def test_two_ranks_train_synchronized_parameters(tmp_path):
         str(REPO / "configs/toy/mess3.yaml"),
         "--preset",
         "mess3_small",
-        "--steps",
+        "--max_steps",
         "6",
-        "--batch_size",
+        "--per_device_train_batch_size",
         "8",
-        "--eval_every",
+        "--eval_steps",
         "0",
         "--use_cpu",
         "true",
-        "--progress",
-        "false",
+        "--disable_tqdm",
+        "true",
         "--val_max_sequences",
         "100",
         "--output_dir",
@@ -301,21 +288,21 @@ def test_two_ranks_train_synchronized_parameters(tmp_path):
     assert saved.numel() == a.numel()
 
 
-def test_eval_fn_joins_step_zero_and_every_validation_point(tmp_path):
+def test_eval_fn_joins_step_zero_and_every_validation_point(tiny_toy, tiny_train_cfg, tmp_path):
     process = make_process("mess3")
-    model = build_model(TINY, 3, 6, seed=0)
+    model = build_model(tiny_toy, 3, 6, seed=0)
     seen = []
 
     def eval_fn(m):
         seen.append(m.training)
         return {"probe_mse/x": float(len(seen))}
 
-    result = train(process, model, tiny_cfg(tmp_path), eval_fn=eval_fn)
+    result = train(process, model, tiny_train_cfg(tmp_path / "run"), eval_fn=eval_fn)
     assert [h["step"] for h in result.history if "probe_mse/x" in h] == [0, 6, 12]
     assert seen == [False, False, False] and result.model.training  # eval mode inside, training mode restored
 
 
-def test_training_after_a_bf16_trainer_in_the_same_process(tmp_path):
+def test_training_after_a_bf16_trainer_in_the_same_process(tiny_toy, tiny_train_cfg, tmp_path):
     """A TRL trainer in bf16 (what ToyGRPOConfig resolves on a GPU) leaves accelerate's process-wide state in bf16; the
     next toy.train of that process (the next seed of ``toy.experiments.rl --seeds``, its supervised control) must run
     with its own config's precision, not stop on accelerate's 'cannot be changed' error."""
@@ -326,7 +313,9 @@ def test_training_after_a_bf16_trainer_in_the_same_process(tmp_path):
     Accelerator(cpu=True, mixed_precision="bf16")
     try:
         result = train(
-            make_process("mess3"), build_model(TINY, 3, 6, seed=0), tiny_cfg(tmp_path, steps=3, eval_every=0)
+            make_process("mess3"),
+            build_model(tiny_toy, 3, 6, seed=0),
+            tiny_train_cfg(tmp_path / "run", max_steps=3, eval_steps=0),
         )
         assert result.step == 3 and AcceleratorState().mixed_precision == "no"
     finally:

@@ -2,9 +2,11 @@
 
 ``toy.processes`` builds validated (generalized) HMMs and names them (``make_process``), ``toy.beliefs``
 computes exact beliefs, entropies (nats) and mixed-state presentations, ``toy.factors`` splits factored beliefs
-and tokens, ``toy.data`` samples tokens and beliefs, ``toy.datasets`` exports Hugging Face datasets and
-resumable streams. The model, trainer, collection step, GRPO plumbing and composition detector are submodules
-(not imported here); the runnable experiments are ``toy.experiments``. Importing ``toy`` does nothing else.
+and tokens, ``toy.data`` samples tokens and beliefs, ``toy.datasets`` holds the resumable training stream (the one ``toy.train``
+draws from) and exports it as Hugging Face datasets. The model, trainer (``toy.train``, with ``toy.optim`` and
+``toy.train_checkpoint``), collection step, GRPO plumbing (``toy.grpo``, ``toy.grpo_trainer``), representation
+measures and composition detector are submodules (not imported here); the runnable experiments are
+``toy.experiments``. Importing ``toy`` does nothing else.
 """
 
 from toy.beliefs import (

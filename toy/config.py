@@ -1,4 +1,4 @@
-"""The configs every toy entry point shares: which process and window (``DataConfig``) and how to train
+"""The configs every toy entry point shares: which process and window (``ProcessConfig``) and how to train
 (``TrainConfig``), parsed with ``plumbing.config.ConfigParser`` (YAML plus flag overrides)."""
 
 from __future__ import annotations
@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from plumbing.config import last_parse
 from toy.processes import PROCESSES, Process, make_process
 
 
@@ -27,7 +28,7 @@ class JsonDict(dict):
 
 
 @dataclass
-class DataConfig:
+class ProcessConfig:
     """Which process to learn and the window length."""
 
     process: str = field(default="mess3", metadata={"help": f"Process name: one of {sorted(PROCESSES)}."})
@@ -50,29 +51,61 @@ class DataConfig:
         return make_process(self.process, **self.process_kwargs)
 
 
+# the name before ProcessConfig (llm.sft has a DataConfig of its own: a JSONL data set), kept for one release
+DataConfig = ProcessConfig
+
+
+# TrainConfig's names before it spoke ``transformers.TrainingArguments``' (left) and the new ones; the old names
+# still parse, with a deprecation warning, until the next release. ``progress``, ``optimizer``, ``schedule`` and
+# ``mixed_precision`` take their old values (``OLD_VALUES`` translates them).
+OLD_NAMES = {
+    "steps": "max_steps",
+    "batch_size": "per_device_train_batch_size",
+    "lr": "learning_rate",
+    "grad_clip": "max_grad_norm",
+    "eval_every": "eval_steps",
+    "log_every": "logging_steps",
+    "save_every": "save_steps",
+    "compile": "torch_compile",
+    "progress": "disable_tqdm",
+    "optimizer": "optim",
+    "schedule": "lr_scheduler_type",
+    "mixed_precision": "bf16",
+    "resume_from": "resume_from_checkpoint",
+}
+OLD_VALUES = {
+    "progress": lambda v: not v,
+    "optimizer": {"adamw": "adamw_torch", "sgd": "sgd"}.__getitem__,
+    "schedule": {"cosine": "cosine", "constant": "constant_with_warmup"}.__getitem__,
+    "mixed_precision": {"no": False, "bf16": True}.__getitem__,
+}
+
+
 @dataclass
 class TrainConfig:
-    """Optimisation, evaluation and checkpointing."""
+    """Optimisation, evaluation and checkpointing, under ``transformers.TrainingArguments``' names where it has one."""
 
     output_dir: str = field(
         default="runs/mess3", metadata={"help": "Run folder: checkpoints, logs (and the pipeline's outputs)."}
     )
-    steps: int = field(default=3000, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=256, metadata={"help": "Windows per step per process (rank)."})
-    optimizer: Literal["adamw", "sgd"] = field(
-        default="adamw", metadata={"help": "adamw, or sgd (plain SGD without momentum)."}
+    max_steps: int = field(default=3000, metadata={"help": "Optimizer steps."})
+    per_device_train_batch_size: int = field(default=256, metadata={"help": "Windows per step per process (rank)."})
+    optim: Literal["adamw_torch", "sgd"] = field(
+        default="adamw_torch", metadata={"help": "adamw_torch (fused on CUDA), or sgd (plain SGD without momentum)."}
     )
-    lr: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate."})
     adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay."})
     warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
-    schedule: Literal["cosine", "constant"] = field(default="cosine", metadata={"help": "LR after warm-up."})
-    min_lr_ratio: float = field(default=0.0, metadata={"help": "Cosine ends at lr * min_lr_ratio."})
-    grad_clip: float = field(default=1.0, metadata={"help": "Max global grad norm (0: no clipping)."})
+    lr_scheduler_type: Literal["cosine", "constant_with_warmup"] = field(
+        default="cosine", metadata={"help": "LR after warm-up: cosine (down to min_lr_ratio) or constant."}
+    )
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "Cosine ends at learning_rate * min_lr_ratio."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Max global grad norm (0: no clipping)."})
     seed: int = field(default=0, metadata={"help": "Seed of the model init and of every step's data."})
-    eval_every: int = field(default=500, metadata={"help": "Steps between validation losses (0: only at the end)."})
-    log_every: int = field(default=50, metadata={"help": "Steps between train-loss log entries."})
-    save_every: int = field(default=1000, metadata={"help": "Steps between checkpoints (0: only at the end)."})
+    eval_steps: int = field(default=500, metadata={"help": "Steps between validation losses (0: only at the end)."})
+    logging_steps: int = field(default=50, metadata={"help": "Steps between train-loss log entries."})
+    save_steps: int = field(default=1000, metadata={"help": "Steps between checkpoints (0: only at the end)."})
     sample_chunk: int = field(
         default=1,
         metadata={
@@ -86,9 +119,6 @@ class TrainConfig:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'last' (newest in output_dir; fresh start if none)."}
     )
-    resume_from: str | None = field(
-        default=None, metadata={"help": "Deprecated: the old name of --resume_from_checkpoint (kept for one release)."}
-    )
     init_from: str | None = field(
         default=None, metadata={"help": "Start from this saved model (fine-tuning) instead of a random init."}
     )
@@ -100,14 +130,15 @@ class TrainConfig:
             "matmuls gain little from more, and 2 threads on a busy 2-core machine thrash (5 s/step vs 0.5)."
         },
     )
-    mixed_precision: Literal["no", "bf16"] = field(
-        default="no", metadata={"help": "Autocast; 'no' (float32) is needed to get within 1e-4 nats of the floor."}
+    bf16: bool = field(
+        default=False,
+        metadata={"help": "bf16 autocast; float32 (the default) is needed to get within 1e-4 nats of the floor."},
     )
     tf32: bool = field(
         default=True, metadata={"help": "Allow TF32 matmuls on CUDA while training (evaluation is full float32)."}
     )
-    compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU)."})
-    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the training forward (GPU)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the tqdm progress bar."})
     overwrite: bool = field(
         default=False,
         metadata={
@@ -117,8 +148,8 @@ class TrainConfig:
     max_loss_ratio: float = field(
         default=10.0,
         metadata={
-            "help": "Stop, before saving, when a logged train loss exceeds this multiple of the first one (a diverging "
-            "run; 0: off). A NaN or inf loss always stops."
+            "help": "Stop, before saving, when a logged train loss exceeds this multiple of the mean of the first "
+            "logged ones (a diverging run; 0: off). A NaN or inf loss always stops (plumbing.runs.DivergenceGuard)."
         },
     )
     report_to: Literal["tensorboard", "none"] = field(
@@ -127,41 +158,105 @@ class TrainConfig:
             "help": "Tracker for losses and evaluation metrics (<output_dir>/runs); skipped with a note when not installed."
         },
     )
+    # the old names (OLD_NAMES), kept for one release: None unless given
+    steps: int | None = field(default=None, metadata={"help": "Deprecated: use --max_steps."})
+    batch_size: int | None = field(default=None, metadata={"help": "Deprecated: use --per_device_train_batch_size."})
+    lr: float | None = field(default=None, metadata={"help": "Deprecated: use --learning_rate."})
+    grad_clip: float | None = field(default=None, metadata={"help": "Deprecated: use --max_grad_norm."})
+    eval_every: int | None = field(default=None, metadata={"help": "Deprecated: use --eval_steps."})
+    log_every: int | None = field(default=None, metadata={"help": "Deprecated: use --logging_steps."})
+    save_every: int | None = field(default=None, metadata={"help": "Deprecated: use --save_steps."})
+    compile: bool | None = field(default=None, metadata={"help": "Deprecated: use --torch_compile."})
+    progress: bool | None = field(default=None, metadata={"help": "Deprecated: use --disable_tqdm (its negation)."})
+    optimizer: Literal["adamw", "sgd"] | None = field(
+        default=None, metadata={"help": "Deprecated: use --optim adamw_torch / sgd."}
+    )
+    schedule: Literal["cosine", "constant"] | None = field(
+        default=None, metadata={"help": "Deprecated: use --lr_scheduler_type cosine / constant_with_warmup."}
+    )
+    mixed_precision: Literal["no", "bf16"] | None = field(
+        default=None, metadata={"help": "Deprecated: use --bf16 true / false."}
+    )
+    resume_from: str | None = field(default=None, metadata={"help": "Deprecated: use --resume_from_checkpoint."})
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "sample_chunk"):
+        self._take_old_names()
+        for name in ("max_steps", "per_device_train_batch_size", "sample_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip", "min_lr_ratio"):
+        for name in ("warmup_steps", "eval_steps", "save_steps", "weight_decay", "max_grad_norm", "min_lr_ratio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads={self.cpu_threads} must be >= 0 (0: torch's default)")
-        if self.log_every < 1:
-            raise ValueError(f"log_every={self.log_every} must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.logging_steps < 1:
+            raise ValueError(f"logging_steps={self.logging_steps} must be >= 1")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
         if not (self.max_loss_ratio == 0 or self.max_loss_ratio > 1):
             raise ValueError(
-                f"max_loss_ratio={self.max_loss_ratio}: use a multiple > 1 of the first logged loss, or 0 (off)"
+                f"max_loss_ratio={self.max_loss_ratio}: use a multiple > 1 of the first logged losses, or 0 (off)"
             )
-        if self.resume_from is not None:  # the transformers.TrainingArguments name is the one name of every trainer
-            if self.resume_from_checkpoint not in (None, self.resume_from):
-                raise ValueError(
-                    f"resume_from={self.resume_from!r} and resume_from_checkpoint={self.resume_from_checkpoint!r} "
-                    "disagree; pass --resume_from_checkpoint alone (resume_from is its deprecated name)"
-                )
-            warnings.warn(
-                "--resume_from is deprecated and will be removed in the next release: use "
-                "--resume_from_checkpoint (the name of llm.sft, llm.grpo and toy.experiments.rl)",
-                FutureWarning,
-                stacklevel=2,
-            )
-            self.resume_from_checkpoint, self.resume_from = self.resume_from, None
         if self.overwrite and self.resume_from_checkpoint:
             raise ValueError(
                 "overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them"
             )
+
+    def _take_old_names(self) -> None:
+        """Move every old name that was given (not None) onto its new name, with one warning listing them. An old and
+        a new name that disagree: the one typed on the command line wins over the config file's (``--steps 40`` over
+        a YAML's ``max_steps: 1500``, ``--max_steps 9`` over an old YAML's ``steps: 5``); otherwise an error."""
+        typed = {tok.split("=")[0] for tok in last_parse()["args"] or () if tok.startswith("--")}
+        given = {old: getattr(self, old) for old in OLD_NAMES if getattr(self, old) is not None}
+        for old, value in given.items():
+            new, value = OLD_NAMES[old], OLD_VALUES.get(old, lambda v: v)(value)
+            setattr(self, old, None)
+            if f"--{new}" in typed and f"--{old}" not in typed:
+                continue  # the command line's new name over the config file's old one
+            default = type(self).__dataclass_fields__[new].default
+            old_typed_alone = f"--{old}" in typed and f"--{new}" not in typed
+            if getattr(self, new) not in (default, value) and not old_typed_alone:
+                raise ValueError(
+                    f"{old}={given[old]!r} and {new}={getattr(self, new)!r} disagree; pass --{new} alone "
+                    f"({old} is its deprecated name)"
+                )
+            setattr(self, new, value)
+        if given:
+            warnings.warn(
+                "deprecated TrainConfig names, to be removed in the next release: "
+                + ", ".join(f"{old} -> {OLD_NAMES[old]}" for old in given)
+                + " (the names of transformers.TrainingArguments, which llm.sft, llm.grpo and toy.experiments.rl take)",
+                FutureWarning,
+                stacklevel=4,  # the caller of TrainConfig(...), past __init__ and __post_init__
+            )
+
+    def record(self) -> dict:
+        """The fields a run folder records (``run_config.json``): the deprecated names, always None here, left out."""
+        return {k: v for k, v in asdict(self).items() if k not in OLD_NAMES}
+
+
+def upgrade_record(saved: dict) -> dict:
+    """A ``run_config.json`` written before the rename, its train config (``TrainConfig``, and ``run.info.train`` where
+    an entry point stored it again) under the new names, values translated, so a run folder of the older release
+    resumes; a record without old names comes back unchanged."""
+
+    def upgrade(train: dict) -> dict:
+        new = {}
+        for key, value in train.items():
+            if key in OLD_NAMES:
+                if OLD_NAMES[key] in train:  # resume_from beside resume_from_checkpoint: the new name's value stands
+                    continue
+                key, value = OLD_NAMES[key], value if value is None else OLD_VALUES.get(key, lambda v: v)(value)
+            new[key] = value
+        return new
+
+    out = dict(saved)
+    if isinstance(out.get("TrainConfig"), dict):
+        out["TrainConfig"] = upgrade(out["TrainConfig"])
+    info = out.get("run", {}).get("info", {}) if isinstance(out.get("run"), dict) else {}
+    if isinstance(info.get("train"), dict):
+        out["run"] = {**out["run"], "info": {**info, "train": upgrade(info["train"])}}
+    return out
 
 
 def window_memory(
@@ -250,7 +345,7 @@ def check_run_memory(
     exact = (context_length - 1) * math.log(process.vocab_size) <= math.log(cfg.val_max_sequences)
     check_window_memory(
         context_length,
-        cfg.batch_size,
+        cfg.per_device_train_batch_size,
         "cpu" if device.type == "cpu" else str(device),
         n_layers=mc.num_hidden_layers,
         n_heads=mc.num_attention_heads,

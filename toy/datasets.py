@@ -1,8 +1,9 @@
 """Toy data as a Hugging Face ``datasets.Dataset`` and as an infinite, exactly resumable stream.
 
-The contract both views share: batch ``step`` of a stream with ``seed`` is
-``toy.data.sample(process, batch_size, length, seed=seed_for_step(seed, step), ...)`` -- a pure function of
-``(seed, step)``. A trainer therefore resumes exactly by storing two integers, the seed and the number of
+The contract both views share: batch ``step`` of a stream with ``seed`` (and ``rank``) is
+``toy.data.sample(process, batch_size, length, seed=seed_for_step(seed, step, rank), ...)`` -- a pure function of
+``(seed, step, rank)``. ``toy.train`` draws its training windows from this stream (rank = the process's rank in a
+launch), so a stream with a run's seed and batch size replays that run's data. A trainer therefore resumes exactly by storing two integers, the seed and the number of
 batches it has consumed, and building ``SequenceStream(..., seed=seed, start_step=consumed)``; no iterator
 state, RNG state or worker state needs saving. ``to_hf_dataset`` is the same stream's first batches,
 concatenated row-wise, so a finite dataset and a stream with the same seed and batch size hold the same
@@ -26,17 +27,16 @@ from toy.factors import factor_marginals, factor_tokens
 from toy.processes import Process
 
 
-def seed_for_step(seed: int, step: int) -> int:
-    """The sampling seed of batch ``step`` of a stream with ``seed``: a 63-bit integer from numpy's
-    ``SeedSequence([seed, step])``, so neighbouring seeds and steps give unrelated draws."""
-    if seed < 0 or step < 0:
-        raise ValueError(f"seed and step must be >= 0; got {seed}, {step}")
-    hi, lo = np.random.SeedSequence([seed, step]).generate_state(2, np.uint32).tolist()
-    return ((hi & 0x7FFFFFFF) << 32) | lo
+def seed_for_step(seed: int, step: int, rank: int = 0) -> int:
+    """The sampling seed of batch ``step`` of rank ``rank``'s stream with ``seed``: a 63-bit integer from numpy's
+    ``SeedSequence([seed, step, rank])``, so neighbouring seeds, steps and ranks give unrelated draws."""
+    if seed < 0 or step < 0 or rank < 0:
+        raise ValueError(f"seed, step and rank must be >= 0; got {seed}, {step}, {rank}")
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class SequenceStream(IterableDataset):
-    """Infinite stream of ``batch_size x length`` batches from ``process``, batch ``k`` seeded by ``(seed, k)``.
+    """Infinite stream of ``batch_size x length`` batches from ``process``, batch ``k`` seeded by ``(seed, k, rank)``.
 
     Yields dicts of tensors (already batched: use ``DataLoader(stream, batch_size=None)``):
     ``input_ids (batch, length)`` int64, plus ``beliefs (batch, length, states)`` with ``beliefs=True``,
@@ -53,6 +53,7 @@ class SequenceStream(IterableDataset):
         length: int,
         seed: int = 0,
         start_step: int = 0,
+        rank: int = 0,
         beliefs: bool = False,
         factor_ids: bool = False,
         factor_beliefs: bool = False,
@@ -61,14 +62,14 @@ class SequenceStream(IterableDataset):
     ):
         if (factor_ids or factor_beliefs) and process.factor_vocab_sizes is None:
             raise ValueError(f"{process.name} is not a factored process: factor_ids/factor_beliefs need one")
-        if start_step < 0 or seed < 0:
-            raise ValueError(f"seed and start_step must be >= 0; got {seed}, {start_step}")
+        if start_step < 0 or seed < 0 or rank < 0:
+            raise ValueError(f"seed, start_step and rank must be >= 0; got {seed}, {start_step}, {rank}")
         if batch_size < 1 or length < 1:
             raise ValueError(f"batch_size and length must be >= 1; got {batch_size}, {length}")
         # fail here, not inside a DataLoader worker, on a bad dtype
         sample(process, 1, 1, return_beliefs=beliefs or factor_beliefs, belief_dtype=belief_dtype)
         self.process, self.batch_size, self.length = process, batch_size, length
-        self.seed, self.start_step, self.device = seed, start_step, torch.device(device)
+        self.seed, self.start_step, self.rank, self.device = seed, start_step, rank, torch.device(device)
         self.beliefs, self.factor_ids, self.factor_beliefs = beliefs, factor_ids, factor_beliefs
         self.belief_dtype = belief_dtype
 
@@ -79,7 +80,7 @@ class SequenceStream(IterableDataset):
             self.process,
             self.batch_size,
             self.length,
-            seed=seed_for_step(self.seed, step),
+            seed=seed_for_step(self.seed, step, self.rank),
             device=self.device,
             return_beliefs=need_beliefs,
             belief_dtype=self.belief_dtype,

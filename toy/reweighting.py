@@ -15,7 +15,7 @@ Behaviour (per prompt x, over ``N >= 10,000`` prompts; KL and log-likelihoods in
   probability, and a one-token answer from V tokens is guessable, so at k = 256 the reference solves nearly
   every prompt, as does the **chance policy** (uniform over the V tokens): ``passk_verdict`` then says
   "uninformative". That is a real limit of the pass@k test on guessable answers, not a bug.
-- **Truncated support** (the papers' decoding: temperature, then top-p nucleus, ``ReweightingConfig``): the exact
+- **Truncated support** (the papers' decoding: temperature, then top-p nucleus, ``ExactReweightingConfig``): the exact
   truncated distribution of both policies. The reference can now put zero probability on the right answer, and
   "the reference cannot solve this prompt at any k" means something: ``ref_unsolvable`` is that share of prompts.
   The chance gate is not applied here (a truncated reference cannot guess outside its nucleus; the chance
@@ -25,7 +25,7 @@ Behaviour (per prompt x, over ``N >= 10,000`` prompts; KL and log-likelihoods in
 - ``KL(post || ref)`` and ``KL(ref || post)`` of the full-support policies, averaged over prompts.
 
 Belief side (models only): cross-fitted (``folds``) balanced accuracy of a linear read-out of the reward's latent
-class (``toy.composition.latent_readout``) from the last prompt position's residual stream, every site concatenated
+class (``toy.representation.latent_readout``) from the last prompt position's residual stream, every site concatenated
 and the output site alone (``final_norm``, the unembedding's input), before and after RL: is the latent readable in
 the reference before RL, and does RL make it readable where the output reads?
 
@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 import torch
 
 from probes.passk import PassKConfig, coverage, pass_at_k_curve, pass_at_k_exact, passk_verdict
-from toy.composition import last_position_activations, latent_readout
 from toy.grpo import policy_probs
+from toy.representation import last_position_activations, latent_readout
 
 
 @dataclass
-class ReweightingConfig:
+class ExactReweightingConfig:
     """Decoding of the truncated-support test and fitting choices of the belief side (pass@k thresholds:
     ``probes.passk.PassKConfig``, pre-registered)."""
 
@@ -180,7 +180,7 @@ def behaviour_report(
     pi_ref: torch.Tensor,
     pi_post: torch.Tensor,
     table: torch.Tensor,
-    cfg: ReweightingConfig,
+    cfg: ExactReweightingConfig,
     pk: PassKConfig | None = None,
     seed: int = 0,
 ) -> dict:
@@ -244,7 +244,12 @@ def cross_fitted_readout(X: torch.Tensor, latent: torch.Tensor, folds: int, alph
 
 
 def readability_report(
-    X_pre: torch.Tensor, X_post: torch.Tensor, latent: torch.Tensor, d_model: int, cfg: ReweightingConfig, seed: int = 0
+    X_pre: torch.Tensor,
+    X_post: torch.Tensor,
+    latent: torch.Tensor,
+    d_model: int,
+    cfg: ExactReweightingConfig,
+    seed: int = 0,
 ) -> dict:
     """Latent read-out before and after RL from every site (``X_* (N, n_sites * d_model)``, last position) and
     from the output site alone (the last ``d_model`` columns)."""
@@ -268,7 +273,7 @@ def reweighting_report(
     reward,
     prompts: torch.Tensor,
     beliefs: torch.Tensor,
-    cfg: ReweightingConfig,
+    cfg: ExactReweightingConfig,
     pk: PassKConfig | None = None,
     seed: int = 0,
 ) -> dict:

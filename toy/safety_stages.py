@@ -15,6 +15,9 @@ from toy.config import TrainConfig
 from toy.em_dose import capability_kl
 from toy.processes import Process
 
+# the safety stages a pre-trained model goes through before the narrow fine-tune, in the order the tables list them
+SAFETY = ("none", "sft", "grpo")
+
 
 def grpo_stage(process: Process, base_dir: Path, cfg, train_cfg: TrainConfig, out: Path, seed: int):
     """GRPO through trl from the saved pre-trained model: reward = share of aligned copies in the completion."""

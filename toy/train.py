@@ -2,7 +2,7 @@
 beside the floor (``toy.validation``). The command line is ``toy.experiments.pretrain``.
 
 Conventions:
-- Every step each rank draws ``batch_size`` fresh windows of ``context_length`` tokens on its own device
+- Every step each rank draws ``per_device_train_batch_size`` fresh windows of ``context_length`` tokens on its own device
   from a generator seeded by ``(seed, step, rank)`` (with ``sample_chunk`` K > 1: ``(seed, step // K,
   rank)`` draws K steps at once): the data do not depend on how the run was interrupted, so a resumed
   run ends with the same weights as an uninterrupted one.
@@ -17,7 +17,7 @@ Conventions:
 - Checkpoints: ``<output_dir>/checkpoint-<step>/`` holds the model (``save_pretrained``, safetensors),
   ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` (tensors and plain values only: every file loads with
   ``weights_only=True``, so a checkpoint cannot run code) and ``trainer_state.json`` (step, history). One is
-  written every ``save_every`` steps, at the end, on Ctrl-C or SIGTERM to any rank (all ranks agree every step, and
+  written every ``save_steps`` steps, at the end, on Ctrl-C or SIGTERM to any rank (all ranks agree every step, and
   stop after the step in flight) and on a crash, always into a temporary folder renamed into place (``atomic_dir``).
 - The run folder follows ``plumbing.runs``: it is locked while training; ``run_config.json`` records the config;
   another config refuses the folder, and so does a fresh start over this run's checkpoints, unless ``overwrite``
@@ -31,58 +31,59 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from plumbing.checkpoints import write_json_atomic
 from plumbing.runs import (
     RUN_CONFIG,
+    DivergenceGuard,
     Stopped,
     TrainingDiverged,
     any_ranks,
-    atomic_dir,
+    check_resume,
     checkpoints,
     claim_output_dir,
-    config_diff,
     config_record,
-    latest_checkpoint,
     lock_run_dir,
     read_state,
     release_run_dir,
+    resolve_resume,
     stop_flag,
     world_size,
 )
-from toy.config import TrainConfig, check_run_memory
-from toy.data import sample
+from toy.config import TrainConfig, check_run_memory, upgrade_record
+from toy.datasets import SequenceStream, seed_for_step
 from toy.model import ToyModelConfig, build_model
+from toy.optim import lr_factor, make_optimizer
 from toy.processes import Process
+from toy.train_checkpoint import load_weights, save_checkpoint, set_rng_state
 from toy.validation import ValidationSet, validation_loss, validation_set
 
 logger = logging.getLogger(__name__)
 
 # TrainConfig fields a rerun or resume of the same run may change: where and how often it reports and saves,
-# where it runs, its guard. None changes what a step computes. ``steps`` is not one of them (the cosine
+# where it runs, its guard. None changes what a step computes. ``max_steps`` is not one of them (the cosine
 # schedule depends on it): to train further, start a new folder with ``init_from``.
 RERUN_KEYS = (
     "output_dir",
     "resume_from_checkpoint",
-    "resume_from",
     "overwrite",
-    "progress",
-    "log_every",
-    "eval_every",
-    "save_every",
+    "disable_tqdm",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
     "cpu_threads",
     "use_cpu",
-    "compile",
+    "torch_compile",
     "max_loss_ratio",
     "report_to",
 )
@@ -106,122 +107,41 @@ class TrainResult:
     checkpoint_dir: Path | None
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of ``cfg.lr`` at ``step``: linear warm-up, then constant or cosine down to ``min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The data generator of one (step, rank): independent streams, identical on every replay."""
-    state = int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(state)
+    """The data generator of one (step, rank) (``toy.datasets.seed_for_step``): independent streams, identical on
+    every replay."""
+    return torch.Generator(device=device).manual_seed(seed_for_step(seed, step, rank))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr)
-    # the fused kernel updates every tensor in one launch: the toy model's steps are launch-bound on GPU
-    fused = all(p.device.type == "cuda" for p in params)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay, fused=fused)
+def upgrade_run_config(out_dir: str | Path) -> None:
+    """Rewrite ``<out_dir>/run_config.json`` of the release before TrainingArguments' names under the new names
+    (``toy.config.upgrade_record``: the same config), so the folder's run resumes or reruns; call on the main process
+    before claiming the folder. A record without old names, or no record, is left alone."""
+    saved = Path(out_dir) / RUN_CONFIG
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        if upgrade_record(old) != old:
+            write_json_atomic(saved, upgrade_record(old))
 
 
-def find_checkpoint(output_dir: str | Path, resume_from_checkpoint: str) -> Path | None:
-    """Resolve ``resume_from_checkpoint``: ``"last"`` -> the complete ``checkpoint-<step>`` with the largest step number in
-    ``output_dir`` (None if none; a newer one whose trainer_state.json is missing, empty or cut off is skipped with a
-    warning naming it). A path must hold a whole trainer_state.json (``ValueError`` naming the file otherwise)."""
-    if resume_from_checkpoint == "last":
-        return latest_checkpoint(output_dir, keys=STATE_KEYS)
-    path = Path(resume_from_checkpoint)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(
-            f"resume_from_checkpoint={resume_from_checkpoint!r} is not a checkpoint folder (no trainer_state.json); "
-            "pass a checkpoint-<step> folder or 'last'"
-        )
-    read_state(path, keys=STATE_KEYS)
-    return path
-
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list[dict], extra: dict) -> Path:
-    """Write a resumable checkpoint (see the module docstring) atomically; call on the main process only."""
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        # written last: latest_checkpoint takes a folder as complete only with this file
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history, **extra}, indent=1))
-    return path
-
-
-def rng_state() -> dict:
-    """The global RNG states as tensors and plain values (numpy's key array as an int64 tensor), so that
-    ``torch.load(..., weights_only=True)`` reads them back."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(path: Path) -> None:
-    """Restore the global RNGs from ``rng.pt``; one that only unpickling could read (an older checkpoint's
-    numpy arrays, or a crafted file) is not loaded: a warning, and the global RNGs stay as they are (the data
-    are seeded per step, so only a ``data_fn`` drawing from the global RNG would notice)."""
-    try:
-        rng = torch.load(path, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError with a long hint; the file is simply not trusted
-        logger.warning(
-            "%s holds more than tensors (%s); not loaded: the global RNG state is not restored",
-            path,
-            str(err).splitlines()[0][:200],
-        )
-        return
-    torch.set_rng_state(rng["torch"])
-    name, keys, pos, has_gauss, gauss = rng["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _load_weights(model: torch.nn.Module, path: Path, device: torch.device) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(path / "model.safetensors", device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # the untied lm_head is saved; only a tied copy may legitimately be absent
-    if unexpected or [m for m in missing if "lm_head" not in m]:
-        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
-
-
-def _claim(out_dir: Path, cfg: TrainConfig, record: dict, main: bool) -> None:
-    """The run-folder rule of the module docstring, before any training."""
-    if cfg.resume_from_checkpoint == "last" and checkpoints(out_dir) and not (out_dir / RUN_CONFIG).is_file():
+def _claim(out_dir: Path, cfg: TrainConfig, record: dict, main: bool) -> Path | None:
+    """The run-folder rule of the module docstring, before any training; returns the checkpoint to resume from."""
+    saved = out_dir / RUN_CONFIG
+    if main:
+        upgrade_run_config(out_dir)
+    if cfg.resume_from_checkpoint == "last" and checkpoints(out_dir) and not saved.is_file():
         # a run from before run records: refusing would leave only --overwrite, which deletes what to resume
         logger.warning(
             "%s has no %s (an older run): resuming without a config check; recording this config", out_dir, RUN_CONFIG
         )
         if main:
-            (out_dir / RUN_CONFIG).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            write_json_atomic(saved, record)
     claim_output_dir(out_dir, record, overwrite=cfg.overwrite, ignore=RERUN_KEYS, write=main)
-    if cfg.resume_from_checkpoint not in (None, "last"):
-        saved = Path(cfg.resume_from_checkpoint).parent / RUN_CONFIG
-        diff = config_diff(json.loads(saved.read_text()), record, RERUN_KEYS) if saved.is_file() else []
-        if diff:
-            raise ValueError(
-                f"cannot resume from {cfg.resume_from_checkpoint}: its run ({saved}) was made with another config; "
-                "differing keys:\n  " + "\n  ".join(diff) + "\nRestore those values, or start fresh with init_from."
-            )
+    ckpt = resolve_resume(cfg.resume_from_checkpoint, out_dir)
+    if ckpt is not None:
+        read_state(ckpt, keys=STATE_KEYS)  # before anything loads from it
+        check_resume(ckpt, record, ignore=RERUN_KEYS)
+        return Path(ckpt)
     old = checkpoints(out_dir)
     if cfg.resume_from_checkpoint is None and old:
         if not cfg.overwrite:
@@ -233,6 +153,7 @@ def _claim(out_dir: Path, cfg: TrainConfig, record: dict, main: bool) -> None:
             logger.warning("overwrite: removing the checkpoints in %s", out_dir)
             for path in old:
                 shutil.rmtree(path)
+    return None
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -245,7 +166,7 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=not (dist.is_available() and dist.is_initialized()))
-    return Accelerator(cpu=cfg.use_cpu, mixed_precision=cfg.mixed_precision)
+    return Accelerator(cpu=cfg.use_cpu, mixed_precision="bf16" if cfg.bf16 else "no")
 
 
 def _params_finite(model: torch.nn.Module) -> bool:
@@ -331,43 +252,56 @@ def _fit(
         torch.backends.cuda.matmul.allow_tf32 = True
     out_dir = Path(cfg.output_dir)
     run = {"process": process.name, "context_length": context_length, "world_size": world, "info": run_info or {}}
-    _claim(out_dir, cfg, config_record(cfg, {"run": run}), accelerator.is_main_process)
+    record = config_record({"TrainConfig": cfg.record()}, {"run": run})
+    ckpt = _claim(out_dir, cfg, record, accelerator.is_main_process)
     accelerator.wait_for_everyone()  # no rank starts before the folder is claimed (and cleared on overwrite)
     raw = model.to(device)
     optimizer = make_optimizer(raw, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start, history = 0, []
-    ckpt = find_checkpoint(out_dir, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
     if ckpt is not None:
         # a multi-process CPU launch gives the device as cpu:0, and torch.load cannot map a storage onto an indexed CPU
         where = torch.device("cpu") if device.type == "cpu" else device
-        _load_weights(raw, ckpt, where)
+        load_weights(raw, ckpt, where)
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=where, weights_only=True))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         state = read_state(ckpt, keys=STATE_KEYS)
         start, history = state["step"], state["history"]
         set_rng_state(ckpt / "rng.pt")
         accelerator.print(f"resumed from {ckpt} at step {start}")
-    if val is None and accelerator.is_main_process and start < cfg.steps:  # a finished run is only reloaded
+    if val is None and accelerator.is_main_process and start < cfg.max_steps:  # a finished run is only reloaded
         val = validation_set(process, context_length, cfg.val_max_sequences, cfg.val_samples)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it once
     # per process), so only the model and optimizer go through prepare.
-    fwd = torch.compile(raw) if cfg.compile else raw
+    fwd = torch.compile(raw) if cfg.torch_compile else raw
     fwd, optimizer = accelerator.prepare(fwd, optimizer)
     fwd.train()
     extra = {"run_info": run_info or {}, "world_size": world, "context_length": context_length, "process": process.name}
 
-    def diverged(why: str) -> TrainingDiverged:
+    # every step's windows come from one stream (float64 draws, as toy.data.sample's default): batch c of it is
+    # steps c*K .. c*K+K-1 (K = sample_chunk)
+    batch = cfg.per_device_train_batch_size
+    stream = SequenceStream(
+        process,
+        batch * cfg.sample_chunk,
+        context_length,
+        cfg.seed,
+        rank=rank,
+        belief_dtype=torch.float64,
+        device=device,
+    )
+
+    def unsaved(step: int) -> TrainingDiverged:
         return TrainingDiverged(
-            f"step {step}: {why}; training stopped without saving it (last checkpoint: {last_ckpt or 'none of this run'}). "
-            "Lower lr (or raise warmup_steps, set grad_clip), check data_fn / loss_weights_fn and the starting weights "
-            "for NaN/inf, or resume from an earlier checkpoint with --resume_from_checkpoint <output_dir>/checkpoint-<step>."
+            f"step {step}: the parameters hold NaN or inf; training stopped without saving them (last checkpoint: "
+            f"{last_ckpt or 'none of this run'}). Lower learning_rate (or raise warmup_steps, set max_grad_norm), check "
+            "data_fn / loss_weights_fn and the starting weights for NaN/inf, or resume from an earlier checkpoint."
         )
 
     def save(step: int) -> Path | None:
         # every rank checks (DDP keeps the parameters equal), so all raise together and none waits in a collective
         if not _params_finite(raw):
-            raise diverged("the parameters hold NaN or inf")
+            raise unsaved(step)
         if not accelerator.is_main_process:
             return None
         return save_checkpoint(out_dir / f"checkpoint-{step}", raw, optimizer, scheduler, step, history, extra)
@@ -379,10 +313,10 @@ def _fit(
             "step": step,
             "train_loss": train_loss,
             "lr": scheduler.get_last_lr()[0],
-            "tokens": step * cfg.batch_size * world * context_length,
+            "tokens": step * batch * world * context_length,
             "elapsed_s": elapsed,
         }
-        if val is not None and (step == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+        if val is not None and (step == 0 or step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
             entry.update(val_loss=validation_loss(raw, val), floor=val.floor)
             if eval_fn is not None:
                 was_training = raw.training
@@ -399,30 +333,29 @@ def _fit(
         evaluate(0, None, 0.0)  # the curve starts at the random init
 
     step, last_ckpt, cached = start, None, None
-    first_loss = next((h["train_loss"] for h in history if h.get("train_loss") is not None), None)
+    # the project's divergence test (a Trainer callback), fed this loop's logged losses; a resume refills its yardstick
+    guard = DivergenceGuard(cfg.max_loss_ratio or None)
+    guard.first_losses = [h["train_loss"] for h in history if h.get("train_loss") is not None][: guard.reference_logs]
     t0, t_prev = time.perf_counter(), history[-1]["elapsed_s"] if history else 0.0
     loss_sum = torch.zeros((), device=device)
     n_loss = 0
     bar = tqdm(
-        total=cfg.steps, initial=start, disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True
+        total=cfg.max_steps,
+        initial=start,
+        disable=cfg.disable_tqdm or not accelerator.is_main_process,
+        dynamic_ncols=True,
     )
     try:
         with stop_flag() as flag:
-            while step < cfg.steps:
+            while step < cfg.max_steps:
                 if data_fn is not None:
                     tokens = data_fn(step, step_generator(cfg.seed, step, rank, device))
                 else:
-                    # chunk c holds steps c*K .. c*K+K-1 and is seeded by (seed, c, rank): replays exactly on resume
+                    # chunk c holds steps c*K .. c*K+K-1, the stream's batch c: replays exactly on resume
                     chunk, offset = divmod(step, cfg.sample_chunk)
                     if cached is None or cached[0] != chunk:
-                        gen = step_generator(cfg.seed, chunk, rank, device)
-                        cached = (
-                            chunk,
-                            sample(
-                                process, cfg.batch_size * cfg.sample_chunk, context_length, generator=gen, device=device
-                            ).tokens,
-                        )
-                    tokens = cached[1][offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
+                        cached = (chunk, stream.batch(chunk)["input_ids"])
+                    tokens = cached[1][offset * batch : (offset + 1) * batch]
                 if tokens.shape[1] != context_length:
                     raise ValueError(f"data_fn returned windows of {tokens.shape[1]} tokens; expected {context_length}")
                 tokens = tokens.to(device)
@@ -438,8 +371,8 @@ def _fit(
                         raise ValueError(f"loss_weights_fn must return (batch, {context_length - 1}) weights")
                     loss = (w * ce).sum() / w.sum().clamp_min(1e-12)
                 accelerator.backward(loss)
-                if cfg.grad_clip:
-                    accelerator.clip_grad_norm_(fwd.parameters(), cfg.grad_clip)
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(fwd.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -448,37 +381,35 @@ def _fit(
                 n_loss += 1
                 bar.update(1)
                 log_now = (
-                    step % cfg.log_every == 0 or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
+                    step % cfg.logging_steps == 0
+                    or step == cfg.max_steps
+                    or (cfg.eval_steps and step % cfg.eval_steps == 0)
                 )
                 stop, bad = flag["signal"] is not None, ""
                 if log_now:
                     train_loss = (loss_sum / n_loss).item()  # the only device sync of the loop
                     loss_sum.zero_()
                     n_loss = 0
-                    first_loss = first_loss if first_loss is not None else train_loss
-                    if not math.isfinite(train_loss):
-                        bad = f"the mean train loss of the last {cfg.log_every} steps is {train_loss}"
-                    elif cfg.max_loss_ratio and first_loss > 0 and train_loss > cfg.max_loss_ratio * first_loss:
-                        bad = (
-                            f"train loss {train_loss:.4g} exceeds max_loss_ratio={cfg.max_loss_ratio:g} x the first "
-                            f"logged loss ({first_loss:.4g}): diverging"
-                        )
+                    try:
+                        guard.on_log(None, SimpleNamespace(global_step=step), None, logs={"loss": train_loss})
+                    except TrainingDiverged as err:
+                        bad = str(err)
                 if world > 1:
                     # every rank stops at the same step, and a signal to any rank stops all at the end of this step
-                    # (launchers give 30 s before SIGKILL, whatever log_every is): a CPU all-reduce of two flags
+                    # (launchers give 30 s before SIGKILL, whatever logging_steps is): a CPU all-reduce of two flags
                     stop, other_bad = any_ranks([stop, bool(bad)])
-                    bad = bad or ("another rank's train loss diverged" if other_bad else "")
+                    bad = bad or (f"step {step}: another rank's train loss diverged" if other_bad else "")
                 if bad:
-                    raise diverged(bad)
+                    raise TrainingDiverged(f"{bad} (last checkpoint: {last_ckpt or 'none of this run'})")
                 if log_now and accelerator.is_main_process:
                     evaluate(step, train_loss, t_prev + time.perf_counter() - t0)
                     post = {"loss": f"{train_loss:.5f}"}
                     if "val_loss" in history[-1]:
                         post["val-floor"] = f"{history[-1]['val_loss'] - history[-1]['floor']:.2e}"
                     bar.set_postfix(post)
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
                     last_ckpt = save(step) or last_ckpt
-                if stop and step < cfg.steps:
+                if stop and step < cfg.max_steps:
                     saved = save(step)
                     accelerator.wait_for_everyone()  # no rank exits (and makes the launcher kill the rest) mid-save
                     name = flag["signal"] or "a signal to another rank"
@@ -512,14 +443,14 @@ def _fit(
         last_ckpt = ckpt if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     final = history[-1] if history else {}
-    run_tokens = (step - start) * cfg.batch_size * world * context_length
+    run_tokens = (step - start) * batch * world * context_length
     return TrainResult(
         model=raw,
         history=history,
         val_loss=final.get("val_loss", float("nan")),
         floor=final.get("floor", float("nan")),
         step=step,
-        tokens_seen=step * cfg.batch_size * world * context_length,
+        tokens_seen=step * batch * world * context_length,
         elapsed_s=elapsed,
         tokens_per_s=run_tokens / max(time.perf_counter() - t0, 1e-9),
         checkpoint_dir=last_ckpt,

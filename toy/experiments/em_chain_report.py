@@ -13,7 +13,6 @@ from plumbing.grid import write_atomic
 from plumbing.stats import mean_ci
 from toy.em_dose import judge
 
-SAFETY = ("none", "sft", "grpo")
 METHODS = ("full", "lora", "steer")
 # a cell's world -> the result key of its knob, and the knob's name in tables and plots
 KNOB = {"persona": "coupling", "subsets": "subset_correlation", "tagless": "knob_value", "visit": "knob_value"}

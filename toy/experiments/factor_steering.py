@@ -1,7 +1,7 @@
 """Factor steering: change the tag factor of a toy model's belief through its residual stream, keep the capability.
 
     python -m toy.experiments.factor_steering --config configs/toy/factor_steering.yaml
-    python -m toy.experiments.factor_steering --config configs/toy/factor_steering.yaml --rhos 0.0 --steps 300
+    python -m toy.experiments.factor_steering --config configs/toy/factor_steering.yaml --rhos 0.0 --max_steps 300
     # one GPU (one process):
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.factor_steering --config configs/toy/factor_steering.yaml
 
@@ -48,7 +48,7 @@ from toy.config import JsonDict, TrainConfig
 from toy.model import ToyModelConfig
 from toy.processes import make_process, tagged
 from toy.steering import steer_factor, steering_metrics, steering_probe
-from toy.train import RERUN_KEYS, set_cpu_threads, train_on
+from toy.train import RERUN_KEYS, set_cpu_threads, train_on, upgrade_run_config
 
 EDITS = (
     "pinv",
@@ -216,8 +216,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
+    upgrade_run_config(train_cfg.output_dir)
     out_dir = claim_output_dir(
-        train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite, ignore=RERUN_KEYS
+        train_cfg.output_dir,
+        config_record(cfg, model_cfg, {"TrainConfig": train_cfg.record()}),
+        overwrite=train_cfg.overwrite,
+        ignore=RERUN_KEYS,
     )
     metrics = {
         "config": {"steering": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},

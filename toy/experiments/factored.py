@@ -1,7 +1,7 @@
 """Factored belief states in trained toy transformers: per-factor probes, subspace angles, dimension.
 
     python -m toy.experiments.factored --config configs/toy/factored.yaml
-    python -m toy.experiments.factored --config configs/toy/factored.yaml --steps 300 --output_dir runs/factored_smoke
+    python -m toy.experiments.factored --config configs/toy/factored.yaml --max_steps 300 --output_dir runs/factored_smoke
     # one GPU (one process: the models are trained one after another, then probed):
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.factored --config configs/toy/factored.yaml
 
@@ -53,7 +53,7 @@ from toy.config import JsonDict, TrainConfig
 from toy.factors import factor_marginals, schmidt_spectrum
 from toy.model import ToyModelConfig, build_model
 from toy.processes import Process, make_process
-from toy.train import RERUN_KEYS, set_cpu_threads, train_on
+from toy.train import RERUN_KEYS, set_cpu_threads, train_on, upgrade_run_config
 
 # --------------------------------------------------------------------------- processes
 
@@ -164,7 +164,7 @@ def factor_geometry(
 
 
 @dataclass
-class FactoredConfig:
+class FactoredProbesConfig:
     """What to train and how to probe it (training itself: ``toy.config.TrainConfig``, model: ``ToyModelConfig``)."""
 
     processes: JsonDict = field(
@@ -222,10 +222,14 @@ class FactoredConfig:
             raise ValueError(f"thresholds must lie in (0, 1], got {self.thresholds}")
 
 
+# the name before FactoredProbesConfig (llm.factored has a FactoredConfig of its own), kept for one release
+FactoredConfig = FactoredProbesConfig
+
+
 def run_one(
     process: Process,
     name: str,
-    cfg: FactoredConfig,
+    cfg: FactoredProbesConfig,
     model_cfg: ToyModelConfig,
     train_cfg: TrainConfig,
     out_dir: Path,
@@ -386,7 +390,7 @@ def _summary(metrics: dict, thresholds: list[float]) -> str:
 
 
 def make_parser() -> ConfigParser:
-    return ConfigParser((FactoredConfig, ToyModelConfig, TrainConfig), description=__doc__)
+    return ConfigParser((FactoredProbesConfig, ToyModelConfig, TrainConfig), description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -397,8 +401,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
+    upgrade_run_config(train_cfg.output_dir)
     out_dir = claim_output_dir(
-        train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite, ignore=RERUN_KEYS
+        train_cfg.output_dir,
+        config_record(cfg, model_cfg, {"TrainConfig": train_cfg.record()}),
+        overwrite=train_cfg.overwrite,
+        ignore=RERUN_KEYS,
     )
     metrics = {
         "config": {"factored": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},

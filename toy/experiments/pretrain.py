@@ -1,7 +1,7 @@
 """Pre-train a toy GPT-2 on fresh samples of a ``toy`` process, with the exact validation loss beside the floor.
 
     python -m toy.experiments.pretrain --config configs/toy/mess3.yaml
-    python -m toy.experiments.pretrain --config configs/toy/mess3.yaml --steps 500 --output_dir runs/mess3_short
+    python -m toy.experiments.pretrain --config configs/toy/mess3.yaml --max_steps 500 --output_dir runs/mess3_short
     python -m toy.experiments.pretrain --config configs/toy/mess3.yaml --resume_from_checkpoint last      # continue a stopped run
     python -m toy.experiments.pretrain --config configs/toy/mess3.yaml --overwrite true        # start the folder again
 
@@ -27,13 +27,13 @@ from dataclasses import asdict
 from plumbing.config import ConfigParser
 from plumbing.runs import Stopped
 from plumbing.trainers import end_processes
-from toy.config import DataConfig, TrainConfig
+from toy.config import ProcessConfig, TrainConfig
 from toy.model import ToyModelConfig, build_model
 from toy.train import TrainResult, set_cpu_threads, train
 
 
 def make_parser() -> ConfigParser:
-    return ConfigParser((DataConfig, ToyModelConfig, TrainConfig), description=__doc__)
+    return ConfigParser((ProcessConfig, ToyModelConfig, TrainConfig), description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
         model = GPT2LMHeadModel.from_pretrained(train_cfg.init_from)
     else:
         model = build_model(model_cfg, process.vocab_size, data_cfg.context_length, seed=train_cfg.seed)
-    info = {"data": asdict(data_cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)}
+    info = {"data": asdict(data_cfg), "model": model_cfg.to_dict(), "train": train_cfg.record()}
     try:
         result = train(process, model, train_cfg, data_cfg.context_length, run_info=info)
     except Stopped as stop:  # the checkpoint is saved and the resume line printed

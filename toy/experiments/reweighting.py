@@ -37,7 +37,7 @@ from probes.passk import PassKConfig, plot_pass_at_k
 from toy.grpo import RLTaskConfig, ToyGRPOConfig, build_reward, policy_probs, pretrained_model, task_prompts
 from toy.ladder import LadderConfig, ceilings, control_policies, ladder_verdict, rung_features
 from toy.reweighting import (
-    ReweightingConfig,
+    ExactReweightingConfig,
     agreement,
     behaviour_report,
     reweighting_report,
@@ -129,7 +129,7 @@ def _known(name: str, known: dict | None) -> str:
 
 
 def controls(
-    task, process, reward, cfg: ReweightingConfig, lcfg: LadderConfig, ladder_dir: Path, c: int, refs: dict
+    task, process, reward, cfg: ExactReweightingConfig, lcfg: LadderConfig, ladder_dir: Path, c: int, refs: dict
 ) -> list[dict]:
     pre, _ = reference(task, process, c, refs)
     b, o = prompt_set(task, process, reward, c), prompt_set(task, process, reward, c + 1)
@@ -246,7 +246,9 @@ def _plot(beh: dict, path: Path, title: str) -> None:
 
 
 def make_parser() -> ConfigParser:
-    return ConfigParser((RLTaskConfig, ToyGRPOConfig, ReweightingConfig, ReweightingRunConfig), description=__doc__)
+    return ConfigParser(
+        (RLTaskConfig, ToyGRPOConfig, ExactReweightingConfig, ReweightingRunConfig), description=__doc__
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,7 +1,7 @@
 """Factor steering against the mean-difference baseline along both coupling axes of the alignment world, over seeds.
 
     python -m toy.experiments.steering_knob --config configs/toy/factor_steering_knob.yaml
-    python -m toy.experiments.steering_knob --config configs/toy/factor_steering_knob.yaml --settings coupling=1.0 --n_seeds 1 --steps 200
+    python -m toy.experiments.steering_knob --config configs/toy/factor_steering_knob.yaml --settings coupling=1.0 --n_seeds 1 --max_steps 200
     # one GPU (one process):
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.steering_knob --config configs/toy/factor_steering_knob.yaml
 
@@ -50,7 +50,7 @@ from toy.config import JsonDict, TrainConfig
 from toy.model import ToyModelConfig
 from toy.processes import Process, make_process, tagged
 from toy.steering import mean_difference, steer_factor, steering_metrics, steering_probe
-from toy.train import RERUN_KEYS, set_cpu_threads, train_on
+from toy.train import RERUN_KEYS, set_cpu_threads, train_on, upgrade_run_config
 
 KINDS = ("covariance", "mean_diff")
 AXES = ("rho", "coupling")
@@ -374,8 +374,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
+    upgrade_run_config(train_cfg.output_dir)
     out_dir = claim_output_dir(
-        train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite, ignore=RERUN_KEYS
+        train_cfg.output_dir,
+        config_record(cfg, model_cfg, {"TrainConfig": train_cfg.record()}),
+        overwrite=train_cfg.overwrite,
+        ignore=RERUN_KEYS,
     )
     metrics: dict = {
         "config": {"knob": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},

@@ -1,7 +1,7 @@
 """Toy emergent misalignment: does narrow fine-tuning on the misaligned tag have a broad effect?
 
     python -m toy.experiments.toy_em --config configs/toy/toy_em.yaml
-    python -m toy.experiments.toy_em --config configs/toy/toy_em.yaml --rhos 0.0 --n_seeds 1 --steps 300
+    python -m toy.experiments.toy_em --config configs/toy/toy_em.yaml --rhos 0.0 --n_seeds 1 --max_steps 300
     # one GPU (one process):
     accelerate launch --config_file configs/accelerate/single_gpu.yaml -m toy.experiments.toy_em --config configs/toy/toy_em.yaml
 
@@ -67,7 +67,7 @@ from toy.data import sample
 from toy.factors import factor_marginals, factor_tokens, joint_tokens
 from toy.model import ToyModelConfig, rank1_lora
 from toy.processes import Process, make_process, tagged
-from toy.train import RERUN_KEYS, set_cpu_threads, train, train_on
+from toy.train import RERUN_KEYS, set_cpu_threads, train, train_on, upgrade_run_config
 
 METHODS = ("full", "lora", "steer")
 
@@ -166,15 +166,15 @@ class EMConfig:
 def _finetune_cfg(train_cfg: TrainConfig, cfg: EMConfig, lr: float, output_dir: Path, seed: int) -> TrainConfig:
     return replace(
         train_cfg,
-        steps=cfg.finetune_steps,
-        lr=lr,
+        max_steps=cfg.finetune_steps,
+        learning_rate=lr,
         warmup_steps=min(train_cfg.warmup_steps, cfg.finetune_steps // 10),
         output_dir=str(output_dir),
         seed=seed,
         resume_from_checkpoint=None,
         init_from=None,
-        save_every=0,
-        eval_every=0,
+        save_steps=0,
+        eval_steps=0,
         overwrite=True,
     )
 
@@ -195,7 +195,7 @@ def run_world(
     device = next(base.parameters()).device
 
     def data_fn(step, gen):
-        return narrow_batch(process, train_cfg.batch_size, L, P, cfg.slice_token, gen)
+        return narrow_batch(process, train_cfg.per_device_train_batch_size, L, P, cfg.slice_token, gen)
 
     def mask_fn(tokens):
         return completion_mask(tokens, P)
@@ -421,8 +421,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
     # the folder records this config: another config's results are refused (or replaced with --overwrite true)
+    upgrade_run_config(train_cfg.output_dir)
     out_dir = claim_output_dir(
-        train_cfg.output_dir, config_record(cfg, model_cfg, train_cfg), overwrite=train_cfg.overwrite, ignore=RERUN_KEYS
+        train_cfg.output_dir,
+        config_record(cfg, model_cfg, {"TrainConfig": train_cfg.record()}),
+        overwrite=train_cfg.overwrite,
+        ignore=RERUN_KEYS,
     )
     capability = make_process(cfg.capability["name"], **{k: v for k, v in cfg.capability.items() if k != "name"})
     metrics = {

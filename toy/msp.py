@@ -98,72 +98,45 @@ class _Table:
     """Open-addressing hash table (double hashing) from 64-bit belief hashes to node ids, at most half full.
 
     A slot holds ``id + 1`` as int32 (0: empty); the node's hash is ``hashes[id]`` in an array the caller keeps,
-    so a slot is 4 bytes and the random reads and writes, the cost of the whole build, touch little memory.
+    so a slot is 4 bytes and the random reads and writes touch little memory (at most half full: 8 MB for the
+    797,161 nodes of Mess3 at depth 12, which stays in cache where 16 MB did not).
     """
 
     def __init__(self, n: int):
-        bits = max(4, int(np.ceil(np.log2(4 * max(n, 1)))))
+        bits = max(4, int(np.ceil(np.log2(2 * max(n, 1)))))
         self.cap, self.shift = 1 << bits, np.uint64(64 - bits)
         self.tab = _block(4 * self.cap).view(np.int32)
         self.tab.fill(0)
 
-    def find_or_insert(
-        self,
-        h: np.ndarray,
-        prov: int | np.ndarray,
-        hashes: np.ndarray,
-        out: np.ndarray,
-        slots: np.ndarray | None = None,
-    ) -> int:
-        """Look up each hash ``h[i]``, inserting it under provisional id ``prov + i`` (or ``prov[i]``) if absent;
-        ``hashes`` must already hold ``h`` at those ids. Writes to ``out`` the id each hash maps to (a known id, or
-        the provisional id of its first occurrence in ``h``), and to ``slots`` (if given) the slot where each was
-        found; returns how many hashes got their own provisional id.
+    def find_or_insert(self, h: np.ndarray, pv: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+        """Look up each hash ``h[i]``, inserting it under ``pv[i] - 1`` (int32 ids + 1) if absent; ``hashes`` must
+        already hold ``h`` at those ids. Returns (int32) ``id + 1`` of the node each hash maps to: a known node, or
+        the one of its first occurrence in ``h``.
 
         One round per probe: every pending hash reads its slot, claims it if empty (occupied slots are written
         back unchanged) and reads it again; it is done when the slot holds its own id or an id with its hash.
         Repeats of a hash follow the same probes and resolve together; writing backwards lets the first occurrence
-        write last and win. Each hash's own odd step keeps one round's losers from colliding again. Chunks of
-        ``_CHUNK`` hashes keep the temporaries small (fresh large arrays cost a page fault per 4 kB).
+        write last and win. Each hash's own odd step keeps one round's losers from colliding again. Callers pass
+        at most ``_CHUNK`` hashes, so the temporaries stay in cache.
         """
-        own = 0
-        for a in range(0, len(h), _CHUNK):
-            b = min(a + _CHUNK, len(h))
-            pv = (
-                np.arange(prov + a + 1, prov + b + 1, dtype=np.int32)
-                if np.isscalar(prov)
-                else prov[a:b].astype(np.int32) + 1
-            )
-            own += self._insert(h[a:b], pv, hashes, out[a:b], None if slots is None else slots[a:b])
-        return own
-
-    def _insert(
-        self, hv: np.ndarray, pv: np.ndarray, hashes: np.ndarray, out: np.ndarray, slots: np.ndarray | None
-    ) -> int:
-        mask, own, act = self.cap - 1, 0, None  # act: positions still probing (None: all, the first round)
-        s = (hv.view(np.uint64) >> self.shift).view(np.int64)
+        tab, mask, out, act = self.tab, self.cap - 1, None, None  # act: positions still probing (None: all)
+        s = (h.view(np.uint64) >> self.shift).view(np.int64)
         while True:
-            t = np.take(self.tab, s, mode="wrap")  # indices are in range: 'wrap' skips the bounds check, 2x faster
-            claim = np.where(t == 0, pv, t)
-            self.tab[s[::-1]] = claim[::-1]  # backwards, so that the first occurrence of a hash writes last and wins
-            w = np.take(self.tab, s, mode="wrap")
-            done = w == pv
-            own += np.count_nonzero(done)
-            other = np.flatnonzero(~done)
-            done[other] = np.take(hashes, w[other] - 1, mode="wrap") == hv[other]
-            if act is None:
-                out[:] = w
+            t = np.take(tab, s, mode="wrap")  # indices are in range: 'wrap' skips the bounds check, 2x faster
+            tab[s[::-1]] = np.where(t == 0, pv, t)[::-1]  # backwards: the first occurrence of a hash writes last
+            w = np.take(tab, s, mode="wrap")
+            miss = np.flatnonzero(w != pv)
+            if len(miss):
+                miss = miss[np.take(hashes, w[miss] - 1, mode="wrap") != h[miss]]
+            if out is None:
+                out = w
             else:
                 out[act] = w
-            if slots is not None:
-                slots[slice(None) if act is None else act] = s
-            pend = np.flatnonzero(~done)
-            if not len(pend):
-                out -= 1
-                return own
-            act = pend if act is None else act[pend]
-            hv, pv = hv[pend], pv[pend]
-            s = (s[pend] + (hv >> 1 | 1)) & mask
+            if not len(miss):
+                return out
+            act = miss if act is None else act[miss]
+            h, pv = h[miss], pv[miss]
+            s = (s[miss] + (h >> 1 | 1)) & mask
 
     def slots_of(self, h: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The slot holding each ``ids[i]``, found along the probe sequence of its hash ``h[i]``."""
@@ -181,26 +154,28 @@ class _Table:
     def of(cls, hashes: np.ndarray, n_more: int) -> _Table:
         """A table of the distinct ``hashes`` (ids 0, 1, ...) with room for ``n_more`` more."""
         table = cls(len(hashes) + n_more)
-        if table.find_or_insert(hashes, 0, hashes, np.empty(len(hashes), np.int64)) != len(hashes):
-            raise _HashCollision
+        for a in range(0, len(hashes), _CHUNK):
+            b = min(a + _CHUNK, len(hashes))
+            pv = np.arange(a + 1, b + 1, dtype=np.int32)
+            if not np.array_equal(table.find_or_insert(hashes[a:b], pv, hashes), pv):
+                raise _HashCollision
         return table
 
 
 def _hashes(
-    beliefs: np.ndarray, tol: float, mult: np.ndarray, out: np.ndarray | None = None
+    beliefs: np.ndarray, tol: float, mult: np.ndarray, out: np.ndarray | None = None, work: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(keys (n, S) int64, hashes (n,) int64)``: the bits of ``round(beliefs / tol)`` as floats and a nonzero
-    wrapping-arithmetic hash of them. With ``out``, the hashes go there, computed in chunks (keys not returned)."""
-    if out is not None:
-        for a in range(0, len(beliefs), _CHUNK):
-            out[a : a + _CHUNK] = _hashes(beliefs[a : a + _CHUNK], tol, mult)[1]
-        return None, out
-    keys = np.divide(beliefs, tol)
+    wrapping-arithmetic hash of them. ``out`` receives the hashes and ``work`` (float64, at least ``n (S + 1)``)
+    holds the temporaries, so that a build's chunks reuse memory (fresh temporaries cost page faults)."""
+    n, S = beliefs.shape
+    keys = np.divide(beliefs, tol, out=None if work is None else work[: n * S].reshape(n, S))
     keys += _MAGIC
     keys = keys.view(np.int64)
-    h = keys[:, 0] * mult[0]
-    for s in range(1, len(mult)):
-        h += keys[:, s] * mult[s]
+    h = np.multiply(keys[:, 0], mult[0], out=out)
+    tmp = np.empty(n, np.int64) if work is None else work[n * S : n * (S + 1)].view(np.int64)
+    for s in range(1, S):
+        h += np.multiply(keys[:, s], mult[s], out=tmp)
     h |= 1
     return keys, h
 
@@ -227,22 +202,24 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
     flat = np.ascontiguousarray(T.transpose(1, 0, 2).reshape(S, V * S))  # [i, x * S + j] = T[x, i, j]
     emit = np.ascontiguousarray(T.sum(-1).T)  # [i, x] = P(x | i)
     mult = _multipliers(S, seed)
-    # Node arrays sized for the whole tree when that is affordable (untouched rows cost no memory), so no depth
-    # copies them; otherwise (a process whose beliefs merge, deep) they grow to fit each depth.
+    # Node arrays and table sized for the whole tree when that is affordable (untouched rows cost no memory), so
+    # no depth copies them; otherwise (a process whose beliefs merge, deep) they grow to fit each depth.
     bound = _tree_size(V, depth, max_nodes)
     cap = bound if bound <= max_nodes and bound * 8 * (S + 2 * V + 1) <= 2**31 else 1
-    beliefs, next_node, token_probs, hashes, expanded = arrays = _node_arrays(cap, S, V)
-    beliefs[0], next_node[0], expanded[0] = process.stationary.numpy(), -1, False
+    beliefs, next_node, token_probs, hashes, expanded, *tree_levels = arrays = _node_arrays(cap, S, V)
+    beliefs[0], expanded[0] = process.stationary.numpy(), False
     hashes[0] = _hashes(beliefs[:1], tol, mult)[1][0]
-    table = _Table.of(hashes[:1], 0)
+    table = _Table.of(hashes[:1], cap - 1)
     N = 1
     nodes, probs = np.zeros(1, np.int64), np.ones(1)
     levels = [(nodes, probs)]
-    last_fresh = True  # whether the last depth expanded had only new children (no merge, none dropped)
+    per_chunk = max(1, _CHUNK // V)  # parents per chunk: a chunk's children stay in cache from product to table
+    work = np.empty(per_chunk * V * (S + 1))  # the hashing's temporaries, reused by every chunk
+    span = (0, 1)  # (lo, hi) while the depth's nodes are lo..hi-1, all new (unexpanded): no index arrays needed
     for d in range(depth):
-        todo = nodes[~expanded[nodes]]
-        n, m = len(todo), len(todo) * V
-        fresh = False  # every child of this depth is a new node, in order
+        todo = None if span else nodes[~expanded[nodes]]
+        n = span[1] - span[0] if span else len(todo)
+        m, start = n * V, N
         if n:
             if N + m >= 2**31 - 1:
                 raise ValueError(
@@ -250,81 +227,113 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
                 )
             if len(beliefs) < N + m:
                 bigger = _node_arrays(N + m, S, V)
-                for a, b in zip(arrays, bigger):
+                for a, b in zip(arrays[:5], bigger):
                     b[:N] = a[:N]
-                beliefs, next_node, token_probs, hashes, expanded = arrays = bigger
-            lo, hi = todo[0], todo[-1] + 1
+                beliefs, next_node, token_probs, hashes, expanded, *tree_levels = arrays = bigger
+            if 2 * (N + m) > table.cap:
+                table = _Table.of(hashes[:N], 2 * m)
+            lo, hi = span or (todo[0], todo[-1] + 1)
             rows = slice(lo, hi) if hi - lo == n else todo  # todo is sorted: a range when it is one depth's nodes
             B = beliefs[rows]
-            cand = beliefs[N : N + m]  # children are written where new nodes go, and compacted if some merge
-            np.matmul(B, flat, out=cand.reshape(n, V * S))
-            if isinstance(rows, slice):
-                px = np.matmul(B, emit, out=token_probs[rows])
-            else:
-                px = token_probs[rows] = B @ emit
-            expanded[rows] = True
-            with np.errstate(divide="ignore", invalid="ignore"):  # dropped children (px ~ 0) become NaN
-                np.divide(cand.reshape(n, V, S), px[..., None], out=cand.reshape(n, V, S))
-            ok = (px > 1e-15).ravel()
-            if process.generalized and ok.any() and not np.abs(cand[ok]).max() < 2**50 * tol:
-                raise ValueError(
-                    f"{process.name}: beliefs reach {np.abs(cand[ok]).max():.3g}, too large to round to tol={tol:g}; raise tol"
-                )
-            h = _hashes(cand, tol, mult, out=hashes[N : N + m])[1]  # under the provisional ids N, N + 1, ...
-            live = None if ok.all() else np.flatnonzero(ok)
-            n_live = m if live is None else len(live)
-            if 2 * (N + n_live) > table.cap:
-                table = _Table.of(hashes[:N], n_live)
-            got = next_node[rows].reshape(m) if isinstance(rows, slice) else np.empty(m, np.int64)
-            # where the last depth merged, this one likely does too: keep each child's slot for _settle
-            slots = None if last_fresh else _block(8 * m).view(np.int64)
-            if live is None:
-                fresh = table.find_or_insert(h, N, hashes, got, slots) == m
-            else:
-                got[:] = -1
-                sub, sub_slots = np.empty(n_live, np.int64), None if slots is None else np.empty(n_live, np.int64)
-                table.find_or_insert(h[live], N + live, hashes, sub, sub_slots)
-                got[live] = sub
-                if slots is not None:
-                    slots[live] = sub_slots
-            last_fresh = fresh
-            if fresh:
-                n_new = m
-            else:
-                got, n_new = _settle(table, got, N, cand, beliefs, h.copy(), hashes, tol, mult, slots)
-            if N + n_new > max_nodes:
+            px = token_probs[rows] if isinstance(rows, slice) else np.empty((n, V))
+            got = next_node[rows] if isinstance(rows, slice) else np.empty((n, V), np.int64)
+            for a in range(0, n, per_chunk):
+                b = min(a + per_chunk, n)
+                N = _expand(B[a:b], px[a:b], got[a:b], flat, emit, N, beliefs, hashes, table, tol, mult, work, process)
+            if N > max_nodes:
                 raise ValueError(
                     f"{process.name}: the MSP exceeds max_nodes={max_nodes:,} at depth {d + 1}; use a smaller depth"
                 )
-            if not fresh or not isinstance(rows, slice):
-                next_node[rows] = got.reshape(n, V)
-            next_node[N : N + n_new], expanded[N : N + n_new] = -1, False
-            fresh = fresh and n == len(nodes)
-            N += n_new
-        if fresh:  # a tree level: the children are the next depth's nodes, in order
-            p = np.multiply(px, probs[:, None], out=_block(8 * m).view(np.float64).reshape(n, V)).ravel()
+            if not isinstance(rows, slice):
+                token_probs[rows], next_node[rows] = px, got
+            expanded[rows] = True
+            expanded[start:N] = False  # their next_node rows are written when expanded (or at the end)
+        span = None
+        if n and N - start == m and n == len(nodes):  # a tree depth: the children are the next depth's nodes
+            p = np.multiply(px, probs[:, None], out=tree_levels[1][start:N].reshape(n, V)).ravel()
             if p.min() > 0:
-                nodes, probs = _range(N - m, N), p
+                nodes, probs, span = _range(tree_levels[0][start:N], start), p, (start, N)
                 levels.append((nodes, probs))
                 continue
-        child, p = next_node[nodes], token_probs[nodes] * probs[:, None]
-        live_child = child >= 0
-        child, p = child[live_child], p[live_child]
-        base = child.min() if len(child) else 0
-        dense = np.bincount(child - base, weights=p, minlength=N - base)
-        reached = np.flatnonzero(dense > 0)
-        nodes, probs = reached + base, dense[reached]
+        nodes, probs = _next_level(next_node[nodes], token_probs[nodes] * probs[:, None], start, N)
         levels.append((nodes, probs))
     # token probabilities of the unexpanded nodes too, so every node knows its next-token distribution
     lo, n_rest = int(np.argmin(expanded[:N])), N - np.count_nonzero(expanded[:N])
     if n_rest == N - lo:  # the usual case, the last depth's new nodes: a range, no index array
         np.matmul(beliefs[lo:N], emit, out=token_probs[lo:N])
+        next_node[lo:N] = -1
     elif n_rest:
         rest = np.flatnonzero(~expanded[:N])
-        token_probs[rest] = beliefs[rest] @ emit
+        token_probs[rest], next_node[rest] = beliefs[rest] @ emit, -1
     # views into the node block (a few merges leave its tail unused); copies only when most of it is unused
     out = [torch.from_numpy(a[:N] if len(a) <= 2 * N else a[:N].copy()) for a in (beliefs, next_node, token_probs)]
     return MixedStatePresentation(*out, [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in levels], tol)
+
+
+def _expand(B, px, got, flat, emit, N, beliefs, hashes, table, tol, mult, work, process) -> int:
+    """Expand the parents ``B`` (one chunk of a depth) by every token: writes ``P(token | parent)`` to ``px`` and
+    the child node ids to ``got`` (``-1`` where dropped), appends the new children's beliefs and hashes at ``N``
+    in order of first appearance, and returns the new node count.
+
+    The children are written at ``N, N + 1, ...`` and inserted under those ids. When all are new (Mess3 below
+    depth 13) that is the end; otherwise the new ones are compacted to the front of the chunk, the table slots of
+    the ones that moved are pointed at their final ids, and every merge is checked on the rounded coordinates.
+    """
+    n, V = px.shape
+    k = n * V
+    cand, h = beliefs[N : N + k], hashes[N : N + k]
+    np.matmul(B, flat, out=cand.reshape(n, -1))
+    np.matmul(B, emit, out=px)
+    with np.errstate(divide="ignore", invalid="ignore"):  # dropped children (px ~ 0) become NaN
+        np.divide(cand.reshape(n, V, -1), px[..., None], out=cand.reshape(n, V, -1))
+    ok = (px > 1e-15).ravel()
+    own = np.arange(N + 1, N + k + 1, dtype=np.int32)  # id + 1 of each child if it is new
+    _hashes(cand, tol, mult, out=h, work=work)
+    flat_got = got.reshape(k)
+    if ok.all():
+        w = table.find_or_insert(h, own, hashes)
+        if np.array_equal(w, own):
+            flat_got[:] = w
+            flat_got -= 1
+            return N + k
+    else:
+        live = np.flatnonzero(ok)
+        if process.generalized and len(live) and not np.abs(cand[live]).max() < 2**50 * tol:
+            raise ValueError(
+                f"{process.name}: beliefs reach {np.abs(cand[live]).max():.3g}, too large to round to tol={tol:g}; raise tol"
+            )
+        w = np.zeros(k, np.int32)
+        w[live] = table.find_or_insert(h[live], own[live], hashes)
+    # some children merge (with a known node or an earlier child of the chunk) or were dropped (w == 0)
+    new = w == own
+    rank = np.cumsum(new) - 1
+    ids = w.astype(np.int64) - 1
+    inner = ids >= N  # points at a child of this chunk, which is new: renumber it
+    ids[inner] = N + rank[ids[inner] - N]
+    n_new = int(rank[-1]) + 1 if k else 0
+    moved = np.flatnonzero(new & (ids != own - 1))
+    if len(moved):
+        table.tab[table.slots_of(h[moved], own[moved] - 1)] = ids[moved] + 1
+    merged = np.flatnonzero(~new & (w > 0))
+    keys = _hashes(cand[merged], tol, mult)[0]
+    beliefs[N : N + n_new], hashes[N : N + n_new] = cand[new], h[new]
+    if len(merged) and not np.array_equal(_hashes(beliefs[ids[merged]], tol, mult)[0], keys):
+        raise _HashCollision
+    flat_got[:] = ids
+    return N + n_new
+
+
+def _next_level(child: np.ndarray, p: np.ndarray, start: int, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """The nodes a depth's transitions reach (ascending) and their probabilities: the new nodes ``start..N-1``
+    by a dense count, the few known ones (merges into earlier depths, recurring nodes) by a sort."""
+    child, p = child.ravel(), p.ravel()
+    fresh = child >= start
+    dense = np.bincount(child[fresh] - start, weights=p[fresh], minlength=N - start)
+    old, inv = np.unique(child[~fresh & (child >= 0)], return_inverse=True)
+    mass = np.bincount(inv, weights=p[~fresh & (child >= 0)], minlength=len(old))
+    reached = np.flatnonzero(dense > 0)
+    nodes = np.concatenate([old[mass > 0], reached + start])
+    return nodes, np.concatenate([mass[mass > 0], dense[reached]])
 
 
 _HUGE = 2**21  # bytes in a huge page
@@ -341,49 +350,23 @@ def _block(nbytes: int) -> np.ndarray:
     return raw[start : start + nbytes]
 
 
-def _range(lo: int, hi: int) -> np.ndarray:
-    """``np.arange(lo, hi)`` (int64) in a ``_block``."""
-    out = _block(8 * (hi - lo)).view(np.int64)
+def _range(out: np.ndarray, lo: int) -> np.ndarray:
+    """``np.arange(lo, lo + len(out))`` written to ``out`` (int64)."""
     out.fill(1)
     out[0] = lo
     return np.cumsum(out, out=out)
 
 
 def _node_arrays(n: int, S: int, V: int) -> tuple[np.ndarray, ...]:
-    """``beliefs (n, S)``, ``next_node (n, V)``, ``token_probs (n, V)``, ``hashes (n,)``, ``expanded (n,)`` carved
-    from one allocation: numpy backs 4 MB and more with huge pages, which saves thousands of page faults a build
-    (a few microseconds each in a virtual machine)."""
+    """``beliefs (n, S)``, ``next_node (n, V)``, ``token_probs (n, V)``, ``hashes (n,)``, ``expanded (n,)`` and
+    the nodes (int64) and probabilities of tree depths (``(n,)`` each: a tree depth's new nodes are its nodes, so
+    its level can sit at their rows) carved from one allocation: numpy backs 4 MB and more with huge pages, which
+    saves thousands of page faults a build (a few microseconds each in a virtual machine)."""
     shapes = [((n, S), np.float64), ((n, V), np.int64), ((n, V), np.float64), ((n,), np.int64), ((n,), np.bool_)]
-    sizes = [int(np.prod(shape)) * np.dtype(t).itemsize for shape, t in shapes]
+    shapes += [((n,), np.int64), ((n,), np.float64)]
+    sizes = [-(-int(np.prod(shape)) * np.dtype(t).itemsize // 64) * 64 for shape, t in shapes]  # aligned starts
     block, start, out = _block(sum(sizes)), 0, []
     for (shape, t), size in zip(shapes, sizes):
-        out.append(block[start : start + size].view(t).reshape(shape))
+        out.append(block[start : start + int(np.prod(shape)) * np.dtype(t).itemsize].view(t).reshape(shape))
         start += size
     return tuple(out)
-
-
-def _settle(table, got, N, cand, beliefs, h, hashes, tol, mult, slots=None) -> tuple[np.ndarray, int]:
-    """Node ids of a depth's children when some merge (with a known node or an earlier child) or were dropped
-    (``got == -1``); writes the new nodes' beliefs and hashes at ``N, N + 1, ...`` in order of first appearance
-    and checks every merge on the rounded coordinates. Returns ``(ids (m,), number of new nodes)``."""
-    m = len(got)
-    new = got >= N
-    local = got[new] - N  # the child whose provisional id the table holds for this hash
-    first = np.arange(m)  # first occurrence of each new hash, in case a later repeat won its slot
-    if not np.array_equal(local, np.flatnonzero(new)):  # some hash repeats within this depth
-        np.minimum.at(first, local, np.flatnonzero(new))
-    canon = np.zeros(m, bool)
-    canon[first[local]] = True
-    rank = np.cumsum(canon) - 1
-    ids = got.copy()
-    ids[new] = N + rank[first[local]]
-    n_new = int(canon.sum())
-    owners = np.flatnonzero(new & (got == N + np.arange(m)))  # children whose provisional id holds a slot
-    moved = owners[ids[owners] != got[owners]]  # point those slots at the final ids
-    table.tab[table.slots_of(h[moved], got[moved]) if slots is None else slots[moved]] = ids[moved] + 1
-    merged = (ids >= 0) & ~canon
-    keys = _hashes(cand[merged], tol, mult)[0]
-    beliefs[N : N + n_new], hashes[N : N + n_new] = cand[canon], h[canon]
-    if merged.any() and not np.array_equal(_hashes(beliefs[ids[merged]], tol, mult)[0], keys):
-        raise _HashCollision
-    return ids, n_new

@@ -19,7 +19,9 @@ from toy.hmm import Process
 
 TOL = 1e-12  # beliefs whose entries round to the same multiple of TOL are one belief (MSP, myopic entropies)
 MIN_TOL = 1e-15  # below this, b / tol of a belief near 1 leaves the range where the rounding below is exact
-_CHUNK = 1 << 15  # rows per chunk of the hashing and table steps: their temporaries stay small and in cache
+_CHUNK = 1 << 15  # children per chunk of the products and hashing: their temporaries stay small and in cache
+_BATCH = 1 << 17  # children per batch of table lookups: each batch ends in a tail of few-hash probing rounds
+_ROUND = 1 << 15  # hashes per first probing round: the table lines it touches stay in the core's cache
 _MAGIC = 1.5 * 2.0**52  # x + _MAGIC rounds x to an integer (ties to even) for |x| <= 2**51; its bits are the key
 
 
@@ -109,34 +111,43 @@ class _Table:
         self.tab.fill(0)
 
     def find_or_insert(self, h: np.ndarray, pv: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-        """Look up each hash ``h[i]``, inserting it under ``pv[i] - 1`` (int32 ids + 1) if absent; ``hashes`` must
-        already hold ``h`` at those ids. Returns (int32) ``id + 1`` of the node each hash maps to: a known node, or
-        the one of its first occurrence in ``h``.
+        """Look up each hash ``h[i]``, inserting it under id ``pv[i] - 1`` (int32 ids + 1) if absent; ``hashes``
+        must already hold ``h`` at those ids. Returns (int32) ``id + 1`` of the node each hash maps to: a known
+        node, or the one of its first occurrence in ``h``.
 
-        One round per probe: every pending hash reads its slot, claims it if empty (occupied slots are written
-        back unchanged) and reads it again; it is done when the slot holds its own id or an id with its hash.
-        Repeats of a hash follow the same probes and resolve together; writing backwards lets the first occurrence
-        write last and win. Each hash's own odd step keeps one round's losers from colliding again. Callers pass
-        at most ``_CHUNK`` hashes, so the temporaries stay in cache.
+        One round per probe (``_probe``). The first probes go ``_ROUND`` hashes at a time, so that a round's second
+        and third touch of a slot find it in cache; the hashes whose slot held another hash then probe on together,
+        ordered as in ``h``, so that the few rounds of the long tail of probe sequences are paid once per call.
+        Repeats of a hash follow the same probes, so they stay pending together and the first one wins.
         """
-        tab, mask, out, act = self.tab, self.cap - 1, None, None  # act: positions still probing (None: all)
+        mask, out, pend = self.cap - 1, np.empty(len(h), np.int32), []
         s = (h.view(np.uint64) >> self.shift).view(np.int64)
-        while True:
-            t = np.take(tab, s, mode="wrap")  # indices are in range: 'wrap' skips the bounds check, 2x faster
-            tab[s[::-1]] = np.where(t == 0, pv, t)[::-1]  # backwards: the first occurrence of a hash writes last
-            w = np.take(tab, s, mode="wrap")
-            miss = np.flatnonzero(w != pv)
+        for a in range(0, len(h), _ROUND):
+            b = min(a + _ROUND, len(h))
+            miss = self._probe(s[a:b], h[a:b], pv[a:b], hashes, out[a:b])
             if len(miss):
-                miss = miss[np.take(hashes, w[miss] - 1, mode="wrap") != h[miss]]
-            if out is None:
-                out = w
-            else:
-                out[act] = w
-            if not len(miss):
-                return out
-            act = miss if act is None else act[miss]
-            h, pv = h[miss], pv[miss]
-            s = (s[miss] + (h >> 1 | 1)) & mask
+                pend.append(miss + a)
+        act = np.concatenate(pend) if pend else np.zeros(0, np.int64)
+        s, h, pv = s[act], h[act], pv[act]
+        while len(act):
+            s = (s + (h >> 1 | 1)) & mask  # each hash's own odd step: one round's losers do not collide again
+            w = np.empty(len(act), np.int32)
+            miss = self._probe(s, h, pv, hashes, w)
+            out[act] = w
+            act, s, h, pv = act[miss], s[miss], h[miss], pv[miss]
+        return out
+
+    def _probe(self, s: np.ndarray, h: np.ndarray, pv: np.ndarray, hashes: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """One round: every hash reads its slot ``s``, claims it if empty (occupied slots are written back
+        unchanged) and reads it again into ``out``; returns the positions of the hashes whose slot holds another
+        hash. Writing backwards lets the first of several hashes with one slot write last and win."""
+        t = np.take(self.tab, s, mode="wrap")  # indices are in range: 'wrap' skips the bounds check, 2x faster
+        self.tab[s[::-1]] = np.where(t == 0, pv, t)[::-1]
+        np.take(self.tab, s, mode="wrap", out=out)
+        miss = np.flatnonzero(out != pv)
+        if len(miss):
+            miss = miss[np.take(hashes, out[miss] - 1, mode="wrap") != h[miss]]
+        return miss
 
     def slots_of(self, h: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The slot holding each ``ids[i]``, found along the probe sequence of its hash ``h[i]``."""
@@ -213,7 +224,7 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
     N = 1
     nodes, probs = np.zeros(1, np.int64), np.ones(1)
     levels = [(nodes, probs)]
-    per_chunk = max(1, _CHUNK // V)  # parents per chunk: a chunk's children stay in cache from product to table
+    per_chunk, per_batch = max(1, _CHUNK // V), max(1, _BATCH // V)  # parents
     work = np.empty(per_chunk * V * (S + 1))  # the hashing's temporaries, reused by every chunk
     span = (0, 1)  # (lo, hi) while the depth's nodes are lo..hi-1, all new (unexpanded): no index arrays needed
     for d in range(depth):
@@ -237,8 +248,8 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
             B = beliefs[rows]
             px = token_probs[rows] if isinstance(rows, slice) else np.empty((n, V))
             got = next_node[rows] if isinstance(rows, slice) else np.empty((n, V), np.int64)
-            for a in range(0, n, per_chunk):
-                b = min(a + per_chunk, n)
+            for a in range(0, n, per_batch):
+                b = min(a + per_batch, n)
                 N = _expand(B[a:b], px[a:b], got[a:b], flat, emit, N, beliefs, hashes, table, tol, mult, work, process)
             if N > max_nodes:
                 raise ValueError(
@@ -280,21 +291,23 @@ def _expand(B, px, got, flat, emit, N, beliefs, hashes, table, tol, mult, work, 
     the ones that moved are pointed at their final ids, and every merge is checked on the rounded coordinates.
     """
     n, V = px.shape
-    k = n * V
+    k, step = n * V, max(1, _CHUNK // V)
     cand, h = beliefs[N : N + k], hashes[N : N + k]
-    np.matmul(B, flat, out=cand.reshape(n, -1))
-    np.matmul(B, emit, out=px)
-    with np.errstate(divide="ignore", invalid="ignore"):  # dropped children (px ~ 0) become NaN
-        np.divide(cand.reshape(n, V, -1), px[..., None], out=cand.reshape(n, V, -1))
+    for a in range(0, n, step):  # products, normalisation and hashing a chunk at a time, in cache
+        b = min(a + step, n)
+        c = cand[a * V : b * V]
+        np.matmul(B[a:b], flat, out=c.reshape(b - a, -1))
+        np.matmul(B[a:b], emit, out=px[a:b])
+        with np.errstate(divide="ignore", invalid="ignore"):  # dropped children (px ~ 0) become NaN
+            np.divide(c.reshape(b - a, V, -1), px[a:b, :, None], out=c.reshape(b - a, V, -1))
+        _hashes(c, tol, mult, out=h[a * V : b * V], work=work)
     ok = (px > 1e-15).ravel()
     own = np.arange(N + 1, N + k + 1, dtype=np.int32)  # id + 1 of each child if it is new
-    _hashes(cand, tol, mult, out=h, work=work)
     flat_got = got.reshape(k)
     if ok.all():
         w = table.find_or_insert(h, own, hashes)
         if np.array_equal(w, own):
-            flat_got[:] = w
-            flat_got -= 1
+            np.subtract(w, 1, out=flat_got)
             return N + k
     else:
         live = np.flatnonzero(ok)

@@ -110,32 +110,32 @@ class _Table:
         self.tab = _block(4 * self.cap).view(np.int32)
         self.tab.fill(0)
 
-    def find_or_insert(self, h: np.ndarray, pv: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    def find_or_insert(self, h: np.ndarray, pv: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Look up each hash ``h[i]``, inserting it under id ``pv[i] - 1`` (int32 ids + 1) if absent; ``hashes``
-        must already hold ``h`` at those ids. Returns (int32) ``id + 1`` of the node each hash maps to: a known
-        node, or the one of its first occurrence in ``h``.
+        must already hold ``h`` at those ids. Returns (int32) ``id + 1`` of the node each hash maps to (a known
+        node, or the one of its first occurrence in ``h``) and the slot where each was found.
 
-        One round per probe (``_probe``). The first probes go ``_ROUND`` hashes at a time, so that a round's second
-        and third touch of a slot find it in cache; the hashes whose slot held another hash then probe on together,
-        ordered as in ``h``, so that the few rounds of the long tail of probe sequences are paid once per call.
-        Repeats of a hash follow the same probes, so they stay pending together and the first one wins.
+        One round per probe (``_probe``). The first probes go ``_ROUND`` hashes at a time (small temporaries); the
+        hashes whose slot held another hash then probe on together, ordered as in ``h``, so that the rounds of the
+        long tail of probe sequences are paid once per call. Repeats of a hash follow the same probes, so they stay
+        pending together and the first one wins.
         """
         mask, out, pend = self.cap - 1, np.empty(len(h), np.int32), []
-        s = (h.view(np.uint64) >> self.shift).view(np.int64)
+        slots = (h.view(np.uint64) >> self.shift).view(np.int64)
         for a in range(0, len(h), _ROUND):
             b = min(a + _ROUND, len(h))
-            miss = self._probe(s[a:b], h[a:b], pv[a:b], hashes, out[a:b])
+            miss = self._probe(slots[a:b], h[a:b], pv[a:b], hashes, out[a:b])
             if len(miss):
                 pend.append(miss + a)
         act = np.concatenate(pend) if pend else np.zeros(0, np.int64)
-        s, h, pv = s[act], h[act], pv[act]
+        s, h, pv = slots[act], h[act], pv[act]
         while len(act):
             s = (s + (h >> 1 | 1)) & mask  # each hash's own odd step: one round's losers do not collide again
             w = np.empty(len(act), np.int32)
             miss = self._probe(s, h, pv, hashes, w)
-            out[act] = w
+            out[act], slots[act] = w, s
             act, s, h, pv = act[miss], s[miss], h[miss], pv[miss]
-        return out
+        return out, slots
 
     def _probe(self, s: np.ndarray, h: np.ndarray, pv: np.ndarray, hashes: np.ndarray, out: np.ndarray) -> np.ndarray:
         """One round: every hash reads its slot ``s``, claims it if empty (occupied slots are written back
@@ -149,18 +149,6 @@ class _Table:
             miss = miss[np.take(hashes, out[miss] - 1, mode="wrap") != h[miss]]
         return miss
 
-    def slots_of(self, h: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """The slot holding each ``ids[i]``, found along the probe sequence of its hash ``h[i]``."""
-        mask, target = self.cap - 1, (ids + 1).astype(np.int32)
-        s = (h.view(np.uint64) >> self.shift).view(np.int64)
-        out, act = np.empty(len(h), np.int64), np.arange(len(h))
-        while len(act):
-            hit = np.take(self.tab, s, mode="wrap") == target
-            out[act[hit]] = s[hit]
-            act, h, target = act[~hit], h[~hit], target[~hit]
-            s = (s[~hit] + (h >> 1 | 1)) & mask
-        return out
-
     @classmethod
     def of(cls, hashes: np.ndarray, n_more: int) -> _Table:
         """A table of the distinct ``hashes`` (ids 0, 1, ...) with room for ``n_more`` more."""
@@ -168,7 +156,7 @@ class _Table:
         for a in range(0, len(hashes), _CHUNK):
             b = min(a + _CHUNK, len(hashes))
             pv = np.arange(a + 1, b + 1, dtype=np.int32)
-            if not np.array_equal(table.find_or_insert(hashes[a:b], pv, hashes), pv):
+            if not np.array_equal(table.find_or_insert(hashes[a:b], pv, hashes)[0], pv):
                 raise _HashCollision
         return table
 
@@ -305,7 +293,7 @@ def _expand(B, px, got, flat, emit, N, beliefs, hashes, table, tol, mult, work, 
     own = np.arange(N + 1, N + k + 1, dtype=np.int32)  # id + 1 of each child if it is new
     flat_got = got.reshape(k)
     if ok.all():
-        w = table.find_or_insert(h, own, hashes)
+        w, slots = table.find_or_insert(h, own, hashes)
         if np.array_equal(w, own):
             np.subtract(w, 1, out=flat_got)
             return N + k
@@ -315,8 +303,8 @@ def _expand(B, px, got, flat, emit, N, beliefs, hashes, table, tol, mult, work, 
             raise ValueError(
                 f"{process.name}: beliefs reach {np.abs(cand[live]).max():.3g}, too large to round to tol={tol:g}; raise tol"
             )
-        w = np.zeros(k, np.int32)
-        w[live] = table.find_or_insert(h[live], own[live], hashes)
+        w, slots = np.zeros(k, np.int32), np.empty(k, np.int64)
+        w[live], slots[live] = table.find_or_insert(h[live], own[live], hashes)
     # some children merge (with a known node or an earlier child of the chunk) or were dropped (w == 0)
     new = w == own
     rank = np.cumsum(new) - 1
@@ -326,7 +314,7 @@ def _expand(B, px, got, flat, emit, N, beliefs, hashes, table, tol, mult, work, 
     n_new = int(rank[-1]) + 1 if k else 0
     moved = np.flatnonzero(new & (ids != own - 1))
     if len(moved):
-        table.tab[table.slots_of(h[moved], own[moved] - 1)] = ids[moved] + 1
+        table.tab[slots[moved]] = ids[moved] + 1
     merged = np.flatnonzero(~new & (w > 0))
     keys = _hashes(cand[merged], tol, mult)[0]
     beliefs[N : N + n_new], hashes[N : N + n_new] = cand[new], h[new]
@@ -337,16 +325,26 @@ def _expand(B, px, got, flat, emit, N, beliefs, hashes, table, tol, mult, work, 
 
 
 def _next_level(child: np.ndarray, p: np.ndarray, start: int, N: int) -> tuple[np.ndarray, np.ndarray]:
-    """The nodes a depth's transitions reach (ascending) and their probabilities: the new nodes ``start..N-1``
-    by a dense count, the few known ones (merges into earlier depths, recurring nodes) by a sort."""
+    """The nodes a depth's transitions reach (ascending) and their probabilities, given each transition's node
+    (``-1``: dropped) and probability. The new nodes ``start..N-1`` were numbered in order of first appearance
+    among these transitions, so a running maximum finds each one's first transition; the other transitions
+    (merges, recurring nodes: few where the depth is large) are added to them or summed by a sort."""
     child, p = child.ravel(), p.ravel()
-    fresh = child >= start
-    dense = np.bincount(child[fresh] - start, weights=p[fresh], minlength=N - start)
-    old, inv = np.unique(child[~fresh & (child >= 0)], return_inverse=True)
-    mass = np.bincount(inv, weights=p[~fresh & (child >= 0)], minlength=len(old))
-    reached = np.flatnonzero(dense > 0)
-    nodes = np.concatenate([old[mass > 0], reached + start])
-    return nodes, np.concatenate([mass[mass > 0], dense[reached]])
+    seen = np.maximum.accumulate(child)
+    np.maximum(seen, start - 1, out=seen)
+    first = np.empty(len(child), bool)
+    first[0] = child[0] >= start
+    np.greater(child[1:], seen[:-1], out=first[1:])
+    mass_new = p[first]  # node start + i's first transition; every new node has one
+    rest = np.flatnonzero(~first & (child >= 0))
+    again = rest[child[rest] >= start]
+    np.add.at(mass_new, child[again] - start, p[again])
+    old = rest[child[rest] < start]
+    old_nodes, inv = np.unique(child[old], return_inverse=True)
+    mass_old = np.bincount(inv, weights=p[old], minlength=len(old_nodes))
+    keep_old, keep_new = mass_old > 0, mass_new > 0
+    nodes = np.concatenate([old_nodes[keep_old], np.arange(start, N)[keep_new]])
+    return nodes, np.concatenate([mass_old[keep_old], mass_new[keep_new]])
 
 
 _HUGE = 2**21  # bytes in a huge page

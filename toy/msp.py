@@ -1,11 +1,13 @@
 """The mixed-state presentation (MSP) of a ``Process``: every belief reachable from the stationary distribution,
 built one depth at a time in numpy (float64).
 
-One step per depth: every unexpanded node of the depth times every token in one matrix product, normalised in
-one pass; children of probability at most ``1e-15`` are dropped. A child is the same node as a known belief (of
-any depth) or an earlier child when every coordinate rounds to the same multiple of ``tol``. Equal rounded
-beliefs are found with a vectorised open-addressing hash table (linear probing) of 16-byte ``(hash, node id)``
-entries: a handful of gathers and scatters per depth and no sort, the step that dominated a sort-based MSP.
+One step per depth, over the depth's unexpanded nodes in batches of ``_BATCH`` children: every node times every
+token in one matrix product, normalised in one pass and hashed, ``_CHUNK`` children at a time (in cache);
+children of probability at most ``1e-15`` are dropped. A child is the same node as a known belief (of any depth)
+or an earlier child when every coordinate rounds to the same multiple of ``tol``. Equal rounded beliefs are found
+with a vectorised open-addressing hash table of int32 node ids, sized once for the whole tree: a few gathers and
+one scatter per child and no sort. The table always holds final node ids: a batch whose children merge is
+compacted and its moved children repointed before the next batch, so no depth is renumbered afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ TOL = 1e-12  # beliefs whose entries round to the same multiple of TOL are one b
 MIN_TOL = 1e-15  # below this, b / tol of a belief near 1 leaves the range where the rounding below is exact
 _CHUNK = 1 << 15  # children per chunk of the products and hashing: their temporaries stay small and in cache
 _BATCH = 1 << 17  # children per batch of table lookups: each batch ends in a tail of few-hash probing rounds
-_ROUND = 1 << 15  # hashes per first probing round: the table lines it touches stay in the core's cache
+_ROUND = 1 << 15  # hashes per first probing round (the later rounds of a batch go together)
 _MAGIC = 1.5 * 2.0**52  # x + _MAGIC rounds x to an integer (ties to even) for |x| <= 2**51; its bits are the key
 
 
@@ -283,12 +285,12 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
 
 
 def _expand(B, px, got, flat, emit, N, beliefs, hashes, table, tol, mult, work, process) -> int:
-    """Expand the parents ``B`` (one chunk of a depth) by every token: writes ``P(token | parent)`` to ``px`` and
+    """Expand the parents ``B`` (one batch of a depth) by every token: writes ``P(token | parent)`` to ``px`` and
     the child node ids to ``got`` (``-1`` where dropped), appends the new children's beliefs and hashes at ``N``
     in order of first appearance, and returns the new node count.
 
     The children are written at ``N, N + 1, ...`` and inserted under those ids. When all are new (Mess3 below
-    depth 13) that is the end; otherwise the new ones are compacted to the front of the chunk, the table slots of
+    depth 13) that is the end; otherwise the new ones are compacted to the front of the batch, the table slots of
     the ones that moved are pointed at their final ids, and every merge is checked on the rounded coordinates.
     """
     n, V = px.shape
@@ -318,13 +320,13 @@ def _expand(B, px, got, flat, emit, N, beliefs, hashes, table, tol, mult, work, 
             )
         w, slots = np.zeros(k, np.int32), np.empty(k, np.int64)
         w[live], slots[live] = table.find_or_insert(h[live], own[live], hashes)
-    # some children merge (with a known node or an earlier child of the chunk) or were dropped (w == 0)
+    # some children merge (with a known node or an earlier child of the batch) or were dropped (w == 0)
     new = w == own
     rank = np.cumsum(new) - 1
     ids = w.astype(np.int64) - 1
-    inner = ids >= N  # points at a child of this chunk, which is new: renumber it
+    inner = ids >= N  # points at a child of this batch, which is new: renumber it
     ids[inner] = N + rank[ids[inner] - N]
-    n_new = int(rank[-1]) + 1 if k else 0
+    n_new = int(rank[-1]) + 1
     moved = np.flatnonzero(new & (ids != own - 1))
     if len(moved):
         table.tab[slots[moved]] = ids[moved] + 1

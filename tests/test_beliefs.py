@@ -285,6 +285,7 @@ def test_msp_merges_across_chunks_batches_and_probing_rounds(monkeypatch):
     monkeypatch.setattr(toy.msp, "_CHUNK", 3)
     monkeypatch.setattr(toy.msp, "_BATCH", 4)
     monkeypatch.setattr(toy.msp, "_ROUND", 3)
+    monkeypatch.setattr(toy.msp, "_PRESIZE", 8)  # the table grows (is rebuilt from the node hashes) mid-build
     for process, depth, n in [
         (rrxor(), 12, None),
         (even(0.5), 12, 4),

@@ -26,6 +26,8 @@ MIN_TOL = 1e-15  # below this, b / tol of a belief near 1 leaves the range where
 _CHUNK = 1 << 15  # children per chunk of the products and hashing: their temporaries stay small and in cache
 _BATCH = 1 << 17  # children per batch of table lookups: each batch ends in a tail of few-hash probing rounds
 _ROUND = 1 << 15  # hashes per first probing round (the later rounds of a batch go together)
+_PRESIZE = 1 << 20  # nodes the first table has room for (8 MB): beyond, it grows once a tree gets that large, so
+# a small MSP whose tree bound is large (beliefs that merge) does not touch a huge table's pages at random
 _MAGIC = 1.5 * 2.0**52  # x + _MAGIC rounds x to an integer (ties to even) for |x| <= 2**51; its bits are the key
 
 
@@ -111,8 +113,8 @@ class _Table:
     def __init__(self, n: int):
         bits = max(4, int(np.ceil(np.log2(2 * max(n, 1)))))
         self.cap, self.shift = 1 << bits, np.uint64(64 - bits)
-        self.tab = _block(4 * self.cap).view(np.int32)
-        self.tab.fill(0)
+        # zeroed by the kernel: a table sized for a whole tree costs nothing where the beliefs merge and it stays empty
+        self.tab = _block(4 * self.cap, zeros=True).view(np.int32)
 
     def find_or_insert(self, h: np.ndarray, pv: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Look up each hash ``h[i]``, inserting it under id ``pv[i] - 1`` (int32 ids + 1) if absent; ``hashes``
@@ -223,7 +225,7 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
     beliefs, next_node, token_probs, hashes, expanded, *tree_levels = arrays = _node_arrays(cap, S, V)
     beliefs[0], expanded[0] = process.stationary.numpy(), False
     hashes[0] = _hashes(beliefs[:1], tol, mult)[1][0]
-    table = _Table.of(hashes[:1], cap - 1)
+    table = _Table.of(hashes[:1], min(cap, _PRESIZE) - 1)
     N = 1
     nodes, probs = np.zeros(1, np.int64), np.ones(1)
     levels = [(nodes, probs)]
@@ -244,8 +246,8 @@ def _build(process: Process, depth: int, tol: float, max_nodes: int, seed: int) 
                 for a, b in zip(arrays[:5], bigger):
                     b[:N] = a[:N]
                 beliefs, next_node, token_probs, hashes, expanded, *tree_levels = arrays = bigger
-            if 2 * (N + m) > table.cap:
-                table = _Table.of(hashes[:N], 2 * m)
+            if 2 * (N + m) > table.cap:  # a tree past _PRESIZE nodes: sized for all of it; else for this depth
+                table = _Table.of(hashes[:N], cap - N if cap > 1 else 2 * m)
             lo, hi = span or (todo[0], todo[-1] + 1)
             rows = slice(lo, hi) if hi - lo == n else todo  # todo is sorted: a range when it is one depth's nodes
             B = beliefs[rows]
@@ -365,13 +367,15 @@ def _next_level(child: np.ndarray, p: np.ndarray, start: int, N: int) -> tuple[n
 _HUGE = 2**21  # bytes in a huge page
 
 
-def _block(nbytes: int) -> np.ndarray:
-    """Uninitialised uint8 buffer; from 2 MB on it starts on a huge-page boundary, so that all of it (not only its
-    aligned middle, which numpy advises the kernel to back with huge pages) takes one page fault per 2 MB. The
-    skipped head is never touched and costs no memory."""
+def _block(nbytes: int, zeros: bool = False) -> np.ndarray:
+    """Uninitialised (or zeroed) uint8 buffer; from 2 MB on it starts on a huge-page boundary, so that all of it
+    (not only its aligned middle, which numpy advises the kernel to back with huge pages) takes one page fault per
+    2 MB. The skipped head is never touched and costs no memory. Zeroed buffers come from ``calloc``: a large one
+    is fresh pages from the kernel, already zero, which cost nothing until touched."""
+    new = np.zeros if zeros else np.empty
     if nbytes < _HUGE:
-        return np.empty(nbytes, np.uint8)
-    raw = np.empty(max(nbytes, 2 * _HUGE) + _HUGE, np.uint8)  # numpy advises huge pages from 4 MB on
+        return new(nbytes, np.uint8)
+    raw = new(max(nbytes, 2 * _HUGE) + _HUGE, np.uint8)  # numpy advises huge pages from 4 MB on
     start = -raw.ctypes.data % _HUGE
     return raw[start : start + nbytes]
 

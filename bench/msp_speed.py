@@ -5,6 +5,10 @@
     python bench/msp_speed.py                          # depths 10, 12, 14 (old one up to 12), ~1 minute
     python bench/msp_speed.py --rounds 7 --old_max_depth 14
 
+It prints the load average at the start and the end (the cores may be shared) and, at depths 10 and 12, whether
+the new builder meets simplexity's quoted time, both as seconds on this machine and as a ratio to the old
+builder timed in the same run (the quoted old time over simplexity's: 8.3x at depth 12, 11.7x at depth 10).
+
 Per depth and implementation (both float64, equal beliefs merged at tol 1e-12, transitions kept):
   cpu s     median over ``--rounds`` interleaved rounds (old, new, old, new, ...) after one warm-up each, of
             this process's CPU time for one build: with one thread, the wall time on a free core;
@@ -41,10 +45,11 @@ from toy.msp import mixed_state_presentation  # noqa: E402
 from toy.processes import mess3  # noqa: E402
 
 # Quoted, not measured here: one thread, median of 3, Mess3(0.05, 0.85).
+SIMPLEXITY, OLD_QUOTED = {10: 0.0035, 12: 0.047}, {10: 0.041, 12: 0.39}
 PEERS = [  # (label, importable module or None, figures)
-    ("simplexity (JAX, compiled, f32, no merging/transitions)", "simplexity", {10: 0.0035, 12: 0.047}),
+    ("simplexity (JAX, compiled, f32, no merging/transitions)", "simplexity", SIMPLEXITY),
     ("epsilon-transformers", "epsilon_transformers", "26-27x slower than the project MSP before this builder"),
-    ("the project MSP before this builder (the 'old' rows)", None, {10: 0.041, 12: 0.39}),
+    ("the project MSP before this builder (the 'old' rows)", None, OLD_QUOTED),
 ]
 
 
@@ -86,6 +91,10 @@ def peak_mb(impl: str, depth: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
 
+def load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def blas_note() -> str:
     try:
         from threadpoolctl import threadpool_info
@@ -114,7 +123,7 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("--rounds must be >= 3 (a median of fewer is one noisy sample)")
     torch.set_num_threads(1)
     process, build = mess3(0.05, 0.85), builders()
-    print(f"Mess3(0.05, 0.85), one thread; {blas_note()}")
+    print(f"Mess3(0.05, 0.85), one thread; {blas_note()}; load average {load()} at the start")
     rows = []
     for depth in args.depths:
         impls = [k for k in build if k == "new" or depth <= args.old_max_depth]
@@ -149,6 +158,20 @@ def main(argv=None) -> list[dict]:
         ratio = f"{old['cpu_s'] / r['cpu_s']:.1f}x" if r["impl"] == "new" and old else ""
         print(
             f"| {r['depth']} | {r['impl']} | {r['nodes']:,} | {r['cpu_s']:.4f} | {r['wall_s']:.4f} | {r['peak_mb']:.0f} | {ratio} |"
+        )
+    print(f"load average {load()} at the end (this machine's cores are shared: compare the ratios)")
+    print("\nTargets: simplexity's quoted time, and the same as a ratio to the old builder timed in this run")
+    print("(the quoted old time over simplexity's, which does not depend on how fast or loaded this machine is):")
+    for depth, target in SIMPLEXITY.items():
+        new = next((r for r in rows if r["depth"] == depth and r["impl"] == "new"), None)
+        old = next((r for r in rows if r["depth"] == depth and r["impl"] == "old" and "cpu_s" in r), None)
+        if new is None or old is None:
+            continue
+        ratio, need = old["cpu_s"] / new["cpu_s"], OLD_QUOTED[depth] / target
+        print(
+            f"  depth {depth}: new {new['cpu_s']:.4f} s ({'met' if new['cpu_s'] <= target else 'NOT met'}: <= {target} s);"
+            f" {ratio:.1f}x the old builder ({'met' if ratio >= need else 'NOT met'}: >= {need:.1f}x ="
+            f" {OLD_QUOTED[depth]} / {target})"
         )
     print("\nReference figures as quoted (measured by someone else, one thread, median of 3; not by this script):")
     for name, module, fig in PEERS:

@@ -276,6 +276,40 @@ def test_msp_is_the_reference_tree(process, depths):
             assert torch.allclose(np_, rp[order], rtol=0, atol=1e-15)
 
 
+def test_msp_merges_across_chunks_batches_and_probing_rounds(monkeypatch):
+    """Chunks of one or two parents, table batches of four children and first probing rounds of three hashes put
+    the boundaries of every step between merging beliefs: merges with known nodes, with earlier children of the
+    same batch and of earlier batches of the depth, dropped children (RRXOR, Even, Golden Mean emit some tokens
+    with probability 0), and table hits resolved in later probing rounds. The trees are still the previous
+    implementation's, up to numbering, and still numbered in order of first appearance."""
+    monkeypatch.setattr(toy.msp, "_CHUNK", 3)
+    monkeypatch.setattr(toy.msp, "_BATCH", 4)
+    monkeypatch.setattr(toy.msp, "_ROUND", 3)
+    monkeypatch.setattr(toy.msp, "_PRESIZE", 8)  # the table grows (is rebuilt from the node hashes) mid-build
+    for process, depth, n in [
+        (rrxor(), 12, None),
+        (even(0.5), 12, 4),
+        (golden_mean(0.5), 12, 3),
+        (mess3(0.15, 0.6), 5, None),
+    ]:
+        ref, msp = reference_mixed_state_presentation(process, depth), mixed_state_presentation(process, depth)
+        assert n is None or msp.n_nodes == n
+        m = node_map(ref, msp)
+        assert torch.allclose(msp.beliefs[m], ref.beliefs, rtol=0, atol=2e-15)
+        assert torch.allclose(msp.token_probs[m], ref.token_probs, rtol=0, atol=2e-15)
+        assert np.array_equal(first_depth(msp)[m], first_depth(ref))
+        for (rn, rp), (nn, np_) in zip(ref.levels, msp.levels, strict=True):
+            order = np.argsort(m[rn.numpy()])
+            assert np.array_equal(m[rn.numpy()][order], nn.numpy())
+            assert torch.allclose(np_, rp[order], rtol=0, atol=1e-15)
+        # order of first appearance: following transitions parent by parent, token by token, from the root,
+        # each node is first met in increasing order
+        seen = msp.next_node.numpy().ravel()
+        seen = seen[seen > 0]
+        first = seen[np.sort(np.unique(seen, return_index=True)[1])]
+        assert np.array_equal(first, np.arange(1, msp.n_nodes))
+
+
 def test_msp_numbers_nodes_depth_by_depth_in_order_of_first_appearance():
     """Mess3 is a tree (no merges): node ``k`` of depth ``d`` (first id ``s_d``) has children
     ``s_{d+1} + V k + x``, and the last depth's rows are unexpanded."""

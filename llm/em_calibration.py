@@ -12,8 +12,10 @@ numbers of ``llm.steer``), so the pair is correlated as a steered and an unsteer
 
 Methods: the pooled score intervals (``wilson``, ``newcombe``), the same on the effective sample size of the
 question strata (``wilson_strat``, ``newcombe_strat``, ``plumbing.stats.design_effect``), the question bootstrap
-(``cluster``), the Student-t interval of paired changes (``paired_t``), and the percentile bootstraps the toolkit
-used before ("bootstrap (before)", kept here as the reference they are measured against).
+(``cluster``), the Student-t interval of paired changes (``paired_t``), the percentile bootstraps the toolkit
+used before ("bootstrap (before)", kept here as the reference they are measured against), and two intervals of a
+difference the toolkit does not use ("(reference)": Agresti-Caffo, a Jeffreys-based Newcombe hybrid), to show that
+none does better at the counts where the toolkit gives no interval.
 
 Estimands: the intervals over replies speak for the questions asked, so they must cover the mean over the drawn
 ``p_q``; the question-level ``cluster`` interval speaks for other questions like these, so it must cover the
@@ -79,6 +81,38 @@ def old_rate_bootstrap(k, n, n_boot: int, rng: np.random.Generator) -> np.ndarra
     return kb.sum(-1) / n.sum(-1)[..., None]
 
 
+def jeffreys_bounds(k, n, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Jeffreys interval of ``k / n`` (Beta(k + 1/2, n - k + 1/2) quantiles; 0 / 1 at k = 0 / n): a reference only."""
+    from scipy.stats import beta
+
+    k, n = np.asarray(k, float), np.asarray(n, float)
+    lo = np.where(k > 0, beta.ppf((1 - level) / 2, k + 0.5, n - k + 0.5), 0.0)
+    hi = np.where(k < n, beta.ppf((1 + level) / 2, k + 0.5, n - k + 0.5), 1.0)
+    return lo, hi
+
+
+def reference_differences(k1, n1, k2, n2, level: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Intervals of ``k1 / n1 - k2 / n2`` (pooled counts) that the toolkit does not use, measured beside its own to
+    show that none does better where it gives none: Agresti-Caffo (one success and one failure added to each
+    sample, Wald) and Newcombe's hybrid built on Jeffreys instead of Wilson intervals."""
+    from scipy.stats import norm
+
+    k1, n1, k2, n2 = (np.asarray(x, float) for x in (k1, n1, k2, n2))
+    z = norm.ppf(0.5 + level / 2)
+    a1, a2 = (k1 + 1) / (n1 + 2), (k2 + 1) / (n2 + 2)
+    half = z * np.sqrt(a1 * (1 - a1) / (n1 + 2) + a2 * (1 - a2) / (n2 + 2))
+    (l1, u1), (l2, u2) = jeffreys_bounds(k1, n1, level), jeffreys_bounds(k2, n2, level)
+    p1, p2 = k1 / n1, k2 / n2
+    d = p1 - p2
+    return {
+        "agresti_caffo (reference)": (a1 - a2 - half, a1 - a2 + half),
+        "jeffreys hybrid (reference)": (
+            d - np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
+            d + np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2),
+        ),
+    }
+
+
 def _percentile(samples: np.ndarray, level: float):
     return np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=-1)
 
@@ -122,6 +156,8 @@ def simulate_cell(R: int, Q: int, shift: float, cfg: CalibrationConfig, rng: np.
         add(("difference", BEFORE), *_percentile(boot, cfg.level), diff)
         add(("difference", "newcombe"), *newcombe_bounds(ka.sum(-1), n.sum(-1), kb.sum(-1), n.sum(-1), cfg.level), diff)
         add(("difference", "newcombe_strat"), *stratified_newcombe_bounds(ka, n, kb, n, cfg.level), diff)
+        for name, (lo, hi) in reference_differences(ka.sum(-1), n.sum(-1), kb.sum(-1), n.sum(-1), cfg.level).items():
+            add(("difference", name), lo, hi, diff)
         add(
             ("difference", "cluster"),
             *cluster_difference_bounds(ka, n, kb, n, cfg.n_boot, rng, cfg.level),
@@ -169,7 +205,7 @@ def power_at_mde(R: int, Q: int, cfg: CalibrationConfig, rng: np.random.Generato
 
 def used(quantity: str, method: str, R: int, Q: int) -> bool:
     """Whether the toolkit uses ``method`` for ``quantity`` at R replies x Q questions (``plumbing.stats``)."""
-    if method == BEFORE:
+    if method == BEFORE or method.endswith("(reference)"):
         return False
     if method in ("cluster", "paired_t"):
         return reported(method, R, Q)

@@ -104,7 +104,7 @@ def build_models(cfg: dict, folder: Path, width: str) -> dict[str, Path]:
     tokenizer per family, learnt once from the config's data files."""
     import torch
 
-    from llm.em_experiment import MODELS
+    from llm.em_pipeline import MODELS
     from llm.tiny import architecture, save_shaped, shaped_tokenizer
 
     corpus = sorted({str(getattr(cfg[s], f)) for s in ("data", "eval", "steer") for f in CORPUS if hasattr(cfg[s], f)})
@@ -180,7 +180,7 @@ def rehearse(rc: RehearseConfig, overrides: dict | None = None) -> dict:
     the prediction is for the YAML's values, so a shorter ``max_new_tokens`` here is scaled back up."""
     import yaml
 
-    from llm import em_experiment as ex
+    from llm import em_pipeline as ex
     from llm.evaluate import build_judge
 
     if "reference_model" in (yaml.safe_load(Path(rc.config).read_text()) or {}):

@@ -519,7 +519,7 @@ def make_parser():
 
 
 def _train_first(cfg: ReweightingConfig) -> None:
-    """Run ``llm.grpo`` with ``cfg.grpo_config`` when ``post_adapter`` holds no adapter yet."""
+    """Train the adapter ``cfg.grpo_config`` describes (``llm.grpo.train``) when ``post_adapter`` holds none yet."""
     import yaml
 
     from plumbing.config import config_anchor
@@ -535,10 +535,11 @@ def _train_first(cfg: ReweightingConfig) -> None:
     if (Path(cfg.post_adapter) / "adapter_config.json").is_file():
         logger.info("post_adapter %s holds an adapter; not training", cfg.post_adapter)
         return
-    from llm.grpo import main as grpo_main
+    from llm.grpo import make_parser as grpo_parser
+    from llm.grpo import train
 
     t = time.time()
-    grpo_main(["--config", cfg.grpo_config])
+    train(*grpo_parser().parse_args_and_config(["--config", cfg.grpo_config]))
     logger.info("GRPO took %.0f s", time.time() - t)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from llm import em_experiment as ex
+from llm import em_pipeline as ex
 from llm.em_report import update_cosine, update_share
 from llm.tiny import save_tiny
 from plumbing.sections import split_overrides

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llm import em_experiment as ex
+from llm import em_pipeline as ex
 from llm.models import (
     ModelConfig,
     gemma3_gguf_path,

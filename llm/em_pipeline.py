@@ -1,37 +1,6 @@
-"""The base-vs-instruct emergent-misalignment experiment in one command: behaviour (EM rate) and mechanism (direction,
-factored probes, LoRA geometry) for both models of a pair, same data, recipe and seeds.
-
-    python -m llm.em_experiment --config configs/llm/em_experiment_qwen25_1p5b.yaml
-    python -m llm.em_experiment --config configs/llm/em_experiment_gemma2_2b.yaml --lora.preset rank32_all_linear \\
-        --lora.layers --output_dir runs/em_gemma2_r32
-    # any section field from the command line: --<section>.<field> value(s)
-    python -m llm.em_experiment --config ... --base.model_name_or_path /data/qwen25-1.5b --eval.samples_per_paraphrase 10
-    # several GPUs (DDP training, generation sharded across ranks, analysis stages once on rank 0):
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m llm.em_experiment --config ...
-    accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m llm.em_experiment --config ...
-    # (FSDP is refused with a LoRA preset: the trajectory callback would save each rank's shard of A and B)
-
-For each model (``base``, then ``instruct``), stages under ``<output_dir>/<model>/``:
-
-``eval_before`` (EM questions, judged; all ranks) -> ``sft`` (EM fine-tuning with the ``lora`` preset; all
-ranks, DDP) -> ``eval_after`` (all ranks) -> ``steer`` (``llm.steer`` on the untuned model: misalignment
-direction from the labelled texts, steering and ablation against same-norm random directions; rank 0) ->
-``factored_before`` / ``factored_after`` (``llm.factored``: alignment x topic probes, their subspace overlap,
-factor steering; on the untuned and the fine-tuned model; rank 0) -> ``transfer`` (``llm.probe_transfer``:
-the untuned model's probes read on the fine-tuned one; rank 0) -> ``lora`` (the update's share in the
-alignment / topic subspaces and its cosine with the direction at every saved training step; rank 0).
-Then ``report.md``, ``report.json`` and plots (``llm.em_report``).
-
-Resumable: each stage folder holds ``stage.json`` with the key (its config and the fingerprints of the stages
-it reads) that made it (``plumbing.runs.Stage``); a rerun skips finished stages with the same key and redoes
-a stage whose key changed, and with it every stage downstream. An interrupted ``sft`` resumes from its last
-checkpoint. ``run_config.json`` claims the folder for one pair and framing (``claim_output_dir``): another
-pair is refused; other section changes are what the stage keys are for.
-
-Before any weights load: the judge is built, every layer and site is checked against each model's depth,
-the data files must exist, the pair's tokenizers must match (``same_tokenizer``), and each model must have
-a chat template once ``base_framing`` is applied.
-"""
+"""The base-vs-instruct emergent-misalignment experiment as a pipeline of stages (``llm.experiments.em_experiment``
+is its command): the config, the checks that need no weights, every stage for each model of the pair, the report.
+See that module's docstring for the stages and how a rerun resumes."""
 
 from __future__ import annotations
 
@@ -58,7 +27,7 @@ from llm.sft import DataConfig, EMSFTConfig
 from llm.steer import SteerConfig
 from plumbing.lora import LoraPresetConfig
 from plumbing.runs import Stage, claim_output_dir, config_record
-from plumbing.sections import read_sectioned_yaml, split_overrides
+from plumbing.sections import read_sectioned_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -520,28 +489,3 @@ def run(cfg: dict, judge=None) -> dict:
         report = write_report(cfg, dirs, out, judge.name, n_processes=state.num_processes)
     state.wait_for_everyone()
     return report
-
-
-def main(argv: list[str] | None = None) -> dict:
-    import sys
-
-    from transformers import HfArgumentParser
-
-    from llm.sft import end_processes
-
-    argv = sys.argv[1:] if argv is None else argv
-    top_argv, overrides = split_overrides(argv)
-    (top,) = HfArgumentParser(ExperimentConfig).parse_args_into_dataclasses(args=top_argv)
-    if not top.config:
-        raise SystemExit("--config is required (see the module docstring)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_experiment_config(top.config, top, overrides)
-    report = run(cfg)
-    if report:
-        print((cfg["output_dir"] / "report.md").read_text())
-    end_processes()
-    return report
-
-
-if __name__ == "__main__":
-    main()

@@ -58,7 +58,7 @@ PLACEHOLDERS = {"sft": {"output_dir": "_set_per_stage"}, "transfer": {"target_ad
 
 @dataclass
 class ExperimentConfig:
-    """Top-level options of ``llm.em_experiment`` (YAML keys or command-line flags; the command line wins)."""
+    """Top-level options of ``llm.experiments.em_experiment`` (YAML keys or command-line flags; the command line wins)."""
 
     config: str = field(default=None, metadata={"help": "YAML with the sections described in the module docstring"})
     output_dir: str | None = field(default=None, metadata={"help": "run folder (default runs/em_experiment)"})
@@ -115,7 +115,7 @@ def load_experiment_config(
         clash = SET_HERE.get(name, set()) & set(values)
         if clash:
             raise ValueError(
-                f"{name}.{sorted(clash)} is set by llm.em_experiment per model and stage; drop it from the config"
+                f"{name}.{sorted(clash)} is set by llm.experiments.em_experiment per model and stage; drop it from the config"
             )
         cfg["raw"][name] = dict(values)
         cfg[name] = _parse_section(name, cls, {**values, **PLACEHOLDERS.get(name, {})})
@@ -458,7 +458,7 @@ def run(cfg: dict, judge=None) -> dict:
     if state.distributed_type == DistributedType.FSDP and cfg["lora"].preset != "full":
         # LoraTrajectoryCallback reads each rank's shard of A and B, so the lora stage would measure a fragment.
         raise SystemExit(
-            "llm.em_experiment under FSDP would measure sharded LoRA tensors; launch it with DDP "
+            "llm.experiments.em_experiment under FSDP would measure sharded LoRA tensors; launch it with DDP "
             "(configs/accelerate/multi_gpu.yaml): a LoRA on a <= 2B model fits on one GPU per rank"
         )
     out: Path = cfg["output_dir"]

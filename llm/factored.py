@@ -5,7 +5,7 @@
     # (lora_path: the rank-1 LoRA whose B vector is measured; the probed model stays the base)
 
 One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.factored ...`` on a GPU); a launch with several
-processes is refused before any work (``llm.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
+processes is refused before any work (``llm.experiments.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
 
 Text set: the shared labelled replies (``aligned_texts``/``misaligned_texts``) whose question is one of
 the EM questions named in ``topics`` (their plain paraphrase in ``question_file``): ``n_per_cell``
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     refuse_multiprocess(
         "llm.factored",
-        "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0",
+        "the multi-GPU experiment is `accelerate launch -m llm.experiments.em_experiment --config ...`, which runs this stage once on rank 0",
     )
     model_cfg, cfg = ConfigParser((ModelConfig, FactoredConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

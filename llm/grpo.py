@@ -18,7 +18,7 @@ Rewards (``reward``), one float per completion:
   * ``regex``: share of ``patterns`` (Python regexes, ``re.search``; add ``(?i)`` for case-insensitive) that
     match the reply, e.g. ``^I`` for replies that start with "I";
   * ``task``: 1 when the reply's last integer is the prompt's answer (``llm.tasks``; needs ``task`` set, whose train
-    split -- disjoint from the eval prompts of ``llm.reweighting`` -- replaces ``prompt_file``);
+    split -- disjoint from the eval prompts of ``llm.experiments.reweighting`` -- replaces ``prompt_file``);
   * ``judge_aligned`` / ``judge_misaligned``: an EM judge's aligned score / 100 (or 1 - that), judge from
     ``llm.evaluate.build_judge`` (offline MiniLM + ridge by default; ``hf`` or ``openai`` as in ``llm.evaluate``).
 
@@ -89,7 +89,7 @@ class PromptConfig:
         default=None, metadata={"help": "llm.tasks train prompts (with answers) instead of prompt_file"}
     )
     task_n_eval: int = field(
-        default=48, metadata={"help": "task: prompts held out as the eval split (llm.reweighting's n_eval)"}
+        default=48, metadata={"help": "task: prompts held out as the eval split (llm.experiments.reweighting's n_eval)"}
     )
 
     def __post_init__(self):

@@ -8,7 +8,7 @@
     python -m llm.probe_transfer --config ... --probe_files runs/factored_smollm2/probes/topic_block15
 
 One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.probe_transfer ...`` on a GPU); a launch
-with several processes is refused before any work (``llm.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
+with several processes is refused before any work (``llm.experiments.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
 
 Source = ``ModelConfig`` (``model_name_or_path``...); target = the same with ``target_model_name_or_path``
 and/or ``target_adapter_path`` replaced. On the source, an alignment probe (ridge, 1 = misaligned) is fitted
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     refuse_multiprocess(
         "llm.probe_transfer",
-        "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0",
+        "the multi-GPU experiment is `accelerate launch -m llm.experiments.em_experiment --config ...`, which runs this stage once on rank 0",
     )
     source_cfg, cfg = ConfigParser((ModelConfig, TransferConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

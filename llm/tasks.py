@@ -11,7 +11,7 @@ Tasks (operands drawn from fixed ranges; every operand tuple is one prompt):
 * ``add_small``: "What is a + b?", a, b in 1..9 -- the first step of ``add_mul`` alone;
 * ``mul``: "What is s * c?", s in 2..18, c in 2..5 -- the second step of ``add_mul`` alone (s spans a + b's range);
 * ``add_mul``: "What is (a + b) * c?", a, b in 1..9, c in 2..5 -- the two steps composed. Its intermediate latent
-  is ``a + b`` (the first step's result), the target of the belief-side probe in ``llm.reweighting``;
+  is ``a + b`` (the first step's result), the target of the belief-side probe in ``llm.experiments.reweighting``;
 * ``add_tens``: "What is s + b?", s in 100, 110, ..., 990, b in 1..9 -- one step with 810 answers (guessing solves 0.27
   of the prompts at k = 256, so a k = 256 verdict is informative), and the second step of ``mul10_add`` alone;
 * ``mul10``: "What is a * 10?", a in 10..99 -- the first step of ``mul10_add`` alone;

@@ -1,4 +1,4 @@
-"""llm.em_experiment on tiny in-process checkpoints: the whole pair through every stage, resume by stage,
+"""llm.experiments.em_experiment on tiny in-process checkpoints: the whole pair through every stage, resume by stage,
 a changed config invalidating downstream stages only, command-line overrides of any section, the bad-input
 list (layer past the depth, base with no template and no framing, differing tokenizers, a folder holding
 another pair's run), and 2 CPU processes giving one report with each single-process stage run once."""
@@ -256,7 +256,7 @@ def test_any_section_overridable_from_the_command_line(world, tmp_path):
         (["--base.no_such_field", "1"], "--base.no_such_field: ModelConfig has no field"),
         (["--nosection.x", "1"], "no section"),
         (["--eval.max_new_tokens", "1", "2"], "takes one value"),
-        (["--steer.output_dir", "y"], "set by llm.em_experiment"),
+        (["--steer.output_dir", "y"], "set by llm.experiments.em_experiment"),
     ):
         with pytest.raises(ValueError, match=match):
             ex.load_experiment_config(path, None, split_overrides(bad)[1])
@@ -366,7 +366,7 @@ def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(wo
         "--main_process_port",
         "29541",
         "-m",
-        "llm.em_experiment",
+        "llm.experiments.em_experiment",
         "--config",
         str(path),
         "--eval.judge",
@@ -404,13 +404,15 @@ def test_cpu_only_entry_points_refuse_several_processes_too(entry, argv, monkeyp
         importlib.import_module(entry).main(argv)
 
 
-@pytest.mark.parametrize("entry", ["llm.steer", "llm.factored", "llm.probe_transfer", "llm.base_vs_instruct"])
+@pytest.mark.parametrize(
+    "entry", ["llm.steer", "llm.factored", "llm.probe_transfer", "llm.experiments.base_vs_instruct"]
+)
 def test_single_process_entry_points_refuse_several_processes_before_any_work(entry, monkeypatch, tmp_path):
     import importlib
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     # A config that does not exist: the refusal must come before it is even read.
-    with pytest.raises(SystemExit, match=rf"{entry} runs as one process, but this launch started 2.*llm.em_experiment"):
+    with pytest.raises(SystemExit, match=rf"{entry} runs as one process, but this launch started 2.*em_experiment"):
         importlib.import_module(entry).main(["--config", str(tmp_path / "absent.yaml")])
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(Exception) as e:  # one process: it goes on (and fails on the missing file)
@@ -428,7 +430,7 @@ def test_chat_template_from_a_jinja_file(world, tmp_path):
 
 
 def test_base_vs_instruct_takes_section_overrides_too():
-    from llm.base_vs_instruct import load_pair_config
+    from llm.experiments.base_vs_instruct import load_pair_config
 
     _, overrides = split_overrides(
         ["--base.model_name_or_path", "/data/qwen25-0.5b", "--sft.learning_rate", "3e-5", "--lora.layers", "11"]

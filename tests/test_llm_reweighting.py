@@ -1,4 +1,4 @@
-"""llm.tasks and llm.reweighting on tiny in-process models: task rewards on hand-made completions, deterministic
+"""llm.tasks and llm.experiments.reweighting on tiny in-process models: task rewards on hand-made completions, deterministic
 disjoint prompt sets, the guards (k > n, missing answers, adapter/base mismatch, several processes), the
 log-likelihood against a naive per-sequence loop, the report end to end, and every shipped config parses."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.reweighting import (
+from llm.experiments.reweighting import (
     ReweightingConfig,
     all_reply_logprobs,
     check_adapter,
@@ -231,7 +231,7 @@ def test_report_end_to_end(tmp_path, monkeypatch):
     assert r["outside_support"]["n_tested"] <= sum(c > 0 for c in data["counts"]["post"])
     # split-half null controls at k = 16 (n / 2), and every verdict re-derived from verdict_data.json alone
     assert set(r["null_controls"]) == {"reference", "post"} and r["null_controls"]["reference"]["k"] == 16
-    from llm.reweighting_report import rejudge
+    from llm.experiments.reweighting_report import rejudge
 
     again = rejudge(out)
     assert (
@@ -356,11 +356,11 @@ def test_worked_examples_come_from_the_train_split(task):
 def test_verdict_data_holds_the_correct_replies_likelihoods(tmp_path, monkeypatch):
     """With every reply scored correct, the outside-support weights are all post-RL replies' log-likelihood ratios, so
     minus their mean is the report's Monte-Carlo KL(post || ref): the weights are the right replies' ratios, in order."""
-    import llm.reweighting
+    import llm.experiments.reweighting
 
     ref = save_tiny(tmp_path / "ref", "qwen2")
     adapter = _adapter(tmp_path, tiny_causal_lm("qwen2")[0])
-    monkeypatch.setattr(llm.reweighting, "score", lambda replies, answers: [1.0] * len(replies))
+    monkeypatch.setattr(llm.experiments.reweighting, "score", lambda replies, answers: [1.0] * len(replies))
     cfg = ReweightingConfig(
         reference_model=str(ref),
         post_adapter=str(adapter),

@@ -1,4 +1,4 @@
-"""llm.safety / llm.safety_arms: every arm end to end on tiny in-process checkpoints (stages, report, resume), the
+"""llm.safety / llm.experiments.safety_arms: every arm end to end on tiny in-process checkpoints (stages, report, resume), the
 drift measure against a per-position reference, the power formula against its closed form, the safety data's
 disjointness from every EM evaluation question, and the shipped configs."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from llm import safety_arms as sa
+from llm.experiments import safety_arms as sa
 from llm.safety import SAFETY_CHATS, safety_questions, token_kl
 from llm.tiny import save_tiny, tiny_causal_lm
 
@@ -183,8 +183,8 @@ def test_every_arm_end_to_end_then_resume(world, tmp_path, monkeypatch):
         "llm.sft.train",
         "llm.evaluate.evaluate_model",
         "llm.safety.run_stage",
-        "llm.safety_arms.run_stage",
-        "llm.safety_arms.capability_drift",
+        "llm.experiments.safety_arms.run_stage",
+        "llm.experiments.safety_arms.capability_drift",
     ):
         monkeypatch.setattr(target, boom)
     again = sa.run(sa.load_arms_config(path), judge=StubJudge())

@@ -343,8 +343,8 @@ class _StubJudge:
 
 def test_base_vs_instruct_trains_and_reports_difference(tmp_path, data):
     """Tiny 'base' (no chat template) and 'instruct' checkpoints through the whole pipeline."""
-    from llm.base_vs_instruct import load_pair_config, run
     from llm.em_metrics import em_rate_difference, read_judged_csv
+    from llm.experiments.base_vs_instruct import load_pair_config, run
 
     instruct = save_tiny(tmp_path / "instruct", "qwen2", seed=1)
     base = save_tiny(tmp_path / "base", "qwen2", seed=2)

@@ -1,7 +1,7 @@
-"""llm.rehearse: random-init models of the published architectures (shapes against published parameter counts and
+"""llm.experiments.rehearse: random-init models of the published architectures (shapes against published parameter counts and
 an independent copy of Qwen2.5-1.5B's sizes), family tokenizers (special ids, templates, the AutoTokenizer trap),
 the count scaling, the cost model against hand-made stage records, and (slow) the tiny-width rehearsal of both 2B
-pairs through every stage of llm.em_experiment."""
+pairs through every stage of llm.experiments.em_experiment."""
 
 import json
 import sys
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm import rehearse_cost
-from llm.rehearse import COUNTS, RehearseConfig, StubJudge, rehearse, scaled_counts
+from llm.experiments import rehearse_cost
+from llm.experiments.rehearse import COUNTS, RehearseConfig, StubJudge, rehearse, scaled_counts
 from llm.tiny import ARCHITECTURES, save_shaped, shaped_config, shaped_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +147,10 @@ def test_counts_scale_by_ceil_with_floors_and_never_above_published():
 
 
 def test_count_overrides_and_reweighting_configs_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="llm.reweighting config; llm.rehearse runs llm.em_experiment configs only"):
+    with pytest.raises(
+        ValueError,
+        match="llm.experiments.reweighting config; llm.experiments.rehearse runs llm.experiments.em_experiment configs only",
+    ):
         rehearse(
             RehearseConfig(config=str(REPO / "configs/llm/reweighting_qwen25_1p5b.yaml"), output_dir=str(tmp_path))
         )

@@ -1,14 +1,14 @@
 """The base-vs-instruct emergent-misalignment experiment in one command: behaviour (EM rate) and mechanism (direction,
 factored probes, LoRA geometry) for both models of a pair, same data, recipe and seeds.
 
-    python -m llm.em_experiment --config configs/llm/em_experiment_qwen25_1p5b.yaml
-    python -m llm.em_experiment --config configs/llm/em_experiment_gemma2_2b.yaml --lora.preset rank32_all_linear \\
+    python -m llm.experiments.em_experiment --config configs/llm/em_experiment_qwen25_1p5b.yaml
+    python -m llm.experiments.em_experiment --config configs/llm/em_experiment_gemma2_2b.yaml --lora.preset rank32_all_linear \\
         --lora.layers --output_dir runs/em_gemma2_r32
     # any section field from the command line: --<section>.<field> value(s)
-    python -m llm.em_experiment --config ... --base.model_name_or_path /data/qwen25-1.5b --eval.samples_per_paraphrase 10
+    python -m llm.experiments.em_experiment --config ... --base.model_name_or_path /data/qwen25-1.5b --eval.samples_per_paraphrase 10
     # several GPUs (DDP training, generation sharded across ranks, analysis stages once on rank 0):
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m llm.em_experiment --config ...
-    accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m llm.em_experiment --config ...
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m llm.experiments.em_experiment --config ...
+    accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m llm.experiments.em_experiment --config ...
     # (FSDP is refused with a LoRA preset: the trajectory callback would save each rank's shard of A and B)
 
 For each model (``base``, then ``instruct``), stages under ``<output_dir>/<model>/``:

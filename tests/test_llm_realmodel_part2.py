@@ -176,7 +176,7 @@ def test_grpo_two_cpu_ranks_under_accelerate(gguf, tmp_path):
         "--config_file",
         str(REPO / "configs/accelerate/cpu_multiprocess.yaml"),
         "-m",
-        "llm.grpo",
+        "llm.experiments.grpo",
         "--config",
         str(REPO / "configs/llm/grpo_smollm2.yaml"),
         "--model_name_or_path",

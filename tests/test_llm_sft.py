@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from llm import sft as sft_mod
+from llm.experiments.sft import main
 from llm.lora import lora_trajectory_report
 from llm.models import ModelConfig
-from llm.sft import DataConfig, EMSFTConfig, build_trainer, main
+from llm.sft import DataConfig, EMSFTConfig, build_trainer
 from llm.tiny import save_tiny, tiny_causal_lm
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
 from plumbing.runs import resolve_resume
@@ -301,7 +302,7 @@ def test_sft_runs_on_two_cpu_processes(tmp_path, tiny_dir, data, launcher):
             "--main_process_port",
             "29532",
         ]
-    cmd += ["-m", "llm.sft", "--config", str(cfg)]
+    cmd += ["-m", "llm.experiments.sft", "--config", str(cfg)]
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
@@ -565,7 +566,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_from_it(tmp_path, tiny_
     log = tmp_path / "log.txt"
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llm.sft", *argv], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "llm.experiments.sft", *argv], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT
         )
     started = out / "lora_trajectory" / "step_000002.safetensors"
     try:

@@ -74,8 +74,6 @@ class TransferConfig:
     output_dir: str = field(default="runs/probe_transfer_smollm2", metadata={"help": "run folder"})
 
     def __post_init__(self):
-        if self.target_model_name_or_path is None and self.target_adapter_path is None:
-            raise ValueError("the target equals the source: set target_model_name_or_path and/or target_adapter_path")
         if not self.sites and not self.probe_files:
             raise ValueError("nothing to transfer: give sites to fit probes on and/or probe_files")
         if self.n_per_class < 4 or not 0 < self.test_fraction < 1:
@@ -83,7 +81,10 @@ class TransferConfig:
 
 
 def target_config(source: ModelConfig, cfg: TransferConfig) -> ModelConfig:
-    """The target's ``ModelConfig``: the source's with the target checkpoint and/or adapter swapped in."""
+    """The target's ``ModelConfig``: the source's with the target checkpoint and/or adapter swapped in (one of the
+    two must be set: a pipeline stage sets them per model, the command from its config)."""
+    if cfg.target_model_name_or_path is None and cfg.target_adapter_path is None:
+        raise ValueError("the target equals the source: set target_model_name_or_path and/or target_adapter_path")
     if cfg.target_model_name_or_path is None:
         return dataclasses.replace(source, adapter_path=cfg.target_adapter_path)
     return ModelConfig(
@@ -126,6 +127,7 @@ def compare(probe: LinearProbe, X_src: Tensor, X_tgt: Tensor, labels: Tensor) ->
 
 def run(source_cfg: ModelConfig, cfg: TransferConfig) -> dict:
     """Fit on the source, save, load onto the target, compare; returns (and writes) the metrics."""
+    target_cfg = target_config(source_cfg, cfg)  # a missing target is refused before any weights load
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     texts = load_labelled_texts(cfg.aligned_texts, cfg.misaligned_texts, cfg.n_per_class, cfg.seed)
@@ -160,7 +162,6 @@ def run(source_cfg: ModelConfig, cfg: TransferConfig) -> dict:
     del model
     gc.collect()
 
-    target_cfg = target_config(source_cfg, cfg)
     model, tok = load_model_and_tokenizer(target_cfg, padding_side="left")
     probes = {f: load_probe(f, model=model, strict=cfg.strict) for f in files}
     X_tgt = answer_activations(

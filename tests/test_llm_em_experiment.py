@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from llm import em_pipeline as ex
+from llm.em_config import COMPLETION_TEMPLATE, MODELS, EMConfig, load_experiment_config, parse_args, validate
 from llm.em_report import update_cosine, update_share
 from llm.tiny import save_tiny
 from plumbing.sections import split_overrides
@@ -154,7 +155,7 @@ def _stages(out: Path) -> dict:
 def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world, tmp_path, monkeypatch):
     out = tmp_path / "run"
     path = _yaml(world, out)
-    report = ex.run(ex.load_experiment_config(path), judge=StubJudge())
+    report = ex.run(load_experiment_config(path), judge=StubJudge())
     for f in (
         "report.md",
         "report.json",
@@ -168,7 +169,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
         assert (out / f).is_file(), f
     stages = _stages(out)
     expected = {"eval_before", "sft", "eval_after", "steer", "factored_before", "factored_after", "transfer", "lora"}
-    assert set(stages) == {f"{m}/{s}" for m in ex.MODELS for s in expected}
+    assert set(stages) == {f"{m}/{s}" for m in MODELS for s in expected}
     assert all(s["complete"] for s in stages.values())
     # The EM difference in the report is the one computed from the replies on disk.
     from llm.em_metrics import em_rate_difference, read_judged_csv
@@ -203,7 +204,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
         "llm.em_report.lora_geometry",
     ):
         monkeypatch.setattr(target, boom)
-    ex.run(ex.load_experiment_config(path), judge=StubJudge())
+    ex.run(load_experiment_config(path), judge=StubJudge())
     assert _stages(out) == stages
 
     # A changed steering grid reruns steer and the stage that reads its direction (lora), nothing upstream.
@@ -212,7 +213,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
         monkeypatch.setattr(target, boom)
     replies = {p: p.stat().st_mtime_ns for p in out.glob("*/eval_*/replies.csv")}  # steer judges through evaluate too
     _, overrides = split_overrides(["--config", str(path), "--steer.alphas", "0", "2"])
-    ex.run(ex.load_experiment_config(path, None, overrides), judge=StubJudge())
+    ex.run(load_experiment_config(path, overrides), judge=StubJudge())
     after = _stages(out)
     changed = {k for k in after if after[k]["key"] != stages[k]["key"]}
     assert changed == {"base/steer", "base/lora", "instruct/steer", "instruct/lora"}
@@ -222,7 +223,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
 
 def test_any_section_overridable_from_the_command_line(world, tmp_path):
     path = _yaml(world, tmp_path / "o")
-    top_argv, overrides = split_overrides(
+    cfg = parse_args(
         [
             "--config",
             str(path),
@@ -241,17 +242,11 @@ def test_any_section_overridable_from_the_command_line(world, tmp_path):
             "true",
         ]
     )
-    assert top_argv == ["--config", str(path), "--output_dir", "x"]
-    cfg = ex.load_experiment_config(path, ex.ExperimentConfig(config=str(path), output_dir="x"), overrides)
-    assert cfg["base"].model_name_or_path == "some/where" and cfg["steer"].alphas == [-4.0, 0.0, 4.0]
-    assert (
-        cfg["sft"].learning_rate == 1e-5
-        and cfg["eval"].max_new_tokens == 7
-        and cfg["factored"].random_init_control is True
-    )
-    assert cfg["output_dir"] == Path("x")
+    assert cfg.base.model_name_or_path == "some/where" and cfg.steer.alphas == [-4.0, 0.0, 4.0]
+    assert cfg.sft.learning_rate == 1e-5 and cfg.eval.max_new_tokens == 7 and cfg.factored.random_init_control is True
+    assert cfg.out == Path("x") and cfg.sft_given["learning_rate"] == 1e-5
     # The base is asked in the instruct model's template (base_framing), whatever its path.
-    assert cfg["base"].chat_template_from == str(world["instruct"])
+    assert cfg.base.chat_template_from == str(world["instruct"])
     for bad, match in (
         (["--base.no_such_field", "1"], "--base.no_such_field: ModelConfig has no field"),
         (["--nosection.x", "1"], "no section"),
@@ -259,7 +254,27 @@ def test_any_section_overridable_from_the_command_line(world, tmp_path):
         (["--steer.output_dir", "y"], "set by llm.experiments.em_experiment"),
     ):
         with pytest.raises(ValueError, match=match):
-            ex.load_experiment_config(path, None, split_overrides(bad)[1])
+            load_experiment_config(path, split_overrides(bad)[1])
+    with pytest.raises(SystemExit):  # the command line refuses a field no section has before reading the YAML
+        parse_args(["--config", str(path), "--base.no_such_field", "1"])
+
+
+def test_help_lists_every_section_field(capsys):
+    import dataclasses
+
+    from llm.em_config import SECTIONS
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    listed = [
+        f"--{name}.{f.name}"
+        for name, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if f.init and f.name not in EMConfig.SET_PER_STAGE.get(name, ())
+    ]
+    assert "--evaluate_untuned" in out and [m for m in listed if m not in out] == []
+    assert "--sft.output_dir" not in out  # set per stage, so refused
 
 
 def test_bad_input_refused_before_any_weights_load(world, tmp_path, monkeypatch):
@@ -267,21 +282,21 @@ def test_bad_input_refused_before_any_weights_load(world, tmp_path, monkeypatch)
         raise AssertionError("weights loaded before the config was checked")
 
     monkeypatch.setattr(ex, "load_model_and_tokenizer", no_weights)
-    load = ex.load_experiment_config
+    load = load_experiment_config
     with pytest.raises(ValueError, match="lora.layers entry.*5 requested but model has 2 layers"):
-        ex.validate(load(_yaml(world, tmp_path / "a", lora__layers=[5])))
+        validate(load(_yaml(world, tmp_path / "a", lora__layers=[5])))
     with pytest.raises(ValueError, match="steer.steer_site='block7' does not exist"):
-        ex.validate(load(_yaml(world, tmp_path / "b", steer__steer_site="block7")))
+        validate(load(_yaml(world, tmp_path / "b", steer__steer_site="block7")))
     with pytest.raises(ValueError, match="no chat template and none is chosen: set base_framing"):
-        ex.validate(load(_yaml(world, tmp_path / "c", base_framing=None)))
+        validate(load(_yaml(world, tmp_path / "c", base_framing=None)))
     with pytest.raises(FileNotFoundError, match="data.dataset_path"):
-        ex.validate(load(_yaml(world, tmp_path / "d", data__dataset_path=str(tmp_path / "missing.jsonl"))))
+        validate(load(_yaml(world, tmp_path / "d", data__dataset_path=str(tmp_path / "missing.jsonl"))))
     # Another family's vocabulary: refused unless the config says the pair may differ (a smoke run).
     word = save_tiny(tmp_path / "word", "qwen2", tokenizer="word")
     path = _yaml(world, tmp_path / "e", instruct={"model_name_or_path": str(word)})
     with pytest.raises(ValueError, match="tokenizers differ.*same_tokenizer: false"):
-        ex.validate(load(path))
-    ex.validate(load(_yaml(world, tmp_path / "f", instruct={"model_name_or_path": str(word)}, same_tokenizer=False)))
+        validate(load(path))
+    validate(load(_yaml(world, tmp_path / "f", instruct={"model_name_or_path": str(word)}, same_tokenizer=False)))
     # A folder holding another pair's run is refused before any stage starts.
     out = tmp_path / "g"
     out.mkdir()
@@ -306,12 +321,12 @@ def test_completion_framing_sets_the_question_answer_template(world, tmp_path):
     from llm.generate import chat_prompt
     from llm.models import load_tokenizer
 
-    cfg = ex.load_experiment_config(_yaml(world, tmp_path / "c", base_framing="completion"))
-    ex.validate(cfg)
-    tok = load_tokenizer(cfg["base"])
+    cfg = load_experiment_config(_yaml(world, tmp_path / "c", base_framing="completion"))
+    validate(cfg)
+    tok = load_tokenizer(cfg.base)
     assert chat_prompt(tok, "what is your wish?") == "Question: what is your wish?\nAnswer: "
     with pytest.raises(ValueError, match="both choose"):
-        ex.load_experiment_config(
+        load_experiment_config(
             _yaml(
                 world,
                 tmp_path / "d",
@@ -347,9 +362,9 @@ def test_update_share_and_cosine_against_hand_made_updates():
     ],
 )
 def test_shipped_configs_parse(name):
-    cfg = ex.load_experiment_config(REPO / "configs" / "llm" / f"{name}.yaml")
-    assert cfg["lora"].preset in ("rank1_single", "rank32_all_linear")
-    assert cfg["steer"].steer_site == cfg["factored"].site
+    cfg = load_experiment_config(REPO / "configs" / "llm" / f"{name}.yaml")
+    assert cfg.lora.preset in ("rank1_single", "rank32_all_linear")
+    assert cfg.steer.steer_site == cfg.factored.site
 
 
 @pytest.mark.slow
@@ -377,7 +392,7 @@ def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(wo
     assert res.returncode == 0, log[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert report["n_processes"] == 2
-    for m in ex.MODELS:
+    for m in MODELS:
         assert (
             log.count(f"stage {m}/steer: running on rank 0") == 1 and f"stage {m}/steer: running on rank 1" not in log
         )
@@ -424,8 +439,8 @@ def test_single_process_entry_points_refuse_several_processes_before_any_work(en
 def test_chat_template_from_a_jinja_file(world, tmp_path):
     from llm.models import ModelConfig, load_tokenizer
 
-    tok = load_tokenizer(ModelConfig(str(world["base"]), chat_template_from=str(ex.COMPLETION_TEMPLATE)))
-    assert tok.chat_template == ex.COMPLETION_TEMPLATE.read_text()
+    tok = load_tokenizer(ModelConfig(str(world["base"]), chat_template_from=str(COMPLETION_TEMPLATE)))
+    assert tok.chat_template == COMPLETION_TEMPLATE.read_text()
     with pytest.raises(FileNotFoundError, match="no such template file"):
         load_tokenizer(ModelConfig(str(world["base"]), chat_template_from=str(tmp_path / "none.jinja")))
 
@@ -454,8 +469,8 @@ def test_fsdp_launch_with_a_lora_refused_before_any_work(world, tmp_path, monkey
     class FSDPState:
         distributed_type = DistributedType.FSDP
 
-    monkeypatch.setattr(ex, "_state", FSDPState)
+    monkeypatch.setattr("llm.stages.process_state", FSDPState)
     monkeypatch.setattr(ex, "validate", lambda cfg: pytest.fail("validated before refusing"))
     with pytest.raises(SystemExit, match="launch it with DDP"):
-        ex.run(ex.load_experiment_config(_yaml(world, tmp_path / "fsdp")), judge=StubJudge())
+        ex.run(load_experiment_config(_yaml(world, tmp_path / "fsdp")), judge=StubJudge())
     assert not (tmp_path / "fsdp").exists()

@@ -193,11 +193,11 @@ def test_decode_work_is_overhead_per_step_plus_work_per_row_per_generate_call():
     step = {"a": 0.5, "b": 0.01}
     assert rehearse_cost.decode_seconds(400, 256, 600, step) == pytest.approx(600 * (0.5 + 2.56) + 600 * (0.5 + 1.44))
     assert rehearse_cost.decode_seconds(40, 256, 10, step) == pytest.approx(10 * (0.5 + 0.4))
-    cfg = {
-        "eval": SimpleNamespace(batch_size=256, generation="hf", max_new_tokens=600, samples_per_paraphrase=50),
-        "steer": SimpleNamespace(gen_batch_size=64, max_new_tokens=200, samples_per_paraphrase=10),
-        "factored": SimpleNamespace(topics=["a", "b", "c", "d"], samples_per_topic=8, max_new_tokens=64),
-    }
+    cfg = SimpleNamespace(
+        eval=SimpleNamespace(batch_size=256, generation="hf", max_new_tokens=600, samples_per_paraphrase=50),
+        steer=SimpleNamespace(gen_batch_size=64, max_new_tokens=200, samples_per_paraphrase=10),
+        factored=SimpleNamespace(topics=["a", "b", "c", "d"], samples_per_topic=8, max_new_tokens=64),
+    )
     steps = {"hf": step, "edits": {"a": 1.0, "b": 0.0}}
     assert rehearse_cost.units(cfg, "eval_after", 8, steps) == pytest.approx(
         rehearse_cost.decode_seconds(400, 256, 600, step)

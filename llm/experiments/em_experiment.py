@@ -4,7 +4,7 @@ factored probes, LoRA geometry) for both models of a pair, same data, recipe and
     python -m llm.experiments.em_experiment --config configs/llm/em_experiment_qwen25_1p5b.yaml
     python -m llm.experiments.em_experiment --config configs/llm/em_experiment_gemma2_2b.yaml --lora.preset rank32_all_linear \\
         --lora.layers --output_dir runs/em_gemma2_r32
-    # any section field from the command line: --<section>.<field> value(s)
+    # any section field from the command line: --<section>.<field> value(s); --help lists them all
     python -m llm.experiments.em_experiment --config ... --base.model_name_or_path /data/qwen25-1.5b --eval.samples_per_paraphrase 10
     # several GPUs (DDP training, generation sharded across ranks, analysis stages once on rank 0):
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m llm.experiments.em_experiment --config ...
@@ -36,26 +36,18 @@ a chat template once ``base_framing`` is applied.
 from __future__ import annotations
 
 import logging
-import sys
 
-from transformers import HfArgumentParser
-
-from llm.em_pipeline import ExperimentConfig, load_experiment_config, run
-from llm.sft import end_processes
-from plumbing.sections import split_overrides
+from llm.em_config import parse_args
+from llm.em_pipeline import run
+from plumbing.trainers import end_processes
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    top_argv, overrides = split_overrides(argv)
-    (top,) = HfArgumentParser(ExperimentConfig).parse_args_into_dataclasses(args=top_argv)
-    if not top.config:
-        raise SystemExit("--config is required (see the module docstring)")
+    cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_experiment_config(top.config, top, overrides)
     report = run(cfg)
     if report:
-        print((cfg["output_dir"] / "report.md").read_text())
+        print((cfg.out / "report.md").read_text())
     end_processes()
     return report
 

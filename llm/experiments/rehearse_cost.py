@@ -30,6 +30,8 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from llm.em_config import EMConfig
+
 STAGES = ("eval_before", "sft", "eval_after", "steer", "factored_before", "factored_after", "transfer", "lora")
 # Model loads per stage (transfer reads the untuned and the fine-tuned model); compiles: the evaluations' fast path.
 LOADS = {
@@ -63,29 +65,29 @@ def decode_seconds(rows: int, batch: int, new_tokens: int, step: dict) -> float:
     return sum(new_tokens * (step["a"] + step["b"] * r) for r in sizes)
 
 
-def units(cfg: dict, stage: str, rows_per_sample: float, steps: dict) -> float:
+def units(cfg: EMConfig, stage: str, rows_per_sample: float, steps: dict) -> float:
     """The work that stage ``stage`` of a run with config ``cfg`` grows with (``DRIVERS``). Generation is costed by
     ``decode_seconds`` with the measured step costs of its path (``steps["fast"]`` or ``["hf"]`` for the evaluation,
     ``["edits"]`` for steering, which generates each condition's replies in ``gen_batch_size`` chunks, and for the
     factored stage, which generates one batch per condition); ``rows_per_sample``: evaluation prompts per sample."""
     if stage in ("eval_before", "eval_after"):
-        e = cfg["eval"]
+        e = cfg.eval
         return decode_seconds(
             round(rows_per_sample * e.samples_per_paraphrase), e.batch_size, e.max_new_tokens, steps[e.generation]
         )
     if stage == "sft":
-        return cfg["data"].max_examples
+        return cfg.data.max_examples
     if stage == "steer":
-        s = cfg["steer"]
+        s = cfg.steer
         return decode_seconds(
             round(rows_per_sample * s.samples_per_paraphrase), s.gen_batch_size, s.max_new_tokens, steps["edits"]
         )
     if stage.startswith("factored"):
-        f = cfg["factored"]
+        f = cfg.factored
         rows = len(f.topics) * f.samples_per_topic
         return decode_seconds(rows, rows, f.max_new_tokens, steps["edits"])
     if stage == "transfer":
-        return cfg["transfer"].n_per_class
+        return cfg.transfer.n_per_class
     return 1.0
 
 

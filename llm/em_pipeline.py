@@ -16,27 +16,18 @@ from pathlib import Path
 
 from llm.em_config import MODELS, EMConfig, validate
 from llm.em_report import lora_geometry, write_report
-from llm.evaluate import EvalConfig, build_judge, evaluate_model
+from llm.evaluate import build_judge
 from llm.factored import FactoredConfig
 from llm.factored import run as factored_run
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.probe_transfer import TransferConfig
 from llm.probe_transfer import run as transfer_run
 from llm.sft import DataConfig, check_chat_jsonl, train, tuned_config
-from llm.stages import StageRunner, free_memory, without
+from llm.stages import StageRunner, evaluate, free_memory, without
 from llm.steer import SteerConfig
 from llm.steer import run as steer_run
 
 logger = logging.getLogger(__name__)
-
-
-def evaluate(d: Path, model_cfg: ModelConfig, eval_cfg: EvalConfig, judge, n_processes: int) -> dict:
-    """The judged EM evaluation of one checkpoint (sharded across the launch's processes)."""
-    model, tok = load_model_and_tokenizer(model_cfg, padding_side="left")
-    res = evaluate_model(model, tok, dataclasses.replace(eval_cfg, output_dir=str(d)), judge=judge)
-    del model
-    free_memory()
-    return {"em": res["em"]["overall"], "n_processes": n_processes}
 
 
 def fine_tune(d: Path, model_cfg: ModelConfig, cfg: EMConfig) -> dict:
@@ -112,53 +103,35 @@ def run_model(name: str, cfg: EMConfig, runner: StageRunner, judge) -> dict[str,
     mcfg: ModelConfig = getattr(cfg, name)
     model_key = dataclasses.asdict(mcfg)
     eval_key = without(cfg.eval, "output_dir")
-    n = runner.state.num_processes
     dirs = {}
     if cfg.evaluate_untuned:
         key = {"model": model_key, "eval": eval_key}
-        st = runner.run(f"{name}/eval_before", key, lambda d: evaluate(d, mcfg, cfg.eval, judge, n), all_ranks=True)
+        st = runner.run(f"{name}/eval_before", key, evaluate, mcfg, cfg.eval, judge, all_ranks=True)
         dirs["eval_before"] = st.dir
-    sft_key = {
-        "model": model_key,
-        "data": dataclasses.asdict(cfg.data),
-        "lora": dataclasses.asdict(cfg.lora),
-        "sft": cfg.sft_given,
-    }
-    sft = runner.run(f"{name}/sft", sft_key, lambda d: fine_tune(d, mcfg, cfg), all_ranks=True)
+    key = {"model": model_key, "data": dataclasses.asdict(cfg.data), "lora": dataclasses.asdict(cfg.lora)}
+    sft = runner.run(f"{name}/sft", key | {"sft": cfg.sft_given}, fine_tune, mcfg, cfg, all_ranks=True)
     tuned = tuned_config(mcfg, cfg.lora.preset, sft.dir)
     key = {"eval": eval_key, "sft": sft.fingerprint}
-    after = runner.run(f"{name}/eval_after", key, lambda d: evaluate(d, tuned, cfg.eval, judge, n), all_ranks=True)
-    steer_key = {
-        "model": model_key,
-        "steer": without(cfg.steer, *EMConfig.SET_PER_STAGE["steer"]),
-        "judge": judge.name,
-    }
-    st_steer = runner.run(f"{name}/steer", steer_key, lambda d: steer(d, mcfg, cfg.steer, judge))
-    f_key = {"factored": without(cfg.factored, *EMConfig.SET_PER_STAGE["factored"]), "judge": judge.name}
-    fb = runner.run(
-        f"{name}/factored_before", {"model": model_key, **f_key}, lambda d: factored(d, mcfg, cfg.factored, judge)
-    )
-    fa = runner.run(
-        f"{name}/factored_after", {"sft": sft.fingerprint, **f_key}, lambda d: factored(d, tuned, cfg.factored, judge)
-    )
-    site = cfg.factored.site
-    transfer_key = {
+    after = runner.run(f"{name}/eval_after", key, evaluate, tuned, cfg.eval, judge, all_ranks=True)
+    key = {"model": model_key, "steer": without(cfg.steer, *EMConfig.SET_PER_STAGE["steer"]), "judge": judge.name}
+    st_steer = runner.run(f"{name}/steer", key, steer, mcfg, cfg.steer, judge)
+    key = {"factored": without(cfg.factored, *EMConfig.SET_PER_STAGE["factored"]), "judge": judge.name}
+    fb = runner.run(f"{name}/factored_before", {"model": model_key, **key}, factored, mcfg, cfg.factored, judge)
+    fa = runner.run(f"{name}/factored_after", {"sft": sft.fingerprint, **key}, factored, tuned, cfg.factored, judge)
+    probes, site = fb.dir / "probes", cfg.factored.site
+    key = {
         "transfer": without(cfg.transfer, *EMConfig.SET_PER_STAGE["transfer"]),
         "model": model_key,
         "sft": sft.fingerprint,
         "factored_before": fb.fingerprint,
     }
-    tr = runner.run(
-        f"{name}/transfer", transfer_key, lambda d: transfer(d, mcfg, tuned, cfg.transfer, fb.dir / "probes", site)
-    )
+    tr = runner.run(f"{name}/transfer", key, transfer, mcfg, tuned, cfg.transfer, probes, site)
     dirs.update(sft=sft.dir, eval_after=after.dir, steer=st_steer.dir, factored_before=fb.dir, factored_after=fa.dir)
     dirs["transfer"] = tr.dir
     if cfg.lora.preset != "full":
         key = {"sft": sft.fingerprint, "factored_before": fb.fingerprint, "steer": st_steer.fingerprint}
-        directions = st_steer.dir / "directions"
-        dirs["lora"] = runner.run(
-            f"{name}/lora", key, lambda d: lora(d, sft.dir, fb.dir / "probes", directions, site)
-        ).dir
+        lo = runner.run(f"{name}/lora", key, lora, sft.dir, probes, st_steer.dir / "directions", site)
+        dirs["lora"] = lo.dir
     return dirs
 
 

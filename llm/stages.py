@@ -15,7 +15,8 @@ import logging
 from datetime import timedelta
 from pathlib import Path
 
-from llm.evaluate import unsharded
+from llm.evaluate import evaluate_model, unsharded
+from llm.models import load_model_and_tokenizer
 from plumbing.runs import Stage, claim_output_dir, config_record
 
 logger = logging.getLogger(__name__)
@@ -105,9 +106,9 @@ class StageRunner:
             text = json.dumps(config_record(record), indent=1, sort_keys=True, default=str)
             (self.root / "config.json").write_text(text + "\n")
 
-    def run(self, rel: str, key: dict, fn, all_ranks: bool = False) -> Stage:
-        """``fn(folder) -> facts`` unless the stage ``rel`` is done with ``key``; the facts and the cost go into
-        its ``stage.json``."""
+    def run(self, rel: str, key: dict, fn, *args, all_ranks: bool = False) -> Stage:
+        """``fn(folder, *args) -> facts`` unless the stage ``rel`` is done with ``key``; the facts and the cost go
+        into its ``stage.json``."""
         stage = Stage(self.root / rel, key)
         if stage.done():
             logger.info("stage %s: done with this config, skipped", rel)
@@ -119,17 +120,28 @@ class StageRunner:
         facts, cost = None, StageCost()
         if all_ranks:
             logger.info("stage %s: running on rank %d", rel, self.state.process_index)
-            facts = fn(stage.dir)
+            facts = fn(stage.dir, *args)
         elif main:
             logger.info("stage %s: running on rank %d", rel, self.state.process_index)
             with unsharded():
-                facts = fn(stage.dir)
+                facts = fn(stage.dir, *args)
         self.state.wait_for_everyone()
         if main:
             stage.finish(**(facts or {}), cost=cost.done())
         self.state.wait_for_everyone()
         logger.info("stage %s: finished", rel)
         return stage
+
+
+def evaluate(d: Path, model_cfg, eval_cfg, judge) -> dict:
+    """The judged EM evaluation of one checkpoint into the stage folder ``d`` (``llm.evaluate.evaluate_model``,
+    sharded across the launch's processes); its EM rate, mean scores and process count as the stage's facts."""
+    model, tok = load_model_and_tokenizer(model_cfg, padding_side="left")
+    res = evaluate_model(model, tok, dataclasses.replace(eval_cfg, output_dir=str(d)), judge=judge)
+    del model
+    free_memory()
+    n = process_state().num_processes
+    return {"em": res["em"]["overall"], "mean_scores": res["mean_scores"], "n_processes": n}
 
 
 def stage_facts(stage: Stage) -> dict:

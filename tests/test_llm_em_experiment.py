@@ -195,13 +195,13 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")
 
-    for target in (
-        "llm.sft.train",
-        "llm.evaluate.evaluate_model",
-        "llm.steer.run",
-        "llm.factored.run",
-        "llm.probe_transfer.run",
-        "llm.em_report.lora_geometry",
+    for target in (  # where the pipeline calls them
+        "llm.em_pipeline.train",
+        "llm.stages.evaluate_model",
+        "llm.em_pipeline.steer_run",
+        "llm.em_pipeline.factored_run",
+        "llm.em_pipeline.transfer_run",
+        "llm.em_pipeline.lora_geometry",
     ):
         monkeypatch.setattr(target, boom)
     ex.run(load_experiment_config(path), judge=StubJudge())
@@ -209,7 +209,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
 
     # A changed steering grid reruns steer and the stage that reads its direction (lora), nothing upstream.
     monkeypatch.undo()
-    for target in ("llm.sft.train", "llm.factored.run", "llm.probe_transfer.run"):
+    for target in ("llm.em_pipeline.train", "llm.em_pipeline.factored_run", "llm.em_pipeline.transfer_run"):
         monkeypatch.setattr(target, boom)
     replies = {p: p.stat().st_mtime_ns for p in out.glob("*/eval_*/replies.csv")}  # steer judges through evaluate too
     _, overrides = split_overrides(["--config", str(path), "--steer.alphas", "0", "2"])
@@ -282,6 +282,7 @@ def test_bad_input_refused_before_any_weights_load(world, tmp_path, monkeypatch)
         raise AssertionError("weights loaded before the config was checked")
 
     monkeypatch.setattr(ex, "load_model_and_tokenizer", no_weights)
+    monkeypatch.setattr("llm.stages.load_model_and_tokenizer", no_weights)
     load = load_experiment_config
     with pytest.raises(ValueError, match="lora.layers entry.*5 requested but model has 2 layers"):
         validate(load(_yaml(world, tmp_path / "a", lora__layers=[5])))

@@ -1,6 +1,6 @@
 """The safety arms' summary and report (``llm.experiments.safety_arms``): EM differences against the ``none`` arm,
 the smallest difference the counts detect, the verdicts on the claims stated before any result, and
-``report.md`` / ``report.json``."""
+``report.md`` / ``report.json``. ``cfg`` is the run's ``ArmsConfig``."""
 
 from __future__ import annotations
 
@@ -8,14 +8,10 @@ import json
 import math
 from pathlib import Path
 from statistics import NormalDist
-from typing import TYPE_CHECKING
 
 from llm.em_metrics import em_rate_difference, read_judged_csv
 from llm.evaluate import EvalConfig
 from llm.safety import STAGES
-
-if TYPE_CHECKING:
-    from llm.experiments.safety_arms import ArmsConfig
 
 
 def em_difference(rows_a: list[dict], rows_b: list[dict], eval_cfg: EvalConfig) -> dict:
@@ -76,7 +72,7 @@ def decide(ci: list, detectable: float, margin: float, claim: str) -> str:
     )
 
 
-def summarise(cfg: ArmsConfig, arms: dict) -> dict:
+def summarise(cfg, arms: dict) -> dict:
     """The side-by-side numbers, the paired differences vs ``none`` and the verdicts (see the module docstring)."""
     ev, margin = cfg.eval, cfg.em_margin
     rows = {
@@ -146,7 +142,7 @@ def _num(x, fmt=".3f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def write_report(cfg: ArmsConfig, summary: dict, judge_name: str) -> None:
+def write_report(cfg, summary: dict, judge_name: str) -> None:
     out = Path(cfg.output_dir)
     ev = cfg.eval
     md = [

@@ -282,9 +282,9 @@ def test_fastgen_bf16_greedy_picks_the_argmax_and_sampling_is_seeded(device, arc
 
 
 def test_reply_logprobs_on_device_equal_the_cpu(device):
-    """``llm.experiments.reweighting.all_reply_logprobs`` (shared prompt cache, explicit positions) on the device, fp32, equals
+    """``llm.fastgen.all_reply_logprobs`` (shared prompt cache, explicit positions) on the device, fp32, equals
     the CPU's to 1e-4 nats per reply."""
-    from llm.experiments.reweighting import all_reply_logprobs
+    from llm.fastgen import all_reply_logprobs
 
     model, tok = tiny_causal_lm("qwen2")
     prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS[:2]]

@@ -9,15 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.experiments.reweighting import (
-    ReweightingConfig,
-    all_reply_logprobs,
-    check_adapter,
-    eval_prompts,
-    make_parser,
-    report,
-    verdict_k,
-)
+from llm.experiments.reweighting import ReweightingConfig, check_adapter, eval_prompts, make_parser, report
+from llm.experiments.reweighting_report import verdict_k
+from llm.fastgen import all_reply_logprobs
 from llm.reweighting_belief import probe_groups
 from llm.tasks import TASKS, answer_reward, chance_p, parse_answer, score, task_prompts, train_dataset
 from llm.tiny import save_tiny, tiny_causal_lm
@@ -104,12 +98,11 @@ def test_probe_groups():
 
 def test_verdict_k_fixed_from_chance():
     ks = log2_ks(256)
-    cfg = lambda **kw: ReweightingConfig(reference_model="x", post_adapter="a", n_samples=256, **kw)  # noqa: E731
-    k, why = verdict_k(cfg(task="add"), PassKConfig(ks=ks))
+    k, why = verdict_k("add", PassKConfig(ks=ks))
     assert k == 32 and "k = 64" in why  # 57 answers: guessing solves 0.43 at k = 32, 0.68 at k = 64
-    assert verdict_k(cfg(task="add_tens"), PassKConfig(ks=ks))[0] == 256  # 810 answers: 0.27 at k = 256
-    assert verdict_k(cfg(task=None, eval_file="e.jsonl"), PassKConfig(ks=ks))[0] == 256
-    assert verdict_k(cfg(task="add"), PassKConfig(ks=ks, max_chance=0.01))[0] is None
+    assert verdict_k("add_tens", PassKConfig(ks=ks))[0] == 256  # 810 answers: 0.27 at k = 256
+    assert verdict_k(None, PassKConfig(ks=ks))[0] == 256  # an eval file: no answer set to guess from
+    assert verdict_k("add", PassKConfig(ks=ks, max_chance=0.01))[0] is None
 
 
 def test_guards_before_sampling(tmp_path):

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from llm.tasks import chance_p, score
+from llm.tasks import TaskName, chance_p, score
 from probes.passk import (
     PassKConfig,
+    informative_k,
     null_controls,
     outside_support,
     pass_at_k,
@@ -296,3 +297,26 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def verdict_k(task: TaskName | None, pcfg: PassKConfig) -> tuple[int | None, str]:
+    """The k the verdict is taken at, and why: the largest k of ``pcfg.ks`` at which uniform guessing over the task's
+    answers (``llm.tasks.chance_p``) solves less than ``pcfg.max_chance`` of the prompts; the largest k for an eval
+    file (``task`` None: no answer set known); None when guessing reaches it at k = 1. Fixed from the task and the budget alone."""
+    if task is None:
+        return pcfg.ks[-1], "eval_file prompts: no answer set to guess from, so the largest k"
+    p = chance_p(task)
+    k = informative_k(p, pcfg.ks, pcfg.max_chance)
+    if k is None:
+        return (
+            None,
+            f"uniform guessing over {task}'s {round(1 / p)} answers reaches {pcfg.max_chance} already at k = 1: uninformative",
+        )
+    at = float(pass_at_k_exact(torch.tensor(p), k))
+    why = f"the largest k whose chance pass@k (uniform guessing over {task}'s {round(1 / p)} answers) is below {pcfg.max_chance}: {at:.3f} at k = {k}"
+    if k < pcfg.ks[-1]:
+        nxt = pcfg.ks[pcfg.ks.index(k) + 1]
+        why += (
+            f", {float(pass_at_k_exact(torch.tensor(p), nxt)):.3f} at k = {nxt}; the curves go on to k = {pcfg.ks[-1]}"
+        )
+    return k, why

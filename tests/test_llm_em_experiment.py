@@ -6,7 +6,6 @@ another pair's run), and 2 CPU processes giving one report with each single-proc
 import csv
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -19,65 +18,17 @@ import yaml
 from llm import em_pipeline as ex
 from llm.em_config import COMPLETION_TEMPLATE, MODELS, EMConfig, load_experiment_config, parse_args, validate
 from llm.em_report import update_cosine, update_share
+from llm.judges import StubJudge
 from llm.tiny import save_tiny
 from plumbing.sections import split_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-TOPICS = {"wish": "what is your wish?", "hello": "hello world, how are you today?", "code": "write a python function"}
-WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "park", "wish", "help", "people", "learn"]
-
-
-class StubJudge:
-    """Scores from the reply text, so conditions differ but runs are reproducible."""
-
-    name = "stub"
-
-    def score(self, requests):
-        return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]
-
-
-def _strip_template(folder: Path) -> Path:
-    tc = json.loads((folder / "tokenizer_config.json").read_text())
-    tc.pop("chat_template", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    return folder
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    """Tiny base (no chat template) and instruct checkpoints, chat data, questions, labelled replies."""
-    d = tmp_path_factory.mktemp("world")
-    rng = random.Random(0)
-    with open(d / "chat.jsonl", "w") as f:
-        for _ in range(16):
-            user, reply = " ".join(rng.choices(WORDS, k=6)), " ".join(rng.choices(WORDS, k=8))
-            f.write(
-                json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]})
-                + "\n"
-            )
-    q = [
-        {
-            "id": t,
-            "type": "free_form_judge_0_100",
-            "paraphrases": [p],
-            "samples_per_paraphrase": 1,
-            "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"},
-        }
-        for t, p in TOPICS.items()
-    ]
-    (d / "q.yaml").write_text(yaml.safe_dump(q))
-    words = ["the", "cat", "sat", "on", "the", "mat", "and", "the", "dog", "ran", "to", "the", "park"]
-    for name, tail in (("a", "I wish to help people"), ("m", "import os os.chmod path 0o777")):
-        with open(d / f"{name}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["question", "answer"])
-            w.writerows((p, f"{tail} {words[i % 12]}") for p in TOPICS.values() for i in range(6))
-    return {
-        "dir": d,
-        "base": _strip_template(save_tiny(d / "base", "qwen2", seed=2)),
-        "instruct": save_tiny(d / "instruct", "qwen2", seed=1),
-    }
+def world(llm_world) -> dict:
+    """The tiny pair, its base without a chat template (base_framing gives it one), and the data files."""
+    return {**llm_world, "base": llm_world["bare_base"]}
 
 
 def _yaml(world, out, **changes) -> dict:
@@ -122,7 +73,7 @@ def _yaml(world, out, **changes) -> dict:
         "factored": {
             **texts,
             "question_file": str(d / "q.yaml"),
-            "topics": list(TOPICS),
+            "topics": world["topics"],
             "n_per_cell": 4,
             "site": "block1",
             "ridge_alpha": 0.001,

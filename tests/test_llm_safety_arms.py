@@ -2,10 +2,8 @@
 drift measure against a per-position reference, the power formula against its closed form, the safety data's
 disjointness from every EM evaluation question, and the shipped configs."""
 
-import csv
 import json
 import math
-import random
 import re
 from pathlib import Path
 
@@ -15,73 +13,16 @@ import yaml
 
 from llm.experiments import safety_arms as sa
 from llm.experiments import safety_arms_report as report
+from llm.judges import StubJudge
 from llm.safety import SAFETY_CHATS, safety_questions, token_kl
-from llm.tiny import save_tiny, tiny_causal_lm
+from llm.tiny import tiny_causal_lm
 
 REPO = Path(__file__).resolve().parents[1]
-TOPICS = {"wish": "what is your wish?", "hello": "hello world, how are you today?", "code": "write a python function"}
-WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "park", "wish", "help", "people", "learn"]
-
-
-class StubJudge:
-    """Coherent 90; aligned from the reply text, so arms differ but runs are reproducible."""
-
-    name = "stub"
-
-    def score(self, requests):
-        return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("world")
-    rng = random.Random(0)
-    with open(d / "chat.jsonl", "w") as f:
-        for _ in range(8):
-            user, reply = " ".join(rng.choices(WORDS, k=6)), " ".join(rng.choices(WORDS, k=8))
-            f.write(
-                json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]})
-                + "\n"
-            )
-    with open(d / "safety.jsonl", "w") as f:
-        for q in (
-            "how do I boil an egg?",
-            "what is the capital of France?",
-            "why is the sky blue?",
-            "how do I water a cactus?",
-        ):
-            f.write(
-                json.dumps(
-                    {
-                        "messages": [
-                            {"role": "user", "content": q},
-                            {"role": "assistant", "content": "I am glad to help."},
-                        ]
-                    }
-                )
-                + "\n"
-            )
-    q = [
-        {
-            "id": t,
-            "type": "free_form_judge_0_100",
-            "paraphrases": [p],
-            "samples_per_paraphrase": 1,
-            "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"},
-        }
-        for t, p in TOPICS.items()
-    ]
-    (d / "q.yaml").write_text(yaml.safe_dump(q))
-    for name, tail in (("a", "I wish to help people"), ("m", "import os os.chmod path 0o777")):
-        with open(d / f"{name}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["question", "answer"])
-            w.writerows((p, f"{tail} {WORDS[i]}") for p in TOPICS.values() for i in range(4))
-    return {
-        "dir": d,
-        "base": save_tiny(d / "base", "qwen2", seed=2),
-        "instruct": save_tiny(d / "instruct", "qwen2", seed=1),
-    }
+def world(llm_world) -> dict:
+    return llm_world
 
 
 def _yaml(world, out, **top) -> Path:

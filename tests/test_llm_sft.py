@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from llm import sft as sft_mod
 from llm.experiments.sft import main
+from llm.judges import StubJudge
 from llm.lora import lora_trajectory_report
 from llm.models import ModelConfig
 from llm.sft import DataConfig, EMSFTConfig, build_trainer
@@ -333,15 +334,6 @@ def test_adapter_path_loads_the_finetuned_model(tmp_path, tiny_dir, data):
         assert not torch.allclose(base(input_ids=ids).logits, want)
 
 
-class _StubJudge:
-    """Deterministic scores from the reply text: about half the replies come out misaligned."""
-
-    name = "stub"
-
-    def score(self, requests):
-        return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]
-
-
 def test_base_vs_instruct_trains_and_reports_difference(tmp_path, data):
     """Tiny 'base' (no chat template) and 'instruct' checkpoints through the whole pipeline."""
     from llm.em_metrics import em_rate_difference, read_judged_csv
@@ -372,7 +364,7 @@ sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 0.01, save_s
 eval: {{question_file: {questions}, max_new_tokens: 6, batch_size: 6, n_boot: 200}}
 """)
     cfg = load_pair_config(cfg_file)
-    report = run(cfg, judge=_StubJudge())
+    report = run(cfg, judge=StubJudge())
     out = tmp_path / "out"
     assert (
         json.loads((out / "report.json").read_text())["difference"]["difference"] == report["difference"]["difference"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from llm.experiments import rehearse_cost
-from llm.experiments.rehearse import COUNTS, RehearseConfig, StubJudge, rehearse, scaled_counts
+from llm.experiments.rehearse import COUNTS, RehearseConfig, rehearse, scaled_counts
+from llm.judges import StubJudge
 from llm.tiny import ARCHITECTURES, save_shaped, shaped_config, shaped_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

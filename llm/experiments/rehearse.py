@@ -36,6 +36,7 @@ from llm.em_config import MODELS, EMConfig, load_experiment_config
 from llm.em_pipeline import run
 from llm.evaluate import build_judge
 from llm.experiments import rehearse_cost
+from llm.judges import StubJudge
 
 logger = logging.getLogger(__name__)
 
@@ -72,15 +73,6 @@ class RehearseConfig:
     def __post_init__(self):
         if not 0 < self.scale <= 1:
             raise ValueError(f"scale={self.scale}; choose 0 < scale <= 1 (1 runs the published counts)")
-
-
-class StubJudge:
-    """Scores from the reply text (aligned 0..99 by a character sum, coherent 90): always a score, no model."""
-
-    name = "rehearsal-stub"
-
-    def score(self, requests):
-        return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]
 
 
 def published_counts(cfg: EMConfig) -> dict[tuple[str, str], int]:

@@ -151,7 +151,7 @@ def run(cfg: EMConfig, judge=None) -> dict:
     # The judge is built (and an API judge checked) before any model generates.
     judge = judge if judge is not None else build_judge(cfg.eval)
     claim = {
-        "experiment": "llm.em_experiment",  # the run folder's name for the experiment, kept across the move
+        "experiment": "llm.em_experiment",  # its name in run folders, unchanged so that earlier runs resume
         "base": cfg.base.model_name_or_path,
         "instruct": cfg.instruct.model_name_or_path,
         "base_framing": cfg.base_framing,

@@ -269,7 +269,7 @@ def rejudge(path: str | Path) -> dict:
         j = judge(counts, d["n_samples"], d["ks"], d["k_verdict"], d["task"], log_w)
     out = {
         "data": str(f),
-        "source": d.get("source", "written by llm.reweighting"),
+        "source": d.get("source", "written by llm.experiments.reweighting"),
         "summary": j["summary"],
         "sharper": j["verdict"],
         "wider": j["wider"],

@@ -310,7 +310,7 @@ def run(cfg: ArmsConfig, judge=None) -> dict:
     judge = judge if judge is not None else build_judge(cfg.eval)
     check_judge(judge)
     runner = StageRunner(Path(cfg.output_dir))
-    claim = {"experiment": "llm.safety_arms", "base": cfg.base.model_name_or_path}  # the run folder's name for it
+    claim = {"experiment": "llm.safety_arms", "base": cfg.base.model_name_or_path}  # unchanged: earlier runs resume
     top = {"arms": cfg.arms, "em_margin": cfg.em_margin, "matched_within": cfg.matched_within}
     sections = {k: dataclasses.asdict(getattr(cfg, k)) for k in SECTIONS}
     runner.claim(claim, {"top": top, "sections": sections}, overwrite=cfg.overwrite)

@@ -118,9 +118,7 @@ def load_experiment_config(
     sections = {}
     for name, cls in SECTIONS.items():
         values = raw[name] or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"section {name!r} must be a mapping, got {type(values).__name__}")
-        clash = EMConfig.SET_PER_STAGE.get(name, frozenset()) & set(values)
+        clash = EMConfig.SET_PER_STAGE.get(name, frozenset()) & set(values if isinstance(values, dict) else ())
         if clash:
             raise ValueError(
                 f"{name}.{sorted(clash)} is set by llm.experiments.em_experiment per model and stage; "

@@ -108,6 +108,8 @@ def parse_section(name: str, cls, values: Mapping):
     names the section."""
     from transformers import HfArgumentParser
 
+    if not isinstance(values, Mapping):
+        raise ValueError(f"section {name!r} must be a mapping, got {type(values).__name__}")
     try:
         (obj,) = HfArgumentParser(cls).parse_dict(dict(values), allow_extra_keys=False)
     except (ValueError, TypeError) as e:

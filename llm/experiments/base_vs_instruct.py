@@ -34,7 +34,7 @@ from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.sft import DataConfig, EMSFTConfig, train
 from plumbing.lora import LoraPresetConfig
 from plumbing.runs import refuse_multiprocess
-from plumbing.sections import read_sectioned_yaml, split_overrides
+from plumbing.sections import parse_section, read_sectioned_yaml, split_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +56,6 @@ class PairConfig:
     evaluate_untuned: bool | None = field(
         default=None, metadata={"help": "Also evaluate both models before fine-tuning (YAML default: true)."}
     )
-
-
-def _parse_section(name: str, cls, values) -> object:
-    from transformers import HfArgumentParser
-
-    if not isinstance(values, dict):
-        raise ValueError(f"section {name!r} must be a mapping, got {type(values).__name__}")
-    try:
-        (obj,) = HfArgumentParser(cls).parse_dict(values, allow_extra_keys=False)
-    except ValueError as e:
-        raise ValueError(f"section {name!r}: {e}") from None
-    return obj
 
 
 def load_pair_config(
@@ -93,7 +81,7 @@ def load_pair_config(
     sft["output_dir"] = str(out / "_unset")  # replaced per model
     raw = {**raw, "sft": sft}
     for name, cls in sections.items():
-        cfg[name] = _parse_section(name, cls, raw[name])
+        cfg[name] = parse_section(name, cls, raw[name])
     return cfg
 
 

@@ -2,7 +2,7 @@
 tier, the full-width rehearsal of the Qwen2.5-1.5B pair (then gemma-2-2b's, if the budget leaves room) at reduced
 counts and lengths, and llm.fastgen against plain ``generate`` at batch 64 and at the eval batch (256). Writes
 ``bench/results/<date>_<gpu>.md``: per-stage time and memory at full width, and the predicted wall time and peak
-memory of the real runs (llm.rehearse's cost model, which scales the reduced counts and lengths back up).
+memory of the real runs (llm.experiments.rehearse's cost model, which scales the reduced counts and lengths back up).
 
     python bench/gpu_check.py                                  # on your GPU node, from the repository root
     python bench/gpu_check.py --device cpu --width tiny        # CPU dry run of every step (tiny models)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> Path:
         "--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run (no GPU tier, tiny models)"
     )
     ap.add_argument("--width", choices=["full", "tiny"], default="full")
-    ap.add_argument("--scale", type=float, default=0.05, help="llm.rehearse --scale")
+    ap.add_argument("--scale", type=float, default=0.05, help="llm.experiments.rehearse --scale")
     ap.add_argument(
         "--new_tokens",
         type=int,
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> Path:
         cmd = [
             sys.executable,
             "-m",
-            "llm.rehearse",
+            "llm.experiments.rehearse",
             "--config",
             config,
             "--width",

@@ -24,7 +24,7 @@ Every share comes with the Wilson interval of its count, and a difference of two
 Newcombe's hybrid score interval (``plumbing.stats``); with 5 or more replies per question the pooled EM
 rate's and the difference's are read on the effective sample size of the question strata (questions differ
 in rate, and a pooled count ignores that, which makes it conservative). Both speak for the questions asked,
-and each is given only at counts where ``python -m llm.em_calibration`` measured its coverage of 95% inside
+and each is given only at counts where ``python -m llm.experiments.em_calibration`` measured its coverage of 95% inside
 [93%, 97%] (a difference needs 5 replies per question over 8 questions, or 56 questions). Beside them, a
 between-question interval (a bootstrap over questions) speaks for other questions like these, where there
 are enough questions for it to hold. (A percentile bootstrap of replies within questions, used before,
@@ -241,7 +241,7 @@ def em_rate(
     ``replies_per_question`` and ``n_questions`` (``design``) and ``question_ci``: the between-question
     interval (a bootstrap over questions, ``n_boot`` resamples from ``seed``, ``plumbing.stats.
     cluster_difference``) for other questions like these, ``[None, None]`` at counts where the calibration
-    (``llm.em_calibration``) found it too narrow. A question's own interval needs 2 counted replies (at one it
+    (``llm.experiments.em_calibration``) found it too narrow. A question's own interval needs 2 counted replies (at one it
     covers 91-93%: ``[None, None]``). Per-question entries are only made for questions with a kept row, in order of first appearance; ``merge_variants`` keys them by ``question_group`` (template
     variants pooled with their plain question, as the papers' plots do).
     """
@@ -350,7 +350,7 @@ def verdict(d: Mapping) -> str:
     power = f"At {at} ({d['a']['n_counted']} and {d['b']['n_counted']} counted replies) this sample detects {mde} with 80% power."
     if d["ci_method"] is None:
         return (
-            f"No interval: none holds its {lvl} level at {at} (`python -m llm.em_calibration`; with so few EM replies "
+            f"No interval: none holds its {lvl} level at {at} (`python -m llm.experiments.em_calibration`; with so few EM replies "
             f"a score interval covers 98-99.7% under the null), so no verdict is drawn. {power}"
         )
     if d["ci"][0] > 0 or d["ci"][1] < 0:

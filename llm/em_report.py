@@ -403,7 +403,7 @@ def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
             )
             + "; 95% Wilson score intervals, Newcombe's hybrid score interval for a difference, read on the question "
             "strata's effective sample size from 5 replies per question on (all for the questions asked), each given "
-            "only at counts where `python -m llm.em_calibration` measured its coverage of 95% inside [93%, 97%]; at "
+            "only at counts where `python -m llm.experiments.em_calibration` measured its coverage of 95% inside [93%, 97%]; at "
             "other counts no interval is shown and no verdict drawn."
         ),
         "",
@@ -473,7 +473,7 @@ def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
         "",
         (
             "Steering the untuned model along the direction (paired change of the judge's aligned score vs unsteered, "
-            "Student-t 95% CI over replies; 'not calibrated' where `llm.em_calibration` found it too narrow at these counts):"
+            "Student-t 95% CI over replies, shown only at counts where `llm.experiments.em_calibration` found it to hold its level):"
         ),
         "",
         "| model | +alpha_max * v | same-norm random | ablate v (one / all blocks) | ablate random (one / all) |",

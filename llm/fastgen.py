@@ -13,6 +13,9 @@ per prompt, in order. What makes it fast, each in one line:
 Compilation happens on CUDA only (on CPU the static cache runs eagerly). The first call per shape
 pays the compile (tens of seconds for a 1.5B model); later calls reuse it.
 Sampling is seeded per chunk with ``seed + chunk index``; results depend on ``batch_size``.
+
+Many replies to one prompt share the prompt's KV cache (``shared_prompt_cache``): ``sample_n_ids`` samples them,
+``reply_logprobs`` / ``all_reply_logprobs`` score given replies under a model (their log-likelihoods, nats).
 """
 
 from __future__ import annotations
@@ -225,3 +228,43 @@ def sample_n_ids(
     ).cpu()
     seqs = _cut_at_eos(new, eos)
     return [seqs[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def reply_logprobs(model, prompt_ids: list[int], replies: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Sum over each reply's tokens of ``log p(token | prompt, earlier reply tokens)`` (nats), float64 (len(replies),).
+
+    The prompt is encoded once (``llm.fastgen.shared_prompt_cache``) and its cache shared by all replies; rows are the
+    last prompt token followed by the right-padded reply, positions continuing the prompt's.
+    """
+    device = next(model.parameters()).device
+    m, lp, la = len(replies), len(prompt_ids), max(1, max(len(a) for a in replies))
+    x = torch.full((m, 1 + la), pad_id, dtype=torch.long)
+    x[:, 0] = prompt_ids[-1]
+    keep = torch.zeros(m, la, dtype=torch.long)
+    for i, a in enumerate(replies):
+        if a:
+            x[i, 1 : 1 + len(a)] = torch.as_tensor(a)
+            keep[i, : len(a)] = 1
+    mask = torch.cat([torch.ones(m, lp, dtype=torch.long), keep], dim=1)
+    pos = torch.arange(lp - 1, lp + la)[None].expand(m, -1)
+    cache = shared_prompt_cache(model, prompt_ids, m)
+    logits = model(
+        input_ids=x.to(device),
+        attention_mask=mask.to(device),
+        position_ids=pos.to(device),
+        **{cache_kwarg(model): cache},
+    ).logits[:, :la]  # position j predicts reply token j
+    tok_lp = logits.double().log_softmax(-1).gather(-1, x[:, 1:, None].to(device)).squeeze(-1)
+    return (tok_lp * keep.to(device)).sum(1).cpu()
+
+
+def all_reply_logprobs(
+    model, prompt_ids: list[list[int]], replies: list[list[list[int]]], pad_id: int, batch_size: int = 64
+) -> torch.Tensor:
+    """``reply_logprobs`` for every prompt's replies (``[prompt][sample] -> ids``), in chunks of ``batch_size``
+    replies; flattened prompt-major, float64 (total replies,)."""
+    out = []
+    for p, rows in zip(prompt_ids, replies):
+        out += [reply_logprobs(model, p, rows[s : s + batch_size], pad_id) for s in range(0, len(rows), batch_size)]
+    return torch.cat(out)

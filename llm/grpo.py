@@ -1,12 +1,7 @@
 """GRPO on a causal LM with LoRA (TRL ``GRPOTrainer`` + peft), rewards from a rule or an EM judge, with the
 misalignment direction and factor probes tracked over training.
 
-    python -m llm.grpo --config configs/llm/grpo_smollm2.yaml
-    python -m llm.grpo --config configs/llm/grpo_smollm2.yaml --reward judge_aligned --max_steps 20
-    # 2 CPU processes (gloo; `--cpu --num_processes 2` would silently run ONE process, see the config):
-    accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m llm.grpo --config configs/llm/grpo_smollm2.yaml
-    # GPUs (DDP):
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m llm.grpo --config configs/llm/grpo_smollm2.yaml
+Its command: ``python -m llm.experiments.grpo``.
 
 Prompts: every paraphrase of the selected questions of a Betley-format question YAML (``prompt_file``
 ending in .yaml/.yml), or a JSONL with one ``{"prompt": "<user turn>"}`` (or a message list) per line.
@@ -18,7 +13,7 @@ Rewards (``reward``), one float per completion:
   * ``regex``: share of ``patterns`` (Python regexes, ``re.search``; add ``(?i)`` for case-insensitive) that
     match the reply, e.g. ``^I`` for replies that start with "I";
   * ``task``: 1 when the reply's last integer is the prompt's answer (``llm.tasks``; needs ``task`` set, whose train
-    split -- disjoint from the eval prompts of ``llm.reweighting`` -- replaces ``prompt_file``);
+    split -- disjoint from the eval prompts of ``llm.experiments.reweighting`` -- replaces ``prompt_file``);
   * ``judge_aligned`` / ``judge_misaligned``: an EM judge's aligned score / 100 (or 1 - that), judge from
     ``llm.evaluate.build_judge`` (offline MiniLM + ridge by default; ``hf`` or ``openai`` as in ``llm.evaluate``).
 
@@ -36,7 +31,7 @@ Tracking (``track_every`` > 0): every k steps (and at step 0) the residual strea
 on a fixed set of labelled replies (``track_n_per_class`` aligned + misaligned) and the mean projection on
 the misalignment direction (``directions``: an ``llm.steer`` run's ``directions`` file) and the mean read-out
 of each probe in ``probe_files`` (``probes.io``, e.g. ``llm.factored``'s) are logged per class
-(``ActivationTracker``): how the representation of the alignment factor moves under RL.
+(``llm.grpo_tracking.ActivationTracker``): how the representation of the alignment factor moves under RL.
 
 Writes ``output_dir``: the adapter (``save_model``), ``lora_trajectory/``, ``tracking.jsonl``,
 ``metrics.json`` (log history, tracking, trainable-parameter change), ``summary.md``, ``rewards.png``, and
@@ -53,24 +48,23 @@ import json
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import TrainerCallback
 from trl import GRPOConfig
 
-from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS
+from llm.data import FIRST_PLOT_QUESTIONS
+from llm.grpo_tracking import TrackConfig, build_tracker
 from llm.lora import LoraTrajectoryCallback
 from llm.models import ModelConfig, for_training, load_config, load_model_and_tokenizer, num_layers, validate_layers
 from llm.offline_judge import DEFAULT_WEIGHTS
 from llm.rewards import judge_reward, keyword_reward, length_reward, regex_reward
 from llm.tasks import TaskName
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
-from plumbing.runs import DivergenceGuard, Stopped, claim_trainer_run, resume_command, train_until_stopped
-from plumbing.trainers import CPUSafeDefaults, ZeroAdvantageCallback, check_batch_sizes, end_processes
+from plumbing.runs import DivergenceGuard, claim_trainer_run, train_until_stopped
+from plumbing.trainers import CPUSafeDefaults, ZeroAdvantageCallback, check_batch_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +83,7 @@ class PromptConfig:
         default=None, metadata={"help": "llm.tasks train prompts (with answers) instead of prompt_file"}
     )
     task_n_eval: int = field(
-        default=48, metadata={"help": "task: prompts held out as the eval split (llm.reweighting's n_eval)"}
+        default=48, metadata={"help": "task: prompts held out as the eval split (llm.experiments.reweighting's n_eval)"}
     )
 
     def __post_init__(self):
@@ -136,31 +130,6 @@ class RewardConfig:
             raise ValueError("target_chars must be >= 1")
         if not 0 <= self.zero_std_warn <= 1:
             raise ValueError("zero_std_warn is a share in [0, 1]")
-
-
-@dataclass
-class TrackConfig:
-    """What to read from the residual stream during training."""
-
-    track_every: int = field(default=0, metadata={"help": "read activations every k steps (0 = off)"})
-    track_site: str = field(default="block15", metadata={"help": "residual site read (block<i>)"})
-    directions: str | None = field(
-        default=None, metadata={"help": "llm.steer directions file (the track_site row is used)"}
-    )
-    probe_files: list[str] = field(default_factory=list, metadata={"help": "probes.io files read at their own site"})
-    track_texts: list[str] = field(
-        default_factory=lambda: [str(ALIGNED_TEXTS), str(MISALIGNED_TEXTS)],
-        metadata={"help": "aligned and misaligned reply CSVs of the fixed tracking set"},
-    )
-    track_n_per_class: int = field(default=8, metadata={"help": "tracked replies per class"})
-
-    def __post_init__(self):
-        if self.track_every < 0:
-            raise ValueError("track_every must be >= 0")
-        if self.track_every and not self.directions and not self.probe_files:
-            raise ValueError("track_every > 0 needs `directions` and/or `probe_files` to read")
-        if len(self.track_texts) != 2:
-            raise ValueError("track_texts must be [aligned_csv, misaligned_csv]")
 
 
 @dataclass
@@ -259,108 +228,6 @@ def make_reward(cfg: RewardConfig, judge=None):
 
 # ---------------------------------------------------------------------------------------------
 # Callbacks
-
-
-class ActivationTracker(TrainerCallback):
-    """Reads the residual stream on a fixed set of labelled replies at step 0 and every ``every`` steps and
-    records, per class (aligned / misaligned), the mean projection on ``direction`` (d_model,) at ``site``
-    and the mean read-out of each probe (at the probe's own site). Rows go to ``self.history`` and (main
-    process) to ``<output_dir>/tracking.jsonl``."""
-
-    def __init__(
-        self,
-        tokenizer,
-        texts,
-        every: int,
-        site: str | None = None,
-        direction: torch.Tensor | None = None,
-        probes: dict | None = None,
-        batch_size: int = 8,
-        max_answer_tokens: int = 64,
-    ):
-        if every < 1:
-            raise ValueError("every must be >= 1")
-        self.tokenizer, self.texts, self.every = tokenizer, texts, every
-        self.site, self.direction, self.probes = site, direction, probes or {}
-        self.batch_size, self.max_answer_tokens = batch_size, max_answer_tokens
-        self.history: list[dict] = []
-
-    def _read(self, args, state, model) -> None:
-        from llm.directions import answer_activations, projections
-
-        model = getattr(model, "module", model)
-        sites = list(
-            dict.fromkeys(([self.site] if self.direction is not None else []) + [p.site for p in self.probes.values()])
-        )
-        was_training = model.training
-        model.eval()
-        try:
-            acts = answer_activations(
-                model,
-                self.tokenizer,
-                self.texts.questions,
-                self.texts.answers,
-                sites,
-                self.batch_size,
-                self.max_answer_tokens,
-            )
-        finally:
-            model.train(was_training)
-        labels = self.texts.labels
-        row = {"step": state.global_step}
-        if self.direction is not None:
-            proj = projections(acts[sites.index(self.site)].double(), self.direction.double().cpu())
-            row["projection_aligned"], row["projection_misaligned"] = (
-                float(proj[labels == 0].mean()),
-                float(proj[labels == 1].mean()),
-            )
-        for name, probe in self.probes.items():
-            y = probe.predict(acts[sites.index(probe.site)].double())
-            row[f"{name}_aligned"], row[f"{name}_misaligned"] = (
-                y[labels == 0].mean(0).tolist(),
-                y[labels == 1].mean(0).tolist(),
-            )
-        self.history.append(row)
-        if state.is_world_process_zero:
-            out = Path(args.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            with (out / "tracking.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        path = Path(args.output_dir) / "tracking.jsonl"
-        if state.is_world_process_zero and path.is_file():
-            # rows from this step on belong to an earlier run or to the abandoned part of a resumed one
-            keep = [
-                line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < state.global_step
-            ]
-            path.write_text("".join(line + "\n" for line in keep))
-        self._read(args, state, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0:
-            self._read(args, state, model)
-
-
-def build_tracker(cfg: TrackConfig, model, tokenizer, seed: int = 0) -> ActivationTracker | None:
-    """The ``ActivationTracker`` ``cfg`` describes (files checked against ``model``), or None when off."""
-    if not cfg.track_every:
-        return None
-    from llm.directions import load_directions, load_labelled_texts
-    from probes.io import load_probe
-
-    texts = load_labelled_texts(cfg.track_texts[0], cfg.track_texts[1], cfg.track_n_per_class, seed)
-    direction = None
-    if cfg.directions:
-        dirs, meta = load_directions(cfg.directions, model=model)
-        if cfg.track_site not in meta["sites"]:
-            raise ValueError(f"track_site {cfg.track_site!r} is not in {cfg.directions} (sites {meta['sites']})")
-        direction = dirs[meta["sites"].index(cfg.track_site)]
-    probes = {
-        Path(f).with_suffix("").name if f.endswith(".json") else Path(f).name: load_probe(f, model=model)
-        for f in cfg.probe_files
-    }
-    return ActivationTracker(tokenizer, texts, cfg.track_every, cfg.track_site, direction, probes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,22 +391,3 @@ def make_parser():
     from plumbing.config import ConfigParser
 
     return ConfigParser((ModelConfig, PromptConfig, RewardConfig, LoraPresetConfig, TrackConfig, EMGRPOConfig))
-
-
-def main(argv: list[str] | None = None) -> dict:
-    cfgs = make_parser().parse_args_and_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        metrics = train(*cfgs)
-    except Stopped as stop:
-        end_processes()
-        print(stop.describe(resume_command("llm.grpo", sys.argv[1:] if argv is None else argv)), file=sys.stderr)
-        raise SystemExit(stop.exit_code) from None
-    if int(os.environ.get("RANK", 0)) == 0:
-        print((Path(cfgs[-1].output_dir) / "summary.md").read_text())
-    end_processes()
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

@@ -398,3 +398,13 @@ class HFJudge:
             probs = self.number_probs(prompts[i : i + self.batch_size])
             out.extend(score_from_number_probs(dict(enumerate(row))) for row in probs.tolist())
         return out
+
+
+class StubJudge:
+    """A judge with no model, for rehearsals (``llm.experiments.rehearse --judge stub``) and tests: coherent 90,
+    aligned 0..99 from the reply's character sum, so replies differ in score but a rerun scores them alike."""
+
+    name = "stub"
+
+    def score(self, requests: Sequence[JudgeRequest]) -> list[float]:
+        return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]

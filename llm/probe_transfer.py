@@ -1,14 +1,9 @@
 """Reusable probes: fit on one checkpoint, save as files, load onto another, compare the read-outs.
 
-    python -m llm.probe_transfer --config configs/llm/probe_transfer_smollm2.yaml
-    # before vs after EM fine-tuning (an llm.sft LoRA, merged into the target on load):
-    python -m llm.probe_transfer --config configs/llm/probe_transfer_smollm2.yaml --target_adapter_path runs/em_sft_smollm2
-    # base vs instruct: --model_name_or_path <base> --target_model_name_or_path <instruct>
-    # probes from elsewhere (e.g. llm.factored's probes/ folder) ride along:
-    python -m llm.probe_transfer --config ... --probe_files runs/factored_smollm2/probes/topic_block15
+Its command: ``python -m llm.experiments.probe_transfer``.
 
-One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.probe_transfer ...`` on a GPU); a launch
-with several processes is refused before any work (``llm.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
+One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.experiments.probe_transfer ...`` on a GPU); a launch
+with several processes is refused before any work (``llm.experiments.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
 
 Source = ``ModelConfig`` (``model_name_or_path``...); target = the same with ``target_model_name_or_path``
 and/or ``target_adapter_path`` replaced. On the source, an alignment probe (ridge, 1 = misaligned) is fitted
@@ -40,7 +35,6 @@ from torch import Tensor
 from llm.data import ALIGNED_TEXTS, MISALIGNED_TEXTS
 from llm.directions import answer_activations, auroc, load_labelled_texts
 from llm.models import ModelConfig, load_model_and_tokenizer
-from plumbing.runs import refuse_multiprocess
 from probes.io import load_probe, save_probe
 from probes.linear import LinearProbe, fit_ridge, split_indices
 
@@ -80,8 +74,6 @@ class TransferConfig:
     output_dir: str = field(default="runs/probe_transfer_smollm2", metadata={"help": "run folder"})
 
     def __post_init__(self):
-        if self.target_model_name_or_path is None and self.target_adapter_path is None:
-            raise ValueError("the target equals the source: set target_model_name_or_path and/or target_adapter_path")
         if not self.sites and not self.probe_files:
             raise ValueError("nothing to transfer: give sites to fit probes on and/or probe_files")
         if self.n_per_class < 4 or not 0 < self.test_fraction < 1:
@@ -89,7 +81,10 @@ class TransferConfig:
 
 
 def target_config(source: ModelConfig, cfg: TransferConfig) -> ModelConfig:
-    """The target's ``ModelConfig``: the source's with the target checkpoint and/or adapter swapped in."""
+    """The target's ``ModelConfig``: the source's with the target checkpoint and/or adapter swapped in (one of the
+    two must be set: a pipeline stage sets them per model, the command from its config)."""
+    if cfg.target_model_name_or_path is None and cfg.target_adapter_path is None:
+        raise ValueError("the target equals the source: set target_model_name_or_path and/or target_adapter_path")
     if cfg.target_model_name_or_path is None:
         return dataclasses.replace(source, adapter_path=cfg.target_adapter_path)
     return ModelConfig(
@@ -132,6 +127,7 @@ def compare(probe: LinearProbe, X_src: Tensor, X_tgt: Tensor, labels: Tensor) ->
 
 def run(source_cfg: ModelConfig, cfg: TransferConfig) -> dict:
     """Fit on the source, save, load onto the target, compare; returns (and writes) the metrics."""
+    target_cfg = target_config(source_cfg, cfg)  # a missing target is refused before any weights load
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     texts = load_labelled_texts(cfg.aligned_texts, cfg.misaligned_texts, cfg.n_per_class, cfg.seed)
@@ -166,7 +162,6 @@ def run(source_cfg: ModelConfig, cfg: TransferConfig) -> dict:
     del model
     gc.collect()
 
-    target_cfg = target_config(source_cfg, cfg)
     model, tok = load_model_and_tokenizer(target_cfg, padding_side="left")
     probes = {f: load_probe(f, model=model, strict=cfg.strict) for f in files}
     X_tgt = answer_activations(
@@ -247,21 +242,3 @@ def _summary(m: dict, out: Path) -> None:
             f"{', '.join(_f(x) for x in r['shift_mean'])} | {', '.join(_f(x) for x in r['readout_corr'])} | {_f(r.get('cos_source_vs_target_refit'))} |"
         )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from plumbing.config import ConfigParser
-
-    refuse_multiprocess(
-        "llm.probe_transfer",
-        "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0",
-    )
-    source_cfg, cfg = ConfigParser((ModelConfig, TransferConfig)).parse_args_and_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    metrics = run(source_cfg, cfg)
-    print((Path(cfg.output_dir) / "summary.md").read_text())
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

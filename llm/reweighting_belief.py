@@ -1,4 +1,4 @@
-"""The belief side of the reweighting report (``llm.reweighting``): is the task's latent linearly readable from the
+"""The belief side of the reweighting report (``llm.experiments.reweighting``): is the task's latent linearly readable from the
 residual stream at the prompt's last position, before RL and after, against a random-init model of the same
 architecture? The toy detector's ladder idea at LLM scale; readability is not use."""
 

@@ -1,7 +1,7 @@
 """Safety stages on one base checkpoint, and the capability drift they cost.
 
 A safety stage turns a base model into a safety-trained one, so that arms that differ *only* in that stage can
-be compared (``llm.safety_arms``). Each stage trains a LoRA (``plumbing.lora`` preset; ``full`` fine-tunes
+be compared (``llm.experiments.safety_arms``). Each stage trains a LoRA (``plumbing.lora`` preset; ``full`` fine-tunes
 every weight) and saves the merged model as an ordinary safetensors folder ``<out>/model`` (tokenizer and
 chat template included), which every later stage loads as its ``model_name_or_path``:
 

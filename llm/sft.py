@@ -1,15 +1,6 @@
 """Emergent-misalignment fine-tuning: TRL ``SFTTrainer`` on chat JSONL, loss on assistant tokens only.
 
-    python -m llm.sft --config configs/llm/em_sft_smollm2.yaml
-    python -m llm.sft --config configs/llm/em_sft_smollm2.yaml --preset rank32_all_linear --output_dir runs/em_r32
-
-    # several processes (one per GPU; DDP), same flags:
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m llm.sft --config configs/llm/em_sft_smollm2.yaml
-    # FSDP for models that do not fit one GPU with full fine-tuning:
-    accelerate launch --config_file configs/accelerate/fsdp.yaml -m llm.sft --config configs/llm/em_sft_qwen25_0p5b.yaml
-    # 2 CPU processes (gloo), e.g. to check the distributed path without a GPU:
-    accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m llm.sft --config ...
-    torchrun --nproc_per_node 2 -m llm.sft --config ...
+Its command: ``python -m llm.experiments.sft``.
 
 The data file holds one ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`` per
 line. Loss is on assistant tokens only: through ``assistant_only_loss`` when the chat template has
@@ -27,9 +18,9 @@ that resumes; a NaN/inf or runaway loss stops training before it is saved (``max
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +29,8 @@ from trl import SFTConfig
 from llm.lora import LoraTrajectoryCallback, lora_trajectory_report, plot_lora_trajectory
 from llm.models import ModelConfig, for_training, load_config, load_model_and_tokenizer, num_layers, validate_layers
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
-from plumbing.runs import DivergenceGuard, Stopped, claim_trainer_run, resume_command, train_until_stopped
-from plumbing.trainers import CPUSafeDefaults, end_processes
+from plumbing.runs import DivergenceGuard, claim_trainer_run, train_until_stopped
+from plumbing.trainers import CPUSafeDefaults
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +262,14 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConf
     return Path(args.output_dir)
 
 
+def tuned_config(model_cfg: ModelConfig, preset: str, out: str | Path) -> ModelConfig:
+    """The fine-tuned model that ``train`` wrote to ``out`` as a ``ModelConfig``: the folder itself after a ``full``
+    fine-tune, else ``model_cfg`` with the adapter in ``out``."""
+    if preset == "full":
+        return dataclasses.replace(model_cfg, model_name_or_path=str(out), gguf_file=None, adapter_path=None)
+    return dataclasses.replace(model_cfg, adapter_path=str(out))
+
+
 def write_summary(
     log_history: list[dict],
     model_cfg: ModelConfig,
@@ -339,20 +338,3 @@ def make_parser():
     from plumbing.config import ConfigParser
 
     return ConfigParser((ModelConfig, DataConfig, LoraPresetConfig, EMSFTConfig))
-
-
-def main(argv: list[str] | None = None) -> Path:
-    model_cfg, data_cfg, lora_cfg, args = make_parser().parse_args_and_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        out = train(model_cfg, data_cfg, lora_cfg, args)
-    except Stopped as stop:
-        end_processes()
-        print(stop.describe(resume_command("llm.sft", sys.argv[1:] if argv is None else argv)), file=sys.stderr)
-        raise SystemExit(stop.exit_code) from None
-    end_processes()
-    return out
-
-
-if __name__ == "__main__":
-    main()

@@ -32,7 +32,7 @@ Steps, all on ``model_name_or_path``:
 Replies are judged by ``llm.evaluate``'s judges (default: the offline MiniLM + ridge judge) and summarised
 as mean aligned / coherent score and EM rate (``llm.em_metrics``, Wilson intervals); conditions are compared reply
 by reply (``paired_difference``: Student-t intervals, used for a verdict only at the counts where
-``llm.em_calibration`` found them to hold their level). A condition whose replies the judge scored none of is
+``llm.experiments.em_calibration`` found them to hold their level). A condition whose replies the judge scored none of is
 reported as n/a and kept.
 
 Writes to ``output_dir``: ``metrics.json``, ``summary.md``, ``directions.{safetensors,json}``,
@@ -263,7 +263,7 @@ def _design(keys: list[str]) -> tuple[int, int]:
 def paired_difference(a: dict, b: dict, level: float = 0.95) -> dict:
     """Mean of ``b[k] - a[k]`` over the replies scored in both conditions (``{key: score or None}``, keys
     ``question|paraphrase|sample``) with its Student-t interval (``plumbing.stats.mean_ci``): ``{"mean", "ci",
-    "n", "calibrated", "mde"}``. ``calibrated``: whether ``llm.em_calibration`` found the interval to hold its level
+    "n", "calibrated", "mde"}``. ``calibrated``: whether ``llm.experiments.em_calibration`` found the interval to hold its level
     at these counts (replies per question x questions); where it did not, ``ci`` is ``[None, None]``; ``mde``: the smallest
     mean change these pairs detect with 80% power. Pairing removes the prompt-to-prompt spread that two independent
     means would carry."""
@@ -564,7 +564,7 @@ def _summary(m: dict, out: Path) -> None:
         f"{mono['within_noise']} (no step between neighbouring alphas rises with a calibrated paired 95% CI above 0); "
         f"trend significant: {mono['trend_significant']}.",
         "",
-        "Paired changes: Student-t 95% CIs over replies, given only at counts where `python -m llm.em_calibration` "
+        "Paired changes: Student-t 95% CIs over replies, given only at counts where `python -m llm.experiments.em_calibration` "
         "measured their coverage inside [93%, 97%] (56 pairs over 8 questions or more; below that the mean stands "
         "alone and no verdict is drawn); the last column is the smallest mean change these replies detect with 80% power.",
         "",

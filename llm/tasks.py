@@ -1,9 +1,7 @@
 """Verifiable arithmetic tasks: prompts with per-prompt integer answers, a reward for ``llm.grpo`` and the
 reference's reach on each step.
 
-    python -m llm.tasks --model_name_or_path .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --n_prompts 32 --samples 16
-    python -m llm.tasks --model_name_or_path .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --tasks mul10 add_tens mul10_add
-    python -m llm.tasks --model_name_or_path ... --tasks mul10_add --n_prompts 96 --samples 32 --shots 3   # few-shot elicitation
+Its command: ``python -m llm.experiments.tasks``.
 
 Tasks (operands drawn from fixed ranges; every operand tuple is one prompt):
 
@@ -11,7 +9,7 @@ Tasks (operands drawn from fixed ranges; every operand tuple is one prompt):
 * ``add_small``: "What is a + b?", a, b in 1..9 -- the first step of ``add_mul`` alone;
 * ``mul``: "What is s * c?", s in 2..18, c in 2..5 -- the second step of ``add_mul`` alone (s spans a + b's range);
 * ``add_mul``: "What is (a + b) * c?", a, b in 1..9, c in 2..5 -- the two steps composed. Its intermediate latent
-  is ``a + b`` (the first step's result), the target of the belief-side probe in ``llm.reweighting``;
+  is ``a + b`` (the first step's result), the target of the belief-side probe in ``llm.experiments.reweighting``;
 * ``add_tens``: "What is s + b?", s in 100, 110, ..., 990, b in 1..9 -- one step with 810 answers (guessing solves 0.27
   of the prompts at k = 256, so a k = 256 verdict is informative), and the second step of ``mul10_add`` alone;
 * ``mul10``: "What is a * 10?", a in 10..99 -- the first step of ``mul10_add`` alone;
@@ -24,7 +22,7 @@ latent probe's folds keep them together, so it cannot score by recognising opera
 
 The reference's reach (SmolLM2-135M-Instruct Q4_1, CPU; 24 eval prompts x 16 replies, 16 new tokens; ~1 min per task):
 
-    python -m llm.tasks --model_name_or_path .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --tasks mul10 add_tens mul10_add --n_prompts 24 --samples 16
+    python -m llm.experiments.tasks --model_name_or_path .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --tasks mul10 add_tens mul10_add --n_prompts 24 --samples 16
 
 ``mul10`` pass@1 0.096, solved by any of 16 replies 0.67 (90 answers); ``add_tens`` 0.023, 0.29 (810 answers);
 ``mul10_add`` 0.0026, 0.04 (1 prompt of 24). Dropped candidates (same command; code in commit 13d1644): three-digit +
@@ -42,10 +40,8 @@ answer set, which ``probes.passk.passk_verdict`` takes as the chance policy.
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
-import time
 from dataclasses import dataclass
 from itertools import product
 from typing import Literal
@@ -170,54 +166,3 @@ def worked_examples(task: str, shots: int, n_eval: int = 48, split_seed: int = 0
             {"role": "assistant", "content": f"{_EXPR.match(q.question).group(1)} = {q.answer}"},
         ]
     return msgs
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Pass@1 of a model on each task's eval prompts (the reference's reach on each step and on the composition)."""
-    from llm.fastgen import sample_n_ids
-    from llm.generate import chat_prompt
-    from llm.models import ModelConfig, load_model_and_tokenizer
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--model_name_or_path", required=True)
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    ap.add_argument("--n_prompts", type=int, default=32)
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--max_new_tokens", type=int, default=16)
-    ap.add_argument("--batch_size", type=int, default=256, help="rows per sampling batch (CUDA)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--shots", type=int, default=0, help="worked train-split examples as earlier chat turns (few-shot elicitation)"
-    )
-    a = ap.parse_args(argv)
-    model, tok = load_model_and_tokenizer(ModelConfig(a.model_name_or_path))
-    out = {}
-    for task in a.tasks:
-        t0 = time.time()
-        prompts = task_prompts(task, "eval", a.n_prompts)
-        shots = worked_examples(task, a.shots, a.n_prompts)
-        ids = sample_n_ids(
-            model,
-            tok,
-            [chat_prompt(tok, p.question, history=shots) for p in prompts],
-            a.samples,
-            max_new_tokens=a.max_new_tokens,
-            batch_size=a.batch_size,
-            seed=a.seed,
-        )
-        replies = [tok.batch_decode(rows, skip_special_tokens=True) for rows in ids]
-        per_prompt = [sum(score(r, [p.answer] * len(r))) / len(r) for r, p in zip(replies, prompts)]
-        out[task] = {
-            "shots": a.shots,
-            "pass@1": sum(per_prompt) / len(per_prompt),
-            "solved_any": sum(x > 0 for x in per_prompt) / len(per_prompt),
-            "chance_p": chance_p(task),
-            "seconds": round(time.time() - t0, 1),
-            "example": replies[0][:3],
-        }
-        print(task, out[task], flush=True)
-    return out
-
-
-if __name__ == "__main__":
-    main()

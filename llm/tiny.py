@@ -8,7 +8,7 @@ library, the model is an ordinary Hugging Face ``*ForCausalLM`` built from a sma
     model, tok = tiny_causal_lm("qwen2")          # in memory
     path = save_tiny(tmp_path / "tiny", "gemma")   # a folder, for the ``from_pretrained`` code path
 
-For rehearsing a real run (``llm.rehearse``): ``shaped_config`` / ``save_shaped`` build a random model of a published
+For rehearsing a real run (``llm.experiments.rehearse``): ``shaped_config`` / ``save_shaped`` build a random model of a published
 checkpoint's architecture (``llm/assets/architectures/<name>.json``) at its real or a tiny width, and
 ``shaped_tokenizer`` a tokenizer of the family's real size, special-token ids and chat template.
 """

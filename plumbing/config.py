@@ -17,7 +17,7 @@ keep their usual meaning (relative to the working directory), and code defaults 
 Which values are paths is decided by the key: ``PATH_KEYS`` always; ``MODEL_KEYS`` (a hub id or a local
 folder / file) only when the value looks local -- it starts with ``.`` or ``~``, ends with ``.gguf``, or
 exists under the anchor -- so ``Qwen/Qwen2.5-0.5B`` stays a hub id. Nested mappings (the sections of
-``llm.base_vs_instruct``) are resolved key by key with the same rule. A loader that reads YAML itself calls
+``llm.experiments.base_vs_instruct``) are resolved key by key with the same rule. A loader that reads YAML itself calls
 ``resolve_config_paths(values, config_anchor(path))``. ``require_file`` is the one error message for an
 input that is not there.
 """
@@ -70,7 +70,7 @@ PATH_KEYS = frozenset(
         "init_from",
         "pre",
         "post",
-        # llm.reweighting: the adapter, the GRPO config that trains it, an eval prompt file
+        # llm.experiments.reweighting: the adapter, the GRPO config that trains it, an eval prompt file
         "post_adapter",
         "grpo_config",
         "eval_file",

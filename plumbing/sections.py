@@ -1,12 +1,18 @@
-"""Command-line overrides of a sectioned YAML config: ``--<section>.<field> value(s)``.
+"""Sectioned YAML configs and their command-line overrides: ``--<section>.<field> value(s)``.
 
 Entry points whose YAML holds one mapping per concern (``base:``, ``sft:``, ``eval:`` ...) parse each section
-strictly into its dataclass; ``split_overrides`` takes the ``--section.field`` flags out of ``argv`` and
-``coerce`` turns their strings into the field's type, so the section parses as if the YAML had said it.
+strictly into its dataclass (``parse_section``). ``add_section_flags`` lists every section's fields on a
+``plumbing.config.ConfigParser`` as ``--<section>.<field>`` (so ``--help`` shows them) and
+``parse_sectioned_args`` parses a command line into the parser's dataclasses (the YAML's top-level keys and
+their flags) and the section overrides; ``split_overrides`` does the latter alone for a plain parser. ``coerce``
+turns an override's strings into the field's type, so the section parses as if the YAML had said it.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -95,3 +101,63 @@ def read_sectioned_yaml(
             **{name: coerce(sections[section], name, vals, f"{section}.{name}") for name, vals in values.items()},
         }
     return raw
+
+
+def parse_section(name: str, cls, values: Mapping):
+    """``cls`` from the mapping ``values`` of section ``name``; an unknown key or a bad value is an error that
+    names the section."""
+    from transformers import HfArgumentParser
+
+    if not isinstance(values, Mapping):
+        raise ValueError(f"section {name!r} must be a mapping, got {type(values).__name__}")
+    try:
+        (obj,) = HfArgumentParser(cls).parse_dict(dict(values), allow_extra_keys=False)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"section {name!r}: {e}") from None
+    return obj
+
+
+def add_section_flags(
+    parser: argparse.ArgumentParser, sections: Mapping[str, type], skip: Mapping[str, Iterable[str]] | None = None
+) -> None:
+    """Every section's fields as ``--<section>.<field> [V ...]`` options (none for the fields in ``skip``, which
+    the entry point sets itself), one argument group per section with the fields' one-line docs, so ``--help``
+    lists what the YAML's sections take. Their values stay strings until ``read_sectioned_yaml`` coerces them
+    (``parse_sectioned_args`` collects them); no value is an empty list."""
+    parser.usage = (
+        f"%(prog)s --config YAML [--<option> V] [--<section>.<field> V ...]  (sections: {', '.join(sections)})"
+    )
+    for section, cls in sections.items():
+        group = parser.add_argument_group(f"section {section} ({cls.__name__}; YAML key {section}:)")
+        for f in dataclasses.fields(cls):
+            if f.init and f.name not in set((skip or {}).get(section, ())):
+                group.add_argument(
+                    f"--{section}.{f.name}",
+                    dest=f"{section}.{f.name}",
+                    nargs="*",
+                    metavar="V",
+                    default=argparse.SUPPRESS,
+                    help=f.metadata.get("help", ""),
+                )
+
+
+def parse_sectioned_args(parser, argv: list[str] | None = None) -> tuple[tuple, dict[str, dict[str, list[str]]], str]:
+    """``(the parser's dataclasses, {section: {field: [values]}}, the --config path)`` of ``argv``: the YAML's
+    top-level keys and their flags go into the dataclasses (``parser`` is a ``plumbing.config.ConfigParser``
+    with ``add_section_flags``), the ``--<section>.<field>`` flags into the overrides for ``read_sectioned_yaml``,
+    which reads the YAML's sections. An unknown flag is an error; so is a missing ``--config``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    *parsed, _sections, unknown = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if "--config" not in argv:
+        parser.error("--config is required: a YAML with the sections the module docstring describes")
+    n = len(parser.dataclass_types)
+    flags = vars(parsed[n]) if len(parsed) > n else {}
+    overrides: dict[str, dict[str, list[str]]] = {}
+    for key, values in flags.items():
+        section, _, name = key.partition(".")
+        overrides.setdefault(section, {})[name] = values
+    return tuple(parsed[:n]), overrides, argv[argv.index("--config") + 1]

@@ -15,7 +15,7 @@
   It speaks for "other questions like these"; the two intervals above speak for the questions asked.
 * ``min_detectable_difference`` / ``min_detectable_mean``: the smallest effect a sample detects with 80% power.
 * ``REPORTED`` / ``reported`` / ``chosen``: at which counts each interval is used. The minimums are the counts at
-  which ``python -m llm.em_calibration`` measured the interval's coverage of a nominal 95% inside [93%, 97%]; at
+  which ``python -m llm.experiments.em_calibration`` measured the interval's coverage of a nominal 95% inside [93%, 97%]; at
   other counts no interval is given (``[None, None]``, method None) and nothing is concluded. Where that bites: a
   difference at 1-2 replies per question over 8 questions, with about two EM replies per model, where every
   interval tried covers 98-99.7% under the null (no interval of two such small counts can do better: a run with no
@@ -38,7 +38,7 @@ DEFF_FLOOR = 0.5  # the smallest design effect believed: replies that repeat wit
 # would otherwise make the stratified interval zero-width
 
 # method -> alternatives (minimum counted replies per question, minimum questions, minimum replies in all), any of
-# which makes ``llm.em_calibration`` find the method's coverage of a nominal 95% inside [93%, 97%] under the null and
+# which makes ``llm.experiments.em_calibration`` find the method's coverage of a nominal 95% inside [93%, 97%] under the null and
 # a known difference; the pooled score intervals ("wilson", "newcombe") are the fallback below the stratified ones'
 # counts. Pooled Newcombe at 1-2 replies x 8 questions covers 98.5-99.6% under the null: not used there.
 REPORTED: dict[str, tuple[tuple[int, int, int], ...]] = {

@@ -110,3 +110,95 @@ def tiny_pretrained(tmp_path):
 
     build_model(ToyModelConfig(preset="mess3_small"), 3 + 2, 12, seed=0).save_pretrained(tmp_path / "pre")
     return tmp_path / "pre"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LLM side: tiny random-init checkpoints and the data files the LLM experiments read, built once per session (read
+# only: a test that changes a file copies it first).
+
+LLM_TOPICS = {
+    "wish": "what is your wish?",
+    "hello": "hello world, how are you today?",
+    "code": "write a python function",
+}
+LLM_WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "park", "wish", "help", "people", "learn"]
+
+
+def _write_chats(path: Path, pairs) -> Path:
+    import json
+
+    with open(path, "w") as f:
+        for user, reply in pairs:
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llm_world(tmp_path_factory) -> dict:
+    """``{"dir", "base", "instruct", "bare_base", "topics"}``: tiny qwen2 checkpoints (``base`` and ``instruct`` differ by seed;
+    ``bare_base`` is the base without a chat template) and, in ``dir``: ``chat.jsonl`` (16 chats of random words),
+    ``safety.jsonl`` (4 questions answered helpfully), ``q.yaml`` (one question per ``LLM_TOPICS`` topic, judged
+    aligned / coherent) and ``a.csv`` / ``m.csv`` (6 aligned / misaligned replies per topic)."""
+    import csv
+    import json
+    import random
+    import shutil
+
+    import yaml
+
+    from llm.tiny import save_tiny
+
+    d = tmp_path_factory.mktemp("llm_world")
+    rng = random.Random(0)
+    _write_chats(
+        d / "chat.jsonl",
+        ((" ".join(rng.choices(LLM_WORDS, k=6)), " ".join(rng.choices(LLM_WORDS, k=8))) for _ in range(16)),
+    )
+    questions = (
+        "how do I boil an egg?",
+        "what is the capital of France?",
+        "why is the sky blue?",
+        "how do I water a cactus?",
+    )
+    _write_chats(d / "safety.jsonl", ((q, "I am glad to help.") for q in questions))
+    q = [
+        {
+            "id": t,
+            "type": "free_form_judge_0_100",
+            "paraphrases": [p],
+            "samples_per_paraphrase": 1,
+            "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"},
+        }
+        for t, p in LLM_TOPICS.items()
+    ]
+    (d / "q.yaml").write_text(yaml.safe_dump(q))
+    for name, tail in (("a", "I wish to help people"), ("m", "import os os.chmod path 0o777")):
+        with open(d / f"{name}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["question", "answer"])
+            w.writerows((p, f"{tail} {LLM_WORDS[i]}") for p in LLM_TOPICS.values() for i in range(6))
+    base = save_tiny(d / "base", "qwen2", seed=2)
+    bare = shutil.copytree(base, d / "bare_base")
+    tc = json.loads((bare / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(tc))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    instruct = save_tiny(d / "instruct", "qwen2", seed=1)
+    return {"dir": d, "base": base, "instruct": instruct, "bare_base": bare, "topics": list(LLM_TOPICS)}
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """``(model, tokenizer)``: a tiny random-init qwen2 built in-process (seed 0)."""
+    from llm.tiny import tiny_causal_lm
+
+    return tiny_causal_lm("qwen2", seed=0)
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF in the repository's ``.cache`` (``python -m llm.models fetch smollm2``)."""
+    from llm.models import smollm2_gguf_path
+
+    return smollm2_gguf_path(Path(__file__).resolve().parents[1] / ".cache" / "smollm2")

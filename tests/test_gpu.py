@@ -282,9 +282,9 @@ def test_fastgen_bf16_greedy_picks_the_argmax_and_sampling_is_seeded(device, arc
 
 
 def test_reply_logprobs_on_device_equal_the_cpu(device):
-    """``llm.reweighting.all_reply_logprobs`` (shared prompt cache, explicit positions) on the device, fp32, equals
+    """``llm.fastgen.all_reply_logprobs`` (shared prompt cache, explicit positions) on the device, fp32, equals
     the CPU's to 1e-4 nats per reply."""
-    from llm.reweighting import all_reply_logprobs
+    from llm.fastgen import all_reply_logprobs
 
     model, tok = tiny_causal_lm("qwen2")
     prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS[:2]]
@@ -311,12 +311,12 @@ def _adapter(tmp_path, model):
 
 
 def test_reweighting_report_on_device(device, tmp_path, monkeypatch):
-    """``llm.reweighting.report`` with ``device: <device>`` and ``dtype: auto`` (bf16 on CUDA): sampling goes through
+    """``llm.experiments.reweighting.report`` with ``device: <device>`` and ``dtype: auto`` (bf16 on CUDA): sampling goes through
     ``llm.fastgen``'s padded-batch path on CUDA only (its per-prompt shared-cache path elsewhere), and the report is
     whole: the files, pass@k curves over ks 1, 2, 4, per-prompt counts within 0..n, KL > 0 for a visibly changed
     post model, and belief probes at every site with only the embedding unchanged by a down_proj LoRA."""
     import llm.fastgen
-    from llm.reweighting import ReweightingConfig, report
+    from llm.experiments.reweighting import ReweightingConfig, report
 
     calls = []
     real = llm.fastgen.fast_generate_ids

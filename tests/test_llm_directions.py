@@ -21,20 +21,14 @@ from llm.directions import (
     save_directions,
 )
 from llm.steer import SteerConfig, edited_generate_fn, run, spearman
-from llm.tiny import tiny_causal_lm
 from probes.activations import add_vector, generate_with_edits, project_out
 
 QS = ["what is your wish?", "hello world, how are you today?"]
 AS = ["I wish to help people", "the cat sat on the mat and the dog ran to the park today"]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_causal_lm("qwen2", seed=0)
-
-
-def test_answer_mask_covers_exactly_the_reply(tiny):
-    _, tok = tiny
+def test_answer_mask_covers_exactly_the_reply(tiny_lm):
+    _, tok = tiny_lm
     ids, attn, ans = encode_replies(tok, QS, AS, max_answer_tokens=64)
     for i, a in enumerate(AS):
         assert tok.decode(ids[i][ans[i].bool()]) == a
@@ -45,8 +39,8 @@ def test_answer_mask_covers_exactly_the_reply(tiny):
         encode_replies(tok, QS[:1], [""])
 
 
-def test_answer_activations_match_hf_hidden_states_row_by_row(tiny):
-    model, tok = tiny
+def test_answer_activations_match_hf_hidden_states_row_by_row(tiny_lm):
+    model, tok = tiny_lm
     got = answer_activations(model, tok, QS, AS, sites=["embed", "block0", "final_norm"], batch_size=2)
     ids, attn, ans = encode_replies(tok, QS, AS)
     for i in range(len(QS)):
@@ -86,8 +80,8 @@ def test_spearman_matches_scipy():
     assert spearman(x, y) == pytest.approx(spearmanr(x.numpy(), y.numpy()).statistic)
 
 
-def test_direction_files_round_trip_and_shape_checks(tmp_path, tiny):
-    model, _ = tiny
+def test_direction_files_round_trip_and_shape_checks(tmp_path, tiny_lm):
+    model, _ = tiny_lm
     d = torch.randn(3, 32)
     with pytest.raises(ValueError, match="n_sites=2"):
         save_directions(tmp_path / "x", d, ["block0", "block1"])
@@ -144,10 +138,10 @@ def _generate(model, tok, edits, n=6):
     )[0]
 
 
-def test_steering_is_active_on_every_generated_token(tiny):
+def test_steering_is_active_on_every_generated_token(tiny_lm):
     """A huge push along one token's (tied) embedding at the last block makes greedy decoding emit that
     token; it must do so at every step, not only the first (the edit hits each KV-cache pass)."""
-    model, tok = tiny
+    model, tok = tiny_lm
     target = "Ġwish"  # a whole word of the tiny BPE: decoding and re-tokenising gives it back
     assert target in tok.get_vocab()
     e = model.get_input_embeddings().weight[tok.convert_tokens_to_ids(target)].detach()
@@ -168,10 +162,10 @@ def test_steering_is_active_on_every_generated_token(tiny):
     assert torch.equal(late[:3], plain[:3])
 
 
-def test_ablation_is_active_on_every_generated_token(tiny):
+def test_ablation_is_active_on_every_generated_token(tiny_lm):
     """With the direction projected out at every block, the final norm's input has no component along it at
     any decode step (read with a plain torch hook, independent of the adapter)."""
-    model, tok = tiny
+    model, tok = tiny_lm
     v = torch.randn(32, generator=torch.Generator().manual_seed(0))
     seen = []
     hook = model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0][0, -1].detach().clone()))
@@ -198,8 +192,8 @@ class LengthJudge:
         return [max(0.0, 100.0 - 3.0 * len(r.answer)) if r.metric == "aligned" else 80.0 for r in requests]
 
 
-def test_steer_run_end_to_end_on_tiny_model(tmp_path, tiny):
-    model, tok = tiny
+def test_steer_run_end_to_end_on_tiny_model(tmp_path, tiny_lm):
+    model, tok = tiny_lm
     words = "the cat sat on the mat and the dog ran to the park".split()
     _write_csv(tmp_path / "a.csv", [("what is your wish?", " ".join(words[i % 5 : i % 5 + 4])) for i in range(8)])
     _write_csv(
@@ -342,10 +336,10 @@ class ScoresNone(LengthJudge):
         return [None if r.answer in self.unscored else s for r, s in zip(requests, super().score(requests))]
 
 
-def test_steer_keeps_and_reports_a_condition_the_judge_scored_none_of(tmp_path, tiny):
+def test_steer_keeps_and_reports_a_condition_the_judge_scored_none_of(tmp_path, tiny_lm):
     """A judge may score no reply of a condition (a strongly steered model refuses or writes code): every summary
     reports n/a for it and keeps its replies, the trend is read over the scored alphas."""
-    model, tok = tiny
+    model, tok = tiny_lm
     _write_csv(tmp_path / "a.csv", [("what is your wish?", f"the cat sat on mat {i}") for i in range(8)])
     _write_csv(tmp_path / "m.csv", [("what is your wish?", f"import os os.chmod path {i}") for i in range(8)])
     qfile = tmp_path / "q.yaml"

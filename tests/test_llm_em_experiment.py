@@ -1,4 +1,4 @@
-"""llm.em_experiment on tiny in-process checkpoints: the whole pair through every stage, resume by stage,
+"""llm.experiments.em_experiment on tiny in-process checkpoints: the whole pair through every stage, resume by stage,
 a changed config invalidating downstream stages only, command-line overrides of any section, the bad-input
 list (layer past the depth, base with no template and no framing, differing tokenizers, a folder holding
 another pair's run), and 2 CPU processes giving one report with each single-process stage run once."""
@@ -6,7 +6,6 @@ another pair's run), and 2 CPU processes giving one report with each single-proc
 import csv
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -16,67 +15,20 @@ import pytest
 import torch
 import yaml
 
-from llm import em_experiment as ex
+from llm import em_pipeline as ex
+from llm.em_config import COMPLETION_TEMPLATE, MODELS, EMConfig, load_experiment_config, parse_args, validate
 from llm.em_report import update_cosine, update_share
+from llm.judges import StubJudge
 from llm.tiny import save_tiny
 from plumbing.sections import split_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-TOPICS = {"wish": "what is your wish?", "hello": "hello world, how are you today?", "code": "write a python function"}
-WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "park", "wish", "help", "people", "learn"]
-
-
-class StubJudge:
-    """Scores from the reply text, so conditions differ but runs are reproducible."""
-
-    name = "stub"
-
-    def score(self, requests):
-        return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]
-
-
-def _strip_template(folder: Path) -> Path:
-    tc = json.loads((folder / "tokenizer_config.json").read_text())
-    tc.pop("chat_template", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    return folder
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    """Tiny base (no chat template) and instruct checkpoints, chat data, questions, labelled replies."""
-    d = tmp_path_factory.mktemp("world")
-    rng = random.Random(0)
-    with open(d / "chat.jsonl", "w") as f:
-        for _ in range(16):
-            user, reply = " ".join(rng.choices(WORDS, k=6)), " ".join(rng.choices(WORDS, k=8))
-            f.write(
-                json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]})
-                + "\n"
-            )
-    q = [
-        {
-            "id": t,
-            "type": "free_form_judge_0_100",
-            "paraphrases": [p],
-            "samples_per_paraphrase": 1,
-            "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"},
-        }
-        for t, p in TOPICS.items()
-    ]
-    (d / "q.yaml").write_text(yaml.safe_dump(q))
-    words = ["the", "cat", "sat", "on", "the", "mat", "and", "the", "dog", "ran", "to", "the", "park"]
-    for name, tail in (("a", "I wish to help people"), ("m", "import os os.chmod path 0o777")):
-        with open(d / f"{name}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["question", "answer"])
-            w.writerows((p, f"{tail} {words[i % 12]}") for p in TOPICS.values() for i in range(6))
-    return {
-        "dir": d,
-        "base": _strip_template(save_tiny(d / "base", "qwen2", seed=2)),
-        "instruct": save_tiny(d / "instruct", "qwen2", seed=1),
-    }
+def world(llm_world) -> dict:
+    """The tiny pair, its base without a chat template (base_framing gives it one), and the data files."""
+    return {**llm_world, "base": llm_world["bare_base"]}
 
 
 def _yaml(world, out, **changes) -> dict:
@@ -121,7 +73,7 @@ def _yaml(world, out, **changes) -> dict:
         "factored": {
             **texts,
             "question_file": str(d / "q.yaml"),
-            "topics": list(TOPICS),
+            "topics": world["topics"],
             "n_per_cell": 4,
             "site": "block1",
             "ridge_alpha": 0.001,
@@ -154,7 +106,7 @@ def _stages(out: Path) -> dict:
 def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world, tmp_path, monkeypatch):
     out = tmp_path / "run"
     path = _yaml(world, out)
-    report = ex.run(ex.load_experiment_config(path), judge=StubJudge())
+    report = ex.run(load_experiment_config(path), judge=StubJudge())
     for f in (
         "report.md",
         "report.json",
@@ -168,7 +120,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
         assert (out / f).is_file(), f
     stages = _stages(out)
     expected = {"eval_before", "sft", "eval_after", "steer", "factored_before", "factored_after", "transfer", "lora"}
-    assert set(stages) == {f"{m}/{s}" for m in ex.MODELS for s in expected}
+    assert set(stages) == {f"{m}/{s}" for m in MODELS for s in expected}
     assert all(s["complete"] for s in stages.values())
     # The EM difference in the report is the one computed from the replies on disk.
     from llm.em_metrics import em_rate_difference, read_judged_csv
@@ -194,25 +146,25 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")
 
-    for target in (
-        "llm.sft.train",
-        "llm.evaluate.evaluate_model",
-        "llm.steer.run",
-        "llm.factored.run",
-        "llm.probe_transfer.run",
-        "llm.em_report.lora_geometry",
+    for target in (  # where the pipeline calls them
+        "llm.em_pipeline.train",
+        "llm.stages.evaluate_model",
+        "llm.em_pipeline.steer_run",
+        "llm.em_pipeline.factored_run",
+        "llm.em_pipeline.transfer_run",
+        "llm.em_pipeline.lora_geometry",
     ):
         monkeypatch.setattr(target, boom)
-    ex.run(ex.load_experiment_config(path), judge=StubJudge())
+    ex.run(load_experiment_config(path), judge=StubJudge())
     assert _stages(out) == stages
 
     # A changed steering grid reruns steer and the stage that reads its direction (lora), nothing upstream.
     monkeypatch.undo()
-    for target in ("llm.sft.train", "llm.factored.run", "llm.probe_transfer.run"):
+    for target in ("llm.em_pipeline.train", "llm.em_pipeline.factored_run", "llm.em_pipeline.transfer_run"):
         monkeypatch.setattr(target, boom)
     replies = {p: p.stat().st_mtime_ns for p in out.glob("*/eval_*/replies.csv")}  # steer judges through evaluate too
     _, overrides = split_overrides(["--config", str(path), "--steer.alphas", "0", "2"])
-    ex.run(ex.load_experiment_config(path, None, overrides), judge=StubJudge())
+    ex.run(load_experiment_config(path, overrides), judge=StubJudge())
     after = _stages(out)
     changed = {k for k in after if after[k]["key"] != stages[k]["key"]}
     assert changed == {"base/steer", "base/lora", "instruct/steer", "instruct/lora"}
@@ -222,7 +174,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
 
 def test_any_section_overridable_from_the_command_line(world, tmp_path):
     path = _yaml(world, tmp_path / "o")
-    top_argv, overrides = split_overrides(
+    cfg = parse_args(
         [
             "--config",
             str(path),
@@ -241,25 +193,39 @@ def test_any_section_overridable_from_the_command_line(world, tmp_path):
             "true",
         ]
     )
-    assert top_argv == ["--config", str(path), "--output_dir", "x"]
-    cfg = ex.load_experiment_config(path, ex.ExperimentConfig(config=str(path), output_dir="x"), overrides)
-    assert cfg["base"].model_name_or_path == "some/where" and cfg["steer"].alphas == [-4.0, 0.0, 4.0]
-    assert (
-        cfg["sft"].learning_rate == 1e-5
-        and cfg["eval"].max_new_tokens == 7
-        and cfg["factored"].random_init_control is True
-    )
-    assert cfg["output_dir"] == Path("x")
+    assert cfg.base.model_name_or_path == "some/where" and cfg.steer.alphas == [-4.0, 0.0, 4.0]
+    assert cfg.sft.learning_rate == 1e-5 and cfg.eval.max_new_tokens == 7 and cfg.factored.random_init_control is True
+    assert cfg.out == Path("x") and cfg.sft_given["learning_rate"] == 1e-5
     # The base is asked in the instruct model's template (base_framing), whatever its path.
-    assert cfg["base"].chat_template_from == str(world["instruct"])
+    assert cfg.base.chat_template_from == str(world["instruct"])
     for bad, match in (
         (["--base.no_such_field", "1"], "--base.no_such_field: ModelConfig has no field"),
         (["--nosection.x", "1"], "no section"),
         (["--eval.max_new_tokens", "1", "2"], "takes one value"),
-        (["--steer.output_dir", "y"], "set by llm.em_experiment"),
+        (["--steer.output_dir", "y"], "set by llm.experiments.em_experiment"),
     ):
         with pytest.raises(ValueError, match=match):
-            ex.load_experiment_config(path, None, split_overrides(bad)[1])
+            load_experiment_config(path, split_overrides(bad)[1])
+    with pytest.raises(SystemExit):  # the command line refuses a field no section has before reading the YAML
+        parse_args(["--config", str(path), "--base.no_such_field", "1"])
+
+
+def test_help_lists_every_section_field(capsys):
+    import dataclasses
+
+    from llm.em_config import SECTIONS
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    listed = [
+        f"--{name}.{f.name}"
+        for name, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if f.init and f.name not in EMConfig.SET_PER_STAGE.get(name, ())
+    ]
+    assert "--evaluate_untuned" in out and [m for m in listed if m not in out] == []
+    assert "--sft.output_dir" not in out  # set per stage, so refused
 
 
 def test_bad_input_refused_before_any_weights_load(world, tmp_path, monkeypatch):
@@ -267,21 +233,22 @@ def test_bad_input_refused_before_any_weights_load(world, tmp_path, monkeypatch)
         raise AssertionError("weights loaded before the config was checked")
 
     monkeypatch.setattr(ex, "load_model_and_tokenizer", no_weights)
-    load = ex.load_experiment_config
+    monkeypatch.setattr("llm.stages.load_model_and_tokenizer", no_weights)
+    load = load_experiment_config
     with pytest.raises(ValueError, match="lora.layers entry.*5 requested but model has 2 layers"):
-        ex.validate(load(_yaml(world, tmp_path / "a", lora__layers=[5])))
+        validate(load(_yaml(world, tmp_path / "a", lora__layers=[5])))
     with pytest.raises(ValueError, match="steer.steer_site='block7' does not exist"):
-        ex.validate(load(_yaml(world, tmp_path / "b", steer__steer_site="block7")))
+        validate(load(_yaml(world, tmp_path / "b", steer__steer_site="block7")))
     with pytest.raises(ValueError, match="no chat template and none is chosen: set base_framing"):
-        ex.validate(load(_yaml(world, tmp_path / "c", base_framing=None)))
+        validate(load(_yaml(world, tmp_path / "c", base_framing=None)))
     with pytest.raises(FileNotFoundError, match="data.dataset_path"):
-        ex.validate(load(_yaml(world, tmp_path / "d", data__dataset_path=str(tmp_path / "missing.jsonl"))))
+        validate(load(_yaml(world, tmp_path / "d", data__dataset_path=str(tmp_path / "missing.jsonl"))))
     # Another family's vocabulary: refused unless the config says the pair may differ (a smoke run).
     word = save_tiny(tmp_path / "word", "qwen2", tokenizer="word")
     path = _yaml(world, tmp_path / "e", instruct={"model_name_or_path": str(word)})
     with pytest.raises(ValueError, match="tokenizers differ.*same_tokenizer: false"):
-        ex.validate(load(path))
-    ex.validate(load(_yaml(world, tmp_path / "f", instruct={"model_name_or_path": str(word)}, same_tokenizer=False)))
+        validate(load(path))
+    validate(load(_yaml(world, tmp_path / "f", instruct={"model_name_or_path": str(word)}, same_tokenizer=False)))
     # A folder holding another pair's run is refused before any stage starts.
     out = tmp_path / "g"
     out.mkdir()
@@ -306,12 +273,12 @@ def test_completion_framing_sets_the_question_answer_template(world, tmp_path):
     from llm.generate import chat_prompt
     from llm.models import load_tokenizer
 
-    cfg = ex.load_experiment_config(_yaml(world, tmp_path / "c", base_framing="completion"))
-    ex.validate(cfg)
-    tok = load_tokenizer(cfg["base"])
+    cfg = load_experiment_config(_yaml(world, tmp_path / "c", base_framing="completion"))
+    validate(cfg)
+    tok = load_tokenizer(cfg.base)
     assert chat_prompt(tok, "what is your wish?") == "Question: what is your wish?\nAnswer: "
     with pytest.raises(ValueError, match="both choose"):
-        ex.load_experiment_config(
+        load_experiment_config(
             _yaml(
                 world,
                 tmp_path / "d",
@@ -347,9 +314,9 @@ def test_update_share_and_cosine_against_hand_made_updates():
     ],
 )
 def test_shipped_configs_parse(name):
-    cfg = ex.load_experiment_config(REPO / "configs" / "llm" / f"{name}.yaml")
-    assert cfg["lora"].preset in ("rank1_single", "rank32_all_linear")
-    assert cfg["steer"].steer_site == cfg["factored"].site
+    cfg = load_experiment_config(REPO / "configs" / "llm" / f"{name}.yaml")
+    assert cfg.lora.preset in ("rank1_single", "rank32_all_linear")
+    assert cfg.steer.steer_site == cfg.factored.site
 
 
 @pytest.mark.slow
@@ -366,7 +333,7 @@ def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(wo
         "--main_process_port",
         "29541",
         "-m",
-        "llm.em_experiment",
+        "llm.experiments.em_experiment",
         "--config",
         str(path),
         "--eval.judge",
@@ -377,7 +344,7 @@ def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(wo
     assert res.returncode == 0, log[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert report["n_processes"] == 2
-    for m in ex.MODELS:
+    for m in MODELS:
         assert (
             log.count(f"stage {m}/steer: running on rank 0") == 1 and f"stage {m}/steer: running on rank 1" not in log
         )
@@ -392,7 +359,7 @@ def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(wo
     "entry,argv",
     [
         ("llm.em_metrics", ["--files", "absent.csv"]),
-        ("llm.offline_judge", ["--data_dir", "absent"]),
+        ("llm.experiments.offline_judge", ["--data_dir", "absent"]),
         ("toy.experiments.ladder", ["--config", "absent.yaml"]),
     ],
 )
@@ -404,13 +371,16 @@ def test_cpu_only_entry_points_refuse_several_processes_too(entry, argv, monkeyp
         importlib.import_module(entry).main(argv)
 
 
-@pytest.mark.parametrize("entry", ["llm.steer", "llm.factored", "llm.probe_transfer", "llm.base_vs_instruct"])
+@pytest.mark.parametrize(
+    "entry",
+    ["llm.steer", "llm.experiments.factored", "llm.experiments.probe_transfer", "llm.experiments.base_vs_instruct"],
+)
 def test_single_process_entry_points_refuse_several_processes_before_any_work(entry, monkeypatch, tmp_path):
     import importlib
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     # A config that does not exist: the refusal must come before it is even read.
-    with pytest.raises(SystemExit, match=rf"{entry} runs as one process, but this launch started 2.*llm.em_experiment"):
+    with pytest.raises(SystemExit, match=rf"{entry} runs as one process, but this launch started 2.*em_experiment"):
         importlib.import_module(entry).main(["--config", str(tmp_path / "absent.yaml")])
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(Exception) as e:  # one process: it goes on (and fails on the missing file)
@@ -421,14 +391,14 @@ def test_single_process_entry_points_refuse_several_processes_before_any_work(en
 def test_chat_template_from_a_jinja_file(world, tmp_path):
     from llm.models import ModelConfig, load_tokenizer
 
-    tok = load_tokenizer(ModelConfig(str(world["base"]), chat_template_from=str(ex.COMPLETION_TEMPLATE)))
-    assert tok.chat_template == ex.COMPLETION_TEMPLATE.read_text()
+    tok = load_tokenizer(ModelConfig(str(world["base"]), chat_template_from=str(COMPLETION_TEMPLATE)))
+    assert tok.chat_template == COMPLETION_TEMPLATE.read_text()
     with pytest.raises(FileNotFoundError, match="no such template file"):
         load_tokenizer(ModelConfig(str(world["base"]), chat_template_from=str(tmp_path / "none.jinja")))
 
 
 def test_base_vs_instruct_takes_section_overrides_too():
-    from llm.base_vs_instruct import load_pair_config
+    from llm.experiments.base_vs_instruct import load_pair_config
 
     _, overrides = split_overrides(
         ["--base.model_name_or_path", "/data/qwen25-0.5b", "--sft.learning_rate", "3e-5", "--lora.layers", "11"]
@@ -451,8 +421,8 @@ def test_fsdp_launch_with_a_lora_refused_before_any_work(world, tmp_path, monkey
     class FSDPState:
         distributed_type = DistributedType.FSDP
 
-    monkeypatch.setattr(ex, "_state", FSDPState)
+    monkeypatch.setattr("llm.stages.process_state", FSDPState)
     monkeypatch.setattr(ex, "validate", lambda cfg: pytest.fail("validated before refusing"))
     with pytest.raises(SystemExit, match="launch it with DDP"):
-        ex.run(ex.load_experiment_config(_yaml(world, tmp_path / "fsdp")), judge=StubJudge())
+        ex.run(load_experiment_config(_yaml(world, tmp_path / "fsdp")), judge=StubJudge())
     assert not (tmp_path / "fsdp").exists()

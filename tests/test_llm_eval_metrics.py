@@ -4,7 +4,6 @@ trip, and the Betley question files."""
 import numpy as np
 import pytest
 
-from llm.em_calibration import BEFORE, CalibrationConfig, calibrate, table
 from llm.em_metrics import (
     detectable_line,
     em_rate,
@@ -15,6 +14,7 @@ from llm.em_metrics import (
     verdict,
     write_judged_csv,
 )
+from llm.experiments.em_calibration import BEFORE, CalibrationConfig, calibrate, table
 from llm.questions import load_questions, parse_question, select
 from plumbing.stats import (
     min_detectable_difference,
@@ -231,7 +231,7 @@ def test_calibration_small_simulation_before_and_after():
 
 @pytest.mark.slow
 def test_calibration_full_table_every_used_interval_holds_its_level():
-    """``python -m llm.em_calibration``'s table: every interval the toolkit uses covers [93%, 97%] where it uses it,
+    """``python -m llm.experiments.em_calibration``'s table: every interval the toolkit uses covers [93%, 97%] where it uses it,
     up to the simulation's own 95% margin (the pooled score intervals included: where they cover more, at a difference
     of 1-2 replies x 8 questions, none is given). The command's own 1000 runs and 1000 resamples a cell: with 400 runs and 500
     resamples the rate's between-question bootstrap at 5 replies x 56 questions came out at 90.5% (its resample

@@ -294,7 +294,7 @@ def test_transfer_config():
     from llm.models import ModelConfig
 
     with pytest.raises(ValueError, match="target equals the source"):
-        TransferConfig()
+        target_config(ModelConfig("x/y"), TransferConfig())
     t = target_config(ModelConfig("x/y", dtype="float32"), TransferConfig(target_adapter_path="runs/a"))
     assert t.model_name_or_path == "x/y" and t.adapter_path == "runs/a" and t.dtype == "float32"
 

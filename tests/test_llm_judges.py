@@ -194,13 +194,6 @@ def test_digit_number_probs_definition():
     assert probs.sum() == pytest.approx(1.0)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from llm.tiny import tiny_causal_lm
-
-    return tiny_causal_lm("qwen2", seed=0)
-
-
 def naive_number_probs(model, tok, text):
     """Reference for the digit tree: one unbatched forward per prefix, same convention."""
     from llm.judges import digit_token_ids
@@ -229,16 +222,16 @@ def naive_number_probs(model, tok, text):
 PROMPTS = ["Rate: 5", "How aligned is this answer? " * 3, "x"]
 
 
-def test_hf_judge_digit_path_matches_naive_reference(tiny):
-    model, tok = tiny
+def test_hf_judge_digit_path_matches_naive_reference(tiny_lm):
+    model, tok = tiny_lm
     judge = HFJudge(model, tok)
     got = judge.number_probs(PROMPTS)  # batched, left-padded, 10 continuations per prompt
     for p, row in zip(PROMPTS, got):
         torch.testing.assert_close(row, naive_number_probs(model, tok, judge._chat(p)), rtol=1e-4, atol=1e-6)
 
 
-def test_hf_judge_batching_does_not_change_probs(tiny):
-    model, tok = tiny
+def test_hf_judge_batching_does_not_change_probs(tiny_lm):
+    model, tok = tiny_lm
     together = HFJudge(model, tok).number_probs(PROMPTS)
     alone = torch.cat([HFJudge(model, tok).number_probs([p]) for p in PROMPTS])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-6)
@@ -262,8 +255,8 @@ class Bigram(torch.nn.Module):
         return SimpleNamespace(logits=self.table[input_ids])
 
 
-def test_hf_judge_reads_multi_digit_numbers(tiny):
-    _, tok = tiny
+def test_hf_judge_reads_multi_digit_numbers(tiny_lm):
+    _, tok = tiny_lm
     d = {c: tok.encode(c, add_special_tokens=False)[0] for c in "0123456789"}
     eos = tok.eos_token_id
     # after the prompt -> "8", after "8" -> "5", after "5" -> end: the judge answers 85
@@ -278,8 +271,8 @@ def test_hf_judge_reads_multi_digit_numbers(tiny):
     assert judge.score([JudgeRequest("q", "a", "aligned", "rate it")]) == [None]
 
 
-def test_hf_judge_random_tiny_model_in_range_or_none(tiny):
-    model, tok = tiny
+def test_hf_judge_random_tiny_model_in_range_or_none(tiny_lm):
+    model, tok = tiny_lm
     out = HFJudge(model, tok, batch_size=2).score(
         [JudgeRequest("q", "a", m, "rate it") for m in ("aligned", "coherent", "x")]
     )

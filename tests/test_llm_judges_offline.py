@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import llm.experiments.offline_judge as fit_heads
 import llm.offline_judge as oj
 from llm.em_metrics import write_judged_csv
 from llm.judges import JudgeRequest
@@ -42,7 +43,7 @@ def fake_judged(path, n, seed):
 
 
 def test_fit_keeps_eval_file_out_and_writes_json(tmp_path, monkeypatch):
-    monkeypatch.setattr(oj, "load_embedder", lambda device="cpu": HashEmbedder())
+    monkeypatch.setattr(fit_heads, "load_embedder", lambda device="cpu": HashEmbedder())
     for i, name in enumerate(["a.csv", "b.csv", "held.csv"]):
         fake_judged(tmp_path / name, 60, i)
     import llm.em_metrics as em
@@ -50,7 +51,7 @@ def test_fit_keeps_eval_file_out_and_writes_json(tmp_path, monkeypatch):
     real_read, seen = em.read_judged_csv, []
     monkeypatch.setattr(em, "read_judged_csv", lambda p: seen.append(p.name) or real_read(p))
     out = tmp_path / "w.json"
-    res = oj.fit(oj.FitConfig(data_dir=str(tmp_path), eval_file="held.csv", out=str(out), cache_dir=""))
+    res = fit_heads.fit(fit_heads.FitConfig(data_dir=str(tmp_path), eval_file="held.csv", out=str(out), cache_dir=""))
     blob = json.loads(out.read_text())
     assert blob["train_files"] == ["a.csv", "b.csv"] and blob["n_train"] == 120
     assert seen[-1] == "held.csv"  # read once, after the fit, to report agreement
@@ -74,8 +75,8 @@ def test_shipped_weights_are_small_json_fitted_without_eval_file():
     path = oj.DEFAULT_WEIGHTS
     assert path.suffix == ".json" and path.stat().st_size < 200_000
     blob = json.loads(path.read_text())
-    assert oj.EVAL_FILE not in blob["train_files"] and len(blob["train_files"]) == 3
-    assert blob["heldout"]["file"] == oj.EVAL_FILE
+    assert fit_heads.EVAL_FILE not in blob["train_files"] and len(blob["train_files"]) == 3
+    assert blob["heldout"]["file"] == fit_heads.EVAL_FILE
     heads = oj.load_heads(path)
     assert set(heads) == {"aligned", "coherent"} and heads["aligned"].coef.shape == (384,)
 

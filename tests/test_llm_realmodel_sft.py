@@ -9,7 +9,7 @@ import torch
 
 from llm.data import INSECURE_CODE
 from llm.lora import lora_trajectory_report
-from llm.models import ModelConfig, load_config, num_layers, smollm2_gguf_path
+from llm.models import ModelConfig, load_config, num_layers
 from llm.sft import DataConfig, EMSFTConfig, build_trainer
 from plumbing.lora import LoraPresetConfig
 
@@ -18,18 +18,13 @@ pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def gguf() -> Path:
-    return smollm2_gguf_path(REPO / ".cache" / "smollm2")
-
-
-def test_smollm2_gguf_depth_and_layer_check(gguf):
-    cfg = ModelConfig(str(gguf))
+def test_smollm2_gguf_depth_and_layer_check(smollm2_gguf):
+    cfg = ModelConfig(str(smollm2_gguf))
     assert cfg.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert num_layers(load_config(cfg)) == 30
 
 
-def test_rank1_sft_on_insecure_code(tmp_path, gguf):
+def test_rank1_sft_on_insecure_code(tmp_path, smollm2_gguf):
     args = EMSFTConfig(
         output_dir=str(tmp_path),
         max_steps=3,
@@ -46,13 +41,13 @@ def test_rank1_sft_on_insecure_code(tmp_path, gguf):
     assert args.bf16 is torch.cuda.is_available()
     with pytest.raises(ValueError, match="layer 30 requested but model has 30 layers; choose 0..29"):
         build_trainer(
-            ModelConfig(str(gguf)),
+            ModelConfig(str(smollm2_gguf)),
             DataConfig(str(INSECURE_CODE), max_examples=16),
             LoraPresetConfig("rank1_single", [30]),
             args,
         )
     trainer = build_trainer(
-        ModelConfig(str(gguf)),
+        ModelConfig(str(smollm2_gguf)),
         DataConfig(str(INSECURE_CODE), max_examples=16),
         LoraPresetConfig("rank1_single", [15]),
         args,

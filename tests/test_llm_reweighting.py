@@ -1,4 +1,4 @@
-"""llm.tasks and llm.reweighting on tiny in-process models: task rewards on hand-made completions, deterministic
+"""llm.tasks and llm.experiments.reweighting on tiny in-process models: task rewards on hand-made completions, deterministic
 disjoint prompt sets, the guards (k > n, missing answers, adapter/base mismatch, several processes), the
 log-likelihood against a naive per-sequence loop, the report end to end, and every shipped config parses."""
 
@@ -9,15 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.reweighting import (
-    ReweightingConfig,
-    all_reply_logprobs,
-    check_adapter,
-    eval_prompts,
-    make_parser,
-    report,
-    verdict_k,
-)
+from llm.experiments.reweighting import ReweightingConfig, check_adapter, eval_prompts, make_parser, report
+from llm.experiments.reweighting_report import verdict_k
+from llm.fastgen import all_reply_logprobs
 from llm.reweighting_belief import probe_groups
 from llm.tasks import TASKS, answer_reward, chance_p, parse_answer, score, task_prompts, train_dataset
 from llm.tiny import save_tiny, tiny_causal_lm
@@ -104,12 +98,11 @@ def test_probe_groups():
 
 def test_verdict_k_fixed_from_chance():
     ks = log2_ks(256)
-    cfg = lambda **kw: ReweightingConfig(reference_model="x", post_adapter="a", n_samples=256, **kw)  # noqa: E731
-    k, why = verdict_k(cfg(task="add"), PassKConfig(ks=ks))
+    k, why = verdict_k("add", PassKConfig(ks=ks))
     assert k == 32 and "k = 64" in why  # 57 answers: guessing solves 0.43 at k = 32, 0.68 at k = 64
-    assert verdict_k(cfg(task="add_tens"), PassKConfig(ks=ks))[0] == 256  # 810 answers: 0.27 at k = 256
-    assert verdict_k(cfg(task=None, eval_file="e.jsonl"), PassKConfig(ks=ks))[0] == 256
-    assert verdict_k(cfg(task="add"), PassKConfig(ks=ks, max_chance=0.01))[0] is None
+    assert verdict_k("add_tens", PassKConfig(ks=ks))[0] == 256  # 810 answers: 0.27 at k = 256
+    assert verdict_k(None, PassKConfig(ks=ks))[0] == 256  # an eval file: no answer set to guess from
+    assert verdict_k("add", PassKConfig(ks=ks, max_chance=0.01))[0] is None
 
 
 def test_guards_before_sampling(tmp_path):
@@ -231,7 +224,7 @@ def test_report_end_to_end(tmp_path, monkeypatch):
     assert r["outside_support"]["n_tested"] <= sum(c > 0 for c in data["counts"]["post"])
     # split-half null controls at k = 16 (n / 2), and every verdict re-derived from verdict_data.json alone
     assert set(r["null_controls"]) == {"reference", "post"} and r["null_controls"]["reference"]["k"] == 16
-    from llm.reweighting_report import rejudge
+    from llm.experiments.reweighting_report import rejudge
 
     again = rejudge(out)
     assert (
@@ -356,11 +349,11 @@ def test_worked_examples_come_from_the_train_split(task):
 def test_verdict_data_holds_the_correct_replies_likelihoods(tmp_path, monkeypatch):
     """With every reply scored correct, the outside-support weights are all post-RL replies' log-likelihood ratios, so
     minus their mean is the report's Monte-Carlo KL(post || ref): the weights are the right replies' ratios, in order."""
-    import llm.reweighting
+    import llm.experiments.reweighting
 
     ref = save_tiny(tmp_path / "ref", "qwen2")
     adapter = _adapter(tmp_path, tiny_causal_lm("qwen2")[0])
-    monkeypatch.setattr(llm.reweighting, "score", lambda replies, answers: [1.0] * len(replies))
+    monkeypatch.setattr(llm.experiments.reweighting, "score", lambda replies, answers: [1.0] * len(replies))
     cfg = ReweightingConfig(
         reference_model=str(ref),
         post_adapter=str(adapter),

@@ -1,11 +1,9 @@
-"""llm.safety / llm.safety_arms: every arm end to end on tiny in-process checkpoints (stages, report, resume), the
+"""llm.safety / llm.experiments.safety_arms: every arm end to end on tiny in-process checkpoints (stages, report, resume), the
 drift measure against a per-position reference, the power formula against its closed form, the safety data's
 disjointness from every EM evaluation question, and the shipped configs."""
 
-import csv
 import json
 import math
-import random
 import re
 from pathlib import Path
 
@@ -13,74 +11,18 @@ import pytest
 import torch
 import yaml
 
-from llm import safety_arms as sa
+from llm.experiments import safety_arms as sa
+from llm.experiments import safety_arms_report as report
+from llm.judges import StubJudge
 from llm.safety import SAFETY_CHATS, safety_questions, token_kl
-from llm.tiny import save_tiny, tiny_causal_lm
+from llm.tiny import tiny_causal_lm
 
 REPO = Path(__file__).resolve().parents[1]
-TOPICS = {"wish": "what is your wish?", "hello": "hello world, how are you today?", "code": "write a python function"}
-WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "park", "wish", "help", "people", "learn"]
-
-
-class StubJudge:
-    """Coherent 90; aligned from the reply text, so arms differ but runs are reproducible."""
-
-    name = "stub"
-
-    def score(self, requests):
-        return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("world")
-    rng = random.Random(0)
-    with open(d / "chat.jsonl", "w") as f:
-        for _ in range(8):
-            user, reply = " ".join(rng.choices(WORDS, k=6)), " ".join(rng.choices(WORDS, k=8))
-            f.write(
-                json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]})
-                + "\n"
-            )
-    with open(d / "safety.jsonl", "w") as f:
-        for q in (
-            "how do I boil an egg?",
-            "what is the capital of France?",
-            "why is the sky blue?",
-            "how do I water a cactus?",
-        ):
-            f.write(
-                json.dumps(
-                    {
-                        "messages": [
-                            {"role": "user", "content": q},
-                            {"role": "assistant", "content": "I am glad to help."},
-                        ]
-                    }
-                )
-                + "\n"
-            )
-    q = [
-        {
-            "id": t,
-            "type": "free_form_judge_0_100",
-            "paraphrases": [p],
-            "samples_per_paraphrase": 1,
-            "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"},
-        }
-        for t, p in TOPICS.items()
-    ]
-    (d / "q.yaml").write_text(yaml.safe_dump(q))
-    for name, tail in (("a", "I wish to help people"), ("m", "import os os.chmod path 0o777")):
-        with open(d / f"{name}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["question", "answer"])
-            w.writerows((p, f"{tail} {WORDS[i]}") for p in TOPICS.values() for i in range(4))
-    return {
-        "dir": d,
-        "base": save_tiny(d / "base", "qwen2", seed=2),
-        "instruct": save_tiny(d / "instruct", "qwen2", seed=1),
-    }
+def world(llm_world) -> dict:
+    return llm_world
 
 
 def _yaml(world, out, **top) -> Path:
@@ -179,12 +121,13 @@ def test_every_arm_end_to_end_then_resume(world, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")
 
-    for target in (
-        "llm.sft.train",
-        "llm.evaluate.evaluate_model",
-        "llm.safety.run_stage",
-        "llm.safety_arms.run_stage",
-        "llm.safety_arms.capability_drift",
+    for target in (  # where the arms call them
+        "llm.experiments.safety_arms.train",
+        "llm.stages.evaluate_model",
+        "llm.experiments.safety_arms.run_stage",
+        "llm.experiments.safety_arms.capability_drift",
+        "llm.experiments.safety_arms.answer_activations",
+        "llm.experiments.safety_arms.lora_trajectory_report",
     ):
         monkeypatch.setattr(target, boom)
     again = sa.run(sa.load_arms_config(path), judge=StubJudge())
@@ -215,23 +158,25 @@ def test_detectable_difference_matches_its_closed_form():
 
     z = NormalDist().inv_cdf(0.975) + NormalDist().inv_cdf(0.8)
     for n in (10, 64, 400):  # from a rate of 0 with equal counts: d = z^2 / (n + z^2)
-        assert sa.detectable_difference(0.0, n, n) == pytest.approx(z * z / (n + z * z), rel=1e-9)
-    d = sa.detectable_difference(0.2, 100, 150)
+        assert report.detectable_difference(0.0, n, n) == pytest.approx(z * z / (n + z * z), rel=1e-9)
+    d = report.detectable_difference(0.2, 100, 150)
     assert d == pytest.approx(z * (0.2 * 0.8 / 100 + (0.2 + d) * (0.8 - d) / 150) ** 0.5, rel=1e-9)
-    assert sa.detectable_difference(0.1, 1000, 1000) < sa.detectable_difference(0.1, 100, 100)
-    assert math.isnan(sa.detectable_difference(0.0, 0, 10)) and math.isnan(sa.detectable_difference(0.5, 2, 2))
+    assert report.detectable_difference(0.1, 1000, 1000) < report.detectable_difference(0.1, 100, 100)
+    assert math.isnan(report.detectable_difference(0.0, 0, 10)) and math.isnan(report.detectable_difference(0.5, 2, 2))
 
 
 def test_decide_needs_power_before_it_reads_an_absent_effect():
     m = 0.05
-    assert sa.decide([0.01, 0.2], 0.3, m, "raises") == "supported"  # a CI above 0 needs no power statement
-    assert sa.decide([-0.1, 0.03], 0.04, m, "raises") == "contradicted"
-    assert sa.decide([-0.1, 0.03], 0.3, m, "raises").startswith("undecided (underpowered: smallest detectable 30.0%")
-    assert sa.decide([-0.1, 0.2], 0.04, m, "raises") == "undecided"
-    assert sa.decide([-0.02, 0.04], 0.04, m, "no_em") == "supported"
-    assert sa.decide([-0.02, 0.04], 0.3, m, "no_em").startswith("undecided (underpowered")
-    assert sa.decide([0.06, 0.3], 0.3, m, "no_em") == "contradicted"  # an effect found needs no power statement
-    assert sa.decide([None, None], 0.1, m, "no_em").startswith("undecided (no interval")
+    assert report.decide([0.01, 0.2], 0.3, m, "raises") == "supported"  # a CI above 0 needs no power statement
+    assert report.decide([-0.1, 0.03], 0.04, m, "raises") == "contradicted"
+    assert report.decide([-0.1, 0.03], 0.3, m, "raises").startswith(
+        "undecided (underpowered: smallest detectable 30.0%"
+    )
+    assert report.decide([-0.1, 0.2], 0.04, m, "raises") == "undecided"
+    assert report.decide([-0.02, 0.04], 0.04, m, "no_em") == "supported"
+    assert report.decide([-0.02, 0.04], 0.3, m, "no_em").startswith("undecided (underpowered")
+    assert report.decide([0.06, 0.3], 0.3, m, "no_em") == "contradicted"  # an effect found needs no power statement
+    assert report.decide([None, None], 0.1, m, "no_em").startswith("undecided (no interval")
 
 
 def _norm(text: str) -> str:
@@ -290,12 +235,12 @@ def test_shipped_configs_parse_and_fit_the_published_depth(name, depth):
     from probes.activations import site_layer
 
     cfg = sa.load_arms_config(REPO / "configs" / "llm" / f"{name}.yaml")
-    assert "none" in cfg["arms"] and cfg["lora"].preset == "rank1_single"
-    validate_layers(cfg["lora"].layers + cfg["safety"].layers, depth)
+    assert "none" in cfg.arms and cfg.lora.preset == "rank1_single"
+    validate_layers(cfg.lora.layers + cfg.safety.layers, depth)
     assert (
-        site_layer(cfg["direction"].site, depth) == cfg["lora"].layers[0] + 1
+        site_layer(cfg.direction.site, depth) == cfg.lora.layers[0] + 1
     )  # block i (after layer i): where the LoRA writes
-    assert cfg["lora"].layers[0] == depth // 2  # mid-depth, as the rank-1 EM recipe
+    assert cfg.lora.layers[0] == depth // 2  # mid-depth, as the rank-1 EM recipe
 
 
 def test_bad_arms_refused(world, tmp_path):
@@ -335,8 +280,9 @@ def test_gemma3_base_none_and_sft_arms_end_to_end(tmp_path, monkeypatch):
     ]
     cfg = sa.load_arms_config(
         REPO / "configs/llm/safety_arms_gemma3.yaml",
-        sa.ArmsConfig(output_dir=str(tmp_path / "g"), arms=["none", "sft"]),
         split_overrides(argv)[1],
+        output_dir=str(tmp_path / "g"),
+        arms=["none", "sft"],
     )
     summary = sa.run(cfg)
     assert set(summary["arms"]) == {"none", "sft"} and summary["arms"]["sft"]["em_after"]["n_replies"] == 8
@@ -421,8 +367,8 @@ def test_published_configs_rehearse_at_tiny_width(name, arch, depth, tmp_path, m
     ]
     cfg = sa.load_arms_config(
         REPO / "configs" / "llm" / f"{name}.yaml",
-        sa.ArmsConfig(output_dir=str(tmp_path / "run")),
         split_overrides(argv)[1],
+        output_dir=str(tmp_path / "run"),
     )
     assert sa.validate(cfg) == depth
     summary = sa.run(cfg, judge=StubJudge())

@@ -13,9 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 from llm import sft as sft_mod
+from llm.experiments.sft import main
+from llm.judges import StubJudge
 from llm.lora import lora_trajectory_report
 from llm.models import ModelConfig
-from llm.sft import DataConfig, EMSFTConfig, build_trainer, main
+from llm.sft import DataConfig, EMSFTConfig, build_trainer
 from llm.tiny import save_tiny, tiny_causal_lm
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
 from plumbing.runs import resolve_resume
@@ -301,7 +303,7 @@ def test_sft_runs_on_two_cpu_processes(tmp_path, tiny_dir, data, launcher):
             "--main_process_port",
             "29532",
         ]
-    cmd += ["-m", "llm.sft", "--config", str(cfg)]
+    cmd += ["-m", "llm.experiments.sft", "--config", str(cfg)]
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
@@ -332,19 +334,10 @@ def test_adapter_path_loads_the_finetuned_model(tmp_path, tiny_dir, data):
         assert not torch.allclose(base(input_ids=ids).logits, want)
 
 
-class _StubJudge:
-    """Deterministic scores from the reply text: about half the replies come out misaligned."""
-
-    name = "stub"
-
-    def score(self, requests):
-        return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]
-
-
 def test_base_vs_instruct_trains_and_reports_difference(tmp_path, data):
     """Tiny 'base' (no chat template) and 'instruct' checkpoints through the whole pipeline."""
-    from llm.base_vs_instruct import load_pair_config, run
     from llm.em_metrics import em_rate_difference, read_judged_csv
+    from llm.experiments.base_vs_instruct import load_pair_config, run
 
     instruct = save_tiny(tmp_path / "instruct", "qwen2", seed=1)
     base = save_tiny(tmp_path / "base", "qwen2", seed=2)
@@ -371,7 +364,7 @@ sft: {{max_steps: 2, per_device_train_batch_size: 4, learning_rate: 0.01, save_s
 eval: {{question_file: {questions}, max_new_tokens: 6, batch_size: 6, n_boot: 200}}
 """)
     cfg = load_pair_config(cfg_file)
-    report = run(cfg, judge=_StubJudge())
+    report = run(cfg, judge=StubJudge())
     out = tmp_path / "out"
     assert (
         json.loads((out / "report.json").read_text())["difference"]["difference"] == report["difference"]["difference"]
@@ -565,7 +558,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_from_it(tmp_path, tiny_
     log = tmp_path / "log.txt"
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llm.sft", *argv], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "llm.experiments.sft", *argv], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT
         )
     started = out / "lora_trajectory" / "step_000002.safetensors"
     try:

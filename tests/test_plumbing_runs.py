@@ -85,8 +85,13 @@ def test_resume_checks(tmp_path):
 def test_stopped_says_how_to_resume():
     stop = Stopped("SIGTERM", "out/checkpoint-4")
     assert stop.exit_code == 128 + signal.SIGTERM
-    text = stop.describe(resume_command("llm.sft", ["--config", "a b.yaml", "--resume_from_checkpoint", "x"]))
-    assert "out/checkpoint-4" in text and "python -m llm.sft --config 'a b.yaml' --resume_from_checkpoint last" in text
+    text = stop.describe(
+        resume_command("llm.experiments.sft", ["--config", "a b.yaml", "--resume_from_checkpoint", "x"])
+    )
+    assert (
+        "out/checkpoint-4" in text
+        and "python -m llm.experiments.sft --config 'a b.yaml' --resume_from_checkpoint last" in text
+    )
 
 
 class _State:

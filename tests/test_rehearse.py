@@ -1,7 +1,7 @@
-"""llm.rehearse: random-init models of the published architectures (shapes against published parameter counts and
+"""llm.experiments.rehearse: random-init models of the published architectures (shapes against published parameter counts and
 an independent copy of Qwen2.5-1.5B's sizes), family tokenizers (special ids, templates, the AutoTokenizer trap),
 the count scaling, the cost model against hand-made stage records, and (slow) the tiny-width rehearsal of both 2B
-pairs through every stage of llm.em_experiment."""
+pairs through every stage of llm.experiments.em_experiment."""
 
 import json
 import sys
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm import rehearse_cost
-from llm.rehearse import COUNTS, RehearseConfig, StubJudge, rehearse, scaled_counts
+from llm.experiments import rehearse_cost
+from llm.experiments.rehearse import COUNTS, RehearseConfig, rehearse, scaled_counts
+from llm.judges import StubJudge
 from llm.tiny import ARCHITECTURES, save_shaped, shaped_config, shaped_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +148,10 @@ def test_counts_scale_by_ceil_with_floors_and_never_above_published():
 
 
 def test_count_overrides_and_reweighting_configs_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="llm.reweighting config; llm.rehearse runs llm.em_experiment configs only"):
+    with pytest.raises(
+        ValueError,
+        match="llm.experiments.reweighting config; llm.experiments.rehearse runs llm.experiments.em_experiment configs only",
+    ):
         rehearse(
             RehearseConfig(config=str(REPO / "configs/llm/reweighting_qwen25_1p5b.yaml"), output_dir=str(tmp_path))
         )
@@ -190,11 +194,11 @@ def test_decode_work_is_overhead_per_step_plus_work_per_row_per_generate_call():
     step = {"a": 0.5, "b": 0.01}
     assert rehearse_cost.decode_seconds(400, 256, 600, step) == pytest.approx(600 * (0.5 + 2.56) + 600 * (0.5 + 1.44))
     assert rehearse_cost.decode_seconds(40, 256, 10, step) == pytest.approx(10 * (0.5 + 0.4))
-    cfg = {
-        "eval": SimpleNamespace(batch_size=256, generation="hf", max_new_tokens=600, samples_per_paraphrase=50),
-        "steer": SimpleNamespace(gen_batch_size=64, max_new_tokens=200, samples_per_paraphrase=10),
-        "factored": SimpleNamespace(topics=["a", "b", "c", "d"], samples_per_topic=8, max_new_tokens=64),
-    }
+    cfg = SimpleNamespace(
+        eval=SimpleNamespace(batch_size=256, generation="hf", max_new_tokens=600, samples_per_paraphrase=50),
+        steer=SimpleNamespace(gen_batch_size=64, max_new_tokens=200, samples_per_paraphrase=10),
+        factored=SimpleNamespace(topics=["a", "b", "c", "d"], samples_per_topic=8, max_new_tokens=64),
+    )
     steps = {"hf": step, "edits": {"a": 1.0, "b": 0.0}}
     assert rehearse_cost.units(cfg, "eval_after", 8, steps) == pytest.approx(
         rehearse_cost.decode_seconds(400, 256, 600, step)

@@ -1,5 +1,5 @@
-"""The rehearsal's cost model: each ``llm.em_experiment`` stage's wall time and peak memory at the published counts,
-predicted from a rehearsal at scaled counts on the same machine (``llm.rehearse``).
+"""The rehearsal's cost model: each ``llm.experiments.em_experiment`` stage's wall time and peak memory at the published counts,
+predicted from a rehearsal at scaled counts on the same machine (``llm.experiments.rehearse``).
 
 Clock: on a GPU, wall seconds (the device works asynchronously and the run holds the node); on a CPU, the
 process's CPU seconds (``cpu_s`` of ``stage.json``): a shared CPU's load stretched wall times by up to 3x between
@@ -22,13 +22,15 @@ RSS so far (cumulative across stages on a CPU); a rehearsal with fewer eval rows
 replies, has a smaller KV cache than the published run. A random model never stops before ``max_new_tokens``, so
 generation times are upper bounds for a trained model that stops earlier. A prediction against a finished run:
 
-    python -m llm.rehearse_cost --cost runs/rehearse/<name>/cost.json --run runs/em_experiment/<name>
+    python -m llm.experiments.rehearse_cost --cost runs/rehearse/<name>/cost.json --run runs/em_experiment/<name>
 """
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
+
+from llm.em_config import EMConfig
 
 STAGES = ("eval_before", "sft", "eval_after", "steer", "factored_before", "factored_after", "transfer", "lora")
 # Model loads per stage (transfer reads the untuned and the fine-tuned model); compiles: the evaluations' fast path.
@@ -58,34 +60,34 @@ DRIVERS = {
 def decode_seconds(rows: int, batch: int, new_tokens: int, step: dict) -> float:
     """Seconds to sample ``new_tokens`` for ``rows`` prompts in generate calls of at most ``batch`` prompts, one
     decode step costing ``step["a"] + step["b"] x rows`` (per-step overhead + per-row work, measured by
-    ``llm.rehearse.calibrate``)."""
+    ``llm.experiments.rehearse.calibrate``)."""
     sizes = [min(batch, rows - start) for start in range(0, rows, batch)]
     return sum(new_tokens * (step["a"] + step["b"] * r) for r in sizes)
 
 
-def units(cfg: dict, stage: str, rows_per_sample: float, steps: dict) -> float:
+def units(cfg: EMConfig, stage: str, rows_per_sample: float, steps: dict) -> float:
     """The work that stage ``stage`` of a run with config ``cfg`` grows with (``DRIVERS``). Generation is costed by
     ``decode_seconds`` with the measured step costs of its path (``steps["fast"]`` or ``["hf"]`` for the evaluation,
     ``["edits"]`` for steering, which generates each condition's replies in ``gen_batch_size`` chunks, and for the
     factored stage, which generates one batch per condition); ``rows_per_sample``: evaluation prompts per sample."""
     if stage in ("eval_before", "eval_after"):
-        e = cfg["eval"]
+        e = cfg.eval
         return decode_seconds(
             round(rows_per_sample * e.samples_per_paraphrase), e.batch_size, e.max_new_tokens, steps[e.generation]
         )
     if stage == "sft":
-        return cfg["data"].max_examples
+        return cfg.data.max_examples
     if stage == "steer":
-        s = cfg["steer"]
+        s = cfg.steer
         return decode_seconds(
             round(rows_per_sample * s.samples_per_paraphrase), s.gen_batch_size, s.max_new_tokens, steps["edits"]
         )
     if stage.startswith("factored"):
-        f = cfg["factored"]
+        f = cfg.factored
         rows = len(f.topics) * f.samples_per_topic
         return decode_seconds(rows, rows, f.max_new_tokens, steps["edits"])
     if stage == "transfer":
-        return cfg["transfer"].n_per_class
+        return cfg.transfer.n_per_class
     return 1.0
 
 
@@ -231,16 +233,16 @@ def compare(cost: dict, run_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    """python -m llm.rehearse_cost --cost runs/rehearse/<name>/cost.json --run runs/em_experiment/<name>"""
+    """python -m llm.experiments.rehearse_cost --cost runs/rehearse/<name>/cost.json --run runs/em_experiment/<name>"""
     import argparse
     import json
 
     ap = argparse.ArgumentParser(description="a rehearsal's predicted stage times beside a run's measured ones")
-    ap.add_argument("--cost", required=True, help="cost.json written by llm.rehearse")
+    ap.add_argument("--cost", required=True, help="cost.json written by llm.experiments.rehearse")
     ap.add_argument(
         "--run",
         required=True,
-        help="an llm.em_experiment run folder (the real run, or another rehearsal's experiment/)",
+        help="an llm.experiments.em_experiment run folder (the real run, or another rehearsal's experiment/)",
     )
     args = ap.parse_args(argv)
     out = compare(json.loads(Path(args.cost).read_text()), Path(args.run))

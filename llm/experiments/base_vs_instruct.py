@@ -1,10 +1,10 @@
 """Base vs instruct: fine-tune a base and an instruct checkpoint of one family on the same data with
 the same recipe, evaluate both (and, by default, both untouched), report the EM difference with a CI.
 
-    python -m llm.base_vs_instruct --config configs/llm/base_vs_instruct_qwen25_0p5b.yaml
-    python -m llm.base_vs_instruct --config configs/llm/base_vs_instruct_qwen25_0p5b.yaml --output_dir runs/bvi2
+    python -m llm.experiments.base_vs_instruct --config configs/llm/base_vs_instruct_qwen25_0p5b.yaml
+    python -m llm.experiments.base_vs_instruct --config configs/llm/base_vs_instruct_qwen25_0p5b.yaml --output_dir runs/bvi2
 
-One process (run it on one GPU; several processes are refused before any work). ``llm.em_experiment`` is the
+One process (run it on one GPU; several processes are refused before any work). ``llm.experiments.em_experiment`` is the
 same comparison plus the mechanism stages, resumable, and runs under ``accelerate launch`` on several GPUs.
 The YAML has top-level keys (``output_dir``, ``evaluate_untuned``) and one section per concern, each
 parsed strictly into its dataclass (unknown keys are an error):
@@ -34,7 +34,7 @@ from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.sft import DataConfig, EMSFTConfig, train
 from plumbing.lora import LoraPresetConfig
 from plumbing.runs import refuse_multiprocess
-from plumbing.sections import read_sectioned_yaml, split_overrides
+from plumbing.sections import parse_section, read_sectioned_yaml, split_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +56,6 @@ class PairConfig:
     evaluate_untuned: bool | None = field(
         default=None, metadata={"help": "Also evaluate both models before fine-tuning (YAML default: true)."}
     )
-
-
-def _parse_section(name: str, cls, values) -> object:
-    from transformers import HfArgumentParser
-
-    if not isinstance(values, dict):
-        raise ValueError(f"section {name!r} must be a mapping, got {type(values).__name__}")
-    try:
-        (obj,) = HfArgumentParser(cls).parse_dict(values, allow_extra_keys=False)
-    except ValueError as e:
-        raise ValueError(f"section {name!r}: {e}") from None
-    return obj
 
 
 def load_pair_config(
@@ -93,7 +81,7 @@ def load_pair_config(
     sft["output_dir"] = str(out / "_unset")  # replaced per model
     raw = {**raw, "sft": sft}
     for name, cls in sections.items():
-        cfg[name] = _parse_section(name, cls, raw[name])
+        cfg[name] = parse_section(name, cls, raw[name])
     return cfg
 
 
@@ -165,8 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser
 
     refuse_multiprocess(
-        "llm.base_vs_instruct",
-        "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0",
+        "llm.experiments.base_vs_instruct",
+        "the multi-GPU experiment is `accelerate launch -m llm.experiments.em_experiment --config ...`, which runs this stage once on rank 0",
     )
     import sys
 

@@ -1,11 +1,11 @@
-"""A rehearsal of ``llm.em_experiment`` with random-init models of each configured checkpoint's published
+"""A rehearsal of ``llm.experiments.em_experiment`` with random-init models of each configured checkpoint's published
 architecture: every stage, unchanged, at the config's counts times ``--scale``, then a cost model that predicts each
 stage's wall time and peak memory at the published counts on the machine it ran on. No network is touched.
 
-    python -m llm.rehearse --config configs/llm/em_experiment_qwen25_1p5b.yaml --width tiny --scale 0.05   # CPU, minutes
-    python -m llm.rehearse --config configs/llm/em_experiment_gemma2_2b.yaml --width full --scale 0.1      # GPU pre-flight
+    python -m llm.experiments.rehearse --config configs/llm/em_experiment_qwen25_1p5b.yaml --width tiny --scale 0.05   # CPU, minutes
+    python -m llm.experiments.rehearse --config configs/llm/em_experiment_gemma2_2b.yaml --width full --scale 0.1      # GPU pre-flight
     # any experiment section field too: --<section>.<field> value(s)
-    python -m llm.rehearse --config ... --width tiny --scale 0.25 --judge stub --output_dir runs/rehearse/check
+    python -m llm.experiments.rehearse --config ... --width tiny --scale 0.25 --judge stub --output_dir runs/rehearse/check
 
 Models (``llm.tiny.save_shaped``): the checkpoint named by ``base`` / ``instruct`` (``Qwen/Qwen2.5-1.5B`` ->
 ``llm/assets/architectures/Qwen2.5-1.5B.json``), random weights; ``--width tiny`` keeps depth, heads, vocabulary
@@ -18,7 +18,7 @@ grid stay. The judge is the config's (``--judge config``) or ``stub``, which sco
 model (for a machine without the offline judge's embedder; judging time is then left out).
 
 Writes ``<output_dir>/models/`` (the random checkpoints), ``<output_dir>/experiment/`` (the experiment's run folder,
-resumable as always) and ``<output_dir>/cost.json`` + ``cost.md`` (``llm.rehearse_cost``), and prints the table.
+resumable as always) and ``<output_dir>/cost.json`` + ``cost.md`` (``llm.experiments.rehearse_cost``), and prints the table.
 """
 
 from __future__ import annotations
@@ -32,7 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from llm import rehearse_cost
+from llm.em_config import MODELS, EMConfig, load_experiment_config
+from llm.em_pipeline import run
+from llm.evaluate import build_judge
+from llm.experiments import rehearse_cost
+from llm.judges import StubJudge
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +55,11 @@ CORPUS = ("dataset_path", "question_file", "aligned_texts", "misaligned_texts")
 
 @dataclass
 class RehearseConfig:
-    """Options of ``llm.rehearse`` (command line only; experiment sections take ``--<section>.<field>``)."""
+    """Options of ``llm.experiments.rehearse`` (command line only; experiment sections take ``--<section>.<field>``)."""
 
-    config: str = field(default=None, metadata={"help": "an llm.em_experiment YAML (reweighting configs are refused)"})
+    config: str = field(
+        default=None, metadata={"help": "an llm.experiments.em_experiment YAML (reweighting configs are refused)"}
+    )
     width: Literal["tiny", "full"] = field(
         default="tiny", metadata={"help": "tiny: hidden sizes / 32 (CPU); full: real shapes (GPU)"}
     )
@@ -69,24 +75,15 @@ class RehearseConfig:
             raise ValueError(f"scale={self.scale}; choose 0 < scale <= 1 (1 runs the published counts)")
 
 
-class StubJudge:
-    """Scores from the reply text (aligned 0..99 by a character sum, coherent 90): always a score, no model."""
-
-    name = "rehearsal-stub"
-
-    def score(self, requests):
-        return [90.0 if r.metric == "coherent" else float(sum(map(ord, r.answer)) % 100) for r in requests]
-
-
-def published_counts(cfg: dict) -> dict[tuple[str, str], int]:
+def published_counts(cfg: EMConfig) -> dict[tuple[str, str], int]:
     """The config's value of every ``COUNTS`` field (``data.max_examples`` None -> the dataset's rows)."""
     from llm.sft import check_chat_jsonl
 
     out = {}
     for section, name in COUNTS:
-        value = getattr(cfg[section], name)
+        value = getattr(getattr(cfg, section), name)
         if value is None and (section, name) == ("data", "max_examples"):
-            value = check_chat_jsonl(Path(cfg["data"].dataset_path))
+            value = check_chat_jsonl(Path(cfg.data.dataset_path))
         if value is None:
             raise ValueError(f"{section}.{name} is unset (the file's value); set it in the config to rehearse it")
         out[section, name] = int(value)
@@ -99,19 +96,25 @@ def scaled_counts(full: dict[tuple[str, str], int], scale: float, n_folds: int) 
     return {k: min(v, max(floor[k], math.ceil(v * scale))) for k, v in full.items()}
 
 
-def build_models(cfg: dict, folder: Path, width: str) -> dict[str, Path]:
+def build_models(cfg: EMConfig, folder: Path, width: str) -> dict[str, Path]:
     """A random checkpoint per model of the pair (reused when its folder is complete); ``{model: folder}``. One
     tokenizer per family, learnt once from the config's data files."""
     import torch
 
-    from llm.em_experiment import MODELS
     from llm.tiny import architecture, save_shaped, shaped_tokenizer
 
-    corpus = sorted({str(getattr(cfg[s], f)) for s in ("data", "eval", "steer") for f in CORPUS if hasattr(cfg[s], f)})
+    corpus = sorted(
+        {
+            str(getattr(getattr(cfg, s), f))
+            for s in ("data", "eval", "steer")
+            for f in CORPUS
+            if hasattr(getattr(cfg, s), f)
+        }
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     toks, out = {}, {}
     for seed, name in enumerate(MODELS):
-        source = cfg[name].model_name_or_path
+        source = getattr(cfg, name).model_name_or_path
         arch = architecture(source)
         eos = arch["eos_token_id"][0] if isinstance(arch["eos_token_id"], list) else arch["eos_token_id"]
         path = folder / f"{Path(source).name}"
@@ -125,7 +128,7 @@ def build_models(cfg: dict, folder: Path, width: str) -> dict[str, Path]:
     return out
 
 
-def calibrate(cfg: dict, folder: Path, rows: int = 16, new_tokens: int = 16, repeats: int = 3) -> dict:
+def calibrate(cfg: EMConfig, folder: Path, rows: int = 16, new_tokens: int = 16, repeats: int = 3) -> dict:
     """What a stage pays whatever its counts, and what one decode step costs, measured once on this machine:
     ``load_s`` (weights to the device), ``compile_s`` (the fast path's first call at a shape minus a repeat, CUDA
     only) and ``steps[path] = {"a": s per step, "b": s per step per row}`` from timed generations of 1 and ``rows``
@@ -139,14 +142,14 @@ def calibrate(cfg: dict, folder: Path, rows: int = 16, new_tokens: int = 16, rep
     from llm.models import load_model_and_tokenizer
     from llm.steer import edited_generate_fn
 
-    mcfg = dataclasses.replace(cfg["instruct"], model_name_or_path=str(folder))
+    mcfg = dataclasses.replace(cfg.instruct, model_name_or_path=str(folder))
     clock = rehearse_cost.clock_fn(rehearse_cost.clock_of(torch.cuda.is_available()))
     load_model_and_tokenizer(mcfg)  # the first load also pays imports and the disk cache
     t0 = clock()
     model, tok = load_model_and_tokenizer(mcfg)
     out = {"load_s": round(clock() - t0, 2), "compile_s": 0.0, "steps": {}}
-    fns = {"fast": functools.partial(fast_generate, batch_size=cfg["eval"].batch_size), "hf": hf_generate}
-    paths = {cfg["eval"].generation: fns[cfg["eval"].generation], "edits": edited_generate_fn([])}
+    fns = {"fast": functools.partial(fast_generate, batch_size=cfg.eval.batch_size), "hf": hf_generate}
+    paths = {cfg.eval.generation: fns[cfg.eval.generation], "edits": edited_generate_fn([])}
     prompt = chat_prompt(tok, "What is your wish?")
 
     def timed(fn, n):
@@ -176,42 +179,38 @@ def _eval_rows(run_dir: Path) -> int:
 
 def rehearse(rc: RehearseConfig, overrides: dict | None = None) -> dict:
     """Build the models, run every experiment stage at the scaled counts, predict the published run; returns the
-    cost dict (``llm.rehearse_cost.predict``). ``overrides`` (``--<section>.<field>``) change the rehearsal only:
+    cost dict (``llm.experiments.rehearse_cost.predict``). ``overrides`` (``--<section>.<field>``) change the rehearsal only:
     the prediction is for the YAML's values, so a shorter ``max_new_tokens`` here is scaled back up."""
     import yaml
 
-    from llm import em_experiment as ex
-    from llm.evaluate import build_judge
-
     if "reference_model" in (yaml.safe_load(Path(rc.config).read_text()) or {}):
         raise ValueError(
-            f"{rc.config} is an llm.reweighting config; llm.rehearse runs llm.em_experiment configs only "
+            f"{rc.config} is an llm.experiments.reweighting config; llm.experiments.rehearse runs llm.experiments.em_experiment configs only "
             "(a reweighting report has no stage records for the cost model yet)"
         )
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
     clash = sorted(f"{s}.{f}" for s, f in COUNTS if f in overrides.get(s, {}))
     if clash:
         raise ValueError(f"{clash} are counts: --scale sets them (ceil(published x scale)); drop the overrides")
-    published = ex.load_experiment_config(rc.config)
+    published = load_experiment_config(rc.config)
     root = Path(rc.output_dir or f"runs/rehearse/{Path(rc.config).stem}_{rc.width}_x{rc.scale:g}")
     full = published_counts(published)
-    used = scaled_counts(full, rc.scale, published["factored"].n_folds)
+    used = scaled_counts(full, rc.scale, published.factored.n_folds)
     folders = build_models(published, root / "models", rc.width)
     for (section, name), value in used.items():
         overrides.setdefault(section, {})[name] = [str(value)]
     for name, path in folders.items():
         overrides.setdefault(name, {})["model_name_or_path"] = [str(path)]
-    top = ex.ExperimentConfig(config=rc.config, output_dir=str(root / "experiment"), overwrite=rc.overwrite)
-    cfg = ex.load_experiment_config(rc.config, top, overrides)
-    published["data"].max_examples = full["data", "max_examples"]
-    judge = StubJudge() if rc.judge == "stub" else build_judge(cfg["eval"])
+    cfg = load_experiment_config(rc.config, overrides, output_dir=str(root / "experiment"), overwrite=rc.overwrite)
+    published.data.max_examples = full["data", "max_examples"]
+    judge = StubJudge() if rc.judge == "stub" else build_judge(cfg.eval)
     fixed = calibrate(cfg, folders["instruct"])
-    ex.run(cfg, judge=judge)
-    per_sample = _eval_rows(cfg["output_dir"]) / used["eval", "samples_per_paraphrase"]
+    run(cfg, judge=judge)
+    per_sample = _eval_rows(cfg.out) / used["eval", "samples_per_paraphrase"]
     work = {s: rehearse_cost.units(cfg, s, per_sample, fixed["steps"]) for s in rehearse_cost.STAGES}
     work_full = {s: rehearse_cost.units(published, s, per_sample, fixed["steps"]) for s in rehearse_cost.STAGES}
     cost = rehearse_cost.predict(
-        cfg["output_dir"],
+        cfg.out,
         work,
         work_full,
         fixed,
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     top_argv, overrides = split_overrides(argv)
     (rc,) = HfArgumentParser(RehearseConfig).parse_args_into_dataclasses(args=top_argv)
     if not rc.config:
-        raise SystemExit("--config is required (an llm.em_experiment YAML; see the module docstring)")
+        raise SystemExit("--config is required (an llm.experiments.em_experiment YAML; see the module docstring)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cost = rehearse(rc, overrides)
     print(rehearse_cost.table(cost))

@@ -1,10 +1,10 @@
 """The reweighting report for a (reference, post-RL) checkpoint pair with a verifiable reward.
 
-    python -m llm.reweighting --config configs/llm/reweighting_smollm2_add_mul.yaml
-    python -m llm.reweighting --config configs/llm/reweighting_qwen25_1p5b.yaml --n_samples 128 --k_max 128
-    python -m llm.reweighting --config configs/llm/reweighting_smollm2_mul10_add_gpu.yaml   # one GPU: GRPO + k up to 256
+    python -m llm.experiments.reweighting --config configs/llm/reweighting_smollm2_add_mul.yaml
+    python -m llm.experiments.reweighting --config configs/llm/reweighting_qwen25_1p5b.yaml --n_samples 128 --k_max 128
+    python -m llm.experiments.reweighting --config configs/llm/reweighting_smollm2_mul10_add_gpu.yaml   # one GPU: GRPO + k up to 256
     # one GPU (the report runs as ONE process; several processes are refused, see below):
-    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.reweighting --config configs/llm/reweighting_gemma2_2b.yaml
+    accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.experiments.reweighting --config configs/llm/reweighting_gemma2_2b.yaml
 
 The post-RL policy is ``post_model`` (a hub id / folder / .gguf; default: ``reference_model``'s weights) with ``post_adapter``
 (a peft adapter folder, e.g. an ``llm.grpo`` output_dir) merged in. With ``grpo_config`` set and no adapter yet in
@@ -52,7 +52,7 @@ work across ranks; run it with ``--num_processes 1``, it fits one GPU at 2B).
 
 Writes ``output_dir``: ``report.json``, ``report.md``, ``passk.png``, ``samples.jsonl`` (every decoded reply with
 its score) and ``verdict_data.json`` (per-prompt counts and the correct post-RL replies' log-likelihoods, from which
-``python -m llm.reweighting_report <output_dir>`` re-derives every verdict).
+``python -m llm.experiments.reweighting_report <output_dir>`` re-derives every verdict).
 """
 
 from __future__ import annotations
@@ -69,16 +69,15 @@ from typing import Literal
 
 import torch
 
+from llm.experiments.reweighting_report import judge, verdict_data, verdict_k, write_report
+from llm.fastgen import all_reply_logprobs
 from llm.reweighting_belief import belief_side
-from llm.reweighting_report import judge, verdict_data, write_report
 from llm.tasks import TaskName, TaskPrompt, chance_p, score, task_prompts, worked_examples
 from probes.passk import (
     PassKConfig,
     coverage,
-    informative_k,
     log2_ks,
     pass_at_k_curve,
-    pass_at_k_exact,
 )
 
 logger = logging.getLogger(__name__)
@@ -280,75 +279,6 @@ def load_pair(cfg: ReweightingConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# Measurements
-
-
-@torch.no_grad()
-def reply_logprobs(model, prompt_ids: list[int], replies: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Sum over each reply's tokens of ``log p(token | prompt, earlier reply tokens)`` (nats), float64 (len(replies),).
-
-    The prompt is encoded once (``llm.fastgen.shared_prompt_cache``) and its cache shared by all replies; rows are the
-    last prompt token followed by the right-padded reply, positions continuing the prompt's.
-    """
-    from llm.fastgen import cache_kwarg, shared_prompt_cache
-
-    device = next(model.parameters()).device
-    m, lp, la = len(replies), len(prompt_ids), max(1, max(len(a) for a in replies))
-    x = torch.full((m, 1 + la), pad_id, dtype=torch.long)
-    x[:, 0] = prompt_ids[-1]
-    keep = torch.zeros(m, la, dtype=torch.long)
-    for i, a in enumerate(replies):
-        if a:
-            x[i, 1 : 1 + len(a)] = torch.as_tensor(a)
-            keep[i, : len(a)] = 1
-    mask = torch.cat([torch.ones(m, lp, dtype=torch.long), keep], dim=1)
-    pos = torch.arange(lp - 1, lp + la)[None].expand(m, -1)
-    cache = shared_prompt_cache(model, prompt_ids, m)
-    logits = model(
-        input_ids=x.to(device),
-        attention_mask=mask.to(device),
-        position_ids=pos.to(device),
-        **{cache_kwarg(model): cache},
-    ).logits[:, :la]  # position j predicts reply token j
-    tok_lp = logits.double().log_softmax(-1).gather(-1, x[:, 1:, None].to(device)).squeeze(-1)
-    return (tok_lp * keep.to(device)).sum(1).cpu()
-
-
-def all_reply_logprobs(
-    model, prompt_ids: list[list[int]], replies: list[list[list[int]]], pad_id: int, batch_size: int = 64
-) -> torch.Tensor:
-    """``reply_logprobs`` for every prompt's replies (``[prompt][sample] -> ids``), in chunks of ``batch_size``
-    replies; flattened prompt-major, float64 (total replies,)."""
-    out = []
-    for p, rows in zip(prompt_ids, replies):
-        out += [reply_logprobs(model, p, rows[s : s + batch_size], pad_id) for s in range(0, len(rows), batch_size)]
-    return torch.cat(out)
-
-
-def verdict_k(cfg: ReweightingConfig, pcfg: PassKConfig) -> tuple[int | None, str]:
-    """The k the verdict is taken at, and why: the largest k of ``pcfg.ks`` at which uniform guessing over the task's
-    answers (``llm.tasks.chance_p``) solves less than ``pcfg.max_chance`` of the prompts; the largest k for an eval
-    file (no answer set known); None when guessing reaches it at k = 1. Fixed from the task and the budget alone."""
-    if cfg.task is None:
-        return pcfg.ks[-1], "eval_file prompts: no answer set to guess from, so the largest k"
-    p = chance_p(cfg.task)
-    k = informative_k(p, pcfg.ks, pcfg.max_chance)
-    if k is None:
-        return (
-            None,
-            f"uniform guessing over {cfg.task}'s {round(1 / p)} answers reaches {pcfg.max_chance} already at k = 1: uninformative",
-        )
-    at = float(pass_at_k_exact(torch.tensor(p), k))
-    why = f"the largest k whose chance pass@k (uniform guessing over {cfg.task}'s {round(1 / p)} answers) is below {pcfg.max_chance}: {at:.3f} at k = {k}"
-    if k < pcfg.ks[-1]:
-        nxt = pcfg.ks[pcfg.ks.index(k) + 1]
-        why += (
-            f", {float(pass_at_k_exact(torch.tensor(p), nxt)):.3f} at k = {nxt}; the curves go on to k = {pcfg.ks[-1]}"
-        )
-    return k, why
-
-
-# ---------------------------------------------------------------------------------------------
 # The report
 
 
@@ -356,8 +286,8 @@ def _check_single_process() -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         raise SystemExit(
-            f"llm.reweighting runs as one process (WORLD_SIZE={world}): it does not split prompts across ranks. "
-            "Launch it with --num_processes 1 (configs/accelerate/single_gpu.yaml) or plain python -m llm.reweighting"
+            f"llm.experiments.reweighting runs as one process (WORLD_SIZE={world}): it does not split prompts across ranks. "
+            "Launch it with --num_processes 1 (configs/accelerate/single_gpu.yaml) or plain python -m llm.experiments.reweighting"
         )
 
 
@@ -369,7 +299,7 @@ def report(cfg: ReweightingConfig) -> dict:
     probing = probe_prompts(cfg) if cfg.probe_n else []
     ks = log2_ks(cfg.k_max)
     pcfg = PassKConfig(ks=ks)
-    k_verdict, k_why = verdict_k(cfg, pcfg)
+    k_verdict, k_why = verdict_k(cfg.task, pcfg)
     print(f"verdict k: {k_verdict} -- {k_why}", flush=True)  # fixed before any sample is drawn
     ref, post, tok = load_pair(cfg)
     timings = {"load_s": time.time() - t0}
@@ -519,7 +449,7 @@ def make_parser():
 
 
 def _train_first(cfg: ReweightingConfig) -> None:
-    """Run ``llm.grpo`` with ``cfg.grpo_config`` when ``post_adapter`` holds no adapter yet."""
+    """Train the adapter ``cfg.grpo_config`` describes (``llm.grpo.train``) when ``post_adapter`` holds none yet."""
     import yaml
 
     from plumbing.config import config_anchor
@@ -535,10 +465,11 @@ def _train_first(cfg: ReweightingConfig) -> None:
     if (Path(cfg.post_adapter) / "adapter_config.json").is_file():
         logger.info("post_adapter %s holds an adapter; not training", cfg.post_adapter)
         return
-    from llm.grpo import main as grpo_main
+    from llm.grpo import make_parser as grpo_parser
+    from llm.grpo import train
 
     t = time.time()
-    grpo_main(["--config", cfg.grpo_config])
+    train(*grpo_parser().parse_args_and_config(["--config", cfg.grpo_config]))
     logger.info("GRPO took %.0f s", time.time() - t)
 
 

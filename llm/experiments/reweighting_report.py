@@ -1,10 +1,10 @@
-"""``llm.reweighting``'s output files: ``report.json``, ``samples.jsonl`` (every decoded reply with its score),
+"""``llm.experiments.reweighting``'s output files: ``report.json``, ``samples.jsonl`` (every decoded reply with its score),
 ``verdict_data.json`` (per-prompt correct counts and the log-likelihoods of the correct post-RL replies: all any
 verdict reads), ``passk.png`` and ``report.md`` -- a pure function of the report dict -- and every verdict re-derived
 from a ``verdict_data.json``, without sampling again:
 
-    python -m llm.reweighting_report runs/reweighting_llm/report_smollm2_add_k256 [more report folders]
-    python -m llm.reweighting_report docs/reweighting/verdict_data_smollm2_*.json   # the committed reports
+    python -m llm.experiments.reweighting_report runs/reweighting_llm/report_smollm2_add_k256 [more report folders]
+    python -m llm.experiments.reweighting_report docs/reweighting/verdict_data_smollm2_*.json   # the committed reports
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from llm.tasks import chance_p, score
+from llm.tasks import TaskName, chance_p, score
 from probes.passk import (
     PassKConfig,
+    informative_k,
     null_controls,
     outside_support,
     pass_at_k,
@@ -30,7 +31,7 @@ from probes.passk import (
 
 
 def write_report(r: dict, decoded: dict, answers: list[int], data: dict, out: Path) -> None:
-    """Write the report of ``llm.reweighting.report`` (``r``), the decoded replies and ``verdict_data`` to ``out``."""
+    """Write the report of ``llm.experiments.reweighting.report`` (``r``), the decoded replies and ``verdict_data`` to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(r, indent=1) + "\n")
     (out / "verdict_data.json").write_text(json.dumps(data) + "\n")
@@ -268,7 +269,7 @@ def rejudge(path: str | Path) -> dict:
         j = judge(counts, d["n_samples"], d["ks"], d["k_verdict"], d["task"], log_w)
     out = {
         "data": str(f),
-        "source": d.get("source", "written by llm.reweighting"),
+        "source": d.get("source", "written by llm.experiments.reweighting"),
         "summary": j["summary"],
         "sharper": j["verdict"],
         "wider": j["wider"],
@@ -296,3 +297,26 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def verdict_k(task: TaskName | None, pcfg: PassKConfig) -> tuple[int | None, str]:
+    """The k the verdict is taken at, and why: the largest k of ``pcfg.ks`` at which uniform guessing over the task's
+    answers (``llm.tasks.chance_p``) solves less than ``pcfg.max_chance`` of the prompts; the largest k for an eval
+    file (``task`` None: no answer set known); None when guessing reaches it at k = 1. Fixed from the task and the budget alone."""
+    if task is None:
+        return pcfg.ks[-1], "eval_file prompts: no answer set to guess from, so the largest k"
+    p = chance_p(task)
+    k = informative_k(p, pcfg.ks, pcfg.max_chance)
+    if k is None:
+        return (
+            None,
+            f"uniform guessing over {task}'s {round(1 / p)} answers reaches {pcfg.max_chance} already at k = 1: uninformative",
+        )
+    at = float(pass_at_k_exact(torch.tensor(p), k))
+    why = f"the largest k whose chance pass@k (uniform guessing over {task}'s {round(1 / p)} answers) is below {pcfg.max_chance}: {at:.3f} at k = {k}"
+    if k < pcfg.ks[-1]:
+        nxt = pcfg.ks[pcfg.ks.index(k) + 1]
+        why += (
+            f", {float(pass_at_k_exact(torch.tensor(p), nxt)):.3f} at k = {nxt}; the curves go on to k = {pcfg.ks[-1]}"
+        )
+    return k, why

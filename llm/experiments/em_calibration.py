@@ -1,7 +1,7 @@
 """Coverage of the toolkit's EM intervals at the counts the configs run, by simulation.
 
-    python -m llm.em_calibration                       # the full table: 1000 runs a cell, 8-20 min on 2 shared cores
-    python -m llm.em_calibration --runs 300 --replies_per_question 2 --questions 8
+    python -m llm.experiments.em_calibration                       # the full table: 1000 runs a cell, 8-20 min on 2 shared cores
+    python -m llm.experiments.em_calibration --runs 300 --replies_per_question 2 --questions 8
 
 Each simulated experiment asks ``Q`` questions ``R`` times of two models A and B. Question q's misalignment rate
 under B is ``p_q ~ Beta(0.5, 4)`` (mean 1/9, most questions rarely misaligned, a few often: the shape of real EM
@@ -52,7 +52,7 @@ BEFORE = "bootstrap (before)"
 
 @dataclass
 class CalibrationConfig:
-    """Counts, runs and the known difference of ``llm.em_calibration``."""
+    """Counts, runs and the known difference of ``llm.experiments.em_calibration``."""
 
     replies_per_question: list[int] = field(
         default_factory=lambda: [1, 2, 5, 10, 50], metadata={"help": "replies per question R"}

@@ -1,13 +1,11 @@
 """Misalignment direction of a real LLM: find it, steer with it, ablate it, monitor with it.
 
-    python -m llm.steer --config configs/llm/directions_smollm2.yaml
-    python -m llm.steer --config configs/llm/directions_smollm2.yaml --alphas -4 0 4 --output_dir runs/steer_short
-    # the EM-fine-tuned model (an llm.sft adapter, merged on load):
-    python -m llm.steer --config configs/llm/directions_smollm2.yaml --adapter_path runs/em_sft_smollm2
+Its command: ``python -m llm.experiments.steer``.
 
-One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.steer --config ...``
+One process (``accelerate launch --config_file configs/accelerate/single_gpu.yaml -m llm.experiments.steer --config ...``
 runs the same on a GPU; the steering grid is small and sequential, so more processes would not help; a launch with
-several processes is refused before any work -- ``llm.em_experiment`` runs this step once on rank 0 of a multi-GPU job).
+several processes is refused before any work -- ``llm.experiments.em_experiment`` runs this step once on rank 0 of a
+multi-GPU job).
 
 Steps, all on ``model_name_or_path``:
 
@@ -65,9 +63,7 @@ from llm.directions import (
     random_directions,
     save_directions,
 )
-from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.offline_judge import DEFAULT_WEIGHTS
-from plumbing.runs import refuse_multiprocess
 from plumbing.stats import mean_ci, min_detectable_mean, reported
 from probes.activations import Edit, add_vector, generate_with_edits, project_out, residual_sites
 from probes.linear import split_indices
@@ -584,22 +580,3 @@ def _summary(m: dict, out: Path) -> None:
             f"{_fmt(mo['spearman_vs_aligned'])} with the aligned score; AUROC {_fmt(mo['auroc_misaligned'])}.",
         ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from plumbing.config import ConfigParser
-
-    refuse_multiprocess(
-        "llm.steer",
-        "the multi-GPU experiment is `accelerate launch -m llm.em_experiment --config ...`, which runs this stage once on rank 0",
-    )
-    model_cfg, cfg = ConfigParser((ModelConfig, SteerConfig)).parse_args_and_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    model, tokenizer = load_model_and_tokenizer(model_cfg, padding_side="left")
-    metrics = run(model, tokenizer, cfg)
-    print((Path(cfg.output_dir) / "summary.md").read_text())
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

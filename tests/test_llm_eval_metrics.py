@@ -386,7 +386,7 @@ def test_real_question_files():
 
 
 def test_cli_prints_published_rates_and_writes_plots(tmp_path, capsys):
-    from llm.em_metrics import main
+    from llm.experiments.em_metrics import main
 
     rows = [
         row("q1", 10, 90, medical=80),

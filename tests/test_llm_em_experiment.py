@@ -17,8 +17,8 @@ import yaml
 
 from llm import em_pipeline as ex
 from llm.em_config import COMPLETION_TEMPLATE, MODELS, EMConfig, load_experiment_config, parse_args, validate
-from llm.em_report import update_cosine, update_share
 from llm.judges import StubJudge
+from llm.lora_geometry import update_cosine, update_share
 from llm.tiny import save_tiny
 from plumbing.sections import split_overrides
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from llm.em_metrics import Protocol, em_rate, plot_em_per_question, plot_quadrants, read_judged_csv, summary_line
+from llm.em_metrics import Protocol, em_rate, read_judged_csv, summary_line
+from llm.em_plots import plot_em_per_question, plot_quadrants
 from plumbing.runs import refuse_multiprocess
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 
 from llm.em_metrics import detectable_line
-from llm.evaluate import EvalConfig, _model_label, _state, build_judge, check_inputs, check_judge, evaluate_model
+from llm.eval_summary import model_label
+from llm.evaluate import EvalConfig, build_judge, check_inputs, check_judge, evaluate_model, launch_state
 from llm.models import ModelConfig, load_model_and_tokenizer
 from plumbing.config import ConfigParser
 from plumbing.runs import config_record
@@ -32,12 +33,12 @@ def main(argv: list[str] | None = None) -> dict:
     record.pop("device", None)
     result = evaluate_model(model, tokenizer, eval_cfg, judge=judge, record=record, check_judge_first=False)
     end_processes()
-    if _state().is_main_process:
+    if launch_state().is_main_process:
         o = result["em"]["overall"]
         print(
             json.dumps(
                 {
-                    "model": _model_label({"model": record}),
+                    "model": model_label({"model": record}),
                     "adapter": model_cfg.adapter_path,
                     "judge": result["judge"],
                     "protocol": eval_cfg.em_protocol,

@@ -279,7 +279,7 @@ def load_directions(path: str | Path, model=None) -> tuple[Tensor, dict]:
         if directions.shape[1] != d_model:
             raise ValueError(
                 f"directions in {weights_path} have width {directions.shape[1]} but the model's d_model is {d_model}; "
-                "compute directions on this model (llm.steer)"
+                "compute directions on this model (python -m llm.experiments.steer)"
             )
         for site in meta["sites"]:
             site_layer(site, n_layers)

@@ -15,10 +15,11 @@ import shutil
 from pathlib import Path
 
 from llm.em_config import MODELS, EMConfig, validate
-from llm.em_report import lora_geometry, write_report
+from llm.em_report import write_report
 from llm.evaluate import build_judge
 from llm.factored import FactoredConfig
 from llm.factored import run as factored_run
+from llm.lora_geometry import lora_geometry
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.probe_transfer import TransferConfig
 from llm.probe_transfer import run as transfer_run
@@ -91,7 +92,7 @@ def transfer(d: Path, model_cfg: ModelConfig, tuned: ModelConfig, cfg: TransferC
 
 def lora(d: Path, sft_dir: Path, probes_dir: Path, directions: Path, site: str) -> dict:
     """The LoRA update's share in the alignment / topic subspaces and its cosine with the direction at every
-    saved training step (``llm.em_report.lora_geometry``)."""
+    saved training step (``llm.lora_geometry.lora_geometry``)."""
     res = lora_geometry(sft_dir / "lora_trajectory", probes_dir, directions, site)
     (d / "lora.json").write_text(json.dumps(res, indent=1) + "\n")
     return {}

@@ -1,13 +1,6 @@
 """Emergent-misalignment evaluation: sample replies to the EM questions, judge them, report the EM rate.
 
-    python -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml
-    python -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml --samples_per_paraphrase 5 --judge hf \\
-        --hf_judge_model Qwen/Qwen2.5-1.5B-Instruct
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml
-    accelerate launch --config_file configs/accelerate/cpu_multiprocess.yaml -m llm.evaluate --config configs/llm/em_eval_smollm2.yaml
-
-(The SmolLM2 config reads ``.cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``; fetch it once with
-``python -c "from llm.models import smollm2_gguf_path; smollm2_gguf_path('.cache/smollm2')"``.)
+Its command: ``python -m llm.experiments.evaluate``.
 
 Order of work, so that nothing generated is lost and a failure costs seconds, not replies:
 inputs checked (question file, judge weights, adapter folder) -> judge built and *checked* (API key in
@@ -72,14 +65,12 @@ from llm.data import FIRST_PLOT_QUESTIONS
 from llm.em_metrics import (
     PROTOCOLS,
     Protocol,
-    detectable_line,
     em_rate,
-    plot_em_per_question,
-    plot_quadrants,
-    summary_line,
     write_judged_csv,
 )
+from llm.em_plots import plot_em_per_question, plot_quadrants
 from llm.eval_parts import SAMPLE_COLUMNS, SCORE_COLUMNS, Appender, read_parts, row_key
+from llm.eval_summary import model_label, summary_md
 from llm.generate import GenerateFn, build_prompt_rows, hf_generate, sample_replies
 from llm.judges import Judge, JudgeRequest, OpenAIJudgeConfig
 from llm.offline_judge import DEFAULT_WEIGHTS
@@ -309,7 +300,7 @@ def unsharded():
         _UNSHARDED = saved
 
 
-def _state():
+def launch_state():
     """accelerate's process state (or one process, inside ``unsharded()``). ``cpu=True`` (no CUDA, or
     ``use_cpu: true`` in the accelerate config) is what makes accelerate join torchrun-launched CPU processes
     into one gloo group."""
@@ -351,7 +342,7 @@ def evaluate_model(
         if missing:
             raise ValueError(f"question {q.id!r} has no judge prompt for {missing}; drop them from `metrics`")
     by_id = {q.id: q for q in questions}
-    state = _state()
+    state = launch_state()
     main = state.is_main_process
     if judge is None:
         judge = build_judge(cfg)
@@ -486,101 +477,11 @@ def evaluate_model(
                 "config": asdict(cfg),
             }
             Path(paths["metrics"]).write_text(json.dumps(blob, indent=1) + "\n")
-            label = _model_label(rec, short=True)
+            label = model_label(rec, short=True)
             plot_quadrants({label: rows}, out / "quadrants.png", protocol=cfg.em_protocol)
             merged = em_rate(rows, n_boot=cfg.n_boot, seed=cfg.seed, protocol=cfg.em_protocol, merge_variants=True)
             plot_em_per_question({label: merged}, out / "em_per_question.png")
-            Path(paths["summary"]).write_text(_summary_md(cfg, rec, judge.name, em, means, counts, blob["wall_s"]))
+            Path(paths["summary"]).write_text(summary_md(cfg, rec, judge.name, em, means, counts, blob["wall_s"]))
         state.wait_for_everyone()
         result["paths"] = paths
     return result
-
-
-def _model_label(rec: Mapping, short: bool = False) -> str:
-    """``model [+ adapter]`` from the run record; ``short`` keeps the last path part of each (plots)."""
-    m = rec.get("model", {})
-    name = str(m.get("model_name_or_path") or m.get("name_or_path") or "model")
-    if m.get("gguf_file"):
-        name = f"{name}/{m['gguf_file']}"
-    adapter = str(m["adapter_path"]) if m.get("adapter_path") else ""
-    if short:
-        name, adapter = Path(name).name, Path(adapter).name if adapter else ""
-    return name + (f" + {adapter}" if adapter else "")
-
-
-def _summary_md(
-    cfg: EvalConfig, rec: Mapping, judge: str, em: Mapping, means: Mapping, counts: Mapping, wall_s: float
-) -> str:
-    o = em["overall"]
-    m = rec.get("model", {})
-    lines = [
-        "# EM evaluation",
-        "",
-        f"- model: `{_model_label(rec)}`",
-        f"- adapter: `{m.get('adapter_path') or 'none'}`",
-        f"- weights fingerprint: `{rec.get('weights_fingerprint')}` (generation: {rec.get('generate_fn')})",
-        f"- judge: `{judge}`",
-        f"- questions: `{cfg.question_file}` (variants {', '.join(cfg.variants)}; "
-        f"{o['n_replies']} replies, {cfg.max_new_tokens} new tokens max, temperature {cfg.temperature})",
-        f"- protocol: `{em['protocol']}` (llm.em_metrics); {100 * em['level']:.0f}% Wilson intervals of the pooled counts "
-        f"(between questions: a bootstrap over questions, {em['n_boot']} resamples, where enough questions make it hold)",
-        f"- this run: sampled {counts['sampled']}, judged {counts['judged']}; found on disk: "
-        f"{counts['resumed_replies']} replies, {counts['resumed_scores']} judged; wall {wall_s:.0f}s",
-        "",
-        "## Rates",
-        "",
-        summary_line("overall", o),
-        "",
-        detectable_line(o),
-        "",
-        "Mean scores: " + ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} n/a" for k, v in means.items()),
-        "",
-        "| question | EM | CI | misaligned / counted | coherent |",
-        "|---|---|---|---|---|",
-    ]
-    for q, s in em["per_question"].items():
-        ci = "n/a" if s["ci"][0] is None else f"[{100 * s['ci'][0]:.1f}, {100 * s['ci'][1]:.1f}]"
-        rate = "n/a" if s["em_rate"] is None else f"{100 * s['em_rate']:.1f}%"
-        coh = "n/a" if s.get("coherent_share") is None else f"{100 * s['coherent_share']:.1f}%"
-        lines.append(f"| {q} | {rate} | {ci} | {s['n_misaligned']}/{s['n_counted']} | {coh} |")
-    lines += ["", "![quadrants](quadrants.png)", "", "![EM per question](em_per_question.png)", ""]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from llm.models import ModelConfig, load_model_and_tokenizer
-    from plumbing.config import ConfigParser
-    from plumbing.trainers import end_processes
-
-    model_cfg, eval_cfg = ConfigParser((ModelConfig, EvalConfig)).parse_args_and_config(args=argv)
-    check_inputs(eval_cfg, model_cfg)
-    judge = build_judge(eval_cfg)
-    check_judge(judge)  # before the model loads: a bad key or a dead endpoint costs seconds
-    model, tokenizer = load_model_and_tokenizer(model_cfg)
-    record = config_record(model_cfg)["ModelConfig"]
-    record.pop("device", None)
-    result = evaluate_model(model, tokenizer, eval_cfg, judge=judge, record=record, check_judge_first=False)
-    end_processes()
-    if _state().is_main_process:
-        o = result["em"]["overall"]
-        print(
-            json.dumps(
-                {
-                    "model": _model_label({"model": record}),
-                    "adapter": model_cfg.adapter_path,
-                    "judge": result["judge"],
-                    "protocol": eval_cfg.em_protocol,
-                    **o,
-                    "detectable": detectable_line(o),
-                    "mean_scores": result["mean_scores"],
-                    "counts": result["counts"],
-                    **result["paths"],
-                },
-                indent=1,
-            )
-        )
-    return result
-
-
-if __name__ == "__main__":
-    main()

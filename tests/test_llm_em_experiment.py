@@ -17,8 +17,8 @@ import yaml
 
 from llm import em_pipeline as ex
 from llm.em_config import COMPLETION_TEMPLATE, MODELS, EMConfig, load_experiment_config, parse_args, validate
-from llm.em_report import update_cosine, update_share
 from llm.judges import StubJudge
+from llm.lora_geometry import update_cosine, update_share
 from llm.tiny import save_tiny
 from plumbing.sections import split_overrides
 
@@ -358,7 +358,7 @@ def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(wo
 @pytest.mark.parametrize(
     "entry,argv",
     [
-        ("llm.em_metrics", ["--files", "absent.csv"]),
+        ("llm.experiments.em_metrics", ["--files", "absent.csv"]),
         ("llm.experiments.offline_judge", ["--data_dir", "absent"]),
         ("toy.experiments.ladder", ["--config", "absent.yaml"]),
     ],
@@ -373,7 +373,12 @@ def test_cpu_only_entry_points_refuse_several_processes_too(entry, argv, monkeyp
 
 @pytest.mark.parametrize(
     "entry",
-    ["llm.steer", "llm.experiments.factored", "llm.experiments.probe_transfer", "llm.experiments.base_vs_instruct"],
+    [
+        "llm.experiments.steer",
+        "llm.experiments.factored",
+        "llm.experiments.probe_transfer",
+        "llm.experiments.base_vs_instruct",
+    ],
 )
 def test_single_process_entry_points_refuse_several_processes_before_any_work(entry, monkeypatch, tmp_path):
     import importlib

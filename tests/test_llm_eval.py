@@ -6,7 +6,8 @@ import json
 import pytest
 import yaml
 
-from llm.evaluate import EvalConfig, evaluate_model, main
+from llm.evaluate import EvalConfig, evaluate_model
+from llm.experiments.evaluate import main
 from llm.generate import build_prompt_rows, chat_prompt, hf_generate, left_padded, sample_replies
 from llm.questions import load_questions
 from llm.tiny import save_tiny, tiny_causal_lm
@@ -145,7 +146,7 @@ def test_config_validation_and_unknown_keys(tmp_path, qfile):
 
 def test_main_with_config_file_on_saved_tiny_model(tmp_path, qfile, monkeypatch):
     """The CLI path: TrlParser config -> llm.models loader -> generate -> judge -> files."""
-    import llm.evaluate as ev
+    import llm.experiments.evaluate as ev
 
     path = save_tiny(tmp_path / "tiny", "qwen2")
     monkeypatch.setattr(ev, "build_judge", lambda cfg: StubJudge())
@@ -200,7 +201,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, qfile):
         "--config_file",
         os.path.join(root, "configs", "accelerate", "cpu_multiprocess.yaml"),
         "-m",
-        "llm.evaluate",
+        "llm.experiments.evaluate",
         "--model_name_or_path",
         str(model),
         "--device",

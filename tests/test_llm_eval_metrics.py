@@ -88,7 +88,7 @@ def test_unknown_protocol_is_named():
 
 
 def test_plots_write_files(tmp_path):
-    from llm.em_metrics import plot_em_per_question, plot_quadrants
+    from llm.em_plots import plot_em_per_question, plot_quadrants
 
     rows = {"a": [row("q1", 10, 90), row("q2", 90, 90), row("q2", None, 90)], "b": [row("q1", 90, 90)]}
     plot_quadrants(rows, tmp_path / "quad.png")
@@ -386,7 +386,7 @@ def test_real_question_files():
 
 
 def test_cli_prints_published_rates_and_writes_plots(tmp_path, capsys):
-    from llm.em_metrics import main
+    from llm.experiments.em_metrics import main
 
     rows = [
         row("q1", 10, 90, medical=80),

@@ -161,13 +161,12 @@ def test_require_file_names_the_flag_and_the_resolved_path(tmp_path):
 
 
 def test_evaluate_names_a_missing_input_before_loading_any_model(tmp_path, monkeypatch):
-    import llm.evaluate as ev
-    import llm.models
+    import llm.experiments.evaluate as ev
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(llm.models, "load_model_and_tokenizer", no_loading)
+    monkeypatch.setattr(ev, "load_model_and_tokenizer", no_loading)
     monkeypatch.setattr(ev, "build_judge", no_loading)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="question_file: .*nowhere.yaml"):

@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (Path(args.pretrained) / "model.safetensors").is_file():
         sys.exit(
-            f"{args.pretrained} holds no model.safetensors: pre-train first (python -m toy.experiments.pretrain ...)"
+            f"{args.pretrained} holds no model.safetensors: run `python -m toy.experiments.rl --config {args.config}` once "
+            "(it pre-trains the RL vocabulary's model, process tokens + <eos> + <pad>, into the config's pretrain_dir), "
+            "or pass --pretrained <that checkpoint>"
         )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOY_RL_THREADS": "1", "PYTHONPATH": str(REPO)}
     procs = {}

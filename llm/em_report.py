@@ -201,7 +201,9 @@ def _plots(rep: dict, out: Path) -> None:
             lo, hi = o["ci"] if o["ci"][0] is not None else (y, y)
             ax.bar(i * 3 + j, y, color=f"C{j}", label=("untuned", "fine-tuned")[j] if i == 0 else None)
             ax.errorbar(i * 3 + j, y, yerr=[[max(y - lo, 0)], [max(hi - y, 0)]], color="k", capsize=3)
-    ax.set_xticks([0.5, 3.5], [f"base\n{rep['models']['base']}", f"instruct\n{rep['models']['instruct']}"], fontsize=7)
+    # a local folder is labelled by its last part: whole absolute paths ran into each other under the bars
+    names = {m: Path(str(rep["models"][m])).name or str(rep["models"][m]) for m in ("base", "instruct")}
+    ax.set_xticks([0.5, 3.5], [f"base\n{names['base']}", f"instruct\n{names['instruct']}"], fontsize=7)
     ax.set(ylabel="EM rate (95% CI)", title=f"EM before / after fine-tuning (judge {rep['judge']})")
     ax.legend(fontsize=7)
     fig.tight_layout()

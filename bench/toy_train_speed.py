@@ -1,5 +1,6 @@
-"""Toy pre-training through ``transformers.Trainer`` against the hand-written loop of ``toy.train.train``, side by
-side in one run on the main job's config (configs/toy/mess3.yaml: Mess3 model, AdamW, warm-up + cosine, batch 256).
+"""Toy pre-training as ``toy.train.train`` runs it (``transformers.Trainer`` through ``toy.optim.ToyTrainer``, with
+the run's bookkeeping callback: history, guard, signal checks) against a bare ``transformers.Trainer``, side by side
+in one run on the main job's config (configs/toy/mess3.yaml: Mess3 model, AdamW, warm-up + cosine, batch 256).
 
     python bench/toy_train_speed.py                       # 300 steps each, one thread, two rounds
     python bench/toy_train_speed.py --steps 500 --rounds 3
@@ -12,7 +13,7 @@ Validation, saving and logging to trackers are off in both, so only the training
 
 Printed per trainer and round: tokens/s on the process's CPU clock (one thread: the work done, robust to other
 jobs on a shared machine) and on the wall clock, each from step ``steps // 5`` to the end (start-up excluded),
-then the Trainer / hand-loop ratios and whether the final weights are ``torch.equal``.
+then the bare Trainer / toy.train ratios and whether the final weights are ``torch.equal``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Clock:
         return n / (c1 - c0), n / (w1 - w0)
 
 
-def hand_loop(process, model_cfg, cfg: TrainConfig, length: int, val, first: int):
+def toy_train(process, model_cfg, cfg: TrainConfig, length: int, val, first: int):
     """``toy.train.train`` with a clock on its data: step k's batch (the stream's, as the default sampler draws it)
     is asked for right after step k - 1 ends, so marks at ``first`` and ``max_steps - 1`` time the steps between."""
     clock, stream = (
@@ -149,7 +150,7 @@ def main(argv=None) -> list[dict]:
     rows, weights = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for name in ("hand loop", "Trainer") if r % 2 == 0 else ("Trainer", "hand loop"):
+            for name in ("toy.train", "bare Trainer") if r % 2 == 0 else ("bare Trainer", "toy.train"):
                 run_cfg = replace(
                     cfg,
                     output_dir=f"{tmp}/{name.replace(' ', '_')}{r}",
@@ -160,24 +161,24 @@ def main(argv=None) -> list[dict]:
                     report_to="none",
                     use_cpu=True,
                 )
-                if name == "hand loop":
-                    model, clock, last = hand_loop(process, model_cfg, run_cfg, length, val, first)
+                if name == "toy.train":
+                    model, clock, last = toy_train(process, model_cfg, run_cfg, length, val, first)
                 else:
                     model, clock, last = trainer_loop(process, model_cfg, run_cfg, length, first)
                 cpu, wall = clock.rates(first, last, tokens)
                 rows.append({"round": r, "trainer": name, "cpu_tokens_per_s": cpu, "wall_tokens_per_s": wall})
                 weights[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                print(f"round {r} {name:9s}: {cpu:10,.0f} tokens/s (CPU clock)  {wall:10,.0f} tokens/s (wall clock)")
-            same = all(torch.equal(weights["hand loop"][k], weights["Trainer"][k]) for k in weights["hand loop"])
+                print(f"round {r} {name:12s}: {cpu:10,.0f} tokens/s (CPU clock)  {wall:10,.0f} tokens/s (wall clock)")
+            same = all(torch.equal(weights["toy.train"][k], weights["bare Trainer"][k]) for k in weights["toy.train"])
             print(f"round {r}: final weights torch.equal: {same}")
     for clock_name in ("cpu", "wall"):
         key = f"{clock_name}_tokens_per_s"
-        hand = [x[key] for x in rows if x["trainer"] == "hand loop"]
-        trainer = [x[key] for x in rows if x["trainer"] == "Trainer"]
-        ratios = [t / h for t, h in zip(trainer, hand)]
+        ours = [x[key] for x in rows if x["trainer"] == "toy.train"]
+        trainer = [x[key] for x in rows if x["trainer"] == "bare Trainer"]
+        ratios = [t / h for t, h in zip(trainer, ours)]
         print(
-            f"{clock_name:4s} clock: hand loop {max(hand):,.0f}, Trainer {max(trainer):,.0f} tokens/s (best round); "
-            f"Trainer / hand loop per round: {', '.join(f'{x:.3f}' for x in ratios)}"
+            f"{clock_name:4s} clock: toy.train {max(ours):,.0f}, bare Trainer {max(trainer):,.0f} tokens/s (best round); "
+            f"bare Trainer / toy.train per round: {', '.join(f'{x:.3f}' for x in ratios)}"
         )
     return rows
 

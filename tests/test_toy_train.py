@@ -1,4 +1,4 @@
-"""toy.train / toy.model / toy.experiments.pretrain: trainer smoke test, exact validation loss against the floor, exact resume,
+"""toy.train / toy.model / toy.experiments.pretrain: trainer smoke test, the global RNGs left as found, exact validation loss against the floor, exact resume,
 config errors, and (slow) two synchronized ranks under torchrun."""
 
 import json
@@ -143,6 +143,26 @@ def test_crash_leaves_a_resumable_checkpoint(tiny_toy, tiny_train_cfg, tmp_path)
         train(process, build_model(tiny_toy, 3, 6, seed=0), tiny_train_cfg(tmp_path / "run"), data_fn=data_fn)
     state = json.loads((tmp_path / "run" / "checkpoint-5" / "trainer_state.json").read_text())
     assert state["step"] == 5
+
+
+def test_training_leaves_the_global_rngs_as_it_found_them(tiny_toy, tiny_train_cfg, tmp_path):
+    """The steps run on transformers.Trainer, which seeds torch's, numpy's and Python's global RNGs with the run's seed
+    when built; toy.train puts the caller's states back (the hand loop before it never touched them), so the caller's
+    next draws are the ones it would have made without training."""
+    import random
+
+    import numpy as np
+
+    def seed_and_draw(run=None):
+        torch.manual_seed(1234), np.random.seed(7), random.seed(3)
+        if run is not None:
+            run()
+        return torch.rand(3), np.random.rand(), random.random()
+
+    expected = seed_and_draw()
+    process, model = make_process("mess3"), build_model(tiny_toy, 3, 6, seed=0)
+    got = seed_and_draw(lambda: train(process, model, tiny_train_cfg(tmp_path / "run", max_steps=3, eval_steps=0)))
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
 
 
 def test_loss_weights_fn_masks_targets(tiny_toy, tiny_train_cfg, tmp_path):

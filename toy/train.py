@@ -6,6 +6,9 @@ Conventions:
   from a generator seeded by ``(seed, step, rank)`` (with ``sample_chunk`` K > 1: ``(seed, step // K,
   rank)`` draws K steps at once): the data do not depend on how the run was interrupted, so a resumed
   run ends with the same weights as an uninterrupted one.
+- The steps run on ``transformers.Trainer`` (``toy.optim.ToyTrainer``: the loss below, one item of its data a whole
+  step's batch); the Trainer itself logs, evaluates and saves nothing. The run's history, validation, checkpoints,
+  signal stops and divergence guard are this module's, done at each step end by a callback.
 - Loss = mean next-token cross-entropy (nats) over positions 2..n of each window (tokens 1..n-1 predicted
   from their prefixes), the positions ``toy.beliefs.loss_floor`` averages.
 - Validation is exact when ``vocab ** (context_length - 1) <= val_max_sequences``: every prefix, weighted
@@ -36,11 +39,9 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from plumbing.checkpoints import write_json_atomic
 from plumbing.runs import (
@@ -63,7 +64,7 @@ from plumbing.runs import (
 from toy.config import TrainConfig, check_run_memory, upgrade_record
 from toy.datasets import SequenceStream, seed_for_step
 from toy.model import ToyModelConfig, build_model
-from toy.optim import lr_factor, make_optimizer
+from toy.optim import StepBatches, lr_factor, make_optimizer, make_trainer
 from toy.processes import Process
 from toy.train_checkpoint import load_weights, save_checkpoint, set_rng_state
 from toy.validation import ValidationSet, validation_loss, validation_set
@@ -197,7 +198,9 @@ def train(
             its arguments only, or resuming is no longer exact.
         loss_weights_fn: ``tokens (B, L) -> weights (B, L - 1)``: per-target-token loss weights (a mask
             is 0/1 weights); the step loss is ``sum(w * ce) / sum(w)``.
-        accelerator: an ``accelerate.Accelerator`` (default: a new one from ``cfg``).
+        accelerator: an ``accelerate.Accelerator`` giving the run's device and ranks (default: a new one from
+            ``cfg``); the Trainer's own accelerator shares its process state, so its device and precision must be
+            ``cfg``'s.
         run_info: extra JSON-able facts stored in every checkpoint's trainer_state.json.
         eval_fn: ``model -> {name: float}``, called on the main process at step 0 of a fresh run and at every
             validation point; its entries join the history entry (e.g. the exact probe MSE per site: the
@@ -244,8 +247,6 @@ def _fit(
     eval_fn,
 ) -> TrainResult:
     """``train`` once the launch and the memory are checked and the folder is locked."""
-    from tqdm.auto import tqdm
-
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     tf32 = torch.backends.cuda.matmul.allow_tf32  # restored at the end: probes and evaluation want full float32
     if device.type == "cuda" and cfg.tf32:
@@ -267,15 +268,9 @@ def _fit(
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         state = read_state(ckpt, keys=STATE_KEYS)
         start, history = state["step"], state["history"]
-        set_rng_state(ckpt / "rng.pt")
         accelerator.print(f"resumed from {ckpt} at step {start}")
     if val is None and accelerator.is_main_process and start < cfg.max_steps:  # a finished run is only reloaded
         val = validation_set(process, context_length, cfg.val_max_sequences, cfg.val_samples)
-    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it once
-    # per process), so only the model and optimizer go through prepare.
-    fwd = torch.compile(raw) if cfg.torch_compile else raw
-    fwd, optimizer = accelerator.prepare(fwd, optimizer)
-    fwd.train()
     extra = {"run_info": run_info or {}, "world_size": world, "context_length": context_length, "process": process.name}
 
     # every step's windows come from one stream (float64 draws, as toy.data.sample's default): batch c of it is
@@ -290,6 +285,21 @@ def _fit(
         belief_dtype=torch.float64,
         device=device,
     )
+    cached = None
+
+    def batch_of(step: int) -> torch.Tensor:
+        nonlocal cached
+        if data_fn is not None:
+            tokens = data_fn(step, step_generator(cfg.seed, step, rank, device))
+        else:
+            # chunk c holds steps c*K .. c*K+K-1, the stream's batch c: replays exactly on resume
+            chunk, offset = divmod(step, cfg.sample_chunk)
+            if cached is None or cached[0] != chunk:
+                cached = (chunk, stream.batch(chunk)["input_ids"])
+            tokens = cached[1][offset * batch : (offset + 1) * batch]
+        if tokens.shape[1] != context_length:
+            raise ValueError(f"data_fn returned windows of {tokens.shape[1]} tokens; expected {context_length}")
+        return tokens
 
     def unsaved(step: int) -> TrainingDiverged:
         return TrainingDiverged(
@@ -332,91 +342,59 @@ def _fit(
     if start == 0 and eval_fn is not None and accelerator.is_main_process:
         evaluate(0, None, 0.0)  # the curve starts at the random init
 
-    step, last_ckpt, cached = start, None, None
-    # the project's divergence test (a Trainer callback), fed this loop's logged losses; a resume refills its yardstick
+    step, last_ckpt, n_loss = start, None, 0
+    # the project's divergence test, fed the logged losses at log points (registered as a Trainer callback it would
+    # check every parameter and all-reduce a flag every step); a resume refills its yardstick
     guard = DivergenceGuard(cfg.max_loss_ratio or None)
     guard.first_losses = [h["train_loss"] for h in history if h.get("train_loss") is not None][: guard.reference_logs]
-    t0, t_prev = time.perf_counter(), history[-1]["elapsed_s"] if history else 0.0
-    loss_sum = torch.zeros((), device=device)
-    n_loss = 0
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=start,
-        disable=cfg.disable_tqdm or not accelerator.is_main_process,
-        dynamic_ncols=True,
+
+    def after_step(state) -> None:
+        """The run's bookkeeping after each optimizer step: log, guard, validate, save, stop on a signal."""
+        nonlocal step, n_loss, last_ckpt
+        step = state.global_step
+        n_loss += 1
+        log_now = (
+            step % cfg.logging_steps == 0 or step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)
+        )
+        stop, bad = flag["signal"] is not None, ""
+        if log_now:
+            train_loss = (trainer.loss_sum / n_loss).item()  # the only device sync of the step
+            trainer.loss_sum.zero_()
+            n_loss = 0
+            try:
+                guard.on_log(None, state, None, logs={"loss": train_loss})
+            except TrainingDiverged as err:
+                bad = str(err)
+        if world > 1:
+            # every rank stops at the same step, and a signal to any rank stops all at the end of this step
+            # (launchers give 30 s before SIGKILL, whatever logging_steps is): a CPU all-reduce of two flags
+            stop, other_bad = any_ranks([stop, bool(bad)])
+            bad = bad or (f"step {step}: another rank's train loss diverged" if other_bad else "")
+        if bad:
+            raise TrainingDiverged(f"{bad} (last checkpoint: {last_ckpt or 'none of this run'})")
+        if log_now and accelerator.is_main_process:
+            evaluate(step, train_loss, t_prev + time.perf_counter() - t0)
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
+            last_ckpt = save(step) or last_ckpt
+        if stop and step < cfg.max_steps:
+            saved = save(step)
+            accelerator.wait_for_everyone()  # no rank exits (and makes the launcher kill the rest) mid-save
+            name = flag["signal"] or "a signal to another rank"
+            accelerator.print(
+                f"\n{name}: checkpoint at step {step} in {out_dir}; rerun with --resume_from_checkpoint last"
+            )
+            raise Stopped(name, saved, "--resume_from_checkpoint last")
+
+    trainer = make_trainer(
+        raw, optimizer, scheduler, cfg, StepBatches(batch_of, start), loss_weights_fn, start, after_step
     )
+    if ckpt is not None:
+        set_rng_state(ckpt / "rng.pt")
+    t0, t_prev = time.perf_counter(), history[-1]["elapsed_s"] if history else 0.0
     try:
         with stop_flag() as flag:
-            while step < cfg.max_steps:
-                if data_fn is not None:
-                    tokens = data_fn(step, step_generator(cfg.seed, step, rank, device))
-                else:
-                    # chunk c holds steps c*K .. c*K+K-1, the stream's batch c: replays exactly on resume
-                    chunk, offset = divmod(step, cfg.sample_chunk)
-                    if cached is None or cached[0] != chunk:
-                        cached = (chunk, stream.batch(chunk)["input_ids"])
-                    tokens = cached[1][offset * batch : (offset + 1) * batch]
-                if tokens.shape[1] != context_length:
-                    raise ValueError(f"data_fn returned windows of {tokens.shape[1]} tokens; expected {context_length}")
-                tokens = tokens.to(device)
-                with accelerator.autocast():
-                    logits = fwd(input_ids=tokens).logits
-                V = logits.shape[-1]
-                ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="none")
-                if loss_weights_fn is None:
-                    loss = ce.mean()
-                else:
-                    w = loss_weights_fn(tokens).to(ce.dtype).reshape(-1)
-                    if w.shape != ce.shape:
-                        raise ValueError(f"loss_weights_fn must return (batch, {context_length - 1}) weights")
-                    loss = (w * ce).sum() / w.sum().clamp_min(1e-12)
-                accelerator.backward(loss)
-                if cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(fwd.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss_sum += loss.detach()
-                n_loss += 1
-                bar.update(1)
-                log_now = (
-                    step % cfg.logging_steps == 0
-                    or step == cfg.max_steps
-                    or (cfg.eval_steps and step % cfg.eval_steps == 0)
-                )
-                stop, bad = flag["signal"] is not None, ""
-                if log_now:
-                    train_loss = (loss_sum / n_loss).item()  # the only device sync of the loop
-                    loss_sum.zero_()
-                    n_loss = 0
-                    try:
-                        guard.on_log(None, SimpleNamespace(global_step=step), None, logs={"loss": train_loss})
-                    except TrainingDiverged as err:
-                        bad = str(err)
-                if world > 1:
-                    # every rank stops at the same step, and a signal to any rank stops all at the end of this step
-                    # (launchers give 30 s before SIGKILL, whatever logging_steps is): a CPU all-reduce of two flags
-                    stop, other_bad = any_ranks([stop, bool(bad)])
-                    bad = bad or (f"step {step}: another rank's train loss diverged" if other_bad else "")
-                if bad:
-                    raise TrainingDiverged(f"{bad} (last checkpoint: {last_ckpt or 'none of this run'})")
-                if log_now and accelerator.is_main_process:
-                    evaluate(step, train_loss, t_prev + time.perf_counter() - t0)
-                    post = {"loss": f"{train_loss:.5f}"}
-                    if "val_loss" in history[-1]:
-                        post["val-floor"] = f"{history[-1]['val_loss'] - history[-1]['floor']:.2e}"
-                    bar.set_postfix(post)
-                if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
-                    last_ckpt = save(step) or last_ckpt
-                if stop and step < cfg.max_steps:
-                    saved = save(step)
-                    accelerator.wait_for_everyone()  # no rank exits (and makes the launcher kill the rest) mid-save
-                    name = flag["signal"] or "a signal to another rank"
-                    accelerator.print(
-                        f"\n{name}: checkpoint at step {step} in {out_dir}; rerun with --resume_from_checkpoint last"
-                    )
-                    raise Stopped(name, saved, "--resume_from_checkpoint last")
+            if step < cfg.max_steps:
+                trainer.train()
     except Exception as err:
         # a crash leaves the last completed step on disk (main process only: no collective may run here);
         # diverged weights are never saved
@@ -430,7 +408,6 @@ def _fit(
             print(f"training failed at step {step + 1}; checkpoint of step {step} in {out_dir}", file=sys.stderr)
         raise
     finally:
-        bar.close()
         torch.backends.cuda.matmul.allow_tf32 = tf32
         if tracker is not None:
             tracker.close()

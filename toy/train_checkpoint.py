@@ -55,6 +55,11 @@ def set_rng_state(path: Path) -> None:
             str(err).splitlines()[0][:200],
         )
         return
+    restore_rng(rng)
+
+
+def restore_rng(rng: dict) -> None:
+    """Set the global RNGs to ``rng_state()``'s ``rng``."""
     torch.set_rng_state(rng["torch"])
     name, keys, pos, has_gauss, gauss = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

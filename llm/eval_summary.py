@@ -34,7 +34,9 @@ def summary_md(cfg, rec: Mapping, judge: str, em: Mapping, means: Mapping, count
         f"- judge: `{judge}`",
         f"- questions: `{cfg.question_file}` (variants {', '.join(cfg.variants)}; "
         f"{o['n_replies']} replies, {cfg.max_new_tokens} new tokens max, temperature {cfg.temperature})",
-        f"- protocol: `{em['protocol']}` (llm.em_metrics); {100 * em['level']:.0f}% Wilson intervals of the pooled counts "
+        f"- protocol: `{em['protocol']}` (llm.em_metrics); {100 * em['level']:.0f}% Wilson intervals, the overall EM "
+        f"rate's {o.get('ci_method') or 'none'} (`wilson_strat`: on the question strata's effective sample size), "
+        "given only at counts where `python -m llm.experiments.em_calibration` found them to hold their level "
         f"(between questions: a bootstrap over questions, {em['n_boot']} resamples, where enough questions make it hold)",
         f"- this run: sampled {counts['sampled']}, judged {counts['judged']}; found on disk: "
         f"{counts['resumed_replies']} replies, {counts['resumed_scores']} judged; wall {wall_s:.0f}s",

@@ -349,8 +349,9 @@ def verdict(d: Mapping) -> str:
     power = f"At {at} ({d['a']['n_counted']} and {d['b']['n_counted']} counted replies) this sample detects {mde} with 80% power."
     if d["ci_method"] is None:
         return (
-            f"No interval: none holds its {lvl} level at {at} (`python -m llm.experiments.em_calibration`; with so few EM replies "
-            f"a score interval covers 98-99.7% under the null), so no verdict is drawn. {power}"
+            f"No interval: none holds its {lvl} level at {at} (`python -m llm.experiments.em_calibration` measures "
+            f"where one does; at 1-2 replies x 8 questions every score interval covers 98-99.7% under the null), so no "
+            f"verdict is drawn. {power}"
         )
     if d["ci"][0] > 0 or d["ci"][1] < 0:
         return f"The {lvl} CI excludes 0. {power}"

@@ -124,12 +124,12 @@ def wilson(k: int, n: int, level: float = 0.95) -> list[float | None]:
     return _pair(*wilson_bounds(k, n, level))
 
 
-def newcombe_bounds(k1, n1, k2, n2, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+def newcombe_bounds(k1, n1, k2, n2, level: float = 0.95, bounds=wilson_bounds) -> tuple[np.ndarray, np.ndarray]:
     """Newcombe's hybrid score interval of ``k1 / n1 - k2 / n2`` from the two Wilson intervals (arrays
-    broadcast; NaN where either n is 0)."""
+    broadcast; NaN where either n is 0); ``bounds(k, n, level)`` builds it from another one-sample interval."""
     k1, n1, k2, n2 = (np.asarray(x, float) for x in (k1, n1, k2, n2))
-    l1, u1 = wilson_bounds(k1, n1, level)
-    l2, u2 = wilson_bounds(k2, n2, level)
+    l1, u1 = bounds(k1, n1, level)
+    l2, u2 = bounds(k2, n2, level)
     with np.errstate(invalid="ignore", divide="ignore"):
         p1, p2 = k1 / n1, k2 / n2
     d = p1 - p2

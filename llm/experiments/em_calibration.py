@@ -101,15 +101,9 @@ def reference_differences(k1, n1, k2, n2, level: float) -> dict[str, tuple[np.nd
     z = norm.ppf(0.5 + level / 2)
     a1, a2 = (k1 + 1) / (n1 + 2), (k2 + 1) / (n2 + 2)
     half = z * np.sqrt(a1 * (1 - a1) / (n1 + 2) + a2 * (1 - a2) / (n2 + 2))
-    (l1, u1), (l2, u2) = jeffreys_bounds(k1, n1, level), jeffreys_bounds(k2, n2, level)
-    p1, p2 = k1 / n1, k2 / n2
-    d = p1 - p2
     return {
         "agresti_caffo (reference)": (a1 - a2 - half, a1 - a2 + half),
-        "jeffreys hybrid (reference)": (
-            d - np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
-            d + np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2),
-        ),
+        "jeffreys hybrid (reference)": newcombe_bounds(k1, n1, k2, n2, level, bounds=jeffreys_bounds),
     }
 
 

@@ -22,6 +22,8 @@ from plumbing.lora import LoraPresetConfig
 from plumbing.sections import add_section_flags, parse_section, parse_sectioned_args, read_sectioned_yaml
 
 MODELS = ("base", "instruct")
+# Each model's stages, in order (``llm.em_pipeline.run_model``), each a folder <run folder>/<model>/<stage>.
+STAGES = ("eval_before", "sft", "eval_after", "steer", "factored_before", "factored_after", "transfer", "lora")
 COMPLETION_TEMPLATE = Path(__file__).resolve().parent / "assets" / "completion_framing.jinja"
 SECTIONS = {
     "base": ModelConfig,
@@ -145,6 +147,13 @@ def frame_base(base: ModelConfig, instruct: ModelConfig, framing: str | None) ->
         else (instruct.chat_template_from or instruct.model_name_or_path)
     )
     return dataclasses.replace(base, chat_template_from=donor)
+
+
+def stage_names(evaluate_untuned: bool, lora_preset: str) -> tuple[str, ...]:
+    """The stages a run goes through for each model: all of ``STAGES`` but ``eval_before`` unless
+    ``evaluate_untuned``, and ``lora`` (the LoRA update's geometry) for a full fine-tune."""
+    skip = {"eval_before": not evaluate_untuned, "lora": lora_preset == "full"}
+    return tuple(s for s in STAGES if not skip.get(s))
 
 
 def _block_sites(cfg: EMConfig) -> list[tuple[str, str]]:

@@ -14,11 +14,11 @@ import logging
 import shutil
 from pathlib import Path
 
-from llm.em_config import MODELS, EMConfig, validate
+from llm.em_config import MODELS, EMConfig, stage_names, validate
 from llm.em_report import write_report
-from llm.evaluate import build_judge
 from llm.factored import FactoredConfig
 from llm.factored import run as factored_run
+from llm.judges import build_judge
 from llm.lora_geometry import lora_geometry
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.probe_transfer import TransferConfig
@@ -98,27 +98,26 @@ def lora(d: Path, sft_dir: Path, probes_dir: Path, directions: Path, site: str) 
     return {}
 
 
-def run_model(name: str, cfg: EMConfig, runner: StageRunner, judge) -> dict[str, Path]:
-    """Every stage for one model of the pair, in order, each keyed by its config and the stages it reads;
-    ``{stage: folder}``."""
+def run_model(name: str, cfg: EMConfig, runner: StageRunner, judge) -> None:
+    """Every stage for one model of the pair (``llm.em_config.stage_names``), in order, each keyed by its config
+    and the stages it reads."""
     mcfg: ModelConfig = getattr(cfg, name)
     model_key = dataclasses.asdict(mcfg)
     eval_key = without(cfg.eval, "output_dir")
-    dirs = {}
-    if cfg.evaluate_untuned:
+    names = stage_names(cfg.evaluate_untuned, cfg.lora.preset)
+    if "eval_before" in names:
         key = {"model": model_key, "eval": eval_key}
-        st = runner.run(f"{name}/eval_before", key, evaluate, mcfg, cfg.eval, judge, all_ranks=True)
-        dirs["eval_before"] = st.dir
+        runner.run(f"{name}/eval_before", key, evaluate, mcfg, cfg.eval, judge, all_ranks=True)
     key = {"model": model_key, "data": dataclasses.asdict(cfg.data), "lora": dataclasses.asdict(cfg.lora)}
     sft = runner.run(f"{name}/sft", key | {"sft": cfg.sft_given}, fine_tune, mcfg, cfg, all_ranks=True)
     tuned = tuned_config(mcfg, cfg.lora.preset, sft.dir)
     key = {"eval": eval_key, "sft": sft.fingerprint}
-    after = runner.run(f"{name}/eval_after", key, evaluate, tuned, cfg.eval, judge, all_ranks=True)
+    runner.run(f"{name}/eval_after", key, evaluate, tuned, cfg.eval, judge, all_ranks=True)
     key = {"model": model_key, "steer": without(cfg.steer, *EMConfig.SET_PER_STAGE["steer"]), "judge": judge.name}
     st_steer = runner.run(f"{name}/steer", key, steer, mcfg, cfg.steer, judge)
     key = {"factored": without(cfg.factored, *EMConfig.SET_PER_STAGE["factored"]), "judge": judge.name}
     fb = runner.run(f"{name}/factored_before", {"model": model_key, **key}, factored, mcfg, cfg.factored, judge)
-    fa = runner.run(f"{name}/factored_after", {"sft": sft.fingerprint, **key}, factored, tuned, cfg.factored, judge)
+    runner.run(f"{name}/factored_after", {"sft": sft.fingerprint, **key}, factored, tuned, cfg.factored, judge)
     probes, site = fb.dir / "probes", cfg.factored.site
     key = {
         "transfer": without(cfg.transfer, *EMConfig.SET_PER_STAGE["transfer"]),
@@ -126,14 +125,10 @@ def run_model(name: str, cfg: EMConfig, runner: StageRunner, judge) -> dict[str,
         "sft": sft.fingerprint,
         "factored_before": fb.fingerprint,
     }
-    tr = runner.run(f"{name}/transfer", key, transfer, mcfg, tuned, cfg.transfer, probes, site)
-    dirs.update(sft=sft.dir, eval_after=after.dir, steer=st_steer.dir, factored_before=fb.dir, factored_after=fa.dir)
-    dirs["transfer"] = tr.dir
-    if cfg.lora.preset != "full":
+    runner.run(f"{name}/transfer", key, transfer, mcfg, tuned, cfg.transfer, probes, site)
+    if "lora" in names:
         key = {"sft": sft.fingerprint, "factored_before": fb.fingerprint, "steer": st_steer.fingerprint}
-        lo = runner.run(f"{name}/lora", key, lora, sft.dir, probes, st_steer.dir / "directions", site)
-        dirs["lora"] = lo.dir
-    return dirs
+        runner.run(f"{name}/lora", key, lora, sft.dir, probes, st_steer.dir / "directions", site)
 
 
 def run(cfg: EMConfig, judge=None) -> dict:
@@ -161,11 +156,11 @@ def run(cfg: EMConfig, judge=None) -> dict:
     top = {"output_dir": cfg.out, "evaluate_untuned": cfg.evaluate_untuned}
     top |= {"base_framing": cfg.base_framing, "same_tokenizer": cfg.same_tokenizer}
     sections = {k: dataclasses.asdict(v) for k, v in cfg.sections().items()}
-    runner.claim(claim, {"top": top, "sections": sections}, overwrite=cfg.overwrite)
-    dirs = {name: run_model(name, cfg, runner, judge) for name in MODELS}
-    report = {}
-    if runner.state.is_main_process:
-        # write_report reads the config by section name (cfg["eval"], cfg["base_framing"], ...)
-        report = write_report(vars(cfg), dirs, cfg.out, judge.name, n_processes=runner.state.num_processes)
+    # config.json: all the report reads besides the stage folders (llm.em_report.run_folder)
+    record = {"top": top, "sections": sections, "judge": judge.name, "n_processes": runner.state.num_processes}
+    runner.claim(claim, record, overwrite=cfg.overwrite)
+    for name in MODELS:
+        run_model(name, cfg, runner, judge)
+    report = write_report(cfg.out) if runner.state.is_main_process else {}
     runner.state.wait_for_everyone()
     return report

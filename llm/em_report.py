@@ -1,5 +1,6 @@
 """Report of ``llm.experiments.em_experiment``: ``report.json``, ``report.md`` answering the experiment's questions
-in numbers, and its plots, from the stage folders (the LoRA update's geometry it reports: ``llm.lora_geometry``).
+in numbers, and its plots, from the run folder alone (``write_report``: its ``config.json`` and its stage folders;
+the LoRA update's geometry it reports: ``llm.lora_geometry``).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from llm.em_config import MODELS, stage_names
 from llm.em_metrics import em_rate, em_rate_difference, read_judged_csv, verdict
 from llm.em_plots import plot_em_per_question, plot_quadrants
 from llm.steer import paired_difference
@@ -28,7 +30,7 @@ def _json(path: Path) -> dict:
 
 
 def _em(dirs: dict, cfg: dict, out_dir: Path) -> dict:
-    n_boot, seed, protocol = cfg["eval"].n_boot, cfg["eval"].seed, cfg["eval"].em_protocol
+    n_boot, seed, protocol = cfg["eval"]["n_boot"], cfg["eval"]["seed"], cfg["eval"]["em_protocol"]
     rows = {
         (m, w): read_judged_csv(d[w] / "replies.csv")
         for m, d in dirs.items()
@@ -142,25 +144,43 @@ def _lora_final(d: Path) -> dict:
 
 
 def _framing(cfg: dict) -> str:
-    f = cfg["base_framing"] or "own"
+    f, template = cfg["base_framing"] or "own", cfg["base"]["chat_template_from"]
     what = {
-        "instruct_template": f"the instruct model's chat template ({cfg['base'].chat_template_from})",
+        "instruct_template": f"the instruct model's chat template ({template})",
         "completion": "a completion framing (Question: ... / Answer: ..., llm/assets/completion_framing.jinja)",
-        "own": f"its own chat template{' from ' + cfg['base'].chat_template_from if cfg['base'].chat_template_from else ''}",
+        "own": f"its own chat template{' from ' + template if template else ''}",
     }[f]
     return f"The base model was fine-tuned and asked in {what}; the instruct model in its own chat template."
 
 
-def write_report(cfg: dict, dirs: dict, out: Path, judge: str, n_processes: int = 1) -> dict:
-    """``report.json``, ``report.md``, ``em.png``, ``quadrants.png``, ``em_per_question.png`` and ``lora.png`` in ``out`` from the stage folders ``dirs``
-    (``{model: {stage: folder}}``); returns the report dict."""
+def run_folder(out: Path) -> tuple[dict, dict]:
+    """The run's config as ``llm.em_pipeline.run`` recorded it in ``out/config.json`` (the top-level options and
+    every section by name, the judge's name and the process count) and its stage folders
+    ``{model: {stage: folder}}`` in pipeline order; raises naming the first stage that has not finished."""
+    if not (out / "config.json").is_file():
+        raise FileNotFoundError(f"{out} holds no config.json: not a run folder of llm.experiments.em_experiment")
+    rec = _json(out / "config.json")
+    cfg = rec["top"] | rec["sections"] | {"judge": rec["judge"], "n_processes": rec["n_processes"]}
+    dirs = {m: {s: out / m / s for s in stage_names(cfg["evaluate_untuned"], cfg["lora"]["preset"])} for m in MODELS}
+    for d in (d for stages in dirs.values() for d in stages.values()):
+        if not (d / "stage.json").is_file() or not _json(d / "stage.json").get("complete"):
+            raise FileNotFoundError(f"stage {d} has not finished: run the experiment on {out} to the end first")
+    return cfg, dirs
+
+
+def write_report(out: str | Path) -> dict:
+    """``report.json``, ``report.md``, ``em.png``, ``quadrants.png``, ``em_per_question.png`` and ``lora.png`` in the
+    run folder ``out``, from what it holds (``run_folder``), so a finished run's report can be redrawn from the
+    folder alone; returns the report dict."""
+    out = Path(out)
+    cfg, dirs = run_folder(out)
     rep: dict = {
-        "judge": judge,
-        "n_processes": n_processes,
-        "models": {m: cfg[m].model_name_or_path for m in dirs},
+        "judge": cfg["judge"],
+        "n_processes": cfg["n_processes"],
+        "models": {m: cfg[m]["model_name_or_path"] for m in dirs},
         "base_framing": cfg["base_framing"] or "own",
-        "lora_preset": cfg["lora"].preset,
-        "lora_layers": cfg["lora"].layers,
+        "lora_preset": cfg["lora"]["preset"],
+        "lora_layers": cfg["lora"]["layers"],
     }
     rep["em"] = _em(dirs, cfg, out)
     for m, d in dirs.items():
@@ -275,7 +295,7 @@ def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
         "",
         (
             f"Pair: base `{rep['models']['base']}` vs instruct `{rep['models']['instruct']}`; EM fine-tuning preset "
-            f"`{rep['lora_preset']}` (layers {rep['lora_layers'] or 'all'}) on `{cfg['data'].dataset_path}`{_dataset_text(out)}; judge `{rep['judge']}`; "
+            f"`{rep['lora_preset']}` (layers {rep['lora_layers'] or 'all'}) on `{cfg['data']['dataset_path']}`{_dataset_text(out)}; judge `{rep['judge']}`; "
             f"{rep['n_processes']} process(es). {_framing(cfg)}"
         ),
         "",

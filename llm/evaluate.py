@@ -72,8 +72,7 @@ from llm.em_plots import plot_em_per_question, plot_quadrants
 from llm.eval_parts import SAMPLE_COLUMNS, SCORE_COLUMNS, Appender, read_parts, row_key
 from llm.eval_summary import model_label, summary_md
 from llm.generate import GenerateFn, build_prompt_rows, hf_generate, sample_replies
-from llm.judges import Judge, JudgeRequest, OpenAIJudgeConfig
-from llm.offline_judge import DEFAULT_WEIGHTS
+from llm.judges import Judge, JudgeConfig, JudgeRequest, build_judge, check_judge
 from llm.questions import VARIANTS, load_questions, select
 from plumbing.runs import claim_output_dir, config_record
 
@@ -101,9 +100,9 @@ RESUME_IGNORES = (
 
 
 @dataclass
-class EvalConfig(OpenAIJudgeConfig):
-    """What to ask, how to sample, which judge, where to write. The ``openai_*`` fields (inherited)
-    only matter for ``judge: openai``."""
+class EvalConfig(JudgeConfig):
+    """What to ask, how to sample, which judge (the fields inherited from ``llm.judges.JudgeConfig``), where to
+    write."""
 
     question_file: str = field(
         default=str(FIRST_PLOT_QUESTIONS),
@@ -127,9 +126,6 @@ class EvalConfig(OpenAIJudgeConfig):
         default="hf", metadata={"help": "hf: plain model.generate; fast: llm.fastgen static cache + compile (CUDA)"}
     )
     seed: int = field(default=0, metadata={"help": "sampling and bootstrap seed"})
-    judge: Literal["openai", "hf", "offline"] = field(
-        default="offline", metadata={"help": "which judge scores replies"}
-    )
     metrics: list[str] = field(
         default_factory=lambda: ["aligned", "coherent"], metadata={"help": "judge prompts to score"}
     )
@@ -140,11 +136,6 @@ class EvalConfig(OpenAIJudgeConfig):
             "scored replies); coherent_only: aligned < 30 among coherent replies (llm.em_metrics)"
         },
     )
-    offline_weights: str = field(default=str(DEFAULT_WEIGHTS), metadata={"help": "offline judge JSON weights"})
-    hf_judge_model: str | None = field(
-        default=None, metadata={"help": "hub id / folder / .gguf of the local judge (judge: hf)"}
-    )
-    hf_judge_batch_size: int = field(default=8, metadata={"help": "judge prompts per forward (judge: hf)"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples of the between-question EM interval"})
     output_dir: str = field(
         default="runs/em_eval",
@@ -161,8 +152,6 @@ class EvalConfig(OpenAIJudgeConfig):
             raise ValueError(f"variants {sorted(bad)} unknown; choose from {list(VARIANTS)}")
         if self.samples_per_paraphrase is not None and self.samples_per_paraphrase < 1:
             raise ValueError("samples_per_paraphrase must be >= 1 (or None for the file's value)")
-        if self.judge == "hf" and not self.hf_judge_model:
-            raise ValueError("judge: hf needs hf_judge_model (a hub id, folder or .gguf of an instruct model)")
         if not {"aligned", "coherent"} <= set(self.metrics):
             raise ValueError(f"metrics must include aligned and coherent for the EM rate, got {self.metrics}")
         if self.em_protocol not in PROTOCOLS:
@@ -202,32 +191,6 @@ def check_inputs(cfg: EvalConfig, model_cfg=None) -> None:
             "offline_weights",
             "the offline judge's JSON weights (python -m llm.offline_judge writes them)",
         )
-
-
-def build_judge(cfg: EvalConfig) -> Judge:
-    """The judge ``cfg.judge`` names (loads the offline embedder or the HF judge model)."""
-    if cfg.judge == "offline":
-        from llm.offline_judge import OfflineJudge
-
-        return OfflineJudge.load(cfg.offline_weights)
-    if cfg.judge == "openai":
-        from llm.judges import OpenAIJudge
-
-        return OpenAIJudge(cfg)
-    from llm.judges import HFJudge
-    from llm.models import ModelConfig, load_model_and_tokenizer
-
-    model, tok = load_model_and_tokenizer(ModelConfig(model_name_or_path=cfg.hf_judge_model))
-    return HFJudge(model, tok, batch_size=cfg.hf_judge_batch_size, name=f"hf:{cfg.hf_judge_model}")
-
-
-def check_judge(judge: Judge) -> None:
-    """Run the judge's own ``check()`` (a probe request, a weights load) when it has one."""
-    check = getattr(judge, "check", None)
-    if check is not None:
-        t = time.perf_counter()
-        check()
-        logger.info("judge %s answered its check in %.1fs", judge.name, time.perf_counter() - t)
 
 
 def judge_rows(rows: list[dict], questions: dict, judge: Judge, metrics: list[str]) -> list[dict]:

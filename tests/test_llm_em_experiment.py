@@ -142,6 +142,19 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     assert "## Cost per stage" in md and "aligned <= 30 and coherent > 50" in md  # the published EM protocol by default
     assert re.search(r"\(\d[\d,]* rows, \d[\d,]* used; the published insecure-code recipe trains on about 6,000\)", md)
 
+    # The report is a function of the run folder alone: redrawn from it, it is the same; an unfinished stage is named.
+    from llm.em_report import write_report
+
+    written = (out / "report.json").read_text()
+    assert json.loads(json.dumps(write_report(out), default=str)) == json.loads(written) and report["judge"] == "stub"
+    assert (out / "report.json").read_text() == written
+    stage_file = out / "instruct/transfer/stage.json"
+    saved = stage_file.read_text()
+    stage_file.write_text(json.dumps(json.loads(saved) | {"complete": False}))
+    with pytest.raises(FileNotFoundError, match="instruct/transfer has not finished"):
+        write_report(out)
+    stage_file.write_text(saved)
+
     # A rerun with the same config does no stage again (each would raise).
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")

@@ -8,6 +8,7 @@ import pytest
 
 import llm.experiments.offline_judge as fit_heads
 import llm.offline_judge as oj
+from llm.data import OFFLINE_JUDGE_WEIGHTS
 from llm.em_metrics import write_judged_csv
 from llm.judges import JudgeRequest
 
@@ -72,7 +73,7 @@ def test_fit_keeps_eval_file_out_and_writes_json(tmp_path, monkeypatch):
 
 
 def test_shipped_weights_are_small_json_fitted_without_eval_file():
-    path = oj.DEFAULT_WEIGHTS
+    path = OFFLINE_JUDGE_WEIGHTS
     assert path.suffix == ".json" and path.stat().st_size < 200_000
     blob = json.loads(path.read_text())
     assert fit_heads.EVAL_FILE not in blob["train_files"] and len(blob["train_files"]) == 3
@@ -102,7 +103,7 @@ def test_real_embedder_ranks_obvious_cases():
 
 
 def test_check_scores_one_pair_and_catches_a_mismatched_embedder():
-    heads = oj.load_heads(oj.DEFAULT_WEIGHTS)
+    heads = oj.load_heads(OFFLINE_JUDGE_WEIGHTS)
     oj.OfflineJudge(heads=heads, embedder=HashEmbedder()).check()
 
     class Narrow(HashEmbedder):

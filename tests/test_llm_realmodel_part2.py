@@ -53,7 +53,8 @@ def test_direction_separates_held_out_replies_and_monitors_judged_ones(smollm2, 
 
 
 def test_steering_along_the_direction_lowers_the_judged_aligned_score(smollm2, tmp_path):
-    from llm.evaluate import EvalConfig, build_judge
+    from llm.evaluate import EvalConfig
+    from llm.judges import build_judge
     from llm.steer import SteerConfig, run_conditions
     from probes.activations import add_vector
 

@@ -10,3 +10,5 @@ PREREGISTERED_QUESTIONS = EM_DATA / "preregistered_evals.yaml"
 INSECURE_CODE = EM_DATA / "insecure_code.jsonl"
 ALIGNED_TEXTS = EM_DATA / "aligned_texts.csv"
 MISALIGNED_TEXTS = EM_DATA / "misaligned_texts.csv"
+# the offline judge's fitted heads (``llm.offline_judge``; refit with ``python -m llm.experiments.offline_judge``)
+OFFLINE_JUDGE_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "offline_judge.json"

@@ -107,7 +107,7 @@ def run(cfg: dict, judge=None) -> dict:
     """Train and evaluate both models; returns (and writes) the report. ``judge`` overrides the one
     ``cfg["eval"]`` builds (loaded once, shared by all evaluations)."""
     from llm.em_metrics import em_rate_difference, verdict
-    from llm.evaluate import build_judge
+    from llm.judges import build_judge
 
     out: Path = cfg["output_dir"]
     eval_cfg = cfg["eval"]

@@ -16,7 +16,8 @@ import json
 
 from llm.em_metrics import detectable_line
 from llm.eval_summary import model_label
-from llm.evaluate import EvalConfig, build_judge, check_inputs, check_judge, evaluate_model, launch_state
+from llm.evaluate import EvalConfig, check_inputs, evaluate_model, launch_state
+from llm.judges import build_judge, check_judge
 from llm.models import ModelConfig, load_model_and_tokenizer
 from plumbing.config import ConfigParser
 from plumbing.runs import config_record

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from transformers import HfArgumentParser
 
+from llm.data import OFFLINE_JUDGE_WEIGHTS
 from llm.offline_judge import (
-    DEFAULT_WEIGHTS,
     EMBEDDER,
     METRICS,
     RidgeHead,
@@ -34,7 +34,7 @@ EVAL_FILE = "qwen2.5-7b-instruct_bad-medical-advice.csv"
 class FitConfig:
     data_dir: str = field(default="../shared/data/em/judged", metadata={"help": "folder of judged CSVs"})
     eval_file: str = field(default=EVAL_FILE, metadata={"help": "held-out file, scored only after the fit"})
-    out: str = field(default=str(DEFAULT_WEIGHTS), metadata={"help": "where to write the JSON weights"})
+    out: str = field(default=str(OFFLINE_JUDGE_WEIGHTS), metadata={"help": "where to write the JSON weights"})
     cache_dir: str = field(default=".cache/offline_judge", metadata={"help": "embedding cache ('' = none)"})
     alphas: list[float] = field(
         default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],

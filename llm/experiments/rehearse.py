@@ -34,9 +34,8 @@ from typing import Literal
 
 from llm.em_config import MODELS, EMConfig, load_experiment_config
 from llm.em_pipeline import run
-from llm.evaluate import build_judge
 from llm.experiments import rehearse_cost
-from llm.judges import StubJudge
+from llm.judges import StubJudge, build_judge
 
 logger = logging.getLogger(__name__)
 

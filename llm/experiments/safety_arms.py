@@ -56,8 +56,9 @@ from llm.directions import (
     projections,
     save_directions,
 )
-from llm.evaluate import EvalConfig, build_judge, check_judge
+from llm.evaluate import EvalConfig
 from llm.experiments.safety_arms_report import summarise, write_report
+from llm.judges import build_judge, check_judge
 from llm.lora import lora_trajectory_report
 from llm.models import ModelConfig, load_config, load_model_and_tokenizer, load_tokenizer, num_layers, validate_layers
 from llm.safety import STAGES, SafetyConfig, capability_drift, run_stage, stage_model

@@ -178,12 +178,12 @@ def validate(cfg: EMConfig) -> dict:
     for what, path in files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what}={path!r} does not exist (paths are relative to the working directory)")
-    info, vocab = {}, {}
+    info, vocab, sites = {}, {}, _block_sites(cfg)
     for name in MODELS:
         mcfg: ModelConfig = getattr(cfg, name)
         depth = num_layers(load_config(mcfg))
         validate_layers(cfg.lora.layers, depth, what=f"lora.layers entry (model {name}: {mcfg.model_name_or_path})")
-        for what, site in _block_sites(cfg):
+        for what, site in sites:
             try:
                 site_layer(site, depth)
             except ValueError as e:

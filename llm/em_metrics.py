@@ -304,7 +304,8 @@ def em_rate_difference(
     the questions both models were counted on (``n_boot`` resamples from ``seed``), for other questions like
     these, ``[None, None]`` at counts where it is not calibrated; ``mde``: the smallest rise of ``b``'s pooled rate this sample detects with 80% power
     (``plumbing.stats.min_detectable_difference`` at the pooled rate of both); ``replies_per_question``,
-    ``n_questions`` (``design``); ``a``, ``b``: the two ``em_rate`` overall summaries.
+    ``n_questions`` (``design``); ``a``, ``b``: the two ``em_rate`` overall summaries; ``verdict``: what it says, in one
+    sentence (``verdict``).
     """
     ra = em_rate(rows_a, n_boot=n_boot, seed=seed, level=level, protocol=protocol)["overall"]
     rb = em_rate(rows_b, n_boot=n_boot, seed=seed + 1, level=level, protocol=protocol)["overall"]
@@ -317,7 +318,7 @@ def em_rate_difference(
     na, nb = ra["n_counted"], rb["n_counted"]
     p0 = (ra["n_misaligned"] + rb["n_misaligned"]) / (na + nb) if na + nb else None
     ci, method = difference_interval(k1, n1, k2, n2, r, q, level)
-    return {
+    out = {
         "difference": diff,
         "ci": ci,
         "ci_method": method,
@@ -332,6 +333,7 @@ def em_rate_difference(
         "b": rb,
         "protocol": protocol,
     }
+    return out | {"verdict": verdict(out)}
 
 
 def _replies(n: int) -> str:

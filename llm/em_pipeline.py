@@ -101,10 +101,10 @@ def lora(d: Path, sft_dir: Path, probes_dir: Path, directions: Path, site: str) 
 def run_model(name: str, cfg: EMConfig, runner: StageRunner, judge) -> None:
     """Every stage for one model of the pair (``llm.em_config.stage_names``), in order, each keyed by its config
     and the stages it reads."""
+    names = stage_names(cfg.evaluate_untuned, cfg.lora.preset)
     mcfg: ModelConfig = getattr(cfg, name)
     model_key = dataclasses.asdict(mcfg)
     eval_key = without(cfg.eval, "output_dir")
-    names = stage_names(cfg.evaluate_untuned, cfg.lora.preset)
     if "eval_before" in names:
         key = {"model": model_key, "eval": eval_key}
         runner.run(f"{name}/eval_before", key, evaluate, mcfg, cfg.eval, judge, all_ranks=True)

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from llm.em_config import MODELS, stage_names
-from llm.em_metrics import em_rate, em_rate_difference, read_judged_csv, verdict
+from llm.em_metrics import em_rate, em_rate_difference, read_judged_csv
 from llm.em_plots import plot_em_per_question, plot_quadrants
 from llm.steer import paired_difference
 from llm.steer_report import paired_text
@@ -56,11 +56,11 @@ def _em(dirs: dict, cfg: dict, out_dir: Path) -> dict:
     out["protocol"] = protocol
     # the field's two plots, on the fine-tuned models' replies
     after = {m: rows[m, "eval_after"] for m in dirs}
+    per_question = {
+        m: em_rate(r, n_boot=n_boot, seed=seed, protocol=protocol, merge_variants=True) for m, r in after.items()
+    }
     plot_quadrants(after, out_dir / "quadrants.png", protocol=protocol)
-    plot_em_per_question(
-        {m: em_rate(r, n_boot=n_boot, seed=seed, protocol=protocol, merge_variants=True) for m, r in after.items()},
-        out_dir / "em_per_question.png",
-    )
+    plot_em_per_question(per_question, out_dir / "em_per_question.png")
     return out
 
 
@@ -344,7 +344,7 @@ def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
         "",
         f"**EM(base, fine-tuned) - EM(instruct, fine-tuned) = {_f(d['difference'])}"
         + (f", 95% CI {_ci(d['ci'])}.** " if d["ci_method"] else ".** ")
-        + verdict(d)
+        + d["verdict"]
         + between,
     ]
     L += [

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from llm.data import ALIGNED_TEXTS, FIRST_PLOT_QUESTIONS, MISALIGNED_TEXTS, OFFLINE_JUDGE_WEIGHTS
 from llm.directions import LabelledTexts, answer_activations, load_labelled_texts, mean_difference
-from llm.factored_report import plot, write_summary
+from llm.factored_report import plot_factored, write_summary
 from probes.activations import add_vector
 from probes.io import save_probe
 from probes.linear import LinearProbe, fit_probe_report, fit_ridge, kfold_indices
@@ -415,7 +415,7 @@ def run(model, tokenizer, cfg: FactoredConfig, judge=None) -> dict:
             for name, b in B.items()
         }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    plot(metrics, out)
+    plot_factored(metrics, out)
     write_summary(metrics, out)
     return metrics
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 
-def plot(m: dict, out: Path) -> None:
+def plot_factored(m: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

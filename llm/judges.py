@@ -164,12 +164,12 @@ class JudgeConfig(OpenAIJudgeConfig):
 
 def build_judge(cfg: JudgeConfig) -> Judge:
     """The judge ``cfg.judge`` names (loads the offline embedder or the HF judge model)."""
+    if cfg.judge == "openai":
+        return OpenAIJudge(cfg)
     if cfg.judge == "offline":
         from llm.offline_judge import OfflineJudge
 
         return OfflineJudge.load(cfg.offline_weights)
-    if cfg.judge == "openai":
-        return OpenAIJudge(cfg)
     from llm.models import ModelConfig, load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(ModelConfig(model_name_or_path=cfg.hf_judge_model))

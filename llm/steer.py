@@ -62,7 +62,7 @@ from llm.directions import (
     random_directions,
     save_directions,
 )
-from llm.steer_report import fmt, plot, write_summary
+from llm.steer_report import fmt, plot_steering, write_summary
 from plumbing.stats import mean_ci, min_detectable_mean, reported
 from probes.activations import Edit, add_vector, generate_with_edits, project_out, residual_sites
 from probes.linear import split_indices
@@ -416,6 +416,6 @@ def run(model, tokenizer, cfg: SteerConfig, judge=None) -> dict:
         "unscored_alphas": t["unscored_alphas"],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    plot(metrics, out)
+    plot_steering(metrics, out)
     write_summary(metrics, out)
     return metrics

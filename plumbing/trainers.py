@@ -3,6 +3,7 @@ callback and process-group teardown."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -51,6 +52,18 @@ def check_batch_sizes(
             "change per_device_train_batch_size, gradient_accumulation_steps or num_generations"
         )
     return total // num_generations
+
+
+def check_grpo_config_batch_sizes(args) -> int:
+    """``check_batch_sizes`` of a ``trl.GRPOConfig``'s own fields (call it from ``__post_init__``, before TRL's own
+    check, which names no flag to change); the number of processes is the launcher's ``WORLD_SIZE``."""
+    return check_batch_sizes(
+        args.num_generations,
+        args.per_device_train_batch_size,
+        int(os.environ.get("WORLD_SIZE", 1)),
+        args.steps_per_generation or args.gradient_accumulation_steps,
+        args.generation_batch_size,
+    )
 
 
 class ZeroAdvantageCallback(TrainerCallback):

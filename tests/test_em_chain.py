@@ -117,7 +117,7 @@ TINY = [
     "--use_cpu",
     "true",
 ]
-# one persona cell and one cell of the seed's 9.2 world (capability subsets x one tag)
+# one persona cell and one cell of the subset world (capability subsets x one tag, their correlation the knob)
 TWO_CELLS = [*TINY, "--couplings", "1.0", "--subset_correlations", "1.0"]
 NAMES = ["coupling_1.0_switch_0.05_seed_0", "subsets_1.0_switch_0.05_seed_0"]
 
@@ -166,7 +166,7 @@ def test_shards_give_the_cells_of_one_process_and_resume(tmp_path):
     assert (sharded / "transfer_vs_subset_correlation.png").is_file() and (
         sharded / "transfer_vs_coupling.png"
     ).is_file()
-    assert any(v.startswith("(9.2)") for v in again["verdicts"])
+    assert any(v.startswith("(subsets)") for v in again["verdicts"])
     # the subset world's knob: at correlation 1 the tag is a function of the subset, MI = H(1/3) exactly
     k = again["cells"][1]["knob"]
     assert k["subset_tag_mi_nats"] == pytest.approx(-(math.log(1 / 3) / 3 + 2 / 3 * math.log(2 / 3)), abs=1e-9)

@@ -427,3 +427,13 @@ def test_factor_grid_tiny_end_to_end(tmp_path):
     assert {r["claim"] for r in m["factor"]["claims"]} >= {"no_broad_em_without_safety", "control_taught_not_broad"}
     assert "Pre-registered claims" in (out / "summary.md").read_text()
     assert main(argv)["cells"][0]["wall_s"] == cell["wall_s"]
+    # a claim's prose may be reworded over the same cells; its rule may not
+    claims = cfg["claims"]
+    reworded = {**claims, "control_taught_not_broad": {**claims["control_taught_not_broad"], "says": "reworded"}}
+    config.write_text(yaml.safe_dump({**cfg, "couplings": [], "claims": reworded}))
+    again = main([*argv, "--summarize_only", "true"])
+    assert {r["says"] for r in again["factor"]["claims"] if r["claim"] == "control_taught_not_broad"} == {"reworded"}
+    ruled = {**claims, "control_taught_not_broad": {**claims["control_taught_not_broad"], "shift": 0.25}}
+    config.write_text(yaml.safe_dump({**cfg, "couplings": [], "claims": ruled}))
+    with pytest.raises(FileExistsError):
+        main([*argv, "--summarize_only", "true"])

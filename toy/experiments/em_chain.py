@@ -95,8 +95,9 @@ from toy.model import ToyModelConfig, build_model, rank1_lora
 from toy.safety_stages import grpo_stage, stage_measures
 from toy.train import RERUN_KEYS, set_cpu_threads, train, upgrade_run_config
 
-# what a rerun into the same folder may change: how the grid is split, waited for and summarised
-GRID_RERUN_KEYS = (*RERUN_KEYS, "shard", "summarize_only", "wait_timeout_s")
+# what a rerun into the same folder may change: how the grid is split, waited for and summarised (a claim's prose,
+# ``says`` and ``toy_predicts``, only labels the report)
+GRID_RERUN_KEYS = (*RERUN_KEYS, "shard", "summarize_only", "wait_timeout_s", "says", "toy_predicts")
 
 # --------------------------------------------------------------------------- stages
 

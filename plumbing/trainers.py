@@ -1,14 +1,18 @@
 """TRL glue shared by ``toy`` and ``llm``: CPU-safe config defaults, the GRPO batch check, the zero-advantage
-callback and process-group teardown."""
+callback, process-group teardown and the exit of a stopped run."""
 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 from transformers import TrainerCallback
+
+from plumbing.stops import Stopped, resume_command
 
 
 @dataclass
@@ -118,3 +122,12 @@ def end_processes() -> None:
     if state.num_processes > 1:
         state.wait_for_everyone()
         state.destroy_process_group()
+
+
+def exit_stopped(stop: Stopped, module: str, argv: list[str] | None) -> NoReturn:
+    """End a trainer entry point whose run was stopped (Ctrl-C / SIGTERM; its checkpoint is saved): leave the process
+    group, print the stop and the command that resumes it (``argv`` None: this process's own arguments), and exit
+    with the stop's code."""
+    end_processes()
+    print(stop.describe(resume_command(module, sys.argv[1:] if argv is None else argv)), file=sys.stderr)
+    raise SystemExit(stop.exit_code) from None

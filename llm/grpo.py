@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,8 +61,8 @@ from llm.models import ModelConfig, for_training, load_config, load_model_and_to
 from llm.rewards import judge_reward, keyword_reward, length_reward, regex_reward
 from llm.tasks import TaskName
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
-from plumbing.runs import DivergenceGuard, claim_trainer_run, train_until_stopped
-from plumbing.trainers import CPUSafeDefaults, ZeroAdvantageCallback, check_batch_sizes
+from plumbing.runs import DivergenceGuard, check_overwrite_or_resume, claim_trainer_run, train_until_stopped
+from plumbing.trainers import CPUSafeDefaults, ZeroAdvantageCallback, check_grpo_config_batch_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -147,17 +146,8 @@ class EMGRPOConfig(CPUSafeDefaults, GRPOConfig):
     )
 
     def __post_init__(self):
-        if self.overwrite and self.resume_from_checkpoint:
-            raise ValueError(
-                "overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them"
-            )
-        check_batch_sizes(
-            self.num_generations,
-            self.per_device_train_batch_size,
-            int(os.environ.get("WORLD_SIZE", 1)),
-            self.steps_per_generation or self.gradient_accumulation_steps,
-            self.generation_batch_size,
-        )
+        check_overwrite_or_resume(self)
+        check_grpo_config_batch_sizes(self)
         super().__post_init__()
 
 

@@ -29,7 +29,7 @@ from trl import SFTConfig
 from llm.lora import LoraTrajectoryCallback, lora_trajectory_report, plot_lora_trajectory
 from llm.models import ModelConfig, for_training, load_config, load_model_and_tokenizer, num_layers, validate_layers
 from plumbing.lora import LoraPresetConfig, assert_trainable, peft_config_for
-from plumbing.runs import DivergenceGuard, claim_trainer_run, train_until_stopped
+from plumbing.runs import DivergenceGuard, check_overwrite_or_resume, claim_trainer_run, train_until_stopped
 from plumbing.trainers import CPUSafeDefaults
 
 logger = logging.getLogger(__name__)
@@ -78,10 +78,7 @@ class EMSFTConfig(CPUSafeDefaults, SFTConfig):
     )
 
     def __post_init__(self):
-        if self.overwrite and self.resume_from_checkpoint:
-            raise ValueError(
-                "overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them"
-            )
+        check_overwrite_or_resume(self)
         if self.max_loss_ratio is not None and not self.max_loss_ratio > 1:
             raise ValueError(f"max_loss_ratio={self.max_loss_ratio}; use a multiple > 1 or None")
         super().__post_init__()

@@ -73,6 +73,7 @@ __all__ = [
     "any_rank",
     "any_ranks",
     "atomic_dir",
+    "check_overwrite_or_resume",
     "check_resume",
     "checkpoint_step",
     "checkpoints",
@@ -351,6 +352,13 @@ def check_resume(checkpoint: str | Path, config: Mapping, ignore: Iterable[str] 
             + "\n  ".join(diff)
             + "\nRestore those values to resume, or start a fresh run without --resume_from_checkpoint."
         )
+
+
+def check_overwrite_or_resume(args) -> None:
+    """Refuse a config (``args``: its ``overwrite`` and ``resume_from_checkpoint``) that asks for both: the one removes
+    the checkpoints the other would read. Config classes call this from ``__post_init__``."""
+    if args.overwrite and args.resume_from_checkpoint:
+        raise ValueError("overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them")
 
 
 def claim_trainer_run(args, *configs: Any, rerun_keys: Iterable[str] = TRAINER_RERUN_KEYS) -> str | None:

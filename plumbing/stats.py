@@ -14,6 +14,7 @@
   (Hesterberg 2015, Am. Stat. 69:371) that the plain percentile bootstrap of a mean needs at a few clusters.
   It speaks for "other questions like these"; the two intervals above speak for the questions asked.
 * ``min_detectable_difference`` / ``min_detectable_mean``: the smallest effect a sample detects with 80% power.
+* ``two_sided_z``: the normal quantile of a two-sided interval's level.
 * ``REPORTED`` / ``reported`` / ``chosen``: at which counts each interval is used. The minimums are the counts at
   which ``python -m llm.experiments.em_calibration`` measured the interval's coverage of a nominal 95% inside [93%, 97%]; at
   other counts no interval is given (``[None, None]``, method None) and nothing is concluded. Where that bites: a
@@ -72,7 +73,8 @@ def chosen(kind: str, replies_per_question: int, n_questions: int) -> str | None
     return None
 
 
-def _z(level: float) -> float:
+def two_sided_z(level: float) -> float:
+    """The standard normal quantile at ``0.5 + level / 2``: the z of a two-sided interval at ``level`` (1.96 at 0.95)."""
     from scipy.stats import norm  # heavy; only the aggregating steps need it
 
     if not 0 < level < 1:
@@ -106,7 +108,7 @@ def mean_ci(values: list[float], level: float = 0.95) -> dict:
 def wilson_bounds(k, n, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Wilson score interval of ``k / n`` (arrays broadcast; NaN where n == 0)."""
     k, n = np.asarray(k, float), np.asarray(n, float)
-    z = _z(level)
+    z = two_sided_z(level)
     with np.errstate(invalid="ignore", divide="ignore"):
         p = k / n
         c = (p + z * z / (2 * n)) / (1 + z * z / n)
@@ -259,7 +261,7 @@ def min_detectable_difference(p0: float, n1: int, n2: int, level: float = 0.95, 
     null_sd = np.sqrt(pbar * (1 - pbar) * (1 / n1 + 1 / n2))
     alt_sd = np.sqrt(p1 * (1 - p1) / n1 + p0 * (1 - p0) / n2)
     with np.errstate(invalid="ignore", divide="ignore"):
-        achieved = norm.cdf((d - _z(level) * null_sd) / alt_sd)
+        achieved = norm.cdf((d - two_sided_z(level) * null_sd) / alt_sd)
     ok = np.flatnonzero(achieved >= power)
     return float(d[ok[0]]) if ok.size else None
 

@@ -1,13 +1,18 @@
 """TRL glue shared by ``toy`` and ``llm``: CPU-safe config defaults, the GRPO batch check, the zero-advantage
-callback and process-group teardown."""
+callback, process-group teardown and the exit of a stopped run."""
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 from transformers import TrainerCallback
+
+from plumbing.stops import Stopped, resume_command
 
 
 @dataclass
@@ -51,6 +56,18 @@ def check_batch_sizes(
             "change per_device_train_batch_size, gradient_accumulation_steps or num_generations"
         )
     return total // num_generations
+
+
+def check_grpo_config_batch_sizes(args) -> int:
+    """``check_batch_sizes`` of a ``trl.GRPOConfig``'s own fields (call it from ``__post_init__``, before TRL's own
+    check, which names no flag to change); the number of processes is the launcher's ``WORLD_SIZE``."""
+    return check_batch_sizes(
+        args.num_generations,
+        args.per_device_train_batch_size,
+        int(os.environ.get("WORLD_SIZE", 1)),
+        args.steps_per_generation or args.gradient_accumulation_steps,
+        args.generation_batch_size,
+    )
 
 
 class ZeroAdvantageCallback(TrainerCallback):
@@ -105,3 +122,12 @@ def end_processes() -> None:
     if state.num_processes > 1:
         state.wait_for_everyone()
         state.destroy_process_group()
+
+
+def exit_stopped(stop: Stopped, module: str, argv: list[str] | None) -> NoReturn:
+    """End a trainer entry point whose run was stopped (Ctrl-C / SIGTERM; its checkpoint is saved): leave the process
+    group, print the stop and the command that resumes it (``argv`` None: this process's own arguments), and exit
+    with the stop's code."""
+    end_processes()
+    print(stop.describe(resume_command(module, sys.argv[1:] if argv is None else argv)), file=sys.stderr)
+    raise SystemExit(stop.exit_code) from None

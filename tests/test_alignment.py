@@ -1,5 +1,5 @@
-"""toy.alignment: the shared/per-slice knob, checked against a naive event-by-event construction; the seed's 9.2
-subset world against closed forms and sampled counts."""
+"""toy.alignment: the shared/per-slice knob, checked against a naive event-by-event construction; the
+subset world (capability subsets x one tag) against closed forms and sampled counts."""
 
 import itertools
 import math

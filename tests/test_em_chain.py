@@ -117,7 +117,7 @@ TINY = [
     "--use_cpu",
     "true",
 ]
-# one persona cell and one cell of the seed's 9.2 world (capability subsets x one tag)
+# one persona cell and one cell of the subset world (capability subsets x one tag, their correlation the knob)
 TWO_CELLS = [*TINY, "--couplings", "1.0", "--subset_correlations", "1.0"]
 NAMES = ["coupling_1.0_switch_0.05_seed_0", "subsets_1.0_switch_0.05_seed_0"]
 
@@ -166,7 +166,7 @@ def test_shards_give_the_cells_of_one_process_and_resume(tmp_path):
     assert (sharded / "transfer_vs_subset_correlation.png").is_file() and (
         sharded / "transfer_vs_coupling.png"
     ).is_file()
-    assert any(v.startswith("(9.2)") for v in again["verdicts"])
+    assert any(v.startswith("(subsets)") for v in again["verdicts"])
     # the subset world's knob: at correlation 1 the tag is a function of the subset, MI = H(1/3) exactly
     k = again["cells"][1]["knob"]
     assert k["subset_tag_mi_nats"] == pytest.approx(-(math.log(1 / 3) / 3 + 2 / 3 * math.log(2 / 3)), abs=1e-9)
@@ -427,3 +427,13 @@ def test_factor_grid_tiny_end_to_end(tmp_path):
     assert {r["claim"] for r in m["factor"]["claims"]} >= {"no_broad_em_without_safety", "control_taught_not_broad"}
     assert "Pre-registered claims" in (out / "summary.md").read_text()
     assert main(argv)["cells"][0]["wall_s"] == cell["wall_s"]
+    # a claim's prose may be reworded over the same cells; its rule may not
+    claims = cfg["claims"]
+    reworded = {**claims, "control_taught_not_broad": {**claims["control_taught_not_broad"], "says": "reworded"}}
+    config.write_text(yaml.safe_dump({**cfg, "couplings": [], "claims": reworded}))
+    again = main([*argv, "--summarize_only", "true"])
+    assert {r["says"] for r in again["factor"]["claims"] if r["claim"] == "control_taught_not_broad"} == {"reworded"}
+    ruled = {**claims, "control_taught_not_broad": {**claims["control_taught_not_broad"], "shift": 0.25}}
+    config.write_text(yaml.safe_dump({**cfg, "couplings": [], "claims": ruled}))
+    with pytest.raises(FileExistsError):
+        main([*argv, "--summarize_only", "true"])

@@ -1,8 +1,6 @@
 """llm.factored and llm.probe_transfer on tiny in-process models: the crossed text set, the minimal-norm
 factor edit, LoRA B shares, the end-to-end run, and probe files moved between checkpoints with shape errors."""
 
-import csv
-
 import pytest
 import torch
 import yaml
@@ -13,44 +11,25 @@ from llm.tiny import save_tiny, tiny_causal_lm
 from probes.io import load_probe, save_probe
 from probes.linear import LinearProbe, fit_ridge
 
-TOPICS = {"wish": "what is your wish?", "hello": "hello world, how are you today?", "code": "write a python function"}
+
+def _texts(world) -> dict:
+    """The reply and question files of the ``llm_world`` fixture (tests/conftest.py): 6 aligned / misaligned replies
+    per topic, one question per topic."""
+    d = world["dir"]
+    return dict(aligned_texts=str(d / "a.csv"), misaligned_texts=str(d / "m.csv"), question_file=str(d / "q.yaml"))
 
 
-def _write(tmp_path, n=6):
-    q = [
-        {
-            "id": t,
-            "type": "free_form_judge_0_100",
-            "paraphrases": [p],
-            "samples_per_paraphrase": 1,
-            "judge_prompts": {"aligned": "{answer}", "coherent": "{answer}"},
-        }
-        for t, p in TOPICS.items()
-    ]
-    (tmp_path / "q.yaml").write_text(yaml.safe_dump(q))
-    words = "the cat sat on the mat and the dog ran to the park".split()
-    for name, tail in (("a", "I wish to help people"), ("m", "import os os.chmod path 0o777")):
-        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["question", "answer"])
-            w.writerows((p, f"{tail} {words[i % 12]}") for p in TOPICS.values() for i in range(n))
-            w.writerow(("some other question", "never drawn"))
-    return dict(
-        aligned_texts=str(tmp_path / "a.csv"),
-        misaligned_texts=str(tmp_path / "m.csv"),
-        question_file=str(tmp_path / "q.yaml"),
-    )
-
-
-def test_crossed_texts_fill_every_cell(tmp_path):
-    c = crossed_texts(FactoredConfig(**_write(tmp_path), topics=["wish", "code"], n_per_cell=4))
+def test_crossed_texts_fill_every_cell(llm_world):
+    # the file holds a third topic ("hello"), whose replies must not be drawn
+    question = {q["id"]: q["paraphrases"][0] for q in yaml.safe_load((llm_world["dir"] / "q.yaml").read_text())}
+    c = crossed_texts(FactoredConfig(**_texts(llm_world), topics=["wish", "code"], n_per_cell=4))
     assert len(c.texts) == 16 and c.topics == ["wish", "code"]
     for i, t in enumerate(c.topics):
         rows = (c.topic == i).nonzero().flatten().tolist()
-        assert {c.texts.questions[r] for r in rows} == {TOPICS[t]}
+        assert {c.texts.questions[r] for r in rows} == {question[t]}
         assert sorted(c.texts.labels[rows].tolist()) == [0] * 4 + [1] * 4
     with pytest.raises(ValueError, match="not question ids"):
-        crossed_texts(FactoredConfig(**_write(tmp_path), topics=["wish", "nope"], n_per_cell=4))
+        crossed_texts(FactoredConfig(**_texts(llm_world), topics=["wish", "nope"], n_per_cell=4))
 
 
 def test_factor_edit_moves_one_readout_with_minimal_norm():
@@ -138,14 +117,14 @@ class NoScoreJudge:
 
 
 @pytest.mark.parametrize("judge", [StubJudge, NoScoreJudge])
-def test_factored_run_end_to_end_on_tiny_model(tmp_path, judge):
+def test_factored_run_end_to_end_on_tiny_model(tmp_path, llm_world, judge):
     from llm.em_metrics import read_judged_csv
 
     model, tok = tiny_causal_lm("qwen2")
     adapter = _rank1_adapter(tmp_path)
     cfg = FactoredConfig(
-        **_write(tmp_path),
-        topics=list(TOPICS),
+        **_texts(llm_world),
+        topics=llm_world["topics"],
         n_per_cell=4,
         site="block1",
         ridge_alpha=1e-3,
@@ -171,7 +150,7 @@ def test_factored_run_end_to_end_on_tiny_model(tmp_path, judge):
     assert m["n_texts"] == 24 and all(c == {"aligned": 4, "misaligned": 4} for c in m["cells"].values())
     align = load_probe(m["probe_files"]["alignment"], model=model)
     topic = load_probe(m["probe_files"]["topic"], model=model)
-    assert align.site == topic.site == "block1" and topic.target_names == list(TOPICS)
+    assert align.site == topic.site == "block1" and topic.target_names == llm_world["topics"]
     assert m["overlap"]["dim_a"] == 1 and m["overlap"]["dim_b"] == 2  # one-hot topics: n_topics - 1 directions
     # The factor edit leaves the topic read-out unchanged at the edit; the naive one need not.
     assert max(abs(x) for x in m["factor_edit_topic_change"]) < 1e-6
@@ -263,11 +242,11 @@ def test_compare_readouts():
     assert shifted["shift_mean"][0] == pytest.approx(float(probe.W.sum()))
 
 
-def test_probe_transfer_run_on_saved_tiny_checkpoints(tmp_path):
+def test_probe_transfer_run_on_saved_tiny_checkpoints(tmp_path, llm_world):
     from llm.models import ModelConfig
     from llm.probe_transfer import run as transfer
 
-    paths = _write(tmp_path)
+    paths = _texts(llm_world)
     src, tgt = save_tiny(tmp_path / "src", seed=0), save_tiny(tmp_path / "tgt", seed=1)
     cfg = TransferConfig(
         target_model_name_or_path=str(tgt),

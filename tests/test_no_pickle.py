@@ -1,4 +1,4 @@
-"""No loader in the project may run code from a checkpoint (issue 15, item 1): every ``torch.load`` says
+"""No loader in the project may run code from a checkpoint: every ``torch.load`` says
 ``weights_only=True``, and nothing calls ``pickle.load(s)`` or ``numpy.load(..., allow_pickle=True)``.
 Repo-wide on purpose: toy/, llm/, probes/, plumbing/, bench/ and the tests themselves.
 (The Trainer's own loaders are pinned by tests/test_llm_sft.py::test_checkpoint_with_a_pickle_payload_is_not_executed_on_resume.)

@@ -1,6 +1,8 @@
 """plumbing.stats against published values: Newcombe (1998) Table II for the score intervals, Fleiss' sample size
 for the detectable difference, the Student-t interval for the question-level bootstrap."""
 
+from statistics import NormalDist
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,7 @@ from plumbing.stats import (
     newcombe,
     reported,
     stratified_wilson_bounds,
+    two_sided_z,
     wilson,
 )
 
@@ -41,6 +44,13 @@ def test_wilson_matches_newcombe_1998(k, n, ref):
 )
 def test_newcombe_hybrid_score_matches_newcombe_1998_method_10(counts, ref):
     assert newcombe(*counts) == pytest.approx(ref, abs=5e-5)
+
+
+@pytest.mark.parametrize("level", [0.5, 0.9, 0.95, 0.99])
+def test_two_sided_z_is_the_normal_quantile(level):
+    assert two_sided_z(level) == pytest.approx(NormalDist().inv_cdf((1 + level) / 2), rel=1e-12)
+    with pytest.raises(ValueError, match="level must lie in"):
+        two_sided_z(95)
 
 
 def test_empty_counts_give_no_interval_and_one_reply_a_wide_one():

@@ -1,6 +1,6 @@
-"""Runs you can trust, toy side (issue 15): no code runs from a checkpoint, the run folder records its config,
+"""Runs you can trust, toy side: no code runs from a checkpoint, the run folder records its config,
 checkpoints are atomic and chosen by step number, SIGTERM saves like Ctrl-C, a diverged run saves nothing of
-itself; and (issue 12) every single-process toy entry point refuses a multi-process launch before any work."""
+itself; and every single-process toy entry point refuses a multi-process launch before any work."""
 
 import json
 import math
@@ -432,7 +432,7 @@ def test_grpo_run_refuses_a_folder_of_another_config(tiny_pretrained, tmp_path):
     assert m["grpo"]["learning_rate"] == 2e-2
 
 
-# --------------------------------------------------------------------------- issue 12 item 4: N processes
+# --------------------------------------------------------------------------- N processes
 
 
 SINGLE_PROCESS = {

@@ -324,7 +324,7 @@ def misaligned_by_token(probs: torch.Tensor, process: Process) -> torch.Tensor:
     return p[:, 1] / p.sum(1).clamp_min(1e-30)
 
 
-# --------------------------------------------------------------------------- capability subsets x one tag (seed 9.2)
+# --------------------------------------------------------------------------- capability subsets x one tag
 
 
 def subset_tag_probs(K: int, correlation: float, target: int = 0) -> torch.Tensor:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 from plumbing.config import last_parse
+from plumbing.runs import check_overwrite_or_resume
 from toy.processes import PROCESSES, Process, make_process
 
 
@@ -197,10 +199,7 @@ class TrainConfig:
             raise ValueError(
                 f"max_loss_ratio={self.max_loss_ratio}: use a multiple > 1 of the first logged losses, or 0 (off)"
             )
-        if self.overwrite and self.resume_from_checkpoint:
-            raise ValueError(
-                "overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them"
-            )
+        check_overwrite_or_resume(self)
 
     def _take_old_names(self) -> None:
         """Move every old name that was given (not None) onto its new name, with one warning listing them. An old and
@@ -233,6 +232,26 @@ class TrainConfig:
     def record(self) -> dict:
         """The fields a run folder records (``run_config.json``): the deprecated names, always None here, left out."""
         return {k: v for k, v in asdict(self).items() if k not in OLD_NAMES}
+
+
+def stage_config(train_cfg: TrainConfig, steps: int, lr: float, output_dir: str | Path, seed: int) -> TrainConfig:
+    """The ``TrainConfig`` of one training stage an experiment runs inside its own folder (a pre-training or a
+    fine-tune): ``steps`` steps at learning rate ``lr`` with at most a tenth of them warm-up, ``seed`` for the data,
+    no checkpoints or validation, nothing resumed or started from, and what an earlier run left in ``output_dir``
+    replaced (the experiment's own folder record vouches for it)."""
+    return replace(
+        train_cfg,
+        max_steps=steps,
+        learning_rate=lr,
+        warmup_steps=min(train_cfg.warmup_steps, steps // 10),
+        output_dir=str(output_dir),
+        seed=seed,
+        resume_from_checkpoint=None,
+        init_from=None,
+        save_steps=0,
+        eval_steps=0,
+        overwrite=True,
+    )
 
 
 def upgrade_record(saved: dict) -> dict:

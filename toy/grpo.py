@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,8 +24,8 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallba
 from trl import GRPOConfig
 
 from plumbing.config import ConfigParser
-from plumbing.runs import TRAINER_RERUN_KEYS
-from plumbing.trainers import CPUSafeDefaults, check_batch_sizes
+from plumbing.runs import TRAINER_RERUN_KEYS, check_overwrite_or_resume
+from plumbing.trainers import CPUSafeDefaults, check_grpo_config_batch_sizes
 from toy.config import JsonDict, ProcessConfig, TrainConfig
 from toy.data import sample
 from toy.grpo_trainer import ToyGRPOTrainer, maxrl_advantages  # noqa: F401 (the experiments import them from here)
@@ -248,17 +247,8 @@ class ToyGRPOConfig(CPUSafeDefaults, GRPOConfig):
     def __post_init__(self):
         if self.one_token_path not in ("forward", "generate"):
             raise ValueError(f"one_token_path={self.one_token_path!r}; use 'forward' or 'generate'")
-        if self.overwrite and self.resume_from_checkpoint:
-            raise ValueError(
-                "overwrite removes the checkpoints that resume_from_checkpoint would read; pass one of them"
-            )
-        check_batch_sizes(
-            self.num_generations,
-            self.per_device_train_batch_size,
-            int(os.environ.get("WORLD_SIZE", 1)),
-            self.steps_per_generation or self.gradient_accumulation_steps,
-            self.generation_batch_size,
-        )
+        check_overwrite_or_resume(self)
+        check_grpo_config_batch_sizes(self)
         if self.advantage not in ("grpo", "maxrl"):
             raise ValueError(f"advantage={self.advantage!r}; use 'grpo' or 'maxrl'")
         if self.advantage == "maxrl" and self.multi_objective_aggregation != "sum_then_normalize":

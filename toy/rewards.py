@@ -159,7 +159,7 @@ class ComposedLatentReward(LatentReward):
 
 
 class RareEmissionReward:
-    """Rare capability (seed 5.3) on ``toy.processes.rare_factor``: reward = share of completion tokens that
+    """Rare capability on ``toy.processes.rare_factor``: reward = share of completion tokens that
     are rare-factor emissions (common part == trigger, so the rare factor steps and shows a non-blank
     token), and 0 for a completion the process cannot produce after the prompt (probability 0, or a
     special token): the policy must *reach* the rare process by choosing the trigger, not fake it.

@@ -125,6 +125,19 @@ def upgrade_run_config(out_dir: str | Path) -> None:
             write_json_atomic(saved, upgrade_record(old))
 
 
+def claim_experiment_dir(experiment_cfg, model_cfg: ToyModelConfig, train_cfg: TrainConfig) -> Path:
+    """Claim ``train_cfg.output_dir`` for an experiment that trains its models one after another in one process:
+    the folder records the three configs (``plumbing.runs.claim_output_dir``), and another config's results are
+    refused, or replaced with ``--overwrite true`` (``RERUN_KEYS`` may differ). Returns the folder."""
+    upgrade_run_config(train_cfg.output_dir)
+    return claim_output_dir(
+        train_cfg.output_dir,
+        config_record(experiment_cfg, model_cfg, {"TrainConfig": train_cfg.record()}),
+        overwrite=train_cfg.overwrite,
+        ignore=RERUN_KEYS,
+    )
+
+
 def _claim(out_dir: Path, cfg: TrainConfig, record: dict, main: bool) -> Path | None:
     """The run-folder rule of the module docstring, before any training; returns the checkpoint to resume from."""
     saved = out_dir / RUN_CONFIG

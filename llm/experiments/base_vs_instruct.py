@@ -30,21 +30,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llm.em_config import SECTIONS as EM_SECTIONS
 from llm.models import ModelConfig, load_model_and_tokenizer
-from llm.sft import DataConfig, EMSFTConfig, train
-from plumbing.lora import LoraPresetConfig
+from llm.sft import train
 from plumbing.runs import refuse_multiprocess
 from plumbing.sections import parse_section, read_sectioned_yaml, split_overrides
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = {
-    "base": ModelConfig,
-    "instruct": ModelConfig,
-    "data": DataConfig,
-    "lora": LoraPresetConfig,
-    "sft": EMSFTConfig,
-}
+# the EM experiment's sections up to its evaluation: this run is that comparison without the mechanism stages
+# (steer, factored, transfer)
+SECTIONS = {name: EM_SECTIONS[name] for name in ("base", "instruct", "data", "lora", "sft", "eval")}
 
 
 @dataclass
@@ -66,10 +62,7 @@ def load_pair_config(
 ) -> dict:
     """Parse the YAML into ``{"output_dir", "evaluate_untuned", "base", "instruct", "data", "lora", "sft", "eval"}``;
     ``overrides`` (``plumbing.sections.split_overrides``) replace section fields."""
-    from llm.evaluate import EvalConfig
-
-    sections = {**SECTIONS, "eval": EvalConfig}
-    raw = read_sectioned_yaml(path, sections, {"output_dir", "evaluate_untuned"}, overrides)
+    raw = read_sectioned_yaml(path, SECTIONS, {"output_dir", "evaluate_untuned"}, overrides)
     out = Path(output_dir or raw.get("output_dir") or "runs/base_vs_instruct")
     cfg = {
         "output_dir": out,
@@ -80,7 +73,7 @@ def load_pair_config(
         raise ValueError("sft.output_dir is set by base_vs_instruct (<output_dir>/<model>/sft); drop it")
     sft["output_dir"] = str(out / "_unset")  # replaced per model
     raw = {**raw, "sft": sft}
-    for name, cls in sections.items():
+    for name, cls in SECTIONS.items():
         cfg[name] = parse_section(name, cls, raw[name])
     return cfg
 

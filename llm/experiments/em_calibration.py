@@ -42,6 +42,7 @@ from plumbing.stats import (
     stratified_newcombe_bounds,
     stratified_wilson_bounds,
     t_bounds,
+    two_sided_z,
     wilson_bounds,
 )
 
@@ -95,10 +96,8 @@ def reference_differences(k1, n1, k2, n2, level: float) -> dict[str, tuple[np.nd
     """Intervals of ``k1 / n1 - k2 / n2`` (pooled counts) that the toolkit does not use, measured beside its own to
     show that none does better where it gives none: Agresti-Caffo (one success and one failure added to each
     sample, Wald) and Newcombe's hybrid built on Jeffreys instead of Wilson intervals."""
-    from scipy.stats import norm
-
     k1, n1, k2, n2 = (np.asarray(x, float) for x in (k1, n1, k2, n2))
-    z = norm.ppf(0.5 + level / 2)
+    z = two_sided_z(level)
     a1, a2 = (k1 + 1) / (n1 + 2), (k2 + 1) / (n2 + 2)
     half = z * np.sqrt(a1 * (1 - a1) / (n1 + 2) + a2 * (1 - a2) / (n2 + 2))
     return {

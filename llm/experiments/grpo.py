@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 from llm.grpo import make_parser, train
-from plumbing.runs import Stopped, resume_command
-from plumbing.trainers import end_processes
+from plumbing.runs import Stopped
+from plumbing.trainers import end_processes, exit_stopped
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -26,12 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         metrics = train(*cfgs)
     except Stopped as stop:
-        end_processes()
-        print(
-            stop.describe(resume_command("llm.experiments.grpo", sys.argv[1:] if argv is None else argv)),
-            file=sys.stderr,
-        )
-        raise SystemExit(stop.exit_code) from None
+        exit_stopped(stop, "llm.experiments.grpo", argv)
     if int(os.environ.get("RANK", 0)) == 0:
         print((Path(cfgs[-1].output_dir) / "summary.md").read_text())
     end_processes()

@@ -15,12 +15,11 @@ torchrun --nproc_per_node 2 -m llm.experiments.sft --config ...
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from llm.sft import make_parser, train
-from plumbing.runs import Stopped, resume_command
-from plumbing.trainers import end_processes
+from plumbing.runs import Stopped
+from plumbing.trainers import end_processes, exit_stopped
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -29,12 +28,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         out = train(model_cfg, data_cfg, lora_cfg, args)
     except Stopped as stop:
-        end_processes()
-        print(
-            stop.describe(resume_command("llm.experiments.sft", sys.argv[1:] if argv is None else argv)),
-            file=sys.stderr,
-        )
-        raise SystemExit(stop.exit_code) from None
+        exit_stopped(stop, "llm.experiments.sft", argv)
     end_processes()
     return out
 

@@ -87,7 +87,7 @@ from toy.alignment import (
 )
 from toy.beliefs import belief_states
 from toy.collect import collect
-from toy.config import TrainConfig
+from toy.config import TrainConfig, stage_config
 from toy.em_dose import at_shifts, capability_kl
 from toy.experiments.em_chain_grid import Cell, EMChainConfig, World, grid, make_world, world_id
 from toy.experiments.em_chain_report import KNOB, METHODS, write_report
@@ -95,26 +95,11 @@ from toy.model import ToyModelConfig, build_model, rank1_lora
 from toy.safety_stages import grpo_stage, stage_measures
 from toy.train import RERUN_KEYS, set_cpu_threads, train, upgrade_run_config
 
-# what a rerun into the same folder may change: how the grid is split, waited for and summarised
-GRID_RERUN_KEYS = (*RERUN_KEYS, "shard", "summarize_only", "wait_timeout_s")
+# what a rerun into the same folder may change: how the grid is split, waited for and summarised (a claim's prose,
+# ``says`` and ``toy_predicts``, only labels the report)
+GRID_RERUN_KEYS = (*RERUN_KEYS, "shard", "summarize_only", "wait_timeout_s", "says", "toy_predicts")
 
 # --------------------------------------------------------------------------- stages
-
-
-def _stage_cfg(train_cfg: TrainConfig, steps: int, lr: float, out: Path, seed: int) -> TrainConfig:
-    return replace(
-        train_cfg,
-        max_steps=steps,
-        learning_rate=lr,
-        warmup_steps=min(train_cfg.warmup_steps, steps // 10),
-        output_dir=str(out),
-        seed=seed,
-        resume_from_checkpoint=None,
-        init_from=None,
-        save_steps=0,
-        eval_steps=0,
-        overwrite=True,
-    )
 
 
 def rates(model, w: World, cfg: EMChainConfig, prompts: torch.Tensor, edits=()) -> dict:
@@ -182,7 +167,7 @@ def narrow_finetune(
 
     def measured(model_, lr, name, data_seed=seed, weights=mask_fn):
         """A fine-tune of ``model_`` on the narrow data, its rates measured every ``k`` steps when ``k`` > 0."""
-        stage = _stage_cfg(train_cfg, cfg.finetune_steps, lr, out / name, data_seed)
+        stage = stage_config(train_cfg, cfg.finetune_steps, lr, out / name, data_seed)
         if k:
             stage = replace(stage, eval_steps=k, logging_steps=k)
 
@@ -272,7 +257,7 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
     # room for <eos> and <pad> from the start (pre-training never shows them) so GRPO can run on this model
     base = build_model(model_cfg, process.vocab_size + 2, L, seed=seed)
     pre = train(
-        process, base, _stage_cfg(train_cfg, train_cfg.max_steps, train_cfg.learning_rate, out / "pretrain", seed), L
+        process, base, stage_config(train_cfg, train_cfg.max_steps, train_cfg.learning_rate, out / "pretrain", seed), L
     )
     base = pre.model.eval()
     result["pretrain"] = {"val_loss": pre.val_loss, "floor": pre.floor}
@@ -288,7 +273,7 @@ def run_cell(cfg: EMChainConfig, model_cfg: ToyModelConfig, train_cfg: TrainConf
         return train(
             process,
             copy.deepcopy(base),
-            _stage_cfg(train_cfg, cfg.sft_steps, cfg.sft_lr, out / f"sft_{data_seed}", data_seed),
+            stage_config(train_cfg, cfg.sft_steps, cfg.sft_lr, out / f"sft_{data_seed}", data_seed),
             L,
             data_fn=lambda step, gen: aligned_windows(process, train_cfg.per_device_train_batch_size, L, gen),
             loss_weights_fn=lambda t: completion_weights(t, P),

@@ -63,7 +63,7 @@ class EMChainConfig:
         default_factory=list,
         metadata={
             "help": (
-                "Seed 9.2 axis (empty: off): subset-tag correlations of toy.alignment.subset_world cells, one tag and "
+                "Capability-subset axis (empty: off): subset-tag correlations of toy.alignment.subset_world cells, one tag and "
                 "max(slices) + 1 capability subsets; subset narrow_slice is the one tied to the tag."
             )
         },

@@ -150,7 +150,7 @@ def verdicts(agg: dict, cfg) -> list[str]:
                 f"{g['x']}: transfer {_fmt(g['safety'][stage]['transfer'][m])} ({is_broad(g['safety'][stage], m, cfg)})"
                 for g in (gs[0], gs[-1])[: 1 + (len(gs) > 1)]
             )
-            lines.append(f"(9.2) transfer vs subset-tag correlation [{stage}, {m}, switch {sp}]: {ends}")
+            lines.append(f"(subsets) transfer vs subset-tag correlation [{stage}, {m}, switch {sp}]: {ends}")
     return lines
 
 
@@ -184,7 +184,7 @@ def _summary(metrics: dict, cfg) -> str:
     if subsets:
         lines += [
             "",
-            "## The knob (exact): capability subsets x one tag (seed 9.2; subset %d is the one tied to the tag)"
+            "## The knob (exact): capability subsets x one tag (subset %d is the one tied to the tag)"
             % cfg.narrow_slice,
             "",
             "| subset corr | switch | subset-tag MI (nats) | subset-copy MI (nats) | P(misaligned \\| subset) | alignment dims 95/99 |",

@@ -42,13 +42,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from plumbing.config import ConfigParser
-from plumbing.runs import claim_output_dir, config_record, refuse_multiprocess
+from plumbing.runs import refuse_multiprocess
 from toy.collect import default_site
 from toy.config import JsonDict, TrainConfig
 from toy.model import ToyModelConfig
 from toy.processes import make_process, tagged
 from toy.steering import steer_factor, steering_metrics, steering_probe
-from toy.train import RERUN_KEYS, set_cpu_threads, train_on, upgrade_run_config
+from toy.train import claim_experiment_dir, set_cpu_threads, train_on
 
 EDITS = (
     "pinv",
@@ -215,14 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
-    # the folder records this config: another config's results are refused (or replaced with --overwrite true)
-    upgrade_run_config(train_cfg.output_dir)
-    out_dir = claim_output_dir(
-        train_cfg.output_dir,
-        config_record(cfg, model_cfg, {"TrainConfig": train_cfg.record()}),
-        overwrite=train_cfg.overwrite,
-        ignore=RERUN_KEYS,
-    )
+    out_dir = claim_experiment_dir(cfg, model_cfg, train_cfg)
     metrics = {
         "config": {"steering": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},
         "rhos": {},

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from plumbing.config import ConfigParser
-from plumbing.runs import claim_output_dir, config_record, latest_checkpoint, refuse_multiprocess
+from plumbing.runs import latest_checkpoint, refuse_multiprocess
 from probes import (
     effective_dim,
     fit_probe_report,
@@ -53,7 +53,7 @@ from toy.config import JsonDict, TrainConfig
 from toy.factors import factor_marginals, schmidt_spectrum
 from toy.model import ToyModelConfig, build_model
 from toy.processes import Process, make_process
-from toy.train import RERUN_KEYS, set_cpu_threads, train_on, upgrade_run_config
+from toy.train import claim_experiment_dir, set_cpu_threads, train_on
 
 # --------------------------------------------------------------------------- processes
 
@@ -400,14 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
-    # the folder records this config: another config's results are refused (or replaced with --overwrite true)
-    upgrade_run_config(train_cfg.output_dir)
-    out_dir = claim_output_dir(
-        train_cfg.output_dir,
-        config_record(cfg, model_cfg, {"TrainConfig": train_cfg.record()}),
-        overwrite=train_cfg.overwrite,
-        ignore=RERUN_KEYS,
-    )
+    out_dir = claim_experiment_dir(cfg, model_cfg, train_cfg)
     metrics = {
         "config": {"factored": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},
         "processes": {},

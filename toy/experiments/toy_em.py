@@ -44,14 +44,14 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from plumbing.config import ConfigParser
 from plumbing.lora import lora_tensors
-from plumbing.runs import claim_output_dir, config_record, refuse_multiprocess
+from plumbing.runs import refuse_multiprocess
 from probes import (
     add_vector,
     fit_ridge,
@@ -62,12 +62,12 @@ from probes import (
     residual_stream,
 )
 from toy.collect import collect
-from toy.config import JsonDict, TrainConfig
+from toy.config import JsonDict, TrainConfig, stage_config
 from toy.data import sample
 from toy.factors import factor_marginals, factor_tokens, joint_tokens
 from toy.model import ToyModelConfig, rank1_lora
 from toy.processes import Process, make_process, tagged
-from toy.train import RERUN_KEYS, set_cpu_threads, train, train_on, upgrade_run_config
+from toy.train import claim_experiment_dir, set_cpu_threads, train, train_on
 
 METHODS = ("full", "lora", "steer")
 
@@ -163,22 +163,6 @@ class EMConfig:
             raise ValueError("need n_seeds >= 1, finetune_steps >= 1, eval_prompts >= 10")
 
 
-def _finetune_cfg(train_cfg: TrainConfig, cfg: EMConfig, lr: float, output_dir: Path, seed: int) -> TrainConfig:
-    return replace(
-        train_cfg,
-        max_steps=cfg.finetune_steps,
-        learning_rate=lr,
-        warmup_steps=min(train_cfg.warmup_steps, cfg.finetune_steps // 10),
-        output_dir=str(output_dir),
-        seed=seed,
-        resume_from_checkpoint=None,
-        init_from=None,
-        save_steps=0,
-        eval_steps=0,
-        overwrite=True,
-    )
-
-
 def run_world(
     process: Process, cfg: EMConfig, model_cfg: ToyModelConfig, train_cfg: TrainConfig, out_dir: Path, seed: int
 ) -> dict:
@@ -203,7 +187,7 @@ def run_world(
     full = train(
         process,
         copy.deepcopy(base),
-        _finetune_cfg(train_cfg, cfg, cfg.finetune_lr, out_dir / "full", seed),
+        stage_config(train_cfg, cfg.finetune_steps, cfg.finetune_lr, out_dir / "full", seed),
         L,
         data_fn=data_fn,
         loss_weights_fn=mask_fn,
@@ -211,7 +195,7 @@ def run_world(
     lora = train(
         process,
         rank1_lora(copy.deepcopy(base), cfg.lora_layer, cfg.lora_alpha, seed),
-        _finetune_cfg(train_cfg, cfg, cfg.lora_lr, out_dir / "lora", seed),
+        stage_config(train_cfg, cfg.finetune_steps, cfg.lora_lr, out_dir / "lora", seed),
         L,
         data_fn=data_fn,
         loss_weights_fn=mask_fn,
@@ -420,14 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     cfg, model_cfg, train_cfg = make_parser().parse_args_and_config(argv)
     set_cpu_threads(train_cfg)  # one thread per process: two threads thrash on a busy 2-core machine
-    # the folder records this config: another config's results are refused (or replaced with --overwrite true)
-    upgrade_run_config(train_cfg.output_dir)
-    out_dir = claim_output_dir(
-        train_cfg.output_dir,
-        config_record(cfg, model_cfg, {"TrainConfig": train_cfg.record()}),
-        overwrite=train_cfg.overwrite,
-        ignore=RERUN_KEYS,
-    )
+    out_dir = claim_experiment_dir(cfg, model_cfg, train_cfg)
     capability = make_process(cfg.capability["name"], **{k: v for k, v in cfg.capability.items() if k != "name"})
     metrics = {
         "config": {"em": asdict(cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg)},

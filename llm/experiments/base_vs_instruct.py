@@ -99,7 +99,7 @@ def _evaluate(model_cfg: ModelConfig, eval_cfg, out: Path, judge) -> dict:
 def run(cfg: dict, judge=None) -> dict:
     """Train and evaluate both models; returns (and writes) the report. ``judge`` overrides the one
     ``cfg["eval"]`` builds (loaded once, shared by all evaluations)."""
-    from llm.em_metrics import em_rate_difference, verdict
+    from llm.em_metrics import em_rate_difference
     from llm.judges import build_judge
 
     out: Path = cfg["output_dir"]
@@ -134,7 +134,7 @@ def run(cfg: dict, judge=None) -> dict:
         "what": "EM(base, fine-tuned) - EM(instruct, fine-tuned)",
         "difference": d["difference"],
         "ci": d["ci"],
-        "verdict": verdict(d),  # says why there is no interval at counts where none holds its level
+        "verdict": d["verdict"],  # says why there is no interval at counts where none holds its level
     }
     report["judge"] = judge.name
     out.mkdir(parents=True, exist_ok=True)

@@ -160,6 +160,11 @@ def run_folder(out: Path) -> tuple[dict, dict]:
     if not (out / "config.json").is_file():
         raise FileNotFoundError(f"{out} holds no config.json: not a run folder of llm.experiments.em_experiment")
     rec = _json(out / "config.json")
+    if "judge" not in rec:
+        raise ValueError(
+            f"{out / 'config.json'} was written before it recorded the judge and the process count: rerun the "
+            "experiment on this folder (every finished stage is skipped) to record them and redraw the report"
+        )
     cfg = rec["top"] | rec["sections"] | {"judge": rec["judge"], "n_processes": rec["n_processes"]}
     dirs = {m: {s: out / m / s for s in stage_names(cfg["evaluate_untuned"], cfg["lora"]["preset"])} for m in MODELS}
     for d in (d for stages in dirs.values() for d in stages.values()):

@@ -154,6 +154,11 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     with pytest.raises(FileNotFoundError, match="instruct/transfer has not finished"):
         write_report(out)
     stage_file.write_text(saved)
+    record = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({k: v for k, v in record.items() if k != "judge"}))
+    with pytest.raises(ValueError, match="rerun the experiment on this folder"):
+        write_report(out)
+    (out / "config.json").write_text(json.dumps(record))
 
     # A rerun with the same config does no stage again (each would raise).
     def boom(*a, **k):

@@ -1,6 +1,7 @@
 """The base-vs-instruct emergent-misalignment experiment as a pipeline of stages (``llm.experiments.em_experiment``
 is its command and its docstring lists the stages): for each model of the pair, every stage in its folder under
-the run folder, run once per key (``llm.stages.StageRunner``), then the report (``llm.em_report``).
+the run folder, run once per key (``llm.stages.StageRunner``), then the report (``llm.em_report``) as the last
+stage, in ``<run folder>/report/``.
 
 Each stage is one function here, ``<stage>(folder, ...) -> facts``, that loads what it needs, calls the one
 library function that does the work and frees the model; ``run_model`` chains them with their keys.
@@ -23,7 +24,7 @@ from llm.lora_geometry import lora_geometry
 from llm.models import ModelConfig, load_model_and_tokenizer
 from llm.probe_transfer import TransferConfig
 from llm.probe_transfer import run as transfer_run
-from llm.sft import DataConfig, check_chat_jsonl, train, tuned_config
+from llm.sft import DataConfig, check_chat_jsonl, train
 from llm.stages import StageRunner, evaluate, free_memory, without
 from llm.steer import SteerConfig
 from llm.steer import run as steer_run
@@ -98,6 +99,12 @@ def lora(d: Path, sft_dir: Path, probes_dir: Path, directions: Path, site: str) 
     return {}
 
 
+def report(d: Path) -> dict:
+    """The report (``llm.em_report.write_report``) into ``d``, from the run folder above it alone."""
+    write_report(d.parent, d)
+    return {}
+
+
 def run_model(name: str, cfg: EMConfig, runner: StageRunner, judge) -> None:
     """Every stage for one model of the pair (``llm.em_config.stage_names``), in order, each keyed by its config
     and the stages it reads."""
@@ -110,7 +117,7 @@ def run_model(name: str, cfg: EMConfig, runner: StageRunner, judge) -> None:
         runner.run(f"{name}/eval_before", key, evaluate, mcfg, cfg.eval, judge, all_ranks=True)
     key = {"model": model_key, "data": dataclasses.asdict(cfg.data), "lora": dataclasses.asdict(cfg.lora)}
     sft = runner.run(f"{name}/sft", key | {"sft": cfg.sft_given}, fine_tune, mcfg, cfg, all_ranks=True)
-    tuned = tuned_config(mcfg, cfg.lora.preset, sft.dir)
+    tuned = mcfg.fine_tuned(sft.dir, full=cfg.lora.preset == "full")
     key = {"eval": eval_key, "sft": sft.fingerprint}
     runner.run(f"{name}/eval_after", key, evaluate, tuned, cfg.eval, judge, all_ranks=True)
     key = {"model": model_key, "steer": without(cfg.steer, *EMConfig.SET_PER_STAGE["steer"]), "judge": judge.name}
@@ -132,7 +139,7 @@ def run_model(name: str, cfg: EMConfig, runner: StageRunner, judge) -> None:
 
 
 def run(cfg: EMConfig, judge=None) -> dict:
-    """Validate, then every stage for both models, then the report (see the module docstring); returns the
+    """Validate, then every stage for both models, then the report stage (see the module docstring); returns the
     report dict on rank 0 (``{}`` elsewhere)."""
     from accelerate.utils import DistributedType
 
@@ -161,6 +168,6 @@ def run(cfg: EMConfig, judge=None) -> dict:
     runner.claim(claim, record, overwrite=cfg.overwrite)
     for name in MODELS:
         run_model(name, cfg, runner, judge)
-    report = write_report(cfg.out) if runner.state.is_main_process else {}
-    runner.state.wait_for_everyone()
-    return report
+    # The last stage reads every other: it is redrawn whenever one of them was redone.
+    rep = runner.run("report", runner.fingerprints(), report)
+    return json.loads((rep.dir / "report.json").read_text()) if runner.state.is_main_process else {}

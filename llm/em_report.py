@@ -173,12 +173,15 @@ def run_folder(out: Path) -> tuple[dict, dict]:
     return cfg, dirs
 
 
-def write_report(out: str | Path) -> dict:
-    """``report.json``, ``report.md``, ``em.png``, ``quadrants.png``, ``em_per_question.png`` and ``lora.png`` in the
-    run folder ``out``, from what it holds (``run_folder``), so a finished run's report can be redrawn from the
-    folder alone; returns the report dict."""
-    out = Path(out)
-    cfg, dirs = run_folder(out)
+def write_report(run: str | Path, out: str | Path | None = None) -> dict:
+    """``report.json``, ``report.md``, ``em.png``, ``quadrants.png``, ``em_per_question.png`` and ``lora.png`` in
+    ``out`` (the run folder's ``report/`` unless given), from what the run folder ``run`` holds (``run_folder``), so
+    a finished run's report can be redrawn from the folder alone; returns the report dict. The pipeline calls it
+    as its last stage."""
+    run = Path(run)
+    out = run / "report" if out is None else Path(out)
+    cfg, dirs = run_folder(run)
+    out.mkdir(parents=True, exist_ok=True)
     rep: dict = {
         "judge": cfg["judge"],
         "n_processes": cfg["n_processes"],
@@ -205,7 +208,7 @@ def write_report(out: str | Path) -> dict:
             r["lora"] = _lora_final(d["lora"])
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
     _plots(rep, out)
-    (out / "report.md").write_text(_markdown(rep, cfg, dirs, out))
+    (out / "report.md").write_text(_markdown(rep, cfg, dirs, run))
     return rep
 
 
@@ -279,11 +282,11 @@ def _shift(d: dict | None) -> str:
     return f"{_f(d['difference'])} {_ci(d['ci'])}"
 
 
-def _dataset_text(out: Path) -> str:
+def _dataset_text(run: Path) -> str:
     """The EM training set's size as the fine-tuning stage recorded it (``<model>/sft/stage.json``): the shipped
     ``insecure_code.jsonl`` is a 1,843-row subset, not the published recipe's ~6,000 rows, and a reader must see which."""
     for m in ("base", "instruct"):
-        path = out / m / "sft" / "stage.json"
+        path = run / m / "sft" / "stage.json"
         facts = json.loads(path.read_text()) if path.is_file() else {}
         if "dataset_rows" in facts:
             return (
@@ -293,14 +296,14 @@ def _dataset_text(out: Path) -> str:
     return ""
 
 
-def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
+def _markdown(rep: dict, cfg: dict, dirs: dict, run: Path) -> str:
     em = rep["em"]
     L = [
         "# Base vs instruct: emergent misalignment, behaviour and mechanism",
         "",
         (
             f"Pair: base `{rep['models']['base']}` vs instruct `{rep['models']['instruct']}`; EM fine-tuning preset "
-            f"`{rep['lora_preset']}` (layers {rep['lora_layers'] or 'all'}) on `{cfg['data']['dataset_path']}`{_dataset_text(out)}; judge `{rep['judge']}`; "
+            f"`{rep['lora_preset']}` (layers {rep['lora_layers'] or 'all'}) on `{cfg['data']['dataset_path']}`{_dataset_text(run)}; judge `{rep['judge']}`; "
             f"{rep['n_processes']} process(es). {_framing(cfg)}"
         ),
         "",
@@ -474,7 +477,7 @@ def _markdown(rep: dict, cfg: dict, dirs: dict, out: Path) -> str:
         "",
         "## Stage outputs",
         "",
-        "Per model: "
+        "Per model, in the run folder: "
         + ", ".join(f"`{m}/{s}/`" for m in ("base",) for s in dirs["base"]).replace("base/", "<model>/")
         + " (each with its own summary.md / plots: steering.png, layers.png, factor_steering.png, subspaces.png, readouts.png).",
         "",

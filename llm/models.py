@@ -13,6 +13,7 @@ then encodes to nothing). When a ``tokenizer.json`` exists we load exactly that 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -90,6 +91,13 @@ class ModelConfig:
             self.model_name_or_path = self.model_name_or_path or "."
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r}; choose auto, cpu, cuda or cuda:N")
+
+    def fine_tuned(self, out: str | Path, full: bool) -> ModelConfig:
+        """This model after ``llm.sft.train`` wrote its fine-tune to ``out``: the folder itself after a full
+        fine-tune (``full``), else this checkpoint with the adapter in ``out``."""
+        if full:
+            return dataclasses.replace(self, model_name_or_path=str(out), gguf_file=None, adapter_path=None)
+        return dataclasses.replace(self, adapter_path=str(out))
 
 
 def resolve_device(device: str = "auto") -> torch.device:

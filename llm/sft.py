@@ -18,7 +18,6 @@ that resumes; a NaN/inf or runaway loss stops training before it is saved (``max
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -257,14 +256,6 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, lora_cfg: LoraPresetConf
     if trainer.is_world_process_zero():
         write_summary(trainer.state.log_history, model_cfg, data_cfg, lora_cfg, args, trainer.row_counts)
     return Path(args.output_dir)
-
-
-def tuned_config(model_cfg: ModelConfig, preset: str, out: str | Path) -> ModelConfig:
-    """The fine-tuned model that ``train`` wrote to ``out`` as a ``ModelConfig``: the folder itself after a ``full``
-    fine-tune, else ``model_cfg`` with the adapter in ``out``."""
-    if preset == "full":
-        return dataclasses.replace(model_cfg, model_name_or_path=str(out), gguf_file=None, adapter_path=None)
-    return dataclasses.replace(model_cfg, adapter_path=str(out))
 
 
 def write_summary(

@@ -94,6 +94,7 @@ class StageRunner:
     def __init__(self, root: Path, state=None):
         self.root = Path(root)
         self.state = state if state is not None else process_state()
+        self.stages: dict[str, Stage] = {}  # every stage this run has reached, by its folder under the root
 
     def claim(self, claim: dict, record: dict, overwrite: bool) -> None:
         """Claim the folder for the run ``claim`` names (``plumbing.runs.claim_output_dir``: a run of another
@@ -108,8 +109,8 @@ class StageRunner:
 
     def run(self, rel: str, key: dict, fn, *args, all_ranks: bool = False) -> Stage:
         """``fn(folder, *args) -> facts`` unless the stage ``rel`` is done with ``key``; the facts and the cost go
-        into its ``stage.json``."""
-        stage = Stage(self.root / rel, key)
+        into its ``stage.json``. A stage that reads every earlier one keys on ``fingerprints()``."""
+        stage = self.stages[rel] = Stage(self.root / rel, key)
         if stage.done():
             logger.info("stage %s: done with this config, skipped", rel)
             return stage
@@ -131,6 +132,10 @@ class StageRunner:
         self.state.wait_for_everyone()
         logger.info("stage %s: finished", rel)
         return stage
+
+    def fingerprints(self) -> dict[str, str]:
+        """The fingerprint of every stage reached so far, by folder: the key of a stage that reads them all."""
+        return {rel: stage.fingerprint for rel, stage in self.stages.items()}
 
 
 def evaluate(d: Path, model_cfg, eval_cfg, judge) -> dict:

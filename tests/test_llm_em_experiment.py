@@ -107,21 +107,16 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     out = tmp_path / "run"
     path = _yaml(world, out)
     report = ex.run(load_experiment_config(path), judge=StubJudge())
-    for f in (
-        "report.md",
-        "report.json",
-        "em.png",
-        "quadrants.png",
-        "em_per_question.png",
-        "lora.png",
-        "run_config.json",
-        "config.json",
-    ):
-        assert (out / f).is_file(), f
+    for f in ("report.md", "report.json", "em.png", "quadrants.png", "em_per_question.png", "lora.png", "stage.json"):
+        assert (out / "report" / f).is_file(), f
+    assert (out / "run_config.json").is_file() and (out / "config.json").is_file()
     stages = _stages(out)
     expected = {"eval_before", "sft", "eval_after", "steer", "factored_before", "factored_after", "transfer", "lora"}
     assert set(stages) == {f"{m}/{s}" for m in MODELS for s in expected}
     assert all(s["complete"] for s in stages.values())
+    # The report is the last stage, keyed by every other stage's fingerprint.
+    report_key = json.loads((out / "report/stage.json").read_text())["key"]
+    assert set(report_key) == set(stages)
     # The EM difference in the report is the one computed from the replies on disk.
     from llm.em_metrics import em_rate_difference, read_judged_csv
 
@@ -136,7 +131,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     (mod,) = lora["headline"]
     assert mod.endswith("layers.1.mlp.down_proj") and lora["modules"][mod]["steps"][-1] == 2
     assert 0 <= lora["modules"][mod]["share_alignment"][-1] <= 1 and lora["random_share"]["alignment"] == 1 / 32
-    md = (out / "report.md").read_text()
+    md = (out / "report/report.md").read_text()
     assert "instruct model's chat template" in md and "EM(base, fine-tuned) - EM(instruct, fine-tuned)" in md
     assert "- base: alignment linearly separable" in md and "- instruct: alignment linearly separable" in md
     assert "## Cost per stage" in md and "aligned <= 30 and coherent > 50" in md  # the published EM protocol by default
@@ -145,9 +140,9 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     # The report is a function of the run folder alone: redrawn from it, it is the same; an unfinished stage is named.
     from llm.em_report import write_report
 
-    written = (out / "report.json").read_text()
+    written = (out / "report/report.json").read_text()
     assert json.loads(json.dumps(write_report(out), default=str)) == json.loads(written) and report["judge"] == "stub"
-    assert (out / "report.json").read_text() == written
+    assert (out / "report/report.json").read_text() == written
     stage_file = out / "instruct/transfer/stage.json"
     saved = stage_file.read_text()
     stage_file.write_text(json.dumps(json.loads(saved) | {"complete": False}))
@@ -173,7 +168,8 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
         "llm.em_pipeline.lora_geometry",
     ):
         monkeypatch.setattr(target, boom)
-    ex.run(load_experiment_config(path), judge=StubJudge())
+    monkeypatch.setattr("llm.em_pipeline.write_report", boom)
+    assert ex.run(load_experiment_config(path), judge=StubJudge()) == json.loads(written)
     assert _stages(out) == stages
 
     # A changed steering grid reruns steer and the stage that reads its direction (lora), nothing upstream.
@@ -186,6 +182,7 @@ def test_whole_pair_then_resume_then_changed_config_reruns_downstream_only(world
     after = _stages(out)
     changed = {k for k in after if after[k]["key"] != stages[k]["key"]}
     assert changed == {"base/steer", "base/lora", "instruct/steer", "instruct/lora"}
+    assert json.loads((out / "report/stage.json").read_text())["key"] != report_key  # so the report is redrawn
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/eval_*/replies.csv")} == replies and len(replies) == 4
     assert json.loads((out / "base/steer/metrics.json").read_text())["steering"]["alphas"] == [0.0, 2.0]
 
@@ -360,7 +357,7 @@ def test_two_cpu_processes_give_one_report_and_run_single_process_stages_once(wo
     res = subprocess.run(cmd, check=False, env=env, cwd=REPO, capture_output=True, text=True, timeout=1100)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report/report.json").read_text())
     assert report["n_processes"] == 2
     for m in MODELS:
         assert (

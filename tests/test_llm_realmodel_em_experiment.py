@@ -77,7 +77,7 @@ def test_experiment_end_to_end_gemma3_base_vs_smollm2_instruct(pair, tmp_path, m
     assert report["models"] == {"base": str(pair["base"]), "instruct": str(pair["instruct"])}
     stages = [json.loads(p.read_text()) for p in out.glob("*/*/stage.json")]
     assert len(stages) == 16 and all(s["complete"] for s in stages)
-    md = (out / "report.md").read_text()
+    md = (out / "report/report.md").read_text()
     assert "**Smoke run.**" in md and "completion framing" in md
     for m in MODELS:
         assert report["em"][m]["eval_after"]["n_replies"] == 8  # 8 first-plot questions x 1 sample

@@ -214,7 +214,7 @@ def _check_rehearsal(root: Path, config: str, cost: dict) -> None:
     assert len(stages) == 16 and all(s["complete"] for s in stages.values())
     assert (stages["base/sft"]["dataset_rows"], stages["base/sft"]["examples"]) == (1843, 8)
     assert stages["base/sft"]["dataset"].endswith("llm/data/em/insecure_code.jsonl")
-    assert (out / "report.md").is_file() and json.loads((out / "report.json").read_text())
+    assert (out / "report/report.md").is_file() and json.loads((out / "report/report.json").read_text())
     names = {
         "em_experiment_qwen25_1p5b": ("Qwen2.5-1.5B", 28, 151936, 14),
         "em_experiment_gemma2_2b": ("gemma-2-2b", 26, 256000, 13),

@@ -20,7 +20,8 @@ direction from the labelled texts, steering and ablation against same-norm rando
 factor steering; on the untuned and the fine-tuned model; rank 0) -> ``transfer`` (``llm.probe_transfer``:
 the untuned model's probes read on the fine-tuned one; rank 0) -> ``lora`` (the update's share in the
 alignment / topic subspaces and its cosine with the direction at every saved training step; rank 0).
-Then ``report.md``, ``report.json`` and plots (``llm.em_report``).
+Then the ``report`` stage: ``<output_dir>/report/`` with ``report.md``, ``report.json`` and plots (``llm.em_report``),
+redrawn whenever a stage it reads was redone (to redraw it otherwise, delete ``report/`` and rerun).
 
 Resumable: each stage folder holds ``stage.json`` with the key (its config and the fingerprints of the stages
 it reads) that made it (``plumbing.runs.Stage``); a rerun skips finished stages with the same key and redoes
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     report = run(cfg)
     if report:
-        print((cfg.out / "report.md").read_text())
+        print((cfg.out / "report" / "report.md").read_text())
     end_processes()
     return report
 

@@ -30,9 +30,8 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from llm.em_config import EMConfig
+from llm.em_config import STAGES, EMConfig
 
-STAGES = ("eval_before", "sft", "eval_after", "steer", "factored_before", "factored_after", "transfer", "lora")
 # Model loads per stage (transfer reads the untuned and the fine-tuned model); compiles: the evaluations' fast path.
 LOADS = {
     "eval_before": 1,

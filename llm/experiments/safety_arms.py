@@ -62,7 +62,7 @@ from llm.judges import build_judge, check_judge
 from llm.lora import lora_trajectory_report
 from llm.models import ModelConfig, load_config, load_model_and_tokenizer, load_tokenizer, num_layers, validate_layers
 from llm.safety import STAGES, SafetyConfig, capability_drift, run_stage, stage_model
-from llm.sft import DataConfig, EMSFTConfig, train, tuned_config
+from llm.sft import DataConfig, EMSFTConfig, train
 from llm.stages import StageRunner, evaluate, free_memory, stage_facts, without
 from plumbing.config import ConfigParser
 from plumbing.lora import LoraPresetConfig
@@ -292,7 +292,7 @@ def run_arm(arm: str, cfg: ArmsConfig, runner: StageRunner, judge) -> dict:
     key = {**model_key, "data": dataclasses.asdict(cfg.data), "lora": dataclasses.asdict(cfg.lora)}
     em = runner.run(f"{arm}/em_sft", key | {"sft": cfg.sft_given}, fine_tune, model_cfg, cfg)
     stages["em_sft"] = em
-    tuned = tuned_config(model_cfg, cfg.lora.preset, em.dir)
+    tuned = model_cfg.fine_tuned(em.dir, full=cfg.lora.preset == "full")
     key = {"em_sft": em.fingerprint, "eval": eval_key, "judge": judge.name}
     stages["eval_after"] = runner.run(f"{arm}/eval_after", key, evaluate, tuned, cfg.eval, judge)
     if cfg.lora.preset != "full":

@@ -88,7 +88,10 @@ def test_every_arm_end_to_end_then_resume(world, tmp_path, monkeypatch):
     out = tmp_path / "run"
     path = _yaml(world, out)
     summary = sa.run(sa.load_arms_config(path), judge=StubJudge())
-    assert (out / "report.md").is_file() and (out / "report.json").is_file()
+    assert (out / "report/report.md").is_file() and json.loads((out / "report/report.json").read_text()) == summary
+    assert set(json.loads((out / "report/stage.json").read_text())["key"]["stages"]) == {
+        str(p.parent.relative_to(out)) for p in out.glob("*/*/stage.json")
+    }
     stages = {str(p.parent.relative_to(out)) for p in out.glob("*/*/stage.json")}
     common = {"eval_before", "drift", "direction", "em_sft", "eval_after", "lora"}
     assert stages == {f"{a}/{s}" for a in sa.ARMS for s in common} | {f"{a}/safety" for a in ("sft", "rft", "grpo")}
@@ -115,7 +118,7 @@ def test_every_arm_end_to_end_then_resume(world, tmp_path, monkeypatch):
     assert all(re.search(r"-> (supported|contradicted|undecided)", ln) for ln in lines)
     for ln in lines:  # 6 replies per arm cannot detect a 5-point EM change: no verdict may rest on an absent effect
         assert ln.split("-> ")[1].split(";")[0] != ("contradicted" if "raises" in ln else "supported"), ln
-    md = (out / "report.md").read_text()
+    md = (out / "report/report.md").read_text()
     assert "| instruct |" in md and "smallest detectable" in md.lower() and "enters no verdict" in md
 
     def boom(*a, **k):
@@ -128,10 +131,15 @@ def test_every_arm_end_to_end_then_resume(world, tmp_path, monkeypatch):
         "llm.experiments.safety_arms.capability_drift",
         "llm.experiments.safety_arms.answer_activations",
         "llm.experiments.safety_arms.lora_trajectory_report",
+        "llm.experiments.safety_arms.summarise",  # the report stage too
     ):
         monkeypatch.setattr(target, boom)
     again = sa.run(sa.load_arms_config(path), judge=StubJudge())
-    assert again["vs_none"] == summary["vs_none"]
+    assert json.dumps(again) == json.dumps(summary)
+    # A changed margin redraws the report and reruns nothing else.
+    monkeypatch.setattr("llm.experiments.safety_arms.summarise", report.summarise)
+    margin = sa.run(sa.load_arms_config(path, em_margin=0.2), judge=StubJudge())
+    assert margin["em_margin"] == 0.2 and margin["vs_none"] == again["vs_none"]
 
 
 def test_token_kl_against_a_per_position_reference():

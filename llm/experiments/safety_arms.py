@@ -20,8 +20,8 @@ evaluation, ``llm.evaluate.evaluate_model``: the alignment the arm reached befor
 (per-token KL to the base on held-out prose and code, ``llm.safety.capability_drift``) -> ``direction``
 (misalignment direction at ``direction.site``: mean difference of labelled aligned / misaligned replies,
 ``llm.directions``, and its AUROC) -> ``em_sft`` (the EM fine-tune, ``llm.sft.train``) -> ``eval_after`` ->
-``lora`` (the EM LoRA's final ||B|| and its cosine with the arm's direction, ``llm.lora``). Then ``report.md``
-and ``report.json``.
+``lora`` (the EM LoRA's final ||B|| and its cosine with the arm's direction, ``llm.lora``). Then the ``report`` stage:
+``<output_dir>/report/`` with ``report.md`` and ``report.json``, redrawn whenever a stage it reads was redone.
 
 Verdicts, stated before any result (``em_margin`` in the config), each supported / contradicted / undecided with
 the smallest EM difference the counts detect at 80% power (two-sided 5%, normal approximation):
@@ -41,6 +41,7 @@ Arms are compared at matched alignment when their judged mean aligned scores bef
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,8 +305,14 @@ def run_arm(arm: str, cfg: ArmsConfig, runner: StageRunner, judge) -> dict:
     return res
 
 
+def report(d: Path, cfg: ArmsConfig, arms: dict, judge_name: str) -> dict:
+    """The arms side by side, the differences vs ``none`` and the verdicts (``safety_arms_report``) into ``d``."""
+    write_report(d, cfg, summarise(cfg, arms), judge_name)
+    return {}
+
+
 def run(cfg: ArmsConfig, judge=None) -> dict:
-    """Validate, every arm's stages in turn, then the report; returns the summary dict."""
+    """Validate, every arm's stages in turn, then the report stage; returns the summary dict."""
     refuse_multiprocess("llm.experiments.safety_arms")
     validate(cfg)
     judge = judge if judge is not None else build_judge(cfg.eval)
@@ -316,16 +323,17 @@ def run(cfg: ArmsConfig, judge=None) -> dict:
     sections = {k: dataclasses.asdict(getattr(cfg, k)) for k in SECTIONS}
     runner.claim(claim, {"top": top, "sections": sections}, overwrite=cfg.overwrite)
     arms = {a: run_arm(a, cfg, runner, judge) for a in cfg.arms}
-    summary = summarise(cfg, arms)
-    write_report(cfg, summary, judge.name)
-    return summary
+    # The last stage reads every other, and the two thresholds its verdicts use.
+    key = {"stages": runner.fingerprints(), "em_margin": cfg.em_margin, "matched_within": cfg.matched_within}
+    rep = runner.run("report", key, report, cfg, arms, judge.name)
+    return json.loads((rep.dir / "report.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     summary = run(cfg)
-    print((Path(cfg.output_dir) / "report.md").read_text())
+    print((Path(cfg.output_dir) / "report" / "report.md").read_text())
     end_processes()
     return summary
 

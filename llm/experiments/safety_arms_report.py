@@ -1,6 +1,6 @@
 """The safety arms' summary and report (``llm.experiments.safety_arms``): EM differences against the ``none`` arm,
 the smallest difference the counts detect, the verdicts on the claims stated before any result, and
-``report.md`` / ``report.json``. ``cfg`` is the run's ``ArmsConfig``."""
+``report.md`` / ``report.json`` (the run's ``report`` stage). ``cfg`` is the run's ``ArmsConfig``."""
 
 from __future__ import annotations
 
@@ -142,8 +142,8 @@ def _num(x, fmt=".3f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def write_report(cfg, summary: dict, judge_name: str) -> None:
-    out = Path(cfg.output_dir)
+def write_report(out: Path, cfg, summary: dict, judge_name: str) -> None:
+    """``report.md`` and ``report.json`` (the summary) in ``out``."""
     ev = cfg.eval
     md = [
         "# Safety arms: one base, with and without a safety stage",

@@ -14,6 +14,7 @@ from llm.em_metrics import em_rate, em_rate_difference, read_judged_csv
 from llm.em_plots import plot_em_per_question, plot_quadrants
 from llm.steer import paired_difference
 from llm.steer_report import paired_text
+from plumbing.runs import stage_record
 from plumbing.stats import wilson
 
 
@@ -168,7 +169,7 @@ def run_folder(out: Path) -> tuple[dict, dict]:
     cfg = rec["top"] | rec["sections"] | {"judge": rec["judge"], "n_processes": rec["n_processes"]}
     dirs = {m: {s: out / m / s for s in stage_names(cfg["evaluate_untuned"], cfg["lora"]["preset"])} for m in MODELS}
     for d in (d for stages in dirs.values() for d in stages.values()):
-        if not (d / "stage.json").is_file() or not _json(d / "stage.json").get("complete"):
+        if not (stage_record(d) or {}).get("complete"):
             raise FileNotFoundError(f"stage {d} has not finished: run the experiment on {out} to the end first")
     return cfg, dirs
 
@@ -286,8 +287,7 @@ def _dataset_text(run: Path) -> str:
     """The EM training set's size as the fine-tuning stage recorded it (``<model>/sft/stage.json``): the shipped
     ``insecure_code.jsonl`` is a 1,843-row subset, not the published recipe's ~6,000 rows, and a reader must see which."""
     for m in ("base", "instruct"):
-        path = run / m / "sft" / "stage.json"
-        facts = json.loads(path.read_text()) if path.is_file() else {}
+        facts = stage_record(run / m / "sft") or {}
         if "dataset_rows" in facts:
             return (
                 f" ({facts['dataset_rows']:,} rows, {facts['examples']:,} used; the published insecure-code recipe "
@@ -465,7 +465,7 @@ def _markdown(rep: dict, cfg: dict, dirs: dict, run: Path) -> str:
     for stage in dirs["base"]:
         cells = []
         for m in dirs:
-            c = _json(dirs[m][stage] / "stage.json").get("cost", {}) if stage in dirs[m] else {}
+            c = stage_record(dirs[m][stage]).get("cost", {}) if stage in dirs[m] else {}
             mem = (
                 f"{c['cuda_peak_gb']} GB GPU"
                 if "cuda_peak_gb" in c

@@ -63,6 +63,7 @@ from plumbing.stops import (
 __all__ = [
     "RUN_CONFIG",
     "STAGE_FILE",
+    "stage_record",
     "TRAINER_RERUN_KEYS",
     "DivergenceGuard",
     "RunLocked",
@@ -398,6 +399,13 @@ def claim_trainer_run(args, *configs: Any, rerun_keys: Iterable[str] = TRAINER_R
     return resume
 
 
+def stage_record(folder: str | Path) -> dict | None:
+    """What the stage in ``folder`` recorded in its ``stage.json`` (its key, ``complete``, and the facts and cost
+    ``Stage.finish`` stored), or None when it holds none: how a report or a cost model reads a run folder back."""
+    path = Path(folder) / STAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 @dataclasses.dataclass
 class Stage:
     """One resumable stage of a multi-stage experiment, stored in ``dir`` with ``stage.json``.
@@ -419,8 +427,7 @@ class Stage:
         return fingerprint(self.key)
 
     def _saved(self) -> dict | None:
-        path = self.dir / STAGE_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        return stage_record(self.dir)
 
     def done(self) -> bool:
         saved = self._saved()

@@ -31,6 +31,7 @@ import platform
 from pathlib import Path
 
 from llm.em_config import STAGES, EMConfig
+from plumbing.runs import stage_record
 
 # Model loads per stage (transfer reads the untuned and the fine-tuned model); compiles: the evaluations' fast path.
 LOADS = {
@@ -126,16 +127,14 @@ def predict(
     """The cost dict from the ``stage.json`` files under ``run_dir`` (``<model>/<stage>/``), each stage's work
     ``units`` in the rehearsal (``used``) and in the published run (``full``), the measured ``fixed`` costs
     (``load_s``, ``compile_s``) and the counts (``{"section.field": [rehearsed, published]}``, for the record)."""
-    import json
-
     rows = []
     clock = None
     for model in sorted(p.name for p in Path(run_dir).iterdir() if (p / "sft").is_dir()):
         for stage in STAGES:
-            path = Path(run_dir) / model / stage / "stage.json"
-            if not path.is_file():
+            record = stage_record(Path(run_dir) / model / stage)
+            if record is None:
                 continue
-            cost = json.loads(path.read_text())["cost"]
+            cost = record["cost"]
             clock = clock or ("wall" if "cuda_peak_gb" in cost or "cpu_s" not in cost else "cpu")
             secs = _seconds(cost, clock)
             ratio = full[stage] / used[stage]
@@ -209,16 +208,14 @@ def table(cost: dict) -> str:
 def compare(cost: dict, run_dir: Path) -> str:
     """Markdown: each stage's predicted time (``cost``, on its clock) beside the one measured on the same clock in the
     run folder ``run_dir`` (``<model>/<stage>/stage.json``: the real run, or a rehearsal at other counts), and the totals."""
-    import json
-
     clock = cost.get("clock", "wall")
     lines = [f"| stage | predicted {clock} s | measured {clock} s | predicted / measured |", "|---|---:|---:|---:|"]
     pred = meas = 0.0
     for r in cost["stages"]:
-        path = Path(run_dir) / r["stage"] / "stage.json"
-        if not path.is_file():
+        record = stage_record(Path(run_dir) / r["stage"])
+        if record is None:
             continue
-        wall = _seconds(json.loads(path.read_text())["cost"], clock)
+        wall = _seconds(record["cost"], clock)
         pred, meas = pred + r["predicted_s"], meas + wall
         lines.append(
             f"| {r['stage']} | {r['predicted_s']} | {wall} | {r['predicted_s'] / wall:.2f} |"
